@@ -1,0 +1,238 @@
+"""Command line: ``onnxshrink optimize | inspect | passes`` (thin over the Python API).
+
+Errors print one line on stderr (``onnxshrink: error: ...``) and exit with the codes in
+``onnxshrink.errors``: 2 usage, 3 invalid input, 4 budget not met, 1 internal error.
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main", "cli"]
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EXIT_INTERNAL, EXIT_USAGE, BudgetError, OnnxShrinkError, UsageError
+
+_DEBUG = False
+
+
+def _parse_options(items) -> dict:
+    """``-o prune.ratio=0.3`` -> {"prune": {"ratio": 0.3}} (values read as YAML scalars)."""
+    import yaml
+
+    out: dict = {}
+    for it in items:
+        if "=" not in it or "." not in it.split("=", 1)[0]:
+            raise UsageError(f"--option '{it}': expected PASS.OPTION=VALUE, e.g. prune.ratio=0.3")
+        key, value = it.split("=", 1)
+        pname, opt = key.split(".", 1)
+        try:
+            v = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            v = value
+        out.setdefault(pname, {})[opt] = v
+    return out
+
+
+def _load_recipe(path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"recipe not found: {p}")
+    try:
+        text = p.read_text()
+        recipe = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except Exception as e:
+        raise UsageError(f"cannot read recipe {p}: {str(e).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise UsageError(f"recipe {p}: expected a mapping with 'passes' (and optionally calib, budget, target)")
+    known = {"passes", "calib", "val", "budget", "target", "input_shapes", "seed", "report"}
+    unknown = set(recipe) - known
+    if unknown:
+        raise UsageError(f"recipe {p}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return recipe
+
+
+def _recipe_passes(spec) -> list:
+    """Recipe passes: a list of names or {name: {options}}; or a 'a,b' string."""
+    if isinstance(spec, str):
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    if not isinstance(spec, list):
+        raise UsageError("recipe 'passes' must be a list")
+    return spec
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxshrink")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def cli(debug):
+    """Shrink trained ONNX models: prune, low-rank (svd) and quantize, validated against your data."""
+    global _DEBUG
+    _DEBUG = debug
+
+
+@cli.command()
+@click.argument("input_model", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("output_model", metavar="OUT", type=click.Path(dir_okay=False))
+@click.option("--passes", "-p", help="Comma-separated passes, run in order (default: cleanup).")
+@click.option("--calib", type=click.Path(), help="Calibration data: folder of .npy (single input) or .npz files.")
+@click.option("--val", type=click.Path(), help="Validation data (default: every 4th calibration sample held out).")
+@click.option("--budget", help='Fidelity budget, e.g. "cosine>=0.99", "sqnr>=30", "top1>=0.98", "max_abs<=0.01".')
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--target", help="Execution-provider target: cpu, xnnpack, nnapi, coreml, qnn, openvino.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,..",
+              help="Fix an input's dynamic dimensions (repeatable).")
+@click.option("--recipe", type=click.Path(), help="YAML/JSON pipeline: passes with options, calib, budget, target.")
+@click.option("--option", "-o", "options", multiple=True, metavar="PASS.KEY=VALUE",
+              help="Set a pass option, e.g. -o prune.ratio=0.3 (repeatable).")
+@click.option("--seed", type=int, default=None, help="Random seed (default 0).")
+@click.option("--synthetic", is_flag=True, help="Use random inputs when no data is given (fidelity meaningless).")
+@click.option("--latency", is_flag=True, help="Measure single-thread latency before and after.")
+@click.option("--quiet", "-q", is_flag=True, help="No table or progress.")
+def optimize(input_model, output_model, passes, calib, val, budget, report_path, target, input_shapes, recipe,
+             options, seed, synthetic, latency, quiet):
+    """Optimize IN and write OUT (never touching IN)."""
+    from .graph.shapes import parse_input_shape
+    from .manager import optimize as run_optimize
+    from .report import Progress
+
+    r = _load_recipe(recipe) if recipe else {}
+    pass_specs = _recipe_passes(passes if passes is not None else r.get("passes", ["cleanup"]))
+    if not pass_specs:
+        raise UsageError("--passes is empty")
+    overrides = _parse_options(options)
+    from .passes.base import get_pass
+    specs = []
+    for spec in pass_specs:
+        if isinstance(spec, str):
+            name, opts = spec, {}
+        elif isinstance(spec, dict) and len(spec) == 1:
+            (name, opts), = spec.items()
+            opts = dict(opts or {})
+        else:
+            raise UsageError(f"cannot read pass {spec!r}")
+        get_pass(name)
+        opts.update(overrides.pop(name, {}))
+        specs.append({name: opts})
+    if overrides:
+        raise UsageError(f"--option names pass(es) not in the pipeline: {', '.join(overrides)}")
+    shapes = dict(r.get("input_shapes") or {})
+    shapes.update(dict(parse_input_shape(s) for s in input_shapes))
+    progress = Progress(enabled=not quiet)
+    try:
+        _, report = run_optimize(input_model, output_model, passes=specs, data=calib or r.get("calib"),
+                                 val_data=val or r.get("val"), budget=budget or r.get("budget"),
+                                 target=target or r.get("target"), input_shapes=shapes,
+                                 seed=seed if seed is not None else int(r.get("seed", 0)), progress=progress,
+                                 synthetic=synthetic, measure_speed=latency, debug=_DEBUG)
+    except BudgetError as e:
+        if e.report is not None and (report_path or r.get("report")):
+            e.report.input = input_model
+            e.report.write_json(report_path or r.get("report"))
+        if e.report is not None and not quiet:
+            e.report.render(_console())
+        raise
+    report.input = input_model
+    if report_path or r.get("report"):
+        report.write_json(report_path or r.get("report"))
+    if not quiet:
+        report.render(_console())
+        click.echo(f"wrote {output_model}", err=True)
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=False, width=max(100, min(160, shutil.get_terminal_size((120, 40)).columns)))
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,..",
+              help="Input shapes for the MAC count of dynamic models (repeatable).")
+def inspect(model_path, as_json, input_shapes):
+    """Opset, inputs and outputs, op histogram, parameters, weight bytes, MACs."""
+    from .graph.shapes import parse_input_shape
+    from .model import load, model_stats
+    from .report import format_bytes, format_count
+
+    m = load(model_path)
+    shapes = dict(parse_input_shape(s) for s in input_shapes)
+    st = model_stats(m, shapes or None)
+    st["file_bytes"] = Path(model_path).stat().st_size
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    from rich.table import Table
+    c = _console()
+    c.print(f"[bold]{model_path}[/bold]  opset {st['opset']}  ir {st['ir_version']}  producer '{st['producer']}'")
+    for kind in ("inputs", "outputs"):
+        for v in st[kind]:
+            c.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
+    c.print(f"  nodes {st['nodes']}, parameters {format_count(st['params'])}, weights "
+            f"{format_bytes(st['weight_bytes'])}, MACs {format_count(st['macs'])}, file {format_bytes(st['file_bytes'])}")
+    t = Table(title="ops", title_justify="left")
+    t.add_column("op")
+    t.add_column("count", justify="right")
+    for op, n in st["ops"].items():
+        t.add_row(op, str(n))
+    c.print(t)
+
+
+@cli.command(name="passes")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_passes(as_json):
+    """Every pass with its options and defaults."""
+    from .passes.base import option_docs, registry
+
+    reg = registry()
+    if as_json:
+        click.echo(json.dumps({n: {"summary": c.summary or (c.__doc__ or "").strip().splitlines()[0],
+                                   "lossless": c.lossless, "needs_data": c.needs_data,
+                                   "options": option_docs(c)} for n, c in reg.items()}, indent=2, default=str))
+        return
+    for n, c in reg.items():
+        flags = ", ".join(f for f, on in (("lossless", c.lossless), ("needs --calib", c.needs_data)) if on)
+        click.echo(f"{n}{f'  ({flags})' if flags else ''}: {c.summary or (c.__doc__ or '').strip().splitlines()[0]}")
+        for o in option_docs(c):
+            click.echo(f"    {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
+
+
+def main(argv=None) -> None:
+    """Entry point: maps errors to one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="onnxshrink", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("onnxshrink: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        if _DEBUG:
+            raise
+        click.echo(f"onnxshrink: error: {e.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OnnxShrinkError as e:
+        if _DEBUG:
+            raise
+        click.echo(f"onnxshrink: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("onnxshrink: interrupted", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("onnxshrink: error: out of memory", err=True)
+        sys.exit(EXIT_INTERNAL)
+    except Exception as e:  # a bug: say so in one line, keep the traceback behind --debug
+        if _DEBUG or "--debug" in (argv or sys.argv):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"onnxshrink: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(EXIT_INTERNAL)

@@ -1,0 +1,298 @@
+"""Calibration and validation samples.
+
+A sample is a dict {input name: numpy array}. Sources are random-access and load lazily, so
+calibration streams samples one at a time and never holds the whole set in memory.
+
+- DirectorySource: a folder of ``.npy`` files (one sample each, single-input models) or ``.npz``
+  files (one array per input name), sorted by file name.
+- ListSource: a Python sequence of dicts, or a callable returning a fresh iterable of dicts.
+- SyntheticSource: random samples from the input specs, only when asked for; flagged as
+  meaningless for accuracy.
+"""
+
+from __future__ import annotations
+
+__all__ = ["InputSpec", "input_specs", "SampleSource", "DirectorySource", "ListSource", "SyntheticSource",
+           "Subset", "as_source", "split_calib_val", "check_sample"]
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import InputError, UsageError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, numpy dtype and shape (ints, or str/None for dynamic dims)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) and d > 0 for d in self.shape)
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """Graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except Exception:
+            dtype = np.dtype(np.float32)
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                      for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, dtype, shape))
+    return specs
+
+
+def check_sample(sample: dict, specs: Sequence[InputSpec], where: str) -> dict:
+    """Check names, ranks, fixed dims, dtype kinds and finiteness; cast within a dtype kind
+    (float64 -> float32). Raises InputError naming the input and ``where`` (file or index)."""
+    names = {s.name for s in specs}
+    missing = names - set(sample)
+    extra = set(sample) - names
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {sorted(missing)}")
+        if extra:
+            parts.append(f"unknown input(s) {sorted(extra)}")
+        raise InputError(f"{where}: {', '.join(parts)}; the model's inputs are {sorted(names)}")
+    out = {}
+    for s in specs:
+        a = np.asarray(sample[s.name])
+        if a.dtype != s.dtype:
+            if a.dtype.kind == s.dtype.kind or (a.dtype.kind in "iu" and s.dtype.kind in "iu"):
+                a = a.astype(s.dtype)
+            else:
+                raise InputError(f"{where}: input '{s.name}' has dtype {a.dtype}, the model expects {s.dtype}")
+        if s.shape and len(a.shape) != len(s.shape):
+            raise InputError(f"{where}: input '{s.name}' has shape {list(a.shape)}, the model expects rank "
+                             f"{len(s.shape)} ({_fmt_shape(s.shape)})")
+        for i, (got, want) in enumerate(zip(a.shape, s.shape)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise InputError(f"{where}: input '{s.name}' has shape {list(a.shape)}, the model expects "
+                                 f"{_fmt_shape(s.shape)} (dim {i})")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise InputError(f"{where}: input '{s.name}' contains NaN or Inf")
+        out[s.name] = a
+    return out
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ",".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+class SampleSource:
+    """Random-access, lazily loaded samples. Subclasses implement ``__len__`` and ``_load(i)``."""
+
+    synthetic = False
+    description = "samples"
+
+    def __init__(self, specs: Sequence[InputSpec] | None = None):
+        self.specs = list(specs) if specs is not None else None
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load(self, i: int) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _where(self, i: int) -> str:
+        return f"sample {i}"
+
+    def get(self, i: int) -> dict:
+        s = self._load(i)
+        if self.specs is not None:
+            s = check_sample(s, self.specs, self._where(i))
+        return s
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.get(i)
+
+    def with_specs(self, specs: Sequence[InputSpec]) -> "SampleSource":
+        self.specs = list(specs)
+        return self
+
+
+class DirectorySource(SampleSource):
+    """A folder of .npy (single-input models) or .npz (one array per input) files."""
+
+    def __init__(self, path: str | os.PathLike, specs: Sequence[InputSpec] | None = None, limit: int | None = None):
+        super().__init__(specs)
+        p = Path(path)
+        if not p.exists():
+            raise InputError(f"calibration folder not found: {p}")
+        if not p.is_dir():
+            raise InputError(f"calibration path is not a folder: {p}")
+        files = sorted(f for f in p.iterdir() if f.suffix in (".npy", ".npz") and f.is_file())
+        if not files:
+            raise InputError(f"calibration folder has no .npy or .npz files: {p}")
+        if limit:
+            files = files[:limit]
+        self.files = files
+        self.description = f"{len(files)} samples from {p}"
+
+    def __len__(self):
+        return len(self.files)
+
+    def _where(self, i):
+        return str(self.files[i])
+
+    def _load(self, i):
+        f = self.files[i]
+        try:
+            if f.suffix == ".npz":
+                with np.load(f, allow_pickle=False) as z:
+                    return {k: z[k] for k in z.files}
+            arr = np.load(f, allow_pickle=False)
+        except Exception as e:
+            raise InputError(f"{f}: cannot read array ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if self.specs is None or len(self.specs) != 1:
+            names = [s.name for s in self.specs] if self.specs else []
+            raise InputError(f"{f}: a .npy file holds one array, but the model has {len(names)} inputs {names}; "
+                             "use .npz files with one array per input name")
+        return {self.specs[0].name: arr}
+
+
+class ListSource(SampleSource):
+    """Samples from a sequence of dicts, or a callable returning a fresh iterable of dicts.
+
+    A one-shot iterator cannot be streamed twice (calibration and validation both read the data),
+    so it is materialised once.
+    """
+
+    def __init__(self, samples: Sequence[dict] | Callable[[], Iterable[dict]] | Iterable[dict],
+                 specs: Sequence[InputSpec] | None = None, description: str | None = None):
+        super().__init__(specs)
+        if callable(samples):
+            self._factory = samples
+            self._items = None
+            self._n = sum(1 for _ in samples())
+        else:
+            self._factory = None
+            self._items = samples if isinstance(samples, Sequence) else list(samples)
+            self._n = len(self._items)
+        self._it = None
+        self._pos = 0
+        self.description = description or f"{self._n} samples (Python)"
+
+    def __len__(self):
+        return self._n
+
+    def _load(self, i):
+        if self._items is not None:
+            s = self._items[i]
+        else:
+            if self._it is None or i < self._pos:
+                self._it, self._pos = iter(self._factory()), 0
+            while self._pos <= i:
+                s = next(self._it)
+                self._pos += 1
+        if not isinstance(s, dict):
+            raise InputError(f"sample {i}: expected a dict of input name -> array, got {type(s).__name__}")
+        return s
+
+
+class SyntheticSource(SampleSource):
+    """Random samples (seeded) from the input specs. Meaningless for accuracy; flagged in reports."""
+
+    synthetic = True
+
+    def __init__(self, specs: Sequence[InputSpec], n: int = 8, seed: int = 0, shapes: dict | None = None):
+        super().__init__(specs)
+        self.n = n
+        self.seed = seed
+        self.shapes = {}
+        for s in specs:
+            shp = (shapes or {}).get(s.name)
+            if shp is None:
+                shp = tuple(d if isinstance(d, int) and d > 0 else (1 if i == 0 else 32) for i, d in enumerate(s.shape))
+            self.shapes[s.name] = tuple(shp)
+        self.description = f"{n} synthetic samples (random; meaningless for accuracy)"
+
+    def __len__(self):
+        return self.n
+
+    def _load(self, i):
+        rng = np.random.default_rng((self.seed, i))
+        out = {}
+        for s in self.specs:
+            shp = self.shapes[s.name]
+            if s.dtype.kind == "f":
+                out[s.name] = rng.standard_normal(shp).astype(s.dtype)
+            elif s.dtype.kind == "b":
+                out[s.name] = rng.integers(0, 2, shp).astype(bool)
+            else:
+                out[s.name] = rng.integers(0, 8, shp).astype(s.dtype)
+        return out
+
+
+class Subset(SampleSource):
+    """A view of some samples of another source."""
+
+    def __init__(self, base: SampleSource, indices: Sequence[int], description: str = ""):
+        super().__init__(None)
+        self.base = base
+        self.indices = list(indices)
+        self.synthetic = base.synthetic
+        self.description = description or f"{len(self.indices)} of {base.description}"
+
+    @property
+    def specs(self):
+        return self.base.specs
+
+    @specs.setter
+    def specs(self, v):
+        pass
+
+    def __len__(self):
+        return len(self.indices)
+
+    def get(self, i):
+        return self.base.get(self.indices[i])
+
+
+def as_source(data, specs: Sequence[InputSpec]) -> SampleSource | None:
+    """Turn what a user passed (None, a folder path, a source, a sequence/iterable/callable of
+    dicts) into a SampleSource checked against the model's inputs."""
+    if data is None:
+        return None
+    if isinstance(data, SampleSource):
+        return data.with_specs(specs)
+    if isinstance(data, (str, os.PathLike)):
+        return DirectorySource(data, specs)
+    if isinstance(data, dict):
+        raise UsageError("data must be a sequence of samples (dicts), not a single dict")
+    return ListSource(data, specs)
+
+
+def split_calib_val(source: SampleSource, val: SampleSource | None = None,
+                    holdout: float = 0.25, min_for_holdout: int = 8):
+    """Calibration and validation sets. With an explicit ``val`` both are used as given; else, with
+    at least ``min_for_holdout`` samples, every 1/holdout-th sample is held out for validation
+    (so accuracy is measured on samples calibration never saw); with fewer, both use all samples
+    and the report says the fidelity is measured on calibration data."""
+    if val is not None:
+        return source, val, False
+    n = len(source)
+    if n >= min_for_holdout and holdout > 0:
+        step = max(2, int(round(1 / holdout)))
+        val_idx = [i for i in range(n) if i % step == step - 1]
+        cal_idx = [i for i in range(n) if i % step != step - 1]
+        return (Subset(source, cal_idx, f"{len(cal_idx)} calibration samples"),
+                Subset(source, val_idx, f"{len(val_idx)} held-out validation samples"), False)
+    return source, source, True

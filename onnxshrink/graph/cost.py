@@ -1,0 +1,123 @@
+"""Parameters and MACs per node.
+
+MACs (multiply-accumulates) for one inference at the model's input shapes:
+  Conv:          N * Cout * prod(out spatial) * (Cin / group) * prod(kernel)
+  ConvTranspose: N * Cin * prod(in spatial) * (Cout / group) * prod(kernel)
+  Gemm / MatMul: prod(batch dims of the output) * M * K * N
+Other ops count no MACs. Parameters are elements of float initializers/Constant tensors
+(integer shape constants do not count).
+"""
+
+from __future__ import annotations
+
+__all__ = ["node_macs", "model_cost"]
+
+import numpy as np
+import onnx
+
+from .shapes import fix_input_shapes, infer_shapes, value_shapes
+
+
+def _prod(xs):
+    p = 1
+    for x in xs:
+        if x is None:
+            return None
+        p *= int(x)
+    return p
+
+
+def node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
+    """MACs of one node from the value shapes; None when a needed shape is unknown."""
+    op = node.op_type
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        xi, wi, yo = (0, 1, 0) if op != "QLinearConv" else (0, 3, 0)
+        w = shapes.get(node.input[wi])
+        y = shapes.get(node.output[yo])
+        if not w or not y or len(y) < 3:
+            return None
+        n = _prod([y[0]])
+        k = _prod(w[1:])
+        o = _prod(y[1:])
+        return None if None in (n, k, o) else n * o * k
+    if op == "ConvTranspose":
+        x = shapes.get(node.input[0])
+        w = shapes.get(node.input[1])
+        if not x or not w:
+            return None
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        p = _prod(x)
+        k = _prod(w[1:])
+        return None if None in (p, k) else p * k  # Cin*spatial_in * (Cout/group)*kernel
+    if op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
+        ai, bi = (0, 3) if op == "QLinearMatMul" else (0, 1)
+        a = shapes.get(node.input[ai])
+        b = shapes.get(node.input[bi])
+        y = shapes.get(node.output[0])
+        if not a or not b or not y:
+            return None
+        if op == "Gemm":
+            trans_a = next((a_.i for a_ in node.attribute if a_.name == "transA"), 0)
+            k = a[0] if trans_a else a[-1]
+        else:
+            k = a[-1]
+        p = _prod(y)
+        return None if None in (p, k) else p * int(k)
+    return 0
+
+
+def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
+    """{'params', 'macs', 'macs_known', 'per_node': {node name or index: macs}} of the main graph."""
+    g = model.graph
+    params = 0
+    for t in g.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                           onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                           onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            params += _prod(t.dims) or (1 if not t.dims else 0)
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in (
+                        onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+                    params += _prod(a.t.dims) or 1
+    # shapes on a light copy (no weights): shape inference needs only dims
+    light = onnx.ModelProto()
+    light.CopyFrom(model) if _small(model) else light.CopyFrom(_strip_weights(model))
+    if input_shapes:
+        try:
+            fix_input_shapes(light, {k: list(v) for k, v in input_shapes.items()})
+        except Exception:
+            pass
+    light = infer_shapes(light)
+    shapes = value_shapes(light)
+    macs, known = 0, True
+    per = {}
+    for i, n in enumerate(light.graph.node):
+        m = node_macs(n, shapes)
+        if m is None:
+            known = False
+            continue
+        if m:
+            per[n.name or f"{n.op_type}_{i}"] = m
+        macs += m
+    return {"params": int(params), "macs": int(macs) if macs or known else None, "macs_known": known, "per_node": per}
+
+
+def _small(model):
+    from ..model import _EXTERNAL_THRESHOLD, tensor_bytes
+    return tensor_bytes(model) < _EXTERNAL_THRESHOLD // 4
+
+
+def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large float initializers hold no data (dims kept) so shape inference is cheap."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.data_type != onnx.TensorProto.INT64 and (_prod(t.dims) or 0) > 64:
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.ClearField("external_data")
+            t.data_location = onnx.TensorProto.DEFAULT
+            # keep it an initializer, declared without data would break checks; shape inference only needs dims
+    return m

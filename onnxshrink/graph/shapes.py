@@ -1,0 +1,84 @@
+"""Shape utilities: parse and apply static input shapes, run shape inference."""
+
+from __future__ import annotations
+
+__all__ = ["parse_input_shape", "fix_input_shapes", "infer_shapes", "static_shapes_from_sample", "value_shapes"]
+
+import onnx
+
+from ..errors import InputError, UsageError
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int]]:
+    """``name:1,3,224,224`` -> ("name", [1, 3, 224, 224]). The name may itself contain ':'."""
+    if ":" not in text:
+        raise UsageError(f"--input-shape '{text}': expected NAME:D0,D1,... e.g. x:1,3,224,224")
+    name, dims = text.rsplit(":", 1)
+    try:
+        shape = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise UsageError(f"--input-shape '{text}': dimensions must be whole numbers") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape '{text}': dimensions must be positive")
+    return name, shape
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """Set the given inputs' dimensions in place (checking rank and fixed dims), clear stale
+    value_info so shape inference recomputes it, and return the model."""
+    if not shapes:
+        return model
+    inputs = {i.name: i for i in model.graph.input}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise UsageError(f"--input-shape names '{name}', but the model's inputs are "
+                             f"{[i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]}")
+        dims = inputs[name].type.tensor_type.shape.dim
+        if len(dims) and len(dims) != len(shape):
+            raise InputError(f"input '{name}' has rank {len(dims)}, but --input-shape gives {len(shape)} dims")
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != shape[i]:
+                raise InputError(f"input '{name}' dim {i} is fixed at {d.dim_value}, --input-shape gives {shape[i]}")
+        del dims[:]
+        for v in shape:
+            dims.add().dim_value = int(v)
+    del model.graph.value_info[:]
+    # outputs keep their element type; their dims are recomputed by shape inference
+    for o in model.graph.output:
+        tt = o.type.tensor_type
+        if tt.HasField("shape"):
+            for d in tt.shape.dim:
+                if not d.HasField("dim_value"):
+                    d.Clear()
+    return model
+
+
+def static_shapes_from_sample(sample: dict) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in sample.items()}
+
+
+def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
+    """Shape inference (with data propagation, so shape arithmetic resolves); returns the model
+    unchanged when inference fails."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
+    except Exception:
+        return model
+
+
+def value_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """name -> list of dims (int or None) for every value with inferred type, and initializers."""
+    out = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    for t in g.initializer:
+        out[t.name] = list(t.dims)
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    out[n.output[0]] = list(a.t.dims)
+    return out

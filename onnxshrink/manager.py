@@ -1,0 +1,278 @@
+"""PassManager: run passes, validate after each, back off or roll back, report.
+
+For each pass: import the model into an onnx-graphsurgeon Graph, run the pass, export, then
+validate the candidate: (a) ONNX checker and shape inference, (b) an onnxruntime CPU session,
+(c) fidelity of its outputs on the validation samples against the *original* model's outputs.
+A lossless pass must match to float round-off (relative max-abs error <= ``lossless_tol``);
+a lossy pass must keep the budget, else its ``weaker()`` variants are tried (backed off), else
+it is rolled back with the reason. The result is the last accepted model and a Report.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PassManager", "optimize"]
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from . import model as model_io
+from .data import SyntheticSource, as_source, input_specs, split_calib_val
+from .errors import BudgetError, InputError, OnnxShrinkError, UsageError
+from .graph.convert import graph_to_model, model_to_graph
+from .graph.shapes import fix_input_shapes
+from .metrics import Budget, fidelity
+from .passes.base import Context, Pass, create_pass
+from .report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Progress, Report
+from .runtime import make_session, measure_latency
+from .targets import get_target
+
+MAX_BACKOFF = 6
+
+
+class PassManager:
+    """Run ``passes`` on a model under a fidelity ``budget``.
+
+    passes: names ("cleanup"), {name: options} dicts, (name, options) pairs or Pass instances.
+    data: calibration samples: a folder of .npy/.npz, a sequence of {input: array} dicts, a
+        callable returning an iterable of them, or a SampleSource.
+    val_data: validation samples; default: every 4th calibration sample held out (8+ samples).
+    budget: "cosine>=0.99" style text or a Budget; checked after every lossy pass.
+    target: a target name (cpu, xnnpack, nnapi, coreml, qnn, openvino) or TargetProfile.
+    input_shapes: {input name: [dims]} fixing dynamic dimensions.
+    synthetic: use random inputs when no data is given (fidelity then means nothing; flagged).
+    metric: optional user callable (outputs, samples) -> float, exposed as metric "user".
+    """
+
+    def __init__(self, passes: Sequence, data=None, val_data=None, budget=None, target=None,
+                 input_shapes: dict | None = None, seed: int = 0, progress: bool | Progress = False,
+                 synthetic: bool = False, metric: Callable | None = None, lossless_tol: float = 1e-4,
+                 measure_speed: bool = False, debug: bool = False):
+        self.passes = [create_pass(p) for p in passes]
+        self.data = data
+        self.val_data = val_data
+        self.budget = Budget.parse(budget)
+        self.target = get_target(target)
+        self.input_shapes = dict(input_shapes or {})
+        self.seed = seed
+        self.progress = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
+        self.synthetic = synthetic
+        self.metric = metric
+        self.lossless_tol = lossless_tol
+        self.measure_speed = measure_speed
+        self.debug = debug
+        if self.budget is not None and self.budget.metric == "user" and metric is None:
+            raise UsageError("budget on metric 'user' needs a user metric callable")
+
+    # ------------------------------------------------------------------ setup
+    def _prepare(self, model: onnx.ModelProto, report: Report):
+        specs = input_specs(model)
+        if not specs:
+            raise InputError("the model has no inputs to feed")
+        if self.input_shapes:
+            fix_input_shapes(model, self.input_shapes)
+            specs = input_specs(model)
+        source = as_source(self.data, specs)
+        val = as_source(self.val_data, specs)
+        needs = [p.name for p in self.passes if p.needs_data]
+        if source is None and val is None:
+            if needs and not self.synthetic:
+                raise UsageError(f"pass '{needs[0]}' needs calibration data (--calib DIR, or --synthetic "
+                                 f"to use random inputs)")
+            if self.budget is not None and not self.synthetic:
+                raise UsageError("a budget needs calibration or validation data to be measured (--calib DIR)")
+            shapes = {s.name: self.input_shapes.get(s.name) for s in specs}
+            source = SyntheticSource(specs, n=4 if not self.synthetic else 16, seed=self.seed, shapes=shapes)
+            report.warnings.append("no calibration data: fidelity measured on random inputs (meaningless "
+                                   "for accuracy, used only to check lossless passes)")
+        elif source is None:
+            source = val
+        try:
+            first = source.get(0)
+        except IndexError:
+            raise InputError("calibration data has no samples") from None
+        if self.target is not None and self.target.static_shapes:
+            dynamic = [s.name for s in specs if not s.is_static]
+            if dynamic:
+                shapes = {n: list(first[n].shape) for n in dynamic}
+                fix_input_shapes(model, shapes)
+                specs = input_specs(model)
+                source.with_specs(specs)
+                if val is not None:
+                    val.with_specs(specs)
+                self.input_shapes.update(shapes)
+                report.warnings.append("target '%s' needs static shapes; took them from the calibration data: %s"
+                                       % (self.target.name, ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())))
+        calib, val, on_calib = split_calib_val(source, val)
+        report.data = {
+            "calibration": calib.description,
+            "validation": val.description + (" (calibration samples, not held out)" if on_calib else ""),
+            "synthetic": bool(source.synthetic),
+        }
+        return calib, val, {k: list(v.shape) for k, v in first.items()}
+
+    # ------------------------------------------------------------------ validation
+    def _outputs(self, model: onnx.ModelProto, samples, optimize: bool):
+        sess = make_session(model, optimize=optimize)
+        names = [o.name for o in sess.get_outputs()]
+        return [sess.run(names, s) for s in samples]
+
+    def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool):
+        """(ok, reason, fidelity) of a candidate."""
+        try:
+            model_io.check_model(candidate, full_check=self._full_check)
+        except Exception as e:
+            return False, f"invalid model: {_first_line(e)}", {}
+        try:
+            outs = self._outputs(candidate, val, optimize=not lossless)
+        except Exception as e:
+            return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
+        fid = fidelity(reference, outs, self.metric, val)
+        if lossless and not fid.get("max_abs", 0.0) <= self.lossless_tol:
+            return False, f"outputs changed (relative max error {fid.get('max_abs'):.2e} > {self.lossless_tol:g})", fid
+        if not lossless and self.budget is not None and not self.budget.holds(fid):
+            return False, f"budget {self.budget} broken ({self.budget.metric}={fid.get(self.budget.metric):.5g})", fid
+        return True, "", fid
+
+    # ------------------------------------------------------------------ run
+    def run(self, model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
+        report = Report(budget=str(self.budget) if self.budget else None,
+                        target=self.target.name if self.target else None)
+        if not isinstance(model, onnx.ModelProto):
+            report.input = str(model)
+            model = model_io.load(model)
+        original = onnx.ModelProto()
+        original.CopyFrom(model)
+        calib, val, sample_shapes = self._prepare(original, report)
+        try:
+            model_io.check_model(original, full_check=False)
+        except Exception as e:
+            raise InputError(f"invalid ONNX model: {_first_line(e)}") from None
+        try:
+            model_io.check_model(original, full_check=True)
+            self._full_check = True
+        except Exception:
+            self._full_check = False  # the input itself fails strict inference; hold outputs to the basic check
+        try:
+            reference = self._outputs(original, self.progress.track(val, "reference outputs"), optimize=False)
+        except OnnxShrinkError:
+            raise
+        except Exception as e:
+            raise InputError(f"the input model does not run in onnxruntime: {_first_line(e)}") from None
+        cost_shapes = self.input_shapes or sample_shapes
+        report.before = model_io.model_stats(original, cost_shapes)
+        ctx = Context(calib=calib, val=val, reference=reference, budget=self.budget, target=self.target,
+                      seed=self.seed, rng=np.random.default_rng(self.seed), progress=self.progress,
+                      template=original)
+        ctx.evaluator = lambda m: fidelity(reference, self._outputs(m, val, optimize=True), self.metric, val)
+
+        current = original
+        for p in self.passes:
+            rec, current = self._run_one(p, current, ctx, val, reference, cost_shapes)
+            report.passes.append(rec)
+            ctx.cache.clear()
+
+        if self.target is not None:
+            current = self._emit(current, ctx, report)
+
+        final = self._outputs(current, val, optimize=True)
+        report.fidelity = fidelity(reference, final, self.metric, val)
+        report.after = model_io.model_stats(current, cost_shapes)
+        report.budget_met = self.budget.holds(report.fidelity) if self.budget else None
+        if self.measure_speed:
+            feeds = val.get(0)
+            report.latency_ms = {"before": measure_latency(original, feeds), "after": measure_latency(current, feeds)}
+        if self.budget is not None and not report.budget_met:
+            raise BudgetError(f"budget {self.budget} not met: {self.budget.metric}="
+                              f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
+        return current, report
+
+    def _emit(self, model, ctx, report):
+        from . import targets
+        emit = getattr(targets, "emit", None)
+        if emit is None:
+            return model
+        model, info = emit(model, self.target, ctx)
+        report.target_report = info
+        return model
+
+    def _run_one(self, p: Pass, current: onnx.ModelProto, ctx: Context, val, reference, cost_shapes):
+        rec = PassRecord(name=p.name, status=NOT_APPLICABLE, options=_options_dict(p))
+        t0 = time.perf_counter()
+        opset = next((o.version for o in current.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < p.min_opset:
+            rec.reason = f"needs opset >= {p.min_opset}, the model has {opset}"
+            return rec, current
+        attempt, backed = p, False
+        while attempt is not None:
+            try:
+                result = attempt.run(model_to_graph(current), ctx)
+            except OnnxShrinkError:
+                raise
+            except Exception as e:
+                if self.debug:
+                    raise
+                rec.status, rec.reason = ROLLED_BACK, f"pass failed: {type(e).__name__}: {_first_line(e)}"
+                break
+            if not result.modified:
+                rec.status = NOT_APPLICABLE if not backed else ROLLED_BACK
+                rec.reason = rec.reason or result.stats.get("reason", "nothing to change")
+                rec.stats = result.stats
+                break
+            candidate = graph_to_model(result.graph, ctx.template)
+            ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless)
+            rec.attempts.append({"options": _options_dict(attempt), "ok": ok, "reason": reason,
+                                 "fidelity": fid})
+            if ok:
+                rec.status = BACKED_OFF if backed else APPLIED
+                rec.reason = (f"backed off to {attempt.describe_strength() or _options_dict(attempt)}: "
+                              f"{rec.attempts[0]['reason']}" if backed else "")
+                rec.options = _options_dict(attempt)
+                rec.fidelity = fid
+                rec.stats = result.stats
+                current = candidate
+                break
+            rec.status, rec.reason = ROLLED_BACK, reason
+            rec.stats = result.stats
+            if attempt.lossless or len(rec.attempts) > MAX_BACKOFF:
+                break
+            attempt, backed = attempt.weaker(), True
+        rec.wall_time_s = time.perf_counter() - t0
+        try:
+            st = model_io.model_stats(current, cost_shapes)
+            rec.nodes, rec.params, rec.weight_bytes, rec.macs = st["nodes"], st["params"], st["weight_bytes"], st["macs"]
+        except Exception:
+            pass
+        return rec, current
+
+
+def _options_dict(p: Pass) -> dict:
+    return dataclasses.asdict(p.options) if dataclasses.is_dataclass(p.options) else {}
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:300]
+
+
+def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = ("cleanup",), **kwargs):
+    """One call: run a PassManager on ``model`` (a path or ModelProto) and, with ``output``, save the
+    result atomically. Returns (model, report). Raises BudgetError (nothing written) when the
+    budget cannot be met."""
+    input_path = model if not isinstance(model, onnx.ModelProto) else None
+    if output is not None and input_path is not None and Path(output).exists() and \
+            os.path.samefile(output, input_path):
+        raise UsageError(f"output path is the input file ({output}); refusing to overwrite the input")
+    pm = PassManager(passes, **kwargs)
+    result, report = pm.run(model)
+    if output is not None:
+        model_io.save(result, output, input_path=input_path)
+        report.output = str(output)
+        report.file_bytes = {"before": Path(input_path).stat().st_size if input_path else None,
+                             "after": Path(output).stat().st_size}
+    return result, report

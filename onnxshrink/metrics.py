@@ -1,0 +1,130 @@
+"""Fidelity metrics of a model's outputs against the original model's, and budgets.
+
+Per sample and output: cosine similarity of the flattened tensors, SQNR in dB
+(10 log10(|ref|^2 / |ref - out|^2)), max-abs error relative to the output's scale (max |ref|),
+and top-1 agreement (argmax over the last axis). A sample's score is its worst output; the
+model's ``cosine``/``sqnr`` are means over samples, ``cosine_min`` the worst sample,
+``max_abs`` the worst relative error anywhere, ``top1`` the fraction of agreeing argmaxes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["METRICS", "Budget", "fidelity", "compare_outputs"]
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import UsageError
+
+# name -> (higher is better, description)
+METRICS = {
+    "cosine": (True, "mean over samples of the worst output's cosine similarity"),
+    "cosine_min": (True, "worst sample's cosine similarity"),
+    "sqnr": (True, "mean signal-to-quantization-noise ratio in dB"),
+    "max_abs": (False, "largest absolute error relative to the output's scale (max |ref|)"),
+    "mse": (False, "mean squared error relative to the output's mean square"),
+    "top1": (True, "fraction of samples whose top-1 class (argmax, last axis, first output) agrees"),
+}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> dict:
+    """Scores of one sample: worst output's cosine, sqnr, relative max-abs error, relative mse, top1."""
+    cos, sq, mx, mse = [], [], [], []
+    top1 = 1.0
+    for k, (r, o) in enumerate(zip(ref, out)):
+        r = np.asarray(r)
+        o = np.asarray(o)
+        if r.shape != o.shape:
+            return {"cosine": 0.0, "sqnr": -math.inf, "max_abs": math.inf, "mse": math.inf, "top1": 0.0}
+        if r.dtype.kind not in "fc":
+            eq = float(np.array_equal(r, o))
+            cos.append(eq)
+            sq.append(math.inf if eq else 0.0)
+            mx.append(0.0 if eq else math.inf)
+            mse.append(0.0 if eq else math.inf)
+            continue
+        r64, o64 = r.astype(np.float64), o.astype(np.float64)
+        if not np.isfinite(o64).all():
+            return {"cosine": 0.0, "sqnr": -math.inf, "max_abs": math.inf, "mse": math.inf, "top1": 0.0}
+        cos.append(_cos(r64, o64))
+        err = float(np.sum((r64 - o64) ** 2))
+        sig = float(np.sum(r64 ** 2))
+        sq.append(math.inf if err == 0 else (10 * math.log10(sig / err) if sig > 0 else -math.inf))
+        scale = float(np.max(np.abs(r64))) if r64.size else 0.0
+        m = float(np.max(np.abs(r64 - o64))) if r64.size else 0.0
+        mx.append(m / scale if scale > 0 else m)
+        ms = sig / max(r64.size, 1)
+        mse.append((err / max(r64.size, 1)) / ms if ms > 0 else err)
+        if k == 0 and r.ndim >= 1 and r.size:
+            top1 = float(np.mean(np.argmax(r, axis=-1) == np.argmax(o, axis=-1)))
+    return {"cosine": min(cos) if cos else 1.0, "sqnr": min(sq) if sq else math.inf,
+            "max_abs": max(mx) if mx else 0.0, "mse": max(mse) if mse else 0.0, "top1": top1}
+
+
+def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]],
+             user_metric: Callable | None = None, samples=None) -> dict:
+    """Aggregate fidelity of ``outputs`` against ``reference`` (lists over samples of lists over outputs)."""
+    per = [compare_outputs(r, o) for r, o in zip(reference, outputs)]
+    if not per:
+        return {}
+    fin = [p["sqnr"] for p in per if math.isfinite(p["sqnr"])]
+    res = {
+        "cosine": float(np.mean([p["cosine"] for p in per])),
+        "cosine_min": float(min(p["cosine"] for p in per)),
+        "sqnr": float(np.mean(fin)) if len(fin) == len(per) else (math.inf if not fin and all(p["sqnr"] == math.inf for p in per) else float(np.mean(fin)) if fin else -math.inf),
+        "max_abs": float(max(p["max_abs"] for p in per)),
+        "mse": float(np.mean([p["mse"] for p in per])),
+        "top1": float(np.mean([p["top1"] for p in per])),
+    }
+    if user_metric is not None:
+        res["user"] = float(user_metric(outputs, samples))
+    return res
+
+
+_BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``METRIC>=VALUE`` or ``METRIC<=VALUE`` over the metrics in METRICS (or ``user``)."""
+
+    metric: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: "str | Budget | None") -> "Budget | None":
+        if text is None or isinstance(text, Budget):
+            return text
+        m = _BUDGET_RE.match(str(text))
+        if not m:
+            raise UsageError(f"cannot parse budget '{text}': expected METRIC>=VALUE or METRIC<=VALUE, "
+                             f"e.g. \"cosine>=0.99\" (metrics: {', '.join(METRICS)})")
+        metric, op, value = m.group(1), m.group(2), float(m.group(3))
+        if metric not in METRICS and metric != "user":
+            raise UsageError(f"unknown metric '{metric}' in budget; known: {', '.join(METRICS)}")
+        return cls(metric, op, value)
+
+    def holds(self, scores: dict) -> bool:
+        v = scores.get(self.metric)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return False
+        return v >= self.value if self.op == ">=" else v <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"

@@ -1,0 +1,186 @@
+"""Report records (per pass and overall), JSON and terminal-table rendering, and progress."""
+
+from __future__ import annotations
+
+__all__ = ["Progress", "PassRecord", "Report", "format_bytes", "format_count"]
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+APPLIED, BACKED_OFF, ROLLED_BACK, NOT_APPLICABLE = "applied", "backed off", "rolled back", "not applicable"
+
+
+def format_count(n) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def format_bytes(n) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit, div in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+class Progress:
+    """Progress bars on stderr for long steps (rich), silent when disabled or not a terminal."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and getattr(self.stream, "isatty", lambda: False)()
+
+    def track(self, iterable: Iterable, description: str = "", total: int | None = None):
+        if not self.enabled:
+            yield from iterable
+            return
+        from rich.console import Console
+        from rich.progress import track
+        if total is None:
+            try:
+                total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        yield from track(iterable, description=description, total=total, console=Console(file=self.stream),
+                         transient=True)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=self.stream)
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: status, why, time, costs after it, fidelity after it, pass statistics."""
+
+    name: str
+    status: str
+    reason: str = ""
+    options: dict = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    nodes: int | None = None
+    params: int | None = None
+    weight_bytes: int | None = None
+    macs: int | None = None
+    fidelity: dict = field(default_factory=dict)
+    attempts: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    input: str = ""
+    output: str = ""
+    budget: str | None = None
+    target: str | None = None
+    data: dict = field(default_factory=dict)
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    passes: list = field(default_factory=list)
+    fidelity: dict = field(default_factory=dict)
+    budget_met: bool | None = None
+    file_bytes: dict = field(default_factory=dict)
+    latency_ms: dict = field(default_factory=dict)
+    target_report: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return _clean(asdict(self))
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def write_json(self, path) -> None:
+        from pathlib import Path
+        Path(path).write_text(self.to_json() + "\n")
+
+    def render(self, console=None) -> None:
+        """Before/after table and a per-pass table on the terminal."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console(stderr=False)
+        t = Table(title="onnxshrink: before / after", title_justify="left")
+        t.add_column("")
+        t.add_column("before", justify="right")
+        t.add_column("after", justify="right")
+        t.add_column("ratio", justify="right")
+        b, a = self.before, self.after
+
+        def row(label, key, fmt):
+            bv, av = b.get(key), a.get(key)
+            ratio = f"{av / bv:.3f}x" if isinstance(bv, (int, float)) and isinstance(av, (int, float)) and bv else ""
+            t.add_row(label, fmt(bv), fmt(av), ratio)
+
+        row("nodes", "nodes", lambda v: "?" if v is None else str(v))
+        row("parameters", "params", format_count)
+        row("weight bytes", "weight_bytes", format_bytes)
+        row("MACs", "macs", format_count)
+        if self.file_bytes:
+            bv, av = self.file_bytes.get("before"), self.file_bytes.get("after")
+            t.add_row("file size", format_bytes(bv), format_bytes(av), f"{av / bv:.3f}x" if bv and av else "")
+        if self.latency_ms:
+            bv, av = self.latency_ms.get("before"), self.latency_ms.get("after")
+            t.add_row("latency (1 thread)", f"{bv:.2f} ms" if bv else "?", f"{av:.2f} ms" if av else "?",
+                      f"{bv / av:.2f}x faster" if bv and av else "")
+        ops_b, ops_a = b.get("ops", {}), a.get("ops", {})
+        changed = sorted(set(ops_b) | set(ops_a), key=lambda k: -(ops_b.get(k, 0) + ops_a.get(k, 0)))
+        for op in changed[:12]:
+            if ops_b.get(op, 0) != ops_a.get(op, 0):
+                t.add_row(f"  {op}", str(ops_b.get(op, 0)), str(ops_a.get(op, 0)), "")
+        console.print(t)
+
+        p = Table(title="passes", title_justify="left")
+        for c in ("pass", "status", "time", "nodes", "params", "MACs", "cosine", "sqnr dB", "note"):
+            p.add_column(c, justify="left" if c in ("pass", "status", "note") else "right")
+        for r in self.passes:
+            r = r if isinstance(r, dict) else asdict(r)
+            f = r.get("fidelity") or {}
+            p.add_row(r["name"], r["status"], f"{r['wall_time_s']:.1f}s", str(r.get("nodes") or ""),
+                      format_count(r.get("params")), format_count(r.get("macs")),
+                      _fmt(f.get("cosine"), "{:.5f}"), _fmt(f.get("sqnr"), "{:.1f}"), r.get("reason", "")[:70])
+        console.print(p)
+        if self.fidelity:
+            f = self.fidelity
+            verdict = ("PASSED" if self.budget_met else "FAILED") if self.budget else "measured"
+            where = self.data.get("validation", "")
+            console.print(f"fidelity ({where}): cosine mean {_fmt(f.get('cosine'), '{:.5f}')} "
+                          f"min {_fmt(f.get('cosine_min'), '{:.5f}')}, sqnr {_fmt(f.get('sqnr'), '{:.1f}')} dB, "
+                          f"max rel err {_fmt(f.get('max_abs'), '{:.2e}')}, top1 {_fmt(f.get('top1'), '{:.3f}')}"
+                          + (f"; budget {self.budget}: {verdict}" if self.budget else ""))
+        for w in self.warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def _fmt(v, spec):
+    if v is None:
+        return ""
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return spec.format(v)
+
+
+def _clean(o: Any):
+    """JSON-safe: inf/nan as strings, numpy scalars as Python numbers."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
+        try:
+            o = o.item()
+        except Exception:
+            pass
+    if isinstance(o, float) and (math.isinf(o) or math.isnan(o)):
+        return str(o)
+    return o

@@ -1,0 +1,107 @@
+"""onnxruntime sessions, streaming capture of intermediate tensors, and latency measurement."""
+
+from __future__ import annotations
+
+__all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "add_outputs"]
+
+import os
+import statistics
+import tempfile
+import time
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .model import _EXTERNAL_THRESHOLD, tensor_bytes
+
+ort.set_default_logger_severity(3)
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = True, threads: int | None = None,
+                 providers: Sequence | None = None, provider_options=None,
+                 session_config: dict | None = None) -> ort.InferenceSession:
+    """An InferenceSession on ``model``. ``optimize=False`` disables all graph optimizations so
+    numerical checks compare our graph, not onnxruntime's fusions of it. Models past the
+    protobuf limit go through a temporary file with external data."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    for k, v in (session_config or {}).items():
+        so.add_session_config_entry(k, str(v))
+    providers = list(providers) if providers else ["CPUExecutionProvider"]
+    if isinstance(model, onnx.ModelProto):
+        if tensor_bytes(model) >= _EXTERNAL_THRESHOLD:
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "m.onnx")
+                m = onnx.ModelProto()
+                m.CopyFrom(model)
+                onnx.save_model(m, path, save_as_external_data=True, location="m.onnx.data")
+                return ort.InferenceSession(path, so, providers=providers, provider_options=provider_options)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers,
+                                    provider_options=provider_options)
+    return ort.InferenceSession(str(model), so, providers=providers, provider_options=provider_options)
+
+
+def run_model(session: ort.InferenceSession, samples: Iterable[dict]) -> Iterator[list[np.ndarray]]:
+    """Outputs of the session for each sample, one sample at a time."""
+    names = [o.name for o in session.get_outputs()]
+    for s in samples:
+        yield session.run(names, s)
+
+
+def add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the tensors ``names`` (types from shape
+    inference; float32 where unknown)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    want = [n for n in names if n not in have]
+    if not want:
+        return m
+    types = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m) if tensor_bytes(m) < _EXTERNAL_THRESHOLD else m
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    except Exception:
+        pass
+    for t in m.graph.initializer:
+        types.setdefault(t.name, t.data_type)
+    for n in want:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n) or onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def capture_activations(model: onnx.ModelProto, names: Sequence[str], samples: Iterable[dict],
+                        optimize: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Stream {tensor name: value} for the tensors ``names``, one sample at a time.
+
+    Memory holds one sample's captured tensors at once, so callers can reduce to statistics
+    (histograms, X^T X) and stay flat in the number of samples.
+    """
+    names = list(dict.fromkeys(names))
+    m = add_outputs(model, names)
+    sess = make_session(m, optimize=optimize)
+    for s in samples:
+        vals = sess.run(names, s)
+        yield dict(zip(names, vals))
+
+
+def measure_latency(model: onnx.ModelProto | ort.InferenceSession, feeds: dict, runs: int = 30, warmup: int = 3,
+                    threads: int = 1) -> float:
+    """Median wall time of one inference in milliseconds (one intra-op thread by default)."""
+    sess = model if isinstance(model, ort.InferenceSession) else make_session(model, optimize=True, threads=threads)
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
