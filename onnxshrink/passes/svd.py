@@ -602,8 +602,8 @@ class SvdPass(Pass):
         min_params: int = field(default=4096, metadata={"help": "skip weights with fewer elements"})
         ops: list[str] = field(default_factory=lambda: ["MatMul", "Gemm", "Conv"], metadata={
             "help": "op types considered"})
-        conv_mode: Literal["auto", "channel", "spatial"] = field(default="auto", metadata={
-            "help": "conv factorization: cheapest paying form, channel forms only, or spatial only"})
+        conv_mode: Literal["auto", "channel", "channel_out", "channel_in", "spatial"] = field(default="auto", metadata={
+            "help": "conv factorization: cheapest paying form, channel forms only, one form only"})
         samples: int = field(default=32, metadata={"help": "calibration samples used for whitening"})
         max_positions: int = field(default=2048, metadata={"help": "conv patches sampled per calibration sample"})
         measure: bool = field(default=True, metadata={"help": "measure each layer's output error on validation data"})
@@ -659,8 +659,8 @@ class SvdPass(Pass):
             _set_costs(L, seen.get(L.x.name) or shapes.get(L.x.name))
             if o.conv_mode == "channel":
                 L.forms = [f for f in L.forms if f.name != "spatial"]
-            elif o.conv_mode == "spatial" and L.kind == "conv":
-                L.forms = [f for f in L.forms if f.name == "spatial"]
+            elif o.conv_mode != "auto" and L.kind == "conv":
+                L.forms = [f for f in L.forms if f.name == o.conv_mode]
             cov = covs.get(_cov_key(L))
             for f in L.forms:
                 fcov = f.cov_from_patch(cov) if cov is not None else None
