@@ -448,10 +448,12 @@ def _pick_form_global(layer):
     return best[1]
 
 
-def _allocate_error(layers, max_error, what, multiple):
+def _allocate_error(layers, max_error, what, multiple, weights=None):
     """Drop the cheapest singular values (relative error per cost saved) until the summed
     predicted relative error reaches max_error; layers whose rank does not pay drop out and the
-    allocation is redone without them."""
+    allocation is redone without them. ``weights`` ({id(layer): w}) scale each layer's relative
+    error into its measured effect on the model's output (sensitivity)."""
+    weights = weights or {}
     active = list(layers)
     ranks = {}
     for _ in range(4):
@@ -459,7 +461,7 @@ def _allocate_error(layers, max_error, what, multiple):
         for L in active:
             s = L.form.svd[2]
             e = s.astype(np.float64) ** 2
-            tot = max(float(e.sum()), 1e-300)
+            tot = max(float(e.sum()), 1e-300) / weights.get(id(L), 1.0)
             cpr = _form_cost(L, L.form, 1, what)
             for i in range(len(s) - 1, 0, -1):  # never below rank 1
                 items.append((e[i] / tot / cpr, e[i] / tot, id(L), i))
@@ -608,6 +610,11 @@ class SvdPass(Pass):
         max_positions: int = field(default=2048, metadata={"help": "conv patches sampled per calibration sample"})
         measure: bool = field(default=True, metadata={"help": "measure each layer's output error on validation data"})
         fold: bool = field(default=True, metadata={"help": "run the fold pass first (merge linear pairs)"})
+        ranks: list[str] = field(default_factory=list, metadata={
+            "help": "fixed ranks, overriding the rule: LAYER=FORM:RANK items (FORM linear, channel_out, "
+                    "channel_in or spatial); other layers are left alone"})
+        sensitivity: bool = field(default=True, metadata={
+            "help": "rule=fit: weight layers by their measured effect on the model output"})
 
     def describe_strength(self) -> str:
         o = self.options
@@ -699,6 +706,8 @@ class SvdPass(Pass):
                        energy_kept=1.0 - pred, predicted_error=pred,
                        params_after=int(k * f.params_per_rank),
                        macs_after=_int(_form_cost(L, f, k, "macs")) if L.macs is not None else None)
+            if "sensitivity" in L.record:
+                rec["sensitivity"] = L.record["sensitivity"]
             vc = vcovs.get(_cov_key(L))
             if vc is not None:
                 E = f.to_view(f.W - A @ B)
@@ -731,6 +740,19 @@ class SvdPass(Pass):
     # ---------------------------------------------------------------- ranks
     def _choose_ranks(self, layers, ctx, graph, o):
         what = _cost_cols(o)
+        if o.ranks:
+            fixed = {}
+            for item in o.ranks:
+                name, _, spec = str(item).rpartition("=")
+                form, _, k = spec.rpartition(":")
+                fixed[name] = (form, int(k))
+            for L in layers:
+                form, k = fixed.get(L.node.name, (None, 0))
+                match = [f for f in L.forms if f.name == form or (not form and len(L.forms) == 1)]
+                L.form, L.rank = (match[0], min(k, len(match[0].svd[2]))) if match and k > 0 else (None, 0)
+                if L.form is None:
+                    L.record["reason"] = "not in the given ranks"
+            return
         if o.rule == "energy":
             for L in layers:
                 L.form, L.rank = _pick_form_energy(L, o.energy, o.rank_multiple)
@@ -750,15 +772,17 @@ class SvdPass(Pass):
                 L.form = None
 
     def _fit(self, layers, ctx, graph, o, what):
-        """Bisect log(max_error) so the factored model keeps ctx.budget (evaluated end to end)."""
-        import copy
+        """Bisect log(max_error) so the factored model keeps ctx.budget (evaluated end to end).
 
+        With ``sensitivity`` each layer's relative error is first weighted by its measured effect:
+        the layer alone is factored at a probe rank (predicted relative error e_l), the model's
+        relative output MSE d_l is measured, and w_l = d_l / e_l; the allocation then spends a
+        budget of predicted model-output MSE, ``sum_l w_l e_l``."""
         pos = {id(n): i for i, n in enumerate(graph.nodes)}
         index = {id(L): pos[id(L.node)] for L in layers}
 
-        def trial(err):
-            ranks = _allocate_error(layers, err, what, o.rank_multiple)
-            g = copy.deepcopy(graph)
+        def build(ranks):
+            g = graph.copy()
             nodes = list(g.nodes)
             for L in layers:
                 if id(L) not in ranks:
@@ -768,9 +792,15 @@ class SvdPass(Pass):
                 tmp.form = L.form
                 _emit(g, tmp, A, B)
             g.cleanup().toposort()
-            return ranks, ctx.budget.holds(ctx.evaluate(g))
+            return ctx.evaluate(g)
 
-        lo, hi = math.log(1e-5), math.log(max(o.max_error, 1e-4) * 30)
+        weights = self._sensitivities(layers, ctx, build) if o.sensitivity else None
+
+        def trial(err):
+            ranks = _allocate_error(layers, err, what, o.rank_multiple, weights)
+            return ranks, ctx.budget.holds(build(ranks))
+
+        lo, hi = math.log(1e-6), math.log(1.0) if weights else math.log(max(o.max_error, 1e-4) * 30)
         best = {}
         ranks, ok = trial(math.exp(hi))
         if ok:
@@ -786,6 +816,27 @@ class SvdPass(Pass):
             ranks, ok = trial(math.exp(lo))
             best = ranks if ok else {}
         return best
+
+    def _sensitivities(self, layers, ctx, build):
+        """{id(layer): d_l / e_l}: measured relative output MSE per unit of predicted relative
+        layer error, each layer factored alone at a probe rank (cached across back-off attempts)."""
+        weights = {}
+        for L in ctx.progress.track(layers, "svd: layer sensitivity"):
+            s = L.form.svd[2].astype(np.float64)
+            e = s ** 2
+            tot = max(float(e.sum()), 1e-300)
+            tail = np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]]) / tot  # tail[k] = error at rank k
+            limit = max(1, int(0.5 * L.params / L.form.params_per_rank))
+            k = min(limit, max(1, int(np.searchsorted(-tail, -0.01))))
+            k = min(k, len(s) - 1) if len(s) > 1 else 1
+            key = ("svd.sens", L.node.name, L.form.name, bool(L.form.whitened), k)
+            if key not in ctx.cache:
+                pred = float(tail[k])
+                d = float(build({id(L): k}).get("mse", 0.0)) if pred > 0 else 0.0
+                ctx.cache[key] = max(d, 1e-12) / max(pred, 1e-12)
+            weights[id(L)] = ctx.cache[key]
+            L.record["sensitivity"] = weights[id(L)]
+        return weights
 
 
 def _int(v):
