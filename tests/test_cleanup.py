@@ -532,3 +532,52 @@ def test_paddle_like_model_opset11():
     assert "Constant" not in ops(out) and "BatchNormalization" not in ops(out)
     assert res.stats["nodes_after"] < res.stats["nodes_before"]
     assert_same(m, out)
+
+
+# ---------------------------------------------------------------------------------------- extra folds
+
+
+def test_duplicate_nodes_merged():
+    nodes = [helper.make_node("Shape", ["x"], ["s1"]), helper.make_node("Shape", ["x"], ["s2"]),
+             helper.make_node("Gather", ["s1", "i"], ["g1"], axis=0), helper.make_node("Gather", ["s2", "i2"], ["g2"], axis=0),
+             helper.make_node("Add", ["g1", "g2"], ["y"]),
+             helper.make_node("RandomUniformLike", ["x"], ["r1"]), helper.make_node("RandomUniformLike", ["x"], ["r2"]),
+             helper.make_node("Sub", ["r1", "r2"], ["z"])]
+    m = make(nodes, [("x", F, ["N", 3])], [("y", TensorProto.INT64, []), ("z", F, ["N", 3])],
+             {"i": np.array(0, np.int64), "i2": np.array(0, np.int64)})
+    res, out = cleanup(m)
+    assert res.stats["duplicate_nodes_merged"] == 2  # Shape and Gather (after the indices merged)
+    assert ops(out).count("Shape") == 1 and ops(out).count("Gather") == 1
+    assert ops(out).count("RandomUniformLike") == 2  # random ops are never merged
+    check(out)
+    feeds = {"x": np.ones((4, 3), np.float32)}
+    assert run_ort(m, feeds)[0] == run_ort(out, feeds)[0]
+
+
+def test_constant_of_shape_arithmetic_folded_with_dynamic_shape():
+    """YOLOv8's stride tensors: ConstantOfShape(dynamic shape, 1.0) * 8.0."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("ConstantOfShape", ["s"], ["ones"], value=numpy_helper.from_array(np.array([1.0], np.float32))),
+             helper.make_node("Mul", ["ones", "eight"], ["st"]), helper.make_node("Sub", ["st", "half"], ["st2"]),
+             helper.make_node("Add", ["x", "st2"], ["y"])]
+    m = make(nodes, [("x", F, ["N", 3])], [("y", F, ["N", 3])],
+             {"eight": np.float32(8.0), "half": np.array([0.5], np.float32)})
+    res, out = cleanup(m)
+    assert res.stats["constant_of_shape_folded"] == 2
+    assert sorted(ops(out)) == ["Add", "ConstantOfShape", "Shape"]
+    assert_same(m, out, {"x": _rng().standard_normal((5, 3)).astype(np.float32)}, tol=0)
+
+
+def test_constant_chains_merged():
+    nodes = [helper.make_node("Mul", ["x", "a"], ["m"]), helper.make_node("Div", ["m", "six"], ["d"]),
+             helper.make_node("Mul", ["s", "d"], ["e"]),            # constant first operand
+             helper.make_node("Add", ["e", "b"], ["f"]), helper.make_node("Sub", ["f", "c"], ["y"]),
+             helper.make_node("Div", ["six", "y"], ["z"])]          # constant numerator: not a chain
+    rng = _rng(100)
+    m = make(nodes, [("x", F, [2, 4])], [("z", F, [2, 4])],
+             {"a": rng.uniform(1, 2, (1, 4)).astype(np.float32), "six": np.float32(6.0), "s": np.float32(0.7),
+              "b": rng.standard_normal(4).astype(np.float32), "c": np.float32(0.25)})
+    res, out = cleanup(m)
+    assert res.stats["constant_chains_folded"] == 3
+    assert ops(out) == ["Mul", "Add", "Div"]
+    assert_same(m, out)

@@ -87,6 +87,9 @@ class CleanupPass(Pass):
         fold_batchnorm: bool = field(default=True, metadata={"help": "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm"})
         fold_batchnorm_forward: bool = field(default=True, metadata={"help": "fold BatchNormalization into a following unpadded Conv"})
         fold_scale_bias: bool = field(default=True, metadata={"help": "fold Mul/Div/Add/Sub by scalar or per-channel constants into the preceding Conv/Gemm"})
+        fold_constant_of_shape: bool = field(default=True, metadata={"help": "fold Add/Sub/Mul/Div of a ConstantOfShape by a one-element constant into its fill value"})
+        fold_constant_chains: bool = field(default=True, metadata={"help": "merge consecutive Mul/Div (or Add/Sub) by constants into one (x*a/b -> x*(a/b))"})
+        merge_duplicate_nodes: bool = field(default=True, metadata={"help": "merge nodes with the same op, attributes and inputs (common subexpressions)"})
         remove_identity: bool = field(default=True, metadata={"help": "remove Identity and inference Dropout"})
         remove_dead: bool = field(default=True, metadata={"help": "remove nodes and initializers no output depends on"})
         merge_initializers: bool = field(default=True, metadata={"help": "merge identical initializers (dtype, shape, bytes)"})
@@ -162,6 +165,7 @@ class _Cleanup:
         self.names = set()
         self.protected: dict[str, tuple[gs.Tensor, np.ndarray]] = {}
         self.annotated: list[tuple[gs.Tensor, object, object]] = []
+        self.annotated_ids: set[int] = set()
         self.opset = graph.opset or 0
 
     # ----------------------------------------------------------------- driver
@@ -182,18 +186,42 @@ class _Cleanup:
 
         if self.o.constants_to_initializers:
             st["constants_to_initializers"] = self._constants_to_initializers()
-        if self.o.fold_shapes or self.o.fold_constants:
+        # folding rounds: what one round folds (a Shape, a Range limit) gives shape inference the
+        # sizes the guard needs in the next round
+        st["shapes_folded"] = st["folded_nodes"] = 0
+        for round_ in range(4):
+            if not (self.o.fold_shapes or self.o.fold_constants):
+                break
+            if round_:
+                try:
+                    with _quiet_gs():
+                        exported = gs.export_onnx(g, do_type_check=False)
+                except Exception:
+                    break
             self._annotate_shapes(exported)
+            exported = None
+            n = 0
+            if self.o.fold_shapes:
+                k = self._fold_shapes()
+                st["shapes_folded"] += k
+                n += k
+            if self.o.fold_constants:
+                k = self._fold_constants()
+                st["folded_nodes"] += k
+                n += k
+            if self.o.remove_dead:
+                self._cleanup()
+            if not n:
+                break
         del exported
-        if self.o.fold_shapes:
-            st["shapes_folded"] = self._fold_shapes()
-        if self.o.fold_constants:
-            st["folded_nodes"] = self._fold_constants()
-        if self.o.remove_dead:
-            self._cleanup()
+
+        st["initializers_merged"] = 0
+        if self.o.merge_initializers:  # first here, so equal constants make equal nodes for merging
+            st["initializers_merged"] += self._merge_initializers()
 
         # local rewrites to a fixed point (a Conv -> BN -> Mul -> Add chain folds step by step)
-        for k in ("identity_removed", "dropout_removed", "bn_folded", "bn_folded_forward", "scale_bias_folded"):
+        for k in ("identity_removed", "dropout_removed", "bn_folded", "bn_folded_forward", "scale_bias_folded",
+                  "constant_of_shape_folded", "constant_chains_folded", "duplicate_nodes_merged"):
             st.setdefault(k, 0)
         for _ in range(20):
             n = 0
@@ -207,6 +235,12 @@ class _Cleanup:
                     n += self._fold_bn_forward(sub)
                 if self.o.fold_scale_bias:
                     n += self._fold_scale_bias(sub)
+                if self.o.fold_constant_of_shape:
+                    n += self._fold_constant_of_shape(sub)
+                if self.o.fold_constant_chains:
+                    n += self._fold_constant_chains(sub)
+                if self.o.merge_duplicate_nodes:
+                    n += self._merge_duplicate_nodes(sub)
             if not n:
                 break
             changed = True
@@ -214,7 +248,7 @@ class _Cleanup:
                 self._cleanup()
 
         if self.o.merge_initializers:
-            st["initializers_merged"] = self._merge_initializers()
+            st["initializers_merged"] += self._merge_initializers()
         if self.o.remove_dead:
             self._cleanup()
         self._outputs_from_constants()
@@ -342,9 +376,13 @@ class _Cleanup:
         for name, t in self.g.tensors().items():
             if isinstance(t, gs.Variable) and name in info and name not in self.protected:
                 dtype, shape = info[name]
-                if (t.shape is None and shape is not None) or (t.dtype is None and dtype is not None):
-                    self.annotated.append((t, t.dtype, t.shape))
-                    if t.shape is None:
+                better_shape = shape is not None and (t.shape is None or (
+                    not self._static(t.shape) and self._static(shape) and len(shape) == len(t.shape)))
+                if better_shape or (t.dtype is None and dtype is not None):
+                    if id(t) not in self.annotated_ids:
+                        self.annotated_ids.add(id(t))
+                        self.annotated.append((t, t.dtype, t.shape))
+                    if better_shape:
                         t.shape = shape
                     if t.dtype is None and dtype is not None:
                         t.dtype = dtype
@@ -472,7 +510,8 @@ class _Cleanup:
                                            error_ok=True, flatten_subgraphs=False, size_threshold=None,
                                            should_exclude_node=exclude, recurse_functions=False)
             if self.o.flatten_if:
-                self.stats["if_flattened"] = sum(self._flatten_ifs(sub) for sub in list(all_graphs(self.g)))
+                self.stats["if_flattened"] = self.stats.get("if_flattened", 0) + sum(
+                    self._flatten_ifs(sub) for sub in list(all_graphs(self.g)))
             self.g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
         return max(0, before - count_nodes(self.g))
 
@@ -804,6 +843,166 @@ class _Cleanup:
         self.stats["scale_bias_folded"] += n
         sub.nodes = [nd for nd in sub.nodes if nd.outputs]
         return n
+
+    def _fold_constant_of_shape(self, sub: gs.Graph) -> int:
+        """``ConstantOfShape(s, value=v) (op) c`` with a one-element float constant ``c`` whose rank
+        does not exceed the fill's: a fill of ``v (op) c`` (computed in the tensor's dtype, as at
+        run time). Dynamic shapes keep this (YOLOv8's stride tensors)."""
+        n = 0
+        outs, ins = self._graph_outputs(), self._graph_inputs()
+        for e in list(sub.nodes):
+            if e.op not in ("Mul", "Div", "Add", "Sub") or not _is_default_domain(e) or not e.outputs:
+                continue
+            if len(e.inputs) != 2:
+                continue
+            for k in (0, 1):
+                a, c = e.inputs[k], e.inputs[1 - k]
+                if _const(c) and not _const(a):
+                    break
+            else:
+                continue
+            p = self._producer(a, sub, ("ConstantOfShape",))
+            if p is None or not self._single_use(a, e, outs, ins) or not p.inputs:
+                continue
+            cv = np.asarray(c.values)
+            val = p.attrs.get("value")
+            v = np.asarray(val.values) if _const(val) else np.zeros(1, np.float32)
+            if cv.size != 1 or v.size != 1 or cv.dtype != v.dtype or v.dtype not in _FLOAT_TYPES:
+                continue
+            shp = p.inputs[0]
+            rank = shp.values.shape[0] if _const(shp) and shp.values.ndim == 1 else (
+                shp.shape[0] if shp.shape is not None and len(shp.shape) == 1 and isinstance(shp.shape[0], int) else None)
+            if rank is None or cv.ndim > rank:
+                continue
+            x, y = (v.reshape(()), cv.reshape(())) if k == 0 else (cv.reshape(()), v.reshape(()))
+            with np.errstate(all="ignore"):
+                r = {"Mul": np.multiply, "Div": np.divide, "Add": np.add, "Sub": np.subtract}[e.op](x, y)
+            p.attrs["value"] = gs.Constant(self._fresh(p.name or "fill") if p.name else self._fresh("fill"),
+                                           np.asarray(r, dtype=v.dtype).reshape(1))
+            out = e.outputs[0]
+            _detach(e)
+            p.outputs[0] = out
+            n += 1
+        self.stats["constant_of_shape_folded"] += n
+        sub.nodes = [nd for nd in sub.nodes if nd.outputs]
+        return n
+
+    @staticmethod
+    def _const_operand(e: gs.Node):
+        """(x, c as a 'Mul'-or-'Add' operand, family) of x*c, c*x, x/c, x+c, c+x, x-c; else None."""
+        if e.op not in ("Mul", "Div", "Add", "Sub") or not _is_default_domain(e) or len(e.inputs) != 2:
+            return None
+        a, b = e.inputs
+        if _const(b) and not _const(a):
+            x, c = a, np.asarray(b.values)
+        elif _const(a) and not _const(b) and e.op in ("Mul", "Add"):
+            x, c = b, np.asarray(a.values)
+        else:
+            return None
+        if c.dtype not in _FLOAT_TYPES:
+            return None
+        c64 = c.astype(np.float64)
+        if e.op == "Div":
+            if np.any(c64 == 0) or not np.all(np.isfinite(c64)):
+                return None
+            c64 = 1.0 / c64
+        elif e.op == "Sub":
+            c64 = -c64
+        return x, c64, c.dtype, ("Mul" if e.op in ("Mul", "Div") else "Add")
+
+    def _fold_constant_chains(self, sub: gs.Graph) -> int:
+        """``(x (op) c1) (op) c2`` with both ops multiplicative (Mul, Div by a constant) or both
+        additive (Add, Sub of a constant): one ``x * (c1*c2)`` or ``x + (c1+c2)``. Broadcasting is
+        associative, so the output shape is unchanged; the merged constant may not be larger than
+        the larger of the two. One rounding instead of two: equal to float round-off."""
+        n = 0
+        outs, ins = self._graph_outputs(), self._graph_inputs()
+        for e1 in list(sub.nodes):
+            if not e1.outputs:
+                continue
+            first = self._const_operand(e1)
+            if first is None:
+                continue
+            x, c1, dt1, fam = first
+            t = e1.outputs[0]
+            if not (isinstance(t, gs.Variable) and id(t) not in outs and id(t) not in ins and len(t.outputs) == 1):
+                continue
+            e2 = t.outputs[0]
+            if e2 not in sub.nodes or not e2.outputs:
+                continue
+            second = self._const_operand(e2)
+            if second is None or second[0] is not t or second[3] != fam or second[2] != dt1:
+                continue
+            c2 = second[1]
+            try:
+                merged = c1 * c2 if fam == "Mul" else c1 + c2
+            except ValueError:
+                continue
+            if merged.size > max(c1.size, c2.size) or not np.all(np.isfinite(merged)):
+                continue
+            y = e2.outputs[0]
+            _detach(e2)
+            e1.op = fam
+            e1.inputs.clear()
+            e1.inputs.extend([x, self._new_const((e1.name or "const") + "_merged", merged.astype(dt1))])
+            e1.outputs[0] = y
+            n += 1
+        self.stats["constant_chains_folded"] += n
+        sub.nodes = [nd for nd in sub.nodes if nd.outputs]
+        return n
+
+    def _merge_duplicate_nodes(self, sub: gs.Graph) -> int:
+        """Common subexpressions: a deterministic node with the same op, domain, attributes and
+        input tensors as an earlier one computes the same values; its consumers read the earlier
+        node's outputs. Nodes with subgraphs and graph-output producers are kept."""
+        n = 0
+        outs = self._graph_outputs()
+        seen: dict[tuple, gs.Node] = {}
+        with _quiet_gs(), contextlib.suppress(Exception):
+            sub.toposort(recurse_subgraphs=False)
+        for node in list(sub.nodes):
+            if not node.outputs or node.op in _NO_FOLD or node.op == "Constant":
+                continue
+            key = self._node_key(node)
+            if key is None:
+                continue
+            first = seen.get(key)
+            if first is None:
+                seen[key] = node
+                continue
+            if any(id(o) in outs for o in node.outputs) or len(first.outputs) != len(node.outputs):
+                continue
+            for mine, theirs in zip(list(node.outputs), list(first.outputs)):
+                if not mine.is_empty():
+                    if theirs.is_empty():
+                        break
+                    _replace_uses(mine, theirs)
+            else:
+                _detach(node)
+                n += 1
+        self.stats["duplicate_nodes_merged"] += n
+        sub.nodes = [nd for nd in sub.nodes if nd.outputs]
+        return n
+
+    @staticmethod
+    def _node_key(node: gs.Node):
+        attrs = []
+        for k in sorted(node.attrs):
+            v = node.attrs[k]
+            if isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v)):
+                return None
+            if _const(v):
+                vals = np.asarray(v.values)
+                if vals.dtype == object:
+                    return None
+                v = ("tensor", vals.dtype.str, vals.shape, vals.tobytes())
+            elif isinstance(v, list):
+                v = tuple(v)
+            elif not isinstance(v, (int, float, str, bytes, bool, tuple, type(None))):
+                v = repr(v)
+            attrs.append((k, v))
+        ins = tuple(("", None) if t.is_empty() else id(t) for t in node.inputs)
+        return node.op, node.domain or "", ins, tuple(attrs), len(node.outputs)
 
     # ----------------------------------------------------------------- initializers
     def _merge_initializers(self) -> int:
