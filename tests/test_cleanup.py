@@ -581,3 +581,15 @@ def test_constant_chains_merged():
     assert res.stats["constant_chains_folded"] == 3
     assert ops(out) == ["Mul", "Add", "Div"]
     assert_same(m, out)
+
+
+def test_stale_value_info_does_not_fold_shapes():
+    """An exporter's value_info claiming a static shape for a dynamic tensor is not trusted."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Shape", ["r"], ["s"]),
+             helper.make_node("Cast", ["s"], ["y"], to=F)]
+    m = make(nodes, [("x", F, ["N", 3])], [("y", F, [2])],
+             value_info=[helper.make_tensor_value_info("r", F, [2, 3])])
+    res, out = cleanup(m)
+    assert "Shape" in ops(out)
+    feeds = {"x": np.ones((5, 3), np.float32)}
+    assert run_ort(out, feeds)[0].tolist() == [5.0, 3.0]

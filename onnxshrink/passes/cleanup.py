@@ -166,6 +166,7 @@ class _Cleanup:
         self.protected: dict[str, tuple[gs.Tensor, np.ndarray]] = {}
         self.annotated: list[tuple[gs.Tensor, object, object]] = []
         self.annotated_ids: set[int] = set()
+        self.inferred: dict[str, list] = {}
         self.opset = graph.opset or 0
 
     # ----------------------------------------------------------------- driver
@@ -350,18 +351,29 @@ class _Cleanup:
     # ----------------------------------------------------------------- shapes
     def _annotate_shapes(self, model: onnx.ModelProto):
         """Shapes and types from onnx shape inference on an export of the graph, written onto
-        tensors that lack them (reset at the end so value_info stays as it was)."""
+        tensors that lack them (reset at the end so value_info stays as it was).
+
+        Inference starts from the graph inputs only: the model's own value_info and output shapes
+        are dropped first, since an exporter's stale value_info must not turn into folded shapes.
+        Shape folding reads ``self.inferred`` (these shapes), never the tensors' imported shapes."""
         try:
             if self.ctx is not None and self.ctx.template is not None:
                 from ..model import copy_model_fields
                 copy_model_fields(self.ctx.template, model)
-            if model.ByteSize() > (1 << 30):
-                return
+            del model.graph.value_info[:]
+            for o in model.graph.output:
+                if o.type.HasField("tensor_type"):
+                    o.type.tensor_type.ClearField("shape")
+            for t in model.graph.initializer:  # inference needs dims, and values of small ones only
+                if int(np.prod(t.dims, dtype=np.int64)) > 4096 and t.data_type != onnx.TensorProto.INT64:
+                    for f in ("raw_data", "float_data", "double_data", "int32_data", "external_data"):
+                        t.ClearField(f)
+                    t.data_location = onnx.TensorProto.DEFAULT
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         except Exception:
             return
         info = {}
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
             tt = vi.type.tensor_type
             if not vi.type.HasField("tensor_type"):
                 continue
@@ -373,6 +385,7 @@ class _Cleanup:
                 with contextlib.suppress(Exception):
                     dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
             info[vi.name] = (dtype, shape)
+        self.inferred = {k: v[1] for k, v in info.items() if v[1] is not None}
         for name, t in self.g.tensors().items():
             if isinstance(t, gs.Variable) and name in info and name not in self.protected:
                 dtype, shape = info[name]
@@ -399,9 +412,9 @@ class _Cleanup:
                     continue
                 if node.op == "Shape":
                     x = node.inputs[0]
-                    if _const(x) or not isinstance(x, gs.Variable) or x.shape is None:
+                    if _const(x) or not isinstance(x, gs.Variable) or self.inferred.get(x.name) is None:
                         continue
-                    dims = list(x.shape)
+                    dims = list(self.inferred[x.name])
                     r = len(dims)
                     start = node.attrs.get("start", 0)
                     end = node.attrs.get("end", r)
@@ -412,8 +425,9 @@ class _Cleanup:
                         n += self._fold_partial_shape(node, dims)
                 elif node.op == "Size":
                     x = node.inputs[0]
-                    if isinstance(x, gs.Variable) and self._static(x.shape):
-                        n += self._to_const(node, np.array(int(np.prod(x.shape, dtype=np.int64)), dtype=np.int64))
+                    if isinstance(x, gs.Variable) and not _const(x) and self._static(self.inferred.get(x.name)):
+                        n += self._to_const(node, np.array(int(np.prod(self.inferred[x.name], dtype=np.int64)),
+                                                           dtype=np.int64))
             sub.nodes = [nd for nd in sub.nodes if nd.outputs]
         return n
 
