@@ -160,8 +160,40 @@ def check_case(model: onnx.ModelProto, feeds_list: list[dict]) -> tuple[str, str
 # ------------------------------------------------------------------ corpora
 
 
-def node_cases():
-    """(name, model, [feeds]) for every operator test case the onnx package ships."""
+def _as_constants(model: onnx.ModelProto, inputs: list, keep_first: bool):
+    """A copy of the model whose inputs (all, or all but the first) are initializers holding the
+    test data, or None when an input is not a tensor."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {t.name for t in g.initializer}
+    real = [i for i in g.input if i.name not in inits]
+    feeds = {}
+    keep = []
+    for k, (vi, v) in enumerate(zip(real, inputs)):
+        if keep_first and k == 0:
+            keep.append(vi)
+            feeds[vi.name] = v
+            continue
+        if not vi.type.HasField("tensor_type") or not isinstance(v, np.ndarray):
+            return None, None
+        try:
+            g.initializer.append(numpy_helper.from_array(v, vi.name))
+        except Exception:
+            return None, None
+    others = [i for i in g.input if i.name in inits]
+    del g.input[:]
+    g.input.extend(keep + others)
+    if m.ir_version < 4:
+        m.ir_version = 4
+    return m, feeds
+
+
+def node_cases(variant: str = "inputs"):
+    """(name, model, [feeds]) for every operator test case the onnx package ships.
+
+    variant "inputs": as shipped; "constants": every input an initializer (the whole case folds);
+    "weights": every input but the first an initializer (weights/parameters constant)."""
     import warnings
 
     from onnx.backend.test.case.node import collect_testcases
@@ -173,6 +205,14 @@ def node_cases():
         g = c.model.graph
         inits = {t.name for t in g.initializer}
         in_names = [i.name for i in g.input if i.name not in inits]
+        if variant != "inputs":
+            if not c.data_sets:
+                continue
+            m, feeds = _as_constants(c.model, c.data_sets[0][0], keep_first=variant == "weights")
+            if m is None:
+                continue
+            yield c.name, m, [feeds]
+            continue
         feeds_list = []
         for inputs, _ in c.data_sets or []:
             feeds_list.append({n: v for n, v in zip(in_names, inputs)})

@@ -1,6 +1,8 @@
 """Corpus sweeps of the cleanup pass.
 
 1. Every operator test case the onnx package ships (``collect_testcases()``, ~1,900).
+   Slow variants turn the cases' inputs into initializers (all, or all but the first) so the
+   folding steps run on every operator.
 2. Every model file under ``onnx/backend/test/data/`` (light ResNet-50, DenseNet-121, ...,
    simple / pytorch-converted / pytorch-operator with their test_data_set inputs).
 
@@ -36,6 +38,18 @@ def test_operator_cases_sweep():
     assert len(results) > 1500
     counts = [s for s, _ in results.values()]
     assert counts.count("run") > 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["constants", "weights"])
+def test_operator_cases_sweep_with_constant_inputs(variant):
+    """The same cases with their inputs turned into initializers: "constants" (all of them, so
+    every case folds through onnxruntime) and "weights" (all but the first: parameters constant)."""
+    results = {}
+    for name, model, feeds in sweep.node_cases(variant):
+        results[name] = sweep.check_case(model, feeds)
+    _report(f"cleanup over onnx operator test cases, inputs as initializers ({variant})", results)
+    assert len(results) > 1500
 
 
 def _data_results(heavy: bool) -> dict:

@@ -182,6 +182,7 @@ class _Cleanup:
             st["reason"] = f"onnx-graphsurgeon cannot export this graph ({type(e).__name__}: {e}); left unchanged"
             return PassResult(g, False, st)
         self._collect_names()
+        self._record_io()
         self._protect_overridable()
         changed = False
 
@@ -254,6 +255,7 @@ class _Cleanup:
             self._cleanup()
         self._outputs_from_constants()
         self._restore()
+        self._restore_io()
         with _quiet_gs(), contextlib.suppress(Exception):
             g.toposort(recurse_subgraphs=True)
 
@@ -1043,13 +1045,27 @@ class _Cleanup:
 
     # ----------------------------------------------------------------- outputs
     def _outputs_from_constants(self):
-        """A graph output that became a constant is produced by a Constant node again, so the
-        output keeps its name and stays an output rather than an initializer."""
+        """A graph output that became a constant is produced by a node again, so the output keeps
+        its name and stays an output rather than an initializer: a Constant node (opset >= 13,
+        where Constant takes every tensor type), else an Identity of an initializer."""
         for sub in all_graphs(self.g):
             for t in sub.outputs:
                 if _const(t) and t.name not in self.protected:
                     vals = t.values
                     t.to_variable(dtype=vals.dtype, shape=list(vals.shape))
-                    node = gs.Node("Constant", name=self._fresh(t.name + "_const"),
-                                   attrs={"value": gs.Constant(t.name + "_value", vals)}, outputs=[t])
+                    if self.opset >= 13:
+                        node = gs.Node("Constant", name=self._fresh(t.name + "_const"),
+                                       attrs={"value": gs.Constant(t.name + "_value", vals)}, outputs=[t])
+                    else:
+                        init = gs.Constant(self._fresh(t.name + "_value"), vals)
+                        node = gs.Node("Identity", name=self._fresh(t.name + "_identity"), inputs=[init], outputs=[t])
                     sub.nodes.append(node)
+
+    def _record_io(self):
+        self.io_types = [(t, t.dtype, t.shape) for t in list(self.g.inputs) + list(self.g.outputs)]
+
+    def _restore_io(self):
+        """Graph inputs and outputs keep the types and shapes they were declared with."""
+        for t, dtype, shape in self.io_types:
+            if isinstance(t, gs.Variable):
+                t.dtype, t.shape = dtype, shape
