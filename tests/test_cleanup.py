@@ -593,3 +593,37 @@ def test_stale_value_info_does_not_fold_shapes():
     assert "Shape" in ops(out)
     feeds = {"x": np.ones((5, 3), np.float32)}
     assert run_ort(out, feeds)[0].tolist() == [5.0, 3.0]
+
+
+def test_tensorflow_like_model():
+    """tf2onnx style: NHWC input transposed, Identity nodes, Constant shapes, Cast of constant
+    shape arithmetic, Conv + Add bias + Mul scale, MatMul + Add dense head."""
+    rng = _rng(92)
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
+        helper.make_node("Identity", ["xt"], ["xt_id"]),
+        const_node("k", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        helper.make_node("Identity", ["k"], ["k_read"]),                      # TF "read" of a variable
+        helper.make_node("Conv", ["xt_id", "k_read"], ["c"], pads=[1, 1, 1, 1]),
+        const_node("bias", rng.standard_normal((1, 4, 1, 1)).astype(np.float32)),
+        helper.make_node("Add", ["c", "bias"], ["cb"]),
+        const_node("scale", rng.uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32)),
+        helper.make_node("Mul", ["cb", "scale"], ["cs"]),
+        helper.make_node("Relu", ["cs"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["rt"], perm=[0, 2, 3, 1]),
+        const_node("two", np.array([2], np.int64)), const_node("eight", np.array([8], np.int64)),
+        helper.make_node("Mul", ["two", "eight"], ["flat"]), const_node("m1", np.array([-1], np.int64)),
+        helper.make_node("Mul", ["flat", "eight"], ["flat2"]),
+        helper.make_node("Concat", ["m1", "flat2"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["rt", "shape"], ["f"]),
+        const_node("w", rng.standard_normal((128, 5)).astype(np.float32)),
+        helper.make_node("MatMul", ["f", "w"], ["mm"]),
+        const_node("b", rng.standard_normal(5).astype(np.float32)),
+        helper.make_node("Add", ["mm", "b"], ["logits"]),
+        helper.make_node("Identity", ["logits"], ["y"]),
+    ]
+    m = make(nodes, [("x", F, [1, 8, 4, 4])], [("y", F, [1, 5])], opset=13)
+    res, out = cleanup(m)
+    assert res.stats["identity_removed"] == 2 and res.stats["scale_bias_folded"] == 2  # Identity(k) folds
+    assert sorted(ops(out)) == ["Add", "Conv", "MatMul", "Relu", "Reshape", "Transpose", "Transpose"]
+    assert_same(m, out)
