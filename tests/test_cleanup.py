@@ -622,7 +622,7 @@ def test_tensorflow_like_model():
         helper.make_node("Add", ["mm", "b"], ["logits"]),
         helper.make_node("Identity", ["logits"], ["y"]),
     ]
-    m = make(nodes, [("x", F, [1, 8, 4, 4])], [("y", F, [1, 5])], opset=13)
+    m = make(nodes, [("x", F, [1, 8, 4, 3])], [("y", F, [1, 5])], opset=13)
     res, out = cleanup(m)
     assert res.stats["identity_removed"] == 2 and res.stats["scale_bias_folded"] == 2  # Identity(k) folds
     assert sorted(ops(out)) == ["Add", "Conv", "MatMul", "Relu", "Reshape", "Transpose", "Transpose"]
