@@ -627,3 +627,12 @@ def test_tensorflow_like_model():
     assert res.stats["identity_removed"] == 2 and res.stats["scale_bias_folded"] == 2  # Identity(k) folds
     assert sorted(ops(out)) == ["Add", "Conv", "MatMul", "Relu", "Reshape", "Transpose", "Transpose"]
     assert_same(m, out)
+
+
+def test_unused_overridable_input_kept():
+    m = make([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Exp", ["opt"], ["dead"])],
+             [("x", F, [2]), ("opt", F, [2])], [("y", F, [2])], {"opt": np.ones(2, np.float32)})
+    res, out = cleanup(m)
+    assert res.modified and ops(out) == ["Relu"]
+    assert [i.name for i in out.graph.input] == ["x", "opt"]
+    check(out)

@@ -33,6 +33,14 @@ def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProt
     g = model.graph
     inits = {t.name for t in g.initializer}
     have = {i.name for i in g.input}
+    if (template.ir_version or 0) >= 4:
+        # overridable defaults are part of the interface: one no node reads any more keeps its
+        # input and its default value
+        tpl_inits = {t.name: t for t in template.graph.initializer}
+        for i in template.graph.input:
+            if i.name in tpl_inits and i.name not in inits and i.name not in have:
+                g.initializer.append(tpl_inits[i.name])
+                inits.add(i.name)
     missing = {i.name for i in template.graph.input if i.name in inits and i.name not in have}
     if not missing:
         return
