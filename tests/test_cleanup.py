@@ -636,3 +636,19 @@ def test_unused_overridable_input_kept():
     assert res.modified and ops(out) == ["Relu"]
     assert [i.name for i in out.graph.input] == ["x", "opt"]
     check(out)
+
+
+def test_outer_constant_read_by_both_branches_stays_outer():
+    then_g = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", F, [2])])
+    else_g = helper.make_graph([helper.make_node("Add", ["x", "k"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", F, [2])])
+    m = make([const_node("k", np.full(2, 2.0, np.float32)),
+              helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+             [("x", F, [2]), ("c", TensorProto.BOOL, [])], [("y", F, [2])])
+    res, out = cleanup(m)
+    assert [t.name for t in out.graph.initializer] == ["k"]
+    for a in out.graph.node[0].attribute:
+        assert not a.g.initializer
+    for c in (True, False):
+        assert_same(m, out, {"x": np.ones(2, np.float32), "c": np.array(c)})

@@ -22,9 +22,48 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
         copy_model_fields(template, model)
         _restore_initializer_inputs(model, template)
         _restore_io_types(model, template)
+    _hoist_shared_subgraph_initializers(model)
     if model.ir_version and model.ir_version < 4:
         _list_initializers_as_inputs(model)
     return model
+
+
+def _subgraphs(graph: onnx.GraphProto):
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield a.g
+                yield from _subgraphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    yield sg
+                    yield from _subgraphs(sg)
+
+
+def _hoist_shared_subgraph_initializers(model: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon writes an outer-scope constant that only subgraphs read into *each*
+    subgraph that reads it (an If's two branches, every Loop body): one initializer per name goes
+    back to the main graph, where every subgraph sees it, when the copies are identical."""
+    g = model.graph
+    subs = list(_subgraphs(g))
+    if len(subs) < 2:
+        return
+    copies: dict[str, list] = {}
+    for sg in subs:
+        for t in sg.initializer:
+            copies.setdefault(t.name, []).append((sg, t))
+    main_names = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    for name, found in copies.items():
+        if len(found) < 2 or name in main_names:
+            continue
+        first = found[0][1].SerializeToString()
+        if any(t.SerializeToString() != first for _, t in found[1:]):
+            continue
+        kept = onnx.TensorProto()
+        kept.CopyFrom(found[0][1])
+        for sg, t in found:
+            sg.initializer.remove(t)
+        g.initializer.append(kept)
 
 
 def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
