@@ -102,6 +102,11 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
     from .manager import optimize as run_optimize
     from .report import Progress
 
+    from .errors import InputError
+    from .model import check_output_path
+    if not Path(input_model).exists():  # the paths first: the most basic mistakes get named first
+        raise InputError(f"model file not found: {input_model}")
+    check_output_path(output_model, input_model)
     r = _load_recipe(recipe) if recipe else {}
     pass_specs = _recipe_passes(passes if passes is not None else r.get("passes", ["cleanup"]))
     if not pass_specs:
@@ -126,7 +131,6 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
     shapes.update(dict(parse_input_shape(s) for s in input_shapes))
     rpath = report_path or r.get("report")
     if rpath:  # fail before any work, and never let the report overwrite the input or the output
-        from .model import check_output_path
         check_output_path(rpath, input_model)
         if Path(rpath).resolve() == Path(output_model).resolve():
             raise UsageError(f"--report and OUT are the same file ({rpath})")
