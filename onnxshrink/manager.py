@@ -14,6 +14,7 @@ __all__ = ["PassManager", "optimize"]
 
 import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -176,7 +177,8 @@ class PassManager:
         except OnnxShrinkError:
             raise
         except Exception as e:
-            raise InputError(f"the input model does not run in onnxruntime: {_first_line(e)}") from None
+            msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
+            raise InputError(f"the input model does not run in onnxruntime: {msg}") from None
         self.baseline = fidelity(reference, reference, self.metric, val, self._labels)
         if self._labels is not None or self.metric is not None:
             report.data["original_scores"] = {k: self.baseline[k] for k in ("accuracy", "top5", "user")
@@ -284,9 +286,10 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
     result atomically. Returns (model, report). Raises BudgetError (nothing written) when the
     budget cannot be met."""
     input_path = model if not isinstance(model, onnx.ModelProto) else None
-    if output is not None and input_path is not None and Path(output).exists() and \
-            os.path.samefile(output, input_path):
-        raise UsageError(f"output path is the input file ({output}); refusing to overwrite the input")
+    if input_path is not None and not Path(input_path).exists():
+        raise InputError(f"model file not found: {input_path}")
+    if output is not None:  # fail before any work: unwritable output, output == input
+        model_io.check_output_path(output, input_path)
     pm = PassManager(passes, **kwargs)
     result, report = pm.run(model)
     if output is not None:
