@@ -21,6 +21,7 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
     if template is not None:
         copy_model_fields(template, model)
         _restore_initializer_inputs(model, template)
+        _restore_io_types(model, template)
     if model.ir_version and model.ir_version < 4:
         _list_initializers_as_inputs(model)
     return model
@@ -48,6 +49,18 @@ def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProt
         n.CopyFrom(o)
     del g.input[:]
     g.input.extend(new)
+
+
+def _restore_io_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon keeps only tensor types: give graph inputs/outputs of the template that
+    are sequences, optionals or maps (same name) their original type back."""
+    types = {v.name: v.type for v in list(template.graph.input) + list(template.graph.output)
+             if v.type.WhichOneof("value") not in (None, "tensor_type")}
+    if not types:
+        return
+    for v in list(model.graph.input) + list(model.graph.output):
+        if v.name in types:
+            v.type.CopyFrom(types[v.name])
 
 
 def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:

@@ -83,7 +83,7 @@ class CleanupPass(Pass):
         fold_shapes: bool = field(default=True, metadata={"help": "fold Shape/Size (and Gather/Slice of shapes) of statically shaped tensors"})
         fold_constants: bool = field(default=True, metadata={"help": "evaluate nodes whose inputs are all constant (onnxruntime)"})
         fold_size_limit: int = field(default=1 << 20, metadata={"help": "bytes: do not fold a node whose output is larger than this and than its inputs"})
-        flatten_if: bool = field(default=True, metadata={"help": "inline If nodes whose condition is constant"})
+        flatten_if: bool = field(default=False, metadata={"help": "inline the taken branch of If nodes whose condition is constant (off: inlining can expose shape errors the If hid from strict checking)"})
         fold_batchnorm: bool = field(default=True, metadata={"help": "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm"})
         fold_batchnorm_forward: bool = field(default=True, metadata={"help": "fold BatchNormalization into a following unpadded Conv"})
         fold_scale_bias: bool = field(default=True, metadata={"help": "fold Mul/Div/Add/Sub by scalar or per-channel constants into the preceding Conv/Gemm"})
@@ -170,6 +170,12 @@ class _Cleanup:
         st = self.stats
         st["nodes_before"] = count_nodes(g)
         n_init_before = self._count_initializers()
+        try:  # onnx-graphsurgeon cannot export every graph (optional types, some attributes)
+            with _quiet_gs():
+                exported = gs.export_onnx(g, do_type_check=False)
+        except Exception as e:
+            st["reason"] = f"onnx-graphsurgeon cannot export this graph ({type(e).__name__}: {e}); left unchanged"
+            return PassResult(g, False, st)
         self._collect_names()
         self._protect_overridable()
         changed = False
@@ -177,7 +183,8 @@ class _Cleanup:
         if self.o.constants_to_initializers:
             st["constants_to_initializers"] = self._constants_to_initializers()
         if self.o.fold_shapes or self.o.fold_constants:
-            self._annotate_shapes()
+            self._annotate_shapes(exported)
+        del exported
         if self.o.fold_shapes:
             st["shapes_folded"] = self._fold_shapes()
         if self.o.fold_constants:
@@ -307,12 +314,10 @@ class _Cleanup:
         return n
 
     # ----------------------------------------------------------------- shapes
-    def _annotate_shapes(self):
+    def _annotate_shapes(self, model: onnx.ModelProto):
         """Shapes and types from onnx shape inference on an export of the graph, written onto
         tensors that lack them (reset at the end so value_info stays as it was)."""
         try:
-            with _quiet_gs():
-                model = gs.export_onnx(self.g, do_type_check=False)
             if self.ctx is not None and self.ctx.template is not None:
                 from ..model import copy_model_fields
                 copy_model_fields(self.ctx.template, model)
@@ -448,18 +453,67 @@ class _Cleanup:
             grow = sum(outs)
             return grow > limit and grow > sum(i or 0 for i in ins)
 
-        self.g.toposort(recurse_subgraphs=True)
         with _quiet_gs():
-            try:
-                self.g.fold_constants(fold_shapes=False, recurse_subgraphs=self.o.subgraphs, partitioning=None,
-                                      error_ok=False, flatten_subgraphs=self.o.flatten_if, size_threshold=None,
-                                      should_exclude_node=exclude)
-            except Exception:
-                self.g.fold_constants(fold_shapes=False, recurse_subgraphs=self.o.subgraphs, partitioning="basic",
-                                      error_ok=True, flatten_subgraphs=self.o.flatten_if, size_threshold=None,
-                                      should_exclude_node=exclude)
+            self.g.toposort(recurse_subgraphs=True)
+            # graph by graph, outermost first, so that our guard applies to subgraphs too (gs's own
+            # recursion drops should_exclude_node) and its If flattening (which rebinds outer-scope
+            # producers) never runs
+            graphs = list(all_graphs(self.g)) if self.o.subgraphs else [self.g]
+            for sub in graphs:
+                try:
+                    sub.fold_constants(fold_shapes=False, recurse_subgraphs=False, partitioning=None,
+                                       error_ok=False, flatten_subgraphs=False, size_threshold=None,
+                                       should_exclude_node=exclude, recurse_functions=False)
+                except Exception:
+                    # one node onnxruntime cannot evaluate: peel failing nodes off ("basic" partitioning
+                    # recurses forever on a failure in onnx-graphsurgeon 0.6)
+                    with contextlib.suppress(Exception):
+                        sub.fold_constants(fold_shapes=False, recurse_subgraphs=False, partitioning="recursive",
+                                           error_ok=True, flatten_subgraphs=False, size_threshold=None,
+                                           should_exclude_node=exclude, recurse_functions=False)
+            if self.o.flatten_if:
+                self.stats["if_flattened"] = sum(self._flatten_ifs(sub) for sub in list(all_graphs(self.g)))
             self.g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
         return max(0, before - count_nodes(self.g))
+
+    def _flatten_ifs(self, g: gs.Graph) -> int:
+        """Inline the taken branch of an If whose condition is constant. A branch output that is not produced inside the branch (an outer-scope value,
+        a branch constant or a branch input) is passed on through an Identity."""
+        n = 0
+        index = 0
+        while index < len(g.nodes):
+            node = g.nodes[index]
+            if not (node.op == "If" and _is_default_domain(node) and node.inputs and _const(node.inputs[0])):
+                index += 1
+                continue
+            cond = np.asarray(node.inputs[0].values)
+            if cond.size != 1:
+                index += 1
+                continue
+            branch = node.attrs["then_branch"] if bool(cond.reshape(-1)[0]) else node.attrs["else_branch"]
+            if len(branch.outputs) != len(node.outputs):
+                index += 1
+                continue
+            # names are unique across scopes (SSA over subgraphs), so branch tensors keep theirs
+            new_nodes = list(branch.nodes)
+            pairs = list(zip(list(node.outputs), list(branch.outputs)))  # clearing inputs edits node.outputs
+            node.inputs.clear()
+            node.outputs.clear()
+            for node_out, sub_out in pairs:
+                producer = sub_out.inputs[0] if len(sub_out.inputs) == 1 else None
+                if producer is not None and producer in branch.nodes and not _const(sub_out):
+                    node_out.inputs.clear()
+                    k = next(i for i, t in enumerate(producer.outputs) if t is sub_out)
+                    producer.outputs[k] = node_out
+                else:
+                    node_out.inputs.clear()
+                    new_nodes.append(gs.Node("Identity", name=self._fresh("flattened_if_identity"),
+                                             inputs=[sub_out], outputs=[node_out]))
+            del g.nodes[index]
+            g.nodes[index:index] = new_nodes
+            index += len(new_nodes)
+            n += 1
+        return n
 
     def _cleanup(self):
         with _quiet_gs():
