@@ -149,9 +149,10 @@ class PassManager:
                         target=self.target.name if self.target else None)
         if not isinstance(model, onnx.ModelProto):
             report.input = str(model)
-            model = model_io.load(model)
-        original = onnx.ModelProto()
-        original.CopyFrom(model)
+            original = model_io.load(model)  # our own copy already: no second one (large models)
+        else:
+            original = onnx.ModelProto()
+            original.CopyFrom(model)
         self._original_io = original
         calib, val, sample_shapes = self._prepare(original, report)
         try:

@@ -4,7 +4,7 @@ and model statistics (op histogram, parameters, weight bytes, MACs)."""
 from __future__ import annotations
 
 __all__ = ["load", "save", "model_stats", "tensor_bytes", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
-           "check_output_path", "external_data_files"]
+           "check_output_path", "external_data_files", "is_large", "write_external"]
 
 import collections
 import os
@@ -45,7 +45,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"{p}: external data file missing: {missing[0]}")
     if _external_locations(model, p.parent):
         try:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
+            _load_inline(model, p.parent)
         except Exception as e:  # short or corrupt data file, a location outside the model's folder
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise InputError(f"{p}: cannot read external data ({msg[:200]})") from None
@@ -99,16 +99,45 @@ def _all_graphs(graph: onnx.GraphProto):
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = True) -> None:
-    """Run the ONNX checker (and strict shape inference with full_check); works past 2 GB."""
-    if _weights_size(model) < _EXTERNAL_THRESHOLD:
+    """Run the ONNX checker (and strict shape inference with full_check); works past 2 GB
+    (checked by path, from a temporary copy with external data)."""
+    if not is_large(model):
         onnx.checker.check_model(model, full_check=full_check)
         return
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.onnx")
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        onnx.save_model(m, path, save_as_external_data=True, location="m.onnx.data")
+        write_external(model, path)
         onnx.checker.check_model(path, full_check=full_check)
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """True when the model's weights are too large to serialize it as one protobuf message."""
+    return _weights_size(model) >= _EXTERNAL_THRESHOLD
+
+
+def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: str | None = None) -> Path:
+    """Write ``model`` to ``path`` with every tensor over 1 kB (attribute tensors included) in one
+    external file ``location`` (default ``<name>.data``) beside it, and leave ``model`` as it was
+    (weights inline) *without copying it*: onnx moves each tensor's bytes into the file as it
+    writes (memory drops), then they are read back. Peak memory stays at one model."""
+    p = Path(path)
+    location = location or p.name + ".data"
+    try:
+        onnx.save_model(model, str(p), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024, convert_attribute=True)
+    finally:
+        if (p.parent / location).exists():
+            _load_inline(model, p.parent)
+    return p
+
+
+def _load_inline(model: onnx.ModelProto, base: Path) -> None:
+    """Read every external tensor's bytes into the model, leaving the tensors exactly as if they
+    had always been inline (onnx leaves an explicit ``data_location: DEFAULT`` behind)."""
+    external_data_helper.load_external_data_for_model(model, str(base))
+    for t in external_data_helper._get_all_tensors(model):
+        if t.HasField("data_location") and t.data_location == onnx.TensorProto.DEFAULT:
+            t.ClearField("data_location")
 
 
 def _weights_size(model: onnx.ModelProto) -> int:
@@ -134,10 +163,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         tmp_model = Path(tmpdir) / out.name
         if external_data:
             location = out.name + ".data"
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
-            # bring the weights back inline so the caller's model stays usable
-            external_data_helper.load_external_data_for_model(model, tmpdir)
+            write_external(model, tmp_model, location)  # the caller's model keeps its weights inline
             os.replace(Path(tmpdir) / location, parent / location)
         else:
             onnx.save_model(model, str(tmp_model))
