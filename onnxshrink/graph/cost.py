@@ -94,7 +94,10 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
     macs, known = 0, True
     per = {}
     for i, n in enumerate(light.graph.node):
-        m = node_macs(n, shapes)
+        try:
+            m = node_macs(n, shapes)
+        except (IndexError, TypeError, ValueError):  # a malformed node (missing inputs): MACs unknown
+            m = None
         if m is None:
             known = False
             continue
