@@ -4,7 +4,7 @@ and model statistics (op histogram, parameters, weight bytes, MACs)."""
 from __future__ import annotations
 
 __all__ = ["load", "save", "model_stats", "tensor_bytes", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
-           "check_output_path", "external_data_files", "is_large", "write_external"]
+           "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy"]
 
 import collections
 import os
@@ -115,20 +115,137 @@ def is_large(model: onnx.ModelProto) -> bool:
     return _weights_size(model) >= _EXTERNAL_THRESHOLD
 
 
-def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: str | None = None) -> Path:
-    """Write ``model`` to ``path`` with every tensor over 1 kB (attribute tensors included) in one
-    external file ``location`` (default ``<name>.data``) beside it, and leave ``model`` as it was
-    (weights inline) *without copying it*: onnx moves each tensor's bytes into the file as it
-    writes (memory drops), then they are read back. Peak memory stays at one model."""
+def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: str | None = None,
+                   threshold: int = 1024) -> Path:
+    """Write ``model`` to ``path`` with every tensor over ``threshold`` bytes (initializers and
+    attribute tensors, subgraphs included) in one external file ``location`` (default
+    ``<name>.data``, 4 kB-aligned offsets) beside it.
+
+    ``model`` is neither modified nor copied: the python protobuf (upb) keeps every byte ever set
+    on a message in its arena until the message dies, so moving weights out and back (what
+    ``onnx.save_model(save_as_external_data=True)`` does) would grow memory by one model per
+    write. Instead a weightless skeleton is built and each tensor's bytes are streamed to the file
+    (peak: one model plus the largest tensor).
+    """
     p = Path(path)
     location = location or p.name + ".data"
-    try:
-        onnx.save_model(model, str(p), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=location, size_threshold=1024, convert_attribute=True)
-    finally:
-        if (p.parent / location).exists():
-            _load_inline(model, p.parent)
+    with open(p.parent / location, "wb") as f:
+        def externalize(t: onnx.TensorProto) -> onnx.TensorProto:
+            data = _raw_bytes(t)
+            off = f.tell()
+            pad = (-off) % 4096
+            if pad:
+                f.write(b"\0" * pad)
+                off += pad
+            f.write(data)
+            sk = _bare_tensor(t)
+            sk.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(off)), ("length", str(len(data)))):
+                e = sk.external_data.add()
+                e.key, e.value = k, v
+            return sk
+
+        skeleton = _skeleton(model, threshold, externalize)
+    with open(p, "wb") as f:
+        f.write(skeleton.SerializeToString())
     return p
+
+
+def weightless_copy(model: onnx.ModelProto, threshold: int = 1024) -> onnx.ModelProto:
+    """A copy whose tensors over ``threshold`` bytes keep name, type and dims but no data (for
+    shape inference and statistics of large models, without copying their weights). INT64
+    tensors (shape data that inference propagates) keep their values."""
+    return _skeleton(model, threshold, lambda t: t if t.data_type == onnx.TensorProto.INT64 else _bare_tensor(t))
+
+
+_DATA_FIELDS = {"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                "uint64_data", "external_data", "data_location"}
+
+
+def _bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+    """``t`` without its data: every other field (name, type, dims, doc, segment) as set."""
+    sk = onnx.TensorProto()
+    for fd, value in t.ListFields():
+        if fd.name in _DATA_FIELDS:
+            continue
+        if _repeated(fd):
+            getattr(sk, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(sk, fd.name).CopyFrom(value)
+        else:
+            setattr(sk, fd.name, value)
+    return sk
+
+
+def _raw_bytes(t: onnx.TensorProto) -> bytes:
+    if t.raw_data:
+        return t.raw_data
+    return onnx.numpy_helper.to_array(t).tobytes()  # typed fields (float_data, ...): little-endian bytes
+
+
+def _is_big(t: onnx.TensorProto, threshold: int) -> bool:
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+        return False
+    return _tensor_nbytes(t) > threshold
+
+
+def _repeated(fd) -> bool:
+    rep = getattr(fd, "is_repeated", None)  # protobuf >= 6 dropped FieldDescriptor.label
+    return rep if isinstance(rep, bool) else fd.label == fd.LABEL_REPEATED
+
+
+def _skeleton(model: onnx.ModelProto, threshold: int, replace) -> onnx.ModelProto:
+    """Copy ``model`` field by field, replacing each tensor over ``threshold`` bytes with
+    ``replace(tensor)``; the big tensors' data is never copied into the new message."""
+    m = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            if _repeated(fd):
+                getattr(m, fd.name).extend(value)
+            elif fd.message_type is not None:
+                getattr(m, fd.name).CopyFrom(value)
+            else:
+                setattr(m, fd.name, value)
+    _skeleton_graph(model.graph, m.graph, threshold, replace)
+    return m
+
+
+def _skeleton_graph(g: onnx.GraphProto, out: onnx.GraphProto, threshold: int, replace) -> None:
+    for fd, value in g.ListFields():
+        if fd.name == "initializer":
+            out.initializer.extend(replace(t) if _is_big(t, threshold) else t for t in value)
+        elif fd.name == "node":
+            for n in value:
+                _skeleton_node(n, out.node.add(), threshold, replace)
+        elif _repeated(fd):
+            getattr(out, fd.name).extend(value)
+        else:
+            setattr(out, fd.name, value)
+
+
+def _skeleton_node(n: onnx.NodeProto, out: onnx.NodeProto, threshold: int, replace) -> None:
+    for fd, value in n.ListFields():
+        if fd.name != "attribute":
+            if _repeated(fd):
+                getattr(out, fd.name).extend(value)
+            else:
+                setattr(out, fd.name, value)
+    for a in n.attribute:
+        b = out.attribute.add()
+        if a.type == onnx.AttributeProto.TENSOR and _is_big(a.t, threshold):
+            b.name, b.type = a.name, a.type
+            if a.doc_string:
+                b.doc_string = a.doc_string
+            b.t.CopyFrom(replace(a.t))
+        elif a.type == onnx.AttributeProto.GRAPH:
+            b.name, b.type = a.name, a.type
+            _skeleton_graph(a.g, b.g, threshold, replace)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            b.name, b.type = a.name, a.type
+            for sub in a.graphs:
+                _skeleton_graph(sub, b.graphs.add(), threshold, replace)
+        else:
+            b.CopyFrom(a)
 
 
 def _load_inline(model: onnx.ModelProto, base: Path) -> None:

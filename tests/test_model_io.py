@@ -156,3 +156,44 @@ def test_large_input_with_external_data_unchanged(tmp_path, tiny_threshold):
     after = snapshot(tmp_path)
     assert {k: after[k] for k in snap} == snap
     assert set(after) == set(snap) | {"out.onnx", "out.onnx.data"}
+
+
+def test_write_external_subgraphs_and_constants(tmp_path):
+    """Big Constant-node tensors and big initializers inside subgraphs go external too; the model
+    object is left byte-for-byte as it was; the written model loads back equal."""
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((64, 64)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [1, 64])],
+                               [onnx.numpy_helper.from_array(big, "wt")])
+    else_g = helper.make_graph([helper.make_node("Constant", [], ["e"], value=onnx.numpy_helper.from_array(big[:1]))],
+                               "else", [], [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, [1, 64])])
+    m = helper.make_model(helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(big)),
+         helper.make_node("If", ["cond"], ["y0"], then_branch=then_g, else_branch=else_g),
+         helper.make_node("MatMul", ["y0", "c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64]),
+         helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    before = m.SerializeToString()
+    p = model_io.write_external(m, tmp_path / "m.onnx")
+    assert m.SerializeToString() == before
+    light = onnx.load(str(p), load_external_data=False)
+    assert len(light.SerializeToString()) < 2000  # all three big tensors went to m.onnx.data
+    onnx.checker.check_model(str(p), full_check=True)
+    assert model_io.load(p) == m
+    feeds = {"x": rng.standard_normal((1, 64)).astype(np.float32), "cond": np.array(True)}
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, feeds)[0], run_ort(m, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_weightless_copy_keeps_structure():
+    m = mobilenet_small()
+    light = model_io.weightless_copy(m, threshold=64)
+    assert [n.op_type for n in light.graph.node] == [n.op_type for n in m.graph.node]
+    assert len(light.SerializeToString()) < len(m.SerializeToString()) / 4
+    from onnxshrink.graph.cost import model_cost
+    assert model_cost(light)["macs"] == model_cost(m)["macs"]
