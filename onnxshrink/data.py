@@ -146,6 +146,15 @@ class SampleSource:
     def _where(self, i: int) -> str:
         return f"sample {i}"
 
+    def label(self, i: int):
+        """The label of sample i (an int or int array), or None when the source has no labels."""
+        return None
+
+    def labels(self):
+        """All labels, or None unless every sample has one."""
+        out = [self.label(i) for i in range(len(self))]
+        return None if not out or any(v is None for v in out) else out
+
     def get(self, i: int) -> dict:
         s = self._load(i)
         if self.specs is not None:
@@ -171,7 +180,7 @@ class DirectorySource(SampleSource):
             raise InputError(f"calibration folder not found: {p}")
         if not p.is_dir():
             raise InputError(f"calibration path is not a folder: {p}")
-        files = sorted(f for f in p.iterdir() if f.suffix in (".npy", ".npz") and f.is_file())
+        files = sorted(f for f in p.iterdir() if f.suffix in (".npy", ".npz") and f.is_file() and f.stem != "labels")
         if not files:
             raise InputError(f"calibration folder has no .npy or .npz files: {p}")
         if limit:
@@ -179,6 +188,12 @@ class DirectorySource(SampleSource):
         self.files = files
         self.description = f"{len(files)} samples from {p}"
         self.check_headers()
+        self._labels = _read_labels(p, len(files))
+        if self._labels is not None:
+            self.description += " with labels"
+
+    def label(self, i):
+        return None if self._labels is None else self._labels[i]
 
     def __len__(self):
         return len(self.files)
@@ -233,6 +248,26 @@ class DirectorySource(SampleSource):
         return {self.specs[0].name: arr}
 
 
+def _read_labels(folder: Path, n: int):
+    """labels.npy (an int array, one entry per sample in file-name order) or labels.txt (one
+    integer per line) beside the samples; None when neither exists."""
+    npy, txt = folder / "labels.npy", folder / "labels.txt"
+    try:
+        if npy.exists():
+            labels = np.load(npy, allow_pickle=False)
+        elif txt.exists():
+            labels = np.array([int(x) for x in txt.read_text().split()], dtype=np.int64)
+        else:
+            return None
+    except (ValueError, OSError) as e:
+        raise InputError(f"{npy if npy.exists() else txt}: cannot read labels ({e})") from None
+    if labels.dtype.kind not in "iu":
+        raise InputError(f"{folder}: labels must be integers, got {labels.dtype}")
+    if len(labels) != n:
+        raise InputError(f"{folder}: {len(labels)} labels for {n} samples")
+    return list(labels)
+
+
 class ListSource(SampleSource):
     """Samples from a sequence of dicts, or a callable returning a fresh iterable of dicts.
 
@@ -241,7 +276,8 @@ class ListSource(SampleSource):
     """
 
     def __init__(self, samples: Sequence[dict] | Callable[[], Iterable[dict]] | Iterable[dict],
-                 specs: Sequence[InputSpec] | None = None, description: str | None = None):
+                 specs: Sequence[InputSpec] | None = None, description: str | None = None,
+                 labels: Sequence | None = None):
         super().__init__(specs)
         if callable(samples):
             self._factory = samples
@@ -254,9 +290,15 @@ class ListSource(SampleSource):
         self._it = None
         self._pos = 0
         self.description = description or f"{self._n} samples (Python)"
+        if labels is not None and len(labels) != self._n:
+            raise InputError(f"{len(labels)} labels for {self._n} samples")
+        self._labels = list(labels) if labels is not None else None
 
     def __len__(self):
         return self._n
+
+    def label(self, i):
+        return None if self._labels is None else self._labels[i]
 
     def _load(self, i):
         if self._items is not None:
@@ -329,6 +371,9 @@ class Subset(SampleSource):
 
     def get(self, i):
         return self.base.get(self.indices[i])
+
+    def label(self, i):
+        return self.base.label(self.indices[i])
 
 
 def as_source(data, specs: Sequence[InputSpec]) -> SampleSource | None:
