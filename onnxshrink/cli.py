@@ -190,10 +190,17 @@ def inspect(model_path, as_json, input_shapes):
     from .model import load, model_stats
     from .report import format_bytes, format_count
 
+    from .model import check_model
+
     m = load(model_path)
     shapes = dict(parse_input_shape(s) for s in input_shapes)
     st = model_stats(m, shapes or None)
     st["file_bytes"] = Path(model_path).stat().st_size
+    try:  # inspect describes broken models too; it says whether the checker accepts them
+        check_model(m, full_check=False)
+        st["checker"] = "ok"
+    except Exception as e:
+        st["checker"] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
@@ -203,6 +210,7 @@ def inspect(model_path, as_json, input_shapes):
     for kind in ("inputs", "outputs"):
         for v in st[kind]:
             c.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
+    c.print(f"  checker: {st['checker']}")
     c.print(f"  nodes {st['nodes']}, parameters {format_count(st['params'])}, weights "
             f"{format_bytes(st['weight_bytes'])}, MACs {format_count(st['macs'])}, file {format_bytes(st['file_bytes'])}")
     t = Table(title="ops", title_justify="left")
