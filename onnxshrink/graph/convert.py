@@ -7,6 +7,10 @@ __all__ = ["model_to_graph", "graph_to_model"]
 import onnx
 import onnx_graphsurgeon as gs
 
+# onnx-graphsurgeon's warnings (missing opset info, colour module) are noise on a user's terminal;
+# our own validation reports what matters
+gs.logger.severity = gs.logger.ERROR
+
 from ..model import copy_model_fields
 
 
