@@ -652,3 +652,33 @@ def test_outer_constant_read_by_both_branches_stays_outer():
         assert not a.g.initializer
     for c in (True, False):
         assert_same(m, out, {"x": np.ones(2, np.float32), "c": np.array(c)})
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_scale_bias_fold_into_following_unpadded_conv(group):
+    """PP-LCNet's learnable affine (x * a + b) before a pointwise conv."""
+    rng = _rng(110 + group)
+    inits = {"a": np.float32(1.7), "t": rng.standard_normal((4, 1, 1)).astype(np.float32),
+             "w": rng.standard_normal((6, 4 // group, 1, 1)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32)}
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["a", "r"], ["m"]),
+             helper.make_node("Add", ["m", "t"], ["p"]), helper.make_node("Conv", ["p", "w", "b"], ["y"], group=group)]
+    m = make(nodes, [("x", F, [1, 4, 5, 5])], [("y", F, None)], inits)
+    res, out = cleanup(m)
+    assert res.stats["scale_bias_folded_forward"] == 2 and ops(out) == ["Relu", "Conv"]
+    assert_same(m, out)
+
+
+def test_scale_bias_not_folded_into_padded_or_broadcasting_conv():
+    rng = _rng(120)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    padded = make([helper.make_node("Add", ["x", "t"], ["p"]), helper.make_node("Conv", ["p", "w"], ["y"], pads=[1, 1, 1, 1])],
+                  [("x", F, [1, 4, 5, 5])], [("y", F, None)], {"t": np.float32(0.5), "w": w})
+    res, out = cleanup(padded)
+    assert "Add" in ops(out)
+    assert_same(padded, out)
+    # x has rank 3: the constant broadcasts it to rank 4, so the Add cannot go
+    bcast = make([helper.make_node("Add", ["x", "t"], ["p"]), helper.make_node("Conv", ["p", "w"], ["y"])],
+                 [("x", F, [4, 5, 5])], [("y", F, None)], {"t": np.zeros((1, 4, 1, 1), np.float32) + 0.5, "w": w})
+    res, out = cleanup(bcast)
+    assert "Add" in ops(out)
+    assert_same(bcast, out)

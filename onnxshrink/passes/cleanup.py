@@ -86,6 +86,7 @@ class CleanupPass(Pass):
         flatten_if: bool = field(default=False, metadata={"help": "inline the taken branch of If nodes whose condition is constant (off: inlining can expose shape errors the If hid from strict checking)"})
         fold_batchnorm: bool = field(default=True, metadata={"help": "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm"})
         fold_batchnorm_forward: bool = field(default=True, metadata={"help": "fold BatchNormalization into a following unpadded Conv"})
+        fold_scale_bias_forward: bool = field(default=True, metadata={"help": "fold Mul/Div/Add/Sub by scalar or per-channel constants into a following unpadded Conv"})
         fold_scale_bias: bool = field(default=True, metadata={"help": "fold Mul/Div/Add/Sub by scalar or per-channel constants into the preceding Conv/Gemm"})
         fold_constant_of_shape: bool = field(default=True, metadata={"help": "fold Add/Sub/Mul/Div of a ConstantOfShape by a one-element constant into its fill value"})
         fold_constant_chains: bool = field(default=True, metadata={"help": "merge consecutive Mul/Div (or Add/Sub) by constants into one (x*a/b -> x*(a/b))"})
@@ -223,7 +224,8 @@ class _Cleanup:
 
         # local rewrites to a fixed point (a Conv -> BN -> Mul -> Add chain folds step by step)
         for k in ("identity_removed", "dropout_removed", "bn_folded", "bn_folded_forward", "scale_bias_folded",
-                  "constant_of_shape_folded", "constant_chains_folded", "duplicate_nodes_merged"):
+                  "constant_of_shape_folded", "constant_chains_folded", "duplicate_nodes_merged",
+                  "scale_bias_folded_forward"):
             st.setdefault(k, 0)
         for _ in range(20):
             n = 0
@@ -237,6 +239,8 @@ class _Cleanup:
                     n += self._fold_bn_forward(sub)
                 if self.o.fold_scale_bias:
                     n += self._fold_scale_bias(sub)
+                if self.o.fold_scale_bias_forward:
+                    n += self._fold_scale_bias_forward(sub)
                 if self.o.fold_constant_of_shape:
                     n += self._fold_constant_of_shape(sub)
                 if self.o.fold_constant_chains:
@@ -759,57 +763,103 @@ class _Cleanup:
         sub.nodes = [nd for nd in sub.nodes if nd.outputs]
         return n
 
+    def _following_unpadded_conv(self, y: gs.Tensor, sub: gs.Graph, outs: set[int]):
+        """(conv, W, b, M) when ``y`` is read only by an unpadded Conv as its data input."""
+        if not (isinstance(y, gs.Variable) and id(y) not in outs and len(y.outputs) == 1):
+            return None
+        conv = y.outputs[0]
+        if conv.op != "Conv" or not _is_default_domain(conv) or conv not in sub.nodes or conv.inputs[0] is not y:
+            return None
+        if any(t is y for t in conv.inputs[1:]):
+            return None
+        # padding would pad x with zeros where the original padded affine(x) with zeros
+        if conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return None
+        if any(int(v) != 0 for v in conv.attrs.get("pads", [])):
+            return None
+        lp = self._linear_params(conv)
+        if lp is None:
+            return None
+        return (conv,) + lp
+
+    def _fold_input_affine(self, conv: gs.Node, w, b, m, s: np.ndarray, t: np.ndarray, x: gs.Tensor) -> bool:
+        """Conv(x * s + t) with per-input-channel s, t (length C) -> Conv'(x): W'[m, c] = W[m, c] * s[c],
+        b'[m] = b[m] + sum_{c,k} W[m, c, k] * t[c] (grouped: input channel c of output m's group)."""
+        g = int(conv.attrs.get("group", 1))
+        cg = w.shape[1]
+        if s.shape != (cg * g,) or t.shape != (cg * g,) or m % g:
+            return False
+        mg = m // g
+        w64 = w.astype(np.float64)
+        extra = (1,) * (w.ndim - 2)
+        wg = w64.reshape((g, mg, cg) + w.shape[2:])
+        w_new = (wg * s.reshape((g, 1, cg) + extra)).reshape(w.shape)
+        b_add = (wg * t.reshape((g, 1, cg) + extra)).reshape(m, -1).sum(axis=1)
+        b64 = b.astype(np.float64) if b is not None else np.zeros(m)
+        base = conv.inputs[1].name
+        conv.inputs[1] = self._new_const(base + "_folded", w_new.astype(w.dtype))
+        if np.any(t != 0) or b is not None:
+            bias = self._new_const((conv.inputs[2].name if b is not None else base) + "_bias_folded",
+                                   (b64 + b_add).astype(w.dtype))
+            if len(conv.inputs) > 2:
+                conv.inputs[2] = bias
+            else:
+                conv.inputs.append(bias)
+        conv.inputs[0] = x
+        return True
+
     def _fold_bn_forward(self, sub: gs.Graph) -> int:
         n = 0
-        outs, ins = self._graph_outputs(), self._graph_inputs()
+        outs = self._graph_outputs()
         for bn in list(sub.nodes):
             if bn.op != "BatchNormalization" or not bn.outputs:
                 continue
             st = self._bn_params(bn, outs)
             if st is None:
                 continue
-            y = bn.outputs[0]
-            if not (isinstance(y, gs.Variable) and id(y) not in outs and len(y.outputs) == 1):
+            found = self._following_unpadded_conv(bn.outputs[0], sub, outs)
+            if found is None or bn.inputs[1].values.dtype != found[1].dtype:
                 continue
-            conv = y.outputs[0]
-            if conv.op != "Conv" or not _is_default_domain(conv) or conv not in sub.nodes or conv.inputs[0] is not y:
-                continue
-            if any(t is y for t in conv.inputs[1:]):
-                continue
-            # padding would pad x with zeros where the original padded BN(x) with zeros
-            if conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-                continue
-            if any(int(v) != 0 for v in conv.attrs.get("pads", [])):
-                continue
-            lp = self._linear_params(conv)
-            if lp is None:
-                continue
-            w, b, m = lp
-            s, t = st
-            g = int(conv.attrs.get("group", 1))
-            cg = w.shape[1]
-            if s.shape != (cg * g,) or bn.inputs[1].values.dtype != w.dtype or m % g:
-                continue
-            mg = m // g
-            w64 = w.astype(np.float64)
-            s_in = s.reshape(g, 1, cg)      # per group, per input channel
-            t_in = t.reshape(g, 1, cg)
-            wg = w64.reshape((g, mg, cg) + w.shape[2:])
-            extra = (1,) * (w.ndim - 2)
-            w_new = (wg * s_in.reshape((g, 1, cg) + extra)).reshape(w.shape)
-            b_add = (wg * t_in.reshape((g, 1, cg) + extra)).reshape(m, -1).sum(axis=1)
-            b64 = b.astype(np.float64) if b is not None else np.zeros(m)
-            conv.inputs[1] = self._new_const(conv.inputs[1].name + "_folded", w_new.astype(w.dtype))
-            bias = self._new_const((conv.inputs[2].name if b is not None else conv.inputs[1].name) + "_bias_folded",
-                                   (b64 + b_add).astype(w.dtype))
-            if len(conv.inputs) > 2:
-                conv.inputs[2] = bias
-            else:
-                conv.inputs.append(bias)
-            conv.inputs[0] = bn.inputs[0]
-            _detach(bn)
-            n += 1
+            conv, w, b, m = found
+            if self._fold_input_affine(conv, w, b, m, st[0], st[1], bn.inputs[0]):
+                _detach(bn)
+                n += 1
         self.stats["bn_folded_forward"] += n
+        sub.nodes = [nd for nd in sub.nodes if nd.outputs]
+        return n
+
+    def _fold_scale_bias_forward(self, sub: gs.Graph) -> int:
+        """Mul/Div/Add/Sub of x by a scalar or per-channel constant that only an unpadded Conv reads
+        (PP-LCNet's learnable affine before a pointwise conv). x must already have the Conv input's
+        rank, so the constant does not broadcast x to a bigger shape."""
+        n = 0
+        outs = self._graph_outputs()
+        for e in list(sub.nodes):
+            if not e.outputs:
+                continue
+            op = self._const_operand(e)
+            if op is None:
+                continue
+            x, c64, dt, fam = op
+            found = self._following_unpadded_conv(e.outputs[0], sub, outs)
+            if found is None or dt != found[1].dtype:
+                continue
+            conv, w, b, m = found
+            rank = w.ndim
+            xs = self.inferred.get(x.name) if isinstance(x, gs.Variable) else None
+            xs = xs if xs is not None else x.shape
+            if xs is None or len(xs) != rank or c64.ndim > rank:
+                continue
+            cs = c64.reshape((1,) * (rank - c64.ndim) + c64.shape)
+            cin = w.shape[1] * int(conv.attrs.get("group", 1))
+            if any(d != 1 for i, d in enumerate(cs.shape) if i != 1) or cs.shape[1] not in (1, cin):
+                continue
+            vec = np.broadcast_to(cs.reshape(-1), (cin,))
+            s, t = (vec, np.zeros(cin)) if fam == "Mul" else (np.ones(cin), vec)
+            if self._fold_input_affine(conv, w, b, m, np.asarray(s, np.float64), np.asarray(t, np.float64), x):
+                _detach(e)
+                n += 1
+        self.stats["scale_bias_folded_forward"] += n
         sub.nodes = [nd for nd in sub.nodes if nd.outputs]
         return n
 
