@@ -240,6 +240,25 @@ def list_passes(as_json):
             click.echo(f"    {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a pipeline's timeout, ``kill``) raises SystemExit(143) instead of killing the
+    process outright, so the atomic write's ``finally`` removes its temporary files."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_term(signum, frame):
+        click.echo("onnxshrink: terminated", err=True)
+        sys.exit(143)
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):  # not allowed here (embedded interpreter): keep the default
+        pass
+
+
 def main(argv=None) -> None:
     """Entry point: maps errors to one line and an exit code."""
     global _DEBUG
@@ -247,6 +266,7 @@ def main(argv=None) -> None:
     _DEBUG = "--debug" in argv
     if not argv:  # bare ``onnxshrink``: the help, exit 0 (not a usage error)
         argv = ["--help"]
+    _exit_cleanly_on_sigterm()
     try:
         cli.main(args=argv, prog_name="onnxshrink", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -44,7 +44,8 @@ def _external(name: str, dims, location: str, offset: int, length: int, dtype=Te
 
 def write_large_model(folder, vocab: int = 262_144, dim: int = 2048, hidden: int = 256, classes: int = 16,
                       seq: int = 8, seed: int = 0, chunk_rows: int = 16_384) -> Path:
-    """ids [1,seq] int64 -> Gather(table[vocab,dim]) -> ReduceMean over seq -> Identity ->
+    """ids [1,seq] int64 -> Gather from two tables [vocab/2, dim] at ids mod vocab/2, summed ->
+    ReduceMean over seq -> Identity ->
     Gemm(dim->hidden, low-rank) -> Relu -> Gemm(hidden->classes) -> logits [1,classes].
     Weights go to ``model.onnx.data`` (4 kB-aligned), written chunk by chunk."""
     folder = Path(folder)
@@ -65,12 +66,17 @@ def write_large_model(folder, vocab: int = 262_144, dim: int = 2048, hidden: int
                 n += len(b)
             inits.append(_external(name, dims, data_name, off, n))
 
-        def table_chunks():
-            for r0 in range(0, vocab, chunk_rows):
-                rows = min(chunk_rows, vocab - r0)
+        def table_chunks(n_rows):
+            for r0 in range(0, n_rows, chunk_rows):
+                rows = min(chunk_rows, n_rows - r0)
                 yield rng.standard_normal((rows, dim), dtype=np.float32)
 
-        add("embed.weight", table_chunks(), (vocab, dim))
+        # two tables (token and "segment" embeddings, summed): each 1 GiB at the default size. A
+        # single tensor of 2 GiB or more cannot pass onnx-graphsurgeon's export (python protobuf
+        # copies a message between arenas by serializing it): documented in docs/errors.md.
+        half = vocab // 2
+        add("embed.weight", table_chunks(half), (half, dim))
+        add("embed2.weight", table_chunks(half), (half, dim))
         a = rng.standard_normal((hidden, 32)).astype(np.float32)
         b = rng.standard_normal((32, dim)).astype(np.float32)
         w1 = (a @ b + 0.05 * rng.standard_normal((hidden, dim)).astype(np.float32)) * np.float32(np.sqrt(2.0 / dim) / np.sqrt(32))
@@ -78,9 +84,12 @@ def write_large_model(folder, vocab: int = 262_144, dim: int = 2048, hidden: int
         add("fc1.bias", [0.01 * rng.standard_normal(hidden)], (hidden,))
         add("fc2.weight", [rng.standard_normal((classes, hidden)) * np.sqrt(2.0 / hidden)], (classes, hidden))
         add("fc2.bias", [np.zeros(classes)], (classes,))
-    inits.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "axes1"))
+    inits.append(onnx.numpy_helper.from_array(np.array(vocab // 2, np.int64), "half"))
     nodes = [
-        helper.make_node("Gather", ["embed.weight", "ids"], ["emb"], name="embed", axis=0),
+        helper.make_node("Mod", ["ids", "half"], ["ids_a"], name="ids_a"),
+        helper.make_node("Gather", ["embed.weight", "ids_a"], ["emb_a"], name="embed", axis=0),
+        helper.make_node("Gather", ["embed2.weight", "ids_a"], ["emb_b"], name="embed2", axis=0),
+        helper.make_node("Add", ["emb_a", "emb_b"], ["emb"], name="embed_sum"),
         helper.make_node("ReduceMean", ["emb"], ["pooled"], name="pool", axes=[1], keepdims=0),
         helper.make_node("Identity", ["pooled"], ["pooled_id"], name="dropout"),
         helper.make_node("Gemm", ["pooled_id", "fc1.weight", "fc1.bias"], ["h"], name="fc1", transB=1),

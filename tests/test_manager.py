@@ -288,3 +288,27 @@ def test_interface_change_rolled_back():
     assert rep.passes[0].status == "rolled back"
     assert rep.passes[0].reason == "the model's interface changed: outputs ['logits'] became ['logits_renamed']"
     assert [o.name for o in out.graph.output] == ["logits"]
+
+
+REAL_PASSES = [n for n in ("prune", "sparsify", "svd", "share", "quantize")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pass_name", REAL_PASSES)
+def test_deterministic_real_passes_on_demo(tmp_path, pass_name):
+    """Every real pass, twice on the bundled demo with its calibration data and the same seed:
+    byte-identical outputs."""
+    if pass_name not in registry():
+        pytest.skip(f"pass {pass_name} not registered in this branch")
+    from pathlib import Path
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo"
+    hashes = []
+    for i in range(2):
+        o = tmp_path / f"o{i}.onnx"
+        r = run_cli("optimize", demo / "demo_cnn.onnx", o, "--calib", demo / "calib", "-p", f"cleanup,{pass_name}",
+                    "--seed", 3, "-q")
+        assert r.code in (0, 4), r.err
+        if r.code == 4:
+            pytest.skip(f"{pass_name}: budget not met on the demo")
+        hashes.append(sha256(o))
+    assert hashes[0] == hashes[1]

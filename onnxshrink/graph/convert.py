@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["model_to_graph", "graph_to_model"]
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -18,10 +19,24 @@ def model_to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+# A tensor of 2 GiB or more cannot be copied from one protobuf message into another: python
+# protobuf (upb) copies a message across arenas by serializing it, and protobuf refuses to
+# serialize 2 GiB. onnx-graphsurgeon's export copies every initializer into the new graph, so such
+# tensors are exported as data-less placeholders and their bytes set on the new model afterwards.
+HUGE_TENSOR_BYTES = 2**31 - 2**24
+
+
 def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export ``graph``; with a template, keep its metadata, producer, doc string, custom opset
-    domains and functions, and never lower its IR version."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    domains and functions, and never lower its IR version. Works with tensors past 2 GiB."""
+    held = _hold_huge_constants(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for const, values in held:
+            const._values = values
+    if held:
+        _fill_huge_constants(model, held)
     if template is not None:
         copy_model_fields(template, model)
         _restore_initializer_inputs(model, template)
@@ -121,3 +136,42 @@ def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:
     for t in g.initializer:
         if t.name not in have:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+def _hold_huge_constants(graph: gs.Graph) -> list:
+    """Swap the values of constants of HUGE_TENSOR_BYTES or more for data-less placeholders;
+    returns [(constant, original values)]."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from ..model import _bare_tensor
+
+    held = []
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant):
+            continue
+        v = t._values
+        nbytes = v.nbytes if isinstance(v, (LazyValues, np.ndarray)) else 0
+        if nbytes < HUGE_TENSOR_BYTES:
+            continue
+        if isinstance(v, LazyValues):
+            bare = _bare_tensor(v.tensor)
+        else:
+            bare = onnx.TensorProto(name=t.name, dims=list(v.shape),
+                                    data_type=onnx.helper.np_dtype_to_tensor_dtype(v.dtype))
+        held.append((t, v))
+        t._values = LazyValues(bare)
+    return held
+
+
+def _fill_huge_constants(model: onnx.ModelProto, held: list) -> None:
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    by_name = {t.name: v for t, v in held}
+    for init in model.graph.initializer:
+        v = by_name.get(init.name)
+        if v is None:
+            continue
+        if isinstance(v, LazyValues):
+            init.raw_data = v.tensor.raw_data if v.tensor.raw_data else onnx.numpy_helper.to_array(v.tensor).tobytes()
+        else:
+            init.raw_data = np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<"), copy=False).tobytes()
