@@ -376,3 +376,39 @@ def test_low_rank_models_done_when(name):
     pm = PassManager([{"svd": {"whiten": False}}], data=sm.samples(model, 24), budget="cosine>=0.999")
     out, rep = pm.run(model)
     assert {L["layer"]: L["rank"] for L in rep.passes[0].stats["layers"]} == sm.TRUE_RANKS[name]
+
+
+def test_cli_passes_svd_on_encoder(tmp_path):
+    """``onnxshrink optimize IN OUT --passes svd --calib DIR --budget cosine>=0.999`` on the encoder."""
+    import json
+
+    from click.testing import CliRunner
+
+    from models.real import write_samples
+    from onnxshrink.cli import cli
+
+    model = sm.encoder()
+    onnx.save(model, tmp_path / "enc.onnx")
+    write_samples(sm.samples(model, 16), tmp_path / "calib")
+    r = CliRunner().invoke(cli, ["optimize", str(tmp_path / "enc.onnx"), str(tmp_path / "out.onnx"), "--passes", "svd",
+                                 "--calib", str(tmp_path / "calib"), "--budget", "cosine>=0.999", "-q",
+                                 "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    out = onnx.load(tmp_path / "out.onnx")
+    check(out)
+    before, after = model_cost(model)["params"], model_cost(out)["params"]
+    assert after <= 0.6 * before
+    assert rep["fidelity"]["cosine"] >= 0.999
+
+
+def test_latency_option_measures_each_layer():
+    rng = np.random.default_rng(15)
+    m = _matmul3d_model(_exact_rank(256, 256, 8, rng), np.zeros(256, np.float32))
+    xs = [{"x": rng.standard_normal((2, 10, 256)).astype(np.float32)} for _ in range(2)]
+    res, out = _run_pass(SvdPass(energy=0.999999, latency=True, min_params=0), m, xs)
+    L = res.stats["layers"][0]
+    before, after = L["latency_ms"]
+    assert before > 0 and after > 0
+    # applied exactly when measured faster
+    assert (L["rank"] is not None) == (after < before) == res.modified

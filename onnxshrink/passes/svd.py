@@ -217,6 +217,7 @@ class _Layer:
     in_hw: tuple | None = None
     out_hw: tuple | None = None
     forms: list = field(default_factory=list)
+    x_shape: list | None = None
     cov_key: tuple = ()
     form: _Form | None = None
     rank: int = 0
@@ -303,6 +304,7 @@ def _known(shape) -> bool:
 
 def _set_costs(layer: _Layer, x_shape) -> None:
     """Rows/positions, MACs before, and the candidate forms with their per-rank costs."""
+    layer.x_shape = list(x_shape) if _known(x_shape) else None
     if layer.kind in ("matmul", "gemm"):
         n, m = layer.ref.shape
         layer.rows = float(np.prod(x_shape[:-1])) if _known(x_shape) and len(x_shape) >= 2 else None
@@ -575,6 +577,40 @@ def _emit(graph: gs.Graph, layer: _Layer, A: np.ndarray, B: np.ndarray) -> None:
     graph.nodes.extend([n1, n2])
 
 
+def _layer_latency(layer: _Layer, A: np.ndarray, B: np.ndarray, ctx: Context, runs: int = 20):
+    """(original ms, factor pair ms) of the layer alone at its seen input shape, one thread;
+    None when the input shape is unknown."""
+    from ..runtime import measure_latency
+    if layer.x_shape is None:
+        return None
+    node = layer.node
+    dtype = np.asarray(_const(node.inputs[1])).dtype
+    times = []
+    for factored in (False, True):
+        x = gs.Variable("x", dtype=dtype, shape=layer.x_shape)
+        y = gs.Variable("y", dtype=dtype)
+        ins = [x] + [gs.Constant(f"c{i}", np.asarray(_const(t))) if t.name else t
+                     for i, t in enumerate(node.inputs[1:], 1)]
+        n = gs.Node(node.op, "layer", attrs=dict(node.attrs), inputs=ins, outputs=[y])
+        g = gs.Graph(nodes=[n], inputs=[x], outputs=[y], opset=_opset(ctx))
+        if factored:
+            _emit(g, dataclasses.replace(layer, node=n), A, B)
+            g.cleanup().toposort()
+        model = gs.export_onnx(g, do_type_check=False)
+        feeds = {"x": np.random.default_rng(0).standard_normal(layer.x_shape).astype(dtype)}
+        times.append(measure_latency(model, feeds, runs=runs, warmup=3, threads=1))
+    return times[0], times[1]
+
+
+def _opset(ctx: Context) -> int:
+    t = ctx.template
+    if t is not None:
+        for o in t.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                return int(o.version)
+    return 17
+
+
 # ---------------------------------------------------------------------------------- the pass
 
 
@@ -610,6 +646,8 @@ class SvdPass(Pass):
         max_positions: int = field(default=2048, metadata={"help": "conv patches sampled per calibration sample"})
         measure: bool = field(default=True, metadata={"help": "measure each layer's output error on validation data"})
         fold: bool = field(default=True, metadata={"help": "run the fold pass first (merge linear pairs)"})
+        latency: bool = field(default=False, metadata={
+            "help": "factorize a layer only when its factor pair measures faster (one thread, layer alone)"})
         ranks: list[str] = field(default_factory=list, metadata={
             "help": "fixed ranks, overriding the rule: LAYER=FORM:RANK items (FORM linear, channel_out, "
                     "channel_in or spatial); other layers are left alone"})
@@ -687,6 +725,7 @@ class SvdPass(Pass):
         p_before = p_after = 0
         m_before = m_after = 0.0
         macs_known = True
+        emitted = 0
         for L in layers:
             rec = {"layer": L.node.name, "op": L.node.op, "shape": list(np.shape(_const(L.node.inputs[1]))),
                    "params_before": L.params, "macs_before": _int(L.macs)}
@@ -708,6 +747,15 @@ class SvdPass(Pass):
                        macs_after=_int(_form_cost(L, f, k, "macs")) if L.macs is not None else None)
             if "sensitivity" in L.record:
                 rec["sensitivity"] = L.record["sensitivity"]
+            if o.latency:
+                t = _layer_latency(L, A, B, ctx)
+                if t is not None:
+                    rec["latency_ms"] = [t[0], t[1]]
+                    if t[1] >= t[0]:
+                        rec.update(rank=None, params_after=L.params, macs_after=_int(L.macs),
+                                   reason=f"factor pair measured slower ({t[1]:.3f} ms >= {t[0]:.3f} ms)")
+                        records.append(rec)
+                        continue
             vc = vcovs.get(_cov_key(L))
             if vc is not None:
                 E = f.to_view(f.W - A @ B)
@@ -716,6 +764,7 @@ class SvdPass(Pass):
                 num = float(np.einsum("ij,ik,kj->", E, vc, E))
                 rec["measured_error"] = num / den if den > 0 else None
             _emit(graph, L, A, B)
+            emitted += 1
             records.append(rec)
         for r in records:
             p_before += r["params_before"]
@@ -727,15 +776,15 @@ class SvdPass(Pass):
                 m_after += r["macs_after"]
         graph.cleanup().toposort()
         stats["layers"] = records
-        stats["factorized"] = len(chosen)
+        stats["factorized"] = emitted
         stats["candidates"] = len(layers)
         stats["params_before"] = p_before
         stats["params_after"] = p_after
         stats["macs_before"] = int(m_before) if macs_known else None
         stats["macs_after"] = int(m_after) if macs_known else None
-        if not chosen:
+        if not emitted:
             stats["reason"] = "no layer has a paying rank at %s" % self.describe_strength()
-        return PassResult(graph, bool(chosen) or bool(folded), stats)
+        return PassResult(graph, bool(emitted) or bool(folded), stats)
 
     # ---------------------------------------------------------------- ranks
     def _choose_ranks(self, layers, ctx, graph, o):
