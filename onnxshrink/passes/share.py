@@ -299,6 +299,7 @@ class _Weight:
     consumer: tuple | None = None      # (op, attrs, activation name, weight input index)
     axis: int | None = None            # output-channel axis (None: no per-channel scale)
     energy: np.ndarray | None = None
+    hessian: np.ndarray | None = None  # E[x x^T] over the input features of a MatMul / 1x1 Conv
 
 
 @dataclass
@@ -334,6 +335,11 @@ class SharePass(Pass):
         min_bits: int = field(default=2, metadata={"help": "smallest bit width the search may pick (weaker() raises it)"})
         data_aware: bool = field(default=True, metadata={
             "help": "weight each error by its input's activation energy (needs calibration data)"})
+        energy_floor: float = field(default=1e-4, metadata={
+            "help": "data-aware weights are at least this fraction of the layer's mean input energy"})
+        error_feedback: bool = field(default=True, metadata={
+            "help": "GPTQ-style assignment for MatMul/1x1-Conv weights: quantize input rows in turn and move the "
+                    "remaining rows to cancel the output error (uses E[x x^T] from calibration data)"})
         groups: int = field(default=1, metadata={
             "help": "codebooks per layer: 1 = per layer, G = one per group of output channels"})
         min_elements: int = field(default=1024, metadata={"help": "tensors smaller than this stay float"})
@@ -446,7 +452,7 @@ class SharePass(Pass):
         key = ("share.energy", tuple(w.name for w in weights), self.options.max_samples)
         if key in ctx.cache:
             for w in weights:
-                w.energy = ctx.cache[key].get(w.name)
+                w.energy, w.hessian = ctx.cache[key].get(w.name, (None, None))
             return any(w.energy is not None for w in weights)
         graph_inputs = {t.name for t in graph.inputs}
         acts = sorted({w.consumer[2] for w in weights if w.consumer})
@@ -454,6 +460,7 @@ class SharePass(Pass):
             return False
         capture = [a for a in acts if a not in graph_inputs]
         sums: dict = {}
+        hs: dict = {}
         count = 0
         model = ctx.to_model(graph)
         src = _limit(ctx.calib, self.options.max_samples)
@@ -470,15 +477,22 @@ class SharePass(Pass):
                 e = input_energy(op, attrs, w.values.shape, vals[act], idx)
                 if e is not None:
                     sums[w.name] = sums.get(w.name, 0) + e
+                if self.options.error_feedback:
+                    x2 = _feature_rows(op, attrs, w.values.shape, vals[act], idx)
+                    if x2 is not None:
+                        hs[w.name] = hs.get(w.name, 0) + x2.T @ x2 / x2.shape[0]
             count += 1
         res = {}
         for w in weights:
             if w.name in sums and count:
                 e = sums[w.name] / count
-                # a dead feature (energy 0) still gets a small weight so its weights stay bounded
-                floor = 1e-6 * float(np.max(e)) if np.max(e) > 0 else 1.0
-                w.energy = np.maximum(e, floor)
-            res[w.name] = w.energy
+                # a feature (nearly) silent on the calibration set still gets a floor weight, so its
+                # weights stay bounded when other inputs do wake it up
+                floor = self.options.energy_floor * float(np.mean(e)) if np.mean(e) > 0 else 1.0
+                w.energy = np.maximum(e, max(floor, 1e-30))
+            if w.name in hs and count:
+                w.hessian = hs[w.name] / count
+            res[w.name] = (w.energy, w.hessian)
         ctx.cache[key] = res
         return any(w.energy is not None for w in weights)
 
@@ -528,6 +542,13 @@ class SharePass(Pass):
                     lab = _assign(ug[i], c)
                 cb[i], labels[i] = c, lab
             cb_store = cb.astype(np.float16 if half else np.float32)
+            if w.hessian is not None and g == 1:
+                # keep the GPTQ assignment only where its (calibration) output error is lower
+                alt = _gptq_labels(w, ax, cb_store[0].astype(np.float64),
+                                   scale.astype(np.float64) if scale is not None else None,
+                                   pin=pin).reshape(ug.shape)
+                if _hform(w, ax, cb_store, alt, scale, vt.shape) < _hform(w, ax, cb_store, labels, scale, vt.shape):
+                    labels = alt
             # the same float arithmetic the graph does: lookup in the stored dtype, cast, times scale
             rt = np.take_along_axis(cb_store, labels, axis=1).astype(v.dtype).reshape(vt.shape)
             if scale is not None:
@@ -536,6 +557,10 @@ class SharePass(Pass):
             d2 = (v64 - rebuilt) ** 2
             err_w = float(d2.sum() / max(w2.sum(), 1e-30))
             err_h = float((d2 * hv).sum() / max((w2 * hv).sum(), 1e-30)) if hv is not None else err_w
+            if w.hessian is not None:  # the full quadratic form: tr(dW^T H dW) / tr(W^T H W)
+                wm, dm = _as_rows(v64, w), _as_rows(v64 - rebuilt, w)
+                err_h = float(np.einsum("ij,ik,kj->", dm, w.hessian, dm) /
+                              max(np.einsum("ij,ik,kj->", wm, w.hessian, wm), 1e-30))
             nodes = 3 + 5 * len(bit_planes(bits)) + (1 if scale is not None else 0) + (1 if ax else 0)
             nbytes = (-(-v.size * bits // 8) + g * k * (2 if half else 4) + (scale.nbytes if scale is not None else 0)
                       + nodes * _NODE_OVERHEAD)
@@ -729,6 +754,75 @@ def _consumer(t) -> tuple | None:
     if isinstance(other, gs.Constant) or (n.op != "MatMul" and idx != 1):
         return None
     return (n.op, dict(n.attrs), other.name, idx)
+
+
+def _feature_rows(op, attrs, wshape, x, widx) -> np.ndarray | None:
+    """The activation as rows of input features [samples, K] for layers whose weight is a plain
+    [K, N] map: MatMul X @ W (2-D W) and 1x1, group-1 Conv. None otherwise."""
+    x = np.asarray(x, np.float64)
+    if op == "MatMul" and widx == 1 and len(wshape) == 2 and x.shape[-1] == wshape[0]:
+        return x.reshape(-1, wshape[0])
+    if (op == "Conv" and widx == 1 and len(wshape) == 4 and tuple(wshape[2:]) == (1, 1)
+            and int(attrs.get("group", 1)) == 1 and x.ndim == 4 and x.shape[1] == wshape[1]):
+        return np.moveaxis(x, 1, -1).reshape(-1, wshape[1])
+    return None
+
+
+def _hform(w: "_Weight", ax: int, cb: np.ndarray, labels: np.ndarray, scale, tshape) -> float:
+    """tr(dW^T H dW) of an assignment (channel-major labels) against the weight."""
+    rt = np.take_along_axis(cb.astype(np.float64), labels.reshape(cb.shape[0], -1), axis=1).reshape(tshape)
+    if scale is not None:
+        rt = rt * scale.astype(np.float64).reshape((-1,) + (1,) * (len(tshape) - 1))
+    d = _as_rows(w.values.astype(np.float64) - np.moveaxis(rt, 0, ax), w)
+    return float(np.einsum("ij,ik,kj->", d, w.hessian, d))
+
+
+def _as_rows(v: np.ndarray, w: "_Weight") -> np.ndarray:
+    """The weight as [K inputs, N outputs] (MatMul layout)."""
+    return v.reshape(v.shape[0], v.shape[1]).T if v.ndim == 4 else v
+
+
+def _gptq_labels(w: "_Weight", ax: int, c: np.ndarray, scale: np.ndarray | None, pin: bool = False,
+                 damp: float = 0.01) -> np.ndarray:
+    """Codebook indices by GPTQ error feedback (Frantar et al. 2022, with a codebook grid).
+
+    With H = E[x x^T] (+ damping) and U the upper Cholesky factor of H^-1, input rows are
+    assigned in turn, q_j = nearest(w_j), and the not yet assigned rows absorb the error:
+    W[j+1:] -= U[j, j+1:]^T (w_j - q_j) / U[j, j], which minimises tr(dW^T H dW) greedily.
+    With ``pin`` the weights that were exactly zero keep the zero centroid (their error is
+    still fed forward). Returns labels in the channel-major layout the codebook uses."""
+    W = _as_rows(w.values.astype(np.float64), w).copy()       # [K, N]
+    zeros = (W == 0) if pin else None
+    z = int(np.argmin(np.abs(c)))
+    K = W.shape[0]
+    H = w.hessian.copy()
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    # "act order": the features with the most energy first, while there is most room to compensate
+    order = np.argsort(-np.diag(H), kind="stable")
+    W, H = W[order], H[np.ix_(order, order)]
+    zeros = zeros[order] if zeros is not None else None
+    H += damp * float(np.mean(np.diag(H))) * np.eye(K)
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).T
+    except np.linalg.LinAlgError:
+        U = np.diag(1 / np.sqrt(np.diag(H)))
+    s = scale if scale is not None else np.ones(W.shape[1])
+    mids = (c[:-1] + c[1:]) / 2
+    lab = np.zeros(W.shape, np.int64)
+    for j in range(K):
+        lab[j] = np.searchsorted(mids, W[j] / s, side="left")
+        if zeros is not None:
+            lab[j][zeros[j]] = z
+        err = (W[j] - c[lab[j]] * s) / U[j, j]
+        if j + 1 < K:
+            W[j + 1:] -= np.outer(U[j, j + 1:], err)
+    inv = np.empty_like(order)
+    inv[order] = np.arange(K)
+    lab = lab[inv]
+    # back to the weight's own layout, then channel-major (output axis first)
+    full = lab.T.reshape(w.values.shape) if w.values.ndim == 4 else lab
+    return np.moveaxis(full, ax, 0)
 
 
 def _out_axis(t, ndim: int) -> int | None:
