@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 # onnx-graphsurgeon's warnings (missing opset info, colour module) are noise on a user's terminal;
 # our own validation reports what matters
-gs.logger.severity = gs.logger.ERROR
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 from ..model import copy_model_fields
 
