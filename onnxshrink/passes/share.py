@@ -516,9 +516,10 @@ class SharePass(Pass):
         scale = None
         if o.channel_scale and v.ndim >= 2 and w.axis is not None:
             rms = np.sqrt(np.mean(vt.reshape(c_out, -1) ** 2, axis=1))
-            scale = np.where(rms > 0, rms, 1.0).astype(np.float32)
+            # a channel of (sub)denormal weights gets scale 0: exact zeros instead of denormal products
+            scale = np.where(rms > 1e-30, rms, np.where(rms > 0, 0.0, 1.0)).astype(np.float32)
         sb = scale.astype(np.float64).reshape((-1,) + (1,) * (vt.ndim - 1)) if scale is not None else 1.0
-        u = vt / sb
+        u = vt / np.where(sb == 0, 1.0, sb) if scale is not None else vt
         hu = (h if h is not None else 1.0) * (sb ** 2 if scale is not None else 1.0)
         hu = None if (h is None and scale is None) else np.broadcast_to(hu, vt.shape)
         pin = {"always": True, "never": False}.get(o.pin_zero, float(np.mean(v == 0)) >= 0.01)
@@ -537,6 +538,9 @@ class SharePass(Pass):
             labels = np.zeros(ug.shape, np.int64)
             for i in range(g):
                 c, lab = kmeans_1d(ug[i], k, pin_zero=pin, _sorted=sorted_groups[i])
+                # a centroid that is zero in all but name (the mean of many tiny weights) becomes 0.0:
+                # its products would be denormal floats, which slow Conv kernels by 20x
+                c = np.where(np.abs(c) < 1e-6 * max(float(np.abs(c).max()), 1e-30), 0.0, c)
                 if half:
                     c = np.sort(c.astype(np.float16).astype(np.float64))
                     lab = _assign(ug[i], c)
