@@ -13,7 +13,7 @@ calibration streams samples one at a time and never holds the whole set in memor
 from __future__ import annotations
 
 __all__ = ["InputSpec", "input_specs", "SampleSource", "DirectorySource", "ListSource", "SyntheticSource",
-           "Subset", "as_source", "split_calib_val", "check_sample"]
+           "Subset", "as_source", "split_calib_val", "check_sample", "read_headers"]
 
 import os
 from dataclasses import dataclass
@@ -73,21 +73,54 @@ def check_sample(sample: dict, specs: Sequence[InputSpec], where: str) -> dict:
     out = {}
     for s in specs:
         a = np.asarray(sample[s.name])
+        _check_meta(a.shape, a.dtype, s, where)
         if a.dtype != s.dtype:
-            if a.dtype.kind == s.dtype.kind or (a.dtype.kind in "iu" and s.dtype.kind in "iu"):
-                a = a.astype(s.dtype)
-            else:
-                raise InputError(f"{where}: input '{s.name}' has dtype {a.dtype}, the model expects {s.dtype}")
-        if s.shape and len(a.shape) != len(s.shape):
-            raise InputError(f"{where}: input '{s.name}' has shape {list(a.shape)}, the model expects rank "
-                             f"{len(s.shape)} ({_fmt_shape(s.shape)})")
-        for i, (got, want) in enumerate(zip(a.shape, s.shape)):
-            if isinstance(want, int) and want > 0 and got != want:
-                raise InputError(f"{where}: input '{s.name}' has shape {list(a.shape)}, the model expects "
-                                 f"{_fmt_shape(s.shape)} (dim {i})")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise InputError(f"{where}: input '{s.name}' contains NaN or Inf")
+            a = a.astype(s.dtype)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            raise InputError(f"{where}: input '{s.name}' contains NaN or Inf ({bad} of {a.size} values)")
         out[s.name] = a
+    return out
+
+
+def _check_meta(shape: tuple, dtype: np.dtype, s: InputSpec, where: str) -> None:
+    """Dtype kind, rank and fixed dims of one array against its input spec (casts within a kind,
+    float64 -> float32 or int32 -> int64, are allowed)."""
+    dtype = np.dtype(dtype)
+    if dtype != s.dtype and not (dtype.kind == s.dtype.kind or (dtype.kind in "iu" and s.dtype.kind in "iu")):
+        raise InputError(f"{where}: input '{s.name}' has dtype {dtype}, the model expects {s.dtype}")
+    if s.shape and len(shape) != len(s.shape):
+        raise InputError(f"{where}: input '{s.name}' has shape {list(shape)}, the model expects rank "
+                         f"{len(s.shape)} ({_fmt_shape(s.shape)})")
+    for i, (got, want) in enumerate(zip(shape, s.shape)):
+        if isinstance(want, int) and want > 0 and got != want:
+            raise InputError(f"{where}: input '{s.name}' has shape {list(shape)}, the model expects "
+                             f"{_fmt_shape(s.shape)} (dim {i})")
+
+
+def _npy_header(f) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) from an open .npy stream's header, without reading the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(shape), np.dtype(dtype)
+
+
+def read_headers(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
+    """{array name: (shape, dtype)} of a .npy ("" as the name) or .npz file, from headers only."""
+    import zipfile
+
+    if path.suffix == ".npy":
+        with open(path, "rb") as f:
+            return {"": _npy_header(f)}
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for member in z.namelist():
+            if member.endswith(".npy"):
+                with z.open(member) as f:
+                    out[member[:-4]] = _npy_header(f)
     return out
 
 
@@ -154,6 +187,7 @@ class DirectorySource(SampleSource):
             files = files[:limit]
         self.files = files
         self.description = f"{len(files)} samples from {p}"
+        self.check_headers()
         self._labels = _read_labels(p, len(files))
         if self._labels is not None:
             self.description += " with labels"
@@ -163,6 +197,37 @@ class DirectorySource(SampleSource):
 
     def __len__(self):
         return len(self.files)
+
+    def with_specs(self, specs):
+        super().with_specs(specs)
+        self.check_headers()
+        return self
+
+    def check_headers(self) -> None:
+        """Check every file's array names, shapes and dtypes from the .npy headers (no data is
+        read), so a bad file fails the run before any work rather than in the middle of a pass.
+        Values (NaN/Inf) are checked as each sample is loaded."""
+        if self.specs is None:
+            return
+        by_name = {s.name: s for s in self.specs}
+        for f in self.files:
+            try:
+                heads = read_headers(f)
+            except Exception as e:
+                raise InputError(f"{f}: cannot read array ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                                 ) from None
+            if f.suffix == ".npy":
+                if len(self.specs) != 1:
+                    raise InputError(f"{f}: a .npy file holds one array, but the model has {len(self.specs)} inputs "
+                                     f"{[s.name for s in self.specs]}; use .npz files with one array per input name")
+                heads = {self.specs[0].name: heads[""]}
+            missing, extra = set(by_name) - set(heads), set(heads) - set(by_name)
+            if missing or extra:
+                parts = ([f"missing input(s) {sorted(missing)}"] if missing else []) + \
+                        ([f"unknown input(s) {sorted(extra)}"] if extra else [])
+                raise InputError(f"{f}: {', '.join(parts)}; the model's inputs are {sorted(by_name)}")
+            for name, (shape, dtype) in heads.items():
+                _check_meta(shape, dtype, by_name[name], str(f))
 
     def _where(self, i):
         return str(self.files[i])

@@ -14,6 +14,7 @@ __all__ = ["PassManager", "optimize"]
 
 import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -137,6 +138,9 @@ class PassManager:
 
     def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool):
         """(ok, reason, fidelity) of a candidate."""
+        changed = _interface_change(self._original_io, candidate)
+        if changed:
+            return False, f"the model's interface changed: {changed}", {}
         try:
             model_io.check_model(candidate, full_check=self._full_check)
         except Exception as e:
@@ -158,9 +162,11 @@ class PassManager:
                         target=self.target.name if self.target else None)
         if not isinstance(model, onnx.ModelProto):
             report.input = str(model)
-            model = model_io.load(model)
-        original = onnx.ModelProto()
-        original.CopyFrom(model)
+            original = model_io.load(model)  # our own copy already: no second one (large models)
+        else:
+            original = onnx.ModelProto()
+            original.CopyFrom(model)
+        self._original_io = original
         calib, val, sample_shapes = self._prepare(original, report)
         try:
             model_io.check_model(original, full_check=False)
@@ -176,7 +182,8 @@ class PassManager:
         except OnnxShrinkError:
             raise
         except Exception as e:
-            raise InputError(f"the input model does not run in onnxruntime: {_first_line(e)}") from None
+            msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
+            raise InputError(f"the input model does not run in onnxruntime: {msg}") from None
         self.baseline = fidelity(reference, reference, self.metric, val, self._labels)
         if self._labels is not None or self.metric is not None:
             report.data["original_scores"] = {k: self.baseline[k] for k in ("accuracy", "top5", "user")
@@ -270,6 +277,21 @@ class PassManager:
         return rec, current
 
 
+def _interface_change(original: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
+    """'' when the candidate has the original's input and output names (in order), else what
+    changed: callers feed and fetch by name, so a pass must never rename or drop either."""
+    def names(vs):
+        return [v.name for v in vs]
+    if names(candidate.graph.output) != names(original.graph.output):
+        return f"outputs {names(original.graph.output)} became {names(candidate.graph.output)}"
+    def data_inputs(m):  # inputs without an initializer: what callers must feed
+        inits = {t.name for t in m.graph.initializer}
+        return [v.name for v in m.graph.input if v.name not in inits]
+    if data_inputs(candidate) != data_inputs(original):
+        return f"inputs {data_inputs(original)} became {data_inputs(candidate)}"
+    return ""
+
+
 def _options_dict(p: Pass) -> dict:
     return dataclasses.asdict(p.options) if dataclasses.is_dataclass(p.options) else {}
 
@@ -284,9 +306,10 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
     result atomically. Returns (model, report). Raises BudgetError (nothing written) when the
     budget cannot be met."""
     input_path = model if not isinstance(model, onnx.ModelProto) else None
-    if output is not None and input_path is not None and Path(output).exists() and \
-            os.path.samefile(output, input_path):
-        raise UsageError(f"output path is the input file ({output}); refusing to overwrite the input")
+    if input_path is not None and not Path(input_path).exists():
+        raise InputError(f"model file not found: {input_path}")
+    if output is not None:  # fail before any work: unwritable output, output == input
+        model_io.check_output_path(output, input_path)
     pm = PassManager(passes, **kwargs)
     result, report = pm.run(model)
     if output is not None:

@@ -47,8 +47,10 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> dict:
-    """Scores of one sample: worst output's cosine, sqnr, relative max-abs error, relative mse, top1."""
+def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray], scales: Sequence[float] | None = None) -> dict:
+    """Scores of one sample: worst output's cosine, sqnr, relative max-abs error, relative mse, top1.
+    ``scales``: each output's scale (max |ref| over all samples) for the relative max-abs error;
+    default: this sample's own max |ref|."""
     cos, sq, mx, mse = [], [], [], []
     top1 = 1.0
     for k, (r, o) in enumerate(zip(ref, out)):
@@ -71,6 +73,8 @@ def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> dic
         sig = float(np.sum(r64 ** 2))
         sq.append(math.inf if err == 0 else (10 * math.log10(sig / err) if sig > 0 else -math.inf))
         scale = float(np.max(np.abs(r64))) if r64.size else 0.0
+        if scales is not None and k < len(scales):
+            scale = max(scale, scales[k])
         m = float(np.max(np.abs(r64 - o64))) if r64.size else 0.0
         mx.append(m / scale if scale > 0 else m)
         ms = sig / max(r64.size, 1)
@@ -100,7 +104,18 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
              user_metric: Callable | None = None, samples=None, labels: Sequence[int] | None = None) -> dict:
     """Aggregate fidelity of ``outputs`` against ``reference`` (lists over samples of lists over
     outputs); with ``labels``, also top-1 and top-5 accuracy against them."""
-    per = [compare_outputs(r, o) for r, o in zip(reference, outputs)]
+    # an output's scale is its largest magnitude over the whole set: a sample whose output is all
+    # near zero (a sigmoid far from any detection) must not turn float round-off into a big ratio
+    scales = []
+    for r in reference:
+        for k, x in enumerate(r):
+            x = np.asarray(x)
+            v = float(np.max(np.abs(x.astype(np.float64)))) if x.size and x.dtype.kind in "fc" else 0.0
+            if k == len(scales):
+                scales.append(v)
+            else:
+                scales[k] = max(scales[k], v)
+    per = [compare_outputs(r, o, scales) for r, o in zip(reference, outputs)]
     if not per:
         return {}
     fin = [p["sqnr"] for p in per if math.isfinite(p["sqnr"])]
