@@ -6,6 +6,7 @@ Per model, three runs through the PassManager (every 4th sample held out for val
            params, MACs, fidelity and single-thread latency before/after, and the cosine on 16
            fresh inputs (seed 1: new text lines / new photo crops) that neither calibration nor
            validation saw ("test cos").
+  (--plain-fit) the same budget run with plain SVD (whiten=false), for params at equal fidelity.
   whitened ``svd`` rule=params ratio=R, whitened, no budget.
   plain    ``svd`` with whiten=false and exactly the whitened run's per-layer forms and ranks
            (option ``ranks``), so both have the same parameter count; fidelity of each.
@@ -72,7 +73,8 @@ def _fidelity_on(reference_model, model, samples) -> dict:
     return fid
 
 
-def bench(name: str, n: int, ratio: float, samples: int, positions: int, n_test: int = 16) -> dict:
+def bench(name: str, n: int, ratio: float, samples: int, positions: int, n_test: int = 16,
+          plain_fit: bool = False) -> dict:
     model, pre, how = _load(name)
     data = real_samples(name, n)
     common = {"samples": samples, "max_positions": positions}
@@ -87,6 +89,14 @@ def bench(name: str, n: int, ratio: float, samples: int, positions: int, n_test:
                      "test_fidelity": _fidelity_on(model, out, test) if out is not None else {},
                      "latency_ms": rep.latency_ms, "factorized": rec.stats.get("factorized"),
                      "candidates": rec.stats.get("candidates"), "seconds": dt}
+
+    if plain_fit:  # the same budget with plain SVD: how much it can cut at equal fidelity
+        out_p, rep_pf, rec_pf, dt_pf = _run(model, pre + [{"svd": dict(common, rule="fit", whiten=False)}], data,
+                                            "cosine>=0.99")
+        res["plain_fit"] = {"status": rec_pf.status, "params": [rep_pf.before["params"], rep_pf.after["params"]],
+                            "macs": [rep_pf.before["macs"], rep_pf.after["macs"]], "fidelity": rep_pf.fidelity,
+                            "test_fidelity": _fidelity_on(model, out_p, test) if out_p is not None else {},
+                            "seconds": dt_pf}
 
     _, rep_w, rec_w, dt_w = _run(model, pre + [{"svd": dict(common, rule="params", ratio=ratio)}], data)
     ranks = [f"{L['layer']}={L['form']}:{L['rank']}" for L in rec_w.stats.get("layers", []) if L.get("rank")]
@@ -128,6 +138,12 @@ def table(results: list[dict]) -> str:
                      f"{'':>9} {lat.get('before', float('nan')):6.2f}->{lat.get('after', float('nan')):<6.2f} "
                      f"{b['test_fidelity'].get('cosine', float('nan')):8.5f} "
                      f"{b['test_fidelity'].get('class_cosine', float('nan')):12.5f}")
+        if "plain_fit" in r:
+            p = r["plain_fit"]
+            lines.append(f"{'':10} {'plain, same budget':22} {_arrow(p['params'], 1, ''):>24} {_arrow(p['macs'], 1e6, 'M'):>26} "
+                         f"{p['fidelity'].get('cosine', float('nan')):8.5f} {p['fidelity'].get('sqnr', float('nan')):8.2f} "
+                         f"{'':>9} {'':>13} {p['test_fidelity'].get('cosine', float('nan')):8.5f} "
+                         f"{p['test_fidelity'].get('class_cosine', float('nan')):12.5f}")
         for key in ("whitened", "plain"):
             w = r[key]
             err = w["mean_measured_layer_error"]
@@ -148,9 +164,10 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=16, help="calibration samples used for whitening")
     ap.add_argument("--positions", type=int, default=1024, help="conv patches sampled per calibration sample")
     ap.add_argument("--test", type=int, default=16, help="fresh samples (seed 1) for the test cosine")
+    ap.add_argument("--plain-fit", action="store_true", help="also run the budget with plain SVD")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
-    results = [bench(m, a.n, a.ratio, a.samples, a.positions, a.test) for m in a.models.split(",") if m]
+    results = [bench(m, a.n, a.ratio, a.samples, a.positions, a.test, a.plain_fit) for m in a.models.split(",") if m]
     print(table(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1, default=str))
