@@ -57,7 +57,7 @@ def _run(model, passes, data, budget=None, latency=False):
     return out, rep, rec, time.perf_counter() - t
 
 
-def _fidelity_on(reference_model, model, samples) -> dict:
+def _fidelity_on(reference_model, model, samples, yolo=False) -> dict:
     from onnxshrink.metrics import fidelity
     from onnxshrink.runtime import make_session
 
@@ -66,8 +66,8 @@ def _fidelity_on(reference_model, model, samples) -> dict:
     r = [ref.run(None, s) for s in samples]
     o = [got.run(None, s) for s in samples]
     fid = fidelity(r, o)
-    if r and r[0][0].ndim == 3 and r[0][0].shape[1] == 84:
-        # YOLOv8 (1, 4 box + 80 class rows, anchors): box coordinates in pixels dominate the plain
+    if yolo and r and r[0][0].ndim == 3:
+        # YOLOv8 (1, 4 box + classes rows, anchors): box coordinates in pixels dominate the plain
         # cosine, so the class-score rows are scored on their own too
         fid["class_cosine"] = fidelity([[x[0][:, 4:]] for x in r], [[x[0][:, 4:]] for x in o])["cosine"]
     return fid
@@ -86,7 +86,7 @@ def bench(name: str, n: int, ratio: float, samples: int, positions: int, n_test:
     test = real_samples(name, max(n, 32) + n_test, seed=1)[-n_test:]
     res["budget"] = {"status": rec.status, "reason": rec.reason, "params": [rep.before["params"], rep.after["params"]],
                      "macs": [rep.before["macs"], rep.after["macs"]], "fidelity": rep.fidelity,
-                     "test_fidelity": _fidelity_on(model, out, test) if out is not None else {},
+                     "test_fidelity": _fidelity_on(model, out, test, name.startswith('yolo')) if out is not None else {},
                      "latency_ms": rep.latency_ms, "factorized": rec.stats.get("factorized"),
                      "candidates": rec.stats.get("candidates"), "seconds": dt}
 
@@ -95,7 +95,7 @@ def bench(name: str, n: int, ratio: float, samples: int, positions: int, n_test:
                                             "cosine>=0.99")
         res["plain_fit"] = {"status": rec_pf.status, "params": [rep_pf.before["params"], rep_pf.after["params"]],
                             "macs": [rep_pf.before["macs"], rep_pf.after["macs"]], "fidelity": rep_pf.fidelity,
-                            "test_fidelity": _fidelity_on(model, out_p, test) if out_p is not None else {},
+                            "test_fidelity": _fidelity_on(model, out_p, test, name.startswith('yolo')) if out_p is not None else {},
                             "seconds": dt_pf}
 
     _, rep_w, rec_w, dt_w = _run(model, pre + [{"svd": dict(common, rule="params", ratio=ratio)}], data)
