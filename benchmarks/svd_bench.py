@@ -128,7 +128,7 @@ def _arrow(pair, div, unit):
 
 def table(results: list[dict]) -> str:
     lines = [f"{'model':10} {'run':22} {'params':>24} {'MACs':>26} {'cosine':>8} {'sqnr dB':>8} {'layer err':>9} "
-             f"{'latency ms':>13} {'test cos':>8} {'test cls cos':>12}"]
+             f"{'latency ms':>13} {'test cos':>8} {'test top1':>9} {'test cls cos':>12}"]
     for r in results:
         b = r["budget"]
         lat = b.get("latency_ms") or {}
@@ -137,12 +137,14 @@ def table(results: list[dict]) -> str:
                      f"{b['fidelity'].get('cosine', float('nan')):8.5f} {b['fidelity'].get('sqnr', float('nan')):8.2f} "
                      f"{'':>9} {lat.get('before', float('nan')):6.2f}->{lat.get('after', float('nan')):<6.2f} "
                      f"{b['test_fidelity'].get('cosine', float('nan')):8.5f} "
+                     f"{b['test_fidelity'].get('top1', float('nan')):9.4f} "
                      f"{b['test_fidelity'].get('class_cosine', float('nan')):12.5f}")
         if "plain_fit" in r:
             p = r["plain_fit"]
             lines.append(f"{'':10} {'plain, same budget':22} {_arrow(p['params'], 1, ''):>24} {_arrow(p['macs'], 1e6, 'M'):>26} "
                          f"{p['fidelity'].get('cosine', float('nan')):8.5f} {p['fidelity'].get('sqnr', float('nan')):8.2f} "
                          f"{'':>9} {'':>13} {p['test_fidelity'].get('cosine', float('nan')):8.5f} "
+                         f"{p['test_fidelity'].get('top1', float('nan')):9.4f} "
                          f"{p['test_fidelity'].get('class_cosine', float('nan')):12.5f}")
         for key in ("whitened", "plain"):
             w = r[key]
