@@ -6,9 +6,12 @@ Weights and Connections")
     t = the s-quantile of |W|              (method=sparsity; s = target fraction of zeros).
 Biases and layers smaller than ``min_size`` are left dense. Zeros alone do not make a dense
 kernel faster; they make the file compress, and ``sparse_storage`` stores such weights as ONNX
-sparse initializers (COO: the nonzero values plus their linear indices as int16/int32/int64,
-whichever fits) when that is smaller than the dense tensor and onnxruntime loads the result
-with identical outputs, else keeps them dense.
+sparse initializers (COO: the nonzero values plus their linear indices, int64 as the ONNX
+checker requires, so 12 bytes per nonzero float: smaller below 1/3 density) when that is
+smaller than the dense tensor and onnxruntime loads the result with identical outputs, else
+keeps them dense. (onnxruntime would also load int16/int32 indices, but the checker rejects them.
+ONNX shape inference types a sparse initializer as a sparse tensor, so the result passes
+``onnx.checker.check_model`` but not its ``full_check``; onnxruntime densifies it at load.)
 """
 
 from __future__ import annotations
@@ -102,14 +105,11 @@ class SparsifyPass(Pass):
 
 
 def _index_dtype(size: int):
-    for dt in (np.int16, np.int32, np.int64):
-        if size - 1 <= np.iinfo(dt).max:
-            return dt
-    return np.int64
+    return np.int64  # the ONNX checker accepts only INT64 sparse indices
 
 
 def sparse_nbytes(w: np.ndarray) -> int:
-    """Bytes of ``w`` stored as a COO sparse tensor (values + narrowest linear indices)."""
+    """Bytes of ``w`` stored as a COO sparse tensor (values + int64 linear indices)."""
     nnz = int(np.count_nonzero(w))
     return nnz * w.dtype.itemsize + nnz * np.dtype(_index_dtype(w.size)).itemsize
 
