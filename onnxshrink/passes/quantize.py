@@ -1,0 +1,798 @@
+"""Static QDQ quantization placed where onnxruntime's CPU kernels run it in integers.
+
+Numerics (``x`` an activation, ``W`` a weight, ``b`` a bias):
+
+- Activations: affine 8-bit, ``q = clip(round(x / s) + z, qmin, qmax)``, ``s = (hi - lo) / (qmax - qmin)``,
+  ``z = round(qmin - lo / s)`` for a calibrated range ``[lo, hi]`` containing 0 (uint8 by default:
+  u8 activations x s8 weights is the fast path of MLAS on x86 and ARM).
+- Weights: symmetric int8 per output channel, ``s_c = max|W_c| / 127``, ``W_q = round(W / s_c)``
+  (per-tensor option; 7-bit ``[-64, 63]`` on x86 without VNNI, where u8 x s8 pairs can saturate).
+- Bias: int32 with ``s_b = s_x * s_w,c`` and zero point 0: ``b_q = round(b / s_b)``.
+
+Placement: a node unit ``DQ -> op -> Q`` is emitted only where onnxruntime's QDQ selectors
+(``qdq_selector_action_transformer.cc``) replace it with an integer kernel on the CPU EP:
+Conv (QLinearConv), MatMul (QLinearMatMul / MatMulIntegerToFloat), Gemm (QGemm) always;
+Add/Mul (QLinearAdd/Mul), Sigmoid, LeakyRelu, (Global)AveragePool, Concat only when all their
+activation inputs are already integer (else the Q/DQ pairs cost more than the float op);
+MaxPool, Resize, Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Slice, Gather, Split, Expand,
+Tile as passthrough with the input's scale and zero point (the selector requires them equal) and
+only when an integer consumer needs their output. A Relu or Clip(0, c) right after a unit is folded
+into the unit's output range (zero point at qmin, range within the clip), which onnxruntime then
+drops as redundant. Each consumer gets its own DQ; a unit never produces a graph output (the
+selector refuses that). ConvTranspose, HardSigmoid, HardSwish, Div, Pow, ... stay in float.
+
+Data-aware extras (no training):
+- Bias correction: ``b_c <- b_c - (E[y_q,c] - E[y_c])`` with the means of each output channel of the
+  quantized and float units over the calibration samples (the shift rounding adds, Nagel et al. 2019).
+- Mixed precision under a budget: each unit's sensitivity is the noise-to-signal ratio it adds,
+  ``NSR(out) - NSR(in)`` (measured on the quantized model against the float one); the most sensitive
+  units are kept in float, doubling their number until ``ctx.budget`` holds.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantizePass", "QuantizeOptions", "refuse_quantized", "prepare_float_graph"]
+
+import dataclasses
+import math
+import platform
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import InputError
+from .base import Context, Pass, PassResult, register
+from .calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, estimate_range
+
+# ops whose presence means the model is already quantized
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QGemm", "QAttention",
+                 "MatMulNBits", "MatMulBnb4", "QOrderedMatMul", "GatherBlockQuantized"}
+WEIGHTED_OPS = {"Conv", "MatMul", "Gemm"}
+# ops with a QLinear kernel on the CPU EP, used only when all activation inputs are already integer
+ELEMENTWISE_OPS = {"Add", "Mul", "Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool", "Concat", "MatMul"}
+BINARY_CONST_OK = {"Add", "Mul"}
+# ops the selectors run on integers when input DQ and output Q share scale and zero point
+PASSTHROUGH_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice",
+                   "Gather", "Split", "Expand", "Tile"}
+FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
+
+
+def _has_vnni() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True  # ARM sdot / neon paths do not saturate
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        return "avx512_vnni" in info or "avx_vnni" in info
+    except OSError:
+        return True
+
+
+@dataclass
+class QuantizeOptions:
+    calibrator: Literal["minmax", "percentile", "entropy", "mse"] = field(
+        default="minmax", metadata={"help": "activation range estimator"})
+    percentile: float = field(default=99.999, metadata={"help": "percentile for calibrator=percentile"})
+    per_channel: bool = field(default=True, metadata={"help": "per-output-channel weight scales (needs opset >= 13)"})
+    activation_dtype: Literal["auto", "uint8", "int8"] = field(
+        default="auto", metadata={"help": "activation type; auto: the target's, else uint8"})
+    reduce_range: Literal["auto", "true", "false"] = field(
+        default="auto", metadata={"help": "7-bit weights (auto: on x86 without VNNI)"})
+    elementwise: bool = field(default=True, metadata={
+        "help": "quantize Add/Mul/Sigmoid/Concat/pools whose inputs are already integer"})
+    fold_activations: bool = field(default=True, metadata={"help": "fold Relu/Clip into the preceding unit's range"})
+    upgrade_opset: bool = field(default=True, metadata={
+        "help": "upgrade opset < 13 to 13 for per-channel weights (checked numerically)"})
+    bias_correction: bool = field(default=False, metadata={
+        "help": "correct each output channel's mean shift in the bias"})
+    bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
+    max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
+    keep_float: int = field(default=0, metadata={"help": "number of most sensitive units kept in float"})
+
+
+@register
+class QuantizePass(Pass):
+    """Static int8 QDQ quantization with calibrated ranges, placed for onnxruntime's integer kernels."""
+
+    name = "quantize"
+    summary = "static int8 QDQ quantization (calibrated, per-channel, placed for integer kernels)"
+    lossless = False
+    needs_data = True
+    min_opset = 1
+    Options = QuantizeOptions
+
+    def weaker(self):
+        o = self.options
+        nxt = max(1, 2 * o.keep_float)
+        known = getattr(self, "_n_units", None)
+        if known is not None and nxt >= known:
+            return None
+        return QuantizePass(dataclasses.replace(o, keep_float=nxt))
+
+    def describe_strength(self) -> str:
+        return f"keep_float={self.options.keep_float}"
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        q = _Quantizer(self.options, ctx)
+        result = q.run(graph)
+        self._n_units = q.n_units
+        return result
+
+
+# ---------------------------------------------------------------------- refusal and preparation
+def refuse_quantized(graph: gs.Graph) -> None:
+    """Raise InputError when the graph is already quantized (QDQ, QOperator or dynamic)."""
+    for node in graph.nodes:
+        if node.op in QUANTIZED_OPS or node.op.startswith("QLinear"):
+            raise InputError(f"the model is already quantized (it has {node.op} node '{node.name}'); "
+                             f"quantize the float model instead")
+
+
+def _const_value(t) -> np.ndarray | None:
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    return None
+
+
+def _constants_to_initializers(graph: gs.Graph) -> int:
+    """Constant nodes (PaddlePaddle exports hold every weight in one) become initializers."""
+    outs = {t.name for t in graph.outputs}
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "Constant" or len(node.outputs) != 1 or node.outputs[0].name in outs:
+            continue
+        attrs = node.attrs
+        if "value" in attrs and isinstance(attrs["value"], gs.Constant):
+            val = np.asarray(attrs["value"].values)
+        elif "value_float" in attrs:
+            val = np.array(attrs["value_float"], np.float32)
+        elif "value_floats" in attrs:
+            val = np.array(attrs["value_floats"], np.float32)
+        elif "value_int" in attrs:
+            val = np.array(attrs["value_int"], np.int64)
+        elif "value_ints" in attrs:
+            val = np.array(attrs["value_ints"], np.int64)
+        else:
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name + "_c" if out.name else f"const_{n}", val)
+        for consumer in list(out.outputs):
+            for i, inp in enumerate(consumer.inputs):
+                if inp is out:
+                    consumer.inputs[i] = const
+        node.outputs.clear()
+        n += 1
+    if n:
+        graph.cleanup()
+    return n
+
+
+def _single_consumer(t) -> "gs.Node | None":
+    return t.outputs[0] if len(t.outputs) == 1 else None
+
+
+def _fold_conv_affine(graph: gs.Graph) -> int:
+    """Fold BatchNormalization and per-channel constant Add into the preceding Conv:
+    BN: ``W' = W * g / sqrt(v + eps)``, ``b' = (b - mean) * g / sqrt(v + eps) + beta``;
+    Add: ``b' = b + c`` for ``c`` of shape [C], [C,1,1] or [1,C,1,1]."""
+    outs = {t.name for t in graph.outputs}
+    n = 0
+    for conv in list(graph.nodes):
+        if conv.op != "Conv" or len(conv.inputs) < 2 or not isinstance(conv.inputs[1], gs.Constant):
+            continue
+        while True:
+            y = conv.outputs[0]
+            nxt = _single_consumer(y)
+            if nxt is None or y.name in outs:
+                break
+            W = np.asarray(conv.inputs[1].values).astype(np.float32)
+            cout = W.shape[0]
+            b = (np.asarray(conv.inputs[2].values).astype(np.float32) if len(conv.inputs) > 2 and
+                 isinstance(conv.inputs[2], gs.Constant) else np.zeros(cout, np.float32))
+            if len(conv.inputs) > 2 and not isinstance(conv.inputs[2], gs.Constant):
+                break
+            if nxt.op == "BatchNormalization" and len(nxt.outputs) == 1 and \
+                    all(isinstance(t, gs.Constant) for t in nxt.inputs[1:5]):
+                g_, beta, mean, var = (np.asarray(t.values).astype(np.float64) for t in nxt.inputs[1:5])
+                f = g_ / np.sqrt(var + float(nxt.attrs.get("epsilon", 1e-5)))
+                W2 = (W * f.reshape(-1, *([1] * (W.ndim - 1)))).astype(np.float32)
+                b2 = ((b - mean) * f + beta).astype(np.float32)
+            elif nxt.op == "Add" and len(nxt.inputs) == 2:
+                other = nxt.inputs[1] if nxt.inputs[0] is y else nxt.inputs[0]
+                c = _const_value(other)
+                if c is None or c.dtype.kind != "f" or c.size != cout or \
+                        c.ndim not in (1, 3, 4) or c.shape[-3 if c.ndim >= 3 else 0] != cout:
+                    break
+                if c.ndim == 1 and W.ndim != 3:
+                    break  # [C] broadcasts over the last axis (width), not channels
+                W2, b2 = W, (b + c.reshape(-1)).astype(np.float32)
+            else:
+                break
+            conv.inputs[1] = gs.Constant(conv.inputs[1].name + "_f", W2)
+            bias = gs.Constant((conv.name or "conv") + f"_bias_f{n}", b2)
+            if len(conv.inputs) > 2:
+                conv.inputs[2] = bias
+            else:
+                conv.inputs.append(bias)
+            z = nxt.outputs[0]
+            nxt.outputs.clear()
+            conv.outputs[0] = z
+            y.inputs.clear()
+            n += 1
+    if n:
+        graph.cleanup()
+    return n
+
+
+def prepare_float_graph(graph: gs.Graph) -> dict:
+    """Lossless canonicalization the quantizer needs: Constant nodes to initializers, constant
+    subgraphs folded, Conv+BN and Conv+Add(bias) folded, every node named."""
+    stats = {"constants_to_initializers": _constants_to_initializers(graph)}
+    try:
+        graph.fold_constants(error_ok=True).cleanup()
+    except Exception:
+        pass
+    stats["folded_into_conv"] = _fold_conv_affine(graph)
+    seen = set()
+    for i, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op}_{i}"
+        seen.add(node.name)
+    graph.toposort()
+    return stats
+
+
+# ---------------------------------------------------------------------- the quantizer
+@dataclass
+class _Unit:
+    node: str
+    kind: str               # weighted | elementwise | passthrough
+    inputs: list            # activation input tensor names to quantize
+    output: str             # the tensor the unit's Q reads (after a folded Relu/Clip)
+    raw_output: str         # the op's own output
+    clip: tuple | None = None  # (min, max) of a folded Relu/Clip
+    weight_axis: int | None = None
+
+
+class _Quantizer:
+    def __init__(self, options: QuantizeOptions, ctx: Context):
+        self.o = options
+        self.ctx = ctx
+        self.stats: dict = {}
+        self.n_units = None
+
+    # -------------------------------------------------------------- scheme
+    def _scheme(self):
+        o, target = self.o, self.ctx.target
+        act = o.activation_dtype
+        if act == "auto":
+            act = getattr(target, "activation_dtype", "uint8") if target is not None else "uint8"
+            if act not in ("uint8", "int8"):
+                act = "uint8"
+        self.act_dtype = np.uint8 if act == "uint8" else np.int8
+        self.qmin, self.qmax = (0, 255) if act == "uint8" else (-128, 127)
+        per_channel = o.per_channel and bool(getattr(target, "per_channel", True) if target is not None else True)
+        reduce = o.reduce_range == "true" or (o.reduce_range == "auto" and not _has_vnni())
+        self.wmax = 63 if reduce else 127
+        self.per_channel = per_channel
+        self.stats["scheme"] = {"activations": act, "weights": "int8" + (" (7-bit)" if reduce else ""),
+                                "per_channel": per_channel}
+
+    # -------------------------------------------------------------- opset
+    def _handle_opset(self, graph: gs.Graph) -> gs.Graph:
+        opset = int(graph.opset or 0)
+        self.stats["opset_in"] = opset
+        if opset >= 13 or (not self.per_channel and opset >= 10):
+            return graph
+        if self.o.upgrade_opset:
+            try:
+                from onnx import version_converter
+                from ..graph.convert import model_to_graph
+                before = self.ctx.to_model(graph)
+                after = version_converter.convert_version(before, 13)
+                onnx.checker.check_model(after)
+                sample = self._first_sample()
+                if sample is not None:
+                    from ..runtime import make_session
+                    ra = make_session(before, optimize=False).run(None, sample)
+                    rb = make_session(after, optimize=False).run(None, sample)
+                    for a, b in zip(ra, rb):
+                        scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-6)
+                        if a.shape != b.shape or float(np.max(np.abs(a - b))) > 1e-4 * scale:
+                            raise ValueError("outputs changed")
+                g2 = model_to_graph(after)
+                self.stats["opset"] = f"upgraded {opset} -> 13"
+                return g2
+            except Exception as e:  # converter gaps: fall back to per-tensor weights
+                self.stats["opset_upgrade_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if opset < 10:
+            raise InputError(f"opset {opset} has no QuantizeLinear (needs >= 10) and the upgrade failed")
+        self.per_channel = False
+        self.stats["scheme"]["per_channel"] = False
+        self.stats["opset"] = f"kept {opset}: per-tensor weights (per-channel DequantizeLinear needs opset 13)"
+        return graph
+
+    def _first_sample(self):
+        src = self.ctx.calib if self.ctx.calib is not None else self.ctx.val
+        if src is None:
+            return None
+        for s in src:
+            return s
+        return None
+
+    def _samples(self):
+        src = self.ctx.calib if self.ctx.calib is not None else self.ctx.val
+        if src is None:
+            raise InputError("quantize needs calibration samples")
+        n = self.o.max_samples
+        for i, s in enumerate(src):
+            if n and i >= n:
+                break
+            yield s
+
+    # -------------------------------------------------------------- planning
+    def plan(self, graph: gs.Graph, excluded: set) -> tuple[dict, dict]:
+        """Units to quantize (by node name) and a decision per compute node (name -> reason)."""
+        graph_outputs = {t.name for t in graph.outputs}
+        avail: set = set()       # tensors available as integers without a new Q
+        units: dict[str, _Unit] = {}
+        reasons: dict[str, str] = {}
+        tentative: dict[str, _Unit] = {}
+        for node in graph.nodes:
+            op = node.op
+            if op in WEIGHTED_OPS or op in ELEMENTWISE_OPS or op in PASSTHROUGH_OPS or op in ("ConvTranspose",):
+                pass
+            else:
+                continue
+            name = node.name
+            if name in excluded:
+                reasons[name] = "kept float: excluded (sensitive or by option)"
+                continue
+            outs = list(node.outputs)
+            if not outs:
+                continue
+            if op == "ConvTranspose":
+                reasons[name] = "kept float: no integer ConvTranspose kernel on the CPU EP"
+                continue
+            weighted = self._weight_info(node)
+            if op in PASSTHROUGH_OPS:
+                data = node.inputs[0] if node.inputs else None
+                if data is not None and data.name in avail and not any(t.name in graph_outputs for t in outs) \
+                        and not (op == "MaxPool" and len(outs) > 1):
+                    tentative[name] = _Unit(name, "passthrough", [data.name], outs[0].name, outs[0].name)
+                    for t in outs:
+                        avail.add(t.name)
+                else:
+                    reasons[name] = "kept float: input not integer" if data is not None and data.name not in avail \
+                        else "kept float: produces a graph output"
+                continue
+            if any(t.name in graph_outputs for t in outs):
+                reasons[name] = "kept float: produces a graph output (onnxruntime does not fuse it)"
+                continue
+            if weighted is not None:
+                kind = "weighted"
+                act_inputs = [node.inputs[0].name]
+            else:
+                if op in WEIGHTED_OPS and op != "MatMul":
+                    reasons[name] = "kept float: weights are not float constants"
+                    continue
+                if not self.o.elementwise:
+                    reasons[name] = "kept float: elementwise quantization off"
+                    continue
+                var_inputs = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+                const_inputs = [t for t in node.inputs if isinstance(t, gs.Constant)]
+                if const_inputs and (op not in BINARY_CONST_OK or
+                                     any(np.asarray(c.values).dtype.kind != "f" for c in const_inputs)):
+                    reasons[name] = "kept float: constant input without a quantized form"
+                    continue
+                if op == "MatMul" and len(var_inputs) != 2:
+                    reasons[name] = "kept float: weights are not float constants"
+                    continue
+                missing = [t.name for t in var_inputs if t.name not in avail]
+                if missing or not var_inputs:
+                    reasons[name] = "kept float: an input is float (Q/DQ would cost more than the integer op saves)"
+                    continue
+                kind = "elementwise"
+                act_inputs = [t.name for t in var_inputs]
+            unit = _Unit(name, kind, act_inputs, outs[0].name, outs[0].name,
+                         weight_axis=weighted[1] if weighted else None)
+            # fold a following Relu/Clip into the range
+            if self.o.fold_activations and op not in ("Concat",):
+                nxt = _single_consumer(outs[0])
+                if nxt is not None and nxt.op in FOLDABLE_ACTIVATIONS and nxt.name not in excluded and \
+                        nxt.outputs[0].name not in graph_outputs:
+                    clip = self._clip_bounds(nxt)
+                    if clip is not None:
+                        unit.output = nxt.outputs[0].name
+                        unit.clip = clip
+                        reasons[nxt.name] = f"folded into {name}'s output range"
+            units[name] = unit
+            avail.add(unit.output)
+            reasons[name] = "quantized" + (" (integer kernel)" if kind == "weighted" else " (inputs already integer)")
+        # keep a passthrough only when an integer consumer needs its output
+        needed = {t for u in units.values() for t in u.inputs}
+        for name in reversed([n.name for n in graph.nodes]):
+            u = tentative.get(name)
+            if u is None:
+                continue
+            node = self._node(graph, name)
+            if any(t.name in needed for t in node.outputs):
+                units[name] = u
+                needed.add(u.inputs[0])
+                reasons[name] = "quantized (passthrough with the input's scale)"
+            else:
+                reasons[name] = "kept float: no integer consumer"
+        return units, reasons
+
+    def _node(self, graph, name):
+        if not hasattr(self, "_node_index") or self._node_index[0] is not graph:
+            self._node_index = (graph, {n.name: n for n in graph.nodes})
+        return self._node_index[1][name]
+
+    def _clip_bounds(self, node) -> tuple | None:
+        if node.op == "Relu":
+            return (0.0, math.inf)
+        lo, hi = -math.inf, math.inf
+        if "min" in node.attrs:
+            lo = float(node.attrs["min"])
+        if "max" in node.attrs:
+            hi = float(node.attrs["max"])
+        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
+            v = _const_value(node.inputs[1])
+            if v is None:
+                return None
+            lo = float(v.reshape(-1)[0])
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            v = _const_value(node.inputs[2])
+            if v is None:
+                return None
+            hi = float(v.reshape(-1)[0])
+        if lo > 0 or hi <= 0:
+            return None  # the range must hold 0 and the clip must end at or below 0
+        return (lo, hi)
+
+    def _weight_info(self, node) -> tuple | None:
+        """(weight input index, per-channel axis) when the node has float constant weights."""
+        op = node.op
+        if op == "Conv" and len(node.inputs) >= 2:
+            w = _const_value(node.inputs[1])
+            if w is not None and w.dtype == np.float32 and w.ndim >= 3 and \
+                    (len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)):
+                return 1, 0
+        if op == "MatMul" and len(node.inputs) == 2:
+            w = _const_value(node.inputs[1])
+            if w is not None and w.dtype == np.float32 and w.ndim == 2 and not isinstance(node.inputs[0], gs.Constant):
+                return 1, 1
+        if op == "Gemm" and len(node.inputs) >= 2:
+            w = _const_value(node.inputs[1])
+            if w is not None and w.dtype == np.float32 and w.ndim == 2 and not isinstance(node.inputs[0], gs.Constant) \
+                    and int(node.attrs.get("transA", 0)) == 0:
+                c = node.inputs[2] if len(node.inputs) > 2 else None
+                if c is not None and c.name and not (isinstance(c, gs.Constant) and np.asarray(c.values).ndim <= 1):
+                    return None
+                return 1, 0 if int(node.attrs.get("transB", 0)) else 1
+        return None
+
+    # -------------------------------------------------------------- ranges
+    def _act_params(self, lo: float, hi: float, clip: tuple | None = None) -> tuple[float, int]:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if clip is not None:
+            lo = max(lo, clip[0])
+            hi = min(hi, clip[1])
+        if hi - lo < 1e-8:
+            hi = lo + 1e-8 if lo < 0 else 1e-8
+        levels = self.qmax - self.qmin
+        scale = (hi - lo) / levels
+        zp = int(np.clip(round(self.qmin - lo / scale), self.qmin, self.qmax))
+        if clip is not None:
+            # the Relu/Clip is redundant (and dropped by onnxruntime) only when the grid lies inside it
+            rep_hi = (self.qmax - zp) * np.float32(scale)
+            if rep_hi > clip[1]:
+                scale = float(np.float32(clip[1] / (self.qmax - zp)) * np.float32(1 - 1e-6))
+            if clip[0] == 0.0:
+                zp = self.qmin
+        return float(np.float32(scale)), zp
+
+    # -------------------------------------------------------------- emission
+    def emit(self, model_f: onnx.ModelProto, units: dict, params: dict, bias_shift: dict | None = None) -> gs.Graph:
+        """A QDQ graph: the float model with Q/DQ on unit inputs and outputs and quantized weights."""
+        g = gs.import_onnx(model_f)
+        nodes = {n.name: n for n in g.nodes}
+        tmap = g.tensors()
+        act_np = self.act_dtype
+        consts: dict[str, tuple] = {}
+
+        def qparams(tname):
+            if tname not in consts:
+                s, z = params[tname]
+                consts[tname] = (gs.Constant(tname + "_scale", np.array(s, np.float32)),
+                                 gs.Constant(tname + "_zero_point", np.array(z, act_np)))
+            return consts[tname]
+
+        int_consumers = set(units)
+        qtensors = []
+        for u in units.values():
+            qtensors.extend(u.inputs)
+            if u.kind == "passthrough":
+                node = nodes[u.node]
+                qtensors.extend(t.name for t in node.outputs if t.name in params)
+            else:
+                qtensors.append(u.output)
+        for tname in dict.fromkeys(qtensors):
+            t = tmap[tname]
+            s_c, z_c = qparams(tname)
+            tq = gs.Variable(tname + "_quantized", dtype=act_np, shape=t.shape)
+            consumers = [c for c in list(t.outputs)]
+            qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq])
+            g.nodes.append(qnode)
+            shared_dq = None
+            for k, c in enumerate(consumers):
+                if c.name in int_consumers:
+                    dq_out = gs.Variable(f"{tname}_dequantized_{k}", dtype=np.float32, shape=t.shape)
+                    g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear_{k}",
+                                           inputs=[tq, s_c, z_c], outputs=[dq_out]))
+                else:
+                    if shared_dq is None:
+                        shared_dq = gs.Variable(f"{tname}_dequantized", dtype=np.float32, shape=t.shape)
+                        g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear",
+                                               inputs=[tq, s_c, z_c], outputs=[shared_dq]))
+                    dq_out = shared_dq
+                for i, inp in enumerate(c.inputs):
+                    if inp is t:
+                        c.inputs[i] = dq_out
+        # weights, bias and constant operands
+        for u in units.values():
+            node = nodes[u.node]
+            if u.kind == "weighted":
+                self._quantize_weights(g, node, u, params, (bias_shift or {}).get(u.node))
+            elif u.kind == "elementwise":
+                for i, t in enumerate(node.inputs):
+                    if isinstance(t, gs.Constant):
+                        node.inputs[i] = self._const_dq(g, t, f"{u.node}_in{i}")
+        g.cleanup().toposort()
+        return g
+
+    def _const_dq(self, g, t, name):
+        c = np.asarray(t.values).astype(np.float32)
+        lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
+        s, z = self._act_params(lo, hi)
+        qv = np.asarray(np.clip(np.round(c / s) + z, self.qmin, self.qmax)).astype(self.act_dtype)
+        out = gs.Variable(name + "_dequantized", dtype=np.float32, shape=list(c.shape))
+        g.nodes.append(gs.Node("DequantizeLinear", name=name + "_DequantizeLinear",
+                               inputs=[gs.Constant(name + "_quantized", qv),
+                                       gs.Constant(name + "_scale", np.array(s, np.float32)),
+                                       gs.Constant(name + "_zero_point", np.array(z, self.act_dtype))],
+                               outputs=[out]))
+        return out
+
+    def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """(int8 weights, scales): symmetric, per channel along ``axis`` or per tensor."""
+        if self.per_channel:
+            red = tuple(i for i in range(W.ndim) if i != axis)
+            m = np.max(np.abs(W), axis=red)
+        else:
+            m = np.array(np.max(np.abs(W)))
+        s = (m / self.wmax).astype(np.float32)
+        s = np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
+        shape = [1] * W.ndim
+        if self.per_channel:
+            shape[axis] = -1
+        q = np.clip(np.round(W / s.reshape(shape)), -self.wmax, self.wmax).astype(np.int8)
+        return q, s
+
+    def _quantize_weights(self, g, node, u: _Unit, params, shift):
+        W = np.asarray(node.inputs[1].values).astype(np.float32)
+        axis = u.weight_axis
+        wq, ws = self.weight_quant(W, axis)
+        dq_w = gs.Variable(node.name + "_W_dequantized", dtype=np.float32, shape=list(W.shape))
+        attrs = {"axis": axis} if self.per_channel else {}
+        g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_W_DequantizeLinear", attrs=attrs,
+                               inputs=[gs.Constant(node.name + "_W_quantized", wq),
+                                       gs.Constant(node.name + "_W_scale", ws),
+                                       gs.Constant(node.name + "_W_zero_point", np.zeros(ws.shape, np.int8))],
+                               outputs=[dq_w]))
+        node.inputs[1] = dq_w
+        bias_idx = 2
+        if len(node.inputs) > bias_idx and node.inputs[bias_idx].name:
+            b = np.asarray(node.inputs[bias_idx].values).astype(np.float32).reshape(-1)
+        elif node.op in ("Conv",):
+            b = None
+        else:
+            b = None
+        if shift is not None:
+            b = (np.zeros(len(shift), np.float32) if b is None else b) - shift.astype(np.float32)
+        if b is None:
+            return
+        sx = params[u.inputs[0]][0]
+        n_out = W.shape[axis] if node.op != "Gemm" else W.shape[0 if int(node.attrs.get("transB", 0)) else 1]
+        if b.size == 1 and n_out > 1:
+            b = np.full(n_out, b[0], np.float32)
+        sb = (np.float32(sx) * (ws if ws.ndim else np.full(n_out, ws, np.float32))).astype(np.float32)
+        sb = np.broadcast_to(sb, b.shape).astype(np.float32)
+        bq = np.clip(np.round(b.astype(np.float64) / sb), -2 ** 31 + 1, 2 ** 31 - 1).astype(np.int32)
+        dq_b = gs.Variable(node.name + "_B_dequantized", dtype=np.float32, shape=list(b.shape))
+        g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_B_DequantizeLinear",
+                               attrs={"axis": 0} if self.per_channel else {},
+                               inputs=[gs.Constant(node.name + "_B_quantized", bq),
+                                       gs.Constant(node.name + "_B_scale", sb if self.per_channel else
+                                                   np.array(sb.reshape(-1)[0], np.float32)),
+                                       gs.Constant(node.name + "_B_zero_point",
+                                                   np.zeros(sb.shape if self.per_channel else (), np.int32))],
+                               outputs=[dq_b]))
+        if len(node.inputs) > bias_idx:
+            node.inputs[bias_idx] = dq_b
+        else:
+            while len(node.inputs) < bias_idx:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(dq_b)
+
+    # -------------------------------------------------------------- the run
+    def run(self, graph: gs.Graph) -> PassResult:
+        from ..graph.convert import graph_to_model
+        refuse_quantized(graph)
+        self._scheme()
+        prep = prepare_float_graph(graph)
+        self.stats["prepared"] = prep
+        if not any(n.op in WEIGHTED_OPS and self._weight_info(n) is not None for n in graph.nodes):
+            raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
+        graph = self._handle_opset(graph)
+        if graph.opset and graph.opset < 13:
+            self.per_channel = False
+        prepare_float_graph(graph)
+        model_f = self.ctx.to_model(graph)
+        self.model_f = model_f
+        graph = gs.import_onnx(model_f)
+
+        excluded = set(self.o.exclude)
+        units, reasons = self.plan(graph, excluded)
+        # calibrate every tensor any plan could quantize (excluding units later needs no second pass)
+        cand, _ = self.plan(graph, set())
+        tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
+        captures = self._capture(model_f, tensors)
+        self.hists = collect_histograms(captures, tensors, bins=self.o.bins)
+        self.clips = {u.output: u.clip for u in cand.values() if u.clip is not None}
+        self.graph_f = graph
+        n_units = sum(1 for u in units.values() if u.kind == "weighted")
+        self.n_units = n_units
+
+        kw = {"percentile": self.o.percentile} if self.o.calibrator == "percentile" else {}
+        self.ranges = {}
+        for t, h in self.hists.items():
+            self.ranges[t] = estimate_range(h, self.o.calibrator, levels=self.qmax - self.qmin + 1, **kw)
+
+        keep = self.o.keep_float
+        sens = None
+        if keep or (self.ctx.budget is not None and self.ctx.evaluator is not None):
+            sens = self.sensitivity(units)
+        if keep and sens:
+            order = [n for n, _ in sorted(sens.items(), key=lambda kv: -kv[1])]
+            excluded |= set(order[:keep])
+            units, reasons = self.plan(graph, excluded)
+
+        qg, fid, shift = self._build(units)
+        if self.ctx.budget is not None and self.ctx.evaluator is not None and sens:
+            fid = self.ctx.evaluate(qg)
+            order = [n for n, _ in sorted(sens.items(), key=lambda kv: -kv[1])]
+            k = max(1, keep)
+            tried = []
+            while not self.ctx.budget.holds(fid) and k <= len(order):
+                ex = excluded | set(order[:k])
+                units_k, reasons_k = self.plan(graph, ex)
+                qg_k, _, shift_k = self._build(units_k)
+                fid_k = self.ctx.evaluate(qg_k)
+                tried.append({"keep_float": k, "fidelity": {m: round(v, 6) for m, v in fid_k.items()
+                                                            if isinstance(v, float) and math.isfinite(v)}})
+                if self.ctx.budget.holds(fid_k) or k == len(order):
+                    units, reasons, qg, fid, shift, excluded = units_k, reasons_k, qg_k, fid_k, shift_k, ex
+                    break
+                k *= 2
+                k = min(k, len(order))
+            self.stats["mixed_precision"] = tried
+        for n in excluded:
+            if n in reasons and sens and n in sens:
+                reasons[n] = f"kept float: sensitive (adds noise-to-signal {sens[n]:.2e})"
+        self.stats["nodes"] = reasons
+        self.stats["quantized_units"] = {k: sum(1 for u in units.values() if u.kind == k)
+                                         for k in ("weighted", "elementwise", "passthrough")}
+        self.stats["float_compute_nodes"] = sum(1 for r in reasons.values() if r.startswith("kept float"))
+        if sens:
+            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
+                                         sorted(sens.items(), key=lambda kv: -kv[1])[:20]}
+        if not units:
+            return PassResult(graph, False, {"reason": "no node could be quantized", **self.stats})
+        return PassResult(qg, True, self.stats)
+
+    def _capture(self, model, tensors):
+        from ..runtime import capture_activations
+        return capture_activations(model, tensors, self._samples())
+
+    def _params(self, units):
+        params = {}
+        for u in units.values():
+            if u.kind == "passthrough":
+                continue
+            for t in u.inputs + [u.output]:
+                if t not in params:
+                    lo, hi = self.ranges.get(t, (0.0, 1.0))
+                    params[t] = self._act_params(lo, hi, self.clips.get(t) if t == u.output else None)
+        # passthrough outputs share their input's params (resolved in graph order)
+        for node in self.graph_f.nodes:
+            u = units.get(node.name)
+            if u is not None and u.kind == "passthrough":
+                src = params.get(u.inputs[0])
+                if src is None:
+                    lo, hi = self.ranges.get(u.inputs[0], (0.0, 1.0))
+                    src = params[u.inputs[0]] = self._act_params(lo, hi)
+                for t in node.outputs:
+                    params[t.name] = src
+        return params
+
+    def _build(self, units):
+        params = self._params(units)
+        shift = None
+        qg = self.emit(self.model_f, units, params)
+        if self.o.bias_correction:
+            shift = self.bias_shift(qg, units)
+            qg = self.emit(self.model_f, units, params, shift)
+        return qg, None, shift
+
+    # -------------------------------------------------------------- data-aware analyses
+    def _compare(self, qg, units, samples=8):
+        """Per weighted unit over ``samples`` calibration samples: the per-channel mean of the
+        quantized and float raw outputs, and the noise/signal energies at its input and output."""
+        from ..runtime import capture_activations
+        qm = self.ctx.to_model(qg)
+        w_units = [u for u in units.values() if u.kind == "weighted"]
+        names_f = sorted({u.raw_output for u in w_units} | {u.inputs[0] for u in w_units})
+        qnodes = {n.name: n for n in qg.nodes}
+        in_q = {}
+        for u in w_units:
+            n = qnodes[u.node]
+            in_q[u.node] = n.inputs[0].name
+        names_q = sorted({u.raw_output for u in w_units} | set(in_q.values()))
+        acc = {u.node: {"dmean": 0.0, "n": 0, "e_out": 0.0, "s_out": 0.0, "e_in": 0.0, "s_in": 0.0} for u in w_units}
+        src = list(self._samples_n(samples))
+        it_f = capture_activations(self.model_f, names_f, src)
+        it_q = capture_activations(qm, names_q, src)
+        for cf, cq in zip(it_f, it_q):
+            for u in w_units:
+                a = acc[u.node]
+                yf, yq = cf[u.raw_output], cq[u.raw_output]
+                axis = 1 if yf.ndim >= 3 or u.weight_axis is None or self._node(self.graph_f, u.node).op == "Conv" \
+                    else yf.ndim - 1
+                red = tuple(i for i in range(yf.ndim) if i != axis)
+                d = (yq.astype(np.float64) - yf).mean(axis=red)
+                a["dmean"] = a["dmean"] + d
+                a["n"] += 1
+                a["e_out"] += float(np.sum((yq.astype(np.float64) - yf) ** 2))
+                a["s_out"] += float(np.sum(yf.astype(np.float64) ** 2))
+                xf, xq = cf[u.inputs[0]], cq[in_q[u.node]]
+                a["e_in"] += float(np.sum((xq.astype(np.float64) - xf) ** 2))
+                a["s_in"] += float(np.sum(xf.astype(np.float64) ** 2))
+        return acc
+
+    def _samples_n(self, n):
+        for i, s in enumerate(self._samples()):
+            if i >= n:
+                break
+            yield s
+
+    def bias_shift(self, qg, units) -> dict:
+        acc = self._compare(qg, units)
+        return {k: np.asarray(a["dmean"] / max(a["n"], 1), np.float64) for k, a in acc.items()}
+
+    def sensitivity(self, units) -> dict:
+        """Noise-to-signal ratio each weighted unit adds: NSR(output) - NSR(input)."""
+        qg = self.emit(self.model_f, units, self._params(units))
+        acc = self._compare(qg, units, samples=4)
+        out = {}
+        for k, a in acc.items():
+            nsr_out = a["e_out"] / max(a["s_out"], 1e-30)
+            nsr_in = a["e_in"] / max(a["s_in"], 1e-30)
+            out[k] = max(nsr_out - nsr_in, 0.0) + 1e-12 * nsr_out
+        return out
