@@ -106,8 +106,8 @@ class TensorHistogram:
     def abs_histogram(self) -> tuple[np.ndarray, float]:
         """(counts, width) of |x| over [0, bins_abs * width): exact, since 0 is a bin edge."""
         zero = int(round(-self.lo / self.width))
-        if zero <= 0:
-            return self.counts[-zero:].copy() if zero < 0 else self.counts.copy(), self.width
+        if zero <= 0:  # all values >= 0: shift right by lo / width empty bins
+            return np.concatenate([np.zeros(-zero, np.int64), self.counts]), self.width
         neg = self.counts[:min(zero, self.bins)][::-1]
         pos = self.counts[zero:] if zero < self.bins else np.zeros(0, np.int64)
         n = max(len(neg), len(pos))
@@ -164,6 +164,8 @@ def entropy_range(h: TensorHistogram, levels: int = 256, max_candidates: int = 9
     if h.count == 0:
         return 0.0, 0.0
     signed = h.min < 0
+    if h.lo > 64 * h.bins * h.width or h.lo + h.bins * h.width < -64 * h.bins * h.width:
+        return _with_zero(h.min, h.max)  # far from 0: no tail worth clipping at this resolution
     counts, w = h.abs_histogram()
     nz = np.nonzero(counts)[0]
     if nz.size == 0:
@@ -173,9 +175,11 @@ def entropy_range(h: TensorHistogram, levels: int = 256, max_candidates: int = 9
     qbins = levels // 2 if signed else levels - 1
     if n <= qbins:
         return _with_zero(h.min, h.max)
-    step = max(1, (n - qbins) // max_candidates)
+    # thresholds below the 90th percentile of |x| are degenerate optima of KL (all mass in one bin)
+    start = max(qbins, int(np.searchsorted(np.cumsum(counts), 0.9 * counts.sum())) + 1)
+    step = max(1, (n - start) // max_candidates)
     best_kl, best_i = math.inf, n
-    for i in list(range(qbins, n, step)) + [n]:
+    for i in list(range(start, n, step)) + [n]:
         p = counts[:i].copy()
         p[-1] += counts[i:].sum()
         # merge p into qbins levels, then spread each level's mass over its non-empty bins

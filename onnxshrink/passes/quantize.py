@@ -24,9 +24,14 @@ selector refuses that). ConvTranspose, HardSigmoid, HardSwish, Div, Pow, ... sta
 Data-aware extras (no training):
 - Bias correction: ``b_c <- b_c - (E[y_q,c] - E[y_c])`` with the means of each output channel of the
   quantized and float units over the calibration samples (the shift rounding adds, Nagel et al. 2019).
-- Mixed precision under a budget: each unit's sensitivity is the noise-to-signal ratio it adds,
-  ``NSR(out) - NSR(in)`` (measured on the quantized model against the float one); the most sensitive
-  units are kept in float, doubling their number until ``ctx.budget`` holds.
+- Sensitivity: each unit quantized alone on its float input (a shadow copy of the node next to the
+  float one), ``NSR = |y_q - y|^2 / |y|^2`` over calibration samples. The bias-correction shift
+  comes from the same run (so it corrects each layer's own error, not its inputs').
+- Guard: the most sensitive units are kept in float (1, 2, 4, ... of them) until ``ctx.budget``
+  (else mean cosine >= ``min_cosine``) holds; then the quantized and float models are timed
+  (one thread, interleaved runs, medians). When the quantized one is not faster, small convolutions
+  (few weights: onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when
+  nothing is faster, the pass changes nothing and says why.
 """
 
 from __future__ import annotations
@@ -93,6 +98,12 @@ class QuantizeOptions:
     max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
     keep_float: int = field(default=0, metadata={"help": "number of most sensitive units kept in float"})
+    guard: bool = field(default=True, metadata={
+        "help": "keep sensitive units in float until min_cosine holds and return the float model "
+                "unchanged when no placement is faster than fp32 (measured)"})
+    min_cosine: float = field(default=0.99, metadata={
+        "help": "fidelity floor of the guard when no budget is given (mean cosine vs float)"})
+    min_speedup: float = field(default=1.0, metadata={"help": "the guard's required speed-up over fp32"})
 
 
 @register
@@ -604,7 +615,7 @@ class _Quantizer:
             b = None
         else:
             b = None
-        if shift is not None:
+        if shift is not None and node.op in ("Conv", "Gemm"):  # MatMul has no bias to carry it
             b = (np.zeros(len(shift), np.float32) if b is None else b) - shift.astype(np.float32)
         if b is None:
             return
@@ -633,83 +644,64 @@ class _Quantizer:
 
     # -------------------------------------------------------------- the run
     def run(self, graph: gs.Graph) -> PassResult:
-        from ..graph.convert import graph_to_model
         refuse_quantized(graph)
         self._scheme()
-        prep = prepare_float_graph(graph)
-        self.stats["prepared"] = prep
+        self.stats["prepared"] = prepare_float_graph(graph)
         if not any(n.op in WEIGHTED_OPS and self._weight_info(n) is not None for n in graph.nodes):
             raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
         graph = self._handle_opset(graph)
         if graph.opset and graph.opset < 13:
             self.per_channel = False
         prepare_float_graph(graph)
-        model_f = self.ctx.to_model(graph)
-        self.model_f = model_f
-        graph = gs.import_onnx(model_f)
+        self.model_f = self.ctx.to_model(graph)
+        self.graph_f = graph = gs.import_onnx(self.model_f)
 
         excluded = set(self.o.exclude)
         units, reasons = self.plan(graph, excluded)
-        # calibrate every tensor any plan could quantize (excluding units later needs no second pass)
+        # calibrate every tensor any plan could quantize, so excluding units later needs no new pass
         cand, _ = self.plan(graph, set())
         tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
-        captures = self._capture(model_f, tensors)
-        self.hists = collect_histograms(captures, tensors, bins=self.o.bins)
+        self.hists = collect_histograms(self._capture(self.model_f, tensors), tensors, bins=self.o.bins)
         self.clips = {u.output: u.clip for u in cand.values() if u.clip is not None}
-        self.graph_f = graph
-        n_units = sum(1 for u in units.values() if u.kind == "weighted")
-        self.n_units = n_units
-
         kw = {"percentile": self.o.percentile} if self.o.calibrator == "percentile" else {}
-        self.ranges = {}
-        for t, h in self.hists.items():
-            self.ranges[t] = estimate_range(h, self.o.calibrator, levels=self.qmax - self.qmin + 1, **kw)
+        levels = self.qmax - self.qmin + 1
+        self.ranges = {t: estimate_range(h, self.o.calibrator, levels=levels, **kw) for t, h in self.hists.items()}
+        self.n_units = sum(1 for u in units.values() if u.kind == "weighted")
 
-        keep = self.o.keep_float
-        sens = None
-        if keep or (self.ctx.budget is not None and self.ctx.evaluator is not None):
-            sens = self.sensitivity(units)
-        if keep and sens:
-            order = [n for n, _ in sorted(sens.items(), key=lambda kv: -kv[1])]
-            excluded |= set(order[:keep])
+        # per-unit analysis on a shadow model: each unit quantized alone, on float inputs
+        analysis = None
+        need_sens = self.o.keep_float or self.o.guard or self.ctx.budget is not None
+        if need_sens or self.o.bias_correction:
+            analysis = self.analyse(cand)
+            self.sens = {k: a["nsr"] for k, a in analysis.items()}
+            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
+                                         sorted(self.sens.items(), key=lambda kv: -kv[1])[:20]}
+        self.shift = ({k: a["shift"] for k, a in analysis.items()} if self.o.bias_correction and analysis else None)
+        order = [k for k, _ in sorted(self.sens.items(), key=lambda kv: -kv[1])] if analysis else []
+        if self.o.keep_float and order:
+            excluded |= set(order[: self.o.keep_float])
             units, reasons = self.plan(graph, excluded)
-
-        qg, fid, shift = self._build(units)
-        if self.ctx.budget is not None and self.ctx.evaluator is not None and sens:
-            fid = self.ctx.evaluate(qg)
-            order = [n for n, _ in sorted(sens.items(), key=lambda kv: -kv[1])]
-            k = max(1, keep)
-            tried = []
-            while not self.ctx.budget.holds(fid) and k <= len(order):
-                ex = excluded | set(order[:k])
-                units_k, reasons_k = self.plan(graph, ex)
-                qg_k, _, shift_k = self._build(units_k)
-                fid_k = self.ctx.evaluate(qg_k)
-                tried.append({"keep_float": k, "fidelity": {m: round(v, 6) for m, v in fid_k.items()
-                                                            if isinstance(v, float) and math.isfinite(v)}})
-                if self.ctx.budget.holds(fid_k) or k == len(order):
-                    units, reasons, qg, fid, shift, excluded = units_k, reasons_k, qg_k, fid_k, shift_k, ex
-                    break
-                k *= 2
-                k = min(k, len(order))
-            self.stats["mixed_precision"] = tried
+        qg = self._build(units)
+        if self.o.guard or self.ctx.budget is not None:
+            qg, units, reasons, excluded = self._guard(qg, units, reasons, excluded, order)
+            if qg is None:
+                self.stats["nodes"] = reasons
+                return PassResult(graph, False, {"reason": self.stats.get("guard_reason", "no faster placement"),
+                                                 **self.stats})
         for n in excluded:
-            if n in reasons and sens and n in sens:
-                reasons[n] = f"kept float: sensitive (adds noise-to-signal {sens[n]:.2e})"
+            if n in reasons and analysis and n in self.sens and not reasons[n].startswith("kept float: small"):
+                reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {self.sens[n]:.2e})"
         self.stats["nodes"] = reasons
         self.stats["quantized_units"] = {k: sum(1 for u in units.values() if u.kind == k)
                                          for k in ("weighted", "elementwise", "passthrough")}
-        self.stats["float_compute_nodes"] = sum(1 for r in reasons.values() if r.startswith("kept float"))
-        if sens:
-            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
-                                         sorted(sens.items(), key=lambda kv: -kv[1])[:20]}
+        self.stats["kept_float"] = sorted(excluded)
         if not units:
             return PassResult(graph, False, {"reason": "no node could be quantized", **self.stats})
         return PassResult(qg, True, self.stats)
 
-    def _capture(self, model, tensors):
+    def _capture(self, model, tensors, samples=None):
         from ..runtime import capture_activations
-        return capture_activations(model, tensors, self._samples())
+        return capture_activations(model, tensors, self._samples() if samples is None else samples)
 
     def _params(self, units):
         params = {}
@@ -732,49 +724,102 @@ class _Quantizer:
                     params[t.name] = src
         return params
 
-    def _build(self, units):
-        params = self._params(units)
-        shift = None
-        qg = self.emit(self.model_f, units, params)
-        if self.o.bias_correction:
-            shift = self.bias_shift(qg, units)
-            qg = self.emit(self.model_f, units, params, shift)
-        return qg, None, shift
+    def _build(self, units) -> gs.Graph:
+        return self.emit(self.model_f, units, self._params(units), self.shift)
 
-    # -------------------------------------------------------------- data-aware analyses
-    def _compare(self, qg, units, samples=8):
-        """Per weighted unit over ``samples`` calibration samples: the per-channel mean of the
-        quantized and float raw outputs, and the noise/signal energies at its input and output."""
-        from ..runtime import capture_activations
-        qm = self.ctx.to_model(qg)
-        w_units = [u for u in units.values() if u.kind == "weighted"]
-        names_f = sorted({u.raw_output for u in w_units} | {u.inputs[0] for u in w_units})
-        qnodes = {n.name: n for n in qg.nodes}
-        in_q = {}
-        for u in w_units:
-            n = qnodes[u.node]
-            in_q[u.node] = n.inputs[0].name
-        names_q = sorted({u.raw_output for u in w_units} | set(in_q.values()))
-        acc = {u.node: {"dmean": 0.0, "n": 0, "e_out": 0.0, "s_out": 0.0, "e_in": 0.0, "s_in": 0.0} for u in w_units}
-        src = list(self._samples_n(samples))
-        it_f = capture_activations(self.model_f, names_f, src)
-        it_q = capture_activations(qm, names_q, src)
-        for cf, cq in zip(it_f, it_q):
-            for u in w_units:
-                a = acc[u.node]
-                yf, yq = cf[u.raw_output], cq[u.raw_output]
-                axis = 1 if yf.ndim >= 3 or u.weight_axis is None or self._node(self.graph_f, u.node).op == "Conv" \
-                    else yf.ndim - 1
-                red = tuple(i for i in range(yf.ndim) if i != axis)
-                d = (yq.astype(np.float64) - yf).mean(axis=red)
-                a["dmean"] = a["dmean"] + d
-                a["n"] += 1
-                a["e_out"] += float(np.sum((yq.astype(np.float64) - yf) ** 2))
-                a["s_out"] += float(np.sum(yf.astype(np.float64) ** 2))
-                xf, xq = cf[u.inputs[0]], cq[in_q[u.node]]
-                a["e_in"] += float(np.sum((xq.astype(np.float64) - xf) ** 2))
-                a["s_in"] += float(np.sum(xf.astype(np.float64) ** 2))
-        return acc
+    # -------------------------------------------------------------- guards: fidelity floor and speed
+    def _fidelity(self, g: gs.Graph) -> dict:
+        if self.ctx.evaluator is not None:
+            return self.ctx.evaluate(g)
+        from ..metrics import fidelity
+        from ..runtime import make_session
+        samples = list(self._samples_n(8))
+        ref = [make_session(self.model_f, optimize=False).run(None, s) for s in samples]
+        sess = make_session(self.ctx.to_model(g), optimize=True)
+        return fidelity(ref, [sess.run(None, s) for s in samples])
+
+    def _holds(self, fid: dict) -> bool:
+        if self.ctx.budget is not None:
+            return self.ctx.budget.holds(fid)
+        return fid.get("cosine", 0.0) >= self.o.min_cosine
+
+    def _guard(self, qg, units, reasons, excluded, order):
+        """Keep the most sensitive units in float (1, 2, 4, ... of them) until the fidelity floor
+        (``ctx.budget``, else ``min_cosine``) holds; then, with ``guard``, make sure the model is
+        faster than the float one, dropping small convolutions (whose integer kernels lose to
+        onnxruntime's float NCHWc kernels) or giving up."""
+        log = []
+        fid = self._fidelity(qg)
+        log.append({"keep_float": len(excluded), "cosine": round(fid.get("cosine", 0.0), 6)})
+        k = 1
+        base = set(excluded)
+        while not self._holds(fid) and order and k <= len(order):
+            ex = base | set(order[:k])
+            units_k, reasons_k = self.plan(self.graph_f, ex)
+            qg_k = self._build(units_k)
+            fid_k = self._fidelity(qg_k)
+            log.append({"keep_float": len(ex), "cosine": round(fid_k.get("cosine", 0.0), 6)})
+            qg, units, reasons, excluded, fid = qg_k, units_k, reasons_k, ex, fid_k
+            if k == len(order):
+                break
+            k = min(2 * k, len(order))
+        self.stats["fidelity_search"] = log
+        if not self.o.guard:
+            return qg, units, reasons, excluded
+        sample = self._first_sample()
+        t_f, t_q = self._latency(self.model_f, self.ctx.to_model(qg), sample)
+        speed = [{"config": "sensitivity", "speedup": round(t_f / t_q, 3)}]
+        best = (t_q, qg, units, reasons, excluded)
+        if t_q >= t_f * self.o.min_speedup:
+            for limit in (2048, 8192, 32768):
+                small = {u.node for u in units.values() if u.kind == "weighted" and self._weight_count(u) < limit}
+                if not small:
+                    continue
+                ex = excluded | small
+                units_k, reasons_k = self.plan(self.graph_f, ex)
+                if not any(u.kind == "weighted" for u in units_k.values()):
+                    break
+                qg_k = self._build(units_k)
+                t_f2, t_k = self._latency(self.model_f, self.ctx.to_model(qg_k), sample)
+                t_k *= t_f / t_f2  # the same float reference for every candidate
+                speed.append({"config": f"convs with >= {limit} weights", "speedup": round(t_f / t_k, 3)})
+                if t_k < best[0]:
+                    fid_k = self._fidelity(qg_k)
+                    if self._holds(fid_k) or not self._holds(fid):
+                        best = (t_k, qg_k, units_k, {**reasons_k, **{n: "kept float: small convolution (the float "
+                                                     "kernel is faster)" for n in small}}, ex)
+                if best[0] < t_f * self.o.min_speedup:
+                    break
+        self.stats["speed_search"] = speed
+        if best[0] >= t_f * self.o.min_speedup:
+            self.stats["guard_reason"] = (f"no quantized placement is faster than fp32 on this CPU "
+                                          f"(best {t_f / best[0]:.2f}x)")
+            return None, units, reasons, excluded
+        return best[1], best[2], best[3], best[4]
+
+    def _weight_count(self, u) -> int:
+        node = self._node(self.graph_f, u.node)
+        return int(np.prod(node.inputs[1].shape)) if u.kind == "weighted" else 0
+
+    def _latency(self, model_a, model_b, sample, rounds: int | None = None):
+        """Median one-thread latency of two models, runs interleaved (shared load hits both)."""
+        import statistics
+        import time
+        from ..runtime import make_session
+        sa, sb = make_session(model_a, optimize=True, threads=1), make_session(model_b, optimize=True, threads=1)
+        for s in (sa, sb):
+            s.run(None, sample)
+        t0 = time.perf_counter()
+        sa.run(None, sample)
+        one = time.perf_counter() - t0
+        rounds = rounds or int(min(41, max(7, 1.5 / max(one, 1e-4))))
+        ta, tb = [], []
+        for _ in range(rounds):
+            for s, acc in ((sa, ta), (sb, tb)):
+                t = time.perf_counter()
+                s.run(None, sample)
+                acc.append(time.perf_counter() - t)
+        return statistics.median(ta), statistics.median(tb)
 
     def _samples_n(self, n):
         for i, s in enumerate(self._samples()):
@@ -782,17 +827,61 @@ class _Quantizer:
                 break
             yield s
 
-    def bias_shift(self, qg, units) -> dict:
-        acc = self._compare(qg, units)
-        return {k: np.asarray(a["dmean"] / max(a["n"], 1), np.float64) for k, a in acc.items()}
-
-    def sensitivity(self, units) -> dict:
-        """Noise-to-signal ratio each weighted unit adds: NSR(output) - NSR(input)."""
-        qg = self.emit(self.model_f, units, self._params(units))
-        acc = self._compare(qg, units, samples=4)
-        out = {}
-        for k, a in acc.items():
-            nsr_out = a["e_out"] / max(a["s_out"], 1e-30)
-            nsr_in = a["e_in"] / max(a["s_in"], 1e-30)
-            out[k] = max(nsr_out - nsr_in, 0.0) + 1e-12 * nsr_out
-        return out
+    # -------------------------------------------------------------- per-unit analysis
+    def analyse(self, units, samples: int = 8) -> dict:
+        """Quantize each weighted unit alone on its float input (a shadow copy of the node with
+        fake-quantized input, weights and bias next to the float one), and measure over calibration
+        samples its noise-to-signal ratio ``|y_q - y|^2 / |y|^2`` (its sensitivity) and the mean
+        shift of each output channel ``E[y_q - y]`` (what bias correction removes)."""
+        w_units = [u for u in units.values() if u.kind == "weighted"]
+        if not w_units:
+            return {}
+        params = self._params(units)
+        g = gs.import_onnx(self.model_f)
+        nodes = {n.name: n for n in g.nodes}
+        tmap = g.tensors()
+        pairs = []
+        for u in w_units:
+            node = nodes[u.node]
+            x = tmap[u.inputs[0]]
+            s, z = params[u.inputs[0]]
+            sc = gs.Constant(u.node + "_sh_scale", np.array(s, np.float32))
+            zc = gs.Constant(u.node + "_sh_zp", np.array(z, self.act_dtype))
+            xq = gs.Variable(u.node + "_sh_xq", dtype=self.act_dtype)
+            xd = gs.Variable(u.node + "_sh_xd", dtype=np.float32)
+            g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq]))
+            g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd]))
+            W = np.asarray(node.inputs[1].values).astype(np.float32)
+            wq, ws = self.weight_quant(W, u.weight_axis)
+            shape = [1] * W.ndim
+            if self.per_channel:
+                shape[u.weight_axis] = -1
+            Wf = (wq.astype(np.float32) * ws.reshape(shape)).astype(np.float32)
+            ins = [xd, gs.Constant(u.node + "_sh_W", Wf)]
+            if len(node.inputs) > 2 and node.inputs[2].name:
+                b = np.asarray(node.inputs[2].values).astype(np.float32)
+                sb = np.float32(s) * (ws if ws.ndim else np.float32(ws))
+                bf = (np.round(b / sb) * sb).astype(np.float32)
+                ins.append(gs.Constant(u.node + "_sh_B", bf))
+            y = node.outputs[0]
+            ys = gs.Variable(u.node + "_sh_y", dtype=np.float32)
+            g.nodes.append(gs.Node(node.op, attrs=dict(node.attrs), inputs=ins, outputs=[ys]))
+            pairs.append((u, y.name, ys.name))
+        g.toposort()
+        from ..graph.convert import graph_to_model
+        model = graph_to_model(g, self.model_f)
+        names = [n for _, a, b in pairs for n in (a, b)]
+        acc = {u.node: {"d": 0.0, "n": 0, "e": 0.0, "s": 0.0} for u, _, _ in pairs}
+        for cap in self._capture(model, names, list(self._samples_n(samples))):
+            for u, a, b in pairs:
+                yf, yq = cap[a].astype(np.float64), cap[b].astype(np.float64)
+                op = nodes[u.node].op
+                axis = 1 if op == "Conv" else yf.ndim - 1
+                red = tuple(i for i in range(yf.ndim) if i != axis)
+                r = acc[u.node]
+                r["d"] = r["d"] + (yq - yf).mean(axis=red)
+                r["n"] += 1
+                r["e"] += float(np.sum((yq - yf) ** 2))
+                r["s"] += float(np.sum(yf ** 2))
+        return {k: {"nsr": r["e"] / max(r["s"], 1e-30), "shift": np.asarray(r["d"]) / max(r["n"], 1)}
+                for k, r in acc.items()}
