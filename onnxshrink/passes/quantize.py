@@ -104,6 +104,8 @@ class QuantizeOptions:
     min_cosine: float = field(default=0.99, metadata={
         "help": "fidelity floor of the guard when no budget is given (mean cosine vs float)"})
     min_speedup: float = field(default=1.0, metadata={"help": "the guard's required speed-up over fp32"})
+    max_float_fraction: float = field(default=0.34, metadata={
+        "help": "most units the guard keeps in float when no budget is given"})
 
 
 @register
@@ -728,49 +730,67 @@ class _Quantizer:
         return self.emit(self.model_f, units, self._params(units), self.shift)
 
     # -------------------------------------------------------------- guards: fidelity floor and speed
-    def _fidelity(self, g: gs.Graph) -> dict:
-        if self.ctx.evaluator is not None:
+    def _fidelity(self, g) -> dict:
+        """Fidelity against the float model: the manager's evaluator under a budget, else the
+        guard's own check on up to 8 calibration samples."""
+        if self.ctx.budget is not None and self.ctx.evaluator is not None:
             return self.ctx.evaluate(g)
         from ..metrics import fidelity
         from ..runtime import make_session
-        samples = list(self._samples_n(8))
-        ref = [make_session(self.model_f, optimize=False).run(None, s) for s in samples]
-        sess = make_session(self.ctx.to_model(g), optimize=True)
-        return fidelity(ref, [sess.run(None, s) for s in samples])
+        if not hasattr(self, "_ref"):
+            self._guard_samples = list(self._samples_n(8))
+            sess = make_session(self.model_f, optimize=False)
+            self._ref = [sess.run(None, s) for s in self._guard_samples]
+        model = g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g)
+        sess = make_session(model, optimize=True)
+        return fidelity(self._ref, [sess.run(None, s) for s in self._guard_samples])
 
     def _holds(self, fid: dict) -> bool:
         if self.ctx.budget is not None:
             return self.ctx.budget.holds(fid)
-        return fid.get("cosine", 0.0) >= self.o.min_cosine
+        return fid.get("cosine", 0.0) >= self._floor
 
     def _guard(self, qg, units, reasons, excluded, order):
-        """Keep the most sensitive units in float (1, 2, 4, ... of them) until the fidelity floor
-        (``ctx.budget``, else ``min_cosine``) holds; then, with ``guard``, make sure the model is
-        faster than the float one, dropping small convolutions (whose integer kernels lose to
-        onnxruntime's float NCHWc kernels) or giving up."""
-        log = []
+        """Keep the most sensitive units in float (1, 2, 4, ... of them) until the fidelity floor holds
+        (``ctx.budget``; else mean cosine >= ``min_cosine`` x the float model's own cosine after
+        onnxruntime's optimizations, which is below 1 on ill-conditioned outputs). When the floor is
+        out of reach within ``max_float_fraction`` of the units, the best candidate within it is kept.
+        Then, with ``guard``, the model must be faster than the float one: small convolutions (whose
+        integer kernels lose to onnxruntime's float NCHWc kernels) go back to float, else the pass
+        gives up and changes nothing."""
+        self._floor = self.o.min_cosine
+        if self.ctx.budget is None:
+            base = self._fidelity(self.model_f).get("cosine", 1.0)
+            self._floor = self.o.min_cosine * min(base, 1.0)
+        base_ex = set(excluded)
+        cap = len(order) if self.ctx.budget is not None else \
+            max(1, int(math.ceil(self.o.max_float_fraction * len(order))))
         fid = self._fidelity(qg)
-        log.append({"keep_float": len(excluded), "cosine": round(fid.get("cosine", 0.0), 6)})
+        tried = [(fid, qg, units, reasons, excluded)]
+        log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
         k = 1
-        base = set(excluded)
-        while not self._holds(fid) and order and k <= len(order):
-            ex = base | set(order[:k])
+        while not self._holds(fid) and order and k <= min(cap, len(order)):
+            ex = base_ex | set(order[:k])
             units_k, reasons_k = self.plan(self.graph_f, ex)
             qg_k = self._build(units_k)
-            fid_k = self._fidelity(qg_k)
-            log.append({"keep_float": len(ex), "cosine": round(fid_k.get("cosine", 0.0), 6)})
-            qg, units, reasons, excluded, fid = qg_k, units_k, reasons_k, ex, fid_k
-            if k == len(order):
+            fid = self._fidelity(qg_k)
+            tried.append((fid, qg_k, units_k, reasons_k, ex))
+            log.append({"keep_float": k, "cosine": round(fid.get("cosine", 0.0), 6)})
+            if k >= min(cap, len(order)):
                 break
-            k = min(2 * k, len(order))
+            k = min(2 * k, cap, len(order))
         self.stats["fidelity_search"] = log
+        self.stats["fidelity_floor"] = str(self.ctx.budget) if self.ctx.budget is not None else \
+            f"cosine>={self._floor:.4f}"
+        ok = [t for t in tried if self._holds(t[0])]
+        fid, qg, units, reasons, excluded = ok[0] if ok else max(tried, key=lambda t: t[0].get("cosine", 0.0))
         if not self.o.guard:
             return qg, units, reasons, excluded
         sample = self._first_sample()
         t_f, t_q = self._latency(self.model_f, self.ctx.to_model(qg), sample)
-        speed = [{"config": "sensitivity", "speedup": round(t_f / t_q, 3)}]
+        speed = [{"config": f"{len(excluded)} sensitive units in float", "speedup": round(t_f / t_q, 3)}]
         best = (t_q, qg, units, reasons, excluded)
-        if t_q >= t_f * self.o.min_speedup:
+        if t_f / t_q < self.o.min_speedup:
             for limit in (2048, 8192, 32768):
                 small = {u.node for u in units.values() if u.kind == "weighted" and self._weight_count(u) < limit}
                 if not small:
@@ -782,16 +802,16 @@ class _Quantizer:
                 qg_k = self._build(units_k)
                 t_f2, t_k = self._latency(self.model_f, self.ctx.to_model(qg_k), sample)
                 t_k *= t_f / t_f2  # the same float reference for every candidate
-                speed.append({"config": f"convs with >= {limit} weights", "speedup": round(t_f / t_k, 3)})
+                speed.append({"config": f"only convs with >= {limit} weights", "speedup": round(t_f / t_k, 3)})
                 if t_k < best[0]:
                     fid_k = self._fidelity(qg_k)
-                    if self._holds(fid_k) or not self._holds(fid):
-                        best = (t_k, qg_k, units_k, {**reasons_k, **{n: "kept float: small convolution (the float "
-                                                     "kernel is faster)" for n in small}}, ex)
-                if best[0] < t_f * self.o.min_speedup:
+                    if self._holds(fid_k) or fid_k.get("cosine", 0) >= fid.get("cosine", 0):
+                        best = (t_k, qg_k, units_k, {**reasons_k, **{n: "kept float: small convolution (the "
+                                                     "float kernel is faster)" for n in small}}, ex)
+                if t_f / best[0] >= self.o.min_speedup:
                     break
         self.stats["speed_search"] = speed
-        if best[0] >= t_f * self.o.min_speedup:
+        if t_f / best[0] < self.o.min_speedup:
             self.stats["guard_reason"] = (f"no quantized placement is faster than fp32 on this CPU "
                                           f"(best {t_f / best[0]:.2f}x)")
             return None, units, reasons, excluded
