@@ -94,6 +94,8 @@ class QuantizeOptions:
         "help": "upgrade opset < 13 to 13 for per-channel weights (checked numerically)"})
     bias_correction: bool = field(default=False, metadata={
         "help": "correct each output channel's mean shift in the bias"})
+    div_to_mul: bool = field(default=False, metadata={
+        "help": "rewrite Div by a constant as Mul by its reciprocal (integer hard-swish chains)"})
     bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
     max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
@@ -242,7 +244,24 @@ def _fold_conv_affine(graph: gs.Graph) -> int:
     return n
 
 
-def prepare_float_graph(graph: gs.Graph) -> dict:
+def _div_to_mul(graph: gs.Graph) -> int:
+    """``Div(x, c)`` by a float constant becomes ``Mul(x, 1/c)`` (one rounding apart), which has an
+    integer kernel (QLinearMul) where Div has none: hard-swish ``x * clip(x + 3, 0, 6) / 6`` then
+    runs on integers end to end."""
+    n = 0
+    for node in graph.nodes:
+        if node.op != "Div" or len(node.inputs) != 2:
+            continue
+        c = _const_value(node.inputs[1])
+        if c is None or c.dtype != np.float32 or c.size > 4096 or not np.all(np.isfinite(c)) or np.any(c == 0):
+            continue
+        node.op = "Mul"
+        node.inputs[1] = gs.Constant((node.inputs[1].name or "c") + f"_reciprocal{n}", np.asarray(1.0 / c, dtype=np.float32))
+        n += 1
+    return n
+
+
+def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False) -> dict:
     """Lossless canonicalization the quantizer needs: Constant nodes to initializers, constant
     subgraphs folded, Conv+BN and Conv+Add(bias) folded, every node named."""
     stats = {"constants_to_initializers": _constants_to_initializers(graph)}
@@ -251,6 +270,8 @@ def prepare_float_graph(graph: gs.Graph) -> dict:
     except Exception:
         pass
     stats["folded_into_conv"] = _fold_conv_affine(graph)
+    if div_to_mul:
+        stats["div_to_mul"] = _div_to_mul(graph)
     seen = set()
     for i, node in enumerate(graph.nodes):
         if not node.name or node.name in seen:
@@ -648,7 +669,7 @@ class _Quantizer:
     def run(self, graph: gs.Graph) -> PassResult:
         refuse_quantized(graph)
         self._scheme()
-        self.stats["prepared"] = prepare_float_graph(graph)
+        self.stats["prepared"] = prepare_float_graph(graph, self.o.div_to_mul)
         if not any(n.op in WEIGHTED_OPS and self._weight_info(n) is not None for n in graph.nodes):
             raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
         graph = self._handle_opset(graph)
