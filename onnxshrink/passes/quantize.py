@@ -89,6 +89,8 @@ class QuantizeOptions:
         default="auto", metadata={"help": "7-bit weights (auto: on x86 without VNNI)"})
     elementwise: bool = field(default=True, metadata={
         "help": "quantize Add/Mul/Sigmoid/Concat/pools whose inputs are already integer"})
+    matmul_activations: bool = field(default=True, metadata={
+        "help": "quantize MatMul of two activations (attention scores) when both are integer"})
     fold_activations: bool = field(default=True, metadata={"help": "fold Relu/Clip into the preceding unit's range"})
     upgrade_opset: bool = field(default=True, metadata={
         "help": "upgrade opset < 13 to 13 for per-channel weights (checked numerically)"})
@@ -299,6 +301,7 @@ class _Quantizer:
         self.ctx = ctx
         self.stats: dict = {}
         self.n_units = None
+        self.elementwise = options.elementwise
 
     # -------------------------------------------------------------- scheme
     def _scheme(self):
@@ -415,8 +418,9 @@ class _Quantizer:
                 if op in WEIGHTED_OPS and op != "MatMul":
                     reasons[name] = "kept float: weights are not float constants"
                     continue
-                if not self.o.elementwise:
-                    reasons[name] = "kept float: elementwise quantization off"
+                if not self.elementwise:
+                    reasons[name] = "kept float: elementwise quantization off (by option or by the guard: " \
+                                    "fewer requantizations, better fidelity)"
                     continue
                 var_inputs = [t for t in node.inputs if not isinstance(t, gs.Constant)]
                 const_inputs = [t for t in node.inputs if isinstance(t, gs.Constant)]
@@ -426,6 +430,9 @@ class _Quantizer:
                     continue
                 if op == "MatMul" and len(var_inputs) != 2:
                     reasons[name] = "kept float: weights are not float constants"
+                    continue
+                if op == "MatMul" and not self.o.matmul_activations:
+                    reasons[name] = "kept float: activation x activation MatMul (attention; option matmul_activations)"
                     continue
                 missing = [t.name for t in var_inputs if t.name not in avail]
                 if missing or not var_inputs:
@@ -789,6 +796,18 @@ class _Quantizer:
         fid = self._fidelity(qg)
         tried = [(fid, qg, units, reasons, excluded)]
         log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
+        if not self._holds(fid) and self.elementwise:
+            # every integer elementwise op requantizes; without them each conv input is rounded once
+            self.elementwise = False
+            units_e, reasons_e = self.plan(self.graph_f, base_ex)
+            qg_e = self._build(units_e)
+            fid_e = self._fidelity(qg_e)
+            log.append({"keep_float": 0, "elementwise": False, "cosine": round(fid_e.get("cosine", 0.0), 6)})
+            if fid_e.get("cosine", 0.0) > fid.get("cosine", 0.0):
+                fid, qg, units, reasons = fid_e, qg_e, units_e, reasons_e
+                tried.append((fid, qg, units, reasons, excluded))
+            else:
+                self.elementwise = True
         k = 1
         while not self._holds(fid) and order and k <= min(cap, len(order)):
             ex = base_ex | set(order[:k])
