@@ -518,6 +518,7 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
 
     reasons: dict[str, str] = {}
     taken: set[str] = set()
+    float_nodes: list[str] = []  # taken, but computed in float (not inside a QDQ group)
     names = [n.name or f"{n.op_type}_{k}" for k, n in enumerate(g.node)]
     for name, n in zip(names, g.node):
         why = None
@@ -555,9 +556,7 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
                 bad_out = [o for o in fout if not consumers.get(o) or
                            any(c.op_type != "QuantizeLinear" for c in consumers[o])]
                 if bad_in or bad_out:
-                    t = (bad_in or bad_out)[0]
-                    why = (f"float tensor '{t}' is not quantized (HTP runs quantized ops only; "
-                           f"quantize with --target qnn)")
+                    float_nodes.append(name)
         if why is None and op == "DequantizeLinear" and profile.name in ("xnnpack", "nnapi", "qnn"):
             why = _dq_scheme_problem(profile, n, inits)
         if why is None:
@@ -578,6 +577,13 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
             "heavy_ops": {"total": heavy_total, "taken": heavy_taken},
             "unsupported_ops": dict(collections.Counter(u["op"] for u in unsupported)),
             "reasons": dict(by_reason), "unsupported": unsupported[:200]}
+    if not profile.float_ops_run:
+        info["float_nodes"] = len(float_nodes)
+        info["float_ops"] = dict(collections.Counter(node_by_name[k].op_type for k in float_nodes))
+        if float_nodes:
+            info["float_note"] = ("these nodes compute in float outside a QDQ group: the QNN EP hands them to "
+                                  "HTP, which runs float only in fp16 on v73+ chips (fp32 in the x86 simulator); "
+                                  "quantize them for older HTP versions")
     if checker_ops is not None:
         info["usability_checker"] = _usability_check(m, profile)
         info["accepted"] = info["usability_checker"]["suitability"] == "YES"
@@ -644,7 +650,7 @@ def _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profi
 def _reason_kind(reason: str) -> str:
     for key, kind in (("supported-op list", "op not in EP list"), ("no ", "op not in EP list"),
                       ("dynamic", "dynamic shape"), ("rank", "rank"), ("shape operand", "run-time shape operand"),
-                      ("not quantized", "float op outside QDQ"), ("XNNPACK", "QDQ scheme / fusion"),
+                      ("XNNPACK", "QDQ scheme / fusion"),
                       ("Q/DQ", "QDQ scheme / fusion"), ("activations", "QDQ scheme / fusion"),
                       ("weights", "QDQ scheme / fusion")):
         if key in reason:

@@ -165,14 +165,15 @@ def test_folding_keeps_quantized_weights():
 
 
 # ------------------------------------------------------------------------------------ coverage
-def test_qnn_coverage_flags_float_ops_and_accepts_qdq():
+def test_qnn_coverage_counts_float_ops_and_accepts_qdq():
     f = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[1,3,8,8] x) => (float[1,3,8,8] y) { y = Sigmoid(x) }""")
     cov = em.coverage(f, get_target("qnn"))
-    assert not cov["accepted"] and "not quantized" in cov["unsupported"][0]["reason"]
+    assert cov["accepted"] and cov["float_nodes"] == 1 and cov["float_ops"] == {"Sigmoid": 1}
     q = _qdq_model()
     cov = em.coverage(q, get_target("qnn"))
     assert cov["accepted"] and cov["taken"] == cov["nodes"] == 6 and cov["partitions"] == 1
+    assert cov["float_nodes"] == 0
 
 
 def test_xnnpack_coverage_checks_the_qdq_scheme():
