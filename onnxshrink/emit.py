@@ -4,7 +4,7 @@ the EP takes.
 Steps (each lossless; the result is checked numerically against the input model):
 
 1. opset into the profile's range (``onnx.version_converter``);
-2. static-shape folding: with every input dimension fixed, shape inference with data propagation
+2. constant and static-shape folding (Constant nodes become initializers); with every input dimension fixed, shape inference with data propagation
    gives every shape-arithmetic value (Shape -> Gather -> Range -> Expand -> Reshape ...) a
    constant; onnx-graphsurgeon's ``fold_constants`` evaluates those subgraphs into initializers.
    Quantize/Dequantize nodes are never folded, so QDQ weights stay quantized;
@@ -15,6 +15,8 @@ Steps (each lossless; the result is checked numerically against the input model)
        Gemm(A, B, C)  = alpha * (A' @ B') + beta * C        (A' = A^T if transA, B' likewise)
        MatMul(A, W) + b  ->  Gemm(A, W, b)                   (A 2-D, W and b constant)
        x * HardSigmoid(x; 1/6, 1/2)  ->  HardSwish(x)
+       ConvTranspose(x, W; kernel = stride = s) = DepthToSpace_DCR(Conv1x1(x, W'), s)
+           with W'[(a*s + b)*O + o, c] = W[c, o, a, b]
 
    A node inside a QDQ group (fed by DequantizeLinear, feeding QuantizeLinear) is never split,
    since the new intermediate tensors would be float: such ops are rewritten before
@@ -298,6 +300,43 @@ def _matmul_add_to_gemm(g: gs.Graph) -> int:
     return n
 
 
+def _convtranspose_to_conv_depthtospace(g: gs.Graph) -> int:
+    """ConvTranspose with kernel == stride == s (no padding, dilation 1, group 1) is a 1x1 Conv to
+    s*s*O channels followed by DepthToSpace(s, DCR):
+    W'[(a*s + b)*O + o, c] = W[c, o, a, b],  bias'[(a*s + b)*O + o] = bias[o]."""
+    n = 0
+    for node in [x for x in g.nodes if x.op == "ConvTranspose"]:
+        if _is_quantized_node(node) or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        w = node.inputs[1].values
+        a = node.attrs
+        if w.ndim != 4 or w.shape[2] != w.shape[3]:
+            continue
+        s = int(w.shape[2])
+        if a.get("group", 1) != 1 or list(a.get("strides", [1, 1])) != [s, s] or \
+                list(a.get("kernel_shape", [s, s])) != [s, s] or any(a.get("pads", [0, 0, 0, 0])) or \
+                any(d != 1 for d in a.get("dilations", [1, 1])) or any(a.get("output_padding", [0, 0])) or \
+                "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            continue
+        c_in, c_out = w.shape[0], w.shape[1]
+        w2 = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(s * s * c_out, c_in, 1, 1))
+        ins = [node.inputs[0], gs.Constant(_uniq(g, f"{node.name}_w1x1"), w2)]
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            b = node.inputs[2]
+            if not isinstance(b, gs.Constant):
+                continue
+            ins.append(gs.Constant(_uniq(g, f"{node.name}_b1x1"), np.tile(b.values, s * s)))
+        y = node.outputs[0]
+        mid = gs.Variable(_uniq(g, f"{node.name}_depth"), dtype=y.dtype)
+        g.nodes.append(gs.Node("Conv", f"{node.name}_conv1x1", {"kernel_shape": [1, 1]}, inputs=ins, outputs=[mid]))
+        g.nodes.append(gs.Node("DepthToSpace", f"{node.name}_d2s", {"blocksize": s, "mode": "DCR"},
+                               inputs=[mid], outputs=[y]))
+        node.outputs.clear()
+        node.inputs.clear()
+        n += 1
+    return n
+
+
 # name -> (function, ops it removes, ops it needs)
 REWRITES = {
     "decompose_hardswish": (_decompose_hardswish, ("HardSwish",), ("HardSigmoid", "Mul")),
@@ -305,8 +344,11 @@ REWRITES = {
     "fuse_hardswish": (_fuse_hardswish, ("HardSigmoid",), ("HardSwish",)),
     "gemm_to_matmul": (_gemm_to_matmul, ("Gemm",), ("MatMul", "Add")),
     "matmul_add_to_gemm": (_matmul_add_to_gemm, ("MatMul",), ("Gemm",)),
+    "convtranspose_to_conv_depthtospace": (_convtranspose_to_conv_depthtospace, ("ConvTranspose",),
+                                           ("Conv", "DepthToSpace")),
 }
-_DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matmul")
+_DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matmul",
+                   "convtranspose_to_conv_depthtospace")
 
 
 def _target_has(profile, op: str, model: onnx.ModelProto | None = None) -> bool:
@@ -419,7 +461,7 @@ def _transform(model: onnx.ModelProto, profile, ctx, fold: bool = True) -> tuple
 def prepare_for_target(model: onnx.ModelProto, profile, ctx=None) -> tuple[onnx.ModelProto, dict]:
     """Before the passes: opset into range, shape folding (when the inputs are static), exact
     rewrites of ops the target lacks. Lossless; returns (model, info)."""
-    return _transform(model, profile, ctx, fold=_static_inputs(model))
+    return _transform(model, profile, ctx)
 
 
 def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None = None
@@ -427,7 +469,7 @@ def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None 
     """After the passes: the preparation steps again (the passes may have added foldable
     subgraphs), then the coverage report; for qnn the real HTP check when available
     (``qnn=False`` skips it, ``qnn=True`` requires it)."""
-    model, steps = _transform(model, profile, ctx, fold=_static_inputs(model))
+    model, steps = _transform(model, profile, ctx)
     info = {"target": profile.name, "provider": profile.provider, "emission": steps,
             "scheme": {"activations": profile.activation_dtype, "weights": profile.weight_dtype,
                        "symmetric_weights": profile.symmetric_weights, "per_channel": profile.per_channel},
@@ -651,7 +693,7 @@ def _reason_kind(reason: str) -> str:
     for key, kind in (("supported-op list", "op not in EP list"), ("no ", "op not in EP list"),
                       ("dynamic", "dynamic shape"), ("rank", "rank"), ("shape operand", "run-time shape operand"),
                       ("XNNPACK", "QDQ scheme / fusion"),
-                      ("Q/DQ", "QDQ scheme / fusion"), ("activations", "QDQ scheme / fusion"),
+                      ("Q/DQ around", "Q/DQ of an op on the CPU EP"), ("activations", "QDQ scheme / fusion"),
                       ("weights", "QDQ scheme / fusion")):
         if key in reason:
             return kind
@@ -829,8 +871,11 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
         if Path(op).exists() and reference is not None:
             outs = np.load(op)
             got = [[outs[f"{k}/{j}"] for j in range(len(reference[k]))] for k in range(res.get("samples", 0))]
-            from .metrics import fidelity
+            from .metrics import compare_outputs, fidelity
             res["fidelity"] = fidelity(reference[:len(got)], got)
+            res["per_sample"] = [{"cosine": compare_outputs(r, o)["cosine"],
+                                  "ref_max": float(max(np.max(np.abs(x)) for x in r))}
+                                 for r, o in zip(reference, got)]
             res["fidelity_vs"] = "fp32 original on the CPU EP"
     return res
 

@@ -95,6 +95,24 @@ def test_matmul_add_to_gemm_exact():
     assert_outputs_close(run_ort(m, {"a": a}), run_ort(out, {"a": a}), 1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_convtranspose_to_conv_depthtospace_exact(bias):
+    w = RNG.standard_normal((6, 4, 2, 2)).astype(np.float32)
+    inits = {"w": w}
+    args = "x, w"
+    if bias:
+        inits["b"] = RNG.standard_normal(4).astype(np.float32)
+        args += ", b"
+    m = _model(f"""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,6,5,7] x) => (float[1,4,10,14] y) {{
+            y = ConvTranspose <kernel_shape = [2, 2], strides = [2, 2], pads = [0, 0, 0, 0]> ({args}) }}""", inits)
+    out, done = em.apply_rewrites(m, (), get_target("nnapi"))
+    assert done == {"convtranspose_to_conv_depthtospace": 1} and _ops(out) == ["Conv", "DepthToSpace"]
+    check(out)
+    x = RNG.standard_normal((1, 6, 5, 7)).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-5)
+
+
 def test_rewrite_never_splits_a_quantized_node():
     m = _qdq_model("HardSwish")
     out, done = em.apply_rewrites(m, (), get_target("nnapi"))
