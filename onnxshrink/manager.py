@@ -14,6 +14,7 @@ __all__ = ["PassManager", "optimize"]
 
 import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,7 +53,7 @@ class PassManager:
     def __init__(self, passes: Sequence, data=None, val_data=None, budget=None, target=None,
                  input_shapes: dict | None = None, seed: int = 0, progress: bool | Progress = False,
                  synthetic: bool = False, metric: Callable | None = None, lossless_tol: float = 1e-4,
-                 measure_speed: bool = False, debug: bool = False):
+                 measure_speed: bool = False, debug: bool = False, labels=None):
         self.passes = [create_pass(p) for p in passes]
         self.data = data
         self.val_data = val_data
@@ -66,6 +67,9 @@ class PassManager:
         self.lossless_tol = lossless_tol
         self.measure_speed = measure_speed
         self.debug = debug
+        self.labels = labels
+        self._labels = None
+        self.baseline: dict = {}
         if self.budget is not None and self.budget.metric == "user" and metric is None:
             raise UsageError("budget on metric 'user' needs a user metric callable")
 
@@ -79,6 +83,12 @@ class PassManager:
             specs = input_specs(model)
         source = as_source(self.data, specs)
         val = as_source(self.val_data, specs)
+        if self.labels is not None:
+            from .data import ListSource
+            if isinstance(source, ListSource) and val is None:
+                source._labels = list(self.labels)
+            elif isinstance(val, ListSource):
+                val._labels = list(self.labels)
         needs = [p.name for p in self.passes if p.needs_data]
         if source is None and val is None:
             if needs and not self.synthetic:
@@ -109,6 +119,10 @@ class PassManager:
                 report.warnings.append("target '%s' needs static shapes; took them from the calibration data: %s"
                                        % (self.target.name, ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())))
         calib, val, on_calib = split_calib_val(source, val)
+        self._labels = val.labels()
+        if self.budget is not None and self.budget.metric in ("accuracy", "top5") and self._labels is None:
+            raise UsageError(f"budget on '{self.budget.metric}' needs labels: put labels.npy or labels.txt "
+                             "(one integer per sample, in file-name order) beside the data")
         report.data = {
             "calibration": calib.description,
             "validation": val.description + (" (calibration samples, not held out)" if on_calib else ""),
@@ -132,10 +146,10 @@ class PassManager:
             outs = self._outputs(candidate, val, optimize=not lossless)
         except Exception as e:
             return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
-        fid = fidelity(reference, outs, self.metric, val)
+        fid = fidelity(reference, outs, self.metric, val, self._labels)
         if lossless and not fid.get("max_abs", 0.0) <= self.lossless_tol:
             return False, f"outputs changed (relative max error {fid.get('max_abs'):.2e} > {self.lossless_tol:g})", fid
-        if not lossless and self.budget is not None and not self.budget.holds(fid):
+        if not lossless and self.budget is not None and not self.budget.holds(fid, self.baseline):
             return False, f"budget {self.budget} broken ({self.budget.metric}={fid.get(self.budget.metric):.5g})", fid
         return True, "", fid
 
@@ -163,7 +177,12 @@ class PassManager:
         except OnnxShrinkError:
             raise
         except Exception as e:
-            raise InputError(f"the input model does not run in onnxruntime: {_first_line(e)}") from None
+            msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
+            raise InputError(f"the input model does not run in onnxruntime: {msg}") from None
+        self.baseline = fidelity(reference, reference, self.metric, val, self._labels)
+        if self._labels is not None or self.metric is not None:
+            report.data["original_scores"] = {k: self.baseline[k] for k in ("accuracy", "top5", "user")
+                                              if k in self.baseline}
         cost_shapes = self.input_shapes or sample_shapes
         report.before = model_io.model_stats(original, cost_shapes)
         current = original
@@ -172,7 +191,9 @@ class PassManager:
         ctx = Context(calib=calib, val=val, reference=reference, budget=self.budget, target=self.target,
                       seed=self.seed, rng=np.random.default_rng(self.seed), progress=self.progress,
                       template=current)
-        ctx.evaluator = lambda m: fidelity(reference, self._outputs(m, val, optimize=True), self.metric, val)
+        ctx.evaluator = lambda m: fidelity(reference, self._outputs(m, val, optimize=True), self.metric, val,
+                                           self._labels)
+        ctx.baseline = self.baseline
 
         for p in self.passes:
             rec, current = self._run_one(p, current, ctx, val, reference, cost_shapes)
@@ -183,9 +204,9 @@ class PassManager:
             current = self._emit(current, ctx, report)
 
         final = self._outputs(current, val, optimize=True)
-        report.fidelity = fidelity(reference, final, self.metric, val)
+        report.fidelity = fidelity(reference, final, self.metric, val, self._labels)
         report.after = model_io.model_stats(current, cost_shapes)
-        report.budget_met = self.budget.holds(report.fidelity) if self.budget else None
+        report.budget_met = self.budget.holds(report.fidelity, self.baseline) if self.budget else None
         if self.measure_speed:
             feeds = val.get(0)
             report.latency_ms = {"before": measure_latency(original, feeds), "after": measure_latency(current, feeds)}
@@ -293,9 +314,10 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
     result atomically. Returns (model, report). Raises BudgetError (nothing written) when the
     budget cannot be met."""
     input_path = model if not isinstance(model, onnx.ModelProto) else None
-    if output is not None and input_path is not None and Path(output).exists() and \
-            os.path.samefile(output, input_path):
-        raise UsageError(f"output path is the input file ({output}); refusing to overwrite the input")
+    if input_path is not None and not Path(input_path).exists():
+        raise InputError(f"model file not found: {input_path}")
+    if output is not None:  # fail before any work: unwritable output, output == input
+        model_io.check_output_path(output, input_path)
     pm = PassManager(passes, **kwargs)
     result, report = pm.run(model)
     if output is not None:

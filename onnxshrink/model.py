@@ -3,7 +3,8 @@ and model statistics (op histogram, parameters, weight bytes, MACs)."""
 
 from __future__ import annotations
 
-__all__ = ["load", "save", "model_stats", "tensor_bytes", "PROTOBUF_LIMIT", "check_model", "copy_model_fields"]
+__all__ = ["load", "save", "model_stats", "tensor_bytes", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
+           "check_output_path", "external_data_files"]
 
 import collections
 import os
@@ -35,12 +36,19 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if p.stat().st_size == 0:
         raise InputError(f"model file is empty: {p}")
     try:
-        model = onnx.load(str(p), load_external_data=True)
-    except FileNotFoundError as e:
-        raise InputError(f"{p}: external data file missing ({e.filename or e})") from None
-    except Exception as e:  # protobuf DecodeError, truncated files, bad external data
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError, truncated files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{p}: not a readable ONNX model ({msg})") from None
+    missing = [f for f in _external_locations(model, p.parent) if not f.is_file()]
+    if missing:
+        raise InputError(f"{p}: external data file missing: {missing[0]}")
+    if _external_locations(model, p.parent):
+        try:
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except Exception as e:  # short or corrupt data file, a location outside the model's folder
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"{p}: cannot read external data ({msg[:200]})") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{p}: not an ONNX model (no graph found)")
     return model
@@ -116,19 +124,13 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     with its weights inline.
     """
     out = Path(path)
-    if input_path is not None and _same_file(out, Path(input_path)):
-        raise UsageError(f"output path is the input file ({out}); refusing to overwrite the input")
+    check_output_path(out, input_path)
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise UsageError(f"output folder does not exist: {parent}")
-    if out.is_dir():
-        raise UsageError(f"output path is a directory: {out}")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output folder is not writable: {parent}")
     if external_data is None:
         external_data = _weights_size(model) >= _EXTERNAL_THRESHOLD
-    tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
+    tmpdir = None
     try:
+        tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
         tmp_model = Path(tmpdir) / out.name
         if external_data:
             location = out.name + ".data"
@@ -143,8 +145,67 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _external_locations(model: onnx.ModelProto, base: Path) -> list[Path]:
+    """Files named by the external-data tensors (initializers and attribute tensors, subgraphs
+    included) of a model loaded without its external data."""
+    files = set()
+    for g in _all_graphs(model.graph):
+        tensors = list(g.initializer)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    tensors.append(a.t)
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    tensors.extend(a.tensors)
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                for kv in t.external_data:
+                    if kv.key == "location":
+                        files.add(base / kv.value)
+    return sorted(files)
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files a model file refers to (read from the proto without loading the
+    data); [] when it has none or cannot be read."""
+    p = Path(path)
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception:
+        return []
+    return _external_locations(m, p.parent)
+
+
+def check_output_path(out: str | os.PathLike, input_path: str | os.PathLike | None = None) -> None:
+    """Fail early (UsageError, one line) when ``out`` cannot be written or would overwrite the
+    input model or one of its external data files (``out`` itself, or ``out.data`` written next to
+    it for large models). Called before any work is done and again by ``save``."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if input_path is not None:
+        inp = Path(input_path)
+        if _same_file(out, inp):
+            raise UsageError(f"output path is the input file ({out}); refusing to overwrite the input")
+        for f in external_data_files(inp) if inp.exists() else []:
+            for candidate in (out, out.with_name(out.name + ".data")):
+                if _same_file(candidate, f):
+                    raise UsageError(f"writing {out} would overwrite the input's external data file {f}; "
+                                     "choose another output name")
+    if not parent.exists():
+        raise UsageError(f"cannot write {out}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {out}: {parent} is not a folder")
+    if out.is_dir():
+        raise UsageError(f"cannot write {out}: it is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {out}: folder {parent} is not writable")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UsageError(f"cannot write {out}: the file exists and is read-only")
 
 
 def _same_file(a: Path, b: Path) -> bool:
