@@ -742,10 +742,11 @@ import json, re, sys, time
 import numpy as np
 import onnxruntime as ort
 import onnxruntime_qnn as qnn
-model, samples_path, out_path, log_path = sys.argv[1:5]
+model, samples_path, out_path, log_path, options = sys.argv[1:6]
+options = json.loads(options)
 ort.register_execution_provider_library("QNNExecutionProvider", qnn.get_library_path())
 devs = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
-res = {"onnxruntime": ort.__version__, "onnxruntime_qnn": getattr(qnn, "__version__", "?"), "backend": "htp"}
+res = {"onnxruntime": ort.__version__, "onnxruntime_qnn": getattr(qnn, "__version__", "?"), "provider_options": options}
 if not devs:
     res["error"] = "no QNN EP device"
     print(json.dumps(res)); sys.exit(0)
@@ -754,7 +755,7 @@ def session(fallback):
     so.log_severity_level = 0 if not fallback else 0
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "0" if fallback else "1")
     so.intra_op_num_threads = 1
-    so.add_provider_for_devices(devs, {"backend_type": "htp"})
+    so.add_provider_for_devices(devs, options)
     return ort.InferenceSession(model, so)
 t = time.time()
 try:
@@ -786,6 +787,24 @@ if sess is not None:
     res["samples"] = n
 print(json.dumps(res))
 '''
+
+
+# The HTP device the simulator emulates. Without a soc_model the simulator cannot finalize graphs
+# that keep float nodes (QNN_COMMON_ERROR_MEM_ALLOC); 43 = Snapdragon 8 Gen 2 (SM8550, HTP v73).
+# enable_htp_fp16_precision: float nodes run in fp16 as they do on the device (v73+).
+QNN_HTP_OPTIONS = {"backend_type": "htp", "soc_model": "43", "enable_htp_fp16_precision": "1"}
+
+
+def qnn_provider_options() -> dict:
+    """QNN_HTP_OPTIONS overridden by $ONNXSHRINK_QNN_OPTIONS ("key=value,key=value")."""
+    opts = dict(QNN_HTP_OPTIONS)
+    for kv in filter(None, os.environ.get("ONNXSHRINK_QNN_OPTIONS", "").split(",")):
+        k, _, v = kv.partition("=")
+        if v == "":
+            opts.pop(k.strip(), None)
+        else:
+            opts[k.strip()] = v.strip()
+    return opts
 
 
 def qnn_python() -> str | None:
@@ -848,7 +867,8 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
         lp = os.path.join(d, "log.txt")
         try:
             with open(lp, "w") as logf:
-                proc = subprocess.run([py, "-c", _QNN_WORKER, mp, sp, op, lp], stdout=subprocess.PIPE,
+                proc = subprocess.run([py, "-c", _QNN_WORKER, mp, sp, op, lp, json.dumps(qnn_provider_options())],
+                                      stdout=subprocess.PIPE,
                                       stderr=logf, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"available": True, "accepted": False, "error": f"QNN check timed out after {timeout}s"}
