@@ -476,7 +476,7 @@ def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None 
             "opset": _opset(model), "static_inputs": _static_inputs(model)}
     info["coverage"] = coverage(model, profile)
     if profile.name == "qnn" and qnn is not False:
-        samples = _samples(model, ctx, n=8)
+        samples = _samples(model, ctx, n=int(os.environ.get("ONNXSHRINK_QNN_SAMPLES", "8")))
         ref = getattr(ctx, "reference", None)
         info["qnn_htp"] = qnn_htp_check(model, samples, ref[:len(samples)] if ref is not None else None,
                                         required=bool(qnn))
