@@ -337,6 +337,25 @@ def _convtranspose_to_conv_depthtospace(g: gs.Graph) -> int:
     return n
 
 
+def _fill_empty_resize_inputs(g: gs.Graph) -> int:
+    """Resize(X, "", scales) -> Resize(X, roi=[], scales): an empty roi (ignored unless
+    coordinate_transformation_mode is tf_crop_and_resize) and, with sizes, empty scales, as
+    constants. Same semantics; onnxruntime's mobile usability checker counts an empty input name
+    as a dynamic shape and splits the NNAPI/CoreML partition there."""
+    n = 0
+    for node in [x for x in g.nodes if x.op == "Resize"]:
+        changed = False
+        for k in (1, 2):
+            if k < len(node.inputs) and (node.inputs[k] is None or not node.inputs[k].name):
+                if k == 2 and len(node.inputs) < 4:
+                    continue
+                node.inputs[k] = gs.Constant(_uniq(g, f"{node.name}_{'roi' if k == 1 else 'scales'}_empty"),
+                                             np.zeros((0,), np.float32))
+                changed = True
+        n += changed
+    return n
+
+
 # name -> (function, ops it removes, ops it needs)
 REWRITES = {
     "decompose_hardswish": (_decompose_hardswish, ("HardSwish",), ("HardSigmoid", "Mul")),
@@ -344,6 +363,7 @@ REWRITES = {
     "fuse_hardswish": (_fuse_hardswish, ("HardSigmoid",), ("HardSwish",)),
     "gemm_to_matmul": (_gemm_to_matmul, ("Gemm",), ("MatMul", "Add")),
     "matmul_add_to_gemm": (_matmul_add_to_gemm, ("MatMul",), ("Gemm",)),
+    "fill_empty_resize_inputs": (_fill_empty_resize_inputs, (), ("Resize",)),
     "convtranspose_to_conv_depthtospace": (_convtranspose_to_conv_depthtospace, ("ConvTranspose",),
                                            ("Conv", "DepthToSpace")),
 }
@@ -523,6 +543,8 @@ def _dq_scheme_problem(profile, dq: onnx.NodeProto, inits: dict) -> str | None:
         return None
     w = inits[x]
     dt = onnx.helper.tensor_dtype_to_np_dtype(w.data_type).name
+    if dt == "int32":  # a bias: int32 with scale = input scale * weight scale, taken by every EP here
+        return None
     scale = inits.get(dq.input[1])
     per_channel = scale is not None and int(np.prod(scale.dims or [1])) > 1
     if profile.name == "xnnpack":
@@ -665,9 +687,14 @@ def _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profi
             for i in n.input:
                 p = producers.get(i)
                 if p is not None and p.op_type == "DequantizeLinear":
-                    zp = inits.get(p.input[2]) if len(p.input) > 2 and p.input[2] else None
-                    dt = onnx.helper.tensor_dtype_to_np_dtype(zp.data_type).name if zp is not None else "uint8"
-                    act_dt.add(dt)
+                    src = inits.get(p.input[0])
+                    if src is not None:  # weight (or int32 bias, which does not count)
+                        dt = onnx.helper.tensor_dtype_to_np_dtype(src.data_type).name
+                    else:
+                        zp = inits.get(p.input[2]) if len(p.input) > 2 and p.input[2] else None
+                        dt = onnx.helper.tensor_dtype_to_np_dtype(zp.data_type).name if zp is not None else "uint8"
+                    if dt != "int32":
+                        act_dt.add(dt)
             if len(act_dt) > 1:
                 taken.discard(name)
                 reasons[name] = f"mixed {'/'.join(sorted(act_dt))} QDQ inputs (XNNPACK takes qu8 or qs8, not u8s8)"

@@ -114,12 +114,14 @@ TARGETS: dict[str, TargetProfile] = {
     "nnapi": TargetProfile(
         "nnapi", "Android NNAPI EP", "NnapiExecutionProvider",
         activation_dtype="uint8", weight_dtype="uint8", symmetric_weights=False, per_channel=False,
-        static_shapes=True, opset_max=21, ops="usability_checker", rewrites=("matmul_add_to_gemm",),
+        static_shapes=True, opset_max=21, ops="usability_checker",
+        rewrites=("matmul_add_to_gemm", "fill_empty_resize_inputs"),
         notes=("NNAPI takes TENSOR_QUANT8_ASYMM (uint8, per-tensor); every value must have a static shape",
                "op list: onnxruntime's nnapi_supported_ops.md via its mobile usability checker")),
     "coreml": TargetProfile(
         "coreml", "Apple CoreML EP (MLProgram)", "CoreMLExecutionProvider",
         activation_dtype="uint8", per_channel=True, static_shapes=True, ops="usability_checker", fp16=True,
+        rewrites=("fill_empty_resize_inputs",),
         max_rank=5, notes=("CoreML computes in float16/float32; QDQ weights are dequantized by the EP",)),
     "qnn": TargetProfile(
         "qnn", "Qualcomm QNN EP, HTP (NPU) backend", "QNNExecutionProvider",

@@ -113,6 +113,22 @@ def test_convtranspose_to_conv_depthtospace_exact(bias):
     assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-5)
 
 
+def test_empty_resize_inputs_filled_for_the_usability_checker():
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,2,4,4] x) => (float[1,2,8,8] y) { y = Resize <mode = "nearest"> (x, , sc) }""",
+               {"sc": np.array([1, 1, 2, 2], np.float32)})
+    m = onnx.shape_inference.infer_shapes(m)
+    before = em.coverage(m, get_target("nnapi"))["usability_checker"]
+    assert before["unsupported_dynamic_shape"] == 1
+    out, done = em.apply_rewrites(m, get_target("nnapi").rewrites, get_target("nnapi"))
+    assert done == {"fill_empty_resize_inputs": 1}
+    check(out)
+    cov = em.coverage(out, get_target("nnapi"))
+    assert cov["usability_checker"]["unsupported_dynamic_shape"] == 0 and cov["accepted"]
+    x = RNG.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 0)
+
+
 def test_rewrite_never_splits_a_quantized_node():
     m = _qdq_model("HardSwish")
     out, done = em.apply_rewrites(m, (), get_target("nnapi"))
@@ -162,8 +178,11 @@ def _qdq_model(op: str = "Conv") -> onnx.ModelProto:
     w = RNG.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
     inits = {"w_q": w, "w_s": np.full((4,), 0.01, np.float32), "w_z": np.zeros((4,), np.int8),
              "x_s": np.array(0.05, np.float32), "x_z": np.array(128, np.uint8),
-             "y_s": np.array(0.05, np.float32), "y_z": np.array(128, np.uint8)}
-    body = ("t = Conv <pads = [1, 1, 1, 1]> (xd, wd)" if op == "Conv" else f"t = {op}(xd)")
+             "y_s": np.array(0.05, np.float32), "y_z": np.array(128, np.uint8),
+             "b_q": RNG.integers(-1000, 1000, (4,)).astype(np.int32), "b_s": np.full((4,), 0.0005, np.float32),
+             "b_z": np.zeros((4,), np.int32)}
+    body = ("bd = DequantizeLinear <axis = 0> (b_q, b_s, b_z)\n            t = Conv <pads = [1, 1, 1, 1]> (xd, wd, bd)"
+            if op == "Conv" else f"t = {op}(xd)")
     return _model(f"""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[1,3,8,8] x) => (float y) {{
             xq = QuantizeLinear(x, x_s, x_z)
@@ -178,7 +197,7 @@ def _qdq_model(op: str = "Conv") -> onnx.ModelProto:
 def test_folding_keeps_quantized_weights():
     m = _qdq_model()
     out, info = em.fold_static_shapes(m)
-    assert _ops(out).count("DequantizeLinear") == 3
+    assert _ops(out).count("DequantizeLinear") == 4
     assert any(t.data_type == TensorProto.INT8 for t in out.graph.initializer)
 
 
@@ -190,7 +209,7 @@ def test_qnn_coverage_counts_float_ops_and_accepts_qdq():
     assert cov["accepted"] and cov["float_nodes"] == 1 and cov["float_ops"] == {"Sigmoid": 1}
     q = _qdq_model()
     cov = em.coverage(q, get_target("qnn"))
-    assert cov["accepted"] and cov["taken"] == cov["nodes"] == 6 and cov["partitions"] == 1
+    assert cov["accepted"] and cov["taken"] == cov["nodes"] == 7 and cov["partitions"] == 1
     assert cov["float_nodes"] == 0
 
 
@@ -204,8 +223,8 @@ def test_xnnpack_coverage_checks_the_qdq_scheme():
             t.CopyFrom(numpy_helper.from_array(np.array(0, np.int8), t.name))
     cov = em.coverage(m, get_target("xnnpack"))
     assert cov["heavy_ops"] == {"total": 1, "taken": 1} and cov["accepted"]
-    # the QDQ group (DQ x, DQ w, Conv, Q y) runs on XNNPACK; the graph-boundary Q of x and DQ of y do not
-    assert cov["taken"] == 4 and cov["nodes"] == 6
+    # the QDQ group (DQ x, DQ w, DQ bias, Conv, Q y) runs on XNNPACK; the graph-boundary Q of x and DQ of y do not
+    assert cov["taken"] == 5 and cov["nodes"] == 7
 
 
 def test_nnapi_coverage_uses_onnxruntime_usability_checker():
