@@ -717,11 +717,10 @@ def _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profi
 
 
 def _reason_kind(reason: str) -> str:
-    for key, kind in (("supported-op list", "op not in EP list"), ("no ", "op not in EP list"),
-                      ("dynamic", "dynamic shape"), ("rank", "rank"), ("shape operand", "run-time shape operand"),
-                      ("XNNPACK", "QDQ scheme / fusion"),
-                      ("Q/DQ around", "Q/DQ of an op on the CPU EP"), ("activations", "QDQ scheme / fusion"),
-                      ("weights", "QDQ scheme / fusion")):
+    for key, kind in (("Q/DQ around", "Q/DQ of an op on the CPU EP"), ("supported-op list", "op not in EP list"),
+                      ("no ", "op not in EP list"), ("dynamic", "dynamic shape"), ("rank", "rank"),
+                      ("shape operand", "run-time shape operand"), ("XNNPACK", "QDQ scheme / fusion"),
+                      ("activations", "QDQ scheme / fusion"), ("weights", "QDQ scheme / fusion")):
         if key in reason:
             return kind
     return "other"
