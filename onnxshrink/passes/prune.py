@@ -632,6 +632,7 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = {n.name: n for n in graph.nodes}
     todo = []
+    skipped = 0
     for name, keep in info["in_keep"].items():
         n = nodes.get(name)
         if n is None or keep.all():
@@ -643,10 +644,11 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
         dim = int(np.prod(w.shape[1:])) if kind == "conv" else w.shape[0] if kind != "gemm" else (
             w.shape[1] if int(n.attrs.get("transB", 0)) else w.shape[0])
         if dim > o.refit_max_dim:
+            skipped += 1
             continue
         todo.append(n)
     todo.sort(key=lambda n: order[n.name])
-    res = {"refit": 0, "kept_old": 0, "skipped_dim": 0, "layers": []}
+    res = {"refit": 0, "kept_old": 0, "skipped_dim": skipped, "layers": []}
     if not todo:
         return res
     # stages by dependency level: no layer is refit together with one upstream of it, so each
