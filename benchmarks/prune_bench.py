@@ -120,11 +120,12 @@ def lossless(name: str) -> dict:
     }
 
 
-def importance(name: str, refit: bool, n_samples: int = 24, ratio: float = 0.3) -> dict:
+def importance(name: str, refit: bool, n_samples: int = 24, ratio: float = 0.3, target_macs: float = 0.0) -> dict:
     t0 = time.perf_counter()
     m, samples = prepare(name, n_samples)
     shapes = {k: list(v.shape) for k, v in samples[0].items()}
-    out, rep = optimize(m, passes=_passes({"mode": "importance", "ratio": ratio, "refit": refit, "latency": False}),
+    out, rep = optimize(m, passes=_passes({"mode": "importance", "ratio": ratio, "refit": refit, "latency": False,
+                                           "target_macs": target_macs}),
                         data=samples)
     rec = next(r for r in rep.passes if r.name == "prune")
     cb, ca = model_cost(m, shapes), model_cost(out, shapes)
@@ -133,7 +134,8 @@ def importance(name: str, refit: bool, n_samples: int = 24, ratio: float = 0.3) 
     lat_a = measure_latency(out, feeds, runs=30, threads=1)
     fid = rep.fidelity or {}
     return {
-        "model": name, "refit": refit, "status": rec.status, "reason": rec.reason,
+        "model": name, "refit": refit, "ratio": ratio, "target_macs": target_macs,
+        "status": rec.status, "reason": rec.reason,
         "cosine": fid.get("cosine"), "sqnr_db": fid.get("sqnr"), "mse": fid.get("mse"),
         "params_before": cb["params"], "params_after": ca["params"],
         "macs_before": cb["macs"], "macs_after": ca["macs"],
@@ -158,10 +160,11 @@ def lossless_table(rows) -> str:
 
 
 def importance_table(rows) -> str:
-    out = ["| model | refit | cosine | SQNR dB | params | MACs | latency ms (1 thread) |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| model | ratio | refit | cosine | SQNR dB | params | MACs | latency ms (1 thread) |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {'yes' if r['refit'] else 'no'} | {_fmt(r['cosine'], '{:.5f}')} | "
+        strength = f"{r['ratio']:g}" + (f", target_macs={r['target_macs']:g}" if r.get("target_macs") else "")
+        out.append(f"| {r['model']} | {strength} | {'yes' if r['refit'] else 'no'} | {_fmt(r['cosine'], '{:.5f}')} | "
                    f"{_fmt(r['sqnr_db'], '{:.2f}')} | {r['params_before']:,} -> {r['params_after']:,} | "
                    f"{r['macs_before'] / 1e6:.0f}M -> {r['macs_after'] / 1e6:.0f}M | "
                    f"{r['latency_ms_before']:.2f} -> {r['latency_ms_after']:.2f} |")
@@ -173,6 +176,8 @@ def main(argv=None):
     ap.add_argument("what", choices=["lossless", "importance", "all"])
     ap.add_argument("models", nargs="*")
     ap.add_argument("--json")
+    ap.add_argument("--ratio", type=float, default=0.3, help="importance ratio")
+    ap.add_argument("--target-macs", type=float, default=0.0, help="importance: prune to this MAC fraction by sensitivity")
     args = ap.parse_args(argv)
     res = {}
     if args.what in ("lossless", "all"):
@@ -186,7 +191,7 @@ def main(argv=None):
         rows = []
         for n in args.models or REAL:
             for refit in (False, True):
-                rows.append(importance(n, refit))
+                rows.append(importance(n, refit, ratio=args.ratio, target_macs=args.target_macs))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         res["importance"] = rows
         print(importance_table(rows))
