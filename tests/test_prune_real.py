@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("name", ["yolov8n", "ppocr_det", "resnet50", "densenet121", "inception_v1",
                                   pytest.param("shufflenet", marks=pytest.mark.xfail(
                                       reason="grouped convs + channel shuffle tie channels into a few coarse units: "
-                                             "all zeroed units go, but parameters fall ~17% < 25%", strict=True)),
+                                             "all zeroed units go, but parameters fall ~19% < 25%", strict=True)),
                                   "squeezenet"])
 def test_zeroed_channels_all_removed_losslessly(name):
     import prune_bench
