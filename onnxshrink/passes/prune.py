@@ -534,6 +534,7 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
                 continue
             rem = np.fromiter(drop, dtype=np.int64)
             saved = 0.0
+            fracs: dict = {}
             m = onnx.ModelProto()
             m.CopyFrom(model)
             for mem in a.members:
@@ -541,6 +542,8 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
                 if not hit.any():
                     continue
                 if mem.role in ("in", "out") or mem.tag == "dw_w":
+                    key = (mem.node.name, "in" if mem.role == "in" else "out")
+                    fracs[key] = fracs.get(key, 0.0) + float(hit.mean())
                     saved += per_node.get(mem.node.name, 0) * float(hit.mean())
                 tname = mem.node.inputs[mem.slot].name
                 if mem.role == "out" and tname in inits:
@@ -555,20 +558,32 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
             sess = make_session(m, optimize=True)
             fid = fidelity(ref, [sess.run(names, s) for s in evals])
             err = max(0.0, 1.0 - fid.get("cosine", 0.0))
-            cands.append((err / saved, g.id, level, drop, saved, err))
+            cands.append((err / saved, g.id, level, drop, fracs, err))
     cands.sort(key=lambda c: c[0])
-    chosen, used, macs = set(free), {}, total
-    for score, gid, level, drop, saved, err in cands:
+
+    def macs_of(removed: dict) -> float:
+        # a layer's MACs scale with the kept fractions of its input and output channels
+        tot = 0.0
+        for node, base in per_node.items():
+            tot += base * max(0.0, 1 - removed.get((node, "in"), 0.0)) * max(0.0, 1 - removed.get((node, "out"), 0.0))
+        return tot
+
+    chosen, used, removed = set(free), {}, {}
+    macs = macs_of(removed)
+    for score, gid, level, drop, fracs, err in cands:
         if macs <= o.target_macs * total:
             break
         if gid in used:
             if used[gid][0] >= level:
                 continue
-            macs += used[gid][1]  # replace the lighter level of this group
+            for k, v in used[gid][1].items():  # replace the lighter level of this group
+                removed[k] -= v
             chosen -= used[gid][2]
+        for k, v in fracs.items():
+            removed[k] = removed.get(k, 0.0) + v
         chosen |= drop
-        macs -= saved
-        used[gid] = (level, saved, drop)
+        used[gid] = (level, fracs, drop)
+        macs = macs_of(removed)
     info = {"target": o.target_macs, "estimated_fraction": round(macs / total, 4),
             "groups_pruned": len(used), "candidates": len(cands)}
     return chosen, info
