@@ -25,7 +25,12 @@ Then each consumer whose input lost channels is refit by ridge least squares (Th
     A = sum X~^T X~, B = sum X~^T Y  (accumulated streaming over samples; conv inputs are
     im2col patches at randomly sampled output positions),
 and a refit is kept only when its reconstruction error on the accumulated statistics is lower.
-Consumers are refit in topological stages, each stage seeing the already refit earlier layers.
+Consumers are refit level by level: a layer is fit after every refit layer upstream of it.
+
+``target_macs`` (importance mode) picks per-group ratios by measured sensitivity: each group's
+candidate removal (``ratio`` and 2 x ``ratio``) is simulated by zeroing its filters in a copy;
+candidates are ranked by output error (1 - cosine) per MAC saved and taken until
+    MACs = sum_layers MACs_l * (1 - removed_in_l) * (1 - removed_out_l) <= target_macs * MACs_0.
 """
 
 from __future__ import annotations
