@@ -546,7 +546,7 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
                 hit = np.isin(a.unit_of(mem.ids), rem)
                 if not hit.any():
                     continue
-                if mem.role in ("in", "out") or mem.tag == "dw_w":
+                if mem.slot == 1 and (mem.role in ("in", "out") or mem.tag == "dw_w"):  # weights, not biases
                     key = (mem.node.name, "in" if mem.role == "in" else "out")
                     fracs[key] = fracs.get(key, 0.0) + float(hit.mean())
                     saved += per_node.get(mem.node.name, 0) * float(hit.mean())
