@@ -64,6 +64,7 @@ BINARY_CONST_OK = {"Add", "Mul"}
 PASSTHROUGH_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice",
                    "Gather", "Split", "Expand", "Tile"}
 FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
+SHAPE_OPS = {"Constant", "Shape", "Cast", "Range", "ConstantOfShape", "Size", "Identity", "NonZero"}
 
 
 def _has_vnni() -> bool:
@@ -385,6 +386,8 @@ class _Quantizer:
             if op in WEIGHTED_OPS or op in ELEMENTWISE_OPS or op in PASSTHROUGH_OPS or op in ("ConvTranspose",):
                 pass
             else:
+                if node.name not in reasons and op not in SHAPE_OPS:
+                    reasons[node.name] = f"kept float: no integer {op} kernel on the CPU EP"
                 continue
             name = node.name
             if name in excluded:
