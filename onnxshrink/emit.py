@@ -37,6 +37,7 @@ __all__ = ["prepare_for_target", "emit_for_target", "fold_static_shapes", "conve
            "coverage", "qnn_htp_check", "qnn_available", "save_ort_format", "REWRITES"]
 
 import collections
+import functools
 import importlib.util
 import json
 import os
@@ -371,7 +372,7 @@ _DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matm
                    "convtranspose_to_conv_depthtospace")
 
 
-def _target_has(profile, op: str, model: onnx.ModelProto | None = None) -> bool:
+def _target_has(profile, op: str) -> bool:
     s = profile.supports_op(op) if profile is not None else True
     if s is None:  # decided by onnxruntime's usability checker list
         return _checker_ops(profile).get(op, False)
@@ -509,8 +510,13 @@ _CHECKER_FILES = {"nnapi": "nnapi_supported_ops.md", "coreml": "coreml_supported
 
 def _checker_ops(profile) -> dict:
     """op -> True for the ops in onnxruntime's mobile usability checker list of this EP."""
+    return _checker_ops_for(profile.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _checker_ops_for(name: str) -> dict:
     from onnxruntime.tools.mobile_helpers import usability_checker as uc
-    path = Path(uc.__file__).parent / _CHECKER_FILES[profile.name]
+    path = Path(uc.__file__).parent / _CHECKER_FILES[name]
     ops = uc._SupportedOpsChecker(str(path))._ops
     return {k.split(":", 1)[1]: True for k in ops if k.startswith("ai.onnx:")}
 
