@@ -190,10 +190,17 @@ def inspect(model_path, as_json, input_shapes):
     from .model import load, model_stats
     from .report import format_bytes, format_count
 
+    from .model import check_model
+
     m = load(model_path)
     shapes = dict(parse_input_shape(s) for s in input_shapes)
     st = model_stats(m, shapes or None)
     st["file_bytes"] = Path(model_path).stat().st_size
+    try:  # inspect describes broken models too; it says whether the checker accepts them
+        check_model(m, full_check=False)
+        st["checker"] = "ok"
+    except Exception as e:
+        st["checker"] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
@@ -203,6 +210,7 @@ def inspect(model_path, as_json, input_shapes):
     for kind in ("inputs", "outputs"):
         for v in st[kind]:
             c.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
+    c.print(f"  checker: {st['checker']}")
     c.print(f"  nodes {st['nodes']}, parameters {format_count(st['params'])}, weights "
             f"{format_bytes(st['weight_bytes'])}, MACs {format_count(st['macs'])}, file {format_bytes(st['file_bytes'])}")
     t = Table(title="ops", title_justify="left")
@@ -232,6 +240,25 @@ def list_passes(as_json):
             click.echo(f"    {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a pipeline's timeout, ``kill``) raises SystemExit(143) instead of killing the
+    process outright, so the atomic write's ``finally`` removes its temporary files."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_term(signum, frame):
+        click.echo("onnxshrink: terminated", err=True)
+        sys.exit(143)
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):  # not allowed here (embedded interpreter): keep the default
+        pass
+
+
 def main(argv=None) -> None:
     """Entry point: maps errors to one line and an exit code."""
     global _DEBUG
@@ -239,6 +266,7 @@ def main(argv=None) -> None:
     _DEBUG = "--debug" in argv
     if not argv:  # bare ``onnxshrink``: the help, exit 0 (not a usage error)
         argv = ["--help"]
+    _exit_cleanly_on_sigterm()
     try:
         cli.main(args=argv, prog_name="onnxshrink", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -138,6 +138,9 @@ class PassManager:
 
     def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool):
         """(ok, reason, fidelity) of a candidate."""
+        changed = _interface_change(self._original_io, candidate)
+        if changed:
+            return False, f"the model's interface changed: {changed}", {}
         try:
             model_io.check_model(candidate, full_check=self._full_check)
         except Exception as e:
@@ -159,9 +162,11 @@ class PassManager:
                         target=self.target.name if self.target else None)
         if not isinstance(model, onnx.ModelProto):
             report.input = str(model)
-            model = model_io.load(model)
-        original = onnx.ModelProto()
-        original.CopyFrom(model)
+            original = model_io.load(model)  # our own copy already: no second one (large models)
+        else:
+            original = onnx.ModelProto()
+            original.CopyFrom(model)
+        self._original_io = original
         calib, val, sample_shapes = self._prepare(original, report)
         try:
             model_io.check_model(original, full_check=False)
@@ -291,6 +296,21 @@ class PassManager:
         except Exception:
             pass
         return rec, current
+
+
+def _interface_change(original: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
+    """'' when the candidate has the original's input and output names (in order), else what
+    changed: callers feed and fetch by name, so a pass must never rename or drop either."""
+    def names(vs):
+        return [v.name for v in vs]
+    if names(candidate.graph.output) != names(original.graph.output):
+        return f"outputs {names(original.graph.output)} became {names(candidate.graph.output)}"
+    def data_inputs(m):  # inputs without an initializer: what callers must feed
+        inits = {t.name for t in m.graph.initializer}
+        return [v.name for v in m.graph.input if v.name not in inits]
+    if data_inputs(candidate) != data_inputs(original):
+        return f"inputs {data_inputs(original)} became {data_inputs(candidate)}"
+    return ""
 
 
 class _ValOnly:

@@ -4,7 +4,7 @@ and model statistics (op histogram, parameters, weight bytes, MACs)."""
 from __future__ import annotations
 
 __all__ = ["load", "save", "model_stats", "tensor_bytes", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
-           "check_output_path", "external_data_files"]
+           "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy"]
 
 import collections
 import os
@@ -45,7 +45,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"{p}: external data file missing: {missing[0]}")
     if _external_locations(model, p.parent):
         try:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
+            _load_inline(model, p.parent)
         except Exception as e:  # short or corrupt data file, a location outside the model's folder
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise InputError(f"{p}: cannot read external data ({msg[:200]})") from None
@@ -99,16 +99,162 @@ def _all_graphs(graph: onnx.GraphProto):
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = True) -> None:
-    """Run the ONNX checker (and strict shape inference with full_check); works past 2 GB."""
-    if _weights_size(model) < _EXTERNAL_THRESHOLD:
+    """Run the ONNX checker (and strict shape inference with full_check); works past 2 GB
+    (checked by path, from a temporary copy with external data)."""
+    if not is_large(model):
         onnx.checker.check_model(model, full_check=full_check)
         return
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.onnx")
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        onnx.save_model(m, path, save_as_external_data=True, location="m.onnx.data")
+        write_external(model, path)
         onnx.checker.check_model(path, full_check=full_check)
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """True when the model's weights are too large to serialize it as one protobuf message."""
+    return _weights_size(model) >= _EXTERNAL_THRESHOLD
+
+
+def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: str | None = None,
+                   threshold: int = 1024) -> Path:
+    """Write ``model`` to ``path`` with every tensor over ``threshold`` bytes (initializers and
+    attribute tensors, subgraphs included) in one external file ``location`` (default
+    ``<name>.data``, 4 kB-aligned offsets) beside it.
+
+    ``model`` is neither modified nor copied: the python protobuf (upb) keeps every byte ever set
+    on a message in its arena until the message dies, so moving weights out and back (what
+    ``onnx.save_model(save_as_external_data=True)`` does) would grow memory by one model per
+    write. Instead a weightless skeleton is built and each tensor's bytes are streamed to the file
+    (peak: one model plus the largest tensor).
+    """
+    p = Path(path)
+    location = location or p.name + ".data"
+    with open(p.parent / location, "wb") as f:
+        def externalize(t: onnx.TensorProto) -> onnx.TensorProto:
+            data = _raw_bytes(t)
+            off = f.tell()
+            pad = (-off) % 4096
+            if pad:
+                f.write(b"\0" * pad)
+                off += pad
+            f.write(data)
+            sk = _bare_tensor(t)
+            sk.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(off)), ("length", str(len(data)))):
+                e = sk.external_data.add()
+                e.key, e.value = k, v
+            return sk
+
+        skeleton = _skeleton(model, threshold, externalize)
+    with open(p, "wb") as f:
+        f.write(skeleton.SerializeToString())
+    return p
+
+
+def weightless_copy(model: onnx.ModelProto, threshold: int = 1024) -> onnx.ModelProto:
+    """A copy whose tensors over ``threshold`` bytes keep name, type and dims but no data (for
+    shape inference and statistics of large models, without copying their weights). INT64
+    tensors (shape data that inference propagates) keep their values."""
+    return _skeleton(model, threshold, lambda t: t if t.data_type == onnx.TensorProto.INT64 else _bare_tensor(t))
+
+
+_DATA_FIELDS = {"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                "uint64_data", "external_data", "data_location"}
+
+
+def _bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+    """``t`` without its data: every other field (name, type, dims, doc, segment) as set."""
+    sk = onnx.TensorProto()
+    for fd, value in t.ListFields():
+        if fd.name in _DATA_FIELDS:
+            continue
+        if _repeated(fd):
+            getattr(sk, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(sk, fd.name).CopyFrom(value)
+        else:
+            setattr(sk, fd.name, value)
+    return sk
+
+
+def _raw_bytes(t: onnx.TensorProto) -> bytes:
+    if t.raw_data:
+        return t.raw_data
+    return onnx.numpy_helper.to_array(t).tobytes()  # typed fields (float_data, ...): little-endian bytes
+
+
+def _is_big(t: onnx.TensorProto, threshold: int) -> bool:
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+        return False
+    return _tensor_nbytes(t) > threshold
+
+
+def _repeated(fd) -> bool:
+    rep = getattr(fd, "is_repeated", None)  # protobuf >= 6 dropped FieldDescriptor.label
+    return rep if isinstance(rep, bool) else fd.label == fd.LABEL_REPEATED
+
+
+def _skeleton(model: onnx.ModelProto, threshold: int, replace) -> onnx.ModelProto:
+    """Copy ``model`` field by field, replacing each tensor over ``threshold`` bytes with
+    ``replace(tensor)``; the big tensors' data is never copied into the new message."""
+    m = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            if _repeated(fd):
+                getattr(m, fd.name).extend(value)
+            elif fd.message_type is not None:
+                getattr(m, fd.name).CopyFrom(value)
+            else:
+                setattr(m, fd.name, value)
+    _skeleton_graph(model.graph, m.graph, threshold, replace)
+    return m
+
+
+def _skeleton_graph(g: onnx.GraphProto, out: onnx.GraphProto, threshold: int, replace) -> None:
+    for fd, value in g.ListFields():
+        if fd.name == "initializer":
+            out.initializer.extend(replace(t) if _is_big(t, threshold) else t for t in value)
+        elif fd.name == "node":
+            for n in value:
+                _skeleton_node(n, out.node.add(), threshold, replace)
+        elif _repeated(fd):
+            getattr(out, fd.name).extend(value)
+        else:
+            setattr(out, fd.name, value)
+
+
+def _skeleton_node(n: onnx.NodeProto, out: onnx.NodeProto, threshold: int, replace) -> None:
+    for fd, value in n.ListFields():
+        if fd.name != "attribute":
+            if _repeated(fd):
+                getattr(out, fd.name).extend(value)
+            else:
+                setattr(out, fd.name, value)
+    for a in n.attribute:
+        b = out.attribute.add()
+        if a.type == onnx.AttributeProto.TENSOR and _is_big(a.t, threshold):
+            b.name, b.type = a.name, a.type
+            if a.doc_string:
+                b.doc_string = a.doc_string
+            b.t.CopyFrom(replace(a.t))
+        elif a.type == onnx.AttributeProto.GRAPH:
+            b.name, b.type = a.name, a.type
+            _skeleton_graph(a.g, b.g, threshold, replace)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            b.name, b.type = a.name, a.type
+            for sub in a.graphs:
+                _skeleton_graph(sub, b.graphs.add(), threshold, replace)
+        else:
+            b.CopyFrom(a)
+
+
+def _load_inline(model: onnx.ModelProto, base: Path) -> None:
+    """Read every external tensor's bytes into the model, leaving the tensors exactly as if they
+    had always been inline (onnx leaves an explicit ``data_location: DEFAULT`` behind)."""
+    external_data_helper.load_external_data_for_model(model, str(base))
+    for t in external_data_helper._get_all_tensors(model):
+        if t.HasField("data_location") and t.data_location == onnx.TensorProto.DEFAULT:
+            t.ClearField("data_location")
 
 
 def _weights_size(model: onnx.ModelProto) -> int:
@@ -134,10 +280,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         tmp_model = Path(tmpdir) / out.name
         if external_data:
             location = out.name + ".data"
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
-            # bring the weights back inline so the caller's model stays usable
-            external_data_helper.load_external_data_for_model(model, tmpdir)
+            write_external(model, tmp_model, location)  # the caller's model keeps its weights inline
             os.replace(Path(tmpdir) / location, parent / location)
         else:
             onnx.save_model(model, str(tmp_model))

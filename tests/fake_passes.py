@@ -8,6 +8,8 @@ manager and error-path tests exercise every branch without depending on the real
 - t_noise (lossy, strength ``ratio``): adds seeded noise of relative size ``ratio`` to every float
   weight; weaker() halves the ratio, so the manager can back off until a budget holds.
 - t_needs_data (lossless, needs_data): reads every calibration sample, changes nothing.
+- t_rename_output (lossless): renames the first graph output -> rolled back (interface changed).
+- t_sleep (lossless): sleeps ``seconds`` (to interrupt a run).
 - t_reject_quantized: raises InputError on a model that already has QuantizeLinear /
   DequantizeLinear nodes, as the quantize pass does.
 """
@@ -158,3 +160,35 @@ class RejectQuantized(Pass):
                              f"'{q[0].name}')")
         return PassResult(graph, False, {"reason": "float model"})
 
+
+
+@register
+class RenameOutput(Pass):
+    name = "t_rename_output"
+    summary = "test pass: renames the first graph output (values unchanged)"
+    lossless = True
+
+    def run(self, graph, ctx):
+        graph.outputs[0].name = graph.outputs[0].name + "_renamed"
+        return PassResult(graph, True, {})
+
+
+@dataclass
+class SleepOptions:
+    seconds: float = field(default=1.0, metadata={"help": "how long to sleep"})
+    marker: str = field(default="", metadata={"help": "a file to create when the sleep starts"})
+
+
+@register
+class Sleep(Pass):
+    name = "t_sleep"
+    summary = "test pass: sleeps (to interrupt a run)"
+    lossless = True
+    Options = SleepOptions
+
+    def run(self, graph, ctx):
+        import time
+        if self.options.marker:
+            open(self.options.marker, "w").close()
+        time.sleep(self.options.seconds)
+        return PassResult(graph, False, {"reason": "slept"})

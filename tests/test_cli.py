@@ -219,8 +219,21 @@ def test_inspect_json(tmp_path):
     n_params = sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
     assert st["params"] == n_params and st["weight_bytes"] == 4 * n_params
     assert st["file_bytes"] == p.stat().st_size
+    assert st["checker"] == "ok"
     # MACs by hand: sum over Conv of out elements * Cin/group * k*k, plus the Gemm
     assert st["macs"] > 1_000_000
+
+
+def test_inspect_describes_broken_model(tmp_path):
+    """inspect works on a model the checker rejects and says why (exit 0: it only describes)."""
+    m = mlp()
+    m.graph.node[1].op_type = "Conv"  # Relu -> Conv with one input: invalid, MACs unknown
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    r = run_cli("inspect", p, "--json")
+    assert r.code == 0, r.err
+    st = json.loads(r.out)
+    assert st["ops"]["Conv"] == 1 and st["checker"] != "ok" and "Conv" in st["checker"]
 
 
 def test_inspect_text_and_input_shape(tmp_path):
