@@ -870,6 +870,33 @@ def _parse_placements(log: str) -> dict:
     return out
 
 
+def _parse_qnn_validation(log: str, limit: int = 50) -> list[dict]:
+    """The QNN EP's own per-node-unit verdicts from its verbose log: 'Validation FAILED for N nodes
+    in OrtNodeUnit (Op)' followed by the nodes and a 'REASON :' line."""
+    out, cur = [], None
+    for line in log.splitlines():
+        if "Validation FAILED for" in line:
+            m = re.search(r"OrtNodeUnit \((\w+)\)", line)
+            cur = {"unit": m.group(1) if m else "?", "nodes": [], "reason": ""}
+            out.append(cur)
+        elif cur is not None and line.startswith("\tOperator type:"):
+            m = re.search(r"Operator type: (\S+) Node name: (.*?) Node index", line)
+            if m:
+                cur["nodes"].append(f"{m.group(1)} ({m.group(2)})")
+        elif cur is not None and "REASON" in line:
+            cur["reason"] = line.split(":", 1)[1].strip()[:300]
+            cur = None
+        elif cur is not None and not line.strip():
+            cur = None
+    seen, uniq = set(), []
+    for v in out:  # onnxruntime asks the EP twice (before and after layout transform)
+        key = (v["unit"], tuple(v["nodes"]), v["reason"])
+        if key not in seen:
+            seen.add(key)
+            uniq.append(v)
+    return uniq[:limit]
+
+
 def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: bool = False,
                   timeout: int = 1800) -> dict:
     """Build a QNN HTP session with CPU fallback disabled (``session.disable_cpu_ep_fallback=1``)
@@ -918,6 +945,7 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
         if cpu:
             res["nodes_on_cpu"] = cpu["count"]
             res["cpu_nodes"] = cpu["nodes"][:100]
+        res["ep_validation_failed"] = _parse_qnn_validation(log)
         res["errors_in_log"] = [ln.split("]", 1)[-1].strip()[:300] for ln in log.splitlines()
                                 if "[E:" in ln][:10]
         if Path(op).exists() and reference is not None:
