@@ -71,13 +71,15 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its dims and type. Never reads ``raw_data``: with python
+    protobuf every access copies the whole buffer (0.5 s and 512 MB for a 512 MB tensor)."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
         for kv in t.external_data:
             if kv.key == "length":
                 return int(kv.value)
-    if t.raw_data:
-        return len(t.raw_data)
-    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(x) for x in t.string_data)
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     except Exception:
@@ -178,7 +180,7 @@ def _bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
 
 
 def _raw_bytes(t: onnx.TensorProto) -> bytes:
-    if t.raw_data:
+    if t.HasField("raw_data"):
         return t.raw_data
     return onnx.numpy_helper.to_array(t).tobytes()  # typed fields (float_data, ...): little-endian bytes
 
