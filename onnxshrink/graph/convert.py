@@ -8,6 +8,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+# onnx-graphsurgeon's warnings (missing opset info, colour module) are noise on a user's terminal;
+# our own validation reports what matters
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
 from ..model import copy_model_fields
 
 
@@ -38,9 +42,49 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
     if template is not None:
         copy_model_fields(template, model)
         _restore_initializer_inputs(model, template)
+        _restore_io_types(model, template)
+    _hoist_shared_subgraph_initializers(model)
     if model.ir_version and model.ir_version < 4:
         _list_initializers_as_inputs(model)
     return model
+
+
+def _subgraphs(graph: onnx.GraphProto):
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield a.g
+                yield from _subgraphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    yield sg
+                    yield from _subgraphs(sg)
+
+
+def _hoist_shared_subgraph_initializers(model: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon writes an outer-scope constant that only subgraphs read into *each*
+    subgraph that reads it (an If's two branches, every Loop body): one initializer per name goes
+    back to the main graph, where every subgraph sees it, when the copies are identical."""
+    g = model.graph
+    subs = list(_subgraphs(g))
+    if len(subs) < 2:
+        return
+    copies: dict[str, list] = {}
+    for sg in subs:
+        for t in sg.initializer:
+            copies.setdefault(t.name, []).append((sg, t))
+    main_names = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    for name, found in copies.items():
+        if len(found) < 2 or name in main_names:
+            continue
+        first = found[0][1].SerializeToString()
+        if any(t.SerializeToString() != first for _, t in found[1:]):
+            continue
+        kept = onnx.TensorProto()
+        kept.CopyFrom(found[0][1])
+        for sg, t in found:
+            sg.initializer.remove(t)
+        g.initializer.append(kept)
 
 
 def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
@@ -49,6 +93,14 @@ def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProt
     g = model.graph
     inits = {t.name for t in g.initializer}
     have = {i.name for i in g.input}
+    if (template.ir_version or 0) >= 4:
+        # overridable defaults are part of the interface: one no node reads any more keeps its
+        # input and its default value
+        tpl_inits = {t.name: t for t in template.graph.initializer}
+        for i in template.graph.input:
+            if i.name in tpl_inits and i.name not in inits and i.name not in have:
+                g.initializer.append(tpl_inits[i.name])
+                inits.add(i.name)
     missing = {i.name for i in template.graph.input if i.name in inits and i.name not in have}
     if not missing:
         return
@@ -65,6 +117,18 @@ def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProt
         n.CopyFrom(o)
     del g.input[:]
     g.input.extend(new)
+
+
+def _restore_io_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon keeps only tensor types: give graph inputs/outputs of the template that
+    are sequences, optionals or maps (same name) their original type back."""
+    types = {v.name: v.type for v in list(template.graph.input) + list(template.graph.output)
+             if v.type.WhichOneof("value") not in (None, "tensor_type")}
+    if not types:
+        return
+    for v in list(model.graph.input) + list(model.graph.output):
+        if v.name in types:
+            v.type.CopyFrom(types[v.name])
 
 
 def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:

@@ -83,10 +83,14 @@ class CleanupPass(Pass):
         fold_shapes: bool = field(default=True, metadata={"help": "fold Shape/Size (and Gather/Slice of shapes) of statically shaped tensors"})
         fold_constants: bool = field(default=True, metadata={"help": "evaluate nodes whose inputs are all constant (onnxruntime)"})
         fold_size_limit: int = field(default=1 << 20, metadata={"help": "bytes: do not fold a node whose output is larger than this and than its inputs"})
-        flatten_if: bool = field(default=True, metadata={"help": "inline If nodes whose condition is constant"})
+        flatten_if: bool = field(default=False, metadata={"help": "inline the taken branch of If nodes whose condition is constant (off: inlining can expose shape errors the If hid from strict checking)"})
         fold_batchnorm: bool = field(default=True, metadata={"help": "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm"})
         fold_batchnorm_forward: bool = field(default=True, metadata={"help": "fold BatchNormalization into a following unpadded Conv"})
+        fold_scale_bias_forward: bool = field(default=True, metadata={"help": "fold Mul/Div/Add/Sub by scalar or per-channel constants into a following unpadded Conv"})
         fold_scale_bias: bool = field(default=True, metadata={"help": "fold Mul/Div/Add/Sub by scalar or per-channel constants into the preceding Conv/Gemm"})
+        fold_constant_of_shape: bool = field(default=True, metadata={"help": "fold Add/Sub/Mul/Div of a ConstantOfShape by a one-element constant into its fill value"})
+        fold_constant_chains: bool = field(default=True, metadata={"help": "merge consecutive Mul/Div (or Add/Sub) by constants into one (x*a/b -> x*(a/b))"})
+        merge_duplicate_nodes: bool = field(default=True, metadata={"help": "merge nodes with the same op, attributes and inputs (common subexpressions)"})
         remove_identity: bool = field(default=True, metadata={"help": "remove Identity and inference Dropout"})
         remove_dead: bool = field(default=True, metadata={"help": "remove nodes and initializers no output depends on"})
         merge_initializers: bool = field(default=True, metadata={"help": "merge identical initializers (dtype, shape, bytes)"})
@@ -162,6 +166,8 @@ class _Cleanup:
         self.names = set()
         self.protected: dict[str, tuple[gs.Tensor, np.ndarray]] = {}
         self.annotated: list[tuple[gs.Tensor, object, object]] = []
+        self.annotated_ids: set[int] = set()
+        self.inferred: dict[str, list] = {}
         self.opset = graph.opset or 0
 
     # ----------------------------------------------------------------- driver
@@ -170,23 +176,56 @@ class _Cleanup:
         st = self.stats
         st["nodes_before"] = count_nodes(g)
         n_init_before = self._count_initializers()
+        try:  # onnx-graphsurgeon cannot export every graph (optional types, some attributes)
+            with _quiet_gs():
+                exported = gs.export_onnx(g, do_type_check=False)
+        except Exception as e:
+            st["reason"] = f"onnx-graphsurgeon cannot export this graph ({type(e).__name__}: {e}); left unchanged"
+            return PassResult(g, False, st)
         self._collect_names()
+        self._record_io()
         self._protect_overridable()
         changed = False
 
         if self.o.constants_to_initializers:
             st["constants_to_initializers"] = self._constants_to_initializers()
-        if self.o.fold_shapes or self.o.fold_constants:
-            self._annotate_shapes()
-        if self.o.fold_shapes:
-            st["shapes_folded"] = self._fold_shapes()
-        if self.o.fold_constants:
-            st["folded_nodes"] = self._fold_constants()
-        if self.o.remove_dead:
-            self._cleanup()
+        # folding rounds: what one round folds (a Shape, a Range limit) gives shape inference the
+        # sizes the guard needs in the next round
+        st["shapes_folded"] = st["folded_nodes"] = 0
+        for round_ in range(4):
+            if not (self.o.fold_shapes or self.o.fold_constants):
+                break
+            if round_:
+                try:
+                    with _quiet_gs():
+                        exported = gs.export_onnx(g, do_type_check=False)
+                except Exception:
+                    break
+            self._annotate_shapes(exported)
+            exported = None
+            n = 0
+            if self.o.fold_shapes:
+                k = self._fold_shapes()
+                st["shapes_folded"] += k
+                n += k
+            if self.o.fold_constants:
+                k = self._fold_constants()
+                st["folded_nodes"] += k
+                n += k
+            if self.o.remove_dead:
+                self._cleanup()
+            if not n:
+                break
+        del exported
+
+        st["initializers_merged"] = 0
+        if self.o.merge_initializers:  # first here, so equal constants make equal nodes for merging
+            st["initializers_merged"] += self._merge_initializers()
 
         # local rewrites to a fixed point (a Conv -> BN -> Mul -> Add chain folds step by step)
-        for k in ("identity_removed", "dropout_removed", "bn_folded", "bn_folded_forward", "scale_bias_folded"):
+        for k in ("identity_removed", "dropout_removed", "bn_folded", "bn_folded_forward", "scale_bias_folded",
+                  "constant_of_shape_folded", "constant_chains_folded", "duplicate_nodes_merged",
+                  "scale_bias_folded_forward"):
             st.setdefault(k, 0)
         for _ in range(20):
             n = 0
@@ -200,6 +239,14 @@ class _Cleanup:
                     n += self._fold_bn_forward(sub)
                 if self.o.fold_scale_bias:
                     n += self._fold_scale_bias(sub)
+                if self.o.fold_scale_bias_forward:
+                    n += self._fold_scale_bias_forward(sub)
+                if self.o.fold_constant_of_shape:
+                    n += self._fold_constant_of_shape(sub)
+                if self.o.fold_constant_chains:
+                    n += self._fold_constant_chains(sub)
+                if self.o.merge_duplicate_nodes:
+                    n += self._merge_duplicate_nodes(sub)
             if not n:
                 break
             changed = True
@@ -207,11 +254,12 @@ class _Cleanup:
                 self._cleanup()
 
         if self.o.merge_initializers:
-            st["initializers_merged"] = self._merge_initializers()
+            st["initializers_merged"] += self._merge_initializers()
         if self.o.remove_dead:
             self._cleanup()
         self._outputs_from_constants()
         self._restore()
+        self._restore_io()
         with _quiet_gs(), contextlib.suppress(Exception):
             g.toposort(recurse_subgraphs=True)
 
@@ -307,22 +355,31 @@ class _Cleanup:
         return n
 
     # ----------------------------------------------------------------- shapes
-    def _annotate_shapes(self):
+    def _annotate_shapes(self, model: onnx.ModelProto):
         """Shapes and types from onnx shape inference on an export of the graph, written onto
-        tensors that lack them (reset at the end so value_info stays as it was)."""
+        tensors that lack them (reset at the end so value_info stays as it was).
+
+        Inference starts from the graph inputs only: the model's own value_info and output shapes
+        are dropped first, since an exporter's stale value_info must not turn into folded shapes.
+        Shape folding reads ``self.inferred`` (these shapes), never the tensors' imported shapes."""
         try:
-            with _quiet_gs():
-                model = gs.export_onnx(self.g, do_type_check=False)
             if self.ctx is not None and self.ctx.template is not None:
                 from ..model import copy_model_fields
                 copy_model_fields(self.ctx.template, model)
-            if model.ByteSize() > (1 << 30):
-                return
+            del model.graph.value_info[:]
+            for o in model.graph.output:
+                if o.type.HasField("tensor_type"):
+                    o.type.tensor_type.ClearField("shape")
+            for t in model.graph.initializer:  # inference needs dims, and values of small ones only
+                if int(np.prod(t.dims, dtype=np.int64)) > 4096 and t.data_type != onnx.TensorProto.INT64:
+                    for f in ("raw_data", "float_data", "double_data", "int32_data", "external_data"):
+                        t.ClearField(f)
+                    t.data_location = onnx.TensorProto.DEFAULT
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         except Exception:
             return
         info = {}
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
             tt = vi.type.tensor_type
             if not vi.type.HasField("tensor_type"):
                 continue
@@ -334,12 +391,17 @@ class _Cleanup:
                 with contextlib.suppress(Exception):
                     dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
             info[vi.name] = (dtype, shape)
+        self.inferred = {k: v[1] for k, v in info.items() if v[1] is not None}
         for name, t in self.g.tensors().items():
             if isinstance(t, gs.Variable) and name in info and name not in self.protected:
                 dtype, shape = info[name]
-                if (t.shape is None and shape is not None) or (t.dtype is None and dtype is not None):
-                    self.annotated.append((t, t.dtype, t.shape))
-                    if t.shape is None:
+                better_shape = shape is not None and (t.shape is None or (
+                    not self._static(t.shape) and self._static(shape) and len(shape) == len(t.shape)))
+                if better_shape or (t.dtype is None and dtype is not None):
+                    if id(t) not in self.annotated_ids:
+                        self.annotated_ids.add(id(t))
+                        self.annotated.append((t, t.dtype, t.shape))
+                    if better_shape:
                         t.shape = shape
                     if t.dtype is None and dtype is not None:
                         t.dtype = dtype
@@ -356,9 +418,9 @@ class _Cleanup:
                     continue
                 if node.op == "Shape":
                     x = node.inputs[0]
-                    if _const(x) or not isinstance(x, gs.Variable) or x.shape is None:
+                    if _const(x) or not isinstance(x, gs.Variable) or self.inferred.get(x.name) is None:
                         continue
-                    dims = list(x.shape)
+                    dims = list(self.inferred[x.name])
                     r = len(dims)
                     start = node.attrs.get("start", 0)
                     end = node.attrs.get("end", r)
@@ -369,8 +431,9 @@ class _Cleanup:
                         n += self._fold_partial_shape(node, dims)
                 elif node.op == "Size":
                     x = node.inputs[0]
-                    if isinstance(x, gs.Variable) and self._static(x.shape):
-                        n += self._to_const(node, np.array(int(np.prod(x.shape, dtype=np.int64)), dtype=np.int64))
+                    if isinstance(x, gs.Variable) and not _const(x) and self._static(self.inferred.get(x.name)):
+                        n += self._to_const(node, np.array(int(np.prod(self.inferred[x.name], dtype=np.int64)),
+                                                           dtype=np.int64))
             sub.nodes = [nd for nd in sub.nodes if nd.outputs]
         return n
 
@@ -448,18 +511,68 @@ class _Cleanup:
             grow = sum(outs)
             return grow > limit and grow > sum(i or 0 for i in ins)
 
-        self.g.toposort(recurse_subgraphs=True)
         with _quiet_gs():
-            try:
-                self.g.fold_constants(fold_shapes=False, recurse_subgraphs=self.o.subgraphs, partitioning=None,
-                                      error_ok=False, flatten_subgraphs=self.o.flatten_if, size_threshold=None,
-                                      should_exclude_node=exclude)
-            except Exception:
-                self.g.fold_constants(fold_shapes=False, recurse_subgraphs=self.o.subgraphs, partitioning="basic",
-                                      error_ok=True, flatten_subgraphs=self.o.flatten_if, size_threshold=None,
-                                      should_exclude_node=exclude)
+            self.g.toposort(recurse_subgraphs=True)
+            # graph by graph, outermost first, so that our guard applies to subgraphs too (gs's own
+            # recursion drops should_exclude_node) and its If flattening (which rebinds outer-scope
+            # producers) never runs
+            graphs = list(all_graphs(self.g)) if self.o.subgraphs else [self.g]
+            for sub in graphs:
+                try:
+                    sub.fold_constants(fold_shapes=False, recurse_subgraphs=False, partitioning=None,
+                                       error_ok=False, flatten_subgraphs=False, size_threshold=None,
+                                       should_exclude_node=exclude, recurse_functions=False)
+                except Exception:
+                    # one node onnxruntime cannot evaluate: peel failing nodes off ("basic" partitioning
+                    # recurses forever on a failure in onnx-graphsurgeon 0.6)
+                    with contextlib.suppress(Exception):
+                        sub.fold_constants(fold_shapes=False, recurse_subgraphs=False, partitioning="recursive",
+                                           error_ok=True, flatten_subgraphs=False, size_threshold=None,
+                                           should_exclude_node=exclude, recurse_functions=False)
+            if self.o.flatten_if:
+                self.stats["if_flattened"] = self.stats.get("if_flattened", 0) + sum(
+                    self._flatten_ifs(sub) for sub in list(all_graphs(self.g)))
             self.g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
         return max(0, before - count_nodes(self.g))
+
+    def _flatten_ifs(self, g: gs.Graph) -> int:
+        """Inline the taken branch of an If whose condition is constant. A branch output that is not produced inside the branch (an outer-scope value,
+        a branch constant or a branch input) is passed on through an Identity."""
+        n = 0
+        index = 0
+        while index < len(g.nodes):
+            node = g.nodes[index]
+            if not (node.op == "If" and _is_default_domain(node) and node.inputs and _const(node.inputs[0])):
+                index += 1
+                continue
+            cond = np.asarray(node.inputs[0].values)
+            if cond.size != 1:
+                index += 1
+                continue
+            branch = node.attrs["then_branch"] if bool(cond.reshape(-1)[0]) else node.attrs["else_branch"]
+            if len(branch.outputs) != len(node.outputs):
+                index += 1
+                continue
+            # names are unique across scopes (SSA over subgraphs), so branch tensors keep theirs
+            new_nodes = list(branch.nodes)
+            pairs = list(zip(list(node.outputs), list(branch.outputs)))  # clearing inputs edits node.outputs
+            node.inputs.clear()
+            node.outputs.clear()
+            for node_out, sub_out in pairs:
+                producer = sub_out.inputs[0] if len(sub_out.inputs) == 1 else None
+                if producer is not None and producer in branch.nodes and not _const(sub_out):
+                    node_out.inputs.clear()
+                    k = next(i for i, t in enumerate(producer.outputs) if t is sub_out)
+                    producer.outputs[k] = node_out
+                else:
+                    node_out.inputs.clear()
+                    new_nodes.append(gs.Node("Identity", name=self._fresh("flattened_if_identity"),
+                                             inputs=[sub_out], outputs=[node_out]))
+            del g.nodes[index]
+            g.nodes[index:index] = new_nodes
+            index += len(new_nodes)
+            n += 1
+        return n
 
     def _cleanup(self):
         with _quiet_gs():
@@ -650,57 +763,103 @@ class _Cleanup:
         sub.nodes = [nd for nd in sub.nodes if nd.outputs]
         return n
 
+    def _following_unpadded_conv(self, y: gs.Tensor, sub: gs.Graph, outs: set[int]):
+        """(conv, W, b, M) when ``y`` is read only by an unpadded Conv as its data input."""
+        if not (isinstance(y, gs.Variable) and id(y) not in outs and len(y.outputs) == 1):
+            return None
+        conv = y.outputs[0]
+        if conv.op != "Conv" or not _is_default_domain(conv) or conv not in sub.nodes or conv.inputs[0] is not y:
+            return None
+        if any(t is y for t in conv.inputs[1:]):
+            return None
+        # padding would pad x with zeros where the original padded affine(x) with zeros
+        if conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return None
+        if any(int(v) != 0 for v in conv.attrs.get("pads", [])):
+            return None
+        lp = self._linear_params(conv)
+        if lp is None:
+            return None
+        return (conv,) + lp
+
+    def _fold_input_affine(self, conv: gs.Node, w, b, m, s: np.ndarray, t: np.ndarray, x: gs.Tensor) -> bool:
+        """Conv(x * s + t) with per-input-channel s, t (length C) -> Conv'(x): W'[m, c] = W[m, c] * s[c],
+        b'[m] = b[m] + sum_{c,k} W[m, c, k] * t[c] (grouped: input channel c of output m's group)."""
+        g = int(conv.attrs.get("group", 1))
+        cg = w.shape[1]
+        if s.shape != (cg * g,) or t.shape != (cg * g,) or m % g:
+            return False
+        mg = m // g
+        w64 = w.astype(np.float64)
+        extra = (1,) * (w.ndim - 2)
+        wg = w64.reshape((g, mg, cg) + w.shape[2:])
+        w_new = (wg * s.reshape((g, 1, cg) + extra)).reshape(w.shape)
+        b_add = (wg * t.reshape((g, 1, cg) + extra)).reshape(m, -1).sum(axis=1)
+        b64 = b.astype(np.float64) if b is not None else np.zeros(m)
+        base = conv.inputs[1].name
+        conv.inputs[1] = self._new_const(base + "_folded", w_new.astype(w.dtype))
+        if np.any(t != 0) or b is not None:
+            bias = self._new_const((conv.inputs[2].name if b is not None else base) + "_bias_folded",
+                                   (b64 + b_add).astype(w.dtype))
+            if len(conv.inputs) > 2:
+                conv.inputs[2] = bias
+            else:
+                conv.inputs.append(bias)
+        conv.inputs[0] = x
+        return True
+
     def _fold_bn_forward(self, sub: gs.Graph) -> int:
         n = 0
-        outs, ins = self._graph_outputs(), self._graph_inputs()
+        outs = self._graph_outputs()
         for bn in list(sub.nodes):
             if bn.op != "BatchNormalization" or not bn.outputs:
                 continue
             st = self._bn_params(bn, outs)
             if st is None:
                 continue
-            y = bn.outputs[0]
-            if not (isinstance(y, gs.Variable) and id(y) not in outs and len(y.outputs) == 1):
+            found = self._following_unpadded_conv(bn.outputs[0], sub, outs)
+            if found is None or bn.inputs[1].values.dtype != found[1].dtype:
                 continue
-            conv = y.outputs[0]
-            if conv.op != "Conv" or not _is_default_domain(conv) or conv not in sub.nodes or conv.inputs[0] is not y:
-                continue
-            if any(t is y for t in conv.inputs[1:]):
-                continue
-            # padding would pad x with zeros where the original padded BN(x) with zeros
-            if conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-                continue
-            if any(int(v) != 0 for v in conv.attrs.get("pads", [])):
-                continue
-            lp = self._linear_params(conv)
-            if lp is None:
-                continue
-            w, b, m = lp
-            s, t = st
-            g = int(conv.attrs.get("group", 1))
-            cg = w.shape[1]
-            if s.shape != (cg * g,) or bn.inputs[1].values.dtype != w.dtype or m % g:
-                continue
-            mg = m // g
-            w64 = w.astype(np.float64)
-            s_in = s.reshape(g, 1, cg)      # per group, per input channel
-            t_in = t.reshape(g, 1, cg)
-            wg = w64.reshape((g, mg, cg) + w.shape[2:])
-            extra = (1,) * (w.ndim - 2)
-            w_new = (wg * s_in.reshape((g, 1, cg) + extra)).reshape(w.shape)
-            b_add = (wg * t_in.reshape((g, 1, cg) + extra)).reshape(m, -1).sum(axis=1)
-            b64 = b.astype(np.float64) if b is not None else np.zeros(m)
-            conv.inputs[1] = self._new_const(conv.inputs[1].name + "_folded", w_new.astype(w.dtype))
-            bias = self._new_const((conv.inputs[2].name if b is not None else conv.inputs[1].name) + "_bias_folded",
-                                   (b64 + b_add).astype(w.dtype))
-            if len(conv.inputs) > 2:
-                conv.inputs[2] = bias
-            else:
-                conv.inputs.append(bias)
-            conv.inputs[0] = bn.inputs[0]
-            _detach(bn)
-            n += 1
+            conv, w, b, m = found
+            if self._fold_input_affine(conv, w, b, m, st[0], st[1], bn.inputs[0]):
+                _detach(bn)
+                n += 1
         self.stats["bn_folded_forward"] += n
+        sub.nodes = [nd for nd in sub.nodes if nd.outputs]
+        return n
+
+    def _fold_scale_bias_forward(self, sub: gs.Graph) -> int:
+        """Mul/Div/Add/Sub of x by a scalar or per-channel constant that only an unpadded Conv reads
+        (PP-LCNet's learnable affine before a pointwise conv). x must already have the Conv input's
+        rank, so the constant does not broadcast x to a bigger shape."""
+        n = 0
+        outs = self._graph_outputs()
+        for e in list(sub.nodes):
+            if not e.outputs:
+                continue
+            op = self._const_operand(e)
+            if op is None:
+                continue
+            x, c64, dt, fam = op
+            found = self._following_unpadded_conv(e.outputs[0], sub, outs)
+            if found is None or dt != found[1].dtype:
+                continue
+            conv, w, b, m = found
+            rank = w.ndim
+            xs = self.inferred.get(x.name) if isinstance(x, gs.Variable) else None
+            xs = xs if xs is not None else x.shape
+            if xs is None or len(xs) != rank or c64.ndim > rank:
+                continue
+            cs = c64.reshape((1,) * (rank - c64.ndim) + c64.shape)
+            cin = w.shape[1] * int(conv.attrs.get("group", 1))
+            if any(d != 1 for i, d in enumerate(cs.shape) if i != 1) or cs.shape[1] not in (1, cin):
+                continue
+            vec = np.broadcast_to(cs.reshape(-1), (cin,))
+            s, t = (vec, np.zeros(cin)) if fam == "Mul" else (np.ones(cin), vec)
+            if self._fold_input_affine(conv, w, b, m, np.asarray(s, np.float64), np.asarray(t, np.float64), x):
+                _detach(e)
+                n += 1
+        self.stats["scale_bias_folded_forward"] += n
         sub.nodes = [nd for nd in sub.nodes if nd.outputs]
         return n
 
@@ -751,6 +910,166 @@ class _Cleanup:
         sub.nodes = [nd for nd in sub.nodes if nd.outputs]
         return n
 
+    def _fold_constant_of_shape(self, sub: gs.Graph) -> int:
+        """``ConstantOfShape(s, value=v) (op) c`` with a one-element float constant ``c`` whose rank
+        does not exceed the fill's: a fill of ``v (op) c`` (computed in the tensor's dtype, as at
+        run time). Dynamic shapes keep this (YOLOv8's stride tensors)."""
+        n = 0
+        outs, ins = self._graph_outputs(), self._graph_inputs()
+        for e in list(sub.nodes):
+            if e.op not in ("Mul", "Div", "Add", "Sub") or not _is_default_domain(e) or not e.outputs:
+                continue
+            if len(e.inputs) != 2:
+                continue
+            for k in (0, 1):
+                a, c = e.inputs[k], e.inputs[1 - k]
+                if _const(c) and not _const(a):
+                    break
+            else:
+                continue
+            p = self._producer(a, sub, ("ConstantOfShape",))
+            if p is None or not self._single_use(a, e, outs, ins) or not p.inputs:
+                continue
+            cv = np.asarray(c.values)
+            val = p.attrs.get("value")
+            v = np.asarray(val.values) if _const(val) else np.zeros(1, np.float32)
+            if cv.size != 1 or v.size != 1 or cv.dtype != v.dtype or v.dtype not in _FLOAT_TYPES:
+                continue
+            shp = p.inputs[0]
+            rank = shp.values.shape[0] if _const(shp) and shp.values.ndim == 1 else (
+                shp.shape[0] if shp.shape is not None and len(shp.shape) == 1 and isinstance(shp.shape[0], int) else None)
+            if rank is None or cv.ndim > rank:
+                continue
+            x, y = (v.reshape(()), cv.reshape(())) if k == 0 else (cv.reshape(()), v.reshape(()))
+            with np.errstate(all="ignore"):
+                r = {"Mul": np.multiply, "Div": np.divide, "Add": np.add, "Sub": np.subtract}[e.op](x, y)
+            p.attrs["value"] = gs.Constant(self._fresh(p.name or "fill") if p.name else self._fresh("fill"),
+                                           np.asarray(r, dtype=v.dtype).reshape(1))
+            out = e.outputs[0]
+            _detach(e)
+            p.outputs[0] = out
+            n += 1
+        self.stats["constant_of_shape_folded"] += n
+        sub.nodes = [nd for nd in sub.nodes if nd.outputs]
+        return n
+
+    @staticmethod
+    def _const_operand(e: gs.Node):
+        """(x, c as a 'Mul'-or-'Add' operand, family) of x*c, c*x, x/c, x+c, c+x, x-c; else None."""
+        if e.op not in ("Mul", "Div", "Add", "Sub") or not _is_default_domain(e) or len(e.inputs) != 2:
+            return None
+        a, b = e.inputs
+        if _const(b) and not _const(a):
+            x, c = a, np.asarray(b.values)
+        elif _const(a) and not _const(b) and e.op in ("Mul", "Add"):
+            x, c = b, np.asarray(a.values)
+        else:
+            return None
+        if c.dtype not in _FLOAT_TYPES:
+            return None
+        c64 = c.astype(np.float64)
+        if e.op == "Div":
+            if np.any(c64 == 0) or not np.all(np.isfinite(c64)):
+                return None
+            c64 = 1.0 / c64
+        elif e.op == "Sub":
+            c64 = -c64
+        return x, c64, c.dtype, ("Mul" if e.op in ("Mul", "Div") else "Add")
+
+    def _fold_constant_chains(self, sub: gs.Graph) -> int:
+        """``(x (op) c1) (op) c2`` with both ops multiplicative (Mul, Div by a constant) or both
+        additive (Add, Sub of a constant): one ``x * (c1*c2)`` or ``x + (c1+c2)``. Broadcasting is
+        associative, so the output shape is unchanged; the merged constant may not be larger than
+        the larger of the two. One rounding instead of two: equal to float round-off."""
+        n = 0
+        outs, ins = self._graph_outputs(), self._graph_inputs()
+        for e1 in list(sub.nodes):
+            if not e1.outputs:
+                continue
+            first = self._const_operand(e1)
+            if first is None:
+                continue
+            x, c1, dt1, fam = first
+            t = e1.outputs[0]
+            if not (isinstance(t, gs.Variable) and id(t) not in outs and id(t) not in ins and len(t.outputs) == 1):
+                continue
+            e2 = t.outputs[0]
+            if e2 not in sub.nodes or not e2.outputs:
+                continue
+            second = self._const_operand(e2)
+            if second is None or second[0] is not t or second[3] != fam or second[2] != dt1:
+                continue
+            c2 = second[1]
+            try:
+                merged = c1 * c2 if fam == "Mul" else c1 + c2
+            except ValueError:
+                continue
+            if merged.size > max(c1.size, c2.size) or not np.all(np.isfinite(merged)):
+                continue
+            y = e2.outputs[0]
+            _detach(e2)
+            e1.op = fam
+            e1.inputs.clear()
+            e1.inputs.extend([x, self._new_const((e1.name or "const") + "_merged", merged.astype(dt1))])
+            e1.outputs[0] = y
+            n += 1
+        self.stats["constant_chains_folded"] += n
+        sub.nodes = [nd for nd in sub.nodes if nd.outputs]
+        return n
+
+    def _merge_duplicate_nodes(self, sub: gs.Graph) -> int:
+        """Common subexpressions: a deterministic node with the same op, domain, attributes and
+        input tensors as an earlier one computes the same values; its consumers read the earlier
+        node's outputs. Nodes with subgraphs and graph-output producers are kept."""
+        n = 0
+        outs = self._graph_outputs()
+        seen: dict[tuple, gs.Node] = {}
+        with _quiet_gs(), contextlib.suppress(Exception):
+            sub.toposort(recurse_subgraphs=False)
+        for node in list(sub.nodes):
+            if not node.outputs or node.op in _NO_FOLD or node.op == "Constant":
+                continue
+            key = self._node_key(node)
+            if key is None:
+                continue
+            first = seen.get(key)
+            if first is None:
+                seen[key] = node
+                continue
+            if any(id(o) in outs for o in node.outputs) or len(first.outputs) != len(node.outputs):
+                continue
+            for mine, theirs in zip(list(node.outputs), list(first.outputs)):
+                if not mine.is_empty():
+                    if theirs.is_empty():
+                        break
+                    _replace_uses(mine, theirs)
+            else:
+                _detach(node)
+                n += 1
+        self.stats["duplicate_nodes_merged"] += n
+        sub.nodes = [nd for nd in sub.nodes if nd.outputs]
+        return n
+
+    @staticmethod
+    def _node_key(node: gs.Node):
+        attrs = []
+        for k in sorted(node.attrs):
+            v = node.attrs[k]
+            if isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v)):
+                return None
+            if _const(v):
+                vals = np.asarray(v.values)
+                if vals.dtype == object:
+                    return None
+                v = ("tensor", vals.dtype.str, vals.shape, vals.tobytes())
+            elif isinstance(v, list):
+                v = tuple(v)
+            elif not isinstance(v, (int, float, str, bytes, bool, tuple, type(None))):
+                v = repr(v)
+            attrs.append((k, v))
+        ins = tuple(("", None) if t.is_empty() else id(t) for t in node.inputs)
+        return node.op, node.domain or "", ins, tuple(attrs), len(node.outputs)
+
     # ----------------------------------------------------------------- initializers
     def _merge_initializers(self) -> int:
         seen: dict[tuple, gs.Constant] = {}
@@ -776,13 +1095,27 @@ class _Cleanup:
 
     # ----------------------------------------------------------------- outputs
     def _outputs_from_constants(self):
-        """A graph output that became a constant is produced by a Constant node again, so the
-        output keeps its name and stays an output rather than an initializer."""
+        """A graph output that became a constant is produced by a node again, so the output keeps
+        its name and stays an output rather than an initializer: a Constant node (opset >= 13,
+        where Constant takes every tensor type), else an Identity of an initializer."""
         for sub in all_graphs(self.g):
             for t in sub.outputs:
                 if _const(t) and t.name not in self.protected:
                     vals = t.values
                     t.to_variable(dtype=vals.dtype, shape=list(vals.shape))
-                    node = gs.Node("Constant", name=self._fresh(t.name + "_const"),
-                                   attrs={"value": gs.Constant(t.name + "_value", vals)}, outputs=[t])
+                    if self.opset >= 13:
+                        node = gs.Node("Constant", name=self._fresh(t.name + "_const"),
+                                       attrs={"value": gs.Constant(t.name + "_value", vals)}, outputs=[t])
+                    else:
+                        init = gs.Constant(self._fresh(t.name + "_value"), vals)
+                        node = gs.Node("Identity", name=self._fresh(t.name + "_identity"), inputs=[init], outputs=[t])
                     sub.nodes.append(node)
+
+    def _record_io(self):
+        self.io_types = [(t, t.dtype, t.shape) for t in list(self.g.inputs) + list(self.g.outputs)]
+
+    def _restore_io(self):
+        """Graph inputs and outputs keep the types and shapes they were declared with."""
+        for t, dtype, shape in self.io_types:
+            if isinstance(t, gs.Variable):
+                t.dtype, t.shape = dtype, shape
