@@ -40,6 +40,9 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as e:  # protobuf DecodeError, truncated files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{p}: not a readable ONNX model ({msg})") from None
+    bad = _invalid_text(model)
+    if bad:
+        raise InputError(f"{p}: not a valid ONNX model (invalid UTF-8 text in {bad})")
     missing = [f for f in _external_locations(model, p.parent) if not f.is_file()]
     if missing:
         raise InputError(f"{p}: external data file missing: {missing[0]}")
@@ -293,6 +296,39 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _invalid_text(msg, where: str = "model") -> str:
+    """The first string field whose bytes are not valid UTF-8 (protobuf parses them, then python
+    raises UnicodeDecodeError or returns bytes on access), as a field path; '' when all are valid.
+    Tensor data is never read (``raw_data`` access copies the buffer)."""
+    tensor = isinstance(msg, onnx.TensorProto)
+    for fd in msg.DESCRIPTOR.fields:
+        if tensor and fd.name in _DATA_FIELDS and fd.name != "external_data":
+            continue
+        if fd.type == fd.TYPE_BYTES:
+            continue
+        here = f"{where}.{fd.name}"
+        try:
+            if _repeated(fd):
+                value = list(getattr(msg, fd.name))
+            elif fd.message_type is not None:
+                if not msg.HasField(fd.name):
+                    continue
+                value = [getattr(msg, fd.name)]
+            else:
+                value = [getattr(msg, fd.name)]
+        except UnicodeDecodeError:
+            return here
+        if fd.type == fd.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in value):
+                return here
+        elif fd.message_type is not None:
+            for k, v in enumerate(value):
+                bad = _invalid_text(v, f"{here}[{k}]" if _repeated(fd) else here)
+                if bad:
+                    return bad
+    return ""
 
 
 def _external_locations(model: onnx.ModelProto, base: Path) -> list[Path]:
