@@ -102,6 +102,11 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
     from .manager import optimize as run_optimize
     from .report import Progress
 
+    from .errors import InputError
+    from .model import check_output_path
+    if not Path(input_model).exists():  # the paths first: the most basic mistakes get named first
+        raise InputError(f"model file not found: {input_model}")
+    check_output_path(output_model, input_model)
     r = _load_recipe(recipe) if recipe else {}
     pass_specs = _recipe_passes(passes if passes is not None else r.get("passes", ["cleanup"]))
     if not pass_specs:
@@ -124,6 +129,11 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
         raise UsageError(f"--option names pass(es) not in the pipeline: {', '.join(overrides)}")
     shapes = dict(r.get("input_shapes") or {})
     shapes.update(dict(parse_input_shape(s) for s in input_shapes))
+    rpath = report_path or r.get("report")
+    if rpath:  # fail before any work, and never let the report overwrite the input or the output
+        check_output_path(rpath, input_model)
+        if Path(rpath).resolve() == Path(output_model).resolve():
+            raise UsageError(f"--report and OUT are the same file ({rpath})")
     progress = Progress(enabled=not quiet)
     try:
         _, report = run_optimize(input_model, output_model, passes=specs, data=calib or r.get("calib"),
@@ -132,18 +142,36 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
                                  seed=seed if seed is not None else int(r.get("seed", 0)), progress=progress,
                                  synthetic=synthetic, measure_speed=latency, debug=_DEBUG)
     except BudgetError as e:
-        if e.report is not None and (report_path or r.get("report")):
+        if e.report is not None and rpath:
             e.report.input = input_model
-            e.report.write_json(report_path or r.get("report"))
+            _write_report(e.report, rpath)
         if e.report is not None and not quiet:
             e.report.render(_console())
         raise
     report.input = input_model
-    if report_path or r.get("report"):
-        report.write_json(report_path or r.get("report"))
+    if rpath:
+        _write_report(report, rpath)
     if not quiet:
         report.render(_console())
         click.echo(f"wrote {output_model}", err=True)
+
+
+def _write_report(report, path) -> None:
+    """Write the JSON report atomically (temporary file beside it, then rename)."""
+    import os
+    import tempfile
+
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=str(p.parent) if str(p.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(report.to_json() + "\n")
+        os.replace(tmp, p)
+    except OSError as e:
+        raise UsageError(f"cannot write report {p}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _console():
@@ -162,10 +190,17 @@ def inspect(model_path, as_json, input_shapes):
     from .model import load, model_stats
     from .report import format_bytes, format_count
 
+    from .model import check_model
+
     m = load(model_path)
     shapes = dict(parse_input_shape(s) for s in input_shapes)
     st = model_stats(m, shapes or None)
     st["file_bytes"] = Path(model_path).stat().st_size
+    try:  # inspect describes broken models too; it says whether the checker accepts them
+        check_model(m, full_check=False)
+        st["checker"] = "ok"
+    except Exception as e:
+        st["checker"] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
@@ -175,6 +210,7 @@ def inspect(model_path, as_json, input_shapes):
     for kind in ("inputs", "outputs"):
         for v in st[kind]:
             c.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
+    c.print(f"  checker: {st['checker']}")
     c.print(f"  nodes {st['nodes']}, parameters {format_count(st['params'])}, weights "
             f"{format_bytes(st['weight_bytes'])}, MACs {format_count(st['macs'])}, file {format_bytes(st['file_bytes'])}")
     t = Table(title="ops", title_justify="left")
@@ -204,14 +240,39 @@ def list_passes(as_json):
             click.echo(f"    {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a pipeline's timeout, ``kill``) raises SystemExit(143) instead of killing the
+    process outright, so the atomic write's ``finally`` removes its temporary files."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_term(signum, frame):
+        click.echo("onnxshrink: terminated", err=True)
+        sys.exit(143)
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):  # not allowed here (embedded interpreter): keep the default
+        pass
+
+
 def main(argv=None) -> None:
     """Entry point: maps errors to one line and an exit code."""
+    global _DEBUG
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    _DEBUG = "--debug" in argv
+    if not argv:  # bare ``onnxshrink``: the help, exit 0 (not a usage error)
+        argv = ["--help"]
+    _exit_cleanly_on_sigterm()
     try:
         cli.main(args=argv, prog_name="onnxshrink", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.Abort:
-        click.echo("onnxshrink: aborted", err=True)
+    except click.Abort:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
+        click.echo("onnxshrink: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         if _DEBUG:
@@ -230,7 +291,7 @@ def main(argv=None) -> None:
         click.echo("onnxshrink: error: out of memory", err=True)
         sys.exit(EXIT_INTERNAL)
     except Exception as e:  # a bug: say so in one line, keep the traceback behind --debug
-        if _DEBUG or "--debug" in (argv or sys.argv):
+        if _DEBUG:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         click.echo(f"onnxshrink: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",

@@ -13,7 +13,7 @@ calibration streams samples one at a time and never holds the whole set in memor
 from __future__ import annotations
 
 __all__ = ["InputSpec", "input_specs", "SampleSource", "DirectorySource", "ListSource", "SyntheticSource",
-           "Subset", "as_source", "split_calib_val", "check_sample"]
+           "Subset", "as_source", "split_calib_val", "check_sample", "read_headers"]
 
 import os
 from dataclasses import dataclass
@@ -73,21 +73,54 @@ def check_sample(sample: dict, specs: Sequence[InputSpec], where: str) -> dict:
     out = {}
     for s in specs:
         a = np.asarray(sample[s.name])
+        _check_meta(a.shape, a.dtype, s, where)
         if a.dtype != s.dtype:
-            if a.dtype.kind == s.dtype.kind or (a.dtype.kind in "iu" and s.dtype.kind in "iu"):
-                a = a.astype(s.dtype)
-            else:
-                raise InputError(f"{where}: input '{s.name}' has dtype {a.dtype}, the model expects {s.dtype}")
-        if s.shape and len(a.shape) != len(s.shape):
-            raise InputError(f"{where}: input '{s.name}' has shape {list(a.shape)}, the model expects rank "
-                             f"{len(s.shape)} ({_fmt_shape(s.shape)})")
-        for i, (got, want) in enumerate(zip(a.shape, s.shape)):
-            if isinstance(want, int) and want > 0 and got != want:
-                raise InputError(f"{where}: input '{s.name}' has shape {list(a.shape)}, the model expects "
-                                 f"{_fmt_shape(s.shape)} (dim {i})")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise InputError(f"{where}: input '{s.name}' contains NaN or Inf")
+            a = a.astype(s.dtype)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            raise InputError(f"{where}: input '{s.name}' contains NaN or Inf ({bad} of {a.size} values)")
         out[s.name] = a
+    return out
+
+
+def _check_meta(shape: tuple, dtype: np.dtype, s: InputSpec, where: str) -> None:
+    """Dtype kind, rank and fixed dims of one array against its input spec (casts within a kind,
+    float64 -> float32 or int32 -> int64, are allowed)."""
+    dtype = np.dtype(dtype)
+    if dtype != s.dtype and not (dtype.kind == s.dtype.kind or (dtype.kind in "iu" and s.dtype.kind in "iu")):
+        raise InputError(f"{where}: input '{s.name}' has dtype {dtype}, the model expects {s.dtype}")
+    if s.shape and len(shape) != len(s.shape):
+        raise InputError(f"{where}: input '{s.name}' has shape {list(shape)}, the model expects rank "
+                         f"{len(s.shape)} ({_fmt_shape(s.shape)})")
+    for i, (got, want) in enumerate(zip(shape, s.shape)):
+        if isinstance(want, int) and want > 0 and got != want:
+            raise InputError(f"{where}: input '{s.name}' has shape {list(shape)}, the model expects "
+                             f"{_fmt_shape(s.shape)} (dim {i})")
+
+
+def _npy_header(f) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) from an open .npy stream's header, without reading the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(shape), np.dtype(dtype)
+
+
+def read_headers(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
+    """{array name: (shape, dtype)} of a .npy ("" as the name) or .npz file, from headers only."""
+    import zipfile
+
+    if path.suffix == ".npy":
+        with open(path, "rb") as f:
+            return {"": _npy_header(f)}
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for member in z.namelist():
+            if member.endswith(".npy"):
+                with z.open(member) as f:
+                    out[member[:-4]] = _npy_header(f)
     return out
 
 
@@ -112,6 +145,15 @@ class SampleSource:
 
     def _where(self, i: int) -> str:
         return f"sample {i}"
+
+    def label(self, i: int):
+        """The label of sample i (an int or int array), or None when the source has no labels."""
+        return None
+
+    def labels(self):
+        """All labels, or None unless every sample has one."""
+        out = [self.label(i) for i in range(len(self))]
+        return None if not out or any(v is None for v in out) else out
 
     def get(self, i: int) -> dict:
         s = self._load(i)
@@ -138,16 +180,54 @@ class DirectorySource(SampleSource):
             raise InputError(f"calibration folder not found: {p}")
         if not p.is_dir():
             raise InputError(f"calibration path is not a folder: {p}")
-        files = sorted(f for f in p.iterdir() if f.suffix in (".npy", ".npz") and f.is_file())
+        files = sorted(f for f in p.iterdir() if f.suffix in (".npy", ".npz") and f.is_file() and f.stem != "labels")
         if not files:
             raise InputError(f"calibration folder has no .npy or .npz files: {p}")
         if limit:
             files = files[:limit]
         self.files = files
         self.description = f"{len(files)} samples from {p}"
+        self.check_headers()
+        self._labels = _read_labels(p, len(files))
+        if self._labels is not None:
+            self.description += " with labels"
+
+    def label(self, i):
+        return None if self._labels is None else self._labels[i]
 
     def __len__(self):
         return len(self.files)
+
+    def with_specs(self, specs):
+        super().with_specs(specs)
+        self.check_headers()
+        return self
+
+    def check_headers(self) -> None:
+        """Check every file's array names, shapes and dtypes from the .npy headers (no data is
+        read), so a bad file fails the run before any work rather than in the middle of a pass.
+        Values (NaN/Inf) are checked as each sample is loaded."""
+        if self.specs is None:
+            return
+        by_name = {s.name: s for s in self.specs}
+        for f in self.files:
+            try:
+                heads = read_headers(f)
+            except Exception as e:
+                raise InputError(f"{f}: cannot read array ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                                 ) from None
+            if f.suffix == ".npy":
+                if len(self.specs) != 1:
+                    raise InputError(f"{f}: a .npy file holds one array, but the model has {len(self.specs)} inputs "
+                                     f"{[s.name for s in self.specs]}; use .npz files with one array per input name")
+                heads = {self.specs[0].name: heads[""]}
+            missing, extra = set(by_name) - set(heads), set(heads) - set(by_name)
+            if missing or extra:
+                parts = ([f"missing input(s) {sorted(missing)}"] if missing else []) + \
+                        ([f"unknown input(s) {sorted(extra)}"] if extra else [])
+                raise InputError(f"{f}: {', '.join(parts)}; the model's inputs are {sorted(by_name)}")
+            for name, (shape, dtype) in heads.items():
+                _check_meta(shape, dtype, by_name[name], str(f))
 
     def _where(self, i):
         return str(self.files[i])
@@ -168,6 +248,26 @@ class DirectorySource(SampleSource):
         return {self.specs[0].name: arr}
 
 
+def _read_labels(folder: Path, n: int):
+    """labels.npy (an int array, one entry per sample in file-name order) or labels.txt (one
+    integer per line) beside the samples; None when neither exists."""
+    npy, txt = folder / "labels.npy", folder / "labels.txt"
+    try:
+        if npy.exists():
+            labels = np.load(npy, allow_pickle=False)
+        elif txt.exists():
+            labels = np.array([int(x) for x in txt.read_text().split()], dtype=np.int64)
+        else:
+            return None
+    except (ValueError, OSError) as e:
+        raise InputError(f"{npy if npy.exists() else txt}: cannot read labels ({e})") from None
+    if labels.dtype.kind not in "iu":
+        raise InputError(f"{folder}: labels must be integers, got {labels.dtype}")
+    if len(labels) != n:
+        raise InputError(f"{folder}: {len(labels)} labels for {n} samples")
+    return list(labels)
+
+
 class ListSource(SampleSource):
     """Samples from a sequence of dicts, or a callable returning a fresh iterable of dicts.
 
@@ -176,7 +276,8 @@ class ListSource(SampleSource):
     """
 
     def __init__(self, samples: Sequence[dict] | Callable[[], Iterable[dict]] | Iterable[dict],
-                 specs: Sequence[InputSpec] | None = None, description: str | None = None):
+                 specs: Sequence[InputSpec] | None = None, description: str | None = None,
+                 labels: Sequence | None = None):
         super().__init__(specs)
         if callable(samples):
             self._factory = samples
@@ -189,9 +290,15 @@ class ListSource(SampleSource):
         self._it = None
         self._pos = 0
         self.description = description or f"{self._n} samples (Python)"
+        if labels is not None and len(labels) != self._n:
+            raise InputError(f"{len(labels)} labels for {self._n} samples")
+        self._labels = list(labels) if labels is not None else None
 
     def __len__(self):
         return self._n
+
+    def label(self, i):
+        return None if self._labels is None else self._labels[i]
 
     def _load(self, i):
         if self._items is not None:
@@ -264,6 +371,9 @@ class Subset(SampleSource):
 
     def get(self, i):
         return self.base.get(self.indices[i])
+
+    def label(self, i):
+        return self.base.label(self.indices[i])
 
 
 def as_source(data, specs: Sequence[InputSpec]) -> SampleSource | None:

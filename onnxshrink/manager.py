@@ -14,6 +14,7 @@ __all__ = ["PassManager", "optimize"]
 
 import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,7 +53,7 @@ class PassManager:
     def __init__(self, passes: Sequence, data=None, val_data=None, budget=None, target=None,
                  input_shapes: dict | None = None, seed: int = 0, progress: bool | Progress = False,
                  synthetic: bool = False, metric: Callable | None = None, lossless_tol: float = 1e-4,
-                 measure_speed: bool = False, debug: bool = False):
+                 measure_speed: bool = False, debug: bool = False, labels=None):
         self.passes = [create_pass(p) for p in passes]
         self.data = data
         self.val_data = val_data
@@ -66,6 +67,9 @@ class PassManager:
         self.lossless_tol = lossless_tol
         self.measure_speed = measure_speed
         self.debug = debug
+        self.labels = labels
+        self._labels = None
+        self.baseline: dict = {}
         if self.budget is not None and self.budget.metric == "user" and metric is None:
             raise UsageError("budget on metric 'user' needs a user metric callable")
 
@@ -79,6 +83,12 @@ class PassManager:
             specs = input_specs(model)
         source = as_source(self.data, specs)
         val = as_source(self.val_data, specs)
+        if self.labels is not None:
+            from .data import ListSource
+            if isinstance(source, ListSource) and val is None:
+                source._labels = list(self.labels)
+            elif isinstance(val, ListSource):
+                val._labels = list(self.labels)
         needs = [p.name for p in self.passes if p.needs_data]
         if source is None and val is None:
             if needs and not self.synthetic:
@@ -109,6 +119,10 @@ class PassManager:
                 report.warnings.append("target '%s' needs static shapes; took them from the calibration data: %s"
                                        % (self.target.name, ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())))
         calib, val, on_calib = split_calib_val(source, val)
+        self._labels = val.labels()
+        if self.budget is not None and self.budget.metric in ("accuracy", "top5") and self._labels is None:
+            raise UsageError(f"budget on '{self.budget.metric}' needs labels: put labels.npy or labels.txt "
+                             "(one integer per sample, in file-name order) beside the data")
         report.data = {
             "calibration": calib.description,
             "validation": val.description + (" (calibration samples, not held out)" if on_calib else ""),
@@ -124,6 +138,9 @@ class PassManager:
 
     def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool):
         """(ok, reason, fidelity) of a candidate."""
+        changed = _interface_change(self._original_io, candidate)
+        if changed:
+            return False, f"the model's interface changed: {changed}", {}
         try:
             model_io.check_model(candidate, full_check=self._full_check)
         except Exception as e:
@@ -132,10 +149,10 @@ class PassManager:
             outs = self._outputs(candidate, val, optimize=not lossless)
         except Exception as e:
             return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
-        fid = fidelity(reference, outs, self.metric, val)
+        fid = fidelity(reference, outs, self.metric, val, self._labels)
         if lossless and not fid.get("max_abs", 0.0) <= self.lossless_tol:
             return False, f"outputs changed (relative max error {fid.get('max_abs'):.2e} > {self.lossless_tol:g})", fid
-        if not lossless and self.budget is not None and not self.budget.holds(fid):
+        if not lossless and self.budget is not None and not self.budget.holds(fid, self.baseline):
             return False, f"budget {self.budget} broken ({self.budget.metric}={fid.get(self.budget.metric):.5g})", fid
         return True, "", fid
 
@@ -145,9 +162,11 @@ class PassManager:
                         target=self.target.name if self.target else None)
         if not isinstance(model, onnx.ModelProto):
             report.input = str(model)
-            model = model_io.load(model)
-        original = onnx.ModelProto()
-        original.CopyFrom(model)
+            original = model_io.load(model)  # our own copy already: no second one (large models)
+        else:
+            original = onnx.ModelProto()
+            original.CopyFrom(model)
+        self._original_io = original
         calib, val, sample_shapes = self._prepare(original, report)
         try:
             model_io.check_model(original, full_check=False)
@@ -163,15 +182,24 @@ class PassManager:
         except OnnxShrinkError:
             raise
         except Exception as e:
-            raise InputError(f"the input model does not run in onnxruntime: {_first_line(e)}") from None
+            msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
+            raise InputError(f"the input model does not run in onnxruntime: {msg}") from None
+        self.baseline = fidelity(reference, reference, self.metric, val, self._labels)
+        if self._labels is not None or self.metric is not None:
+            report.data["original_scores"] = {k: self.baseline[k] for k in ("accuracy", "top5", "user")
+                                              if k in self.baseline}
         cost_shapes = self.input_shapes or sample_shapes
         report.before = model_io.model_stats(original, cost_shapes)
+        current = original
+        if self.target is not None:
+            current = self._prepare_target(original, val, reference)
         ctx = Context(calib=calib, val=val, reference=reference, budget=self.budget, target=self.target,
                       seed=self.seed, rng=np.random.default_rng(self.seed), progress=self.progress,
-                      template=original)
-        ctx.evaluator = lambda m: fidelity(reference, self._outputs(m, val, optimize=True), self.metric, val)
+                      template=current)
+        ctx.evaluator = lambda m: fidelity(reference, self._outputs(m, val, optimize=True), self.metric, val,
+                                           self._labels)
+        ctx.baseline = self.baseline
 
-        current = original
         for p in self.passes:
             rec, current = self._run_one(p, current, ctx, val, reference, cost_shapes)
             report.passes.append(rec)
@@ -181,9 +209,9 @@ class PassManager:
             current = self._emit(current, ctx, report)
 
         final = self._outputs(current, val, optimize=True)
-        report.fidelity = fidelity(reference, final, self.metric, val)
+        report.fidelity = fidelity(reference, final, self.metric, val, self._labels)
         report.after = model_io.model_stats(current, cost_shapes)
-        report.budget_met = self.budget.holds(report.fidelity) if self.budget else None
+        report.budget_met = self.budget.holds(report.fidelity, self.baseline) if self.budget else None
         if self.measure_speed:
             feeds = val.get(0)
             report.latency_ms = {"before": measure_latency(original, feeds), "after": measure_latency(current, feeds)}
@@ -198,8 +226,27 @@ class PassManager:
         if emit is None:
             return model
         model, info = emit(model, self.target, ctx)
-        report.target_report = info
+        report.target_report = {"prepare": getattr(self, "_prepare_info", {}), **info}
         return model
+
+    def _prepare_target(self, model, val, reference):
+        """The target's lossless preparation before the passes (opset, static-shape folding, exact
+        rewrites), kept only when it validates like a lossless pass."""
+        from . import targets
+        prepare = getattr(targets, "prepare", None)
+        self._prepare_info = {}
+        if prepare is None:
+            return model
+        try:
+            candidate, info = prepare(model, self.target, _ValOnly(val))
+        except Exception as e:
+            if self.debug:
+                raise
+            self._prepare_info = {"error": f"{type(e).__name__}: {_first_line(e)}"}
+            return model
+        ok, reason, _ = self._validate(candidate, val, reference, lossless=True)
+        self._prepare_info = info if ok else {**info, "rolled_back": reason}
+        return candidate if ok else model
 
     def _run_one(self, p: Pass, current: onnx.ModelProto, ctx: Context, val, reference, cost_shapes):
         rec = PassRecord(name=p.name, status=NOT_APPLICABLE, options=_options_dict(p))
@@ -251,6 +298,28 @@ class PassManager:
         return rec, current
 
 
+def _interface_change(original: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
+    """'' when the candidate has the original's input and output names (in order), else what
+    changed: callers feed and fetch by name, so a pass must never rename or drop either."""
+    def names(vs):
+        return [v.name for v in vs]
+    if names(candidate.graph.output) != names(original.graph.output):
+        return f"outputs {names(original.graph.output)} became {names(candidate.graph.output)}"
+    def data_inputs(m):  # inputs without an initializer: what callers must feed
+        inits = {t.name for t in m.graph.initializer}
+        return [v.name for v in m.graph.input if v.name not in inits]
+    if data_inputs(candidate) != data_inputs(original):
+        return f"inputs {data_inputs(original)} became {data_inputs(candidate)}"
+    return ""
+
+
+class _ValOnly:
+    """The part of a Context the target preparation reads (validation samples)."""
+
+    def __init__(self, val):
+        self.val = val
+
+
 def _options_dict(p: Pass) -> dict:
     return dataclasses.asdict(p.options) if dataclasses.is_dataclass(p.options) else {}
 
@@ -265,9 +334,10 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
     result atomically. Returns (model, report). Raises BudgetError (nothing written) when the
     budget cannot be met."""
     input_path = model if not isinstance(model, onnx.ModelProto) else None
-    if output is not None and input_path is not None and Path(output).exists() and \
-            os.path.samefile(output, input_path):
-        raise UsageError(f"output path is the input file ({output}); refusing to overwrite the input")
+    if input_path is not None and not Path(input_path).exists():
+        raise InputError(f"model file not found: {input_path}")
+    if output is not None:  # fail before any work: unwritable output, output == input
+        model_io.check_output_path(output, input_path)
     pm = PassManager(passes, **kwargs)
     result, report = pm.run(model)
     if output is not None:
@@ -275,4 +345,9 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
         report.output = str(output)
         report.file_bytes = {"before": Path(input_path).stat().st_size if input_path else None,
                              "after": Path(output).stat().st_size}
+        if pm.target is not None and getattr(pm.target, "ort_format", False):  # --target NAME+ort
+            from .emit import save_ort_format
+            style = "Runtime" if pm.target.name in ("nnapi", "coreml") else "Fixed"
+            report.target_report["ort_format"] = {"path": str(save_ort_format(output, optimization_style=style)),
+                                                  "optimization_style": style}
     return result, report

@@ -2,7 +2,9 @@
 
 Per sample and output: cosine similarity of the flattened tensors, SQNR in dB
 (10 log10(|ref|^2 / |ref - out|^2)), max-abs error relative to the output's scale (max |ref|),
-and top-1 agreement (argmax over the last axis). A sample's score is its worst output; the
+and top-1 agreement (argmax over the last axis). A silent sample (reference and error both below
+1e-3 of the output's scale over the validation set, e.g. a text-detection map of a photo with no
+text) has cosine 1: the cosine of two round-off noise vectors means nothing. A sample's score is its worst output; the
 model's ``cosine``/``sqnr`` are means over samples, ``cosine_min`` the worst sample,
 ``max_abs`` the worst relative error anywhere, ``top1`` the fraction of agreeing argmaxes.
 """
@@ -28,7 +30,16 @@ METRICS = {
     "max_abs": (False, "largest absolute error relative to the output's scale (max |ref|)"),
     "mse": (False, "mean squared error relative to the output's mean square"),
     "top1": (True, "fraction of samples whose top-1 class (argmax, last axis, first output) agrees"),
+    "accuracy": (True, "top-1 accuracy of the first output against labels (labels.npy/labels.txt beside the data)"),
+    "top5": (True, "top-5 accuracy of the first output against labels"),
 }
+
+# a sample whose reference and error both stay below this fraction of the output's scale (max |ref|
+# over the validation set) is silent: its cosine counts as 1
+SILENT = 1e-3
+
+# metrics whose values are fractions: a relative budget "-1%" means one percentage point
+_FRACTION_METRICS = {"cosine", "cosine_min", "top1", "accuracy", "top5"}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,8 +53,10 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> dict:
-    """Scores of one sample: worst output's cosine, sqnr, relative max-abs error, relative mse, top1."""
+def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray], scales: Sequence[float] | None = None) -> dict:
+    """Scores of one sample: worst output's cosine, sqnr, relative max-abs error, relative mse, top1.
+    ``scales``: each output's scale (max |ref| over all samples) for the relative max-abs error;
+    default: this sample's own max |ref|."""
     cos, sq, mx, mse = [], [], [], []
     top1 = 1.0
     for k, (r, o) in enumerate(zip(ref, out)):
@@ -61,11 +74,20 @@ def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> dic
         r64, o64 = r.astype(np.float64), o.astype(np.float64)
         if not np.isfinite(o64).all():
             return {"cosine": 0.0, "sqnr": -math.inf, "max_abs": math.inf, "mse": math.inf, "top1": 0.0}
-        cos.append(_cos(r64, o64))
+        gscale = scales[k] if scales is not None and k < len(scales) else 0.0
+        if gscale > 0 and r64.size and float(np.max(np.abs(r64))) < SILENT * gscale and \
+                float(np.max(np.abs(r64 - o64))) <= SILENT * gscale:
+            # a silent sample (a detection map with nothing in it): both tensors are round-off
+            # noise far below the output's scale, and the cosine of two noise vectors means nothing
+            cos.append(1.0)
+        else:
+            cos.append(_cos(r64, o64))
         err = float(np.sum((r64 - o64) ** 2))
         sig = float(np.sum(r64 ** 2))
         sq.append(math.inf if err == 0 else (10 * math.log10(sig / err) if sig > 0 else -math.inf))
         scale = float(np.max(np.abs(r64))) if r64.size else 0.0
+        if scales is not None and k < len(scales):
+            scale = max(scale, scales[k])
         m = float(np.max(np.abs(r64 - o64))) if r64.size else 0.0
         mx.append(m / scale if scale > 0 else m)
         ms = sig / max(r64.size, 1)
@@ -76,10 +98,37 @@ def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> dic
             "max_abs": max(mx) if mx else 0.0, "mse": max(mse) if mse else 0.0, "top1": top1}
 
 
+def label_accuracy(outputs: Sequence[Sequence[np.ndarray]], labels: Sequence[int], k: int = 1) -> float:
+    """Top-k accuracy of the first output (scores on the last axis; each sample's leading
+    dims flattened, one label per sample or per row) against integer labels."""
+    hits, total = 0, 0
+    for out, lab in zip(outputs, labels):
+        scores = np.asarray(out[0]).reshape(-1, np.asarray(out[0]).shape[-1])
+        lab = np.asarray(lab).reshape(-1)
+        if lab.size == 1 and scores.shape[0] > 1:
+            lab = np.repeat(lab, scores.shape[0])
+        topk = np.argsort(-scores, axis=-1)[:, :k]
+        hits += int(np.sum(np.any(topk == lab[:, None], axis=1)))
+        total += scores.shape[0]
+    return hits / total if total else float("nan")
+
+
 def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]],
-             user_metric: Callable | None = None, samples=None) -> dict:
-    """Aggregate fidelity of ``outputs`` against ``reference`` (lists over samples of lists over outputs)."""
-    per = [compare_outputs(r, o) for r, o in zip(reference, outputs)]
+             user_metric: Callable | None = None, samples=None, labels: Sequence[int] | None = None) -> dict:
+    """Aggregate fidelity of ``outputs`` against ``reference`` (lists over samples of lists over
+    outputs); with ``labels``, also top-1 and top-5 accuracy against them."""
+    # an output's scale is its largest magnitude over the whole set: a sample whose output is all
+    # near zero (a sigmoid far from any detection) must not turn float round-off into a big ratio
+    scales = []
+    for r in reference:
+        for k, x in enumerate(r):
+            x = np.asarray(x)
+            v = float(np.max(np.abs(x.astype(np.float64)))) if x.size and x.dtype.kind in "fc" else 0.0
+            if k == len(scales):
+                scales.append(v)
+            else:
+                scales[k] = max(scales[k], v)
+    per = [compare_outputs(r, o, scales) for r, o in zip(reference, outputs)]
     if not per:
         return {}
     fin = [p["sqnr"] for p in per if math.isfinite(p["sqnr"])]
@@ -91,21 +140,30 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
         "mse": float(np.mean([p["mse"] for p in per])),
         "top1": float(np.mean([p["top1"] for p in per])),
     }
+    if labels is not None:
+        res["accuracy"] = label_accuracy(outputs, labels, 1)
+        res["top5"] = label_accuracy(outputs, labels, 5)
     if user_metric is not None:
         res["user"] = float(user_metric(outputs, samples))
     return res
 
 
-_BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+_BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*$")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """``METRIC>=VALUE`` or ``METRIC<=VALUE`` over the metrics in METRICS (or ``user``)."""
+    """``METRIC>=VALUE`` or ``METRIC<=VALUE`` over the metrics in METRICS (or ``user``).
+
+    A value with ``%`` is relative to the original model's own score: ``accuracy>=-1%`` allows
+    a drop of one percentage point for fraction metrics (cosine, top1, accuracy, top5), and of
+    1 % of the original's value for the others (``sqnr>=-10%``, ``user>=-2%``).
+    """
 
     metric: str
     op: str
     value: float
+    relative: bool = False
 
     @classmethod
     def parse(cls, text: "str | Budget | None") -> "Budget | None":
@@ -115,16 +173,28 @@ class Budget:
         if not m:
             raise UsageError(f"cannot parse budget '{text}': expected METRIC>=VALUE or METRIC<=VALUE, "
                              f"e.g. \"cosine>=0.99\" (metrics: {', '.join(METRICS)})")
-        metric, op, value = m.group(1), m.group(2), float(m.group(3))
+        metric, op, value, rel = m.group(1), m.group(2), float(m.group(3)), bool(m.group(4))
         if metric not in METRICS and metric != "user":
             raise UsageError(f"unknown metric '{metric}' in budget; known: {', '.join(METRICS)}")
-        return cls(metric, op, value)
+        return cls(metric, op, value, rel)
 
-    def holds(self, scores: dict) -> bool:
+    def threshold(self, baseline: dict | None = None) -> float:
+        """The absolute threshold; a relative budget needs the original model's scores."""
+        if not self.relative:
+            return self.value
+        if not baseline or baseline.get(self.metric) is None:
+            raise UsageError(f"relative budget {self} needs the original model's {self.metric} score")
+        base = float(baseline[self.metric])
+        if self.metric in _FRACTION_METRICS:
+            return base + self.value / 100.0
+        return base + abs(base) * self.value / 100.0
+
+    def holds(self, scores: dict, baseline: dict | None = None) -> bool:
         v = scores.get(self.metric)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return False
-        return v >= self.value if self.op == ">=" else v <= self.value
+        t = self.threshold(baseline)
+        return v >= t if self.op == ">=" else v <= t
 
     def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.value:g}"
+        return f"{self.metric}{self.op}{self.value:g}{'%' if self.relative else ''}"

@@ -3,7 +3,8 @@ and model statistics (op histogram, parameters, weight bytes, MACs)."""
 
 from __future__ import annotations
 
-__all__ = ["load", "save", "model_stats", "tensor_bytes", "PROTOBUF_LIMIT", "check_model", "copy_model_fields"]
+__all__ = ["load", "save", "model_stats", "tensor_bytes", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
+           "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy"]
 
 import collections
 import os
@@ -35,12 +36,22 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if p.stat().st_size == 0:
         raise InputError(f"model file is empty: {p}")
     try:
-        model = onnx.load(str(p), load_external_data=True)
-    except FileNotFoundError as e:
-        raise InputError(f"{p}: external data file missing ({e.filename or e})") from None
-    except Exception as e:  # protobuf DecodeError, truncated files, bad external data
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError, truncated files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{p}: not a readable ONNX model ({msg})") from None
+    bad = _invalid_text(model)
+    if bad:
+        raise InputError(f"{p}: not a valid ONNX model (invalid UTF-8 text in {bad})")
+    missing = [f for f in _external_locations(model, p.parent) if not f.is_file()]
+    if missing:
+        raise InputError(f"{p}: external data file missing: {missing[0]}")
+    if _external_locations(model, p.parent):
+        try:
+            _load_inline(model, p.parent)
+        except Exception as e:  # short or corrupt data file, a location outside the model's folder
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"{p}: cannot read external data ({msg[:200]})") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{p}: not an ONNX model (no graph found)")
     return model
@@ -63,13 +74,15 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its dims and type. Never reads ``raw_data``: with python
+    protobuf every access copies the whole buffer (0.5 s and 512 MB for a 512 MB tensor)."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
         for kv in t.external_data:
             if kv.key == "length":
                 return int(kv.value)
-    if t.raw_data:
-        return len(t.raw_data)
-    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(x) for x in t.string_data)
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     except Exception:
@@ -91,16 +104,162 @@ def _all_graphs(graph: onnx.GraphProto):
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = True) -> None:
-    """Run the ONNX checker (and strict shape inference with full_check); works past 2 GB."""
-    if _weights_size(model) < _EXTERNAL_THRESHOLD:
+    """Run the ONNX checker (and strict shape inference with full_check); works past 2 GB
+    (checked by path, from a temporary copy with external data)."""
+    if not is_large(model):
         onnx.checker.check_model(model, full_check=full_check)
         return
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.onnx")
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        onnx.save_model(m, path, save_as_external_data=True, location="m.onnx.data")
+        write_external(model, path)
         onnx.checker.check_model(path, full_check=full_check)
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """True when the model's weights are too large to serialize it as one protobuf message."""
+    return _weights_size(model) >= _EXTERNAL_THRESHOLD
+
+
+def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: str | None = None,
+                   threshold: int = 1024) -> Path:
+    """Write ``model`` to ``path`` with every tensor over ``threshold`` bytes (initializers and
+    attribute tensors, subgraphs included) in one external file ``location`` (default
+    ``<name>.data``, 4 kB-aligned offsets) beside it.
+
+    ``model`` is neither modified nor copied: the python protobuf (upb) keeps every byte ever set
+    on a message in its arena until the message dies, so moving weights out and back (what
+    ``onnx.save_model(save_as_external_data=True)`` does) would grow memory by one model per
+    write. Instead a weightless skeleton is built and each tensor's bytes are streamed to the file
+    (peak: one model plus the largest tensor).
+    """
+    p = Path(path)
+    location = location or p.name + ".data"
+    with open(p.parent / location, "wb") as f:
+        def externalize(t: onnx.TensorProto) -> onnx.TensorProto:
+            data = _raw_bytes(t)
+            off = f.tell()
+            pad = (-off) % 4096
+            if pad:
+                f.write(b"\0" * pad)
+                off += pad
+            f.write(data)
+            sk = _bare_tensor(t)
+            sk.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(off)), ("length", str(len(data)))):
+                e = sk.external_data.add()
+                e.key, e.value = k, v
+            return sk
+
+        skeleton = _skeleton(model, threshold, externalize)
+    with open(p, "wb") as f:
+        f.write(skeleton.SerializeToString())
+    return p
+
+
+def weightless_copy(model: onnx.ModelProto, threshold: int = 1024) -> onnx.ModelProto:
+    """A copy whose tensors over ``threshold`` bytes keep name, type and dims but no data (for
+    shape inference and statistics of large models, without copying their weights). INT64
+    tensors (shape data that inference propagates) keep their values."""
+    return _skeleton(model, threshold, lambda t: t if t.data_type == onnx.TensorProto.INT64 else _bare_tensor(t))
+
+
+_DATA_FIELDS = {"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                "uint64_data", "external_data", "data_location"}
+
+
+def _bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+    """``t`` without its data: every other field (name, type, dims, doc, segment) as set."""
+    sk = onnx.TensorProto()
+    for fd, value in t.ListFields():
+        if fd.name in _DATA_FIELDS:
+            continue
+        if _repeated(fd):
+            getattr(sk, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(sk, fd.name).CopyFrom(value)
+        else:
+            setattr(sk, fd.name, value)
+    return sk
+
+
+def _raw_bytes(t: onnx.TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return onnx.numpy_helper.to_array(t).tobytes()  # typed fields (float_data, ...): little-endian bytes
+
+
+def _is_big(t: onnx.TensorProto, threshold: int) -> bool:
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+        return False
+    return _tensor_nbytes(t) > threshold
+
+
+def _repeated(fd) -> bool:
+    rep = getattr(fd, "is_repeated", None)  # protobuf >= 6 dropped FieldDescriptor.label
+    return rep if isinstance(rep, bool) else fd.label == fd.LABEL_REPEATED
+
+
+def _skeleton(model: onnx.ModelProto, threshold: int, replace) -> onnx.ModelProto:
+    """Copy ``model`` field by field, replacing each tensor over ``threshold`` bytes with
+    ``replace(tensor)``; the big tensors' data is never copied into the new message."""
+    m = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            if _repeated(fd):
+                getattr(m, fd.name).extend(value)
+            elif fd.message_type is not None:
+                getattr(m, fd.name).CopyFrom(value)
+            else:
+                setattr(m, fd.name, value)
+    _skeleton_graph(model.graph, m.graph, threshold, replace)
+    return m
+
+
+def _skeleton_graph(g: onnx.GraphProto, out: onnx.GraphProto, threshold: int, replace) -> None:
+    for fd, value in g.ListFields():
+        if fd.name == "initializer":
+            out.initializer.extend(replace(t) if _is_big(t, threshold) else t for t in value)
+        elif fd.name == "node":
+            for n in value:
+                _skeleton_node(n, out.node.add(), threshold, replace)
+        elif _repeated(fd):
+            getattr(out, fd.name).extend(value)
+        else:
+            setattr(out, fd.name, value)
+
+
+def _skeleton_node(n: onnx.NodeProto, out: onnx.NodeProto, threshold: int, replace) -> None:
+    for fd, value in n.ListFields():
+        if fd.name != "attribute":
+            if _repeated(fd):
+                getattr(out, fd.name).extend(value)
+            else:
+                setattr(out, fd.name, value)
+    for a in n.attribute:
+        b = out.attribute.add()
+        if a.type == onnx.AttributeProto.TENSOR and _is_big(a.t, threshold):
+            b.name, b.type = a.name, a.type
+            if a.doc_string:
+                b.doc_string = a.doc_string
+            b.t.CopyFrom(replace(a.t))
+        elif a.type == onnx.AttributeProto.GRAPH:
+            b.name, b.type = a.name, a.type
+            _skeleton_graph(a.g, b.g, threshold, replace)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            b.name, b.type = a.name, a.type
+            for sub in a.graphs:
+                _skeleton_graph(sub, b.graphs.add(), threshold, replace)
+        else:
+            b.CopyFrom(a)
+
+
+def _load_inline(model: onnx.ModelProto, base: Path) -> None:
+    """Read every external tensor's bytes into the model, leaving the tensors exactly as if they
+    had always been inline (onnx leaves an explicit ``data_location: DEFAULT`` behind)."""
+    external_data_helper.load_external_data_for_model(model, str(base))
+    for t in external_data_helper._get_all_tensors(model):
+        if t.HasField("data_location") and t.data_location == onnx.TensorProto.DEFAULT:
+            t.ClearField("data_location")
 
 
 def _weights_size(model: onnx.ModelProto) -> int:
@@ -116,26 +275,17 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     with its weights inline.
     """
     out = Path(path)
-    if input_path is not None and _same_file(out, Path(input_path)):
-        raise UsageError(f"output path is the input file ({out}); refusing to overwrite the input")
+    check_output_path(out, input_path)
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise UsageError(f"output folder does not exist: {parent}")
-    if out.is_dir():
-        raise UsageError(f"output path is a directory: {out}")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output folder is not writable: {parent}")
     if external_data is None:
         external_data = _weights_size(model) >= _EXTERNAL_THRESHOLD
-    tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
+    tmpdir = None
     try:
+        tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
         tmp_model = Path(tmpdir) / out.name
         if external_data:
             location = out.name + ".data"
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
-            # bring the weights back inline so the caller's model stays usable
-            external_data_helper.load_external_data_for_model(model, tmpdir)
+            write_external(model, tmp_model, location)  # the caller's model keeps its weights inline
             os.replace(Path(tmpdir) / location, parent / location)
         else:
             onnx.save_model(model, str(tmp_model))
@@ -143,8 +293,100 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _invalid_text(msg, where: str = "model") -> str:
+    """The first string field whose bytes are not valid UTF-8 (protobuf parses them, then python
+    raises UnicodeDecodeError or returns bytes on access), as a field path; '' when all are valid.
+    Tensor data is never read (``raw_data`` access copies the buffer)."""
+    tensor = isinstance(msg, onnx.TensorProto)
+    for fd in msg.DESCRIPTOR.fields:
+        if tensor and fd.name in _DATA_FIELDS and fd.name != "external_data":
+            continue
+        if fd.type == fd.TYPE_BYTES:
+            continue
+        here = f"{where}.{fd.name}"
+        try:
+            if _repeated(fd):
+                value = list(getattr(msg, fd.name))
+            elif fd.message_type is not None:
+                if not msg.HasField(fd.name):
+                    continue
+                value = [getattr(msg, fd.name)]
+            else:
+                value = [getattr(msg, fd.name)]
+        except UnicodeDecodeError:
+            return here
+        if fd.type == fd.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in value):
+                return here
+        elif fd.message_type is not None:
+            for k, v in enumerate(value):
+                bad = _invalid_text(v, f"{here}[{k}]" if _repeated(fd) else here)
+                if bad:
+                    return bad
+    return ""
+
+
+def _external_locations(model: onnx.ModelProto, base: Path) -> list[Path]:
+    """Files named by the external-data tensors (initializers and attribute tensors, subgraphs
+    included) of a model loaded without its external data."""
+    files = set()
+    for g in _all_graphs(model.graph):
+        tensors = list(g.initializer)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    tensors.append(a.t)
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    tensors.extend(a.tensors)
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                for kv in t.external_data:
+                    if kv.key == "location":
+                        files.add(base / kv.value)
+    return sorted(files)
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files a model file refers to (read from the proto without loading the
+    data); [] when it has none or cannot be read."""
+    p = Path(path)
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception:
+        return []
+    return _external_locations(m, p.parent)
+
+
+def check_output_path(out: str | os.PathLike, input_path: str | os.PathLike | None = None) -> None:
+    """Fail early (UsageError, one line) when ``out`` cannot be written or would overwrite the
+    input model or one of its external data files (``out`` itself, or ``out.data`` written next to
+    it for large models). Called before any work is done and again by ``save``."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if input_path is not None:
+        inp = Path(input_path)
+        if _same_file(out, inp):
+            raise UsageError(f"output path is the input file ({out}); refusing to overwrite the input")
+        for f in external_data_files(inp) if inp.exists() else []:
+            for candidate in (out, out.with_name(out.name + ".data")):
+                if _same_file(candidate, f):
+                    raise UsageError(f"writing {out} would overwrite the input's external data file {f}; "
+                                     "choose another output name")
+    if not parent.exists():
+        raise UsageError(f"cannot write {out}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {out}: {parent} is not a folder")
+    if out.is_dir():
+        raise UsageError(f"cannot write {out}: it is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {out}: folder {parent} is not writable")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UsageError(f"cannot write {out}: the file exists and is read-only")
 
 
 def _same_file(a: Path, b: Path) -> bool:

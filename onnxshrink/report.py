@@ -132,12 +132,13 @@ class Report:
         if self.latency_ms:
             bv, av = self.latency_ms.get("before"), self.latency_ms.get("after")
             t.add_row("latency (1 thread)", f"{bv:.2f} ms" if bv else "?", f"{av:.2f} ms" if av else "?",
-                      f"{bv / av:.2f}x faster" if bv and av else "")
+                      f"{bv / av:.2f}x speed" if bv and av else "")
         ops_b, ops_a = b.get("ops", {}), a.get("ops", {})
-        changed = sorted(set(ops_b) | set(ops_a), key=lambda k: -(ops_b.get(k, 0) + ops_a.get(k, 0)))
+        # only ops whose count changed, largest first (ties by name, so the table is stable)
+        changed = sorted((k for k in set(ops_b) | set(ops_a) if ops_b.get(k, 0) != ops_a.get(k, 0)),
+                         key=lambda k: (-(ops_b.get(k, 0) + ops_a.get(k, 0)), k))
         for op in changed[:12]:
-            if ops_b.get(op, 0) != ops_a.get(op, 0):
-                t.add_row(f"  {op}", str(ops_b.get(op, 0)), str(ops_a.get(op, 0)), "")
+            t.add_row(f"  {op}", str(ops_b.get(op, 0)), str(ops_a.get(op, 0)), "")
         console.print(t)
 
         p = Table(title="passes", title_justify="left")

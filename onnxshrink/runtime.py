@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .model import _EXTERNAL_THRESHOLD, tensor_bytes
+from .model import is_large, write_external
 
 ort.set_default_logger_severity(3)
 
@@ -36,12 +36,10 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = Tr
         so.add_session_config_entry(k, str(v))
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
-        if tensor_bytes(model) >= _EXTERNAL_THRESHOLD:
+        if is_large(model):  # past protobuf's limit: from a temporary file with external data, by path
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "m.onnx")
-                m = onnx.ModelProto()
-                m.CopyFrom(model)
-                onnx.save_model(m, path, save_as_external_data=True, location="m.onnx.data")
+                write_external(model, path)
                 return ort.InferenceSession(path, so, providers=providers, provider_options=provider_options)
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers,
                                     provider_options=provider_options)
@@ -60,13 +58,18 @@ def add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     inference; float32 where unknown)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    return _append_outputs(m, names)
+
+
+def _append_outputs(m: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """Append graph outputs for ``names`` to ``m`` in place (see add_outputs)."""
     have = {o.name for o in m.graph.output}
     want = [n for n in names if n not in have]
     if not want:
         return m
     types = {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(m) if tensor_bytes(m) < _EXTERNAL_THRESHOLD else m
+        inferred = onnx.shape_inference.infer_shapes(m) if not is_large(m) else m
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             types[vi.name] = vi.type.tensor_type.elem_type
     except Exception:
@@ -86,8 +89,16 @@ def capture_activations(model: onnx.ModelProto, names: Sequence[str], samples: I
     (histograms, X^T X) and stay flat in the number of samples.
     """
     names = list(dict.fromkeys(names))
-    m = add_outputs(model, names)
-    sess = make_session(m, optimize=optimize)
+    if is_large(model):
+        # no copy of a model past 2 GB: add the outputs in place for the session, then remove them
+        n_out = len(model.graph.output)
+        try:
+            sess = make_session(_append_outputs(model, names), optimize=optimize)
+        finally:
+            while len(model.graph.output) > n_out:
+                model.graph.output.pop()
+    else:
+        sess = make_session(add_outputs(model, names), optimize=optimize)
     for s in samples:
         vals = sess.run(names, s)
         yield dict(zip(names, vals))

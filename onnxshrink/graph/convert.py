@@ -4,8 +4,13 @@ from __future__ import annotations
 
 __all__ = ["model_to_graph", "graph_to_model"]
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+# onnx-graphsurgeon's warnings (missing opset info, colour module) are noise on a user's terminal;
+# our own validation reports what matters
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 from ..model import copy_model_fields
 
@@ -14,10 +19,162 @@ def model_to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+# A tensor of 2 GiB or more cannot be copied from one protobuf message into another: python
+# protobuf (upb) copies a message across arenas by serializing it, and protobuf refuses to
+# serialize 2 GiB. onnx-graphsurgeon's export copies every initializer into the new graph, so big
+# tensors are exported as data-less placeholders and their bytes set on the new model afterwards.
+# Done from 64 MiB on: it also halves the transient memory of the copy (bytes once, not
+# serialized-then-parsed; measured on a 1 GiB model: export peak +1.5 GiB instead of +2 GiB).
+HUGE_TENSOR_BYTES = 64 * 2**20
+
+
 def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export ``graph``; with a template, keep its metadata, producer, doc string, custom opset
-    domains and functions, and never lower its IR version."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    domains and functions, and never lower its IR version. Works with tensors past 2 GiB."""
+    held = _hold_huge_constants(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for const, values in held:
+            const._values = values
+    if held:
+        _fill_huge_constants(model, held)
     if template is not None:
         copy_model_fields(template, model)
+        _restore_initializer_inputs(model, template)
+        _restore_io_types(model, template)
+    _hoist_shared_subgraph_initializers(model)
+    if model.ir_version and model.ir_version < 4:
+        _list_initializers_as_inputs(model)
     return model
+
+
+def _subgraphs(graph: onnx.GraphProto):
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield a.g
+                yield from _subgraphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    yield sg
+                    yield from _subgraphs(sg)
+
+
+def _hoist_shared_subgraph_initializers(model: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon writes an outer-scope constant that only subgraphs read into *each*
+    subgraph that reads it (an If's two branches, every Loop body): one initializer per name goes
+    back to the main graph, where every subgraph sees it, when the copies are identical."""
+    g = model.graph
+    subs = list(_subgraphs(g))
+    if len(subs) < 2:
+        return
+    copies: dict[str, list] = {}
+    for sg in subs:
+        for t in sg.initializer:
+            copies.setdefault(t.name, []).append((sg, t))
+    main_names = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    for name, found in copies.items():
+        if len(found) < 2 or name in main_names:
+            continue
+        first = found[0][1].SerializeToString()
+        if any(t.SerializeToString() != first for _, t in found[1:]):
+            continue
+        kept = onnx.TensorProto()
+        kept.CopyFrom(found[0][1])
+        for sg, t in found:
+            sg.initializer.remove(t)
+        g.initializer.append(kept)
+
+
+def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon drops graph inputs that are also initializers (weights listed as inputs,
+    as IR < 4 requires, or overridable defaults). Put those still present back at their place."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    have = {i.name for i in g.input}
+    if (template.ir_version or 0) >= 4:
+        # overridable defaults are part of the interface: one no node reads any more keeps its
+        # input and its default value
+        tpl_inits = {t.name: t for t in template.graph.initializer}
+        for i in template.graph.input:
+            if i.name in tpl_inits and i.name not in inits and i.name not in have:
+                g.initializer.append(tpl_inits[i.name])
+                inits.add(i.name)
+    missing = {i.name for i in template.graph.input if i.name in inits and i.name not in have}
+    if not missing:
+        return
+    current = {i.name: i for i in g.input}
+    ordered = []
+    for i in template.graph.input:
+        if i.name in current:
+            ordered.append(current.pop(i.name))
+        elif i.name in missing:
+            ordered.append(i)
+    ordered.extend(current.values())  # inputs the template did not have (none for a cleanup)
+    new = [onnx.ValueInfoProto() for _ in ordered]
+    for n, o in zip(new, ordered):
+        n.CopyFrom(o)
+    del g.input[:]
+    g.input.extend(new)
+
+
+def _restore_io_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon keeps only tensor types: give graph inputs/outputs of the template that
+    are sequences, optionals or maps (same name) their original type back."""
+    types = {v.name: v.type for v in list(template.graph.input) + list(template.graph.output)
+             if v.type.WhichOneof("value") not in (None, "tensor_type")}
+    if not types:
+        return
+    for v in list(model.graph.input) + list(model.graph.output):
+        if v.name in types:
+            v.type.CopyFrom(types[v.name])
+
+
+def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too."""
+    g = model.graph
+    have = {i.name for i in g.input}
+    for t in g.initializer:
+        if t.name not in have:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+def _hold_huge_constants(graph: gs.Graph) -> list:
+    """Swap the values of constants of HUGE_TENSOR_BYTES or more for data-less placeholders;
+    returns [(constant, original values)]."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from ..model import _bare_tensor
+
+    held = []
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant):
+            continue
+        v = t._values
+        nbytes = v.nbytes if isinstance(v, (LazyValues, np.ndarray)) else 0
+        if nbytes < HUGE_TENSOR_BYTES:
+            continue
+        if isinstance(v, LazyValues):
+            bare = _bare_tensor(v.tensor)
+        else:
+            bare = onnx.TensorProto(name=t.name, dims=list(v.shape),
+                                    data_type=onnx.helper.np_dtype_to_tensor_dtype(v.dtype))
+        held.append((t, v))
+        t._values = LazyValues(bare)
+    return held
+
+
+def _fill_huge_constants(model: onnx.ModelProto, held: list) -> None:
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    by_name = {t.name: v for t, v in held}
+    for init in model.graph.initializer:
+        v = by_name.get(init.name)
+        if v is None:
+            continue
+        if isinstance(v, LazyValues):
+            init.raw_data = (v.tensor.raw_data if v.tensor.HasField("raw_data")
+                             else onnx.numpy_helper.to_array(v.tensor).tobytes())
+        else:
+            init.raw_data = np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<"), copy=False).tobytes()

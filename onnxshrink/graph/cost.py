@@ -94,7 +94,10 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
     macs, known = 0, True
     per = {}
     for i, n in enumerate(light.graph.node):
-        m = node_macs(n, shapes)
+        try:
+            m = node_macs(n, shapes)
+        except (IndexError, TypeError, ValueError):  # a malformed node (missing inputs): MACs unknown
+            m = None
         if m is None:
             known = False
             continue
@@ -110,14 +113,7 @@ def _small(model):
 
 
 def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose large float initializers hold no data (dims kept) so shape inference is cheap."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in m.graph.initializer:
-        if t.data_type != onnx.TensorProto.INT64 and (_prod(t.dims) or 0) > 64:
-            t.ClearField("raw_data")
-            t.ClearField("float_data")
-            t.ClearField("external_data")
-            t.data_location = onnx.TensorProto.DEFAULT
-            # keep it an initializer, declared without data would break checks; shape inference only needs dims
-    return m
+    """A copy whose large float initializers hold no data (dims kept) so shape inference is cheap;
+    built without ever copying the weights (see model.weightless_copy)."""
+    from ..model import weightless_copy
+    return weightless_copy(model, threshold=256)

@@ -218,7 +218,8 @@ class Context:
     reference: the original model's outputs on ``val`` (list over samples of lists over outputs).
     evaluate(graph_or_model) -> fidelity dict of a candidate against ``reference``; passes that
         search a strength themselves (mixed precision, rank allocation) call it.
-    budget: the fidelity Budget, or None. target: the TargetProfile, or None.
+    budget: the fidelity Budget, or None; ``budget_holds(scores)`` checks it (relative budgets
+        compare against ``baseline``, the original model's own scores). target: the TargetProfile.
     rng: a seeded numpy Generator. progress: a Progress reporter (``progress.track(iterable, desc)``).
     cache: a dict passes may use for analyses keyed by their own keys; cleared when the graph changes.
     """
@@ -234,6 +235,12 @@ class Context:
     template: onnx.ModelProto | None = None
     evaluator: Any = None
     cache: dict = field(default_factory=dict)
+    baseline: dict = field(default_factory=dict)
+
+    def budget_holds(self, scores: dict) -> bool:
+        """Whether fidelity ``scores`` keep the budget (True without a budget); handles relative
+        budgets against the original's own scores."""
+        return True if self.budget is None else self.budget.holds(scores, self.baseline)
 
     def __post_init__(self):
         if self.rng is None:
