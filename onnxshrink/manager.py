@@ -190,14 +190,16 @@ class PassManager:
                                               if k in self.baseline}
         cost_shapes = self.input_shapes or sample_shapes
         report.before = model_io.model_stats(original, cost_shapes)
+        current = original
+        if self.target is not None:
+            current = self._prepare_target(original, val, reference)
         ctx = Context(calib=calib, val=val, reference=reference, budget=self.budget, target=self.target,
                       seed=self.seed, rng=np.random.default_rng(self.seed), progress=self.progress,
-                      template=original)
+                      template=current)
         ctx.evaluator = lambda m: fidelity(reference, self._outputs(m, val, optimize=True), self.metric, val,
                                            self._labels)
         ctx.baseline = self.baseline
 
-        current = original
         for p in self.passes:
             rec, current = self._run_one(p, current, ctx, val, reference, cost_shapes)
             report.passes.append(rec)
@@ -224,8 +226,27 @@ class PassManager:
         if emit is None:
             return model
         model, info = emit(model, self.target, ctx)
-        report.target_report = info
+        report.target_report = {"prepare": getattr(self, "_prepare_info", {}), **info}
         return model
+
+    def _prepare_target(self, model, val, reference):
+        """The target's lossless preparation before the passes (opset, static-shape folding, exact
+        rewrites), kept only when it validates like a lossless pass."""
+        from . import targets
+        prepare = getattr(targets, "prepare", None)
+        self._prepare_info = {}
+        if prepare is None:
+            return model
+        try:
+            candidate, info = prepare(model, self.target, _ValOnly(val))
+        except Exception as e:
+            if self.debug:
+                raise
+            self._prepare_info = {"error": f"{type(e).__name__}: {_first_line(e)}"}
+            return model
+        ok, reason, _ = self._validate(candidate, val, reference, lossless=True)
+        self._prepare_info = info if ok else {**info, "rolled_back": reason}
+        return candidate if ok else model
 
     def _run_one(self, p: Pass, current: onnx.ModelProto, ctx: Context, val, reference, cost_shapes):
         rec = PassRecord(name=p.name, status=NOT_APPLICABLE, options=_options_dict(p))
@@ -292,6 +313,13 @@ def _interface_change(original: onnx.ModelProto, candidate: onnx.ModelProto) -> 
     return ""
 
 
+class _ValOnly:
+    """The part of a Context the target preparation reads (validation samples)."""
+
+    def __init__(self, val):
+        self.val = val
+
+
 def _options_dict(p: Pass) -> dict:
     return dataclasses.asdict(p.options) if dataclasses.is_dataclass(p.options) else {}
 
@@ -317,4 +345,9 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
         report.output = str(output)
         report.file_bytes = {"before": Path(input_path).stat().st_size if input_path else None,
                              "after": Path(output).stat().st_size}
+        if pm.target is not None and getattr(pm.target, "ort_format", False):  # --target NAME+ort
+            from .emit import save_ort_format
+            style = "Runtime" if pm.target.name in ("nnapi", "coreml") else "Fixed"
+            report.target_report["ort_format"] = {"path": str(save_ort_format(output, optimization_style=style)),
+                                                  "optimization_style": style}
     return result, report

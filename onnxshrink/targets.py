@@ -1,20 +1,76 @@
 """Execution-provider profiles: what each edge EP of onnxruntime fuses and accepts.
 
 A TargetProfile tells the quantize pass the QDQ scheme (activation/weight types, symmetry,
-per-channel), and the emission step the opset range and whether shapes must be static.
+per-channel), and the emission step (``onnxshrink.emit``) the opset range, whether shapes must
+be static, which operators the EP takes, which exact rewrites to apply, and how to check the
+result. The facts, with their sources:
+
+- cpu: onnxruntime's MLAS kernels fuse QDQ Conv/MatMul/Gemm with uint8 or int8 activations and
+  int8 per-channel weights; every ONNX op runs.
+- xnnpack: the XNNPACK EP takes Conv, ConvTranspose, MaxPool, AveragePool, Softmax, Resize, Gemm
+  and MatMul (``node_support_checker.cc``), fusing a following Relu/Clip; QDQ groups of
+  Conv/ConvTranspose/MaxPool/AveragePool/Softmax/Resize. Per-channel weights only as int8
+  symmetric with int8 activations ("qc8"); uint8 tensors must be per-tensor ("qu8"), and u8
+  activations with s8 weights are not handled (``detail/utils.cc: GetTensorQuantType``). All
+  other ops stay on the CPU EP by design.
+- nnapi: uint8 asymmetric tensors (TENSOR_QUANT8_ASYMM), per-tensor; every value static;
+  the op list is onnxruntime's own ``nnapi_supported_ops.md`` read by its mobile usability
+  checker (``onnxruntime.tools.mobile_helpers.usability_checker``).
+- coreml: op list from the same checker (``coreml_supported_mlprogram_ops.md``), rank <= 5;
+  CoreML computes in float16/float32, QDQ weights are dequantized by the EP.
+- qnn: the HTP (NPU) backend runs only quantized graphs (uint8 or uint16 activations,
+  asymmetric; int8 symmetric per-channel or uint8 per-tensor weights, int32 bias) and needs
+  static shapes with constant shape operands (the EP rejects Shape/Range/ConstantOfShape, so
+  shape arithmetic must be folded away). Checked for real when ``onnxruntime-qnn`` is installed.
+- openvino: uint8 activations, int8 symmetric per-channel weights; dynamic shapes allowed.
 """
 
 from __future__ import annotations
 
-__all__ = ["TargetProfile", "TARGETS", "get_target"]
+__all__ = ["TargetProfile", "TARGETS", "get_target", "emit", "prepare", "QNN_HTP_OPS", "XNNPACK_OPS"]
 
 from dataclasses import dataclass, field
 
 from .errors import UsageError
 
+# Ops the QNN EP builds for the HTP backend (onnxruntime/core/providers/qnn/builder/op_builder_factory.cc).
+# Shape, Range, ConstantOfShape, NonZero, Loop/If have no builder: they must be folded away.
+QNN_HTP_OPS = frozenset("""
+Abs Add And ArgMax ArgMin AveragePool BatchNormalization Cast Ceil Clip Concat Conv ConvTranspose Cos
+CumSum DepthToSpace DequantizeLinear Div Einsum Elu Equal Exp Expand Flatten Floor Gather GatherElements
+GatherND Gelu Gemm GlobalAveragePool GlobalMaxPool Greater GreaterOrEqual GridSample HardSigmoid HardSwish
+Identity InstanceNormalization LRN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
+LpNormalization MatMul Max MaxPool Mean Min Mod Mul Neg Not Or Pad Pow PRelu QuantizeLinear Reciprocal
+ReduceL2 ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum Relu Reshape Resize Round ScatterND Sigmoid
+Sign Sin Slice Softmax SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose Unsqueeze
+Upsample Where
+""".split())
+
+# Ops the XNNPACK EP takes (float, or as a QDQ node group where marked in XNNPACK_QDQ_OPS).
+XNNPACK_OPS = frozenset("Conv ConvTranspose MaxPool AveragePool Softmax Resize Gemm MatMul QLinearConv".split())
+XNNPACK_QDQ_OPS = frozenset("Conv ConvTranspose MaxPool AveragePool Softmax Resize".split())
+# Activations XNNPACK fuses into a preceding float Conv/MaxPool/AveragePool it takes.
+XNNPACK_FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
 
 @dataclass(frozen=True)
 class TargetProfile:
+    """What an execution provider fuses and accepts.
+
+    activation_dtype / weight_dtype / symmetric_* / per_channel / int32_bias: the QDQ scheme the
+        quantize pass should emit for this EP.
+    opset_min / opset_max: the opset range the emitted model is converted into.
+    static_shapes: every input dimension must be fixed (taken from the calibration data) and shape
+        arithmetic folded away.
+    ops: the ONNX ops the EP takes (None: every op; "usability_checker": onnxruntime's mobile
+        usability checker's list for this EP).
+    fp16: the EP computes in float16 natively (the ``fp16`` pass is a sensible choice).
+    max_rank: the largest tensor rank the EP takes.
+    rewrites: exact rewrites applied at emission for this EP (see ``onnxshrink.emit.REWRITES``);
+        decompositions of ops the EP lacks are applied whenever the op is missing from ``ops``.
+    float_ops_run: the EP runs float (not quantized) compute nodes; False for QNN HTP.
+    """
+
     name: str
     description: str
     provider: str                       # onnxruntime execution provider name
@@ -28,28 +84,81 @@ class TargetProfile:
     static_shapes: bool = False
     int32_bias: bool = True
     notes: tuple = field(default_factory=tuple)
+    ops: frozenset | str | None = None
+    fp16: bool = False
+    max_rank: int = 8
+    rewrites: tuple = ()
+    float_ops_run: bool = True
+    fallback_ok: bool = True            # nodes the EP does not take run on the CPU EP by design
+    ort_format: bool = False            # also write the ORT format (.ort) next to the output
+
+    def supports_op(self, op_type: str, domain: str = "") -> bool | None:
+        """True/False when this profile's op list decides it; None when the usability checker does."""
+        if self.ops is None:
+            return True
+        if isinstance(self.ops, str):
+            return None
+        return (domain in ("", "ai.onnx")) and op_type in self.ops
 
 
 TARGETS: dict[str, TargetProfile] = {
-    "cpu": TargetProfile("cpu", "onnxruntime CPU EP (x86-64 / ARM64 MLAS kernels)", "CPUExecutionProvider",
-                         activation_dtype="uint8", per_channel=True, opset_min=13),
-    "xnnpack": TargetProfile("xnnpack", "XNNPACK EP (ARM/x86 mobile CPUs)", "XnnpackExecutionProvider",
-                             activation_dtype="int8", symmetric_activations=False, per_channel=True,
-                             notes=("per-channel weights only with int8 activations",)),
-    "nnapi": TargetProfile("nnapi", "Android NNAPI EP", "NnapiExecutionProvider",
-                           activation_dtype="uint8", per_channel=False, static_shapes=True, opset_max=21),
-    "coreml": TargetProfile("coreml", "Apple CoreML EP", "CoreMLExecutionProvider",
-                            activation_dtype="uint8", per_channel=True, static_shapes=True),
-    "qnn": TargetProfile("qnn", "Qualcomm QNN EP, HTP (NPU) backend", "QNNExecutionProvider",
-                         activation_dtype="uint8", per_channel=True, static_shapes=True, opset_max=21),
-    "openvino": TargetProfile("openvino", "Intel OpenVINO EP", "OpenVINOExecutionProvider",
-                              activation_dtype="uint8", per_channel=True),
+    "cpu": TargetProfile(
+        "cpu", "onnxruntime CPU EP (x86-64 / ARM64 MLAS kernels)", "CPUExecutionProvider",
+        activation_dtype="uint8", per_channel=True, opset_min=13, ops=None),
+    "xnnpack": TargetProfile(
+        "xnnpack", "XNNPACK EP (ARM/x86 mobile CPUs)", "XnnpackExecutionProvider",
+        activation_dtype="int8", symmetric_activations=False, weight_dtype="int8", symmetric_weights=True,
+        per_channel=True, ops=XNNPACK_OPS, rewrites=("matmul_add_to_gemm",),
+        notes=("per-channel weights only as int8 symmetric with int8 activations (qc8); uint8 tensors "
+               "must be per-tensor; u8 activations with s8 weights are not taken",
+               "ops XNNPACK does not take run on the CPU EP in the same session by design")),
+    "nnapi": TargetProfile(
+        "nnapi", "Android NNAPI EP", "NnapiExecutionProvider",
+        activation_dtype="uint8", weight_dtype="uint8", symmetric_weights=False, per_channel=False,
+        static_shapes=True, opset_max=21, ops="usability_checker",
+        rewrites=("matmul_add_to_gemm", "fill_empty_resize_inputs"),
+        notes=("NNAPI takes TENSOR_QUANT8_ASYMM (uint8, per-tensor); every value must have a static shape",
+               "op list: onnxruntime's nnapi_supported_ops.md via its mobile usability checker")),
+    "coreml": TargetProfile(
+        "coreml", "Apple CoreML EP (MLProgram)", "CoreMLExecutionProvider",
+        activation_dtype="uint8", per_channel=True, static_shapes=True, ops="usability_checker", fp16=True,
+        rewrites=("fill_empty_resize_inputs",),
+        max_rank=5, notes=("CoreML computes in float16/float32; QDQ weights are dequantized by the EP",)),
+    "qnn": TargetProfile(
+        "qnn", "Qualcomm QNN EP, HTP (NPU) backend", "QNNExecutionProvider",
+        activation_dtype="uint8", symmetric_activations=False, weight_dtype="int8", symmetric_weights=True,
+        per_channel=True, static_shapes=True, opset_min=13, opset_max=21, ops=QNN_HTP_OPS,
+        float_ops_run=False, fallback_ok=False, max_rank=5,
+        notes=("HTP runs quantized graphs only: uint8 or uint16 asymmetric activations, int8 symmetric "
+               "per-channel or uint8 per-tensor weights, int32 bias",
+               "static shapes; Shape/Range/ConstantOfShape have no QNN builder and must fold away")),
+    "openvino": TargetProfile(
+        "openvino", "Intel OpenVINO EP", "OpenVINOExecutionProvider",
+        activation_dtype="uint8", per_channel=True, fp16=True, ops=None),
 }
 
 
 def get_target(name: "str | TargetProfile | None") -> TargetProfile | None:
     if name is None or isinstance(name, TargetProfile):
         return name
+    if name.endswith("+ort"):  # e.g. "nnapi+ort": the profile, and the .ort file written beside the output
+        import dataclasses
+        return dataclasses.replace(get_target(name[:-4]), ort_format=True)
     if name not in TARGETS:
         raise UsageError(f"unknown target '{name}'; known targets: {', '.join(TARGETS)}")
     return TARGETS[name]
+
+
+def prepare(model, profile: TargetProfile, ctx=None):
+    """Target preparation before the passes (lossless): opset into range, static-shape folding,
+    exact rewrites of ops the target lacks. Returns (model, info). See ``onnxshrink.emit``."""
+    from .emit import prepare_for_target
+    return prepare_for_target(model, profile, ctx)
+
+
+def emit(model, profile: TargetProfile, ctx=None):
+    """Emission after the passes: the preparation steps again (on the quantized graph), then the
+    coverage report and, for QNN when onnxruntime-qnn is installed, a real HTP session check.
+    Returns (model, info); the manager stores info in ``report.target_report``."""
+    from .emit import emit_for_target
+    return emit_for_target(model, get_target(profile), ctx)

@@ -69,6 +69,14 @@ def s_png(d):
     return ["optimize", d / "in.onnx", d / "out.onnx"]
 
 
+def s_invalid_utf8(d):  # found by the fuzz: a flipped byte inside a string field
+    m = mlp()
+    m.graph.node[1].name = "NODENAME"
+    data = m.SerializeToString().replace(b"NODENAME", b"NODE\xcb\xcbME")
+    (d / "in.onnx").write_bytes(data)
+    return ["optimize", d / "in.onnx", d / "out.onnx"]
+
+
 def s_external_missing(d):
     m = mlp()
     onnx.save_model(m, str(d / "in.onnx"), save_as_external_data=True, location="in.onnx.data", size_threshold=0)
@@ -334,6 +342,8 @@ CASES = [
     ("truncated-onnx", s_truncated, EXIT_INPUT, r"in\.onnx: not a readable ONNX model"),
     ("text-file", s_text_file, EXIT_INPUT, r"in\.onnx: not a(?: readable)? ONNX model"),
     ("png-bytes", s_png, EXIT_INPUT, r"in\.onnx: not a(?: readable)? ONNX model"),
+    ("invalid-utf8-text", s_invalid_utf8, EXIT_INPUT,
+     r"in\.onnx: not a valid ONNX model \(invalid UTF-8 text in model\.graph\.node\[1\]\.name\)"),
     ("external-data-missing", s_external_missing, EXIT_INPUT, r"in\.onnx: external data file missing: .*in\.onnx\.data$"),
     ("external-data-short", s_external_short, EXIT_INPUT, r"in\.onnx: cannot read external data"),
     ("invalid-graph", s_invalid_graph, EXIT_INPUT, r"invalid ONNX model: .*FooBar"),

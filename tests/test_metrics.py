@@ -94,3 +94,13 @@ def test_accuracy_budget_without_labels_is_usage_error():
     data = [{"x": np.ones((1, 4), np.float32)}] * 4
     with pytest.raises(UsageError):
         PassManager([], data=data, budget="accuracy>=0.9").run(_linear_model())
+
+
+def test_silent_sample_cosine_is_one_but_false_positive_is_not():
+    loud = np.array([0.0, 0.9, 1.0, 0.0])
+    silent = np.array([1e-7, -1e-7, 2e-7, 0.0])
+    noise = silent + np.array([1.5e-7, 1e-7, -1e-7, 1e-7])
+    f = fidelity([[loud], [silent]], [[loud], [noise]])
+    assert f["cosine_min"] == pytest.approx(1.0)
+    f2 = fidelity([[loud], [silent]], [[loud], [silent + np.array([0.0, 0.2, 0.0, 0.0])]])
+    assert f2["cosine_min"] < 0.5

@@ -1,0 +1,964 @@
+"""Static QDQ quantization placed where onnxruntime's CPU kernels run it in integers.
+
+Numerics (``x`` an activation, ``W`` a weight, ``b`` a bias):
+
+- Activations: affine 8-bit, ``q = clip(round(x / s) + z, qmin, qmax)``, ``s = (hi - lo) / (qmax - qmin)``,
+  ``z = round(qmin - lo / s)`` for a calibrated range ``[lo, hi]`` containing 0 (uint8 by default:
+  u8 activations x s8 weights is the fast path of MLAS on x86 and ARM).
+- Weights: symmetric int8 per output channel, ``s_c = max|W_c| / 127``, ``W_q = round(W / s_c)``
+  (per-tensor option; 7-bit ``[-64, 63]`` on x86 without VNNI, where u8 x s8 pairs can saturate).
+- Bias: int32 with ``s_b = s_x * s_w,c`` and zero point 0: ``b_q = round(b / s_b)``.
+
+Placement: a node unit ``DQ -> op -> Q`` is emitted only where onnxruntime's QDQ selectors
+(``qdq_selector_action_transformer.cc``) replace it with an integer kernel on the CPU EP:
+Conv (QLinearConv), MatMul (QLinearMatMul / MatMulIntegerToFloat), Gemm (QGemm) always;
+Add/Mul (QLinearAdd/Mul), Sigmoid, LeakyRelu, (Global)AveragePool, Concat only when all their
+activation inputs are already integer (else the Q/DQ pairs cost more than the float op);
+MaxPool, Resize, Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Slice, Gather, Split, Expand,
+Tile as passthrough with the input's scale and zero point (the selector requires them equal) and
+only when an integer consumer needs their output. A Relu or Clip(0, c) right after a unit is folded
+into the unit's output range (zero point at qmin, range within the clip), which onnxruntime then
+drops as redundant. Each consumer gets its own DQ; a unit never produces a graph output (the
+selector refuses that). ConvTranspose, HardSigmoid, HardSwish, Div, Pow, ... stay in float.
+
+Data-aware extras (no training):
+- Bias correction: ``b_c <- b_c - (E[y_q,c] - E[y_c])`` with the means of each output channel of the
+  quantized and float units over the calibration samples (the shift rounding adds, Nagel et al. 2019).
+- Sensitivity: each unit quantized alone on its float input (a shadow copy of the node next to the
+  float one), ``NSR = |y_q - y|^2 / |y|^2`` over calibration samples. The bias-correction shift
+  comes from the same run (so it corrects each layer's own error, not its inputs').
+- Guard: the most sensitive units are kept in float (1, 2, 4, ... of them) until ``ctx.budget``
+  (else mean cosine >= ``min_cosine``) holds; then the quantized and float models are timed
+  (one thread, interleaved runs, medians). When the quantized one is not faster, small convolutions
+  (few weights: onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when
+  nothing is faster, the pass changes nothing and says why.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantizePass", "QuantizeOptions", "refuse_quantized", "prepare_float_graph"]
+
+import dataclasses
+import math
+import platform
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import InputError
+from .base import Context, Pass, PassResult, register
+from .calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, estimate_range
+
+# ops whose presence means the model is already quantized
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QGemm", "QAttention",
+                 "MatMulNBits", "MatMulBnb4", "QOrderedMatMul", "GatherBlockQuantized"}
+WEIGHTED_OPS = {"Conv", "MatMul", "Gemm"}
+# ops with a QLinear kernel on the CPU EP, used only when all activation inputs are already integer
+ELEMENTWISE_OPS = {"Add", "Mul", "Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool", "Concat", "MatMul"}
+BINARY_CONST_OK = {"Add", "Mul"}
+# ops the selectors run on integers when input DQ and output Q share scale and zero point
+PASSTHROUGH_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice",
+                   "Gather", "Split", "Expand", "Tile"}
+FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
+SHAPE_OPS = {"Constant", "Shape", "Cast", "Range", "ConstantOfShape", "Size", "Identity", "NonZero"}
+
+
+def _has_vnni() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True  # ARM sdot / neon paths do not saturate
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        return "avx512_vnni" in info or "avx_vnni" in info
+    except OSError:
+        return True
+
+
+@dataclass
+class QuantizeOptions:
+    calibrator: Literal["minmax", "percentile", "entropy", "mse"] = field(
+        default="minmax", metadata={"help": "activation range estimator"})
+    percentile: float = field(default=99.999, metadata={"help": "percentile for calibrator=percentile"})
+    per_channel: bool = field(default=True, metadata={"help": "per-output-channel weight scales (needs opset >= 13)"})
+    activation_dtype: Literal["auto", "uint8", "int8"] = field(
+        default="auto", metadata={"help": "activation type; auto: the target's, else uint8"})
+    reduce_range: Literal["auto", "true", "false"] = field(
+        default="auto", metadata={"help": "7-bit weights (auto: on x86 without VNNI)"})
+    elementwise: bool = field(default=True, metadata={
+        "help": "quantize Add/Mul/Sigmoid/Concat/pools whose inputs are already integer"})
+    matmul_activations: bool = field(default=True, metadata={
+        "help": "quantize MatMul of two activations (attention scores) when both are integer"})
+    fold_activations: bool = field(default=True, metadata={"help": "fold Relu/Clip into the preceding unit's range"})
+    upgrade_opset: bool = field(default=True, metadata={
+        "help": "upgrade opset < 13 to 13 for per-channel weights (checked numerically)"})
+    bias_correction: bool = field(default=False, metadata={
+        "help": "correct each output channel's mean shift in the bias"})
+    div_to_mul: bool = field(default=False, metadata={
+        "help": "rewrite Div by a constant as Mul by its reciprocal (integer hard-swish chains)"})
+    bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
+    max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
+    keep_float: int = field(default=0, metadata={"help": "number of most sensitive units kept in float"})
+    guard: bool = field(default=True, metadata={
+        "help": "keep sensitive units in float until min_cosine holds and return the float model "
+                "unchanged when no placement is faster than fp32 (measured)"})
+    min_cosine: float = field(default=0.99, metadata={
+        "help": "fidelity floor of the guard when no budget is given (mean cosine vs float)"})
+    min_speedup: float = field(default=1.0, metadata={"help": "the guard's required speed-up over fp32"})
+    max_float_fraction: float = field(default=0.34, metadata={
+        "help": "most units the guard keeps in float when no budget is given"})
+
+
+@register
+class QuantizePass(Pass):
+    """Static int8 QDQ quantization with calibrated ranges, placed for onnxruntime's integer kernels."""
+
+    name = "quantize"
+    summary = "static int8 QDQ quantization (calibrated, per-channel, placed for integer kernels)"
+    lossless = False
+    needs_data = True
+    min_opset = 1
+    Options = QuantizeOptions
+
+    def weaker(self):
+        o = self.options
+        nxt = max(1, 2 * o.keep_float)
+        known = getattr(self, "_n_units", None)
+        if known is not None and nxt >= known:
+            return None
+        return QuantizePass(dataclasses.replace(o, keep_float=nxt))
+
+    def describe_strength(self) -> str:
+        return f"keep_float={self.options.keep_float}"
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        q = _Quantizer(self.options, ctx)
+        result = q.run(graph)
+        self._n_units = q.n_units
+        return result
+
+
+# ---------------------------------------------------------------------- refusal and preparation
+def refuse_quantized(graph: gs.Graph) -> None:
+    """Raise InputError when the graph is already quantized (QDQ, QOperator or dynamic)."""
+    for node in graph.nodes:
+        if node.op in QUANTIZED_OPS or node.op.startswith("QLinear"):
+            raise InputError(f"the model is already quantized (it has {node.op} node '{node.name}'); "
+                             f"quantize the float model instead")
+
+
+def _const_value(t) -> np.ndarray | None:
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    return None
+
+
+def _constants_to_initializers(graph: gs.Graph) -> int:
+    """Constant nodes (PaddlePaddle exports hold every weight in one) become initializers."""
+    outs = {t.name for t in graph.outputs}
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "Constant" or len(node.outputs) != 1 or node.outputs[0].name in outs:
+            continue
+        attrs = node.attrs
+        if "value" in attrs and isinstance(attrs["value"], gs.Constant):
+            val = np.asarray(attrs["value"].values)
+        elif "value_float" in attrs:
+            val = np.array(attrs["value_float"], np.float32)
+        elif "value_floats" in attrs:
+            val = np.array(attrs["value_floats"], np.float32)
+        elif "value_int" in attrs:
+            val = np.array(attrs["value_int"], np.int64)
+        elif "value_ints" in attrs:
+            val = np.array(attrs["value_ints"], np.int64)
+        else:
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name + "_c" if out.name else f"const_{n}", val)
+        for consumer in list(out.outputs):
+            for i, inp in enumerate(consumer.inputs):
+                if inp is out:
+                    consumer.inputs[i] = const
+        node.outputs.clear()
+        n += 1
+    if n:
+        graph.cleanup()
+    return n
+
+
+def _single_consumer(t) -> "gs.Node | None":
+    return t.outputs[0] if len(t.outputs) == 1 else None
+
+
+def _fold_conv_affine(graph: gs.Graph) -> int:
+    """Fold BatchNormalization and per-channel constant Add into the preceding Conv:
+    BN: ``W' = W * g / sqrt(v + eps)``, ``b' = (b - mean) * g / sqrt(v + eps) + beta``;
+    Add: ``b' = b + c`` for ``c`` of shape [C], [C,1,1] or [1,C,1,1]."""
+    outs = {t.name for t in graph.outputs}
+    n = 0
+    for conv in list(graph.nodes):
+        if conv.op != "Conv" or len(conv.inputs) < 2 or not isinstance(conv.inputs[1], gs.Constant):
+            continue
+        while True:
+            y = conv.outputs[0]
+            nxt = _single_consumer(y)
+            if nxt is None or y.name in outs:
+                break
+            W = np.asarray(conv.inputs[1].values).astype(np.float32)
+            cout = W.shape[0]
+            b = (np.asarray(conv.inputs[2].values).astype(np.float32) if len(conv.inputs) > 2 and
+                 isinstance(conv.inputs[2], gs.Constant) else np.zeros(cout, np.float32))
+            if len(conv.inputs) > 2 and not isinstance(conv.inputs[2], gs.Constant):
+                break
+            if nxt.op == "BatchNormalization" and len(nxt.outputs) == 1 and \
+                    all(isinstance(t, gs.Constant) for t in nxt.inputs[1:5]):
+                g_, beta, mean, var = (np.asarray(t.values).astype(np.float64) for t in nxt.inputs[1:5])
+                f = g_ / np.sqrt(var + float(nxt.attrs.get("epsilon", 1e-5)))
+                W2 = (W * f.reshape(-1, *([1] * (W.ndim - 1)))).astype(np.float32)
+                b2 = ((b - mean) * f + beta).astype(np.float32)
+            elif nxt.op == "Add" and len(nxt.inputs) == 2:
+                other = nxt.inputs[1] if nxt.inputs[0] is y else nxt.inputs[0]
+                c = _const_value(other)
+                if c is None or c.dtype.kind != "f" or c.size != cout or \
+                        c.ndim not in (1, 3, 4) or c.shape[-3 if c.ndim >= 3 else 0] != cout:
+                    break
+                if c.ndim == 1 and W.ndim != 3:
+                    break  # [C] broadcasts over the last axis (width), not channels
+                W2, b2 = W, (b + c.reshape(-1)).astype(np.float32)
+            else:
+                break
+            conv.inputs[1] = gs.Constant(conv.inputs[1].name + "_f", W2)
+            bias = gs.Constant((conv.name or "conv") + f"_bias_f{n}", b2)
+            if len(conv.inputs) > 2:
+                conv.inputs[2] = bias
+            else:
+                conv.inputs.append(bias)
+            z = nxt.outputs[0]
+            nxt.outputs.clear()
+            conv.outputs[0] = z
+            y.inputs.clear()
+            n += 1
+    if n:
+        graph.cleanup()
+    return n
+
+
+def _div_to_mul(graph: gs.Graph) -> int:
+    """``Div(x, c)`` by a float constant becomes ``Mul(x, 1/c)`` (one rounding apart), which has an
+    integer kernel (QLinearMul) where Div has none: hard-swish ``x * clip(x + 3, 0, 6) / 6`` then
+    runs on integers end to end."""
+    n = 0
+    for node in graph.nodes:
+        if node.op != "Div" or len(node.inputs) != 2:
+            continue
+        c = _const_value(node.inputs[1])
+        if c is None or c.dtype != np.float32 or c.size > 4096 or not np.all(np.isfinite(c)) or np.any(c == 0):
+            continue
+        node.op = "Mul"
+        node.inputs[1] = gs.Constant((node.inputs[1].name or "c") + f"_reciprocal{n}", np.asarray(1.0 / c, dtype=np.float32))
+        n += 1
+    return n
+
+
+def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False) -> dict:
+    """Lossless canonicalization the quantizer needs: Constant nodes to initializers, constant
+    subgraphs folded, Conv+BN and Conv+Add(bias) folded, every node named."""
+    stats = {"constants_to_initializers": _constants_to_initializers(graph)}
+    try:
+        graph.fold_constants(error_ok=True).cleanup()
+    except Exception:
+        pass
+    stats["folded_into_conv"] = _fold_conv_affine(graph)
+    if div_to_mul:
+        stats["div_to_mul"] = _div_to_mul(graph)
+    seen = set()
+    for i, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op}_{i}"
+        seen.add(node.name)
+    graph.toposort()
+    return stats
+
+
+# ---------------------------------------------------------------------- the quantizer
+@dataclass
+class _Unit:
+    node: str
+    kind: str               # weighted | elementwise | passthrough
+    inputs: list            # activation input tensor names to quantize
+    output: str             # the tensor the unit's Q reads (after a folded Relu/Clip)
+    raw_output: str         # the op's own output
+    clip: tuple | None = None  # (min, max) of a folded Relu/Clip
+    weight_axis: int | None = None
+
+
+class _Quantizer:
+    def __init__(self, options: QuantizeOptions, ctx: Context):
+        self.o = options
+        self.ctx = ctx
+        self.stats: dict = {}
+        self.n_units = None
+        self.elementwise = options.elementwise
+
+    # -------------------------------------------------------------- scheme
+    def _scheme(self):
+        o, target = self.o, self.ctx.target
+        act = o.activation_dtype
+        if act == "auto":
+            act = getattr(target, "activation_dtype", "uint8") if target is not None else "uint8"
+            if act not in ("uint8", "int8"):
+                act = "uint8"
+        self.act_dtype = np.uint8 if act == "uint8" else np.int8
+        self.qmin, self.qmax = (0, 255) if act == "uint8" else (-128, 127)
+        per_channel = o.per_channel and bool(getattr(target, "per_channel", True) if target is not None else True)
+        reduce = o.reduce_range == "true" or (o.reduce_range == "auto" and not _has_vnni())
+        self.wmax = 63 if reduce else 127
+        self.per_channel = per_channel
+        self.stats["scheme"] = {"activations": act, "weights": "int8" + (" (7-bit)" if reduce else ""),
+                                "per_channel": per_channel}
+
+    # -------------------------------------------------------------- opset
+    def _handle_opset(self, graph: gs.Graph) -> gs.Graph:
+        opset = int(graph.opset or 0)
+        self.stats["opset_in"] = opset
+        if opset >= 13 or (not self.per_channel and opset >= 10):
+            return graph
+        if self.o.upgrade_opset:
+            try:
+                from onnx import version_converter
+                from ..graph.convert import model_to_graph
+                before = self.ctx.to_model(graph)
+                after = version_converter.convert_version(before, 13)
+                onnx.checker.check_model(after)
+                sample = self._first_sample()
+                if sample is not None:
+                    from ..runtime import make_session
+                    ra = make_session(before, optimize=False).run(None, sample)
+                    rb = make_session(after, optimize=False).run(None, sample)
+                    for a, b in zip(ra, rb):
+                        scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-6)
+                        if a.shape != b.shape or float(np.max(np.abs(a - b))) > 1e-4 * scale:
+                            raise ValueError("outputs changed")
+                g2 = model_to_graph(after)
+                self.stats["opset"] = f"upgraded {opset} -> 13"
+                return g2
+            except Exception as e:  # converter gaps: fall back to per-tensor weights
+                self.stats["opset_upgrade_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if opset < 10:
+            raise InputError(f"opset {opset} has no QuantizeLinear (needs >= 10) and the upgrade failed")
+        self.per_channel = False
+        self.stats["scheme"]["per_channel"] = False
+        self.stats["opset"] = f"kept {opset}: per-tensor weights (per-channel DequantizeLinear needs opset 13)"
+        return graph
+
+    def _first_sample(self):
+        src = self.ctx.calib if self.ctx.calib is not None else self.ctx.val
+        if src is None:
+            return None
+        for s in src:
+            return s
+        return None
+
+    def _samples(self):
+        src = self.ctx.calib if self.ctx.calib is not None else self.ctx.val
+        if src is None:
+            raise InputError("quantize needs calibration samples")
+        n = self.o.max_samples
+        for i, s in enumerate(src):
+            if n and i >= n:
+                break
+            yield s
+
+    # -------------------------------------------------------------- planning
+    def plan(self, graph: gs.Graph, excluded: set) -> tuple[dict, dict]:
+        """Units to quantize (by node name) and a decision per compute node (name -> reason)."""
+        graph_outputs = {t.name for t in graph.outputs}
+        avail: set = set()       # tensors available as integers without a new Q
+        units: dict[str, _Unit] = {}
+        reasons: dict[str, str] = {}
+        tentative: dict[str, _Unit] = {}
+        for node in graph.nodes:
+            op = node.op
+            if op in WEIGHTED_OPS or op in ELEMENTWISE_OPS or op in PASSTHROUGH_OPS or op in ("ConvTranspose",):
+                pass
+            else:
+                if node.name not in reasons and op not in SHAPE_OPS:
+                    reasons[node.name] = f"kept float: no integer {op} kernel on the CPU EP"
+                continue
+            name = node.name
+            if name in excluded:
+                reasons[name] = "kept float: excluded (sensitive or by option)"
+                continue
+            outs = list(node.outputs)
+            if not outs:
+                continue
+            if op == "ConvTranspose":
+                reasons[name] = "kept float: no integer ConvTranspose kernel on the CPU EP"
+                continue
+            weighted = self._weight_info(node)
+            if op in PASSTHROUGH_OPS:
+                data = node.inputs[0] if node.inputs else None
+                if data is not None and data.name in avail and not any(t.name in graph_outputs for t in outs) \
+                        and not (op == "MaxPool" and len(outs) > 1):
+                    tentative[name] = _Unit(name, "passthrough", [data.name], outs[0].name, outs[0].name)
+                    for t in outs:
+                        avail.add(t.name)
+                else:
+                    reasons[name] = "kept float: input not integer" if data is not None and data.name not in avail \
+                        else "kept float: produces a graph output"
+                continue
+            if any(t.name in graph_outputs for t in outs):
+                reasons[name] = "kept float: produces a graph output (onnxruntime does not fuse it)"
+                continue
+            if weighted is not None:
+                kind = "weighted"
+                act_inputs = [node.inputs[0].name]
+            else:
+                if op in WEIGHTED_OPS and op != "MatMul":
+                    reasons[name] = "kept float: weights are not float constants"
+                    continue
+                if not self.elementwise:
+                    reasons[name] = "kept float: elementwise quantization off (by option or by the guard: " \
+                                    "fewer requantizations, better fidelity)"
+                    continue
+                var_inputs = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+                const_inputs = [t for t in node.inputs if isinstance(t, gs.Constant)]
+                if const_inputs and (op not in BINARY_CONST_OK or
+                                     any(np.asarray(c.values).dtype.kind != "f" for c in const_inputs)):
+                    reasons[name] = "kept float: constant input without a quantized form"
+                    continue
+                if op == "MatMul" and len(var_inputs) != 2:
+                    reasons[name] = "kept float: weights are not float constants"
+                    continue
+                if op == "MatMul" and not self.o.matmul_activations:
+                    reasons[name] = "kept float: activation x activation MatMul (attention; option matmul_activations)"
+                    continue
+                missing = [t.name for t in var_inputs if t.name not in avail]
+                if missing or not var_inputs:
+                    reasons[name] = "kept float: an input is float (Q/DQ would cost more than the integer op saves)"
+                    continue
+                kind = "elementwise"
+                act_inputs = [t.name for t in var_inputs]
+            unit = _Unit(name, kind, act_inputs, outs[0].name, outs[0].name,
+                         weight_axis=weighted[1] if weighted else None)
+            # fold a following Relu/Clip into the range
+            if self.o.fold_activations and op not in ("Concat",):
+                nxt = _single_consumer(outs[0])
+                if nxt is not None and nxt.op in FOLDABLE_ACTIVATIONS and nxt.name not in excluded and \
+                        nxt.outputs[0].name not in graph_outputs:
+                    clip = self._clip_bounds(nxt)
+                    if clip is not None:
+                        unit.output = nxt.outputs[0].name
+                        unit.clip = clip
+                        reasons[nxt.name] = f"folded into {name}'s output range"
+            units[name] = unit
+            avail.add(unit.output)
+            reasons[name] = "quantized" + (" (integer kernel)" if kind == "weighted" else " (inputs already integer)")
+        # keep a passthrough only when an integer consumer needs its output
+        needed = {t for u in units.values() for t in u.inputs}
+        for name in reversed([n.name for n in graph.nodes]):
+            u = tentative.get(name)
+            if u is None:
+                continue
+            node = self._node(graph, name)
+            if any(t.name in needed for t in node.outputs):
+                units[name] = u
+                needed.add(u.inputs[0])
+                reasons[name] = "quantized (passthrough with the input's scale)"
+            else:
+                reasons[name] = "kept float: no integer consumer"
+        return units, reasons
+
+    def _node(self, graph, name):
+        if not hasattr(self, "_node_index") or self._node_index[0] is not graph:
+            self._node_index = (graph, {n.name: n for n in graph.nodes})
+        return self._node_index[1][name]
+
+    def _clip_bounds(self, node) -> tuple | None:
+        if node.op == "Relu":
+            return (0.0, math.inf)
+        lo, hi = -math.inf, math.inf
+        if "min" in node.attrs:
+            lo = float(node.attrs["min"])
+        if "max" in node.attrs:
+            hi = float(node.attrs["max"])
+        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
+            v = _const_value(node.inputs[1])
+            if v is None:
+                return None
+            lo = float(v.reshape(-1)[0])
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            v = _const_value(node.inputs[2])
+            if v is None:
+                return None
+            hi = float(v.reshape(-1)[0])
+        if lo > 0 or hi <= 0:
+            return None  # the range must hold 0 and the clip must end at or below 0
+        return (lo, hi)
+
+    def _weight_info(self, node) -> tuple | None:
+        """(weight input index, per-channel axis) when the node has float constant weights."""
+        op = node.op
+        if op == "Conv" and len(node.inputs) >= 2:
+            w = _const_value(node.inputs[1])
+            if w is not None and w.dtype == np.float32 and w.ndim >= 3 and \
+                    (len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)):
+                return 1, 0
+        if op == "MatMul" and len(node.inputs) == 2:
+            w = _const_value(node.inputs[1])
+            if w is not None and w.dtype == np.float32 and w.ndim == 2 and not isinstance(node.inputs[0], gs.Constant):
+                return 1, 1
+        if op == "Gemm" and len(node.inputs) >= 2:
+            w = _const_value(node.inputs[1])
+            if w is not None and w.dtype == np.float32 and w.ndim == 2 and not isinstance(node.inputs[0], gs.Constant) \
+                    and int(node.attrs.get("transA", 0)) == 0:
+                c = node.inputs[2] if len(node.inputs) > 2 else None
+                if c is not None and c.name and not (isinstance(c, gs.Constant) and np.asarray(c.values).ndim <= 1):
+                    return None
+                return 1, 0 if int(node.attrs.get("transB", 0)) else 1
+        return None
+
+    # -------------------------------------------------------------- ranges
+    def _act_params(self, lo: float, hi: float, clip: tuple | None = None) -> tuple[float, int]:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if clip is not None:
+            lo = max(lo, clip[0])
+            hi = min(hi, clip[1])
+        if hi - lo < 1e-8:
+            hi = lo + 1e-8 if lo < 0 else 1e-8
+        levels = self.qmax - self.qmin
+        scale = (hi - lo) / levels
+        zp = int(np.clip(round(self.qmin - lo / scale), self.qmin, self.qmax))
+        if clip is not None:
+            # the Relu/Clip is redundant (and dropped by onnxruntime) only when the grid lies inside it
+            rep_hi = (self.qmax - zp) * np.float32(scale)
+            if rep_hi > clip[1]:
+                scale = float(np.float32(clip[1] / (self.qmax - zp)) * np.float32(1 - 1e-6))
+            if clip[0] == 0.0:
+                zp = self.qmin
+        return float(np.float32(scale)), zp
+
+    # -------------------------------------------------------------- emission
+    def emit(self, model_f: onnx.ModelProto, units: dict, params: dict, bias_shift: dict | None = None) -> gs.Graph:
+        """A QDQ graph: the float model with Q/DQ on unit inputs and outputs and quantized weights."""
+        g = gs.import_onnx(model_f)
+        nodes = {n.name: n for n in g.nodes}
+        tmap = g.tensors()
+        act_np = self.act_dtype
+        consts: dict[str, tuple] = {}
+
+        def qparams(tname):
+            if tname not in consts:
+                s, z = params[tname]
+                consts[tname] = (gs.Constant(tname + "_scale", np.array(s, np.float32)),
+                                 gs.Constant(tname + "_zero_point", np.array(z, act_np)))
+            return consts[tname]
+
+        int_consumers = set(units)
+        qtensors = []
+        for u in units.values():
+            qtensors.extend(u.inputs)
+            if u.kind == "passthrough":
+                node = nodes[u.node]
+                qtensors.extend(t.name for t in node.outputs if t.name in params)
+            else:
+                qtensors.append(u.output)
+        for tname in dict.fromkeys(qtensors):
+            t = tmap[tname]
+            s_c, z_c = qparams(tname)
+            tq = gs.Variable(tname + "_quantized", dtype=act_np, shape=t.shape)
+            consumers = [c for c in list(t.outputs)]
+            qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq])
+            g.nodes.append(qnode)
+            shared_dq = None
+            for k, c in enumerate(consumers):
+                if c.name in int_consumers:
+                    dq_out = gs.Variable(f"{tname}_dequantized_{k}", dtype=np.float32, shape=t.shape)
+                    g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear_{k}",
+                                           inputs=[tq, s_c, z_c], outputs=[dq_out]))
+                else:
+                    if shared_dq is None:
+                        shared_dq = gs.Variable(f"{tname}_dequantized", dtype=np.float32, shape=t.shape)
+                        g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear",
+                                               inputs=[tq, s_c, z_c], outputs=[shared_dq]))
+                    dq_out = shared_dq
+                for i, inp in enumerate(c.inputs):
+                    if inp is t:
+                        c.inputs[i] = dq_out
+        # weights, bias and constant operands
+        for u in units.values():
+            node = nodes[u.node]
+            if u.kind == "weighted":
+                self._quantize_weights(g, node, u, params, (bias_shift or {}).get(u.node))
+            elif u.kind == "elementwise":
+                for i, t in enumerate(node.inputs):
+                    if isinstance(t, gs.Constant):
+                        node.inputs[i] = self._const_dq(g, t, f"{u.node}_in{i}")
+        g.cleanup().toposort()
+        return g
+
+    def _const_dq(self, g, t, name):
+        c = np.asarray(t.values).astype(np.float32)
+        lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
+        s, z = self._act_params(lo, hi)
+        qv = np.asarray(np.clip(np.round(c / s) + z, self.qmin, self.qmax)).astype(self.act_dtype)
+        out = gs.Variable(name + "_dequantized", dtype=np.float32, shape=list(c.shape))
+        g.nodes.append(gs.Node("DequantizeLinear", name=name + "_DequantizeLinear",
+                               inputs=[gs.Constant(name + "_quantized", qv),
+                                       gs.Constant(name + "_scale", np.array(s, np.float32)),
+                                       gs.Constant(name + "_zero_point", np.array(z, self.act_dtype))],
+                               outputs=[out]))
+        return out
+
+    def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """(int8 weights, scales): symmetric, per channel along ``axis`` or per tensor."""
+        if self.per_channel:
+            red = tuple(i for i in range(W.ndim) if i != axis)
+            m = np.max(np.abs(W), axis=red)
+        else:
+            m = np.array(np.max(np.abs(W)))
+        s = (m / self.wmax).astype(np.float32)
+        s = np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
+        shape = [1] * W.ndim
+        if self.per_channel:
+            shape[axis] = -1
+        q = np.clip(np.round(W / s.reshape(shape)), -self.wmax, self.wmax).astype(np.int8)
+        return q, s
+
+    def _quantize_weights(self, g, node, u: _Unit, params, shift):
+        W = np.asarray(node.inputs[1].values).astype(np.float32)
+        axis = u.weight_axis
+        wq, ws = self.weight_quant(W, axis)
+        dq_w = gs.Variable(node.name + "_W_dequantized", dtype=np.float32, shape=list(W.shape))
+        attrs = {"axis": axis} if self.per_channel else {}
+        g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_W_DequantizeLinear", attrs=attrs,
+                               inputs=[gs.Constant(node.name + "_W_quantized", wq),
+                                       gs.Constant(node.name + "_W_scale", ws),
+                                       gs.Constant(node.name + "_W_zero_point", np.zeros(ws.shape, np.int8))],
+                               outputs=[dq_w]))
+        node.inputs[1] = dq_w
+        bias_idx = 2
+        if len(node.inputs) > bias_idx and node.inputs[bias_idx].name:
+            b = np.asarray(node.inputs[bias_idx].values).astype(np.float32).reshape(-1)
+        elif node.op in ("Conv",):
+            b = None
+        else:
+            b = None
+        if shift is not None and node.op in ("Conv", "Gemm"):  # MatMul has no bias to carry it
+            b = (np.zeros(len(shift), np.float32) if b is None else b) - shift.astype(np.float32)
+        if b is None:
+            return
+        sx = params[u.inputs[0]][0]
+        n_out = W.shape[axis] if node.op != "Gemm" else W.shape[0 if int(node.attrs.get("transB", 0)) else 1]
+        if b.size == 1 and n_out > 1:
+            b = np.full(n_out, b[0], np.float32)
+        sb = (np.float32(sx) * (ws if ws.ndim else np.full(n_out, ws, np.float32))).astype(np.float32)
+        sb = np.broadcast_to(sb, b.shape).astype(np.float32)
+        bq = np.clip(np.round(b.astype(np.float64) / sb), -2 ** 31 + 1, 2 ** 31 - 1).astype(np.int32)
+        dq_b = gs.Variable(node.name + "_B_dequantized", dtype=np.float32, shape=list(b.shape))
+        g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_B_DequantizeLinear",
+                               attrs={"axis": 0} if self.per_channel else {},
+                               inputs=[gs.Constant(node.name + "_B_quantized", bq),
+                                       gs.Constant(node.name + "_B_scale", sb if self.per_channel else
+                                                   np.array(sb.reshape(-1)[0], np.float32)),
+                                       gs.Constant(node.name + "_B_zero_point",
+                                                   np.zeros(sb.shape if self.per_channel else (), np.int32))],
+                               outputs=[dq_b]))
+        if len(node.inputs) > bias_idx:
+            node.inputs[bias_idx] = dq_b
+        else:
+            while len(node.inputs) < bias_idx:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(dq_b)
+
+    # -------------------------------------------------------------- the run
+    def run(self, graph: gs.Graph) -> PassResult:
+        import time
+        t0 = time.perf_counter()
+        timings = self.stats["timings_s"] = {}
+
+        def lap(name):
+            nonlocal t0
+            t = time.perf_counter()
+            timings[name] = round(t - t0, 2)
+            t0 = t
+
+        refuse_quantized(graph)
+        self._scheme()
+        self.stats["prepared"] = prepare_float_graph(graph, self.o.div_to_mul)
+        if not any(n.op in WEIGHTED_OPS and self._weight_info(n) is not None for n in graph.nodes):
+            raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
+        graph = self._handle_opset(graph)
+        if graph.opset and graph.opset < 13:
+            self.per_channel = False
+        prepare_float_graph(graph)
+        self.model_f = self.ctx.to_model(graph)
+        self.graph_f = graph = gs.import_onnx(self.model_f)
+        lap("prepare_and_opset")
+
+        excluded = set(self.o.exclude)
+        units, reasons = self.plan(graph, excluded)
+        # calibrate every tensor any plan could quantize, so excluding units later needs no new pass
+        cand, _ = self.plan(graph, set())
+        tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
+        self.hists = collect_histograms(self._capture(self.model_f, tensors), tensors, bins=self.o.bins)
+        self.clips = {u.output: u.clip for u in cand.values() if u.clip is not None}
+        kw = {"percentile": self.o.percentile} if self.o.calibrator == "percentile" else {}
+        levels = self.qmax - self.qmin + 1
+        self.ranges = {t: estimate_range(h, self.o.calibrator, levels=levels, **kw) for t, h in self.hists.items()}
+        self.n_units = sum(1 for u in units.values() if u.kind == "weighted")
+        lap("calibrate")
+
+        # per-unit analysis on a shadow model: each unit quantized alone, on float inputs
+        analysis = None
+        need_sens = self.o.keep_float or self.o.guard or self.ctx.budget is not None
+        if need_sens or self.o.bias_correction:
+            analysis = self.analyse(cand)
+            self.sens = {k: a["nsr"] for k, a in analysis.items()}
+            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
+                                         sorted(self.sens.items(), key=lambda kv: -kv[1])[:20]}
+        lap("analyse")
+        self.shift = ({k: a["shift"] for k, a in analysis.items()} if self.o.bias_correction and analysis else None)
+        order = [k for k, _ in sorted(self.sens.items(), key=lambda kv: -kv[1])] if analysis else []
+        if self.o.keep_float and order:
+            excluded |= set(order[: self.o.keep_float])
+            units, reasons = self.plan(graph, excluded)
+        qg = self._build(units)
+        if self.o.guard or self.ctx.budget is not None:
+            qg, units, reasons, excluded = self._guard(qg, units, reasons, excluded, order)
+            lap("guard")
+            if qg is None:
+                self.stats["nodes"] = reasons
+                return PassResult(graph, False, {"reason": self.stats.get("guard_reason", "no faster placement"),
+                                                 **self.stats})
+        for n in excluded:
+            if n in reasons and analysis and n in self.sens and not reasons[n].startswith("kept float: small"):
+                reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {self.sens[n]:.2e})"
+        self.stats["nodes"] = reasons
+        self.stats["quantized_units"] = {k: sum(1 for u in units.values() if u.kind == k)
+                                         for k in ("weighted", "elementwise", "passthrough")}
+        self.stats["kept_float"] = sorted(excluded)
+        if not units:
+            return PassResult(graph, False, {"reason": "no node could be quantized", **self.stats})
+        return PassResult(qg, True, self.stats)
+
+    def _capture(self, model, tensors, samples=None):
+        from ..runtime import capture_activations
+        return capture_activations(model, tensors, self._samples() if samples is None else samples)
+
+    def _params(self, units):
+        params = {}
+        for u in units.values():
+            if u.kind == "passthrough":
+                continue
+            for t in u.inputs + [u.output]:
+                if t not in params:
+                    lo, hi = self.ranges.get(t, (0.0, 1.0))
+                    params[t] = self._act_params(lo, hi, self.clips.get(t) if t == u.output else None)
+        # passthrough outputs share their input's params (resolved in graph order)
+        for node in self.graph_f.nodes:
+            u = units.get(node.name)
+            if u is not None and u.kind == "passthrough":
+                src = params.get(u.inputs[0])
+                if src is None:
+                    lo, hi = self.ranges.get(u.inputs[0], (0.0, 1.0))
+                    src = params[u.inputs[0]] = self._act_params(lo, hi)
+                for t in node.outputs:
+                    params[t.name] = src
+        return params
+
+    def _build(self, units) -> gs.Graph:
+        return self.emit(self.model_f, units, self._params(units), self.shift)
+
+    # -------------------------------------------------------------- guards: fidelity floor and speed
+    def _fidelity(self, g) -> dict:
+        """Fidelity against the float model: the manager's evaluator under a budget, else the
+        guard's own check on up to 8 calibration samples."""
+        if self.ctx.budget is not None and self.ctx.evaluator is not None:
+            return self.ctx.evaluate(g)
+        from ..metrics import fidelity
+        from ..runtime import make_session
+        if not hasattr(self, "_ref"):
+            self._guard_samples = list(self._samples_n(8))
+            sess = make_session(self.model_f, optimize=False)
+            self._ref = [sess.run(None, s) for s in self._guard_samples]
+        model = g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g)
+        sess = make_session(model, optimize=True)
+        return fidelity(self._ref, [sess.run(None, s) for s in self._guard_samples])
+
+    def _holds(self, fid: dict) -> bool:
+        if self.ctx.budget is not None:
+            return self.ctx.budget.holds(fid)
+        return fid.get("cosine", 0.0) >= self._floor
+
+    def _guard(self, qg, units, reasons, excluded, order):
+        """Keep the most sensitive units in float (1, 2, 4, ... of them) until the fidelity floor holds
+        (``ctx.budget``; else mean cosine >= ``min_cosine`` x the float model's own cosine after
+        onnxruntime's optimizations, which is below 1 on ill-conditioned outputs). When the floor is
+        out of reach within ``max_float_fraction`` of the units, the best candidate within it is kept.
+        Then, with ``guard``, the model must be faster than the float one: small convolutions (whose
+        integer kernels lose to onnxruntime's float NCHWc kernels) go back to float, else the pass
+        gives up and changes nothing."""
+        self._floor = self.o.min_cosine
+        if self.ctx.budget is None:
+            base = self._fidelity(self.model_f).get("cosine", 1.0)
+            self._floor = self.o.min_cosine * min(base, 1.0)
+        base_ex = set(excluded)
+        cap = len(order) if self.ctx.budget is not None else \
+            max(1, int(math.ceil(self.o.max_float_fraction * len(order))))
+        fid = self._fidelity(qg)
+        tried = [(fid, qg, units, reasons, excluded)]
+        log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
+        if not self._holds(fid) and self.elementwise:
+            # every integer elementwise op requantizes; without them each conv input is rounded once
+            self.elementwise = False
+            units_e, reasons_e = self.plan(self.graph_f, base_ex)
+            qg_e = self._build(units_e)
+            fid_e = self._fidelity(qg_e)
+            log.append({"keep_float": 0, "elementwise": False, "cosine": round(fid_e.get("cosine", 0.0), 6)})
+            if fid_e.get("cosine", 0.0) > fid.get("cosine", 0.0):
+                fid, qg, units, reasons = fid_e, qg_e, units_e, reasons_e
+                tried.append((fid, qg, units, reasons, excluded))
+            else:
+                self.elementwise = True
+        k = 1
+        while not self._holds(fid) and order and k <= min(cap, len(order)):
+            ex = base_ex | set(order[:k])
+            units_k, reasons_k = self.plan(self.graph_f, ex)
+            qg_k = self._build(units_k)
+            fid = self._fidelity(qg_k)
+            tried.append((fid, qg_k, units_k, reasons_k, ex))
+            log.append({"keep_float": k, "cosine": round(fid.get("cosine", 0.0), 6)})
+            if k >= min(cap, len(order)):
+                break
+            k = min(2 * k, cap, len(order))
+        self.stats["fidelity_search"] = log
+        self.stats["fidelity_floor"] = str(self.ctx.budget) if self.ctx.budget is not None else \
+            f"cosine>={self._floor:.4f}"
+        ok = [t for t in tried if self._holds(t[0])]
+        fid, qg, units, reasons, excluded = ok[0] if ok else max(tried, key=lambda t: t[0].get("cosine", 0.0))
+        if not self.o.guard:
+            return qg, units, reasons, excluded
+        sample = self._first_sample()
+        t_f, t_q = self._latency(self.model_f, self.ctx.to_model(qg), sample)
+        speed = [{"config": f"{len(excluded)} sensitive units in float", "speedup": round(t_f / t_q, 3)}]
+        best = (t_q, qg, units, reasons, excluded)
+        if t_f / t_q < self.o.min_speedup:
+            for limit in (2048, 8192, 32768):
+                small = {u.node for u in units.values() if u.kind == "weighted" and self._weight_count(u) < limit}
+                if not small:
+                    continue
+                ex = excluded | small
+                units_k, reasons_k = self.plan(self.graph_f, ex)
+                if not any(u.kind == "weighted" for u in units_k.values()):
+                    break
+                qg_k = self._build(units_k)
+                t_f2, t_k = self._latency(self.model_f, self.ctx.to_model(qg_k), sample)
+                t_k *= t_f / t_f2  # the same float reference for every candidate
+                speed.append({"config": f"only convs with >= {limit} weights", "speedup": round(t_f / t_k, 3)})
+                if t_k < best[0]:
+                    fid_k = self._fidelity(qg_k)
+                    if self._holds(fid_k) or fid_k.get("cosine", 0) >= fid.get("cosine", 0):
+                        best = (t_k, qg_k, units_k, {**reasons_k, **{n: "kept float: small convolution (the "
+                                                     "float kernel is faster)" for n in small}}, ex)
+                if t_f / best[0] >= self.o.min_speedup:
+                    break
+        self.stats["speed_search"] = speed
+        if t_f / best[0] < self.o.min_speedup:
+            self.stats["guard_reason"] = (f"no quantized placement is faster than fp32 on this CPU "
+                                          f"(best {t_f / best[0]:.2f}x)")
+            return None, units, reasons, excluded
+        return best[1], best[2], best[3], best[4]
+
+    def _weight_count(self, u) -> int:
+        node = self._node(self.graph_f, u.node)
+        return int(np.prod(node.inputs[1].shape)) if u.kind == "weighted" else 0
+
+    def _latency(self, model_a, model_b, sample, rounds: int | None = None):
+        """Median one-thread latency of two models, runs interleaved (shared load hits both)."""
+        import statistics
+        import time
+        from ..runtime import make_session
+        sa, sb = make_session(model_a, optimize=True, threads=1), make_session(model_b, optimize=True, threads=1)
+        for s in (sa, sb):
+            s.run(None, sample)
+        t0 = time.perf_counter()
+        sa.run(None, sample)
+        one = time.perf_counter() - t0
+        rounds = rounds or int(min(41, max(7, 1.5 / max(one, 1e-4))))
+        ta, tb = [], []
+        for _ in range(rounds):
+            for s, acc in ((sa, ta), (sb, tb)):
+                t = time.perf_counter()
+                s.run(None, sample)
+                acc.append(time.perf_counter() - t)
+        return statistics.median(ta), statistics.median(tb)
+
+    def _samples_n(self, n):
+        for i, s in enumerate(self._samples()):
+            if i >= n:
+                break
+            yield s
+
+    # -------------------------------------------------------------- per-unit analysis
+    def analyse(self, units, samples: int = 8) -> dict:
+        """Quantize each weighted unit alone on its float input (a shadow copy of the node with
+        fake-quantized input, weights and bias next to the float one), and measure over calibration
+        samples its noise-to-signal ratio ``|y_q - y|^2 / |y|^2`` (its sensitivity) and the mean
+        shift of each output channel ``E[y_q - y]`` (what bias correction removes)."""
+        w_units = [u for u in units.values() if u.kind == "weighted"]
+        if not w_units:
+            return {}
+        params = self._params(units)
+        g = gs.import_onnx(self.model_f)
+        nodes = {n.name: n for n in g.nodes}
+        tmap = g.tensors()
+        pairs = []
+        for u in w_units:
+            node = nodes[u.node]
+            x = tmap[u.inputs[0]]
+            s, z = params[u.inputs[0]]
+            sc = gs.Constant(u.node + "_sh_scale", np.array(s, np.float32))
+            zc = gs.Constant(u.node + "_sh_zp", np.array(z, self.act_dtype))
+            xq = gs.Variable(u.node + "_sh_xq", dtype=self.act_dtype)
+            xd = gs.Variable(u.node + "_sh_xd", dtype=np.float32)
+            g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq]))
+            g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd]))
+            W = np.asarray(node.inputs[1].values).astype(np.float32)
+            wq, ws = self.weight_quant(W, u.weight_axis)
+            shape = [1] * W.ndim
+            if self.per_channel:
+                shape[u.weight_axis] = -1
+            Wf = (wq.astype(np.float32) * ws.reshape(shape)).astype(np.float32)
+            ins = [xd, gs.Constant(u.node + "_sh_W", Wf)]
+            if len(node.inputs) > 2 and node.inputs[2].name:
+                b = np.asarray(node.inputs[2].values).astype(np.float32)
+                sb = np.float32(s) * (ws if ws.ndim else np.float32(ws))
+                bf = (np.round(b / sb) * sb).astype(np.float32)
+                ins.append(gs.Constant(u.node + "_sh_B", bf))
+            y = node.outputs[0]
+            ys = gs.Variable(u.node + "_sh_y", dtype=np.float32)
+            g.nodes.append(gs.Node(node.op, attrs=dict(node.attrs), inputs=ins, outputs=[ys]))
+            pairs.append((u, y.name, ys.name))
+        g.toposort()
+        from ..graph.convert import graph_to_model
+        model = graph_to_model(g, self.model_f)
+        names = [n for _, a, b in pairs for n in (a, b)]
+        acc = {u.node: {"d": 0.0, "n": 0, "e": 0.0, "s": 0.0} for u, _, _ in pairs}
+        for cap in self._capture(model, names, list(self._samples_n(samples))):
+            for u, a, b in pairs:
+                yf, yq = cap[a].astype(np.float64), cap[b].astype(np.float64)
+                op = nodes[u.node].op
+                axis = 1 if op == "Conv" else yf.ndim - 1
+                red = tuple(i for i in range(yf.ndim) if i != axis)
+                r = acc[u.node]
+                r["d"] = r["d"] + (yq - yf).mean(axis=red)
+                r["n"] += 1
+                r["e"] += float(np.sum((yq - yf) ** 2))
+                r["s"] += float(np.sum(yf ** 2))
+        return {k: {"nsr": r["e"] / max(r["s"], 1e-30), "shift": np.asarray(r["d"]) / max(r["n"], 1)}
+                for k, r in acc.items()}

@@ -1,0 +1,347 @@
+"""The quantize pass: placement for onnxruntime's integer kernels, numerics, opset handling,
+refusal of quantized inputs, Constant-node weights, bias correction, sensitivity fallback."""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as oh
+
+from helpers import check, run_ort
+from onnxshrink.errors import InputError
+from onnxshrink.manager import PassManager, optimize
+from onnxshrink.metrics import fidelity
+from onnxshrink.passes.base import Context
+from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
+
+RNG = np.random.default_rng(0)
+
+
+def _conv(nodes, inits, name, x, cin, cout, k=3, act="Relu", group=1, stride=1, scale=0.3, const_node=False):
+    w = (RNG.standard_normal((cout, cin // group, k, k)) * scale).astype(np.float32)
+    b = (RNG.standard_normal(cout) * 0.1).astype(np.float32)
+    if const_node:  # PaddlePaddle style: weights held in Constant nodes
+        nodes.append(oh.make_node("Constant", [], [name + "_w"], value=onnx.numpy_helper.from_array(w)))
+        nodes.append(oh.make_node("Constant", [], [name + "_b"], value=onnx.numpy_helper.from_array(b)))
+    else:
+        inits += [onnx.numpy_helper.from_array(w, name + "_w"), onnx.numpy_helper.from_array(b, name + "_b")]
+    nodes.append(oh.make_node("Conv", [x, name + "_w", name + "_b"], [name + "_y"], pads=[k // 2] * 4,
+                              group=group, strides=[stride, stride], name=name))
+    out = name + "_y"
+    if act == "Relu":
+        nodes.append(oh.make_node("Relu", [out], [name + "_r"], name=name + "_relu"))
+        out = name + "_r"
+    return out
+
+
+def small_net(opset=13, const_node=False, size=32):
+    """conv-relu, depthwise-relu, pointwise-relu, maxpool, conv, SiLU (Sigmoid*x), GAP, Gemm."""
+    nodes, inits = [], []
+    o = _conv(nodes, inits, "c1", "x", 3, 16, const_node=const_node)
+    o = _conv(nodes, inits, "c2", o, 16, 16, group=16, const_node=const_node)
+    o = _conv(nodes, inits, "c3", o, 16, 32, k=1, const_node=const_node)
+    nodes.append(oh.make_node("MaxPool", [o], ["mp"], kernel_shape=[2, 2], strides=[2, 2], name="mp"))
+    o = _conv(nodes, inits, "c4", "mp", 32, 32, act=None, const_node=const_node)
+    nodes.append(oh.make_node("Sigmoid", [o], ["sg"], name="sg"))
+    nodes.append(oh.make_node("Mul", [o, "sg"], ["silu"], name="silu"))
+    nodes.append(oh.make_node("GlobalAveragePool", ["silu"], ["gap"], name="gap"))
+    nodes.append(oh.make_node("Flatten", ["gap"], ["fl"], name="fl"))
+    inits.append(onnx.numpy_helper.from_array((RNG.standard_normal((32, 10)) * 0.3).astype(np.float32), "fc_w"))
+    inits.append(onnx.numpy_helper.from_array((RNG.standard_normal(10) * 0.1).astype(np.float32), "fc_b"))
+    nodes.append(oh.make_node("Gemm", ["fl", "fc_w", "fc_b"], ["logits"], name="fc"))
+    g = oh.make_graph(nodes, "net", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, size, size])],
+                      [oh.make_tensor_value_info("logits", TP.FLOAT, [1, 10])], inits)
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", opset)])
+    m.ir_version = 7
+    check(m)
+    return m
+
+
+def samples(n=12, size=32, seed=1):
+    r = np.random.default_rng(seed)
+    return [{"x": r.standard_normal((1, 3, size, size)).astype(np.float32)} for _ in range(n)]
+
+
+NO_GUARD = {"guard": False}
+
+
+def quantize(model, data=None, **opts):
+    out, rep = optimize(model, passes=[{"quantize": {**NO_GUARD, **opts}}], data=data or samples(), debug=True)
+    return out, rep.passes[0]
+
+
+def optimized_ops(model) -> collections.Counter:
+    """Op types of the graph onnxruntime runs after its own optimizations (QDQ fusion)."""
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = os.path.join(d, "opt.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_placement_runs_integer_kernels():
+    m = small_net()
+    q, rec = quantize(m)
+    check(q)
+    assert rec.status == "applied"
+    ops = collections.Counter(n.op_type for n in q.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+    opt = optimized_ops(q)
+    # every conv becomes QLinearConv (Relu folded away), SiLU and GAP run on integers, MaxPool on uint8
+    assert opt["QLinearConv"] == 4 and opt["Conv"] == 0 and opt["FusedConv"] == 0
+    assert opt["QLinearSigmoid"] == 1 and opt["QLinearMul"] == 1 and opt["QLinearGlobalAveragePool"] == 1
+    assert opt["Relu"] == 0
+    assert opt["MaxPool"] + opt["NhwcMaxPool"] == 1
+    # the Gemm produces the graph output: kept float (onnxruntime does not fuse such a unit)
+    assert rec.stats["nodes"]["fc"].startswith("kept float")
+    assert rec.stats["nodes"]["c1_relu"].startswith("folded")
+    # numerics: close to the float model
+    feeds = samples(4, seed=7)
+    ref = [run_ort(m, f) for f in feeds]
+    out = [run_ort(q, f, optimize=True) for f in feeds]
+    assert fidelity(ref, out)["cosine"] > 0.995
+
+
+def test_numerics_symmetric_weights_int32_bias():
+    q, _ = quantize(small_net())
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    wq = init["c1_W_quantized"]
+    assert wq.dtype == np.int8 and np.abs(wq).max() <= 127 and init["c1_W_zero_point"].any() == False  # noqa: E712
+    assert init["c1_W_scale"].shape == (16,)  # per output channel
+    bq, bs = init["c1_B_quantized"], init["c1_B_scale"]
+    assert bq.dtype == np.int32
+    # bias scale = input scale x weight scale
+    np.testing.assert_allclose(bs, init["x_scale"] * init["c1_W_scale"], rtol=1e-6)
+    assert init["x_zero_point"].dtype == np.uint8
+
+
+def test_int8_activations_option():
+    q, rec = quantize(small_net(), activation_dtype="int8")
+    check(q)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    assert init["x_zero_point"].dtype == np.int8
+    # onnxruntime converts s8 activations to u8 on x86; a Q feeding two DQs is not converted,
+    # so the conv whose output fans out stays float there (uint8 is the default for that reason)
+    assert optimized_ops(q)["QLinearConv"] >= 3
+
+
+def test_per_tensor_option():
+    q, rec = quantize(small_net(), per_channel=False)
+    check(q)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    assert init["c1_W_scale"].shape == ()
+    assert optimized_ops(q)["QLinearConv"] == 4
+
+
+def test_weights_in_constant_nodes_are_quantized():
+    m = small_net(const_node=True)
+    q, rec = quantize(m)
+    check(q)
+    assert rec.stats["prepared"]["constants_to_initializers"] == 8
+    assert optimized_ops(q)["QLinearConv"] == 4
+
+
+@pytest.mark.parametrize("upgrade", [True, False])
+def test_opset11_upgraded_or_per_tensor(upgrade):
+    m = small_net(opset=11)
+    q, rec = quantize(m, upgrade_opset=upgrade)
+    check(q)  # never an invalid model
+    opset = next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    has_axis = any(a.name == "axis" for n in dqs for a in n.attribute)
+    if upgrade:
+        assert opset == 13 and has_axis and rec.stats["opset"] == "upgraded 11 -> 13"
+    else:
+        assert opset == 11 and not has_axis and "per-tensor" in rec.stats["opset"]
+    ref = [run_ort(m, f) for f in samples(3, seed=5)]
+    out = [run_ort(q, f, optimize=True) for f in samples(3, seed=5)]
+    assert fidelity(ref, out)["cosine"] > 0.99
+
+
+def _qdq_model():
+    q, _ = quantize(small_net())
+    return q
+
+
+def test_refuses_qdq_model():
+    with pytest.raises(InputError, match="already quantized"):
+        optimize(_qdq_model(), passes=["quantize"], data=samples(4))
+
+
+def test_refuses_qoperator_and_dynamic_models():
+    # QOperator: a QLinearConv graph (the form onnxruntime's optimizer writes)
+    m = small_net()
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = os.path.join(d, "o.onnx")
+        ort.InferenceSession(_qdq_model().SerializeToString(), so, providers=["CPUExecutionProvider"])
+        qop = onnx.load(so.optimized_model_filepath)
+    assert any(n.op_type == "QLinearConv" for n in qop.graph.node)
+    g = gs.import_onnx(qop)
+    with pytest.raises(InputError, match="already quantized"):
+        QuantizePass(guard=False).run(g, Context(calib=samples(2)))
+    # dynamically quantized MatMul
+    nodes = [oh.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             oh.make_node("MatMulInteger", ["xq", "w", "xz"], ["y"])]
+    g2 = oh.make_graph(nodes, "d", [oh.make_tensor_value_info("x", TP.FLOAT, [2, 4])],
+                       [oh.make_tensor_value_info("y", TP.INT32, [2, 3])],
+                       [onnx.numpy_helper.from_array(np.ones((4, 3), np.uint8), "w")])
+    dyn = oh.make_model(g2, opset_imports=[oh.make_opsetid("", 13)])
+    with pytest.raises(InputError, match="already quantized"):
+        QuantizePass(guard=False).run(gs.import_onnx(dyn), Context(calib=[{"x": np.ones((2, 4), np.float32)}]))
+    del m
+
+
+def test_refuses_model_without_float_weights():
+    g = oh.make_graph([oh.make_node("Relu", ["x"], ["y"])], "r", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 4])],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, [1, 4])])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 13)])
+    with pytest.raises(InputError, match="no float"):
+        optimize(m, passes=["quantize"], data=[{"x": np.ones((1, 4), np.float32)}] * 2)
+
+
+def test_cli_refusal_is_one_line_and_nonzero(tmp_path):
+    import subprocess
+    import sys
+    from models.real import write_samples
+    p = tmp_path / "q.onnx"
+    onnx.save(_qdq_model(), p)
+    calib = write_samples(samples(2), tmp_path / "calib")
+    r = subprocess.run([sys.executable, "-m", "onnxshrink", "optimize", str(p), str(tmp_path / "o.onnx"),
+                        "--passes", "quantize", "--calib", str(calib)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert r.returncode == 3
+    err = (r.stderr + r.stdout).strip()
+    assert "already quantized" in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if "already quantized" in ln]) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def _biased_conv_model():
+    """One conv over positive inputs where each output channel has one large weight and many small
+    ones: the large one sets the channel's scale, the small ones round coarsely, and E[x] > 0 turns
+    their rounding errors into a mean shift per channel."""
+    cout, cin = 16, 32
+    r = np.random.default_rng(11)
+    w = r.standard_normal((cout, cin, 3, 3)).astype(np.float32) * 0.01
+    for c in range(cout):
+        w[c, c % cin, 1, 1] = 1.5
+    nodes = [oh.make_node("Relu", ["x"], ["xr"], name="r0"),
+             oh.make_node("Conv", ["xr", "w", "b"], ["y"], pads=[1, 1, 1, 1], name="conv"),
+             oh.make_node("Relu", ["y"], ["out"], name="r1")]
+    g = oh.make_graph(nodes, "bc", [oh.make_tensor_value_info("x", TP.FLOAT, [1, cin, 16, 16])],
+                      [oh.make_tensor_value_info("out", TP.FLOAT, [1, cout, 16, 16])],
+                      [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.zeros(cout, np.float32), "b")])
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 13)])
+
+
+def test_bias_correction_reduces_the_mean_shift():
+    m = _biased_conv_model()
+    r = np.random.default_rng(3)
+    data = [{"x": (r.random((1, 32, 16, 16)) * 2 + 0.5).astype(np.float32)} for _ in range(16)]
+    held = [{"x": (r.random((1, 32, 16, 16)) * 2 + 0.5).astype(np.float32)} for _ in range(8)]
+    errs = {}
+    for bc in (False, True):
+        q, _ = quantize(m, data=data, bias_correction=bc)
+        check(q)
+        ref = np.stack([run_ort(m, h)[0] for h in held])
+        out = np.stack([run_ort(q, h, optimize=True)[0] for h in held])
+        errs[bc] = (float(np.abs((out - ref).mean(axis=(0, 2, 3))).mean()), float(np.mean((out - ref) ** 2)))
+    assert errs[True][0] < 0.5 * errs[False][0]   # per-channel mean shift
+    assert errs[True][1] < errs[False][1]         # and the total error
+
+
+def test_budget_keeps_sensitive_units_float():
+    m = _biased_conv_model()
+    r = np.random.default_rng(4)
+    data = [{"x": (r.random((1, 32, 16, 16)) * 2).astype(np.float32)} for _ in range(12)]
+    out, rep = optimize(m, passes=[{"quantize": {"guard": False, "per_channel": False}}], data=data,
+                        budget="cosine>=0.99999")
+    rec = rep.passes[0]
+    assert rep.budget_met
+    # the single conv cannot hold that budget quantized: it stays float, with the reason
+    assert "sensitive" in rec.stats["nodes"]["conv"] or rec.status in ("not applicable", "rolled back")
+
+
+def test_weaker_keeps_more_units_float():
+    p = QuantizePass()
+    w1 = p.weaker()
+    w2 = w1.weaker()
+    assert (w1.options.keep_float, w2.options.keep_float) == (1, 2)
+
+
+def test_speed_guard_never_returns_a_slower_model():
+    m = small_net(size=32)
+    out, rep = optimize(m, passes=[{"quantize": {"min_speedup": 50.0}}], data=samples(6))
+    rec = rep.passes[0]
+    assert rec.status == "not applicable" and "faster than fp32" in rec.reason
+    check(out)
+
+
+def test_calibrators_all_produce_valid_models():
+    for c in ("minmax", "percentile", "entropy", "mse"):
+        q, rec = quantize(small_net(), calibrator=c)
+        check(q)
+        assert rec.status == "applied"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ppocr_cls", "ppocr_rec", "yolov8n", "ppocr_det"])
+def test_real_models_valid_and_not_slower(name, real_model_path):
+    from models.real import real_samples
+    path = real_model_path(name)
+    s = real_samples(name, 20, seed=0)
+    out, rep = optimize(str(path), passes=["quantize"], data=s[:12], val_data=s[12:])
+    check(out)
+    rec = rep.passes[0]
+    if rec.status == "applied":
+        speed = rec.stats["speed_search"]
+        assert any(x["speedup"] >= 1.0 for x in speed)
+    ops = optimized_ops(out)
+    if rec.status == "applied":
+        assert ops.get("QLinearConv", 0) > 0
+
+
+def _hardswish_net():
+    """conv -> x * clip(x + 3, 0, 6) / 6 (PaddlePaddle's hard-swish) -> conv."""
+    nodes, inits = [], []
+    o = _conv(nodes, inits, "c1", "x", 3, 16, act=None)
+    inits += [onnx.numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+              onnx.numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+              onnx.numpy_helper.from_array(np.array(6.0, np.float32), "six")]
+    nodes += [oh.make_node("Add", [o, "three"], ["a"], name="hs_add"),
+              oh.make_node("Clip", ["a", "zero", "six"], ["c"], name="hs_clip"),
+              oh.make_node("Mul", [o, "c"], ["m"], name="hs_mul"),
+              oh.make_node("Div", ["m", "six"], ["hs"], name="hs_div")]
+    o = _conv(nodes, inits, "c2", "hs", 16, 16)
+    o = _conv(nodes, inits, "c3", o, 16, 8, act=None)
+    g = oh.make_graph(nodes, "hs", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 16, 16])],
+                      [oh.make_tensor_value_info(o, TP.FLOAT, [1, 8, 16, 16])], inits)
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 13)])
+
+
+def test_hardswish_stays_float_unless_div_to_mul():
+    m = _hardswish_net()
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)} for i in range(8)]
+    q, rec = quantize(m, data=data)
+    assert rec.stats["nodes"]["hs_div"].startswith("kept float")
+    ops = optimized_ops(q)
+    assert ops["Div"] == 1 and ops["QLinearConv"] == 2
+    q2, rec2 = quantize(m, data=data, div_to_mul=True)
+    check(q2)
+    ops2 = optimized_ops(q2)
+    assert ops2["Div"] == 0 and ops2["QLinearMul"] == 2 and ops2["QLinearAdd"] == 1 and ops2["QLinearConv"] == 2
+    assert ops2["Clip"] == 0  # folded into the QLinearAdd's output range
+    ref = [run_ort(m, d) for d in data[:3]]
+    assert fidelity(ref, [run_ort(q2, d, optimize=True) for d in data[:3]])["cosine"] > 0.99

@@ -1,0 +1,318 @@
+"""Target profiles, emission (opset, static-shape folding, exact rewrites), coverage, fp16, ORT format."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxshrink import emit as em
+from onnxshrink.errors import UsageError
+from onnxshrink.targets import TARGETS, get_target
+from tests.helpers import assert_outputs_close, check, run_ort
+
+RNG = np.random.default_rng(0)
+
+
+def _model(text: str, inits: dict | None = None, opset: int = 17) -> onnx.ModelProto:
+    m = onnx.parser.parse_model(text.replace("OPSET", str(opset)))
+    for name, v in (inits or {}).items():
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    return m
+
+
+def _ops(m):
+    return [n.op_type for n in m.graph.node]
+
+
+# ------------------------------------------------------------------------------------ profiles
+def test_profiles_exist_and_carry_qdq_scheme():
+    assert set(TARGETS) == {"cpu", "xnnpack", "nnapi", "coreml", "qnn", "openvino"}
+    for p in TARGETS.values():
+        assert p.activation_dtype in ("uint8", "int8", "uint16", "int16")
+        assert p.weight_dtype in ("uint8", "int8")
+        assert p.opset_min <= p.opset_max
+    x = get_target("xnnpack")
+    assert x.per_channel and x.activation_dtype == "int8" and x.weight_dtype == "int8" and x.symmetric_weights
+    q = get_target("qnn")
+    assert q.static_shapes and q.activation_dtype in ("uint8", "uint16") and not q.float_ops_run
+    assert "Shape" not in q.ops and "Range" not in q.ops and "Conv" in q.ops
+    n = get_target("nnapi")
+    assert n.static_shapes and n.activation_dtype == "uint8" and not n.per_channel
+    with pytest.raises(UsageError):
+        get_target("tpu")
+
+
+# ------------------------------------------------------------------------------------ rewrites
+def test_hardswish_decomposed_exactly_for_nnapi():
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,4,5,5] x) => (float[1,4,5,5] y) { h = HardSwish(x)  y = Relu(h) }""")
+    out, done = em.apply_rewrites(m, (), get_target("nnapi"))
+    assert done == {"decompose_hardswish": 1, "decompose_hardsigmoid": 1}
+    assert "HardSwish" not in _ops(out) and "HardSigmoid" not in _ops(out) and "Clip" in _ops(out)
+    check(out)
+    x = (RNG.standard_normal((1, 4, 5, 5)) * 4).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-6)
+
+
+def test_hardswish_fused_back_exactly():
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[2,8] x) => (float[2,8] y) { h = HardSigmoid <alpha = 0.16666667, beta = 0.5> (x)  y = Mul(x, h) }""")
+    out, done = em.apply_rewrites(m, ("fuse_hardswish",))
+    assert done == {"fuse_hardswish": 1} and _ops(out) == ["HardSwish"]
+    check(out)
+    x = (RNG.standard_normal((2, 8)) * 5).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-6)
+
+
+@pytest.mark.parametrize("attrs", ["", "<transB = 1>", "<transA = 1, alpha = 0.5, beta = 2.0>"])
+def test_gemm_to_matmul_add_exact(attrs):
+    ta = "transA" in attrs
+    tb = "transB" in attrs
+    a_shape = "[6,3]" if ta else "[3,6]"
+    w = RNG.standard_normal((5, 6) if tb else (6, 5)).astype(np.float32)
+    c = RNG.standard_normal((5,)).astype(np.float32)
+    m = _model(f"""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float{a_shape} a) => (float[3,5] y) {{ y = Gemm {attrs} (a, w, c) }}""", {"w": w, "c": c})
+    out, done = em.apply_rewrites(m, ("gemm_to_matmul",))
+    assert done == {"gemm_to_matmul": 1} and "Gemm" not in _ops(out) and "MatMul" in _ops(out)
+    check(out)
+    a = RNG.standard_normal((6, 3) if ta else (3, 6)).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"a": a}), run_ort(out, {"a": a}), 1e-5)
+
+
+def test_matmul_add_to_gemm_exact():
+    w = RNG.standard_normal((6, 5)).astype(np.float32)
+    b = RNG.standard_normal((5,)).astype(np.float32)
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[3,6] a) => (float[3,5] y) { t = MatMul(a, w)  y = Add(t, b) }""", {"w": w, "b": b})
+    out, done = em.apply_rewrites(m, ("matmul_add_to_gemm",))
+    assert done == {"matmul_add_to_gemm": 1} and _ops(out) == ["Gemm"]
+    check(out)
+    a = RNG.standard_normal((3, 6)).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"a": a}), run_ort(out, {"a": a}), 1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_convtranspose_to_conv_depthtospace_exact(bias):
+    w = RNG.standard_normal((6, 4, 2, 2)).astype(np.float32)
+    inits = {"w": w}
+    args = "x, w"
+    if bias:
+        inits["b"] = RNG.standard_normal(4).astype(np.float32)
+        args += ", b"
+    m = _model(f"""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,6,5,7] x) => (float[1,4,10,14] y) {{
+            y = ConvTranspose <kernel_shape = [2, 2], strides = [2, 2], pads = [0, 0, 0, 0]> ({args}) }}""", inits)
+    out, done = em.apply_rewrites(m, (), get_target("nnapi"))
+    assert done == {"convtranspose_to_conv_depthtospace": 1} and _ops(out) == ["Conv", "DepthToSpace"]
+    check(out)
+    x = RNG.standard_normal((1, 6, 5, 7)).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-5)
+
+
+def test_empty_resize_inputs_filled_for_the_usability_checker():
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,2,4,4] x) => (float[1,2,8,8] y) { y = Resize <mode = "nearest"> (x, , sc) }""",
+               {"sc": np.array([1, 1, 2, 2], np.float32)})
+    m = onnx.shape_inference.infer_shapes(m)
+    before = em.coverage(m, get_target("nnapi"))["usability_checker"]
+    assert before["unsupported_dynamic_shape"] == 1
+    out, done = em.apply_rewrites(m, get_target("nnapi").rewrites, get_target("nnapi"))
+    assert done == {"fill_empty_resize_inputs": 1}
+    check(out)
+    cov = em.coverage(out, get_target("nnapi"))
+    assert cov["usability_checker"]["unsupported_dynamic_shape"] == 0 and cov["accepted"]
+    x = RNG.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 0)
+
+
+def test_rewrite_never_splits_a_quantized_node():
+    m = _qdq_model("HardSwish")
+    out, done = em.apply_rewrites(m, (), get_target("nnapi"))
+    assert done == {} and "HardSwish" in _ops(out)
+
+
+# ------------------------------------------------------------------------------------ folding
+def _shape_model():
+    """YOLO-head-like shape arithmetic: reshape x to [N, C, H*W] from its own Shape."""
+    return _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[N,4,6,6] x) => (float[N,4,36] y) {
+            s = Shape(x)
+            n = Gather <axis = 0> (s, i0)
+            c = Gather <axis = 0> (s, i1)
+            nu = Unsqueeze(n, ax0)
+            cu = Unsqueeze(c, ax0)
+            shp = Concat <axis = 0> (nu, cu, m1)
+            r = Reshape(x, shp)
+            y = Sigmoid(r)
+        }""", {"i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": np.array([0], np.int64),
+               "m1": np.array([-1], np.int64)})
+
+
+def test_static_shape_folding_removes_shape_arithmetic():
+    from onnxshrink.graph.shapes import fix_input_shapes
+    m = fix_input_shapes(_shape_model(), {"x": [1, 4, 6, 6]})
+    out, info = em.fold_static_shapes(m)
+    assert info["changed"] and sorted(_ops(out)) == ["Reshape", "Sigmoid"]
+    assert info["removed"]["Shape"] == 1
+    check(out)
+    x = RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-7)
+    cov = em.coverage(out, get_target("qnn"))
+    assert "Shape" not in cov["unsupported_ops"]
+
+
+def test_dynamic_model_keeps_shape_ops_and_qnn_coverage_says_why():
+    m = _shape_model()
+    cov = em.coverage(m, get_target("qnn"))
+    assert cov["unsupported_ops"].get("Shape") == 1 and not cov["accepted"]
+    assert any("dynamic" in u["reason"] for u in cov["unsupported"])
+    assert any("no qnn kernel for Shape" in u["reason"] for u in cov["unsupported"])
+
+
+def _qdq_model(op: str = "Conv") -> onnx.ModelProto:
+    """x -> Q -> DQ -> op (-> Q -> DQ) -> y; Conv weights int8 per-channel through a DequantizeLinear."""
+    w = RNG.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    inits = {"w_q": w, "w_s": np.full((4,), 0.01, np.float32), "w_z": np.zeros((4,), np.int8),
+             "x_s": np.array(0.05, np.float32), "x_z": np.array(128, np.uint8),
+             "y_s": np.array(0.05, np.float32), "y_z": np.array(128, np.uint8),
+             "b_q": RNG.integers(-1000, 1000, (4,)).astype(np.int32), "b_s": np.full((4,), 0.0005, np.float32),
+             "b_z": np.zeros((4,), np.int32)}
+    body = ("bd = DequantizeLinear <axis = 0> (b_q, b_s, b_z)\n            t = Conv <pads = [1, 1, 1, 1]> (xd, wd, bd)"
+            if op == "Conv" else f"t = {op}(xd)")
+    return _model(f"""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,3,8,8] x) => (float y) {{
+            xq = QuantizeLinear(x, x_s, x_z)
+            xd = DequantizeLinear(xq, x_s, x_z)
+            wd = DequantizeLinear <axis = 0> (w_q, w_s, w_z)
+            {body}
+            tq = QuantizeLinear(t, y_s, y_z)
+            y = DequantizeLinear(tq, y_s, y_z)
+        }}""", inits)
+
+
+def test_folding_keeps_quantized_weights():
+    m = _qdq_model()
+    out, info = em.fold_static_shapes(m)
+    assert _ops(out).count("DequantizeLinear") == 4
+    assert any(t.data_type == TensorProto.INT8 for t in out.graph.initializer)
+
+
+# ------------------------------------------------------------------------------------ coverage
+def test_qnn_coverage_counts_float_ops_and_accepts_qdq():
+    f = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,3,8,8] x) => (float[1,3,8,8] y) { y = Sigmoid(x) }""")
+    cov = em.coverage(f, get_target("qnn"))
+    assert cov["accepted"] and cov["float_nodes"] == 1 and cov["float_ops"] == {"Sigmoid": 1}
+    q = _qdq_model()
+    cov = em.coverage(q, get_target("qnn"))
+    assert cov["accepted"] and cov["taken"] == cov["nodes"] == 7 and cov["partitions"] == 1
+    assert cov["float_nodes"] == 0
+
+
+def test_xnnpack_coverage_checks_the_qdq_scheme():
+    cov = em.coverage(_qdq_model(), get_target("xnnpack"))
+    # uint8 activations with per-channel int8 weights: XNNPACK does not take u8s8
+    assert cov["heavy_ops"] == {"total": 1, "taken": 0} and not cov["accepted"]
+    m = _qdq_model()
+    for t in m.graph.initializer:  # int8 activations: the qc8 scheme XNNPACK fuses
+        if t.name in ("x_z", "y_z"):
+            t.CopyFrom(numpy_helper.from_array(np.array(0, np.int8), t.name))
+    cov = em.coverage(m, get_target("xnnpack"))
+    assert cov["heavy_ops"] == {"total": 1, "taken": 1} and cov["accepted"]
+    # the QDQ group (DQ x, DQ w, DQ bias, Conv, Q y) runs on XNNPACK; the graph-boundary Q of x and DQ of y do not
+    assert cov["taken"] == 5 and cov["nodes"] == 7
+
+
+def test_nnapi_coverage_uses_onnxruntime_usability_checker():
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,4,5,5] x) => (float[1,4,5,5] y) { h = HardSwish(x)  y = Relu(h) }""")
+    cov = em.coverage(m, get_target("nnapi"))
+    assert cov["usability_checker"]["unsupported_ops"] == ["ai.onnx:HardSwish"]
+    assert cov["unsupported_ops"] == {"HardSwish": 1}
+    out, _ = em.apply_rewrites(m, (), get_target("nnapi"))
+    cov = em.coverage(out, get_target("nnapi"))
+    assert cov["accepted"] and cov["usability_checker"]["suitability"] == "YES" and cov["not_taken"] == 0
+
+
+# ------------------------------------------------------------------------------------ emission
+def test_emit_converts_opset_and_reports():
+    m = _model("""<ir_version: 7, opset_import: ["" : OPSET]>
+        g (float[1,4,5,5] x) => (float[1,4,5,5] y) { h = HardSwish(x)  y = Relu(h) }""", opset=14)
+    out, info = em.emit_for_target(m, get_target("nnapi"), None)
+    assert info["opset"] == 14 and info["coverage"]["accepted"]
+    old = _model("""<ir_version: 7, opset_import: ["" : OPSET]>
+        g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }""", opset=11)
+    out, info = em.emit_for_target(old, get_target("qnn"), None, qnn=False)
+    assert info["emission"]["opset"]["changed"] and info["opset"] == 13
+    check(out)
+
+
+def test_manager_prepares_and_reports_target(tmp_path):
+    from onnxshrink.graph.shapes import fix_input_shapes  # noqa: F401
+    from onnxshrink.manager import PassManager
+    m = _shape_model()
+    samples = [{"x": RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    pm = PassManager([], data=samples, target="nnapi")
+    out, report = pm.run(m)
+    assert "Shape" not in _ops(out)
+    tr = report.target_report
+    assert tr["prepare"]["fold"]["changed"] and tr["coverage"]["accepted"]
+    assert report.fidelity["max_abs"] <= 1e-6
+
+
+# ------------------------------------------------------------------------------------ fp16
+def test_fp16_keeps_io_types_and_blocked_ops():
+    from onnxshrink.passes.base import Context, create_pass
+    import onnx_graphsurgeon as gs
+    w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.2
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,3,8,8] x) => (float[1,8,8,8] y) { c = Conv <pads = [1, 1, 1, 1]> (x, w)  e = Exp(c)  y = Relu(e) }""",
+               {"w": w})
+    p = create_pass("fp16")
+    res = p.run(gs.import_onnx(m), Context(template=m))
+    out = Context(template=m).to_model(res.graph)
+    assert res.modified and "Exp" in res.stats["kept_float32_ops"]
+    assert out.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert out.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert any(t.data_type == TensorProto.FLOAT16 for t in out.graph.initializer)
+    check(out)
+    # Exp runs in float32: its input comes through a Cast to float
+    exp = next(n for n in out.graph.node if n.op_type == "Exp")
+    cast = next(n for n in out.graph.node if exp.input[0] in n.output)
+    assert cast.op_type == "Cast" and next(a.i for a in cast.attribute if a.name == "to") == TensorProto.FLOAT
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    a, b = run_ort(m, {"x": x}), run_ort(out, {"x": x})
+    assert b[0].dtype == np.float32
+    assert np.max(np.abs(a[0] - b[0])) <= 2e-3 * np.max(np.abs(a[0]))
+
+
+# ------------------------------------------------------------------------------------ ORT format
+def test_save_ort_format(tmp_path):
+    import onnxruntime as ort
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }""")
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    o = em.save_ort_format(p)
+    assert o.suffix == ".ort" and o.exists()
+    s = ort.InferenceSession(str(o), providers=["CPUExecutionProvider"])
+    x = np.array([[-1, 2, -3, 4]], np.float32)
+    assert np.array_equal(s.run(None, {"x": x})[0], np.maximum(x, 0))
+
+
+def test_target_plus_ort_writes_ort_format(tmp_path):
+    from onnxshrink.manager import optimize
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }""")
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    samples = [{"x": RNG.standard_normal((1, 4)).astype(np.float32)} for _ in range(2)]
+    _, report = optimize(str(src), tmp_path / "out.onnx", passes=[], data=samples, target="nnapi+ort")
+    ort_path = report.target_report["ort_format"]["path"]
+    from pathlib import Path
+    assert ort_path.endswith(".ort") and Path(ort_path).exists() and Path(ort_path).parent == tmp_path
+    assert report.target_report["ort_format"]["optimization_style"] == "Runtime"
