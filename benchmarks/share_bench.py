@@ -67,6 +67,8 @@ def bench(name: str, path: Path | None = None, workdir: Path | None = None, n_ca
         "mean_bits": rec.stats.get("mean_bits"), "bits_histogram": rec.stats.get("bits_histogram"),
         "evaluations": rec.stats.get("search", {}).get("evaluations"),
         "wall_s": rec.wall_time_s, "layers": layers,
+        "search": [(round(t["lambda"], 1), t["ok"], round(t["fidelity"].get("cosine", 0), 5))
+                   for t in rec.stats.get("search", {}).get("steps", [])],
     }
 
 
@@ -82,6 +84,7 @@ def print_layers(r: dict) -> None:
           f"estimated relative output error, model mse = predicted contribution)")
     print(f"  {'tensor':34} {'shape':18} {'bits':>5} {'codebook':>8} {'weight err':>10} {'output err':>10} "
           f"{'model mse':>10}")
+    print("  search steps (lambda, keeps the budget with margin, validation cosine):", r["search"])
     for lay in r["layers"]:
         print(f"  {lay['name'][:34]:34} {str(tuple(lay['shape'])):18} {str(lay['bits']):>5} {lay['codebook']:>8} "
               f"{lay['weight_err']:10.2e} {lay['output_err_est']:10.2e} {lay['model_mse_pred']:10.2e}")

@@ -3,7 +3,10 @@ YOLOv8n (a plain CNN), on real inputs (rendered text lines / scikit-image photos
 
 Per model, three runs through the PassManager (every 4th sample held out for validation):
   budget   ``cleanup,svd`` with rule=fit (whitened, sensitivity-weighted), budget cosine>=0.99:
-           params, MACs, fidelity and single-thread latency before/after.
+           params, MACs, fidelity and single-thread latency before/after, and the cosine on 16
+           fresh inputs (seed 1: new text lines / new photo crops) that neither calibration nor
+           validation saw ("test cos").
+  (--plain-fit) the same budget run with plain SVD (whiten=false), for params at equal fidelity.
   whitened ``svd`` rule=params ratio=R, whitened, no budget.
   plain    ``svd`` with whiten=false and exactly the whitened run's per-layer forms and ranks
            (option ``ranks``), so both have the same parameter count; fidelity of each.
@@ -54,17 +57,46 @@ def _run(model, passes, data, budget=None, latency=False):
     return out, rep, rec, time.perf_counter() - t
 
 
-def bench(name: str, n: int, ratio: float, samples: int, positions: int) -> dict:
+def _fidelity_on(reference_model, model, samples, yolo=False) -> dict:
+    from onnxshrink.metrics import fidelity
+    from onnxshrink.runtime import make_session
+
+    ref = make_session(reference_model, optimize=False)
+    got = make_session(model, optimize=True)
+    r = [ref.run(None, s) for s in samples]
+    o = [got.run(None, s) for s in samples]
+    fid = fidelity(r, o)
+    if yolo and r and r[0][0].ndim == 3:
+        # YOLOv8 (1, 4 box + classes rows, anchors): box coordinates in pixels dominate the plain
+        # cosine, so the class-score rows are scored on their own too
+        fid["class_cosine"] = fidelity([[x[0][:, 4:]] for x in r], [[x[0][:, 4:]] for x in o])["cosine"]
+    return fid
+
+
+def bench(name: str, n: int, ratio: float, samples: int, positions: int, n_test: int = 16,
+          plain_fit: bool = False) -> dict:
     model, pre, how = _load(name)
     data = real_samples(name, n)
     common = {"samples": samples, "max_positions": positions}
     res = {"model": name, "cleanup": how}
 
-    _, rep, rec, dt = _run(model, pre + [{"svd": dict(common, rule="fit")}], data, "cosine>=0.99", latency=True)
+    out, rep, rec, dt = _run(model, pre + [{"svd": dict(common, rule="fit")}], data, "cosine>=0.99", latency=True)
+    # fresh inputs neither calibration nor validation saw: new text lines (seed 1), or new random
+    # crops of the photos (real_samples returns the whole photos first, then seeded crops)
+    test = real_samples(name, max(n, 32) + n_test, seed=1)[-n_test:]
     res["budget"] = {"status": rec.status, "reason": rec.reason, "params": [rep.before["params"], rep.after["params"]],
                      "macs": [rep.before["macs"], rep.after["macs"]], "fidelity": rep.fidelity,
+                     "test_fidelity": _fidelity_on(model, out, test, name.startswith('yolo')) if out is not None else {},
                      "latency_ms": rep.latency_ms, "factorized": rec.stats.get("factorized"),
                      "candidates": rec.stats.get("candidates"), "seconds": dt}
+
+    if plain_fit:  # the same budget with plain SVD: how much it can cut at equal fidelity
+        out_p, rep_pf, rec_pf, dt_pf = _run(model, pre + [{"svd": dict(common, rule="fit", whiten=False)}], data,
+                                            "cosine>=0.99")
+        res["plain_fit"] = {"status": rec_pf.status, "params": [rep_pf.before["params"], rep_pf.after["params"]],
+                            "macs": [rep_pf.before["macs"], rep_pf.after["macs"]], "fidelity": rep_pf.fidelity,
+                            "test_fidelity": _fidelity_on(model, out_p, test, name.startswith('yolo')) if out_p is not None else {},
+                            "seconds": dt_pf}
 
     _, rep_w, rec_w, dt_w = _run(model, pre + [{"svd": dict(common, rule="params", ratio=ratio)}], data)
     ranks = [f"{L['layer']}={L['form']}:{L['rank']}" for L in rec_w.stats.get("layers", []) if L.get("rank")]
@@ -87,23 +119,36 @@ def _pct(a, b):
     return f"{100.0 * (b - a) / a:+.1f}%" if a and b is not None else "?"
 
 
+def _arrow(pair, div, unit):
+    a, b = pair
+    if div == 1:
+        return f"{a:,}->{b:,} ({_pct(a, b)})"
+    return f"{a / div:.1f}{unit}->{b / div:.1f}{unit} ({_pct(a, b)})"
+
+
 def table(results: list[dict]) -> str:
-    lines = [f"{'model':10} {'run':22} {'params':>21} {'MACs':>25} {'cosine':>8} {'sqnr dB':>8} {'layer err':>9} "
-             f"{'latency ms':>13}"]
+    lines = [f"{'model':10} {'run':22} {'params':>24} {'MACs':>26} {'cosine':>8} {'sqnr dB':>8} {'layer err':>9} "
+             f"{'latency ms':>13} {'test cos':>8} {'test cls cos':>12}"]
     for r in results:
         b = r["budget"]
         lat = b.get("latency_ms") or {}
         lines.append(f"{r['model']:10} {'budget cos>=0.99 (fit)':22} "
-                     f"{b['params'][0]:>9,}->{b['params'][1]:<9,}{_pct(*b['params']):>0} "
-                     f"{b['macs'][0] / 1e6:>8.1f}M->{b['macs'][1] / 1e6:<7.1f}M{_pct(*b['macs']):>0} "
+                     f"{_arrow(b['params'], 1, ''):>24} {_arrow(b['macs'], 1e6, 'M'):>26} "
                      f"{b['fidelity'].get('cosine', float('nan')):8.5f} {b['fidelity'].get('sqnr', float('nan')):8.2f} "
-                     f"{'':>9} {lat.get('before', float('nan')):6.2f}->{lat.get('after', float('nan')):<6.2f}")
+                     f"{'':>9} {lat.get('before', float('nan')):6.2f}->{lat.get('after', float('nan')):<6.2f} "
+                     f"{b['test_fidelity'].get('cosine', float('nan')):8.5f} "
+                     f"{b['test_fidelity'].get('class_cosine', float('nan')):12.5f}")
+        if "plain_fit" in r:
+            p = r["plain_fit"]
+            lines.append(f"{'':10} {'plain, same budget':22} {_arrow(p['params'], 1, ''):>24} {_arrow(p['macs'], 1e6, 'M'):>26} "
+                         f"{p['fidelity'].get('cosine', float('nan')):8.5f} {p['fidelity'].get('sqnr', float('nan')):8.2f} "
+                         f"{'':>9} {'':>13} {p['test_fidelity'].get('cosine', float('nan')):8.5f} "
+                         f"{p['test_fidelity'].get('class_cosine', float('nan')):12.5f}")
         for key in ("whitened", "plain"):
             w = r[key]
             err = w["mean_measured_layer_error"]
             lines.append(f"{'':10} {key + ' ratio=%g' % r['ratio']:22} "
-                         f"{w['params'][0]:>9,}->{w['params'][1]:<9,}{_pct(*w['params']):>0} "
-                         f"{w['macs'][0] / 1e6:>8.1f}M->{w['macs'][1] / 1e6:<7.1f}M{_pct(*w['macs']):>0} "
+                         f"{_arrow(w['params'], 1, ''):>24} {_arrow(w['macs'], 1e6, 'M'):>26} "
                          f"{w['fidelity'].get('cosine', float('nan')):8.5f} {w['fidelity'].get('sqnr', float('nan')):8.2f} "
                          f"{(err if err is not None else float('nan')):9.4f}")
         lines.append(f"{'':10} cleanup: {r['cleanup']}; budget run: {b['status']} "
@@ -118,9 +163,11 @@ def main(argv=None):
     ap.add_argument("--ratio", type=float, default=0.5, help="params kept in the equal-parameter comparison")
     ap.add_argument("--samples", type=int, default=16, help="calibration samples used for whitening")
     ap.add_argument("--positions", type=int, default=1024, help="conv patches sampled per calibration sample")
+    ap.add_argument("--test", type=int, default=16, help="fresh samples (seed 1) for the test cosine")
+    ap.add_argument("--plain-fit", action="store_true", help="also run the budget with plain SVD")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
-    results = [bench(m, a.n, a.ratio, a.samples, a.positions) for m in a.models.split(",") if m]
+    results = [bench(m, a.n, a.ratio, a.samples, a.positions, a.test, a.plain_fit) for m in a.models.split(",") if m]
     print(table(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1, default=str))

@@ -37,6 +37,7 @@ __all__ = ["prepare_for_target", "emit_for_target", "fold_static_shapes", "conve
            "coverage", "qnn_htp_check", "qnn_available", "save_ort_format", "REWRITES"]
 
 import collections
+import functools
 import importlib.util
 import json
 import os
@@ -371,7 +372,7 @@ _DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matm
                    "convtranspose_to_conv_depthtospace")
 
 
-def _target_has(profile, op: str, model: onnx.ModelProto | None = None) -> bool:
+def _target_has(profile, op: str) -> bool:
     s = profile.supports_op(op) if profile is not None else True
     if s is None:  # decided by onnxruntime's usability checker list
         return _checker_ops(profile).get(op, False)
@@ -509,8 +510,13 @@ _CHECKER_FILES = {"nnapi": "nnapi_supported_ops.md", "coreml": "coreml_supported
 
 def _checker_ops(profile) -> dict:
     """op -> True for the ops in onnxruntime's mobile usability checker list of this EP."""
+    return _checker_ops_for(profile.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _checker_ops_for(name: str) -> dict:
     from onnxruntime.tools.mobile_helpers import usability_checker as uc
-    path = Path(uc.__file__).parent / _CHECKER_FILES[profile.name]
+    path = Path(uc.__file__).parent / _CHECKER_FILES[name]
     ops = uc._SupportedOpsChecker(str(path))._ops
     return {k.split(":", 1)[1]: True for k in ops if k.startswith("ai.onnx:")}
 
@@ -864,6 +870,33 @@ def _parse_placements(log: str) -> dict:
     return out
 
 
+def _parse_qnn_validation(log: str, limit: int = 50) -> list[dict]:
+    """The QNN EP's own per-node-unit verdicts from its verbose log: 'Validation FAILED for N nodes
+    in OrtNodeUnit (Op)' followed by the nodes and a 'REASON :' line."""
+    out, cur = [], None
+    for line in log.splitlines():
+        if "Validation FAILED for" in line:
+            m = re.search(r"OrtNodeUnit \((\w+)\)", line)
+            cur = {"unit": m.group(1) if m else "?", "nodes": [], "reason": ""}
+            out.append(cur)
+        elif cur is not None and line.startswith("\tOperator type:"):
+            m = re.search(r"Operator type: (\S+) Node name: (.*?) Node index", line)
+            if m:
+                cur["nodes"].append(f"{m.group(1)} ({m.group(2)})")
+        elif cur is not None and "REASON" in line:
+            cur["reason"] = line.split(":", 1)[1].strip()[:300]
+            cur = None
+        elif cur is not None and not line.strip():
+            cur = None
+    seen, uniq = set(), []
+    for v in out:  # onnxruntime asks the EP twice (before and after layout transform)
+        key = (v["unit"], tuple(v["nodes"]), v["reason"])
+        if key not in seen:
+            seen.add(key)
+            uniq.append(v)
+    return uniq[:limit]
+
+
 def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: bool = False,
                   timeout: int = 1800) -> dict:
     """Build a QNN HTP session with CPU fallback disabled (``session.disable_cpu_ep_fallback=1``)
@@ -912,6 +945,7 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
         if cpu:
             res["nodes_on_cpu"] = cpu["count"]
             res["cpu_nodes"] = cpu["nodes"][:100]
+        res["ep_validation_failed"] = _parse_qnn_validation(log)
         res["errors_in_log"] = [ln.split("]", 1)[-1].strip()[:300] for ln in log.splitlines()
                                 if "[E:" in ln][:10]
         if Path(op).exists() and reference is not None:

@@ -352,4 +352,9 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
         report.output = str(output)
         report.file_bytes = {"before": Path(input_path).stat().st_size if input_path else None,
                              "after": Path(output).stat().st_size}
+        if pm.target is not None and getattr(pm.target, "ort_format", False):  # --target NAME+ort
+            from .emit import save_ort_format
+            style = "Runtime" if pm.target.name in ("nnapi", "coreml") else "Fixed"
+            report.target_report["ort_format"] = {"path": str(save_ort_format(output, optimization_style=style)),
+                                                  "optimization_style": style}
     return result, report

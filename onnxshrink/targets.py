@@ -90,6 +90,7 @@ class TargetProfile:
     rewrites: tuple = ()
     float_ops_run: bool = True
     fallback_ok: bool = True            # nodes the EP does not take run on the CPU EP by design
+    ort_format: bool = False            # also write the ORT format (.ort) next to the output
 
     def supports_op(self, op_type: str, domain: str = "") -> bool | None:
         """True/False when this profile's op list decides it; None when the usability checker does."""
@@ -140,6 +141,9 @@ TARGETS: dict[str, TargetProfile] = {
 def get_target(name: "str | TargetProfile | None") -> TargetProfile | None:
     if name is None or isinstance(name, TargetProfile):
         return name
+    if name.endswith("+ort"):  # e.g. "nnapi+ort": the profile, and the .ort file written beside the output
+        import dataclasses
+        return dataclasses.replace(get_target(name[:-4]), ort_format=True)
     if name not in TARGETS:
         raise UsageError(f"unknown target '{name}'; known targets: {', '.join(TARGETS)}")
     return TARGETS[name]

@@ -12,7 +12,7 @@ from onnxshrink.passes.calibrate import (CALIBRATORS, TensorHistogram, collect_h
 
 
 def _hist(chunks, bins=2048):
-    h = TensorHistogram(bins)
+    h = TensorHistogram(bins, max_elements=0)  # exact counts
     for c in chunks:
         h.update(c)
     return h
@@ -113,3 +113,14 @@ def test_memory_is_flat_in_the_number_of_samples():
     assert h1000["a"].count == 1000 * 2000
     assert [h.state_nbytes() for h in h10.values()] == [h.state_nbytes() for h in h1000.values()]
     assert peak1000 < 1.5 * peak10 + 64 * 1024
+
+
+def test_large_tensors_are_subsampled_but_min_max_stay_exact():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(1 << 20).astype(np.float32)
+    h = TensorHistogram(512, max_elements=1 << 16)
+    h.update(x)
+    assert h.min == x.min() and h.max == x.max()
+    assert h.count == 1 << 16
+    lo, hi = percentile_range(h, percentile=99.0)
+    assert abs(hi - np.percentile(x, 99.0)) < 0.05

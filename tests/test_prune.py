@@ -442,3 +442,13 @@ def test_costs_in_stats():
     st = r.stats
     assert st["params_after"] < st["params_before"] and st["macs_after"] < st["macs_before"]
     assert st["latency_ms_before"] > 0 and st["latency_ms_after"] > 0
+
+
+def test_target_macs_picks_groups_by_sensitivity():
+    m = _cnn()
+    out, r = run_pass(m, calib=_smooth_inputs(6, 0), mode="importance", ratio=0.25, refit=False, multiple_of=1,
+                      target_macs=0.85)
+    check(out)
+    info = r.stats["target_macs"]
+    assert info["estimated_fraction"] <= 0.85 and info["groups_pruned"] >= 1
+    assert r.stats["macs_after"] <= 0.9 * r.stats["macs_before"]

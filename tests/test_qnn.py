@@ -93,6 +93,9 @@ def test_dynamic_shape_model_is_rejected_with_cpu_fallback_disabled():
     res = em.qnn_htp_check(f, val, _ref(f, val))
     assert res["available"] and not res["accepted"], res
     assert res.get("error")
+    # the EP's own reasons, per node unit: a dynamic dimension leaves it without a shape
+    units = {v["unit"]: v["reason"] for v in res["ep_validation_failed"]}
+    assert {"Conv", "GlobalAveragePool"} <= set(units) and units["Conv"] == "Cannot get shape"
 
 
 def test_emit_for_qnn_reports_real_check():

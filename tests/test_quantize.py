@@ -311,3 +311,37 @@ def test_real_models_valid_and_not_slower(name, real_model_path):
     ops = optimized_ops(out)
     if rec.status == "applied":
         assert ops.get("QLinearConv", 0) > 0
+
+
+def _hardswish_net():
+    """conv -> x * clip(x + 3, 0, 6) / 6 (PaddlePaddle's hard-swish) -> conv."""
+    nodes, inits = [], []
+    o = _conv(nodes, inits, "c1", "x", 3, 16, act=None)
+    inits += [onnx.numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+              onnx.numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+              onnx.numpy_helper.from_array(np.array(6.0, np.float32), "six")]
+    nodes += [oh.make_node("Add", [o, "three"], ["a"], name="hs_add"),
+              oh.make_node("Clip", ["a", "zero", "six"], ["c"], name="hs_clip"),
+              oh.make_node("Mul", [o, "c"], ["m"], name="hs_mul"),
+              oh.make_node("Div", ["m", "six"], ["hs"], name="hs_div")]
+    o = _conv(nodes, inits, "c2", "hs", 16, 16)
+    o = _conv(nodes, inits, "c3", o, 16, 8, act=None)
+    g = oh.make_graph(nodes, "hs", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 16, 16])],
+                      [oh.make_tensor_value_info(o, TP.FLOAT, [1, 8, 16, 16])], inits)
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 13)])
+
+
+def test_hardswish_stays_float_unless_div_to_mul():
+    m = _hardswish_net()
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)} for i in range(8)]
+    q, rec = quantize(m, data=data)
+    assert rec.stats["nodes"]["hs_div"].startswith("kept float")
+    ops = optimized_ops(q)
+    assert ops["Div"] == 1 and ops["QLinearConv"] == 2
+    q2, rec2 = quantize(m, data=data, div_to_mul=True)
+    check(q2)
+    ops2 = optimized_ops(q2)
+    assert ops2["Div"] == 0 and ops2["QLinearMul"] == 2 and ops2["QLinearAdd"] == 1 and ops2["QLinearConv"] == 2
+    assert ops2["Clip"] == 0  # folded into the QLinearAdd's output range
+    ref = [run_ort(m, d) for d in data[:3]]
+    assert fidelity(ref, [run_ort(q2, d, optimize=True) for d in data[:3]])["cosine"] > 0.99

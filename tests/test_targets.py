@@ -302,3 +302,17 @@ def test_save_ort_format(tmp_path):
     s = ort.InferenceSession(str(o), providers=["CPUExecutionProvider"])
     x = np.array([[-1, 2, -3, 4]], np.float32)
     assert np.array_equal(s.run(None, {"x": x})[0], np.maximum(x, 0))
+
+
+def test_target_plus_ort_writes_ort_format(tmp_path):
+    from onnxshrink.manager import optimize
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }""")
+    src = tmp_path / "in.onnx"
+    onnx.save(m, src)
+    samples = [{"x": RNG.standard_normal((1, 4)).astype(np.float32)} for _ in range(2)]
+    _, report = optimize(str(src), tmp_path / "out.onnx", passes=[], data=samples, target="nnapi+ort")
+    ort_path = report.target_report["ort_format"]["path"]
+    from pathlib import Path
+    assert ort_path.endswith(".ort") and Path(ort_path).exists() and Path(ort_path).parent == tmp_path
+    assert report.target_report["ort_format"]["optimization_style"] == "Runtime"

@@ -385,7 +385,13 @@ class ChannelAnalysis:
                 for l in lays:
                     self.block_layout(l, f"no channel rule for {n.op} ('{n.name}')")
                 continue
-            handler(self, n, lays)
+            try:
+                handler(self, n, lays)
+            except Exception as e:  # a rule that cannot read this node: block, never guess
+                for l in lays:
+                    self.block_layout(l, f"{n.op} '{n.name}' could not be analysed ({type(e).__name__}: {e})"[:200])
+                for o in n.outputs:
+                    self.block_layout(self.layouts.pop(o.name, None), f"{n.op} '{n.name}' could not be analysed")
         for o in g.outputs:
             self.block_layout(self.layouts.get(o.name), f"reaches graph output '{o.name}'")
         for name in subgraph_refs:
@@ -809,7 +815,7 @@ def _elementwise(a: ChannelAnalysis, n: gs.Node, lays):
         s = a.shape(t)
         off = ro - (r if r is not None else ro)
         ain = [x - off for x in axes]
-        dims = None if s is None else [s[x] if x >= 0 else 1 for x in ain]
+        dims = None if s is None or any(x >= len(s) for x in ain) else [s[x] if x >= 0 else 1 for x in ain]
         if v is not None:
             if all(x < 0 or v.shape[x] == 1 for x in ain):
                 per_input.append(_per_channel_const(v, [], cshape))

@@ -5,7 +5,8 @@ Each tensor gets a ``TensorHistogram``: its running min/max and ``bins`` counts 
 the grid shifts by whole bins when the data still spans fewer than ``bins`` bins, else the width
 grows by a power of two ``2^k`` and the interval is re-anchored at a multiple of the new
 width, so old bin ``i`` maps *exactly* to new bin ``(offset + i) // 2^k`` (no interpolation).
-Memory is ``bins`` integers per tensor, whatever the number of samples.
+Memory is ``bins`` integers per tensor, whatever the number of samples. Min and max are exact;
+the counts of a tensor larger than ``max_elements`` (256k) come from an evenly strided subset of it.
 
 Range estimators turn a histogram into a clipping range ``[a, b]`` (always containing 0, as an
 affine integer grid must) for an ``L``-level quantizer (``L = 256`` for 8 bits):
@@ -37,10 +38,11 @@ DEFAULT_BINS = 2048
 class TensorHistogram:
     """Running min/max and a fixed-size histogram of one tensor, re-binned exactly as its range grows."""
 
-    __slots__ = ("bins", "counts", "lo", "width", "min", "max", "count")
+    __slots__ = ("bins", "counts", "lo", "width", "min", "max", "count", "max_elements")
 
-    def __init__(self, bins: int = DEFAULT_BINS):
+    def __init__(self, bins: int = DEFAULT_BINS, max_elements: int = 1 << 18):
         self.bins = int(bins)
+        self.max_elements = int(max_elements)
         self.counts = np.zeros(self.bins, dtype=np.int64)
         self.lo = 0.0
         self.width = 0.0
@@ -69,6 +71,9 @@ class TensorHistogram:
             self.lo = math.floor(mn / w) * w
         self._grow(mn, mx)
         self.min, self.max = min(self.min, mn), max(self.max, mx)
+        if self.max_elements and x.size > self.max_elements:
+            # min/max stay exact; the counts come from an evenly strided subset of a large tensor
+            x = x[:: -(-x.size // self.max_elements)]
         idx = ((x - self.lo) * (1.0 / self.width)).astype(np.int64)
         np.clip(idx, 0, self.bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.bins)
@@ -121,7 +126,7 @@ class TensorHistogram:
 
 
 def collect_histograms(captures: Iterable[dict], names: Sequence[str] | None = None,
-                       bins: int = DEFAULT_BINS) -> dict[str, TensorHistogram]:
+                       bins: int = DEFAULT_BINS, max_elements: int = 1 << 18) -> dict[str, TensorHistogram]:
     """One pass over ``captures`` (an iterator of {tensor name: array}, one sample at a time, such
     as ``onnxshrink.runtime.capture_activations``) updating one histogram per float tensor."""
     hists: dict[str, TensorHistogram] = {}
@@ -134,7 +139,7 @@ def collect_histograms(captures: Iterable[dict], names: Sequence[str] | None = N
                 continue
             h = hists.get(name)
             if h is None:
-                h = hists[name] = TensorHistogram(bins)
+                h = hists[name] = TensorHistogram(bins, max_elements)
             h.update(v)
     return hists
 

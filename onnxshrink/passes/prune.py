@@ -25,7 +25,12 @@ Then each consumer whose input lost channels is refit by ridge least squares (Th
     A = sum X~^T X~, B = sum X~^T Y  (accumulated streaming over samples; conv inputs are
     im2col patches at randomly sampled output positions),
 and a refit is kept only when its reconstruction error on the accumulated statistics is lower.
-Consumers are refit in topological stages, each stage seeing the already refit earlier layers.
+Consumers are refit level by level: a layer is fit after every refit layer upstream of it.
+
+``target_macs`` (importance mode) picks per-group ratios by measured sensitivity: each group's
+candidate removal (``ratio`` and 2 x ``ratio``) is simulated by zeroing its filters in a copy;
+candidates are ranked by output error (1 - cosine) per MAC saved and taken until
+    MACs = sum_layers MACs_l * (1 - removed_in_l) * (1 - removed_out_l) <= target_macs * MACs_0.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ class PruneOptions:
         "help": "channel importance: filter L1/L2 norm, BN scale, or activation energy x weight norm on calibration data"})
     scope: Literal["layer", "global"] = field(default="layer", metadata={
         "help": "layer: remove `ratio` of every group; global: lowest `ratio` of all channels by normalised score"})
+    target_macs: float = field(default=0.0, metadata={
+        "help": "importance mode: instead of pruning every group, prune (at `ratio`, then 2x `ratio`) the groups with the "
+                "lowest measured output error per MAC saved until MACs <= this fraction of the input's (0: off)"})
     multiple_of: int = field(default=8, metadata={"help": "round kept channel counts up to a multiple of this (SIMD-friendly)"})
     min_keep: float = field(default=0.1, metadata={"help": "global scope: keep at least this fraction of each group"})
     compensate: bool = field(default=True, metadata={"help": "fold removed channels' calibration mean into the consumer bias"})
@@ -112,6 +120,9 @@ class PrunePass(Pass):
             chan_stats = _sink_statistics(a, ctx, before, samples) if samples else {}
             scores = unit_scores(a, o.importance, chan_stats)
             chosen = _choose(a, groups, scores, set(free), blocked, o)
+            if o.target_macs > 0 and samples:
+                chosen, stats["target_macs"] = _choose_for_macs(a, groups, scores, set(free), blocked, o, before,
+                                                                samples, input_shapes)
             removed |= chosen
             if o.compensate and chan_stats:
                 for k, s in enumerate(a.sinks):
@@ -498,6 +509,91 @@ def _choose(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, 
     return chosen
 
 
+def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, o: PruneOptions,
+                     model: onnx.ModelProto, samples: list, input_shapes) -> tuple[set, dict]:
+    """Per-group ratios by measured sensitivity: each prunable group's candidate removal (its
+    lowest-importance units at ``ratio`` and at 2 x ``ratio``) is simulated by zeroing the units'
+    filters in a copy of the model; its output error (1 - cosine on a few calibration samples)
+    per MAC saved ranks the candidates, and the cheapest are taken (one level per group) until
+    the estimated MACs reach ``target_macs`` of the input's."""
+    from ..graph.cost import model_cost
+    from ..metrics import fidelity
+    from ..runtime import make_session
+    shapes = input_shapes or {k: list(v.shape) for k, v in samples[0].items()}
+    per_node = model_cost(model, shapes)["per_node"]
+    total = float(sum(per_node.values())) or 1.0
+    evals = samples[: min(4, len(samples))]
+    names = [x.name for x in make_session(model, optimize=True).get_outputs()]
+    ref = [make_session(model, optimize=True).run(names, s) for s in evals]
+    inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    cands = []
+    for g in groups:
+        if not g.prunable or g.units < 2:
+            continue
+        us = [u for u in g.unit_labels if u not in blocked]
+        order = sorted(us, key=lambda u: (-np.inf if u in free else scores.get(u, 0.0)))
+        for level, r in enumerate((o.ratio, min(0.9, 2 * o.ratio))):
+            keep = _round_keep(len(us) - int(np.floor(r * len(us))), len(us), o.multiple_of)
+            drop = set(order[:len(us) - keep])
+            if not drop:
+                continue
+            rem = np.fromiter(drop, dtype=np.int64)
+            saved = 0.0
+            fracs: dict = {}
+            m = onnx.ModelProto()
+            m.CopyFrom(model)
+            for mem in a.members:
+                hit = np.isin(a.unit_of(mem.ids), rem)
+                if not hit.any():
+                    continue
+                if mem.slot == 1 and (mem.role in ("in", "out") or mem.tag == "dw_w"):  # weights, not biases
+                    key = (mem.node.name, "in" if mem.role == "in" else "out")
+                    fracs[key] = fracs.get(key, 0.0) + float(hit.mean())
+                    saved += per_node.get(mem.node.name, 0) * float(hit.mean())
+                tname = mem.node.inputs[mem.slot].name
+                if mem.role == "out" and tname in inits:
+                    t = m.graph.initializer[inits[tname]]
+                    v = onnx.numpy_helper.to_array(t).copy()
+                    idx = [slice(None)] * v.ndim
+                    idx[mem.axis] = hit
+                    v[tuple(idx)] = 0
+                    t.CopyFrom(onnx.numpy_helper.from_array(v, tname))
+            if saved <= 0:
+                continue
+            sess = make_session(m, optimize=True)
+            fid = fidelity(ref, [sess.run(names, s) for s in evals])
+            err = max(0.0, 1.0 - fid.get("cosine", 0.0))
+            cands.append((err / saved, g.id, level, drop, fracs, err))
+    cands.sort(key=lambda c: c[0])
+
+    def macs_of(removed: dict) -> float:
+        # a layer's MACs scale with the kept fractions of its input and output channels
+        tot = 0.0
+        for node, base in per_node.items():
+            tot += base * max(0.0, 1 - removed.get((node, "in"), 0.0)) * max(0.0, 1 - removed.get((node, "out"), 0.0))
+        return tot
+
+    chosen, used, removed = set(free), {}, {}
+    macs = macs_of(removed)
+    for score, gid, level, drop, fracs, err in cands:
+        if macs <= o.target_macs * total:
+            break
+        if gid in used:
+            if used[gid][0] >= level:
+                continue
+            for k, v in used[gid][1].items():  # replace the lighter level of this group
+                removed[k] -= v
+            chosen -= used[gid][2]
+        for k, v in fracs.items():
+            removed[k] = removed.get(k, 0.0) + v
+        chosen |= drop
+        used[gid] = (level, fracs, drop)
+        macs = macs_of(removed)
+    info = {"target": o.target_macs, "estimated_fraction": round(macs / total, 4),
+            "groups_pruned": len(used), "candidates": len(cands)}
+    return chosen, info
+
+
 def _round_keep(keep: int, n: int, m: int) -> int:
     keep = max(1, keep)
     if m > 1 and n >= m:
@@ -556,6 +652,7 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = {n.name: n for n in graph.nodes}
     todo = []
+    skipped = 0
     for name, keep in info["in_keep"].items():
         n = nodes.get(name)
         if n is None or keep.all():
@@ -567,10 +664,11 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
         dim = int(np.prod(w.shape[1:])) if kind == "conv" else w.shape[0] if kind != "gemm" else (
             w.shape[1] if int(n.attrs.get("transB", 0)) else w.shape[0])
         if dim > o.refit_max_dim:
+            skipped += 1
             continue
         todo.append(n)
     todo.sort(key=lambda n: order[n.name])
-    res = {"refit": 0, "kept_old": 0, "skipped_dim": 0, "layers": []}
+    res = {"refit": 0, "kept_old": 0, "skipped_dim": skipped, "layers": []}
     if not todo:
         return res
     # stages by dependency level: no layer is refit together with one upstream of it, so each

@@ -64,6 +64,7 @@ BINARY_CONST_OK = {"Add", "Mul"}
 PASSTHROUGH_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice",
                    "Gather", "Split", "Expand", "Tile"}
 FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
+SHAPE_OPS = {"Constant", "Shape", "Cast", "Range", "ConstantOfShape", "Size", "Identity", "NonZero"}
 
 
 def _has_vnni() -> bool:
@@ -385,6 +386,8 @@ class _Quantizer:
             if op in WEIGHTED_OPS or op in ELEMENTWISE_OPS or op in PASSTHROUGH_OPS or op in ("ConvTranspose",):
                 pass
             else:
+                if node.name not in reasons and op not in SHAPE_OPS:
+                    reasons[node.name] = f"kept float: no integer {op} kernel on the CPU EP"
                 continue
             name = node.name
             if name in excluded:
@@ -674,6 +677,16 @@ class _Quantizer:
 
     # -------------------------------------------------------------- the run
     def run(self, graph: gs.Graph) -> PassResult:
+        import time
+        t0 = time.perf_counter()
+        timings = self.stats["timings_s"] = {}
+
+        def lap(name):
+            nonlocal t0
+            t = time.perf_counter()
+            timings[name] = round(t - t0, 2)
+            t0 = t
+
         refuse_quantized(graph)
         self._scheme()
         self.stats["prepared"] = prepare_float_graph(graph, self.o.div_to_mul)
@@ -685,6 +698,7 @@ class _Quantizer:
         prepare_float_graph(graph)
         self.model_f = self.ctx.to_model(graph)
         self.graph_f = graph = gs.import_onnx(self.model_f)
+        lap("prepare_and_opset")
 
         excluded = set(self.o.exclude)
         units, reasons = self.plan(graph, excluded)
@@ -697,6 +711,7 @@ class _Quantizer:
         levels = self.qmax - self.qmin + 1
         self.ranges = {t: estimate_range(h, self.o.calibrator, levels=levels, **kw) for t, h in self.hists.items()}
         self.n_units = sum(1 for u in units.values() if u.kind == "weighted")
+        lap("calibrate")
 
         # per-unit analysis on a shadow model: each unit quantized alone, on float inputs
         analysis = None
@@ -706,6 +721,7 @@ class _Quantizer:
             self.sens = {k: a["nsr"] for k, a in analysis.items()}
             self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
                                          sorted(self.sens.items(), key=lambda kv: -kv[1])[:20]}
+        lap("analyse")
         self.shift = ({k: a["shift"] for k, a in analysis.items()} if self.o.bias_correction and analysis else None)
         order = [k for k, _ in sorted(self.sens.items(), key=lambda kv: -kv[1])] if analysis else []
         if self.o.keep_float and order:
@@ -714,6 +730,7 @@ class _Quantizer:
         qg = self._build(units)
         if self.o.guard or self.ctx.budget is not None:
             qg, units, reasons, excluded = self._guard(qg, units, reasons, excluded, order)
+            lap("guard")
             if qg is None:
                 self.stats["nodes"] = reasons
                 return PassResult(graph, False, {"reason": self.stats.get("guard_reason", "no faster placement"),

@@ -66,7 +66,7 @@ from onnx import numpy_helper
 
 from .base import Context, Pass, PassResult, register
 
-BIT_CHOICES = (2, 3, 4, 6, 8)
+BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
 _FLOATS = (np.float32, np.float16, np.float64)
 _FRACTION_METRICS = {"cosine", "cosine_min", "top1", "accuracy", "top5"}
 _NODE_OVERHEAD = 120  # bytes of graph protobuf per unpack node, for the size model
@@ -352,6 +352,8 @@ class SharePass(Pass):
         allow_float: bool = field(default=True, metadata={"help": "the search may keep sensitive layers float"})
         sensitivity: Literal["measured", "proxy"] = field(default="measured", metadata={
             "help": "measured: one evaluate per layer for its output sensitivity; proxy: equal sensitivity"})
+        refine_rounds: int = field(default=3, metadata={
+            "help": "search rounds that keep back the layers whose step down broke the budget"})
         margin: float = field(default=0.2, metadata={
             "help": "tighten the budget by this fraction of its slack during the search (held-out headroom)"})
         max_samples: int = field(default=16, metadata={"help": "calibration samples for the activation energies"})
@@ -592,45 +594,65 @@ class SharePass(Pass):
         else:
             gains = {w.name: 1.0 for w in weights}
 
-        opts = {}
+        base_opts = {}
         for w in weights:
             cand = [(table[w.name][b].nbytes, gains[w.name] * table[w.name][b].err_h, b) for b in allowed]
             if o.allow_float:
                 cand.append((table[w.name][0].nbytes, 0.0, 0))
-            opts[w.name] = cand
-        lams = sorted({lam for c in opts.values() for lam in _breakpoints(c)} | {0.0})
-        lams.append(lams[-1] * 2 + 1e30 if o.allow_float else lams[-1] * 2 + 1.0)
+            base_opts[w.name] = cand
+        frozen: dict = {}  # layer -> bytes floor, after lowering it alone broke the budget
+        tried: list = []
+        seen: dict = {}
 
-        def alloc(lam):
+        def alloc(opts, lam):
             return {n: min(c, key=lambda t: (t[0] + lam * t[1], -t[2] if t[2] else -99))[2] for n, c in opts.items()}
 
-        def ok(pick):
-            upd = {w.name: table[w.name][pick[w.name]].rebuilt for w in weights if pick[w.name]}
-            with fake.applied(upd) as m:
-                fid = ctx.evaluate(m)
-            return _holds_with_margin(ctx, fid, o.margin), fid
+        def size(pick):
+            return sum(table[n][b].nbytes for n, b in pick.items())
 
-        tried = []
-        lo, hi = 0, len(lams) - 1
-        best, best_fid = None, None
+        def ok(pick, lam):
+            key = tuple(sorted(pick.items()))
+            if key not in seen:
+                upd = {w.name: table[w.name][pick[w.name]].rebuilt for w in weights if pick[w.name]}
+                with fake.applied(upd) as m:
+                    fid = ctx.evaluate(m)
+                seen[key] = (_holds_with_margin(ctx, fid, o.margin), fid)
+                tried.append({"lambda": lam, "ok": seen[key][0], "fidelity": fid, "bytes": size(pick)})
+            return seen[key]
+
         # the most accurate allocation first: if even that fails, nothing will pass
-        good, fid = ok(alloc(lams[hi]))
-        tried.append({"lambda": lams[hi], "ok": good, "fidelity": fid})
-        if good:
-            best, best_fid = alloc(lams[hi]), fid
+        best = alloc(base_opts, 1e300)
+        good, best_fid = ok(best, float("inf"))
+        rounds = 0
+        while good and rounds <= o.refine_rounds:
+            rounds += 1
+            opts = {n: [t for t in c if t[0] >= frozen.get(n, 0)] for n, c in base_opts.items()}
+            lams = sorted({lam for c in opts.values() for lam in _breakpoints(c)} | {0.0})
+            lams.append(lams[-1] * 2 + 1e30)
+            lo, hi = 0, len(lams) - 1
             while lo < hi:
                 mid = (lo + hi) // 2
-                pick = alloc(lams[mid])
-                good, fid = ok(pick)
-                tried.append({"lambda": lams[mid], "ok": good, "fidelity": fid})
-                if good:
-                    hi, best, best_fid = mid, pick, fid
+                pick = alloc(opts, lams[mid])
+                g_ok, fid = ok(pick, lams[mid])
+                if g_ok:
+                    hi = mid
+                    if size(pick) < size(best):
+                        best, best_fid = pick, fid
                 else:
                     lo = mid + 1
-        else:
-            best = alloc(lams[-1])
+            if hi == 0:
+                break
+            # the search is only as good as the sensitivity model: the layers whose step down broke
+            # the budget at the boundary keep their bits, and the others are searched again
+            here, below = alloc(opts, lams[hi]), alloc(opts, lams[hi - 1])
+            culprits = [n for n in here if here[n] != below[n]]
+            if not culprits:
+                break
+            for n in culprits:
+                frozen[n] = table[n][here[n]].nbytes
         return best, gains, {"search": {"probe_bits": probe, "evaluations": len(tried) + (len(weights) if
-                             o.sensitivity == "measured" else 0), "fidelity": best_fid, "steps": tried}}
+                             o.sensitivity == "measured" else 0), "fidelity": best_fid, "steps": tried,
+                             "rounds": rounds, "kept_back": sorted(frozen)}}
 
     # -------------------------------------------------------------- emission
     def _emit(self, graph: gs.Graph, w: _Weight, ch: _Choice, consts: dict) -> None:
@@ -760,16 +782,35 @@ def _consumer(t) -> tuple | None:
     return (n.op, dict(n.attrs), other.name, idx)
 
 
-def _feature_rows(op, attrs, wshape, x, widx) -> np.ndarray | None:
+def _feature_rows(op, attrs, wshape, x, widx, max_rows: int = 4096, max_cost: float = 1e9) -> np.ndarray | None:
     """The activation as rows of input features [samples, K] for layers whose weight is a plain
-    [K, N] map: MatMul X @ W (2-D W) and 1x1, group-1 Conv. None otherwise."""
-    x = np.asarray(x, np.float64)
+    [K, N] map: MatMul X @ W (2-D W), and group-1 Conv through im2col (K = Cin * kh * kw, in the
+    order of W.reshape(Cout, -1)); positions are subsampled to ``max_rows``. None otherwise, and
+    when the error feedback would cost more than ``max_cost`` (K^2 * Cout) flops."""
+    x = np.asarray(x, np.float32)
     if op == "MatMul" and widx == 1 and len(wshape) == 2 and x.shape[-1] == wshape[0]:
-        return x.reshape(-1, wshape[0])
-    if (op == "Conv" and widx == 1 and len(wshape) == 4 and tuple(wshape[2:]) == (1, 1)
-            and int(attrs.get("group", 1)) == 1 and x.ndim == 4 and x.shape[1] == wshape[1]):
-        return np.moveaxis(x, 1, -1).reshape(-1, wshape[1])
-    return None
+        rows = x.reshape(-1, wshape[0])
+    elif (op == "Conv" and widx == 1 and len(wshape) == 4 and int(attrs.get("group", 1)) == 1 and x.ndim == 4
+          and x.shape[1] == wshape[1] and float(np.prod(wshape[1:])) ** 2 * wshape[0] <= max_cost
+          and str(attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID", "b'NOTSET'", "b'VALID'")):
+        kh, kw = int(wshape[2]), int(wshape[3])
+        sh, sw = (list(attrs.get("strides", [1, 1])) + [1, 1])[:2]
+        dh, dw = (list(attrs.get("dilations", [1, 1])) + [1, 1])[:2]
+        pads = list(attrs.get("pads", [0, 0, 0, 0])) or [0, 0, 0, 0]
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        win = np.lib.stride_tricks.sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
+        win = win[:, :, ::sh, ::sw, ::dh, ::dw]                       # [N, C, Ho, Wo, kh, kw]
+        n, c, ho, wo = win.shape[:4]
+        pos = np.arange(n * ho * wo)
+        if pos.size > max_rows:
+            pos = np.random.default_rng(0).choice(pos, max_rows, replace=False)
+        win = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c, kh, kw)
+        rows = win[pos].reshape(pos.size, c * kh * kw)
+    else:
+        return None
+    if rows.shape[0] > max_rows:
+        rows = rows[np.random.default_rng(0).choice(rows.shape[0], max_rows, replace=False)]
+    return rows.astype(np.float64)
 
 
 def _hform(w: "_Weight", ax: int, cb: np.ndarray, labels: np.ndarray, scale, tshape) -> float:
@@ -783,7 +824,7 @@ def _hform(w: "_Weight", ax: int, cb: np.ndarray, labels: np.ndarray, scale, tsh
 
 def _as_rows(v: np.ndarray, w: "_Weight") -> np.ndarray:
     """The weight as [K inputs, N outputs] (MatMul layout)."""
-    return v.reshape(v.shape[0], v.shape[1]).T if v.ndim == 4 else v
+    return v.reshape(v.shape[0], -1).T if v.ndim == 4 else v
 
 
 def _gptq_labels(w: "_Weight", ax: int, c: np.ndarray, scale: np.ndarray | None, pin: bool = False,
@@ -812,10 +853,11 @@ def _gptq_labels(w: "_Weight", ax: int, c: np.ndarray, scale: np.ndarray | None,
     except np.linalg.LinAlgError:
         U = np.diag(1 / np.sqrt(np.diag(H)))
     s = scale if scale is not None else np.ones(W.shape[1])
+    sd = np.where(s == 0, 1.0, s)  # dead channels (scale 0) rebuild as 0 whatever their label
     mids = (c[:-1] + c[1:]) / 2
     lab = np.zeros(W.shape, np.int64)
     for j in range(K):
-        lab[j] = np.searchsorted(mids, W[j] / s, side="left")
+        lab[j] = np.searchsorted(mids, W[j] / sd, side="left")
         if zeros is not None:
             lab[j][zeros[j]] = z
         err = (W[j] - c[lab[j]] * s) / U[j, j]

@@ -709,7 +709,7 @@ class SvdPass(Pass):
             cov = covs.get(_cov_key(L))
             for f in L.forms:
                 fcov = f.cov_from_patch(cov) if cov is not None else None
-                ck = ("svd.svd", L.node.name, L.x.name, f.name, fcov is not None, o.ridge)
+                ck = ("svd.svd", L.node.name, L.node.inputs[1].name, L.x.name, f.name, fcov is not None, o.ridge)
                 if ck not in ctx.cache:
                     ctx.cache[ck] = whitened_svd(f.W, fcov, o.ridge)
                 f.svd = ctx.cache[ck]
@@ -878,7 +878,7 @@ class SvdPass(Pass):
             limit = max(1, int(0.5 * L.params / L.form.params_per_rank))
             k = min(limit, max(1, int(np.searchsorted(-tail, -0.01))))
             k = min(k, len(s) - 1) if len(s) > 1 else 1
-            key = ("svd.sens", L.node.name, L.form.name, bool(L.form.whitened), k)
+            key = ("svd.sens", L.node.name, L.node.inputs[1].name, L.form.name, bool(L.form.whitened), k)
             if key not in ctx.cache:
                 pred = float(tail[k])
                 d = float(build({id(L): k}).get("mse", 0.0)) if pred > 0 else 0.0

