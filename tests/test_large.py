@@ -32,6 +32,7 @@ from onnxshrink.passes.base import registry
 from tests.reliability_helpers import sha256, write_npy_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_RSS_OVER_MODEL = 6.0
 
 
 def _external(name: str, dims, location: str, offset: int, length: int, dtype=TensorProto.FLOAT) -> onnx.TensorProto:
@@ -173,8 +174,27 @@ def test_past_2gb_roundtrip(tmp_path, record_property):
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
     cmd = [sys.executable, "-c", _CHILD.format(root=str(ROOT), stats=str(stats)), "optimize", str(src), str(out),
-           "--calib", str(cal), "--passes", ",".join(passes), "--report", str(tmp_path / "report.json"), "-q"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+           "--calib", str(cal), "--passes", ",".join(passes), "--budget", "cosine>=0.99",
+           "--report", str(tmp_path / "report.json"), "-q"]
+    # a watchdog: the machine is shared, so a run past MAX_RSS_OVER_MODEL x the model is stopped
+    # (SIGTERM: the CLI exits 143 and cleans up) and the test fails saying so
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    watched_peak, t_start = 0, time.time()
+    while proc.poll() is None:
+        try:
+            rss = int(Path(f"/proc/{proc.pid}/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
+        except (OSError, IndexError, ValueError):
+            rss = 0
+        watched_peak = max(watched_peak, rss)
+        if rss > MAX_RSS_OVER_MODEL * data_bytes or time.time() - t_start > 3600:
+            proc.terminate()
+            proc.wait(60)
+            pytest.fail(f"stopped: RSS {rss / 2**30:.1f} GiB ({rss / data_bytes:.1f}x the model) after "
+                        f"{time.time() - t_start:.0f} s with passes {passes}")
+        time.sleep(1)
+    _, err = proc.communicate()
+    r = subprocess.CompletedProcess(cmd, proc.returncode, "", err)
     st = json.loads(stats.read_text())
     assert st["exit"] == 0, r.stderr[-2000:]
     assert out.exists() and out.with_name("model.onnx.data").exists()
@@ -188,10 +208,10 @@ def test_past_2gb_roundtrip(tmp_path, record_property):
     ratio = st["peak_rss_bytes"] / data_bytes
     summary = {"model_bytes": data_bytes, "generate_s": round(gen_s, 1), "optimize_s": round(st["seconds"], 1),
                "peak_rss_bytes": st["peak_rss_bytes"], "peak_rss_over_model": round(ratio, 2), "passes": passes,
-               "statuses": {p["name"]: p["status"] for p in rep["passes"]},
+               "statuses": {p["name"]: f"{p['status']} {p['reason'][:80]}".strip() for p in rep["passes"]},
                "out_data_bytes": out.with_name("model.onnx.data").stat().st_size,
                "fidelity": rep["fidelity"]}
     for k, v in summary.items():
         record_property(k, v)
     print("\nLARGE MODEL:", json.dumps(summary))
-    assert ratio < 5.0, summary  # measured 3.8-4.1x with cleanup (its shape annotation exports a full copy)
+    assert ratio < MAX_RSS_OVER_MODEL, summary  # measured: 3.8-4.1x cleanup alone, 5.1x cleanup,svd,quantize
