@@ -29,22 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..graph.values import constant_value, node_attr
 from .base import Context, Pass, PassResult, register
 
 
-def _const(t) -> np.ndarray | None:
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        v = t.inputs[0].attrs.get("value")
-        if isinstance(v, gs.Constant):
-            return np.asarray(v.values)
-    return None
-
-
-def _attr(node, name, default):
-    v = node.attrs.get(name, default)
-    return default if v is None else v
+_const = constant_value
+_attr = node_attr
 
 
 def _sole_consumer(t: gs.Tensor, graph_outputs: set) -> gs.Node | None:

@@ -1,0 +1,25 @@
+"""Reading constant values and attributes off onnx-graphsurgeon nodes and tensors."""
+
+from __future__ import annotations
+
+__all__ = ["constant_value", "node_attr"]
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def constant_value(t) -> np.ndarray | None:
+    """The value of an initializer, or of a tensor produced by a Constant node; None otherwise."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        v = t.inputs[0].attrs.get("value")
+        if isinstance(v, gs.Constant):
+            return np.asarray(v.values)
+    return None
+
+
+def node_attr(node: gs.Node, name: str, default):
+    """An attribute's value, ``default`` when absent or None."""
+    v = node.attrs.get(name, default)
+    return default if v is None else v
