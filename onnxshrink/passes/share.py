@@ -314,6 +314,7 @@ class _Weight:
     consumer: tuple | None = None      # (op, attrs, activation name, weight input index)
     axis: int | None = None            # output-channel axis (None: no per-channel scale)
     energy: np.ndarray | None = None
+    factor: tuple | None = None        # (feature order, upper Cholesky factor of H^-1) for error feedback
     hessian: np.ndarray | None = None  # E[x x^T] over the input features of a MatMul / group-1 Conv
 
 
@@ -580,8 +581,7 @@ class SharePass(Pass):
             err_h = float((d2 * hv).sum() / max((w2 * hv).sum(), 1e-30)) if hv is not None else err_w
             if w.hessian is not None:  # the full quadratic form: tr(dW^T H dW) / tr(W^T H W)
                 wm, dm = _as_rows(v64, w), _as_rows(v64 - rebuilt, w)
-                err_h = float(np.einsum("ij,ik,kj->", dm, w.hessian, dm) /
-                              max(np.einsum("ij,ik,kj->", wm, w.hessian, wm), 1e-30))
+                err_h = float(_quad(dm, w.hessian) / max(_quad(wm, w.hessian), 1e-30))
             nodes = 3 + 5 * len(bit_planes(bits)) + (1 if scale is not None else 0) + (1 if ax else 0)
             nbytes = (-(-v.size * bits // 8) + g * k * (2 if half else 4) + (scale.nbytes if scale is not None else 0)
                       + nodes * _NODE_OVERHEAD)
@@ -834,7 +834,12 @@ def _hform(w: "_Weight", ax: int, cb: np.ndarray, labels: np.ndarray, scale, tsh
     if scale is not None:
         rt = rt * scale.astype(np.float64).reshape((-1,) + (1,) * (len(tshape) - 1))
     d = _as_rows(w.values.astype(np.float64) - np.moveaxis(rt, 0, ax), w)
-    return float(np.einsum("ij,ik,kj->", d, w.hessian, d))
+    return _quad(d, w.hessian)
+
+
+def _quad(d: np.ndarray, h: np.ndarray) -> float:
+    """tr(d^T h d) through one matrix product."""
+    return float(np.sum((h @ d) * d))
 
 
 def _as_rows(v: np.ndarray, w: "_Weight") -> np.ndarray:
@@ -855,29 +860,41 @@ def _gptq_labels(w: "_Weight", ax: int, c: np.ndarray, scale: np.ndarray | None,
     zeros = (W == 0) if pin else None
     z = int(np.argmin(np.abs(c)))
     K = W.shape[0]
-    H = w.hessian.copy()
-    dead = np.diag(H) <= 0
-    H[dead, dead] = 1.0
-    # "act order": the features with the most energy first, while there is most room to compensate
-    order = np.argsort(-np.diag(H), kind="stable")
-    W, H = W[order], H[np.ix_(order, order)]
+    if w.factor is None:  # the same for every bit width: computed once per weight
+        H = w.hessian.copy()
+        dead = np.diag(H) <= 0
+        H[dead, dead] = 1.0
+        # "act order": the features with the most energy first, while there is most room to compensate
+        order = np.argsort(-np.diag(H), kind="stable")
+        H = H[np.ix_(order, order)]
+        H += damp * float(np.mean(np.diag(H))) * np.eye(K)
+        try:
+            U = np.linalg.cholesky(np.linalg.inv(H)).T
+        except np.linalg.LinAlgError:
+            U = np.diag(1 / np.sqrt(np.diag(H)))
+        w.factor = (order, U)
+    order, U = w.factor
+    W = W[order]
     zeros = zeros[order] if zeros is not None else None
-    H += damp * float(np.mean(np.diag(H))) * np.eye(K)
-    try:
-        U = np.linalg.cholesky(np.linalg.inv(H)).T
-    except np.linalg.LinAlgError:
-        U = np.diag(1 / np.sqrt(np.diag(H)))
     s = scale if scale is not None else np.ones(W.shape[1])
     sd = np.where(s == 0, 1.0, s)  # dead channels (scale 0) rebuild as 0 whatever their label
     mids = (c[:-1] + c[1:]) / 2
     lab = np.zeros(W.shape, np.int64)
-    for j in range(K):
-        lab[j] = np.searchsorted(mids, W[j] / sd, side="left")
-        if zeros is not None:
-            lab[j][zeros[j]] = z
-        err = (W[j] - c[lab[j]] * s) / U[j, j]
-        if j + 1 < K:
-            W[j + 1:] -= np.outer(U[j, j + 1:], err)
+    block = 128  # lazy batch updates: rows inside a block, one matrix product for the rest
+    for b0 in range(0, K, block):
+        b1 = min(b0 + block, K)
+        Wb = W[b0:b1].copy()
+        E = np.zeros_like(Wb)
+        for j in range(b1 - b0):
+            r = b0 + j
+            lab[r] = np.searchsorted(mids, Wb[j] / sd, side="left")
+            if zeros is not None:
+                lab[r][zeros[r]] = z
+            E[j] = (Wb[j] - c[lab[r]] * s) / U[r, r]
+            if j + 1 < b1 - b0:
+                Wb[j + 1:] -= np.outer(U[r, r + 1:b1], E[j])
+        if b1 < K:
+            W[b1:] -= U[b0:b1, b1:].T @ E
     inv = np.empty_like(order)
     inv[order] = np.arange(K)
     lab = lab[inv]
