@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 from models.real import real_model, real_samples, write_samples  # noqa: E402
