@@ -743,7 +743,9 @@ class _Quantizer:
                                          for k in ("weighted", "elementwise", "passthrough")}
         self.stats["kept_float"] = sorted(excluded)
         if not units:
-            return PassResult(graph, False, {"reason": "no node could be quantized", **self.stats})
+            why = ("no node could be quantized within the fidelity budget (every unit was kept float to hold it)"
+                   if excluded else "no node could be quantized")
+            return PassResult(graph, False, {"reason": why, **self.stats})
         return PassResult(qg, True, self.stats)
 
     def _capture(self, model, tensors, samples=None):
