@@ -345,3 +345,22 @@ def test_hardswish_stays_float_unless_div_to_mul():
     assert ops2["Clip"] == 0  # folded into the QLinearAdd's output range
     ref = [run_ort(m, d) for d in data[:3]]
     assert fidelity(ref, [run_ort(q2, d, optimize=True) for d in data[:3]])["cosine"] > 0.99
+
+
+def test_speed_guard_applies_only_to_the_cpu_target():
+    """On a model too small for int8 to win on this CPU, the cpu target declines by measured speed,
+    while an edge target (whose kernels this machine cannot time) is quantized."""
+    import sys
+    from pathlib import Path
+
+    from onnxshrink import PassManager
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from models.build import demo_model, demo_samples
+
+    data = [{"input": x} for x in demo_samples(12)]
+    _, rep = PassManager(["cleanup", "quantize"], data=data, target="xnnpack").run(demo_model())
+    q = rep.passes[-1]
+    assert q.status == "applied", q.reason
+    assert "skipped" in q.stats["speed_search"][0]["config"]

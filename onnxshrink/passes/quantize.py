@@ -802,7 +802,8 @@ class _Quantizer:
         (``ctx.budget``; else mean cosine >= ``min_cosine`` x the float model's own cosine after
         onnxruntime's optimizations, which is below 1 on ill-conditioned outputs). When the floor is
         out of reach within ``max_float_fraction`` of the units, the best candidate within it is kept.
-        Then, with ``guard``, the model must be faster than the float one: small convolutions (whose
+        Then, with ``guard`` and no target other than ``cpu`` (this machine's speed says nothing
+        about an NPU or an ARM core), the model must be faster than the float one: small convolutions (whose
         integer kernels lose to onnxruntime's float NCHWc kernels) go back to float, else the pass
         gives up and changes nothing."""
         self._floor = self.o.min_cosine
@@ -844,6 +845,12 @@ class _Quantizer:
         ok = [t for t in tried if self._holds(t[0])]
         fid, qg, units, reasons, excluded = ok[0] if ok else max(tried, key=lambda t: t[0].get("cosine", 0.0))
         if not self.o.guard:
+            return qg, units, reasons, excluded
+        target = getattr(getattr(self.ctx, "target", None), "name", None)
+        if target not in (None, "cpu"):
+            # an NPU or an ARM CPU runs the integer kernels natively: timing them on this machine
+            # says nothing about the target, so only the fidelity floor applies
+            self.stats["speed_search"] = [{"config": f"skipped: the {target} target is not this CPU"}]
             return qg, units, reasons, excluded
         sample = self._first_sample()
         t_f, t_q = self._latency(self.model_f, self.ctx.to_model(qg), sample)
