@@ -297,7 +297,8 @@ REAL_PASSES = [n for n in ("prune", "sparsify", "svd", "share", "quantize")]
 @pytest.mark.parametrize("pass_name", REAL_PASSES)
 def test_deterministic_real_passes_on_demo(tmp_path, pass_name):
     """Every real pass, twice on the bundled demo with its calibration data and the same seed:
-    byte-identical outputs."""
+    byte-identical outputs. quantize runs without its speed guard, whose decision comes from
+    measured latency (a timing, not a function of the inputs); everything else it decides is."""
     if pass_name not in registry():
         pytest.skip(f"pass {pass_name} not registered in this branch")
     from pathlib import Path
@@ -305,8 +306,9 @@ def test_deterministic_real_passes_on_demo(tmp_path, pass_name):
     hashes = []
     for i in range(2):
         o = tmp_path / f"o{i}.onnx"
+        extra = ["-o", "quantize.guard=false"] if pass_name == "quantize" else []
         r = run_cli("optimize", demo / "demo_cnn.onnx", o, "--calib", demo / "calib", "-p", f"cleanup,{pass_name}",
-                    "--seed", 3, "-q")
+                    "--seed", 3, "-q", *extra)
         assert r.code in (0, 4), r.err
         if r.code == 4:
             pytest.skip(f"{pass_name}: budget not met on the demo")
