@@ -129,3 +129,18 @@ def zero_channels(model: onnx.ModelProto, ratio: float = 0.3, seed: int = 0, inp
     del m.opset_import[:]
     m.opset_import.extend(model.opset_import)
     return m, {"units": len(chosen), "groups": touched, "prunable_units": total}
+
+
+def single_input_model(nodes, inits, x_shape=(1, 3, 8, 8), out_name="y", opset=17) -> onnx.ModelProto:
+    """A model of ``nodes`` from input 'x' (float, ``x_shape``) to one output ``out_name``, its
+    output type from shape inference: the graphs of the channel and prune unit tests."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))
+    y = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, None)
+    g = helper.make_graph(nodes, "g", [x], [y], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    inferred = onnx.shape_inference.infer_shapes(m)
+    m.graph.output[0].CopyFrom(inferred.graph.output[0])
+    return m

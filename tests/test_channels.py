@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.graph.channels import analyze, coupled_channel_groups
+from prune_helpers import single_input_model
 
 RNG = np.random.default_rng(0)
 
@@ -16,15 +17,7 @@ def W(*shape, name):
     return numpy_helper.from_array((RNG.standard_normal(shape) * 0.3).astype(np.float32), name)
 
 
-def model(nodes, inits, x_shape=(1, 3, 8, 8), out_name="y", opset=17):
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))
-    y = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, None)
-    g = helper.make_graph(nodes, "g", [x], [y], initializer=inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    inferred = onnx.shape_inference.infer_shapes(m)
-    m.graph.output[0].CopyFrom(inferred.graph.output[0])
-    return m
+model = single_input_model
 
 
 def groups_of(m):

@@ -15,7 +15,7 @@ from onnxshrink.manager import optimize
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.prune import PrunePass
-from prune_helpers import zero_channels
+from prune_helpers import single_input_model, zero_channels
 
 RNG = np.random.default_rng(0)
 
@@ -29,14 +29,7 @@ def I64(vals, name):
 
 
 def model(nodes, inits, x_shape=(1, 3, 8, 8), opset=17):
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    g = helper.make_graph(nodes, "g", [x], [y], initializer=inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    inferred = onnx.shape_inference.infer_shapes(m)
-    m.graph.output[0].CopyFrom(inferred.graph.output[0])
-    return m
+    return single_input_model(nodes, inits, x_shape, "y", opset)
 
 
 class _Samples(list):
