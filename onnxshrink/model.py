@@ -171,14 +171,8 @@ def _bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
     """``t`` without its data: every other field (name, type, dims, doc, segment) as set."""
     sk = onnx.TensorProto()
     for fd, value in t.ListFields():
-        if fd.name in _DATA_FIELDS:
-            continue
-        if _repeated(fd):
-            getattr(sk, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(sk, fd.name).CopyFrom(value)
-        else:
-            setattr(sk, fd.name, value)
+        if fd.name not in _DATA_FIELDS:
+            _copy_field(sk, fd, value)
     return sk
 
 
@@ -199,18 +193,23 @@ def _repeated(fd) -> bool:
     return rep if isinstance(rep, bool) else fd.label == fd.LABEL_REPEATED
 
 
+def _copy_field(dst, fd, value) -> None:
+    """Set field ``fd`` of message ``dst`` to ``value`` (repeated, message or scalar)."""
+    if _repeated(fd):
+        getattr(dst, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
+
+
 def _skeleton(model: onnx.ModelProto, threshold: int, replace) -> onnx.ModelProto:
     """Copy ``model`` field by field, replacing each tensor over ``threshold`` bytes with
     ``replace(tensor)``; the big tensors' data is never copied into the new message."""
     m = onnx.ModelProto()
     for fd, value in model.ListFields():
         if fd.name != "graph":
-            if _repeated(fd):
-                getattr(m, fd.name).extend(value)
-            elif fd.message_type is not None:
-                getattr(m, fd.name).CopyFrom(value)
-            else:
-                setattr(m, fd.name, value)
+            _copy_field(m, fd, value)
     _skeleton_graph(model.graph, m.graph, threshold, replace)
     return m
 
@@ -222,19 +221,14 @@ def _skeleton_graph(g: onnx.GraphProto, out: onnx.GraphProto, threshold: int, re
         elif fd.name == "node":
             for n in value:
                 _skeleton_node(n, out.node.add(), threshold, replace)
-        elif _repeated(fd):
-            getattr(out, fd.name).extend(value)
         else:
-            setattr(out, fd.name, value)
+            _copy_field(out, fd, value)
 
 
 def _skeleton_node(n: onnx.NodeProto, out: onnx.NodeProto, threshold: int, replace) -> None:
     for fd, value in n.ListFields():
         if fd.name != "attribute":
-            if _repeated(fd):
-                getattr(out, fd.name).extend(value)
-            else:
-                setattr(out, fd.name, value)
+            _copy_field(out, fd, value)
     for a in n.attribute:
         b = out.attribute.add()
         if a.type == onnx.AttributeProto.TENSOR and _is_big(a.t, threshold):
