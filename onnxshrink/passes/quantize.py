@@ -794,7 +794,7 @@ class _Quantizer:
 
     def _holds(self, fid: dict) -> bool:
         if self.ctx.budget is not None:
-            return self.ctx.budget.holds(fid)
+            return self.ctx.budget_holds(fid)
         return fid.get("cosine", 0.0) >= self._floor
 
     def _guard(self, qg, units, reasons, excluded, order):

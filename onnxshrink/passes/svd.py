@@ -837,7 +837,7 @@ class SvdPass(Pass):
 
         def trial(err):
             ranks = _allocate_error(layers, err, what, o.rank_multiple, weights)
-            return ranks, ctx.budget.holds(build(ranks))
+            return ranks, ctx.budget_holds(build(ranks))
 
         lo, hi = math.log(1e-6), math.log(1.0) if weights else math.log(max(o.max_error, 1e-4) * 30)
         best = {}
