@@ -52,7 +52,9 @@ def _load_recipe(path) -> dict:
         raise UsageError(f"cannot read recipe {p}: {str(e).splitlines()[0]}") from None
     if not isinstance(recipe, dict):
         raise UsageError(f"recipe {p}: expected a mapping with 'passes' (and optionally calib, budget, target)")
-    known = {"passes", "calib", "val", "budget", "target", "input_shapes", "seed", "report"}
+    known = {"passes", "calib", "val", "budget", "target", "input_shapes", "seed", "report", "target_size",
+             "target_macs", "target_latency", "executor", "workers", "cache", "plot", "sensitivity_samples",
+             "max_units"}
     unknown = set(recipe) - known
     if unknown:
         raise UsageError(f"recipe {p}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -94,9 +96,22 @@ def cli(debug):
 @click.option("--seed", type=int, default=None, help="Random seed (default 0).")
 @click.option("--synthetic", is_flag=True, help="Use random inputs when no data is given (fidelity meaningless).")
 @click.option("--latency", is_flag=True, help="Measure single-thread latency before and after.")
+@click.option("--target-size", type=float, help="Allocate prune/svd/quantize strengths per unit so the weights "
+              "take at most this fraction of the input's bytes (e.g. 0.2), within the budget; else exit 4.")
+@click.option("--target-macs", type=float, help="As --target-size, for MACs.")
+@click.option("--target-latency", type=float, help="As --target-size, for measured single-thread latency.")
+@click.option("--executor", type=click.Choice(["auto", "serial", "process", "ray"]), default=None,
+              help="Where sensitivity measurements run (default auto: a process pool on 2+ cores).")
+@click.option("--workers", type=int, default=None, help="Workers of the process pool or Ray.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the on-disk sensitivity cache.")
+@click.option("--sensitivity-samples", type=int, default=None,
+              help="Validation samples each sensitivity measurement uses (default: all).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="PNG of metric vs size and vs latency of the configurations tried (needs matplotlib).")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress.")
 def optimize(input_model, output_model, passes, calib, val, budget, report_path, target, input_shapes, recipe,
-             options, seed, synthetic, latency, quiet):
+             options, seed, synthetic, latency, target_size, target_macs, target_latency, executor, workers,
+             no_cache, sensitivity_samples, plot_path, quiet):
     """Optimize IN and write OUT (never touching IN)."""
     from .graph.shapes import parse_input_shape
     from .manager import optimize as run_optimize
@@ -140,7 +155,15 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
                                  val_data=val or r.get("val"), budget=budget or r.get("budget"),
                                  target=target or r.get("target"), input_shapes=shapes,
                                  seed=seed if seed is not None else int(r.get("seed", 0)), progress=progress,
-                                 synthetic=synthetic, measure_speed=latency, debug=_DEBUG)
+                                 synthetic=synthetic, measure_speed=latency, debug=_DEBUG,
+                                 target_size=_first(target_size, r.get("target_size")),
+                                 target_macs=_first(target_macs, r.get("target_macs")),
+                                 target_latency=_first(target_latency, r.get("target_latency")),
+                                 executor=executor or r.get("executor", "auto"),
+                                 workers=_first(workers, r.get("workers")),
+                                 cache=False if no_cache else r.get("cache", True),
+                                 sensitivity_samples=int(_first(sensitivity_samples, r.get("sensitivity_samples"), 0)),
+                                 max_units=int(r.get("max_units", 0)), plot=plot_path or r.get("plot"))
     except BudgetError as e:
         if e.report is not None and rpath:
             e.report.input = input_model
@@ -154,6 +177,11 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
     if not quiet:
         report.render(_console())
         click.echo(f"wrote {output_model}", err=True)
+
+
+def _first(*values):
+    """The first value that is not None (a CLI flag before the recipe's key)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _write_report(report, path) -> None:

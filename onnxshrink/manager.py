@@ -54,7 +54,10 @@ class PassManager:
     def __init__(self, passes: Sequence, data=None, val_data=None, budget=None, target=None,
                  input_shapes: dict | None = None, seed: int = 0, progress: bool | Progress = False,
                  synthetic: bool = False, metric: Callable | None = None, lossless_tol: float = 1e-4,
-                 measure_speed: bool = False, debug: bool = False, labels=None):
+                 measure_speed: bool = False, debug: bool = False, labels=None, target_size: float | None = None,
+                 target_macs: float | None = None, target_latency: float | None = None, executor: str = "auto",
+                 workers: int | None = None, cache=True, sensitivity_samples: int = 0, max_units: int = 0,
+                 plot: str | os.PathLike | None = None):
         self.passes = [create_pass(p) for p in passes]
         self.data = data
         self.val_data = val_data
@@ -71,6 +74,20 @@ class PassManager:
         self.labels = labels
         self._labels = None
         self.baseline: dict = {}
+        targets = [(k, v) for k, v in (("weight_bytes", target_size), ("macs", target_macs),
+                                       ("latency_ms", target_latency)) if v is not None]
+        if len(targets) > 1:
+            raise UsageError("give one cost target: --target-size, --target-macs or --target-latency")
+        for _, v in targets:
+            if not 0 < float(v) <= 1:
+                raise UsageError(f"a cost target is a fraction of the input's cost in (0, 1], got {v}")
+        self.cost_target = (targets[0][0], float(targets[0][1])) if targets else None
+        self.executor = executor
+        self.workers = workers
+        self.cache = cache
+        self.sensitivity_samples = sensitivity_samples
+        self.max_units = max_units
+        self.plot = plot
         if self.budget is not None and self.budget.metric == "user" and metric is None:
             raise UsageError("budget on metric 'user' needs a user metric callable")
 
@@ -137,7 +154,7 @@ class PassManager:
         names = [o.name for o in sess.get_outputs()]
         return [sess.run(names, s) for s in samples]
 
-    def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool):
+    def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool, check_budget: bool = True):
         """(ok, reason, fidelity) of a candidate."""
         changed = _interface_change(self._original_io, candidate)
         if changed:
@@ -153,7 +170,7 @@ class PassManager:
         fid = fidelity(reference, outs, self.metric, val, self._labels)
         if lossless and not fid.get("max_abs", 0.0) <= self.lossless_tol:
             return False, f"outputs changed (relative max error {fid.get('max_abs'):.2e} > {self.lossless_tol:g})", fid
-        if not lossless and self.budget is not None and not self.budget.holds(fid, self.baseline):
+        if not lossless and check_budget and self.budget is not None and not self.budget.holds(fid, self.baseline):
             return False, f"budget {self.budget} broken ({self.budget.metric}={fid.get(self.budget.metric):.5g})", fid
         return True, "", fid
 
@@ -201,7 +218,15 @@ class PassManager:
                                            self._labels)
         ctx.baseline = self.baseline
 
+        from .sensitivity import KNOBS
+        allocated = self.cost_target is not None and any(p.name in KNOBS for p in self.passes)
         for p in self.passes:
+            if allocated and p.name in KNOBS:
+                if p is next(q for q in self.passes if q.name in KNOBS):  # the block runs at the first one
+                    from .allocate import allocate
+                    current, recs = allocate(self, current, ctx, val, reference, cost_shapes, report, original)
+                    report.passes.extend(recs)
+                continue
             rec, current = self._run_one(p, current, ctx, val, reference, cost_shapes)
             report.passes.append(rec)
             ctx.cache.clear()
@@ -253,7 +278,8 @@ class PassManager:
         self._prepare_info = info if ok else {**info, "rolled_back": reason}
         return candidate if ok else model
 
-    def _run_one(self, p: Pass, current: onnx.ModelProto, ctx: Context, val, reference, cost_shapes):
+    def _run_one(self, p: Pass, current: onnx.ModelProto, ctx: Context, val, reference, cost_shapes,
+                 check_budget: bool = True):
         rec = PassRecord(name=p.name, status=NOT_APPLICABLE, options=_options_dict(p))
         t0 = time.perf_counter()
         opset = next((o.version for o in current.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -277,7 +303,7 @@ class PassManager:
                 rec.stats = result.stats
                 break
             candidate = graph_to_model(result.graph, ctx.template)
-            ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless)
+            ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless, check_budget)
             rec.attempts.append({"options": _options_dict(attempt), "ok": ok, "reason": reason,
                                  "fidelity": fid})
             if ok:
@@ -291,7 +317,7 @@ class PassManager:
                 break
             rec.status, rec.reason = ROLLED_BACK, reason
             rec.stats = result.stats
-            if attempt.lossless or len(rec.attempts) > MAX_BACKOFF:
+            if attempt.lossless or not check_budget or len(rec.attempts) > MAX_BACKOFF:
                 break
             attempt, backed = attempt.weaker(), True
             del result, candidate

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Progress", "PassRecord", "Report", "format_bytes", "format_count"]
+__all__ = ["Progress", "PassRecord", "Report", "format_bytes", "format_count", "plot_allocation"]
 
 import json
 import math
@@ -92,6 +92,7 @@ class Report:
     file_bytes: dict = field(default_factory=dict)
     latency_ms: dict = field(default_factory=dict)
     target_report: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -151,6 +152,8 @@ class Report:
                       format_count(r.get("params")), format_count(r.get("macs")),
                       _fmt(f.get("cosine"), "{:.5f}"), _fmt(f.get("sqnr"), "{:.1f}"), r.get("reason", "")[:70])
         console.print(p)
+        if self.allocation:
+            self._render_allocation(console)
         if self.fidelity:
             f = self.fidelity
             verdict = ("PASSED" if self.budget_met else "FAILED") if self.budget else "measured"
@@ -161,6 +164,78 @@ class Report:
                           + (f"; budget {self.budget}: {verdict}" if self.budget else ""))
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+    def _render_allocation(self, console) -> None:
+        """The allocation's verified configurations (cost, metric, verdicts) and its result."""
+        from rich.table import Table
+        a = self.allocation
+        sens = a.get("sensitivity", {})
+        kind = a.get("target", {}).get("cost", "")
+        console.print(f"allocation toward {kind} <= {a.get('target', {}).get('fraction', 0):g} of the input's: "
+                      f"{sens.get('candidates', 0)} (unit, strength) candidates, {sens.get('measured', 0)} measured, "
+                      f"{sens.get('cached', 0)} from the cache ({sens.get('seconds', 0):.1f} s, executor "
+                      f"{sens.get('executor', '?')})")
+        metric = self.budget.split(">")[0].split("<")[0] if self.budget else "cosine"
+        t = Table(title="verified configurations", title_justify="left")
+        for c in ("choices", "weight bytes", "MACs", "latency", metric, "budget", "target"):
+            t.add_column(c, justify="right")
+        for tr in a.get("trials", []):
+            c = tr.get("cost", {})
+            t.add_row(str(tr["n"]), format_bytes(c.get("weight_bytes")), format_count(c.get("macs")),
+                      _fmt(c.get("latency_ms"), "{:.2f} ms"), _fmt(tr.get(metric), "{:.5f}"),
+                      "ok" if tr.get("budget_ok") else "broken", "met" if tr.get("target_met") else "missed")
+        console.print(t)
+        console.print(f"allocation: {a.get('result', '')}")
+
+
+def plot_allocation(allocation: dict, path, budget=None):
+    """PNG of the budget metric vs weight bytes and vs latency for every verified configuration,
+    the chosen one marked (needs matplotlib: the ``plot`` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    metric = budget.metric if budget is not None else "cosine"
+    trials = allocation.get("trials", [])
+    chosen = allocation.get("chosen_n")
+    base = allocation.get("target", {})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "weight_bytes", "weight bytes (MB)"), (axes[1], "latency_ms", "latency (ms, 1 thread)")):
+        xs = [t["cost"].get(key) for t in trials]
+        ys = [t.get(metric) for t in trials]
+        pts = [(x / (2 ** 20) if key == "weight_bytes" else x, y, t) for x, y, t in zip(xs, ys, trials)
+               if x is not None and y is not None]
+        ok = [(x, y) for x, y, t in pts if t["budget_ok"]]
+        bad = [(x, y) for x, y, t in pts if not t["budget_ok"]]
+        if ok:
+            ax.scatter(*zip(*ok), c="tab:blue", label="budget kept")
+        if bad:
+            ax.scatter(*zip(*bad), c="tab:red", marker="x", label="budget broken")
+        for x, y, t in pts:
+            ax.annotate(str(t["n"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if t["n"] == chosen:
+                ax.scatter([x], [y], s=160, facecolors="none", edgecolors="tab:green", linewidths=2, label="chosen")
+        if budget is not None:
+            try:
+                thr = budget.threshold(allocation.get("baseline_scores"))
+                ax.axhline(thr, color="gray", ls="--", lw=1, label=f"budget {budget}")
+            except Exception:
+                pass
+        if key == "weight_bytes" and base.get("absolute") and base.get("cost") == "weight_bytes":
+            ax.axvline(base["absolute"] / 2 ** 20, color="tab:green", ls=":", lw=1, label="size target")
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"configurations verified (numbers: greedy choices taken); target {base.get('cost')} "
+                 f"<= {base.get('fraction', 0):g} of the input's")
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
 
 
 def _fmt(v, spec):

@@ -75,6 +75,9 @@ class PruneOptions:
     refit_max_dim: int = field(default=2304, metadata={"help": "skip the refit of consumers with more input features"})
     fold_constants: bool = field(default=True, metadata={"help": "fold constant channels into the consumer bias when exact"})
     latency: bool = field(default=True, metadata={"help": "measure onnxruntime CPU latency (1 thread) before and after"})
+    group_ratios: list[str] = field(default_factory=list, metadata={
+        "help": "importance mode: prune only these groups, each at its own ratio: PRODUCER=RATIO items (PRODUCER: "
+                "the group's first producing node; the allocator of onnxshrink.sensitivity sets them)"})
 
 
 @register
@@ -481,14 +484,18 @@ def _choose(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, 
     """Units to remove by importance: per group (layer scope) or globally."""
     chosen = set()
     cand = []
+    fixed = {k: float(v) for k, _, v in (str(it).rpartition("=") for it in o.group_ratios)} if o.group_ratios else None
     for g in groups:
         if not g.prunable or g.units < 2:
+            continue
+        ratio = o.ratio if fixed is None else fixed.get(g.producers[0], 0.0)
+        if ratio <= 0:
             continue
         us = [u for u in g.unit_labels if u not in blocked]
         sc = np.array([(-np.inf if u in free else scores.get(u, 0.0)) for u in us])
         n = len(us)
-        if o.scope == "layer":
-            keep = _round_keep(n - int(np.floor(o.ratio * n)), n, o.multiple_of)
+        if o.scope == "layer" or fixed is not None:
+            keep = _round_keep(n - int(np.floor(ratio * n)), n, o.multiple_of)
             order = np.argsort(sc, kind="stable")
             chosen.update(us[i] for i in order[:n - keep])
         else:

@@ -1,0 +1,211 @@
+"""Allocation across prune, svd and quantize toward a cost target, verified end to end.
+
+Given a cost target (weight bytes, MACs or measured latency, as a fraction of the input's) and the
+fidelity budget, the manager calls ``allocate`` at the first pass that has a knob
+(``sensitivity.KNOBS``); every such pass of the pipeline is run here, in pipeline order:
+
+1. the sensitivity table of the current model is measured once (cached on disk, through the
+   executor): loss and saving of every (unit, strength);
+2. ``greedy_order`` ranks the choices by loss per unit of saving; a prefix of n steps is a
+   configuration (each unit at the strongest strength in the prefix);
+3. verification runs the real passes with those per-unit options on the full calibration data and
+   measures the result end to end (fidelity on every validation sample, weight bytes, MACs,
+   single-thread latency): first the shortest prefix whose estimated cost meets the target, then
+   longer ones while the measured cost misses it (the estimate corrected by the measured ratio);
+4. when the budget fails there, the worst choices are backed off: the prefix is bisected down to
+   the longest one whose budget holds;
+5. a configuration that keeps the budget and meets the target is the result; otherwise the run
+   fails closed (BudgetError: exit code 4, nothing written) and the report says how close it came
+   (the cheapest configuration within the budget, and the best-scoring one at the target).
+"""
+
+from __future__ import annotations
+
+__all__ = ["allocate"]
+
+import dataclasses
+import gc
+import math
+import time
+
+import onnx
+
+from .errors import BudgetError
+from .report import NOT_APPLICABLE, PassRecord
+
+KIND_NAMES = {"weight_bytes": "size (weight bytes)", "macs": "MACs", "latency_ms": "latency (ms, 1 thread)"}
+MAX_EXTEND = 3
+MAX_BISECT = 5
+
+
+def _data_for(pm, ctx, val, reference):
+    from .sensitivity import _Data
+    calib = ctx.calib if ctx.calib is not None else val
+    ncal = min(len(calib), 16)
+    nval = len(val) if not pm.sensitivity_samples else min(len(val), pm.sensitivity_samples)
+    labels = pm._labels[:nval] if pm._labels is not None else None
+    return _Data(calib=[calib.get(i) for i in range(ncal)], val=[val.get(i) for i in range(nval)],
+                 reference=reference[:nval], labels=labels, budget=pm.budget, user_metric=pm.metric,
+                 shapes=None, seed=pm.seed)
+
+
+def _executor(pm, n_tasks: int):
+    from .executor import SerialExecutor, get_executor
+    if pm.metric is not None and pm.executor != "serial":
+        import pickle
+        try:
+            pickle.dumps(pm.metric)
+        except Exception:  # a lambda or closure cannot reach a worker process
+            return SerialExecutor()
+    return get_executor(pm.executor, pm.workers, n_tasks)
+
+
+def _cache(pm):
+    from .cache import MeasurementCache
+    if pm.cache is False or pm.cache is None:
+        return MeasurementCache(enabled=False)
+    if isinstance(pm.cache, MeasurementCache):
+        return pm.cache
+    return MeasurementCache(None if pm.cache is True else pm.cache)
+
+
+def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report, original):
+    """Run the knob passes of ``pm`` on ``base`` under ``pm.cost_target``: (model, pass records).
+    Raises BudgetError (with the report filled in) when no verified configuration keeps the budget
+    and meets the target."""
+    from .executor import SerialExecutor
+    from .sensitivity import KNOBS, cost_of, greedy_order, measure_sensitivity
+    t0 = time.perf_counter()
+    kind, fraction = pm.cost_target
+    names = [p.name for p in pm.passes if p.name in KNOBS]
+    user = {p.name: dataclasses.asdict(p.options) for p in pm.passes if p.name in KNOBS
+            and dataclasses.is_dataclass(p.options)}
+    feeds = val.get(0)
+    latency = kind == "latency_ms"
+    data = _data_for(pm, ctx, val, reference)
+    data.shapes = cost_shapes
+    n_tasks = sum(len(KNOBS[n].strengths) * 8 for n in names)
+    ex = _executor(pm, n_tasks) if pm.executor != "serial" else SerialExecutor()
+    try:
+        table = measure_sensitivity(base, names, data, pm.budget, cache=_cache(pm), executor=ex, latency=latency,
+                                    user_options=user, progress=pm.progress, max_units=pm.max_units)
+    finally:
+        ex.close()
+    if kind == "latency_ms":
+        from .runtime import measure_latency
+        base_value = measure_latency(original, feeds)
+    else:
+        base_value = report.before.get(kind)
+    target_abs = fraction * float(base_value)
+    steps = greedy_order(table, kind)
+    alloc = report.allocation
+    alloc.update({"target": {"cost": kind, "fraction": fraction, "of_input": base_value, "absolute": target_abs},
+                  "passes": names, "sensitivity": table.info, "base_cost": table.base_cost,
+                  "steps": len(steps), "trials": [], "baseline_scores": dict(pm.baseline)})
+    nobudget = dataclasses.replace(ctx, budget=None, cache={})
+    trials: dict = {}
+
+    def verify(n: int) -> dict:
+        if n in trials:
+            return trials[n]
+        chosen = steps[n - 1]["chosen"] if n > 0 else {}
+        current, recs = base, []
+        tv = time.perf_counter()
+        for pname in names:
+            choices = {u: s for (p, u), s in chosen.items() if p == pname}
+            if not choices:
+                recs.append(PassRecord(name=pname, status=NOT_APPLICABLE, options=user.get(pname, {}),
+                                       reason="the allocation chose no unit of this pass"))
+                continue
+            from .passes.base import create_pass
+            opts = {**user.get(pname, {}), **KNOBS[pname].options(current, choices)}
+            p = create_pass({pname: opts})
+            rec, current = pm._run_one(p, current, nobudget, val, reference, cost_shapes, check_budget=False)
+            rec.reason = (rec.reason + "; " if rec.reason else "") + f"allocated {len(choices)} unit(s)"
+            recs.append(rec)
+            nobudget.cache.clear()
+            gc.collect()
+        scores = ctx.evaluator(current)
+        cost = cost_of(current, cost_shapes, feeds, latency=True, runs=15 if kind != "latency_ms" else 30)
+        ok = pm.budget.holds(scores, pm.baseline) if pm.budget is not None else True
+        value = cost.get(kind)
+        t = {"n": n, "model": current, "records": recs, "scores": scores, "cost": cost, "budget_ok": bool(ok),
+             "target_met": value is not None and value <= target_abs, "seconds": round(time.perf_counter() - tv, 2)}
+        trials[n] = t
+        metric = pm.budget.metric if pm.budget is not None else "cosine"
+        alloc["trials"].append({"n": n, "estimated": steps[n - 1]["estimated"] if n else table.base_cost.get(kind),
+                                "cost": {k: v for k, v in cost.items()}, metric: scores.get(metric),
+                                "cosine": scores.get("cosine"), "budget_ok": t["budget_ok"],
+                                "target_met": t["target_met"], "seconds": t["seconds"]})
+        pm.progress.log(f"allocation: {n}/{len(steps)} choices -> {KIND_NAMES[kind]} {value:.4g} "
+                        f"(target {target_abs:.4g}), {metric}={scores.get(metric, float('nan')):.5g}"
+                        f"{'' if ok else ' (budget broken)'}")
+        return t
+
+    N = len(steps)
+    n = next((i + 1 for i, s in enumerate(steps) if s["estimated"] <= target_abs), N)
+    r = verify(n)
+    for _ in range(MAX_EXTEND):
+        if r["target_met"] or n >= N or not r["budget_ok"]:
+            break
+        est = steps[n - 1]["estimated"] if n else table.base_cost[kind]
+        ratio = (r["cost"].get(kind) or est) / max(est, 1e-12)
+        n2 = next((i + 1 for i in range(n, N) if steps[i]["estimated"] * ratio <= target_abs), N)
+        n = max(n2, n + 1)
+        r = verify(n)
+    if not r["budget_ok"]:
+        lo, hi = 0, n
+        for _ in range(MAX_BISECT):
+            if hi - lo <= 1:
+                break
+            mid = (lo + hi) // 2
+            if verify(mid)["budget_ok"]:
+                lo = mid
+            else:
+                hi = mid
+        r = verify(lo)
+    good = [t for t in trials.values() if t["budget_ok"] and t["target_met"]]
+    best = min(good, key=lambda t: t["cost"][kind]) if good else None
+    alloc["seconds"] = round(time.perf_counter() - t0, 2)
+    alloc["table"] = [{k: v for k, v in row.items()} for row in table.rows]
+    within = [t for t in trials.values() if t["budget_ok"]]
+    closest = min(within, key=lambda t: t["cost"][kind]) if within else None
+    if best is not None:
+        chosen = steps[best["n"] - 1]["chosen"] if best["n"] else {}
+        rows = {(r_["pass"], r_["unit"], r_["strength"]): r_ for r_ in table.rows}
+        alloc["chosen_n"] = best["n"]
+        alloc["decisions"] = [_decision(rows[(p, u, s)], kind, i) for i, ((p, u), s) in
+                              enumerate(sorted(chosen.items(), key=lambda kv: _rank(rows[(*kv[0], kv[1])], kind)))]
+        alloc["result"] = (f"{KIND_NAMES[kind]} {best['cost'][kind]:.4g} <= target {target_abs:.4g} "
+                           f"({best['cost'][kind] / float(base_value):.3f} of the input's) within the budget")
+    else:
+        alloc["chosen_n"] = None
+        alloc["result"] = _shortfall(kind, target_abs, base_value, closest, trials, pm)
+    if pm.plot:
+        from .report import plot_allocation
+        try:
+            alloc["plot"] = str(plot_allocation(alloc, pm.plot, pm.budget))
+        except ImportError as e:
+            report.warnings.append(f"--plot needs matplotlib (pip install 'onnxshrink[plot]'): {e}")
+    if best is None:
+        raise BudgetError(f"cost target not met within the budget: {alloc['result']}", report)
+    return best["model"], best["records"]
+
+
+def _rank(row, kind):
+    return row["loss"] / max(row["saving"][kind], 1e-300)
+
+
+def _decision(row, kind, i) -> dict:
+    return {"pass": row["pass"], "unit": row["unit"], "strength": row["strength"], "loss": row["loss"],
+            "saving": row["saving"].get(kind), "cached": row.get("cached"),
+            "why": f"rank {i + 1} by loss per {kind} saved ({_rank(row, kind):.3g})"}
+
+
+def _shortfall(kind, target_abs, base_value, closest, trials, pm) -> str:
+    name = KIND_NAMES[kind]
+    if closest is None:
+        return f"no configuration kept the budget {pm.budget} (not even the passes' weakest)"
+    v = closest["cost"][kind]
+    return (f"the smallest {name} within the budget {pm.budget} is {v:.4g} = {v / float(base_value):.3f} of the "
+            f"input's (target {target_abs / float(base_value):.3f}); {len(trials)} configurations verified")
