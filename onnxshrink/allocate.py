@@ -28,6 +28,7 @@ import gc
 import math
 import time
 
+import numpy as np
 import onnx
 
 from .errors import BudgetError
@@ -102,13 +103,27 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
     alloc.update({"target": {"cost": kind, "fraction": fraction, "of_input": base_value, "absolute": target_abs},
                   "passes": names, "sensitivity": table.info, "base_cost": table.base_cost,
                   "steps": len(steps), "trials": [], "baseline_scores": dict(pm.baseline)})
-    nobudget = dataclasses.replace(ctx, budget=None, cache={})
     trials: dict = {}
+    cache = _cache(pm)
+    from .cache import data_digest, digest, model_digest
+    vkey = digest("verify-1", model_digest(base), data_digest(val), data_digest(ctx.calib or []), names, user,
+                  pm.seed, str(pm.budget), getattr(pm.metric, "__qualname__", None), cost_shapes)
 
-    def verify(n: int) -> dict:
-        if n in trials:
+    def verify(n: int, materialize: bool = False) -> dict:
+        """Trial of the first n greedy steps; from the cache (without the model) when measured
+        before, unless ``materialize``."""
+        if n in trials and (trials[n].get("model") is not None or not materialize):
             return trials[n]
         chosen = steps[n - 1]["chosen"] if n > 0 else {}
+        key = digest(vkey, sorted((p, u, s) for (p, u), s in chosen.items()))
+        hit = None if materialize else cache.get(key)
+        if hit is not None:
+            t = {"n": n, "model": None, "records": None, **hit, "cached": True}
+            trials[n] = t
+            _log_trial(t, cached=True)
+            return t
+        # a fresh generator per trial: a trial's result must not depend on which trials ran before
+        nobudget = dataclasses.replace(ctx, budget=None, cache={}, rng=np.random.default_rng(pm.seed))
         current, recs = base, []
         tv = time.perf_counter()
         for pname in names:
@@ -126,21 +141,34 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
             nobudget.cache.clear()
             gc.collect()
         scores = ctx.evaluator(current)
+        if recs and recs[-1].status != NOT_APPLICABLE:
+            recs[-1].fidelity = dict(scores)  # the chain's steps are checked runnable; the end is measured
         cost = cost_of(current, cost_shapes, feeds, latency=True, runs=15 if kind != "latency_ms" else 30)
         ok = pm.budget.holds(scores, pm.baseline) if pm.budget is not None else True
         value = cost.get(kind)
+        scores = {k: float(v) for k, v in scores.items()}
+        if n in trials:  # materialising a cached trial: its decisions stand, the model is now built
+            trials[n].update(model=current, records=recs)
+            return trials[n]
         t = {"n": n, "model": current, "records": recs, "scores": scores, "cost": cost, "budget_ok": bool(ok),
              "target_met": value is not None and value <= target_abs, "seconds": round(time.perf_counter() - tv, 2)}
+        cache.put(key, {k: t[k] for k in ("scores", "cost", "budget_ok", "target_met", "seconds")})
         trials[n] = t
-        metric = pm.budget.metric if pm.budget is not None else "cosine"
+        _log_trial(t, cached=False)
+        return t
+
+    metric = pm.budget.metric if pm.budget is not None else "cosine"
+
+    def _log_trial(t, cached):
+        n, cost, scores = t["n"], t["cost"], t["scores"]
         alloc["trials"].append({"n": n, "estimated": steps[n - 1]["estimated"] if n else table.base_cost.get(kind),
-                                "cost": {k: v for k, v in cost.items()}, metric: scores.get(metric),
-                                "cosine": scores.get("cosine"), "budget_ok": t["budget_ok"],
-                                "target_met": t["target_met"], "seconds": t["seconds"]})
+                                "cost": dict(cost), metric: scores.get(metric), "cosine": scores.get("cosine"),
+                                "budget_ok": t["budget_ok"], "target_met": t["target_met"],
+                                "seconds": t["seconds"], "cached": cached})
+        value = cost.get(kind)
         pm.progress.log(f"allocation: {n}/{len(steps)} choices -> {KIND_NAMES[kind]} {value:.4g} "
                         f"(target {target_abs:.4g}), {metric}={scores.get(metric, float('nan')):.5g}"
-                        f"{'' if ok else ' (budget broken)'}")
-        return t
+                        f"{'' if t['budget_ok'] else ' (budget broken)'}{' (cached)' if cached else ''}")
 
     N = len(steps)
     n = next((i + 1 for i, s in enumerate(steps) if s["estimated"] <= target_abs), N)
@@ -189,6 +217,8 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
             report.warnings.append(f"--plot needs matplotlib (pip install 'onnxshrink[plot]'): {e}")
     if best is None:
         raise BudgetError(f"cost target not met within the budget: {alloc['result']}", report)
+    if best.get("model") is None:
+        best = verify(best["n"], materialize=True)
     return best["model"], best["records"]
 
 

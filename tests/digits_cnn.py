@@ -67,7 +67,7 @@ def digits_split():
 
 
 @functools.lru_cache(maxsize=1)
-def train_digits_cnn(epochs: int = 12, seed: int = 0) -> dict:
+def train_digits_cnn(epochs: int = 8, seed: int = 0) -> dict:
     """Weights of the CNN trained on the training split (deterministic for a seed)."""
     xtr, ytr, _, _ = digits_split()
     rng = np.random.default_rng(seed)

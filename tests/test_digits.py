@@ -1,0 +1,77 @@
+"""A CNN trained in this test on scikit-learn's load_digits (real labels): a top-1 accuracy budget
+of at most one point lost ("accuracy>=-1%", labels.npy beside the validation data) over a
+compressing pipeline, with and without a size target, checked against the real labels by an
+independent onnxruntime run of the written model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.digits_cnn import accuracy, digits_model, digits_split, write_digits_folder
+from tests.reliability_helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    d = tmp_path_factory.mktemp("digits")
+    xtr, ytr, xte, yte = digits_split()
+    model = digits_model()
+    onnx.checker.check_model(model, full_check=True)
+    path = d / "digits.onnx"
+    onnx.save(model, str(path))
+    write_digits_folder(d / "calib", xtr[:64], ytr[:64])
+    write_digits_folder(d / "val", xte, yte)
+    return {"dir": d, "model": path, "x": xte, "y": yte, "acc": accuracy(model, xte, yte)}
+
+
+def _run(digits, tmp_path, *extra):
+    out, rep = tmp_path / "out.onnx", tmp_path / "report.json"
+    res = run_cli("optimize", digits["model"], out, "--calib", digits["dir"] / "calib", "--val", digits["dir"] / "val",
+                  "--passes", "cleanup,prune,svd,quantize", "--budget", "accuracy>=-1%", "--report", rep, "-q",
+                  *extra)
+    return res, out, (json.loads(rep.read_text()) if rep.exists() else None)
+
+
+def test_trained_cnn_is_accurate(digits):
+    assert len(digits["y"]) == 497
+    assert digits["acc"] >= 0.97  # a real classifier, so "one point" means something
+
+
+def test_accuracy_budget_met_against_real_labels(digits, tmp_path):
+    res, out, rep = _run(digits, tmp_path, "-o", "prune.mode=importance", "-o", "prune.ratio=0.3")
+    assert res.code == 0, res.err
+    assert rep["budget"] == "accuracy>=-1%" and rep["budget_met"] is True
+    assert "with labels" in rep["data"]["validation"]
+    assert rep["data"]["original_scores"]["accuracy"] == pytest.approx(digits["acc"])
+    got = accuracy(onnx.load(str(out)), digits["x"], digits["y"])  # independent of the tool's own figure
+    assert got == pytest.approx(rep["fidelity"]["accuracy"])
+    assert got >= digits["acc"] - 0.01
+    assert rep["after"]["params"] < rep["before"]["params"]
+    assert any(p["name"] == "prune" and p["status"] in ("applied", "backed off") for p in rep["passes"])
+
+
+def test_size_target_within_accuracy_budget(digits, tmp_path):
+    res, out, rep = _run(digits, tmp_path, "--target-size", "0.2", "--executor", "serial", "--no-cache")
+    assert res.code == 0, res.err
+    a = rep["allocation"]
+    assert a["target"]["cost"] == "weight_bytes" and a["chosen_n"] is not None
+    assert rep["after"]["weight_bytes"] <= 0.2 * rep["before"]["weight_bytes"]
+    got = accuracy(onnx.load(str(out)), digits["x"], digits["y"])
+    assert got == pytest.approx(rep["fidelity"]["accuracy"]) and got >= digits["acc"] - 0.01
+    assert a["decisions"] and all({"pass", "unit", "strength", "why"} <= set(d) for d in a["decisions"])
+    assert {d["pass"] for d in a["decisions"]} & {"prune", "svd"}  # more than quantization alone
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_unreachable_target_fails_closed(digits, tmp_path):
+    res, out, rep = _run(digits, tmp_path, "--target-size", "0.02", "--executor", "serial", "--no-cache")
+    assert res.code == 4, res.err
+    assert not out.exists()
+    assert "cost target not met" in res.err
+    a = rep["allocation"]
+    assert a["chosen_n"] is None and "smallest size" in a["result"] and a["trials"]
+    assert any(t["budget_ok"] for t in a["trials"])

@@ -1,0 +1,113 @@
+"""Shared sensitivity and allocation: the greedy order and its cost estimate, the on-disk cache
+(a second identical run measures nothing and takes under a third of the first run's time), and
+the process pool giving the same table and decisions as a serial run."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+from models.build import resnet_small, smooth_images
+from onnxshrink.cache import MeasurementCache
+from onnxshrink.executor import ProcessExecutor, SerialExecutor
+from onnxshrink.manager import optimize
+from onnxshrink.metrics import Budget
+from onnxshrink.sensitivity import KNOBS, SensitivityTable, _Data, estimate_cost, greedy_order, measure_sensitivity
+from tests.digits_cnn import digits_model, digits_split
+from tests.helpers import check, run_ort
+
+
+def _table(rows, layer_cost=None):
+    return SensitivityTable(base_cost={"weight_bytes": 1000.0, "macs": 100.0}, base_scores={}, rows=rows,
+                            layer_cost=layer_cost or {})
+
+
+def _row(p, u, s, loss, saving):
+    return {"pass": p, "unit": u, "strength": s, "loss": loss, "saving": {"weight_bytes": saving}}
+
+
+def test_greedy_order_by_loss_per_saving_with_upgrades():
+    rows = [_row("prune", "a", 0.25, 0.010, 100), _row("prune", "a", 0.5, 0.020, 300),
+            _row("quantize", "b", 1.0, 0.001, 200), _row("svd", "c", 0.5, math.inf, 500),
+            _row("svd", "d", 0.5, 0.5, 0)]
+    steps = greedy_order(_table(rows), "weight_bytes")
+    # b (5e-6 per byte), a@0.5 (6.7e-5), then a@0.25 is weaker than what a has: skipped; inf / 0 never
+    assert [(s["row"]["unit"], s["row"]["strength"]) for s in steps] == [("b", 1.0), ("a", 0.5)]
+    assert steps[-1]["chosen"] == {("quantize", "b"): 1.0, ("prune", "a"): 0.5}
+    assert steps[-1]["estimated"] == pytest.approx(1000 - 200 - 300)
+
+
+def test_cost_estimate_combines_passes_on_one_layer_multiplicatively():
+    rows = [_row("prune", "L", 0.5, 0.0, 50), _row("quantize", "L", 1.0, 0.0, 75)]
+    t = _table(rows, {"L": {"weight_bytes": 100}})
+    chosen = {("prune", "L"): rows[0], ("quantize", "L"): rows[1]}
+    # half the layer pruned, the rest at a quarter of the bytes: 100 * (1 - 0.5 * 0.25) saved
+    assert estimate_cost(t, chosen, "weight_bytes") == pytest.approx(1000 - 87.5)
+
+
+def _digits_data(n_val=64):
+    xtr, _, xte, yte = digits_split()
+    model = digits_model()
+    calib = [{"image": x[None]} for x in xtr[:16]]
+    val = [{"image": x[None]} for x in xte[:n_val]]
+    ref = [run_ort(model, s) for s in val]
+    return model, _Data(calib, val, ref, [int(y) for y in yte[:n_val]], Budget.parse("accuracy>=-1%"), None,
+                        None, 0)
+
+
+def test_process_pool_gives_the_serial_table_and_decisions():
+    model, data = _digits_data()
+    kw = dict(cache=MeasurementCache(enabled=False))
+    serial = measure_sensitivity(model, ["prune", "svd", "quantize"], data, data.budget, executor=SerialExecutor(), **kw)
+    with ProcessExecutor(2) as ex:
+        pooled = measure_sensitivity(model, ["prune", "svd", "quantize"], data, data.budget, executor=ex, **kw)
+    assert serial.info["measured"] == pooled.info["measured"] == len(serial.rows) > 8
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "cached"} for r in rows]  # noqa: E731
+    assert strip(serial.rows) == strip(pooled.rows)
+    for kind in ("weight_bytes", "macs"):
+        assert [s["chosen"] for s in greedy_order(serial, kind)] == [s["chosen"] for s in greedy_order(pooled, kind)]
+
+
+def test_every_knob_applies_each_unit_alone():
+    model, data = _digits_data(16)
+    t = measure_sensitivity(model, list(KNOBS), data, data.budget, cache=MeasurementCache(enabled=False))
+    by = {(r["pass"], r["unit"], r["strength"]): r for r in t.rows}
+    assert by[("quantize", "fc1", 1.0)]["saving"]["weight_bytes"] > 0.7 * 512 * 64 * 4
+    assert by[("svd", "fc1", 0.25)]["saving"]["params"] > by[("svd", "fc1", 0.5)]["saving"]["params"] > 0
+    assert by[("prune", "fc1", 0.5)]["saving"]["macs"] > by[("prune", "fc1", 0.25)]["saving"]["macs"] > 0
+    assert all(r["loss"] >= 0 for r in t.rows)
+
+
+@pytest.fixture(scope="module")
+def resnet_case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resnet")
+    p = d / "resnet.onnx"
+    onnx.save(resnet_small(), str(p))
+    imgs = smooth_images(16, (32, 32), seed=7)
+    calib = [{"input": im[None].astype(np.float32)} for im in imgs]
+    return p, calib
+
+
+def test_second_run_reuses_the_cache_and_is_three_times_faster(resnet_case, tmp_path):
+    path, calib = resnet_case
+    cache = tmp_path / "cache"
+    kw = dict(passes=["cleanup", "prune", "svd", "quantize"], data=calib, budget="cosine>=0.99", target_size=0.35,
+              executor="serial", cache=str(cache))
+    t0 = time.perf_counter()
+    m1, r1 = optimize(str(path), tmp_path / "a.onnx", **kw)
+    t1 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m2, r2 = optimize(str(path), tmp_path / "b.onnx", **kw)
+    t2 = time.perf_counter() - t0
+    s1, s2 = r1.allocation["sensitivity"], r2.allocation["sensitivity"]
+    assert s1["measured"] == s1["candidates"] > 10 and s1["cached"] == 0
+    assert s2["measured"] == 0 and s2["cached"] == s1["candidates"]
+    assert r2.allocation["decisions"] == [{**d, "cached": True} for d in r1.allocation["decisions"]]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert r1.budget_met and r1.after["weight_bytes"] <= 0.35 * r1.before["weight_bytes"]
+    check(m1)
+    assert t2 < t1 / 3, (t1, t2)
