@@ -35,7 +35,7 @@ from .errors import BudgetError
 from .report import NOT_APPLICABLE, PassRecord
 
 KIND_NAMES = {"weight_bytes": "size (weight bytes)", "macs": "MACs", "latency_ms": "latency (ms, 1 thread)"}
-MAX_EXTEND = 3
+MAX_EXTEND = 6
 MAX_BISECT = 5
 
 
@@ -176,9 +176,11 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
     for _ in range(MAX_EXTEND):
         if r["target_met"] or n >= N or not r["budget_ok"]:
             break
-        est = steps[n - 1]["estimated"] if n else table.base_cost[kind]
-        ratio = (r["cost"].get(kind) or est) / max(est, 1e-12)
-        n2 = next((i + 1 for i in range(n, N) if steps[i]["estimated"] * ratio <= target_abs), N)
+        # correct the estimate by the measured share of the estimated saving, then jump ahead
+        b0 = float(table.base_cost[kind])
+        est = steps[n - 1]["estimated"] if n else b0
+        k = (b0 - (r["cost"].get(kind) or est)) / max(b0 - est, 1e-12)
+        n2 = next((i + 1 for i in range(n, N) if b0 - k * (b0 - steps[i]["estimated"]) <= target_abs), N)
         n = max(n2, n + 1)
         r = verify(n)
     if not r["budget_ok"]:

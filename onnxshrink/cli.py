@@ -106,12 +106,14 @@ def cli(debug):
 @click.option("--no-cache", is_flag=True, help="Do not read or write the on-disk sensitivity cache.")
 @click.option("--sensitivity-samples", type=int, default=None,
               help="Validation samples each sensitivity measurement uses (default: all).")
+@click.option("--max-units", type=int, default=None,
+              help="Measure only the N largest prune and svd units (large models; quantize units are all measured; default: all).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="PNG of metric vs size and vs latency of the configurations tried (needs matplotlib).")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress.")
 def optimize(input_model, output_model, passes, calib, val, budget, report_path, target, input_shapes, recipe,
              options, seed, synthetic, latency, target_size, target_macs, target_latency, executor, workers,
-             no_cache, sensitivity_samples, plot_path, quiet):
+             no_cache, sensitivity_samples, max_units, plot_path, quiet):
     """Optimize IN and write OUT (never touching IN)."""
     from .graph.shapes import parse_input_shape
     from .manager import optimize as run_optimize
@@ -163,7 +165,7 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
                                  workers=_first(workers, r.get("workers")),
                                  cache=False if no_cache else r.get("cache", True),
                                  sensitivity_samples=int(_first(sensitivity_samples, r.get("sensitivity_samples"), 0)),
-                                 max_units=int(r.get("max_units", 0)), plot=plot_path or r.get("plot"))
+                                 max_units=int(_first(max_units, r.get("max_units"), 0)), plot=plot_path or r.get("plot"))
     except BudgetError as e:
         if e.report is not None and rpath:
             e.report.input = input_model

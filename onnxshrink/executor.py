@@ -23,6 +23,10 @@ class Executor:
     def map(self, fn: Callable, items: Iterable) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def imap(self, fn: Callable, items: Iterable):
+        """Results in input order as they become available (so a caller can cache each one at once)."""
+        yield from self.map(fn, items)
+
     def close(self) -> None:
         pass
 
@@ -39,6 +43,10 @@ class SerialExecutor(Executor):
     def map(self, fn, items):
         return [fn(x) for x in items]
 
+    def imap(self, fn, items):
+        for x in items:
+            yield fn(x)
+
 
 class ProcessExecutor(Executor):
     """A process pool (spawned workers: onnxruntime sessions are not fork-safe). ``fn`` and the
@@ -54,6 +62,9 @@ class ProcessExecutor(Executor):
 
     def map(self, fn, items):
         return list(self._pool.map(fn, list(items)))
+
+    def imap(self, fn, items):
+        yield from self._pool.map(fn, list(items))
 
     def close(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -77,6 +88,11 @@ class RayExecutor(Executor):
     def map(self, fn, items):
         remote = self._ray.remote(fn)
         return self._ray.get([remote.remote(x) for x in items])
+
+    def imap(self, fn, items):
+        remote = self._ray.remote(fn)
+        for ref in [remote.remote(x) for x in items]:
+            yield self._ray.get(ref)
 
 
 def get_executor(name: str = "auto", workers: int | None = None, n_tasks: int | None = None) -> Executor:

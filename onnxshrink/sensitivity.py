@@ -127,7 +127,7 @@ class Knob:
 class PruneKnob(Knob):
     pass_name = "prune"
     strengths = (0.25, 0.5)
-    probe = {"samples": 8, "latency": False}
+    probe = {"samples": 4, "latency": False}
 
     def units(self, model, shapes):
         from .graph.channels import analyze
@@ -350,7 +350,7 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: _Data, budge
     for pname in passes:
         knob = KNOBS[pname]
         units = knob.units(model, data.shapes)
-        if max_units and len(units) > max_units:
+        if max_units and len(units) > max_units and pname != "quantize":  # quantizing one unit is cheap to measure
             units = sorted(units, key=lambda u: -u[1])[:max_units]
         for unit, _size in units:
             for s in knob.strengths:
@@ -374,18 +374,15 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: _Data, budge
                 pickle.dump((model, data), f, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             items = [(bundle, meta[i].pass_name, tasks[i], latency) for i in todo]
-            if ex.name == "serial":
-                track = progress.track if progress is not None else (lambda it, d: it)
-                out = [measure_task(t) for t in track(items, "sensitivity")]
-            else:
-                out = ex.map(measure_task, items)
+            track = progress.track if progress is not None else (lambda it, d, total=None: it)
+            # each result is cached as soon as it arrives: an interrupted sweep keeps what it measured
+            for i, r in zip(todo, track(ex.imap(measure_task, items), f"sensitivity ({ex.name})", total=len(items))):
+                results[i] = r
+                cache.put(keys[i], r)
         finally:
             if ex.name != "serial":
                 Path(bundle).unlink(missing_ok=True)
             _WORKER.clear()
-        for i, r in zip(todo, out):
-            results[i] = r
-            cache.put(keys[i], r)
     measured = set(todo)
     rows = []
     for i, (c, r) in enumerate(zip(meta, results)):

@@ -669,6 +669,9 @@ class SvdPass(Pass):
             folded = fold_linear_pairs(graph, ctx)
             stats["folded"] = folded
         layers, skipped = _find_layers(graph, o)
+        if o.ranks:  # fixed ranks: only the named layers need statistics and a spectrum
+            named = {str(it).rpartition("=")[0] for it in o.ranks}
+            layers = [L for L in layers if (L.node.name or L.node.outputs[0].name) in named]
         stats["skipped"] = skipped
         if not layers:
             stats["reason"] = "no MatMul/Gemm/Conv with a constant weight of at least %d elements" % o.min_params
