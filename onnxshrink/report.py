@@ -207,6 +207,13 @@ def plot_allocation(allocation: dict, path, budget=None):
         ys = [t.get(metric) for t in trials]
         pts = [(x / (2 ** 20) if key == "weight_bytes" else x, y, t) for x, y, t in zip(xs, ys, trials)
                if x is not None and y is not None]
+        base_c = (allocation.get("base_cost") or {}).get(key)
+        singles = [((base_c - r["saving"][key]) / (2 ** 20) if key == "weight_bytes" else base_c - r["saving"][key],
+                    r.get("metric")) for r in allocation.get("table", [])
+                   if base_c is not None and (r.get("saving") or {}).get(key) is not None
+                   and isinstance(r.get("metric"), (int, float))]
+        if singles:
+            ax.scatter(*zip(*singles), c="lightgray", s=10, label="one unit alone (sensitivity)")
         ok = [(x, y) for x, y, t in pts if t["budget_ok"]]
         bad = [(x, y) for x, y, t in pts if not t["budget_ok"]]
         if ok:

@@ -1,0 +1,126 @@
+"""Allocation across prune, svd and quantize vs quantization alone, on the real models.
+
+For each model (yolov8n, ppocr_det): writes 40 real samples (``real_samples``; the manager holds
+out every 4th for validation), runs
+
+    onnxshrink optimize M q.onnx --passes cleanup,quantize --budget "cosine>=0.99"
+    onnxshrink optimize M a.onnx --passes cleanup,prune,svd,quantize --budget "cosine>=0.99" \
+        --target-size 0.2 --max-units 24 --sensitivity-samples 4 --plot a.png
+
+(unless their outputs exist), then compares the written models on 16 fresh photos (another seed):
+weight bytes and file size vs the input, cosine mean/min against the fp32 model, and single-thread
+latency measured interleaved (the three models in turn, 8 rounds of 5 runs, minimum of each).
+
+    PYTHONPATH=. python benchmarks/pipelines_bench.py [yolov8n] [ppocr_det] [--out /tmp/pipelines]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.real import real_model, real_samples, write_samples  # noqa: E402
+from onnxshrink.metrics import fidelity  # noqa: E402
+from onnxshrink.model import model_stats  # noqa: E402
+from onnxshrink.runtime import make_session  # noqa: E402
+
+
+def _optimize(src, out, passes, extra, report, log):
+    if Path(out).exists() or (Path(report).exists() and json.loads(Path(report).read_text()).get("budget_met") is False):
+        return None
+    cmd = [sys.executable, "-m", "onnxshrink", "optimize", str(src), str(out), "--calib", str(Path(out).parent / "calib"),
+           "--passes", passes, "--budget", "cosine>=0.99", "--report", str(report), "-q", *extra]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT),
+                                                                           **__import__("os").environ})
+    Path(log).write_text(" ".join(cmd) + f"\nexit {r.returncode}, {time.perf_counter() - t0:.0f} s\n" + r.stdout + r.stderr)
+    return r.returncode
+
+
+def _interleaved(models, feeds, rounds=8, runs=5):
+    sess = [make_session(m, optimize=True, threads=1) for m in models]
+    for s in sess:
+        for _ in range(3):
+            s.run(None, feeds)
+    times = [[] for _ in sess]
+    for _ in range(rounds):
+        for s, t in zip(sess, times):
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                t.append((time.perf_counter() - t0) * 1e3)
+    return [min(t) for t in times]
+
+
+def bench(name: str, out: Path) -> list[dict]:
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    src = real_model(name)
+    if not (d / "calib").exists():
+        write_samples(real_samples(name, 40, seed=0), d / "calib")
+    codes = {
+        "quantize": _optimize(src, d / "q.onnx", "cleanup,quantize", ["--latency"], d / "q.json", d / "q.log"),
+        "allocated": _optimize(src, d / "a.onnx", "cleanup,prune,svd,quantize",
+                               ["--latency", "--target-size", "0.2", "--max-units", "24", "--sensitivity-samples", "4",
+                                "--plot", str(d / "a.png")], d / "a.json", d / "a.log"),
+    }
+    fp32 = onnx.load(str(src))
+    models = {"fp32": fp32}
+    for k, f in (("quantize", "q.onnx"), ("allocated", "a.onnx")):
+        if (d / f).exists():
+            models[k] = onnx.load(str(d / f))
+    held = real_samples(name, 16, seed=1)
+    sess0 = make_session(fp32, optimize=False)
+    ref = [sess0.run(None, s) for s in held]
+    lat = _interleaved(list(models.values()), held[0])
+    shapes = {k: list(v.shape) for k, v in held[0].items()}
+    base = model_stats(fp32, shapes)
+    rows = []
+    for (k, m), t in zip(models.items(), lat):
+        s = make_session(m, optimize=True)
+        fid = fidelity(ref, [s.run(None, x) for x in held])
+        st = model_stats(m, shapes)
+        f = {"fp32": src, "quantize": d / "q.onnx", "allocated": d / "a.onnx"}[k]
+        rows.append({"model": name, "pipeline": k, "weight_bytes": st["weight_bytes"],
+                     "size_ratio": st["weight_bytes"] / base["weight_bytes"],
+                     "file_ratio": Path(f).stat().st_size / Path(src).stat().st_size,
+                     "params": st["params"], "macs": st["macs"], "latency_ms": t, "speed": lat[0] / t,
+                     "cosine": fid["cosine"], "cosine_min": fid["cosine_min"], "exit": codes.get(k)})
+    for k in ("quantize", "allocated"):
+        rep = d / ("q.json" if k == "quantize" else "a.json")
+        if rep.exists() and k not in models:
+            r = json.loads(rep.read_text())
+            rows.append({"model": name, "pipeline": k, "failed": (r.get("allocation") or {}).get("result", "budget not met")})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*", default=["yolov8n", "ppocr_det"])
+    ap.add_argument("--out", default="/tmp/pipelines_bench")
+    a = ap.parse_args(argv)
+    print("| model | pipeline | weight bytes (x input) | file (x input) | params | MACs | latency 1 thread | "
+          "speed | cosine mean / min (16 unseen photos) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in a.models:
+        for r in bench(name, Path(a.out)):
+            if "failed" in r:
+                print(f"| {r['model']} | {r['pipeline']} | exit 4: {r['failed']} | | | | | | |")
+                continue
+            print(f"| {r['model']} | {r['pipeline']} | {r['weight_bytes'] / 1e6:.2f} MB ({r['size_ratio']:.3f}) | "
+                  f"{r['file_ratio']:.3f} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.3f}G | {r['latency_ms']:.1f} ms | "
+                  f"{r['speed']:.2f}x | {r['cosine']:.4f} / {r['cosine_min']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
