@@ -1,0 +1,46 @@
+"""CLI cost targets: --target-size/--target-macs/--target-latency and their recipe keys, usage errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from models.build import mlp
+from tests.reliability_helpers import run_cli, write_npy_dir
+
+
+@pytest.fixture
+def case(tmp_path):
+    p = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), str(p))
+    rng = np.random.default_rng(0)
+    calib = write_npy_dir(tmp_path / "calib", [rng.standard_normal((1, 64)).astype(np.float32) for _ in range(12)])
+    return p, calib
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--target-size", "0.3", "--target-macs", "0.5"], "one cost target"),
+    (["--target-size", "1.5"], "fraction"),
+    (["--target-size", "0"], "fraction"),
+])
+def test_target_usage_errors(case, tmp_path, args, msg):
+    p, calib = case
+    res = run_cli("optimize", p, tmp_path / "o.onnx", "--calib", calib, "-p", "cleanup,quantize", *args)
+    assert res.code == 2 and msg in res.err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_recipe_target_size(case, tmp_path):
+    p, calib = case
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"passes: [cleanup, svd, quantize]\ncalib: {calib}\nbudget: cosine>=0.98\n"
+                      f"target_size: 0.5\nexecutor: serial\ncache: false\n")
+    res = run_cli("optimize", p, tmp_path / "o.onnx", "--recipe", recipe, "--report", tmp_path / "r.json", "-q")
+    assert res.code == 0, res.err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["allocation"]["target"] == {**rep["allocation"]["target"], "cost": "weight_bytes", "fraction": 0.5}
+    assert rep["after"]["weight_bytes"] <= 0.5 * rep["before"]["weight_bytes"] and rep["budget_met"]
+    assert rep["allocation"]["sensitivity"]["executor"] == "serial"
