@@ -75,7 +75,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
     Raises BudgetError (with the report filled in) when no verified configuration keeps the budget
     and meets the target."""
     from .executor import SerialExecutor
-    from .sensitivity import KNOBS, cost_of, greedy_order, measure_sensitivity
+    from .sensitivity import KNOBS, cost_of, greedy_order, measure_sensitivity, merge_options
     t0 = time.perf_counter()
     kind, fraction = pm.cost_target
     names = [p.name for p in pm.passes if p.name in KNOBS]
@@ -133,7 +133,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
                                        reason="the allocation chose no unit of this pass"))
                 continue
             from .passes.base import create_pass
-            opts = {**user.get(pname, {}), **KNOBS[pname].options(current, choices)}
+            opts = merge_options(user.get(pname, {}), KNOBS[pname].options(current, choices))
             p = create_pass({pname: opts})
             rec, current = pm._run_one(p, current, nobudget, val, reference, cost_shapes, check_budget=False)
             rec.reason = (rec.reason + "; " if rec.reason else "") + f"allocated {len(choices)} unit(s)"

@@ -193,6 +193,15 @@ class QuantizeKnob(Knob):
 KNOBS: dict[str, Knob] = {k.pass_name: k for k in (PruneKnob(), SvdKnob(), QuantizeKnob())}
 
 
+def merge_options(user: dict, knob_options: dict) -> dict:
+    """The user's options of a pass under the knob's per-unit ones; nodes the user excluded from
+    quantization stay excluded."""
+    out = {**user, **knob_options}
+    if user.get("exclude") and "exclude" in knob_options:
+        out["exclude"] = sorted(set(knob_options["exclude"]) | set(user["exclude"]))
+    return out
+
+
 # ---------------------------------------------------------------------------- applying and measuring
 def apply_pass(model: onnx.ModelProto, pass_name: str, options: dict, ctx) -> tuple[onnx.ModelProto, dict]:
     """Run one pass with ``options`` on ``model``: (new model, stats); the model itself when the
@@ -352,9 +361,11 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: _Data, budge
         units = knob.units(model, data.shapes)
         if max_units and len(units) > max_units and pname != "quantize":  # quantizing one unit is cheap to measure
             units = sorted(units, key=lambda u: -u[1])[:max_units]
+        if pname == "quantize":
+            units = [u for u in units if u[0] not in set(user_options.get(pname, {}).get("exclude") or [])]
         for unit, _size in units:
             for s in knob.strengths:
-                opts = {**user_options.get(pname, {}), **knob.probe, **knob.options(model, {unit: s})}
+                opts = merge_options({**user_options.get(pname, {}), **knob.probe}, knob.options(model, {unit: s}))
                 key = digest(VERSION, mkey, dkey, pname, unit, s, opts, latency)
                 tasks.append(opts)
                 keys.append(key)
