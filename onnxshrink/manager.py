@@ -6,6 +6,11 @@ validate the candidate: (a) ONNX checker and shape inference, (b) an onnxruntime
 A lossless pass must match to float round-off (relative max-abs error <= ``lossless_tol``);
 a lossy pass must keep the budget, else its ``weaker()`` variants are tried (backed off), else
 it is rolled back with the reason. The result is the last accepted model and a Report.
+
+With a cost target (``target_size``/``target_macs``/``target_latency``), the passes with per-unit
+knobs (prune, svd, quantize) run together at the first of them through ``allocate.allocate``:
+shared sensitivity table, greedy allocation, end-to-end verification and back-off, fail closed
+(docs/pipelines.md).
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class PassManager:
     input_shapes: {input name: [dims]} fixing dynamic dimensions.
     synthetic: use random inputs when no data is given (fidelity then means nothing; flagged).
     metric: optional user callable (outputs, samples) -> float, exposed as metric "user".
+    target_size / target_macs / target_latency: one cost target, a fraction of the input's weight
+        bytes, MACs or measured latency; executor (auto, serial, process, ray), workers, cache
+        (True, False, a folder or a MeasurementCache), sensitivity_samples, max_units and plot (a
+        PNG path) tune the allocation.
     """
 
     def __init__(self, passes: Sequence, data=None, val_data=None, budget=None, target=None,
