@@ -75,7 +75,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
     Raises BudgetError (with the report filled in) when no verified configuration keeps the budget
     and meets the target."""
     from .executor import SerialExecutor
-    from .sensitivity import KNOBS, cost_of, greedy_order, measure_sensitivity, merge_options
+    from .sensitivity import KNOBS, cost_of, greedy_order, loss_of, measure_sensitivity, merge_options
     t0 = time.perf_counter()
     kind, fraction = pm.cost_target
     names = [p.name for p in pm.passes if p.name in KNOBS]
@@ -119,6 +119,8 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
         hit = None if materialize else cache.get(key)
         if hit is not None:
             t = {"n": n, "model": None, "records": None, **hit, "cached": True}
+            value = t["cost"].get(kind)  # the target may differ from the run that cached the trial
+            t["target_met"] = value is not None and value <= target_abs
             trials[n] = t
             _log_trial(t, cached=True)
             return t
@@ -152,7 +154,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
             return trials[n]
         t = {"n": n, "model": current, "records": recs, "scores": scores, "cost": cost, "budget_ok": bool(ok),
              "target_met": value is not None and value <= target_abs, "seconds": round(time.perf_counter() - tv, 2)}
-        cache.put(key, {k: t[k] for k in ("scores", "cost", "budget_ok", "target_met", "seconds")})
+        cache.put(key, {k: t[k] for k in ("scores", "cost", "budget_ok", "seconds")})
         trials[n] = t
         _log_trial(t, cached=False)
         return t
@@ -195,7 +197,8 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
                 hi = mid
         r = verify(lo)
     good = [t for t in trials.values() if t["budget_ok"] and t["target_met"]]
-    best = min(good, key=lambda t: t["cost"][kind]) if good else None
+    # the configuration meeting the target at the least metric loss (then the cheapest)
+    best = min(good, key=lambda t: (loss_of(t["scores"], pm.baseline, pm.budget), t["cost"][kind])) if good else None
     alloc["seconds"] = round(time.perf_counter() - t0, 2)
     alloc["table"] = [{k: v for k, v in row.items()} for row in table.rows]
     within = [t for t in trials.values() if t["budget_ok"]]
