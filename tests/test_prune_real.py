@@ -14,10 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["yolov8n", "ppocr_det", "resnet50", "densenet121", "inception_v1",
-                                  pytest.param("shufflenet", marks=pytest.mark.xfail(
-                                      reason="grouped convs + channel shuffle tie channels into a few coarse units: "
-                                             "all zeroed units go, but parameters fall ~19% < 25%", strict=True)),
+@pytest.mark.parametrize("name", ["yolov8n", "ppocr_det", "resnet50", "densenet121", "inception_v1", "shufflenet",
                                   "squeezenet"])
 def test_zeroed_channels_all_removed_losslessly(name):
     import prune_bench

@@ -46,7 +46,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph.channels import ChannelAnalysis, Layout, Member, _conv_pads_zero, analyze, const_value
+from ..graph.channels import (ChannelAnalysis, Layout, Member, _conv_pads_zero, analyze, balanced_selection,
+                              const_value)
 from .base import Context, Pass, PassResult, register
 
 
@@ -131,7 +132,7 @@ class PrunePass(Pass):
                         continue
                     mean = st[0]
                     fill[k] = np.where(np.isnan(fill[k]), mean, fill[k]) if k in fill else mean
-        removed = _keep_nonempty(a, removed)
+        removed = _feasible(a, removed, {**scores, **{u: -np.inf for u in free}} if o.mode == "importance" else None)
         if not removed:
             stats["reason"] = "no removable channels" if o.mode == "zeros" else "nothing to prune"
             return PassResult(graph, False, stats)
@@ -220,6 +221,19 @@ def _keep_nonempty(a: ChannelAnalysis, removed: set) -> set:
                 changed = True
                 break
     return removed
+
+
+def _feasible(a: ChannelAnalysis, removed: set, scores: dict | None = None) -> set:
+    """Shrink ``removed`` until no tensor loses all its channels and every balance constraint
+    (equal removals per group of a grouped conv) holds."""
+    removed = set(removed)
+    while True:
+        new = _keep_nonempty(a, removed)
+        if a.balances:
+            new = balanced_selection(a, new, scores)
+        if new == removed:
+            return new
+        removed = new
 
 
 def _private_const(node: gs.Node, slot: int, values: np.ndarray, cache: dict, key=None) -> gs.Constant:
@@ -345,8 +359,16 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
         if v is None:
             raise RuntimeError(f"cannot slice input {slot} of '{node.name}'")
         new = v
-        for axis, mask in sorted(axes.items()):
-            new = np.compress(mask, new, axis=axis)
+        for axis, mask in sorted(axes.items(), key=lambda kv: kv[1].ndim == 1):
+            if mask.ndim == 2:
+                # grouped conv input: output rows of group g keep the columns of row g of the mask
+                kept = mask.sum(axis=1)
+                if np.any(kept != kept[0]):
+                    raise RuntimeError(f"'{node.name}': unequal removals across groups")
+                parts = np.split(new, mask.shape[0], axis=0)
+                new = np.concatenate([np.compress(mask[g], p, axis=axis) for g, p in enumerate(parts)], axis=0)
+            else:
+                new = np.compress(mask, new, axis=axis)
         key = (t.name, tuple((ax, m.tobytes()) for ax, m in sorted(axes.items())))
         _private_const(node, slot, new, cache, key)
     # 3. shape constants and attributes
@@ -443,10 +465,13 @@ def unit_scores(a: ChannelAnalysis, kind: str, chan_stats: dict | None = None) -
             w = const_value(s.node.inputs[1])
             if st is None or w is None or s.w_member is None:
                 continue
-            wa = np.moveaxis(w.astype(np.float64), s.w_member.axis, 0).reshape(w.shape[s.w_member.axis], -1)
-            wn = np.sqrt((wa * wa).sum(axis=1))
-            if s.kind == "conv" and s.group > 1:
-                wn = np.tile(wn, s.group)
+            if s.kind == "conv" and s.group > 1:  # column j of group g: the rows of group g only
+                G = s.group
+                wg = w.astype(np.float64).reshape(G, w.shape[0] // G, w.shape[1], -1)
+                wn = np.sqrt((wg * wg).sum(axis=(1, 3))).ravel()
+            else:
+                wa = np.moveaxis(w.astype(np.float64), s.w_member.axis, 0).reshape(w.shape[s.w_member.axis], -1)
+                wn = np.sqrt((wa * wa).sum(axis=1))
             rms = np.sqrt(np.maximum(st[1], 0))
             if rms.size != wn.size:
                 continue
@@ -489,8 +514,7 @@ def _choose(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, 
         n = len(us)
         if o.scope == "layer":
             keep = _round_keep(n - int(np.floor(o.ratio * n)), n, o.multiple_of)
-            order = np.argsort(sc, kind="stable")
-            chosen.update(us[i] for i in order[:n - keep])
+            chosen |= _lowest(a, g, us, sc, n - keep)
         else:
             fin = sc[np.isfinite(sc)]
             med = np.median(fin) if fin.size and np.median(fin) > 0 else 1.0
@@ -504,9 +528,19 @@ def _choose(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, 
             drop = int((sc <= thr).sum())
             keep = max(n - drop, int(np.ceil(o.min_keep * n)), 1)
             keep = _round_keep(keep, n, o.multiple_of)
-            order = np.argsort(sc, kind="stable")
-            chosen.update(us[i] for i in order[:n - keep])
+            chosen |= _lowest(a, g, us, sc, n - keep)
     return chosen
+
+
+def _lowest(a: ChannelAnalysis, g, us: list, sc, k: int) -> set:
+    """The ``k`` units of ``us`` with the lowest scores ``sc``; in a group with balance
+    constraints (grouped convs), the largest balanced subset of at most ``k`` of them."""
+    if k <= 0:
+        return set()
+    if not getattr(g, "balances", 0):
+        order = np.argsort(sc, kind="stable")
+        return {us[i] for i in order[:k]}
+    return balanced_selection(a, us, dict(zip(us, np.asarray(sc, np.float64).tolist())), k)
 
 
 def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, o: PruneOptions,
@@ -531,10 +565,10 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
         if not g.prunable or g.units < 2:
             continue
         us = [u for u in g.unit_labels if u not in blocked]
-        order = sorted(us, key=lambda u: (-np.inf if u in free else scores.get(u, 0.0)))
+        sc = np.array([(-np.inf if u in free else scores.get(u, 0.0)) for u in us])
         for level, r in enumerate((o.ratio, min(0.9, 2 * o.ratio))):
             keep = _round_keep(len(us) - int(np.floor(r * len(us))), len(us), o.multiple_of)
-            drop = set(order[:len(us) - keep])
+            drop = _lowest(a, g, us, sc, len(us) - keep)
             if not drop:
                 continue
             rem = np.fromiter(drop, dtype=np.int64)
