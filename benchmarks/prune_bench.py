@@ -17,8 +17,8 @@ every prunable group (tests/prune_helpers.zero_channels: random units for the li
 the least important by activation energy for the real ones so they keep working), then run
 ``cleanup,prune`` through the PassManager: every zeroed unit must be removed, the outputs must
 match to 1e-4 of the output scale, and parameters must fall by >= 25%.
-For PP-OCR det, samples are the photo crops on which the model finds text (max probability >
-0.5), so fidelity is not measured on all-zero maps. The DB probability map of the zeroed model is exactly 0 everywhere (30% of every
+For PP-OCR det, samples are photos with rendered text pasted on (models/real.py), so fidelity is
+not measured on all-zero maps. The DB probability map of the zeroed model is exactly 0 everywhere (30% of every
 layer zeroed kills the detector), so the pre-sigmoid logits are added as a second output and
 checked too; otherwise the comparison would be vacuous.
 
@@ -68,16 +68,9 @@ def _input_name(m: onnx.ModelProto) -> str:
 def prepare(name: str, n_samples: int = 8, seed: int = 0):
     """(folded model, samples) of a benchmark model."""
     if name in REAL:
-        m = fold_constants(onnx.load(str(real_model(name))))
-        if name != "ppocr_det":
-            return m, real_samples(name, n_samples, seed)
-        # the DB text map is ~0 on photos without text, where cosine/SQNR measure float noise:
-        # keep the photo crops on which the model finds text (max probability > 0.5)
-        from onnxshrink.runtime import make_session
-        sess = make_session(m, optimize=True)
-        pool = real_samples(name, 4 * n_samples, seed)
-        hit = [float(sess.run(None, s)[0].max()) > 0.5 for s in pool]
-        return m, ([s for s, h in zip(pool, hit) if h] + [s for s, h in zip(pool, hit) if not h])[:n_samples]
+        # PP-OCR det: real_samples gives photos with rendered text pasted on (its DB map is ~0 on
+        # text-free photos, where cosine/SQNR would measure float noise)
+        return fold_constants(onnx.load(str(real_model(name)))), real_samples(name, n_samples, seed)
     m = fold_constants(onnx.load(str(light_path(name))))
     m = randomize_weights(m, seed)
     mean = np.array([0.485, 0.456, 0.406], np.float32)

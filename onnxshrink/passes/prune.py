@@ -72,7 +72,7 @@ class PruneOptions:
                                                                 "N: merge levels into at most N stages (faster, less exact)"})
     samples: int = field(default=16, metadata={"help": "calibration samples used for statistics and refit"})
     positions: int = field(default=256, metadata={"help": "output positions sampled per sample for conv refit"})
-    ridge: float = field(default=1e-3, metadata={"help": "ridge strength relative to the mean diagonal of X^T X"})
+    ridge: float = field(default=1e-2, metadata={"help": "smallest ridge strength tried (x1, x10, x100, x1000; picked on held-out samples), relative to the mean diagonal of X^T X; the ridge pulls towards the unrefit weights"})
     refit_max_dim: int = field(default=2304, metadata={"help": "skip the refit of consumers with more input features"})
     fold_constants: bool = field(default=True, metadata={"help": "fold constant channels into the consumer bias when exact"})
     latency: bool = field(default=True, metadata={"help": "measure onnxruntime CPU latency (1 thread) before and after"})
@@ -729,14 +729,15 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
             targets[n.name].append(Y)
             plan[n.name].append(pos)
     n_hold = max(1, len(samples) // 4) if len(samples) >= 4 else 0
-    for stage in stages_list:
-        pruned = ctx.to_model(graph)
+    stream = _StageStream(ctx.to_model(graph), [[n.name for n in st] for st in stages_list], samples)
+    res["forward_nodes"] = 0
+    for k, stage in enumerate(stages_list):
         acc = {n.name: None for n in stage}
         hold = {n.name: None for n in stage}
-        for si, s_pr in enumerate(ctx.capture(pruned, [n.inputs[0].name for n in stage], samples)):
+        for si, vals in enumerate(stream.inputs_of_stage(k, ctx.to_model(graph) if k else None)):
             target = hold if si >= len(samples) - n_hold else acc
             for n in stage:
-                X = _input_rows(n, s_pr[n.inputs[0].name], plan[n.name][si], targets[n.name][si].shape[0])
+                X = _input_rows(n, vals[n.inputs[0].name], plan[n.name][si], targets[n.name][si].shape[0])
                 Y = targets[n.name][si]
                 A, B, yy = target[n.name] or (0.0, 0.0, 0.0)
                 target[n.name] = (A + (X.T @ X).astype(np.float64), B + (X.T @ Y).astype(np.float64),
@@ -744,37 +745,185 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
         for n in stage:
             if acc[n.name] is None:
                 continue
-            A, B, yy = acc[n.name]
             kind = _refit_kind(n)
             theta_old = _current_theta(n, kind)
-            d = A.shape[0] - (0 if kind == "matmul" else 1)
-            # ridge on the weights only (not the bias row); strength picked on held-out samples
-            scale = float(np.trace(A[:d, :d])) / max(d, 1)
-            Ah, Bh, yyh = hold[n.name] if hold[n.name] is not None else (A, B, yy)
+            Ah, Bh, yyh = hold[n.name] if hold[n.name] is not None else acc[n.name]
 
             def err(t, A_=Ah, B_=Bh, yy_=yyh):
                 return yy_ - 2 * float(np.sum(t * B_)) + float(np.sum(t * (A_ @ t)))
 
-            best, best_e = None, None
-            for lam in ([o.ridge] if hold[n.name] is None else [o.ridge, o.ridge * 10, o.ridge * 100, o.ridge * 1000]):
-                reg = A.copy()
-                reg[np.arange(d), np.arange(d)] += lam * scale
-                try:
-                    theta = np.linalg.solve(reg, B)
-                except np.linalg.LinAlgError:
-                    theta = np.linalg.lstsq(reg, B, rcond=None)[0]
+            lams = [o.ridge] if hold[n.name] is None else [o.ridge, o.ridge * 10, o.ridge * 100, o.ridge * 1000]
+            best, best_e, best_lam = None, None, None
+            for lam, theta in zip(lams, _ridge_solutions(acc[n.name][0], acc[n.name][1], kind != "matmul", lams,
+                                                         theta_old)):
                 e = err(theta)
                 if best_e is None or e < best_e:
-                    best, best_e = theta, e
+                    best, best_e, best_lam = theta, e, lam
             e_old = err(theta_old)
-            res["layers"].append({"node": n.name, "err_before": e_old / max(yyh, 1e-30),
-                                  "err_after": best_e / max(yyh, 1e-30)})
+            res["layers"].append({"node": n.name, "dim": int(acc[n.name][0].shape[0]), "ridge": best_lam,
+                                  "err_before": e_old / max(yyh, 1e-30), "err_after": best_e / max(yyh, 1e-30)})
             if best_e < e_old:
                 _write_theta(n, kind, best, graph)
                 res["refit"] += 1
             else:
                 res["kept_old"] += 1
+    res["forward_nodes"] = stream.nodes_run
     return res
+
+
+def _ridge_solutions(A: np.ndarray, B: np.ndarray, bias: bool, lams: list, prior: np.ndarray | None = None):
+    """Ridge least-squares solutions [W; b] of the accumulated normal equations (A = sum X~^T X~,
+    B = sum X~^T Y, X~ = [X 1] when ``bias``), one per strength in ``lams`` (relative to the mean
+    diagonal), pulled towards the current weights W0 (``prior``, [W0; b0]) rather than towards 0,
+    so a strong ridge falls back to the unrefit layer instead of shrinking it. The bias is not
+    penalised: with n rows, s_x = sum X, s_y = sum Y,
+        C = A_xx - s_x s_x^T / n,  D = B_x - s_x s_y^T / n      (centred statistics)
+        W = (C + lam I)^-1 (D + lam W0)  (float64 Cholesky),   b = (s_y - s_x^T W) / n."""
+    if bias:
+        n = A[-1, -1]
+        sx, sy = A[:-1, -1], B[-1]
+        C = A[:-1, :-1] - np.outer(sx, sx) / n
+        D = B[:-1] - np.outer(sx, sy) / n
+    else:
+        C, D = A, B
+    d = C.shape[0]
+    scale = float(np.trace(C)) / max(d, 1) or 1.0
+    W0 = np.zeros_like(D) if prior is None else prior[:d]
+    for lam in lams:
+        reg = C.copy()
+        reg[np.arange(d), np.arange(d)] += lam * scale
+        rhs = D + (lam * scale) * W0
+        try:
+            from scipy.linalg import solve_triangular
+            L = np.linalg.cholesky(reg)
+            W = solve_triangular(L.T, solve_triangular(L, rhs, lower=True, check_finite=False), lower=False,
+                                 check_finite=False)
+        except Exception:  # no scipy, or not positive definite in float64
+            try:
+                W = np.linalg.solve(reg, rhs)
+            except np.linalg.LinAlgError:
+                W = np.linalg.lstsq(reg, rhs, rcond=None)[0]
+        yield np.vstack([W, ((sy - sx @ W) / n)[None]]) if bias else W
+
+
+class _StageStream:
+    """Inputs of each refit stage on every sample, computing every node once overall.
+
+    Stage k's layers must see inputs produced by the already refit stages < k, so the sample
+    activations are streamed stage by stage: a tensor's level is the highest stage of the refit
+    layers upstream of it (-1: none); pass k runs, from the frontier F(k-1) kept in memory, only
+    the nodes needed for stage k's inputs and for F(k) = the tensors of level < k that a later
+    node still reads. onnxruntime computes every node of a model whatever is fetched, so this is
+    what keeps the cost at about one forward pass instead of one per stage."""
+
+    def __init__(self, model: onnx.ModelProto, stages: list, samples: list):
+        g = model.graph
+        self.model = model
+        self.stages = stages
+        self.samples = samples
+        self.nodes_run = 0
+        self.inits = {t.name for t in g.initializer}
+        self.prod = {}
+        for i, n in enumerate(g.node):
+            for o in n.output:
+                self.prod[o] = i
+        stage_of = {nm: k for k, st in enumerate(stages) for nm in st}
+        self.lvl = {t.name: -1 for t in g.input}
+        node_lvl = []
+        for n in g.node:
+            lv = max([self.lvl.get(t, -1) for t in n.input if t], default=-1)
+            lv = max(lv, stage_of.get(n.name, -1))
+            node_lvl.append(lv)
+            for o in n.output:
+                self.lvl[o] = lv
+        # nodes some stage input depends on
+        by_name = {n.name: n for n in g.node}
+        need = set()
+        todo = [by_name[nm].input[0] for st in stages for nm in st]
+        while todo:
+            t = todo.pop()
+            i = self.prod.get(t)
+            if i is None or i in need:
+                continue
+            need.add(i)
+            todo.extend(x for x in g.node[i].input if x and x not in self.inits)
+        self.need = need
+        # last stage at which each activation is read by a needed node of a later level
+        self.read_until = {}
+        for i in need:
+            for t in g.node[i].input:
+                if t and t not in self.inits:
+                    self.read_until[t] = max(self.read_until.get(t, -1), node_lvl[i])
+        for st in stages:
+            for nm in st:
+                t = by_name[nm].input[0]
+                self.read_until[t] = max(self.read_until.get(t, -1), stage_of[nm])
+        self.stage_inputs = [[by_name[nm].input[0] for nm in st] for st in stages]
+        self.types = {}
+        try:
+            inf = onnx.shape_inference.infer_shapes(model)
+            for vi in list(inf.graph.value_info) + list(inf.graph.input) + list(inf.graph.output):
+                self.types[vi.name] = vi.type.tensor_type.elem_type
+        except Exception:
+            pass
+        self.frontier = [dict(s) for s in samples]
+
+    def inputs_of_stage(self, k: int, model: onnx.ModelProto | None):
+        """Yield, per sample, {input tensor of a stage-k layer: value}; ``model`` is the current
+        (partly refit) model (None: unchanged since the stream was built)."""
+        from ..runtime import make_session
+        have = set(self.frontier[0])
+        # frontier after this pass: tensors of level < k still read at level >= k
+        keep = {t for t, last in self.read_until.items() if self.lvl.get(t, 99) < k and last >= k}
+        want = list(dict.fromkeys(self.stage_inputs[k] + sorted(keep - have)))
+        fetch = [t for t in want if t not in have]
+        sess = None
+        if fetch:
+            if model is not None:
+                self.model = model
+            sub, feeds = self._submodel(self.model, fetch, have)
+            sess = make_session(sub, optimize=False)
+        for si in range(len(self.samples)):
+            cur = self.frontier[si]
+            if sess is not None:
+                out = sess.run(fetch, {t: cur[t] for t in feeds})
+                cur.update(zip(fetch, out))
+            yield {t: cur[t] for t in self.stage_inputs[k]}
+            for t in list(cur):
+                if t not in keep:
+                    del cur[t]
+
+    def _submodel(self, model: onnx.ModelProto, outputs: list, have: set):
+        g = model.graph
+        prod = {o: i for i, n in enumerate(g.node) for o in n.output}
+        nodes, feeds = set(), set()
+        todo = list(outputs)
+        while todo:
+            t = todo.pop()
+            if t in have:
+                feeds.add(t)
+                continue
+            i = prod.get(t)
+            if i is None or i in nodes:
+                continue
+            nodes.add(i)
+            todo.extend(x for x in g.node[i].input if x)
+        self.nodes_run += len(nodes)
+        used = {x for i in nodes for x in g.node[i].input}
+        sample = self.frontier[0]
+
+        def vi(name, arr=None):
+            et = self.types.get(name) or (onnx.helper.np_dtype_to_tensor_dtype(arr.dtype) if arr is not None
+                                          else onnx.TensorProto.FLOAT)
+            return onnx.helper.make_tensor_value_info(name, et, None)
+
+        sg = onnx.helper.make_graph([g.node[i] for i in sorted(nodes)], "refit_stage",
+                                    [vi(t, np.asarray(sample[t])) for t in sorted(feeds)],
+                                    [vi(t) for t in outputs],
+                                    initializer=[t for t in g.initializer if t.name in used])
+        m = onnx.helper.make_model(sg, opset_imports=list(model.opset_import))
+        m.ir_version = model.ir_version
+        return m, sorted(feeds)
 
 
 def _refit_levels(graph: gs.Graph, names: set) -> dict:
