@@ -348,7 +348,9 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
     pm = PassManager(passes, **kwargs)
     result, report = pm.run(model)
     if output is not None:
-        model_io.save(result, output, input_path=input_path)
+        sparse = any(r.name == "sparsify" and r.status in (APPLIED, BACKED_OFF) and r.stats.get("storage") == "sparse"
+                     for r in report.passes)
+        model_io.save(result, output, input_path=input_path, sparse_initializers=sparse)
         report.output = str(output)
         report.file_bytes = {"before": Path(input_path).stat().st_size if input_path else None,
                              "after": Path(output).stat().st_size}
