@@ -541,3 +541,13 @@ def test_target_macs_picks_groups_by_sensitivity():
     info = r.stats["target_macs"]
     assert info["estimated_fraction"] <= 0.85 and info["groups_pruned"] >= 1
     assert r.stats["macs_after"] <= 0.9 * r.stats["macs_before"]
+
+
+def test_target_latency_bisects_on_measured_latency():
+    m = _cnn()
+    out, r = run_pass(m, calib=_smooth_inputs(4, 0), mode="importance", ratio=0.25, refit=False, multiple_of=1,
+                      target_latency=0.6)
+    check(out)
+    info = r.stats["target_latency"]
+    assert info["latency_ms_input"] > 0 and info["latency_ms_chosen"] > 0 and info["latency_measurements"] >= 2
+    assert info["groups_pruned"] >= 1 and r.stats["removed_units"] > 0

@@ -31,6 +31,13 @@ Consumers are refit level by level: a layer is fit after every refit layer upstr
 candidate removal (``ratio`` and 2 x ``ratio``) is simulated by zeroing its filters in a copy;
 candidates are ranked by output error (1 - cosine) per MAC saved and taken until
     MACs = sum_layers MACs_l * (1 - removed_in_l) * (1 - removed_out_l) <= target_macs * MACs_0.
+``target_latency`` follows the same greedy path and bisects on it for the shortest prefix whose
+pruned model's measured onnxruntime CPU latency (1 thread, median) is <= target_latency x the
+input's (about log2(#candidates) latency measurements).
+
+Grouped convs (ShuffleNet, ResNeXt) need equal removals per group: a removal set is made valid by
+``graph.channels.balanced_selection`` (the largest balanced subset of the wanted units, lowest
+importance first).
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ class PruneOptions:
     target_macs: float = field(default=0.0, metadata={
         "help": "importance mode: instead of pruning every group, prune (at `ratio`, then 2x `ratio`) the groups with the "
                 "lowest measured output error per MAC saved until MACs <= this fraction of the input's (0: off)"})
+    target_latency: float = field(default=0.0, metadata={
+        "help": "importance mode: like target_macs, but prune along the same sensitivity order until the measured "
+                "onnxruntime CPU latency (1 thread) is <= this fraction of the input's (0: off)"})
     multiple_of: int = field(default=8, metadata={"help": "round kept channel counts up to a multiple of this (SIMD-friendly)"})
     min_keep: float = field(default=0.1, metadata={"help": "global scope: keep at least this fraction of each group"})
     compensate: bool = field(default=True, metadata={"help": "fold removed channels' calibration mean into the consumer bias"})
@@ -121,7 +131,11 @@ class PrunePass(Pass):
             chan_stats = _sink_statistics(a, ctx, before, samples) if samples else {}
             scores = unit_scores(a, o.importance, chan_stats)
             chosen = _choose(a, groups, scores, set(free), blocked, o)
-            if o.target_macs > 0 and samples:
+            if o.target_latency > 0 and samples:
+                measure = _latency_probe(ctx, before, a.n, input_shapes, samples[0], free)
+                chosen, stats["target_latency"] = _choose_for_macs(a, groups, scores, set(free), blocked, o, before,
+                                                                   samples, input_shapes, measure)
+            elif o.target_macs > 0 and samples:
                 chosen, stats["target_macs"] = _choose_for_macs(a, groups, scores, set(free), blocked, o, before,
                                                                 samples, input_shapes)
             removed |= chosen
@@ -544,12 +558,14 @@ def _lowest(a: ChannelAnalysis, g, us: list, sc, k: int) -> set:
 
 
 def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, o: PruneOptions,
-                     model: onnx.ModelProto, samples: list, input_shapes) -> tuple[set, dict]:
+                     model: onnx.ModelProto, samples: list, input_shapes, measure=None) -> tuple[set, dict]:
     """Per-group ratios by measured sensitivity: each prunable group's candidate removal (its
     lowest-importance units at ``ratio`` and at 2 x ``ratio``) is simulated by zeroing the units'
     filters in a copy of the model; its output error (1 - cosine on a few calibration samples)
     per MAC saved ranks the candidates, and the cheapest are taken (one level per group) until
-    the estimated MACs reach ``target_macs`` of the input's."""
+    the estimated MACs reach ``target_macs`` of the input's. With ``measure`` (removal set ->
+    measured latency in ms), the same greedy path is followed to its end and the shortest prefix
+    meeting ``target_latency`` is found by bisection on measured latencies."""
     from ..graph.cost import model_cost
     from ..metrics import fidelity
     from ..runtime import make_session
@@ -609,8 +625,9 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
 
     chosen, used, removed = set(free), {}, {}
     macs = macs_of(removed)
+    steps = [(set(chosen), macs, 0)]  # the greedy path: removal set, estimated MACs, groups pruned
     for score, gid, level, drop, fracs, err in cands:
-        if macs <= o.target_macs * total:
+        if measure is None and macs <= o.target_macs * total:
             break
         if gid in used:
             if used[gid][0] >= level:
@@ -623,9 +640,57 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
         chosen |= drop
         used[gid] = (level, fracs, drop)
         macs = macs_of(removed)
-    info = {"target": o.target_macs, "estimated_fraction": round(macs / total, 4),
-            "groups_pruned": len(used), "candidates": len(cands)}
+        steps.append((set(chosen), macs, len(used)))
+    if measure is None:
+        info = {"target": o.target_macs, "estimated_fraction": round(macs / total, 4),
+                "groups_pruned": len(used), "candidates": len(cands)}
+        return chosen, info
+    # target_latency: the shortest prefix of the greedy path whose pruned model, measured on
+    # onnxruntime (1 thread, median), is at most target_latency of the input's latency
+    base = measure(set(free))
+    goal = o.target_latency * base
+    seen: dict = {}
+
+    def lat(k):
+        if k not in seen:
+            seen[k] = measure(steps[k][0])
+        return seen[k]
+
+    lo, hi = 0, len(steps) - 1
+    if lat(hi) > goal:
+        k = hi
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if lat(mid) <= goal:
+                hi = mid
+            else:
+                lo = mid
+        k = hi
+    chosen, macs, n_groups = steps[k]
+    info = {"target_latency": o.target_latency, "latency_ms_input": round(base, 3), "latency_ms_chosen": round(lat(k), 3),
+            "reached": lat(k) <= goal, "estimated_macs_fraction": round(macs / total, 4), "groups_pruned": n_groups,
+            "candidates": len(cands), "latency_measurements": len(seen) + 1}
     return chosen, info
+
+
+def _latency_probe(ctx: Context, model: onnx.ModelProto, n_ids: int, input_shapes, feeds: dict, free: set):
+    """A function: removal set -> onnxruntime CPU latency (ms, 1 thread, median of 10) of
+    ``model`` with those units removed (a fresh import and analysis of the same model gives the
+    same channel ids and unit labels)."""
+    from ..runtime import measure_latency
+
+    def measure(chosen: set) -> float:
+        g = gs.import_onnx(model)
+        a2 = analyze(g, input_shapes)
+        if a2.n != n_ids:
+            raise RuntimeError("re-analysis gave different channel ids")
+        rem = _feasible(a2, set(chosen), {u: -np.inf for u in free})
+        if rem:
+            remove_units(a2, g, rem, None)
+        return measure_latency(ctx.to_model(g), feeds, runs=10, warmup=2, threads=1)
+
+    return measure
 
 
 def _round_keep(keep: int, n: int, m: int) -> int:
