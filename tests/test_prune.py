@@ -551,3 +551,18 @@ def test_target_latency_bisects_on_measured_latency():
     info = r.stats["target_latency"]
     assert info["latency_ms_input"] > 0 and info["latency_ms_chosen"] > 0 and info["latency_measurements"] >= 2
     assert info["groups_pruned"] >= 1 and r.stats["removed_units"] > 0
+
+
+def test_refit_stream_runs_each_node_once_and_matches_full_capture():
+    from onnxshrink.passes.prune import _StageStream
+    from onnxshrink.runtime import capture_activations
+    m = _cnn()
+    samples = _smooth_inputs(3, 0)
+    stream = _StageStream(m, [["c1"], ["c2"], ["fc"]], samples)
+    got = [list(stream.inputs_of_stage(k, None)) for k in range(3)]
+    full = list(capture_activations(m, ["r0", "r1", "f"], samples))
+    for si in range(3):
+        np.testing.assert_array_equal(got[0][si]["r0"], full[si]["r0"])
+        np.testing.assert_array_equal(got[1][si]["r1"], full[si]["r1"])
+        np.testing.assert_array_equal(got[2][si]["f"], full[si]["f"])
+    assert stream.nodes_run == len(m.graph.node) - 1   # all but fc itself
