@@ -262,3 +262,18 @@ def test_channel_shuffle_between_grouped_convs():
     # the stem feeds g0's two groups: 4 single-channel units, balanced 2 + 2
     gs0 = by_producer(a.groups(), "c0")
     assert gs0.units == 4 and gs0.balances == 1
+
+
+def test_balanced_repair_without_scipy_is_balanced():
+    from onnxshrink.graph.channels import _balance_rows, _balanced, _balanced_repair
+    m = model([
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="c0"),
+        helper.make_node("Conv", ["a", "wg"], ["y"], name="gc", group=4),
+    ], [W(12, 3, 1, 1, name="w0"), W(4, 3, 1, 1, name="wg")])
+    a = analyze(gs.import_onnx(m))
+    u = by_producer(a.groups(), "c0").unit_labels
+    rows = _balance_rows(a)
+    wanted = [u[0], u[1], u[3], u[6], u[7], u[9]]   # per group of 3: 2, 1, 2, 1
+    sel = _balanced_repair(a, wanted, rows, None)
+    assert _balanced(rows, sel) and len(sel) == 4      # one per group
+    assert sel == {u[0], u[3], u[6], u[9]}             # the first-ranked (least important) of each
