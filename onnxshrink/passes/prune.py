@@ -82,7 +82,7 @@ class PruneOptions:
                                                                 "N: merge levels into at most N stages (faster, less exact)"})
     samples: int = field(default=16, metadata={"help": "calibration samples used for statistics and refit"})
     positions: int = field(default=256, metadata={"help": "output positions sampled per sample for conv refit"})
-    ridge: float = field(default=1e-2, metadata={"help": "smallest ridge strength tried (x1, x10, x100, x1000; picked on held-out samples), relative to the mean diagonal of X^T X; the ridge pulls towards the unrefit weights"})
+    ridge: float = field(default=0.1, metadata={"help": "smallest ridge strength tried (x1, x10, x100; picked on held-out samples), relative to the mean diagonal of X^T X; the ridge pulls towards the unrefit weights"})
     refit_max_dim: int = field(default=2304, metadata={"help": "skip the refit of consumers with more input features"})
     fold_constants: bool = field(default=True, metadata={"help": "fold constant channels into the consumer bias when exact"})
     latency: bool = field(default=True, metadata={"help": "measure onnxruntime CPU latency (1 thread) before and after"})
@@ -817,7 +817,7 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
             def err(t, A_=Ah, B_=Bh, yy_=yyh):
                 return yy_ - 2 * float(np.sum(t * B_)) + float(np.sum(t * (A_ @ t)))
 
-            lams = [o.ridge] if hold[n.name] is None else [o.ridge, o.ridge * 10, o.ridge * 100, o.ridge * 1000]
+            lams = [o.ridge * 10] if hold[n.name] is None else [o.ridge, o.ridge * 10, o.ridge * 100]
             best, best_e, best_lam = None, None, None
             for lam, theta in zip(lams, _ridge_solutions(acc[n.name][0], acc[n.name][1], kind != "matmul", lams,
                                                          theta_old)):
