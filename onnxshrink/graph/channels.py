@@ -550,10 +550,15 @@ def balanced_selection(a: ChannelAnalysis, wanted, scores: dict | None = None, l
         return set(order[:limit] if limit is not None else order)
     if limit is not None and limit <= 0:
         return set()
+    rest = set()
+    if limit is None:  # units under no constraint stay wanted (their tensors are checked by the caller too)
+        bound = {u for r in rows for sl in r for u in sl}
+        rest = {u for u in order if u not in bound}
+        order = [u for u in order if u in bound]
     try:
-        return _balanced_milp(a, order, rows, limit)
+        return rest | _balanced_milp(a, order, rows, limit)
     except Exception:
-        return _balanced_repair(a, order, rows, limit)
+        return rest | _balanced_repair(a, order, rows, limit)
 
 
 def _balanced_milp(a: ChannelAnalysis, order: list, rows: list, limit: int | None) -> set:
