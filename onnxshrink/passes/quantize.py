@@ -99,6 +99,20 @@ class QuantizeOptions:
         "help": "correct each output channel's mean shift in the bias"})
     div_to_mul: bool = field(default=False, metadata={
         "help": "rewrite Div by a constant as Mul by its reciprocal (integer hard-swish chains)"})
+    equalize: bool = field(default=False, metadata={
+        "help": "cross-layer equalization of Conv -> [Relu] -> Conv pairs first (exact; passes/equalize.py)"})
+    rounding: Literal["nearest", "gptq"] = field(default="nearest", metadata={
+        "help": "weight rounding: nearest, or gptq (error feedback that minimises each layer's output "
+                "error on the calibration inputs, same scales; see passes/rounding.py)"})
+    rounding_samples: int = field(default=16, metadata={"help": "calibration samples for rounding=gptq"})
+    weights_only: Literal["off", "int4", "int8"] = field(default="off", metadata={
+        "help": "instead of QDQ: block-wise int4/int8 weights of MatMul/Gemm with float activations "
+                "(onnxruntime's MatMulNBits quantizer; for transformers; see passes/weight_only.py)"})
+    block_size: int = field(default=0, metadata={
+        "help": "weights_only block size (0: the largest of 128/64/32 that holds min_cosine on calibration samples)"})
+    symmetric: bool = field(default=False, metadata={"help": "weights_only: symmetric blocks (no zero points)"})
+    accuracy_level: int = field(default=0, metadata={
+        "help": "weights_only: MatMulNBits accuracy_level (0: onnxruntime's default; 4: int8 compute on CPU)"})
     bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
     max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
@@ -629,10 +643,16 @@ class _Quantizer:
         q = np.clip(np.round(W / s.reshape(shape)), -self.wmax, self.wmax).astype(np.int8)
         return q, s
 
+    def unit_weight_quant(self, name: str, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """``weight_quant`` with the integer weights of ``rounding`` (same scales) where it chose them."""
+        q, s = self.weight_quant(W, axis)
+        r = getattr(self, "rounded", {}).get(name)
+        return (r, s) if r is not None and r.shape == q.shape else (q, s)
+
     def _quantize_weights(self, g, node, u: _Unit, params, shift):
         W = np.asarray(node.inputs[1].values).astype(np.float32)
         axis = u.weight_axis
-        wq, ws = self.weight_quant(W, axis)
+        wq, ws = self.unit_weight_quant(node.name, W, axis)
         dq_w = gs.Variable(node.name + "_W_dequantized", dtype=np.float32, shape=list(W.shape))
         attrs = {"axis": axis} if self.per_channel else {}
         g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_W_DequantizeLinear", attrs=attrs,
@@ -688,8 +708,16 @@ class _Quantizer:
             t0 = t
 
         refuse_quantized(graph)
+        if self.o.weights_only != "off":
+            from .weight_only import run_weights_only
+            self.n_units = 0
+            self.stats["prepared"] = prepare_float_graph(graph)
+            return PassResult(*run_weights_only(graph, self.o, self.ctx, self.stats))
         self._scheme()
         self.stats["prepared"] = prepare_float_graph(graph, self.o.div_to_mul)
+        if self.o.equalize:
+            from .equalize import equalize_pairs
+            self.stats["equalize"] = equalize_pairs(graph)
         if not any(n.op in WEIGHTED_OPS and self._weight_info(n) is not None for n in graph.nodes):
             raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
         graph = self._handle_opset(graph)
@@ -712,6 +740,13 @@ class _Quantizer:
         self.ranges = {t: estimate_range(h, self.o.calibrator, levels=levels, **kw) for t, h in self.hists.items()}
         self.n_units = sum(1 for u in units.values() if u.kind == "weighted")
         lap("calibrate")
+        if self.o.rounding == "gptq":
+            from .rounding import round_units
+            w_units = [u for u in cand.values() if u.kind == "weighted"]
+            self.rounded, self.stats["rounding"] = round_units(
+                self.model_f, graph, [(u.node, u.weight_axis) for u in w_units], self.weight_quant, self._samples,
+                self._capture, self.wmax, n_samples=self.o.rounding_samples)
+            lap("rounding")
 
         # per-unit analysis on a shadow model: each unit quantized alone, on float inputs
         analysis = None
@@ -938,7 +973,7 @@ class _Quantizer:
             g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq]))
             g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd]))
             W = np.asarray(node.inputs[1].values).astype(np.float32)
-            wq, ws = self.weight_quant(W, u.weight_axis)
+            wq, ws = self.unit_weight_quant(u.node, W, u.weight_axis)
             shape = [1] * W.ndim
             if self.per_channel:
                 shape[u.weight_axis] = -1
