@@ -50,7 +50,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import InputError
 from .base import Context, Pass, PassResult, register
-from .calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, estimate_range
+from .calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, collect_minmax, estimate_range
 
 # ops whose presence means the model is already quantized
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
@@ -65,6 +65,11 @@ PASSTHROUGH_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsq
                    "Gather", "Split", "Expand", "Tile"}
 FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHAPE_OPS = {"Constant", "Shape", "Cast", "Range", "ConstantOfShape", "Size", "Identity", "NonZero"}
+
+
+def _is_large(model) -> bool:
+    from ..model import is_large
+    return is_large(model)
 
 
 def _has_vnni() -> bool:
@@ -733,7 +738,13 @@ class _Quantizer:
         # calibrate every tensor any plan could quantize, so excluding units later needs no new pass
         cand, _ = self.plan(graph, set())
         tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
-        self.hists = collect_histograms(self._capture(self.model_f, tensors), tensors, bins=self.o.bins)
+        if self.o.calibrator == "minmax" and not _is_large(self.model_f):
+            # only min and max are needed: reduced in the graph, the tensors never leave onnxruntime
+            self.hists, rest = collect_minmax(self.model_f, tensors, self._samples())
+            if rest:
+                self.hists.update(collect_histograms(self._capture(self.model_f, rest), rest, bins=self.o.bins))
+        else:
+            self.hists = collect_histograms(self._capture(self.model_f, tensors), tensors, bins=self.o.bins)
         self.clips = {u.output: u.clip for u in cand.values() if u.clip is not None}
         kw = {"percentile": self.o.percentile} if self.o.calibrator == "percentile" else {}
         levels = self.qmax - self.qmin + 1
@@ -749,16 +760,12 @@ class _Quantizer:
             lap("rounding")
 
         # per-unit analysis on a shadow model: each unit quantized alone, on float inputs
-        analysis = None
-        need_sens = self.o.keep_float or self.o.guard or self.ctx.budget is not None
-        if need_sens or self.o.bias_correction:
-            analysis = self.analyse(cand)
-            self.sens = {k: a["nsr"] for k, a in analysis.items()}
-            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
-                                         sorted(self.sens.items(), key=lambda kv: -kv[1])[:20]}
+        # (the guard asks for it only when its fidelity floor fails: most models never pay for it)
+        self._cand = cand
+        analysis = self._analysis() if self.o.keep_float or self.o.bias_correction else None
         lap("analyse")
         self.shift = ({k: a["shift"] for k, a in analysis.items()} if self.o.bias_correction and analysis else None)
-        order = [k for k, _ in sorted(self.sens.items(), key=lambda kv: -kv[1])] if analysis else []
+        order = self._order() if analysis else None
         if self.o.keep_float and order:
             excluded |= set(order[: self.o.keep_float])
             units, reasons = self.plan(graph, excluded)
@@ -771,7 +778,7 @@ class _Quantizer:
                 return PassResult(graph, False, {"reason": self.stats.get("guard_reason", "no faster placement"),
                                                  **self.stats})
         for n in excluded:
-            if n in reasons and analysis and n in self.sens and not reasons[n].startswith("kept float: small"):
+            if n in reasons and n in getattr(self, "sens", {}) and not reasons[n].startswith("kept float: small"):
                 reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {self.sens[n]:.2e})"
         self.stats["nodes"] = reasons
         self.stats["quantized_units"] = {k: sum(1 for u in units.values() if u.kind == k)
@@ -832,6 +839,20 @@ class _Quantizer:
             return self.ctx.budget.holds(fid)
         return fid.get("cosine", 0.0) >= self._floor
 
+    def _analysis(self) -> dict:
+        """The per-unit analysis (sensitivity, mean shifts), run once on first use."""
+        if not hasattr(self, "_analysed"):
+            self._analysed = self.analyse(self._cand)
+            self.sens = {k: a["nsr"] for k, a in self._analysed.items()}
+            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
+                                         sorted(self.sens.items(), key=lambda kv: -kv[1])[:20]}
+        return self._analysed
+
+    def _order(self) -> list:
+        """Weighted units, most sensitive first."""
+        self._analysis()
+        return [k for k, _ in sorted(self.sens.items(), key=lambda kv: -kv[1])]
+
     def _guard(self, qg, units, reasons, excluded, order):
         """Keep the most sensitive units in float (1, 2, 4, ... of them) until the fidelity floor holds
         (``ctx.budget``; else mean cosine >= ``min_cosine`` x the float model's own cosine after
@@ -846,8 +867,6 @@ class _Quantizer:
             base = self._fidelity(self.model_f).get("cosine", 1.0)
             self._floor = self.o.min_cosine * min(base, 1.0)
         base_ex = set(excluded)
-        cap = len(order) if self.ctx.budget is not None else \
-            max(1, int(math.ceil(self.o.max_float_fraction * len(order))))
         fid = self._fidelity(qg)
         tried = [(fid, qg, units, reasons, excluded)]
         log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
@@ -863,6 +882,11 @@ class _Quantizer:
                 tried.append((fid, qg, units, reasons, excluded))
             else:
                 self.elementwise = True
+        if not self._holds(fid) and order is None:
+            order = self._order()
+        order = order or []
+        cap = len(order) if self.ctx.budget is not None else \
+            max(1, int(math.ceil(self.o.max_float_fraction * len(order))))
         k = 1
         while not self._holds(fid) and order and k <= min(cap, len(order)):
             ex = base_ex | set(order[:k])
