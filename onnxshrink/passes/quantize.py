@@ -828,10 +828,10 @@ class _Quantizer:
         from ..runtime import make_session
         if not hasattr(self, "_ref"):
             self._guard_samples = list(self._samples_n(8))
-            sess = make_session(self.model_f, optimize=False)
+            sess = make_session(self.model_f, optimize=False, low_memory=True)
             self._ref = [sess.run(None, s) for s in self._guard_samples]
         model = g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g)
-        sess = make_session(model, optimize=True)
+        sess = make_session(model, optimize=True, low_memory=True)
         return fidelity(self._ref, [sess.run(None, s) for s in self._guard_samples])
 
     def _holds(self, fid: dict) -> bool:
