@@ -65,13 +65,37 @@ def test_equalize_is_exact_and_evens_the_ranges(act):
     check(out)
     for f in _feeds():
         assert_outputs_close(run_ort(m, f), run_ort(out, f), 1e-5)
-    w = {t.name.split("_")[0]: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
-    r1 = np.abs(w["w1"]).reshape(8, -1).max(axis=1)
-    r2 = np.abs(w["w2"]).reshape(8, -1).max(axis=1)
-    r3 = np.abs(w["w3"]).max(axis=(0, 2, 3))
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    r1 = np.abs(w["c1_W_equalized"]).reshape(8, -1).max(axis=1)
+    r2 = np.abs(w["c2_W_equalized"]).reshape(8, -1).max(axis=1)
+    r3 = np.abs(w["c3_W_equalized"]).max(axis=(0, 2, 3))
     # after the iteration settles each shared channel has one range on both sides of the middle conv
     assert np.allclose(r1, r2, rtol=0.05) and np.allclose(r2, r3, rtol=0.05)
     assert res.stats["first_layer_range_spread"]["after"] < res.stats["first_layer_range_spread"]["before"]
+
+
+def test_shared_weights_get_one_tensor_per_conv():
+    """Two identical branches share their initializers (as cleanup leaves them): each conv gets its own."""
+    m = sep_stack("Relu")
+    g = m.graph
+    nodes = list(g.node)
+    for n in nodes:  # a second copy of the stack on the same weights, summed into the output
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.name = n.name + "_b"
+        c.input[:] = [i if i in {t.name for t in g.initializer} or i == "x" else i + "_b" for i in n.input]
+        c.output[:] = [o + "_b" for o in n.output]
+        g.node.append(c)
+    g.node.append(oh.make_node("Add", ["y", "y_b"], ["sum"], name="sum"))
+    g.output[0].name = "sum"
+    check(m)
+    res = EqualizePass().run(gs.import_onnx(m), Context())
+    assert res.stats["pairs"] == 4
+    out = gs.export_onnx(res.graph)
+    out.opset_import[0].version = 17
+    check(out)
+    f = _feeds(1)[0]
+    assert_outputs_close(run_ort(m, f), run_ort(out, f), 1e-5)
 
 
 def test_relu6_and_hardswish_pairs_are_skipped():

@@ -162,14 +162,17 @@ def equalize_pairs(graph: gs.Graph, iterations: int = 20, tol: float = 1e-3, max
             ws[n2.name] = _unslab(sl * s[:, None, None], W2.shape, g2)
         if change < tol:
             break
+    by_name = {n.name: n for p in pairs for n in (p[0], p[2])}
     for name, arr in ws.items():
-        node = next(n for n in graph.nodes if n.name == name)
-        node.inputs[1] = gs.Constant(node.inputs[1].name + "_eq", arr.astype(np.float32))
+        node = by_name[name]
+        # named after the node: a weight shared by two convs (cleanup merges equal initializers)
+        # gets one new tensor per conv
+        node.inputs[1] = gs.Constant(f"{node.name}_W_equalized", arr.astype(np.float32))
     for name, arr in bs.items():
         if arr is None:
             continue
-        node = next(n for n in graph.nodes if n.name == name)
-        node.inputs[2] = gs.Constant(node.inputs[2].name + "_eq", arr.astype(np.float32))
+        node = by_name[name]
+        node.inputs[2] = gs.Constant(f"{node.name}_B_equalized", arr.astype(np.float32))
     graph.cleanup()
     after = float(np.mean([spread(ws[p[0].name]) for p in pairs]))
     return {"pairs": len(pairs), "iterations": it, "skipped": dict(skipped),
