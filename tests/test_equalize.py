@@ -115,3 +115,14 @@ def test_equalize_under_the_pass_manager_and_as_a_quantize_step():
     check(q)
     assert rep.passes[0].stats["equalize"]["pairs"] == 2
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ppocr_cls", "ppocr_det"])
+def test_equalize_real_models_pass_the_lossless_check(name, real_model_path):
+    from models.real import real_samples
+    s = real_samples(name, 6, seed=0)
+    out, rep = optimize(str(real_model_path(name)), passes=["cleanup", "equalize"], data=s[:2], val_data=s[2:])
+    rec = rep.passes[-1]
+    assert rec.status == "applied", rec.reason  # the manager checked it to 1e-4 of the output scale
+    assert rec.stats["pairs"] >= 10
