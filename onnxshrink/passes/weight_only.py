@@ -67,7 +67,11 @@ def gemm_to_matmul(graph: gs.Graph) -> int:
 def weight_only_quantize(model: onnx.ModelProto, bits: int = 4, block_size: int = 128, symmetric: bool = False,
                          accuracy_level: int | None = None, exclude: list | None = None) -> onnx.ModelProto:
     """``MatMulNBitsQuantizer`` of onnxruntime on ``model`` (MatMul with constant 2-D weights)."""
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    except ImportError as e:  # it imports onnx_ir, which onnxruntime does not install
+        raise InputError(f"weights_only needs onnxruntime's MatMulNBits quantizer, which failed to import "
+                         f"({e}); pip install onnx-ir") from e
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                            accuracy_level=accuracy_level, bits=bits)
