@@ -27,6 +27,13 @@ Data-aware extras (no training):
 - Sensitivity: each unit quantized alone on its float input (a shadow copy of the node next to the
   float one), ``NSR = |y_q - y|^2 / |y|^2`` over calibration samples. The bias-correction shift
   comes from the same run (so it corrects each layer's own error, not its inputs').
+- Rounding (``rounding=gptq``, off by default: measured, it does not pay with 8-bit activations):
+  with the scales fixed, integer weights that minimise ``|(W - s Q) X|^2`` on the calibration inputs
+  by GPTQ error feedback (``rounding.py``).
+- Cross-layer equalization (``equalize=true``, off by default): exact per-channel rescaling of
+  Conv -> [Relu] -> Conv pairs before calibration (``equalize.py``).
+- Weight-only (``weights_only=int4|int8``): instead of QDQ, onnxruntime's MatMulNBits quantizer on the
+  MatMul/Gemm weights, block size chosen on the calibration samples (``weight_only.py``).
 - Guard: the most sensitive units are kept in float (1, 2, 4, ... of them) until ``ctx.budget``
   (else mean cosine >= ``min_cosine``) holds; then the quantized and float models are timed
   (one thread, interleaved runs, medians). When the quantized one is not faster, small convolutions
@@ -114,7 +121,8 @@ class QuantizeOptions:
         "help": "instead of QDQ: block-wise int4/int8 weights of MatMul/Gemm with float activations "
                 "(onnxruntime's MatMulNBits quantizer; for transformers; see passes/weight_only.py)"})
     block_size: int = field(default=0, metadata={
-        "help": "weights_only block size (0: the largest of 128/64/32 that holds min_cosine on calibration samples)"})
+        "help": "weights_only block size (0: of 128/64/32, the smallest file that holds min_cosine on "
+                "calibration samples)"})
     symmetric: bool = field(default=False, metadata={"help": "weights_only: symmetric blocks (no zero points)"})
     accuracy_level: int = field(default=0, metadata={
         "help": "weights_only: MatMulNBits accuracy_level (0: onnxruntime's default; 4: int8 compute on CPU)"})
