@@ -27,6 +27,13 @@ Data-aware extras (no training):
 - Sensitivity: each unit quantized alone on its float input (a shadow copy of the node next to the
   float one), ``NSR = |y_q - y|^2 / |y|^2`` over calibration samples. The bias-correction shift
   comes from the same run (so it corrects each layer's own error, not its inputs').
+- Rounding (``rounding=gptq``, off by default: measured, it does not pay with 8-bit activations):
+  with the scales fixed, integer weights that minimise ``|(W - s Q) X|^2`` on the calibration inputs
+  by GPTQ error feedback (``rounding.py``).
+- Cross-layer equalization (``equalize=true``, off by default): exact per-channel rescaling of
+  Conv -> [Relu] -> Conv pairs before calibration (``equalize.py``).
+- Weight-only (``weights_only=int4|int8``): instead of QDQ, onnxruntime's MatMulNBits quantizer on the
+  MatMul/Gemm weights, block size chosen on the calibration samples (``weight_only.py``).
 - Guard: the most sensitive units are kept in float (1, 2, 4, ... of them) until ``ctx.budget``
   (else mean cosine >= ``min_cosine``) holds; then the quantized and float models are timed
   (one thread, interleaved runs, medians). When the quantized one is not faster, small convolutions
@@ -50,7 +57,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import InputError
 from .base import Context, Pass, PassResult, register
-from .calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, estimate_range
+from .calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, collect_minmax, estimate_range
 
 # ops whose presence means the model is already quantized
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
@@ -65,6 +72,11 @@ PASSTHROUGH_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsq
                    "Gather", "Split", "Expand", "Tile"}
 FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHAPE_OPS = {"Constant", "Shape", "Cast", "Range", "ConstantOfShape", "Size", "Identity", "NonZero"}
+
+
+def _is_large(model) -> bool:
+    from ..model import is_large
+    return is_large(model)
 
 
 def _has_vnni() -> bool:
@@ -99,6 +111,21 @@ class QuantizeOptions:
         "help": "correct each output channel's mean shift in the bias"})
     div_to_mul: bool = field(default=False, metadata={
         "help": "rewrite Div by a constant as Mul by its reciprocal (integer hard-swish chains)"})
+    equalize: bool = field(default=False, metadata={
+        "help": "cross-layer equalization of Conv -> [Relu] -> Conv pairs first (exact; passes/equalize.py)"})
+    rounding: Literal["nearest", "gptq"] = field(default="nearest", metadata={
+        "help": "weight rounding: nearest, or gptq (error feedback that minimises each layer's output "
+                "error on the calibration inputs, same scales; see passes/rounding.py)"})
+    rounding_samples: int = field(default=16, metadata={"help": "calibration samples for rounding=gptq"})
+    weights_only: Literal["off", "int4", "int8"] = field(default="off", metadata={
+        "help": "instead of QDQ: block-wise int4/int8 weights of MatMul/Gemm with float activations "
+                "(onnxruntime's MatMulNBits quantizer; for transformers; see passes/weight_only.py)"})
+    block_size: int = field(default=0, metadata={
+        "help": "weights_only block size (0: of 128/64/32, the smallest file that holds min_cosine on "
+                "calibration samples)"})
+    symmetric: bool = field(default=False, metadata={"help": "weights_only: symmetric blocks (no zero points)"})
+    accuracy_level: int = field(default=0, metadata={
+        "help": "weights_only: MatMulNBits accuracy_level (0: onnxruntime's default; 4: int8 compute on CPU)"})
     bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
     max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
@@ -629,10 +656,16 @@ class _Quantizer:
         q = np.clip(np.round(W / s.reshape(shape)), -self.wmax, self.wmax).astype(np.int8)
         return q, s
 
+    def unit_weight_quant(self, name: str, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """``weight_quant`` with the integer weights of ``rounding`` (same scales) where it chose them."""
+        q, s = self.weight_quant(W, axis)
+        r = getattr(self, "rounded", {}).get(name)
+        return (r, s) if r is not None and r.shape == q.shape else (q, s)
+
     def _quantize_weights(self, g, node, u: _Unit, params, shift):
         W = np.asarray(node.inputs[1].values).astype(np.float32)
         axis = u.weight_axis
-        wq, ws = self.weight_quant(W, axis)
+        wq, ws = self.unit_weight_quant(node.name, W, axis)
         dq_w = gs.Variable(node.name + "_W_dequantized", dtype=np.float32, shape=list(W.shape))
         attrs = {"axis": axis} if self.per_channel else {}
         g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_W_DequantizeLinear", attrs=attrs,
@@ -688,8 +721,16 @@ class _Quantizer:
             t0 = t
 
         refuse_quantized(graph)
+        if self.o.weights_only != "off":
+            from .weight_only import run_weights_only
+            self.n_units = 0
+            self.stats["prepared"] = prepare_float_graph(graph)
+            return PassResult(*run_weights_only(graph, self.o, self.ctx, self.stats))
         self._scheme()
         self.stats["prepared"] = prepare_float_graph(graph, self.o.div_to_mul)
+        if self.o.equalize:
+            from .equalize import equalize_pairs
+            self.stats["equalize"] = equalize_pairs(graph)
         if not any(n.op in WEIGHTED_OPS and self._weight_info(n) is not None for n in graph.nodes):
             raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
         graph = self._handle_opset(graph)
@@ -705,25 +746,34 @@ class _Quantizer:
         # calibrate every tensor any plan could quantize, so excluding units later needs no new pass
         cand, _ = self.plan(graph, set())
         tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
-        self.hists = collect_histograms(self._capture(self.model_f, tensors), tensors, bins=self.o.bins)
+        if self.o.calibrator == "minmax" and not _is_large(self.model_f):
+            # only min and max are needed: reduced in the graph, the tensors never leave onnxruntime
+            self.hists, rest = collect_minmax(self.model_f, tensors, self._samples())
+            if rest:
+                self.hists.update(collect_histograms(self._capture(self.model_f, rest), rest, bins=self.o.bins))
+        else:
+            self.hists = collect_histograms(self._capture(self.model_f, tensors), tensors, bins=self.o.bins)
         self.clips = {u.output: u.clip for u in cand.values() if u.clip is not None}
         kw = {"percentile": self.o.percentile} if self.o.calibrator == "percentile" else {}
         levels = self.qmax - self.qmin + 1
         self.ranges = {t: estimate_range(h, self.o.calibrator, levels=levels, **kw) for t, h in self.hists.items()}
         self.n_units = sum(1 for u in units.values() if u.kind == "weighted")
         lap("calibrate")
+        if self.o.rounding == "gptq":
+            from .rounding import round_units
+            w_units = [u for u in cand.values() if u.kind == "weighted"]
+            self.rounded, self.stats["rounding"] = round_units(
+                self.model_f, graph, [(u.node, u.weight_axis) for u in w_units], self.weight_quant, self._samples,
+                self._capture, self.wmax, n_samples=self.o.rounding_samples)
+            lap("rounding")
 
         # per-unit analysis on a shadow model: each unit quantized alone, on float inputs
-        analysis = None
-        need_sens = self.o.keep_float or self.o.guard or self.ctx.budget is not None
-        if need_sens or self.o.bias_correction:
-            analysis = self.analyse(cand)
-            self.sens = {k: a["nsr"] for k, a in analysis.items()}
-            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
-                                         sorted(self.sens.items(), key=lambda kv: -kv[1])[:20]}
+        # (the guard asks for it only when its fidelity floor fails: most models never pay for it)
+        self._cand = cand
+        analysis = self._analysis() if self.o.keep_float or self.o.bias_correction else None
         lap("analyse")
         self.shift = ({k: a["shift"] for k, a in analysis.items()} if self.o.bias_correction and analysis else None)
-        order = [k for k, _ in sorted(self.sens.items(), key=lambda kv: -kv[1])] if analysis else []
+        order = self._order() if analysis else None
         if self.o.keep_float and order:
             excluded |= set(order[: self.o.keep_float])
             units, reasons = self.plan(graph, excluded)
@@ -736,7 +786,7 @@ class _Quantizer:
                 return PassResult(graph, False, {"reason": self.stats.get("guard_reason", "no faster placement"),
                                                  **self.stats})
         for n in excluded:
-            if n in reasons and analysis and n in self.sens and not reasons[n].startswith("kept float: small"):
+            if n in reasons and n in getattr(self, "sens", {}) and not reasons[n].startswith("kept float: small"):
                 reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {self.sens[n]:.2e})"
         self.stats["nodes"] = reasons
         self.stats["quantized_units"] = {k: sum(1 for u in units.values() if u.kind == k)
@@ -786,16 +836,30 @@ class _Quantizer:
         from ..runtime import make_session
         if not hasattr(self, "_ref"):
             self._guard_samples = list(self._samples_n(8))
-            sess = make_session(self.model_f, optimize=False)
+            sess = make_session(self.model_f, optimize=False, low_memory=True)
             self._ref = [sess.run(None, s) for s in self._guard_samples]
         model = g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g)
-        sess = make_session(model, optimize=True)
+        sess = make_session(model, optimize=True, low_memory=True)
         return fidelity(self._ref, [sess.run(None, s) for s in self._guard_samples])
 
     def _holds(self, fid: dict) -> bool:
         if self.ctx.budget is not None:
             return self.ctx.budget.holds(fid)
         return fid.get("cosine", 0.0) >= self._floor
+
+    def _analysis(self) -> dict:
+        """The per-unit analysis (sensitivity, mean shifts), run once on first use."""
+        if not hasattr(self, "_analysed"):
+            self._analysed = self.analyse(self._cand)
+            self.sens = {k: a["nsr"] for k, a in self._analysed.items()}
+            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
+                                         sorted(self.sens.items(), key=lambda kv: -kv[1])[:20]}
+        return self._analysed
+
+    def _order(self) -> list:
+        """Weighted units, most sensitive first."""
+        self._analysis()
+        return [k for k, _ in sorted(self.sens.items(), key=lambda kv: -kv[1])]
 
     def _guard(self, qg, units, reasons, excluded, order):
         """Keep the most sensitive units in float (1, 2, 4, ... of them) until the fidelity floor holds
@@ -811,8 +875,6 @@ class _Quantizer:
             base = self._fidelity(self.model_f).get("cosine", 1.0)
             self._floor = self.o.min_cosine * min(base, 1.0)
         base_ex = set(excluded)
-        cap = len(order) if self.ctx.budget is not None else \
-            max(1, int(math.ceil(self.o.max_float_fraction * len(order))))
         fid = self._fidelity(qg)
         tried = [(fid, qg, units, reasons, excluded)]
         log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
@@ -828,6 +890,11 @@ class _Quantizer:
                 tried.append((fid, qg, units, reasons, excluded))
             else:
                 self.elementwise = True
+        if not self._holds(fid) and order is None:
+            order = self._order()
+        order = order or []
+        cap = len(order) if self.ctx.budget is not None else \
+            max(1, int(math.ceil(self.o.max_float_fraction * len(order))))
         k = 1
         while not self._holds(fid) and order and k <= min(cap, len(order)):
             ex = base_ex | set(order[:k])
@@ -938,7 +1005,7 @@ class _Quantizer:
             g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq]))
             g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd]))
             W = np.asarray(node.inputs[1].values).astype(np.float32)
-            wq, ws = self.weight_quant(W, u.weight_axis)
+            wq, ws = self.unit_weight_quant(u.node, W, u.weight_axis)
             shape = [1] * W.ndim
             if self.per_channel:
                 shape[u.weight_axis] = -1
