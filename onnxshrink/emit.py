@@ -564,12 +564,26 @@ def _dq_scheme_problem(profile, dq: onnx.NodeProto, inits: dict) -> str | None:
     return None
 
 
+def _qdq_in_onnx_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with com.microsoft QuantizeLinear/DequantizeLinear (16-bit types below opset 21, as
+    onnxruntime's quantizer emits them) in the ONNX domain: the same semantics, and onnx's shape
+    inference (which has no contrib schemas) then sees through them. For analysis only."""
+    if not any(n.domain == "com.microsoft" and n.op_type in QDQ for n in model.graph.node):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if n.domain == "com.microsoft" and n.op_type in QDQ:
+            n.domain = ""
+    return m
+
+
 def coverage(model: onnx.ModelProto, profile) -> dict:
     """Which nodes the target's EP takes, which not and why.
 
     Returns {"nodes", "taken", "not_taken", "partitions", "unsupported": [{node, op, reason}],
     "reasons": {reason: count}, "accepted": bool, "accepted_means": str, ...}."""
-    m = _infer(model, data_prop=True)
+    m = _infer(_qdq_in_onnx_domain(model), data_prop=True)
     g = m.graph
     inits = {t.name: t for t in g.initializer}
     types = _tensor_types(m)
@@ -656,8 +670,10 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
                                   "quantize them for older HTP versions")
     if checker_ops is not None:
         info["usability_checker"] = _usability_check(m, profile)
-        info["accepted"] = info["usability_checker"]["suitability"] == "YES"
-        info["accepted_means"] = "onnxruntime's mobile usability checker rates the model YES for this EP"
+        info["accepted"] = info["usability_checker"]["suitability"] == "YES" and \
+            not by_reason.get("QDQ scheme / fusion")
+        info["accepted_means"] = ("onnxruntime's mobile usability checker rates the model YES for this EP "
+                                  "and every QDQ tensor has a type the EP takes")
     elif profile.name == "xnnpack":
         info["accepted"] = heavy_taken == heavy_total and not any(
             "XNNPACK takes" in v or "XNNPACK needs" in v for v in reasons.values())

@@ -84,8 +84,9 @@ class QuantizeOptions:
         default="minmax", metadata={"help": "activation range estimator"})
     percentile: float = field(default=99.999, metadata={"help": "percentile for calibrator=percentile"})
     per_channel: bool = field(default=True, metadata={"help": "per-output-channel weight scales (needs opset >= 13)"})
-    activation_dtype: Literal["auto", "uint8", "int8"] = field(
-        default="auto", metadata={"help": "activation type; auto: the target's, else uint8"})
+    activation_dtype: Literal["auto", "uint8", "int8", "uint16", "int16"] = field(
+        default="auto", metadata={"help": "activation type; auto: the target's, else uint8 (16-bit: A16W8, "
+                                          "Q/DQ in the com.microsoft domain below opset 21)"})
     reduce_range: Literal["auto", "true", "false"] = field(
         default="auto", metadata={"help": "7-bit weights (auto: on x86 without VNNI)"})
     elementwise: bool = field(default=True, metadata={
@@ -310,10 +311,11 @@ class _Quantizer:
         act = o.activation_dtype
         if act == "auto":
             act = getattr(target, "activation_dtype", "uint8") if target is not None else "uint8"
-            if act not in ("uint8", "int8"):
+            if act not in ("uint8", "int8", "uint16", "int16"):
                 act = "uint8"
-        self.act_dtype = np.uint8 if act == "uint8" else np.int8
-        self.qmin, self.qmax = (0, 255) if act == "uint8" else (-128, 127)
+        self.act_dtype = np.dtype(act).type
+        self.qmin, self.qmax = int(np.iinfo(act).min), int(np.iinfo(act).max)
+        self.qdq_domain = ""  # set in run(): com.microsoft for 16-bit types below opset 21
         per_channel = o.per_channel and bool(getattr(target, "per_channel", True) if target is not None else True)
         reduce = o.reduce_range == "true" or (o.reduce_range == "auto" and not _has_vnni())
         self.wmax = 63 if reduce else 127
@@ -572,19 +574,20 @@ class _Quantizer:
             s_c, z_c = qparams(tname)
             tq = gs.Variable(tname + "_quantized", dtype=act_np, shape=t.shape)
             consumers = [c for c in list(t.outputs)]
-            qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq])
+            qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq],
+                            domain=self.qdq_domain)
             g.nodes.append(qnode)
             shared_dq = None
             for k, c in enumerate(consumers):
                 if c.name in int_consumers:
                     dq_out = gs.Variable(f"{tname}_dequantized_{k}", dtype=np.float32, shape=t.shape)
                     g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear_{k}",
-                                           inputs=[tq, s_c, z_c], outputs=[dq_out]))
+                                           inputs=[tq, s_c, z_c], outputs=[dq_out], domain=self.qdq_domain))
                 else:
                     if shared_dq is None:
                         shared_dq = gs.Variable(f"{tname}_dequantized", dtype=np.float32, shape=t.shape)
                         g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear",
-                                               inputs=[tq, s_c, z_c], outputs=[shared_dq]))
+                                               inputs=[tq, s_c, z_c], outputs=[shared_dq], domain=self.qdq_domain))
                     dq_out = shared_dq
                 for i, inp in enumerate(c.inputs):
                     if inp is t:
@@ -611,7 +614,7 @@ class _Quantizer:
                                inputs=[gs.Constant(name + "_quantized", qv),
                                        gs.Constant(name + "_scale", np.array(s, np.float32)),
                                        gs.Constant(name + "_zero_point", np.array(z, self.act_dtype))],
-                               outputs=[out]))
+                               outputs=[out], domain=self.qdq_domain))
         return out
 
     def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -639,7 +642,7 @@ class _Quantizer:
                                inputs=[gs.Constant(node.name + "_W_quantized", wq),
                                        gs.Constant(node.name + "_W_scale", ws),
                                        gs.Constant(node.name + "_W_zero_point", np.zeros(ws.shape, np.int8))],
-                               outputs=[dq_w]))
+                               outputs=[dq_w], domain=self.qdq_domain))
         node.inputs[1] = dq_w
         bias_idx = 2
         if len(node.inputs) > bias_idx and node.inputs[bias_idx].name:
@@ -667,7 +670,7 @@ class _Quantizer:
                                                    np.array(sb.reshape(-1)[0], np.float32)),
                                        gs.Constant(node.name + "_B_zero_point",
                                                    np.zeros(sb.shape if self.per_channel else (), np.int32))],
-                               outputs=[dq_b]))
+                               outputs=[dq_b], domain=self.qdq_domain))
         if len(node.inputs) > bias_idx:
             node.inputs[bias_idx] = dq_b
         else:
@@ -698,6 +701,11 @@ class _Quantizer:
         prepare_float_graph(graph)
         self.model_f = self.ctx.to_model(graph)
         self.graph_f = graph = gs.import_onnx(self.model_f)
+        if np.dtype(self.act_dtype).itemsize == 2 and int(graph.opset or 0) < 21:
+            # ONNX Q/DQ take 16-bit types from opset 21; onnxruntime (and its QNN EP) read the
+            # com.microsoft Q/DQ ops the same way below that (as its own quantizer emits them)
+            self.qdq_domain = "com.microsoft"
+            self.stats["scheme"]["qdq_domain"] = self.qdq_domain
         lap("prepare_and_opset")
 
         excluded = set(self.o.exclude)
@@ -761,6 +769,10 @@ class _Quantizer:
                 if t not in params:
                     lo, hi = self.ranges.get(t, (0.0, 1.0))
                     params[t] = self._act_params(lo, hi, self.clips.get(t) if t == u.output else None)
+            if u.kind == "elementwise" and self.qmax > 255 and u.output == u.raw_output and \
+                    self._node(self.graph_f, u.node).op == "Sigmoid":
+                # QNN HTP's 16-bit Sigmoid has a fixed output encoding (onnxruntime's QNN config sets it too)
+                params[u.output] = (1.0 / (self.qmax - self.qmin + 1), 0) if self.qmin == 0 else (1.0 / 32768, 0)
         # passthrough outputs share their input's params (resolved in graph order)
         for node in self.graph_f.nodes:
             u = units.get(node.name)
@@ -935,8 +947,8 @@ class _Quantizer:
             zc = gs.Constant(u.node + "_sh_zp", np.array(z, self.act_dtype))
             xq = gs.Variable(u.node + "_sh_xq", dtype=self.act_dtype)
             xd = gs.Variable(u.node + "_sh_xd", dtype=np.float32)
-            g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq]))
-            g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd]))
+            g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq], domain=self.qdq_domain))
+            g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd], domain=self.qdq_domain))
             W = np.asarray(node.inputs[1].values).astype(np.float32)
             wq, ws = self.weight_quant(W, u.weight_axis)
             shape = [1] * W.ndim
