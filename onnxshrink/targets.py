@@ -69,12 +69,15 @@ class TargetProfile:
     rewrites: exact rewrites applied at emission for this EP (see ``onnxshrink.emit.REWRITES``);
         decompositions of ops the EP lacks are applied whenever the op is missing from ``ops``.
     float_ops_run: the EP runs float (not quantized) compute nodes; False for QNN HTP.
+    wide_activation_dtype: a 16-bit activation type the EP also takes; the quantize pass (with
+        activation_dtype=auto) uses it when the 8-bit plan misses the fidelity floor or needs float units.
     """
 
     name: str
     description: str
     provider: str                       # onnxruntime execution provider name
     activation_dtype: str = "uint8"     # uint8 | int8 | uint16 | int16
+    wide_activation_dtype: str | None = None  # a 16-bit type the EP also takes (the quantizer's fallback)
     weight_dtype: str = "int8"          # int8 | uint8
     symmetric_activations: bool = False
     symmetric_weights: bool = True
@@ -126,7 +129,8 @@ TARGETS: dict[str, TargetProfile] = {
         max_rank=5, notes=("CoreML computes in float16/float32; QDQ weights are dequantized by the EP",)),
     "qnn": TargetProfile(
         "qnn", "Qualcomm QNN EP, HTP (NPU) backend", "QNNExecutionProvider",
-        activation_dtype="uint8", symmetric_activations=False, weight_dtype="int8", symmetric_weights=True,
+        activation_dtype="uint8", wide_activation_dtype="uint16", symmetric_activations=False,
+        weight_dtype="int8", symmetric_weights=True,
         per_channel=True, static_shapes=True, opset_min=13, opset_max=21, ops=QNN_HTP_OPS,
         float_ops_run=False, fallback_ok=False, max_rank=5,
         notes=("HTP runs quantized graphs only: uint8 or uint16 asymmetric activations, int8 symmetric "

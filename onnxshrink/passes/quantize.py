@@ -137,10 +137,33 @@ class QuantizePass(Pass):
         return f"keep_float={self.options.keep_float}"
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        wide = getattr(ctx.target, "wide_activation_dtype", None) if self.options.activation_dtype == "auto" else None
+        model = ctx.to_model(graph) if wide else None
         q = _Quantizer(self.options, ctx)
         result = q.run(graph)
         self._n_units = q.n_units
+        if wide and getattr(q, "outcome", None) and (not q.outcome["holds"] or q.outcome["kept_float"]):
+            result = self._wider_activations(q, result, gs.import_onnx(model), ctx, wide)
         return result
+
+    def _wider_activations(self, q8, r8, graph, ctx, wide) -> PassResult:
+        """The target also takes 16-bit activations (QNN HTP: A16W8) and the 8-bit plan missed the
+        fidelity floor or kept units in float to hold it: quantize again with ``wide`` activations and
+        keep the plan that holds the floor with fewer float units (ties: 8-bit, half the bandwidth)."""
+        q16 = _Quantizer(dataclasses.replace(self.options, activation_dtype=wide), ctx)
+        r16 = q16.run(graph)
+        a, b = q8.outcome, getattr(q16, "outcome", None)
+        pick16 = b is not None and r16.modified and (
+            (b["holds"] and (not a["holds"] or b["kept_float"] < a["kept_float"])) or
+            (not a["holds"] and not b["holds"] and b["cosine"] > a["cosine"]))
+        r, q = (r16, q16) if pick16 else (r8, q8)
+        self._n_units = q.n_units
+        r.stats["activation_choice"] = {
+            "chosen": wide if pick16 else q8.stats.get("scheme", {}).get("activations"),
+            "candidates": {q8.stats.get("scheme", {}).get("activations"): a, wide: b},
+            "rule": "the target takes both: the one that holds the fidelity floor with the fewest units kept "
+                    "float (ties: 8-bit)"}
+        return r
 
 
 # ---------------------------------------------------------------------- refusal and preparation
@@ -856,6 +879,7 @@ class _Quantizer:
             f"cosine>={self._floor:.4f}"
         ok = [t for t in tried if self._holds(t[0])]
         fid, qg, units, reasons, excluded = ok[0] if ok else max(tried, key=lambda t: t[0].get("cosine", 0.0))
+        self.outcome = {"holds": bool(ok), "cosine": fid.get("cosine", 0.0), "kept_float": len(excluded - base_ex)}
         if not self.o.guard:
             return qg, units, reasons, excluded
         target = getattr(getattr(self.ctx, "target", None), "name", None)
