@@ -27,7 +27,8 @@ result. The facts, with their sources:
 
 from __future__ import annotations
 
-__all__ = ["TargetProfile", "TARGETS", "get_target", "emit", "prepare", "QNN_HTP_OPS", "XNNPACK_OPS"]
+__all__ = ["TargetProfile", "TARGETS", "TARGET_OPTIONS", "get_target", "with_options", "emit", "prepare", "QNN_HTP_OPS",
+           "XNNPACK_OPS"]
 
 from dataclasses import dataclass, field
 
@@ -94,6 +95,7 @@ class TargetProfile:
     float_ops_run: bool = True
     fallback_ok: bool = True            # nodes the EP does not take run on the CPU EP by design
     ort_format: bool = False            # also write the ORT format (.ort) next to the output
+    channels_last: bool = False         # emit 4-D image inputs/outputs as NHWC (exact Transposes)
 
     def supports_op(self, op_type: str, domain: str = "") -> bool | None:
         """True/False when this profile's op list decides it; None when the usability checker does."""
@@ -142,15 +144,49 @@ TARGETS: dict[str, TargetProfile] = {
 }
 
 
-def get_target(name: "str | TargetProfile | None") -> TargetProfile | None:
+# emission options a target takes: ``--target qnn+channels_last+ort``, ``-o target.channels_last=true``
+# or a recipe's ``target: {name: qnn, channels_last: true}``; option -> (TargetProfile field, aliases)
+TARGET_OPTIONS = {"ort": ("ort_format", ("ort", "ort_format")),
+                  "channels_last": ("channels_last", ("channels_last", "nhwc"))}
+
+
+def _option_field(key: str) -> str:
+    for fld, aliases in TARGET_OPTIONS.values():
+        if key in aliases:
+            return fld
+    raise UsageError(f"unknown target option '{key}'; known: {', '.join(TARGET_OPTIONS)}")
+
+
+def get_target(name: "str | dict | TargetProfile | None") -> TargetProfile | None:
+    """A profile by name; ``+option`` suffixes switch emission options on (``nnapi+ort``: also the
+    .ort file beside the output; ``qnn+channels_last``: NHWC image I/O). A mapping
+    ``{"name": ..., option: value}`` is the recipe form."""
     if name is None or isinstance(name, TargetProfile):
         return name
-    if name.endswith("+ort"):  # e.g. "nnapi+ort": the profile, and the .ort file written beside the output
-        import dataclasses
-        return dataclasses.replace(get_target(name[:-4]), ort_format=True)
-    if name not in TARGETS:
-        raise UsageError(f"unknown target '{name}'; known targets: {', '.join(TARGETS)}")
-    return TARGETS[name]
+    if isinstance(name, dict):
+        opts = dict(name)
+        return with_options(get_target(opts.pop("name", None) or opts.pop("target", None)), opts)
+    base, *flags = str(name).split("+")
+    if base not in TARGETS:
+        raise UsageError(f"unknown target '{base}'; known targets: {', '.join(TARGETS)}")
+    return with_options(TARGETS[base], {f: True for f in flags})
+
+
+def with_options(profile: TargetProfile | None, options: dict) -> TargetProfile | None:
+    """The profile with emission options set (``{"channels_last": True}``); values may be YAML-ish strings."""
+    if not options:
+        return profile
+    if profile is None:
+        raise UsageError(f"target options {sorted(options)} given without --target")
+    import dataclasses
+    vals = {}
+    for k, v in options.items():
+        if isinstance(v, str):
+            if v.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise UsageError(f"target option {k}={v!r}: expected true or false")
+            v = v.strip().lower() in ("true", "1", "yes", "on")
+        vals[_option_field(k)] = bool(v)
+    return dataclasses.replace(profile, **vals)
 
 
 def prepare(model, profile: TargetProfile, ctx=None):
