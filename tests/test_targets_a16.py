@@ -110,9 +110,10 @@ def test_qnn_target_chooses_uint16_when_uint8_misses_the_budget(no_htp):
                         budget="cosine>=0.99", debug=True)
     st = rep.passes[0].stats
     choice = st["activation_choice"]
-    assert choice["chosen"] == "uint16" and st["scheme"]["activations"] == "uint16"
+    assert choice["chosen"].startswith("uint16") and st["scheme"]["activations"] == "uint16"
+    assert set(choice["candidates"]) == {"uint8", "uint16", "uint16+bias_correction"}
     assert not choice["candidates"]["uint8"]["holds"] or choice["candidates"]["uint8"]["kept_float"] > 0
-    assert choice["candidates"]["uint16"]["holds"]
+    assert choice["candidates"][choice["chosen"]]["holds"]
     assert rep.fidelity["cosine"] >= 0.99
     assert rep.target_report["scheme"]["activations_in_model"] == ["uint16"]
     assert rep.target_report["coverage"]["accepted"]
