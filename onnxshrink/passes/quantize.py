@@ -4,7 +4,9 @@ Numerics (``x`` an activation, ``W`` a weight, ``b`` a bias):
 
 - Activations: affine 8-bit, ``q = clip(round(x / s) + z, qmin, qmax)``, ``s = (hi - lo) / (qmax - qmin)``,
   ``z = round(qmin - lo / s)`` for a calibrated range ``[lo, hi]`` containing 0 (uint8 by default:
-  u8 activations x s8 weights is the fast path of MLAS on x86 and ARM).
+  u8 activations x s8 weights is the fast path of MLAS on x86 and ARM). 16-bit activations
+  (uint16/int16, A16W8) on the same grid with 65536 levels, for NPUs that take them (QNN HTP); Q/DQ
+  ops in the com.microsoft domain below opset 21, as onnxruntime's own quantizer emits them.
 - Weights: symmetric int8 per output channel, ``s_c = max|W_c| / 127``, ``W_q = round(W / s_c)``
   (per-tensor option; 7-bit ``[-64, 63]`` on x86 without VNNI, where u8 x s8 pairs can saturate).
 - Bias: int32 with ``s_b = s_x * s_w,c`` and zero point 0: ``b_q = round(b / s_b)``.
@@ -32,6 +34,10 @@ Data-aware extras (no training):
   (one thread, interleaved runs, medians). When the quantized one is not faster, small convolutions
   (few weights: onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when
   nothing is faster, the pass changes nothing and says why.
+- Wider activations: for a target that also takes 16-bit activations (``wide_activation_dtype``: QNN
+  HTP) and ``activation_dtype=auto``, an 8-bit plan that misses the floor or keeps units in float is
+  redone A16W8 (plain and bias-corrected); the plan holding the floor with the fewest float units,
+  then the best cosine, is kept (``stats["activation_choice"]``).
 """
 
 from __future__ import annotations
@@ -345,7 +351,8 @@ class _Quantizer:
         self.qmin, self.qmax = int(np.iinfo(act).min), int(np.iinfo(act).max)
         self.qdq_domain = ""  # set in run(): com.microsoft for 16-bit types below opset 21
         per_channel = o.per_channel and bool(getattr(target, "per_channel", True) if target is not None else True)
-        reduce = o.reduce_range == "true" or (o.reduce_range == "auto" and not _has_vnni())
+        reduce = o.reduce_range == "true" or (o.reduce_range == "auto" and not _has_vnni() and
+                                              getattr(target, "name", "cpu") == "cpu")  # an NPU does not saturate
         self.wmax = 63 if reduce else 127
         self.per_channel = per_channel
         self.stats["scheme"] = {"activations": act, "weights": "int8" + (" (7-bit)" if reduce else ""),
