@@ -21,10 +21,13 @@ Steps (each lossless; the result is checked numerically against the input model)
    A node inside a QDQ group (fed by DequantizeLinear, feeding QuantizeLinear) is never split,
    since the new intermediate tensors would be float: such ops are rewritten before
    quantization (``prepare_for_target``, which the PassManager runs before the passes);
-4. coverage: per node, whether the EP takes it and why not (op list, dynamic shape, rank,
+4. with the ``channels_last`` option: 4-D float graph inputs/outputs become NHWC through exact
+   Transposes (on the integer side of a boundary per-tensor Q/DQ), checked numerically
+   (``to_channels_last``);
+5. coverage: per node, whether the EP takes it and why not (op list, dynamic shape, rank,
    run-time shape operand, float op outside a QDQ group, QDQ scheme the EP cannot fuse); for
    NNAPI and CoreML onnxruntime's own mobile usability checker decides;
-5. for ``qnn`` when ``onnxruntime-qnn`` is installed: a real HTP-backend session (a simulator on
+6. for ``qnn`` when ``onnxruntime-qnn`` is installed: a real HTP-backend session (a simulator on
    x86-64 Linux) with CPU fallback disabled, run on the validation samples in a subprocess;
    fidelity against the original fp32 model on the CPU.
 
@@ -618,8 +621,9 @@ def prepare_for_target(model: onnx.ModelProto, profile, ctx=None) -> tuple[onnx.
 def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None = None
                     ) -> tuple[onnx.ModelProto, dict]:
     """After the passes: the preparation steps again (the passes may have added foldable
-    subgraphs), then the coverage report; for qnn the real HTP check when available
-    (``qnn=False`` skips it, ``qnn=True`` requires it)."""
+    subgraphs), channel-last I/O when the profile asks for it, then the coverage report; for qnn
+    the real HTP check when available (``qnn=False`` skips it, ``qnn=True`` requires it), fed NHWC
+    samples and compared in NCHW for a channel-last model."""
     model, steps = _transform(model, profile, ctx)
     info = {"target": profile.name, "provider": profile.provider, "emission": steps,
             "scheme": {"activations": profile.activation_dtype, "weights": profile.weight_dtype,
