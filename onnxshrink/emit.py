@@ -484,7 +484,8 @@ def _apply_channels_last(model: onnx.ModelProto, ctx) -> tuple[onnx.ModelProto, 
         onnx.checker.check_model(cand)
         err = _max_rel_err(_run(model, samples), ChannelsLastIO(info).run(cand, samples, optimize=False))
     except Exception as e:
-        return model, {**info, "rolled_back": True, "reason": f"invalid or does not run: {str(e).splitlines()[0][:200]}"}
+        return model, {**info, "rolled_back": True,
+                       "reason": f"invalid or does not run: {str(e).splitlines()[0][:200]}"}
     if err > EMIT_TOL:
         return model, {**info, "rolled_back": True, "reason": f"outputs changed (relative max error {err:.2e})"}
     return cand, {**info, "changed": True, "max_rel_err": err}
