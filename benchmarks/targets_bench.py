@@ -122,14 +122,15 @@ def _text_subset(model, val, report) -> dict:
     import numpy as np
     from models.real import real_model
     from onnxshrink.runtime import make_session
+    from onnxshrink.emit import ChannelsLastIO
     ref = make_session(str(real_model("ppocr_det")), optimize=False)
-    got = make_session(model, optimize=True)
+    io = ChannelsLastIO(report.target_report.get("channels_last"))  # NHWC I/O when the target asked for it
     cos, iou = [], []
-    for s in val:
+    for s, got in zip(val, io.run(model, val, optimize=True)):
         b = ref.run(None, s)[0]
         if b.max() <= 0.5:
             continue
-        a = got.run(None, s)[0]
+        a = got[0]
         cos.append(float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
         A, B = a > 0.3, b > 0.3
         iou.append(float((A & B).sum() / max((A | B).sum(), 1)))
