@@ -213,13 +213,16 @@ class PassManager:
         if self.target is not None:
             current = self._emit(current, ctx, report)
 
-        final = self._outputs(current, val, optimize=True)
+        from .emit import ChannelsLastIO  # the target may have made the image I/O channel-last
+        io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
+        final = io.run(current, val, optimize=True)
         report.fidelity = fidelity(reference, final, self.metric, val, self._labels)
-        report.after = model_io.model_stats(current, cost_shapes)
+        report.after = model_io.model_stats(current, io.shapes(cost_shapes))
         report.budget_met = self.budget.holds(report.fidelity, self.baseline) if self.budget else None
         if self.measure_speed:
             feeds = val.get(0)
-            report.latency_ms = {"before": measure_latency(original, feeds), "after": measure_latency(current, feeds)}
+            report.latency_ms = {"before": measure_latency(original, feeds),
+                                 "after": measure_latency(current, io.feeds([feeds])[0])}
         if self.budget is not None and not report.budget_met:
             raise BudgetError(f"budget {self.budget} not met: {self.budget.metric}="
                               f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)

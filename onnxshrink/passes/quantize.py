@@ -4,7 +4,9 @@ Numerics (``x`` an activation, ``W`` a weight, ``b`` a bias):
 
 - Activations: affine 8-bit, ``q = clip(round(x / s) + z, qmin, qmax)``, ``s = (hi - lo) / (qmax - qmin)``,
   ``z = round(qmin - lo / s)`` for a calibrated range ``[lo, hi]`` containing 0 (uint8 by default:
-  u8 activations x s8 weights is the fast path of MLAS on x86 and ARM).
+  u8 activations x s8 weights is the fast path of MLAS on x86 and ARM). 16-bit activations
+  (uint16/int16, A16W8) on the same grid with 65536 levels, for NPUs that take them (QNN HTP); Q/DQ
+  ops in the com.microsoft domain below opset 21, as onnxruntime's own quantizer emits them.
 - Weights: symmetric int8 per output channel, ``s_c = max|W_c| / 127``, ``W_q = round(W / s_c)``
   (per-tensor option; 7-bit ``[-64, 63]`` on x86 without VNNI, where u8 x s8 pairs can saturate).
 - Bias: int32 with ``s_b = s_x * s_w,c`` and zero point 0: ``b_q = round(b / s_b)``.
@@ -39,6 +41,10 @@ Data-aware extras (no training):
   (one thread, interleaved runs, medians). When the quantized one is not faster, small convolutions
   (few weights: onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when
   nothing is faster, the pass changes nothing and says why.
+- Wider activations: for a target that also takes 16-bit activations (``wide_activation_dtype``: QNN
+  HTP) and ``activation_dtype=auto``, an 8-bit plan that misses the floor or keeps units in float is
+  redone A16W8 (plain and bias-corrected); the plan holding the floor with the fewest float units,
+  then the best cosine, is kept (``stats["activation_choice"]``).
 """
 
 from __future__ import annotations
@@ -96,8 +102,9 @@ class QuantizeOptions:
         default="minmax", metadata={"help": "activation range estimator"})
     percentile: float = field(default=99.999, metadata={"help": "percentile for calibrator=percentile"})
     per_channel: bool = field(default=True, metadata={"help": "per-output-channel weight scales (needs opset >= 13)"})
-    activation_dtype: Literal["auto", "uint8", "int8"] = field(
-        default="auto", metadata={"help": "activation type; auto: the target's, else uint8"})
+    activation_dtype: Literal["auto", "uint8", "int8", "uint16", "int16"] = field(
+        default="auto", metadata={"help": "activation type; auto: the target's, else uint8 (16-bit: A16W8, "
+                                          "Q/DQ in the com.microsoft domain below opset 21)"})
     reduce_range: Literal["auto", "true", "false"] = field(
         default="auto", metadata={"help": "7-bit weights (auto: on x86 without VNNI)"})
     elementwise: bool = field(default=True, metadata={
@@ -163,10 +170,38 @@ class QuantizePass(Pass):
         return f"keep_float={self.options.keep_float}"
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        wide = getattr(ctx.target, "wide_activation_dtype", None) if self.options.activation_dtype == "auto" else None
+        model = ctx.to_model(graph) if wide else None
         q = _Quantizer(self.options, ctx)
         result = q.run(graph)
         self._n_units = q.n_units
+        if wide and getattr(q, "outcome", None) and (not q.outcome["holds"] or q.outcome["kept_float"]):
+            result = self._wider_activations(q, result, model, ctx, wide)
         return result
+
+    def _wider_activations(self, q8, r8, model, ctx, wide) -> PassResult:
+        """The target also takes 16-bit activations (QNN HTP: A16W8) and the 8-bit plan missed the
+        fidelity floor or kept units in float to hold it: quantize again with ``wide`` activations,
+        plain and with bias correction (with 16-bit activations the int8 weights' rounding is the
+        main error left, and its per-channel mean shift is what bias correction removes), and keep
+        the plan that holds the floor with the fewest float units, then the best cosine (ties with
+        the 8-bit plan: 8-bit, half the bandwidth)."""
+        rank = (lambda o: (o["holds"], -o["kept_float"], o["cosine"]))
+        act8 = q8.stats.get("scheme", {}).get("activations")
+        cands = {act8: (q8, r8)}
+        for bc in (False, True) if not self.options.bias_correction else (True,):
+            q = _Quantizer(dataclasses.replace(self.options, activation_dtype=wide, bias_correction=bc), ctx)
+            r = q.run(gs.import_onnx(model))
+            if r.modified and getattr(q, "outcome", None):
+                cands[wide + ("+bias_correction" if bc and not self.options.bias_correction else "")] = (q, r)
+        best = max(cands, key=lambda k: (rank(cands[k][0].outcome), k == act8))
+        q, r = cands[best]
+        self._n_units = q.n_units
+        r.stats["activation_choice"] = {
+            "chosen": best, "candidates": {k: v[0].outcome for k, v in cands.items()},
+            "rule": "the target takes 8- and 16-bit activations: the plan that holds the fidelity floor with the "
+                    "fewest units kept float, then the best cosine (ties: 8-bit)"}
+        return r
 
 
 # ---------------------------------------------------------------------- refusal and preparation
@@ -337,12 +372,14 @@ class _Quantizer:
         act = o.activation_dtype
         if act == "auto":
             act = getattr(target, "activation_dtype", "uint8") if target is not None else "uint8"
-            if act not in ("uint8", "int8"):
+            if act not in ("uint8", "int8", "uint16", "int16"):
                 act = "uint8"
-        self.act_dtype = np.uint8 if act == "uint8" else np.int8
-        self.qmin, self.qmax = (0, 255) if act == "uint8" else (-128, 127)
+        self.act_dtype = np.dtype(act).type
+        self.qmin, self.qmax = int(np.iinfo(act).min), int(np.iinfo(act).max)
+        self.qdq_domain = ""  # set in run(): com.microsoft for 16-bit types below opset 21
         per_channel = o.per_channel and bool(getattr(target, "per_channel", True) if target is not None else True)
-        reduce = o.reduce_range == "true" or (o.reduce_range == "auto" and not _has_vnni())
+        reduce = o.reduce_range == "true" or (o.reduce_range == "auto" and not _has_vnni() and
+                                              getattr(target, "name", "cpu") == "cpu")  # an NPU does not saturate
         self.wmax = 63 if reduce else 127
         self.per_channel = per_channel
         self.stats["scheme"] = {"activations": act, "weights": "int8" + (" (7-bit)" if reduce else ""),
@@ -599,19 +636,20 @@ class _Quantizer:
             s_c, z_c = qparams(tname)
             tq = gs.Variable(tname + "_quantized", dtype=act_np, shape=t.shape)
             consumers = [c for c in list(t.outputs)]
-            qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq])
+            qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq],
+                            domain=self.qdq_domain)
             g.nodes.append(qnode)
             shared_dq = None
             for k, c in enumerate(consumers):
                 if c.name in int_consumers:
                     dq_out = gs.Variable(f"{tname}_dequantized_{k}", dtype=np.float32, shape=t.shape)
                     g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear_{k}",
-                                           inputs=[tq, s_c, z_c], outputs=[dq_out]))
+                                           inputs=[tq, s_c, z_c], outputs=[dq_out], domain=self.qdq_domain))
                 else:
                     if shared_dq is None:
                         shared_dq = gs.Variable(f"{tname}_dequantized", dtype=np.float32, shape=t.shape)
                         g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear",
-                                               inputs=[tq, s_c, z_c], outputs=[shared_dq]))
+                                               inputs=[tq, s_c, z_c], outputs=[shared_dq], domain=self.qdq_domain))
                     dq_out = shared_dq
                 for i, inp in enumerate(c.inputs):
                     if inp is t:
@@ -638,7 +676,7 @@ class _Quantizer:
                                inputs=[gs.Constant(name + "_quantized", qv),
                                        gs.Constant(name + "_scale", np.array(s, np.float32)),
                                        gs.Constant(name + "_zero_point", np.array(z, self.act_dtype))],
-                               outputs=[out]))
+                               outputs=[out], domain=self.qdq_domain))
         return out
 
     def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -672,7 +710,7 @@ class _Quantizer:
                                inputs=[gs.Constant(node.name + "_W_quantized", wq),
                                        gs.Constant(node.name + "_W_scale", ws),
                                        gs.Constant(node.name + "_W_zero_point", np.zeros(ws.shape, np.int8))],
-                               outputs=[dq_w]))
+                               outputs=[dq_w], domain=self.qdq_domain))
         node.inputs[1] = dq_w
         bias_idx = 2
         if len(node.inputs) > bias_idx and node.inputs[bias_idx].name:
@@ -700,7 +738,7 @@ class _Quantizer:
                                                    np.array(sb.reshape(-1)[0], np.float32)),
                                        gs.Constant(node.name + "_B_zero_point",
                                                    np.zeros(sb.shape if self.per_channel else (), np.int32))],
-                               outputs=[dq_b]))
+                               outputs=[dq_b], domain=self.qdq_domain))
         if len(node.inputs) > bias_idx:
             node.inputs[bias_idx] = dq_b
         else:
@@ -739,6 +777,11 @@ class _Quantizer:
         prepare_float_graph(graph)
         self.model_f = self.ctx.to_model(graph)
         self.graph_f = graph = gs.import_onnx(self.model_f)
+        if np.dtype(self.act_dtype).itemsize == 2 and int(graph.opset or 0) < 21:
+            # ONNX Q/DQ take 16-bit types from opset 21; onnxruntime (and its QNN EP) read the
+            # com.microsoft Q/DQ ops the same way below that (as its own quantizer emits them)
+            self.qdq_domain = "com.microsoft"
+            self.stats["scheme"]["qdq_domain"] = self.qdq_domain
         lap("prepare_and_opset")
 
         excluded = set(self.o.exclude)
@@ -811,6 +854,10 @@ class _Quantizer:
                 if t not in params:
                     lo, hi = self.ranges.get(t, (0.0, 1.0))
                     params[t] = self._act_params(lo, hi, self.clips.get(t) if t == u.output else None)
+            if u.kind == "elementwise" and self.qmax > 255 and u.output == u.raw_output and \
+                    self._node(self.graph_f, u.node).op == "Sigmoid":
+                # QNN HTP's 16-bit Sigmoid has a fixed output encoding (onnxruntime's QNN config sets it too)
+                params[u.output] = (1.0 / (self.qmax - self.qmin + 1), 0) if self.qmin == 0 else (1.0 / 32768, 0)
         # passthrough outputs share their input's params (resolved in graph order)
         for node in self.graph_f.nodes:
             u = units.get(node.name)
@@ -911,6 +958,7 @@ class _Quantizer:
             f"cosine>={self._floor:.4f}"
         ok = [t for t in tried if self._holds(t[0])]
         fid, qg, units, reasons, excluded = ok[0] if ok else max(tried, key=lambda t: t[0].get("cosine", 0.0))
+        self.outcome = {"holds": bool(ok), "cosine": fid.get("cosine", 0.0), "kept_float": len(excluded - base_ex)}
         if not self.o.guard:
             return qg, units, reasons, excluded
         target = getattr(getattr(self.ctx, "target", None), "name", None)
@@ -1002,8 +1050,8 @@ class _Quantizer:
             zc = gs.Constant(u.node + "_sh_zp", np.array(z, self.act_dtype))
             xq = gs.Variable(u.node + "_sh_xq", dtype=self.act_dtype)
             xd = gs.Variable(u.node + "_sh_xd", dtype=np.float32)
-            g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq]))
-            g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd]))
+            g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq], domain=self.qdq_domain))
+            g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd], domain=self.qdq_domain))
             W = np.asarray(node.inputs[1].values).astype(np.float32)
             wq, ws = self.unit_weight_quant(u.node, W, u.weight_axis)
             shape = [1] * W.ndim
