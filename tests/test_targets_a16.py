@@ -9,7 +9,7 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-from helpers import check, run_ort
+from helpers import check, normal_samples, run_ort
 from onnxshrink import emit as em
 from onnxshrink.manager import optimize
 from onnxshrink.metrics import fidelity
@@ -40,8 +40,7 @@ def wide_range_net(opset=13, spread=300.0):
 
 
 def samples(n=12, seed=1):
-    r = np.random.default_rng(seed)
-    return [{"x": r.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+    return normal_samples(n, seed)
 
 
 def _quantize(model, calib, **opts):

@@ -12,7 +12,7 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-from helpers import check, run_ort
+from helpers import check, normal_samples, run_ort
 from onnxshrink import emit as em
 from onnxshrink.cli import cli
 from onnxshrink.errors import UsageError
@@ -42,8 +42,7 @@ def conv_net(extra_output=False):
 
 
 def samples(n=12, seed=1):
-    r = np.random.default_rng(seed)
-    return [{"x": r.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+    return normal_samples(n, seed)
 
 
 def _dims(vi):
