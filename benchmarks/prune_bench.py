@@ -3,6 +3,7 @@ with and without the least-squares refit.
 
     PYTHONPATH=. python benchmarks/prune_bench.py lossless            # all seven models
     PYTHONPATH=. python benchmarks/prune_bench.py importance yolov8n  # refit vs no refit
+    PYTHONPATH=. python benchmarks/prune_bench.py importance ppocr_det --target-macs 0.75
     PYTHONPATH=. python benchmarks/prune_bench.py all --json out.json
 
 Models: YOLOv8n (nudenet 320n.onnx) and PP-OCRv4 det (rapidocr) with real photos from
@@ -17,8 +18,8 @@ every prunable group (tests/prune_helpers.zero_channels: random units for the li
 the least important by activation energy for the real ones so they keep working), then run
 ``cleanup,prune`` through the PassManager: every zeroed unit must be removed, the outputs must
 match to 1e-4 of the output scale, and parameters must fall by >= 25%.
-For PP-OCR det, samples are the photo crops on which the model finds text (max probability >
-0.5), so fidelity is not measured on all-zero maps. The DB probability map of the zeroed model is exactly 0 everywhere (30% of every
+For PP-OCR det, samples are photos with rendered text pasted on (models/real.py), so fidelity is
+not measured on all-zero maps. The DB probability map of the zeroed model is exactly 0 everywhere (30% of every
 layer zeroed kills the detector), so the pre-sigmoid logits are added as a second output and
 checked too; otherwise the comparison would be vacuous.
 
@@ -68,16 +69,9 @@ def _input_name(m: onnx.ModelProto) -> str:
 def prepare(name: str, n_samples: int = 8, seed: int = 0):
     """(folded model, samples) of a benchmark model."""
     if name in REAL:
-        m = fold_constants(onnx.load(str(real_model(name))))
-        if name != "ppocr_det":
-            return m, real_samples(name, n_samples, seed)
-        # the DB text map is ~0 on photos without text, where cosine/SQNR measure float noise:
-        # keep the photo crops on which the model finds text (max probability > 0.5)
-        from onnxshrink.runtime import make_session
-        sess = make_session(m, optimize=True)
-        pool = real_samples(name, 4 * n_samples, seed)
-        hit = [float(sess.run(None, s)[0].max()) > 0.5 for s in pool]
-        return m, ([s for s, h in zip(pool, hit) if h] + [s for s, h in zip(pool, hit) if not h])[:n_samples]
+        # PP-OCR det: real_samples gives photos with rendered text pasted on (its DB map is ~0 on
+        # text-free photos, where cosine/SQNR would measure float noise)
+        return fold_constants(onnx.load(str(real_model(name)))), real_samples(name, n_samples, seed)
     m = fold_constants(onnx.load(str(light_path(name))))
     m = randomize_weights(m, seed)
     mean = np.array([0.485, 0.456, 0.406], np.float32)
@@ -88,9 +82,12 @@ def prepare(name: str, n_samples: int = 8, seed: int = 0):
 
 
 def _add_logits_output(m: onnx.ModelProto) -> onnx.ModelProto:
-    """PP-OCR det: also output the pre-sigmoid logits (the input of the final Sigmoid)."""
+    """Also output the logits (the input of the final Sigmoid / Softmax): PP-OCR det's map and
+    the light classifiers' softmax saturate, which would make the comparison vacuous."""
     out = m.graph.output[0].name
-    sig = next(n for n in m.graph.node if out in n.output and n.op_type == "Sigmoid")
+    sig = next((n for n in m.graph.node if out in n.output and n.op_type in ("Sigmoid", "Softmax")), None)
+    if sig is None:
+        return m
     vi = onnx.helper.make_tensor_value_info(sig.input[0], onnx.TensorProto.FLOAT, None)
     inferred = onnx.shape_inference.infer_shapes(m)
     for v in inferred.graph.value_info:
@@ -113,8 +110,7 @@ def lossless(name: str) -> dict:
     shapes = {k: list(v.shape) for k, v in samples[0].items()}
     by = "activation" if name in REAL else "random"
     z, info = zero_channels(m, 0.3, seed=0, input_shapes=shapes, by=by, samples=samples)
-    if name == "ppocr_det":
-        z = _add_logits_output(z)
+    z = _add_logits_output(z)
     out, rep = optimize(z, passes=_passes({"mode": "zeros", "latency": False}), data=samples)
     rec = next(r for r in rep.passes if r.name == "prune")
     pb, pa = model_cost(z, shapes)["params"], model_cost(out, shapes)["params"]
@@ -129,12 +125,14 @@ def lossless(name: str) -> dict:
     }
 
 
-def importance(name: str, refit: bool, n_samples: int = 24, ratio: float = 0.3, target_macs: float = 0.0) -> dict:
+def importance(name: str, refit: bool, n_samples: int = 16, ratio: float = 0.3, target_macs: float = 0.0,
+               scope: str = "layer", target_latency: float = 0.0) -> dict:
     t0 = time.perf_counter()
     m, samples = prepare(name, n_samples)
     shapes = {k: list(v.shape) for k, v in samples[0].items()}
     out, rep = optimize(m, passes=_passes({"mode": "importance", "ratio": ratio, "refit": refit, "latency": False,
-                                           "target_macs": target_macs}),
+                                           "target_macs": target_macs, "target_latency": target_latency,
+                                           "scope": scope, "samples": n_samples}),
                         data=samples)
     rec = next(r for r in rep.passes if r.name == "prune")
     cb, ca = model_cost(m, shapes), model_cost(out, shapes)
@@ -143,8 +141,8 @@ def importance(name: str, refit: bool, n_samples: int = 24, ratio: float = 0.3, 
     lat_a = measure_latency(out, feeds, runs=30, threads=1)
     fid = rep.fidelity or {}
     return {
-        "model": name, "refit": refit, "ratio": ratio, "target_macs": target_macs,
-        "status": rec.status, "reason": rec.reason,
+        "model": name, "refit": refit, "ratio": ratio, "target_macs": target_macs, "target_latency": target_latency,
+        "scope": scope, "status": rec.status, "reason": rec.reason, "pass_seconds": rec.stats.get("seconds"),
         "cosine": fid.get("cosine"), "sqnr_db": fid.get("sqnr"), "mse": fid.get("mse"),
         "params_before": cb["params"], "params_after": ca["params"],
         "macs_before": cb["macs"], "macs_after": ca["macs"],
@@ -168,15 +166,31 @@ def lossless_table(rows) -> str:
     return "\n".join(out)
 
 
+def _strength(r) -> str:
+    if r.get("target_latency"):
+        return f"target_latency={r['target_latency']:g}"
+    if r.get("target_macs"):
+        return f"target_macs={r['target_macs']:g}"
+    return f"ratio={r['ratio']:g}" + (", global" if r.get("scope") == "global" else "")
+
+
 def importance_table(rows) -> str:
-    out = ["| model | ratio | refit | cosine | SQNR dB | params | MACs | latency ms (1 thread) |",
-           "|---|---|---|---|---|---|---|---|"]
+    """One line per model and setting: the refit and no-refit runs side by side (same channels
+    removed, so params, MACs and latency are those of the refit run)."""
+    out = ["| model | pruning | params | MACs | latency ms (ORT CPU, 1 thread, median) | cosine no refit | cosine refit "
+           "| SQNR dB no refit / refit | pass s no refit / refit |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    pairs: dict = {}
     for r in rows:
-        strength = f"{r['ratio']:g}" + (f", target_macs={r['target_macs']:g}" if r.get("target_macs") else "")
-        out.append(f"| {r['model']} | {strength} | {'yes' if r['refit'] else 'no'} | {_fmt(r['cosine'], '{:.5f}')} | "
-                   f"{_fmt(r['sqnr_db'], '{:.2f}')} | {r['params_before']:,} -> {r['params_after']:,} | "
+        pairs.setdefault((r["model"], _strength(r)), {})[r["refit"]] = r
+    for (model, strength), p in pairs.items():
+        r = p.get(True) or p.get(False)
+        no, yes = p.get(False, {}), p.get(True, {})
+        out.append(f"| {model} | {strength} | {r['params_before']:,} -> {r['params_after']:,} | "
                    f"{r['macs_before'] / 1e6:.0f}M -> {r['macs_after'] / 1e6:.0f}M | "
-                   f"{r['latency_ms_before']:.2f} -> {r['latency_ms_after']:.2f} |")
+                   f"{r['latency_ms_before']:.2f} -> {r['latency_ms_after']:.2f} | {_fmt(no.get('cosine'), '{:.4f}')} | "
+                   f"{_fmt(yes.get('cosine'), '{:.4f}')} | {_fmt(no.get('sqnr_db'), '{:.2f}')} / "
+                   f"{_fmt(yes.get('sqnr_db'), '{:.2f}')} | {_fmt(no.get('pass_seconds'))} / {_fmt(yes.get('pass_seconds'))} |")
     return "\n".join(out)
 
 
@@ -187,6 +201,9 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--ratio", type=float, default=0.3, help="importance ratio")
     ap.add_argument("--target-macs", type=float, default=0.0, help="importance: prune to this MAC fraction by sensitivity")
+    ap.add_argument("--target-latency", type=float, default=0.0, help="importance: prune to this latency fraction")
+    ap.add_argument("--scope", default="layer", choices=["layer", "global"])
+    ap.add_argument("--samples", type=int, default=16, help="calibration samples (every 4th held out for validation)")
     args = ap.parse_args(argv)
     res = {}
     if args.what in ("lossless", "all"):
@@ -200,7 +217,8 @@ def main(argv=None):
         rows = []
         for n in args.models or REAL:
             for refit in (False, True):
-                rows.append(importance(n, refit, ratio=args.ratio, target_macs=args.target_macs))
+                rows.append(importance(n, refit, n_samples=args.samples, ratio=args.ratio, target_macs=args.target_macs,
+                                       scope=args.scope, target_latency=args.target_latency))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         res["importance"] = rows
         print(importance_table(rows))

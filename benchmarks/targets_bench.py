@@ -72,6 +72,7 @@ class OrtQDQ(Pass):
 
 
 def run_one(name: str, target: str, quantizer: str, n_calib: int, n_val: int) -> dict:
+    """One model on one target (``qnn+channels_last`` style options allowed); every figure measured here."""
     from models.real import real_model, real_samples
     from onnxshrink.manager import PassManager
 
@@ -91,7 +92,14 @@ def run_one(name: str, target: str, quantizer: str, n_calib: int, n_val: int) ->
            "accepted_static": cov.get("accepted"), "unsupported_ops": cov.get("unsupported_ops"),
            "reasons": cov.get("reasons"), "heavy_ops": cov.get("heavy_ops"),
            "usability_checker": cov.get("usability_checker"),
-           "prepare": tr.get("prepare"), "emission": tr.get("emission"), "opset": tr.get("opset")}
+           "prepare": tr.get("prepare"), "emission": tr.get("emission"), "opset": tr.get("opset"),
+           "float_nodes": cov.get("float_nodes"), "channels_last": tr.get("channels_last")}
+    qst = next((p.stats or {} for p in report.passes if p.name == "quantize"), {})
+    if qst:
+        out["quantize"] = {"activations": (qst.get("scheme") or {}).get("activations"),
+                           "activation_choice": qst.get("activation_choice"),
+                           "kept_float": len(qst.get("kept_float") or []),
+                           "quantized_units": qst.get("quantized_units"), "reason": qst.get("reason")}
     out["fidelity_cpu_text"] = _text_subset(model, val, report) if name == "ppocr_det" else None
     q = tr.get("qnn_htp")
     if q:
@@ -114,14 +122,15 @@ def _text_subset(model, val, report) -> dict:
     import numpy as np
     from models.real import real_model
     from onnxshrink.runtime import make_session
+    from onnxshrink.emit import ChannelsLastIO
     ref = make_session(str(real_model("ppocr_det")), optimize=False)
-    got = make_session(model, optimize=True)
+    io = ChannelsLastIO(report.target_report.get("channels_last"))  # NHWC I/O when the target asked for it
     cos, iou = [], []
-    for s in val:
+    for s, got in zip(val, io.run(model, val, optimize=True)):
         b = ref.run(None, s)[0]
         if b.max() <= 0.5:
             continue
-        a = got.run(None, s)[0]
+        a = got[0]
         cos.append(float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
         A, B = a > 0.3, b > 0.3
         iou.append(float((A & B).sum() / max((A | B).sum(), 1)))

@@ -92,7 +92,8 @@ def cli(debug):
               help="Fix an input's dynamic dimensions (repeatable).")
 @click.option("--recipe", type=click.Path(), help="YAML/JSON pipeline: passes with options, calib, budget, target.")
 @click.option("--option", "-o", "options", multiple=True, metavar="PASS.KEY=VALUE",
-              help="Set a pass option, e.g. -o prune.ratio=0.3 (repeatable).")
+              help="Set a pass option, e.g. -o prune.ratio=0.3, or a target option, e.g. "
+                   "-o target.channels_last=true (repeatable).")
 @click.option("--seed", type=int, default=None, help="Random seed (default 0).")
 @click.option("--synthetic", is_flag=True, help="Use random inputs when no data is given (fidelity meaningless).")
 @click.option("--latency", is_flag=True, help="Measure single-thread latency before and after.")
@@ -129,6 +130,7 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
     if not pass_specs:
         raise UsageError("--passes is empty")
     overrides = _parse_options(options)
+    target_options = overrides.pop("target", None)  # -o target.channels_last=true: an emission option
     from .passes.base import get_pass
     specs = []
     for spec in pass_specs:
@@ -146,6 +148,10 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
         raise UsageError(f"--option names pass(es) not in the pipeline: {', '.join(overrides)}")
     shapes = dict(r.get("input_shapes") or {})
     shapes.update(dict(parse_input_shape(s) for s in input_shapes))
+    target = target or r.get("target")
+    if target_options:
+        from .targets import get_target, with_options
+        target = with_options(get_target(target), target_options)
     rpath = report_path or r.get("report")
     if rpath:  # fail before any work, and never let the report overwrite the input or the output
         check_output_path(rpath, input_model)
@@ -155,7 +161,7 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
     try:
         _, report = run_optimize(input_model, output_model, passes=specs, data=calib or r.get("calib"),
                                  val_data=val or r.get("val"), budget=budget or r.get("budget"),
-                                 target=target or r.get("target"), input_shapes=shapes,
+                                 target=target, input_shapes=shapes,
                                  seed=seed if seed is not None else int(r.get("seed", 0)), progress=progress,
                                  synthetic=synthetic, measure_speed=latency, debug=_DEBUG,
                                  target_size=_first(target_size, r.get("target_size")),

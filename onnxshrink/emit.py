@@ -21,10 +21,13 @@ Steps (each lossless; the result is checked numerically against the input model)
    A node inside a QDQ group (fed by DequantizeLinear, feeding QuantizeLinear) is never split,
    since the new intermediate tensors would be float: such ops are rewritten before
    quantization (``prepare_for_target``, which the PassManager runs before the passes);
-4. coverage: per node, whether the EP takes it and why not (op list, dynamic shape, rank,
+4. with the ``channels_last`` option: 4-D float graph inputs/outputs become NHWC through exact
+   Transposes (on the integer side of a boundary per-tensor Q/DQ), checked numerically
+   (``to_channels_last``);
+5. coverage: per node, whether the EP takes it and why not (op list, dynamic shape, rank,
    run-time shape operand, float op outside a QDQ group, QDQ scheme the EP cannot fuse); for
    NNAPI and CoreML onnxruntime's own mobile usability checker decides;
-5. for ``qnn`` when ``onnxruntime-qnn`` is installed: a real HTP-backend session (a simulator on
+6. for ``qnn`` when ``onnxruntime-qnn`` is installed: a real HTP-backend session (a simulator on
    x86-64 Linux) with CPU fallback disabled, run on the validation samples in a subprocess;
    fidelity against the original fp32 model on the CPU.
 
@@ -34,7 +37,8 @@ Steps (each lossless; the result is checked numerically against the input model)
 from __future__ import annotations
 
 __all__ = ["prepare_for_target", "emit_for_target", "fold_static_shapes", "convert_opset", "apply_rewrites",
-           "coverage", "qnn_htp_check", "qnn_available", "save_ort_format", "REWRITES"]
+           "coverage", "qnn_htp_check", "qnn_available", "save_ort_format", "REWRITES", "to_channels_last",
+           "channels_last_samples"]
 
 import collections
 import functools
@@ -357,6 +361,136 @@ def _fill_empty_resize_inputs(g: gs.Graph) -> int:
     return n
 
 
+# ---- channel-last I/O (emission option ``channels_last``)
+TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
+
+
+def _per_tensor_qdq(node: gs.Node) -> bool:
+    """A QuantizeLinear/DequantizeLinear with one scale (it maps every element alike, so it commutes
+    with any permutation of the elements)."""
+    return node.op in QDQ and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant) and \
+        np.asarray(node.inputs[1].values).size == 1
+
+
+def _image_tensor(t) -> bool:
+    return t.shape is not None and len(t.shape) == 4 and t.dtype is not None and np.dtype(t.dtype).kind == "f"
+
+
+def to_channels_last(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """4-D float graph inputs and outputs become channel-last (NHWC), names kept; exact:
+
+        x (N,H,W,C) -> Transpose(0,3,1,2) -> the NCHW graph -> Transpose(0,2,3,1) -> y (N,H,W,C)
+
+    Where the input's only consumer is a per-tensor QuantizeLinear (or the output's producer a
+    per-tensor DequantizeLinear) the Transpose moves to the integer side of it (an elementwise map
+    with one scale commutes with a permutation): ``x -> Q -> Transpose -> DQ``, so no float node is
+    added. onnxruntime's layout transformation for an NHWC EP (QNN, NNAPI, XNNPACK) then cancels it
+    against the Transpose it inserts before the first (after the last) convolution.
+    Returns (model, {"inputs": [...], "outputs": [...]}) naming the tensors changed."""
+    g = gs.import_onnx(model)
+    info = {"inputs": [], "outputs": []}
+    for k, old in enumerate(list(g.inputs)):
+        if not _image_tensor(old):
+            continue
+        name = old.name
+        old.name = _uniq(g, f"{name}_nchw")
+        new = gs.Variable(name, dtype=old.dtype, shape=[old.shape[i] for i in TO_NHWC])
+        users = list(old.outputs)
+        if len(users) == 1 and users[0].op == "QuantizeLinear" and _per_tensor_qdq(users[0]) \
+                and users[0].outputs[0] not in g.outputs:
+            q = users[0]
+            qy = q.outputs[0]
+            qn = gs.Variable(_uniq(g, f"{qy.name}_nhwc"), dtype=qy.dtype,
+                             shape=[qy.shape[i] for i in TO_NHWC] if qy.shape is not None else None)
+            q.inputs[0] = new
+            q.outputs[0] = qn
+            g.nodes.append(gs.Node("Transpose", _uniq(g, f"{name}_to_nchw"), {"perm": list(TO_NCHW)},
+                                   inputs=[qn], outputs=[qy]))
+            old.outputs.clear()
+        else:
+            g.nodes.append(gs.Node("Transpose", _uniq(g, f"{name}_to_nchw"), {"perm": list(TO_NCHW)},
+                                   inputs=[new], outputs=[old]))
+        g.inputs[k] = new
+        info["inputs"].append(name)
+    for k, old in enumerate(list(g.outputs)):
+        if not _image_tensor(old) or old in g.inputs:
+            continue
+        name = old.name
+        old.name = _uniq(g, f"{name}_nchw")
+        new = gs.Variable(name, dtype=old.dtype, shape=[old.shape[i] for i in TO_NHWC])
+        prod = old.inputs[0] if old.inputs else None
+        if prod is not None and prod.op == "DequantizeLinear" and _per_tensor_qdq(prod) and not old.outputs:
+            xq = prod.inputs[0]
+            tq = gs.Variable(_uniq(g, f"{xq.name}_nhwc"), dtype=xq.dtype,
+                             shape=[xq.shape[i] for i in TO_NHWC] if xq.shape is not None else None)
+            g.nodes.append(gs.Node("Transpose", _uniq(g, f"{name}_to_nhwc"), {"perm": list(TO_NHWC)},
+                                   inputs=[xq], outputs=[tq]))
+            prod.inputs[0] = tq
+            prod.outputs[0] = new
+        else:
+            g.nodes.append(gs.Node("Transpose", _uniq(g, f"{name}_to_nhwc"), {"perm": list(TO_NHWC)},
+                                   inputs=[old], outputs=[new]))
+        g.outputs[k] = new
+        info["outputs"].append(name)
+    if not info["inputs"] and not info["outputs"]:
+        return model, info
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    return _export(g, model), info
+
+
+def channels_last_samples(samples, names) -> list[dict]:
+    """Feeds for a channel-last model: the named NCHW inputs transposed to NHWC."""
+    return [{k: (np.ascontiguousarray(v.transpose(TO_NHWC)) if k in names else v) for k, v in s.items()}
+            for s in samples]
+
+
+class ChannelsLastIO:
+    """Runs a model whose image I/O went channel-last (``to_channels_last``) on NCHW samples and
+    gives NCHW outputs back, so it is measured against the original model's outputs.
+    ``layout`` is the emission's ``channels_last`` info ({"inputs": [...], "outputs": [...]}) or None."""
+
+    def __init__(self, layout: dict | None):
+        layout = layout if layout and not layout.get("rolled_back") else {}
+        self.inputs = set(layout.get("inputs", ()))
+        self.outputs = set(layout.get("outputs", ()))
+
+    def feeds(self, samples) -> list[dict]:
+        return channels_last_samples(samples, self.inputs) if self.inputs else samples
+
+    def shapes(self, shapes: dict | None) -> dict | None:
+        if not shapes or not self.inputs:
+            return shapes
+        return {k: ([v[i] for i in TO_NHWC] if k in self.inputs and len(v) == 4 else v) for k, v in shapes.items()}
+
+    def back(self, outputs, names) -> list:
+        """Per-sample output lists (in ``names`` order) with the channel-last ones back in NCHW."""
+        return [[o.transpose(TO_NCHW) if n in self.outputs else o for n, o in zip(names, outs)]
+                for outs in outputs]
+
+    def run(self, model: onnx.ModelProto, samples, optimize: bool = True) -> list:
+        from .runtime import make_session
+        sess = make_session(model, optimize=optimize)
+        names = [o.name for o in sess.get_outputs()]
+        return self.back([sess.run(names, s) for s in self.feeds(samples)], names)
+
+
+def _apply_channels_last(model: onnx.ModelProto, ctx) -> tuple[onnx.ModelProto, dict]:
+    """``to_channels_last``, kept only when its outputs (back in NCHW) match the input model's."""
+    cand, info = to_channels_last(model)
+    if cand is model:
+        return model, {**info, "changed": False, "reason": "no 4-D float graph input or output"}
+    samples = _samples(model, ctx)
+    try:
+        onnx.checker.check_model(cand)
+        err = _max_rel_err(_run(model, samples), ChannelsLastIO(info).run(cand, samples, optimize=False))
+    except Exception as e:
+        return model, {**info, "rolled_back": True,
+                       "reason": f"invalid or does not run: {str(e).splitlines()[0][:200]}"}
+    if err > EMIT_TOL:
+        return model, {**info, "rolled_back": True, "reason": f"outputs changed (relative max error {err:.2e})"}
+    return cand, {**info, "changed": True, "max_rel_err": err}
+
+
 # name -> (function, ops it removes, ops it needs)
 REWRITES = {
     "decompose_hardswish": (_decompose_hardswish, ("HardSwish",), ("HardSigmoid", "Mul")),
@@ -488,20 +622,35 @@ def prepare_for_target(model: onnx.ModelProto, profile, ctx=None) -> tuple[onnx.
 def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None = None
                     ) -> tuple[onnx.ModelProto, dict]:
     """After the passes: the preparation steps again (the passes may have added foldable
-    subgraphs), then the coverage report; for qnn the real HTP check when available
-    (``qnn=False`` skips it, ``qnn=True`` requires it)."""
+    subgraphs), channel-last I/O when the profile asks for it, then the coverage report; for qnn
+    the real HTP check when available (``qnn=False`` skips it, ``qnn=True`` requires it), fed NHWC
+    samples and compared in NCHW for a channel-last model."""
     model, steps = _transform(model, profile, ctx)
     info = {"target": profile.name, "provider": profile.provider, "emission": steps,
             "scheme": {"activations": profile.activation_dtype, "weights": profile.weight_dtype,
-                       "symmetric_weights": profile.symmetric_weights, "per_channel": profile.per_channel},
+                       "symmetric_weights": profile.symmetric_weights, "per_channel": profile.per_channel,
+                       "activations_in_model": _activation_qtypes(model)},
             "opset": _opset(model), "static_inputs": _static_inputs(model)}
+    if getattr(profile, "channels_last", False):
+        model, info["channels_last"] = _apply_channels_last(model, ctx)
+    io = ChannelsLastIO(info.get("channels_last"))
     info["coverage"] = coverage(model, profile)
     if profile.name == "qnn" and qnn is not False:
         samples = _samples(model, ctx, n=int(os.environ.get("ONNXSHRINK_QNN_SAMPLES", "8")))
         ref = getattr(ctx, "reference", None)
-        info["qnn_htp"] = qnn_htp_check(model, samples, ref[:len(samples)] if ref is not None else None,
-                                        required=bool(qnn))
+        info["qnn_htp"] = qnn_htp_check(model, io.feeds(samples), ref[:len(samples)] if ref is not None else None,
+                                        required=bool(qnn), outputs_back=io)
     return model, info
+
+
+def _activation_qtypes(model: onnx.ModelProto) -> list[str]:
+    """The integer types of the activation QuantizeLinear outputs (their zero points) in a QDQ model."""
+    inits = {t.name: t for t in model.graph.initializer}
+    found = set()
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits:
+            found.add(onnx.helper.tensor_dtype_to_np_dtype(inits[n.input[2]].data_type).name)
+    return sorted(found)
 
 
 # ---------------------------------------------------------------------------------------- coverage
@@ -564,12 +713,26 @@ def _dq_scheme_problem(profile, dq: onnx.NodeProto, inits: dict) -> str | None:
     return None
 
 
+def _qdq_in_onnx_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with com.microsoft QuantizeLinear/DequantizeLinear (16-bit types below opset 21, as
+    onnxruntime's quantizer emits them) in the ONNX domain: the same semantics, and onnx's shape
+    inference (which has no contrib schemas) then sees through them. For analysis only."""
+    if not any(n.domain == "com.microsoft" and n.op_type in QDQ for n in model.graph.node):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if n.domain == "com.microsoft" and n.op_type in QDQ:
+            n.domain = ""
+    return m
+
+
 def coverage(model: onnx.ModelProto, profile) -> dict:
     """Which nodes the target's EP takes, which not and why.
 
     Returns {"nodes", "taken", "not_taken", "partitions", "unsupported": [{node, op, reason}],
     "reasons": {reason: count}, "accepted": bool, "accepted_means": str, ...}."""
-    m = _infer(model, data_prop=True)
+    m = _infer(_qdq_in_onnx_domain(model), data_prop=True)
     g = m.graph
     inits = {t.name: t for t in g.initializer}
     types = _tensor_types(m)
@@ -656,8 +819,10 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
                                   "quantize them for older HTP versions")
     if checker_ops is not None:
         info["usability_checker"] = _usability_check(m, profile)
-        info["accepted"] = info["usability_checker"]["suitability"] == "YES"
-        info["accepted_means"] = "onnxruntime's mobile usability checker rates the model YES for this EP"
+        info["accepted"] = info["usability_checker"]["suitability"] == "YES" and \
+            not by_reason.get("QDQ scheme / fusion")
+        info["accepted_means"] = ("onnxruntime's mobile usability checker rates the model YES for this EP "
+                                  "and every QDQ tensor has a type the EP takes")
     elif profile.name == "xnnpack":
         info["accepted"] = heavy_taken == heavy_total and not any(
             "XNNPACK takes" in v or "XNNPACK needs" in v for v in reasons.values())
@@ -898,7 +1063,7 @@ def _parse_qnn_validation(log: str, limit: int = 50) -> list[dict]:
 
 
 def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: bool = False,
-                  timeout: int = 1800) -> dict:
+                  timeout: int = 1800, outputs_back: "ChannelsLastIO | None" = None) -> dict:
     """Build a QNN HTP session with CPU fallback disabled (``session.disable_cpu_ep_fallback=1``)
     in a subprocess, run ``samples`` on it, and compare with ``reference`` (the fp32 original's
     outputs on the CPU). Returns {"available", "accepted", "placements", "fidelity", ...}."""
@@ -951,6 +1116,8 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
         if Path(op).exists() and reference is not None:
             outs = np.load(op)
             got = [[outs[f"{k}/{j}"] for j in range(len(reference[k]))] for k in range(res.get("samples", 0))]
+            if outputs_back is not None:  # channel-last outputs compared in the reference's NCHW layout
+                got = outputs_back.back(got, [o.name for o in model.graph.output])
             from .metrics import compare_outputs, fidelity
             res["fidelity"] = fidelity(reference[:len(got)], got)
             res["per_sample"] = [{"cosine": compare_outputs(r, o)["cosine"],

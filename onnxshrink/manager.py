@@ -159,7 +159,7 @@ class PassManager:
 
     # ------------------------------------------------------------------ validation
     def _outputs(self, model: onnx.ModelProto, samples, optimize: bool):
-        sess = make_session(model, optimize=optimize)
+        sess = make_session(model, optimize=optimize, low_memory=True)  # -24 MB peak on YOLOv8n
         names = [o.name for o in sess.get_outputs()]
         return [sess.run(names, s) for s in samples]
 
@@ -253,13 +253,16 @@ class PassManager:
         if self.target is not None:
             current = self._emit(current, ctx, report)
 
-        final = self._outputs(current, val, optimize=True)
+        from .emit import ChannelsLastIO  # the target may have made the image I/O channel-last
+        io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
+        final = io.run(current, val, optimize=True)
         report.fidelity = fidelity(reference, final, self.metric, val, self._labels)
-        report.after = model_io.model_stats(current, cost_shapes)
+        report.after = model_io.model_stats(current, io.shapes(cost_shapes))
         report.budget_met = self.budget.holds(report.fidelity, self.baseline) if self.budget else None
         if self.measure_speed:
             feeds = val.get(0)
-            report.latency_ms = {"before": measure_latency(original, feeds), "after": measure_latency(current, feeds)}
+            report.latency_ms = {"before": measure_latency(original, feeds),
+                                 "after": measure_latency(current, io.feeds([feeds])[0])}
         if self.budget is not None and not report.budget_met:
             raise BudgetError(f"budget {self.budget} not met: {self.budget.metric}="
                               f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
@@ -389,7 +392,9 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
     pm = PassManager(passes, **kwargs)
     result, report = pm.run(model)
     if output is not None:
-        model_io.save(result, output, input_path=input_path)
+        sparse = any(r.name == "sparsify" and r.status in (APPLIED, BACKED_OFF) and r.stats.get("storage") == "sparse"
+                     for r in report.passes)
+        model_io.save(result, output, input_path=input_path, sparse_initializers=sparse)
         report.output = str(output)
         report.file_bytes = {"before": Path(input_path).stat().st_size if input_path else None,
                              "after": Path(output).stat().st_size}

@@ -261,15 +261,19 @@ def _weights_size(model: onnx.ModelProto) -> int:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
-         input_path: str | os.PathLike | None = None) -> Path:
+         input_path: str | os.PathLike | None = None, sparse_initializers: bool = False) -> Path:
     """Write the model atomically: into a temporary folder beside the target, then rename.
 
     external_data=None stores weights externally (``<name>.data``) only when the model would
     pass protobuf's 2 GB limit. Refuses to overwrite ``input_path``. The in-memory model is left
-    with its weights inline.
+    with its weights inline. ``sparse_initializers``: store mostly-zero weights as ONNX sparse
+    initializers where smaller and onnxruntime loads the result (``passes.sparsify.sparse_storage``).
     """
     out = Path(path)
     check_output_path(out, input_path)
+    if sparse_initializers and not is_large(model):
+        from .passes.sparsify import sparse_storage
+        model, _ = sparse_storage(model, min_size=256)
     parent = out.parent if str(out.parent) else Path(".")
     if external_data is None:
         external_data = _weights_size(model) >= _EXTERNAL_THRESHOLD

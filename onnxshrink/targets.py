@@ -27,7 +27,8 @@ result. The facts, with their sources:
 
 from __future__ import annotations
 
-__all__ = ["TargetProfile", "TARGETS", "get_target", "emit", "prepare", "QNN_HTP_OPS", "XNNPACK_OPS"]
+__all__ = ["TargetProfile", "TARGETS", "TARGET_OPTIONS", "get_target", "with_options", "emit", "prepare", "QNN_HTP_OPS",
+           "XNNPACK_OPS"]
 
 from dataclasses import dataclass, field
 
@@ -69,12 +70,15 @@ class TargetProfile:
     rewrites: exact rewrites applied at emission for this EP (see ``onnxshrink.emit.REWRITES``);
         decompositions of ops the EP lacks are applied whenever the op is missing from ``ops``.
     float_ops_run: the EP runs float (not quantized) compute nodes; False for QNN HTP.
+    wide_activation_dtype: a 16-bit activation type the EP also takes; the quantize pass (with
+        activation_dtype=auto) uses it when the 8-bit plan misses the fidelity floor or needs float units.
     """
 
     name: str
     description: str
     provider: str                       # onnxruntime execution provider name
     activation_dtype: str = "uint8"     # uint8 | int8 | uint16 | int16
+    wide_activation_dtype: str | None = None  # a 16-bit type the EP also takes (the quantizer's fallback)
     weight_dtype: str = "int8"          # int8 | uint8
     symmetric_activations: bool = False
     symmetric_weights: bool = True
@@ -91,6 +95,7 @@ class TargetProfile:
     float_ops_run: bool = True
     fallback_ok: bool = True            # nodes the EP does not take run on the CPU EP by design
     ort_format: bool = False            # also write the ORT format (.ort) next to the output
+    channels_last: bool = False         # emit 4-D image inputs/outputs as NHWC (exact Transposes)
 
     def supports_op(self, op_type: str, domain: str = "") -> bool | None:
         """True/False when this profile's op list decides it; None when the usability checker does."""
@@ -126,7 +131,8 @@ TARGETS: dict[str, TargetProfile] = {
         max_rank=5, notes=("CoreML computes in float16/float32; QDQ weights are dequantized by the EP",)),
     "qnn": TargetProfile(
         "qnn", "Qualcomm QNN EP, HTP (NPU) backend", "QNNExecutionProvider",
-        activation_dtype="uint8", symmetric_activations=False, weight_dtype="int8", symmetric_weights=True,
+        activation_dtype="uint8", wide_activation_dtype="uint16", symmetric_activations=False,
+        weight_dtype="int8", symmetric_weights=True,
         per_channel=True, static_shapes=True, opset_min=13, opset_max=21, ops=QNN_HTP_OPS,
         float_ops_run=False, fallback_ok=False, max_rank=5,
         notes=("HTP runs quantized graphs only: uint8 or uint16 asymmetric activations, int8 symmetric "
@@ -138,15 +144,49 @@ TARGETS: dict[str, TargetProfile] = {
 }
 
 
-def get_target(name: "str | TargetProfile | None") -> TargetProfile | None:
+# emission options a target takes: ``--target qnn+channels_last+ort``, ``-o target.channels_last=true``
+# or a recipe's ``target: {name: qnn, channels_last: true}``; option -> (TargetProfile field, aliases)
+TARGET_OPTIONS = {"ort": ("ort_format", ("ort", "ort_format")),
+                  "channels_last": ("channels_last", ("channels_last", "nhwc"))}
+
+
+def _option_field(key: str) -> str:
+    for fld, aliases in TARGET_OPTIONS.values():
+        if key in aliases:
+            return fld
+    raise UsageError(f"unknown target option '{key}'; known: {', '.join(TARGET_OPTIONS)}")
+
+
+def get_target(name: "str | dict | TargetProfile | None") -> TargetProfile | None:
+    """A profile by name; ``+option`` suffixes switch emission options on (``nnapi+ort``: also the
+    .ort file beside the output; ``qnn+channels_last``: NHWC image I/O). A mapping
+    ``{"name": ..., option: value}`` is the recipe form."""
     if name is None or isinstance(name, TargetProfile):
         return name
-    if name.endswith("+ort"):  # e.g. "nnapi+ort": the profile, and the .ort file written beside the output
-        import dataclasses
-        return dataclasses.replace(get_target(name[:-4]), ort_format=True)
-    if name not in TARGETS:
-        raise UsageError(f"unknown target '{name}'; known targets: {', '.join(TARGETS)}")
-    return TARGETS[name]
+    if isinstance(name, dict):
+        opts = dict(name)
+        return with_options(get_target(opts.pop("name", None) or opts.pop("target", None)), opts)
+    base, *flags = str(name).split("+")
+    if base not in TARGETS:
+        raise UsageError(f"unknown target '{base}'; known targets: {', '.join(TARGETS)}")
+    return with_options(TARGETS[base], {f: True for f in flags})
+
+
+def with_options(profile: TargetProfile | None, options: dict) -> TargetProfile | None:
+    """The profile with emission options set (``{"channels_last": True}``); values may be YAML-ish strings."""
+    if not options:
+        return profile
+    if profile is None:
+        raise UsageError(f"target options {sorted(options)} given without --target")
+    import dataclasses
+    vals = {}
+    for k, v in options.items():
+        if isinstance(v, str):
+            if v.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise UsageError(f"target option {k}={v!r}: expected true or false")
+            v = v.strip().lower() in ("true", "1", "yes", "on")
+        vals[_option_field(k)] = bool(v)
+    return dataclasses.replace(profile, **vals)
 
 
 def prepare(model, profile: TargetProfile, ctx=None):

@@ -28,3 +28,9 @@ def assert_outputs_close(a: list, b: list, rtol_scale: float = 1e-4) -> None:
 
 def check(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model, full_check=True)
+
+
+def normal_samples(n: int = 12, seed: int = 1, name: str = "x", shape=(1, 3, 16, 16)) -> list[dict]:
+    """``n`` seeded standard-normal float32 input dicts for a single-input test model."""
+    r = np.random.default_rng(seed)
+    return [{name: r.standard_normal(shape).astype(np.float32)} for _ in range(n)]

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.channels import analyze, const_value
+from onnxshrink.graph.channels import analyze, balanced_selection, const_value
 
 # members whose zeroing makes the channel's values exactly zero
 ZERO_TAGS = {"conv_w", "conv_b", "gemm_w", "gemm_b", "convt_w", "convt_b", "matmul_w", "bn_scale", "bn_bias",
@@ -101,7 +101,11 @@ def zero_channels(model: onnx.ModelProto, ratio: float = 0.3, seed: int = 0, inp
         if k == 0:
             continue
         touched += 1
-        if scores is None:
+        if grp.balances:
+            # grouped convs: every group must lose equally many channels (random or lowest scores)
+            sc = scores if scores is not None else dict(zip(grp.unit_labels, rng.random(grp.units).tolist()))
+            chosen |= balanced_selection(a, grp.unit_labels, sc, k)
+        elif scores is None:
             chosen.update(rng.choice(np.asarray(grp.unit_labels), size=k, replace=False).tolist())
         else:
             order = sorted(grp.unit_labels, key=lambda u: scores.get(u, 0.0))
@@ -120,6 +124,11 @@ def zero_channels(model: onnx.ModelProto, ratio: float = 0.3, seed: int = 0, inp
             continue
         v = np.array(v, copy=True)
         for axis, z in lst:
+            if z.ndim == 2:  # grouped conv input columns: row g of the mask for group g's output rows
+                rows = v.shape[0] // z.shape[0]
+                for gi in range(z.shape[0]):
+                    v[gi * rows:(gi + 1) * rows, z[gi]] = 0
+                continue
             idx = [slice(None)] * v.ndim
             idx[axis] = z
             v[tuple(idx)] = 0

@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.graph.channels import analyze, coupled_channel_groups
+from onnxshrink.graph.channels import analyze, balanced_selection, coupled_channel_groups
 from prune_helpers import single_input_model
 
 RNG = np.random.default_rng(0)
@@ -117,14 +117,21 @@ def test_depthwise_shares_units():
     assert any(f.kind == "group" for f in a.fixups)
 
 
-def test_grouped_conv_ties_channels_across_groups():
+def test_grouped_conv_balances_groups_without_tying_positions():
     m = model([
         helper.make_node("Conv", ["x", "w0"], ["a"], name="c0"),
         helper.make_node("Conv", ["a", "wg"], ["y"], name="gc", group=2),
     ], [W(8, 3, 1, 1, name="w0"), W(4, 4, 1, 1, name="wg")])
-    g0 = by_producer(groups_of(m), "c0")
-    assert g0.units == 4  # channel j of group 0 goes with channel j of group 1
-    assert members(g0, "c0", "out")[0][5].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    a = analyze(gs.import_onnx(m))
+    g0 = by_producer(a.groups(), "c0")
+    # every channel is its own unit; the two groups must lose equally many (any positions)
+    assert g0.units == 8 and g0.balances == 1
+    assert members(g0, "c0", "out")[0][5].tolist() == list(range(8))
+    assert members(g0, "gc", "in")[0][5].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]  # row g: group g's columns
+    units = np.array(g0.unit_labels)
+    assert balanced_selection(a, units[[0, 1, 5]]) in ({0, 5}, {1, 5})    # one from each group
+    assert balanced_selection(a, units[[0, 1, 2]]) == set()               # group 1 loses none: nothing goes
+    assert balanced_selection(a, units[[0, 1, 4, 6]], limit=2) in ({0, 4}, {0, 6}, {1, 4}, {1, 6})
 
 
 def test_residual_add_is_one_group():
@@ -229,3 +236,44 @@ def test_dequantized_weights_follow_with_per_channel_scales():
     assert g.prunable
     tags = {mm[4] for mm in g.members if mm[0] == "dq"}
     assert {"conv_w", "scale", "zero_point"} <= tags
+
+
+def test_channel_shuffle_between_grouped_convs():
+    # ShuffleNet: grouped conv (2 groups of 4) -> shuffle -> grouped conv; channel (i, j) lands at j*2 + i
+    m = model([
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="c0", group=1),
+        helper.make_node("Conv", ["a", "wg"], ["b"], name="g0", group=2),
+        helper.make_node("Reshape", ["b", "s5"], ["r5"], name="r1"),
+        helper.make_node("Transpose", ["r5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["t5", "s4"], ["r4"], name="r2"),
+        helper.make_node("Conv", ["r4", "w1"], ["y"], name="g1", group=2),
+    ], [W(4, 3, 1, 1, name="w0"), W(8, 2, 1, 1, name="wg"),
+        numpy_helper.from_array(np.array([1, 2, 4, 8, 8], np.int64), "s5"),
+        numpy_helper.from_array(np.array([1, 8, 8, 8], np.int64), "s4"), W(2, 4, 1, 1, name="w1")])
+    a = analyze(gs.import_onnx(m))
+    g = by_producer(a.groups(), "g0")
+    assert g.prunable and g.units == 4 and g.balances == 2
+    assert members(g, "g0", "out")[0][5].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]      # column j of both groups
+    assert members(g, "g1", "in")[0][5].tolist() == [[0, 0, 1, 1], [2, 2, 3, 3]]   # after the shuffle
+    u = np.array(g.unit_labels)
+    assert balanced_selection(a, u[[0, 1]]) == set()                 # both in g1's first group
+    assert balanced_selection(a, u[[0, 2]]) == {int(u[0]), int(u[2])}
+    assert any(f.kind == "reshape" for f in a.fixups)
+    # the stem feeds g0's two groups: 4 single-channel units, balanced 2 + 2
+    gs0 = by_producer(a.groups(), "c0")
+    assert gs0.units == 4 and gs0.balances == 1
+
+
+def test_balanced_repair_without_scipy_is_balanced():
+    from onnxshrink.graph.channels import _balance_rows, _balanced, _balanced_repair
+    m = model([
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="c0"),
+        helper.make_node("Conv", ["a", "wg"], ["y"], name="gc", group=4),
+    ], [W(12, 3, 1, 1, name="w0"), W(4, 3, 1, 1, name="wg")])
+    a = analyze(gs.import_onnx(m))
+    u = by_producer(a.groups(), "c0").unit_labels
+    rows = _balance_rows(a)
+    wanted = [u[0], u[1], u[3], u[6], u[7], u[9]]   # per group of 3: 2, 1, 2, 1
+    sel = _balanced_repair(a, wanted, rows, None)
+    assert _balanced(rows, sel) and len(sel) == 4      # one per group
+    assert sel == {u[0], u[3], u[6], u[9]}             # the first-ranked (least important) of each

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import assert_outputs_close, check, run_ort
+from onnxshrink.graph.channels import analyze
 from onnxshrink.graph.cost import model_cost
 from onnxshrink.manager import optimize
 from onnxshrink.metrics import fidelity
@@ -219,6 +220,101 @@ def test_channel_shuffle_lossless():
     out, res = run_pass(z)
     assert res.stats["removed_channels"] == 4
     assert_lossless(z, out)
+
+
+def _bn(name, c):
+    return [numpy_helper.from_array(RNG.uniform(0.5, 1.5, c).astype(np.float32), f"{name}_s"), W(c, name=f"{name}_b"),
+            W(c, name=f"{name}_m"), numpy_helper.from_array(RNG.uniform(0.5, 1.5, c).astype(np.float32), f"{name}_v")]
+
+
+def _shuffle_unit():
+    """A ShuffleNet v1 stage in miniature: stem conv; downsampling-style unit (grouped 1x1 conv,
+    channel shuffle, depthwise 3x3, grouped 1x1 conv) concatenated with an AveragePool shortcut;
+    then a residual unit whose grouped convs read the concatenation (groups straddle both parts)."""
+    bn = lambda n, c: helper.make_node("BatchNormalization", [f"{n}_in", f"{n}_s", f"{n}_b", f"{n}_m", f"{n}_v"],
+                                       [f"{n}_out"], name=n)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["r0"], name="stem"),
+        helper.make_node("Conv", ["r0", "wg1"], ["bn1_in"], name="g1", group=2),
+        bn("bn1", 8),
+        helper.make_node("Relu", ["bn1_out"], ["a"]),
+        helper.make_node("Reshape", ["a", "s5"], ["a5"], name="sh1"),
+        helper.make_node("Transpose", ["a5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["t5", "s4"], ["s"], name="sh2"),
+        helper.make_node("Conv", ["s", "wd"], ["bn2_in"], name="dw", group=8, pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        bn("bn2", 8),
+        helper.make_node("Conv", ["bn2_out", "wg2"], ["b"], name="g2", group=2),
+        helper.make_node("AveragePool", ["r0"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["b", "p"], ["cat"], axis=1),
+        helper.make_node("Relu", ["cat"], ["c"]),
+        helper.make_node("Conv", ["c", "wg3"], ["e"], name="g3", group=4),
+        helper.make_node("Add", ["e", "c"], ["f"], name="res"),
+        helper.make_node("Conv", ["f", "w4"], ["y"], name="head"),
+    ]
+    inits = [W(12, 3, 1, 1, name="w0"), W(8, 6, 1, 1, name="wg1"), *_bn("bn1", 8), I64([1, 2, 4, 8, 8], "s5"),
+             I64([1, 8, 8, 8], "s4"), W(8, 1, 3, 3, name="wd"), *_bn("bn2", 8), W(8, 4, 1, 1, name="wg2"),
+             W(20, 5, 1, 1, name="wg3"), W(3, 20, 1, 1, name="w4")]
+    return model(nodes, inits)
+
+
+def test_grouped_conv_removes_different_positions_per_group():
+    m = model([
+        helper.make_node("Conv", ["x", "w0", "b0"], ["a"], name="c0"),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "wg", "bg"], ["g"], name="gc", group=2, pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Conv", ["g", "w2"], ["y"], name="c2"),
+    ], [W(8, 3, 1, 1, name="w0"), W(8, name="b0"), W(6, 4, 3, 3, name="wg"), W(6, name="bg"), W(2, 6, 1, 1, name="w2")])
+    z = onnx.ModelProto()
+    z.CopyFrom(m)
+    init = {t.name: t for t in z.graph.initializer}
+    w0, b0 = numpy_helper.to_array(init["w0"]).copy(), numpy_helper.to_array(init["b0"]).copy()
+    w0[[1, 6]] = 0   # channel 1 of group 0 and channel 2 of group 1: equal counts, different positions
+    b0[[1, 6]] = 0
+    w0[3] = 0        # a third zero channel in group 0 only: removing it would unbalance the groups
+    b0[3] = 0
+    init["w0"].CopyFrom(numpy_helper.from_array(w0, "w0"))
+    init["b0"].CopyFrom(numpy_helper.from_array(b0, "b0"))
+    wg = numpy_helper.to_array(init["wg"]).copy()
+    wg[3] = 0        # output channel 0 of group 1
+    init["wg"].CopyFrom(numpy_helper.from_array(wg, "wg"))
+    out, res = run_pass(z)
+    assert_lossless(z, out)
+    dims = {t.name.split("_")[0]: list(t.dims) for t in out.graph.initializer}
+    assert dims["w0"][0] == 6                  # 1 and 6 gone, 3 kept (its group partner would be missing)
+    assert dims["wg"] == [6, 3, 3, 3]          # 3 input columns per group; no output channel (unbalanced)
+    gw = next(t for t in out.graph.initializer if t.name.startswith("wg"))
+    kept = numpy_helper.to_array(gw)
+    np.testing.assert_array_equal(kept[:3], wg[:3][:, [0, 2, 3]])   # group 0 keeps columns 0, 2, 3
+    np.testing.assert_array_equal(kept[3:], wg[3:][:, [0, 1, 3]])   # group 1 keeps columns 0, 1, 3
+
+
+def test_shufflenet_unit_lossless():
+    m = _shuffle_unit()
+    a = analyze(gs.import_onnx(m))
+    grp = {p: g for g in a.groups() for p in g.producers}
+    # the shuffle ties channel j of both groups of g1 (a column of the 2 x 4 matrix): 4 units of 2;
+    # the backbone (stem + g2 + g3 via the concat and the residual Add) keeps single channels
+    assert grp["g1"].units == 4 and grp["g1"].balances == 2
+    assert grp["stem"].units == 20 and set(grp["stem"].producers) == {"stem", "g2", "g3"}
+    for seed in range(3):
+        z, info = zero_channels(m, 0.4, seed)
+        out, res = run_pass(z)
+        assert res.stats["removed_units"] == info["units"] > 0
+        assert_lossless(z, out)
+    assert params(out) < 0.75 * params(m)
+
+
+def test_shufflenet_unit_importance_keeps_groups_even():
+    m = _shuffle_unit()
+    out, r = run_pass(m, calib=feeds(m, 4), mode="importance", ratio=0.5, multiple_of=1, refit=True, samples=4)
+    check(out)
+    run_ort(out, feeds(m, 1)[0])
+    assert r.stats["removed_units"] >= 8
+    for n in out.graph.node:
+        if n.op_type == "Conv":
+            g = next((x.i for x in n.attribute if x.name == "group"), 1)
+            w = next(t for t in out.graph.initializer if t.name == n.input[1])
+            assert w.dims[0] % g == 0
 
 
 def test_slice_bounds_follow():
@@ -445,3 +541,28 @@ def test_target_macs_picks_groups_by_sensitivity():
     info = r.stats["target_macs"]
     assert info["estimated_fraction"] <= 0.85 and info["groups_pruned"] >= 1
     assert r.stats["macs_after"] <= 0.9 * r.stats["macs_before"]
+
+
+def test_target_latency_bisects_on_measured_latency():
+    m = _cnn()
+    out, r = run_pass(m, calib=_smooth_inputs(4, 0), mode="importance", ratio=0.25, refit=False, multiple_of=1,
+                      target_latency=0.6)
+    check(out)
+    info = r.stats["target_latency"]
+    assert info["latency_ms_input"] > 0 and info["latency_ms_chosen"] > 0 and info["latency_measurements"] >= 2
+    assert info["groups_pruned"] >= 1 and r.stats["removed_units"] > 0
+
+
+def test_refit_stream_runs_each_node_once_and_matches_full_capture():
+    from onnxshrink.passes.prune import _StageStream
+    from onnxshrink.runtime import capture_activations
+    m = _cnn()
+    samples = _smooth_inputs(3, 0)
+    stream = _StageStream(m, [["c1"], ["c2"], ["fc"]], samples)
+    got = [list(stream.inputs_of_stage(k, None)) for k in range(3)]
+    full = list(capture_activations(m, ["r0", "r1", "f"], samples))
+    for si in range(3):
+        np.testing.assert_array_equal(got[0][si]["r0"], full[si]["r0"])
+        np.testing.assert_array_equal(got[1][si]["r1"], full[si]["r1"])
+        np.testing.assert_array_equal(got[2][si]["f"], full[si]["f"])
+    assert stream.nodes_run == len(m.graph.node) - 1   # all but fc itself

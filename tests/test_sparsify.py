@@ -100,3 +100,22 @@ def test_through_manager_with_budget_backs_off():
     rec = rep.passes[0]
     assert rec.status in ("applied", "backed off")
     assert rep.fidelity["cosine"] >= 0.95
+
+
+def test_optimize_saves_sparse_initializers(tmp_path):
+    import onnxruntime as ort
+    m = _model()
+    data = [{"x": RNG.standard_normal((1, 16, 8, 8)).astype(np.float32)} for _ in range(4)]
+    opts = {"method": "sparsity", "sparsity": 0.85, "min_size": 100}
+    out_sparse, dense_path = tmp_path / "s.onnx", tmp_path / "d.onnx"
+    res, rep = optimize(m, out_sparse, passes=[{"sparsify": opts}], data=data)
+    optimize(m, dense_path, passes=[{"sparsify": {**opts, "storage": "dense"}}], data=data)
+    assert rep.passes[0].stats["storage"] == "sparse"
+    saved, dense = onnx.load(str(out_sparse)), onnx.load(str(dense_path))
+    assert len(saved.graph.sparse_initializer) == 2 and len(dense.graph.sparse_initializer) == 0
+    assert len(res.graph.sparse_initializer) == 0          # the returned model stays dense
+    assert out_sparse.stat().st_size < 0.6 * dense_path.stat().st_size
+    onnx.checker.check_model(saved)
+    sess = ort.InferenceSession(str(out_sparse), providers=["CPUExecutionProvider"])
+    for f in data:
+        assert_outputs_close(run_ort(dense, f), sess.run(None, f), 1e-6)

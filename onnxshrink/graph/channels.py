@@ -8,8 +8,11 @@ followed by BN and an activation emits a constant). Ops couple ids:
 
 - Conv (group 1), Gemm, MatMul, ConvTranspose *contract* their input channels (they are "sinks":
   removing input channel c deletes column c of the weight) and create new ids for their outputs.
-  Grouped convs keep every group the same size, so channel j of each group is one unit;
-  a depthwise conv maps input channel c to outputs [c*m, (c+1)*m) (same unit).
+  A grouped conv (G groups) needs every group to keep the same number of input and of output
+  channels, but not the same positions: group g's output rows keep their own columns,
+  W'[o] = W[o, K_g] for o in group g. That is a *balance* constraint (``Balance``: the removed
+  positions of its G slices must be equal in number), not a tie; units stay single channels.
+  A depthwise conv maps input channel c to outputs [c*m, (c+1)*m) (same unit).
 - Elementwise ops (Add, Sub, Mul, Div, Sum, Max, Min, PRelu, ...) with broadcasting unite the ids
   of inputs that carry the full channel axis (residual blocks, SE blocks' Mul); per-channel
   constants become parameters to slice.
@@ -23,16 +26,25 @@ followed by BN and an activation emits a constant). Ops couple ids:
 
 A unit is a connected component of ids (networkx UnionFind): removing one id means removing
 every id of its unit, everywhere it occurs. A ChannelGroup is a set of units whose ids share
-producing layers (one conv output, or several tied by a residual Add); it is prunable when none
-of its ids is blocked. ``analyze`` returns the full analysis (members: every weight axis, shape
+producing layers (one conv output, several tied by a residual Add, or several under one balance
+constraint); it is prunable when none of its ids is blocked. A removal set is valid when it also
+satisfies every balance constraint: ``balanced_selection`` finds the largest such subset of the
+wanted units (lowest importance first) as a small integer program (scipy's HiGHS MILP when
+scipy is installed, else a monotone repair that gives units back until every constraint holds).
+
+Channel shuffle (ShuffleNet): Reshape(N, C, H, W -> N, g, C/g, H, W), Transpose(0, 2, 1, 3, 4),
+Reshape(-> N, C, H, W) sends channel (i, j) (group i, index j) to position j*g + i. The
+intermediate layout is 2-D (g x C/g); a removal must keep it rectangular with the same order
+after the merge, so the ids of one column j (channel j of every group) are tied, and the merged
+layout is the transposed id matrix flattened: the index map of the permutation. ``analyze`` returns the full analysis (members: every weight axis, shape
 constant and attribute that must follow a removal, with its index map), which the prune pass
 uses; ``coupled_channel_groups`` returns the groups.
 """
 
 from __future__ import annotations
 
-__all__ = ["Layout", "Member", "Sink", "Fixup", "ChannelGroup", "ChannelAnalysis", "analyze",
-           "coupled_channel_groups", "const_value", "tensor_shapes"]
+__all__ = ["Layout", "Member", "Sink", "Fixup", "Balance", "ChannelGroup", "ChannelAnalysis", "analyze",
+           "coupled_channel_groups", "balanced_selection", "const_value", "tensor_shapes"]
 
 from dataclasses import dataclass, field
 
@@ -100,6 +112,16 @@ class Fixup:
 
 
 @dataclass
+class Balance:
+    """The removed positions of every slice (an array of channel ids) must be equal in number:
+    a grouped conv's input or output channels, one slice per group."""
+
+    node: str
+    kind: str            # "input" or "output"
+    slices: list
+
+
+@dataclass
 class ChannelGroup:
     """Channels that must be removed together.
 
@@ -117,6 +139,7 @@ class ChannelGroup:
     prunable: bool
     reason: str = ""
     unit_labels: list = field(default_factory=list)   # the analysis' unit label of each unit
+    balances: int = 0    # balance constraints on its units (grouped convs)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -254,6 +277,7 @@ class ChannelAnalysis:
         self.members: list[Member] = []
         self.sinks: list[Sink] = []
         self.fixups: list[Fixup] = []
+        self.balances: list[Balance] = []
         try:
             self._opset = int(graph.opset)
         except Exception:
@@ -281,6 +305,10 @@ class ChannelAnalysis:
             for x in row[1:].tolist():
                 if x != first:
                     self.uf.union(first, x)
+
+    def balance(self, rows: np.ndarray, node: gs.Node, kind: str) -> None:
+        """Rows of ``rows`` (one per group) must lose equally many positions."""
+        self.balances.append(Balance(node.name, kind, [np.asarray(r).ravel() for r in rows]))
 
     def block(self, ids, reason: str) -> None:
         for x in np.asarray(ids).ravel().tolist():
@@ -433,7 +461,12 @@ class ChannelAnalysis:
             else:
                 first_space[u] = s
                 suf[s]
+        for b in self.balances:  # a balance constraint is decided within one group
+            sp = np.unique(spaces[np.concatenate(b.slices)]).tolist()
+            for s in sp[1:]:
+                suf.union(sp[0], s)
         group_of_unit = {u: suf[s] for u, s in first_space.items()}
+        bal_group = [suf[int(spaces[b.slices[0][0]])] for b in self.balances if b.slices and b.slices[0].size]
         bunits = self.blocked_units()
         by_group: dict[int, list[int]] = {}
         for u in sorted(first_space):
@@ -464,7 +497,7 @@ class ChannelAnalysis:
             out.append(ChannelGroup(id=gi, units=len(ulist), channels=chan_count[gkey], producers=producers,
                                     members=members, prunable=not reasons,
                                     reason="; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""),
-                                    unit_labels=list(ulist)))
+                                    unit_labels=list(ulist), balances=bal_group.count(gkey)))
         return out
 
 
@@ -480,6 +513,132 @@ def coupled_channel_groups(graph: gs.Graph, input_shapes: dict | None = None) ->
     """Groups of channels that must be removed together, with their index maps, prunable flag
     and the reason when not prunable."""
     return analyze(graph, input_shapes).groups()
+
+
+def _balance_rows(a: ChannelAnalysis) -> list:
+    """Per balance constraint, per slice: {unit: positions in the slice} (cached)."""
+    rows = getattr(a, "_balance_rows", None)
+    if rows is None:
+        rows = []
+        for b in a.balances:
+            per = []
+            for sl in b.slices:
+                u, c = np.unique(a.unit_of(sl), return_counts=True)
+                per.append(dict(zip(u.tolist(), c.tolist())))
+            rows.append(per)
+        a._balance_rows = rows
+    return rows
+
+
+def balanced_selection(a: ChannelAnalysis, wanted, scores: dict | None = None, limit: int | None = None) -> set:
+    """The largest subset of the units ``wanted`` (at most ``limit``; lowest ``scores`` first
+    among equally large ones) that satisfies every balance constraint and leaves every tensor
+    at least one channel. Units outside ``wanted`` stay.
+
+    Integer program over x_u in {0, 1} (u in wanted):
+        max  sum_u x_u (1 + eps * rank_u)      rank: 1 for the least important, eps < 1 / n
+        s.t. sum_u (n_s(u) - n_0(u)) x_u = 0   every balance constraint, every slice s > 0
+             sum_{u in T} x_u <= |T| - 1       every tensor T whose units are all wanted
+             sum_u x_u <= limit
+    solved with scipy's HiGHS MILP; without scipy (or when it fails) a monotone repair gives
+    back the most important unit of the fullest slice until every constraint holds."""
+    wanted = set(int(u) for u in wanted)
+    scores = scores or {}
+    rows = [r for r in _balance_rows(a) if any(u in wanted for sl in r for u in sl)]
+    order = sorted(wanted, key=lambda u: (scores.get(u, 0.0), u))
+    if not rows:
+        return set(order[:limit] if limit is not None else order)
+    if limit is not None and limit <= 0:
+        return set()
+    rest = set()
+    if limit is None:  # units under no constraint stay wanted (their tensors are checked by the caller too)
+        bound = {u for r in rows for sl in r for u in sl}
+        rest = {u for u in order if u not in bound}
+        order = [u for u in order if u in bound]
+    try:
+        return rest | _balanced_milp(a, order, rows, limit)
+    except Exception:
+        return rest | _balanced_repair(a, order, rows, limit)
+
+
+def _balanced_milp(a: ChannelAnalysis, order: list, rows: list, limit: int | None) -> set:
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+    n = len(order)
+    col = {u: i for i, u in enumerate(order)}
+    ri, ci, vi, lo, hi = [], [], [], [], []
+    seen = set()
+
+    def add(coefs: dict, l: float, h: float):
+        coefs = {k: v for k, v in coefs.items() if v}
+        if not coefs:
+            return
+        key = (tuple(sorted(coefs.items())), l, h)
+        if key in seen:
+            return
+        seen.add(key)
+        r = len(lo)
+        for k, v in coefs.items():
+            ri.append(r)
+            ci.append(k)
+            vi.append(v)
+        lo.append(l)
+        hi.append(h)
+
+    for per in rows:
+        base = {col[u]: -c for u, c in per[0].items() if u in col}
+        for sl in per[1:]:
+            coefs = dict(base)
+            for u, c in sl.items():
+                if u in col:
+                    coefs[col[u]] = coefs.get(col[u], 0) + c
+            add(coefs, 0, 0)
+    for lay in a.layouts.values():
+        us = np.unique(a.unit_of(lay.ids)).tolist()
+        if all(u in col for u in us):
+            add({col[u]: 1 for u in us}, -np.inf, len(us) - 1)
+    if limit is not None and limit < n:
+        add({i: 1 for i in range(n)}, -np.inf, limit)
+    eps = 0.5 / (n + 1)
+    c = -(1.0 + eps * (n - np.arange(n)) / n)
+    cons = []
+    if lo:
+        A = coo_matrix((vi, (ri, ci)), shape=(len(lo), n)).tocsr()
+        cons = [LinearConstraint(A, np.array(lo, float), np.array(hi, float))]
+    res = milp(c, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1),
+               options={"time_limit": 30.0, "mip_rel_gap": 0.0})
+    if res.x is None:
+        raise RuntimeError(res.message)
+    sel = {order[i] for i in np.nonzero(res.x > 0.5)[0]}
+    if not _balanced(rows, sel):
+        raise RuntimeError("MILP result violates a balance constraint")
+    return sel
+
+
+def _balanced(rows: list, sel: set) -> bool:
+    for per in rows:
+        counts = {sum(c for u, c in sl.items() if u in sel) for sl in per}
+        if len(counts) > 1:
+            return False
+    return True
+
+
+def _balanced_repair(a: ChannelAnalysis, order: list, rows: list, limit: int | None) -> set:
+    sel = set(order[:limit] if limit is not None else order)
+    rank = {u: i for i, u in enumerate(order)}
+    changed = True
+    while changed:
+        changed = False
+        for per in rows:
+            counts = [sum(c for u, c in sl.items() if u in sel) for sl in per]
+            m = min(counts)
+            for sl, k in zip(per, counts):
+                while k > m:
+                    u = max((u for u in sl if u in sel), key=lambda u: rank[u])
+                    sel.discard(u)
+                    k -= sl[u]
+                    changed = True
+    return sel
 
 
 # --------------------------------------------------------------------------- rules
@@ -545,16 +704,17 @@ def _conv(a: ChannelAnalysis, n: gs.Node, lays):
         if G == 1:
             mw = a.add_param(n, 1, 1, x.ids, "in", "conv_w")
         else:
+            # group g's output rows read row g of the (G, cin_g) id matrix: a 2-D index map
             r = x.ids.reshape(G, cin_g)
-            a.unite_across(r, 1)
-            mw = a.add_param(n, 1, 1, r[0], "in", "conv_w")
+            a.balance(r, n, "input")
+            mw = a.add_param(n, 1, 1, r, "in", "conv_w")
         if mw is None:
             a.block_layout(x, f"Conv '{n.name}' weights cannot be sliced")
         else:
             a.sinks.append(Sink(n, "conv", x.ids, x.const, G, mw))
     ids = a.new_space(cout, n.name)
     if G > 1:
-        a.unite_across(ids.reshape(G, cout // G), 1)
+        a.balance(ids.reshape(G, cout // G), n, "output")
     mo = a.add_param(n, 1, 0, ids, "out", "conv_w")
     if mo is None:
         a.block(ids, f"Conv '{n.name}' weights cannot be sliced")

@@ -6,7 +6,7 @@ the grid shifts by whole bins when the data still spans fewer than ``bins`` bins
 grows by a power of two ``2^k`` and the interval is re-anchored at a multiple of the new
 width, so old bin ``i`` maps *exactly* to new bin ``(offset + i) // 2^k`` (no interpolation).
 Memory is ``bins`` integers per tensor, whatever the number of samples. Min and max are exact;
-the counts of a tensor larger than ``max_elements`` (256k) come from an evenly strided subset of it.
+the counts of a tensor larger than ``max_elements`` (64k) come from an evenly strided subset of it.
 
 Range estimators turn a histogram into a clipping range ``[a, b]`` (always containing 0, as an
 affine integer grid must) for an ``L``-level quantizer (``L = 256`` for 8 bits):
@@ -24,7 +24,7 @@ affine integer grid must) for an ``L``-level quantizer (``L = 256`` for 8 bits):
 
 from __future__ import annotations
 
-__all__ = ["TensorHistogram", "collect_histograms", "estimate_range", "minmax_range", "percentile_range",
+__all__ = ["TensorHistogram", "collect_histograms", "collect_minmax", "estimate_range", "minmax_range", "percentile_range",
            "entropy_range", "mse_range", "CALIBRATORS"]
 
 import math
@@ -40,7 +40,7 @@ class TensorHistogram:
 
     __slots__ = ("bins", "counts", "lo", "width", "min", "max", "count", "max_elements")
 
-    def __init__(self, bins: int = DEFAULT_BINS, max_elements: int = 1 << 18):
+    def __init__(self, bins: int = DEFAULT_BINS, max_elements: int = 1 << 16):
         self.bins = int(bins)
         self.max_elements = int(max_elements)
         self.counts = np.zeros(self.bins, dtype=np.int64)
@@ -126,7 +126,7 @@ class TensorHistogram:
 
 
 def collect_histograms(captures: Iterable[dict], names: Sequence[str] | None = None,
-                       bins: int = DEFAULT_BINS, max_elements: int = 1 << 18) -> dict[str, TensorHistogram]:
+                       bins: int = DEFAULT_BINS, max_elements: int = 1 << 16) -> dict[str, TensorHistogram]:
     """One pass over ``captures`` (an iterator of {tensor name: array}, one sample at a time, such
     as ``onnxshrink.runtime.capture_activations``) updating one histogram per float tensor."""
     hists: dict[str, TensorHistogram] = {}
@@ -142,6 +142,48 @@ def collect_histograms(captures: Iterable[dict], names: Sequence[str] | None = N
                 h = hists[name] = TensorHistogram(bins, max_elements)
             h.update(v)
     return hists
+
+
+def collect_minmax(model, names: Sequence[str], samples: Iterable[dict]) -> tuple[dict[str, TensorHistogram], list]:
+    """MinMax calibration without copying the tensors out: a ``ReduceMin``/``ReduceMax`` pair is
+    appended to each tensor (as onnxruntime's MinMax calibrator does) and only the scalars are read,
+    so a run returns a few bytes per tensor instead of the tensors. Returns histograms that hold only
+    ``min``/``max`` (enough for ``minmax_range``) and the names whose values were not all finite
+    (those need ``collect_histograms``, which skips non-finite values)."""
+    import onnx
+    from ..runtime import _append_outputs, make_session
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    outs = []
+    for i, n in enumerate(names):
+        for op in ("ReduceMin", "ReduceMax"):
+            outs.append(f"{n}__calib_{op}")
+            m.graph.node.append(onnx.helper.make_node(op, [n], [outs[-1]], keepdims=0, name=f"calib_{op}_{i}"))
+    # only scalars come out: no memory pattern or arena for tensors that are reduced and dropped
+    sess = make_session(_append_outputs(m, outs), optimize=False, low_memory=True)  # m is our copy
+    del m
+    lo = np.full(len(names), np.inf)
+    hi = np.full(len(names), -np.inf)
+    isfloat = np.ones(len(names), bool)
+    bad = np.zeros(len(names), bool)
+    for sample in samples:
+        vals = sess.run(outs, sample)
+        for i in range(len(names)):
+            a, b = np.asarray(vals[2 * i]), np.asarray(vals[2 * i + 1])
+            if a.dtype.kind != "f":
+                isfloat[i] = False
+                continue
+            a, b = float(a), float(b)
+            if not (math.isfinite(a) and math.isfinite(b)):
+                bad[i] = True
+                continue
+            lo[i], hi[i] = min(lo[i], a), max(hi[i], b)
+    hists = {}
+    for i, n in enumerate(names):
+        if isfloat[i] and not bad[i] and math.isfinite(lo[i]):
+            h = hists[n] = TensorHistogram(1, 0)
+            h.min, h.max = float(lo[i]), float(hi[i])
+    return hists, [n for i, n in enumerate(names) if bad[i] and isfloat[i]]
 
 
 # ---------------------------------------------------------------------- estimators

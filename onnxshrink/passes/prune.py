@@ -31,6 +31,13 @@ Consumers are refit level by level: a layer is fit after every refit layer upstr
 candidate removal (``ratio`` and 2 x ``ratio``) is simulated by zeroing its filters in a copy;
 candidates are ranked by output error (1 - cosine) per MAC saved and taken until
     MACs = sum_layers MACs_l * (1 - removed_in_l) * (1 - removed_out_l) <= target_macs * MACs_0.
+``target_latency`` follows the same greedy path and bisects on it for the shortest prefix whose
+pruned model's measured onnxruntime CPU latency (1 thread, median) is <= target_latency x the
+input's (about log2(#candidates) latency measurements).
+
+Grouped convs (ShuffleNet, ResNeXt) need equal removals per group: a removal set is made valid by
+``graph.channels.balanced_selection`` (the largest balanced subset of the wanted units, lowest
+importance first).
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph.channels import ChannelAnalysis, Layout, Member, _conv_pads_zero, analyze, const_value
+from ..graph.channels import (ChannelAnalysis, Layout, Member, _conv_pads_zero, analyze, balanced_selection,
+                              const_value)
 from .base import Context, Pass, PassResult, register
 
 
@@ -63,6 +71,9 @@ class PruneOptions:
     target_macs: float = field(default=0.0, metadata={
         "help": "importance mode: instead of pruning every group, prune (at `ratio`, then 2x `ratio`) the groups with the "
                 "lowest measured output error per MAC saved until MACs <= this fraction of the input's (0: off)"})
+    target_latency: float = field(default=0.0, metadata={
+        "help": "importance mode: like target_macs, but prune along the same sensitivity order until the measured "
+                "onnxruntime CPU latency (1 thread) is <= this fraction of the input's (0: off)"})
     multiple_of: int = field(default=8, metadata={"help": "round kept channel counts up to a multiple of this (SIMD-friendly)"})
     min_keep: float = field(default=0.1, metadata={"help": "global scope: keep at least this fraction of each group"})
     compensate: bool = field(default=True, metadata={"help": "fold removed channels' calibration mean into the consumer bias"})
@@ -71,7 +82,7 @@ class PruneOptions:
                                                                 "N: merge levels into at most N stages (faster, less exact)"})
     samples: int = field(default=16, metadata={"help": "calibration samples used for statistics and refit"})
     positions: int = field(default=256, metadata={"help": "output positions sampled per sample for conv refit"})
-    ridge: float = field(default=1e-3, metadata={"help": "ridge strength relative to the mean diagonal of X^T X"})
+    ridge: float = field(default=0.1, metadata={"help": "smallest ridge strength tried (x1, x10, x100; picked on held-out samples), relative to the mean diagonal of X^T X; the ridge pulls towards the unrefit weights"})
     refit_max_dim: int = field(default=2304, metadata={"help": "skip the refit of consumers with more input features"})
     fold_constants: bool = field(default=True, metadata={"help": "fold constant channels into the consumer bias when exact"})
     latency: bool = field(default=True, metadata={"help": "measure onnxruntime CPU latency (1 thread) before and after"})
@@ -123,7 +134,11 @@ class PrunePass(Pass):
             chan_stats = _sink_statistics(a, ctx, before, samples) if samples else {}
             scores = unit_scores(a, o.importance, chan_stats)
             chosen = _choose(a, groups, scores, set(free), blocked, o)
-            if o.target_macs > 0 and samples:
+            if o.target_latency > 0 and samples:
+                measure = _latency_probe(ctx, before, a.n, input_shapes, samples[0], free)
+                chosen, stats["target_latency"] = _choose_for_macs(a, groups, scores, set(free), blocked, o, before,
+                                                                   samples, input_shapes, measure)
+            elif o.target_macs > 0 and samples:
                 chosen, stats["target_macs"] = _choose_for_macs(a, groups, scores, set(free), blocked, o, before,
                                                                 samples, input_shapes)
             removed |= chosen
@@ -134,7 +149,7 @@ class PrunePass(Pass):
                         continue
                     mean = st[0]
                     fill[k] = np.where(np.isnan(fill[k]), mean, fill[k]) if k in fill else mean
-        removed = _keep_nonempty(a, removed)
+        removed = _feasible(a, removed, {**scores, **{u: -np.inf for u in free}} if o.mode == "importance" else None)
         if not removed:
             stats["reason"] = "no removable channels" if o.mode == "zeros" else "nothing to prune"
             return PassResult(graph, False, stats)
@@ -223,6 +238,19 @@ def _keep_nonempty(a: ChannelAnalysis, removed: set) -> set:
                 changed = True
                 break
     return removed
+
+
+def _feasible(a: ChannelAnalysis, removed: set, scores: dict | None = None) -> set:
+    """Shrink ``removed`` until no tensor loses all its channels and every balance constraint
+    (equal removals per group of a grouped conv) holds."""
+    removed = set(removed)
+    while True:
+        new = _keep_nonempty(a, removed)
+        if a.balances:
+            new = balanced_selection(a, new, scores)
+        if new == removed:
+            return new
+        removed = new
 
 
 def _private_const(node: gs.Node, slot: int, values: np.ndarray, cache: dict, key=None) -> gs.Constant:
@@ -348,8 +376,16 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
         if v is None:
             raise RuntimeError(f"cannot slice input {slot} of '{node.name}'")
         new = v
-        for axis, mask in sorted(axes.items()):
-            new = np.compress(mask, new, axis=axis)
+        for axis, mask in sorted(axes.items(), key=lambda kv: kv[1].ndim == 1):
+            if mask.ndim == 2:
+                # grouped conv input: output rows of group g keep the columns of row g of the mask
+                kept = mask.sum(axis=1)
+                if np.any(kept != kept[0]):
+                    raise RuntimeError(f"'{node.name}': unequal removals across groups")
+                parts = np.split(new, mask.shape[0], axis=0)
+                new = np.concatenate([np.compress(mask[g], p, axis=axis) for g, p in enumerate(parts)], axis=0)
+            else:
+                new = np.compress(mask, new, axis=axis)
         key = (t.name, tuple((ax, m.tobytes()) for ax, m in sorted(axes.items())))
         _private_const(node, slot, new, cache, key)
     # 3. shape constants and attributes
@@ -446,10 +482,13 @@ def unit_scores(a: ChannelAnalysis, kind: str, chan_stats: dict | None = None) -
             w = const_value(s.node.inputs[1])
             if st is None or w is None or s.w_member is None:
                 continue
-            wa = np.moveaxis(w.astype(np.float64), s.w_member.axis, 0).reshape(w.shape[s.w_member.axis], -1)
-            wn = np.sqrt((wa * wa).sum(axis=1))
-            if s.kind == "conv" and s.group > 1:
-                wn = np.tile(wn, s.group)
+            if s.kind == "conv" and s.group > 1:  # column j of group g: the rows of group g only
+                G = s.group
+                wg = w.astype(np.float64).reshape(G, w.shape[0] // G, w.shape[1], -1)
+                wn = np.sqrt((wg * wg).sum(axis=(1, 3))).ravel()
+            else:
+                wa = np.moveaxis(w.astype(np.float64), s.w_member.axis, 0).reshape(w.shape[s.w_member.axis], -1)
+                wn = np.sqrt((wa * wa).sum(axis=1))
             rms = np.sqrt(np.maximum(st[1], 0))
             if rms.size != wn.size:
                 continue
@@ -496,8 +535,7 @@ def _choose(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, 
         n = len(us)
         if o.scope == "layer" or fixed is not None:
             keep = _round_keep(n - int(np.floor(ratio * n)), n, o.multiple_of)
-            order = np.argsort(sc, kind="stable")
-            chosen.update(us[i] for i in order[:n - keep])
+            chosen |= _lowest(a, g, us, sc, n - keep)
         else:
             fin = sc[np.isfinite(sc)]
             med = np.median(fin) if fin.size and np.median(fin) > 0 else 1.0
@@ -511,18 +549,30 @@ def _choose(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, 
             drop = int((sc <= thr).sum())
             keep = max(n - drop, int(np.ceil(o.min_keep * n)), 1)
             keep = _round_keep(keep, n, o.multiple_of)
-            order = np.argsort(sc, kind="stable")
-            chosen.update(us[i] for i in order[:n - keep])
+            chosen |= _lowest(a, g, us, sc, n - keep)
     return chosen
 
 
+def _lowest(a: ChannelAnalysis, g, us: list, sc, k: int) -> set:
+    """The ``k`` units of ``us`` with the lowest scores ``sc``; in a group with balance
+    constraints (grouped convs), the largest balanced subset of at most ``k`` of them."""
+    if k <= 0:
+        return set()
+    if not getattr(g, "balances", 0):
+        order = np.argsort(sc, kind="stable")
+        return {us[i] for i in order[:k]}
+    return balanced_selection(a, us, dict(zip(us, np.asarray(sc, np.float64).tolist())), k)
+
+
 def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocked: dict, o: PruneOptions,
-                     model: onnx.ModelProto, samples: list, input_shapes) -> tuple[set, dict]:
+                     model: onnx.ModelProto, samples: list, input_shapes, measure=None) -> tuple[set, dict]:
     """Per-group ratios by measured sensitivity: each prunable group's candidate removal (its
     lowest-importance units at ``ratio`` and at 2 x ``ratio``) is simulated by zeroing the units'
     filters in a copy of the model; its output error (1 - cosine on a few calibration samples)
     per MAC saved ranks the candidates, and the cheapest are taken (one level per group) until
-    the estimated MACs reach ``target_macs`` of the input's."""
+    the estimated MACs reach ``target_macs`` of the input's. With ``measure`` (removal set ->
+    measured latency in ms), the same greedy path is followed to its end and the shortest prefix
+    meeting ``target_latency`` is found by bisection on measured latencies."""
     from ..graph.cost import model_cost
     from ..metrics import fidelity
     from ..runtime import make_session
@@ -538,10 +588,10 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
         if not g.prunable or g.units < 2:
             continue
         us = [u for u in g.unit_labels if u not in blocked]
-        order = sorted(us, key=lambda u: (-np.inf if u in free else scores.get(u, 0.0)))
+        sc = np.array([(-np.inf if u in free else scores.get(u, 0.0)) for u in us])
         for level, r in enumerate((o.ratio, min(0.9, 2 * o.ratio))):
             keep = _round_keep(len(us) - int(np.floor(r * len(us))), len(us), o.multiple_of)
-            drop = set(order[:len(us) - keep])
+            drop = _lowest(a, g, us, sc, len(us) - keep)
             if not drop:
                 continue
             rem = np.fromiter(drop, dtype=np.int64)
@@ -582,8 +632,9 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
 
     chosen, used, removed = set(free), {}, {}
     macs = macs_of(removed)
+    steps = [(set(chosen), macs, 0)]  # the greedy path: removal set, estimated MACs, groups pruned
     for score, gid, level, drop, fracs, err in cands:
-        if macs <= o.target_macs * total:
+        if measure is None and macs <= o.target_macs * total:
             break
         if gid in used:
             if used[gid][0] >= level:
@@ -596,9 +647,57 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
         chosen |= drop
         used[gid] = (level, fracs, drop)
         macs = macs_of(removed)
-    info = {"target": o.target_macs, "estimated_fraction": round(macs / total, 4),
-            "groups_pruned": len(used), "candidates": len(cands)}
+        steps.append((set(chosen), macs, len(used)))
+    if measure is None:
+        info = {"target": o.target_macs, "estimated_fraction": round(macs / total, 4),
+                "groups_pruned": len(used), "candidates": len(cands)}
+        return chosen, info
+    # target_latency: the shortest prefix of the greedy path whose pruned model, measured on
+    # onnxruntime (1 thread, median), is at most target_latency of the input's latency
+    base = measure(set(free))
+    goal = o.target_latency * base
+    seen: dict = {}
+
+    def lat(k):
+        if k not in seen:
+            seen[k] = measure(steps[k][0])
+        return seen[k]
+
+    lo, hi = 0, len(steps) - 1
+    if lat(hi) > goal:
+        k = hi
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if lat(mid) <= goal:
+                hi = mid
+            else:
+                lo = mid
+        k = hi
+    chosen, macs, n_groups = steps[k]
+    info = {"target_latency": o.target_latency, "latency_ms_input": round(base, 3), "latency_ms_chosen": round(lat(k), 3),
+            "reached": lat(k) <= goal, "estimated_macs_fraction": round(macs / total, 4), "groups_pruned": n_groups,
+            "candidates": len(cands), "latency_measurements": len(seen) + 1}
     return chosen, info
+
+
+def _latency_probe(ctx: Context, model: onnx.ModelProto, n_ids: int, input_shapes, feeds: dict, free: set):
+    """A function: removal set -> onnxruntime CPU latency (ms, 1 thread, median of 10) of
+    ``model`` with those units removed (a fresh import and analysis of the same model gives the
+    same channel ids and unit labels)."""
+    from ..runtime import measure_latency
+
+    def measure(chosen: set) -> float:
+        g = gs.import_onnx(model)
+        a2 = analyze(g, input_shapes)
+        if a2.n != n_ids:
+            raise RuntimeError("re-analysis gave different channel ids")
+        rem = _feasible(a2, set(chosen), {u: -np.inf for u in free})
+        if rem:
+            remove_units(a2, g, rem, None)
+        return measure_latency(ctx.to_model(g), feeds, runs=10, warmup=2, threads=1)
+
+    return measure
 
 
 def _round_keep(keep: int, n: int, m: int) -> int:
@@ -702,14 +801,15 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
             targets[n.name].append(Y)
             plan[n.name].append(pos)
     n_hold = max(1, len(samples) // 4) if len(samples) >= 4 else 0
-    for stage in stages_list:
-        pruned = ctx.to_model(graph)
+    stream = _StageStream(ctx.to_model(graph), [[n.name for n in st] for st in stages_list], samples)
+    res["forward_nodes"] = 0
+    for k, stage in enumerate(stages_list):
         acc = {n.name: None for n in stage}
         hold = {n.name: None for n in stage}
-        for si, s_pr in enumerate(ctx.capture(pruned, [n.inputs[0].name for n in stage], samples)):
+        for si, vals in enumerate(stream.inputs_of_stage(k, ctx.to_model(graph) if k else None)):
             target = hold if si >= len(samples) - n_hold else acc
             for n in stage:
-                X = _input_rows(n, s_pr[n.inputs[0].name], plan[n.name][si], targets[n.name][si].shape[0])
+                X = _input_rows(n, vals[n.inputs[0].name], plan[n.name][si], targets[n.name][si].shape[0])
                 Y = targets[n.name][si]
                 A, B, yy = target[n.name] or (0.0, 0.0, 0.0)
                 target[n.name] = (A + (X.T @ X).astype(np.float64), B + (X.T @ Y).astype(np.float64),
@@ -717,37 +817,185 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
         for n in stage:
             if acc[n.name] is None:
                 continue
-            A, B, yy = acc[n.name]
             kind = _refit_kind(n)
             theta_old = _current_theta(n, kind)
-            d = A.shape[0] - (0 if kind == "matmul" else 1)
-            # ridge on the weights only (not the bias row); strength picked on held-out samples
-            scale = float(np.trace(A[:d, :d])) / max(d, 1)
-            Ah, Bh, yyh = hold[n.name] if hold[n.name] is not None else (A, B, yy)
+            Ah, Bh, yyh = hold[n.name] if hold[n.name] is not None else acc[n.name]
 
             def err(t, A_=Ah, B_=Bh, yy_=yyh):
                 return yy_ - 2 * float(np.sum(t * B_)) + float(np.sum(t * (A_ @ t)))
 
-            best, best_e = None, None
-            for lam in ([o.ridge] if hold[n.name] is None else [o.ridge, o.ridge * 10, o.ridge * 100, o.ridge * 1000]):
-                reg = A.copy()
-                reg[np.arange(d), np.arange(d)] += lam * scale
-                try:
-                    theta = np.linalg.solve(reg, B)
-                except np.linalg.LinAlgError:
-                    theta = np.linalg.lstsq(reg, B, rcond=None)[0]
+            lams = [o.ridge * 10] if hold[n.name] is None else [o.ridge, o.ridge * 10, o.ridge * 100]
+            best, best_e, best_lam = None, None, None
+            for lam, theta in zip(lams, _ridge_solutions(acc[n.name][0], acc[n.name][1], kind != "matmul", lams,
+                                                         theta_old)):
                 e = err(theta)
                 if best_e is None or e < best_e:
-                    best, best_e = theta, e
+                    best, best_e, best_lam = theta, e, lam
             e_old = err(theta_old)
-            res["layers"].append({"node": n.name, "err_before": e_old / max(yyh, 1e-30),
-                                  "err_after": best_e / max(yyh, 1e-30)})
+            res["layers"].append({"node": n.name, "dim": int(acc[n.name][0].shape[0]), "ridge": best_lam,
+                                  "err_before": e_old / max(yyh, 1e-30), "err_after": best_e / max(yyh, 1e-30)})
             if best_e < e_old:
                 _write_theta(n, kind, best, graph)
                 res["refit"] += 1
             else:
                 res["kept_old"] += 1
+    res["forward_nodes"] = stream.nodes_run
     return res
+
+
+def _ridge_solutions(A: np.ndarray, B: np.ndarray, bias: bool, lams: list, prior: np.ndarray | None = None):
+    """Ridge least-squares solutions [W; b] of the accumulated normal equations (A = sum X~^T X~,
+    B = sum X~^T Y, X~ = [X 1] when ``bias``), one per strength in ``lams`` (relative to the mean
+    diagonal), pulled towards the current weights W0 (``prior``, [W0; b0]) rather than towards 0,
+    so a strong ridge falls back to the unrefit layer instead of shrinking it. The bias is not
+    penalised: with n rows, s_x = sum X, s_y = sum Y,
+        C = A_xx - s_x s_x^T / n,  D = B_x - s_x s_y^T / n      (centred statistics)
+        W = (C + lam I)^-1 (D + lam W0)  (float64 Cholesky),   b = (s_y - s_x^T W) / n."""
+    if bias:
+        n = A[-1, -1]
+        sx, sy = A[:-1, -1], B[-1]
+        C = A[:-1, :-1] - np.outer(sx, sx) / n
+        D = B[:-1] - np.outer(sx, sy) / n
+    else:
+        C, D = A, B
+    d = C.shape[0]
+    scale = float(np.trace(C)) / max(d, 1) or 1.0
+    W0 = np.zeros_like(D) if prior is None else prior[:d]
+    for lam in lams:
+        reg = C.copy()
+        reg[np.arange(d), np.arange(d)] += lam * scale
+        rhs = D + (lam * scale) * W0
+        try:
+            from scipy.linalg import solve_triangular
+            L = np.linalg.cholesky(reg)
+            W = solve_triangular(L.T, solve_triangular(L, rhs, lower=True, check_finite=False), lower=False,
+                                 check_finite=False)
+        except Exception:  # no scipy, or not positive definite in float64
+            try:
+                W = np.linalg.solve(reg, rhs)
+            except np.linalg.LinAlgError:
+                W = np.linalg.lstsq(reg, rhs, rcond=None)[0]
+        yield np.vstack([W, ((sy - sx @ W) / n)[None]]) if bias else W
+
+
+class _StageStream:
+    """Inputs of each refit stage on every sample, computing every node once overall.
+
+    Stage k's layers must see inputs produced by the already refit stages < k, so the sample
+    activations are streamed stage by stage: a tensor's level is the highest stage of the refit
+    layers upstream of it (-1: none); pass k runs, from the frontier F(k-1) kept in memory, only
+    the nodes needed for stage k's inputs and for F(k) = the tensors of level < k that a later
+    node still reads. onnxruntime computes every node of a model whatever is fetched, so this is
+    what keeps the cost at about one forward pass instead of one per stage."""
+
+    def __init__(self, model: onnx.ModelProto, stages: list, samples: list):
+        g = model.graph
+        self.model = model
+        self.stages = stages
+        self.samples = samples
+        self.nodes_run = 0
+        self.inits = {t.name for t in g.initializer}
+        self.prod = {}
+        for i, n in enumerate(g.node):
+            for o in n.output:
+                self.prod[o] = i
+        stage_of = {nm: k for k, st in enumerate(stages) for nm in st}
+        self.lvl = {t.name: -1 for t in g.input}
+        node_lvl = []
+        for n in g.node:
+            lv = max([self.lvl.get(t, -1) for t in n.input if t], default=-1)
+            lv = max(lv, stage_of.get(n.name, -1))
+            node_lvl.append(lv)
+            for o in n.output:
+                self.lvl[o] = lv
+        # nodes some stage input depends on
+        by_name = {n.name: n for n in g.node}
+        need = set()
+        todo = [by_name[nm].input[0] for st in stages for nm in st]
+        while todo:
+            t = todo.pop()
+            i = self.prod.get(t)
+            if i is None or i in need:
+                continue
+            need.add(i)
+            todo.extend(x for x in g.node[i].input if x and x not in self.inits)
+        self.need = need
+        # last stage at which each activation is read by a needed node of a later level
+        self.read_until = {}
+        for i in need:
+            for t in g.node[i].input:
+                if t and t not in self.inits:
+                    self.read_until[t] = max(self.read_until.get(t, -1), node_lvl[i])
+        for st in stages:
+            for nm in st:
+                t = by_name[nm].input[0]
+                self.read_until[t] = max(self.read_until.get(t, -1), stage_of[nm])
+        self.stage_inputs = [[by_name[nm].input[0] for nm in st] for st in stages]
+        self.types = {}
+        try:
+            inf = onnx.shape_inference.infer_shapes(model)
+            for vi in list(inf.graph.value_info) + list(inf.graph.input) + list(inf.graph.output):
+                self.types[vi.name] = vi.type.tensor_type.elem_type
+        except Exception:
+            pass
+        self.frontier = [dict(s) for s in samples]
+
+    def inputs_of_stage(self, k: int, model: onnx.ModelProto | None):
+        """Yield, per sample, {input tensor of a stage-k layer: value}; ``model`` is the current
+        (partly refit) model (None: unchanged since the stream was built)."""
+        from ..runtime import make_session
+        have = set(self.frontier[0])
+        # frontier after this pass: tensors of level < k still read at level >= k
+        keep = {t for t, last in self.read_until.items() if self.lvl.get(t, 99) < k and last >= k}
+        want = list(dict.fromkeys(self.stage_inputs[k] + sorted(keep - have)))
+        fetch = [t for t in want if t not in have]
+        sess = None
+        if fetch:
+            if model is not None:
+                self.model = model
+            sub, feeds = self._submodel(self.model, fetch, have)
+            sess = make_session(sub, optimize=False)
+        for si in range(len(self.samples)):
+            cur = self.frontier[si]
+            if sess is not None:
+                out = sess.run(fetch, {t: cur[t] for t in feeds})
+                cur.update(zip(fetch, out))
+            yield {t: cur[t] for t in self.stage_inputs[k]}
+            for t in list(cur):
+                if t not in keep:
+                    del cur[t]
+
+    def _submodel(self, model: onnx.ModelProto, outputs: list, have: set):
+        g = model.graph
+        prod = {o: i for i, n in enumerate(g.node) for o in n.output}
+        nodes, feeds = set(), set()
+        todo = list(outputs)
+        while todo:
+            t = todo.pop()
+            if t in have:
+                feeds.add(t)
+                continue
+            i = prod.get(t)
+            if i is None or i in nodes:
+                continue
+            nodes.add(i)
+            todo.extend(x for x in g.node[i].input if x)
+        self.nodes_run += len(nodes)
+        used = {x for i in nodes for x in g.node[i].input}
+        sample = self.frontier[0]
+
+        def vi(name, arr=None):
+            et = self.types.get(name) or (onnx.helper.np_dtype_to_tensor_dtype(arr.dtype) if arr is not None
+                                          else onnx.TensorProto.FLOAT)
+            return onnx.helper.make_tensor_value_info(name, et, None)
+
+        sg = onnx.helper.make_graph([g.node[i] for i in sorted(nodes)], "refit_stage",
+                                    [vi(t, np.asarray(sample[t])) for t in sorted(feeds)],
+                                    [vi(t) for t in outputs],
+                                    initializer=[t for t in g.initializer if t.name in used])
+        m = onnx.helper.make_model(sg, opset_imports=list(model.opset_import))
+        m.ir_version = model.ir_version
+        return m, sorted(feeds)
 
 
 def _refit_levels(graph: gs.Graph, names: set) -> dict:

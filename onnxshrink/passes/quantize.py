@@ -4,7 +4,9 @@ Numerics (``x`` an activation, ``W`` a weight, ``b`` a bias):
 
 - Activations: affine 8-bit, ``q = clip(round(x / s) + z, qmin, qmax)``, ``s = (hi - lo) / (qmax - qmin)``,
   ``z = round(qmin - lo / s)`` for a calibrated range ``[lo, hi]`` containing 0 (uint8 by default:
-  u8 activations x s8 weights is the fast path of MLAS on x86 and ARM).
+  u8 activations x s8 weights is the fast path of MLAS on x86 and ARM). 16-bit activations
+  (uint16/int16, A16W8) on the same grid with 65536 levels, for NPUs that take them (QNN HTP); Q/DQ
+  ops in the com.microsoft domain below opset 21, as onnxruntime's own quantizer emits them.
 - Weights: symmetric int8 per output channel, ``s_c = max|W_c| / 127``, ``W_q = round(W / s_c)``
   (per-tensor option; 7-bit ``[-64, 63]`` on x86 without VNNI, where u8 x s8 pairs can saturate).
 - Bias: int32 with ``s_b = s_x * s_w,c`` and zero point 0: ``b_q = round(b / s_b)``.
@@ -27,11 +29,22 @@ Data-aware extras (no training):
 - Sensitivity: each unit quantized alone on its float input (a shadow copy of the node next to the
   float one), ``NSR = |y_q - y|^2 / |y|^2`` over calibration samples. The bias-correction shift
   comes from the same run (so it corrects each layer's own error, not its inputs').
+- Rounding (``rounding=gptq``, off by default: measured, it does not pay with 8-bit activations):
+  with the scales fixed, integer weights that minimise ``|(W - s Q) X|^2`` on the calibration inputs
+  by GPTQ error feedback (``rounding.py``).
+- Cross-layer equalization (``equalize=true``, off by default): exact per-channel rescaling of
+  Conv -> [Relu] -> Conv pairs before calibration (``equalize.py``).
+- Weight-only (``weights_only=int4|int8``): instead of QDQ, onnxruntime's MatMulNBits quantizer on the
+  MatMul/Gemm weights, block size chosen on the calibration samples (``weight_only.py``).
 - Guard: the most sensitive units are kept in float (1, 2, 4, ... of them) until ``ctx.budget``
   (else mean cosine >= ``min_cosine``) holds; then the quantized and float models are timed
   (one thread, interleaved runs, medians). When the quantized one is not faster, small convolutions
   (few weights: onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when
   nothing is faster, the pass changes nothing and says why.
+- Wider activations: for a target that also takes 16-bit activations (``wide_activation_dtype``: QNN
+  HTP) and ``activation_dtype=auto``, an 8-bit plan that misses the floor or keeps units in float is
+  redone A16W8 (plain and bias-corrected); the plan holding the floor with the fewest float units,
+  then the best cosine, is kept (``stats["activation_choice"]``).
 """
 
 from __future__ import annotations
@@ -50,7 +63,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import InputError
 from .base import Context, Pass, PassResult, register
-from .calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, estimate_range
+from .calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, collect_minmax, estimate_range
 
 # ops whose presence means the model is already quantized
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
@@ -65,6 +78,11 @@ PASSTHROUGH_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsq
                    "Gather", "Split", "Expand", "Tile"}
 FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHAPE_OPS = {"Constant", "Shape", "Cast", "Range", "ConstantOfShape", "Size", "Identity", "NonZero"}
+
+
+def _is_large(model) -> bool:
+    from ..model import is_large
+    return is_large(model)
 
 
 def _has_vnni() -> bool:
@@ -84,8 +102,9 @@ class QuantizeOptions:
         default="minmax", metadata={"help": "activation range estimator"})
     percentile: float = field(default=99.999, metadata={"help": "percentile for calibrator=percentile"})
     per_channel: bool = field(default=True, metadata={"help": "per-output-channel weight scales (needs opset >= 13)"})
-    activation_dtype: Literal["auto", "uint8", "int8"] = field(
-        default="auto", metadata={"help": "activation type; auto: the target's, else uint8"})
+    activation_dtype: Literal["auto", "uint8", "int8", "uint16", "int16"] = field(
+        default="auto", metadata={"help": "activation type; auto: the target's, else uint8 (16-bit: A16W8, "
+                                          "Q/DQ in the com.microsoft domain below opset 21)"})
     reduce_range: Literal["auto", "true", "false"] = field(
         default="auto", metadata={"help": "7-bit weights (auto: on x86 without VNNI)"})
     elementwise: bool = field(default=True, metadata={
@@ -99,6 +118,21 @@ class QuantizeOptions:
         "help": "correct each output channel's mean shift in the bias"})
     div_to_mul: bool = field(default=False, metadata={
         "help": "rewrite Div by a constant as Mul by its reciprocal (integer hard-swish chains)"})
+    equalize: bool = field(default=False, metadata={
+        "help": "cross-layer equalization of Conv -> [Relu] -> Conv pairs first (exact; passes/equalize.py)"})
+    rounding: Literal["nearest", "gptq"] = field(default="nearest", metadata={
+        "help": "weight rounding: nearest, or gptq (error feedback that minimises each layer's output "
+                "error on the calibration inputs, same scales; see passes/rounding.py)"})
+    rounding_samples: int = field(default=16, metadata={"help": "calibration samples for rounding=gptq"})
+    weights_only: Literal["off", "int4", "int8"] = field(default="off", metadata={
+        "help": "instead of QDQ: block-wise int4/int8 weights of MatMul/Gemm with float activations "
+                "(onnxruntime's MatMulNBits quantizer; for transformers; see passes/weight_only.py)"})
+    block_size: int = field(default=0, metadata={
+        "help": "weights_only block size (0: of 128/64/32, the smallest file that holds min_cosine on "
+                "calibration samples)"})
+    symmetric: bool = field(default=False, metadata={"help": "weights_only: symmetric blocks (no zero points)"})
+    accuracy_level: int = field(default=0, metadata={
+        "help": "weights_only: MatMulNBits accuracy_level (0: onnxruntime's default; 4: int8 compute on CPU)"})
     bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
     max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
@@ -136,10 +170,38 @@ class QuantizePass(Pass):
         return f"keep_float={self.options.keep_float}"
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        wide = getattr(ctx.target, "wide_activation_dtype", None) if self.options.activation_dtype == "auto" else None
+        model = ctx.to_model(graph) if wide else None
         q = _Quantizer(self.options, ctx)
         result = q.run(graph)
         self._n_units = q.n_units
+        if wide and getattr(q, "outcome", None) and (not q.outcome["holds"] or q.outcome["kept_float"]):
+            result = self._wider_activations(q, result, model, ctx, wide)
         return result
+
+    def _wider_activations(self, q8, r8, model, ctx, wide) -> PassResult:
+        """The target also takes 16-bit activations (QNN HTP: A16W8) and the 8-bit plan missed the
+        fidelity floor or kept units in float to hold it: quantize again with ``wide`` activations,
+        plain and with bias correction (with 16-bit activations the int8 weights' rounding is the
+        main error left, and its per-channel mean shift is what bias correction removes), and keep
+        the plan that holds the floor with the fewest float units, then the best cosine (ties with
+        the 8-bit plan: 8-bit, half the bandwidth)."""
+        rank = (lambda o: (o["holds"], -o["kept_float"], o["cosine"]))
+        act8 = q8.stats.get("scheme", {}).get("activations")
+        cands = {act8: (q8, r8)}
+        for bc in (False, True) if not self.options.bias_correction else (True,):
+            q = _Quantizer(dataclasses.replace(self.options, activation_dtype=wide, bias_correction=bc), ctx)
+            r = q.run(gs.import_onnx(model))
+            if r.modified and getattr(q, "outcome", None):
+                cands[wide + ("+bias_correction" if bc and not self.options.bias_correction else "")] = (q, r)
+        best = max(cands, key=lambda k: (rank(cands[k][0].outcome), k == act8))
+        q, r = cands[best]
+        self._n_units = q.n_units
+        r.stats["activation_choice"] = {
+            "chosen": best, "candidates": {k: v[0].outcome for k, v in cands.items()},
+            "rule": "the target takes 8- and 16-bit activations: the plan that holds the fidelity floor with the "
+                    "fewest units kept float, then the best cosine (ties: 8-bit)"}
+        return r
 
 
 # ---------------------------------------------------------------------- refusal and preparation
@@ -310,12 +372,14 @@ class _Quantizer:
         act = o.activation_dtype
         if act == "auto":
             act = getattr(target, "activation_dtype", "uint8") if target is not None else "uint8"
-            if act not in ("uint8", "int8"):
+            if act not in ("uint8", "int8", "uint16", "int16"):
                 act = "uint8"
-        self.act_dtype = np.uint8 if act == "uint8" else np.int8
-        self.qmin, self.qmax = (0, 255) if act == "uint8" else (-128, 127)
+        self.act_dtype = np.dtype(act).type
+        self.qmin, self.qmax = int(np.iinfo(act).min), int(np.iinfo(act).max)
+        self.qdq_domain = ""  # set in run(): com.microsoft for 16-bit types below opset 21
         per_channel = o.per_channel and bool(getattr(target, "per_channel", True) if target is not None else True)
-        reduce = o.reduce_range == "true" or (o.reduce_range == "auto" and not _has_vnni())
+        reduce = o.reduce_range == "true" or (o.reduce_range == "auto" and not _has_vnni() and
+                                              getattr(target, "name", "cpu") == "cpu")  # an NPU does not saturate
         self.wmax = 63 if reduce else 127
         self.per_channel = per_channel
         self.stats["scheme"] = {"activations": act, "weights": "int8" + (" (7-bit)" if reduce else ""),
@@ -572,19 +636,20 @@ class _Quantizer:
             s_c, z_c = qparams(tname)
             tq = gs.Variable(tname + "_quantized", dtype=act_np, shape=t.shape)
             consumers = [c for c in list(t.outputs)]
-            qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq])
+            qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq],
+                            domain=self.qdq_domain)
             g.nodes.append(qnode)
             shared_dq = None
             for k, c in enumerate(consumers):
                 if c.name in int_consumers:
                     dq_out = gs.Variable(f"{tname}_dequantized_{k}", dtype=np.float32, shape=t.shape)
                     g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear_{k}",
-                                           inputs=[tq, s_c, z_c], outputs=[dq_out]))
+                                           inputs=[tq, s_c, z_c], outputs=[dq_out], domain=self.qdq_domain))
                 else:
                     if shared_dq is None:
                         shared_dq = gs.Variable(f"{tname}_dequantized", dtype=np.float32, shape=t.shape)
                         g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear",
-                                               inputs=[tq, s_c, z_c], outputs=[shared_dq]))
+                                               inputs=[tq, s_c, z_c], outputs=[shared_dq], domain=self.qdq_domain))
                     dq_out = shared_dq
                 for i, inp in enumerate(c.inputs):
                     if inp is t:
@@ -611,7 +676,7 @@ class _Quantizer:
                                inputs=[gs.Constant(name + "_quantized", qv),
                                        gs.Constant(name + "_scale", np.array(s, np.float32)),
                                        gs.Constant(name + "_zero_point", np.array(z, self.act_dtype))],
-                               outputs=[out]))
+                               outputs=[out], domain=self.qdq_domain))
         return out
 
     def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -629,17 +694,23 @@ class _Quantizer:
         q = np.clip(np.round(W / s.reshape(shape)), -self.wmax, self.wmax).astype(np.int8)
         return q, s
 
+    def unit_weight_quant(self, name: str, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """``weight_quant`` with the integer weights of ``rounding`` (same scales) where it chose them."""
+        q, s = self.weight_quant(W, axis)
+        r = getattr(self, "rounded", {}).get(name)
+        return (r, s) if r is not None and r.shape == q.shape else (q, s)
+
     def _quantize_weights(self, g, node, u: _Unit, params, shift):
         W = np.asarray(node.inputs[1].values).astype(np.float32)
         axis = u.weight_axis
-        wq, ws = self.weight_quant(W, axis)
+        wq, ws = self.unit_weight_quant(node.name, W, axis)
         dq_w = gs.Variable(node.name + "_W_dequantized", dtype=np.float32, shape=list(W.shape))
         attrs = {"axis": axis} if self.per_channel else {}
         g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_W_DequantizeLinear", attrs=attrs,
                                inputs=[gs.Constant(node.name + "_W_quantized", wq),
                                        gs.Constant(node.name + "_W_scale", ws),
                                        gs.Constant(node.name + "_W_zero_point", np.zeros(ws.shape, np.int8))],
-                               outputs=[dq_w]))
+                               outputs=[dq_w], domain=self.qdq_domain))
         node.inputs[1] = dq_w
         bias_idx = 2
         if len(node.inputs) > bias_idx and node.inputs[bias_idx].name:
@@ -667,7 +738,7 @@ class _Quantizer:
                                                    np.array(sb.reshape(-1)[0], np.float32)),
                                        gs.Constant(node.name + "_B_zero_point",
                                                    np.zeros(sb.shape if self.per_channel else (), np.int32))],
-                               outputs=[dq_b]))
+                               outputs=[dq_b], domain=self.qdq_domain))
         if len(node.inputs) > bias_idx:
             node.inputs[bias_idx] = dq_b
         else:
@@ -688,8 +759,16 @@ class _Quantizer:
             t0 = t
 
         refuse_quantized(graph)
+        if self.o.weights_only != "off":
+            from .weight_only import run_weights_only
+            self.n_units = 0
+            self.stats["prepared"] = prepare_float_graph(graph)
+            return PassResult(*run_weights_only(graph, self.o, self.ctx, self.stats))
         self._scheme()
         self.stats["prepared"] = prepare_float_graph(graph, self.o.div_to_mul)
+        if self.o.equalize:
+            from .equalize import equalize_pairs
+            self.stats["equalize"] = equalize_pairs(graph)
         if not any(n.op in WEIGHTED_OPS and self._weight_info(n) is not None for n in graph.nodes):
             raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
         graph = self._handle_opset(graph)
@@ -698,6 +777,11 @@ class _Quantizer:
         prepare_float_graph(graph)
         self.model_f = self.ctx.to_model(graph)
         self.graph_f = graph = gs.import_onnx(self.model_f)
+        if np.dtype(self.act_dtype).itemsize == 2 and int(graph.opset or 0) < 21:
+            # ONNX Q/DQ take 16-bit types from opset 21; onnxruntime (and its QNN EP) read the
+            # com.microsoft Q/DQ ops the same way below that (as its own quantizer emits them)
+            self.qdq_domain = "com.microsoft"
+            self.stats["scheme"]["qdq_domain"] = self.qdq_domain
         lap("prepare_and_opset")
 
         excluded = set(self.o.exclude)
@@ -705,25 +789,34 @@ class _Quantizer:
         # calibrate every tensor any plan could quantize, so excluding units later needs no new pass
         cand, _ = self.plan(graph, set())
         tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
-        self.hists = collect_histograms(self._capture(self.model_f, tensors), tensors, bins=self.o.bins)
+        if self.o.calibrator == "minmax" and not _is_large(self.model_f):
+            # only min and max are needed: reduced in the graph, the tensors never leave onnxruntime
+            self.hists, rest = collect_minmax(self.model_f, tensors, self._samples())
+            if rest:
+                self.hists.update(collect_histograms(self._capture(self.model_f, rest), rest, bins=self.o.bins))
+        else:
+            self.hists = collect_histograms(self._capture(self.model_f, tensors), tensors, bins=self.o.bins)
         self.clips = {u.output: u.clip for u in cand.values() if u.clip is not None}
         kw = {"percentile": self.o.percentile} if self.o.calibrator == "percentile" else {}
         levels = self.qmax - self.qmin + 1
         self.ranges = {t: estimate_range(h, self.o.calibrator, levels=levels, **kw) for t, h in self.hists.items()}
         self.n_units = sum(1 for u in units.values() if u.kind == "weighted")
         lap("calibrate")
+        if self.o.rounding == "gptq":
+            from .rounding import round_units
+            w_units = [u for u in cand.values() if u.kind == "weighted"]
+            self.rounded, self.stats["rounding"] = round_units(
+                self.model_f, graph, [(u.node, u.weight_axis) for u in w_units], self.weight_quant, self._samples,
+                self._capture, self.wmax, n_samples=self.o.rounding_samples)
+            lap("rounding")
 
         # per-unit analysis on a shadow model: each unit quantized alone, on float inputs
-        analysis = None
-        need_sens = self.o.keep_float or self.o.guard or self.ctx.budget is not None
-        if need_sens or self.o.bias_correction:
-            analysis = self.analyse(cand)
-            self.sens = {k: a["nsr"] for k, a in analysis.items()}
-            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
-                                         sorted(self.sens.items(), key=lambda kv: -kv[1])[:20]}
+        # (the guard asks for it only when its fidelity floor fails: most models never pay for it)
+        self._cand = cand
+        analysis = self._analysis() if self.o.keep_float or self.o.bias_correction else None
         lap("analyse")
         self.shift = ({k: a["shift"] for k, a in analysis.items()} if self.o.bias_correction and analysis else None)
-        order = [k for k, _ in sorted(self.sens.items(), key=lambda kv: -kv[1])] if analysis else []
+        order = self._order() if analysis else None
         if self.o.keep_float and order:
             excluded |= set(order[: self.o.keep_float])
             units, reasons = self.plan(graph, excluded)
@@ -736,7 +829,7 @@ class _Quantizer:
                 return PassResult(graph, False, {"reason": self.stats.get("guard_reason", "no faster placement"),
                                                  **self.stats})
         for n in excluded:
-            if n in reasons and analysis and n in self.sens and not reasons[n].startswith("kept float: small"):
+            if n in reasons and n in getattr(self, "sens", {}) and not reasons[n].startswith("kept float: small"):
                 reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {self.sens[n]:.2e})"
         self.stats["nodes"] = reasons
         self.stats["quantized_units"] = {k: sum(1 for u in units.values() if u.kind == k)
@@ -761,6 +854,10 @@ class _Quantizer:
                 if t not in params:
                     lo, hi = self.ranges.get(t, (0.0, 1.0))
                     params[t] = self._act_params(lo, hi, self.clips.get(t) if t == u.output else None)
+            if u.kind == "elementwise" and self.qmax > 255 and u.output == u.raw_output and \
+                    self._node(self.graph_f, u.node).op == "Sigmoid":
+                # QNN HTP's 16-bit Sigmoid has a fixed output encoding (onnxruntime's QNN config sets it too)
+                params[u.output] = (1.0 / (self.qmax - self.qmin + 1), 0) if self.qmin == 0 else (1.0 / 32768, 0)
         # passthrough outputs share their input's params (resolved in graph order)
         for node in self.graph_f.nodes:
             u = units.get(node.name)
@@ -786,16 +883,30 @@ class _Quantizer:
         from ..runtime import make_session
         if not hasattr(self, "_ref"):
             self._guard_samples = list(self._samples_n(8))
-            sess = make_session(self.model_f, optimize=False)
+            sess = make_session(self.model_f, optimize=False, low_memory=True)
             self._ref = [sess.run(None, s) for s in self._guard_samples]
         model = g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g)
-        sess = make_session(model, optimize=True)
+        sess = make_session(model, optimize=True, low_memory=True)
         return fidelity(self._ref, [sess.run(None, s) for s in self._guard_samples])
 
     def _holds(self, fid: dict) -> bool:
         if self.ctx.budget is not None:
             return self.ctx.budget_holds(fid)
         return fid.get("cosine", 0.0) >= self._floor
+
+    def _analysis(self) -> dict:
+        """The per-unit analysis (sensitivity, mean shifts), run once on first use."""
+        if not hasattr(self, "_analysed"):
+            self._analysed = self.analyse(self._cand)
+            self.sens = {k: a["nsr"] for k, a in self._analysed.items()}
+            self.stats["sensitivity"] = {k: float(f"{v:.3e}") for k, v in
+                                         sorted(self.sens.items(), key=lambda kv: -kv[1])[:20]}
+        return self._analysed
+
+    def _order(self) -> list:
+        """Weighted units, most sensitive first."""
+        self._analysis()
+        return [k for k, _ in sorted(self.sens.items(), key=lambda kv: -kv[1])]
 
     def _guard(self, qg, units, reasons, excluded, order):
         """Keep the most sensitive units in float (1, 2, 4, ... of them) until the fidelity floor holds
@@ -811,8 +922,6 @@ class _Quantizer:
             base = self._fidelity(self.model_f).get("cosine", 1.0)
             self._floor = self.o.min_cosine * min(base, 1.0)
         base_ex = set(excluded)
-        cap = len(order) if self.ctx.budget is not None else \
-            max(1, int(math.ceil(self.o.max_float_fraction * len(order))))
         fid = self._fidelity(qg)
         tried = [(fid, qg, units, reasons, excluded)]
         log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
@@ -828,6 +937,11 @@ class _Quantizer:
                 tried.append((fid, qg, units, reasons, excluded))
             else:
                 self.elementwise = True
+        if not self._holds(fid) and order is None:
+            order = self._order()
+        order = order or []
+        cap = len(order) if self.ctx.budget is not None else \
+            max(1, int(math.ceil(self.o.max_float_fraction * len(order))))
         k = 1
         while not self._holds(fid) and order and k <= min(cap, len(order)):
             ex = base_ex | set(order[:k])
@@ -844,6 +958,7 @@ class _Quantizer:
             f"cosine>={self._floor:.4f}"
         ok = [t for t in tried if self._holds(t[0])]
         fid, qg, units, reasons, excluded = ok[0] if ok else max(tried, key=lambda t: t[0].get("cosine", 0.0))
+        self.outcome = {"holds": bool(ok), "cosine": fid.get("cosine", 0.0), "kept_float": len(excluded - base_ex)}
         if not self.o.guard:
             return qg, units, reasons, excluded
         target = getattr(getattr(self.ctx, "target", None), "name", None)
@@ -935,10 +1050,10 @@ class _Quantizer:
             zc = gs.Constant(u.node + "_sh_zp", np.array(z, self.act_dtype))
             xq = gs.Variable(u.node + "_sh_xq", dtype=self.act_dtype)
             xd = gs.Variable(u.node + "_sh_xd", dtype=np.float32)
-            g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq]))
-            g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd]))
+            g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq], domain=self.qdq_domain))
+            g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd], domain=self.qdq_domain))
             W = np.asarray(node.inputs[1].values).astype(np.float32)
-            wq, ws = self.weight_quant(W, u.weight_axis)
+            wq, ws = self.unit_weight_quant(u.node, W, u.weight_axis)
             shape = [1] * W.ndim
             if self.per_channel:
                 shape[u.weight_axis] = -1

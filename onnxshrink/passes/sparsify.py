@@ -12,6 +12,14 @@ smaller than the dense tensor and onnxruntime loads the result with identical ou
 keeps them dense. (onnxruntime would also load int16/int32 indices, but the checker rejects them.
 ONNX shape inference types a sparse initializer as a sparse tensor, so the result passes
 ``onnx.checker.check_model`` but not its ``full_check``; onnxruntime densifies it at load.)
+
+The pass itself works on onnx-graphsurgeon graphs, which have no sparse initializers; with
+``storage=sparse`` (default) its stats say so and ``onnxshrink.optimize(..., output)`` saves
+through ``model.save(..., sparse_initializers=True)``, which applies ``sparse_storage`` (with the
+onnxruntime load check) to the file only: the returned in-memory model stays dense.
+What onnxruntime 1.32 accepts (checked): COO sparse initializers with int64 linear indices
+(shape [nnz]) or int64 coordinate indices ([nnz, rank]); float32/float16 values; it densifies
+them at session creation, so latency and outputs are those of the dense model.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ class SparsifyOptions:
     q: float = field(default=0.5, metadata={"help": "quality parameter of method=std (threshold in standard deviations)"})
     sparsity: float = field(default=0.5, metadata={"help": "fraction of each layer's weights set to zero (method=sparsity)"})
     min_size: int = field(default=4096, metadata={"help": "leave weights with fewer elements dense"})
+    storage: Literal["sparse", "dense"] = field(default="sparse", metadata={
+        "help": "sparse: the saved file stores the zeroed weights as ONNX sparse initializers where that is smaller "
+                "and onnxruntime loads the result with identical outputs; dense: plain initializers"})
 
 
 @register
@@ -100,8 +111,8 @@ class SparsifyPass(Pass):
             return PassResult(graph, False, {"reason": "no weights to sparsify"})
         graph.cleanup()
         return PassResult(graph, True, {"layers": layers, "weights": total, "zeros": zeros,
-                                        "sparsity": round(zeros / max(total, 1), 4),
-                                        "note": "store with onnxshrink.passes.sparsify.sparse_storage for a smaller file"})
+                                        "sparsity": round(zeros / max(total, 1), 4), "storage": o.storage,
+                                        "min_size": o.min_size})
 
 
 def _index_dtype(size: int):

@@ -1,0 +1,39 @@
+"""Tool cost of the quantize pass: MinMax calibration reduced inside onnxruntime, lazy per-unit analysis."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto as TP
+from onnx import helper as oh
+
+from onnxshrink.passes.calibrate import collect_histograms, collect_minmax
+from onnxshrink.runtime import capture_activations
+from test_quantize import quantize, samples, small_net
+
+
+def test_collect_minmax_equals_the_histograms_min_and_max():
+    m = small_net()
+    names = ["c1_r", "c2_y", "c3_r", "mp", "c4_y", "silu", "gap"]
+    data = samples(5)
+    fast, rest = collect_minmax(m, names, data)
+    slow = collect_histograms(capture_activations(m, names, data), names)
+    assert not rest and set(fast) == set(slow)
+    for n in names:
+        assert fast[n].min == slow[n].min and fast[n].max == slow[n].max
+
+
+def test_collect_minmax_hands_non_finite_tensors_back():
+    g = oh.make_graph([oh.make_node("Log", ["x"], ["y"]), oh.make_node("Relu", ["y"], ["z"])], "g",
+                      [oh.make_tensor_value_info("x", TP.FLOAT, [4])], [oh.make_tensor_value_info("z", TP.FLOAT, [4])])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+    hists, rest = collect_minmax(m, ["y", "z"], [{"x": np.array([0.0, 1.0, 2.0, 3.0], np.float32)}])
+    assert rest == ["y"] and hists["z"].min == 0.0 and np.isclose(hists["z"].max, np.log(3.0))
+
+
+def test_guard_skips_the_per_unit_analysis_when_the_floor_holds():
+    out, rec = quantize(small_net(), guard=True, min_speedup=0.0)
+    assert rec.stats["fidelity_search"][0]["cosine"] >= 0.99 * 0.99
+    assert "sensitivity" not in rec.stats  # never needed: no unit had to go back to float
+    out, rec = quantize(small_net(), guard=True, min_speedup=0.0, min_cosine=1.5, max_float_fraction=0.5)
+    assert "sensitivity" in rec.stats and len(rec.stats["fidelity_search"]) > 1
