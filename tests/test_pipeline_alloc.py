@@ -112,3 +112,22 @@ def test_second_run_reuses_the_cache_and_is_three_times_faster(resnet_case, tmp_
     check(m1)
     print(f"first run {t1:.2f} s, second {t2:.2f} s")
     assert t2 < t1 / 3, (t1, t2)
+
+
+def test_latency_target_measures_every_candidate(tmp_path):
+    """--target-latency: savings are measured latencies (noisy, so the outcome may be either way);
+    the run either meets the target within the budget or fails closed with how close it came."""
+    from onnxshrink.errors import BudgetError
+    _, _, xte, _ = digits_split()
+    calib = [{"image": x[None]} for x in xte[:16]]
+    try:
+        _, rep = optimize(digits_model(), None, passes=["cleanup", "svd", "quantize"], data=calib,
+                          budget="cosine>=0.98", target_latency=0.9, executor="serial", cache=False)
+        ok = True
+    except BudgetError as e:
+        rep, ok = e.report, False
+    a = rep.allocation
+    assert a["target"]["cost"] == "latency_ms" and a["target"]["of_input"] > 0
+    assert all("latency_ms" in (r.get("saving") or {"latency_ms": None}) for r in a["table"])
+    assert a["trials"] and all(t["cost"]["latency_ms"] > 0 for t in a["trials"])
+    assert (a["chosen_n"] is not None) == ok
