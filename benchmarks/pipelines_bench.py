@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from models.real import real_model, real_samples, write_samples  # noqa: E402
 from onnxshrink.metrics import fidelity  # noqa: E402
 from onnxshrink.model import model_stats  # noqa: E402
-from onnxshrink.runtime import make_session  # noqa: E402
+from onnxshrink.runtime import interleaved_latency, make_session  # noqa: E402
 
 
 def _optimize(src, out, passes, extra, report, log):
@@ -48,18 +48,7 @@ def _optimize(src, out, passes, extra, report, log):
 
 
 def _interleaved(models, feeds, rounds=8, runs=5):
-    sess = [make_session(m, optimize=True, threads=1) for m in models]
-    for s in sess:
-        for _ in range(3):
-            s.run(None, feeds)
-    times = [[] for _ in sess]
-    for _ in range(rounds):
-        for s, t in zip(sess, times):
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                s.run(None, feeds)
-                t.append((time.perf_counter() - t0) * 1e3)
-    return [min(t) for t in times]
+    return [min(t) for t in interleaved_latency(models, feeds, rounds=rounds, runs=runs)]
 
 
 def bench(name: str, out: Path) -> list[dict]:

@@ -24,7 +24,7 @@ from models.real import real_model, real_samples, write_samples  # noqa: E402
 from onnxshrink.manager import optimize  # noqa: E402
 from onnxshrink.metrics import fidelity  # noqa: E402
 from onnxshrink.model import check_model  # noqa: E402
-from onnxshrink.runtime import make_session  # noqa: E402
+from onnxshrink.runtime import interleaved_latency, make_session  # noqa: E402
 
 BUDGET = "cosine>=0.99"
 
@@ -52,7 +52,7 @@ def bench(name: str, path: Path | None = None, workdir: Path | None = None, n_ca
     fid = fidelity(ref, got)
     # single-thread latency, fp32 and shared interleaved in 8 rounds of 5 runs; the fastest run of
     # each (on a shared machine the minimum is what the model costs, the rest is other load)
-    t0, t1 = _interleaved_latency(orig, out, held[0])
+    t0, t1 = interleaved_latency([orig, out], held[0])
     layers = rec.stats.get("layers", [])
     return {
         "model": name, "status": rec.status, "valid": valid,
@@ -67,23 +67,6 @@ def bench(name: str, path: Path | None = None, workdir: Path | None = None, n_ca
         "search": [(round(t["lambda"], 1), t["ok"], round(t["fidelity"].get("cosine", 0), 5))
                    for t in rec.stats.get("search", {}).get("steps", [])],
     }
-
-
-def _interleaved_latency(a, b, feeds, rounds: int = 8, runs: int = 5):
-    import time
-
-    sa, sb = make_session(a, optimize=True, threads=1), make_session(b, optimize=True, threads=1)
-    for s in (sa, sb):
-        for _ in range(3):
-            s.run(None, feeds)
-    ta, tb = [], []
-    for _ in range(rounds):
-        for s, t in ((sa, ta), (sb, tb)):
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                s.run(None, feeds)
-                t.append((time.perf_counter() - t0) * 1e3)
-    return ta, tb
 
 
 def print_row(r: dict) -> None:

@@ -267,19 +267,8 @@ def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, ca
 
 
 def _interleaved(models, feeds, rounds: int = 5, runs: int = 5):
-    from .runtime import make_session
-    sess = [make_session(m, optimize=True, threads=1) for m in models]
-    for s_ in sess:
-        for _ in range(3):
-            s_.run(None, feeds)
-    times = [[] for _ in sess]
-    for _ in range(rounds):
-        for s_, t in zip(sess, times):
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                s_.run(None, feeds)
-                t.append((time.perf_counter() - t0) * 1e3)
-    return [min(t) for t in times]
+    from .runtime import interleaved_latency
+    return [min(t) for t in interleaved_latency(models, feeds, rounds=rounds, runs=runs)]
 
 
 def _rank(row, kind):

@@ -127,3 +127,22 @@ def measure_latency(model: onnx.ModelProto | ort.InferenceSession, feeds: dict, 
         sess.run(None, feeds)
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_latency(models: list, feeds: dict, rounds: int = 8, runs: int = 5, warmup: int = 3,
+                        threads: int = 1) -> list[list[float]]:
+    """Wall times in milliseconds of each model (ModelProto or session), measured in turn: each round
+    runs every model ``runs`` times, so load on a shared machine hits all of them alike."""
+    sessions = [m if isinstance(m, ort.InferenceSession) else make_session(m, optimize=True, threads=threads)
+                for m in models]
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for sess, acc in zip(sessions, times):
+            for _ in range(runs):
+                t = time.perf_counter()
+                sess.run(None, feeds)
+                acc.append((time.perf_counter() - t) * 1e3)
+    return times

@@ -1006,7 +1006,7 @@ class _Quantizer:
         """Median one-thread latency of two models, runs interleaved (shared load hits both)."""
         import statistics
         import time
-        from ..runtime import make_session
+        from ..runtime import interleaved_latency, make_session
         sa, sb = make_session(model_a, optimize=True, threads=1), make_session(model_b, optimize=True, threads=1)
         for s in (sa, sb):
             s.run(None, sample)
@@ -1014,13 +1014,8 @@ class _Quantizer:
         sa.run(None, sample)
         one = time.perf_counter() - t0
         rounds = rounds or int(min(41, max(7, 1.5 / max(one, 1e-4))))
-        ta, tb = [], []
-        for _ in range(rounds):
-            for s, acc in ((sa, ta), (sb, tb)):
-                t = time.perf_counter()
-                s.run(None, sample)
-                acc.append(time.perf_counter() - t)
-        return statistics.median(ta), statistics.median(tb)
+        ta, tb = interleaved_latency([sa, sb], sample, rounds=rounds, runs=1, warmup=0)
+        return statistics.median(ta) / 1e3, statistics.median(tb) / 1e3
 
     def _samples_n(self, n):
         for i, s in enumerate(self._samples()):
