@@ -240,8 +240,9 @@ def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, ca
     keeps the budget and measures faster (interleaved, one thread). A unit quantized among float
     neighbours pays Q/DQ conversions at both ends, so float islands the budget does not need cost
     speed; the size target alone never asks to close them."""
-    rest = sorted({r["unit"] for r in table.rows if r["pass"] == "quantize" and math.isfinite(r.get("loss", math.inf))
-                   and (r["saving"].get(kind) or 0) > 0} - {u for (p, u) in chosen if p == "quantize"})
+    rest = sorted({r["unit"] for r in table.rows if r["pass"] == "quantize" and r["strength"] >= 1.0
+                   and math.isfinite(r.get("loss", math.inf)) and (r["saving"].get(kind) or 0) > 0}
+                  - {u for (p, u), s in chosen.items() if p == "quantize" and s >= 1.0})
     if not rest:
         return best
     label = f"{best['n']}+q{len(rest)}"
