@@ -236,21 +236,49 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
 
 
 def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cache, vkey):
-    """The chosen configuration with every remaining quantizable unit in int8 as well, kept when it
-    keeps the budget and measures faster (interleaved, one thread). A unit quantized among float
-    neighbours pays Q/DQ conversions at both ends, so float islands the budget does not need cost
-    speed; the size target alone never asks to close them."""
-    rest = sorted({r["unit"] for r in table.rows if r["pass"] == "quantize" and r["strength"] >= 1.0
-                   and math.isfinite(r.get("loss", math.inf)) and (r["saving"].get(kind) or 0) > 0}
-                  - {u for (p, u), s in chosen.items() if p == "quantize" and s >= 1.0})
+    """The chosen configuration with quantizable units raised to QDQ int8 as well (the ones at
+    strength 0.5, int8 weights with float activations, or not chosen at all), kept when it keeps the
+    budget, meets the target *and* measures faster (interleaved, one thread). First all of them;
+    when that breaks the budget, the longest prefix of them by marginal loss per MAC (loss at 1
+    minus loss at the unit's chosen strength, over the layer's MACs: compute-heavy, harmless units
+    first) that keeps it, by bisection. A unit quantized among float neighbours pays Q/DQ
+    conversions at both ends, so only the timing decides; the size target alone never asks for it."""
+    rows = {(r["unit"], r["strength"]): r for r in table.rows if r["pass"] == "quantize"}
+    have = {u: s for (p, u), s in chosen.items() if p == "quantize"}
+    rest = sorted({u for (u, s), r in rows.items() if s >= 1.0 and math.isfinite(r.get("loss", math.inf))
+                   and (r["saving"].get(kind) or 0) > 0} - {u for u, s in have.items() if s >= 1.0})
     if not rest:
         return best
-    label = f"{best['n']}+q{len(rest)}"
-    extra[label] = {**chosen, **{("quantize", u): 1.0 for u in rest}}
-    t = verify(label)
+
+    def marginal(u):
+        now = rows.get((u, have[u])) if u in have else None
+        base = now["loss"] if now is not None and math.isfinite(now.get("loss", math.inf)) else 0.0
+        macs = (table.layer_cost.get(u) or {}).get("macs") or 1
+        return max(rows[(u, 1.0)]["loss"] - base, 0.0) / macs
+
+    rest.sort(key=lambda u: (marginal(u), u))
+
+    def trial(k):
+        label = f"{best['n']}+q{k}"
+        if label not in extra:
+            extra[label] = {**chosen, **{("quantize", u): 1.0 for u in rest[:k]}}
+        return label, verify(label)
+
+    label, t = trial(len(rest))
+    log = [f"{label}: cosine-budget {'kept' if t['budget_ok'] else 'broken'}"]
     if not (t["budget_ok"] and t["target_met"]):
-        alloc["closure"] = f"{label}: every unit in int8 breaks the budget or misses the target; kept {best['n']}"
-        return best
+        lo, hi = 0, len(rest)
+        for _ in range(MAX_BISECT - 1):
+            if hi - lo <= 1:
+                break
+            mid = (lo + hi) // 2
+            lab, tm = trial(mid)
+            log.append(f"{lab}: budget {'kept' if tm['budget_ok'] else 'broken'}")
+            lo, hi = (mid, hi) if (tm["budget_ok"] and tm["target_met"]) else (lo, mid)
+        if lo == 0:
+            alloc["closure"] = "; ".join(log) + f"; no prefix keeps the budget: kept {best['n']}"
+            return best
+        label, t = trial(lo)
     # the timing decides once; its verdict is cached with the trials so a rerun makes the same choice
     from .cache import digest
     key = digest(vkey, "closure", sorted(map(list, chosen)), sorted(map(list, extra[label])))
@@ -262,8 +290,10 @@ def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, ca
         hit = {"ta": ta, "tb": tb}
         cache.put(key, hit)
     ta, tb = hit["ta"], hit["tb"]
-    alloc["closure"] = (f"{label} (every quantizable unit in int8): {tb:.2f} ms vs {ta:.2f} ms for {best['n']} "
-                        f"(interleaved, 1 thread, min of 25){' (cached)' if was_cached else ''}")
+    raised = sum(1 for u in rest if extra[label].get(("quantize", u)) == 1.0)
+    log.append(f"{label} ({raised} units raised to int8): {tb:.2f} ms vs {ta:.2f} ms for {best['n']} (interleaved, 1 thread, min of 25)"
+               f"{' (cached)' if was_cached else ''}")
+    alloc["closure"] = "; ".join(log)
     return verify(label) if tb < ta else best
 
 
