@@ -5,13 +5,14 @@ out every 4th for validation), runs
 
     onnxshrink optimize M q.onnx --passes cleanup,quantize --budget "cosine>=0.99"
     onnxshrink optimize M a.onnx --passes cleanup,prune,svd,quantize --budget "cosine>=0.99" \
-        --target-size 0.2 --max-units 24 --sensitivity-samples 4 --plot a.png
+        --target-size 0.2 [--target-macs F] --max-units 24 --sensitivity-samples 4 --plot a.png
 
 (unless their outputs exist), then compares the written models on 16 fresh photos (another seed):
 weight bytes and file size vs the input, cosine mean/min against the fp32 model, and single-thread
 latency measured interleaved (the three models in turn, 8 rounds of 5 runs, minimum of each).
 
     PYTHONPATH=. python benchmarks/pipelines_bench.py [yolov8n] [ppocr_det] [--out /tmp/pipelines]
+        [--target-macs 0.8] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _interleaved(models, feeds, rounds=8, runs=5):
     return [min(t) for t in interleaved_latency(models, feeds, rounds=rounds, runs=runs)]
 
 
-def bench(name: str, out: Path) -> list[dict]:
+def bench(name: str, out: Path, target_macs: float | None = None, rounds: int = 8) -> list[dict]:
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     src = real_model(name)
@@ -61,7 +62,8 @@ def bench(name: str, out: Path) -> list[dict]:
         "quantize": _optimize(src, d / "q.onnx", "cleanup,quantize", ["--latency"], d / "q.json", d / "q.log"),
         "allocated": _optimize(src, d / "a.onnx", "cleanup,prune,svd,quantize",
                                ["--latency", "--target-size", "0.2", "--max-units", "24", "--sensitivity-samples", "4",
-                                "--plot", str(d / "a.png")], d / "a.json", d / "a.log"),
+                                "--plot", str(d / "a.png"),
+                                *(["--target-macs", str(target_macs)] if target_macs else [])], d / "a.json", d / "a.log"),
     }
     fp32 = onnx.load(str(src))
     models = {"fp32": fp32}
@@ -71,7 +73,7 @@ def bench(name: str, out: Path) -> list[dict]:
     held = real_samples(name, 16, seed=1)
     sess0 = make_session(fp32, optimize=False)
     ref = [sess0.run(None, s) for s in held]
-    lat = _interleaved(list(models.values()), held[0])
+    lat = _interleaved(list(models.values()), held[0], rounds=rounds)
     shapes = {k: list(v.shape) for k, v in held[0].items()}
     base = model_stats(fp32, shapes)
     rows = []
@@ -97,12 +99,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", default=["yolov8n", "ppocr_det"])
     ap.add_argument("--out", default="/tmp/pipelines_bench")
+    ap.add_argument("--target-macs", type=float, default=None, help="also a MACs target for the allocated run")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds (5 runs each)")
     a = ap.parse_args(argv)
     print("| model | pipeline | weight bytes (x input) | file (x input) | params | MACs | latency 1 thread | "
           "speed | cosine mean / min (16 unseen photos) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in a.models:
-        for r in bench(name, Path(a.out)):
+        for r in bench(name, Path(a.out), a.target_macs, a.rounds):
             if "failed" in r:
                 print(f"| {r['model']} | {r['pipeline']} | exit 4: {r['failed']} | | | | | | |")
                 continue
