@@ -328,11 +328,15 @@ def test_real_models_valid_and_not_slower(name, real_model_path):
     out, rep = optimize(str(path), passes=["quantize"], data=s[:12], val_data=s[12:])
     check(out)
     rec = rep.passes[0]
-    if rec.status == "applied":
+    ops = optimized_ops(out)
+    if rec.status == "applied" and "activations" in rec.stats:
+        # no integer placement kept (too slow or too lossy): float activations, int8-stored weights,
+        # which onnxruntime folds back to float constants at load
+        assert rec.stats["float_weights"]["stored"] > 0 and ops.get("QLinearConv", 0) == 0
+        assert ops.get("Cast", 0) == 0
+    elif rec.status == "applied":
         speed = rec.stats["speed_search"]
         assert any(x["speedup"] >= 1.0 for x in speed)
-    ops = optimized_ops(out)
-    if rec.status == "applied":
         assert ops.get("QLinearConv", 0) > 0
 
 
