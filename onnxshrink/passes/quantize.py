@@ -890,6 +890,11 @@ class _Quantizer:
             return g, 0
         log: dict = {"mode": mode}
         checked = mode == "auto" and (self.o.guard or self.ctx.budget is not None)
+        if checked and _is_large(self.model_f):
+            # the check copies the model per trial: not for a model past 2 GB
+            self.stats["float_weights"] = {"mode": "float", "why": "model over 2 GB: fallback=int8 stores "
+                                                                   "without the check"}
+            return g, 0
         if checked:
             if not hasattr(self, "_floor"):
                 self._floor = self.o.min_cosine
