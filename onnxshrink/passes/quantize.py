@@ -143,7 +143,7 @@ class QuantizeOptions:
     fallback: Literal["auto", "float", "int8"] = field(default="auto", metadata={
         "help": "weights of the nodes kept in float: int8 stores them per channel as Cast x Mul, which "
                 "onnxruntime folds at load (float speed and activations, 1/4 of the bytes; "
-                "passes/weight_storage.py); auto: int8 on CPU-like targets while the budget (or the "
+                "passes/weight_storage.py); auto: int8 (no target or cpu) while the budget (or the "
                 "guard's floor) holds, the most sensitive layers left float when needed; float: as they are"})
     float_weights: list[str] = field(default_factory=list, metadata={
         "help": "node names whose weights stay float whatever fallback says"})
@@ -871,9 +871,9 @@ class _Quantizer:
         mode = self.o.fallback
         if mode == "auto":
             target = getattr(self.ctx, "target", None)
-            # EPs that run float compute and fold constants first; an NPU profile (QNN HTP, NNAPI, CoreML)
-            # wants its weights quantized or float, not a Cast x Mul subgraph on the device
-            if target is not None and getattr(target, "name", None) not in ("cpu", "xnnpack"):
+            # the CPU EP folds the Cast x Mul at load; an EP profile (XNNPACK, QNN HTP, NNAPI, CoreML) is
+            # checked op by op and wants its weights quantized or float, not a decode subgraph
+            if target is not None and getattr(target, "name", None) != "cpu":
                 self.stats["float_weights"] = {"mode": "float", "why": f"the {target.name} target"}
                 return "float"
         return mode
