@@ -14,7 +14,9 @@ fidelity budget, the manager calls ``allocate`` at the first pass that has a kno
    longer ones while the measured cost misses it (the estimate corrected by the measured ratio);
 4. when the budget fails there, the worst choices are backed off: the prefix is bisected down to
    the longest one whose budget holds;
-5. a configuration that keeps the budget and meets the target is the result; otherwise the run
+5. a configuration that keeps the budget and meets the target is the result (several targets: the
+   cost is ``max_k cost_k / target_k``, met when <= 1, and a choice saves ``sum_k saving_k / gap_k``
+   with ``gap_k`` the base's distance to target k, so the greedy closes the gaps together); otherwise the run
    fails closed (BudgetError: exit code 4, nothing written) and the report says how close it came
    (the cheapest configuration within the budget, and the best-scoring one at the target).
 """
@@ -34,7 +36,9 @@ import onnx
 from .errors import BudgetError
 from .report import NOT_APPLICABLE, PassRecord
 
-KIND_NAMES = {"weight_bytes": "size (weight bytes)", "macs": "MACs", "latency_ms": "latency (ms, 1 thread)"}
+KIND_NAMES = {"weight_bytes": "size (weight bytes)", "macs": "MACs", "latency_ms": "latency (ms, 1 thread)",
+              "combined": "cost / target (the largest over the targets)"}
+COMBINED = "combined"
 MAX_EXTEND = 6
 MAX_BISECT = 5
 
@@ -75,14 +79,16 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
     Raises BudgetError (with the report filled in) when no verified configuration keeps the budget
     and meets the target."""
     from .executor import SerialExecutor
-    from .sensitivity import KNOBS, cost_of, greedy_order, loss_of, measure_sensitivity, merge_options
+    from .sensitivity import (KNOBS, cost_of, estimate_cost, greedy_order, loss_of, measure_sensitivity,
+                              merge_options)
     t0 = time.perf_counter()
-    kind, fraction = pm.cost_target
+    targets = list(getattr(pm, "cost_targets", None) or [pm.cost_target])
+    kinds = [k for k, _ in targets]
     names = [p.name for p in pm.passes if p.name in KNOBS]
     user = {p.name: dataclasses.asdict(p.options) for p in pm.passes if p.name in KNOBS
             and dataclasses.is_dataclass(p.options)}
     feeds = val.get(0)
-    latency = kind == "latency_ms"
+    latency = "latency_ms" in kinds
     data = _data_for(pm, ctx, val, reference)
     data.shapes = cost_shapes
     n_tasks = sum(len(KNOBS[n].strengths) * 8 for n in names)
@@ -92,15 +98,44 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
                                     user_options=user, progress=pm.progress, max_units=pm.max_units)
     finally:
         ex.close()
-    if kind == "latency_ms":
-        from .runtime import measure_latency
-        base_value = measure_latency(original, feeds)
+    of_input = {}
+    for k, _ in targets:
+        if k == "latency_ms":
+            from .runtime import measure_latency
+            of_input[k] = measure_latency(original, feeds)
+        else:
+            of_input[k] = report.before.get(k)
+    absolute = {k: f * float(of_input[k]) for k, f in targets}
+    if len(targets) == 1:
+        kind, fraction = targets[0]
+        base_value, target_abs = of_input[kind], absolute[kind]
+        steps = greedy_order(table, kind)
+        target_info = {"cost": kind, "fraction": fraction, "of_input": base_value, "absolute": target_abs}
     else:
-        base_value = report.before.get(kind)
-    target_abs = fraction * float(base_value)
-    steps = greedy_order(table, kind)
+        # several targets: one normalised cost, the largest of cost_k / target_k (met when <= 1); the
+        # greedy ranks by loss per saving summed over the targets, each over its remaining gap
+        kind, target_abs = COMBINED, 1.0
+        base_value = max(float(of_input[k]) / absolute[k] for k in kinds)
+        _add_combined(table, absolute)
+        steps = greedy_order(table, kind)
+        rows = {(r["pass"], r["unit"], r["strength"]): r for r in table.rows}
+        for st in steps:
+            chosen_rows = {pu: rows[(*pu, sv)] for pu, sv in st["chosen"].items()}
+            st["estimated"] = max(estimate_cost(table, chosen_rows, k) / absolute[k] for k in kinds)
+        target_info = {"cost": "+".join(kinds), "fraction": None, "of_input": of_input, "absolute": absolute,
+                       "describe": " and ".join(f"{KIND_NAMES[k]} <= {f:g}" for k, f in targets) + " of the input's",
+                       "targets": [{"cost": k, "fraction": f, "of_input": of_input[k], "absolute": absolute[k]}
+                                   for k, f in targets]}
+
+    def with_combined(cost: dict) -> dict:
+        if kind == COMBINED:
+            cost = dict(cost)
+            vals = [cost.get(k) for k in kinds]
+            cost[COMBINED] = max(v / absolute[k] for k, v in zip(kinds, vals)) if None not in vals else None
+        return cost
+
     alloc = report.allocation
-    alloc.update({"target": {"cost": kind, "fraction": fraction, "of_input": base_value, "absolute": target_abs},
+    alloc.update({"target": target_info,
                   "passes": names, "sensitivity": table.info, "base_cost": table.base_cost,
                   "steps": len(steps), "trials": [], "baseline_scores": dict(pm.baseline)})
     trials: dict = {}
@@ -124,6 +159,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
         hit = None if materialize else cache.get(key)
         if hit is not None:
             t = {"n": n, "model": None, "records": None, **hit, "cached": True}
+            t["cost"] = with_combined(t["cost"])
             value = t["cost"].get(kind)  # the target may differ from the run that cached the trial
             t["target_met"] = value is not None and value <= target_abs
             trials[n] = t
@@ -150,7 +186,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
         scores = ctx.evaluator(current)
         if recs and recs[-1].status != NOT_APPLICABLE:
             recs[-1].fidelity = dict(scores)  # the chain's steps are checked runnable; the end is measured
-        cost = cost_of(current, cost_shapes, feeds, latency=True, runs=15 if kind != "latency_ms" else 30)
+        cost = with_combined(cost_of(current, cost_shapes, feeds, latency=True, runs=30 if latency else 15))
         ok = pm.budget.holds(scores, pm.baseline) if pm.budget is not None else True
         value = cost.get(kind)
         scores = {k: float(v) for k, v in scores.items()}
@@ -159,7 +195,8 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
             return trials[n]
         t = {"n": n, "model": current, "records": recs, "scores": scores, "cost": cost, "budget_ok": bool(ok),
              "target_met": value is not None and value <= target_abs, "seconds": round(time.perf_counter() - tv, 2)}
-        cache.put(key, {k: t[k] for k in ("scores", "cost", "budget_ok", "seconds")})
+        cache.put(key, {**{k: t[k] for k in ("scores", "budget_ok", "seconds")},
+                        "cost": {k: v for k, v in t["cost"].items() if k != COMBINED}})
         trials[n] = t
         _log_trial(t, cached=False)
         return t
@@ -217,11 +254,21 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
         alloc["chosen_n"] = best["n"]
         alloc["decisions"] = [_decision(rows[(p, u, s)], kind, i) for i, ((p, u), s) in
                               enumerate(sorted(chosen.items(), key=lambda kv: _rank(rows[(*kv[0], kv[1])], kind)))]
-        alloc["result"] = (f"{KIND_NAMES[kind]} {best['cost'][kind]:.4g} <= target {target_abs:.4g} "
-                           f"({best['cost'][kind] / float(base_value):.3f} of the input's) within the budget")
+        if kind == COMBINED:
+            alloc["result"] = ", ".join(f"{KIND_NAMES[k]} {best['cost'][k]:.4g} <= target {absolute[k]:.4g} "
+                                        f"({best['cost'][k] / float(of_input[k]):.3f} of the input's)"
+                                        for k in kinds) + " within the budget"
+        else:
+            alloc["result"] = (f"{KIND_NAMES[kind]} {best['cost'][kind]:.4g} <= target {target_abs:.4g} "
+                               f"({best['cost'][kind] / float(base_value):.3f} of the input's) within the budget")
     else:
         alloc["chosen_n"] = None
         alloc["result"] = _shortfall(kind, target_abs, base_value, closest, trials, pm)
+        if kind == COMBINED and closest is not None:
+            alloc["result"] = (f"no configuration within the budget {pm.budget} meets every target; the closest: "
+                               + ", ".join(f"{KIND_NAMES[k]} {closest['cost'][k] / float(of_input[k]):.3f} of the "
+                                           f"input's (target {f:g})" for k, f in targets)
+                               + f"; {len(trials)} configurations verified")
     if pm.plot:
         from .report import plot_allocation
         try:
@@ -235,21 +282,65 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
     return best["model"], best["records"]
 
 
+def _add_combined(table, absolute: dict) -> None:
+    """Savings and base cost in the combined cost of several targets: a row saves
+    ``sum_k saving_k / gap_k`` (``gap_k`` = base cost - target, targets already met weigh 0), so the
+    greedy ranks by loss per share of the remaining gaps closed; the base is ``max_k base_k /
+    target_k``."""
+    gaps = {k: float(table.base_cost[k]) - a for k, a in absolute.items() if table.base_cost.get(k) is not None}
+    for r in table.rows:
+        sv = r.get("saving") or {}
+        if not sv:
+            continue
+        sv[COMBINED] = sum((sv.get(k) or 0.0) / g for k, g in gaps.items() if g > 0)
+    table.base_cost[COMBINED] = max(float(table.base_cost[k]) / a for k, a in absolute.items()
+                                    if table.base_cost.get(k) is not None)
+
+
 def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cache, vkey):
-    """The chosen configuration with every remaining quantizable unit in int8 as well, kept when it
-    keeps the budget and measures faster (interleaved, one thread). A unit quantized among float
-    neighbours pays Q/DQ conversions at both ends, so float islands the budget does not need cost
-    speed; the size target alone never asks to close them."""
-    rest = sorted({r["unit"] for r in table.rows if r["pass"] == "quantize" and math.isfinite(r.get("loss", math.inf))
-                   and (r["saving"].get(kind) or 0) > 0} - {u for (p, u) in chosen if p == "quantize"})
+    """The chosen configuration with quantizable units raised to QDQ int8 as well (the ones at
+    strength 0.5, int8 weights with float activations, or not chosen at all), kept when it keeps the
+    budget, meets the target *and* measures faster (interleaved, one thread). First all of them;
+    when that breaks the budget, the longest prefix of them by marginal loss per MAC (loss at 1
+    minus loss at the unit's chosen strength, over the layer's MACs: compute-heavy, harmless units
+    first) that keeps it, by bisection. A unit quantized among float neighbours pays Q/DQ
+    conversions at both ends, so only the timing decides; the size target alone never asks for it."""
+    rows = {(r["unit"], r["strength"]): r for r in table.rows if r["pass"] == "quantize"}
+    have = {u: s for (p, u), s in chosen.items() if p == "quantize"}
+    rest = sorted({u for (u, s), r in rows.items() if s >= 1.0 and math.isfinite(r.get("loss", math.inf))
+                   and (r["saving"].get(kind) or 0) > 0} - {u for u, s in have.items() if s >= 1.0})
     if not rest:
         return best
-    label = f"{best['n']}+q{len(rest)}"
-    extra[label] = {**chosen, **{("quantize", u): 1.0 for u in rest}}
-    t = verify(label)
+
+    def marginal(u):
+        now = rows.get((u, have[u])) if u in have else None
+        base = now["loss"] if now is not None and math.isfinite(now.get("loss", math.inf)) else 0.0
+        macs = (table.layer_cost.get(u) or {}).get("macs") or 1
+        return max(rows[(u, 1.0)]["loss"] - base, 0.0) / macs
+
+    rest.sort(key=lambda u: (marginal(u), u))
+
+    def trial(k):
+        label = f"{best['n']}+q{k}"
+        if label not in extra:
+            extra[label] = {**chosen, **{("quantize", u): 1.0 for u in rest[:k]}}
+        return label, verify(label)
+
+    label, t = trial(len(rest))
+    log = [f"{label}: cosine-budget {'kept' if t['budget_ok'] else 'broken'}"]
     if not (t["budget_ok"] and t["target_met"]):
-        alloc["closure"] = f"{label}: every unit in int8 breaks the budget or misses the target; kept {best['n']}"
-        return best
+        lo, hi = 0, len(rest)
+        for _ in range(MAX_BISECT - 1):
+            if hi - lo <= 1:
+                break
+            mid = (lo + hi) // 2
+            lab, tm = trial(mid)
+            log.append(f"{lab}: budget {'kept' if tm['budget_ok'] else 'broken'}")
+            lo, hi = (mid, hi) if (tm["budget_ok"] and tm["target_met"]) else (lo, mid)
+        if lo == 0:
+            alloc["closure"] = "; ".join(log) + f"; no prefix keeps the budget: kept {best['n']}"
+            return best
+        label, t = trial(lo)
     # the timing decides once; its verdict is cached with the trials so a rerun makes the same choice
     from .cache import digest
     key = digest(vkey, "closure", sorted(map(list, chosen)), sorted(map(list, extra[label])))
@@ -261,8 +352,10 @@ def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, ca
         hit = {"ta": ta, "tb": tb}
         cache.put(key, hit)
     ta, tb = hit["ta"], hit["tb"]
-    alloc["closure"] = (f"{label} (every quantizable unit in int8): {tb:.2f} ms vs {ta:.2f} ms for {best['n']} "
-                        f"(interleaved, 1 thread, min of 25){' (cached)' if was_cached else ''}")
+    raised = sum(1 for u in rest if extra[label].get(("quantize", u)) == 1.0)
+    log.append(f"{label} ({raised} units raised to int8): {tb:.2f} ms vs {ta:.2f} ms for {best['n']} (interleaved, 1 thread, min of 25)"
+               f"{' (cached)' if was_cached else ''}")
+    alloc["closure"] = "; ".join(log)
     return verify(label) if tb < ta else best
 
 

@@ -99,8 +99,9 @@ def cli(debug):
 @click.option("--latency", is_flag=True, help="Measure single-thread latency before and after.")
 @click.option("--target-size", type=float, help="Allocate prune/svd/quantize strengths per unit so the weights "
               "take at most this fraction of the input's bytes (e.g. 0.2), within the budget; else exit 4.")
-@click.option("--target-macs", type=float, help="As --target-size, for MACs.")
-@click.option("--target-latency", type=float, help="As --target-size, for measured single-thread latency.")
+@click.option("--target-macs", type=float, help="As --target-size, for MACs (with other targets: all must be met).")
+@click.option("--target-latency", type=float, help="As --target-size, for measured single-thread latency (with "
+              "other targets: all must be met).")
 @click.option("--executor", type=click.Choice(["auto", "serial", "process", "ray"]), default=None,
               help="Where sensitivity measurements run (default auto: a process pool on 2+ cores).")
 @click.option("--workers", type=int, default=None, help="Workers of the process pool or Ray.")

@@ -57,6 +57,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .model import copy_model_fields
+from .passes.weight_storage import is_weight_decode
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 # inputs that carry shapes, axes or sizes: the QNN EP needs them constant
@@ -150,7 +151,7 @@ def fold_static_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     g = gs.import_onnx(m)
     try:
         g.fold_constants(fold_shapes=True, error_ok=True, size_threshold=FOLD_SIZE_LIMIT,
-                         should_exclude_node=lambda n: n.op in QDQ)
+                         should_exclude_node=lambda n: n.op in QDQ or is_weight_decode(n))
     except TypeError:  # older onnx-graphsurgeon without should_exclude_node
         return model, {"changed": False, "error": "onnx-graphsurgeon too old for QDQ-safe folding"}
     g.cleanup(remove_unused_graph_inputs=False).toposort()

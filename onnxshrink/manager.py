@@ -54,8 +54,8 @@ class PassManager:
     input_shapes: {input name: [dims]} fixing dynamic dimensions.
     synthetic: use random inputs when no data is given (fidelity then means nothing; flagged).
     metric: optional user callable (outputs, samples) -> float, exposed as metric "user".
-    target_size / target_macs / target_latency: one cost target, a fraction of the input's weight
-        bytes, MACs or measured latency; executor (auto, serial, process, ray), workers, cache
+    target_size / target_macs / target_latency: cost targets, fractions of the input's weight
+        bytes, MACs or measured latency (several: all must be met); executor (auto, serial, process, ray), workers, cache
         (True, False, a folder or a MeasurementCache), sensitivity_samples, max_units and plot (a
         PNG path) tune the allocation.
     """
@@ -85,12 +85,11 @@ class PassManager:
         self.baseline: dict = {}
         targets = [(k, v) for k, v in (("weight_bytes", target_size), ("macs", target_macs),
                                        ("latency_ms", target_latency)) if v is not None]
-        if len(targets) > 1:
-            raise UsageError("give one cost target: --target-size, --target-macs or --target-latency")
         for _, v in targets:
             if not 0 < float(v) <= 1:
                 raise UsageError(f"a cost target is a fraction of the input's cost in (0, 1], got {v}")
-        self.cost_target = (targets[0][0], float(targets[0][1])) if targets else None
+        self.cost_targets = [(k, float(v)) for k, v in targets]  # all must be met (allocate.py)
+        self.cost_target = self.cost_targets[0] if targets else None
         self.executor = executor
         self.workers = workers
         self.cache = cache

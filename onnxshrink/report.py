@@ -172,7 +172,8 @@ class Report:
         a = self.allocation
         sens = a.get("sensitivity", {})
         kind = a.get("target", {}).get("cost", "")
-        console.print(f"allocation toward {kind} <= {a.get('target', {}).get('fraction', 0):g} of the input's: "
+        toward = a.get("target", {}).get("describe") or f"{kind} <= {a.get('target', {}).get('fraction', 0):g} of the input's"
+        console.print(f"allocation toward {toward}: "
                       f"{sens.get('candidates', 0)} (unit, strength) candidates, {sens.get('measured', 0)} measured, "
                       f"{sens.get('cached', 0)} from the cache ({sens.get('seconds', 0):.1f} s, executor "
                       f"{sens.get('executor', '?')})")
@@ -230,14 +231,15 @@ def plot_allocation(allocation: dict, path, budget=None):
                 ax.axhline(thr, color="gray", ls="--", lw=1, label=f"budget {budget}")
             except Exception:
                 pass
-        if key == "weight_bytes" and base.get("absolute") and base.get("cost") == "weight_bytes":
-            ax.axvline(base["absolute"] / 2 ** 20, color="tab:green", ls=":", lw=1, label="size target")
+        size_t = [t for t in base.get("targets", [base]) if t.get("cost") == "weight_bytes" and t.get("absolute")]
+        if key == "weight_bytes" and size_t:
+            ax.axvline(size_t[0]["absolute"] / 2 ** 20, color="tab:green", ls=":", lw=1, label="size target")
         ax.set_xlabel(label)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"configurations verified (numbers: greedy choices taken); target {base.get('cost')} "
-                 f"<= {base.get('fraction', 0):g} of the input's")
+    toward = base.get("describe") or f"{base.get('cost')} <= {base.get('fraction', 0):g} of the input's"
+    fig.suptitle(f"configurations verified (numbers: greedy choices taken); target {toward}")
     fig.tight_layout()
     p = Path(path)
     fig.savefig(p, dpi=110)

@@ -8,8 +8,10 @@ pass's own per-unit options, so a unit is always compressed by the pass itself):
   svd       a Conv (2-D, group 1) / Gemm / MatMul layer; strength f = fraction of its parameters
             kept: rank ``k = max(1, floor(f n m / (n + m)))`` of its n x m weight view (channel_out
             form for convs), resolved on the graph it is applied to: ``svd.ranks``.
-  quantize  a Conv / Gemm / MatMul node (with the factor pair svd made of it) in int8, strength 1:
-            every other weighted node goes to ``quantize.exclude``.
+  quantize  a Conv / ConvTranspose / Gemm / MatMul node (with the factor pair svd made of it):
+            strength 0.5 = its weights stored int8 with float activations (``quantize.fallback=int8``:
+            a quarter of the bytes at float speed), 1 = QDQ int8 (integer kernels); nodes below 1 go
+            to ``quantize.exclude``, nodes not chosen at all also to ``quantize.float_weights``.
 
 Measurement of one (unit, strength): the pass applied to the base model with only that unit at
 that strength, then on the validation samples, against the ORIGINAL model's outputs,
@@ -84,10 +86,10 @@ def _const_weight(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
     return onnx.numpy_helper.to_array(t)
 
 
-def _weighted_nodes(model: onnx.ModelProto, min_params: int = 0):
+def _weighted_nodes(model: onnx.ModelProto, min_params: int = 0, ops: tuple = WEIGHTED):
     inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
-        if n.op_type not in WEIGHTED:
+        if n.op_type not in ops:
             continue
         if len(n.input) < 2 or n.input[1] not in inits or n.input[0] in inits:
             continue
@@ -178,15 +180,18 @@ class SvdKnob(Knob):
 
 class QuantizeKnob(Knob):
     pass_name = "quantize"
-    strengths = (1.0,)
+    strengths = (0.5, 1.0)
     probe = {"max_samples": 8}
+    ops = WEIGHTED + ("ConvTranspose",)
 
     def units(self, model, shapes):
-        return [(n.name, size) for n, size in _weighted_nodes(model) if n.name]
+        return [(n.name, size) for n, size in _weighted_nodes(model, ops=self.ops) if n.name]
 
     def options(self, model, choices):
-        exclude = sorted(n.name for n, _ in _weighted_nodes(model) if unit_of_node(n.name) not in choices)
-        return {"exclude": exclude, "guard": False, "keep_float": 0}
+        nodes = [n.name for n, _ in _weighted_nodes(model, ops=self.ops)]
+        return {"exclude": sorted(n for n in nodes if choices.get(unit_of_node(n), 0.0) < 1.0),
+                "float_weights": sorted(n for n in nodes if unit_of_node(n) not in choices),
+                "fallback": "int8", "guard": False, "keep_float": 0}
 
 
 KNOBS: dict[str, Knob] = {k.pass_name: k for k in (PruneKnob(), SvdKnob(), QuantizeKnob())}
@@ -196,8 +201,11 @@ def merge_options(user: dict, knob_options: dict) -> dict:
     """The user's options of a pass under the knob's per-unit ones; nodes the user excluded from
     quantization stay excluded."""
     out = {**user, **knob_options}
-    if user.get("exclude") and "exclude" in knob_options:
-        out["exclude"] = sorted(set(knob_options["exclude"]) | set(user["exclude"]))
+    for key in ("exclude", "float_weights"):
+        if user.get(key) and key in knob_options:
+            out[key] = sorted(set(knob_options[key]) | set(user[key]))
+    if user.get("fallback") == "float" and "fallback" in knob_options:
+        out["fallback"] = "float"  # the user keeps float weights float: strength 0.5 changes nothing
     return out
 
 
@@ -231,7 +239,7 @@ def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
     from .graph.cost import model_cost
     per = model_cost(model, shapes).get("per_node", {}) or {}
     out = {}
-    for n, size in _weighted_nodes(model):
+    for n, size in _weighted_nodes(model, ops=WEIGHTED + ("ConvTranspose",)):
         inits = {t.name: t for t in model.graph.initializer}
         nbytes = sum(int(np.prod(inits[i].dims)) * onnx.helper.tensor_dtype_to_np_dtype(inits[i].data_type).itemsize
                      for i in n.input[1:] if i in inits)

@@ -22,7 +22,6 @@ def case(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--target-size", "0.3", "--target-macs", "0.5"], "one cost target"),
     (["--target-size", "1.5"], "fraction"),
     (["--target-size", "0"], "fraction"),
 ])
@@ -44,3 +43,18 @@ def test_recipe_target_size(case, tmp_path):
     assert rep["allocation"]["target"] == {**rep["allocation"]["target"], "cost": "weight_bytes", "fraction": 0.5}
     assert rep["after"]["weight_bytes"] <= 0.5 * rep["before"]["weight_bytes"] and rep["budget_met"]
     assert rep["allocation"]["sensitivity"]["executor"] == "serial"
+
+
+def test_size_and_macs_targets_together(case, tmp_path):
+    """Several targets: all must be met; the report names each."""
+    p, calib = case
+    res = run_cli("optimize", p, tmp_path / "o.onnx", "--calib", calib, "-p", "cleanup,prune,svd,quantize",
+                  "--budget", "cosine>=0.95", "--target-size", "0.5", "--target-macs", "0.9", "--executor", "serial",
+                  "--no-cache", "--report", tmp_path / "r.json", "-q")
+    assert res.code == 0, res.err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    t = rep["allocation"]["target"]
+    assert [x["cost"] for x in t["targets"]] == ["weight_bytes", "macs"] and "and MACs" in t["describe"]
+    assert rep["after"]["weight_bytes"] <= 0.5 * rep["before"]["weight_bytes"]
+    assert rep["after"]["macs"] <= 0.9 * rep["before"]["macs"] and rep["budget_met"]
+    assert "MACs" in rep["allocation"]["result"] and "size" in rep["allocation"]["result"]

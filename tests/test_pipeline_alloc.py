@@ -49,6 +49,35 @@ def test_cost_estimate_combines_passes_on_one_layer_multiplicatively():
     assert estimate_cost(t, chosen, "weight_bytes") == pytest.approx(1000 - 87.5)
 
 
+def test_quantize_closure_raises_the_longest_harmless_prefix(monkeypatch):
+    """All units in QDQ int8 breaks the budget; the closure bisects the units ordered by marginal loss
+    per MAC and keeps the longest prefix that holds, when it measures faster."""
+    import onnxshrink.allocate as al
+    rows = [_row("quantize", u, s, loss, 75) for u, s, loss in
+            [("a", 0.5, 0.0), ("a", 1.0, 0.001), ("b", 0.5, 0.0), ("b", 1.0, 0.002),
+             ("c", 0.5, 0.0), ("c", 1.0, 0.5), ("d", 1.0, 0.003)]]
+    t = _table(rows, {u: {"macs": 10} for u in "abcd"})
+    for r in rows:
+        r["saving"]["macs"] = 0
+    chosen = {("quantize", "a"): 0.5, ("quantize", "b"): 0.5, ("quantize", "c"): 0.5}
+    extra, seen = {}, []
+
+    def verify(label, materialize=False):
+        conf = extra.get(label, chosen)
+        seen.append(label)
+        ok = conf.get(("quantize", "c"), 0) < 1.0  # c in int8 breaks the budget
+        return {"n": label, "budget_ok": ok, "target_met": True, "model": None, "cost": {}}
+
+    monkeypatch.setattr(al, "_interleaved", lambda models, feeds: [2.0, 1.0])
+    alloc = {}
+    best = al._quantize_closure({"n": 7}, chosen, t, extra, verify, "weight_bytes", alloc, None,
+                                MeasurementCache(enabled=False), "k")
+    # order a, b, d (marginal 1e-4, 2e-4, 3e-4 per MAC), c last: 4 broke, 2 held, 3 held
+    assert best["n"] == "7+q3"
+    assert extra["7+q3"] == {**chosen, ("quantize", "a"): 1.0, ("quantize", "b"): 1.0, ("quantize", "d"): 1.0}
+    assert "7+q4" in seen and "3 units raised to int8" in alloc["closure"]
+
+
 def _digits_data(n_val=64):
     xtr, _, xte, yte = digits_split()
     model = digits_model()

@@ -283,9 +283,32 @@ def test_weaker_keeps_more_units_float():
 
 def test_speed_guard_never_returns_a_slower_model():
     m = small_net(size=32)
-    out, rep = optimize(m, passes=[{"quantize": {"min_speedup": 50.0}}], data=samples(6))
+    out, rep = optimize(m, passes=[{"quantize": {"min_speedup": 50.0, "fallback": "float"}}], data=samples(6))
     rec = rep.passes[0]
     assert rec.status == "not applicable" and "faster than fp32" in rec.reason
+    check(out)
+
+
+def test_float_fallback_stores_weights_int8_at_float_speed():
+    """No integer placement is faster: activations stay float, the weights are stored int8 (Cast x
+    Mul), which onnxruntime folds at load; the outputs stay within the guard's floor."""
+    m = small_net(size=32)
+    out, rep = optimize(m, passes=[{"quantize": {"min_speedup": 50.0}}], data=samples(6))
+    rec = rep.passes[0]
+    assert rec.status == "applied", rec.reason
+    ops = [n.op_type for n in out.graph.node]
+    assert "QuantizeLinear" not in ops and ops.count("Cast") >= 1
+    fw = rec.stats["float_weights"]
+    assert fw["stored"] == ops.count("Cast") and fw["bytes_saved"] > 0
+    assert "faster than fp32" in rec.stats["activations"]
+    inits = {t.name: t for t in out.graph.initializer}
+    for n in out.graph.node:
+        if n.op_type == "Cast":
+            assert inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    assert rep.after["weight_bytes"] < 0.5 * rep.before["weight_bytes"]
+    x = samples(2)[1]
+    a, b = run_ort(m, x)[0].ravel(), run_ort(out, x)[0].ravel()
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
     check(out)
 
 

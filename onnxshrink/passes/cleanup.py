@@ -52,6 +52,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .base import Context, Pass, PassResult, register
+from .weight_storage import is_weight_decode
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # never folded: nondeterministic, sequence/optional producing, or stateful
@@ -500,8 +501,8 @@ class _Cleanup:
             return int(np.prod(t.shape, dtype=np.int64)) * dt.itemsize
 
         def exclude(node: gs.Node) -> bool:
-            if not _is_default_domain(node) or node.op in _NO_FOLD:
-                return True
+            if not _is_default_domain(node) or node.op in _NO_FOLD or is_weight_decode(node):
+                return True  # (stored int8 weights: folding would undo the compression)
             if "Sequence" in node.op or "Optional" in node.op:
                 return True
             ins = [nbytes(t) for t in node.inputs if not t.is_empty()]

@@ -41,6 +41,10 @@ Data-aware extras (no training):
   (one thread, interleaved runs, medians). When the quantized one is not faster, small convolutions
   (few weights: onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when
   nothing is faster, the pass changes nothing and says why.
+- Float fallback (``fallback``): the weights of nodes that stay float (sensitive, small, or the
+  whole model when no integer placement is faster) are stored int8 per channel as ``Cast x Mul``
+  constants that onnxruntime folds at load (``weight_storage.py``): float speed and activations, a
+  quarter of the weight bytes; with ``auto`` only while the fidelity floor holds.
 - Wider activations: for a target that also takes 16-bit activations (``wide_activation_dtype``: QNN
   HTP) and ``activation_dtype=auto``, an 8-bit plan that misses the floor or keeps units in float is
   redone A16W8 (plain and bias-corrected); the plan holding the floor with the fewest float units,
@@ -136,6 +140,13 @@ class QuantizeOptions:
     bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
     max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
+    fallback: Literal["auto", "float", "int8"] = field(default="auto", metadata={
+        "help": "weights of the nodes kept in float: int8 stores them per channel as Cast x Mul, which "
+                "onnxruntime folds at load (float speed and activations, 1/4 of the bytes; "
+                "passes/weight_storage.py); auto: int8 on CPU-like targets while the budget (or the "
+                "guard's floor) holds, the most sensitive layers left float when needed; float: as they are"})
+    float_weights: list[str] = field(default_factory=list, metadata={
+        "help": "node names whose weights stay float whatever fallback says"})
     keep_float: int = field(default=0, metadata={"help": "number of most sensitive units kept in float"})
     guard: bool = field(default=True, metadata={
         "help": "keep sensitive units in float until min_cosine holds and return the float model "
@@ -786,6 +797,11 @@ class _Quantizer:
 
         excluded = set(self.o.exclude)
         units, reasons = self.plan(graph, excluded)
+        if not any(u.kind == "weighted" for u in units.values()):
+            # every weighted node excluded: nothing can be integer, no calibration needed
+            self.n_units = 0
+            self.stats["nodes"] = reasons
+            return self._float_result(graph, "every weighted node is excluded")
         # calibrate every tensor any plan could quantize, so excluding units later needs no new pass
         cand, _ = self.plan(graph, set())
         tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
@@ -826,8 +842,7 @@ class _Quantizer:
             lap("guard")
             if qg is None:
                 self.stats["nodes"] = reasons
-                return PassResult(graph, False, {"reason": self.stats.get("guard_reason", "no faster placement"),
-                                                 **self.stats})
+                return self._float_result(graph, self.stats.get("guard_reason", "no faster placement"))
         for n in excluded:
             if n in reasons and n in getattr(self, "sens", {}) and not reasons[n].startswith("kept float: small"):
                 reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {self.sens[n]:.2e})"
@@ -838,8 +853,80 @@ class _Quantizer:
         if not units:
             why = ("no node could be quantized within the fidelity budget (every unit was kept float to hold it)"
                    if excluded else "no node could be quantized")
-            return PassResult(graph, False, {"reason": why, **self.stats})
+            return self._float_result(graph, why)
+        qg, _ = self._store_float_weights(qg)
+        lap("float_weights")
         return PassResult(qg, True, self.stats)
+
+    def _float_result(self, graph, why: str) -> PassResult:
+        """No integer placement kept: the float model, with its weights stored int8 when ``fallback``
+        allows (smaller, same speed); else unchanged."""
+        g, stored = self._store_float_weights(gs.import_onnx(self.model_f))
+        if not stored:
+            return PassResult(graph, False, {"reason": why, **self.stats})
+        self.stats["activations"] = f"float ({why})"
+        return PassResult(g, True, self.stats)
+
+    def _fallback_mode(self) -> str:
+        mode = self.o.fallback
+        if mode == "auto":
+            target = getattr(self.ctx, "target", None)
+            # EPs that run float compute and fold constants first; an NPU profile (QNN HTP, NNAPI, CoreML)
+            # wants its weights quantized or float, not a Cast x Mul subgraph on the device
+            if target is not None and getattr(target, "name", None) not in ("cpu", "xnnpack"):
+                self.stats["float_weights"] = {"mode": "float", "why": f"the {target.name} target"}
+                return "float"
+        return mode
+
+    def _store_float_weights(self, g: gs.Graph) -> tuple[gs.Graph, int]:
+        """Store the float-kept weights of ``g`` int8 (``weight_storage.py``) per ``fallback``:
+        (graph, number stored)."""
+        from . import weight_storage as ws
+        mode = self._fallback_mode()
+        if mode == "float":
+            return g, 0
+        cands = ws.candidates(g, skip=set(self.o.float_weights))
+        if not cands:
+            return g, 0
+        log: dict = {"mode": mode}
+        checked = mode == "auto" and (self.o.guard or self.ctx.budget is not None)
+        if checked:
+            if not hasattr(self, "_floor"):
+                self._floor = self.o.min_cosine
+            base = self.ctx.to_model(g)
+            ref_samples = list(self._samples_n(4))
+            from ..metrics import fidelity
+            from ..runtime import make_session
+            sess = make_session(base, optimize=True, low_memory=True)
+            ref = [sess.run(None, s) for s in ref_samples]
+
+            def layer_loss(m):
+                out = make_session(m, optimize=True, low_memory=True)
+                return 1.0 - fidelity(ref, [out.run(None, s) for s in ref_samples]).get("cosine", 0.0)
+
+            base_fid = self._fidelity(base)
+            if self._holds(base_fid):
+                def check(m):
+                    return self._holds(self._fidelity(m))
+            elif self.ctx.budget is None:
+                # the guard's best plan already misses its floor: the stored weights may cost at most a
+                # tenth of the floor's allowance more
+                worst = base_fid.get("cosine", 0.0) - 0.1 * (1.0 - self._floor)
+                log["floor"] = f"the plan misses the floor: cosine >= {worst:.5f} (a tenth of the allowance below it)"
+
+                def check(m):
+                    return self._fidelity(m).get("cosine", 0.0) >= worst
+            else:
+                log.update(stored=0, why="the plan breaks the budget already (the manager weakens it)")
+                self.stats["float_weights"] = log
+                return g, 0
+            keep, log_sel = ws.select_within_budget(base, cands, check, layer_loss)
+            log.update(log_sel)
+            cands = {k: cands[k] for k in keep}
+        saved = ws.store_int8(g, cands) if cands else {}
+        log.update(stored=len(saved), bytes_saved=int(sum(saved.values())))
+        self.stats["float_weights"] = log
+        return g, len(saved)
 
     def _capture(self, model, tensors, samples=None):
         from ..runtime import capture_activations

@@ -238,7 +238,7 @@ def round_units(model, graph, units: list, weight_quant: Callable, samples: Call
             e1 = output_error(Wg, Qg * sg[:, :, None], H)
             if e1 < e0:
                 out[j["name"]] = _from_groups(j["op"], Qg, j["W"].shape, j["axis"]).astype(np.int8)
-            rel[j["name"]] = round(e1 / e0, 4) if e0 > 0 else 1.0
+            rel[j["name"]] = round(min(e1, e0) / e0, 4) if e0 > 0 else 1.0  # of the rounding kept
 
     used = 0
     for j in jobs:

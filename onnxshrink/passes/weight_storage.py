@@ -1,0 +1,160 @@
+"""Int8 storage of the float weights that quantization keeps in float (not a pass: used by quantize).
+
+A weight ``W`` of a Conv / ConvTranspose / Gemm / MatMul that stays float (its activations are not
+quantized: too sensitive, or the integer kernel is slower) is stored per channel ``c`` along its
+output axis as
+
+    s_c = max|W_c| / 127   (s_c = 1 for an all-zero channel),   Q = clip(round(W / s_c), -127, 127)  int8,
+
+and the graph computes ``W' = Cast<float>(Q) * s`` (``s`` shaped to broadcast along the axis):
+``|W - W'| <= s_c / 2`` per element, ``n + 4 C`` bytes stored instead of ``4 n``. onnxruntime's
+constant folding (a level-1 optimization, applied before partitioning, so for every EP that runs
+float compute) evaluates Cast and Mul of initializers at session creation: the kernels see a
+constant float weight (NCHWc convolutions included), so the model runs at float speed with float
+activations from a file about a quarter the size. (A weight behind DequantizeLinear is not folded:
+Conv then loses the NCHWc kernels, measured 27 % slower on PP-OCR det.)
+
+Selection (``select_within_budget``): every candidate is stored; when the fidelity check fails, the
+loss of each layer stored alone is measured end to end on a few samples (rounding error is
+amplified very differently downstream: on PP-OCR det three small early convs cause most of the
+loss), layers are ranked by loss per byte saved, and the longest prefix of that ranking that
+holds the check is kept (bisection).
+"""
+
+from __future__ import annotations
+
+__all__ = ["WEIGHT_OPS", "storage_axis", "candidates", "int8_channels", "store_int8", "is_weight_decode",
+           "select_within_budget"]
+
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FLOAT_TYPES = (np.float32, np.float16)
+MIN_ELEMENTS = 256  # below this the scale vector and two nodes cost about what the int8 saves
+NARROW_INTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+               onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+def storage_axis(op: str, attrs: dict, ndim: int) -> int:
+    """The weight's output-channel axis (any axis is exact for Cast x Mul; this one keeps the error
+    per output channel, like per-channel quantization)."""
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        return 1 if ndim > 1 else 0
+    if op == "Gemm":
+        return 0 if int(attrs.get("transB", 0)) else ndim - 1
+    return ndim - 1  # MatMul: [.., K, N]
+
+
+def candidates(graph: gs.Graph, skip: set | frozenset = frozenset(), min_elements: int = MIN_ELEMENTS) -> dict:
+    """{weight tensor name: [consumer nodes]} of float constant weights (input 1) every consumer of
+    which is a float Conv/ConvTranspose/Gemm/MatMul not in ``skip`` (node names)."""
+    out: dict = {}
+    for node in graph.nodes:
+        if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant) or w.name in out:
+            continue
+        vals = w.values
+        if np.dtype(vals.dtype).type not in FLOAT_TYPES or vals.size < min_elements or vals.ndim < 2:
+            continue
+        if isinstance(node.inputs[0], gs.Constant):
+            continue
+        users = list(w.outputs)
+        if all(u.op in WEIGHT_OPS and len(u.inputs) > 1 and u.inputs[1] is w and u.inputs[0] is not w
+               and u.name not in skip for u in users) and users:
+            out[w.name] = users
+    return out
+
+
+def int8_channels(W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q int8, s) with ``W ~ Q * s`` per channel along ``axis`` (``s`` broadcastable to W)."""
+    Wm = np.moveaxis(W.astype(np.float32), axis, 0).reshape(W.shape[axis], -1)
+    s = np.abs(Wm).max(axis=1) / 127.0
+    s[~(s > 0)] = 1.0
+    shape = [1] * W.ndim
+    shape[axis] = -1
+    s = s.reshape(shape).astype(np.float32)
+    Q = np.clip(np.round(W.astype(np.float32) / s), -127, 127).astype(np.int8)
+    return Q, s
+
+
+def store_int8(graph: gs.Graph, weights: dict) -> dict:
+    """Replace each weight of ``weights`` ({name: consumers}, from ``candidates``) by
+    ``Mul(Cast(Q), s)``; returns {name: bytes saved}."""
+    saved = {}
+    for name, users in weights.items():
+        w = users[0].inputs[1]
+        W = np.asarray(w.values)
+        axis = storage_axis(users[0].op, users[0].attrs, W.ndim)
+        Q, s = int8_channels(W, axis)
+        dt = W.dtype
+        q = gs.Constant(f"{name}.int8", Q)
+        sc = gs.Constant(f"{name}.int8_scale", s.astype(dt))
+        c = gs.Variable(f"{name}.int8_cast", dtype=dt, shape=list(W.shape))
+        y = gs.Variable(f"{name}.int8_weight", dtype=dt, shape=list(W.shape))
+        graph.nodes.append(gs.Node("Cast", name=f"{name}.int8_cast", inputs=[q], outputs=[c],
+                                   attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dt)}))
+        graph.nodes.append(gs.Node("Mul", name=f"{name}.int8_dequant", inputs=[c, sc], outputs=[y]))
+        for u in users:
+            u.inputs[1] = y
+        saved[name] = int(W.nbytes - Q.nbytes - sc.values.nbytes)
+    graph.toposort()
+    return saved
+
+
+def is_weight_decode(node: gs.Node) -> bool:
+    """A Cast of a narrow integer constant to a float type: stored weights (this module's, or weight
+    sharing's codes) that constant folding must leave alone (folding would undo the compression;
+    onnxruntime folds it in memory at load)."""
+    if node.op != "Cast" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+        return False
+    to = int(node.attrs.get("to", 0))
+    src = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(node.inputs[0].values).dtype)
+    return src in NARROW_INTS and to in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                         onnx.TensorProto.BFLOAT16)
+
+
+def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[[onnx.ModelProto], bool],
+                         layer_loss: Callable[[onnx.ModelProto], float]) -> tuple[list, dict]:
+    """The weights (names) to store so that ``holds`` is true of the model with them stored
+    (module docstring: all, else the longest loss-per-byte prefix that holds); ``layer_loss`` scores
+    the model with one weight stored. Returns (names, log)."""
+    names = list(weights)
+    if not names:
+        return [], {"checked": "nothing to store"}
+    init_axis = {n: storage_axis(weights[n][0].op, weights[n][0].attrs, np.asarray(weights[n][0].inputs[1].values).ndim)
+                 for n in names}
+
+    def with_stored(subset) -> onnx.ModelProto:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        idx = {t.name: i for i, t in enumerate(m.graph.initializer)}
+        for n in subset:
+            t = m.graph.initializer[idx[n]]
+            W = onnx.numpy_helper.to_array(t)
+            Q, s = int8_channels(W, init_axis[n])
+            t.CopyFrom(onnx.numpy_helper.from_array((Q.astype(np.float32) * s).astype(W.dtype), n))
+        return m
+
+    if holds(with_stored(names)):
+        return names, {"checked": f"all {len(names)} stored: holds"}
+    losses = {n: float(layer_loss(with_stored([n]))) for n in names}
+    nbytes = {n: int(np.asarray(weights[n][0].inputs[1].values).nbytes) for n in names}
+    order = sorted(names, key=lambda n: (losses[n] / max(nbytes[n], 1), n))
+    lo, hi = 0, len(order)  # holds(lo) (nothing stored is the float model), not holds(hi)
+    trials = [{"stored": len(order), "holds": False}]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok = holds(with_stored(order[:mid]))
+        trials.append({"stored": mid, "holds": bool(ok)})
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    worst = sorted(names, key=lambda n: -losses[n])[:5]
+    return order[:lo], {"checked": f"all {len(names)} stored broke the check; {lo} kept by loss per byte",
+                        "bisection": trials, "most_sensitive": {n: float(f"{losses[n]:.3e}") for n in worst}}

@@ -1,0 +1,139 @@
+"""Int8 storage of float weights (passes/weight_storage.py): exact dequantization, onnxruntime folds
+it at load, cleanup leaves it alone, and the per-layer back-off keeps the check."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+from helpers import check, normal_samples, run_ort
+from onnxshrink.graph.convert import graph_to_model
+from onnxshrink.manager import optimize
+from onnxshrink.passes import weight_storage as ws
+from onnxshrink.sensitivity import KNOBS
+
+RNG = np.random.default_rng(0)
+
+
+def net():
+    """Conv -> Relu -> ConvTranspose -> GAP -> Flatten -> Gemm(transB) -> MatMul."""
+    inits = [nh.from_array(RNG.standard_normal((16, 3, 3, 3)).astype(np.float32), "wc"),
+             nh.from_array(RNG.standard_normal(16).astype(np.float32), "bc"),
+             nh.from_array((RNG.standard_normal((16, 8, 2, 2)) * 0.2).astype(np.float32), "wt"),
+             nh.from_array(RNG.standard_normal((32, 8)).astype(np.float32), "wg"),
+             nh.from_array(RNG.standard_normal((32, 16)).astype(np.float32), "wm"),
+             nh.from_array(np.ones((16, 4), np.float32), "tiny")]
+    nodes = [oh.make_node("Conv", ["x", "wc", "bc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             oh.make_node("Relu", ["c"], ["r"], name="relu"),
+             oh.make_node("ConvTranspose", ["r", "wt"], ["t"], name="convt", strides=[2, 2]),
+             oh.make_node("GlobalAveragePool", ["t"], ["p"], name="gap"),
+             oh.make_node("Flatten", ["p"], ["f"], name="flat"),
+             oh.make_node("Gemm", ["f", "wg"], ["g"], name="gemm", transB=1),
+             oh.make_node("MatMul", ["g", "wm"], ["y0"], name="mm"),
+             oh.make_node("MatMul", ["y0", "tiny"], ["y"], name="mm_tiny")]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 16, 16])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [1, 4])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_store_int8_is_exact_dequantization_and_valid():
+    m = net()
+    g = gs.import_onnx(m)
+    cands = ws.candidates(g)
+    assert sorted(cands) == ["wc", "wg", "wm", "wt"]  # "tiny" (64 elements) is not worth it
+    saved = ws.store_int8(g, cands)
+    out = graph_to_model(g, m)
+    check(out)
+    inits = {t.name: nh.to_array(t) for t in out.graph.initializer}
+    assert all(inits[f"{n}.int8"].dtype == np.int8 for n in cands)
+    assert saved["wc"] == 16 * 27 * 4 - 16 * 27 - 16 * 4
+    # the reference: the same model with W' = Q * s (per output channel along each op's axis)
+    ref = onnx.ModelProto()
+    ref.CopyFrom(m)
+    for t in ref.graph.initializer:
+        if t.name in cands:
+            W = nh.to_array(t)
+            axis = {"wc": 0, "wt": 1, "wg": 0, "wm": 1}[t.name]
+            Q, s = ws.int8_channels(W, axis)
+            assert np.all(np.abs(Q.astype(np.float32) * s - W) <= s / 2 + 1e-7)
+            t.CopyFrom(nh.from_array((Q.astype(np.float32) * s).astype(np.float32), t.name))
+    x = normal_samples(1, shape=(1, 3, 16, 16))[0]
+    np.testing.assert_allclose(run_ort(out, x)[0], run_ort(ref, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_onnxruntime_folds_the_stored_weights_at_load(tmp_path):
+    """Level-1 constant folding turns Cast x Mul into a float initializer: the kernels see a
+    constant weight (float speed)."""
+    m = net()
+    g = gs.import_onnx(m)
+    ws.store_int8(g, ws.candidates(g))
+    out = graph_to_model(g, m)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "Cast" not in ops and ops.count("Mul") == 0
+
+
+def test_cleanup_does_not_fold_stored_weights_back():
+    m = net()
+    g = gs.import_onnx(m)
+    ws.store_int8(g, ws.candidates(g))
+    stored = graph_to_model(g, m)
+    out, rep = optimize(stored, passes=["cleanup"], data=normal_samples(2, shape=(1, 3, 16, 16)))
+    assert sum(n.op_type == "Cast" for n in out.graph.node) == 4
+    assert rep.after["weight_bytes"] <= rep.before["weight_bytes"]
+    check(out)
+
+
+def test_select_within_budget_backs_off_the_most_harmful_layer():
+    m = net()
+    g = gs.import_onnx(m)
+    cands = ws.candidates(g)
+    x = normal_samples(1, shape=(1, 3, 16, 16))[0]
+    y0 = run_ort(m, x)[0]
+
+    def err_of(model):
+        return float(np.abs(run_ort(model, x)[0] - y0).max())
+
+    def changed(model, name):
+        a = {t.name: nh.to_array(t) for t in model.graph.initializer}[name]
+        b = {t.name: nh.to_array(t) for t in m.graph.initializer}[name]
+        return not np.array_equal(a, b)
+
+    # the conv's weights alone cost the most, and the check refuses them: everything else is kept
+    # (the longest prefix by loss per byte), the conv stays float
+    keep, log = ws.select_within_budget(m, cands, lambda mm: not changed(mm, "wc"),
+                                        lambda mm: 1.0 if changed(mm, "wc") else 1e-3 * err_of(mm))
+    assert sorted(keep) == ["wg", "wm", "wt"] and "broke the check" in log["checked"]
+    keep_all, log_all = ws.select_within_budget(m, cands, lambda mm: True, err_of)
+    assert sorted(keep_all) == sorted(cands) and "holds" in log_all["checked"]
+
+
+def test_quantize_knob_strengths_map_to_exclude_and_float_weights():
+    m = net()
+    knob = KNOBS["quantize"]
+    assert knob.strengths == (0.5, 1.0)
+    assert {u for u, _ in knob.units(m, None)} == {"conv", "convt", "gemm", "mm", "mm_tiny"}
+    o = knob.options(m, {"conv": 1.0, "gemm": 0.5})
+    assert o["fallback"] == "int8"
+    assert o["exclude"] == ["convt", "gemm", "mm", "mm_tiny"]
+    assert o["float_weights"] == ["convt", "mm", "mm_tiny"]
+
+
+def test_quantize_with_everything_excluded_stores_weights_without_calibrating():
+    m = net()
+    out, rep = optimize(m, passes=[{"quantize": {"exclude": ["conv", "convt", "gemm", "mm", "mm_tiny"],
+                                                 "fallback": "int8", "guard": False}}],
+                        data=normal_samples(4, shape=(1, 3, 16, 16)))
+    rec = rep.passes[0]
+    assert rec.status == "applied" and rec.stats["float_weights"]["stored"] == 4
+    assert "calibrate" not in rec.stats["timings_s"]
+    assert not any(n.op_type == "QuantizeLinear" for n in out.graph.node)
+    check(out)
