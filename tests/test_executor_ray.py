@@ -42,6 +42,7 @@ def no_ray():
         ray.shutdown()
 
 
+@pytest.mark.slow  # 8-35 s measured on the shared 2-core machine (Ray start, worker imports, the sweep twice)
 def test_ray_gives_the_serial_table_and_decisions(no_ray, capfd):
     model, data = _digits_data(16)
     kw = dict(cache=MeasurementCache(enabled=False))
