@@ -8,7 +8,9 @@ for ``process`` and ``ray``, starting and stopping the workers)
 
 and reports, per executor: the sweep's own seconds (``allocation.sensitivity.seconds``: measuring
 the candidates, without the executor's start-up), the whole run's wall time, and whether the
-table, the decisions and the written model's bytes equal the serial run's.
+table, the decisions and the written model's bytes equal the first executor's. The table depends
+on the executor only; the decisions also on the quantize closure, which keeps more int8 units only
+when they *time* faster (printed per run): on a small model a coin flip whatever the executor.
 
   digits   the load_digits CNN of tests/digits_cnn.py, 64 training images as calibration and
            the 497 test images (real labels) as validation, budget accuracy>=-1%
@@ -67,7 +69,7 @@ def _run(src: Path, d: Path, ex: str, args: list[str]) -> dict:
         raise SystemExit(f"{ex}: exit {r.returncode}\n{r.stdout}{r.stderr}")
     a = json.loads(rep.read_text())["allocation"]
     return {"exit": r.returncode, "wall": wall, "sens": a["sensitivity"], "table": a["table"],
-            "decisions": a["decisions"], "chosen_n": a["chosen_n"], "noise": (r.stdout + r.stderr).strip(),
+            "decisions": a["decisions"], "chosen_n": a["chosen_n"], "closure": a.get("closure"), "noise": (r.stdout + r.stderr).strip(),
             "sha": hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None}
 
 
@@ -85,11 +87,13 @@ def main():
         strip = lambda rows: [{k: v for k, v in r.items() if k not in ("cached", "seconds")} for r in rows]  # noqa: E731
         print(f"{name}: {base['sens']['candidates']} candidates, {base['chosen_n']} chosen, load "
               f"{os.getloadavg()[0]:.1f}")
-        print(f"  {'executor':8s} {'sweep s':>8s} {'wall s':>8s}  same table / decisions / bytes  exit  output")
+        print(f"  {'executor':8s} {'sweep s':>8s} {'wall s':>8s}  same table / decisions / bytes  chosen  exit  output")
         for ex, r in runs.items():
             same = (strip(r["table"]) == strip(base["table"]), r["decisions"] == base["decisions"], r["sha"] == base["sha"])
             print(f"  {ex:8s} {r['sens']['seconds']:8.1f} {r['wall']:8.1f}  {' / '.join(map(str, same)):30s}"
-                  f"  {r['exit']:4d}  {'(none)' if not r['noise'] else repr(r['noise'][:80])}")
+                  f"  {str(r['chosen_n']):6s}  {r['exit']:4d}  {'(none)' if not r['noise'] else repr(r['noise'][:80])}")
+        for ex, r in runs.items():  # the quantize closure's choice rests on a timing: machine noise, not the executor
+            print(f"  closure ({ex}): {r['closure']}")
 
 
 if __name__ == "__main__":

@@ -95,8 +95,11 @@ def mlp_case(tmp_path):
     return p, calib
 
 
-def test_cli_ray_writes_the_serial_bytes(no_ray, mlp_case, tmp_path):
+def test_cli_ray_writes_the_serial_bytes(no_ray, mlp_case, tmp_path, monkeypatch):
     p, calib = mlp_case
+    # the quantize closure keeps more int8 units only when they time faster: a timing of 0.01 ms
+    # either way here, so a coin flip on any executor; a tie (keep the chosen one) takes it out
+    monkeypatch.setattr("onnxshrink.allocate._interleaved", lambda models, feeds: [1.0] * len(models))
     outs = {}
     for name in ("serial", "ray"):
         res = run_cli("optimize", p, tmp_path / f"{name}.onnx", "--calib", calib, "-p", "cleanup,prune,svd,quantize",
