@@ -391,6 +391,8 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: _Data, budge
             with os.fdopen(fd, "wb") as f:
                 pickle.dump((model, data), f, protocol=pickle.HIGHEST_PROTOCOL)
         try:
+            if ex.name != "serial":
+                ex.share_file(bundle)  # workers on other machines (a Ray cluster) get a copy
             items = [(bundle, meta[i].pass_name, tasks[i], latency) for i in todo]
             track = progress.track if progress is not None else (lambda it, d, total=None: it)
             # each result is cached as soon as it arrives: an interrupted sweep keeps what it measured

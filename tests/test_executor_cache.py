@@ -1,4 +1,5 @@
-"""Executor interface (serial and process pool give identical results) and the measurement cache."""
+"""Executor interface (serial and process pool give identical results; tests/test_executor_ray.py has
+Ray's) and the measurement cache."""
 
 import numpy as np
 import onnx
@@ -27,6 +28,22 @@ def test_get_executor_names():
     assert get_executor("auto", n_tasks=1).name == "serial"
     with pytest.raises(UsageError):
         get_executor("bogus")
+
+
+def test_ray_missing_is_a_usage_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(UsageError, match="pip install ray"):
+        get_executor("ray")
+
+
+def test_share_file_is_a_no_op_where_workers_see_the_files(tmp_path):
+    f = tmp_path / "bundle.pkl"
+    f.write_bytes(b"x")
+    SerialExecutor().share_file(str(f))
+    with ProcessExecutor(1) as ex:
+        ex.share_file(str(f))
+        assert ex.map(_square_sum, [0]) == [_square_sum(0)]
 
 
 def _model(w):
