@@ -326,7 +326,7 @@ class PassManager:
             if ok:
                 rec.status = BACKED_OFF if backed else APPLIED
                 rec.reason = (f"backed off to {attempt.describe_strength() or _options_dict(attempt)}: "
-                              f"{rec.attempts[0]['reason']}" if backed else "")
+                              f"{rec.attempts[0]['reason']}" if backed else str(result.stats.get("note", "")))
                 rec.options = _options_dict(attempt)
                 rec.fidelity = fid
                 rec.stats = result.stats

@@ -865,6 +865,7 @@ class _Quantizer:
         if not stored:
             return PassResult(graph, False, {"reason": why, **self.stats})
         self.stats["activations"] = f"float ({why})"
+        self.stats["note"] = f"activations stay float: {why}; {stored} weights stored int8 (float speed)"
         return PassResult(g, True, self.stats)
 
     def _fallback_mode(self) -> str:
