@@ -86,6 +86,16 @@ def write_npy_dir(folder, arrays) -> Path:
     return folder
 
 
+def mlp_with_calib(folder) -> tuple[Path, Path]:
+    """``models.build.mlp`` saved in ``folder`` with 12 random calibration inputs beside it."""
+    from models.build import mlp
+    folder = Path(folder)
+    p = folder / "mlp.onnx"
+    onnx.save(mlp(), str(p))
+    rng = np.random.default_rng(0)
+    return p, write_npy_dir(folder / "calib", [rng.standard_normal((1, 64)).astype(np.float32) for _ in range(12)])
+
+
 def no_tmp_leftovers(folder) -> bool:
     """No temporary files/folders of an atomic write are left behind."""
     return not [p for p in os.listdir(folder) if p.startswith(".")]

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import onnx
 import pytest
 
-from models.build import mlp
-from tests.reliability_helpers import run_cli, write_npy_dir
+from tests.reliability_helpers import mlp_with_calib, run_cli
 
 
 @pytest.fixture
 def case(tmp_path):
-    p = tmp_path / "mlp.onnx"
-    onnx.save(mlp(), str(p))
-    rng = np.random.default_rng(0)
-    calib = write_npy_dir(tmp_path / "calib", [rng.standard_normal((1, 64)).astype(np.float32) for _ in range(12)])
-    return p, calib
+    return mlp_with_calib(tmp_path)
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -8,17 +8,14 @@ import json
 import re
 import time
 
-import numpy as np
-import onnx
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from models.build import mlp  # noqa: E402
 from onnxshrink.cache import MeasurementCache  # noqa: E402
 from onnxshrink.executor import RayExecutor, SerialExecutor, get_executor  # noqa: E402
 from onnxshrink.sensitivity import greedy_order, measure_sensitivity  # noqa: E402
-from tests.reliability_helpers import run_cli, write_npy_dir  # noqa: E402
+from tests.reliability_helpers import mlp_with_calib, run_cli  # noqa: E402
 from tests.test_pipeline_alloc import _digits_data  # noqa: E402
 
 
@@ -88,11 +85,7 @@ def test_joins_a_running_ray_and_leaves_it_running(no_ray):
 
 @pytest.fixture
 def mlp_case(tmp_path):
-    p = tmp_path / "mlp.onnx"
-    onnx.save(mlp(), str(p))
-    rng = np.random.default_rng(0)
-    calib = write_npy_dir(tmp_path / "calib", [rng.standard_normal((1, 64)).astype(np.float32) for _ in range(12)])
-    return p, calib
+    return mlp_with_calib(tmp_path)
 
 
 def test_cli_ray_writes_the_serial_bytes(no_ray, mlp_case, tmp_path, monkeypatch):
