@@ -877,6 +877,11 @@ class _Quantizer:
             if target is not None and getattr(target, "name", None) != "cpu":
                 self.stats["float_weights"] = {"mode": "float", "why": f"the {target.name} target"}
                 return "float"
+            if target is not None and getattr(target, "ort_format", False):
+                # the ORT format converter applies constant folding: the .ort would hold float weights
+                self.stats["float_weights"] = {"mode": "float", "why": "ORT format output (its converter folds "
+                                                                       "the stored weights back to float)"}
+                return "float"
         return mode
 
     def _store_float_weights(self, g: gs.Graph) -> tuple[gs.Graph, int]:
