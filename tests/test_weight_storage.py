@@ -12,10 +12,14 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from helpers import check, normal_samples, run_ort
+from onnxshrink.data import ListSource
 from onnxshrink.graph.convert import graph_to_model
 from onnxshrink.manager import optimize
 from onnxshrink.passes import weight_storage as ws
+from onnxshrink.passes.base import Context
+from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
 from onnxshrink.sensitivity import KNOBS
+from onnxshrink.targets import get_target
 
 RNG = np.random.default_rng(0)
 
@@ -137,3 +141,19 @@ def test_quantize_with_everything_excluded_stores_weights_without_calibrating():
     assert "calibrate" not in rec.stats["timings_s"]
     assert not any(n.op_type == "QuantizeLinear" for n in out.graph.node)
     check(out)
+
+
+def test_auto_storage_only_without_a_target_or_for_cpu():
+    """EP profiles are checked op by op, and the ORT-format converter folds the Casts back: both keep
+    float weights float; the cpu target stores them."""
+    m = net()
+    opts = {"exclude": ["conv", "convt", "gemm", "mm", "mm_tiny"], "guard": False}
+    data = normal_samples(4, shape=(1, 3, 16, 16))
+    for target, stored in (("cpu", True), ("xnnpack", False), ("cpu+ort", False)):
+        g = gs.import_onnx(m)
+        ctx = Context(calib=ListSource(data), val=None, reference=None, budget=None, seed=0, template=m,
+                      target=get_target(target))
+        res = QuantizePass(QuantizeOptions(**opts)).run(g, ctx)
+        assert res.modified is stored, target
+        if not stored:
+            assert res.stats["float_weights"]["mode"] == "float"
