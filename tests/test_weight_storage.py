@@ -157,3 +157,16 @@ def test_auto_storage_only_without_a_target_or_for_cpu():
         assert res.modified is stored, target
         if not stored:
             assert res.stats["float_weights"]["mode"] == "float"
+
+
+def test_float_result_keeps_the_input_opset():
+    """Every node kept float on an opset-11 model: the weights are stored int8 and the opset stays
+    11 (the upgrade to 13 is only for per-channel DequantizeLinear)."""
+    m = net()
+    m.opset_import[0].version = 11
+    out, rep = optimize(m, passes=[{"quantize": {"exclude": ["conv", "convt", "gemm", "mm", "mm_tiny"],
+                                                 "fallback": "int8", "guard": False}}],
+                        data=normal_samples(4, shape=(1, 3, 16, 16)))
+    assert rep.passes[0].status == "applied"
+    assert out.opset_import[0].version == 11 and sum(n.op_type == "Cast" for n in out.graph.node) == 4
+    check(out)

@@ -782,7 +782,10 @@ class _Quantizer:
             self.stats["equalize"] = equalize_pairs(graph)
         if not any(n.op in WEIGHTED_OPS and self._weight_info(n) is not None for n in graph.nodes):
             raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
+        graph_in = graph
         graph = self._handle_opset(graph)
+        # float activations need no per-channel DequantizeLinear: the float result keeps the input's opset
+        self._pre_opset = graph_in if graph is not graph_in else None
         if graph.opset and graph.opset < 13:
             self.per_channel = False
         prepare_float_graph(graph)
@@ -861,7 +864,8 @@ class _Quantizer:
     def _float_result(self, graph, why: str) -> PassResult:
         """No integer placement kept: the float model, with its weights stored int8 when ``fallback``
         allows (smaller, same speed); else unchanged."""
-        g, stored = self._store_float_weights(gs.import_onnx(self.model_f))
+        src = self._pre_opset if getattr(self, "_pre_opset", None) is not None else gs.import_onnx(self.model_f)
+        g, stored = self._store_float_weights(src)
         if not stored:
             return PassResult(graph, False, {"reason": why, **self.stats})
         self.stats["activations"] = f"float ({why})"
