@@ -216,6 +216,17 @@ class QuantizePass(Pass):
 
 
 # ---------------------------------------------------------------------- refusal and preparation
+def _drop_qdq_value_info(graph: gs.Graph) -> None:
+    """No value_info for Q/DQ outputs: their shapes are their inputs', which any consumer (onnxruntime,
+    shape inference) re-derives; on YOLOv8n they were 107 kB of a 3.5 MB file."""
+    outs = {id(t) for t in graph.outputs}
+    for n in graph.nodes:
+        if n.op in ("QuantizeLinear", "DequantizeLinear"):
+            for t in n.outputs:
+                if id(t) not in outs:
+                    t.shape, t.dtype = None, None
+
+
 def refuse_quantized(graph: gs.Graph) -> None:
     """Raise InputError when the graph is already quantized (QDQ, QOperator or dynamic)."""
     for node in graph.nodes:
@@ -859,6 +870,7 @@ class _Quantizer:
             return self._float_result(graph, why)
         qg, _ = self._store_float_weights(qg)
         lap("float_weights")
+        _drop_qdq_value_info(qg)
         return PassResult(qg, True, self.stats)
 
     def _float_result(self, graph, why: str) -> PassResult:
