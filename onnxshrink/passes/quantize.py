@@ -921,15 +921,17 @@ class _Quantizer:
             if not hasattr(self, "_floor"):
                 self._floor = self.o.min_cosine
             base = self.ctx.to_model(g)
-            ref_samples = list(self._samples_n(4))
             from ..metrics import fidelity
             from ..runtime import make_session
-            sess = make_session(base, optimize=True, low_memory=True)
-            ref = [sess.run(None, s) for s in ref_samples]
+            ref: dict = {}  # the unstored model's outputs on 4 samples, made on the first layer_loss
 
             def layer_loss(m):
+                if not ref:
+                    ref["samples"] = list(self._samples_n(4))
+                    sess = make_session(base, optimize=True, low_memory=True)
+                    ref["outputs"] = [sess.run(None, s) for s in ref["samples"]]
                 out = make_session(m, optimize=True, low_memory=True)
-                return 1.0 - fidelity(ref, [out.run(None, s) for s in ref_samples]).get("cosine", 0.0)
+                return 1.0 - fidelity(ref["outputs"], [out.run(None, s) for s in ref["samples"]]).get("cosine", 0.0)
 
             base_fid = self._fidelity(base)
             if self._holds(base_fid):
