@@ -76,14 +76,14 @@ def _cache(pm):
 
 
 def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report, original):
-    """Run the knob passes of ``pm`` on ``base`` under ``pm.cost_target``: (model, pass records).
+    """Run the knob passes of ``pm`` on ``base`` under ``pm.cost_targets``: (model, pass records).
     Raises BudgetError (with the report filled in) when no verified configuration keeps the budget
     and meets the target."""
     from .executor import SerialExecutor
     from .sensitivity import (KNOBS, cost_of, estimate_cost, greedy_order, loss_of, measure_sensitivity,
                               merge_options)
     t0 = time.perf_counter()
-    targets = list(getattr(pm, "cost_targets", None) or [pm.cost_target])
+    targets = list(pm.cost_targets)
     kinds = [k for k, _ in targets]
     names = [p.name for p in pm.passes if p.name in KNOBS]
     user = {p.name: dataclasses.asdict(p.options) for p in pm.passes if p.name in KNOBS
