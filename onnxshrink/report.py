@@ -239,7 +239,7 @@ def plot_allocation(allocation: dict, path, budget=None):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     toward = base.get("describe") or f"{base.get('cost')} <= {base.get('fraction', 0):g} of the input's"
-    fig.suptitle(f"configurations verified (numbers: greedy choices taken); target {toward}")
+    fig.suptitle(f"configurations verified (numbers: greedy choices taken); target {toward}", fontsize=9)
     fig.tight_layout()
     p = Path(path)
     fig.savefig(p, dpi=110)
