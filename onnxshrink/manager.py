@@ -89,7 +89,6 @@ class PassManager:
             if not 0 < float(v) <= 1:
                 raise UsageError(f"a cost target is a fraction of the input's cost in (0, 1], got {v}")
         self.cost_targets = [(k, float(v)) for k, v in targets]  # all must be met (allocate.py)
-        self.cost_target = self.cost_targets[0] if targets else None
         self.executor = executor
         self.workers = workers
         self.cache = cache
@@ -233,7 +232,7 @@ class PassManager:
         ctx.baseline = self.baseline
 
         from .sensitivity import KNOBS
-        allocated = self.cost_target is not None and any(p.name in KNOBS for p in self.passes)
+        allocated = bool(self.cost_targets) and any(p.name in KNOBS for p in self.passes)
         for p in self.passes:
             if allocated and p.name in KNOBS:
                 if p is next(q for q in self.passes if q.name in KNOBS):  # the block runs at the first one

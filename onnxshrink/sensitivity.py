@@ -239,8 +239,8 @@ def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
     from .graph.cost import model_cost
     per = model_cost(model, shapes).get("per_node", {}) or {}
     out = {}
+    inits = {t.name: t for t in model.graph.initializer}
     for n, size in _weighted_nodes(model, ops=WEIGHTED + ("ConvTranspose",)):
-        inits = {t.name: t for t in model.graph.initializer}
         nbytes = sum(int(np.prod(inits[i].dims)) * onnx.helper.tensor_dtype_to_np_dtype(inits[i].data_type).itemsize
                      for i in n.input[1:] if i in inits)
         out[n.name] = {"params": size, "weight_bytes": nbytes, "macs": per.get(n.name)}
