@@ -702,19 +702,11 @@ class _Quantizer:
         return out
 
     def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-        """(int8 weights, scales): symmetric, per channel along ``axis`` or per tensor."""
-        if self.per_channel:
-            red = tuple(i for i in range(W.ndim) if i != axis)
-            m = np.max(np.abs(W), axis=red)
-        else:
-            m = np.array(np.max(np.abs(W)))
-        s = (m / self.wmax).astype(np.float32)
-        s = np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
-        shape = [1] * W.ndim
-        if self.per_channel:
-            shape[axis] = -1
-        q = np.clip(np.round(W / s.reshape(shape)), -self.wmax, self.wmax).astype(np.int8)
-        return q, s
+        """(int8 weights, scales): symmetric, per channel along ``axis`` (scales [C]) or per tensor
+        (a 0-d scale), on ``[-wmax, wmax]``."""
+        from .weight_storage import int8_channels
+        q, s = int8_channels(W, axis if self.per_channel else None, self.wmax)
+        return q, (s.reshape(-1) if self.per_channel else s.reshape(()))
 
     def unit_weight_quant(self, name: str, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
         """``weight_quant`` with the integer weights of ``rounding`` (same scales) where it chose them."""

@@ -73,15 +73,18 @@ def candidates(graph: gs.Graph, skip: set | frozenset = frozenset(), min_element
     return out
 
 
-def int8_channels(W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Q int8, s) with ``W ~ Q * s`` per channel along ``axis`` (``s`` broadcastable to W)."""
-    Wm = np.moveaxis(W.astype(np.float32), axis, 0).reshape(W.shape[axis], -1)
-    s = np.abs(Wm).max(axis=1) / 127.0
-    s[~(s > 0)] = 1.0
-    shape = [1] * W.ndim
-    shape[axis] = -1
-    s = s.reshape(shape).astype(np.float32)
-    Q = np.clip(np.round(W.astype(np.float32) / s), -127, 127).astype(np.int8)
+def int8_channels(W: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """(Q int8, s) with ``W ~ Q * s``, symmetric: ``s = max|W| / qmax`` per channel along ``axis``
+    (None: one scale for the tensor; an all-zero channel gets 1); ``s`` float32, broadcastable to W.
+    The quantize pass's weight grid too (``_Quantizer.weight_quant``)."""
+    W = np.asarray(W, np.float32)
+    if axis is None:
+        m = np.max(np.abs(W)).reshape([1] * W.ndim)
+    else:
+        m = np.max(np.abs(W), axis=tuple(i for i in range(W.ndim) if i != axis), keepdims=True)
+    s = (m / qmax).astype(np.float32)
+    s = np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
+    Q = np.clip(np.round(W / s), -qmax, qmax).astype(np.int8)
     return Q, s
 
 
@@ -132,15 +135,19 @@ def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[
     init_axis = {n: storage_axis(weights[n][0].op, weights[n][0].attrs, np.asarray(weights[n][0].inputs[1].values).ndim)
                  for n in names}
 
+    stored: dict = {}  # name -> its weight as stored (Q * s), each computed once across the trials
+
     def with_stored(subset) -> onnx.ModelProto:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         idx = {t.name: i for i, t in enumerate(m.graph.initializer)}
         for n in subset:
             t = m.graph.initializer[idx[n]]
-            W = onnx.numpy_helper.to_array(t)
-            Q, s = int8_channels(W, init_axis[n])
-            t.CopyFrom(onnx.numpy_helper.from_array((Q.astype(np.float32) * s).astype(W.dtype), n))
+            if n not in stored:
+                W = onnx.numpy_helper.to_array(t)
+                Q, s = int8_channels(W, init_axis[n])
+                stored[n] = onnx.numpy_helper.from_array((Q.astype(np.float32) * s).astype(W.dtype), n)
+            t.CopyFrom(stored[n])
         return m
 
     if holds(with_stored(names)):
