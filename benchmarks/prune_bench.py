@@ -47,7 +47,7 @@ for p in (ROOT, ROOT / "tests"):
 
 from models.real import photos, real_model, real_samples  # noqa: E402
 from onnxshrink.graph.cost import model_cost  # noqa: E402
-from onnxshrink.manager import optimize  # noqa: E402
+from onnxshrink.pipeline.manager import optimize  # noqa: E402
 from onnxshrink.passes.base import registry  # noqa: E402
 from onnxshrink.runtime import measure_latency  # noqa: E402
 from prune_helpers import fold_constants, randomize_weights, zero_channels  # noqa: E402

@@ -60,7 +60,7 @@ def worker(tool: str, model: str, calib_dir: str, out: str, options: str) -> dic
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
     else:
-        from onnxshrink.manager import optimize
+        from onnxshrink.pipeline.manager import optimize
         from onnxshrink.passes.base import registry
 
         passes = ["cleanup", "quantize"] if "cleanup" in registry() else ["quantize"]

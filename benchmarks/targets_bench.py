@@ -74,7 +74,7 @@ class OrtQDQ(Pass):
 def run_one(name: str, target: str, quantizer: str, n_calib: int, n_val: int) -> dict:
     """One model on one target (``qnn+channels_last`` style options allowed); every figure measured here."""
     from models.real import real_model, real_samples
-    from onnxshrink.manager import PassManager
+    from onnxshrink.pipeline.manager import PassManager
 
     allp = real_samples(name, 26 + n_calib, seed=0)
     calib, val = allp[26:], allp[:n_val]
@@ -122,7 +122,7 @@ def _text_subset(model, val, report) -> dict:
     import numpy as np
     from models.real import real_model
     from onnxshrink.runtime import make_session
-    from onnxshrink.emit import ChannelsLastIO
+    from onnxshrink.targets.emit import ChannelsLastIO
     ref = make_session(str(real_model("ppocr_det")), optimize=False)
     io = ChannelsLastIO(report.target_report.get("channels_last"))  # NHWC I/O when the target asked for it
     cos, iou = [], []

@@ -5,12 +5,12 @@
                                         data="calib/", budget="cosine>=0.99")
 """
 
-from .errors import BudgetError, InputError, OnnxShrinkError, UsageError
-from .manager import PassManager, optimize
-from .metrics import Budget
-from .model import load, model_stats, save
-from .passes.base import Context, Pass, PassResult, create_pass, get_pass, register, registry
-from .report import Report
+from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageError
+from onnxshrink.pipeline.manager import PassManager, optimize
+from onnxshrink.metrics import Budget
+from onnxshrink.model import load, model_stats, save
+from onnxshrink.passes.base import Context, Pass, PassResult, create_pass, get_pass, register, registry
+from onnxshrink.pipeline.report import Report
 
 __version__ = "0.1.0"
 

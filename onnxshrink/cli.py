@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EXIT_INTERNAL, EXIT_USAGE, BudgetError, OnnxShrinkError, UsageError
+from onnxshrink.errors import EXIT_INTERNAL, EXIT_USAGE, BudgetError, OnnxShrinkError, UsageError
 
 _DEBUG = False
 
@@ -117,12 +117,12 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
              options, seed, synthetic, latency, target_size, target_macs, target_latency, executor, workers,
              no_cache, sensitivity_samples, max_units, plot_path, quiet):
     """Optimize IN and write OUT (never touching IN)."""
-    from .graph.shapes import parse_input_shape
-    from .manager import optimize as run_optimize
-    from .report import Progress
+    from onnxshrink.graph.shapes import parse_input_shape
+    from onnxshrink.pipeline.manager import optimize as run_optimize
+    from onnxshrink.pipeline.report import Progress
 
-    from .errors import InputError
-    from .model import check_output_path
+    from onnxshrink.errors import InputError
+    from onnxshrink.model import check_output_path
     if not Path(input_model).exists():  # the paths first: the most basic mistakes get named first
         raise InputError(f"model file not found: {input_model}")
     check_output_path(output_model, input_model)
@@ -132,7 +132,7 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
         raise UsageError("--passes is empty")
     overrides = _parse_options(options)
     target_options = overrides.pop("target", None)  # -o target.channels_last=true: an emission option
-    from .passes.base import get_pass
+    from onnxshrink.passes.base import get_pass
     specs = []
     for spec in pass_specs:
         if isinstance(spec, str):
@@ -151,7 +151,7 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
     shapes.update(dict(parse_input_shape(s) for s in input_shapes))
     target = target or r.get("target")
     if target_options:
-        from .targets import get_target, with_options
+        from onnxshrink.targets.profiles import get_target, with_options
         target = with_options(get_target(target), target_options)
     rpath = report_path or r.get("report")
     if rpath:  # fail before any work, and never let the report overwrite the input or the output
@@ -223,11 +223,11 @@ def _console():
               help="Input shapes for the MAC count of dynamic models (repeatable).")
 def inspect(model_path, as_json, input_shapes):
     """Opset, inputs and outputs, op histogram, parameters, weight bytes, MACs."""
-    from .graph.shapes import parse_input_shape
-    from .model import load, model_stats
-    from .report import format_bytes, format_count
+    from onnxshrink.graph.shapes import parse_input_shape
+    from onnxshrink.model import load, model_stats
+    from onnxshrink.pipeline.report import format_bytes, format_count
 
-    from .model import check_model
+    from onnxshrink.model import check_model
 
     m = load(model_path)
     shapes = dict(parse_input_shape(s) for s in input_shapes)
@@ -262,7 +262,7 @@ def inspect(model_path, as_json, input_shapes):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_passes(as_json):
     """Every pass with its options and defaults."""
-    from .passes.base import option_docs, registry
+    from onnxshrink.passes.base import option_docs, registry
 
     reg = registry()
     if as_json:

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import onnx
 
-from .errors import InputError, UsageError
+from onnxshrink.errors import InputError, UsageError
 
 
 @dataclass(frozen=True)

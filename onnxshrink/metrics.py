@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import UsageError
+from onnxshrink.errors import UsageError
 
 # name -> (higher is better, description)
 METRICS = {

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from .errors import InputError, UsageError
+from onnxshrink.errors import InputError, UsageError
 
 # protobuf refuses to serialize a message of 2 GiB or more; leave head room for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -272,7 +272,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     out = Path(path)
     check_output_path(out, input_path)
     if sparse_initializers and not is_large(model):
-        from .passes.sparsify import sparse_storage
+        from onnxshrink.passes.sparsify import sparse_storage
         model, _ = sparse_storage(model, min_size=256)
     parent = out.parent if str(out.parent) else Path(".")
     if external_data is None:
@@ -416,7 +416,7 @@ def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelP
 
 def model_stats(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
     """Statistics of a model: opset, I/O, op histogram, node count, parameters, weight bytes, MACs."""
-    from .graph.cost import model_cost  # local: cost needs shape inference, heavier
+    from onnxshrink.graph.cost import model_cost  # local: cost needs shape inference, heavier
 
     g = model.graph
     init_names = {t.name for t in g.initializer}

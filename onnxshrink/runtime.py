@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .model import is_large, tensor_bytes, write_external
+from onnxshrink.model import is_large, tensor_bytes, write_external
 
 ort.set_default_logger_severity(3)
 

@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from onnxshrink.passes.calibrate import (CALIBRATORS, TensorHistogram, collect_histograms, entropy_range,
+from onnxshrink.passes.quantize.calibrate import (CALIBRATORS, TensorHistogram, collect_histograms, entropy_range,
                                          estimate_range, minmax_range, mse_range, percentile_range)
 
 

@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 import onnxshrink
-from onnxshrink.report import APPLIED
+from onnxshrink.pipeline.report import APPLIED
 
 from helpers import check, run_ort
 

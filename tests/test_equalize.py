@@ -10,7 +10,7 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 
 from helpers import assert_outputs_close, check, run_ort
-from onnxshrink.manager import optimize
+from onnxshrink.pipeline.manager import optimize
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.equalize import EqualizePass, find_pairs
 

@@ -455,7 +455,7 @@ def test_debug_shows_traceback(tmp_path):
 
 def test_internal_error_is_one_line(tmp_path, monkeypatch):
     """A bug (an unexpected exception outside any pass) exits 1 with one line naming it."""
-    import onnxshrink.manager as mgr
+    import onnxshrink.pipeline.manager as mgr
 
     p = _mlp(tmp_path)
     before = snapshot(tmp_path)
@@ -510,7 +510,7 @@ def test_existing_output_kept_when_run_fails(tmp_path):
 
 
 def test_keyboard_interrupt(tmp_path, monkeypatch):
-    import onnxshrink.manager as mgr
+    import onnxshrink.pipeline.manager as mgr
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
@@ -551,7 +551,7 @@ def test_budget_not_met_exit_4_no_output(tmp_path, monkeypatch):
     it), nothing is written, the exit code is 4 and the report says how close it came."""
     import json
 
-    import onnxshrink.targets as targets
+    import onnxshrink.targets.profiles as targets
 
     def lossy_emit(model, target, ctx):
         m = onnx.ModelProto()

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
-from onnxshrink.executor import ProcessExecutor, SerialExecutor, get_executor
+from onnxshrink.pipeline.executor import ProcessExecutor, SerialExecutor, get_executor
 from onnxshrink.errors import UsageError
 
 

@@ -13,8 +13,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from onnxshrink.cache import MeasurementCache  # noqa: E402
-from onnxshrink.executor import RayExecutor, SerialExecutor, get_executor  # noqa: E402
-from onnxshrink.sensitivity import greedy_order, measure_sensitivity  # noqa: E402
+from onnxshrink.pipeline.executor import RayExecutor, SerialExecutor, get_executor  # noqa: E402
+from onnxshrink.pipeline.sensitivity import greedy_order, measure_sensitivity  # noqa: E402
 from tests.reliability_helpers import mlp_with_calib, run_cli  # noqa: E402
 from tests.test_pipeline_alloc import _digits_data  # noqa: E402
 
@@ -92,7 +92,7 @@ def test_cli_ray_writes_the_serial_bytes(no_ray, mlp_case, tmp_path, monkeypatch
     p, calib = mlp_case
     # the quantize closure keeps more int8 units only when they time faster: a timing of 0.01 ms
     # either way here, so a coin flip on any executor; a tie (keep the chosen one) takes it out
-    monkeypatch.setattr("onnxshrink.allocate._interleaved", lambda models, feeds: [1.0] * len(models))
+    monkeypatch.setattr("onnxshrink.pipeline.allocate._interleaved", lambda models, feeds: [1.0] * len(models))
     outs = {}
     for name in ("serial", "ray"):
         res = run_cli("optimize", p, tmp_path / f"{name}.onnx", "--calib", calib, "-p", "cleanup,prune,svd,quantize",

@@ -13,10 +13,10 @@ import pytest
 
 from models.build import resnet_small, smooth_images
 from onnxshrink.cache import MeasurementCache
-from onnxshrink.executor import ProcessExecutor, SerialExecutor
-from onnxshrink.manager import optimize
+from onnxshrink.pipeline.executor import ProcessExecutor, SerialExecutor
+from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import Budget
-from onnxshrink.sensitivity import KNOBS, SensitivityTable, _Data, estimate_cost, greedy_order, measure_sensitivity
+from onnxshrink.pipeline.sensitivity import KNOBS, SensitivityTable, _Data, estimate_cost, greedy_order, measure_sensitivity
 from tests.digits_cnn import digits_model, digits_split
 from tests.helpers import check, run_ort
 
@@ -52,7 +52,7 @@ def test_cost_estimate_combines_passes_on_one_layer_multiplicatively():
 def test_quantize_closure_raises_the_longest_harmless_prefix(monkeypatch):
     """All units in QDQ int8 breaks the budget; the closure bisects the units ordered by marginal loss
     per MAC and keeps the longest prefix that holds, when it measures faster."""
-    import onnxshrink.allocate as al
+    import onnxshrink.pipeline.allocate as al
     rows = [_row("quantize", u, s, loss, 75) for u, s, loss in
             [("a", 0.5, 0.0), ("a", 1.0, 0.001), ("b", 0.5, 0.0), ("b", 1.0, 0.002),
              ("c", 0.5, 0.0), ("c", 1.0, 0.5), ("d", 1.0, 0.003)]]

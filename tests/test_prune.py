@@ -12,10 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 from helpers import assert_outputs_close, check, run_ort
 from onnxshrink.graph.channels import analyze
 from onnxshrink.graph.cost import model_cost
-from onnxshrink.manager import optimize
+from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.prune import PrunePass
+from onnxshrink.passes.prune.pruner import PrunePass
 from prune_helpers import single_input_model, zero_channels
 
 RNG = np.random.default_rng(0)
@@ -554,7 +554,7 @@ def test_target_latency_bisects_on_measured_latency():
 
 
 def test_refit_stream_runs_each_node_once_and_matches_full_capture():
-    from onnxshrink.passes.prune import _StageStream
+    from onnxshrink.passes.prune.pruner import _StageStream
     from onnxshrink.runtime import capture_activations
     m = _cnn()
     samples = _smooth_inputs(3, 0)

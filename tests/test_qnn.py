@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxshrink import emit as em
-from onnxshrink.targets import get_target
+from onnxshrink.targets import emit as em
+from onnxshrink.targets.profiles import get_target
 
 pytestmark = pytest.mark.skipif(not em.qnn_available(),
                                 reason="onnxruntime-qnn is not installed (pip install onnxruntime-qnn)")
@@ -112,7 +112,7 @@ def test_emit_for_qnn_reports_real_check():
 
 
 def _project_qdq(m, target="qnn", **opts):
-    from onnxshrink.manager import optimize
+    from onnxshrink.pipeline.manager import optimize
     out, rep = optimize(m, passes=[{"quantize": {"guard": False, **opts}}], data=_samples(12, 0),
                         val_data=_samples(2, 1), target=get_target(target), debug=True)
     return out, rep

@@ -17,10 +17,10 @@ from onnx import helper as oh
 
 from helpers import check, run_ort
 from onnxshrink.errors import InputError
-from onnxshrink.manager import PassManager, optimize
+from onnxshrink.pipeline.manager import PassManager, optimize
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
+from onnxshrink.passes.quantize.quantizer import QuantizeOptions, QuantizePass
 
 RNG = np.random.default_rng(0)
 

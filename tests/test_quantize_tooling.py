@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto as TP
 from onnx import helper as oh
 
-from onnxshrink.passes.calibrate import collect_histograms, collect_minmax
+from onnxshrink.passes.quantize.calibrate import collect_histograms, collect_minmax
 from onnxshrink.runtime import capture_activations
 from test_quantize import quantize, samples, small_net
 

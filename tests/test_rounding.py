@@ -9,7 +9,7 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 
 from helpers import check, run_ort
-from onnxshrink.passes.rounding import conv_patches, gptq_round, output_error
+from onnxshrink.passes.quantize.rounding import conv_patches, gptq_round, output_error
 from test_quantize import quantize, samples, small_net
 
 RNG = np.random.default_rng(3)

@@ -192,7 +192,7 @@ def test_data_aware_beats_plain_kmeans_on_output_error():
 
 
 def test_budget_search_through_the_manager():
-    from onnxshrink.manager import PassManager
+    from onnxshrink.pipeline.manager import PassManager
 
     w1 = RNG.normal(size=(32, 64)).astype(np.float32)
     w2 = RNG.normal(size=(64, 16)).astype(np.float32) * 0.1

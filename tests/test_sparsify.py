@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import assert_outputs_close, check, run_ort
-from onnxshrink.manager import optimize
+from onnxshrink.pipeline.manager import optimize
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.sparsify import SparsifyPass, sparse_nbytes, sparse_storage
 

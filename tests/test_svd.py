@@ -355,7 +355,7 @@ def test_svd_then_fold_round_trip_is_exact():
 
 @pytest.mark.parametrize("name", ["mlp", "encoder"])
 def test_low_rank_models_done_when(name):
-    from onnxshrink.manager import PassManager
+    from onnxshrink.pipeline.manager import PassManager
 
     model = getattr(sm, name)()
     pm = PassManager(["svd"], data=sm.samples(model, 24), budget="cosine>=0.999")

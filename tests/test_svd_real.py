@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from helpers import check
-from onnxshrink.manager import PassManager
+from onnxshrink.pipeline.manager import PassManager
 from onnxshrink.passes.base import registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel]

@@ -8,9 +8,9 @@ import onnx.parser
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink import emit as em
+from onnxshrink.targets import emit as em
 from onnxshrink.errors import UsageError
-from onnxshrink.targets import TARGETS, get_target
+from onnxshrink.targets.profiles import TARGETS, get_target
 from tests.helpers import assert_outputs_close, check, run_ort
 
 RNG = np.random.default_rng(0)
@@ -253,7 +253,7 @@ def test_emit_converts_opset_and_reports():
 
 def test_manager_prepares_and_reports_target(tmp_path):
     from onnxshrink.graph.shapes import fix_input_shapes  # noqa: F401
-    from onnxshrink.manager import PassManager
+    from onnxshrink.pipeline.manager import PassManager
     m = _shape_model()
     samples = [{"x": RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
     pm = PassManager([], data=samples, target="nnapi")
@@ -305,7 +305,7 @@ def test_save_ort_format(tmp_path):
 
 
 def test_target_plus_ort_writes_ort_format(tmp_path):
-    from onnxshrink.manager import optimize
+    from onnxshrink.pipeline.manager import optimize
     m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }""")
     src = tmp_path / "in.onnx"

@@ -10,8 +10,8 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from helpers import check, normal_samples, run_ort
-from onnxshrink import emit as em
-from onnxshrink.manager import optimize
+from onnxshrink.targets import emit as em
+from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import fidelity
 
 
@@ -90,7 +90,7 @@ def test_int16_activations_and_16bit_sigmoid_encoding():
 
 
 def test_coverage_sees_through_contrib_qdq():
-    from onnxshrink.targets import get_target
+    from onnxshrink.targets.profiles import get_target
     q, _ = _quantize(wide_range_net(13), samples(), activation_dtype="uint16")
     cov = em.coverage(q, get_target("qnn"))
     assert cov["accepted"] and cov["taken"] == cov["nodes"], cov["unsupported"][:3]

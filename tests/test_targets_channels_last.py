@@ -13,11 +13,11 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from helpers import check, normal_samples, run_ort
-from onnxshrink import emit as em
+from onnxshrink.targets import emit as em
 from onnxshrink.cli import cli
 from onnxshrink.errors import UsageError
-from onnxshrink.manager import optimize
-from onnxshrink.targets import get_target, with_options
+from onnxshrink.pipeline.manager import optimize
+from onnxshrink.targets.profiles import get_target, with_options
 
 
 def conv_net(extra_output=False):

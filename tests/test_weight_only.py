@@ -11,9 +11,9 @@ pytest.importorskip("onnx_ir")  # onnxruntime's matmul_nbits_quantizer imports i
 
 from helpers import assert_outputs_close, run_ort
 from models.build import transformer_block
-from onnxshrink.manager import optimize
+from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import fidelity
-from onnxshrink.passes.weight_only import gemm_to_matmul
+from onnxshrink.passes.quantize.weight_only import gemm_to_matmul
 
 RNG = np.random.default_rng(11)
 

@@ -14,12 +14,12 @@ from onnx import numpy_helper as nh
 from helpers import check, normal_samples, run_ort
 from onnxshrink.data import ListSource
 from onnxshrink.graph.convert import graph_to_model
-from onnxshrink.manager import optimize
-from onnxshrink.passes import weight_storage as ws
+from onnxshrink.pipeline.manager import optimize
+from onnxshrink.passes.quantize import weight_storage as ws
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
-from onnxshrink.sensitivity import KNOBS
-from onnxshrink.targets import get_target
+from onnxshrink.passes.quantize.quantizer import QuantizeOptions, QuantizePass
+from onnxshrink.pipeline.sensitivity import KNOBS
+from onnxshrink.targets.profiles import get_target
 
 RNG = np.random.default_rng(0)
 

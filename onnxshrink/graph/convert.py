@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 # our own validation reports what matters
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
-from ..model import copy_model_fields
+from onnxshrink.model import copy_model_fields
 
 
 def model_to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -145,7 +145,7 @@ def _hold_huge_constants(graph: gs.Graph) -> list:
     returns [(constant, original values)]."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-    from ..model import _bare_tensor
+    from onnxshrink.model import _bare_tensor
 
     held = []
     for t in graph.tensors().values():

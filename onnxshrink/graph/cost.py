@@ -15,7 +15,7 @@ __all__ = ["node_macs", "model_cost"]
 import numpy as np
 import onnx
 
-from .shapes import fix_input_shapes, infer_shapes, value_shapes
+from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
 
 
 def _prod(xs):
@@ -108,12 +108,12 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
 
 
 def _small(model):
-    from ..model import _EXTERNAL_THRESHOLD, tensor_bytes
+    from onnxshrink.model import _EXTERNAL_THRESHOLD, tensor_bytes
     return tensor_bytes(model) < _EXTERNAL_THRESHOLD // 4
 
 
 def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose large float initializers hold no data (dims kept) so shape inference is cheap;
     built without ever copying the weights (see model.weightless_copy)."""
-    from ..model import weightless_copy
+    from onnxshrink.model import weightless_copy
     return weightless_copy(model, threshold=256)

@@ -6,7 +6,7 @@ __all__ = ["parse_input_shape", "fix_input_shapes", "infer_shapes", "static_shap
 
 import onnx
 
-from ..errors import InputError, UsageError
+from onnxshrink.errors import InputError, UsageError
 
 
 def parse_input_shape(text: str) -> tuple[str, list[int]]:

@@ -1,5 +1,5 @@
 """Passes: one module per pass; each registers itself with ``@register``."""
 
-from .base import Context, Pass, PassResult, create_pass, get_pass, register, registry
+from onnxshrink.passes.base import Context, Pass, PassResult, create_pass, get_pass, register, registry
 
 __all__ = ["Context", "Pass", "PassResult", "create_pass", "get_pass", "register", "registry"]

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import UsageError
+from onnxshrink.errors import UsageError
 
 
 @dataclass
@@ -158,7 +158,7 @@ def _discover() -> None:
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    from .. import passes as pkg
+    from onnxshrink import passes as pkg
 
     for m in pkgutil.iter_modules(pkg.__path__):
         if m.name != "base" and not m.name.startswith("_"):
@@ -246,12 +246,12 @@ class Context:
         if self.rng is None:
             self.rng = np.random.default_rng(self.seed)
         if self.progress is None:
-            from ..report import Progress
+            from onnxshrink.pipeline.report import Progress
             self.progress = Progress(enabled=False)
 
     def to_model(self, graph: gs.Graph) -> onnx.ModelProto:
         """Export a graph to a ModelProto, keeping the original model's metadata, producer, opsets."""
-        from ..graph.convert import graph_to_model
+        from onnxshrink.graph.convert import graph_to_model
         return graph_to_model(graph, self.template)
 
     def evaluate(self, graph_or_model) -> dict:
@@ -263,7 +263,7 @@ class Context:
 
     def capture(self, model, names, samples=None):
         """Stream {name: activation} per sample over ``samples`` (default: the calibration set)."""
-        from ..runtime import capture_activations
+        from onnxshrink.runtime import capture_activations
         if not isinstance(model, onnx.ModelProto):
             model = self.to_model(model)
         src = samples if samples is not None else self.calib

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 HOMOGENEOUS = {"Relu", "LeakyRelu", "Identity"}
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph.values import constant_value, node_attr
-from .base import Context, Pass, PassResult, register
+from onnxshrink.graph.values import constant_value, node_attr
+from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 
 _const = constant_value

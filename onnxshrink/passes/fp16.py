@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 # float16 overflows (exp, pow, sum of many terms) or loses too much (log near 1, reciprocal)
 UNSAFE_FP16_OPS = ("Exp", "Log", "Pow", "Reciprocal", "Softmax", "LogSoftmax", "ReduceSum", "ReduceSumSquare",

@@ -35,8 +35,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from ..graph.channels import const_value
-from .base import Context, Pass, PassResult, register
+from onnxshrink.graph.channels import const_value
+from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -159,7 +159,7 @@ def sparse_storage(model: onnx.ModelProto, min_size: int = 4096, check: bool = T
     g.initializer.extend(keep)
     g.sparse_initializer.extend(sparse)
     if check:
-        from ..runtime import make_session
+        from onnxshrink.runtime import make_session
         try:
             sess = make_session(m, optimize=False)
             if feeds is not None:

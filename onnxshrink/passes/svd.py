@@ -62,8 +62,8 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph.values import constant_value, node_attr
-from .base import Context, Pass, PassResult, register
+from onnxshrink.graph.values import constant_value, node_attr
+from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 # ---------------------------------------------------------------------------------------- math
 
@@ -278,7 +278,7 @@ def _find_layers(graph: gs.Graph, o) -> tuple[list[_Layer], list[dict]]:
 
 
 def _value_shapes(graph: gs.Graph, ctx: Context, sample: dict | None) -> dict:
-    from ..graph.shapes import fix_input_shapes, infer_shapes, value_shapes
+    from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
     try:
         model = ctx.to_model(graph)
         if sample:
@@ -358,7 +358,7 @@ def _cov_key(layer: _Layer) -> tuple:
 def _covariances(layers: list[_Layer], ctx: Context, graph, source, n: int, max_positions: int, tag: str):
     """{cov key: mean covariance} of the layers' inputs over the first n samples of ``source``,
     streamed one sample at a time; also returns {tensor name: shape of the first sample}."""
-    from ..data import Subset
+    from onnxshrink.data import Subset
     keys = {}
     for L in layers:
         keys.setdefault(_cov_key(L), L)
@@ -570,7 +570,7 @@ def _emit(graph: gs.Graph, layer: _Layer, A: np.ndarray, B: np.ndarray) -> None:
 def _layer_latency(layer: _Layer, A: np.ndarray, B: np.ndarray, ctx: Context, runs: int = 20):
     """(original ms, factor pair ms) of the layer alone at its seen input shape, one thread;
     None when the input shape is unknown."""
-    from ..runtime import measure_latency
+    from onnxshrink.runtime import measure_latency
     if layer.x_shape is None:
         return None
     node = layer.node
@@ -665,7 +665,7 @@ class SvdPass(Pass):
         stats: dict = {"rule": o.rule}
         folded = []
         if o.fold:
-            from .fold import fold_linear_pairs
+            from onnxshrink.passes.fold import fold_linear_pairs
             folded = fold_linear_pairs(graph, ctx)
             stats["folded"] = folded
         layers, skipped = _find_layers(graph, o)

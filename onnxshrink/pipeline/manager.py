@@ -28,16 +28,16 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from . import model as model_io
-from .data import SyntheticSource, as_source, input_specs, split_calib_val
-from .errors import BudgetError, InputError, OnnxShrinkError, UsageError
-from .graph.convert import graph_to_model, model_to_graph
-from .graph.shapes import fix_input_shapes
-from .metrics import Budget, fidelity
-from .passes.base import Context, Pass, create_pass
-from .report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Progress, Report
-from .runtime import make_session, measure_latency
-from .targets import get_target
+from onnxshrink import model as model_io
+from onnxshrink.data import SyntheticSource, as_source, input_specs, split_calib_val
+from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageError
+from onnxshrink.graph.convert import graph_to_model, model_to_graph
+from onnxshrink.graph.shapes import fix_input_shapes
+from onnxshrink.metrics import Budget, fidelity
+from onnxshrink.passes.base import Context, Pass, create_pass
+from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Progress, Report
+from onnxshrink.runtime import make_session, measure_latency
+from onnxshrink.targets.profiles import get_target
 
 MAX_BACKOFF = 6
 
@@ -109,7 +109,7 @@ class PassManager:
         source = as_source(self.data, specs)
         val = as_source(self.val_data, specs)
         if self.labels is not None:
-            from .data import ListSource
+            from onnxshrink.data import ListSource
             if isinstance(source, ListSource) and val is None:
                 source._labels = list(self.labels)
             elif isinstance(val, ListSource):
@@ -231,12 +231,12 @@ class PassManager:
                                            self._labels)
         ctx.baseline = self.baseline
 
-        from .sensitivity import KNOBS
+        from onnxshrink.pipeline.sensitivity import KNOBS
         allocated = bool(self.cost_targets) and any(p.name in KNOBS for p in self.passes)
         for p in self.passes:
             if allocated and p.name in KNOBS:
                 if p is next(q for q in self.passes if q.name in KNOBS):  # the block runs at the first one
-                    from .allocate import allocate
+                    from onnxshrink.pipeline.allocate import allocate
                     current, recs = allocate(self, current, ctx, val, reference, cost_shapes, report, original)
                     report.passes.extend(recs)
                 continue
@@ -251,7 +251,7 @@ class PassManager:
         if self.target is not None:
             current = self._emit(current, ctx, report)
 
-        from .emit import ChannelsLastIO  # the target may have made the image I/O channel-last
+        from onnxshrink.targets.emit import ChannelsLastIO  # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
         final = io.run(current, val, optimize=True)
         report.fidelity = fidelity(reference, final, self.metric, val, self._labels)
@@ -267,7 +267,7 @@ class PassManager:
         return current, report
 
     def _emit(self, model, ctx, report):
-        from . import targets
+        from onnxshrink.targets import profiles as targets
         emit = getattr(targets, "emit", None)
         if emit is None:
             return model
@@ -278,7 +278,7 @@ class PassManager:
     def _prepare_target(self, model, val, reference):
         """The target's lossless preparation before the passes (opset, static-shape folding, exact
         rewrites), kept only when it validates like a lossless pass."""
-        from . import targets
+        from onnxshrink.targets import profiles as targets
         prepare = getattr(targets, "prepare", None)
         self._prepare_info = {}
         if prepare is None:
@@ -397,7 +397,7 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
         report.file_bytes = {"before": Path(input_path).stat().st_size if input_path else None,
                              "after": Path(output).stat().st_size}
         if pm.target is not None and getattr(pm.target, "ort_format", False):  # --target NAME+ort
-            from .emit import save_ort_format
+            from onnxshrink.targets.emit import save_ort_format
             style = "Runtime" if pm.target.name in ("nnapi", "coreml") else "Fixed"
             report.target_report["ort_format"] = {"path": str(save_ort_format(output, optimization_style=style)),
                                                   "optimization_style": style}

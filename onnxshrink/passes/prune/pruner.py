@@ -53,9 +53,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph.channels import (ChannelAnalysis, Layout, Member, _conv_pads_zero, analyze, balanced_selection,
+from onnxshrink.graph.channels import (ChannelAnalysis, Layout, Member, _conv_pads_zero, analyze, balanced_selection,
                               const_value)
-from .base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 
 @dataclass
@@ -88,7 +88,7 @@ class PruneOptions:
     latency: bool = field(default=True, metadata={"help": "measure onnxruntime CPU latency (1 thread) before and after"})
     group_ratios: list[str] = field(default_factory=list, metadata={
         "help": "importance mode: prune only these groups, each at its own ratio: PRODUCER=RATIO items (PRODUCER: "
-                "the group's first producing node; the allocator of onnxshrink.sensitivity sets them)"})
+                "the group's first producing node; the allocator of onnxshrink.pipeline.sensitivity sets them)"})
 
 
 @register
@@ -573,9 +573,9 @@ def _choose_for_macs(a: ChannelAnalysis, groups, scores: dict, free: set, blocke
     the estimated MACs reach ``target_macs`` of the input's. With ``measure`` (removal set ->
     measured latency in ms), the same greedy path is followed to its end and the shortest prefix
     meeting ``target_latency`` is found by bisection on measured latencies."""
-    from ..graph.cost import model_cost
-    from ..metrics import fidelity
-    from ..runtime import make_session
+    from onnxshrink.graph.cost import model_cost
+    from onnxshrink.metrics import fidelity
+    from onnxshrink.runtime import make_session
     shapes = input_shapes or {k: list(v.shape) for k, v in samples[0].items()}
     per_node = model_cost(model, shapes)["per_node"]
     total = float(sum(per_node.values())) or 1.0
@@ -685,7 +685,7 @@ def _latency_probe(ctx: Context, model: onnx.ModelProto, n_ids: int, input_shape
     """A function: removal set -> onnxruntime CPU latency (ms, 1 thread, median of 10) of
     ``model`` with those units removed (a fresh import and analysis of the same model gives the
     same channel ids and unit labels)."""
-    from ..runtime import measure_latency
+    from onnxshrink.runtime import measure_latency
 
     def measure(chosen: set) -> float:
         g = gs.import_onnx(model)
@@ -943,7 +943,7 @@ class _StageStream:
     def inputs_of_stage(self, k: int, model: onnx.ModelProto | None):
         """Yield, per sample, {input tensor of a stage-k layer: value}; ``model`` is the current
         (partly refit) model (None: unchanged since the stream was built)."""
-        from ..runtime import make_session
+        from onnxshrink.runtime import make_session
         have = set(self.frontier[0])
         # frontier after this pass: tensors of level < k still read at level >= k
         keep = {t for t, last in self.read_until.items() if self.lvl.get(t, 99) < k and last >= k}
@@ -1095,7 +1095,7 @@ def _write_theta(n: gs.Node, kind: str, theta: np.ndarray, graph: gs.Graph) -> N
 
 
 def _cost_stats(stats: dict, before, after, input_shapes, samples, latency: bool) -> None:
-    from ..graph.cost import model_cost
+    from onnxshrink.graph.cost import model_cost
     shapes = input_shapes or ({k: list(v.shape) for k, v in samples[0].items()} if samples else None)
     try:
         ca = model_cost(after, shapes)
@@ -1106,7 +1106,7 @@ def _cost_stats(stats: dict, before, after, input_shapes, samples, latency: bool
     except Exception as e:  # costs are informative; never fail the pass on them
         stats["cost_error"] = str(e)[:200]
     if latency and before is not None and samples:
-        from ..runtime import measure_latency
+        from onnxshrink.runtime import measure_latency
         try:
             stats["latency_ms_before"] = round(measure_latency(before, samples[0], runs=10, warmup=2), 3)
             stats["latency_ms_after"] = round(measure_latency(after, samples[0], runs=10, warmup=2), 3)

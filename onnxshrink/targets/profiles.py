@@ -1,7 +1,7 @@
 """Execution-provider profiles: what each edge EP of onnxruntime fuses and accepts.
 
 A TargetProfile tells the quantize pass the QDQ scheme (activation/weight types, symmetry,
-per-channel), and the emission step (``onnxshrink.emit``) the opset range, whether shapes must
+per-channel), and the emission step (``onnxshrink.targets.emit``) the opset range, whether shapes must
 be static, which operators the EP takes, which exact rewrites to apply, and how to check the
 result. The facts, with their sources:
 
@@ -32,7 +32,7 @@ __all__ = ["TargetProfile", "TARGETS", "TARGET_OPTIONS", "get_target", "with_opt
 
 from dataclasses import dataclass, field
 
-from .errors import UsageError
+from onnxshrink.errors import UsageError
 
 # Ops the QNN EP builds for the HTP backend (onnxruntime/core/providers/qnn/builder/op_builder_factory.cc).
 # Shape, Range, ConstantOfShape, NonZero, Loop/If have no builder: they must be folded away.
@@ -67,7 +67,7 @@ class TargetProfile:
         usability checker's list for this EP).
     fp16: the EP computes in float16 natively (the ``fp16`` pass is a sensible choice).
     max_rank: the largest tensor rank the EP takes.
-    rewrites: exact rewrites applied at emission for this EP (see ``onnxshrink.emit.REWRITES``);
+    rewrites: exact rewrites applied at emission for this EP (see ``onnxshrink.targets.emit.REWRITES``);
         decompositions of ops the EP lacks are applied whenever the op is missing from ``ops``.
     float_ops_run: the EP runs float (not quantized) compute nodes; False for QNN HTP.
     wide_activation_dtype: a 16-bit activation type the EP also takes; the quantize pass (with
@@ -191,8 +191,8 @@ def with_options(profile: TargetProfile | None, options: dict) -> TargetProfile 
 
 def prepare(model, profile: TargetProfile, ctx=None):
     """Target preparation before the passes (lossless): opset into range, static-shape folding,
-    exact rewrites of ops the target lacks. Returns (model, info). See ``onnxshrink.emit``."""
-    from .emit import prepare_for_target
+    exact rewrites of ops the target lacks. Returns (model, info). See ``onnxshrink.targets.emit``."""
+    from onnxshrink.targets.emit import prepare_for_target
     return prepare_for_target(model, profile, ctx)
 
 
@@ -200,5 +200,5 @@ def emit(model, profile: TargetProfile, ctx=None):
     """Emission after the passes: the preparation steps again (on the quantized graph), then the
     coverage report and, for QNN when onnxruntime-qnn is installed, a real HTP session check.
     Returns (model, info); the manager stores info in ``report.target_report``."""
-    from .emit import emit_for_target
+    from onnxshrink.targets.emit import emit_for_target
     return emit_for_target(model, get_target(profile), ctx)

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import UsageError
+from onnxshrink.errors import UsageError
 
 
 class Executor:

@@ -56,8 +56,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .model import copy_model_fields
-from .passes.weight_storage import is_weight_decode
+from onnxshrink.model import copy_model_fields
+from onnxshrink.passes.quantize.weight_storage import is_weight_decode
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 # inputs that carry shapes, axes or sizes: the QNN EP needs them constant
@@ -469,7 +469,7 @@ class ChannelsLastIO:
                 for outs in outputs]
 
     def run(self, model: onnx.ModelProto, samples, optimize: bool = True) -> list:
-        from .runtime import make_session
+        from onnxshrink.runtime import make_session
         sess = make_session(model, optimize=optimize)
         names = [o.name for o in sess.get_outputs()]
         return self.back([sess.run(names, s) for s in self.feeds(samples)], names)
@@ -548,12 +548,12 @@ def _samples(model: onnx.ModelProto, ctx, n: int = 4) -> list[dict]:
     src = getattr(ctx, "val", None) if ctx is not None else None
     if src is not None and len(src):
         return [src.get(i) for i in range(min(n, len(src)))]
-    from .data import SyntheticSource, input_specs
+    from onnxshrink.data import SyntheticSource, input_specs
     return [s for s in SyntheticSource(input_specs(model), n=2, seed=0)]
 
 
 def _run(model: onnx.ModelProto, samples) -> list[list[np.ndarray]]:
-    from .runtime import make_session
+    from onnxshrink.runtime import make_session
     sess = make_session(model, optimize=False)
     names = [o.name for o in sess.get_outputs()]
     return [sess.run(names, s) for s in samples]
@@ -842,7 +842,7 @@ def _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profi
     """XNNPACK: a QDQ group is taken when its op is one XNNPACK fuses as QDQ and the scheme fits;
     Q/DQ nodes belong to the group they surround; Relu/Clip are taken when fused into a float
     Conv/MaxPool/AveragePool it takes."""
-    from .targets import XNNPACK_QDQ_OPS
+    from onnxshrink.targets.profiles import XNNPACK_QDQ_OPS
     by_node = dict(zip([id(n) for n in g.node], names))
     for name, n in zip(names, g.node):
         if n.op_type in QDQ or n.op_type in XNN_FUSED:
@@ -1072,12 +1072,12 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
     if py is None:
         res = {"available": False, "reason": "onnxruntime-qnn is not installed (pip install onnxruntime-qnn)"}
         if required:
-            from .errors import UsageError
+            from onnxshrink.errors import UsageError
             raise UsageError(res["reason"])
         return res
     with tempfile.TemporaryDirectory(prefix="onnxshrink_qnn_") as d:
         mp = os.path.join(d, "model.onnx")
-        from .model import _EXTERNAL_THRESHOLD, tensor_bytes
+        from onnxshrink.model import _EXTERNAL_THRESHOLD, tensor_bytes
         m = onnx.ModelProto()
         m.CopyFrom(model)
         onnx.save_model(m, mp, save_as_external_data=tensor_bytes(m) >= _EXTERNAL_THRESHOLD,
@@ -1119,7 +1119,7 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
             got = [[outs[f"{k}/{j}"] for j in range(len(reference[k]))] for k in range(res.get("samples", 0))]
             if outputs_back is not None:  # channel-last outputs compared in the reference's NCHW layout
                 got = outputs_back.back(got, [o.name for o in model.graph.output])
-            from .metrics import compare_outputs, fidelity
+            from onnxshrink.metrics import compare_outputs, fidelity
             res["fidelity"] = fidelity(reference[:len(got)], got)
             res["per_sample"] = [{"cosine": compare_outputs(r, o)["cosine"],
                                   "ref_max": float(max(np.max(np.abs(x)) for x in r))}
@@ -1143,7 +1143,7 @@ def save_ort_format(onnx_path: str | os.PathLike, output_dir: str | os.PathLike 
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(out_dir.glob(onnx_path.stem + "*.ort"), key=lambda p: p.stat().st_mtime)
     if proc.returncode != 0 or not found:
-        from .errors import InputError
+        from onnxshrink.errors import InputError
         raise InputError(f"ORT format conversion failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
     return found[-1]
 

@@ -51,8 +51,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .base import Context, Pass, PassResult, register
-from .weight_storage import is_weight_decode
+from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.quantize.weight_storage import is_weight_decode
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # never folded: nondeterministic, sequence/optional producing, or stateful
@@ -365,7 +365,7 @@ class _Cleanup:
         Shape folding reads ``self.inferred`` (these shapes), never the tensors' imported shapes."""
         try:
             if self.ctx is not None and self.ctx.template is not None:
-                from ..model import copy_model_fields
+                from onnxshrink.model import copy_model_fields
                 copy_model_fields(self.ctx.template, model)
             del model.graph.value_info[:]
             for o in model.graph.output:

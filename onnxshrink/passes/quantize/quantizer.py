@@ -65,9 +65,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import InputError
-from .base import Context, Pass, PassResult, register
-from .calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, collect_minmax, estimate_range
+from onnxshrink.errors import InputError
+from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, collect_minmax, estimate_range
 
 # ops whose presence means the model is already quantized
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
@@ -85,7 +85,7 @@ SHAPE_OPS = {"Constant", "Shape", "Cast", "Range", "ConstantOfShape", "Size", "I
 
 
 def _is_large(model) -> bool:
-    from ..model import is_large
+    from onnxshrink.model import is_large
     return is_large(model)
 
 
@@ -416,13 +416,13 @@ class _Quantizer:
         if self.o.upgrade_opset:
             try:
                 from onnx import version_converter
-                from ..graph.convert import model_to_graph
+                from onnxshrink.graph.convert import model_to_graph
                 before = self.ctx.to_model(graph)
                 after = version_converter.convert_version(before, 13)
                 onnx.checker.check_model(after)
                 sample = self._first_sample()
                 if sample is not None:
-                    from ..runtime import make_session
+                    from onnxshrink.runtime import make_session
                     ra = make_session(before, optimize=False).run(None, sample)
                     rb = make_session(after, optimize=False).run(None, sample)
                     for a, b in zip(ra, rb):
@@ -704,7 +704,7 @@ class _Quantizer:
     def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
         """(int8 weights, scales): symmetric, per channel along ``axis`` (scales [C]) or per tensor
         (a 0-d scale), on ``[-wmax, wmax]``."""
-        from .weight_storage import int8_channels
+        from onnxshrink.passes.quantize.weight_storage import int8_channels
         q, s = int8_channels(W, axis if self.per_channel else None, self.wmax)
         return q, (s.reshape(-1) if self.per_channel else s.reshape(()))
 
@@ -774,14 +774,14 @@ class _Quantizer:
 
         refuse_quantized(graph)
         if self.o.weights_only != "off":
-            from .weight_only import run_weights_only
+            from onnxshrink.passes.quantize.weight_only import run_weights_only
             self.n_units = 0
             self.stats["prepared"] = prepare_float_graph(graph)
             return PassResult(*run_weights_only(graph, self.o, self.ctx, self.stats))
         self._scheme()
         self.stats["prepared"] = prepare_float_graph(graph, self.o.div_to_mul)
         if self.o.equalize:
-            from .equalize import equalize_pairs
+            from onnxshrink.passes.equalize import equalize_pairs
             self.stats["equalize"] = equalize_pairs(graph)
         if not any(n.op in WEIGHTED_OPS and self._weight_info(n) is not None for n in graph.nodes):
             raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
@@ -825,7 +825,7 @@ class _Quantizer:
         self.n_units = sum(1 for u in units.values() if u.kind == "weighted")
         lap("calibrate")
         if self.o.rounding == "gptq":
-            from .rounding import round_units
+            from onnxshrink.passes.quantize.rounding import round_units
             w_units = [u for u in cand.values() if u.kind == "weighted"]
             self.rounded, self.stats["rounding"] = round_units(
                 self.model_f, graph, [(u.node, u.weight_axis) for u in w_units], self.weight_quant, self._samples,
@@ -895,7 +895,7 @@ class _Quantizer:
     def _store_float_weights(self, g: gs.Graph) -> tuple[gs.Graph, int]:
         """Store the float-kept weights of ``g`` int8 (``weight_storage.py``) per ``fallback``:
         (graph, number stored)."""
-        from . import weight_storage as ws
+        from onnxshrink.passes.quantize import weight_storage as ws
         mode = self._fallback_mode()
         if mode == "float":
             return g, 0
@@ -913,8 +913,8 @@ class _Quantizer:
             if not hasattr(self, "_floor"):
                 self._floor = self.o.min_cosine
             base = self.ctx.to_model(g)
-            from ..metrics import fidelity
-            from ..runtime import make_session
+            from onnxshrink.metrics import fidelity
+            from onnxshrink.runtime import make_session
             ref: dict = {}  # the unstored model's outputs on 4 samples, made on the first layer_loss
 
             def layer_loss(m):
@@ -950,7 +950,7 @@ class _Quantizer:
         return g, len(saved)
 
     def _capture(self, model, tensors, samples=None):
-        from ..runtime import capture_activations
+        from onnxshrink.runtime import capture_activations
         return capture_activations(model, tensors, self._samples() if samples is None else samples)
 
     def _params(self, units):
@@ -987,8 +987,8 @@ class _Quantizer:
         guard's own check on up to 8 calibration samples."""
         if self.ctx.budget is not None and self.ctx.evaluator is not None:
             return self.ctx.evaluate(g)
-        from ..metrics import fidelity
-        from ..runtime import make_session
+        from onnxshrink.metrics import fidelity
+        from onnxshrink.runtime import make_session
         if not hasattr(self, "_ref"):
             self._guard_samples = list(self._samples_n(8))
             sess = make_session(self.model_f, optimize=False, low_memory=True)
@@ -1114,7 +1114,7 @@ class _Quantizer:
         """Median one-thread latency of two models, runs interleaved (shared load hits both)."""
         import statistics
         import time
-        from ..runtime import interleaved_latency, make_session
+        from onnxshrink.runtime import interleaved_latency, make_session
         sa, sb = make_session(model_a, optimize=True, threads=1), make_session(model_b, optimize=True, threads=1)
         for s in (sa, sb):
             s.run(None, sample)
@@ -1172,7 +1172,7 @@ class _Quantizer:
             g.nodes.append(gs.Node(node.op, attrs=dict(node.attrs), inputs=ins, outputs=[ys]))
             pairs.append((u, y.name, ys.name))
         g.toposort()
-        from ..graph.convert import graph_to_model
+        from onnxshrink.graph.convert import graph_to_model
         model = graph_to_model(g, self.model_f)
         names = [n for _, a, b in pairs for n in (a, b)]
         acc = {u.node: {"d": 0.0, "n": 0, "e": 0.0, "s": 0.0} for u, _, _ in pairs}

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import InputError
+from onnxshrink.errors import InputError
 
 BLOCK_SIZES = (128, 64, 32)
 
@@ -86,9 +86,9 @@ def weight_only_quantize(model: onnx.ModelProto, bits: int = 4, block_size: int 
 
 def run_weights_only(graph: gs.Graph, o, ctx, stats: dict):
     """The ``weights_only`` mode of the quantize pass: returns (graph, modified, stats)."""
-    from ..graph.convert import model_to_graph
-    from ..metrics import fidelity
-    from ..runtime import make_session
+    from onnxshrink.graph.convert import model_to_graph
+    from onnxshrink.metrics import fidelity
+    from onnxshrink.runtime import make_session
     bits = {"int4": 4, "int8": 8}[o.weights_only]
     stats["scheme"] = {"weights": f"int{bits} block-wise (MatMulNBits)", "activations": "float"}
     stats["gemm_to_matmul"] = gemm_to_matmul(graph)

@@ -131,8 +131,8 @@ class PruneKnob(Knob):
     probe = {"samples": 4, "latency": False}
 
     def units(self, model, shapes):
-        from .graph.channels import analyze
-        from .graph.convert import model_to_graph
+        from onnxshrink.graph.channels import analyze
+        from onnxshrink.graph.convert import model_to_graph
         a = analyze(model_to_graph(model), shapes)
         return [(g.producers[0], int(g.units)) for g in a.groups() if g.prunable and g.units >= 2 and g.producers]
 
@@ -213,8 +213,8 @@ def merge_options(user: dict, knob_options: dict) -> dict:
 def apply_pass(model: onnx.ModelProto, pass_name: str, options: dict, ctx) -> tuple[onnx.ModelProto, dict]:
     """Run one pass with ``options`` on ``model``: (new model, stats); the model itself when the
     pass changes nothing."""
-    from .graph.convert import graph_to_model, model_to_graph
-    from .passes.base import create_pass
+    from onnxshrink.graph.convert import graph_to_model, model_to_graph
+    from onnxshrink.passes.base import create_pass
     p = create_pass({pass_name: options})
     res = p.run(model_to_graph(model), ctx)
     if not res.modified:
@@ -224,11 +224,11 @@ def apply_pass(model: onnx.ModelProto, pass_name: str, options: dict, ctx) -> tu
 
 def cost_of(model: onnx.ModelProto, shapes: dict | None, feeds: dict | None = None, latency: bool = False,
             runs: int = 20) -> dict:
-    from .model import model_stats
+    from onnxshrink.model import model_stats
     st = model_stats(model, shapes)
     out = {"params": st["params"], "weight_bytes": st["weight_bytes"], "macs": st["macs"]}
     if latency and feeds is not None:
-        from .runtime import measure_latency
+        from onnxshrink.runtime import measure_latency
         out["latency_ms"] = measure_latency(model, feeds, runs=runs)
     return out
 
@@ -236,7 +236,7 @@ def cost_of(model: onnx.ModelProto, shapes: dict | None, feeds: dict | None = No
 def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
     """{layer: {params, weight_bytes, macs}} of the weighted nodes (the per-layer pools the cost
     estimate draws from)."""
-    from .graph.cost import model_cost
+    from onnxshrink.graph.cost import model_cost
     per = model_cost(model, shapes).get("per_node", {}) or {}
     out = {}
     inits = {t.name: t for t in model.graph.initializer}
@@ -255,10 +255,10 @@ class _Data:
         self.budget, self.user_metric, self.shapes, self.seed = budget, user_metric, shapes, seed
 
     def context(self, template):
-        from .data import ListSource
-        from .passes.base import Context
-        from .metrics import fidelity
-        from .runtime import make_session
+        from onnxshrink.data import ListSource
+        from onnxshrink.passes.base import Context
+        from onnxshrink.metrics import fidelity
+        from onnxshrink.runtime import make_session
         calib = ListSource(self.calib, description=f"{len(self.calib)} sensitivity samples")
         val = ListSource(self.val, description=f"{len(self.val)} sensitivity validation samples")
         ctx = Context(calib=calib, val=val, reference=self.reference, budget=None, seed=self.seed,
@@ -344,10 +344,10 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: _Data, budge
                         max_units: int = 0) -> SensitivityTable:
     """Measure every (unit, strength) of the knobs of ``passes`` on ``model`` (see the module
     docstring); cached measurements are read, the others run through ``executor``."""
-    from .cache import MeasurementCache, data_digest, digest, model_digest
-    from .executor import SerialExecutor
-    from .metrics import fidelity
-    from .runtime import make_session
+    from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
+    from onnxshrink.pipeline.executor import SerialExecutor
+    from onnxshrink.metrics import fidelity
+    from onnxshrink.runtime import make_session
     t0 = time.perf_counter()
     cache = cache if cache is not None else MeasurementCache(enabled=False)
     user_options = user_options or {}

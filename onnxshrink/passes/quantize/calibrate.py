@@ -151,7 +151,7 @@ def collect_minmax(model, names: Sequence[str], samples: Iterable[dict]) -> tupl
     ``min``/``max`` (enough for ``minmax_range``) and the names whose values were not all finite
     (those need ``collect_histograms``, which skips non-finite values)."""
     import onnx
-    from ..runtime import _append_outputs, make_session
+    from onnxshrink.runtime import _append_outputs, make_session
     m = onnx.ModelProto()
     m.CopyFrom(model)
     outs = []

@@ -33,8 +33,8 @@ import time
 import numpy as np
 import onnx
 
-from .errors import BudgetError
-from .report import NOT_APPLICABLE, PassRecord
+from onnxshrink.errors import BudgetError
+from onnxshrink.pipeline.report import NOT_APPLICABLE, PassRecord
 
 KIND_NAMES = {"weight_bytes": "size (weight bytes)", "macs": "MACs", "latency_ms": "latency (ms, 1 thread)",
               "combined": "cost / target (the largest over the targets)"}
@@ -45,7 +45,7 @@ MAX_BISECT = 5
 
 
 def _data_for(pm, ctx, val, reference):
-    from .sensitivity import _Data
+    from onnxshrink.pipeline.sensitivity import _Data
     calib = ctx.calib if ctx.calib is not None else val
     ncal = min(len(calib), 16)
     nval = len(val) if not pm.sensitivity_samples else min(len(val), pm.sensitivity_samples)
@@ -56,7 +56,7 @@ def _data_for(pm, ctx, val, reference):
 
 
 def _executor(pm, n_tasks: int):
-    from .executor import SerialExecutor, get_executor
+    from onnxshrink.pipeline.executor import SerialExecutor, get_executor
     if pm.metric is not None and pm.executor != "serial":
         import pickle
         try:
@@ -67,7 +67,7 @@ def _executor(pm, n_tasks: int):
 
 
 def _cache(pm):
-    from .cache import MeasurementCache
+    from onnxshrink.cache import MeasurementCache
     if pm.cache is False or pm.cache is None:
         return MeasurementCache(enabled=False)
     if isinstance(pm.cache, MeasurementCache):
@@ -79,8 +79,8 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
     """Run the knob passes of ``pm`` on ``base`` under ``pm.cost_targets``: (model, pass records).
     Raises BudgetError (with the report filled in) when no verified configuration keeps the budget
     and meets the target."""
-    from .executor import SerialExecutor
-    from .sensitivity import (KNOBS, cost_of, estimate_cost, greedy_order, loss_of, measure_sensitivity,
+    from onnxshrink.pipeline.executor import SerialExecutor
+    from onnxshrink.pipeline.sensitivity import (KNOBS, cost_of, estimate_cost, greedy_order, loss_of, measure_sensitivity,
                               merge_options)
     t0 = time.perf_counter()
     targets = list(pm.cost_targets)
@@ -102,7 +102,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
     of_input = {}
     for k, _ in targets:
         if k == "latency_ms":
-            from .runtime import measure_latency
+            from onnxshrink.runtime import measure_latency
             of_input[k] = measure_latency(original, feeds)
         else:
             of_input[k] = report.before.get(k)
@@ -141,7 +141,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
                   "steps": len(steps), "trials": [], "baseline_scores": dict(pm.baseline)})
     trials: dict = {}
     cache = _cache(pm)
-    from .cache import data_digest, digest, model_digest
+    from onnxshrink.cache import data_digest, digest, model_digest
     vkey = digest("verify-1", model_digest(base), data_digest(val), data_digest(ctx.calib or []), names, user,
                   pm.seed, str(pm.budget), getattr(pm.metric, "__qualname__", None), cost_shapes)
 
@@ -176,7 +176,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
                 recs.append(PassRecord(name=pname, status=NOT_APPLICABLE, options=user.get(pname, {}),
                                        reason="the allocation chose no unit of this pass"))
                 continue
-            from .passes.base import create_pass
+            from onnxshrink.passes.base import create_pass
             opts = merge_options(user.get(pname, {}), KNOBS[pname].options(current, choices))
             p = create_pass({pname: opts})
             rec, current = pm._run_one(p, current, nobudget, val, reference, cost_shapes, check_budget=False)
@@ -271,7 +271,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
                                            f"input's (target {f:g})" for k, f in targets)
                                + f"; {len(trials)} configurations verified")
     if pm.plot:
-        from .report import plot_allocation
+        from onnxshrink.pipeline.report import plot_allocation
         try:
             alloc["plot"] = str(plot_allocation(alloc, pm.plot, pm.budget))
         except ImportError as e:
@@ -343,7 +343,7 @@ def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, ca
             return best
         label, t = trial(lo)
     # the timing decides once; its verdict is cached with the trials so a rerun makes the same choice
-    from .cache import digest
+    from onnxshrink.cache import digest
     key = digest(vkey, "closure", sorted(map(list, chosen)), sorted(map(list, extra[label])))
     hit = cache.get(key)
     was_cached = hit is not None
@@ -362,7 +362,7 @@ def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, ca
 
 
 def _interleaved(models, feeds, rounds: int = 5, runs: int = 5):
-    from .runtime import interleaved_latency
+    from onnxshrink.runtime import interleaved_latency
     return [min(t) for t in interleaved_latency(models, feeds, rounds=rounds, runs=runs)]
 
 

@@ -1,0 +1,5 @@
+"""prune: structured channel pruning."""
+
+from onnxshrink.passes.prune.pruner import PrunePass
+
+__all__ = ["PrunePass"]

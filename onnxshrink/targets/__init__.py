@@ -1,0 +1,1 @@
+"""Runtime targets: execution-provider profiles, preparation and emission for them."""
