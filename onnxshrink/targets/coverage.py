@@ -29,14 +29,13 @@ from onnxshrink.targets.profiles import (QDQ_OPS, USABILITY_CHECKER_FILES, XNNPA
                                          XNNPACK_QDQ_OPS, checker_ops)
 
 # inputs that carry shapes, axes or sizes: the QNN EP needs them constant
-
-
 SHAPE_OPERANDS = {
     "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Resize": (1, 2, 3), "Pad": (1, 2, 3),
     "Split": (1,), "Unsqueeze": (1,), "Squeeze": (1,), "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,),
     "ReduceMin": (1,), "ReduceProd": (1,), "ReduceL2": (1,), "TopK": (1,), "ConstantOfShape": (0,),
     "Upsample": (1,), "Range": (0, 1, 2), "OneHot": (1,),
 }
+# the compute-heavy ops: an EP that misses one of them is not worth running
 HEAVY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "QLinearConv")
 
 
@@ -210,6 +209,7 @@ def _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profi
 
 
 def _reason_kind(reason: str) -> str:
+    """The category of a not-taken reason, for the per-category counts."""
     for key, kind in (("Q/DQ around", "Q/DQ of an op on the CPU EP"), ("supported-op list", "op not in EP list"),
                       ("no ", "op not in EP list"), ("dynamic", "dynamic shape"), ("rank", "rank"),
                       ("shape operand", "run-time shape operand"), ("XNNPACK", "QDQ scheme / fusion"),
@@ -256,6 +256,7 @@ def _usability_check(model_with_shapes: onnx.ModelProto, profile) -> dict:
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict:
+    """name -> (elem_type, dims or None; unknown dims None) of every typed value and initializer."""
     out = {}
     g = model.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):

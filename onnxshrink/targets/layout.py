@@ -127,4 +127,5 @@ def _per_tensor_qdq(node: gs.Node) -> bool:
 
 
 def _image_tensor(t) -> bool:
+    """A 4-D float tensor (N, C, H, W)."""
     return t.shape is not None and len(t.shape) == 4 and t.dtype is not None and np.dtype(t.dtype).kind == "f"

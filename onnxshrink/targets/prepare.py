@@ -175,6 +175,7 @@ def _apply_channels_last(model: onnx.ModelProto, ctx) -> tuple[onnx.ModelProto, 
 
 
 def _samples(model: onnx.ModelProto, ctx, n: int = 4) -> list[dict]:
+    """Up to n validation samples from ctx.val, else 2 synthetic ones (seed 0)."""
     src = getattr(ctx, "val", None) if ctx is not None else None
     if src is not None and len(src):
         return [src.get(i) for i in range(min(n, len(src)))]
@@ -182,6 +183,7 @@ def _samples(model: onnx.ModelProto, ctx, n: int = 4) -> list[dict]:
 
 
 def _run(model: onnx.ModelProto, samples) -> list[list[np.ndarray]]:
+    """The model's outputs per sample on the CPU EP, graph optimizations off."""
     from onnxshrink.runtime import make_session
     sess = make_session(model, optimize=False)
     names = [o.name for o in sess.get_outputs()]
@@ -189,6 +191,7 @@ def _run(model: onnx.ModelProto, samples) -> list[list[np.ndarray]]:
 
 
 def _max_rel_err(a, b) -> float:
+    """max over outputs of max|x - y| / max|x| (inf on a shape or integer-value mismatch)."""
     worst = 0.0
     for xs, ys in zip(a, b):
         for x, y in zip(xs, ys):
@@ -205,10 +208,12 @@ def _max_rel_err(a, b) -> float:
 
 
 def _opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset version (0 when none is imported)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _static_inputs(model: onnx.ModelProto) -> bool:
+    """Every graph input (not an initializer) has a fixed positive size in every dimension."""
     inits = {t.name for t in model.graph.initializer}
     for i in model.graph.input:
         if i.name in inits:

@@ -33,8 +33,6 @@ from onnxshrink.targets.layout import ChannelsLastIO
 # The HTP device the simulator emulates. Without a soc_model the simulator cannot finalize graphs
 # that keep float nodes (QNN_COMMON_ERROR_MEM_ALLOC); 43 = Snapdragon 8 Gen 2 (SM8550, HTP v73).
 # enable_htp_fp16_precision: float nodes run in fp16 as they do on the device (v73+).
-
-
 QNN_HTP_OPTIONS = {"backend_type": "htp", "soc_model": "43", "enable_htp_fp16_precision": "1"}
 
 
@@ -171,6 +169,8 @@ def _parse_qnn_validation(log: str, limit: int = 50) -> list[dict]:
     return uniq[:limit]
 
 
+# run by qnn_htp_check in the Python that has onnxruntime-qnn: argv = model, samples.npz, outputs.npz,
+# log path, provider options (JSON); prints one JSON line of results
 _QNN_WORKER = r'''
 import json, re, sys, time
 import numpy as np

@@ -120,6 +120,7 @@ def gemm_to_matmul(g: gs.Graph) -> int:
 
 
 def _decompose_hardswish(g: gs.Graph) -> int:
+    """HardSwish(x) -> x * HardSigmoid(x; alpha=1/6, beta=1/2)."""
     n = 0
     for node in [x for x in g.nodes if x.op == "HardSwish"]:
         if is_quantized_node(node):
@@ -136,6 +137,7 @@ def _decompose_hardswish(g: gs.Graph) -> int:
 
 
 def _decompose_hardsigmoid(g: gs.Graph) -> int:
+    """HardSigmoid(x; alpha, beta) -> Clip(alpha * x + beta, 0, 1)."""
     n = 0
     for node in [x for x in g.nodes if x.op == "HardSigmoid"]:
         if is_quantized_node(node):
@@ -160,6 +162,7 @@ def _decompose_hardsigmoid(g: gs.Graph) -> int:
 
 
 def _fuse_hardswish(g: gs.Graph) -> int:
+    """x * HardSigmoid(x; 1/6, 1/2) -> HardSwish(x), when the HardSigmoid feeds only that Mul."""
     n = 0
     for hs in [x for x in g.nodes if x.op == "HardSigmoid"]:
         if not hs.outputs or abs(float(hs.attrs.get("alpha", 0.2)) - 1 / 6) > 1e-6 or \
@@ -183,6 +186,7 @@ def _fuse_hardswish(g: gs.Graph) -> int:
 
 
 def _matmul_add_to_gemm(g: gs.Graph) -> int:
+    """MatMul(A, W) + b -> Gemm(A, W, b) for a 2-D A, a constant 2-D W and a constant bias of W's columns."""
     n = 0
     for mm in [x for x in g.nodes if x.op == "MatMul"]:
         if not mm.outputs or len(mm.inputs) != 2:
@@ -278,8 +282,9 @@ REWRITES = {
     "convtranspose_to_conv_depthtospace": (_convtranspose_to_conv_depthtospace, ("ConvTranspose",),
                                            ("Conv", "DepthToSpace")),
 }
+# the rewrites that replace an op by others: applied whenever the target lacks the op and has the others
 DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matmul",
-                   "convtranspose_to_conv_depthtospace")
+                  "convtranspose_to_conv_depthtospace")
 
 
 def is_quantized_node(node: gs.Node) -> bool:
