@@ -122,7 +122,7 @@ def _text_subset(model, val, report) -> dict:
     import numpy as np
     from models.real import real_model
     from onnxshrink.runtime import make_session
-    from onnxshrink.targets.emit import ChannelsLastIO
+    from onnxshrink.targets.layout import ChannelsLastIO
     ref = make_session(str(real_model("ppocr_det")), optimize=False)
     io = ChannelsLastIO(report.target_report.get("channels_last"))  # NHWC I/O when the target asked for it
     cos, iou = [], []

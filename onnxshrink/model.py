@@ -20,7 +20,7 @@ from onnxshrink.errors import InputError, UsageError
 
 # protobuf refuses to serialize a message of 2 GiB or more; leave head room for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 1
-_EXTERNAL_THRESHOLD = int(1.8 * 2**30)
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -117,7 +117,7 @@ def check_model(model: onnx.ModelProto, full_check: bool = True) -> None:
 
 def is_large(model: onnx.ModelProto) -> bool:
     """True when the model's weights are too large to serialize it as one protobuf message."""
-    return _weights_size(model) >= _EXTERNAL_THRESHOLD
+    return _weights_size(model) >= EXTERNAL_DATA_THRESHOLD
 
 
 def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: str | None = None,
@@ -276,7 +276,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         model, _ = sparse_storage(model, min_size=256)
     parent = out.parent if str(out.parent) else Path(".")
     if external_data is None:
-        external_data = _weights_size(model) >= _EXTERNAL_THRESHOLD
+        external_data = _weights_size(model) >= EXTERNAL_DATA_THRESHOLD
     tmpdir = None
     try:
         tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)

@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxshrink.targets import emit as em
+from onnxshrink import targets
 from onnxshrink.targets.profiles import get_target
 
-pytestmark = pytest.mark.skipif(not em.qnn_available(),
+pytestmark = pytest.mark.skipif(not targets.qnn_available(),
                                 reason="onnxruntime-qnn is not installed (pip install onnxruntime-qnn)")
 
 
@@ -66,7 +66,7 @@ def test_qdq_model_runs_entirely_on_htp_close_to_fp32():
     f = _float_model()
     q = _qnn_qdq(f)
     val = _samples(3, 1)
-    res = em.qnn_htp_check(q, val, _ref(f, val))
+    res = targets.qnn_htp_check(q, val, _ref(f, val))
     assert res["available"] and res["accepted"], res
     assert not res.get("nodes_on_cpu")
     assert res["fidelity"]["cosine"] >= 0.99
@@ -77,9 +77,9 @@ def test_float_model_runs_on_htp_simulator_and_coverage_flags_float_ops():
     real check accepts it and the static coverage reports the float nodes."""
     f = _float_model()
     val = _samples(1, 1)
-    res = em.qnn_htp_check(f, val, _ref(f, val))
+    res = targets.qnn_htp_check(f, val, _ref(f, val))
     assert res["available"] and res["accepted"]
-    cov = em.coverage(f, get_target("qnn"))
+    cov = targets.coverage(f, get_target("qnn"))
     assert cov["float_nodes"] == 3
 
 
@@ -90,7 +90,7 @@ def test_dynamic_shape_model_is_rejected_with_cpu_fallback_disabled():
     x.ClearField("dim_value")
     x.dim_param = "N"
     val = _samples(1, 1)
-    res = em.qnn_htp_check(f, val, _ref(f, val))
+    res = targets.qnn_htp_check(f, val, _ref(f, val))
     assert res["available"] and not res["accepted"], res
     assert res.get("error")
     # the EP's own reasons, per node unit: a dynamic dimension leaves it without a shape
@@ -106,7 +106,7 @@ def test_emit_for_qnn_reports_real_check():
         val = None
         reference = None
 
-    out, info = em.emit_for_target(q, get_target("qnn"), Ctx())
+    out, info = targets.emit_for_target(q, get_target("qnn"), Ctx())
     assert info["coverage"]["accepted"]
     assert info["qnn_htp"]["accepted"]
 

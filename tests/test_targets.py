@@ -8,7 +8,7 @@ import onnx.parser
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.targets import emit as em
+from onnxshrink import targets
 from onnxshrink.errors import UsageError
 from onnxshrink.targets.profiles import TARGETS, get_target
 from tests.helpers import assert_outputs_close, check, run_ort
@@ -49,7 +49,7 @@ def test_profiles_exist_and_carry_qdq_scheme():
 def test_hardswish_decomposed_exactly_for_nnapi():
     m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[1,4,5,5] x) => (float[1,4,5,5] y) { h = HardSwish(x)  y = Relu(h) }""")
-    out, done = em.apply_rewrites(m, (), get_target("nnapi"))
+    out, done = targets.apply_rewrites(m, (), get_target("nnapi"))
     assert done == {"decompose_hardswish": 1, "decompose_hardsigmoid": 1}
     assert "HardSwish" not in _ops(out) and "HardSigmoid" not in _ops(out) and "Clip" in _ops(out)
     check(out)
@@ -60,7 +60,7 @@ def test_hardswish_decomposed_exactly_for_nnapi():
 def test_hardswish_fused_back_exactly():
     m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[2,8] x) => (float[2,8] y) { h = HardSigmoid <alpha = 0.16666667, beta = 0.5> (x)  y = Mul(x, h) }""")
-    out, done = em.apply_rewrites(m, ("fuse_hardswish",))
+    out, done = targets.apply_rewrites(m, ("fuse_hardswish",))
     assert done == {"fuse_hardswish": 1} and _ops(out) == ["HardSwish"]
     check(out)
     x = (RNG.standard_normal((2, 8)) * 5).astype(np.float32)
@@ -76,7 +76,7 @@ def test_gemm_to_matmul_add_exact(attrs):
     c = RNG.standard_normal((5,)).astype(np.float32)
     m = _model(f"""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float{a_shape} a) => (float[3,5] y) {{ y = Gemm {attrs} (a, w, c) }}""", {"w": w, "c": c})
-    out, done = em.apply_rewrites(m, ("gemm_to_matmul",))
+    out, done = targets.apply_rewrites(m, ("gemm_to_matmul",))
     assert done == {"gemm_to_matmul": 1} and "Gemm" not in _ops(out) and "MatMul" in _ops(out)
     check(out)
     a = RNG.standard_normal((6, 3) if ta else (3, 6)).astype(np.float32)
@@ -88,7 +88,7 @@ def test_matmul_add_to_gemm_exact():
     b = RNG.standard_normal((5,)).astype(np.float32)
     m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[3,6] a) => (float[3,5] y) { t = MatMul(a, w)  y = Add(t, b) }""", {"w": w, "b": b})
-    out, done = em.apply_rewrites(m, ("matmul_add_to_gemm",))
+    out, done = targets.apply_rewrites(m, ("matmul_add_to_gemm",))
     assert done == {"matmul_add_to_gemm": 1} and _ops(out) == ["Gemm"]
     check(out)
     a = RNG.standard_normal((3, 6)).astype(np.float32)
@@ -106,7 +106,7 @@ def test_convtranspose_to_conv_depthtospace_exact(bias):
     m = _model(f"""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[1,6,5,7] x) => (float[1,4,10,14] y) {{
             y = ConvTranspose <kernel_shape = [2, 2], strides = [2, 2], pads = [0, 0, 0, 0]> ({args}) }}""", inits)
-    out, done = em.apply_rewrites(m, (), get_target("nnapi"))
+    out, done = targets.apply_rewrites(m, (), get_target("nnapi"))
     assert done == {"convtranspose_to_conv_depthtospace": 1} and _ops(out) == ["Conv", "DepthToSpace"]
     check(out)
     x = RNG.standard_normal((1, 6, 5, 7)).astype(np.float32)
@@ -118,12 +118,12 @@ def test_empty_resize_inputs_filled_for_the_usability_checker():
         g (float[1,2,4,4] x) => (float[1,2,8,8] y) { y = Resize <mode = "nearest"> (x, , sc) }""",
                {"sc": np.array([1, 1, 2, 2], np.float32)})
     m = onnx.shape_inference.infer_shapes(m)
-    before = em.coverage(m, get_target("nnapi"))["usability_checker"]
+    before = targets.coverage(m, get_target("nnapi"))["usability_checker"]
     assert before["unsupported_dynamic_shape"] == 1
-    out, done = em.apply_rewrites(m, get_target("nnapi").rewrites, get_target("nnapi"))
+    out, done = targets.apply_rewrites(m, get_target("nnapi").rewrites, get_target("nnapi"))
     assert done == {"fill_empty_resize_inputs": 1}
     check(out)
-    cov = em.coverage(out, get_target("nnapi"))
+    cov = targets.coverage(out, get_target("nnapi"))
     assert cov["usability_checker"]["unsupported_dynamic_shape"] == 0 and cov["accepted"]
     x = RNG.standard_normal((1, 2, 4, 4)).astype(np.float32)
     assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 0)
@@ -131,7 +131,7 @@ def test_empty_resize_inputs_filled_for_the_usability_checker():
 
 def test_rewrite_never_splits_a_quantized_node():
     m = _qdq_model("HardSwish")
-    out, done = em.apply_rewrites(m, (), get_target("nnapi"))
+    out, done = targets.apply_rewrites(m, (), get_target("nnapi"))
     assert done == {} and "HardSwish" in _ops(out)
 
 
@@ -155,19 +155,19 @@ def _shape_model():
 def test_static_shape_folding_removes_shape_arithmetic():
     from onnxshrink.graph.shapes import fix_input_shapes
     m = fix_input_shapes(_shape_model(), {"x": [1, 4, 6, 6]})
-    out, info = em.fold_static_shapes(m)
+    out, info = targets.fold_static_shapes(m)
     assert info["changed"] and sorted(_ops(out)) == ["Reshape", "Sigmoid"]
     assert info["removed"]["Shape"] == 1
     check(out)
     x = RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)
     assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-7)
-    cov = em.coverage(out, get_target("qnn"))
+    cov = targets.coverage(out, get_target("qnn"))
     assert "Shape" not in cov["unsupported_ops"]
 
 
 def test_dynamic_model_keeps_shape_ops_and_qnn_coverage_says_why():
     m = _shape_model()
-    cov = em.coverage(m, get_target("qnn"))
+    cov = targets.coverage(m, get_target("qnn"))
     assert cov["unsupported_ops"].get("Shape") == 1 and not cov["accepted"]
     assert any("dynamic" in u["reason"] for u in cov["unsupported"])
     assert any("no qnn kernel for Shape" in u["reason"] for u in cov["unsupported"])
@@ -196,7 +196,7 @@ def _qdq_model(op: str = "Conv") -> onnx.ModelProto:
 
 def test_folding_keeps_quantized_weights():
     m = _qdq_model()
-    out, info = em.fold_static_shapes(m)
+    out, info = targets.fold_static_shapes(m)
     assert _ops(out).count("DequantizeLinear") == 4
     assert any(t.data_type == TensorProto.INT8 for t in out.graph.initializer)
 
@@ -205,23 +205,23 @@ def test_folding_keeps_quantized_weights():
 def test_qnn_coverage_counts_float_ops_and_accepts_qdq():
     f = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[1,3,8,8] x) => (float[1,3,8,8] y) { y = Sigmoid(x) }""")
-    cov = em.coverage(f, get_target("qnn"))
+    cov = targets.coverage(f, get_target("qnn"))
     assert cov["accepted"] and cov["float_nodes"] == 1 and cov["float_ops"] == {"Sigmoid": 1}
     q = _qdq_model()
-    cov = em.coverage(q, get_target("qnn"))
+    cov = targets.coverage(q, get_target("qnn"))
     assert cov["accepted"] and cov["taken"] == cov["nodes"] == 7 and cov["partitions"] == 1
     assert cov["float_nodes"] == 0
 
 
 def test_xnnpack_coverage_checks_the_qdq_scheme():
-    cov = em.coverage(_qdq_model(), get_target("xnnpack"))
+    cov = targets.coverage(_qdq_model(), get_target("xnnpack"))
     # uint8 activations with per-channel int8 weights: XNNPACK does not take u8s8
     assert cov["heavy_ops"] == {"total": 1, "taken": 0} and not cov["accepted"]
     m = _qdq_model()
     for t in m.graph.initializer:  # int8 activations: the qc8 scheme XNNPACK fuses
         if t.name in ("x_z", "y_z"):
             t.CopyFrom(numpy_helper.from_array(np.array(0, np.int8), t.name))
-    cov = em.coverage(m, get_target("xnnpack"))
+    cov = targets.coverage(m, get_target("xnnpack"))
     assert cov["heavy_ops"] == {"total": 1, "taken": 1} and cov["accepted"]
     # the QDQ group (DQ x, DQ w, DQ bias, Conv, Q y) runs on XNNPACK; the graph-boundary Q of x and DQ of y do not
     assert cov["taken"] == 5 and cov["nodes"] == 7
@@ -230,11 +230,11 @@ def test_xnnpack_coverage_checks_the_qdq_scheme():
 def test_nnapi_coverage_uses_onnxruntime_usability_checker():
     m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[1,4,5,5] x) => (float[1,4,5,5] y) { h = HardSwish(x)  y = Relu(h) }""")
-    cov = em.coverage(m, get_target("nnapi"))
+    cov = targets.coverage(m, get_target("nnapi"))
     assert cov["usability_checker"]["unsupported_ops"] == ["ai.onnx:HardSwish"]
     assert cov["unsupported_ops"] == {"HardSwish": 1}
-    out, _ = em.apply_rewrites(m, (), get_target("nnapi"))
-    cov = em.coverage(out, get_target("nnapi"))
+    out, _ = targets.apply_rewrites(m, (), get_target("nnapi"))
+    cov = targets.coverage(out, get_target("nnapi"))
     assert cov["accepted"] and cov["usability_checker"]["suitability"] == "YES" and cov["not_taken"] == 0
 
 
@@ -242,11 +242,11 @@ def test_nnapi_coverage_uses_onnxruntime_usability_checker():
 def test_emit_converts_opset_and_reports():
     m = _model("""<ir_version: 7, opset_import: ["" : OPSET]>
         g (float[1,4,5,5] x) => (float[1,4,5,5] y) { h = HardSwish(x)  y = Relu(h) }""", opset=14)
-    out, info = em.emit_for_target(m, get_target("nnapi"), None)
+    out, info = targets.emit_for_target(m, get_target("nnapi"), None)
     assert info["opset"] == 14 and info["coverage"]["accepted"]
     old = _model("""<ir_version: 7, opset_import: ["" : OPSET]>
         g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }""", opset=11)
-    out, info = em.emit_for_target(old, get_target("qnn"), None, qnn=False)
+    out, info = targets.emit_for_target(old, get_target("qnn"), None, qnn=False)
     assert info["emission"]["opset"]["changed"] and info["opset"] == 13
     check(out)
 
@@ -297,7 +297,7 @@ def test_save_ort_format(tmp_path):
         g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }""")
     p = tmp_path / "m.onnx"
     onnx.save(m, p)
-    o = em.save_ort_format(p)
+    o = targets.save_ort_format(p)
     assert o.suffix == ".ort" and o.exists()
     s = ort.InferenceSession(str(o), providers=["CPUExecutionProvider"])
     x = np.array([[-1, 2, -3, 4]], np.float32)

@@ -10,7 +10,8 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from helpers import check, normal_samples, run_ort
-from onnxshrink.targets import emit as em
+from onnxshrink import targets
+from onnxshrink.targets import prepare as target_prepare
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import fidelity
 
@@ -92,15 +93,16 @@ def test_int16_activations_and_16bit_sigmoid_encoding():
 def test_coverage_sees_through_contrib_qdq():
     from onnxshrink.targets.profiles import get_target
     q, _ = _quantize(wide_range_net(13), samples(), activation_dtype="uint16")
-    cov = em.coverage(q, get_target("qnn"))
+    cov = targets.coverage(q, get_target("qnn"))
     assert cov["accepted"] and cov["taken"] == cov["nodes"], cov["unsupported"][:3]
-    nn = em.coverage(q, get_target("nnapi"))
+    nn = targets.coverage(q, get_target("nnapi"))
     assert not nn["accepted"] and any("uint16 activations" in u["reason"] for u in nn["unsupported"])
 
 
 @pytest.fixture
 def no_htp(monkeypatch):
-    monkeypatch.setattr(em, "qnn_htp_check", lambda *a, **k: {"available": False, "reason": "stubbed in this test"})
+    monkeypatch.setattr(target_prepare, "qnn_htp_check",
+                        lambda *a, **k: {"available": False, "reason": "stubbed in this test"})
 
 
 def test_qnn_target_chooses_uint16_when_uint8_misses_the_budget(no_htp):

@@ -13,7 +13,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from helpers import check, normal_samples, run_ort
-from onnxshrink.targets import emit as em
+from onnxshrink import targets
 from onnxshrink.cli import cli
 from onnxshrink.errors import UsageError
 from onnxshrink.pipeline.manager import optimize
@@ -52,48 +52,48 @@ def _dims(vi):
 def _exact(model, cl, info):
     val = samples(3, 5)
     a = [run_ort(model, s) for s in val]
-    b = [run_ort(cl, s) for s in em.channels_last_samples(val, info["inputs"])]
+    b = [run_ort(cl, s) for s in targets.channels_last_samples(val, info["inputs"])]
     names = [o.name for o in cl.graph.output]
     for ra, rb in zip(a, b):
         for n, x, y in zip(names, ra, rb):
-            y = y.transpose(em.TO_NCHW) if n in info["outputs"] else y
+            y = y.transpose(targets.TO_NCHW) if n in info["outputs"] else y
             np.testing.assert_array_equal(x, y)
 
 
 def test_float_model_goes_channel_last_exactly():
     m = conv_net(extra_output=True)
-    cl, info = em.to_channels_last(m)
+    cl, info = targets.to_channels_last(m)
     onnx.checker.check_model(cl, full_check=True)
     assert info == {"inputs": ["x"], "outputs": ["y"]}
     assert _dims(cl.graph.input[0]) == [1, 16, 16, 3] and cl.graph.input[0].name == "x"
     assert [o.name for o in cl.graph.output] == ["y", "v"]
     assert _dims(cl.graph.output[0]) == [1, 16, 16, 8] and _dims(cl.graph.output[1]) == [1, 8]
     perms = [list(n.attribute[0].ints) for n in cl.graph.node if n.op_type == "Transpose"]
-    assert sorted(perms) == sorted([list(em.TO_NCHW), list(em.TO_NHWC)])
+    assert sorted(perms) == sorted([list(targets.TO_NCHW), list(targets.TO_NHWC)])
     _exact(m, cl, info)
 
 
 def test_qdq_model_transposes_on_the_integer_side():
     m = conv_net()
     q, _ = optimize(m, passes=[{"quantize": {"guard": False}}], data=samples(), val_data=samples(3, 5), debug=True)
-    cl, info = em.to_channels_last(q)
+    cl, info = targets.to_channels_last(q)
     onnx.checker.check_model(cl, full_check=True)
     prod = {o: n for n in cl.graph.node for o in n.output}
     tr = [n for n in cl.graph.node if n.op_type == "Transpose"]
-    into = [n for n in tr if list(n.attribute[0].ints) == list(em.TO_NCHW)]
+    into = [n for n in tr if list(n.attribute[0].ints) == list(targets.TO_NCHW)]
     assert len(into) == 1 and prod[into[0].input[0]].op_type == "QuantizeLinear"  # x -> Q -> Transpose -> DQ
     assert prod[into[0].input[0]].input[0] == "x"
     _exact(q, cl, info)
     # no float node added: static QNN coverage counts the same float nodes as before
     qnn = get_target("qnn")
-    assert em.coverage(cl, qnn).get("float_nodes") <= em.coverage(q, qnn).get("float_nodes") + 1
+    assert targets.coverage(cl, qnn).get("float_nodes") <= targets.coverage(q, qnn).get("float_nodes") + 1
 
 
 def test_model_without_image_io_is_unchanged():
     g = oh.make_graph([oh.make_node("Relu", ["a"], ["b"])], "g", [oh.make_tensor_value_info("a", TP.FLOAT, [2, 5])],
                       [oh.make_tensor_value_info("b", TP.FLOAT, [2, 5])])
     m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
-    out, info = em.to_channels_last(m)
+    out, info = targets.to_channels_last(m)
     assert out is m and info == {"inputs": [], "outputs": []}
 
 

@@ -108,8 +108,8 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
 
 
 def _small(model):
-    from onnxshrink.model import _EXTERNAL_THRESHOLD, tensor_bytes
-    return tensor_bytes(model) < _EXTERNAL_THRESHOLD // 4
+    from onnxshrink.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+    return tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD // 4
 
 
 def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -251,7 +251,7 @@ class PassManager:
         if self.target is not None:
             current = self._emit(current, ctx, report)
 
-        from onnxshrink.targets.emit import ChannelsLastIO  # the target may have made the image I/O channel-last
+        from onnxshrink.targets.layout import ChannelsLastIO  # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
         final = io.run(current, val, optimize=True)
         report.fidelity = fidelity(reference, final, self.metric, val, self._labels)
@@ -267,8 +267,8 @@ class PassManager:
         return current, report
 
     def _emit(self, model, ctx, report):
-        from onnxshrink.targets import profiles as targets
-        emit = getattr(targets, "emit", None)
+        from onnxshrink.targets import prepare as targets
+        emit = getattr(targets, "emit_for_target", None)
         if emit is None:
             return model
         model, info = emit(model, self.target, ctx)
@@ -278,8 +278,8 @@ class PassManager:
     def _prepare_target(self, model, val, reference):
         """The target's lossless preparation before the passes (opset, static-shape folding, exact
         rewrites), kept only when it validates like a lossless pass."""
-        from onnxshrink.targets import profiles as targets
-        prepare = getattr(targets, "prepare", None)
+        from onnxshrink.targets import prepare as targets
+        prepare = getattr(targets, "prepare_for_target", None)
         self._prepare_info = {}
         if prepare is None:
             return model
@@ -397,7 +397,7 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
         report.file_bytes = {"before": Path(input_path).stat().st_size if input_path else None,
                              "after": Path(output).stat().st_size}
         if pm.target is not None and getattr(pm.target, "ort_format", False):  # --target NAME+ort
-            from onnxshrink.targets.emit import save_ort_format
+            from onnxshrink.targets.ort_format import save_ort_format
             style = "Runtime" if pm.target.name in ("nnapi", "coreml") else "Fixed"
             report.target_report["ort_format"] = {"path": str(save_ort_format(output, optimization_style=style)),
                                                   "optimization_style": style}

@@ -1,7 +1,7 @@
 """Execution-provider profiles: what each edge EP of onnxruntime fuses and accepts.
 
 A TargetProfile tells the quantize pass the QDQ scheme (activation/weight types, symmetry,
-per-channel), and the emission step (``onnxshrink.targets.emit``) the opset range, whether shapes must
+per-channel), and the emission step (``onnxshrink.targets.prepare``) the opset range, whether shapes must
 be static, which operators the EP takes, which exact rewrites to apply, and how to check the
 result. The facts, with their sources:
 
@@ -27,12 +27,18 @@ result. The facts, with their sources:
 
 from __future__ import annotations
 
-__all__ = ["TargetProfile", "TARGETS", "TARGET_OPTIONS", "get_target", "with_options", "emit", "prepare", "QNN_HTP_OPS",
-           "XNNPACK_OPS"]
+__all__ = ["TargetProfile", "TARGETS", "TARGET_OPTIONS", "get_target", "with_options", "target_has_op", "checker_ops",
+           "QDQ_OPS", "QNN_HTP_OPS", "XNNPACK_OPS", "XNNPACK_QDQ_OPS", "XNNPACK_FUSED_ACTIVATIONS",
+           "USABILITY_CHECKER_FILES"]
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from onnxshrink.errors import UsageError
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 # Ops the QNN EP builds for the HTP backend (onnxruntime/core/providers/qnn/builder/op_builder_factory.cc).
 # Shape, Range, ConstantOfShape, NonZero, Loop/If have no builder: they must be folded away.
@@ -52,6 +58,8 @@ XNNPACK_OPS = frozenset("Conv ConvTranspose MaxPool AveragePool Softmax Resize G
 XNNPACK_QDQ_OPS = frozenset("Conv ConvTranspose MaxPool AveragePool Softmax Resize".split())
 # Activations XNNPACK fuses into a preceding float Conv/MaxPool/AveragePool it takes.
 XNNPACK_FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+# onnxruntime's supported-op lists its mobile usability checker reads, per EP (profile ops="usability_checker")
+USABILITY_CHECKER_FILES = {"nnapi": "nnapi_supported_ops.md", "coreml": "coreml_supported_mlprogram_ops.md"}
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class TargetProfile:
         usability checker's list for this EP).
     fp16: the EP computes in float16 natively (the ``fp16`` pass is a sensible choice).
     max_rank: the largest tensor rank the EP takes.
-    rewrites: exact rewrites applied at emission for this EP (see ``onnxshrink.targets.emit.REWRITES``);
+    rewrites: exact rewrites applied at emission for this EP (see ``onnxshrink.targets.rewrites.REWRITES``);
         decompositions of ops the EP lacks are applied whenever the op is missing from ``ops``.
     float_ops_run: the EP runs float (not quantized) compute nodes; False for QNN HTP.
     wide_activation_dtype: a 16-bit activation type the EP also takes; the quantize pass (with
@@ -178,7 +186,6 @@ def with_options(profile: TargetProfile | None, options: dict) -> TargetProfile 
         return profile
     if profile is None:
         raise UsageError(f"target options {sorted(options)} given without --target")
-    import dataclasses
     vals = {}
     for k, v in options.items():
         if isinstance(v, str):
@@ -189,16 +196,22 @@ def with_options(profile: TargetProfile | None, options: dict) -> TargetProfile 
     return dataclasses.replace(profile, **vals)
 
 
-def prepare(model, profile: TargetProfile, ctx=None):
-    """Target preparation before the passes (lossless): opset into range, static-shape folding,
-    exact rewrites of ops the target lacks. Returns (model, info). See ``onnxshrink.targets.emit``."""
-    from onnxshrink.targets.emit import prepare_for_target
-    return prepare_for_target(model, profile, ctx)
+def target_has_op(profile: TargetProfile | None, op: str) -> bool:
+    """The target's EP takes ``op`` (default domain); no profile: every op."""
+    s = profile.supports_op(op) if profile is not None else True
+    if s is None:  # decided by onnxruntime's usability checker list
+        return checker_ops(profile).get(op, False)
+    return bool(s)
 
 
-def emit(model, profile: TargetProfile, ctx=None):
-    """Emission after the passes: the preparation steps again (on the quantized graph), then the
-    coverage report and, for QNN when onnxruntime-qnn is installed, a real HTP session check.
-    Returns (model, info); the manager stores info in ``report.target_report``."""
-    from onnxshrink.targets.emit import emit_for_target
-    return emit_for_target(model, get_target(profile), ctx)
+def checker_ops(profile: TargetProfile) -> dict:
+    """op -> True for the ops in onnxruntime's mobile usability checker list of this EP."""
+    return _checker_ops_for(profile.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _checker_ops_for(name: str) -> dict:
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc  # onnxruntime: heavy
+    path = Path(uc.__file__).parent / USABILITY_CHECKER_FILES[name]
+    ops = uc._SupportedOpsChecker(str(path))._ops
+    return {k.split(":", 1)[1]: True for k in ops if k.startswith("ai.onnx:")}

@@ -1,0 +1,313 @@
+"""Which nodes a target's execution provider takes, which not and why (static analysis).
+
+Per node: the EP's op list (``TargetProfile.ops``; for NNAPI and CoreML onnxruntime's own mobile
+usability checker decides), dynamic or unknown input shapes where the EP needs static ones, tensor
+rank, shape operands computed at run time (QNN needs them constant), float compute outside a QDQ
+group (QNN HTP runs quantized graphs), and the QDQ scheme of each DequantizeLinear:
+
+- XNNPACK: uint8 or int8 activations; per-channel weights only as int8 symmetric ("qc8"), u8
+  activations with s8 weights not fused; QDQ groups only of Conv/ConvTranspose/MaxPool/AveragePool/
+  Softmax/Resize, Relu/Clip only fused after a float Conv/MaxPool/AveragePool it takes;
+- NNAPI: uint8 activations (TENSOR_QUANT8_ASYMM), per-channel weights only int8 symmetric;
+- QNN HTP: 8- or 16-bit activations; int32 biases are taken by every EP here.
+
+Taken nodes are counted into partitions (connected components), the EP's session boundaries.
+"""
+
+from __future__ import annotations
+
+__all__ = ["coverage", "activation_qtypes", "SHAPE_OPERANDS", "HEAVY_OPS"]
+
+import collections
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxshrink.graph.shapes import infer_shapes
+from onnxshrink.targets.profiles import (QDQ_OPS, USABILITY_CHECKER_FILES, XNNPACK_FUSED_ACTIVATIONS,
+                                         XNNPACK_QDQ_OPS, checker_ops)
+
+# inputs that carry shapes, axes or sizes: the QNN EP needs them constant
+SHAPE_OPERANDS = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Resize": (1, 2, 3), "Pad": (1, 2, 3),
+    "Split": (1,), "Unsqueeze": (1,), "Squeeze": (1,), "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,),
+    "ReduceMin": (1,), "ReduceProd": (1,), "ReduceL2": (1,), "TopK": (1,), "ConstantOfShape": (0,),
+    "Upsample": (1,), "Range": (0, 1, 2), "OneHot": (1,),
+}
+# the compute-heavy ops: an EP that misses one of them is not worth running
+HEAVY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "QLinearConv")
+
+
+def coverage(model: onnx.ModelProto, profile) -> dict:
+    """Which nodes the target's EP takes, which not and why.
+
+    Returns {"nodes", "taken", "not_taken", "partitions", "unsupported": [{node, op, reason}],
+    "reasons": {reason: count}, "accepted": bool, "accepted_means": str, ...}."""
+    m = infer_shapes(_qdq_in_onnx_domain(model), data_prop=True)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    types = _tensor_types(m)
+    producers = {o: n for n in g.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    const_names = set(inits) | {n.output[0] for n in g.node if n.op_type == "Constant"}
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    listed_ops = checker_ops(profile) if isinstance(profile.ops, str) else None
+
+    def dynamic(name):
+        t = types.get(name)
+        return t is None or t[1] is None or any(d is None for d in t[1])
+
+    reasons: dict[str, str] = {}
+    taken: set[str] = set()
+    float_nodes: list[str] = []  # taken, but computed in float (not inside a QDQ group)
+    names = [n.name or f"{n.op_type}_{k}" for k, n in enumerate(g.node)]
+    for name, n in zip(names, g.node):
+        why = None
+        op = n.op_type
+        dom = n.domain or ""
+        if profile.ops is None:
+            pass
+        elif listed_ops is not None:
+            if dom not in ("", "ai.onnx") or not listed_ops.get(op):
+                why = f"{op} is not in onnxruntime's {profile.name} supported-op list"
+        elif dom not in ("", "ai.onnx") or op not in profile.ops:
+            if profile.name == "xnnpack" and op in QDQ_OPS:
+                why = None  # decided by the group it belongs to, below
+            elif profile.name == "xnnpack" and op in XNNPACK_FUSED_ACTIVATIONS:
+                why = None
+            else:
+                why = f"no {profile.name} kernel for {op}"
+        if why is None and profile.static_shapes and profile.ops is not None:
+            dyn = [i for i in n.input if i and i not in const_names and dynamic(i)]
+            if dyn:
+                why = f"input '{dyn[0]}' has a dynamic or unknown shape"
+        if why is None and profile.ops is not None:
+            ranks = [len(types[i][1]) for i in n.input if i in types and types[i][1] is not None]
+            if ranks and max(ranks) > profile.max_rank:
+                why = f"rank {max(ranks)} > {profile.max_rank}"
+        if why is None and profile.name == "qnn":
+            for k in SHAPE_OPERANDS.get(op, ()):
+                if k < len(n.input) and n.input[k] and n.input[k] not in const_names:
+                    why = f"shape operand '{n.input[k]}' is computed at run time (QNN needs it constant)"
+                    break
+            if why is None and op not in QDQ_OPS and not profile.float_ops_run:
+                fin = [i for i in n.input if i and i not in const_names and types.get(i, (0,))[0] in float_types]
+                fout = [o for o in n.output if o and types.get(o, (0,))[0] in float_types]
+                bad_in = [i for i in fin if i not in producers or producers[i].op_type != "DequantizeLinear"]
+                bad_out = [o for o in fout if not consumers.get(o) or
+                           any(c.op_type != "QuantizeLinear" for c in consumers[o])]
+                if bad_in or bad_out:
+                    float_nodes.append(name)
+        if why is None and op == "DequantizeLinear" and profile.name in ("xnnpack", "nnapi", "qnn"):
+            why = _dq_scheme_problem(profile, n, inits)
+        if why is None:
+            taken.add(name)
+        else:
+            reasons[name] = why
+
+    if profile.name == "xnnpack":
+        _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profile)
+
+    node_by_name = dict(zip(names, g.node))
+    unsupported = [{"node": k, "op": node_by_name[k].op_type, "reason": v} for k, v in reasons.items()]
+    by_reason = collections.Counter(_reason_kind(v) for v in reasons.values())
+    partitions = _count_partitions(g, names, taken, producers)
+    heavy_total = sum(1 for n in g.node if n.op_type in HEAVY_OPS)
+    heavy_taken = sum(1 for k, n in zip(names, g.node) if n.op_type in HEAVY_OPS and k in taken)
+    info = {"nodes": len(g.node), "taken": len(taken), "not_taken": len(reasons), "partitions": partitions,
+            "heavy_ops": {"total": heavy_total, "taken": heavy_taken},
+            "unsupported_ops": dict(collections.Counter(u["op"] for u in unsupported)),
+            "reasons": dict(by_reason), "unsupported": unsupported[:200]}
+    if not profile.float_ops_run:
+        info["float_nodes"] = len(float_nodes)
+        info["float_ops"] = dict(collections.Counter(node_by_name[k].op_type for k in float_nodes))
+        if float_nodes:
+            info["float_note"] = ("these nodes compute in float outside a QDQ group: the QNN EP hands them to "
+                                  "HTP, which runs float only in fp16 on v73+ chips (fp32 in the x86 simulator); "
+                                  "quantize them for older HTP versions")
+    if listed_ops is not None:
+        info["usability_checker"] = _usability_check(m, profile)
+        info["accepted"] = info["usability_checker"]["suitability"] == "YES" and \
+            not by_reason.get("QDQ scheme / fusion")
+        info["accepted_means"] = ("onnxruntime's mobile usability checker rates the model YES for this EP "
+                                  "and every QDQ tensor has a type the EP takes")
+    elif profile.name == "xnnpack":
+        info["accepted"] = heavy_taken == heavy_total and not any(
+            "XNNPACK takes" in v or "XNNPACK needs" in v for v in reasons.values())
+        info["accepted_means"] = ("XNNPACK takes every Conv/ConvTranspose/MatMul/Gemm and the QDQ scheme is one "
+                                  "it fuses; other ops run on the CPU EP in the same session by design")
+    elif profile.ops is None:
+        info["accepted"] = True
+        info["accepted_means"] = f"{profile.provider} runs every ONNX op"
+    else:
+        info["accepted"] = not reasons
+        info["accepted_means"] = f"every node is taken by {profile.provider} (static analysis)"
+    return info
+
+
+def activation_qtypes(model: onnx.ModelProto) -> list[str]:
+    """The integer types of the activation QuantizeLinear outputs (their zero points) in a QDQ model."""
+    inits = {t.name: t for t in model.graph.initializer}
+    found = set()
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits:
+            found.add(onnx.helper.tensor_dtype_to_np_dtype(inits[n.input[2]].data_type).name)
+    return sorted(found)
+
+
+def _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profile):
+    """XNNPACK: a QDQ group is taken when its op is one XNNPACK fuses as QDQ and the scheme fits;
+    Q/DQ nodes belong to the group they surround; Relu/Clip are taken when fused into a float
+    Conv/MaxPool/AveragePool it takes."""
+    by_node = dict(zip([id(n) for n in g.node], names))
+    for name, n in zip(names, g.node):
+        if n.op_type in QDQ_OPS or n.op_type in XNNPACK_FUSED_ACTIVATIONS:
+            continue
+        if name not in taken:
+            continue
+        quantized = any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input)
+        if quantized and n.op_type not in XNNPACK_QDQ_OPS:
+            taken.discard(name)
+            reasons[name] = f"XNNPACK takes {n.op_type} only in float, not as a QDQ group"
+        if quantized and name in taken:
+            # the scheme: u8 activations with s8 weights are not taken
+            act_dt = set()
+            for i in n.input:
+                p = producers.get(i)
+                if p is not None and p.op_type == "DequantizeLinear":
+                    src = inits.get(p.input[0])
+                    if src is not None:  # weight (or int32 bias, which does not count)
+                        dt = onnx.helper.tensor_dtype_to_np_dtype(src.data_type).name
+                    else:
+                        zp = inits.get(p.input[2]) if len(p.input) > 2 and p.input[2] else None
+                        dt = onnx.helper.tensor_dtype_to_np_dtype(zp.data_type).name if zp is not None else "uint8"
+                    if dt != "int32":
+                        act_dt.add(dt)
+            if len(act_dt) > 1:
+                taken.discard(name)
+                reasons[name] = f"mixed {'/'.join(sorted(act_dt))} QDQ inputs (XNNPACK takes qu8 or qs8, not u8s8)"
+    for name, n in zip(names, g.node):
+        if n.op_type in QDQ_OPS:
+            nb = [producers.get(i) for i in n.input] + [c for o in n.output for c in consumers.get(o, [])]
+            if any(x is not None and x.op_type not in QDQ_OPS and by_node[id(x)] in taken for x in nb):
+                if name not in reasons:
+                    taken.add(name)
+            else:
+                taken.discard(name)
+                reasons.setdefault(name, "Q/DQ around an op XNNPACK does not take (runs on the CPU EP)")
+        elif n.op_type in XNNPACK_FUSED_ACTIVATIONS:
+            p = producers.get(n.input[0]) if n.input else None
+            if p is not None and p.op_type in ("Conv", "MaxPool", "AveragePool") and by_node[id(p)] in taken:
+                taken.add(name)
+            else:
+                taken.discard(name)
+                reasons[name] = f"XNNPACK fuses {n.op_type} only after a float Conv/MaxPool/AveragePool it takes"
+
+
+def _reason_kind(reason: str) -> str:
+    """The category of a not-taken reason, for the per-category counts."""
+    for key, kind in (("Q/DQ around", "Q/DQ of an op on the CPU EP"), ("supported-op list", "op not in EP list"),
+                      ("no ", "op not in EP list"), ("dynamic", "dynamic shape"), ("rank", "rank"),
+                      ("shape operand", "run-time shape operand"), ("XNNPACK", "QDQ scheme / fusion"),
+                      ("activations", "QDQ scheme / fusion"), ("weights", "QDQ scheme / fusion")):
+        if key in reason:
+            return kind
+    return "other"
+
+
+def _count_partitions(g, names, taken, producers) -> int:
+    """Connected components of taken nodes (edges between taken producer/consumer pairs)."""
+    parent = {k: k for k in taken}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    by_node = dict(zip([id(n) for n in g.node], names))
+    for name, n in zip(names, g.node):
+        if name not in taken:
+            continue
+        for i in n.input:
+            p = producers.get(i)
+            if p is not None and by_node[id(p)] in taken:
+                parent[find(name)] = find(by_node[id(p)])
+    return len({find(k) for k in taken})
+
+
+def _usability_check(model_with_shapes: onnx.ModelProto, profile) -> dict:
+    """onnxruntime's own mobile usability checker on the model (shapes inferred)."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+    if profile.name == "nnapi":
+        p = uc.check_nnapi_partitions(model_with_shapes, require_fixed_input_sizes=True)
+    else:
+        p = uc.check_coreml_partitions(model_with_shapes, True, USABILITY_CHECKER_FILES["coreml"])
+    return {"partitions": p.num_partitions, "supported_nodes": p.num_supported_nodes, "nodes": p.num_nodes,
+            "unsupported_ops": sorted(p.unsupported_ops),
+            "unsupported_dynamic_shape": p.nodes_unsupported_due_to_dynamic_input,
+            "unsupported_rank": p.num_unsupported_nodes_due_to_rank,
+            "suitability": p.suitability().name,
+            "caveats_unchecked": p.supported_ops_checker.get_caveats()}
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict:
+    """name -> (elem_type, dims or None; unknown dims None) of every typed value and initializer."""
+    out = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim] \
+            if tt.HasField("shape") else None
+        out[vi.name] = (tt.elem_type, dims)
+    for t in g.initializer:
+        out[t.name] = (t.data_type, list(t.dims))
+    return out
+
+
+def _dq_scheme_problem(profile, dq: onnx.NodeProto, inits: dict) -> str | None:
+    """Why a DequantizeLinear's quantization is not one the target fuses, or None."""
+    x = dq.input[0]
+    if x not in inits:  # activation
+        zp = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        dt = onnx.helper.tensor_dtype_to_np_dtype(zp.data_type).name if zp is not None else "uint8"
+        if profile.name == "xnnpack" and dt not in ("uint8", "int8"):
+            return f"{dt} activations (XNNPACK takes uint8 or int8)"
+        if profile.name == "nnapi" and dt != "uint8":
+            return f"{dt} activations (NNAPI takes uint8)"
+        if profile.name == "qnn" and dt not in ("uint8", "uint16", "int8", "int16"):
+            return f"{dt} activations (QNN HTP takes 8/16-bit)"
+        return None
+    w = inits[x]
+    dt = onnx.helper.tensor_dtype_to_np_dtype(w.data_type).name
+    if dt == "int32":  # a bias: int32 with scale = input scale * weight scale, taken by every EP here
+        return None
+    scale = inits.get(dq.input[1])
+    per_channel = scale is not None and int(np.prod(scale.dims or [1])) > 1
+    if profile.name == "xnnpack":
+        if per_channel and dt != "int8":
+            return f"per-channel {dt} weights (XNNPACK takes per-channel only as int8)"
+        if per_channel and len(dq.input) > 2 and dq.input[2] in inits and \
+                np.any(numpy_helper.to_array(inits[dq.input[2]]) != 0):
+            return "per-channel weights with non-zero zero points (XNNPACK needs symmetric)"
+    if profile.name == "nnapi" and per_channel and dt != "int8":
+        return f"per-channel {dt} weights (NNAPI per-channel needs int8 symmetric)"
+    return None
+
+
+def _qdq_in_onnx_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with com.microsoft QuantizeLinear/DequantizeLinear (16-bit types below opset 21, as
+    onnxruntime's quantizer emits them) in the ONNX domain: the same semantics, and onnx's shape
+    inference (which has no contrib schemas) then sees through them. For analysis only."""
+    if not any(n.domain == "com.microsoft" and n.op_type in QDQ_OPS for n in model.graph.node):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if n.domain == "com.microsoft" and n.op_type in QDQ_OPS:
+            n.domain = ""
+    return m

@@ -1,0 +1,321 @@
+"""Exact graph rewrites applied at target emission, on onnx-graphsurgeon graphs.
+
+Decompositions of ops a target lacks, and fusions a target prefers; each is exact::
+
+    HardSwish(x)   = x * HardSigmoid(x; alpha=1/6, beta=1/2)
+    HardSigmoid(x) = Clip(alpha * x + beta, 0, 1)
+    Gemm(A, B, C)  = alpha * (A' @ B') + beta * C        (A' = A^T if transA, B' likewise)
+    MatMul(A, W) + b  ->  Gemm(A, W, b)                   (A 2-D, W and b constant)
+    x * HardSigmoid(x; 1/6, 1/2)  ->  HardSwish(x)
+    ConvTranspose(x, W; kernel = stride = s) = DepthToSpace_DCR(Conv1x1(x, W'), s)
+        with W'[(a*s + b)*O + o, c] = W[c, o, a, b]
+    Resize(X, "", scales) -> Resize(X, roi=[], scales)
+
+A node inside a QDQ group (fed by DequantizeLinear, feeding QuantizeLinear) is never split,
+since the new intermediate tensors would be float: such ops are rewritten before quantization
+(``onnxshrink.targets.prepare.prepare_for_target``). ``REWRITES`` names each rewrite with the ops
+it removes and the ops it needs; ``apply_rewrites`` runs the named ones and, for a profile, every
+decomposition of an op the target lacks into ops it has. Also the small graph helpers the other
+target modules share (``export_graph``, ``unique_name``, ``op_counts``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["REWRITES", "DECOMPOSITIONS", "apply_rewrites", "gemm_to_matmul", "export_graph", "unique_name",
+           "op_counts", "is_quantized_node"]
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxshrink.model import copy_model_fields
+from onnxshrink.targets.profiles import target_has_op
+
+
+def apply_rewrites(model: onnx.ModelProto, names, profile=None) -> tuple[onnx.ModelProto, dict]:
+    """Apply the named rewrites (and, with a profile, every decomposition of an op the target
+    lacks into ops it has). Returns (model, {rewrite: count})."""
+    present = set(op_counts(model))
+    todo = list(names)
+    if profile is not None:
+        for r in DECOMPOSITIONS:
+            _, removes, needs = REWRITES[r]
+            if any(op in present and not target_has_op(profile, op) for op in removes) and \
+                    all(target_has_op(profile, op) for op in needs) and r not in todo:
+                todo.append(r)
+        # HardSwish on a target without HardSwish nor HardSigmoid: both decompositions in order
+        if "HardSwish" in present and not target_has_op(profile, "HardSwish") and \
+                not target_has_op(profile, "HardSigmoid") and "decompose_hardswish" not in todo:
+            todo[:0] = ["decompose_hardswish", "decompose_hardsigmoid"]
+    if not todo:
+        return model, {}
+    g = gs.import_onnx(model)
+    done = {}
+    for r in todo:
+        k = REWRITES[r][0](g)
+        if k:
+            done[r] = k
+    if not done:
+        return model, {}
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    return export_graph(g, model), done
+
+
+def gemm_to_matmul(g: gs.Graph) -> int:
+    """Gemm -> MatMul (+ Mul by alpha) (+ Add of beta * C); returns the number of Gemms rewritten.
+
+    Exact: Gemm(A, B, C) = alpha * (A' @ B') + beta * C with A' = A^T if transA (an explicit
+    Transpose), B' likewise (folded into a constant B, as is alpha); beta is folded into a
+    constant C or applied by a Mul. A Gemm inside a QDQ group (fed by DequantizeLinear or feeding
+    QuantizeLinear) is left alone: splitting it would add float intermediates."""
+    n = 0
+    for node in [x for x in g.nodes if x.op == "Gemm"]:
+        if is_quantized_node(node):
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+        alpha = float(node.attrs.get("alpha", 1.0))
+        beta = float(node.attrs.get("beta", 1.0))
+        y = node.outputs[0]
+        dt = np.dtype(y.dtype) if y.dtype is not None else np.dtype(np.float32)
+        if node.attrs.get("transA", 0):
+            at = gs.Variable(unique_name(g, f"{a.name}_T"), dtype=a.dtype)
+            g.nodes.append(gs.Node("Transpose", f"{node.name}_transA", {"perm": [1, 0]}, inputs=[a], outputs=[at]))
+            a = at
+        if isinstance(b, gs.Constant):
+            w = b.values.T if node.attrs.get("transB", 0) else b.values
+            if alpha != 1.0:
+                w, alpha = (w * np.asarray(alpha, w.dtype)).astype(w.dtype), 1.0
+            b = gs.Constant(unique_name(g, f"{node.name}_B"), np.ascontiguousarray(w))
+        elif node.attrs.get("transB", 0):
+            bt = gs.Variable(unique_name(g, f"{b.name}_T"), dtype=b.dtype)
+            g.nodes.append(gs.Node("Transpose", f"{node.name}_transB", {"perm": [1, 0]}, inputs=[b], outputs=[bt]))
+            b = bt
+        mm = gs.Variable(unique_name(g, f"{node.name}_matmul"), dtype=dt)
+        g.nodes.append(gs.Node("MatMul", f"{node.name}_matmul", inputs=[a, b], outputs=[mm]))
+        cur = mm
+        if alpha != 1.0:
+            nxt = gs.Variable(unique_name(g, f"{node.name}_alpha_out"), dtype=dt)
+            g.nodes.append(gs.Node("Mul", f"{node.name}_alpha", inputs=[cur, gs.Constant(
+                unique_name(g, f"{node.name}_alpha_c"), np.array(alpha, dt))], outputs=[nxt]))
+            cur = nxt
+        if c is not None and beta != 0.0:
+            if isinstance(c, gs.Constant):
+                c = gs.Constant(unique_name(g, f"{node.name}_C"), (c.values * np.asarray(beta, c.values.dtype)).astype(
+                    c.values.dtype)) if beta != 1.0 else c
+            elif beta != 1.0:
+                cb = gs.Variable(unique_name(g, f"{node.name}_beta_out"), dtype=dt)
+                g.nodes.append(gs.Node("Mul", f"{node.name}_beta", inputs=[c, gs.Constant(
+                    unique_name(g, f"{node.name}_beta_c"), np.array(beta, dt))], outputs=[cb]))
+                c = cb
+            g.nodes.append(gs.Node("Add", f"{node.name}_add", inputs=[cur, c], outputs=[y]))
+        else:
+            g.nodes.append(gs.Node("Identity", f"{node.name}_out", inputs=[cur], outputs=[y]))
+        node.outputs.clear()
+        node.inputs.clear()
+        n += 1
+    return n
+
+
+def _decompose_hardswish(g: gs.Graph) -> int:
+    """HardSwish(x) -> x * HardSigmoid(x; alpha=1/6, beta=1/2)."""
+    n = 0
+    for node in [x for x in g.nodes if x.op == "HardSwish"]:
+        if is_quantized_node(node):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        hs = gs.Variable(unique_name(g, f"{x.name}_hardsigmoid"), dtype=x.dtype, shape=x.shape)
+        g.nodes.append(gs.Node("HardSigmoid", f"{node.name}_hardsigmoid", {"alpha": 1.0 / 6, "beta": 0.5},
+                               inputs=[x], outputs=[hs]))
+        g.nodes.append(gs.Node("Mul", f"{node.name}_mul", inputs=[x, hs], outputs=[y]))
+        node.outputs.clear()
+        node.inputs.clear()
+        n += 1
+    return n
+
+
+def _decompose_hardsigmoid(g: gs.Graph) -> int:
+    """HardSigmoid(x; alpha, beta) -> Clip(alpha * x + beta, 0, 1)."""
+    n = 0
+    for node in [x for x in g.nodes if x.op == "HardSigmoid"]:
+        if is_quantized_node(node):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        dt = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
+        alpha = float(node.attrs.get("alpha", 0.2))
+        beta = float(node.attrs.get("beta", 0.5))
+        t1 = gs.Variable(unique_name(g, f"{x.name}_scaled"), dtype=dt, shape=x.shape)
+        t2 = gs.Variable(unique_name(g, f"{x.name}_shifted"), dtype=dt, shape=x.shape)
+        g.nodes.append(gs.Node("Mul", f"{node.name}_mul", inputs=[x, gs.Constant(unique_name(g, f"{node.name}_alpha"),
+                                                                                  np.array(alpha, dt))], outputs=[t1]))
+        g.nodes.append(gs.Node("Add", f"{node.name}_add", inputs=[t1, gs.Constant(unique_name(g, f"{node.name}_beta"),
+                                                                                   np.array(beta, dt))], outputs=[t2]))
+        g.nodes.append(gs.Node("Clip", f"{node.name}_clip",
+                               inputs=[t2, gs.Constant(unique_name(g, f"{node.name}_lo"), np.array(0, dt)),
+                                       gs.Constant(unique_name(g, f"{node.name}_hi"), np.array(1, dt))], outputs=[y]))
+        node.outputs.clear()
+        node.inputs.clear()
+        n += 1
+    return n
+
+
+def _fuse_hardswish(g: gs.Graph) -> int:
+    """x * HardSigmoid(x; 1/6, 1/2) -> HardSwish(x), when the HardSigmoid feeds only that Mul."""
+    n = 0
+    for hs in [x for x in g.nodes if x.op == "HardSigmoid"]:
+        if not hs.outputs or abs(float(hs.attrs.get("alpha", 0.2)) - 1 / 6) > 1e-6 or \
+                abs(float(hs.attrs.get("beta", 0.5)) - 0.5) > 1e-6:
+            continue
+        x, h = hs.inputs[0], hs.outputs[0]
+        users = list(h.outputs)
+        if len(users) != 1 or users[0].op != "Mul" or h in g.outputs:
+            continue
+        mul = users[0]
+        if {id(t) for t in mul.inputs} != {id(x), id(h)}:
+            continue
+        y = mul.outputs[0]
+        g.nodes.append(gs.Node("HardSwish", f"{hs.name}_hardswish", inputs=[x], outputs=[y]))
+        mul.outputs.clear()
+        mul.inputs.clear()
+        hs.outputs.clear()
+        hs.inputs.clear()
+        n += 1
+    return n
+
+
+def _matmul_add_to_gemm(g: gs.Graph) -> int:
+    """MatMul(A, W) + b -> Gemm(A, W, b) for a 2-D A, a constant 2-D W and a constant bias of W's columns."""
+    n = 0
+    for mm in [x for x in g.nodes if x.op == "MatMul"]:
+        if not mm.outputs or len(mm.inputs) != 2:
+            continue
+        a, w = mm.inputs
+        if not isinstance(w, gs.Constant) or w.values.ndim != 2 or a.shape is None or len(a.shape) != 2:
+            continue
+        out = mm.outputs[0]
+        if len(out.outputs) != 1 or out in g.outputs or out.outputs[0].op != "Add":
+            continue
+        add = out.outputs[0]
+        other = [t for t in add.inputs if t is not out]
+        if len(other) != 1 or not isinstance(other[0], gs.Constant):
+            continue
+        bias = other[0].values
+        if bias.size != w.values.shape[1] or (bias.ndim == 2 and bias.shape[0] != 1) or bias.ndim > 2:
+            continue
+        y = add.outputs[0]
+        g.nodes.append(gs.Node("Gemm", f"{mm.name}_gemm", inputs=[a, w, gs.Constant(
+            unique_name(g, f"{mm.name}_bias"), bias.reshape(-1))], outputs=[y]))
+        add.outputs.clear()
+        add.inputs.clear()
+        mm.outputs.clear()
+        mm.inputs.clear()
+        n += 1
+    return n
+
+
+def _convtranspose_to_conv_depthtospace(g: gs.Graph) -> int:
+    """ConvTranspose with kernel == stride == s (no padding, dilation 1, group 1) is a 1x1 Conv to
+    s*s*O channels followed by DepthToSpace(s, DCR):
+    W'[(a*s + b)*O + o, c] = W[c, o, a, b],  bias'[(a*s + b)*O + o] = bias[o]."""
+    n = 0
+    for node in [x for x in g.nodes if x.op == "ConvTranspose"]:
+        if is_quantized_node(node) or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        w = node.inputs[1].values
+        a = node.attrs
+        if w.ndim != 4 or w.shape[2] != w.shape[3]:
+            continue
+        s = int(w.shape[2])
+        if a.get("group", 1) != 1 or list(a.get("strides", [1, 1])) != [s, s] or \
+                list(a.get("kernel_shape", [s, s])) != [s, s] or any(a.get("pads", [0, 0, 0, 0])) or \
+                any(d != 1 for d in a.get("dilations", [1, 1])) or any(a.get("output_padding", [0, 0])) or \
+                "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            continue
+        c_in, c_out = w.shape[0], w.shape[1]
+        w2 = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(s * s * c_out, c_in, 1, 1))
+        ins = [node.inputs[0], gs.Constant(unique_name(g, f"{node.name}_w1x1"), w2)]
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            b = node.inputs[2]
+            if not isinstance(b, gs.Constant):
+                continue
+            ins.append(gs.Constant(unique_name(g, f"{node.name}_b1x1"), np.tile(b.values, s * s)))
+        y = node.outputs[0]
+        mid = gs.Variable(unique_name(g, f"{node.name}_depth"), dtype=y.dtype)
+        g.nodes.append(gs.Node("Conv", f"{node.name}_conv1x1", {"kernel_shape": [1, 1]}, inputs=ins, outputs=[mid]))
+        g.nodes.append(gs.Node("DepthToSpace", f"{node.name}_d2s", {"blocksize": s, "mode": "DCR"},
+                               inputs=[mid], outputs=[y]))
+        node.outputs.clear()
+        node.inputs.clear()
+        n += 1
+    return n
+
+
+def _fill_empty_resize_inputs(g: gs.Graph) -> int:
+    """Resize(X, "", scales) -> Resize(X, roi=[], scales): an empty roi (ignored unless
+    coordinate_transformation_mode is tf_crop_and_resize) and, with sizes, empty scales, as
+    constants. Same semantics; onnxruntime's mobile usability checker counts an empty input name
+    as a dynamic shape and splits the NNAPI/CoreML partition there."""
+    n = 0
+    for node in [x for x in g.nodes if x.op == "Resize"]:
+        changed = False
+        for k in (1, 2):
+            if k < len(node.inputs) and (node.inputs[k] is None or not node.inputs[k].name):
+                if k == 2 and len(node.inputs) < 4:
+                    continue
+                node.inputs[k] = gs.Constant(unique_name(g, f"{node.name}_{'roi' if k == 1 else 'scales'}_empty"),
+                                             np.zeros((0,), np.float32))
+                changed = True
+        n += changed
+    return n
+
+
+# name -> (function, ops it removes, ops it needs); defined after the functions it names
+REWRITES = {
+    "decompose_hardswish": (_decompose_hardswish, ("HardSwish",), ("HardSigmoid", "Mul")),
+    "decompose_hardsigmoid": (_decompose_hardsigmoid, ("HardSigmoid",), ("Mul", "Add", "Clip")),
+    "fuse_hardswish": (_fuse_hardswish, ("HardSigmoid",), ("HardSwish",)),
+    "gemm_to_matmul": (gemm_to_matmul, ("Gemm",), ("MatMul", "Add")),
+    "matmul_add_to_gemm": (_matmul_add_to_gemm, ("MatMul",), ("Gemm",)),
+    "fill_empty_resize_inputs": (_fill_empty_resize_inputs, (), ("Resize",)),
+    "convtranspose_to_conv_depthtospace": (_convtranspose_to_conv_depthtospace, ("ConvTranspose",),
+                                           ("Conv", "DepthToSpace")),
+}
+# the rewrites that replace an op by others: applied whenever the target lacks the op and has the others
+DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matmul",
+                  "convtranspose_to_conv_depthtospace")
+
+
+def is_quantized_node(node: gs.Node) -> bool:
+    """A node inside a QDQ group: some input comes from DequantizeLinear or some output feeds QuantizeLinear."""
+    fed = any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs if isinstance(t, gs.Variable))
+    feeds = any(c.op == "QuantizeLinear" for t in node.outputs for c in t.outputs)
+    return fed or feeds
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first name no tensor of ``graph`` has."""
+    names = graph.tensors()
+    n, i = base, 0
+    while n in names:
+        i += 1
+        n = f"{base}_{i}"
+    return n
+
+
+def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` with ``template``'s model fields (metadata, producer, opsets, IR version).
+
+    Not ``onnxshrink.graph.convert.graph_to_model``: that one also restores initializers listed as
+    graph inputs, non-tensor I/O types, hoists shared subgraph initializers and lists initializers
+    as inputs below IR 4, so its bytes differ on such models; the target emission keeps its own
+    (byte-identical) export."""
+    out = gs.export_onnx(graph, do_type_check=False)
+    copy_model_fields(template, out)
+    return out
+
+
+def op_counts(model: onnx.ModelProto) -> collections.Counter:
+    """op_type -> number of nodes in the main graph."""
+    return collections.Counter(n.op_type for n in model.graph.node)
