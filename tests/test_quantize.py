@@ -20,7 +20,7 @@ from onnxshrink.errors import InputError
 from onnxshrink.pipeline.manager import PassManager, optimize
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.quantize.quantizer import QuantizeOptions, QuantizePass
+from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
 
 RNG = np.random.default_rng(0)
 

@@ -17,7 +17,7 @@ from onnxshrink.graph.convert import graph_to_model
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.passes.quantize import weight_storage as ws
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.quantize.quantizer import QuantizeOptions, QuantizePass
+from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
 from onnxshrink.pipeline.sensitivity import KNOBS
 from onnxshrink.targets.profiles import get_target
 

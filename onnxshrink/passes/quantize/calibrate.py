@@ -20,17 +20,23 @@ affine integer grid must) for an ``L``-level quantizer (``L = 256`` for 8 bits):
 - MSE: the ``[a, b]`` minimising the expected squared error of the quantizer,
   ``sum_inside n_j * s^2 / 12 + sum_outside n_j * dist(c_j, [a, b])^2`` with ``s = (b - a)/(L-1)``
   and ``c_j`` the bin centres, searched over shrink factors of each side (coordinate descent).
+
+``CalibrationSamples`` is the sample source of a quantization run and ``calibrate_ranges`` its
+calibration step (MinMax reduced inside the graph, the others through histograms).
 """
 
 from __future__ import annotations
 
-__all__ = ["TensorHistogram", "collect_histograms", "collect_minmax", "estimate_range", "minmax_range", "percentile_range",
-           "entropy_range", "mse_range", "CALIBRATORS"]
+__all__ = ["TensorHistogram", "collect_histograms", "collect_minmax", "estimate_range", "minmax_range",
+           "percentile_range", "entropy_range", "mse_range", "CALIBRATORS", "CalibrationSamples", "calibrate_ranges"]
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+from onnxshrink.errors import InputError
+from onnxshrink.model import is_large
 
 DEFAULT_BINS = 2048
 
@@ -295,3 +301,54 @@ def estimate_range(h: TensorHistogram, method: str = "minmax", levels: int = 256
     except KeyError:
         raise ValueError(f"unknown calibrator '{method}'; known: {', '.join(CALIBRATORS)}") from None
     return fn(h, levels=levels, **kw)
+
+
+# ---------------------------------------------------------------------- a run's samples and ranges
+class CalibrationSamples:
+    """The calibration samples of a run: ``calib``, else ``val`` (a re-iterable of feeds), at most
+    ``max_samples`` of them (0: all)."""
+
+    def __init__(self, calib, val, max_samples: int = 0):
+        self.source = calib if calib is not None else val
+        self.max_samples = max_samples
+
+    def all(self) -> Iterator[dict]:
+        """The samples (InputError on the first read when there are none)."""
+        if self.source is None:
+            raise InputError("quantize needs calibration samples")
+        n = self.max_samples
+        for i, s in enumerate(self.source):
+            if n and i >= n:
+                break
+            yield s
+
+    def take(self, n: int) -> Iterator[dict]:
+        """The first ``n`` samples."""
+        for i, s in enumerate(self.all()):
+            if i >= n:
+                break
+            yield s
+
+    def first(self) -> dict | None:
+        """The first sample, or None when there is none."""
+        if self.source is None:
+            return None
+        for s in self.source:
+            return s
+        return None
+
+
+def calibrate_ranges(model, tensors: Sequence[str], samples: CalibrationSamples, calibrator: str = "minmax",
+                     levels: int = 256, bins: int = DEFAULT_BINS, percentile: float = 99.999) -> dict:
+    """{tensor: (lo, hi)} of ``tensors`` in ``model`` over the samples by ``calibrator``. MinMax needs
+    only min and max: reduced in the graph, the tensors never leave onnxruntime (not for a model past
+    2 GB, which would be copied; nor for tensors with non-finite values, which need histograms)."""
+    from onnxshrink.runtime import capture_activations
+    if calibrator == "minmax" and not is_large(model):
+        hists, rest = collect_minmax(model, tensors, samples.all())
+        if rest:
+            hists.update(collect_histograms(capture_activations(model, rest, samples.all()), rest, bins=bins))
+    else:
+        hists = collect_histograms(capture_activations(model, tensors, samples.all()), tensors, bins=bins)
+    kw = {"percentile": percentile} if calibrator == "percentile" else {}
+    return {t: estimate_range(h, calibrator, levels=levels, **kw) for t, h in hists.items()}

@@ -28,6 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
+from onnxshrink.passes.quantize.calibrate import CalibrationSamples
 
 BLOCK_SIZES = (128, 64, 32)
 
@@ -97,13 +98,8 @@ def run_weights_only(graph: gs.Graph, o, ctx, stats: dict):
     if not n_mm:
         raise InputError("weights_only: the model has no MatMul/Gemm with constant 2-D float weights")
     model_f = ctx.to_model(graph)
-    src = ctx.calib if ctx.calib is not None else ctx.val
-    samples = []
-    if src is not None:
-        for i, s in enumerate(src):
-            if i >= 8:
-                break
-            samples.append(s)
+    source = CalibrationSamples(ctx.calib, ctx.val)
+    samples = list(source.take(8)) if source.source is not None else []
     sizes = [o.block_size] if o.block_size else list(BLOCK_SIZES)
     acc = o.accuracy_level or None
     ref = None

@@ -1,0 +1,125 @@
+"""The float fallback of the quantize pass: weights of nodes that stay float, stored int8.
+
+The weights of nodes kept in float (sensitive, small, or the whole model when no integer placement
+is faster) are stored int8 per channel as ``Cast x Mul`` constants that onnxruntime folds at load
+(``weight_storage.py``): float speed and activations, a quarter of the weight bytes. ``fallback``:
+``int8`` stores them all, ``float`` none, ``auto`` stores them (no target, or cpu, not ORT format)
+only while the fidelity floor holds (the budget, else the guard's floor; when the plan already
+misses it, at most a tenth of the floor's allowance ``1 - floor`` below the plan's cosine), leaving
+the most sensitive layers float when needed (``weight_storage.select_within_budget``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["FloatFallback", "fallback_mode"]
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxshrink.metrics import fidelity
+from onnxshrink.model import is_large
+from onnxshrink.passes.base import Context, PassResult
+from onnxshrink.passes.quantize import weight_storage as ws
+from onnxshrink.passes.quantize.calibrate import CalibrationSamples
+from onnxshrink.passes.quantize.guard import FidelityCheck
+from onnxshrink.runtime import make_session
+
+
+def fallback_mode(fallback: str, target, stats: dict) -> str:
+    """``fallback`` with ``auto`` resolved for the target (``float`` where stored weights do not pay,
+    with the reason in ``stats["float_weights"]``)."""
+    if fallback == "auto":
+        # the CPU EP folds the Cast x Mul at load; an EP profile (XNNPACK, QNN HTP, NNAPI, CoreML) is
+        # checked op by op and wants its weights quantized or float, not a decode subgraph
+        if target is not None and getattr(target, "name", None) != "cpu":
+            stats["float_weights"] = {"mode": "float", "why": f"the {target.name} target"}
+            return "float"
+        if target is not None and getattr(target, "ort_format", False):
+            # the ORT format converter applies constant folding: the .ort would hold float weights
+            stats["float_weights"] = {"mode": "float", "why": "ORT format output (its converter folds "
+                                                              "the stored weights back to float)"}
+            return "float"
+    return fallback
+
+
+class FloatFallback:
+    """Stores the float-kept weights of a run's graphs int8 per ``options.fallback`` (module docstring)."""
+
+    def __init__(self, options, ctx: Context, check: FidelityCheck, model_f: onnx.ModelProto,
+                 samples: CalibrationSamples, stats: dict):
+        self.o = options
+        self.ctx = ctx
+        self.check = check
+        self.model_f = model_f
+        self.samples = samples
+        self.stats = stats
+
+    def float_result(self, graph: gs.Graph, source: gs.Graph, why: str) -> PassResult:
+        """No integer placement kept: ``source`` (the float model) with its weights stored int8 when
+        ``fallback`` allows (smaller, same speed); else ``graph`` unchanged."""
+        g, stored = self.store(source)
+        if not stored:
+            return PassResult(graph, False, {"reason": why, **self.stats})
+        self.stats["activations"] = f"float ({why})"
+        self.stats["note"] = f"activations stay float: {why}; {stored} weights stored int8 (float speed)"
+        return PassResult(g, True, self.stats)
+
+    def store(self, g: gs.Graph) -> tuple[gs.Graph, int]:
+        """Store the float-kept weights of ``g`` int8: (graph, number stored)."""
+        mode = fallback_mode(self.o.fallback, getattr(self.ctx, "target", None), self.stats)
+        if mode == "float":
+            return g, 0
+        cands = ws.candidates(g, skip=set(self.o.float_weights))
+        if not cands:
+            return g, 0
+        log: dict = {"mode": mode}
+        checked = mode == "auto" and (self.o.guard or self.ctx.budget is not None)
+        if checked and is_large(self.model_f):
+            # the check copies the model per trial: not for a model past 2 GB
+            self.stats["float_weights"] = {"mode": "float", "why": "model over 2 GB: fallback=int8 stores "
+                                                                   "without the check"}
+            return g, 0
+        if checked:
+            keep = self._select(g, cands, log)
+            if keep is None:
+                return g, 0
+            cands = {k: cands[k] for k in keep}
+        saved = ws.store_int8(g, cands) if cands else {}
+        log.update(stored=len(saved), bytes_saved=int(sum(saved.values())))
+        self.stats["float_weights"] = log
+        return g, len(saved)
+
+    def _select(self, g: gs.Graph, cands: dict, log: dict) -> list | None:
+        """The candidates to store so that the floor holds, or None when the plan breaks the budget
+        already (the manager weakens it)."""
+        check = self.check
+        base = self.ctx.to_model(g)
+        ref: dict = {}  # the unstored model's outputs on 4 samples, made on the first layer_loss
+
+        def layer_loss(m):
+            if not ref:
+                ref["samples"] = list(self.samples.take(4))
+                sess = make_session(base, optimize=True, low_memory=True)
+                ref["outputs"] = [sess.run(None, s) for s in ref["samples"]]
+            out = make_session(m, optimize=True, low_memory=True)
+            return 1.0 - fidelity(ref["outputs"], [out.run(None, s) for s in ref["samples"]]).get("cosine", 0.0)
+
+        base_fid = check.measure(base)
+        if check.holds(base_fid):
+            def holds(m):
+                return check.holds(check.measure(m))
+        elif self.ctx.budget is None:
+            # the guard's best plan already misses its floor: the stored weights may cost at most a
+            # tenth of the floor's allowance more
+            worst = base_fid.get("cosine", 0.0) - 0.1 * (1.0 - check.floor)
+            log["floor"] = f"the plan misses the floor: cosine >= {worst:.5f} (a tenth of the allowance below it)"
+
+            def holds(m):
+                return check.measure(m).get("cosine", 0.0) >= worst
+        else:
+            log.update(stored=0, why="the plan breaks the budget already (the manager weakens it)")
+            self.stats["float_weights"] = log
+            return None
+        keep, log_sel = ws.select_within_budget(base, cands, holds, layer_loss)
+        log.update(log_sel)
+        return keep

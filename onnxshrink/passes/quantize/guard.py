@@ -1,0 +1,202 @@
+"""The quantize pass's guard: a fidelity floor held by keeping sensitive units in float, then speed.
+
+- Fidelity: against the float model, the manager's evaluator under a budget (``ctx.budget``), else
+  the mean cosine on up to 8 calibration samples, whose floor is ``min_cosine`` x the float model's
+  own cosine after onnxruntime's optimizations (below 1 on ill-conditioned outputs).
+- Keep-float search: when the plan misses the floor, integer elementwise ops go first (each one
+  requantizes; without them each conv input is rounded once), then the most sensitive units
+  (``unit_analysis.py``) are kept in float, 1, 2, 4, ... of them, up to ``max_float_fraction`` of the
+  units without a budget; the first plan that holds is kept, else the best cosine.
+- Speed: with ``guard`` and no target other than ``cpu`` (this machine's speed says nothing about an
+  NPU or an ARM core), the quantized and float models are timed (one thread, interleaved runs,
+  medians). When the quantized one is not ``min_speedup`` faster, small convolutions (few weights:
+  onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when nothing is
+  faster, the pass changes nothing and says why.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FidelityCheck", "Placement", "QuantizeGuard", "latency_pair"]
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxshrink.metrics import fidelity
+from onnxshrink.passes.base import Context
+from onnxshrink.passes.quantize.calibrate import CalibrationSamples
+from onnxshrink.passes.quantize.plan import PlacementRules, plan_units
+from onnxshrink.passes.quantize.qdq import QdqBuilder
+from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis
+from onnxshrink.runtime import interleaved_latency, make_session, measure_latency
+
+SMALL_CONV_LIMITS = (2048, 8192, 32768)  # weight counts under which convolutions go back to float, in turn
+
+
+@dataclass
+class Placement:
+    """A quantization plan and its QDQ graph (None: no integer placement kept)."""
+
+    graph: gs.Graph | None
+    units: dict
+    reasons: dict
+    excluded: set
+
+
+class FidelityCheck:
+    """Fidelity against the float model ``model_f``, and whether it holds the floor (the budget when
+    one is given, else ``cosine >= floor``)."""
+
+    def __init__(self, ctx: Context, model_f: onnx.ModelProto, samples: CalibrationSamples, min_cosine: float):
+        self.ctx = ctx
+        self.model_f = model_f
+        self.samples = samples
+        self.floor = min_cosine
+        self.reference: tuple | None = None  # (samples, float outputs), made on the first own check
+
+    def measure(self, g) -> dict:
+        """The manager's evaluator under a budget, else the own check on up to 8 calibration samples."""
+        if self.ctx.budget is not None and self.ctx.evaluator is not None:
+            return self.ctx.evaluate(g)
+        if self.reference is None:
+            feeds = list(self.samples.take(8))
+            sess = make_session(self.model_f, optimize=False, low_memory=True)
+            self.reference = (feeds, [sess.run(None, s) for s in feeds])
+        feeds, outputs = self.reference
+        model = g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g)
+        sess = make_session(model, optimize=True, low_memory=True)
+        return fidelity(outputs, [sess.run(None, s) for s in feeds])
+
+    def holds(self, fid: dict) -> bool:
+        if self.ctx.budget is not None:
+            return self.ctx.budget_holds(fid)
+        return fid.get("cosine", 0.0) >= self.floor
+
+    def set_floor(self, min_cosine: float) -> None:
+        """Without a budget: ``min_cosine`` x the optimized float model's own cosine."""
+        self.floor = min_cosine
+        if self.ctx.budget is None:
+            base = self.measure(self.model_f).get("cosine", 1.0)
+            self.floor = min_cosine * min(base, 1.0)
+
+
+class QuantizeGuard:
+    """The fidelity and speed guard of one run (module docstring)."""
+
+    def __init__(self, options, ctx: Context, check: FidelityCheck, builder: QdqBuilder, rules: PlacementRules,
+                 analysis: UnitAnalysis, samples: CalibrationSamples, stats: dict):
+        self.o = options
+        self.ctx = ctx
+        self.check = check
+        self.builder = builder
+        self.rules = rules
+        self.analysis = analysis
+        self.samples = samples
+        self.stats = stats
+
+    def _placement(self, excluded: set, rules: PlacementRules) -> Placement:
+        units, reasons = plan_units(self.builder.graph_f, excluded, rules)
+        return Placement(self.builder.build(units), units, reasons, excluded)
+
+    def run(self, start: Placement, order: list | None) -> tuple[Placement, dict]:
+        """The placement kept (its graph None when no placement is fast enough) and the fidelity
+        search's outcome ``{"holds", "cosine", "kept_float"}``."""
+        check = self.check
+        check.set_floor(self.o.min_cosine)
+        base_ex = set(start.excluded)
+        rules = self.rules
+        fid = check.measure(start.graph)
+        tried = [(fid, start)]
+        log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
+        if not check.holds(fid) and rules.elementwise:
+            # every integer elementwise op requantizes; without them each conv input is rounded once
+            no_elementwise = dataclasses.replace(rules, elementwise=False)
+            p_e = self._placement(base_ex, no_elementwise)
+            fid_e = check.measure(p_e.graph)
+            log.append({"keep_float": 0, "elementwise": False, "cosine": round(fid_e.get("cosine", 0.0), 6)})
+            if fid_e.get("cosine", 0.0) > fid.get("cosine", 0.0):
+                fid, rules = fid_e, no_elementwise
+                tried.append((fid, dataclasses.replace(p_e, excluded=start.excluded)))
+        if not check.holds(fid) and order is None:
+            order = self.analysis.order()
+        order = order or []
+        cap = len(order) if self.ctx.budget is not None else \
+            max(1, math.ceil(self.o.max_float_fraction * len(order)))
+        k = 1
+        while not check.holds(fid) and order and k <= min(cap, len(order)):
+            p_k = self._placement(base_ex | set(order[:k]), rules)
+            fid = check.measure(p_k.graph)
+            tried.append((fid, p_k))
+            log.append({"keep_float": k, "cosine": round(fid.get("cosine", 0.0), 6)})
+            if k >= min(cap, len(order)):
+                break
+            k = min(2 * k, cap, len(order))
+        self.stats["fidelity_search"] = log
+        self.stats["fidelity_floor"] = str(self.ctx.budget) if self.ctx.budget is not None else \
+            f"cosine>={check.floor:.4f}"
+        ok = [t for t in tried if check.holds(t[0])]
+        fid, chosen = ok[0] if ok else max(tried, key=lambda t: t[0].get("cosine", 0.0))
+        outcome = {"holds": bool(ok), "cosine": fid.get("cosine", 0.0), "kept_float": len(chosen.excluded - base_ex)}
+        if not self.o.guard:
+            return chosen, outcome
+        target = getattr(getattr(self.ctx, "target", None), "name", None)
+        if target not in (None, "cpu"):
+            # an NPU or an ARM CPU runs the integer kernels natively: timing them on this machine
+            # says nothing about the target, so only the fidelity floor applies
+            self.stats["speed_search"] = [{"config": f"skipped: the {target} target is not this CPU"}]
+            return chosen, outcome
+        return self._speed(chosen, fid, rules), outcome
+
+    def _speed(self, chosen: Placement, fid: dict, rules: PlacementRules) -> Placement:
+        """``chosen``, or a faster variant with small convolutions in float, or a placement without a
+        graph when none is ``min_speedup`` faster than the float model."""
+        model_f = self.builder.model_f
+        sample = self.samples.first()
+        t_f, t_q = latency_pair(model_f, self.ctx.to_model(chosen.graph), sample)
+        speed = [{"config": f"{len(chosen.excluded)} sensitive units in float", "speedup": round(t_f / t_q, 3)}]
+        best_t, best = t_q, chosen
+        if t_f / t_q < self.o.min_speedup:
+            for limit in SMALL_CONV_LIMITS:
+                small = {u.node for u in chosen.units.values() if u.kind == "weighted" and self._weights(u) < limit}
+                if not small:
+                    continue
+                ex = chosen.excluded | small
+                units_k, reasons_k = plan_units(self.builder.graph_f, ex, rules)
+                if not any(u.kind == "weighted" for u in units_k.values()):
+                    break
+                qg_k = self.builder.build(units_k)
+                t_f2, t_k = latency_pair(model_f, self.ctx.to_model(qg_k), sample)
+                t_k *= t_f / t_f2  # the same float reference for every candidate
+                speed.append({"config": f"only convs with >= {limit} weights", "speedup": round(t_f / t_k, 3)})
+                if t_k < best_t:
+                    fid_k = self.check.measure(qg_k)
+                    if self.check.holds(fid_k) or fid_k.get("cosine", 0) >= fid.get("cosine", 0):
+                        best_t, best = t_k, Placement(qg_k, units_k, {**reasons_k, **{
+                            n: "kept float: small convolution (the float kernel is faster)" for n in small}}, ex)
+                if t_f / best_t >= self.o.min_speedup:
+                    break
+        self.stats["speed_search"] = speed
+        if t_f / best_t < self.o.min_speedup:
+            self.stats["guard_reason"] = (f"no quantized placement is faster than fp32 on this CPU "
+                                          f"(best {t_f / best_t:.2f}x)")
+            return dataclasses.replace(chosen, graph=None)
+        return best
+
+    def _weights(self, u) -> int:
+        node = self.builder.nodes_f[u.node]
+        return int(np.prod(node.inputs[1].shape)) if u.kind == "weighted" else 0
+
+
+def latency_pair(model_a: onnx.ModelProto, model_b: onnx.ModelProto, sample: dict) -> tuple[float, float]:
+    """Median one-thread latency in seconds of two models, runs interleaved (shared load hits both);
+    as many rounds (7..41) as fit in about 1.5 s of the first model."""
+    sa, sb = make_session(model_a, optimize=True, threads=1), make_session(model_b, optimize=True, threads=1)
+    one = measure_latency(sa, sample, runs=1, warmup=1) / 1e3
+    rounds = int(min(41, max(7, 1.5 / max(one, 1e-4))))
+    ta, tb = interleaved_latency([sa, sb], sample, rounds=rounds, runs=1, warmup=1)
+    return statistics.median(ta) / 1e3, statistics.median(tb) / 1e3

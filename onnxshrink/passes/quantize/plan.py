@@ -1,0 +1,223 @@
+"""Placement of static QDQ quantization: which nodes become integer units on onnxruntime's CPU EP.
+
+A node unit ``DQ -> op -> Q`` is emitted only where onnxruntime's QDQ selectors
+(``qdq_selector_action_transformer.cc``) replace it with an integer kernel on the CPU EP:
+Conv (QLinearConv), MatMul (QLinearMatMul / MatMulIntegerToFloat), Gemm (QGemm) always;
+Add/Mul (QLinearAdd/Mul), Sigmoid, LeakyRelu, (Global)AveragePool, Concat only when all their
+activation inputs are already integer (else the Q/DQ pairs cost more than the float op);
+MaxPool, Resize, Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Slice, Gather, Split, Expand,
+Tile as passthrough with the input's scale and zero point (the selector requires them equal) and
+only when an integer consumer needs their output. A Relu or Clip(0, c) right after a unit is folded
+into the unit's output range (zero point at qmin, range within the clip), which onnxruntime then
+drops as redundant. Each consumer gets its own DQ; a unit never produces a graph output (the
+selector refuses that). ConvTranspose, HardSigmoid, HardSwish, Div, Pow, ... stay in float.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QUANTIZED_OPS", "WEIGHTED_OPS", "PlacementRules", "QuantUnit", "clip_bounds",
+           "has_float_weights", "plan_units", "refuse_quantized", "weight_info"]
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxshrink.errors import InputError
+from onnxshrink.graph.values import constant_value
+from onnxshrink.passes.quantize.prepare import sole_consumer
+
+# ops whose presence means the model is already quantized
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QGemm", "QAttention",
+                 "MatMulNBits", "MatMulBnb4", "QOrderedMatMul", "GatherBlockQuantized"}
+WEIGHTED_OPS = {"Conv", "MatMul", "Gemm"}
+# ops with a QLinear kernel on the CPU EP, used only when all activation inputs are already integer
+ELEMENTWISE_OPS = {"Add", "Mul", "Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool", "Concat", "MatMul"}
+BINARY_CONST_OK = {"Add", "Mul"}
+# ops the selectors run on integers when input DQ and output Q share scale and zero point
+PASSTHROUGH_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice",
+                   "Gather", "Split", "Expand", "Tile"}
+FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
+SHAPE_OPS = {"Constant", "Shape", "Cast", "Range", "ConstantOfShape", "Size", "Identity", "NonZero"}
+
+
+@dataclass
+class QuantUnit:
+    """One node run on integers: its activation inputs and output get Q/DQ, its weights int8."""
+
+    node: str
+    kind: str               # weighted | elementwise | passthrough
+    inputs: list            # activation input tensor names to quantize
+    output: str             # the tensor the unit's Q reads (after a folded Relu/Clip)
+    raw_output: str         # the op's own output
+    clip: tuple | None = None  # (min, max) of a folded Relu/Clip
+    weight_axis: int | None = None
+
+
+@dataclass(frozen=True)
+class PlacementRules:
+    """The placement options: integer elementwise ops, activation x activation MatMul, Relu/Clip folding."""
+
+    elementwise: bool = True
+    matmul_activations: bool = True
+    fold_activations: bool = True
+
+
+def refuse_quantized(graph: gs.Graph) -> None:
+    """Raise InputError when the graph is already quantized (QDQ, QOperator or dynamic)."""
+    for node in graph.nodes:
+        if node.op in QUANTIZED_OPS or node.op.startswith("QLinear"):
+            raise InputError(f"the model is already quantized (it has {node.op} node '{node.name}'); "
+                             f"quantize the float model instead")
+
+
+def has_float_weights(graph: gs.Graph) -> bool:
+    """Whether some Conv/MatMul/Gemm has float constant weights (something to quantize)."""
+    return any(n.op in WEIGHTED_OPS and weight_info(n) is not None for n in graph.nodes)
+
+
+def plan_units(graph: gs.Graph, excluded: set, rules: PlacementRules) -> tuple[dict, dict]:
+    """Units to quantize (by node name) and a decision per compute node (name -> reason)."""
+    graph_outputs = {t.name for t in graph.outputs}
+    avail: set = set()       # tensors available as integers without a new Q
+    units: dict[str, QuantUnit] = {}
+    reasons: dict[str, str] = {}
+    tentative: dict[str, QuantUnit] = {}
+    for node in graph.nodes:
+        op = node.op
+        if not (op in WEIGHTED_OPS or op in ELEMENTWISE_OPS or op in PASSTHROUGH_OPS or op in ("ConvTranspose",)):
+            if node.name not in reasons and op not in SHAPE_OPS:
+                reasons[node.name] = f"kept float: no integer {op} kernel on the CPU EP"
+            continue
+        name = node.name
+        if name in excluded:
+            reasons[name] = "kept float: excluded (sensitive or by option)"
+            continue
+        outs = list(node.outputs)
+        if not outs:
+            continue
+        if op == "ConvTranspose":
+            reasons[name] = "kept float: no integer ConvTranspose kernel on the CPU EP"
+            continue
+        weighted = weight_info(node)
+        if op in PASSTHROUGH_OPS:
+            data = node.inputs[0] if node.inputs else None
+            if data is not None and data.name in avail and not any(t.name in graph_outputs for t in outs) \
+                    and not (op == "MaxPool" and len(outs) > 1):
+                tentative[name] = QuantUnit(name, "passthrough", [data.name], outs[0].name, outs[0].name)
+                for t in outs:
+                    avail.add(t.name)
+            else:
+                reasons[name] = "kept float: input not integer" if data is not None and data.name not in avail \
+                    else "kept float: produces a graph output"
+            continue
+        if any(t.name in graph_outputs for t in outs):
+            reasons[name] = "kept float: produces a graph output (onnxruntime does not fuse it)"
+            continue
+        if weighted is not None:
+            kind = "weighted"
+            act_inputs = [node.inputs[0].name]
+        else:
+            if op in WEIGHTED_OPS and op != "MatMul":
+                reasons[name] = "kept float: weights are not float constants"
+                continue
+            if not rules.elementwise:
+                reasons[name] = "kept float: elementwise quantization off (by option or by the guard: " \
+                                "fewer requantizations, better fidelity)"
+                continue
+            var_inputs = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+            const_inputs = [t for t in node.inputs if isinstance(t, gs.Constant)]
+            if const_inputs and (op not in BINARY_CONST_OK or
+                                 any(np.asarray(c.values).dtype.kind != "f" for c in const_inputs)):
+                reasons[name] = "kept float: constant input without a quantized form"
+                continue
+            if op == "MatMul" and len(var_inputs) != 2:
+                reasons[name] = "kept float: weights are not float constants"
+                continue
+            if op == "MatMul" and not rules.matmul_activations:
+                reasons[name] = "kept float: activation x activation MatMul (attention; option matmul_activations)"
+                continue
+            missing = [t.name for t in var_inputs if t.name not in avail]
+            if missing or not var_inputs:
+                reasons[name] = "kept float: an input is float (Q/DQ would cost more than the integer op saves)"
+                continue
+            kind = "elementwise"
+            act_inputs = [t.name for t in var_inputs]
+        unit = QuantUnit(name, kind, act_inputs, outs[0].name, outs[0].name,
+                         weight_axis=weighted[1] if weighted else None)
+        # fold a following Relu/Clip into the range
+        if rules.fold_activations and op not in ("Concat",):
+            nxt = sole_consumer(outs[0])
+            if nxt is not None and nxt.op in FOLDABLE_ACTIVATIONS and nxt.name not in excluded and \
+                    nxt.outputs[0].name not in graph_outputs:
+                clip = clip_bounds(nxt)
+                if clip is not None:
+                    unit.output = nxt.outputs[0].name
+                    unit.clip = clip
+                    reasons[nxt.name] = f"folded into {name}'s output range"
+        units[name] = unit
+        avail.add(unit.output)
+        reasons[name] = "quantized" + (" (integer kernel)" if kind == "weighted" else " (inputs already integer)")
+    # keep a passthrough only when an integer consumer needs its output
+    needed = {t for u in units.values() for t in u.inputs}
+    nodes = {n.name: n for n in graph.nodes}
+    for name in reversed([n.name for n in graph.nodes]):
+        u = tentative.get(name)
+        if u is None:
+            continue
+        if any(t.name in needed for t in nodes[name].outputs):
+            units[name] = u
+            needed.add(u.inputs[0])
+            reasons[name] = "quantized (passthrough with the input's scale)"
+        else:
+            reasons[name] = "kept float: no integer consumer"
+    return units, reasons
+
+
+def clip_bounds(node: gs.Node) -> tuple | None:
+    """(min, max) of a Relu or Clip whose range holds 0 and whose lower end is at or below 0, else None."""
+    if node.op == "Relu":
+        return (0.0, math.inf)
+    lo, hi = -math.inf, math.inf
+    if "min" in node.attrs:
+        lo = float(node.attrs["min"])
+    if "max" in node.attrs:
+        hi = float(node.attrs["max"])
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
+        v = constant_value(node.inputs[1])
+        if v is None:
+            return None
+        lo = float(v.reshape(-1)[0])
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        v = constant_value(node.inputs[2])
+        if v is None:
+            return None
+        hi = float(v.reshape(-1)[0])
+    if lo > 0 or hi <= 0:
+        return None  # the range must hold 0 and the clip must end at or below 0
+    return (lo, hi)
+
+
+def weight_info(node: gs.Node) -> tuple | None:
+    """(weight input index, per-channel axis) when the node has float constant weights."""
+    op = node.op
+    if op == "Conv" and len(node.inputs) >= 2:
+        w = constant_value(node.inputs[1])
+        if w is not None and w.dtype == np.float32 and w.ndim >= 3 and \
+                (len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)):
+            return 1, 0
+    if op == "MatMul" and len(node.inputs) == 2:
+        w = constant_value(node.inputs[1])
+        if w is not None and w.dtype == np.float32 and w.ndim == 2 and not isinstance(node.inputs[0], gs.Constant):
+            return 1, 1
+    if op == "Gemm" and len(node.inputs) >= 2:
+        w = constant_value(node.inputs[1])
+        if w is not None and w.dtype == np.float32 and w.ndim == 2 and not isinstance(node.inputs[0], gs.Constant) \
+                and int(node.attrs.get("transA", 0)) == 0:
+            c = node.inputs[2] if len(node.inputs) > 2 else None
+            if c is not None and c.name and not (isinstance(c, gs.Constant) and np.asarray(c.values).ndim <= 1):
+                return None
+            return 1, 0 if int(node.attrs.get("transB", 0)) else 1
+    return None

@@ -1,0 +1,238 @@
+"""Writing a QDQ graph: Q/DQ pairs on unit activations, int8 weights and int32 biases.
+
+Numerics (``x`` an activation, ``W`` a weight, ``b`` a bias; grids in ``scheme.py``):
+
+- Activations: for a calibrated range ``[lo, hi]`` widened to contain 0,
+  ``s = (hi - lo) / (qmax - qmin)``, ``z = round(qmin - lo / s)``. A folded Relu/Clip(c_lo, c_hi)
+  clips the range, sets ``z = qmin`` when ``c_lo = 0`` and shrinks ``s`` until the grid's top
+  ``(qmax - z) s`` lies within ``c_hi`` (onnxruntime drops the clip as redundant only then).
+- Weights: symmetric int8 per output channel, ``s_c = max|W_c| / wmax``, ``W_q = round(W / s_c)``
+  (``weight_storage.int8_channels``; per tensor below opset 13), or GPTQ's integers on the same grid.
+- Bias: int32 with ``s_b = s_x * s_w,c`` and zero point 0: ``b_q = round(b / s_b)``; bias correction
+  subtracts the per-channel mean shift from ``b`` first.
+- Constant operands of Add/Mul: the activation grid on their own ``[min, max]``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QdqBuilder", "activation_params", "drop_qdq_value_info"]
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxshrink.passes.quantize.plan import QuantUnit
+from onnxshrink.passes.quantize.scheme import QuantScheme
+from onnxshrink.passes.quantize.weight_storage import int8_channels
+
+
+def activation_params(scheme: QuantScheme, lo: float, hi: float, clip: tuple | None = None) -> tuple[float, int]:
+    """(scale, zero point) of the activation grid for the range ``[lo, hi]`` (module docstring)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if clip is not None:
+        lo = max(lo, clip[0])
+        hi = min(hi, clip[1])
+    if hi - lo < 1e-8:
+        hi = lo + 1e-8 if lo < 0 else 1e-8
+    levels = scheme.qmax - scheme.qmin
+    scale = (hi - lo) / levels
+    zp = int(np.clip(round(scheme.qmin - lo / scale), scheme.qmin, scheme.qmax))
+    if clip is not None:
+        # the Relu/Clip is redundant (and dropped by onnxruntime) only when the grid lies inside it
+        rep_hi = (scheme.qmax - zp) * np.float32(scale)
+        if rep_hi > clip[1]:
+            scale = float(np.float32(clip[1] / (scheme.qmax - zp)) * np.float32(1 - 1e-6))
+        if clip[0] == 0.0:
+            zp = scheme.qmin
+    return float(np.float32(scale)), zp
+
+
+def drop_qdq_value_info(graph: gs.Graph) -> None:
+    """No value_info for Q/DQ outputs: their shapes are their inputs', which any consumer (onnxruntime,
+    shape inference) re-derives; on YOLOv8n they were 107 kB of a 3.5 MB file."""
+    outs = {id(t) for t in graph.outputs}
+    for n in graph.nodes:
+        if n.op in ("QuantizeLinear", "DequantizeLinear"):
+            for t in n.outputs:
+                if id(t) not in outs:
+                    t.shape, t.dtype = None, None
+
+
+class QdqBuilder:
+    """Builds QDQ graphs of one prepared float model for any set of units, from the calibrated ranges
+    (tensor -> (lo, hi)), the folded clips (tensor -> (min, max)), the weights GPTQ rounded
+    (``rounded``: node -> int8) and the bias correction's shifts (``bias_shift``: node -> [C])."""
+
+    def __init__(self, scheme: QuantScheme, model_f: onnx.ModelProto, graph_f: gs.Graph, ranges: dict, clips: dict):
+        self.scheme = scheme
+        self.model_f = model_f
+        self.graph_f = graph_f
+        self.nodes_f = {n.name: n for n in graph_f.nodes}
+        self.ranges = ranges
+        self.clips = clips
+        self.rounded: dict = {}
+        self.bias_shift: dict | None = None
+
+    # -------------------------------------------------------------- parameters
+    def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """(int8 weights, scales): symmetric, per channel along ``axis`` (scales [C]) or per tensor
+        (a 0-d scale), on ``[-wmax, wmax]``."""
+        per_channel = self.scheme.per_channel
+        q, s = int8_channels(W, axis if per_channel else None, self.scheme.wmax)
+        return q, (s.reshape(-1) if per_channel else s.reshape(()))
+
+    def unit_weight_quant(self, name: str, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """``weight_quant`` with the integer weights of ``rounding`` (same scales) where it chose them."""
+        q, s = self.weight_quant(W, axis)
+        r = self.rounded.get(name)
+        return (r, s) if r is not None and r.shape == q.shape else (q, s)
+
+    def params(self, units: dict) -> dict:
+        """(scale, zero point) of every activation tensor the units quantize."""
+        sch = self.scheme
+        params = {}
+        for u in units.values():
+            if u.kind == "passthrough":
+                continue
+            for t in u.inputs + [u.output]:
+                if t not in params:
+                    lo, hi = self.ranges.get(t, (0.0, 1.0))
+                    params[t] = activation_params(sch, lo, hi, self.clips.get(t) if t == u.output else None)
+            if u.kind == "elementwise" and sch.qmax > 255 and u.output == u.raw_output and \
+                    self.nodes_f[u.node].op == "Sigmoid":
+                # QNN HTP's 16-bit Sigmoid has a fixed output encoding (onnxruntime's QNN config sets it too)
+                params[u.output] = (1.0 / (sch.qmax - sch.qmin + 1), 0) if sch.qmin == 0 else (1.0 / 32768, 0)
+        # passthrough outputs share their input's params (resolved in graph order)
+        for node in self.graph_f.nodes:
+            u = units.get(node.name)
+            if u is not None and u.kind == "passthrough":
+                src = params.get(u.inputs[0])
+                if src is None:
+                    lo, hi = self.ranges.get(u.inputs[0], (0.0, 1.0))
+                    src = params[u.inputs[0]] = activation_params(sch, lo, hi)
+                for t in node.outputs:
+                    params[t.name] = src
+        return params
+
+    # -------------------------------------------------------------- emission
+    def build(self, units: dict) -> gs.Graph:
+        """The QDQ graph of ``units`` with their calibrated parameters and the bias correction."""
+        return self.emit(units, self.params(units), self.bias_shift)
+
+    def emit(self, units: dict, params: dict, bias_shift: dict | None = None) -> gs.Graph:
+        """A QDQ graph: the float model with Q/DQ on unit inputs and outputs and quantized weights."""
+        g = gs.import_onnx(self.model_f)
+        nodes = {n.name: n for n in g.nodes}
+        tmap = g.tensors()
+        act_np = self.scheme.activation_dtype
+        domain = self.scheme.qdq_domain
+        consts: dict[str, tuple] = {}
+
+        def qparams(tname):
+            if tname not in consts:
+                s, z = params[tname]
+                consts[tname] = (gs.Constant(tname + "_scale", np.array(s, np.float32)),
+                                 gs.Constant(tname + "_zero_point", np.array(z, act_np)))
+            return consts[tname]
+
+        int_consumers = set(units)
+        qtensors = []
+        for u in units.values():
+            qtensors.extend(u.inputs)
+            if u.kind == "passthrough":
+                node = nodes[u.node]
+                qtensors.extend(t.name for t in node.outputs if t.name in params)
+            else:
+                qtensors.append(u.output)
+        for tname in dict.fromkeys(qtensors):
+            t = tmap[tname]
+            s_c, z_c = qparams(tname)
+            tq = gs.Variable(tname + "_quantized", dtype=act_np, shape=t.shape)
+            consumers = [c for c in list(t.outputs)]
+            qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq],
+                            domain=domain)
+            g.nodes.append(qnode)
+            shared_dq = None
+            for k, c in enumerate(consumers):
+                if c.name in int_consumers:
+                    dq_out = gs.Variable(f"{tname}_dequantized_{k}", dtype=np.float32, shape=t.shape)
+                    g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear_{k}",
+                                           inputs=[tq, s_c, z_c], outputs=[dq_out], domain=domain))
+                else:
+                    if shared_dq is None:
+                        shared_dq = gs.Variable(f"{tname}_dequantized", dtype=np.float32, shape=t.shape)
+                        g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear",
+                                               inputs=[tq, s_c, z_c], outputs=[shared_dq], domain=domain))
+                    dq_out = shared_dq
+                for i, inp in enumerate(c.inputs):
+                    if inp is t:
+                        c.inputs[i] = dq_out
+        # weights, bias and constant operands
+        for u in units.values():
+            node = nodes[u.node]
+            if u.kind == "weighted":
+                self._quantize_weights(g, node, u, params, (bias_shift or {}).get(u.node))
+            elif u.kind == "elementwise":
+                for i, t in enumerate(node.inputs):
+                    if isinstance(t, gs.Constant):
+                        node.inputs[i] = self._const_dq(g, t, f"{u.node}_in{i}")
+        g.cleanup().toposort()
+        return g
+
+    def _const_dq(self, g: gs.Graph, t: gs.Constant, name: str) -> gs.Variable:
+        sch = self.scheme
+        c = np.asarray(t.values).astype(np.float32)
+        lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
+        s, z = activation_params(sch, lo, hi)
+        qv = np.asarray(np.clip(np.round(c / s) + z, sch.qmin, sch.qmax)).astype(sch.activation_dtype)
+        out = gs.Variable(name + "_dequantized", dtype=np.float32, shape=list(c.shape))
+        g.nodes.append(gs.Node("DequantizeLinear", name=name + "_DequantizeLinear",
+                               inputs=[gs.Constant(name + "_quantized", qv),
+                                       gs.Constant(name + "_scale", np.array(s, np.float32)),
+                                       gs.Constant(name + "_zero_point", np.array(z, sch.activation_dtype))],
+                               outputs=[out], domain=sch.qdq_domain))
+        return out
+
+    def _quantize_weights(self, g: gs.Graph, node: gs.Node, u: QuantUnit, params: dict, shift) -> None:
+        per_channel, domain = self.scheme.per_channel, self.scheme.qdq_domain
+        W = np.asarray(node.inputs[1].values).astype(np.float32)
+        axis = u.weight_axis
+        wq, ws = self.unit_weight_quant(node.name, W, axis)
+        dq_w = gs.Variable(node.name + "_W_dequantized", dtype=np.float32, shape=list(W.shape))
+        attrs = {"axis": axis} if per_channel else {}
+        g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_W_DequantizeLinear", attrs=attrs,
+                               inputs=[gs.Constant(node.name + "_W_quantized", wq),
+                                       gs.Constant(node.name + "_W_scale", ws),
+                                       gs.Constant(node.name + "_W_zero_point", np.zeros(ws.shape, np.int8))],
+                               outputs=[dq_w], domain=domain))
+        node.inputs[1] = dq_w
+        bias_idx = 2
+        b = None
+        if len(node.inputs) > bias_idx and node.inputs[bias_idx].name:
+            b = np.asarray(node.inputs[bias_idx].values).astype(np.float32).reshape(-1)
+        if shift is not None and node.op in ("Conv", "Gemm"):  # MatMul has no bias to carry it
+            b = (np.zeros(len(shift), np.float32) if b is None else b) - shift.astype(np.float32)
+        if b is None:
+            return
+        sx = params[u.inputs[0]][0]
+        n_out = W.shape[axis] if node.op != "Gemm" else W.shape[0 if int(node.attrs.get("transB", 0)) else 1]
+        if b.size == 1 and n_out > 1:
+            b = np.full(n_out, b[0], np.float32)
+        sb = (np.float32(sx) * (ws if ws.ndim else np.full(n_out, ws, np.float32))).astype(np.float32)
+        sb = np.broadcast_to(sb, b.shape).astype(np.float32)
+        bq = np.clip(np.round(b.astype(np.float64) / sb), -2 ** 31 + 1, 2 ** 31 - 1).astype(np.int32)
+        dq_b = gs.Variable(node.name + "_B_dequantized", dtype=np.float32, shape=list(b.shape))
+        g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_B_DequantizeLinear",
+                               attrs={"axis": 0} if per_channel else {},
+                               inputs=[gs.Constant(node.name + "_B_quantized", bq),
+                                       gs.Constant(node.name + "_B_scale", sb if per_channel else
+                                                   np.array(sb.reshape(-1)[0], np.float32)),
+                                       gs.Constant(node.name + "_B_zero_point",
+                                                   np.zeros(sb.shape if per_channel else (), np.int32))],
+                               outputs=[dq_b], domain=domain))
+        if len(node.inputs) > bias_idx:
+            node.inputs[bias_idx] = dq_b
+        else:
+            while len(node.inputs) < bias_idx:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(dq_b)

@@ -1,0 +1,286 @@
+"""The quantize pass: static QDQ quantization with calibration, placed for onnxruntime's integer kernels.
+
+A run (``quantize_static``): refuse an already quantized model; canonicalize the float graph
+(``prepare.py``) and choose the numeric scheme, upgrading the opset when per-channel weights need it
+(``scheme.py``); place the integer units (``plan.py``); calibrate the ranges of every tensor any
+plan could quantize (``calibrate.py``); write the QDQ graph (``qdq.py``); hold the fidelity floor
+and check speed (``guard.py``, with the per-unit analysis of ``unit_analysis.py``); store the
+weights of nodes kept float int8 (``fallback.py``).
+
+Data-aware extras (no training):
+- Bias correction (``bias_correction``): each output channel's mean shift from the per-unit
+  analysis, removed in the bias (``unit_analysis.py``).
+- Rounding (``rounding=gptq``, off by default: measured, it does not pay with 8-bit activations):
+  with the scales fixed, integer weights that minimise ``|(W - s Q) X|^2`` on the calibration inputs
+  by GPTQ error feedback (``rounding.py``).
+- Cross-layer equalization (``equalize=true``, off by default): exact per-channel rescaling of
+  Conv -> [Relu] -> Conv pairs before calibration (``equalize.py``).
+- Weight-only (``weights_only=int4|int8``): instead of QDQ, onnxruntime's MatMulNBits quantizer on the
+  MatMul/Gemm weights, block size chosen on the calibration samples (``weight_only.py``).
+- Wider activations: for a target that also takes 16-bit activations (``wide_activation_dtype``: QNN
+  HTP) and ``activation_dtype=auto``, an 8-bit plan that misses the floor or keeps units in float is
+  redone A16W8 (plain and bias-corrected); the plan holding the floor with the fewest float units,
+  then the best cosine, is kept (``stats["activation_choice"]``).
+- Back-off: ``weaker()`` keeps the 1, 2, 4, ... most sensitive units in float, up to the number of
+  weighted units the last run planned.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantizeOptions", "QuantizePass", "QuantizeRun", "quantize_static"]
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import onnx_graphsurgeon as gs
+
+from onnxshrink.errors import InputError
+from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.equalize import equalize_pairs
+from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
+from onnxshrink.passes.quantize.fallback import FloatFallback
+from onnxshrink.passes.quantize.guard import FidelityCheck, Placement, QuantizeGuard
+from onnxshrink.passes.quantize.plan import PlacementRules, has_float_weights, plan_units, refuse_quantized
+from onnxshrink.passes.quantize.prepare import prepare_float_graph
+from onnxshrink.passes.quantize.qdq import QdqBuilder, drop_qdq_value_info
+from onnxshrink.passes.quantize.rounding import round_units
+from onnxshrink.passes.quantize.scheme import choose_scheme, upgrade_opset, use_qdq_domain
+from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis
+from onnxshrink.passes.quantize.weight_only import run_weights_only
+from onnxshrink.runtime import capture_activations
+
+
+@dataclass
+class QuantizeOptions:
+    """Options of the quantize pass."""
+
+    calibrator: Literal["minmax", "percentile", "entropy", "mse"] = field(
+        default="minmax", metadata={"help": "activation range estimator"})
+    percentile: float = field(default=99.999, metadata={"help": "percentile for calibrator=percentile"})
+    per_channel: bool = field(default=True, metadata={"help": "per-output-channel weight scales (needs opset >= 13)"})
+    activation_dtype: Literal["auto", "uint8", "int8", "uint16", "int16"] = field(
+        default="auto", metadata={"help": "activation type; auto: the target's, else uint8 (16-bit: A16W8, "
+                                          "Q/DQ in the com.microsoft domain below opset 21)"})
+    reduce_range: Literal["auto", "true", "false"] = field(
+        default="auto", metadata={"help": "7-bit weights (auto: on x86 without VNNI)"})
+    elementwise: bool = field(default=True, metadata={
+        "help": "quantize Add/Mul/Sigmoid/Concat/pools whose inputs are already integer"})
+    matmul_activations: bool = field(default=True, metadata={
+        "help": "quantize MatMul of two activations (attention scores) when both are integer"})
+    fold_activations: bool = field(default=True, metadata={"help": "fold Relu/Clip into the preceding unit's range"})
+    upgrade_opset: bool = field(default=True, metadata={
+        "help": "upgrade opset < 13 to 13 for per-channel weights (checked numerically)"})
+    bias_correction: bool = field(default=False, metadata={
+        "help": "correct each output channel's mean shift in the bias"})
+    div_to_mul: bool = field(default=False, metadata={
+        "help": "rewrite Div by a constant as Mul by its reciprocal (integer hard-swish chains)"})
+    equalize: bool = field(default=False, metadata={
+        "help": "cross-layer equalization of Conv -> [Relu] -> Conv pairs first (exact; passes/equalize.py)"})
+    rounding: Literal["nearest", "gptq"] = field(default="nearest", metadata={
+        "help": "weight rounding: nearest, or gptq (error feedback that minimises each layer's output "
+                "error on the calibration inputs, same scales; see passes/rounding.py)"})
+    rounding_samples: int = field(default=16, metadata={"help": "calibration samples for rounding=gptq"})
+    weights_only: Literal["off", "int4", "int8"] = field(default="off", metadata={
+        "help": "instead of QDQ: block-wise int4/int8 weights of MatMul/Gemm with float activations "
+                "(onnxruntime's MatMulNBits quantizer; for transformers; see passes/weight_only.py)"})
+    block_size: int = field(default=0, metadata={
+        "help": "weights_only block size (0: of 128/64/32, the smallest file that holds min_cosine on "
+                "calibration samples)"})
+    symmetric: bool = field(default=False, metadata={"help": "weights_only: symmetric blocks (no zero points)"})
+    accuracy_level: int = field(default=0, metadata={
+        "help": "weights_only: MatMulNBits accuracy_level (0: onnxruntime's default; 4: int8 compute on CPU)"})
+    bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
+    max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
+    fallback: Literal["auto", "float", "int8"] = field(default="auto", metadata={
+        "help": "weights of the nodes kept in float: int8 stores them per channel as Cast x Mul, which "
+                "onnxruntime folds at load (float speed and activations, 1/4 of the bytes; "
+                "passes/weight_storage.py); auto: int8 (no target or cpu) while the budget (or the "
+                "guard's floor) holds, the most sensitive layers left float when needed; float: as they are"})
+    float_weights: list[str] = field(default_factory=list, metadata={
+        "help": "node names whose weights stay float whatever fallback says"})
+    keep_float: int = field(default=0, metadata={"help": "number of most sensitive units kept in float"})
+    guard: bool = field(default=True, metadata={
+        "help": "keep sensitive units in float until min_cosine holds and return the float model "
+                "unchanged when no placement is faster than fp32 (measured)"})
+    min_cosine: float = field(default=0.99, metadata={
+        "help": "fidelity floor of the guard when no budget is given (mean cosine vs float)"})
+    min_speedup: float = field(default=1.0, metadata={"help": "the guard's required speed-up over fp32"})
+    max_float_fraction: float = field(default=0.34, metadata={
+        "help": "most units the guard keeps in float when no budget is given"})
+
+
+@register
+class QuantizePass(Pass):
+    """Static int8 QDQ quantization with calibrated ranges, placed for onnxruntime's integer kernels."""
+
+    name = "quantize"
+    summary = "static int8 QDQ quantization (calibrated, per-channel, placed for integer kernels)"
+    lossless = False
+    needs_data = True
+    min_opset = 1
+    Options = QuantizeOptions
+
+    def __init__(self, options=None, **kwargs):
+        super().__init__(options, **kwargs)
+        # weighted units the last run planned (None before any run): keeping that many in float leaves
+        # nothing to quantize, so weaker() stops below it. The manager calls weaker() right after a
+        # run on the same graph and gives it no graph, so the count comes from that run.
+        self.planned_units: int | None = None
+
+    def weaker(self):
+        o = self.options
+        nxt = max(1, 2 * o.keep_float)
+        if self.planned_units is not None and nxt >= self.planned_units:
+            return None
+        return QuantizePass(dataclasses.replace(o, keep_float=nxt))
+
+    def describe_strength(self) -> str:
+        return f"keep_float={self.options.keep_float}"
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        wide = getattr(ctx.target, "wide_activation_dtype", None) if self.options.activation_dtype == "auto" else None
+        model = ctx.to_model(graph) if wide else None
+        done = quantize_static(graph, self.options, ctx)
+        if wide and done.outcome and (not done.outcome["holds"] or done.outcome["kept_float"]):
+            done = self._wider_activations(done, model, ctx, wide)
+        self.planned_units = done.weighted_units
+        return done.result
+
+    def _wider_activations(self, run8: QuantizeRun, model, ctx: Context, wide: str) -> QuantizeRun:
+        """The target also takes 16-bit activations (QNN HTP: A16W8) and the 8-bit plan missed the
+        fidelity floor or kept units in float to hold it: quantize again with ``wide`` activations,
+        plain and with bias correction (with 16-bit activations the int8 weights' rounding is the
+        main error left, and its per-channel mean shift is what bias correction removes), and keep
+        the plan that holds the floor with the fewest float units, then the best cosine (ties with
+        the 8-bit plan: 8-bit, half the bandwidth)."""
+        rank = (lambda o: (o["holds"], -o["kept_float"], o["cosine"]))
+        act8 = run8.stats.get("scheme", {}).get("activations")
+        cands = {act8: run8}
+        for bc in (False, True) if not self.options.bias_correction else (True,):
+            done = quantize_static(gs.import_onnx(model), dataclasses.replace(
+                self.options, activation_dtype=wide, bias_correction=bc), ctx)
+            if done.result.modified and done.outcome:
+                cands[wide + ("+bias_correction" if bc and not self.options.bias_correction else "")] = done
+        best = max(cands, key=lambda k: (rank(cands[k].outcome), k == act8))
+        chosen = cands[best]
+        chosen.result.stats["activation_choice"] = {
+            "chosen": best, "candidates": {k: v.outcome for k, v in cands.items()},
+            "rule": "the target takes 8- and 16-bit activations: the plan that holds the fidelity floor with the "
+                    "fewest units kept float, then the best cosine (ties: 8-bit)"}
+        return chosen
+
+
+@dataclass
+class QuantizeRun:
+    """One quantization of a graph: the pass result, its stats, the weighted units of its plan (before
+    any unit is kept float; 0 when nothing is planned) and the fidelity search's outcome
+    ``{"holds", "cosine", "kept_float"}`` (None when the guard did not run)."""
+
+    result: PassResult
+    stats: dict
+    weighted_units: int
+    outcome: dict | None = None
+
+
+def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> QuantizeRun:
+    """Quantize ``graph`` (modified in place on the way) with the options ``o`` (module docstring)."""
+    stats: dict = {}
+    timings = stats["timings_s"] = {}
+    t0 = time.perf_counter()
+
+    def lap(name):
+        nonlocal t0
+        t = time.perf_counter()
+        timings[name] = round(t - t0, 2)
+        t0 = t
+
+    refuse_quantized(graph)
+    if o.weights_only != "off":
+        stats["prepared"] = prepare_float_graph(graph)
+        return QuantizeRun(PassResult(*run_weights_only(graph, o, ctx, stats)), stats, 0)
+    scheme, stats["scheme"] = choose_scheme(o, ctx.target)
+    stats["prepared"] = prepare_float_graph(graph, o.div_to_mul)
+    if o.equalize:
+        stats["equalize"] = equalize_pairs(graph)
+    if not has_float_weights(graph):
+        raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
+    samples = CalibrationSamples(ctx.calib, ctx.val, o.max_samples)
+    graph_in = graph
+    graph = upgrade_opset(graph, scheme, o.upgrade_opset, ctx.to_model, samples.first, stats)
+    # float activations need no per-channel DequantizeLinear: the float result keeps the input's opset
+    pre_opset = graph_in if graph is not graph_in else None
+    if graph.opset and graph.opset < 13:
+        scheme.per_channel = False
+    prepare_float_graph(graph)
+    model_f = ctx.to_model(graph)
+    graph = gs.import_onnx(model_f)
+    use_qdq_domain(scheme, int(graph.opset or 0), stats)
+    lap("prepare_and_opset")
+
+    check = FidelityCheck(ctx, model_f, samples, o.min_cosine)
+    fallback = FloatFallback(o, ctx, check, model_f, samples, stats)
+
+    def float_result(why: str) -> PassResult:
+        return fallback.float_result(graph, pre_opset if pre_opset is not None else gs.import_onnx(model_f), why)
+
+    rules = PlacementRules(o.elementwise, o.matmul_activations, o.fold_activations)
+    excluded = set(o.exclude)
+    units, reasons = plan_units(graph, excluded, rules)
+    if not any(u.kind == "weighted" for u in units.values()):
+        # every weighted node excluded: nothing can be integer, no calibration needed
+        stats["nodes"] = reasons
+        return QuantizeRun(float_result("every weighted node is excluded"), stats, 0)
+    # calibrate every tensor any plan could quantize, so excluding units later needs no new pass
+    cand, _ = plan_units(graph, set(), rules)
+    tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
+    ranges = calibrate_ranges(model_f, tensors, samples, o.calibrator, levels=scheme.qmax - scheme.qmin + 1,
+                              bins=o.bins, percentile=o.percentile)
+    clips = {u.output: u.clip for u in cand.values() if u.clip is not None}
+    n_units = sum(1 for u in units.values() if u.kind == "weighted")
+    lap("calibrate")
+    builder = QdqBuilder(scheme, model_f, graph, ranges, clips)
+    if o.rounding == "gptq":
+        w_units = [u for u in cand.values() if u.kind == "weighted"]
+        builder.rounded, stats["rounding"] = round_units(
+            model_f, graph, [(u.node, u.weight_axis) for u in w_units], builder.weight_quant, samples.all,
+            capture_activations, scheme.wmax, n_samples=o.rounding_samples)
+        lap("rounding")
+
+    # per-unit analysis on a shadow model: each unit quantized alone, on float inputs
+    # (the guard asks for it only when its fidelity floor fails: most models never pay for it)
+    analysis = UnitAnalysis(builder, cand, samples, stats)
+    analysed = analysis.run() if o.keep_float or o.bias_correction else None
+    lap("analyse")
+    builder.bias_shift = ({k: a["shift"] for k, a in analysed.items()} if o.bias_correction and analysed else None)
+    order = analysis.order() if analysed else None
+    if o.keep_float and order:
+        excluded |= set(order[: o.keep_float])
+        units, reasons = plan_units(graph, excluded, rules)
+    placement = Placement(builder.build(units), units, reasons, excluded)
+    outcome = None
+    if o.guard or ctx.budget is not None:
+        guard = QuantizeGuard(o, ctx, check, builder, rules, analysis, samples, stats)
+        placement, outcome = guard.run(placement, order)
+        lap("guard")
+        if placement.graph is None:
+            stats["nodes"] = placement.reasons
+            return QuantizeRun(float_result(stats.get("guard_reason", "no faster placement")), stats, n_units, outcome)
+    units, reasons, excluded = placement.units, placement.reasons, placement.excluded
+    for n in excluded:
+        if n in reasons and n in analysis.nsr and not reasons[n].startswith("kept float: small"):
+            reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {analysis.nsr[n]:.2e})"
+    stats["nodes"] = reasons
+    stats["quantized_units"] = {k: sum(1 for u in units.values() if u.kind == k)
+                                for k in ("weighted", "elementwise", "passthrough")}
+    stats["kept_float"] = sorted(excluded)
+    if not units:
+        why = ("no node could be quantized within the fidelity budget (every unit was kept float to hold it)"
+               if excluded else "no node could be quantized")
+        return QuantizeRun(float_result(why), stats, n_units, outcome)
+    qg, _ = fallback.store(placement.graph)
+    lap("float_weights")
+    drop_qdq_value_info(qg)
+    return QuantizeRun(PassResult(qg, True, stats), stats, n_units, outcome)
