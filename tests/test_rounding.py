@@ -9,7 +9,8 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 
 from helpers import check, run_ort
-from onnxshrink.passes.quantize.rounding import conv_patches, gptq_round, output_error
+from onnxshrink.graph.patches import ConvGeometry, conv_patches
+from onnxshrink.passes.quantize.rounding import gptq_round, output_error
 from test_quantize import quantize, samples, small_net
 
 RNG = np.random.default_rng(3)
@@ -30,7 +31,7 @@ def test_conv_patches_reproduce_the_convolution(attrs, wshape):
                       [oh.make_tensor_value_info("y", TP.FLOAT, None)], [onnx.numpy_helper.from_array(W, "w")])
     m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
     y = run_ort(m, {"x": x})[0]                                    # [N, Cout, Ho, Wo]
-    P = conv_patches(x, attrs, wshape)                             # [N*Ho*Wo, g, D]
+    P = conv_patches(x, ConvGeometry.from_attrs(attrs, wshape[2:]))  # [N*Ho*Wo, g, D]
     grp = attrs.get("group", 1)
     Wg = W.reshape(grp, wshape[0] // grp, -1)                      # [g, R, D]
     out = np.einsum("pgd,grd->pgr", P, Wg).reshape(P.shape[0], -1)  # [P, Cout]

@@ -11,9 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 from helpers import assert_outputs_close, check, run_ort
 from onnxshrink.data import ListSource
 from onnxshrink.graph.cost import model_cost
+from onnxshrink.graph.patches import ConvGeometry, patch_covariance
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.fold import FoldPass
-from onnxshrink.passes.svd import SvdPass, _ConvGeom, factorize, patch_covariance, whitened_svd
+from onnxshrink.passes.svd import SvdPass, factorize, whitened_svd
 
 import svd_models as sm
 
@@ -74,8 +75,8 @@ def test_whitened_prediction_is_the_output_error():
 def test_patch_covariance_matches_im2col():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 3, 9, 8))
-    g = _ConvGeom(3, 2, 2, 1, 1, 2, [1, 0, 2, 1], "NOTSET")
-    acc, cnt = patch_covariance(x, g, max_positions=0, chunk=7)
+    g = ConvGeometry(3, 2, 2, 1, 1, 2, (1, 0, 2, 1), "NOTSET")
+    acc, cnt = patch_covariance(x, g, chunk=7)[0], g.n_positions(x.shape)
     xp = np.pad(x, ((0, 0), (0, 0), (1, 2), (0, 1)))
     OH, OW = g.out_hw(9, 8)
     rows = []

@@ -30,6 +30,8 @@ UNSAFE_FP16_OPS = ("Exp", "Log", "Pow", "Reciprocal", "Softmax", "LogSoftmax", "
 
 @dataclass
 class Fp16Options:
+    """Options of the fp16 pass: what stays float32."""
+
     block_ops: list[str] = field(default_factory=lambda: list(UNSAFE_FP16_OPS),
                                  metadata={"help": "ops kept in float32 (Casts around them)"})
     block_nodes: list[str] = field(default_factory=list, metadata={"help": "node names kept in float32"})

@@ -33,8 +33,9 @@ Error feedback (MatMul, group-1 Conv via im2col): with H = E[x x^T] over the K i
 (+1 % damping) and U the upper Cholesky factor of H^-1, the rows of W (as [K, Cout]) are
 assigned in order of decreasing H_jj: a_j = nearest(W_j / s), and the not yet assigned rows
 absorb the error, W_{j+1:} -= U_{j,j+1:}^T (W_j - s c[a_j]) / U_jj (GPTQ with a codebook grid),
-which greedily minimises the layer's output error tr(dW^T H dW). It is kept only where that
-error is lower than with nearest assignment.
+which greedily minimises the layer's output error tr(dW^T H dW) (the loop is
+``passes.gptq.gptq_feedback`` with the nearest centroid as its quantizer). It is kept only where
+that error is lower than with nearest assignment.
 
 Bit widths per layer (under a budget) come from a Lagrangian allocation:
 minimise sum_l bytes_l(b_l) subject to sum_l g_l e_l(b_l) <= D, where e_l(b) is layer l's
@@ -68,9 +69,10 @@ are set to exactly 0.0: denormal products slowed one PP-OCR Conv 20x.
 
 from __future__ import annotations
 
-__all__ = ["SharePass", "kmeans_1d", "pack_indices", "unpack_indices", "bit_planes", "input_energy"]
+__all__ = ["ShareOptions", "SharePass", "kmeans_1d", "pack_indices", "unpack_indices", "bit_planes", "input_energy"]
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,7 +81,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from onnxshrink.graph.patches import ConvGeometry, conv_patches, sample_positions
 from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.gptq import gptq_feedback
 
 BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
 _FLOATS = (np.float32, np.float16, np.float64)
@@ -87,248 +91,41 @@ _FRACTION_METRICS = {"cosine", "cosine_min", "top1", "accuracy", "top5"}
 _NODE_OVERHEAD = 120  # bytes of graph protobuf per unpack node, for the size model
 
 
-# --------------------------------------------------------------------------- clustering
-class _Sorted:
-    """Sorted values and weight prefix sums of one tensor (or group), shared by every bit width."""
-
-    def __init__(self, values: np.ndarray, weights: np.ndarray | None):
-        x = np.asarray(values, np.float64).ravel()
-        w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64).ravel()
-        w = w + 1e-12 * (float(w.mean()) if w.size else 1.0)  # no zero-weight run can leave a cell empty
-        order = np.argsort(x, kind="stable")
-        self.x = x
-        self.w = w
-        self.xs = x[order]
-        ws = w[order]
-        self.pw = np.concatenate([[0.0], np.cumsum(ws)])
-        self.pwx = np.concatenate([[0.0], np.cumsum(ws * self.xs)])
-        self.pwx2 = np.concatenate([[0.0], np.cumsum(ws * self.xs * self.xs)])
-
-    def cost(self, lo, hi) -> np.ndarray:
-        """Weighted SSE of the sorted run [lo, hi) around its weighted mean (prefix sums)."""
-        sw = self.pw[hi] - self.pw[lo]
-        sx = self.pwx[hi] - self.pwx[lo]
-        sxx = self.pwx2[hi] - self.pwx2[lo]
-        return np.maximum(sxx - np.where(sw > 0, sx * sx / np.where(sw > 0, sw, 1.0), 0.0), 0.0)
-
-    def cuts(self, c: np.ndarray) -> np.ndarray:
-        """Boundaries of the nearest-centroid cells of ascending centroids ``c``."""
-        return np.concatenate([[0], np.searchsorted(self.xs, (c[:-1] + c[1:]) / 2, side="left"), [self.xs.size]])
-
-    def mean(self, lo, hi, fallback):
-        sw = self.pw[hi] - self.pw[lo]
-        return np.where(sw > 0, (self.pwx[hi] - self.pwx[lo]) / np.where(sw > 0, sw, 1.0), fallback)
-
-
-def _density_init(s: _Sorted, k: int, bins: int = 2048) -> np.ndarray:
-    """Centroids at the quantiles of p(x)^(1/3) (Panter-Dite), reaching into the tails."""
-    lo, hi = s.xs[0], s.xs[-1]
-    if hi <= lo:
-        return np.full(k, lo)
-    hist, edges = np.histogram(s.x, bins=bins, range=(lo, hi), weights=s.w)
-    q = np.cbrt(np.maximum(hist, 0))
-    cdf = np.concatenate([[0.0], np.cumsum(q)])
-    cdf /= cdf[-1]
-    targets = (np.arange(k) + 0.5) / k
-    return np.interp(targets, cdf, edges)
-
-
-def _lloyd(s: _Sorted, c: np.ndarray, pinned: bool, iters: int) -> np.ndarray:
-    for _ in range(iters):
-        c = np.sort(c)
-        cuts = s.cuts(c)
-        new = s.mean(cuts[:-1], cuts[1:], c)
-        if pinned:
-            new[np.argmin(np.abs(c))] = 0.0
-        done = np.allclose(new, c, rtol=0, atol=1e-12 * max(1.0, float(np.abs(c).max())))
-        c = new
-        if done:
-            break
-    return np.sort(c)
-
-
-def _split_merge(s: _Sorted, c: np.ndarray, pinned: bool, rounds: int) -> np.ndarray:
-    """Escape Lloyd's local minima: while splitting the best cell gains more than merging the
-    cheapest adjacent pair costs, move that centroid, then re-run Lloyd. Isolated outliers
-    (which Lloyd leaves sharing a centroid far from both) get their own centroid this way."""
-    total = float(s.cost(*_bounds(s.cuts(c))).sum())
-    for _ in range(rounds):
-        cuts = s.cuts(c)
-        lo, hi = cuts[:-1], cuts[1:]
-        sse = s.cost(lo, hi)
-        merge = s.cost(lo[:-1], hi[1:]) - sse[:-1] - sse[1:]
-        z = int(np.argmin(np.abs(c))) if pinned else -1
-        if pinned:
-            merge[max(z - 1, 0):z + 1] = np.inf
-        best = (0.0, -1, -1)
-        for t in np.argsort(sse)[-4:]:
-            a, b = int(lo[t]), int(hi[t])
-            if b - a < 2 or t == z:
-                continue
-            cut = np.arange(a + 1, b)
-            gain = sse[t] - s.cost(a, cut) - s.cost(cut, b)
-            i = int(np.argmax(gain))
-            if gain[i] > best[0]:
-                best = (float(gain[i]), int(t), int(cut[i]))
-        gain, t, cut = best
-        if t < 0:
-            break
-        m = merge.copy()
-        m[max(t - 1, 0):t + 1] = np.inf  # the merged pair must not contain the cell being split
-        j = int(np.argmin(m))
-        if not np.isfinite(m[j]) or gain <= m[j] + 1e-12 * total:
-            break
-        merged = float(s.mean(lo[j], hi[j + 1], c[j]))
-        left = float(s.mean(lo[t], cut, c[t]))
-        right = float(s.mean(cut, hi[t], c[t]))
-        keep = np.ones(c.size, bool)
-        keep[[j, j + 1, t]] = False
-        trial = _lloyd(s, np.concatenate([c[keep], [merged, left, right]]), pinned, 20)
-        new_total = float(s.cost(*_bounds(s.cuts(trial))).sum())
-        if new_total >= total:
-            break
-        c, total = trial, new_total
-    return c
-
-
-def _bounds(cuts):
-    return cuts[:-1], cuts[1:]
-
-
-def kmeans_1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, pin_zero: bool = False,
-              iters: int = 60, refine: int | None = None, _sorted: _Sorted | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted 1-D k-means: (centroids [k] ascending, labels with the shape of ``values``).
-
-    Minimises sum_i weights_i (values_i - centroids[labels_i])^2 by Lloyd iterations on the
-    sorted values (exact cells by searchsorted, means by prefix sums), from a p^(1/3)-density
-    initialisation. ``pin_zero`` keeps one centroid at exactly 0.0. When the tensor has at most
-    k distinct values the codebook is those values (exact)."""
-    s = _sorted or _Sorted(values, weights)
-    uniq = np.unique(s.xs)
-    if uniq.size <= k:
-        c = np.concatenate([uniq, np.full(k - uniq.size, uniq[-1] if uniq.size else 0.0)])
-    else:
-        c = _density_init(s, k)
-        if pin_zero:
-            c[np.argmin(np.abs(c))] = 0.0
-        c = _lloyd(s, c, pin_zero, iters)
-        c = _split_merge(s, c, pin_zero, rounds=refine if refine is not None else k)
-    labels = _assign(s.x, c)
-    return c, labels.reshape(np.shape(values))
-
-
-def _assign(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (c ascending)."""
-    mids = (c[:-1] + c[1:]) / 2
-    return np.searchsorted(mids, x, side="left").astype(np.int64)
-
-
-# --------------------------------------------------------------------------- packing
-def bit_planes(bits: int) -> list[tuple[int, int]]:
-    """(width, offset) planes a ``bits``-bit index is split into, widths in {8, 4, 2, 1}."""
-    planes, off = [], 0
-    for w in (8, 4, 2, 1):
-        while bits - off >= w:
-            planes.append((w, off))
-            off += w
-    return planes
-
-
-def pack_indices(idx: np.ndarray, bits: int) -> list[tuple[int, int, np.ndarray]]:
-    """Pack indices (0 <= idx < 2^bits) into uint8 planes: [(width, offset, bytes [m, 1])]."""
-    a = np.asarray(idx, np.int64).ravel()
-    if a.size and (a.min() < 0 or a.max() >= 2 ** bits):
-        raise ValueError(f"indices out of range for {bits} bits")
-    out = []
-    for w, off in bit_planes(bits):
-        d = (a >> off) & ((1 << w) - 1)
-        per = 8 // w
-        pad = (-d.size) % per
-        d = np.concatenate([d, np.zeros(pad, np.int64)]).reshape(-1, per)
-        packed = np.zeros(d.shape[0], np.int64)
-        for j in range(per):
-            packed |= d[:, j] << (w * j)
-        out.append((w, off, packed.astype(np.uint8).reshape(-1, 1)))
-    return out
-
-
-def unpack_indices(planes: list[tuple[int, int, np.ndarray]], n: int) -> np.ndarray:
-    """Inverse of ``pack_indices`` in numpy, the same arithmetic as the ONNX unpack graph."""
-    a = np.zeros(n, np.int64)
-    for w, off, packed in planes:
-        per = 8 // w
-        p = packed.astype(np.int32).reshape(-1, 1)
-        div = (np.int32(1) << (w * np.arange(per, dtype=np.int32))).reshape(1, -1)
-        d = np.mod(p // div, 1 << w).reshape(-1)[:n]
-        a += d.astype(np.int64) << off
-    return a
-
-
-# --------------------------------------------------------------------------- data awareness
-def input_energy(op: str, attrs: dict, weight_shape: tuple, x: np.ndarray, weight_input: int) -> np.ndarray | None:
-    """Per-feature energy E[x_j^2] of the activation ``x`` a weight multiplies, shaped to broadcast
-    against the weight; None when the consumer is not a layer we know."""
-    x = np.asarray(x, np.float64)
-    if op in ("Conv", "ConvTranspose") and weight_input == 1 and x.ndim >= 3:
-        e = np.mean(x ** 2, axis=tuple(i for i in range(x.ndim) if i != 1))
-        group = int(attrs.get("group", 1))
-        if op == "Conv":
-            cout, cin_g = weight_shape[0], weight_shape[1]
-            if e.size != cin_g * group:
-                return None
-            per_out = cout // group
-            grp = np.arange(cout) // per_out
-            h = e[grp[:, None] * cin_g + np.arange(cin_g)[None, :]]
-            return h.reshape((cout, cin_g) + (1,) * (len(weight_shape) - 2))
-        if e.size != weight_shape[0]:
-            return None
-        return e.reshape((-1,) + (1,) * (len(weight_shape) - 1))
-    if op == "MatMul" and len(weight_shape) >= 2:
-        if weight_input == 1:  # X[..., K] @ W[..., K, N]: row k of W sees feature k
-            e = np.mean(x ** 2, axis=tuple(range(x.ndim - 1))) if x.ndim >= 1 else None
-            if e is None or e.size != weight_shape[-2]:
-                return None
-            return e.reshape(-1, 1)
-        e = np.mean(x ** 2, axis=tuple(i for i in range(x.ndim) if i != x.ndim - 2))  # W[M,K] @ X[K,N]
-        if e.size != weight_shape[-1]:
-            return None
-        return e.reshape(1, -1)
-    if op == "Gemm" and weight_input == 1 and x.ndim == 2 and len(weight_shape) == 2:
-        xa = x.T if int(attrs.get("transA", 0)) else x
-        e = np.mean(xa ** 2, axis=0)
-        if int(attrs.get("transB", 0)):
-            return e.reshape(1, -1) if e.size == weight_shape[1] else None
-        return e.reshape(-1, 1) if e.size == weight_shape[0] else None
-    return None
-
-
 # --------------------------------------------------------------------------- the pass
 @dataclass
-class _Weight:
-    """One shareable float tensor: an initializer (gs.Constant) or a Constant node's value."""
+class ShareOptions:
+    """Options of the share pass (bit widths, data awareness, error feedback, search; see the module doc)."""
 
-    name: str                # the tensor name in the exported model (initializer or Constant output)
-    values: np.ndarray
-    const: gs.Constant | None = None   # initializer form
-    node: gs.Node | None = None        # Constant-node form
-    consumer: tuple | None = None      # (op, attrs, activation name, weight input index)
-    axis: int | None = None            # output-channel axis (None: no per-channel scale)
-    energy: np.ndarray | None = None
-    factor: tuple | None = None        # (feature order, upper Cholesky factor of H^-1) for error feedback
-    hessian: np.ndarray | None = None  # E[x x^T] over the input features of a MatMul / group-1 Conv
-
-
-@dataclass
-class _Choice:
-    bits: int                  # 0 = keep float
-    codebook: np.ndarray | None = None   # [G, K]
-    labels: np.ndarray | None = None     # [G, n/G], channel-major order
-    scale: np.ndarray | None = None      # per-output-channel scale (float32), or None
-    axis: int = 0              # the output-channel axis the layout is channel-major in
-    rebuilt: np.ndarray | None = None
-    err_w: float = 0.0         # relative weight error  sum dW^2 / sum W^2
-    err_h: float = 0.0         # relative weighted (output) error sum h dW^2 / sum h W^2
-    nbytes: int = 0
+    bits: int | None = field(default=None, metadata={
+        "help": "fixed bit width for every layer (2,3,4,6,8); default: chosen per layer under the budget "
+                "(4 without a budget)"})
+    bit_choices: list[int] = field(default_factory=lambda: list(BIT_CHOICES), metadata={
+        "help": "bit widths the per-layer search may pick"})
+    min_bits: int = field(default=2, metadata={"help": "smallest bit width the search may pick (weaker() raises it)"})
+    data_aware: bool = field(default=True, metadata={
+        "help": "weight each error by its input's activation energy (needs calibration data)"})
+    energy_floor: float = field(default=1e-4, metadata={
+        "help": "data-aware weights are at least this fraction of the layer's mean input energy"})
+    error_feedback: bool = field(default=True, metadata={
+        "help": "GPTQ-style assignment for MatMul/group-1 Conv weights: quantize input rows in turn and move the "
+                "remaining rows to cancel the output error (uses E[x x^T] from calibration data)"})
+    groups: int = field(default=1, metadata={
+        "help": "codebooks per layer: 1 = per layer, G = one per group of output channels"})
+    min_elements: int = field(default=1024, metadata={"help": "tensors smaller than this stay float"})
+    channel_scale: bool = field(default=True, metadata={
+        "help": "divide each output channel by its RMS before clustering, multiply back after the lookup"})
+    codebook_dtype: Literal["float32", "float16"] = field(default="float32", metadata={
+        "help": "codebook storage type (float16 adds a Cast)"})
+    pin_zero: Literal["auto", "always", "never"] = field(default="auto", metadata={
+        "help": "keep 0.0 as a centroid: auto = when >= 1% of the tensor is exactly zero"})
+    allow_float: bool = field(default=True, metadata={"help": "the search may keep sensitive layers float"})
+    sensitivity: Literal["measured", "proxy"] = field(default="measured", metadata={
+        "help": "measured: one evaluate per layer for its output sensitivity; proxy: equal sensitivity"})
+    refine_rounds: int = field(default=3, metadata={
+        "help": "search rounds that keep back the layers whose step down broke the budget"})
+    margin: float = field(default=0.2, metadata={
+        "help": "tighten the budget by this fraction of its slack during the search (held-out headroom)"})
+    max_samples: int = field(default=16, metadata={"help": "calibration samples for the activation energies"})
 
 
 @register
@@ -340,39 +137,7 @@ class SharePass(Pass):
     lossless = False
     needs_data = False
     min_opset = 11
-
-    @dataclass
-    class Options:
-        bits: int | None = field(default=None, metadata={
-            "help": "fixed bit width for every layer (2,3,4,6,8); default: chosen per layer under the budget "
-                    "(4 without a budget)"})
-        bit_choices: list[int] = field(default_factory=lambda: list(BIT_CHOICES), metadata={
-            "help": "bit widths the per-layer search may pick"})
-        min_bits: int = field(default=2, metadata={"help": "smallest bit width the search may pick (weaker() raises it)"})
-        data_aware: bool = field(default=True, metadata={
-            "help": "weight each error by its input's activation energy (needs calibration data)"})
-        energy_floor: float = field(default=1e-4, metadata={
-            "help": "data-aware weights are at least this fraction of the layer's mean input energy"})
-        error_feedback: bool = field(default=True, metadata={
-            "help": "GPTQ-style assignment for MatMul/group-1 Conv weights: quantize input rows in turn and move the "
-                    "remaining rows to cancel the output error (uses E[x x^T] from calibration data)"})
-        groups: int = field(default=1, metadata={
-            "help": "codebooks per layer: 1 = per layer, G = one per group of output channels"})
-        min_elements: int = field(default=1024, metadata={"help": "tensors smaller than this stay float"})
-        channel_scale: bool = field(default=True, metadata={
-            "help": "divide each output channel by its RMS before clustering, multiply back after the lookup"})
-        codebook_dtype: Literal["float32", "float16"] = field(default="float32", metadata={
-            "help": "codebook storage type (float16 adds a Cast)"})
-        pin_zero: Literal["auto", "always", "never"] = field(default="auto", metadata={
-            "help": "keep 0.0 as a centroid: auto = when >= 1% of the tensor is exactly zero"})
-        allow_float: bool = field(default=True, metadata={"help": "the search may keep sensitive layers float"})
-        sensitivity: Literal["measured", "proxy"] = field(default="measured", metadata={
-            "help": "measured: one evaluate per layer for its output sensitivity; proxy: equal sensitivity"})
-        refine_rounds: int = field(default=3, metadata={
-            "help": "search rounds that keep back the layers whose step down broke the budget"})
-        margin: float = field(default=0.2, metadata={
-            "help": "tighten the budget by this fraction of its slack during the search (held-out headroom)"})
-        max_samples: int = field(default=16, metadata={"help": "calibration samples for the activation energies"})
+    Options = ShareOptions
 
     # -------------------------------------------------------------- strength
     def weaker(self):
@@ -439,8 +204,10 @@ class SharePass(Pass):
         after = ctx.to_model(graph).ByteSize()
         stats.update({
             "layers_shared": len(shared), "layers_float": len(stats["layers"]) - len(shared),
-            "bits_histogram": {str(b): sum(1 for r in shared if r["bits"] == b) for b in sorted({r["bits"] for r in shared})},
-            "mean_bits": float(sum(r["bits"] * np.prod(r["shape"]) for r in shared) / sum(np.prod(r["shape"]) for r in shared)),
+            "bits_histogram": {str(b): sum(1 for r in shared if r["bits"] == b)
+                               for b in sorted({r["bits"] for r in shared})},
+            "mean_bits": float(sum(r["bits"] * np.prod(r["shape"]) for r in shared)
+                               / sum(np.prod(r["shape"]) for r in shared)),
             "model_bytes_before": int(base_bytes), "model_bytes_after": int(after),
             "size_ratio": after / base_bytes,
         })
@@ -684,7 +451,8 @@ class SharePass(Pass):
             t = _node(graph, "Cast", [p], f"{base}.share.c{tag}", np.int32, attrs={"to": onnx.TensorProto.INT32})
             if wd < 8:
                 per = 8 // wd
-                div = _const(consts, f"share.div{wd}", (np.int32(1) << (wd * np.arange(per, dtype=np.int32))).reshape(1, -1))
+                div = _const(consts, f"share.div{wd}",
+                             (np.int32(1) << (wd * np.arange(per, dtype=np.int32))).reshape(1, -1))
                 mod = _const(consts, f"share.mod{wd}", np.array(1 << wd, np.int32))
                 t = _node(graph, "Div", [t, div], f"{base}.share.d{tag}", np.int32)
                 t = _node(graph, "Mod", [t, mod], f"{base}.share.m{tag}", np.int32)
@@ -708,7 +476,8 @@ class SharePass(Pass):
                          f"{base}.share.gidx", np.int32)
             t = _node(graph, "GatherElements", [cb, idx2], f"{base}.share.lookup", cb_dtype, attrs={"axis": 1})
         if cb_dtype != dt:
-            t = _node(graph, "Cast", [t], f"{base}.share.cast", dt, attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dt)})
+            t = _node(graph, "Cast", [t], f"{base}.share.cast", dt,
+                      attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dt)})
         steps = []  # the remaining (op, inputs, attrs); the last one writes the weight tensor
         tshape = list(np.moveaxis(np.empty(w.values.shape, np.int8), ch.axis, 0).shape)
         steps.append(("Reshape", [gs.Constant(f"{base}.share.shape", np.array(tshape, np.int64))], {}))
@@ -732,6 +501,250 @@ class SharePass(Pass):
                     if x is w.const:
                         node.inputs[i] = out
         graph.nodes.append(gs.Node(op, f"{base}.share.rebuild", attrs=attrs, inputs=[t] + extra, outputs=[out]))
+
+
+# --------------------------------------------------------------------------- clustering
+class _Sorted:
+    """Sorted values and weight prefix sums of one tensor (or group), shared by every bit width."""
+
+    def __init__(self, values: np.ndarray, weights: np.ndarray | None):
+        x = np.asarray(values, np.float64).ravel()
+        w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64).ravel()
+        w = w + 1e-12 * (float(w.mean()) if w.size else 1.0)  # no zero-weight run can leave a cell empty
+        order = np.argsort(x, kind="stable")
+        self.x = x
+        self.w = w
+        self.xs = x[order]
+        ws = w[order]
+        self.pw = np.concatenate([[0.0], np.cumsum(ws)])
+        self.pwx = np.concatenate([[0.0], np.cumsum(ws * self.xs)])
+        self.pwx2 = np.concatenate([[0.0], np.cumsum(ws * self.xs * self.xs)])
+
+    def cost(self, lo, hi) -> np.ndarray:
+        """Weighted SSE of the sorted run [lo, hi) around its weighted mean (prefix sums)."""
+        sw = self.pw[hi] - self.pw[lo]
+        sx = self.pwx[hi] - self.pwx[lo]
+        sxx = self.pwx2[hi] - self.pwx2[lo]
+        return np.maximum(sxx - np.where(sw > 0, sx * sx / np.where(sw > 0, sw, 1.0), 0.0), 0.0)
+
+    def cuts(self, c: np.ndarray) -> np.ndarray:
+        """Boundaries of the nearest-centroid cells of ascending centroids ``c``."""
+        return np.concatenate([[0], np.searchsorted(self.xs, (c[:-1] + c[1:]) / 2, side="left"), [self.xs.size]])
+
+    def mean(self, lo, hi, fallback):
+        sw = self.pw[hi] - self.pw[lo]
+        return np.where(sw > 0, (self.pwx[hi] - self.pwx[lo]) / np.where(sw > 0, sw, 1.0), fallback)
+
+
+def _density_init(s: _Sorted, k: int, bins: int = 2048) -> np.ndarray:
+    """Centroids at the quantiles of p(x)^(1/3) (Panter-Dite), reaching into the tails."""
+    lo, hi = s.xs[0], s.xs[-1]
+    if hi <= lo:
+        return np.full(k, lo)
+    hist, edges = np.histogram(s.x, bins=bins, range=(lo, hi), weights=s.w)
+    q = np.cbrt(np.maximum(hist, 0))
+    cdf = np.concatenate([[0.0], np.cumsum(q)])
+    cdf /= cdf[-1]
+    targets = (np.arange(k) + 0.5) / k
+    return np.interp(targets, cdf, edges)
+
+
+def _lloyd(s: _Sorted, c: np.ndarray, pinned: bool, iters: int) -> np.ndarray:
+    for _ in range(iters):
+        c = np.sort(c)
+        cuts = s.cuts(c)
+        new = s.mean(cuts[:-1], cuts[1:], c)
+        if pinned:
+            new[np.argmin(np.abs(c))] = 0.0
+        done = np.allclose(new, c, rtol=0, atol=1e-12 * max(1.0, float(np.abs(c).max())))
+        c = new
+        if done:
+            break
+    return np.sort(c)
+
+
+def _split_merge(s: _Sorted, c: np.ndarray, pinned: bool, rounds: int) -> np.ndarray:
+    """Escape Lloyd's local minima: while splitting the best cell gains more than merging the
+    cheapest adjacent pair costs, move that centroid, then re-run Lloyd. Isolated outliers
+    (which Lloyd leaves sharing a centroid far from both) get their own centroid this way."""
+    total = float(s.cost(*_bounds(s.cuts(c))).sum())
+    for _ in range(rounds):
+        cuts = s.cuts(c)
+        lo, hi = cuts[:-1], cuts[1:]
+        sse = s.cost(lo, hi)
+        merge = s.cost(lo[:-1], hi[1:]) - sse[:-1] - sse[1:]
+        z = int(np.argmin(np.abs(c))) if pinned else -1
+        if pinned:
+            merge[max(z - 1, 0):z + 1] = np.inf
+        best = (0.0, -1, -1)
+        for t in np.argsort(sse)[-4:]:
+            a, b = int(lo[t]), int(hi[t])
+            if b - a < 2 or t == z:
+                continue
+            cut = np.arange(a + 1, b)
+            gain = sse[t] - s.cost(a, cut) - s.cost(cut, b)
+            i = int(np.argmax(gain))
+            if gain[i] > best[0]:
+                best = (float(gain[i]), int(t), int(cut[i]))
+        gain, t, cut = best
+        if t < 0:
+            break
+        m = merge.copy()
+        m[max(t - 1, 0):t + 1] = np.inf  # the merged pair must not contain the cell being split
+        j = int(np.argmin(m))
+        if not np.isfinite(m[j]) or gain <= m[j] + 1e-12 * total:
+            break
+        merged = float(s.mean(lo[j], hi[j + 1], c[j]))
+        left = float(s.mean(lo[t], cut, c[t]))
+        right = float(s.mean(cut, hi[t], c[t]))
+        keep = np.ones(c.size, bool)
+        keep[[j, j + 1, t]] = False
+        trial = _lloyd(s, np.concatenate([c[keep], [merged, left, right]]), pinned, 20)
+        new_total = float(s.cost(*_bounds(s.cuts(trial))).sum())
+        if new_total >= total:
+            break
+        c, total = trial, new_total
+    return c
+
+
+def _bounds(cuts):
+    return cuts[:-1], cuts[1:]
+
+
+def kmeans_1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, pin_zero: bool = False,
+              iters: int = 60, refine: int | None = None, _sorted: _Sorted | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted 1-D k-means: (centroids [k] ascending, labels with the shape of ``values``).
+
+    Minimises sum_i weights_i (values_i - centroids[labels_i])^2 by Lloyd iterations on the
+    sorted values (exact cells by searchsorted, means by prefix sums), from a p^(1/3)-density
+    initialisation. ``pin_zero`` keeps one centroid at exactly 0.0. When the tensor has at most
+    k distinct values the codebook is those values (exact)."""
+    s = _sorted or _Sorted(values, weights)
+    uniq = np.unique(s.xs)
+    if uniq.size <= k:
+        c = np.concatenate([uniq, np.full(k - uniq.size, uniq[-1] if uniq.size else 0.0)])
+    else:
+        c = _density_init(s, k)
+        if pin_zero:
+            c[np.argmin(np.abs(c))] = 0.0
+        c = _lloyd(s, c, pin_zero, iters)
+        c = _split_merge(s, c, pin_zero, rounds=refine if refine is not None else k)
+    labels = _assign(s.x, c)
+    return c, labels.reshape(np.shape(values))
+
+
+def _assign(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (c ascending)."""
+    mids = (c[:-1] + c[1:]) / 2
+    return np.searchsorted(mids, x, side="left").astype(np.int64)
+
+
+# --------------------------------------------------------------------------- packing
+def bit_planes(bits: int) -> list[tuple[int, int]]:
+    """(width, offset) planes a ``bits``-bit index is split into, widths in {8, 4, 2, 1}."""
+    planes, off = [], 0
+    for w in (8, 4, 2, 1):
+        while bits - off >= w:
+            planes.append((w, off))
+            off += w
+    return planes
+
+
+def pack_indices(idx: np.ndarray, bits: int) -> list[tuple[int, int, np.ndarray]]:
+    """Pack indices (0 <= idx < 2^bits) into uint8 planes: [(width, offset, bytes [m, 1])]."""
+    a = np.asarray(idx, np.int64).ravel()
+    if a.size and (a.min() < 0 or a.max() >= 2 ** bits):
+        raise ValueError(f"indices out of range for {bits} bits")
+    out = []
+    for w, off in bit_planes(bits):
+        d = (a >> off) & ((1 << w) - 1)
+        per = 8 // w
+        pad = (-d.size) % per
+        d = np.concatenate([d, np.zeros(pad, np.int64)]).reshape(-1, per)
+        packed = np.zeros(d.shape[0], np.int64)
+        for j in range(per):
+            packed |= d[:, j] << (w * j)
+        out.append((w, off, packed.astype(np.uint8).reshape(-1, 1)))
+    return out
+
+
+def unpack_indices(planes: list[tuple[int, int, np.ndarray]], n: int) -> np.ndarray:
+    """Inverse of ``pack_indices`` in numpy, the same arithmetic as the ONNX unpack graph."""
+    a = np.zeros(n, np.int64)
+    for w, off, packed in planes:
+        per = 8 // w
+        p = packed.astype(np.int32).reshape(-1, 1)
+        div = (np.int32(1) << (w * np.arange(per, dtype=np.int32))).reshape(1, -1)
+        d = np.mod(p // div, 1 << w).reshape(-1)[:n]
+        a += d.astype(np.int64) << off
+    return a
+
+
+# --------------------------------------------------------------------------- data awareness
+def input_energy(op: str, attrs: dict, weight_shape: tuple, x: np.ndarray, weight_input: int) -> np.ndarray | None:
+    """Per-feature energy E[x_j^2] of the activation ``x`` a weight multiplies, shaped to broadcast
+    against the weight; None when the consumer is not a layer we know."""
+    x = np.asarray(x, np.float64)
+    if op in ("Conv", "ConvTranspose") and weight_input == 1 and x.ndim >= 3:
+        e = np.mean(x ** 2, axis=tuple(i for i in range(x.ndim) if i != 1))
+        group = int(attrs.get("group", 1))
+        if op == "Conv":
+            cout, cin_g = weight_shape[0], weight_shape[1]
+            if e.size != cin_g * group:
+                return None
+            per_out = cout // group
+            grp = np.arange(cout) // per_out
+            h = e[grp[:, None] * cin_g + np.arange(cin_g)[None, :]]
+            return h.reshape((cout, cin_g) + (1,) * (len(weight_shape) - 2))
+        if e.size != weight_shape[0]:
+            return None
+        return e.reshape((-1,) + (1,) * (len(weight_shape) - 1))
+    if op == "MatMul" and len(weight_shape) >= 2:
+        if weight_input == 1:  # X[..., K] @ W[..., K, N]: row k of W sees feature k
+            e = np.mean(x ** 2, axis=tuple(range(x.ndim - 1))) if x.ndim >= 1 else None
+            if e is None or e.size != weight_shape[-2]:
+                return None
+            return e.reshape(-1, 1)
+        e = np.mean(x ** 2, axis=tuple(i for i in range(x.ndim) if i != x.ndim - 2))  # W[M,K] @ X[K,N]
+        if e.size != weight_shape[-1]:
+            return None
+        return e.reshape(1, -1)
+    if op == "Gemm" and weight_input == 1 and x.ndim == 2 and len(weight_shape) == 2:
+        xa = x.T if int(attrs.get("transA", 0)) else x
+        e = np.mean(xa ** 2, axis=0)
+        if int(attrs.get("transB", 0)):
+            return e.reshape(1, -1) if e.size == weight_shape[1] else None
+        return e.reshape(-1, 1) if e.size == weight_shape[0] else None
+    return None
+
+
+# --------------------------------------------------------------------------- weights and choices
+@dataclass
+class _Weight:
+    """One shareable float tensor: an initializer (gs.Constant) or a Constant node's value."""
+
+    name: str                # the tensor name in the exported model (initializer or Constant output)
+    values: np.ndarray
+    const: gs.Constant | None = None   # initializer form
+    node: gs.Node | None = None        # Constant-node form
+    consumer: tuple | None = None      # (op, attrs, activation name, weight input index)
+    axis: int | None = None            # output-channel axis (None: no per-channel scale)
+    energy: np.ndarray | None = None
+    factor: tuple | None = None        # (feature order, upper Cholesky factor of H^-1) for error feedback
+    hessian: np.ndarray | None = None  # E[x x^T] over the input features of a MatMul / group-1 Conv
+
+
+@dataclass
+class _Choice:
+    bits: int                  # 0 = keep float
+    codebook: np.ndarray | None = None   # [G, K]
+    labels: np.ndarray | None = None     # [G, n/G], channel-major order
+    scale: np.ndarray | None = None      # per-output-channel scale (float32), or None
+    axis: int = 0              # the output-channel axis the layout is channel-major in
+    rebuilt: np.ndarray | None = None
+    err_w: float = 0.0         # relative weight error  sum dW^2 / sum W^2
+    err_h: float = 0.0         # relative weighted (output) error sum h dW^2 / sum h W^2
+    nbytes: int = 0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -808,19 +821,9 @@ def _feature_rows(op, attrs, wshape, x, widx, max_rows: int = 4096, max_cost: fl
     elif (op == "Conv" and widx == 1 and len(wshape) == 4 and int(attrs.get("group", 1)) == 1 and x.ndim == 4
           and x.shape[1] == wshape[1] and float(np.prod(wshape[1:])) ** 2 * wshape[0] <= max_cost
           and str(attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID", "b'NOTSET'", "b'VALID'")):
-        kh, kw = int(wshape[2]), int(wshape[3])
-        sh, sw = (list(attrs.get("strides", [1, 1])) + [1, 1])[:2]
-        dh, dw = (list(attrs.get("dilations", [1, 1])) + [1, 1])[:2]
-        pads = list(attrs.get("pads", [0, 0, 0, 0])) or [0, 0, 0, 0]
-        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-        win = np.lib.stride_tricks.sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
-        win = win[:, :, ::sh, ::sw, ::dh, ::dw]                       # [N, C, Ho, Wo, kh, kw]
-        n, c, ho, wo = win.shape[:4]
-        pos = np.arange(n * ho * wo)
-        if pos.size > max_rows:
-            pos = np.random.default_rng(0).choice(pos, max_rows, replace=False)
-        win = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c, kh, kw)
-        rows = win[pos].reshape(pos.size, c * kh * kw)
+        geometry = ConvGeometry.from_attrs(attrs, wshape[2:])
+        positions = sample_positions(geometry.n_positions(x.shape), max_rows, np.random.default_rng(0), sort=False)
+        rows = conv_patches(x, geometry, positions).reshape(len(positions), -1)
     else:
         return None
     if rows.shape[0] > max_rows:
@@ -879,22 +882,14 @@ def _gptq_labels(w: "_Weight", ax: int, c: np.ndarray, scale: np.ndarray | None,
     s = scale if scale is not None else np.ones(W.shape[1])
     sd = np.where(s == 0, 1.0, s)  # dead channels (scale 0) rebuild as 0 whatever their label
     mids = (c[:-1] + c[1:]) / 2
-    lab = np.zeros(W.shape, np.int64)
-    block = 128  # lazy batch updates: rows inside a block, one matrix product for the rest
-    for b0 in range(0, K, block):
-        b1 = min(b0 + block, K)
-        Wb = W[b0:b1].copy()
-        E = np.zeros_like(Wb)
-        for j in range(b1 - b0):
-            r = b0 + j
-            lab[r] = np.searchsorted(mids, Wb[j] / sd, side="left")
-            if zeros is not None:
-                lab[r][zeros[r]] = z
-            E[j] = (Wb[j] - c[lab[r]] * s) / U[r, r]
-            if j + 1 < b1 - b0:
-                Wb[j + 1:] -= np.outer(U[r, r + 1:b1], E[j])
-        if b1 < K:
-            W[b1:] -= U[b0:b1, b1:].T @ E
+
+    def nearest(j, col):  # col [1, N]: row j (in ``order``) of W
+        lab = np.searchsorted(mids, col / sd, side="left")
+        if zeros is not None:
+            lab[0][zeros[j]] = z
+        return lab, c[lab] * s
+
+    lab = gptq_feedback(W[None], U[None], nearest, features_axis=1)[0]
     inv = np.empty_like(order)
     inv[order] = np.arange(K)
     lab = lab[inv]
@@ -924,7 +919,6 @@ def _out_axis(t, ndim: int) -> int | None:
 def _n_groups(channels: int, groups: int) -> int:
     if groups <= 1:
         return 1
-    import math
     return math.gcd(int(channels), int(groups))
 
 

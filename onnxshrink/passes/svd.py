@@ -51,7 +51,7 @@ weight error: exactly the layer's relative output error on those samples, bias e
 
 from __future__ import annotations
 
-__all__ = ["SvdPass", "factorize", "patch_covariance", "whitened_svd"]
+__all__ = ["SvdOptions", "SvdPass", "factorize", "whitened_svd"]
 
 import dataclasses
 import heapq
@@ -62,546 +62,45 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.patches import ConvGeometry, patch_covariance, sample_positions
 from onnxshrink.graph.values import constant_value, node_attr
 from onnxshrink.passes.base import Context, Pass, PassResult, register
 
-# ---------------------------------------------------------------------------------------- math
-
-
-def _ridge(cov: np.ndarray, ridge: float) -> np.ndarray:
-    d = float(np.mean(np.diag(cov))) if cov.size else 0.0
-    if not np.isfinite(d) or d <= 0:
-        return np.eye(cov.shape[0])
-    return cov + (ridge * d) * np.eye(cov.shape[0])
-
-
-def whitened_svd(W: np.ndarray, cov: np.ndarray | None, ridge: float = 1e-4):
-    """SVD of ``L^T W`` (``L L^T = cov + ridge``), or of W when cov is None.
-
-    Returns (Linv_T, U, s, Vt) with ``W = Linv_T @ U @ diag(s) @ Vt``; Linv_T is None when plain."""
-    W = W.astype(np.float64)
-    if cov is None:
-        U, s, Vt = np.linalg.svd(W, full_matrices=False)
-        return None, U, s, Vt
-    c = _ridge(cov.astype(np.float64), ridge)
-    for attempt in range(4):
-        try:
-            L = np.linalg.cholesky(c)
-            break
-        except np.linalg.LinAlgError:  # numerically not PD yet: raise the ridge tenfold
-            c = _ridge(cov.astype(np.float64), ridge * 10 ** (attempt + 1))
-    else:
-        U, s, Vt = np.linalg.svd(W, full_matrices=False)
-        return None, U, s, Vt
-    U, s, Vt = np.linalg.svd(L.T @ W, full_matrices=False)
-    Linv_T = np.linalg.solve(L.T, np.eye(L.shape[0]))
-    return Linv_T, U, s, Vt
-
-
-def factorize(W: np.ndarray, k: int, cov: np.ndarray | None = None, ridge: float = 1e-4, svd=None):
-    """Rank-k factors (A, B) of W (n x m) minimising ``|L^T (W - A B)|_F`` (plain Frobenius without cov)."""
-    Linv_T, U, s, Vt = svd if svd is not None else whitened_svd(W, cov, ridge)
-    r = np.sqrt(s[:k])
-    A = U[:, :k] * r
-    if Linv_T is not None:
-        A = Linv_T @ A
-    B = r[:, None] * Vt[:k]
-    return A, B
-
-
-def _energy_rank(s: np.ndarray, energy: float) -> int:
-    e = s.astype(np.float64) ** 2
-    tot = float(e.sum())
-    if tot <= 0:
-        return 1
-    kept = np.cumsum(e) / tot
-    return int(min(len(s), np.searchsorted(kept, energy - 1e-12) + 1))
-
-
-def _round_rank(k: int, multiple: int, full: int) -> int:
-    if multiple > 1:
-        k = int(math.ceil(k / multiple) * multiple)
-    return max(1, min(k, full))
-
-
-# ----------------------------------------------------------------------------- conv geometry
-
-
-@dataclass
-class _ConvGeom:
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    dh: int
-    dw: int
-    pads: list  # [top, left, bottom, right]
-    auto_pad: str
-
-    def resolve_pads(self, H: int, W: int) -> list:
-        if self.auto_pad in ("", "NOTSET"):
-            return list(self.pads)
-        if self.auto_pad == "VALID":
-            return [0, 0, 0, 0]
-        out = []
-        for size, k, s, d in ((H, self.kh, self.sh, self.dh), (W, self.kw, self.sw, self.dw)):
-            o = -(-size // s)
-            total = max((o - 1) * s + (k - 1) * d + 1 - size, 0)
-            small = total // 2
-            out.append((small, total - small) if self.auto_pad == "SAME_UPPER" else (total - small, small))
-        return [out[0][0], out[1][0], out[0][1], out[1][1]]
-
-    def out_hw(self, H: int, W: int) -> tuple[int, int]:
-        t, l, b, r = self.resolve_pads(H, W)
-        return ((H + t + b - self.dh * (self.kh - 1) - 1) // self.sh + 1,
-                (W + l + r - self.dw * (self.kw - 1) - 1) // self.sw + 1)
-
-
-def patch_covariance(x: np.ndarray, g: _ConvGeom, max_positions: int = 2048, rng=None,
-                     chunk: int = 1024) -> tuple[np.ndarray, int]:
-    """Sum of ``p p^T`` over (sampled) im2col patches p (Cin kh kw, order c, i, j) of x (N, C, H, W),
-    and the number of patches summed. Patches are gathered ``chunk`` positions at a time."""
-    N, C, H, W = x.shape
-    t, l, b, r = g.resolve_pads(H, W)
-    xp = np.pad(x.astype(np.float64, copy=False), ((0, 0), (0, 0), (t, b), (l, r)))
-    OH, OW = g.out_hw(H, W)
-    total = N * OH * OW
-    if max_positions and total > max_positions:
-        rng = rng if rng is not None else np.random.default_rng(0)
-        pos = np.sort(rng.choice(total, size=max_positions, replace=False))
-    else:
-        pos = np.arange(total)
-    D = C * g.kh * g.kw
-    acc = np.zeros((D, D))
-    ci = np.arange(C)[None, :, None, None]
-    ki = np.arange(g.kh) * g.dh
-    kj = np.arange(g.kw) * g.dw
-    for s in range(0, len(pos), chunk):
-        p = pos[s:s + chunk]
-        n, rem = np.divmod(p, OH * OW)
-        oy, ox = np.divmod(rem, OW)
-        ys = (oy[:, None] * g.sh + ki)[:, None, :, None]
-        xs = (ox[:, None] * g.sw + kj)[:, None, None, :]
-        patches = xp[n[:, None, None, None], ci, ys, xs].reshape(len(p), D)
-        acc += patches.T @ patches
-    return acc, len(pos)
-
-
-# ------------------------------------------------------------------------------------ layers
-
-
-@dataclass
-class _Form:
-    """One way to factor a layer: the matrix to factor, its whitening covariance, its costs."""
-
-    name: str
-    W: np.ndarray            # (n x m) matrix factored as A (n x k) B (k x m)
-    cov_from_patch: object   # callable(full cov) -> cov for this form's rows, or None (no data)
-    params_per_rank: int
-    macs_per_rank: float     # MACs per rank unit, for one inference at the seen shapes (or per row)
-    exact_whitening: bool
-    svd: tuple | None = None
-    to_view: object = None   # callable(mat n x m) -> the layer's reference matrix view (for errors)
-
-
-@dataclass
-class _Layer:
-    node: gs.Node
-    kind: str                # matmul | gemm | conv
-    x: gs.Tensor
-    ref: np.ndarray          # reference view: linear W (n x m); conv channel-out matrix (Cin kh kw, Cout)
-    params: int
-    macs: float | None
-    rows: float | None = None  # linear: rows per inference; conv: output positions
-    geom: _ConvGeom | None = None
-    weight: np.ndarray | None = None
-    in_hw: tuple | None = None
-    out_hw: tuple | None = None
-    forms: list = field(default_factory=list)
-    x_shape: list | None = None
-    cov_key: tuple = ()
-    form: _Form | None = None
-    rank: int = 0
-    record: dict = field(default_factory=dict)
-
-
-_const = constant_value
-_attr = node_attr
-
-
-def _find_layers(graph: gs.Graph, o) -> tuple[list[_Layer], list[dict]]:
-    layers, skipped = [], []
-    outputs = set(id(t) for t in graph.outputs)
-    for node in graph.nodes:
-        if node.op not in o.ops or node.op not in ("MatMul", "Gemm", "Conv"):
-            continue
-        name = node.name or node.outputs[0].name
-        if len(node.inputs) < 2:
-            continue
-        w = _const(node.inputs[1])
-        if w is None or _const(node.inputs[0]) is not None:
-            continue
-        if w.dtype.kind != "f":
-            skipped.append({"layer": name, "op": node.op, "reason": f"weight dtype {w.dtype} is not float"})
-            continue
-        if w.size < o.min_params:
-            continue
-        if node.op == "MatMul":
-            if w.ndim != 2:
-                skipped.append({"layer": name, "op": node.op, "reason": f"weight of rank {w.ndim} (batched)"})
-                continue
-            layers.append(_Layer(node, "matmul", node.inputs[0], w, int(w.size), None))
-        elif node.op == "Gemm":
-            if _attr(node, "transA", 0):
-                skipped.append({"layer": name, "op": node.op, "reason": "transA=1 (the activation is transposed)"})
-                continue
-            W = (w.T if _attr(node, "transB", 0) else w) * float(_attr(node, "alpha", 1.0))
-            layers.append(_Layer(node, "gemm", node.inputs[0], W, int(w.size), None))
-        else:
-            if w.ndim != 4:
-                skipped.append({"layer": name, "op": node.op, "reason": f"{w.ndim - 2}-D conv (only 2-D convs)"})
-                continue
-            group = int(_attr(node, "group", 1))
-            if group != 1:
-                skipped.append({"layer": name, "op": node.op,
-                                "reason": f"grouped conv (group={group}) is not factorized"})
-                continue
-            Cout, Cin, kh, kw = w.shape
-            pads = list(_attr(node, "pads", [0, 0, 0, 0]))
-            geom = _ConvGeom(kh, kw, *list(_attr(node, "strides", [1, 1])), *list(_attr(node, "dilations", [1, 1])),
-                             pads=pads, auto_pad=str(_attr(node, "auto_pad", "NOTSET")))
-            ref = w.reshape(Cout, -1).T
-            layers.append(_Layer(node, "conv", node.inputs[0], ref, int(w.size), None, geom=geom, weight=w))
-        if node.outputs and id(node.outputs[0]) in outputs:
-            pass  # the second factor writes the same tensor, so graph outputs are fine
-    return layers, skipped
-
-
-def _value_shapes(graph: gs.Graph, ctx: Context, sample: dict | None) -> dict:
-    from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
-    try:
-        model = ctx.to_model(graph)
-        if sample:
-            fix_input_shapes(model, {k: list(v.shape) for k, v in sample.items()})
-        return value_shapes(infer_shapes(model))
-    except Exception:
-        return {}
-
-
-def _known(shape) -> bool:
-    return bool(shape) and all(isinstance(d, int) and d > 0 for d in shape)
-
-
-def _set_costs(layer: _Layer, x_shape) -> None:
-    """Rows/positions, MACs before, and the candidate forms with their per-rank costs."""
-    layer.x_shape = list(x_shape) if _known(x_shape) else None
-    if layer.kind in ("matmul", "gemm"):
-        n, m = layer.ref.shape
-        layer.rows = float(np.prod(x_shape[:-1])) if _known(x_shape) and len(x_shape) >= 2 else None
-        layer.macs = layer.rows * n * m if layer.rows is not None else None
-        rows = layer.rows if layer.rows is not None else 1.0
-        layer.forms = [_Form("linear", layer.ref, lambda c: c, n + m, rows * (n + m), True, to_view=lambda M: M)]
-        return
-    w, g = layer.weight, layer.geom
-    Cout, Cin, kh, kw = w.shape
-    if _known(x_shape) and len(x_shape) == 4:
-        H, W = x_shape[2], x_shape[3]
-        OH, OW = g.out_hw(H, W)
-        layer.in_hw, layer.out_hw = (H, W), (OH, OW)
-        out_pos, known = float(OH * OW * x_shape[0]), True
-        in_pos, row_pos = float(H * W * x_shape[0]), float(OH * W * x_shape[0])
-    else:  # unknown sizes: costs per output position, inputs estimated from the strides
-        out_pos, known = 1.0, False
-        in_pos, row_pos = float(g.sh * g.sw), float(g.sw)
-    layer.rows = out_pos
-    layer.macs = out_pos * w.size if known else None
-    D = Cin * kh * kw
-    forms = [_Form("channel_out", layer.ref, lambda c: c, D + Cout, out_pos * (D + Cout), True,
-                   to_view=lambda M: M)]
-    if kh * kw > 1 and g.auto_pad in ("", "NOTSET"):
-        Wb = w.transpose(1, 0, 2, 3).reshape(Cin, Cout * kh * kw)
-
-        def cov_b(c, Cin=Cin, kh=kh, kw=kw):
-            c6 = c.reshape(Cin, kh, kw, Cin, kh, kw)
-            return np.mean([c6[:, i, j, :, i, j] for i in range(kh) for j in range(kw)], axis=0)
-
-        def view_b(M, Cin=Cin, Cout=Cout, kh=kh, kw=kw):
-            return M.reshape(Cin, Cout, kh, kw).transpose(1, 0, 2, 3).reshape(Cout, -1).T
-
-        forms.append(_Form("channel_in", Wb, cov_b, Cin + Cout * kh * kw,
-                           in_pos * Cin + out_pos * Cout * kh * kw, False, to_view=view_b))
-        if kh > 1 and kw > 1:
-            Ws = w.transpose(1, 2, 0, 3).reshape(Cin * kh, Cout * kw)
-
-            def cov_s(c, Cin=Cin, kh=kh, kw=kw):
-                c6 = c.reshape(Cin, kh, kw, Cin, kh, kw)
-                return np.mean([c6[:, :, j, :, :, j].reshape(Cin * kh, Cin * kh) for j in range(kw)], axis=0)
-
-            def view_s(M, Cin=Cin, Cout=Cout, kh=kh, kw=kw):
-                return M.reshape(Cin, kh, Cout, kw).transpose(2, 0, 1, 3).reshape(Cout, -1).T
-
-            forms.append(_Form("spatial", Ws, cov_s, Cin * kh + Cout * kw,
-                               row_pos * Cin * kh + out_pos * Cout * kw, False, to_view=view_s))
-    layer.forms = forms
-
-
-# ------------------------------------------------------------------------------ covariances
-
-
-def _cov_key(layer: _Layer) -> tuple:
-    if layer.kind == "conv":
-        g = layer.geom
-        return ("patch", layer.x.name, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, tuple(g.pads), g.auto_pad)
-    return ("rows", layer.x.name)
-
-
-def _covariances(layers: list[_Layer], ctx: Context, graph, source, n: int, max_positions: int, tag: str):
-    """{cov key: mean covariance} of the layers' inputs over the first n samples of ``source``,
-    streamed one sample at a time; also returns {tensor name: shape of the first sample}."""
-    from onnxshrink.data import Subset
-    keys = {}
-    for L in layers:
-        keys.setdefault(_cov_key(L), L)
-    cache_key = ("svd.cov", tag, n, max_positions, tuple(sorted(keys)))
-    if cache_key in ctx.cache:
-        return ctx.cache[cache_key]
-    sub = Subset(source, range(min(n, len(source))))
-    names = sorted({L.x.name for L in layers})
-    sums = {k: None for k in keys}
-    counts = {k: 0 for k in keys}
-    shapes = {}
-    rng = np.random.default_rng(ctx.seed)
-    for acts in ctx.progress.track(ctx.capture(graph, names, sub), f"svd: {tag} activations", total=len(sub)):
-        for k, L in keys.items():
-            x = np.asarray(acts[L.x.name])
-            shapes.setdefault(L.x.name, list(x.shape))
-            if L.kind == "conv":
-                if x.ndim != 4:
-                    continue
-                c, cnt = patch_covariance(x, L.geom, max_positions, rng)
-            else:
-                X = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                c, cnt = X.T @ X, X.shape[0]
-            sums[k] = c if sums[k] is None else sums[k] + c
-            counts[k] += cnt
-    covs = {k: (sums[k] / counts[k]) for k in keys if sums[k] is not None and counts[k]}
-    ctx.cache[cache_key] = (covs, shapes)
-    return covs, shapes
-
-
-# ------------------------------------------------------------------------------ rank choice
-
-
-def _cost_cols(o):
-    return "macs" if o.budget_on == "macs" else "params"
-
-
-def _form_cost(layer, form, k, what):
-    return k * (form.params_per_rank if what == "params" else form.macs_per_rank)
-
-
-def _orig_cost(layer, what):
-    if what == "params":
-        return float(layer.params)
-    return float(layer.rows * layer.params) if layer.rows is not None else float(layer.params)
-
-
-def _pays(layer, form, k) -> bool:
-    return (k * form.params_per_rank < layer.params
-            and _form_cost(layer, form, k, "macs") < _orig_cost(layer, "macs"))
-
-
-def _pick_form_energy(layer, energy, multiple):
-    """Per layer: the paying form with the fewest MACs at the rank keeping ``energy``."""
-    best = None
-    for f in layer.forms:
-        s = f.svd[2]
-        k = _round_rank(_energy_rank(s, energy), multiple, len(s))
-        if not _pays(layer, f, k):
-            continue
-        key = (_form_cost(layer, f, k, "macs"), k * f.params_per_rank)
-        if best is None or key < best[0]:
-            best = (key, f, k)
-    return (best[1], best[2]) if best else (None, 0)
-
-
-def _pick_form_global(layer):
-    """For global allocation one form per layer: the lowest predicted error at half the cost."""
-    best = None
-    for f in layer.forms:
-        s = f.svd[2]
-        e = s.astype(np.float64) ** 2
-        tot = max(float(e.sum()), 1e-300)
-        k = max(1, int(0.5 * layer.params / f.params_per_rank))
-        k = min(k, len(s))
-        err = float(e[k:].sum()) / tot
-        if best is None or err < best[0]:
-            best = (err, f)
-    return best[1]
-
-
-def _allocate_error(layers, max_error, what, multiple, weights=None):
-    """Drop the cheapest singular values (relative error per cost saved) until the summed
-    predicted relative error reaches max_error; layers whose rank does not pay drop out and the
-    allocation is redone without them. ``weights`` ({id(layer): w}) scale each layer's relative
-    error into its measured effect on the model's output (sensitivity)."""
-    weights = weights or {}
-    active = list(layers)
-    ranks = {}
-    for _ in range(4):
-        items = []
-        for L in active:
-            s = L.form.svd[2]
-            e = s.astype(np.float64) ** 2
-            tot = max(float(e.sum()), 1e-300) / weights.get(id(L), 1.0)
-            cpr = _form_cost(L, L.form, 1, what)
-            for i in range(len(s) - 1, 0, -1):  # never below rank 1
-                items.append((e[i] / tot / cpr, e[i] / tot, id(L), i))
-        items.sort()
-        spent = 0.0
-        k = {id(L): len(L.form.svd[2]) for L in active}
-        for ratio, err, lid, i in items:
-            if spent + err > max_error:
-                break
-            spent += err
-            k[lid] = min(k[lid], i)
-        new_active = []
-        for L in active:
-            kk = _round_rank(k[id(L)], multiple, len(L.form.svd[2]))
-            ranks[id(L)] = kk
-            if _pays(L, L.form, kk):
-                new_active.append(L)
-        if len(new_active) == len(active):
-            break
-        active = new_active
-    return {id(L): ranks[id(L)] for L in active}
-
-
-def _allocate_budget(layers, ratio, what, multiple):
-    """Spend ``ratio`` of the layers' original cost on singular values in order of relative
-    output energy per unit cost (a layer whose factors would not pay keeps its original cost)."""
-    total = sum(_orig_cost(L, what) for L in layers)
-    budget = ratio * total
-    heap = []
-    k = {}
-    for L in layers:
-        s = L.form.svd[2]
-        e = s.astype(np.float64) ** 2
-        tot = max(float(e.sum()), 1e-300)
-        k[id(L)] = 0
-        cpr = _form_cost(L, L.form, 1, what)
-        heapq.heappush(heap, (-(e[0] / tot) / cpr, id(L), 0, L))
-    spent = 0.0
-    chosen = {}
-    while heap:
-        neg, lid, i, L = heapq.heappop(heap)
-        cpr = _form_cost(L, L.form, 1, what)
-        if spent + cpr > budget:
-            break
-        spent += cpr
-        k[lid] = i + 1
-        s = L.form.svd[2]
-        if i + 1 < len(s):
-            e = s.astype(np.float64) ** 2
-            heapq.heappush(heap, (-(e[i + 1] / max(float(e.sum()), 1e-300)) / cpr, lid, i + 1, L))
-    for L in layers:
-        kk = _round_rank(max(k[id(L)], 1), multiple, len(L.form.svd[2]))
-        if _pays(L, L.form, kk):
-            chosen[id(L)] = kk
-    return chosen
-
-
-# ------------------------------------------------------------------------------- emission
-
-
-def _emit(graph: gs.Graph, layer: _Layer, A: np.ndarray, B: np.ndarray) -> None:
-    node, form = layer.node, layer.form
-    dtype = np.asarray(_const(node.inputs[1])).dtype
-    base = node.name or node.outputs[0].name
-    y = node.outputs[0]
-    x = node.inputs[0]
-    t = gs.Variable(f"{base}_svd_mid", dtype=dtype)
-    k = A.shape[1]
-    if layer.kind in ("matmul", "gemm"):
-        a = gs.Constant(f"{base}_svd_A", A.astype(dtype))
-        b = gs.Constant(f"{base}_svd_B", B.astype(dtype))
-        n1 = gs.Node("MatMul", f"{base}_svd_1", inputs=[x, a], outputs=[t])
-        if layer.kind == "gemm" and len(node.inputs) > 2 and node.inputs[2].name:
-            n2 = gs.Node("Gemm", f"{base}_svd_2", attrs={"alpha": 1.0, "beta": float(_attr(node, "beta", 1.0)),
-                                                           "transA": 0, "transB": 0},
-                         inputs=[t, b, node.inputs[2]], outputs=[y])
-        else:
-            n2 = gs.Node("MatMul", f"{base}_svd_2", inputs=[t, b], outputs=[y])
-    else:
-        g = layer.geom
-        Cout, Cin, kh, kw = layer.weight.shape
-        bias = list(node.inputs[2:3]) if len(node.inputs) > 2 and node.inputs[2].name else []
-        common = {k_: v for k_, v in node.attrs.items() if k_ not in ("kernel_shape", "strides", "pads",
-                                                                     "dilations", "group", "auto_pad")}
-        if form.name == "channel_out":
-            w1 = A.T.reshape(k, Cin, kh, kw)
-            w2 = B.T.reshape(Cout, k, 1, 1)
-            a1 = dict(node.attrs)
-            a1.update(kernel_shape=[kh, kw], group=1)
-            a2 = dict(common, kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1)
-        elif form.name == "channel_in":
-            w1 = A.T.reshape(k, Cin, 1, 1)
-            w2 = B.reshape(k, Cout, kh, kw).transpose(1, 0, 2, 3)
-            a1 = dict(common, kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1)
-            a2 = dict(node.attrs)
-            a2.update(kernel_shape=[kh, kw], group=1)
-        else:  # spatial
-            t_, l_, b_, r_ = g.pads
-            w1 = A.T.reshape(k, Cin, kh)[..., None]
-            w2 = B.reshape(k, Cout, kw).transpose(1, 0, 2)[:, :, None, :]
-            a1 = dict(common, kernel_shape=[kh, 1], strides=[g.sh, 1], pads=[t_, 0, b_, 0], dilations=[g.dh, 1],
-                      group=1)
-            a2 = dict(common, kernel_shape=[1, kw], strides=[1, g.sw], pads=[0, l_, 0, r_], dilations=[1, g.dw],
-                      group=1)
-        c1 = gs.Constant(f"{base}_svd_W1", np.ascontiguousarray(w1).astype(dtype))
-        c2 = gs.Constant(f"{base}_svd_W2", np.ascontiguousarray(w2).astype(dtype))
-        n1 = gs.Node("Conv", f"{base}_svd_1", attrs=a1, inputs=[x, c1], outputs=[t])
-        n2 = gs.Node("Conv", f"{base}_svd_2", attrs=a2, inputs=[t, c2] + bias, outputs=[y])
-    node.inputs.clear()
-    node.outputs.clear()
-    graph.nodes.extend([n1, n2])
-
-
-def _layer_latency(layer: _Layer, A: np.ndarray, B: np.ndarray, ctx: Context, runs: int = 20):
-    """(original ms, factor pair ms) of the layer alone at its seen input shape, one thread;
-    None when the input shape is unknown."""
-    from onnxshrink.runtime import measure_latency
-    if layer.x_shape is None:
-        return None
-    node = layer.node
-    dtype = np.asarray(_const(node.inputs[1])).dtype
-    times = []
-    for factored in (False, True):
-        x = gs.Variable("x", dtype=dtype, shape=layer.x_shape)
-        y = gs.Variable("y", dtype=dtype)
-        ins = [x] + [gs.Constant(f"c{i}", np.asarray(_const(t))) if t.name else t
-                     for i, t in enumerate(node.inputs[1:], 1)]
-        n = gs.Node(node.op, "layer", attrs=dict(node.attrs), inputs=ins, outputs=[y])
-        g = gs.Graph(nodes=[n], inputs=[x], outputs=[y], opset=_opset(ctx))
-        if factored:
-            _emit(g, dataclasses.replace(layer, node=n), A, B)
-            g.cleanup().toposort()
-        model = gs.export_onnx(g, do_type_check=False)
-        feeds = {"x": np.random.default_rng(0).standard_normal(layer.x_shape).astype(dtype)}
-        times.append(measure_latency(model, feeds, runs=runs, warmup=3, threads=1))
-    return times[0], times[1]
-
-
-def _opset(ctx: Context) -> int:
-    t = ctx.template
-    if t is not None:
-        for o in t.opset_import:
-            if o.domain in ("", "ai.onnx"):
-                return int(o.version)
-    return 17
-
-
 # ---------------------------------------------------------------------------------- the pass
+
+
+@dataclass
+class SvdOptions:
+    """Options of the svd pass (rank rule, whitening, conv forms; see the module doc)."""
+
+    rule: Literal["energy", "params", "error", "fit"] = field(default="energy", metadata={
+        "help": "rank rule: per-layer energy kept, global params/MACs ratio, global summed predicted "
+                "error, or fit (bisect the error to hold the budget)"})
+    energy: float = field(default=0.99, metadata={"help": "rule=energy: fraction of the (whitened) spectrum kept"})
+    ratio: float = field(default=0.5, metadata={"help": "rule=params: fraction of the candidates' cost kept"})
+    budget_on: Literal["params", "macs"] = field(default="params", metadata={
+        "help": "rule=params/error: the cost counted (params or MACs)"})
+    max_error: float = field(default=0.01, metadata={
+        "help": "rule=error: summed predicted relative layer-output error"})
+    whiten: bool = field(default=True, metadata={"help": "whiten with calibration activations when given"})
+    ridge: float = field(default=1e-4, metadata={"help": "ridge added to X^T X, relative to its mean diagonal"})
+    rank_multiple: int = field(default=1, metadata={"help": "round ranks up to a multiple of this (e.g. 8)"})
+    min_params: int = field(default=4096, metadata={"help": "skip weights with fewer elements"})
+    ops: list[str] = field(default_factory=lambda: ["MatMul", "Gemm", "Conv"], metadata={
+        "help": "op types considered"})
+    conv_mode: Literal["auto", "channel", "channel_out", "channel_in", "spatial"] = field(default="auto", metadata={
+        "help": "conv factorization: cheapest paying form, channel forms only, one form only"})
+    samples: int = field(default=32, metadata={"help": "calibration samples used for whitening"})
+    max_positions: int = field(default=2048, metadata={"help": "conv patches sampled per calibration sample"})
+    measure: bool = field(default=True, metadata={"help": "measure each layer's output error on validation data"})
+    fold: bool = field(default=True, metadata={"help": "run the fold pass first (merge linear pairs)"})
+    latency: bool = field(default=False, metadata={
+        "help": "factorize a layer only when its factor pair measures faster (one thread, layer alone)"})
+    ranks: list[str] = field(default_factory=list, metadata={
+        "help": "fixed ranks, overriding the rule: LAYER=FORM:RANK items (FORM linear, channel_out, "
+                "channel_in or spatial); other layers are left alone"})
+    sensitivity: bool = field(default=True, metadata={
+        "help": "rule=fit: weight layers by their measured effect on the model output"})
 
 
 @register
@@ -613,36 +112,7 @@ class SvdPass(Pass):
     lossless = False
     needs_data = False
 
-    @dataclass
-    class Options:
-        rule: Literal["energy", "params", "error", "fit"] = field(default="energy", metadata={
-            "help": "rank rule: per-layer energy kept, global params/MACs ratio, global summed predicted "
-                    "error, or fit (bisect the error to hold the budget)"})
-        energy: float = field(default=0.99, metadata={"help": "rule=energy: fraction of the (whitened) spectrum kept"})
-        ratio: float = field(default=0.5, metadata={"help": "rule=params: fraction of the candidates' cost kept"})
-        budget_on: Literal["params", "macs"] = field(default="params", metadata={
-            "help": "rule=params/error: the cost counted (params or MACs)"})
-        max_error: float = field(default=0.01, metadata={
-            "help": "rule=error: summed predicted relative layer-output error"})
-        whiten: bool = field(default=True, metadata={"help": "whiten with calibration activations when given"})
-        ridge: float = field(default=1e-4, metadata={"help": "ridge added to X^T X, relative to its mean diagonal"})
-        rank_multiple: int = field(default=1, metadata={"help": "round ranks up to a multiple of this (e.g. 8)"})
-        min_params: int = field(default=4096, metadata={"help": "skip weights with fewer elements"})
-        ops: list[str] = field(default_factory=lambda: ["MatMul", "Gemm", "Conv"], metadata={
-            "help": "op types considered"})
-        conv_mode: Literal["auto", "channel", "channel_out", "channel_in", "spatial"] = field(default="auto", metadata={
-            "help": "conv factorization: cheapest paying form, channel forms only, one form only"})
-        samples: int = field(default=32, metadata={"help": "calibration samples used for whitening"})
-        max_positions: int = field(default=2048, metadata={"help": "conv patches sampled per calibration sample"})
-        measure: bool = field(default=True, metadata={"help": "measure each layer's output error on validation data"})
-        fold: bool = field(default=True, metadata={"help": "run the fold pass first (merge linear pairs)"})
-        latency: bool = field(default=False, metadata={
-            "help": "factorize a layer only when its factor pair measures faster (one thread, layer alone)"})
-        ranks: list[str] = field(default_factory=list, metadata={
-            "help": "fixed ranks, overriding the rule: LAYER=FORM:RANK items (FORM linear, channel_out, "
-                    "channel_in or spatial); other layers are left alone"})
-        sensitivity: bool = field(default=True, metadata={
-            "help": "rule=fit: weight layers by their measured effect on the model output"})
+    Options = SvdOptions
 
     def describe_strength(self) -> str:
         o = self.options
@@ -720,7 +190,7 @@ class SvdPass(Pass):
         macs_known = True
         emitted = 0
         for L in layers:
-            rec = {"layer": L.node.name, "op": L.node.op, "shape": list(np.shape(_const(L.node.inputs[1]))),
+            rec = {"layer": L.node.name, "op": L.node.op, "shape": list(np.shape(constant_value(L.node.inputs[1]))),
                    "params_before": L.params, "macs_before": _int(L.macs)}
             if L.form is None:
                 rec.update(rank=None, params_after=L.params, macs_after=_int(L.macs),
@@ -879,6 +349,475 @@ class SvdPass(Pass):
             weights[id(L)] = ctx.cache[key]
             L.record["sensitivity"] = weights[id(L)]
         return weights
+
+
+# ---------------------------------------------------------------------------------------- math
+
+
+def _ridge(cov: np.ndarray, ridge: float) -> np.ndarray:
+    d = float(np.mean(np.diag(cov))) if cov.size else 0.0
+    if not np.isfinite(d) or d <= 0:
+        return np.eye(cov.shape[0])
+    return cov + (ridge * d) * np.eye(cov.shape[0])
+
+
+def whitened_svd(W: np.ndarray, cov: np.ndarray | None, ridge: float = 1e-4):
+    """SVD of ``L^T W`` (``L L^T = cov + ridge``), or of W when cov is None.
+
+    Returns (Linv_T, U, s, Vt) with ``W = Linv_T @ U @ diag(s) @ Vt``; Linv_T is None when plain."""
+    W = W.astype(np.float64)
+    if cov is None:
+        U, s, Vt = np.linalg.svd(W, full_matrices=False)
+        return None, U, s, Vt
+    c = _ridge(cov.astype(np.float64), ridge)
+    for attempt in range(4):
+        try:
+            L = np.linalg.cholesky(c)
+            break
+        except np.linalg.LinAlgError:  # numerically not PD yet: raise the ridge tenfold
+            c = _ridge(cov.astype(np.float64), ridge * 10 ** (attempt + 1))
+    else:
+        U, s, Vt = np.linalg.svd(W, full_matrices=False)
+        return None, U, s, Vt
+    U, s, Vt = np.linalg.svd(L.T @ W, full_matrices=False)
+    Linv_T = np.linalg.solve(L.T, np.eye(L.shape[0]))
+    return Linv_T, U, s, Vt
+
+
+def factorize(W: np.ndarray, k: int, cov: np.ndarray | None = None, ridge: float = 1e-4, svd=None):
+    """Rank-k factors (A, B) of W (n x m) minimising ``|L^T (W - A B)|_F`` (plain Frobenius without cov)."""
+    Linv_T, U, s, Vt = svd if svd is not None else whitened_svd(W, cov, ridge)
+    r = np.sqrt(s[:k])
+    A = U[:, :k] * r
+    if Linv_T is not None:
+        A = Linv_T @ A
+    B = r[:, None] * Vt[:k]
+    return A, B
+
+
+def _energy_rank(s: np.ndarray, energy: float) -> int:
+    e = s.astype(np.float64) ** 2
+    tot = float(e.sum())
+    if tot <= 0:
+        return 1
+    kept = np.cumsum(e) / tot
+    return int(min(len(s), np.searchsorted(kept, energy - 1e-12) + 1))
+
+
+def _round_rank(k: int, multiple: int, full: int) -> int:
+    if multiple > 1:
+        k = int(math.ceil(k / multiple) * multiple)
+    return max(1, min(k, full))
+
+
+# ------------------------------------------------------------------------------------ layers
+
+
+@dataclass
+class _Form:
+    """One way to factor a layer: the matrix to factor, its whitening covariance, its costs."""
+
+    name: str
+    W: np.ndarray            # (n x m) matrix factored as A (n x k) B (k x m)
+    cov_from_patch: object   # callable(full cov) -> cov for this form's rows, or None (no data)
+    params_per_rank: int
+    macs_per_rank: float     # MACs per rank unit, for one inference at the seen shapes (or per row)
+    exact_whitening: bool
+    svd: tuple | None = None
+    to_view: object = None   # callable(mat n x m) -> the layer's reference matrix view (for errors)
+    whitened: bool = False   # the svd is of the whitened matrix (set with ``svd``)
+
+
+@dataclass
+class _Layer:
+    node: gs.Node
+    kind: str                # matmul | gemm | conv
+    x: gs.Tensor
+    ref: np.ndarray          # reference view: linear W (n x m); conv channel-out matrix (Cin kh kw, Cout)
+    params: int
+    macs: float | None
+    rows: float | None = None  # linear: rows per inference; conv: output positions
+    geom: ConvGeometry | None = None
+    weight: np.ndarray | None = None
+    in_hw: tuple | None = None
+    out_hw: tuple | None = None
+    forms: list = field(default_factory=list)
+    x_shape: list | None = None
+    cov_key: tuple = ()
+    form: _Form | None = None
+    rank: int = 0
+    record: dict = field(default_factory=dict)
+
+
+def _find_layers(graph: gs.Graph, o) -> tuple[list[_Layer], list[dict]]:
+    layers, skipped = [], []
+    outputs = set(id(t) for t in graph.outputs)
+    for node in graph.nodes:
+        if node.op not in o.ops or node.op not in ("MatMul", "Gemm", "Conv"):
+            continue
+        name = node.name or node.outputs[0].name
+        if len(node.inputs) < 2:
+            continue
+        w = constant_value(node.inputs[1])
+        if w is None or constant_value(node.inputs[0]) is not None:
+            continue
+        if w.dtype.kind != "f":
+            skipped.append({"layer": name, "op": node.op, "reason": f"weight dtype {w.dtype} is not float"})
+            continue
+        if w.size < o.min_params:
+            continue
+        if node.op == "MatMul":
+            if w.ndim != 2:
+                skipped.append({"layer": name, "op": node.op, "reason": f"weight of rank {w.ndim} (batched)"})
+                continue
+            layers.append(_Layer(node, "matmul", node.inputs[0], w, int(w.size), None))
+        elif node.op == "Gemm":
+            if node_attr(node, "transA", 0):
+                skipped.append({"layer": name, "op": node.op, "reason": "transA=1 (the activation is transposed)"})
+                continue
+            W = (w.T if node_attr(node, "transB", 0) else w) * float(node_attr(node, "alpha", 1.0))
+            layers.append(_Layer(node, "gemm", node.inputs[0], W, int(w.size), None))
+        else:
+            if w.ndim != 4:
+                skipped.append({"layer": name, "op": node.op, "reason": f"{w.ndim - 2}-D conv (only 2-D convs)"})
+                continue
+            group = int(node_attr(node, "group", 1))
+            if group != 1:
+                skipped.append({"layer": name, "op": node.op,
+                                "reason": f"grouped conv (group={group}) is not factorized"})
+                continue
+            Cout, Cin, kh, kw = w.shape
+            geom = ConvGeometry.from_attrs(node.attrs, (kh, kw))
+            ref = w.reshape(Cout, -1).T
+            layers.append(_Layer(node, "conv", node.inputs[0], ref, int(w.size), None, geom=geom, weight=w))
+        if node.outputs and id(node.outputs[0]) in outputs:
+            pass  # the second factor writes the same tensor, so graph outputs are fine
+    return layers, skipped
+
+
+def _value_shapes(graph: gs.Graph, ctx: Context, sample: dict | None) -> dict:
+    from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
+    try:
+        model = ctx.to_model(graph)
+        if sample:
+            fix_input_shapes(model, {k: list(v.shape) for k, v in sample.items()})
+        return value_shapes(infer_shapes(model))
+    except Exception:
+        return {}
+
+
+def _known(shape) -> bool:
+    return bool(shape) and all(isinstance(d, int) and d > 0 for d in shape)
+
+
+def _set_costs(layer: _Layer, x_shape) -> None:
+    """Rows/positions, MACs before, and the candidate forms with their per-rank costs."""
+    layer.x_shape = list(x_shape) if _known(x_shape) else None
+    if layer.kind in ("matmul", "gemm"):
+        n, m = layer.ref.shape
+        layer.rows = float(np.prod(x_shape[:-1])) if _known(x_shape) and len(x_shape) >= 2 else None
+        layer.macs = layer.rows * n * m if layer.rows is not None else None
+        rows = layer.rows if layer.rows is not None else 1.0
+        layer.forms = [_Form("linear", layer.ref, lambda c: c, n + m, rows * (n + m), True, to_view=lambda M: M)]
+        return
+    w, g = layer.weight, layer.geom
+    Cout, Cin, kh, kw = w.shape
+    if _known(x_shape) and len(x_shape) == 4:
+        H, W = x_shape[2], x_shape[3]
+        OH, OW = g.out_hw(H, W)
+        layer.in_hw, layer.out_hw = (H, W), (OH, OW)
+        out_pos, known = float(OH * OW * x_shape[0]), True
+        in_pos, row_pos = float(H * W * x_shape[0]), float(OH * W * x_shape[0])
+    else:  # unknown sizes: costs per output position, inputs estimated from the strides
+        out_pos, known = 1.0, False
+        in_pos, row_pos = float(g.sh * g.sw), float(g.sw)
+    layer.rows = out_pos
+    layer.macs = out_pos * w.size if known else None
+    D = Cin * kh * kw
+    forms = [_Form("channel_out", layer.ref, lambda c: c, D + Cout, out_pos * (D + Cout), True,
+                   to_view=lambda M: M)]
+    if kh * kw > 1 and g.auto_pad in ("", "NOTSET"):
+        Wb = w.transpose(1, 0, 2, 3).reshape(Cin, Cout * kh * kw)
+
+        def cov_b(c, Cin=Cin, kh=kh, kw=kw):
+            c6 = c.reshape(Cin, kh, kw, Cin, kh, kw)
+            return np.mean([c6[:, i, j, :, i, j] for i in range(kh) for j in range(kw)], axis=0)
+
+        def view_b(M, Cin=Cin, Cout=Cout, kh=kh, kw=kw):
+            return M.reshape(Cin, Cout, kh, kw).transpose(1, 0, 2, 3).reshape(Cout, -1).T
+
+        forms.append(_Form("channel_in", Wb, cov_b, Cin + Cout * kh * kw,
+                           in_pos * Cin + out_pos * Cout * kh * kw, False, to_view=view_b))
+        if kh > 1 and kw > 1:
+            Ws = w.transpose(1, 2, 0, 3).reshape(Cin * kh, Cout * kw)
+
+            def cov_s(c, Cin=Cin, kh=kh, kw=kw):
+                c6 = c.reshape(Cin, kh, kw, Cin, kh, kw)
+                return np.mean([c6[:, :, j, :, :, j].reshape(Cin * kh, Cin * kh) for j in range(kw)], axis=0)
+
+            def view_s(M, Cin=Cin, Cout=Cout, kh=kh, kw=kw):
+                return M.reshape(Cin, kh, Cout, kw).transpose(2, 0, 1, 3).reshape(Cout, -1).T
+
+            forms.append(_Form("spatial", Ws, cov_s, Cin * kh + Cout * kw,
+                               row_pos * Cin * kh + out_pos * Cout * kw, False, to_view=view_s))
+    layer.forms = forms
+
+
+# ------------------------------------------------------------------------------ covariances
+
+
+def _cov_key(layer: _Layer) -> tuple:
+    if layer.kind == "conv":
+        g = layer.geom
+        return ("patch", layer.x.name, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, tuple(g.pads), g.auto_pad)
+    return ("rows", layer.x.name)
+
+
+def _covariances(layers: list[_Layer], ctx: Context, graph, source, n: int, max_positions: int, tag: str):
+    """{cov key: mean covariance} of the layers' inputs over the first n samples of ``source``,
+    streamed one sample at a time; also returns {tensor name: shape of the first sample}."""
+    from onnxshrink.data import Subset
+    keys = {}
+    for L in layers:
+        keys.setdefault(_cov_key(L), L)
+    cache_key = ("svd.cov", tag, n, max_positions, tuple(sorted(keys)))
+    if cache_key in ctx.cache:
+        return ctx.cache[cache_key]
+    sub = Subset(source, range(min(n, len(source))))
+    names = sorted({L.x.name for L in layers})
+    sums = {k: None for k in keys}
+    counts = {k: 0 for k in keys}
+    shapes = {}
+    rng = np.random.default_rng(ctx.seed)
+    for acts in ctx.progress.track(ctx.capture(graph, names, sub), f"svd: {tag} activations", total=len(sub)):
+        for k, L in keys.items():
+            x = np.asarray(acts[L.x.name])
+            shapes.setdefault(L.x.name, list(x.shape))
+            if L.kind == "conv":
+                if x.ndim != 4:
+                    continue
+                pos = sample_positions(L.geom.n_positions(x.shape), max_positions, rng)
+                c, cnt = patch_covariance(x, L.geom, pos, chunk=1024)[0], len(pos)
+            else:
+                X = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                c, cnt = X.T @ X, X.shape[0]
+            sums[k] = c if sums[k] is None else sums[k] + c
+            counts[k] += cnt
+    covs = {k: (sums[k] / counts[k]) for k in keys if sums[k] is not None and counts[k]}
+    ctx.cache[cache_key] = (covs, shapes)
+    return covs, shapes
+
+
+# ------------------------------------------------------------------------------ rank choice
+
+
+def _cost_cols(o):
+    return "macs" if o.budget_on == "macs" else "params"
+
+
+def _form_cost(layer, form, k, what):
+    return k * (form.params_per_rank if what == "params" else form.macs_per_rank)
+
+
+def _orig_cost(layer, what):
+    if what == "params":
+        return float(layer.params)
+    return float(layer.rows * layer.params) if layer.rows is not None else float(layer.params)
+
+
+def _pays(layer, form, k) -> bool:
+    return (k * form.params_per_rank < layer.params
+            and _form_cost(layer, form, k, "macs") < _orig_cost(layer, "macs"))
+
+
+def _pick_form_energy(layer, energy, multiple):
+    """Per layer: the paying form with the fewest MACs at the rank keeping ``energy``."""
+    best = None
+    for f in layer.forms:
+        s = f.svd[2]
+        k = _round_rank(_energy_rank(s, energy), multiple, len(s))
+        if not _pays(layer, f, k):
+            continue
+        key = (_form_cost(layer, f, k, "macs"), k * f.params_per_rank)
+        if best is None or key < best[0]:
+            best = (key, f, k)
+    return (best[1], best[2]) if best else (None, 0)
+
+
+def _pick_form_global(layer):
+    """For global allocation one form per layer: the lowest predicted error at half the cost."""
+    best = None
+    for f in layer.forms:
+        s = f.svd[2]
+        e = s.astype(np.float64) ** 2
+        tot = max(float(e.sum()), 1e-300)
+        k = max(1, int(0.5 * layer.params / f.params_per_rank))
+        k = min(k, len(s))
+        err = float(e[k:].sum()) / tot
+        if best is None or err < best[0]:
+            best = (err, f)
+    return best[1]
+
+
+def _allocate_error(layers, max_error, what, multiple, weights=None):
+    """Drop the cheapest singular values (relative error per cost saved) until the summed
+    predicted relative error reaches max_error; layers whose rank does not pay drop out and the
+    allocation is redone without them. ``weights`` ({id(layer): w}) scale each layer's relative
+    error into its measured effect on the model's output (sensitivity)."""
+    weights = weights or {}
+    active = list(layers)
+    ranks = {}
+    for _ in range(4):
+        items = []
+        for L in active:
+            s = L.form.svd[2]
+            e = s.astype(np.float64) ** 2
+            tot = max(float(e.sum()), 1e-300) / weights.get(id(L), 1.0)
+            cpr = _form_cost(L, L.form, 1, what)
+            for i in range(len(s) - 1, 0, -1):  # never below rank 1
+                items.append((e[i] / tot / cpr, e[i] / tot, id(L), i))
+        items.sort()
+        spent = 0.0
+        k = {id(L): len(L.form.svd[2]) for L in active}
+        for ratio, err, lid, i in items:
+            if spent + err > max_error:
+                break
+            spent += err
+            k[lid] = min(k[lid], i)
+        new_active = []
+        for L in active:
+            kk = _round_rank(k[id(L)], multiple, len(L.form.svd[2]))
+            ranks[id(L)] = kk
+            if _pays(L, L.form, kk):
+                new_active.append(L)
+        if len(new_active) == len(active):
+            break
+        active = new_active
+    return {id(L): ranks[id(L)] for L in active}
+
+
+def _allocate_budget(layers, ratio, what, multiple):
+    """Spend ``ratio`` of the layers' original cost on singular values in order of relative
+    output energy per unit cost (a layer whose factors would not pay keeps its original cost)."""
+    total = sum(_orig_cost(L, what) for L in layers)
+    budget = ratio * total
+    heap = []
+    k = {}
+    for L in layers:
+        s = L.form.svd[2]
+        e = s.astype(np.float64) ** 2
+        tot = max(float(e.sum()), 1e-300)
+        k[id(L)] = 0
+        cpr = _form_cost(L, L.form, 1, what)
+        heapq.heappush(heap, (-(e[0] / tot) / cpr, id(L), 0, L))
+    spent = 0.0
+    chosen = {}
+    while heap:
+        neg, lid, i, L = heapq.heappop(heap)
+        cpr = _form_cost(L, L.form, 1, what)
+        if spent + cpr > budget:
+            break
+        spent += cpr
+        k[lid] = i + 1
+        s = L.form.svd[2]
+        if i + 1 < len(s):
+            e = s.astype(np.float64) ** 2
+            heapq.heappush(heap, (-(e[i + 1] / max(float(e.sum()), 1e-300)) / cpr, lid, i + 1, L))
+    for L in layers:
+        kk = _round_rank(max(k[id(L)], 1), multiple, len(L.form.svd[2]))
+        if _pays(L, L.form, kk):
+            chosen[id(L)] = kk
+    return chosen
+
+
+# ------------------------------------------------------------------------------- emission
+
+
+def _emit(graph: gs.Graph, layer: _Layer, A: np.ndarray, B: np.ndarray) -> None:
+    node, form = layer.node, layer.form
+    dtype = np.asarray(constant_value(node.inputs[1])).dtype
+    base = node.name or node.outputs[0].name
+    y = node.outputs[0]
+    x = node.inputs[0]
+    t = gs.Variable(f"{base}_svd_mid", dtype=dtype)
+    k = A.shape[1]
+    if layer.kind in ("matmul", "gemm"):
+        a = gs.Constant(f"{base}_svd_A", A.astype(dtype))
+        b = gs.Constant(f"{base}_svd_B", B.astype(dtype))
+        n1 = gs.Node("MatMul", f"{base}_svd_1", inputs=[x, a], outputs=[t])
+        if layer.kind == "gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+            n2 = gs.Node("Gemm", f"{base}_svd_2", attrs={"alpha": 1.0, "beta": float(node_attr(node, "beta", 1.0)),
+                                                           "transA": 0, "transB": 0},
+                         inputs=[t, b, node.inputs[2]], outputs=[y])
+        else:
+            n2 = gs.Node("MatMul", f"{base}_svd_2", inputs=[t, b], outputs=[y])
+    else:
+        g = layer.geom
+        Cout, Cin, kh, kw = layer.weight.shape
+        bias = list(node.inputs[2:3]) if len(node.inputs) > 2 and node.inputs[2].name else []
+        common = {k_: v for k_, v in node.attrs.items() if k_ not in ("kernel_shape", "strides", "pads",
+                                                                     "dilations", "group", "auto_pad")}
+        if form.name == "channel_out":
+            w1 = A.T.reshape(k, Cin, kh, kw)
+            w2 = B.T.reshape(Cout, k, 1, 1)
+            a1 = dict(node.attrs)
+            a1.update(kernel_shape=[kh, kw], group=1)
+            a2 = dict(common, kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1)
+        elif form.name == "channel_in":
+            w1 = A.T.reshape(k, Cin, 1, 1)
+            w2 = B.reshape(k, Cout, kh, kw).transpose(1, 0, 2, 3)
+            a1 = dict(common, kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1)
+            a2 = dict(node.attrs)
+            a2.update(kernel_shape=[kh, kw], group=1)
+        else:  # spatial
+            t_, l_, b_, r_ = g.pads
+            w1 = A.T.reshape(k, Cin, kh)[..., None]
+            w2 = B.reshape(k, Cout, kw).transpose(1, 0, 2)[:, :, None, :]
+            a1 = dict(common, kernel_shape=[kh, 1], strides=[g.sh, 1], pads=[t_, 0, b_, 0], dilations=[g.dh, 1],
+                      group=1)
+            a2 = dict(common, kernel_shape=[1, kw], strides=[1, g.sw], pads=[0, l_, 0, r_], dilations=[1, g.dw],
+                      group=1)
+        c1 = gs.Constant(f"{base}_svd_W1", np.ascontiguousarray(w1).astype(dtype))
+        c2 = gs.Constant(f"{base}_svd_W2", np.ascontiguousarray(w2).astype(dtype))
+        n1 = gs.Node("Conv", f"{base}_svd_1", attrs=a1, inputs=[x, c1], outputs=[t])
+        n2 = gs.Node("Conv", f"{base}_svd_2", attrs=a2, inputs=[t, c2] + bias, outputs=[y])
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.nodes.extend([n1, n2])
+
+
+def _layer_latency(layer: _Layer, A: np.ndarray, B: np.ndarray, ctx: Context, runs: int = 20):
+    """(original ms, factor pair ms) of the layer alone at its seen input shape, one thread;
+    None when the input shape is unknown."""
+    from onnxshrink.runtime import measure_latency
+    if layer.x_shape is None:
+        return None
+    node = layer.node
+    dtype = np.asarray(constant_value(node.inputs[1])).dtype
+    times = []
+    for factored in (False, True):
+        x = gs.Variable("x", dtype=dtype, shape=layer.x_shape)
+        y = gs.Variable("y", dtype=dtype)
+        ins = [x] + [gs.Constant(f"c{i}", np.asarray(constant_value(t))) if t.name else t
+                     for i, t in enumerate(node.inputs[1:], 1)]
+        n = gs.Node(node.op, "layer", attrs=dict(node.attrs), inputs=ins, outputs=[y])
+        g = gs.Graph(nodes=[n], inputs=[x], outputs=[y], opset=_opset(ctx))
+        if factored:
+            _emit(g, dataclasses.replace(layer, node=n), A, B)
+            g.cleanup().toposort()
+        model = gs.export_onnx(g, do_type_check=False)
+        feeds = {"x": np.random.default_rng(0).standard_normal(layer.x_shape).astype(dtype)}
+        times.append(measure_latency(model, feeds, runs=runs, warmup=3, threads=1))
+    return times[0], times[1]
+
+
+def _opset(ctx: Context) -> int:
+    t = ctx.template
+    if t is not None:
+        for o in t.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                return int(o.version)
+    return 17
 
 
 def _int(v):

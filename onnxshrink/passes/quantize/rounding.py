@@ -22,92 +22,38 @@ rounding's keeps nearest rounding.
 Grouped and depthwise convolutions are a batch of independent problems (one ``H`` per group,
 ``[groups, D, D]`` with ``D = C_in/groups * k_h * k_w``; a depthwise 3x3 conv is C problems of
 size 9). ``H`` is accumulated in one streaming run over the calibration samples with at most
-``max_rows`` random patches per sample and layer; layers are processed in chunks whose ``H``
-matrices together stay under ``memory_mb``.
+``max_rows`` random patches per sample and layer (``graph.patches.patch_covariance``); layers are
+processed in chunks whose ``H`` matrices together stay under ``memory_mb``. The error-feedback loop
+itself is ``passes.gptq.gptq_feedback`` with the integer grid as its per-column quantizer.
 """
 
 from __future__ import annotations
 
-__all__ = ["conv_patches", "layer_hessian_rows", "gptq_round", "output_error", "round_units"]
+__all__ = ["layer_hessian", "gptq_round", "output_error", "round_units"]
 
 from typing import Callable, Iterable
 
 import numpy as np
 
-
-# ---------------------------------------------------------------------- inputs as rows
-def _conv_geometry(attrs: dict, x_shape, w_shape):
-    nd = len(w_shape) - 2
-    k = list(w_shape[2:])
-    strides = list(attrs.get("strides", [1] * nd))
-    dil = list(attrs.get("dilations", [1] * nd))
-    pads = list(attrs.get("pads", [0] * (2 * nd)))
-    auto = attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto, bytes):
-        auto = auto.decode()
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * nd)
-        for i in range(nd):
-            n = x_shape[2 + i]
-            out = -(-n // strides[i])
-            total = max(0, (out - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - n)
-            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
-            pads[i], pads[i + nd] = lo, total - lo
-    elif auto == "VALID":
-        pads = [0] * (2 * nd)
-    return nd, k, strides, dil, pads
+from onnxshrink.graph.patches import ConvGeometry, patch_covariance, sample_positions
+from onnxshrink.passes.gptq import gptq_feedback
 
 
-def conv_patches(x: np.ndarray, attrs: dict, w_shape, max_rows: int | None = None,
-                 rng: np.random.Generator | None = None) -> np.ndarray:
-    """im2col rows of a Conv input: ``[P, groups, C_in/groups * prod(k)]`` (column order matches
-    ``W[c_out, c_in/groups, *k]`` flattened), at most ``max_rows`` random output positions."""
-    x = np.asarray(x, np.float32)
-    if x.ndim == 3:  # 1-D conv: a 2-D one of height 1
-        x = x[:, :, None, :]
-        w_shape = (w_shape[0], w_shape[1], 1, w_shape[2])
-        a = dict(attrs)
-        for key in ("strides", "dilations"):
-            if key in a:
-                a[key] = [1] + list(a[key])
-        if "pads" in a:
-            p = list(a["pads"])
-            a["pads"] = [0, p[0], 0, p[1]]
-        attrs = a
-    nd, k, st, dil, pads = _conv_geometry(attrs, x.shape, w_shape)
-    if nd != 2:
-        raise ValueError("only 1-D and 2-D convolutions")
-    g = int(attrs.get("group", 1))
-    n, c = x.shape[:2]
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    ek = [(k[i] - 1) * dil[i] + 1 for i in range(2)]
-    ho = (xp.shape[2] - ek[0]) // st[0] + 1
-    wo = (xp.shape[3] - ek[1]) // st[1] + 1
-    total = n * ho * wo
-    if max_rows and total > max_rows:
-        rng = rng or np.random.default_rng(0)
-        pick = np.sort(rng.choice(total, size=max_rows, replace=False))
-    else:
-        pick = np.arange(total)
-    bi, rem = np.divmod(pick, ho * wo)
-    hi, wi = np.divmod(rem, wo)
-    rows = np.empty((len(pick), c, k[0], k[1]), np.float32)
-    for a in range(k[0]):
-        for b in range(k[1]):
-            rows[:, :, a, b] = xp[bi, :, hi * st[0] + a * dil[0], wi * st[1] + b * dil[1]]
-    return rows.reshape(len(pick), g, (c // g) * k[0] * k[1])
-
-
-def layer_hessian_rows(op: str, attrs: dict, x: np.ndarray, w_shape, max_rows: int | None,
-                       rng: np.random.Generator) -> np.ndarray:
-    """Input rows ``[P, groups, D]`` of a Conv, MatMul or Gemm (transA = 0) for ``H = X^T X``."""
+# ---------------------------------------------------------------------- the layer's H = X^T X
+def layer_hessian(op: str, attrs: dict, x: np.ndarray, w_shape, max_rows: int | None,
+                  rng: np.random.Generator) -> np.ndarray:
+    """``H = X^T X`` per group, ``[groups, D, D]`` float64 (summed in float32), of one input sample of a Conv
+    (its patch rows, see ``graph.patches``), MatMul or Gemm (transA = 0), over at most ``max_rows`` random rows."""
     if op == "Conv":
-        return conv_patches(x, attrs, w_shape, max_rows, rng)
+        geometry = ConvGeometry.from_attrs(attrs, w_shape[2:])
+        positions = sample_positions(geometry.n_positions(np.shape(x)), max_rows, rng)
+        return patch_covariance(x, geometry, positions, dtype=np.float32)
     x = np.asarray(x, np.float32)
     rows = x.reshape(-1, x.shape[-1])
     if max_rows and rows.shape[0] > max_rows:
         rows = rows[np.sort(rng.choice(rows.shape[0], size=max_rows, replace=False))]
-    return rows[:, None, :]
+    X = np.ascontiguousarray(rows[None])                     # [1, P, D]
+    return np.matmul(X.transpose(0, 2, 1), X).astype(np.float64)
 
 
 def _to_groups(op: str, attrs: dict, W: np.ndarray, axis: int) -> np.ndarray:
@@ -162,22 +108,13 @@ def gptq_round(W: np.ndarray, H: np.ndarray, scale: np.ndarray, qmax: int, damp:
     if U is None or not np.all(np.isfinite(U)):
         q = np.clip(np.round(W / s[:, :, None]), -qmax, qmax)
         return np.take_along_axis(q, np.argsort(perm, axis=1)[:, None, :], axis=2).astype(np.int8)
-    Q = np.zeros_like(W)
     inv_s = 1.0 / s
-    for i1 in range(0, D, block):
-        i2 = min(i1 + block, D)
-        W1 = W[:, :, i1:i2].copy()
-        E1 = np.zeros_like(W1)
-        U1 = U[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, :, i]
-            q = np.clip(np.round(w * inv_s), -qmax, qmax)
-            Q[:, :, i1 + i] = q
-            e = (w - q * s) / U1[:, i, i][:, None]
-            W1[:, :, i:] -= e[:, :, None] * U1[:, None, i, i:]
-            E1[:, :, i] = e
-        if i2 < D:
-            W[:, :, i2:] -= np.matmul(E1, U[:, i1:i2, i2:])
+
+    def to_grid(_, w):
+        q = np.clip(np.round(w * inv_s), -qmax, qmax)
+        return q, q * s
+
+    Q = gptq_feedback(W, U, to_grid, features_axis=2, block=block, code_dtype=np.int8)
     return np.take_along_axis(Q, np.argsort(perm, axis=1)[:, None, :], axis=2).astype(np.int8)
 
 
@@ -217,9 +154,7 @@ def round_units(model, graph, units: list, weight_quant: Callable, samples: Call
             feed.append(s)
         for cap in capture(model, names, feed):
             for j in chunk:
-                X = layer_hessian_rows(j["op"], j["attrs"], cap[j["x"]], j["W"].shape, max_rows, rng)
-                Xt = np.ascontiguousarray(X.transpose(1, 0, 2))          # [g, P, D]
-                h = np.matmul(Xt.transpose(0, 2, 1), Xt).astype(np.float64)  # [g, D, D]
+                h = layer_hessian(j["op"], j["attrs"], cap[j["x"]], j["W"].shape, max_rows, rng)
                 hs[j["name"]] = h if hs[j["name"]] is None else hs[j["name"]] + h
         for j in chunk:
             H = hs.pop(j["name"])
