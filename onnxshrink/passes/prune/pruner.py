@@ -53,8 +53,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.channels import (ChannelAnalysis, Layout, Member, _conv_pads_zero, analyze, balanced_selection,
-                              const_value)
+from onnxshrink.graph.channels import ChannelAnalysis, Member, analyze, balanced_selection, conv_pads_are_zero
+from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 
@@ -195,11 +195,11 @@ def _input_shapes(graph: gs.Graph, samples: list) -> dict | None:
 
 
 def _sink_foldable(s) -> bool:
-    if const_value(s.node.inputs[1]) is None:
+    if constant_value(s.node.inputs[1], numeric_attrs=True) is None:
         return False
     if s.kind == "conv":
-        w = const_value(s.node.inputs[1])
-        return _conv_pads_zero(s.node, w.shape[2:])
+        w = constant_value(s.node.inputs[1], numeric_attrs=True)
+        return conv_pads_are_zero(s.node, w.shape[2:])
     return s.kind in ("gemm", "matmul")
 
 
@@ -314,7 +314,7 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
         pos = np.nonzero(gone)[0]
         if not np.any(vals != 0):
             continue
-        w = const_value(s.node.inputs[1])
+        w = constant_value(s.node.inputs[1], numeric_attrs=True)
         if w is None:
             continue
         delta = _sink_bias_delta(s, w.astype(np.float64), pos, vals)
@@ -324,7 +324,7 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
         out_member = next((m for m in a.members if m.node is n and m.slot == 1 and m.role == "out"), None)
         if s.kind == "conv":
             if len(n.inputs) > 2 and n.inputs[2].name:
-                b = const_value(n.inputs[2]).astype(np.float64)
+                b = constant_value(n.inputs[2], numeric_attrs=True).astype(np.float64)
                 _private_const(n, 2, (b + delta).astype(w.dtype), cache)
             else:
                 while len(n.inputs) < 2:
@@ -336,7 +336,7 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
             beta = float(n.attrs.get("beta", 1.0))
             N = delta.size
             if len(n.inputs) > 2 and n.inputs[2].name:
-                c = const_value(n.inputs[2]).astype(np.float64)
+                c = constant_value(n.inputs[2], numeric_attrs=True).astype(np.float64)
                 had_member = any(m.node is n and m.slot == 2 for m in a.members)
                 cn = np.broadcast_to(c.reshape(-1) if c.size == N else c.reshape(-1)[:1], (N,)) + delta / beta
                 _private_const(n, 2, cn.astype(w.dtype), cache)
@@ -372,7 +372,7 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
         if all(mask.all() for mask in axes.values()):
             continue
         t = node.inputs[slot]
-        v = const_value(t)
+        v = constant_value(t, numeric_attrs=True)
         if v is None:
             raise RuntimeError(f"cannot slice input {slot} of '{node.name}'")
         new = v
@@ -398,7 +398,7 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
                       for k in range(kept.ndim)]
             if int(np.prod(counts)) != int(kept.sum()):
                 raise RuntimeError(f"Reshape '{n.name}': removal is not rectangular")
-            spec = const_value(n.inputs[1]).copy()
+            spec = constant_value(n.inputs[1], numeric_attrs=True).copy()
             for k, ax in enumerate(lay.axes):
                 if spec[ax] != -1:
                     spec[ax] = counts[k]
@@ -407,7 +407,7 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
             sizes = np.array([int((~np.isin(a.unit_of(p.ids), rem)).sum()) for p in f.layouts], np.int64)
             if len(n.inputs) > 1 and n.inputs[1].name:
                 _private_const(n, 1, sizes, cache)
-            elif "split" in n.attrs or int(a._opset) < 13:
+            elif "split" in n.attrs or int(a.opset) < 13:
                 n.attrs["split"] = [int(x) for x in sizes]
                 n.attrs.pop("num_outputs", None)
             else:
@@ -420,8 +420,8 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
             ns = int(kept[:s].sum())
             ne = ns + int(kept[s:e].sum())
             if len(n.inputs) > 1:
-                st = const_value(n.inputs[1]).copy()
-                en = const_value(n.inputs[2]).copy()
+                st = constant_value(n.inputs[1], numeric_attrs=True).copy()
+                en = constant_value(n.inputs[2], numeric_attrs=True).copy()
                 st[j], en[j] = ns, ne
                 _private_const(n, 1, st, cache)
                 _private_const(n, 2, en, cache)
@@ -434,7 +434,7 @@ def remove_units(a: ChannelAnalysis, graph: gs.Graph, removed: set, fill: dict |
             n.attrs["group"] = int((~np.isin(a.unit_of(x.ids), rem)).sum())
         elif f.kind == "resize_sizes":
             x = f.layouts[0]
-            sizes = const_value(n.inputs[3]).copy()
+            sizes = constant_value(n.inputs[3], numeric_attrs=True).copy()
             sizes[x.axes[0]] = int((~np.isin(a.unit_of(x.ids), rem)).sum())
             _private_const(n, 3, sizes, cache)
     # 4. stale intermediate shapes would contradict the new channel counts
@@ -479,7 +479,7 @@ def unit_scores(a: ChannelAnalysis, kind: str, chan_stats: dict | None = None) -
     if kind == "activation" and chan_stats:
         for s in a.sinks:
             st = chan_stats.get(s.node.inputs[0].name)
-            w = const_value(s.node.inputs[1])
+            w = constant_value(s.node.inputs[1], numeric_attrs=True)
             if st is None or w is None or s.w_member is None:
                 continue
             if s.kind == "conv" and s.group > 1:  # column j of group g: the rows of group g only
@@ -498,8 +498,8 @@ def unit_scores(a: ChannelAnalysis, kind: str, chan_stats: dict | None = None) -
     if kind == "bn":
         for m in a.members:
             if m.tag == "bn_scale":
-                g = const_value(m.node.inputs[1]).astype(np.float64)
-                var = const_value(m.node.inputs[4]).astype(np.float64)
+                g = constant_value(m.node.inputs[1], numeric_attrs=True).astype(np.float64)
+                var = constant_value(m.node.inputs[4], numeric_attrs=True).astype(np.float64)
                 add(m.ids, np.abs(g) / np.sqrt(var + float(m.node.attrs.get("epsilon", 1e-5))))
         if scores:
             # units without a BN fall back to their filter norm
@@ -511,7 +511,7 @@ def unit_scores(a: ChannelAnalysis, kind: str, chan_stats: dict | None = None) -
     for m in a.members:
         if m.role != "out" or m.slot != 1:
             continue
-        w = const_value(m.node.inputs[1])
+        w = constant_value(m.node.inputs[1], numeric_attrs=True)
         if w is None:
             continue
         wa = np.moveaxis(np.abs(w.astype(np.float64)), m.axis, 0).reshape(w.shape[m.axis], -1)
@@ -739,7 +739,7 @@ def _conv_patches(x: np.ndarray, node: gs.Node, kshape, pos_idx: np.ndarray | No
 
 
 def _refit_kind(node: gs.Node) -> str | None:
-    w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    w = constant_value(node.inputs[1], numeric_attrs=True) if len(node.inputs) > 1 else None
     if w is None:
         return None
     if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and w.ndim == 4 \
@@ -766,7 +766,7 @@ def refit_consumers(a: ChannelAnalysis, graph: gs.Graph, ctx: Context, original:
         kind = _refit_kind(n)
         if kind is None:
             continue
-        w = const_value(n.inputs[1])
+        w = constant_value(n.inputs[1], numeric_attrs=True)
         dim = int(np.prod(w.shape[1:])) if kind == "conv" else w.shape[0] if kind != "gemm" else (
             w.shape[1] if int(n.attrs.get("transB", 0)) else w.shape[0])
         if dim > o.refit_max_dim:
@@ -1035,7 +1035,7 @@ def _input_rows(n: gs.Node, x, plan, rows: int):
     kind = _refit_kind(n)
     x = np.asarray(x, np.float32)
     if kind == "conv":
-        w = const_value(n.inputs[1])
+        w = constant_value(n.inputs[1], numeric_attrs=True)
         pos, hw = plan
         X = _conv_patches(x, n, w.shape[2:], pos, hw)
     else:
@@ -1046,8 +1046,8 @@ def _input_rows(n: gs.Node, x, plan, rows: int):
 
 
 def _current_theta(n: gs.Node, kind: str) -> np.ndarray:
-    w = const_value(n.inputs[1]).astype(np.float64)
-    b = const_value(n.inputs[2]).astype(np.float64) if len(n.inputs) > 2 and n.inputs[2].name else None
+    w = constant_value(n.inputs[1], numeric_attrs=True).astype(np.float64)
+    b = constant_value(n.inputs[2], numeric_attrs=True).astype(np.float64) if len(n.inputs) > 2 and n.inputs[2].name else None
     if kind == "conv":
         wm = w.reshape(w.shape[0], -1).T
         bb = np.zeros(w.shape[0]) if b is None else b
@@ -1062,7 +1062,7 @@ def _current_theta(n: gs.Node, kind: str) -> np.ndarray:
 
 
 def _write_theta(n: gs.Node, kind: str, theta: np.ndarray, graph: gs.Graph) -> None:
-    w = const_value(n.inputs[1])
+    w = constant_value(n.inputs[1], numeric_attrs=True)
     dt = w.dtype
     if kind == "conv":
         W = theta[:-1].T.reshape(w.shape).astype(dt)
@@ -1080,7 +1080,7 @@ def _write_theta(n: gs.Node, kind: str, theta: np.ndarray, graph: gs.Graph) -> N
         W = (wk.T if int(n.attrs.get("transB", 0)) else wk).astype(dt)
         n.inputs[1] = gs.Constant(f"{n.inputs[1].name}_refit", W)
         if len(n.inputs) > 2 and n.inputs[2].name:
-            c = const_value(n.inputs[2])
+            c = constant_value(n.inputs[2], numeric_attrs=True)
             shape = c.shape if c.size == theta.shape[1] else (theta.shape[1],)
             n.inputs[2] = gs.Constant(f"{n.inputs[2].name}_refit", (theta[-1] / beta).reshape(shape).astype(dt))
         else:
