@@ -89,8 +89,8 @@ def zero_channels(model: onnx.ModelProto, ratio: float = 0.3, seed: int = 0, inp
     scores = None
     if by in ("norm", "activation"):
         from onnxshrink.passes.base import Context
-        from onnxshrink.passes.prune.pruner import _sink_statistics, unit_scores
-        stats = _sink_statistics(a, Context(), model, samples) if by == "activation" else None
+        from onnxshrink.passes.prune import sink_statistics, unit_scores
+        stats = sink_statistics(a, Context(), model, samples) if by == "activation" else None
         scores = unit_scores(a, "activation" if stats else "l2", stats)
     touched = 0
     total = 0
