@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.channels import analyze, balanced_selection, const_value
+from onnxshrink.graph.channels import analyze, balanced_selection
+from onnxshrink.graph.values import constant_value
 
 # members whose zeroing makes the channel's values exactly zero
 ZERO_TAGS = {"conv_w", "conv_b", "gemm_w", "gemm_b", "convt_w", "convt_b", "matmul_w", "bn_scale", "bn_bias",
@@ -88,8 +89,8 @@ def zero_channels(model: onnx.ModelProto, ratio: float = 0.3, seed: int = 0, inp
     scores = None
     if by in ("norm", "activation"):
         from onnxshrink.passes.base import Context
-        from onnxshrink.passes.prune.pruner import _sink_statistics, unit_scores
-        stats = _sink_statistics(a, Context(), model, samples) if by == "activation" else None
+        from onnxshrink.passes.prune import sink_statistics, unit_scores
+        stats = sink_statistics(a, Context(), model, samples) if by == "activation" else None
         scores = unit_scores(a, "activation" if stats else "l2", stats)
     touched = 0
     total = 0
@@ -119,7 +120,7 @@ def zero_channels(model: onnx.ModelProto, ratio: float = 0.3, seed: int = 0, inp
         if z.any():
             masks.setdefault((id(m.node), m.slot), (m.node, m.slot, []))[2].append((m.axis, z))
     for node, slot, lst in masks.values():
-        v = const_value(node.inputs[slot])
+        v = constant_value(node.inputs[slot], numeric_attrs=True)
         if v is None:
             continue
         v = np.array(v, copy=True)

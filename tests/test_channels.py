@@ -265,15 +265,15 @@ def test_channel_shuffle_between_grouped_convs():
 
 
 def test_balanced_repair_without_scipy_is_balanced():
-    from onnxshrink.graph.channels import _balance_rows, _balanced, _balanced_repair
+    from onnxshrink.graph.channels import balanced_repair, is_balanced
     m = model([
         helper.make_node("Conv", ["x", "w0"], ["a"], name="c0"),
         helper.make_node("Conv", ["a", "wg"], ["y"], name="gc", group=4),
     ], [W(12, 3, 1, 1, name="w0"), W(4, 3, 1, 1, name="wg")])
     a = analyze(gs.import_onnx(m))
     u = by_producer(a.groups(), "c0").unit_labels
-    rows = _balance_rows(a)
+    rows = a.balance_rows()
     wanted = [u[0], u[1], u[3], u[6], u[7], u[9]]   # per group of 3: 2, 1, 2, 1
-    sel = _balanced_repair(a, wanted, rows, None)
-    assert _balanced(rows, sel) and len(sel) == 4      # one per group
+    sel = balanced_repair(wanted, rows, None)
+    assert is_balanced(rows, sel) and len(sel) == 4      # one per group
     assert sel == {u[0], u[3], u[6], u[9]}             # the first-ranked (least important) of each

@@ -15,7 +15,7 @@ from onnxshrink.graph.cost import model_cost
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.prune.pruner import PrunePass
+from onnxshrink.passes.prune import PrunePass
 from prune_helpers import single_input_model, zero_channels
 
 RNG = np.random.default_rng(0)
@@ -554,11 +554,11 @@ def test_target_latency_bisects_on_measured_latency():
 
 
 def test_refit_stream_runs_each_node_once_and_matches_full_capture():
-    from onnxshrink.passes.prune.pruner import _StageStream
+    from onnxshrink.passes.prune.stage_stream import StageStream
     from onnxshrink.runtime import capture_activations
     m = _cnn()
     samples = _smooth_inputs(3, 0)
-    stream = _StageStream(m, [["c1"], ["c2"], ["fc"]], samples)
+    stream = StageStream(m, [["c1"], ["c2"], ["fc"]], samples)
     got = [list(stream.inputs_of_stage(k, None)) for k in range(3)]
     full = list(capture_activations(m, ["r0", "r1", "f"], samples))
     for si in range(3):

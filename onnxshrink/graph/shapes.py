@@ -1,10 +1,14 @@
-"""Shape utilities: parse and apply static input shapes, run shape inference."""
+"""Shape utilities: parse and apply static input shapes, run shape inference, read the inferred
+dims of every tensor, normalize negative axes."""
 
 from __future__ import annotations
 
-__all__ = ["parse_input_shape", "fix_input_shapes", "infer_shapes", "static_shapes_from_sample", "value_shapes"]
+__all__ = ["parse_input_shape", "fix_input_shapes", "infer_shapes", "static_shapes_from_sample", "value_shapes",
+           "tensor_shapes", "normalize_axis"]
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError, UsageError
 
@@ -82,3 +86,47 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, list]:
                 if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                     out[n.output[0]] = list(a.t.dims)
     return out
+
+
+def tensor_shapes(graph: gs.Graph, input_shapes: dict | None = None) -> dict:
+    """name -> list of dims (int, or str for symbolic, None unknown) from ONNX shape inference on
+    a weight-free export of ``graph`` (input dims fixed by ``input_shapes`` when given)."""
+    model = gs.export_onnx(graph.copy(), do_type_check=False)
+    # IR < 4 lists initializers as inputs; the export does not, and shape inference then ignores them
+    model.ir_version = max(model.ir_version, 4)
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.INT64 and int(np.prod(t.dims)) > 64:
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.ClearField("external_data")
+            t.data_location = onnx.TensorProto.DEFAULT
+    if input_shapes:
+        for i in model.graph.input:
+            if i.name in input_shapes:
+                dims = i.type.tensor_type.shape.dim
+                del dims[:]
+                for v in input_shapes[i.name]:
+                    dims.add().dim_value = int(v)
+        del model.graph.value_info[:]
+    model = infer_shapes(model)
+    out = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    for t in g.initializer:
+        out[t.name] = list(t.dims)
+    for n in graph.nodes:
+        for o in n.outputs:
+            if o.name not in out and o.shape is not None:
+                out[o.name] = [d if isinstance(d, int) else (d if isinstance(d, str) else None) for d in o.shape]
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            out[t.name] = list(t.shape)
+    return out
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    """``axis`` counted from the front: a negative axis plus ``rank`` (no range check)."""
+    return axis + rank if axis < 0 else axis

@@ -8,14 +8,24 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 
-def constant_value(t) -> np.ndarray | None:
-    """The value of an initializer, or of a tensor produced by a Constant node; None otherwise."""
+def constant_value(t, numeric_attrs: bool = False) -> np.ndarray | None:
+    """The value of an initializer, or of a tensor produced by a Constant node; None otherwise.
+
+    A Constant node's ``value`` tensor is always read; with ``numeric_attrs`` also its
+    ``value_float``, ``value_int``, ``value_floats`` and ``value_ints`` forms (as numpy's default
+    dtypes of the Python values), which the channel analysis and the prune and sparsify passes
+    read as constants (shape specs, slice bounds)."""
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
     if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        v = t.inputs[0].attrs.get("value")
+        attrs = t.inputs[0].attrs
+        v = attrs.get("value")
         if isinstance(v, gs.Constant):
             return np.asarray(v.values)
+        if numeric_attrs:
+            for k in ("value_float", "value_int", "value_floats", "value_ints"):
+                if k in attrs:
+                    return np.asarray(attrs[k])
     return None
 
 

@@ -35,7 +35,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxshrink.graph.channels import const_value
+from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -81,7 +81,7 @@ class SparsifyPass(Pass):
             if slot is None or len(n.inputs) <= slot:
                 continue
             t = n.inputs[slot]
-            w = const_value(t)
+            w = constant_value(t, numeric_attrs=True)
             if w is None or w.dtype.kind != "f" or w.size < o.min_size:
                 continue
             if t.name in done:
