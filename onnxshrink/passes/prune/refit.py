@@ -14,13 +14,14 @@ Consumers are refit level by level: a layer is fit after every refit layer upstr
 
 from __future__ import annotations
 
-__all__ = ["compensate_with_means", "refit_consumers", "ridge_solutions", "conv_patches"]
+__all__ = ["compensate_with_means", "refit_consumers", "ridge_solutions"]
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.channels import ChannelAnalysis
+from onnxshrink.graph.patches import ConvGeometry, conv_patches
 from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.prune.stage_stream import StageStream
@@ -168,25 +169,6 @@ def ridge_solutions(A: np.ndarray, B: np.ndarray, bias: bool, lams: list, prior:
         yield np.vstack([W, ((sy - sx @ W) / n)[None]]) if bias else W
 
 
-def conv_patches(x: np.ndarray, node: gs.Node, kshape, pos_idx: np.ndarray | None, out_hw):
-    """im2col rows [N*P, C*kh*kw] of the conv input at output positions ``pos_idx`` (flat over Ho*Wo)."""
-    pads = list(node.attrs.get("pads", [0] * 4)) or [0] * 4
-    strides = list(node.attrs.get("strides", [1, 1])) or [1, 1]
-    dil = list(node.attrs.get("dilations", [1, 1])) or [1, 1]
-    kh, kw = kshape
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    ekh, ekw = dil[0] * (kh - 1) + 1, dil[1] * (kw - 1) + 1
-    win = np.lib.stride_tricks.sliding_window_view(xp, (ekh, ekw), axis=(2, 3))
-    win = win[:, :, ::strides[0], ::strides[1], ::dil[0], ::dil[1]]  # N C Ho Wo kh kw
-    Ho, Wo = out_hw
-    win = win[:, :, :Ho, :Wo]
-    N, C = x.shape[:2]
-    flat = win.reshape(N, C, Ho * Wo, kh, kw)
-    if pos_idx is not None:
-        flat = flat[:, :, pos_idx]
-    return np.ascontiguousarray(flat.transpose(0, 2, 1, 3, 4)).reshape(-1, C * kh * kw)
-
-
 def _refit_kind(node: gs.Node) -> str | None:
     """"conv" (group 1, explicit padding), "gemm" (transA = 0) or "matmul" for a refittable
     consumer with constant weights; None otherwise."""
@@ -241,8 +223,11 @@ def _input_rows(n: gs.Node, x, plan, rows: int):
     x = np.asarray(x, np.float32)
     if kind == "conv":
         w = constant_value(n.inputs[1], numeric_attrs=True)
-        pos, hw = plan
-        X = conv_patches(x, n, w.shape[2:], pos, hw)
+        pos, (oh, ow) = plan
+        if pos is not None:  # the same output positions in every sample
+            pos = (np.arange(x.shape[0])[:, None] * oh * ow + np.asarray(pos)[None]).ravel()
+        X = conv_patches(x, ConvGeometry.from_attrs(n.attrs, w.shape[2:]), pos)
+        X = X.reshape(-1, int(np.prod(w.shape[1:])))
     else:
         X = x.reshape(-1, x.shape[-1])
     if kind != "matmul":
