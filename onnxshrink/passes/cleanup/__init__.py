@@ -1,5 +1,12 @@
-"""cleanup: lossless graph simplification."""
+"""cleanup: lossless graph simplification. The pass orchestrates (``cleanup_pass``); the steps
+live in one module per family: ``constants`` (Constant nodes, constant folding, ConstantOfShape,
+constant chains), ``shapes`` (shape inference and shape folding), ``affine`` (BatchNorm and
+scale/bias folds into Conv/ConvTranspose/Gemm), ``dedup`` (duplicate nodes and initializers),
+``dead`` (Identity/Dropout, dead code), ``interface`` (graph inputs/outputs kept as declared) and
+``rewrite`` (subgraph walking, fresh names, rewiring)."""
 
-from onnxshrink.passes.cleanup.steps import CleanupPass
+from onnxshrink.passes.cleanup.affine import fold_into_preceding_linear
+from onnxshrink.passes.cleanup.cleanup_pass import CleanupOptions, CleanupPass
+from onnxshrink.passes.cleanup.constants import constants_to_initializers
 
-__all__ = ["CleanupPass"]
+__all__ = ["CleanupOptions", "CleanupPass", "constants_to_initializers", "fold_into_preceding_linear"]
