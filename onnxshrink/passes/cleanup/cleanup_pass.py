@@ -5,7 +5,7 @@ Order: Constant nodes to initializers; up to four rounds of shape folding and co
 guard needs); identical initializers merged (so equal constants make equal nodes); then local
 rewrites to a fixed point (Identity/Dropout removal, BatchNorm and scale/bias folds backward and
 forward, ConstantOfShape and constant-chain folds, duplicate nodes merged); dead code removed.
-The steps live in ``constants``, ``shapes``, ``affine``, ``dedup`` and ``dead``.
+The steps live in ``constants``, ``folding``, ``shapes``, ``affine``, ``dedup`` and ``dead``.
 
 Graph inputs, outputs (names, order, types), opsets and metadata stay as they were; initializers
 that are also graph inputs of an IR >= 4 model (overridable defaults) are never folded.
@@ -26,9 +26,10 @@ from onnxshrink.passes.base import Context, Pass, PassResult, register
 from onnxshrink.passes.cleanup.affine import (
     fold_batchnorm_backward, fold_batchnorm_forward, fold_scale_bias_backward, fold_scale_bias_forward)
 from onnxshrink.passes.cleanup.constants import (
-    constants_to_initializers, fold_constant_chains, fold_constant_of_shape, fold_constants)
+    constants_to_initializers, fold_constant_chains, fold_constant_of_shape)
 from onnxshrink.passes.cleanup.dead import remove_dead, remove_identities
 from onnxshrink.passes.cleanup.dedup import merge_duplicate_nodes, merge_initializers
+from onnxshrink.passes.cleanup.folding import fold_constants
 from onnxshrink.passes.cleanup.interface import (
     outputs_from_constants, protect_overridable, record_io, restore_io, restore_protected)
 from onnxshrink.passes.cleanup.rewrite import FreshNames, all_graphs, count_nodes, quiet_gs
