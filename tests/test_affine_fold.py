@@ -160,7 +160,8 @@ def test_batchnorm_folds_into_conv_of_every_rank(rewrite, spatial):
     c = 4
     k = (1,) * len(spatial)
     inits = {"w": rng.standard_normal((c, 3) + k), "s": rng.uniform(0.5, 2, c), "bb": rng.standard_normal(c),
-             "mu": rng.standard_normal(c), "var": rng.uniform(0.5, 2, c), "k": rng.standard_normal((c,) + (1,) * len(spatial))}
+             "mu": rng.standard_normal(c), "var": rng.uniform(0.5, 2, c),
+             "k": rng.standard_normal((c,) + (1,) * len(spatial))}
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=list(k)),
              helper.make_node("BatchNormalization", ["y", "s", "bb", "mu", "var"], ["n"], name="bn"),
              helper.make_node("Add", ["n", "k"], ["z"], name="bias")]
