@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.cleanup.steps import CleanupPass
+from onnxshrink.passes.cleanup import CleanupPass
 
 ort.set_default_logger_severity(4)  # the sweep feeds ops onnxruntime rejects; keep its log quiet
 

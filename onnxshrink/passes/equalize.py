@@ -22,7 +22,7 @@ Run ``cleanup`` first so BatchNormalization is folded into the convolutions.
 
 from __future__ import annotations
 
-__all__ = ["EqualizePass", "equalize_pairs", "find_pairs"]
+__all__ = ["EqualizeOptions", "EqualizePass", "equalize_pairs", "find_pairs"]
 
 import collections
 import math
@@ -31,22 +31,47 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 HOMOGENEOUS = {"Relu", "LeakyRelu", "Identity"}
 
 
-def _const(t):
-    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+@dataclass
+class EqualizeOptions:
+    iterations: int = field(default=20, metadata={"help": "passes over the pairs (chains settle in a few)"})
+    max_scale: float = field(default=1e4, metadata={"help": "bound on each channel's scale factor"})
+
+
+@register
+class EqualizePass(Pass):
+    """Cross-layer equalization of Conv -> [Relu/LeakyRelu] -> Conv pairs; exact up to float round-off."""
+
+    name = "equalize"
+    summary = "lossless: cross-layer equalization of conv pairs (even per-channel weight ranges for int8)"
+    lossless = True
+    needs_data = False
+    Options = EqualizeOptions
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        seen = set()
+        for i, node in enumerate(graph.nodes):
+            if not node.name or node.name in seen:
+                node.name = f"{node.op}_{i}"
+            seen.add(node.name)
+        stats = equalize_pairs(graph, self.options.iterations, max_scale=self.options.max_scale)
+        if not stats["pairs"]:
+            stats["reason"] = "no Conv -> [Relu] -> Conv pair with a single-consumer link"
+        return PassResult(graph, bool(stats["pairs"]), stats)
 
 
 def _conv_ok(node) -> bool:
     if node.op != "Conv" or len(node.inputs) < 2:
         return False
-    w = _const(node.inputs[1])
+    w = constant_value(node.inputs[1])
     if w is None or w.dtype != np.float32 or w.ndim < 3:
         return False
-    if len(node.inputs) > 2 and node.inputs[2].name and _const(node.inputs[2]) is None:
+    if len(node.inputs) > 2 and node.inputs[2].name and constant_value(node.inputs[2]) is None:
         return False
     return True
 
@@ -58,12 +83,12 @@ def _is_relu_clip(node) -> bool:
     lo = node.attrs.get("min", None)
     hi = node.attrs.get("max", None)
     if len(node.inputs) > 1 and node.inputs[1].name:
-        v = _const(node.inputs[1])
+        v = constant_value(node.inputs[1])
         lo = None if v is None else float(v.reshape(-1)[0])
         if v is None:
             return False
     if len(node.inputs) > 2 and node.inputs[2].name:
-        v = _const(node.inputs[2])
+        v = constant_value(node.inputs[2])
         if v is None:
             return False
         hi = float(v.reshape(-1)[0])
@@ -95,8 +120,8 @@ def find_pairs(graph: gs.Graph) -> tuple[list, collections.Counter]:
         if not _conv_ok(nxt) or nxt.inputs[0] is not (act.outputs[0] if act is not None else y):
             skipped[f"followed by {nxt.op}, not a Conv with constant weights"] += 1
             continue
-        c1 = _const(n1.inputs[1]).shape[0]
-        w2 = _const(nxt.inputs[1])
+        c1 = constant_value(n1.inputs[1]).shape[0]
+        w2 = constant_value(nxt.inputs[1])
         g2 = int(nxt.attrs.get("group", 1))
         if w2.shape[1] * g2 != c1:
             skipped["channel counts do not match"] += 1
@@ -126,12 +151,12 @@ def equalize_pairs(graph: gs.Graph, iterations: int = 20, tol: float = 1e-3, max
 
     def w(n):
         if n.name not in ws:
-            ws[n.name] = _const(n.inputs[1]).astype(np.float64)
+            ws[n.name] = constant_value(n.inputs[1]).astype(np.float64)
         return ws[n.name]
 
     def b(n):
         if n.name not in bs:
-            bs[n.name] = (_const(n.inputs[2]).astype(np.float64).reshape(-1) if len(n.inputs) > 2 and n.inputs[2].name
+            bs[n.name] = (constant_value(n.inputs[2]).astype(np.float64).reshape(-1) if len(n.inputs) > 2 and n.inputs[2].name
                           else None)
         return bs[n.name]
 
@@ -178,29 +203,3 @@ def equalize_pairs(graph: gs.Graph, iterations: int = 20, tol: float = 1e-3, max
     return {"pairs": len(pairs), "iterations": it, "skipped": dict(skipped),
             "first_layer_range_spread": {"before": round(before, 2), "after": round(after, 2)},
             "pair_names": [f"{p[0].name} -> {p[2].name}" for p in pairs][:50]}
-
-
-@register
-class EqualizePass(Pass):
-    """Cross-layer equalization of Conv -> [Relu/LeakyRelu] -> Conv pairs; exact up to float round-off."""
-
-    name = "equalize"
-    summary = "lossless: cross-layer equalization of conv pairs (even per-channel weight ranges for int8)"
-    lossless = True
-    needs_data = False
-
-    @dataclass
-    class Options:
-        iterations: int = field(default=20, metadata={"help": "passes over the pairs (chains settle in a few)"})
-        max_scale: float = field(default=1e4, metadata={"help": "bound on each channel's scale factor"})
-
-    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
-        seen = set()
-        for i, node in enumerate(graph.nodes):
-            if not node.name or node.name in seen:
-                node.name = f"{node.op}_{i}"
-            seen.add(node.name)
-        stats = equalize_pairs(graph, self.options.iterations, max_scale=self.options.max_scale)
-        if not stats["pairs"]:
-            stats["reason"] = "no Conv -> [Relu] -> Conv pair with a single-consumer link"
-        return PassResult(graph, bool(stats["pairs"]), stats)

@@ -33,8 +33,22 @@ from onnxshrink.graph.values import constant_value, node_attr
 from onnxshrink.passes.base import Context, Pass, PassResult, register
 
 
-_const = constant_value
-_attr = node_attr
+@register
+class FoldPass(Pass):
+    """Merge consecutive MatMul/Gemm (and 1x1-conv, conv-1x1, kx1-1xk conv) pairs whose merged
+    form is no more expensive; exact up to float round-off."""
+
+    name = "fold"
+    summary = "merge consecutive linear ops (MatMul/Gemm/1x1 Conv chains) when cheaper; exact"
+    lossless = True
+    needs_data = False
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        recs = fold_linear_pairs(graph, ctx)
+        stats = {"folded": recs}
+        if not recs:
+            stats["reason"] = "no consecutive linear pair whose merged form is cheaper"
+        return PassResult(graph, bool(recs), stats)
 
 
 def _sole_consumer(t: gs.Tensor, graph_outputs: set) -> gs.Node | None:
@@ -47,20 +61,20 @@ def _affine(node: gs.Node):
     """(x tensor, P, q or None, kind) when node is x P + q with constant P (2-D) and q; else None."""
     if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None
-    P = _const(node.inputs[1])
-    if P is None or P.ndim != 2 or P.dtype.kind != "f" or _const(node.inputs[0]) is not None:
+    P = constant_value(node.inputs[1])
+    if P is None or P.ndim != 2 or P.dtype.kind != "f" or constant_value(node.inputs[0]) is not None:
         return None
     if node.op == "MatMul":
         return node.inputs[0], P.astype(np.float64), None, "MatMul"
-    if _attr(node, "transA", 0):
+    if node_attr(node, "transA", 0):
         return None
-    P = (P.T if _attr(node, "transB", 0) else P).astype(np.float64) * float(_attr(node, "alpha", 1.0))
+    P = (P.T if node_attr(node, "transB", 0) else P).astype(np.float64) * float(node_attr(node, "alpha", 1.0))
     q = None
     if len(node.inputs) > 2 and node.inputs[2].name:
-        c = _const(node.inputs[2])
+        c = constant_value(node.inputs[2])
         if c is None:
             return None
-        q = c.astype(np.float64) * float(_attr(node, "beta", 1.0))
+        q = c.astype(np.float64) * float(node_attr(node, "beta", 1.0))
     return node.inputs[0], P, q, "Gemm"
 
 
@@ -87,7 +101,7 @@ def _fold_affine(graph: gs.Graph, first: gs.Node, outs: set) -> dict | None:
     add = None
     if nxt is not None and nxt.op == "Add" and q1 is None:
         other = nxt.inputs[1] if nxt.inputs[0] is t else nxt.inputs[0]
-        b = _const(other)
+        b = constant_value(other)
         if b is None or not _last_axis_bias(b, P1.shape[1]):
             return None
         add, q1, bias_shape = nxt, b.astype(np.float64), b.shape
@@ -109,7 +123,7 @@ def _fold_affine(graph: gs.Graph, first: gs.Node, outs: set) -> dict | None:
         q = _vec(q1, k) @ P2
     if q2 is not None:
         q = q2 if q is None else q + q2
-    dtype = np.asarray(_const(first.inputs[1])).dtype
+    dtype = np.asarray(constant_value(first.inputs[1])).dtype
     base = first.name or first.outputs[0].name
     y = nxt.outputs[0]
     w = gs.Constant(f"{base}_fold_W", P.astype(dtype))
@@ -138,19 +152,19 @@ def _fold_affine(graph: gs.Graph, first: gs.Node, outs: set) -> dict | None:
 def _conv_info(node: gs.Node):
     if node.op != "Conv" or len(node.inputs) < 2:
         return None
-    w = _const(node.inputs[1])
-    if w is None or w.ndim != 4 or w.dtype.kind != "f" or int(_attr(node, "group", 1)) != 1:
+    w = constant_value(node.inputs[1])
+    if w is None or w.ndim != 4 or w.dtype.kind != "f" or int(node_attr(node, "group", 1)) != 1:
         return None
-    if str(_attr(node, "auto_pad", "NOTSET")) not in ("NOTSET", ""):
+    if str(node_attr(node, "auto_pad", "NOTSET")) not in ("NOTSET", ""):
         return None
     b = None
     if len(node.inputs) > 2 and node.inputs[2].name:
-        b = _const(node.inputs[2])
+        b = constant_value(node.inputs[2])
         if b is None:
             return None
     return {"w": w.astype(np.float64), "b": None if b is None else b.astype(np.float64),
-            "strides": list(_attr(node, "strides", [1, 1])), "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
-            "dil": list(_attr(node, "dilations", [1, 1]))}
+            "strides": list(node_attr(node, "strides", [1, 1])), "pads": list(node_attr(node, "pads", [0, 0, 0, 0])),
+            "dil": list(node_attr(node, "dilations", [1, 1]))}
 
 
 def _positions(t: gs.Tensor):
@@ -222,7 +236,7 @@ def _fold_conv(graph: gs.Graph, first: gs.Node, outs: set) -> dict | None:
         return None
     if after > before or W.size > W1.size + W2.size:
         return None
-    dtype = np.asarray(_const(first.inputs[1])).dtype
+    dtype = np.asarray(constant_value(first.inputs[1])).dtype
     base = first.name or first.outputs[0].name
     attrs["kernel_shape"] = list(W.shape[2:])
     attrs["group"] = 1
@@ -259,21 +273,3 @@ def fold_linear_pairs(graph: gs.Graph, ctx: Context | None = None) -> list[dict]
             break
         graph.cleanup().toposort()
     return records
-
-
-@register
-class FoldPass(Pass):
-    """Merge consecutive MatMul/Gemm (and 1x1-conv, conv-1x1, kx1-1xk conv) pairs whose merged
-    form is no more expensive; exact up to float round-off."""
-
-    name = "fold"
-    summary = "merge consecutive linear ops (MatMul/Gemm/1x1 Conv chains) when cheaper; exact"
-    lossless = True
-    needs_data = False
-
-    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
-        recs = fold_linear_pairs(graph, ctx)
-        stats = {"folded": recs}
-        if not recs:
-            stats["reason"] = "no consecutive linear pair whose merged form is cheaper"
-        return PassResult(graph, bool(recs), stats)

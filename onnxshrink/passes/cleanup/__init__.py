@@ -1,5 +1,14 @@
-"""cleanup: lossless graph simplification."""
+"""cleanup: lossless graph simplification. The pass orchestrates (``cleanup_pass``); the steps
+live in one module per family: ``constants`` (Constant nodes, ConstantOfShape, constant chains),
+``folding`` (evaluating constant subgraphs), ``shapes`` (shape inference and shape folding),
+``affine`` (BatchNorm and scale/bias folds into Conv/ConvTranspose/Gemm), ``dedup`` (duplicate
+nodes and initializers), ``dead`` (Identity/Dropout, dead code), ``interface`` (graph inputs and
+outputs kept as declared) and ``rewrite`` (subgraph walking, fresh names, rewiring)."""
 
-from onnxshrink.passes.cleanup.steps import CleanupPass
+__all__ = ["CleanupOptions", "CleanupPass", "constants_to_initializers", "fold_into_preceding_linear"]
 
-__all__ = ["CleanupPass"]
+# affine and constants load before cleanup_pass: its folding step imports the quantize package's
+# weight_storage, and loading that package imports quantize.prepare, which reads these two
+from onnxshrink.passes.cleanup.affine import fold_into_preceding_linear
+from onnxshrink.passes.cleanup.constants import constants_to_initializers
+from onnxshrink.passes.cleanup.cleanup_pass import CleanupOptions, CleanupPass

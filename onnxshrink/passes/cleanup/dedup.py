@@ -1,0 +1,95 @@
+"""Merging duplicates, exact: a deterministic node with the same op, domain, attributes and input
+tensors as an earlier one computes the same values (common subexpressions), and initializers with
+the same dtype, shape and bytes hold the same values; their consumers read the first copy."""
+
+from __future__ import annotations
+
+__all__ = ["merge_duplicate_nodes", "merge_initializers"]
+
+import contextlib
+import hashlib
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxshrink.passes.cleanup.rewrite import (
+    NO_FOLD_OPS, detach, drop_detached, graph_output_ids, quiet_gs, replace_uses)
+
+
+def merge_duplicate_nodes(sub: gs.Graph, root: gs.Graph) -> int:
+    """Consumers of a node equal to an earlier one read the earlier node's outputs; nodes with
+    subgraphs and graph-output producers are kept. Returns how many nodes were merged away."""
+    n = 0
+    outs = graph_output_ids(root)
+    seen: dict[tuple, gs.Node] = {}
+    with quiet_gs(), contextlib.suppress(Exception):
+        sub.toposort(recurse_subgraphs=False)
+    for node in list(sub.nodes):
+        if not node.outputs or node.op in NO_FOLD_OPS or node.op == "Constant":
+            continue
+        key = _node_key(node)
+        if key is None:
+            continue
+        first = seen.get(key)
+        if first is None:
+            seen[key] = node
+            continue
+        if any(id(o) in outs for o in node.outputs) or len(first.outputs) != len(node.outputs):
+            continue
+        for mine, theirs in zip(list(node.outputs), list(first.outputs)):
+            if not mine.is_empty():
+                if theirs.is_empty():
+                    break
+                replace_uses(mine, theirs)
+        else:
+            detach(node)
+            n += 1
+    drop_detached(sub)
+    return n
+
+
+def _node_key(node: gs.Node):
+    """What makes two nodes compute the same: op, domain, input tensors (by identity), attributes
+    (tensor attributes by bytes), output count; None for nodes with subgraphs or object tensors."""
+    attrs = []
+    for k in sorted(node.attrs):
+        v = node.attrs[k]
+        if isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v)):
+            return None
+        if isinstance(v, gs.Constant):
+            vals = np.asarray(v.values)
+            if vals.dtype == object:
+                return None
+            v = ("tensor", vals.dtype.str, vals.shape, vals.tobytes())
+        elif isinstance(v, list):
+            v = tuple(v)
+        elif not isinstance(v, (int, float, str, bytes, bool, tuple, type(None))):
+            v = repr(v)
+        attrs.append((k, v))
+    ins = tuple(("", None) if t.is_empty() else id(t) for t in node.inputs)
+    return node.op, node.domain or "", ins, tuple(attrs), len(node.outputs)
+
+
+def merge_initializers(graph: gs.Graph) -> int:
+    """Consumers of an initializer identical (dtype, shape, bytes) to an earlier one read the
+    earlier one (the copy is then dead); graph outputs are kept. Returns how many were merged."""
+    seen: dict[tuple, gs.Constant] = {}
+    outs = graph_output_ids(graph)
+    n = 0
+    for name, t in list(graph.tensors().items()):
+        if not isinstance(t, gs.Constant) or id(t) in outs:
+            continue
+        try:
+            v = t.values
+        except Exception:
+            continue
+        if v.dtype == object:
+            continue
+        key = (v.dtype.str, v.shape, hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest())
+        first = seen.get(key)
+        if first is None:
+            seen[key] = t
+            continue
+        replace_uses(t, first)
+        n += 1
+    return n
