@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["constant_value", "node_attr"]
+__all__ = ["constant_value", "node_attr", "is_constant", "is_weight_decode", "NARROW_INTS"]
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+
+# integer types weights are stored in (int8/uint8 quantized weights, weight sharing's 2-8 bit codes)
+NARROW_INTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+               onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
 def constant_value(t, numeric_attrs: bool = False) -> np.ndarray | None:
@@ -35,8 +40,6 @@ def node_attr(node: gs.Node, name: str, default):
     return default if v is None else v
 
 
-__all__ += ["is_constant"]
-
 
 def is_constant(t) -> bool:
     """Whether ``constant_value(t)`` reads a value (an initializer, or the tensor a Constant node
@@ -45,3 +48,15 @@ def is_constant(t) -> bool:
         return True
     return (isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant"
             and isinstance(t.inputs[0].attrs.get("value"), gs.Constant))
+
+
+def is_weight_decode(node: gs.Node) -> bool:
+    """A Cast of a narrow integer constant to a float type: stored weights (quantize's int8 weight
+    storage, or weight sharing's codes) that constant folding must leave alone (folding would undo the
+    compression; onnxruntime folds it in memory at load)."""
+    if node.op != "Cast" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+        return False
+    to = int(node.attrs.get("to", 0))
+    src = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(node.inputs[0].values).dtype)
+    return src in NARROW_INTS and to in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                         onnx.TensorProto.BFLOAT16)

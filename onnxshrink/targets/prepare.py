@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 from onnxshrink.data import SyntheticSource, input_specs
 from onnxshrink.graph.shapes import infer_shapes
 from onnxshrink.model import copy_model_fields
-from onnxshrink.passes.quantize.weight_storage import is_weight_decode
+from onnxshrink.graph.values import is_weight_decode
 from onnxshrink.targets.coverage import activation_qtypes, coverage
 from onnxshrink.targets.layout import ChannelsLastIO, to_channels_last
 from onnxshrink.targets.profiles import QDQ_OPS

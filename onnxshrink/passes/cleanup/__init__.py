@@ -7,8 +7,6 @@ outputs kept as declared) and ``rewrite`` (subgraph walking, fresh names, rewiri
 
 __all__ = ["CleanupOptions", "CleanupPass", "constants_to_initializers", "fold_into_preceding_linear"]
 
-# affine and constants load before cleanup_pass: its folding step imports the quantize package's
-# weight_storage, and loading that package imports quantize.prepare, which reads these two
 from onnxshrink.passes.cleanup.affine import fold_into_preceding_linear
 from onnxshrink.passes.cleanup.constants import constants_to_initializers
 from onnxshrink.passes.cleanup.cleanup_pass import CleanupOptions, CleanupPass

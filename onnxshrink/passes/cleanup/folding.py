@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.cleanup.rewrite import (
     NO_FOLD_OPS, FreshNames, all_graphs, count_nodes, is_default_domain, quiet_gs, static_shape)
-from onnxshrink.passes.quantize.weight_storage import is_weight_decode
+from onnxshrink.graph.values import is_weight_decode
 
 # may produce outputs much larger than their inputs; folded only with a known, bounded output size
 EXPANDING_OPS = {

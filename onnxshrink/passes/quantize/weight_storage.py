@@ -23,8 +23,7 @@ holds the check is kept (bisection).
 
 from __future__ import annotations
 
-__all__ = ["WEIGHT_OPS", "storage_axis", "candidates", "int8_channels", "store_int8", "is_weight_decode",
-           "select_within_budget"]
+__all__ = ["WEIGHT_OPS", "storage_axis", "candidates", "int8_channels", "store_int8", "select_within_budget"]
 
 from typing import Callable
 
@@ -32,11 +31,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (np.float32, np.float16)
 MIN_ELEMENTS = 256  # below this the scale vector and two nodes cost about what the int8 saves
-NARROW_INTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
-               onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
 def storage_axis(op: str, attrs: dict, ndim: int) -> int:
@@ -110,18 +108,6 @@ def store_int8(graph: gs.Graph, weights: dict) -> dict:
         saved[name] = int(W.nbytes - Q.nbytes - sc.values.nbytes)
     graph.toposort()
     return saved
-
-
-def is_weight_decode(node: gs.Node) -> bool:
-    """A Cast of a narrow integer constant to a float type: stored weights (this module's, or weight
-    sharing's codes) that constant folding must leave alone (folding would undo the compression;
-    onnxruntime folds it in memory at load)."""
-    if node.op != "Cast" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
-        return False
-    to = int(node.attrs.get("to", 0))
-    src = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(node.inputs[0].values).dtype)
-    return src in NARROW_INTS and to in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                                         onnx.TensorProto.BFLOAT16)
 
 
 def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[[onnx.ModelProto], bool],
