@@ -63,8 +63,10 @@ def apply_rewrites(model: onnx.ModelProto, names, profile=None) -> tuple[onnx.Mo
     return export_graph(g, model), done
 
 
-def gemm_to_matmul(g: gs.Graph) -> int:
+def gemm_to_matmul(g: gs.Graph, constant_weights_only: bool = False) -> int:
     """Gemm -> MatMul (+ Mul by alpha) (+ Add of beta * C); returns the number of Gemms rewritten.
+    ``constant_weights_only``: only Gemms with a constant 2-D float32 B, transA = 0 and a constant or
+    absent C (the weight-only quantizer's MatMulNBits needs the weight as a MatMul constant).
 
     Exact: Gemm(A, B, C) = alpha * (A' @ B') + beta * C with A' = A^T if transA (an explicit
     Transpose), B' likewise (folded into a constant B, as is alpha); beta is folded into a
@@ -76,6 +78,11 @@ def gemm_to_matmul(g: gs.Graph) -> int:
             continue
         a, b = node.inputs[0], node.inputs[1]
         c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+        if constant_weights_only and not (isinstance(b, gs.Constant) and b.values.dtype == np.float32
+                                          and b.values.ndim == 2 and not node.attrs.get("transA", 0)
+                                          and not isinstance(a, gs.Constant)
+                                          and (c is None or isinstance(c, gs.Constant))):
+            continue
         alpha = float(node.attrs.get("alpha", 1.0))
         beta = float(node.attrs.get("beta", 1.0))
         y = node.outputs[0]

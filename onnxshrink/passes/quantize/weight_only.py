@@ -19,7 +19,7 @@ needs torch); this module only adds what the tool does not do:
 
 from __future__ import annotations
 
-__all__ = ["gemm_to_matmul", "weight_only_quantize", "run_weights_only"]
+__all__ = ["weight_only_quantize", "run_weights_only"]
 
 import logging
 
@@ -29,40 +29,9 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
 from onnxshrink.passes.quantize.calibrate import CalibrationSamples
+from onnxshrink.targets.rewrites import gemm_to_matmul
 
 BLOCK_SIZES = (128, 64, 32)
-
-
-def gemm_to_matmul(graph: gs.Graph) -> int:
-    """``Gemm(A, B, C)`` (transA = 0, constant B) -> ``MatMul(A, alpha op(B))`` [+ ``Add(beta C)``]."""
-    n = 0
-    for node in list(graph.nodes):
-        if node.op != "Gemm" or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
-            continue
-        if int(node.attrs.get("transA", 0)) or isinstance(node.inputs[0], gs.Constant):
-            continue
-        B = np.asarray(node.inputs[1].values)
-        if B.dtype != np.float32 or B.ndim != 2:
-            continue
-        C = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-        if C is not None and not isinstance(C, gs.Constant):
-            continue
-        W = (B.T if int(node.attrs.get("transB", 0)) else B) * np.float32(node.attrs.get("alpha", 1.0))
-        y = node.outputs[0]
-        name = node.name or f"gemm{n}"
-        mm_out = gs.Variable(name + "_mm", dtype=np.float32) if C is not None else y
-        mm = gs.Node("MatMul", name=name + "_MatMul", inputs=[node.inputs[0],
-                     gs.Constant(name + "_W", np.ascontiguousarray(W, np.float32))], outputs=[mm_out])
-        new = [mm]
-        if C is not None:
-            c = (np.asarray(C.values, np.float32) * np.float32(node.attrs.get("beta", 1.0))).astype(np.float32)
-            new.append(gs.Node("Add", name=name + "_bias", inputs=[mm_out, gs.Constant(name + "_C", c)], outputs=[y]))
-        node.outputs.clear()
-        graph.nodes.extend(new)
-        n += 1
-    if n:
-        graph.cleanup().toposort()
-    return n
 
 
 def weight_only_quantize(model: onnx.ModelProto, bits: int = 4, block_size: int = 128, symmetric: bool = False,
@@ -92,7 +61,9 @@ def run_weights_only(graph: gs.Graph, o, ctx, stats: dict):
     from onnxshrink.runtime import make_session
     bits = {"int4": 4, "int8": 8}[o.weights_only]
     stats["scheme"] = {"weights": f"int{bits} block-wise (MatMulNBits)", "activations": "float"}
-    stats["gemm_to_matmul"] = gemm_to_matmul(graph)
+    stats["gemm_to_matmul"] = gemm_to_matmul(graph, constant_weights_only=True)
+    if stats["gemm_to_matmul"]:
+        graph.cleanup().toposort()
     n_mm = sum(1 for n in graph.nodes if n.op == "MatMul" and len(n.inputs) == 2 and
                isinstance(n.inputs[1], gs.Constant) and np.asarray(n.inputs[1].values).ndim == 2)
     if not n_mm:
