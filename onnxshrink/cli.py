@@ -119,7 +119,7 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
     """Optimize IN and write OUT (never touching IN)."""
     from onnxshrink.graph.shapes import parse_input_shape
     from onnxshrink.pipeline.manager import optimize as run_optimize
-    from onnxshrink.pipeline.report import Progress
+    from onnxshrink.progress import Progress
 
     from onnxshrink.errors import InputError
     from onnxshrink.model import check_output_path
@@ -132,7 +132,7 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
         raise UsageError("--passes is empty")
     overrides = _parse_options(options)
     target_options = overrides.pop("target", None)  # -o target.channels_last=true: an emission option
-    from onnxshrink.passes.base import get_pass
+    from onnxshrink.passes.registry import get_pass
     specs = []
     for spec in pass_specs:
         if isinstance(spec, str):
@@ -224,7 +224,8 @@ def _console():
 def inspect(model_path, as_json, input_shapes):
     """Opset, inputs and outputs, op histogram, parameters, weight bytes, MACs."""
     from onnxshrink.graph.shapes import parse_input_shape
-    from onnxshrink.model import load, model_stats
+    from onnxshrink.graph.cost import model_stats
+    from onnxshrink.model import load
     from onnxshrink.pipeline.report import format_bytes, format_count
 
     from onnxshrink.model import check_model
@@ -262,7 +263,8 @@ def inspect(model_path, as_json, input_shapes):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_passes(as_json):
     """Every pass with its options and defaults."""
-    from onnxshrink.passes.base import option_docs, registry
+    from onnxshrink.passes.options import option_docs
+    from onnxshrink.passes.registry import registry
 
     reg = registry()
     if as_json:

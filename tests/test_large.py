@@ -28,7 +28,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxshrink.model as model_io
-from onnxshrink.passes.base import registry
+from onnxshrink.passes.registry import registry
 from tests.reliability_helpers import sha256, write_npy_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_large_plumbing_on_tiny_model(tmp_path, monkeypatch):
     """The same generator and pipeline, tiny, with the external-data threshold lowered."""
     from onnxshrink import optimize
 
-    monkeypatch.setattr(model_io, "_EXTERNAL_THRESHOLD", 4096)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 4096)
     src = write_large_model(tmp_path / "in", vocab=512, dim=64, hidden=16, classes=4, chunk_rows=100)
     cal = _calib(tmp_path / "cal", 8, 512, 8)
     h = (sha256(src), sha256(src.with_name("model.onnx.data")))

@@ -111,7 +111,7 @@ def test_external_data_outside_folder_rejected(tmp_path):
 @pytest.fixture
 def tiny_threshold(monkeypatch):
     """Treat every model over 1 kB of weights as 'past the protobuf limit'."""
-    monkeypatch.setattr(model_io, "_EXTERNAL_THRESHOLD", 1024)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
 
 
 def test_large_paths_check_and_session(tiny_threshold):

@@ -16,7 +16,7 @@ from onnxshrink.cache import MeasurementCache
 from onnxshrink.pipeline.executor import ProcessExecutor, SerialExecutor
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import Budget
-from onnxshrink.pipeline.sensitivity import KNOBS, SensitivityTable, _Data, estimate_cost, greedy_order, measure_sensitivity
+from onnxshrink.pipeline.sensitivity import KNOBS, SensitivityTable, SensitivityData, estimate_cost, greedy_order, measure_sensitivity
 from tests.digits_cnn import digits_model, digits_split
 from tests.helpers import check, run_ort
 
@@ -84,7 +84,7 @@ def _digits_data(n_val=64):
     calib = [{"image": x[None]} for x in xtr[:16]]
     val = [{"image": x[None]} for x in xte[:n_val]]
     ref = [run_ort(model, s) for s in val]
-    return model, _Data(calib, val, ref, [int(y) for y in yte[:n_val]], Budget.parse("accuracy>=-1%"), None,
+    return model, SensitivityData(calib, val, ref, [int(y) for y in yte[:n_val]], Budget.parse("accuracy>=-1%"), None,
                         None, 0)
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 
 HOMOGENEOUS = {"Relu", "LeakyRelu", "Identity"}
 

@@ -79,7 +79,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 
 BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
 _FLOATS = (np.float32, np.float16, np.float64)

@@ -45,12 +45,12 @@ MAX_BISECT = 5
 
 
 def _data_for(pm, ctx, val, reference):
-    from onnxshrink.pipeline.sensitivity import _Data
+    from onnxshrink.pipeline.sensitivity import SensitivityData
     calib = ctx.calib if ctx.calib is not None else val
     ncal = min(len(calib), 16)
     nval = len(val) if not pm.sensitivity_samples else min(len(val), pm.sensitivity_samples)
     labels = pm._labels[:nval] if pm._labels is not None else None
-    return _Data(calib=[calib.get(i) for i in range(ncal)], val=[val.get(i) for i in range(nval)],
+    return SensitivityData(calib=[calib.get(i) for i in range(ncal)], val=[val.get(i) for i in range(nval)],
                  reference=reference[:nval], labels=labels, budget=pm.budget, user_metric=pm.metric,
                  shapes=None, seed=pm.seed)
 
@@ -176,7 +176,7 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
                 recs.append(PassRecord(name=pname, status=NOT_APPLICABLE, options=user.get(pname, {}),
                                        reason="the allocation chose no unit of this pass"))
                 continue
-            from onnxshrink.passes.base import create_pass
+            from onnxshrink.passes.registry import create_pass
             opts = merge_options(user.get(pname, {}), KNOBS[pname].options(current, choices))
             p = create_pass({pname: opts})
             rec, current = pm._run_one(p, current, nobudget, val, reference, cost_shapes, check_budget=False)

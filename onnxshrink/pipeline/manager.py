@@ -34,8 +34,11 @@ from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageErr
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.graph.shapes import fix_input_shapes
 from onnxshrink.metrics import Budget, fidelity
-from onnxshrink.passes.base import Context, Pass, create_pass
-from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Progress, Report
+from onnxshrink.graph.cost import model_stats
+from onnxshrink.passes.base import Context, Pass
+from onnxshrink.passes.registry import create_pass
+from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Report
+from onnxshrink.progress import Progress
 from onnxshrink.runtime import make_session, measure_latency
 from onnxshrink.targets.profiles import get_target
 
@@ -220,7 +223,7 @@ class PassManager:
             report.data["original_scores"] = {k: self.baseline[k] for k in ("accuracy", "top5", "user")
                                               if k in self.baseline}
         cost_shapes = self.input_shapes or sample_shapes
-        report.before = model_io.model_stats(original, cost_shapes)
+        report.before = model_stats(original, cost_shapes)
         current = original
         if self.target is not None:
             current = self._prepare_target(original, val, reference)
@@ -255,7 +258,7 @@ class PassManager:
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
         final = io.run(current, val, optimize=True)
         report.fidelity = fidelity(reference, final, self.metric, val, self._labels)
-        report.after = model_io.model_stats(current, io.shapes(cost_shapes))
+        report.after = model_stats(current, io.shapes(cost_shapes))
         report.budget_met = self.budget.holds(report.fidelity, self.baseline) if self.budget else None
         if self.measure_speed:
             feeds = val.get(0)
@@ -340,7 +343,7 @@ class PassManager:
             gc.collect()  # the rejected candidate and its graph before the next attempt
         rec.wall_time_s = time.perf_counter() - t0
         try:
-            st = model_io.model_stats(current, cost_shapes)
+            st = model_stats(current, cost_shapes)
             rec.nodes, rec.params, rec.weight_bytes, rec.macs = st["nodes"], st["params"], st["weight_bytes"], st["macs"]
         except Exception:
             pass

@@ -214,7 +214,7 @@ def apply_pass(model: onnx.ModelProto, pass_name: str, options: dict, ctx) -> tu
     """Run one pass with ``options`` on ``model``: (new model, stats); the model itself when the
     pass changes nothing."""
     from onnxshrink.graph.convert import graph_to_model, model_to_graph
-    from onnxshrink.passes.base import create_pass
+    from onnxshrink.passes.registry import create_pass
     p = create_pass({pass_name: options})
     res = p.run(model_to_graph(model), ctx)
     if not res.modified:
@@ -224,7 +224,7 @@ def apply_pass(model: onnx.ModelProto, pass_name: str, options: dict, ctx) -> tu
 
 def cost_of(model: onnx.ModelProto, shapes: dict | None, feeds: dict | None = None, latency: bool = False,
             runs: int = 20) -> dict:
-    from onnxshrink.model import model_stats
+    from onnxshrink.graph.cost import model_stats
     st = model_stats(model, shapes)
     out = {"params": st["params"], "weight_bytes": st["weight_bytes"], "macs": st["macs"]}
     if latency and feeds is not None:
@@ -247,7 +247,7 @@ def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
     return out
 
 
-class _Data:
+class SensitivityData:
     """What a measurement needs besides the model, picklable: samples, reference, labels, metric."""
 
     def __init__(self, calib, val, reference, labels, budget, user_metric, shapes, seed):
@@ -339,7 +339,7 @@ class SensitivityTable:
         return asdict(self)
 
 
-def measure_sensitivity(model: onnx.ModelProto, passes: list, data: _Data, budget, cache=None, executor=None,
+def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityData, budget, cache=None, executor=None,
                         latency: bool = False, user_options: dict | None = None, progress=None,
                         max_units: int = 0) -> SensitivityTable:
     """Measure every (unit, strength) of the knobs of ``passes`` on ``model`` (see the module

@@ -1077,10 +1077,10 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
         return res
     with tempfile.TemporaryDirectory(prefix="onnxshrink_qnn_") as d:
         mp = os.path.join(d, "model.onnx")
-        from onnxshrink.model import _EXTERNAL_THRESHOLD, tensor_bytes
+        from onnxshrink.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        onnx.save_model(m, mp, save_as_external_data=tensor_bytes(m) >= _EXTERNAL_THRESHOLD,
+        onnx.save_model(m, mp, save_as_external_data=tensor_bytes(m) >= EXTERNAL_DATA_THRESHOLD,
                         location="model.onnx.data")
         sp = os.path.join(d, "samples.npz")
         arrays = {"__n__": np.array(len(samples))}

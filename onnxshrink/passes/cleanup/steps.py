@@ -51,7 +51,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 from onnxshrink.passes.quantize.weight_storage import is_weight_decode
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")

@@ -55,7 +55,8 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.channels import (ChannelAnalysis, Layout, Member, _conv_pads_zero, analyze, balanced_selection,
                               const_value)
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 
 
 @dataclass

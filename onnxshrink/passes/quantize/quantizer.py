@@ -66,7 +66,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.quantize.prepare import prepare_float_graph, sole_consumer
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, TensorHistogram, collect_histograms, collect_minmax, estimate_range
