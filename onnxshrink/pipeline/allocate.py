@@ -49,7 +49,7 @@ def _data_for(pm, ctx, val, reference):
     calib = ctx.calib if ctx.calib is not None else val
     ncal = min(len(calib), 16)
     nval = len(val) if not pm.sensitivity_samples else min(len(val), pm.sensitivity_samples)
-    labels = pm._labels[:nval] if pm._labels is not None else None
+    labels = pm.val_labels[:nval] if pm.val_labels is not None else None
     return SensitivityData(calib=[calib.get(i) for i in range(ncal)], val=[val.get(i) for i in range(nval)],
                  reference=reference[:nval], labels=labels, budget=pm.budget, user_metric=pm.metric,
                  shapes=None, seed=pm.seed)
