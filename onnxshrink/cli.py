@@ -228,7 +228,8 @@ def inspect(model_path, as_json, input_shapes):
             c.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
     c.print(f"  checker: {st['checker']}")
     c.print(f"  nodes {st['nodes']}, parameters {format_count(st['params'])}, weights "
-            f"{format_bytes(st['weight_bytes'])}, MACs {format_count(st['macs'])}, file {format_bytes(st['file_bytes'])}")
+            f"{format_bytes(st['weight_bytes'])}, MACs {format_count(st['macs'])}, "
+            f"file {format_bytes(st['file_bytes'])}")
     t = Table(title="ops", title_justify="left")
     t.add_column("op")
     t.add_column("count", justify="right")

@@ -68,9 +68,9 @@ def test_quantize_closure_raises_the_longest_harmless_prefix(monkeypatch):
         ok = conf.get(("quantize", "c"), 0) < 1.0  # c in int8 breaks the budget
         return {"n": label, "budget_ok": ok, "target_met": True, "model": None, "cost": {}}
 
-    monkeypatch.setattr(al, "_interleaved", lambda models, feeds: [2.0, 1.0])
+    monkeypatch.setattr(al, "interleaved_minimum", lambda models, feeds: [2.0, 1.0])
     alloc = {}
-    best = al._quantize_closure({"n": 7}, chosen, t, extra, verify, "weight_bytes", alloc, None,
+    best = al.quantize_closure({"n": 7}, chosen, t, extra, verify, "weight_bytes", alloc, None,
                                 MeasurementCache(enabled=False), "k")
     # order a, b, d (marginal 1e-4, 2e-4, 3e-4 per MAC), c last: 4 broke, 2 held, 3 held
     assert best["n"] == "7+q3"

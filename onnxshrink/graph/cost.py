@@ -15,11 +15,10 @@ __all__ = ["node_macs", "model_cost", "model_stats", "value_info_dict"]
 
 import collections
 
-import numpy as np
 import onnx
 
-from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
 from onnxshrink import model as model_io
+from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
 from onnxshrink.model import all_graphs, tensor_bytes, weightless_copy
 
 

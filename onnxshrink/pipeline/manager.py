@@ -23,22 +23,24 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 
 from onnxshrink import model as model_io
-from onnxshrink.data import SyntheticSource, as_source, input_specs, split_calib_val
+from onnxshrink.data import ListSource, SyntheticSource, as_source, input_specs, split_calib_val
 from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageError
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
+from onnxshrink.graph.cost import model_stats
 from onnxshrink.graph.shapes import fix_input_shapes
 from onnxshrink.metrics import Budget, fidelity
-from onnxshrink.graph.cost import model_stats
 from onnxshrink.passes.base import Context, Pass
 from onnxshrink.passes.registry import create_pass
-from onnxshrink.pipeline.settings import Settings
+from onnxshrink.pipeline.allocate import AllocationConfig, Runner, allocate
 from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Report
+from onnxshrink.pipeline.sensitivity import KNOBS
+from onnxshrink.pipeline.settings import Settings
 from onnxshrink.progress import Progress
 from onnxshrink.runtime import make_session, measure_latency
 from onnxshrink.targets import profiles
@@ -119,11 +121,10 @@ class PassManager:
         source = as_source(self.data, specs)
         val = as_source(self.val_data, specs)
         if self.labels is not None:
-            from onnxshrink.data import ListSource
             if isinstance(source, ListSource) and val is None:
-                source._labels = list(self.labels)
+                source.set_labels(self.labels)
             elif isinstance(val, ListSource):
-                val._labels = list(self.labels)
+                val.set_labels(self.labels)
         needs = [p.name for p in self.passes if p.needs_data]
         if source is None and val is None:
             if needs and not self.synthetic:
@@ -152,7 +153,8 @@ class PassManager:
                     val.with_specs(specs)
                 self.input_shapes.update(shapes)
                 report.warnings.append("target '%s' needs static shapes; took them from the calibration data: %s"
-                                       % (self.target.name, ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())))
+                                       % (self.target.name,
+                                          ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())))
         calib, val, on_calib = split_calib_val(source, val)
         self.val_labels = val.labels()
         if self.budget is not None and self.budget.metric in ("accuracy", "top5") and self.val_labels is None:
@@ -241,13 +243,13 @@ class PassManager:
                                            self.val_labels)
         ctx.baseline = self.baseline
 
-        from onnxshrink.pipeline.sensitivity import KNOBS
         allocated = bool(self.cost_targets) and any(p.name in KNOBS for p in self.passes)
         for p in self.passes:
             if allocated and p.name in KNOBS:
                 if p is next(q for q in self.passes if q.name in KNOBS):  # the block runs at the first one
-                    from onnxshrink.pipeline.allocate import allocate
-                    current, recs = allocate(self, current, ctx, val, reference, cost_shapes, report, original)
+                    runner = self.allocation_runner(ctx, val, reference, cost_shapes)
+                    current, recs = allocate(runner, self.allocation_config(), current, ctx, val, reference,
+                                             cost_shapes, report, original)
                     report.passes.extend(recs)
                 continue
             rec, current = self._run_one(p, current, ctx, val, reference, cost_shapes)
@@ -275,6 +277,21 @@ class PassManager:
             raise BudgetError(f"budget {self.budget} not met: {self.budget.metric}="
                               f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
         return current, report
+
+    def allocation_config(self) -> AllocationConfig:
+        """The settings the allocation reads (see ``allocate.AllocationConfig``)."""
+        return AllocationConfig(targets=list(self.cost_targets), passes=self.passes, budget=self.budget,
+                                baseline=self.baseline, metric=self.metric, seed=self.seed, executor=self.executor,
+                                workers=self.workers, cache=self.cache, sensitivity_samples=self.sensitivity_samples,
+                                max_units=self.max_units, plot=self.plot, progress=self.progress)
+
+    def allocation_runner(self, ctx: Context, val, reference, cost_shapes) -> Runner:
+        """The allocation's view of this run: a pass step validated as runnable, the end-to-end
+        fidelity of a model, the validation labels."""
+        def run_pass(model, name, options, step_ctx):
+            return self._run_one(create_pass({name: options}), model, step_ctx, val, reference, cost_shapes,
+                                 check_budget=False)
+        return Runner(run_pass=run_pass, verify=ctx.evaluator, labels=self.val_labels)
 
     def _emit(self, model, ctx, report):
         model, info = profiles.emit(model, self.target, ctx)
@@ -343,7 +360,8 @@ class PassManager:
         rec.wall_time_s = time.perf_counter() - t0
         try:
             st = model_stats(current, cost_shapes)
-            rec.nodes, rec.params, rec.weight_bytes, rec.macs = st["nodes"], st["params"], st["weight_bytes"], st["macs"]
+            rec.nodes, rec.params = st["nodes"], st["params"]
+            rec.weight_bytes, rec.macs = st["weight_bytes"], st["macs"]
         except Exception:
             pass
         return rec, current

@@ -169,8 +169,9 @@ def plot_allocation(allocation: dict, path, budget=None):
     the chosen one marked (needs matplotlib: the ``plot`` extra)."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     metric = budget.metric if budget is not None else "cosine"
     trials = allocation.get("trials", [])
