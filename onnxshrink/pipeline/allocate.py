@@ -59,6 +59,8 @@ COMBINED = "combined"
 MAX_EXTEND = 6
 CLOSURE_MARGIN = 0.97  # the closure is kept when at least 3 % faster
 MAX_BISECT = 5
+# the pass whose units the closure raises to full strength (quantize: QDQ int8 kernels)
+CLOSURE_PASS = "quantize"
 
 
 @dataclass
@@ -387,7 +389,7 @@ def allocate(runner: Runner, config: AllocationConfig, base: onnx.ModelProto, ct
         if good else None
     alloc["seconds"] = round(time.perf_counter() - t0, 2)
     alloc["table"] = [{k: v for k, v in row.items()} for row in table.rows]
-    if best is not None and "quantize" in config.names:
+    if best is not None and CLOSURE_PASS in config.names:
         best = quantize_closure(best, trials.chosen_of(best["n"]), table, trials.extra, trials.verify, kind, alloc,
                                 feeds, trials.cache, trials.key)
     describe_result(trials, best, config)
@@ -426,8 +428,8 @@ def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cac
     minus loss at the unit's chosen strength, over the layer's MACs: compute-heavy, harmless units
     first) that keeps it, by bisection. A unit quantized among float neighbours pays Q/DQ
     conversions at both ends, so only the timing decides; the size target alone never asks for it."""
-    rows = {(r["unit"], r["strength"]): r for r in table.rows if r["pass"] == "quantize"}
-    have = {u: s for (p, u), s in chosen.items() if p == "quantize"}
+    rows = {(r["unit"], r["strength"]): r for r in table.rows if r["pass"] == CLOSURE_PASS}
+    have = {u: s for (p, u), s in chosen.items() if p == CLOSURE_PASS}
     rest = sorted({u for (u, s), r in rows.items() if s >= 1.0 and math.isfinite(r.get("loss", math.inf))
                    and (r["saving"].get(kind) or 0) > 0} - {u for u, s in have.items() if s >= 1.0})
     if not rest:
@@ -444,7 +446,7 @@ def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cac
     def trial(k):
         label = f"{best['n']}+q{k}"
         if label not in extra:
-            extra[label] = {**chosen, **{("quantize", u): 1.0 for u in rest[:k]}}
+            extra[label] = {**chosen, **{(CLOSURE_PASS, u): 1.0 for u in rest[:k]}}
         return label, verify(label)
 
     label, t = trial(len(rest))
@@ -472,7 +474,7 @@ def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cac
         hit = {"ta": ta, "tb": tb}
         cache.put(key, hit)
     ta, tb = hit["ta"], hit["tb"]
-    raised = sum(1 for u in rest if extra[label].get(("quantize", u)) == 1.0)
+    raised = sum(1 for u in rest if extra[label].get((CLOSURE_PASS, u)) == 1.0)
     log.append(f"{label} ({raised} units raised to int8): {tb:.2f} ms vs {ta:.2f} ms for {best['n']} "
                "(interleaved, 1 thread, min of 25; kept when 3 % faster)"
                f"{' (cached)' if was_cached else ''}")

@@ -123,11 +123,14 @@ class Knob:
     """How one pass exposes per-unit strengths: ``units(model, shapes)`` lists (unit, size) pairs;
     ``options(model, choices)`` gives the pass options applying exactly ``{unit: strength}``;
     ``probe`` are the options the sensitivity measurement adds (fewer samples: a ranking, not the
-    final result)."""
+    final result); ``capped`` says whether ``max_units`` limits its units to the largest ones;
+    ``exclude_option`` names the pass option whose units the user keeps out (never measured)."""
 
     pass_name = ""
     strengths: tuple = ()
     probe: dict = {}
+    capped = True
+    exclude_option: str | None = None
 
     def units(self, model: onnx.ModelProto, shapes: dict | None) -> list[tuple[str, int]]:
         raise NotImplementedError
@@ -191,6 +194,8 @@ class QuantizeKnob(Knob):
     pass_name = "quantize"
     strengths = (0.5, 1.0)
     probe = {"max_samples": 8}
+    capped = False  # quantizing one unit is cheap to measure
+    exclude_option = "exclude"
     ops = WEIGHTED + ("ConvTranspose",)
 
     def units(self, model, shapes):
@@ -362,10 +367,11 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
     for pname in passes:
         knob = KNOBS[pname]
         units = knob.units(model, data.shapes)
-        if max_units and len(units) > max_units and pname != "quantize":  # quantizing one unit is cheap to measure
+        if max_units and len(units) > max_units and knob.capped:
             units = sorted(units, key=lambda u: -u[1])[:max_units]
-        if pname == "quantize":
-            units = [u for u in units if u[0] not in set(user_options.get(pname, {}).get("exclude") or [])]
+        if knob.exclude_option is not None:
+            excluded = set(user_options.get(pname, {}).get(knob.exclude_option) or [])
+            units = [u for u in units if u[0] not in excluded]
         for unit, _size in units:
             for s in knob.strengths:
                 opts = merge_options({**user_options.get(pname, {}), **knob.probe}, knob.options(model, {unit: s}))
