@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.real import real_model, real_samples, write_samples  # noqa: E402
 from onnxshrink.metrics import fidelity  # noqa: E402
-from onnxshrink.model import model_stats  # noqa: E402
+from onnxshrink.graph.cost import model_stats  # noqa: E402
 from onnxshrink.runtime import interleaved_latency, make_session  # noqa: E402
 
 

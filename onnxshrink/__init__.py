@@ -6,10 +6,12 @@
 """
 
 from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageError
-from onnxshrink.pipeline.manager import PassManager, optimize
+from onnxshrink.graph.cost import model_stats
 from onnxshrink.metrics import Budget
-from onnxshrink.model import load, model_stats, save
-from onnxshrink.passes.base import Context, Pass, PassResult, create_pass, get_pass, register, registry
+from onnxshrink.model import load, save
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import create_pass, get_pass, register, registry
+from onnxshrink.pipeline.manager import PassManager, optimize
 from onnxshrink.pipeline.report import Report
 
 __version__ = "0.1.0"

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import click
 
-from onnxshrink.errors import EXIT_INTERNAL, EXIT_USAGE, BudgetError, OnnxShrinkError, UsageError
+from onnxshrink.errors import EXIT_INTERNAL, EXIT_USAGE, BudgetError, InputError, OnnxShrinkError, UsageError
+from onnxshrink.graph.cost import model_stats
+from onnxshrink.graph.shapes import parse_input_shape
+from onnxshrink.model import check_model, check_output_path, load
+from onnxshrink.passes.options import option_docs
+from onnxshrink.passes.registry import get_pass, registry
+from onnxshrink.pipeline.manager import optimize as run_optimize
+from onnxshrink.pipeline.report import format_bytes, format_count
+from onnxshrink.pipeline.settings import Settings, cli_settings, recipe_keys
+from onnxshrink.progress import Progress
+from onnxshrink.targets.profiles import get_target, with_options
 
 _DEBUG = False
 
@@ -52,9 +62,7 @@ def _load_recipe(path) -> dict:
         raise UsageError(f"cannot read recipe {p}: {str(e).splitlines()[0]}") from None
     if not isinstance(recipe, dict):
         raise UsageError(f"recipe {p}: expected a mapping with 'passes' (and optionally calib, budget, target)")
-    known = {"passes", "calib", "val", "budget", "target", "input_shapes", "seed", "report", "target_size",
-             "target_macs", "target_latency", "executor", "workers", "cache", "plot", "sensitivity_samples",
-             "max_units"}
+    known = recipe_keys()
     unknown = set(recipe) - known
     if unknown:
         raise UsageError(f"recipe {p}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -79,50 +87,47 @@ def cli(debug):
     _DEBUG = debug
 
 
+_CLICK_TYPES = {"text": None, "path": click.Path(), "file": click.Path(dir_okay=False), "int": int, "float": float}
+
+
+def settings_options(*names):
+    """Decorator: the click options of these Settings fields (flags, help, type from their metadata),
+    in this order; each option's value arrives under the field's name."""
+    fields = cli_settings()
+
+    def decorate(f):
+        for name in reversed(names):  # decorators apply bottom-up: reversed keeps the help in order
+            m = fields[name].metadata
+            kw = {"help": m["help"]}
+            if m["kind"] == "flag":
+                kw["is_flag"] = True
+            elif m["kind"] == "shapes":
+                kw.update(multiple=True, metavar=m["metavar"])
+            elif m["kind"] == "choice":
+                kw.update(type=click.Choice(list(m["choices"])), default=None)
+            elif _CLICK_TYPES[m["kind"]] is not None:
+                kw.update(type=_CLICK_TYPES[m["kind"]], default=None)
+            f = click.option(*m["flags"], name, **kw)(f)
+        return f
+    return decorate
+
+
 @cli.command()
 @click.argument("input_model", metavar="IN", type=click.Path(dir_okay=False))
 @click.argument("output_model", metavar="OUT", type=click.Path(dir_okay=False))
 @click.option("--passes", "-p", help="Comma-separated passes, run in order (default: cleanup).")
-@click.option("--calib", type=click.Path(), help="Calibration data: folder of .npy (single input) or .npz files.")
-@click.option("--val", type=click.Path(), help="Validation data (default: every 4th calibration sample held out).")
-@click.option("--budget", help='Fidelity budget, e.g. "cosine>=0.99", "sqnr>=30", "top1>=0.98", "max_abs<=0.01".')
+@settings_options("data", "val_data", "budget")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--target", help="Execution-provider target: cpu, xnnpack, nnapi, coreml, qnn, openvino.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,..",
-              help="Fix an input's dynamic dimensions (repeatable).")
+@settings_options("target", "input_shapes")
 @click.option("--recipe", type=click.Path(), help="YAML/JSON pipeline: passes with options, calib, budget, target.")
 @click.option("--option", "-o", "options", multiple=True, metavar="PASS.KEY=VALUE",
               help="Set a pass option, e.g. -o prune.ratio=0.3, or a target option, e.g. "
                    "-o target.channels_last=true (repeatable).")
-@click.option("--seed", type=int, default=None, help="Random seed (default 0).")
-@click.option("--synthetic", is_flag=True, help="Use random inputs when no data is given (fidelity meaningless).")
-@click.option("--latency", is_flag=True, help="Measure single-thread latency before and after.")
-@click.option("--target-size", type=float, help="Allocate prune/svd/quantize strengths per unit so the weights "
-              "take at most this fraction of the input's bytes (e.g. 0.2), within the budget; else exit 4.")
-@click.option("--target-macs", type=float, help="As --target-size, for MACs (with other targets: all must be met).")
-@click.option("--target-latency", type=float, help="As --target-size, for measured single-thread latency (with "
-              "other targets: all must be met).")
-@click.option("--executor", type=click.Choice(["auto", "serial", "process", "ray"]), default=None,
-              help="Where sensitivity measurements run (default auto: a process pool on 2+ cores).")
-@click.option("--workers", type=int, default=None, help="Workers of the process pool or Ray.")
-@click.option("--no-cache", is_flag=True, help="Do not read or write the on-disk sensitivity cache.")
-@click.option("--sensitivity-samples", type=int, default=None,
-              help="Validation samples each sensitivity measurement uses (default: all).")
-@click.option("--max-units", type=int, default=None,
-              help="Measure only the N largest prune and svd units (large models; quantize units are all measured; default: all).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
-              help="PNG of metric vs size and vs latency of the configurations tried (needs matplotlib).")
+@settings_options("seed", "synthetic", "measure_speed", "target_size", "target_macs", "target_latency", "executor",
+                  "workers", "cache", "sensitivity_samples", "max_units", "plot")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress.")
-def optimize(input_model, output_model, passes, calib, val, budget, report_path, target, input_shapes, recipe,
-             options, seed, synthetic, latency, target_size, target_macs, target_latency, executor, workers,
-             no_cache, sensitivity_samples, max_units, plot_path, quiet):
+def optimize(input_model, output_model, passes, report_path, recipe, options, quiet, **given):
     """Optimize IN and write OUT (never touching IN)."""
-    from onnxshrink.graph.shapes import parse_input_shape
-    from onnxshrink.pipeline.manager import optimize as run_optimize
-    from onnxshrink.pipeline.report import Progress
-
-    from onnxshrink.errors import InputError
-    from onnxshrink.model import check_output_path
     if not Path(input_model).exists():  # the paths first: the most basic mistakes get named first
         raise InputError(f"model file not found: {input_model}")
     check_output_path(output_model, input_model)
@@ -132,7 +137,6 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
         raise UsageError("--passes is empty")
     overrides = _parse_options(options)
     target_options = overrides.pop("target", None)  # -o target.channels_last=true: an emission option
-    from onnxshrink.passes.base import get_pass
     specs = []
     for spec in pass_specs:
         if isinstance(spec, str):
@@ -147,32 +151,16 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
         specs.append({name: opts})
     if overrides:
         raise UsageError(f"--option names pass(es) not in the pipeline: {', '.join(overrides)}")
-    shapes = dict(r.get("input_shapes") or {})
-    shapes.update(dict(parse_input_shape(s) for s in input_shapes))
-    target = target or r.get("target")
+    settings = Settings.resolve(given, r, progress=Progress(enabled=not quiet), debug=_DEBUG)
     if target_options:
-        from onnxshrink.targets.profiles import get_target, with_options
-        target = with_options(get_target(target), target_options)
+        settings.target = with_options(get_target(settings.target), target_options)
     rpath = report_path or r.get("report")
     if rpath:  # fail before any work, and never let the report overwrite the input or the output
         check_output_path(rpath, input_model)
         if Path(rpath).resolve() == Path(output_model).resolve():
             raise UsageError(f"--report and OUT are the same file ({rpath})")
-    progress = Progress(enabled=not quiet)
     try:
-        _, report = run_optimize(input_model, output_model, passes=specs, data=calib or r.get("calib"),
-                                 val_data=val or r.get("val"), budget=budget or r.get("budget"),
-                                 target=target, input_shapes=shapes,
-                                 seed=seed if seed is not None else int(r.get("seed", 0)), progress=progress,
-                                 synthetic=synthetic, measure_speed=latency, debug=_DEBUG,
-                                 target_size=_first(target_size, r.get("target_size")),
-                                 target_macs=_first(target_macs, r.get("target_macs")),
-                                 target_latency=_first(target_latency, r.get("target_latency")),
-                                 executor=executor or r.get("executor", "auto"),
-                                 workers=_first(workers, r.get("workers")),
-                                 cache=False if no_cache else r.get("cache", True),
-                                 sensitivity_samples=int(_first(sensitivity_samples, r.get("sensitivity_samples"), 0)),
-                                 max_units=int(_first(max_units, r.get("max_units"), 0)), plot=plot_path or r.get("plot"))
+        _, report = run_optimize(input_model, output_model, passes=specs, settings=settings)
     except BudgetError as e:
         if e.report is not None and rpath:
             e.report.input = input_model
@@ -186,11 +174,6 @@ def optimize(input_model, output_model, passes, calib, val, budget, report_path,
     if not quiet:
         report.render(_console())
         click.echo(f"wrote {output_model}", err=True)
-
-
-def _first(*values):
-    """The first value that is not None (a CLI flag before the recipe's key)."""
-    return next((v for v in values if v is not None), None)
 
 
 def _write_report(report, path) -> None:
@@ -223,11 +206,7 @@ def _console():
               help="Input shapes for the MAC count of dynamic models (repeatable).")
 def inspect(model_path, as_json, input_shapes):
     """Opset, inputs and outputs, op histogram, parameters, weight bytes, MACs."""
-    from onnxshrink.graph.shapes import parse_input_shape
-    from onnxshrink.model import load, model_stats
-    from onnxshrink.pipeline.report import format_bytes, format_count
 
-    from onnxshrink.model import check_model
 
     m = load(model_path)
     shapes = dict(parse_input_shape(s) for s in input_shapes)
@@ -249,7 +228,8 @@ def inspect(model_path, as_json, input_shapes):
             c.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
     c.print(f"  checker: {st['checker']}")
     c.print(f"  nodes {st['nodes']}, parameters {format_count(st['params'])}, weights "
-            f"{format_bytes(st['weight_bytes'])}, MACs {format_count(st['macs'])}, file {format_bytes(st['file_bytes'])}")
+            f"{format_bytes(st['weight_bytes'])}, MACs {format_count(st['macs'])}, "
+            f"file {format_bytes(st['file_bytes'])}")
     t = Table(title="ops", title_justify="left")
     t.add_column("op")
     t.add_column("count", justify="right")
@@ -262,7 +242,6 @@ def inspect(model_path, as_json, input_shapes):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_passes(as_json):
     """Every pass with its options and defaults."""
-    from onnxshrink.passes.base import option_docs, registry
 
     reg = registry()
     if as_json:

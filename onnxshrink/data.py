@@ -300,6 +300,10 @@ class ListSource(SampleSource):
     def label(self, i):
         return None if self._labels is None else self._labels[i]
 
+    def set_labels(self, labels: Sequence) -> None:
+        """Attach labels (one per sample) to samples given without them (``PassManager(labels=...)``)."""
+        self._labels = list(labels)
+
     def _load(self, i):
         if self._items is not None:
             s = self._items[i]

@@ -1,12 +1,13 @@
-"""Model I/O: load with external data, atomic save (external data past the protobuf limit),
-and model statistics (op histogram, parameters, weight bytes, MACs)."""
+"""Model I/O: load with external data, atomic save (external data past the protobuf limit, sparse
+initializers on request), the weightless skeletons large models are checked and inferred on, and
+the byte size of a model's weights (``graph.cost.model_stats`` has the full statistics)."""
 
 from __future__ import annotations
 
-__all__ = ["load", "save", "model_stats", "tensor_bytes", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
-           "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy"]
+__all__ = ["load", "save", "tensor_bytes", "all_graphs", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
+           "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy",
+           "bare_tensor", "EXTERNAL_DATA_THRESHOLD"]
 
-import collections
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ import onnx
 from onnx import external_data_helper
 
 from onnxshrink.errors import InputError, UsageError
+from onnxshrink.sparse_storage import sparse_storage
 
 # protobuf refuses to serialize a message of 2 GiB or more; leave head room for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -60,7 +62,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes held by initializers and Constant nodes (the weights), subgraphs included."""
     total = 0
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         for t in g.initializer:
             total += _tensor_nbytes(t)
         for t in g.sparse_initializer:
@@ -92,15 +94,16 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
     return n * itemsize
 
 
-def _all_graphs(graph: onnx.GraphProto):
+def all_graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in it (If/Loop/Scan bodies), depth first."""
     yield graph
     for n in graph.node:
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(a.g)
+                yield from all_graphs(a.g)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    yield from _all_graphs(g)
+                    yield from all_graphs(g)
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = True) -> None:
@@ -143,7 +146,7 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: st
                 f.write(b"\0" * pad)
                 off += pad
             f.write(data)
-            sk = _bare_tensor(t)
+            sk = bare_tensor(t)
             sk.data_location = onnx.TensorProto.EXTERNAL
             for k, v in (("location", location), ("offset", str(off)), ("length", str(len(data)))):
                 e = sk.external_data.add()
@@ -160,14 +163,14 @@ def weightless_copy(model: onnx.ModelProto, threshold: int = 1024) -> onnx.Model
     """A copy whose tensors over ``threshold`` bytes keep name, type and dims but no data (for
     shape inference and statistics of large models, without copying their weights). INT64
     tensors (shape data that inference propagates) keep their values."""
-    return _skeleton(model, threshold, lambda t: t if t.data_type == onnx.TensorProto.INT64 else _bare_tensor(t))
+    return _skeleton(model, threshold, lambda t: t if t.data_type == onnx.TensorProto.INT64 else bare_tensor(t))
 
 
 _DATA_FIELDS = {"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
                 "uint64_data", "external_data", "data_location"}
 
 
-def _bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+def bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
     """``t`` without its data: every other field (name, type, dims, doc, segment) as set."""
     sk = onnx.TensorProto()
     for fd, value in t.ListFields():
@@ -267,12 +270,11 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     external_data=None stores weights externally (``<name>.data``) only when the model would
     pass protobuf's 2 GB limit. Refuses to overwrite ``input_path``. The in-memory model is left
     with its weights inline. ``sparse_initializers``: store mostly-zero weights as ONNX sparse
-    initializers where smaller and onnxruntime loads the result (``passes.sparsify.sparse_storage``).
+    initializers where smaller and onnxruntime loads the result (``onnxshrink.sparse_storage``).
     """
     out = Path(path)
     check_output_path(out, input_path)
     if sparse_initializers and not is_large(model):
-        from onnxshrink.passes.sparsify import sparse_storage
         model, _ = sparse_storage(model, min_size=256)
     parent = out.parent if str(out.parent) else Path(".")
     if external_data is None:
@@ -333,7 +335,7 @@ def _external_locations(model: onnx.ModelProto, base: Path) -> list[Path]:
     """Files named by the external-data tensors (initializers and attribute tensors, subgraphs
     included) of a model loaded without its external data."""
     files = set()
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         tensors = list(g.initializer)
         for n in g.node:
             for a in n.attribute:
@@ -412,37 +414,3 @@ def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelP
     if not dst.functions and src.functions:
         dst.functions.extend(src.functions)
     return dst
-
-
-def model_stats(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
-    """Statistics of a model: opset, I/O, op histogram, node count, parameters, weight bytes, MACs."""
-    from onnxshrink.graph.cost import model_cost  # local: cost needs shape inference, heavier
-
-    g = model.graph
-    init_names = {t.name for t in g.initializer}
-    ops = collections.Counter()
-    for sub in _all_graphs(g):
-        ops.update(n.op_type for n in sub.node)
-    cost = model_cost(model, input_shapes)
-    return {
-        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-        "ir_version": model.ir_version,
-        "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [_vi(i) for i in g.input if i.name not in init_names],
-        "outputs": [_vi(o) for o in g.output],
-        "nodes": sum(ops.values()),
-        "ops": dict(ops.most_common()),
-        "params": cost["params"],
-        "weight_bytes": tensor_bytes(model),
-        "macs": cost["macs"],
-    }
-
-
-def _vi(v: onnx.ValueInfoProto) -> dict:
-    t = v.type.tensor_type
-    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-    try:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
-    except Exception:
-        dtype = str(t.elem_type)
-    return {"name": v.name, "dtype": dtype, "shape": shape}

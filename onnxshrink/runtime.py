@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "add_outputs"]
+__all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
+           "add_outputs", "append_outputs"]
 
 import os
 import statistics
@@ -69,10 +70,10 @@ def add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     inference; float32 where unknown)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    return _append_outputs(m, names)
+    return append_outputs(m, names)
 
 
-def _append_outputs(m: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def append_outputs(m: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """Append graph outputs for ``names`` to ``m`` in place (see add_outputs)."""
     have = {o.name for o in m.graph.output}
     want = [n for n in names if n not in have]
@@ -104,7 +105,7 @@ def capture_activations(model: onnx.ModelProto, names: Sequence[str], samples: I
         # no copy of a model past 2 GB: add the outputs in place for the session, then remove them
         n_out = len(model.graph.output)
         try:
-            sess = make_session(_append_outputs(model, names), optimize=optimize, low_memory=True)
+            sess = make_session(append_outputs(model, names), optimize=optimize, low_memory=True)
         finally:
             while len(model.graph.output) > n_out:
                 model.graph.output.pop()

@@ -22,7 +22,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
-from onnxshrink.passes.base import Pass, PassResult, register
+from onnxshrink.passes.base import Pass, PassResult
+from onnxshrink.passes.registry import register
 
 
 def strip_identity(graph: gs.Graph) -> int:

@@ -17,7 +17,8 @@ import pytest
 from models.build import mlp, mobilenet_small, resnet_small
 from onnxshrink.cli import _parse_options
 from onnxshrink.errors import UsageError
-from onnxshrink.passes.base import option_docs, registry
+from onnxshrink.passes.options import option_docs
+from onnxshrink.passes.registry import registry
 from tests.reliability_helpers import run_cli, sha256, snapshot, write_npy_dir
 
 ROOT = Path(__file__).resolve().parents[1]

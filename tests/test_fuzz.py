@@ -30,7 +30,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from models.build import mlp, mobilenet_small
-from onnxshrink.passes.base import registry
+from onnxshrink.passes.registry import registry
 from tests.reliability_helpers import init, model, sha256, two_input_model, vi
 
 ROOT = Path(__file__).resolve().parents[1]

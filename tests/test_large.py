@@ -28,7 +28,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxshrink.model as model_io
-from onnxshrink.passes.base import registry
+from onnxshrink.passes.registry import registry
 from tests.reliability_helpers import sha256, write_npy_dir
 
 ROOT = Path(__file__).resolve().parents[1]

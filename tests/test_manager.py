@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 import tests.fake_passes  # noqa: F401
 from models.build import mlp, mobilenet_small, transformer_block
 from onnxshrink import PassManager, optimize
-from onnxshrink.passes.base import registry
+from onnxshrink.passes.registry import registry
 from tests.helpers import assert_outputs_close, run_ort
 from tests.reliability_helpers import init, model, run_cli, sha256, vi, write_npy_dir
 

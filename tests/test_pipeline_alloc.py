@@ -16,7 +16,7 @@ from onnxshrink.cache import MeasurementCache
 from onnxshrink.pipeline.executor import ProcessExecutor, SerialExecutor
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import Budget
-from onnxshrink.pipeline.sensitivity import KNOBS, SensitivityTable, _Data, estimate_cost, greedy_order, measure_sensitivity
+from onnxshrink.pipeline.sensitivity import KNOBS, SensitivityTable, SensitivityData, estimate_cost, greedy_order, measure_sensitivity
 from tests.digits_cnn import digits_model, digits_split
 from tests.helpers import check, run_ort
 
@@ -68,9 +68,9 @@ def test_quantize_closure_raises_the_longest_harmless_prefix(monkeypatch):
         ok = conf.get(("quantize", "c"), 0) < 1.0  # c in int8 breaks the budget
         return {"n": label, "budget_ok": ok, "target_met": True, "model": None, "cost": {}}
 
-    monkeypatch.setattr(al, "_interleaved", lambda models, feeds: [2.0, 1.0])
+    monkeypatch.setattr(al, "interleaved_minimum", lambda models, feeds: [2.0, 1.0])
     alloc = {}
-    best = al._quantize_closure({"n": 7}, chosen, t, extra, verify, "weight_bytes", alloc, None,
+    best = al.quantize_closure({"n": 7}, chosen, t, extra, verify, "weight_bytes", alloc, None,
                                 MeasurementCache(enabled=False), "k")
     # order a, b, d (marginal 1e-4, 2e-4, 3e-4 per MAC), c last: 4 broke, 2 held, 3 held
     assert best["n"] == "7+q3"
@@ -84,7 +84,7 @@ def _digits_data(n_val=64):
     calib = [{"image": x[None]} for x in xtr[:16]]
     val = [{"image": x[None]} for x in xte[:n_val]]
     ref = [run_ort(model, s) for s in val]
-    return model, _Data(calib, val, ref, [int(y) for y in yte[:n_val]], Budget.parse("accuracy>=-1%"), None,
+    return model, SensitivityData(calib, val, ref, [int(y) for y in yte[:n_val]], Budget.parse("accuracy>=-1%"), None,
                         None, 0)
 
 

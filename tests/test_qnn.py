@@ -159,5 +159,5 @@ def test_real_model_on_htp(name, real_model_path, monkeypatch):
 
 
 def _has_quantize():
-    from onnxshrink.passes.base import registry
+    from onnxshrink.passes.registry import registry
     return "quantize" in registry()

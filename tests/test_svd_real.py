@@ -9,7 +9,7 @@ import pytest
 
 from helpers import check
 from onnxshrink.pipeline.manager import PassManager
-from onnxshrink.passes.base import registry
+from onnxshrink.passes.registry import registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
 

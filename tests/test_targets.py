@@ -266,7 +266,8 @@ def test_manager_prepares_and_reports_target(tmp_path):
 
 # ------------------------------------------------------------------------------------ fp16
 def test_fp16_keeps_io_types_and_blocked_ops():
-    from onnxshrink.passes.base import Context, create_pass
+    from onnxshrink.passes.base import Context
+    from onnxshrink.passes.registry import create_pass
     import onnx_graphsurgeon as gs
     w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.2
     m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 # our own validation reports what matters
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
-from onnxshrink.model import copy_model_fields
+from onnxshrink.model import bare_tensor, copy_model_fields
 
 
 def model_to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -145,7 +145,6 @@ def _hold_huge_constants(graph: gs.Graph) -> list:
     returns [(constant, original values)]."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-    from onnxshrink.model import _bare_tensor
 
     held = []
     for t in graph.tensors().values():
@@ -156,7 +155,7 @@ def _hold_huge_constants(graph: gs.Graph) -> list:
         if nbytes < HUGE_TENSOR_BYTES:
             continue
         if isinstance(v, LazyValues):
-            bare = _bare_tensor(v.tensor)
+            bare = bare_tensor(v.tensor)
         else:
             bare = onnx.TensorProto(name=t.name, dims=list(v.shape),
                                     data_type=onnx.helper.np_dtype_to_tensor_dtype(v.dtype))

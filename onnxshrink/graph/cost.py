@@ -1,4 +1,5 @@
-"""Parameters and MACs per node.
+"""Parameters and MACs per node, and the statistics of a model (op histogram, I/O, parameters,
+weight bytes, MACs) ``inspect`` and the report show.
 
 MACs (multiply-accumulates) for one inference at the model's input shapes:
   Conv:          N * Cout * prod(out spatial) * (Cin / group) * prod(kernel)
@@ -10,12 +11,15 @@ Other ops count no MACs. Parameters are elements of float initializers/Constant 
 
 from __future__ import annotations
 
-__all__ = ["node_macs", "model_cost"]
+__all__ = ["node_macs", "model_cost", "model_stats", "value_info_dict"]
 
-import numpy as np
+import collections
+
 import onnx
 
+from onnxshrink import model as model_io
 from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
+from onnxshrink.model import all_graphs, tensor_bytes, weightless_copy
 
 
 def _prod(xs):
@@ -108,12 +112,44 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
 
 
 def _small(model):
-    from onnxshrink.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
-    return tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD // 4
+    # read through the module: tests lower the threshold to exercise the large-model paths
+    return tensor_bytes(model) < model_io.EXTERNAL_DATA_THRESHOLD // 4
 
 
 def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose large float initializers hold no data (dims kept) so shape inference is cheap;
     built without ever copying the weights (see model.weightless_copy)."""
-    from onnxshrink.model import weightless_copy
     return weightless_copy(model, threshold=256)
+
+
+def model_stats(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
+    """Statistics of a model: opset, I/O, op histogram, node count, parameters, weight bytes, MACs."""
+    g = model.graph
+    init_names = {t.name for t in g.initializer}
+    ops = collections.Counter()
+    for sub in all_graphs(g):
+        ops.update(n.op_type for n in sub.node)
+    cost = model_cost(model, input_shapes)
+    return {
+        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "ir_version": model.ir_version,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [value_info_dict(i) for i in g.input if i.name not in init_names],
+        "outputs": [value_info_dict(o) for o in g.output],
+        "nodes": sum(ops.values()),
+        "ops": dict(ops.most_common()),
+        "params": cost["params"],
+        "weight_bytes": tensor_bytes(model),
+        "macs": cost["macs"],
+    }
+
+
+def value_info_dict(v: onnx.ValueInfoProto) -> dict:
+    """Name, numpy dtype name and shape (dim values, parameters or '?') of a graph input/output."""
+    t = v.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
+    except Exception:
+        dtype = str(t.elem_type)
+    return {"name": v.name, "dtype": dtype, "shape": shape}

@@ -32,7 +32,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.values import constant_value
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 
 HOMOGENEOUS = {"Relu", "LeakyRelu", "Identity"}
 

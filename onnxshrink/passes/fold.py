@@ -30,7 +30,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.values import constant_value, node_attr
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 
 
 @register

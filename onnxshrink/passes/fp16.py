@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 
 # float16 overflows (exp, pow, sum of many terms) or loses too much (log near 1, reciprocal)
 UNSAFE_FP16_OPS = ("Exp", "Log", "Pow", "Reciprocal", "Softmax", "LogSoftmax", "ReduceSum", "ReduceSumSquare",

@@ -82,7 +82,8 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxshrink.graph.patches import ConvGeometry, conv_patches, sample_positions
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 from onnxshrink.passes.gptq import gptq_feedback
 
 BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8)

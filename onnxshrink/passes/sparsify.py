@@ -5,7 +5,7 @@ Weights and Connections")
     t = q * std(W)                         (method=std; q is the quality parameter), or
     t = the s-quantile of |W|              (method=sparsity; s = target fraction of zeros).
 Biases and layers smaller than ``min_size`` are left dense. Zeros alone do not make a dense
-kernel faster; they make the file compress, and ``sparse_storage`` stores such weights as ONNX
+kernel faster; they make the file compress, and ``onnxshrink.sparse_storage`` stores such weights as ONNX
 sparse initializers (COO: the nonzero values plus their linear indices, int64 as the ONNX
 checker requires, so 12 bytes per nonzero float: smaller below 1/3 density) when that is
 smaller than the dense tensor and onnxruntime loads the result with identical outputs, else
@@ -24,19 +24,18 @@ them at session creation, so latency and outputs are those of the dense model.
 
 from __future__ import annotations
 
-__all__ = ["SparsifyPass", "sparse_storage", "sparse_nbytes"]
+__all__ = ["SparsifyPass"]
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
 from onnxshrink.graph.values import constant_value
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -113,63 +112,3 @@ class SparsifyPass(Pass):
         return PassResult(graph, True, {"layers": layers, "weights": total, "zeros": zeros,
                                         "sparsity": round(zeros / max(total, 1), 4), "storage": o.storage,
                                         "min_size": o.min_size})
-
-
-def _index_dtype(size: int):
-    return np.int64  # the ONNX checker accepts only INT64 sparse indices
-
-
-def sparse_nbytes(w: np.ndarray) -> int:
-    """Bytes of ``w`` stored as a COO sparse tensor (values + int64 linear indices)."""
-    nnz = int(np.count_nonzero(w))
-    return nnz * w.dtype.itemsize + nnz * np.dtype(_index_dtype(w.size)).itemsize
-
-
-def sparse_storage(model: onnx.ModelProto, min_size: int = 4096, check: bool = True,
-                   feeds: dict | None = None) -> tuple[onnx.ModelProto, dict]:
-    """A copy of ``model`` whose float initializers with at least ``min_size`` elements are stored
-    as sparse initializers when that is smaller. With ``check``, onnxruntime must load the result
-    (and, given ``feeds``, produce the same outputs); otherwise the dense model is returned.
-    Returns (model, info) with info = {'converted', 'dense_bytes', 'sparse_bytes', 'loaded'}."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    keep, sparse = [], []
-    dense_b = sparse_b = 0
-    for t in g.initializer:
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) \
-                or t.data_location == onnx.TensorProto.EXTERNAL:
-            keep.append(t)
-            continue
-        w = numpy_helper.to_array(t)
-        if w.size < min_size or sparse_nbytes(w) >= w.nbytes:
-            keep.append(t)
-            continue
-        flat = w.ravel()
-        idx = np.nonzero(flat)[0]
-        vals = numpy_helper.from_array(flat[idx].astype(w.dtype), t.name)
-        ind = numpy_helper.from_array(idx.astype(_index_dtype(w.size)), t.name + "_indices")
-        sparse.append(onnx.helper.make_sparse_tensor(vals, ind, list(w.shape)))
-        dense_b += w.nbytes
-        sparse_b += sparse_nbytes(w)
-    info = {"converted": len(sparse), "dense_bytes": dense_b, "sparse_bytes": sparse_b, "loaded": None}
-    if not sparse:
-        return model, info
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    g.sparse_initializer.extend(sparse)
-    if check:
-        from onnxshrink.runtime import make_session
-        try:
-            sess = make_session(m, optimize=False)
-            if feeds is not None:
-                ref = make_session(model, optimize=False).run(None, feeds)
-                out = sess.run(None, feeds)
-                if not all(np.array_equal(a, b) for a, b in zip(ref, out)):
-                    raise RuntimeError("outputs differ")
-            info["loaded"] = True
-        except Exception as e:
-            info["loaded"] = False
-            info["error"] = str(e)[:200]
-            return model, info
-    return m, info

@@ -64,7 +64,8 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.patches import ConvGeometry, patch_covariance, sample_positions
 from onnxshrink.graph.values import constant_value, node_attr
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 
 # ---------------------------------------------------------------------------------- the pass
 

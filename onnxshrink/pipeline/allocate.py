@@ -23,18 +23,35 @@ fidelity budget, the manager calls ``allocate`` at the first pass that has a kno
 
 from __future__ import annotations
 
-__all__ = ["allocate"]
+__all__ = ["allocate", "AllocationConfig", "Runner", "Target", "Trials", "quantize_closure", "interleaved_minimum"]
 
 import dataclasses
 import gc
 import math
+import pickle
 import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 
+from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
 from onnxshrink.errors import BudgetError
-from onnxshrink.pipeline.report import NOT_APPLICABLE, PassRecord
+from onnxshrink.pipeline.executor import SerialExecutor, get_executor
+from onnxshrink.pipeline.report import NOT_APPLICABLE, PassRecord, plot_allocation
+from onnxshrink.pipeline.sensitivity import (
+    KNOBS,
+    SensitivityData,
+    cost_of,
+    estimate_cost,
+    greedy_order,
+    loss_of,
+    measure_sensitivity,
+    merge_options,
+)
+from onnxshrink.progress import Progress
+from onnxshrink.runtime import interleaved_latency, measure_latency
 
 KIND_NAMES = {"weight_bytes": "size (weight bytes)", "macs": "MACs", "latency_ms": "latency (ms, 1 thread)",
               "combined": "cost / target (the largest over the targets)"}
@@ -42,183 +59,261 @@ COMBINED = "combined"
 MAX_EXTEND = 6
 CLOSURE_MARGIN = 0.97  # the closure is kept when at least 3 % faster
 MAX_BISECT = 5
+# the pass whose units the closure raises to full strength (quantize: QDQ int8 kernels)
+CLOSURE_PASS = "quantize"
 
 
-def _data_for(pm, ctx, val, reference):
-    from onnxshrink.pipeline.sensitivity import _Data
+@dataclass
+class Runner:
+    """What the allocation needs of the pass manager's run.
+
+    run_pass(model, pass name, options, ctx) -> (PassRecord, model): one step of a chain, validated
+        as runnable only (the chain is measured end to end afterwards);
+    verify(model) -> fidelity scores on every validation sample against the original's outputs;
+    labels: the validation labels (accuracy budgets), or None.
+    """
+
+    run_pass: Callable[[onnx.ModelProto, str, dict, Any], tuple[PassRecord, onnx.ModelProto]]
+    verify: Callable[[onnx.ModelProto], dict]
+    labels: list | None
+
+
+@dataclass
+class AllocationConfig:
+    """The manager's settings the allocation reads: the cost targets [(kind, fraction)], the knob
+    passes in pipeline order (their options are the user's), the budget and the original's own
+    scores, and how sensitivity is measured (executor, workers, cache, samples, max_units, plot)."""
+
+    targets: list
+    passes: list
+    budget: Any = None
+    baseline: dict = field(default_factory=dict)
+    metric: Callable | None = None
+    seed: int = 0
+    executor: str = "auto"
+    workers: int | None = None
+    cache: Any = True
+    sensitivity_samples: int = 0
+    max_units: int = 0
+    plot: Any = None
+    progress: Progress = field(default_factory=lambda: Progress(enabled=False))
+
+    @property
+    def names(self) -> list[str]:
+        """The knob passes' names, in pipeline order."""
+        return [p.name for p in self.passes if p.name in KNOBS]
+
+    @property
+    def user_options(self) -> dict:
+        """{pass name: the user's options} of the knob passes."""
+        return {p.name: dataclasses.asdict(p.options) for p in self.passes if p.name in KNOBS
+                and dataclasses.is_dataclass(p.options)}
+
+
+def sensitivity_data(config: AllocationConfig, runner: Runner, ctx, val, reference, shapes) -> SensitivityData:
+    """The picklable samples a measurement uses: up to 16 calibration samples and the first
+    ``sensitivity_samples`` validation samples (all by default) with their reference outputs."""
     calib = ctx.calib if ctx.calib is not None else val
     ncal = min(len(calib), 16)
-    nval = len(val) if not pm.sensitivity_samples else min(len(val), pm.sensitivity_samples)
-    labels = pm._labels[:nval] if pm._labels is not None else None
-    return _Data(calib=[calib.get(i) for i in range(ncal)], val=[val.get(i) for i in range(nval)],
-                 reference=reference[:nval], labels=labels, budget=pm.budget, user_metric=pm.metric,
-                 shapes=None, seed=pm.seed)
+    nval = len(val) if not config.sensitivity_samples else min(len(val), config.sensitivity_samples)
+    labels = runner.labels[:nval] if runner.labels is not None else None
+    return SensitivityData(calib=[calib.get(i) for i in range(ncal)], val=[val.get(i) for i in range(nval)],
+                           reference=reference[:nval], labels=labels, budget=config.budget,
+                           user_metric=config.metric, shapes=shapes, seed=config.seed)
 
 
-def _executor(pm, n_tasks: int):
-    from onnxshrink.pipeline.executor import SerialExecutor, get_executor
-    if pm.metric is not None and pm.executor != "serial":
-        import pickle
+def measurement_executor(config: AllocationConfig, n_tasks: int):
+    """The executor of the sensitivity sweep; serial when a user metric cannot be pickled."""
+    if config.executor == "serial":
+        return SerialExecutor()
+    if config.metric is not None:
         try:
-            pickle.dumps(pm.metric)
+            pickle.dumps(config.metric)
         except Exception:  # a lambda or closure cannot reach a worker process
             return SerialExecutor()
-    return get_executor(pm.executor, pm.workers, n_tasks)
+    return get_executor(config.executor, config.workers, n_tasks)
 
 
-def _cache(pm):
-    from onnxshrink.cache import MeasurementCache
-    if pm.cache is False or pm.cache is None:
+def measurement_cache(config: AllocationConfig) -> MeasurementCache:
+    """The on-disk cache the settings ask for (True: the default folder; a folder; off)."""
+    if config.cache is False or config.cache is None:
         return MeasurementCache(enabled=False)
-    if isinstance(pm.cache, MeasurementCache):
-        return pm.cache
-    return MeasurementCache(None if pm.cache is True else pm.cache)
+    if isinstance(config.cache, MeasurementCache):
+        return config.cache
+    return MeasurementCache(None if config.cache is True else config.cache)
 
 
-def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report, original):
-    """Run the knob passes of ``pm`` on ``base`` under ``pm.cost_targets``: (model, pass records).
-    Raises BudgetError (with the report filled in) when no verified configuration keeps the budget
-    and meets the target."""
-    from onnxshrink.pipeline.executor import SerialExecutor
-    from onnxshrink.pipeline.sensitivity import (KNOBS, cost_of, estimate_cost, greedy_order, loss_of, measure_sensitivity,
-                              merge_options)
-    t0 = time.perf_counter()
-    targets = list(pm.cost_targets)
-    kinds = [k for k, _ in targets]
-    names = [p.name for p in pm.passes if p.name in KNOBS]
-    user = {p.name: dataclasses.asdict(p.options) for p in pm.passes if p.name in KNOBS
-            and dataclasses.is_dataclass(p.options)}
-    feeds = val.get(0)
-    latency = "latency_ms" in kinds
-    data = _data_for(pm, ctx, val, reference)
-    data.shapes = cost_shapes
-    n_tasks = sum(len(KNOBS[n].strengths) * 8 for n in names)
-    ex = _executor(pm, n_tasks) if pm.executor != "serial" else SerialExecutor()
+def measure_table(config: AllocationConfig, runner: Runner, base, ctx, val, reference, cost_shapes, latency: bool):
+    """Step 1: the sensitivity table of ``base`` (cached measurements read, the rest measured)."""
+    data = sensitivity_data(config, runner, ctx, val, reference, cost_shapes)
+    n_tasks = sum(len(KNOBS[n].strengths) * 8 for n in config.names)
+    ex = measurement_executor(config, n_tasks)
     try:
-        table = measure_sensitivity(base, names, data, pm.budget, cache=_cache(pm), executor=ex, latency=latency,
-                                    user_options=user, progress=pm.progress, max_units=pm.max_units)
+        return measure_sensitivity(base, config.names, data, config.budget, cache=measurement_cache(config),
+                                   executor=ex, latency=latency, user_options=config.user_options,
+                                   progress=config.progress, max_units=config.max_units)
     finally:
         ex.close()
-    of_input = {}
-    for k, _ in targets:
-        if k == "latency_ms":
-            from onnxshrink.runtime import measure_latency
-            of_input[k] = measure_latency(original, feeds)
-        else:
-            of_input[k] = report.before.get(k)
+
+
+@dataclass
+class Target:
+    """The cost the allocation drives down: ``kind`` (one target's cost, or COMBINED = max_k
+    cost_k / target_k over several), its value ``absolute`` to reach and the input's ``base_value``;
+    ``of_input``/``absolutes`` per target kind; ``info`` for the report."""
+
+    kind: str
+    absolute: float
+    base_value: float
+    kinds: list
+    of_input: dict
+    absolutes: dict
+    info: dict
+
+    def with_combined(self, cost: dict) -> dict:
+        """``cost`` with its COMBINED value added (several targets)."""
+        if self.kind == COMBINED:
+            cost = dict(cost)
+            vals = [cost.get(k) for k in self.kinds]
+            cost[COMBINED] = (max(v / self.absolutes[k] for k, v in zip(self.kinds, vals))
+                              if None not in vals else None)
+        return cost
+
+
+def greedy_choice(config: AllocationConfig, table, original, feeds, before: dict) -> tuple[Target, list]:
+    """Step 2: the target (the input's costs, measured latency included) and the greedy steps."""
+    targets = list(config.targets)
+    kinds = [k for k, _ in targets]
+    of_input = {k: measure_latency(original, feeds) if k == "latency_ms" else before.get(k) for k, _ in targets}
     absolute = {k: f * float(of_input[k]) for k, f in targets}
     if len(targets) == 1:
         kind, fraction = targets[0]
-        base_value, target_abs = of_input[kind], absolute[kind]
         steps = greedy_order(table, kind)
-        target_info = {"cost": kind, "fraction": fraction, "of_input": base_value, "absolute": target_abs}
-    else:
-        # several targets: one normalised cost, the largest of cost_k / target_k (met when <= 1); the
-        # greedy ranks by loss per saving summed over the targets, each over its remaining gap
-        kind, target_abs = COMBINED, 1.0
-        base_value = max(float(of_input[k]) / absolute[k] for k in kinds)
-        _add_combined(table, absolute)
-        steps = greedy_order(table, kind)
-        rows = {(r["pass"], r["unit"], r["strength"]): r for r in table.rows}
-        for st in steps:
-            chosen_rows = {pu: rows[(*pu, sv)] for pu, sv in st["chosen"].items()}
-            st["estimated"] = max(estimate_cost(table, chosen_rows, k) / absolute[k] for k in kinds)
-        target_info = {"cost": "+".join(kinds), "fraction": None, "of_input": of_input, "absolute": absolute,
-                       "describe": " and ".join(f"{KIND_NAMES[k]} <= {f:g}" for k, f in targets) + " of the input's",
-                       "targets": [{"cost": k, "fraction": f, "of_input": of_input[k], "absolute": absolute[k]}
-                                   for k, f in targets]}
+        info = {"cost": kind, "fraction": fraction, "of_input": of_input[kind], "absolute": absolute[kind]}
+        return Target(kind, absolute[kind], of_input[kind], kinds, of_input, absolute, info), steps
+    # several targets: one normalised cost, the largest of cost_k / target_k (met when <= 1); the
+    # greedy ranks by loss per saving summed over the targets, each over its remaining gap
+    base_value = max(float(of_input[k]) / absolute[k] for k in kinds)
+    _add_combined(table, absolute)
+    steps = greedy_order(table, COMBINED)
+    rows = {(r["pass"], r["unit"], r["strength"]): r for r in table.rows}
+    for st in steps:
+        chosen_rows = {pu: rows[(*pu, sv)] for pu, sv in st["chosen"].items()}
+        st["estimated"] = max(estimate_cost(table, chosen_rows, k) / absolute[k] for k in kinds)
+    info = {"cost": "+".join(kinds), "fraction": None, "of_input": of_input, "absolute": absolute,
+            "describe": " and ".join(f"{KIND_NAMES[k]} <= {f:g}" for k, f in targets) + " of the input's",
+            "targets": [{"cost": k, "fraction": f, "of_input": of_input[k], "absolute": absolute[k]}
+                        for k, f in targets]}
+    return Target(COMBINED, 1.0, base_value, kinds, of_input, absolute, info), steps
 
-    def with_combined(cost: dict) -> dict:
-        if kind == COMBINED:
-            cost = dict(cost)
-            vals = [cost.get(k) for k in kinds]
-            cost[COMBINED] = max(v / absolute[k] for k, v in zip(kinds, vals)) if None not in vals else None
-        return cost
 
-    alloc = report.allocation
-    alloc.update({"target": target_info,
-                  "passes": names, "sensitivity": table.info, "base_cost": table.base_cost,
-                  "steps": len(steps), "trials": [], "baseline_scores": dict(pm.baseline)})
-    trials: dict = {}
-    cache = _cache(pm)
-    from onnxshrink.cache import data_digest, digest, model_digest
-    vkey = digest("verify-1", model_digest(base), data_digest(val), data_digest(ctx.calib or []), names, user,
-                  pm.seed, str(pm.budget), getattr(pm.metric, "__qualname__", None), cost_shapes)
+class Trials:
+    """Step 3's verification: configurations (a greedy prefix by its length n, or an extra one by
+    its label) run through the real passes and measured end to end, each once (and cached on disk
+    without its model)."""
 
-    extra: dict = {}  # trials beyond the greedy prefixes: label -> chosen
+    def __init__(self, config: AllocationConfig, runner: Runner, base, ctx, val, reference, cost_shapes,
+                 table, steps: list, target: Target, alloc: dict, feeds):
+        self.config, self.runner, self.base, self.ctx = config, runner, base, ctx
+        self.val, self.reference, self.cost_shapes = val, reference, cost_shapes
+        self.table, self.steps, self.target, self.alloc, self.feeds = table, steps, target, alloc, feeds
+        self.latency = "latency_ms" in target.kinds
+        self.names, self.user = config.names, config.user_options
+        self.done: dict = {}
+        self.extra: dict = {}  # trials beyond the greedy prefixes: label -> chosen
+        self.cache = measurement_cache(config)
+        self.key = digest("verify-1", model_digest(base), data_digest(val), data_digest(ctx.calib or []), self.names,
+                          self.user, config.seed, str(config.budget), getattr(config.metric, "__qualname__", None),
+                          cost_shapes)
+        self.metric = config.budget.metric if config.budget is not None else "cosine"
 
-    def chosen_of(n) -> dict:
-        return extra[n] if n in extra else (steps[n - 1]["chosen"] if n else {})
+    def chosen_of(self, n) -> dict:
+        """{(pass, unit): strength} of trial ``n``."""
+        return self.extra[n] if n in self.extra else (self.steps[n - 1]["chosen"] if n else {})
 
-    def verify(n, materialize: bool = False) -> dict:
+    def verify(self, n, materialize: bool = False) -> dict:
         """Trial of the first n greedy steps (or of an extra configuration by its label); from the
         cache (without the model) when measured before, unless ``materialize``."""
+        trials, target = self.done, self.target
         if n in trials and (trials[n].get("model") is not None or not materialize):
             return trials[n]
-        chosen = chosen_of(n)
-        key = digest(vkey, sorted((p, u, s) for (p, u), s in chosen.items()))
-        hit = None if materialize else cache.get(key)
+        chosen = self.chosen_of(n)
+        key = digest(self.key, sorted((p, u, s) for (p, u), s in chosen.items()))
+        hit = None if materialize else self.cache.get(key)
         if hit is not None:
             t = {"n": n, "model": None, "records": None, **hit, "cached": True}
-            t["cost"] = with_combined(t["cost"])
-            value = t["cost"].get(kind)  # the target may differ from the run that cached the trial
-            t["target_met"] = value is not None and value <= target_abs
+            t["cost"] = target.with_combined(t["cost"])
+            value = t["cost"].get(target.kind)  # the target may differ from the run that cached the trial
+            t["target_met"] = value is not None and value <= target.absolute
             trials[n] = t
-            _log_trial(t, cached=True)
+            self.log(t, cached=True)
             return t
-        # a fresh generator per trial: a trial's result must not depend on which trials ran before
-        nobudget = dataclasses.replace(ctx, budget=None, cache={}, rng=np.random.default_rng(pm.seed))
-        current, recs = base, []
         tv = time.perf_counter()
-        for pname in names:
-            choices = {u: s for (p, u), s in chosen.items() if p == pname}
-            if not choices:
-                recs.append(PassRecord(name=pname, status=NOT_APPLICABLE, options=user.get(pname, {}),
-                                       reason="the allocation chose no unit of this pass"))
-                continue
-            from onnxshrink.passes.base import create_pass
-            opts = merge_options(user.get(pname, {}), KNOBS[pname].options(current, choices))
-            p = create_pass({pname: opts})
-            rec, current = pm._run_one(p, current, nobudget, val, reference, cost_shapes, check_budget=False)
-            rec.reason = (rec.reason + "; " if rec.reason else "") + f"allocated {len(choices)} unit(s)"
-            recs.append(rec)
-            nobudget.cache.clear()
-            gc.collect()
-        scores = ctx.evaluator(current)
+        current, recs = self.run_chain(chosen)
+        scores = self.runner.verify(current)
         if recs and recs[-1].status != NOT_APPLICABLE:
             recs[-1].fidelity = dict(scores)  # the chain's steps are checked runnable; the end is measured
-        cost = with_combined(cost_of(current, cost_shapes, feeds, latency=True, runs=30 if latency else 15))
-        ok = pm.budget.holds(scores, pm.baseline) if pm.budget is not None else True
-        value = cost.get(kind)
+        cost = target.with_combined(cost_of(current, self.cost_shapes, self.feeds, latency=True,
+                                            runs=30 if self.latency else 15))
+        budget = self.config.budget
+        ok = budget.holds(scores, self.config.baseline) if budget is not None else True
+        value = cost.get(target.kind)
         scores = {k: float(v) for k, v in scores.items()}
         if n in trials:  # materialising a cached trial: its decisions stand, the model is now built
             trials[n].update(model=current, records=recs)
             return trials[n]
         t = {"n": n, "model": current, "records": recs, "scores": scores, "cost": cost, "budget_ok": bool(ok),
-             "target_met": value is not None and value <= target_abs, "seconds": round(time.perf_counter() - tv, 2)}
-        cache.put(key, {**{k: t[k] for k in ("scores", "budget_ok", "seconds")},
-                        "cost": {k: v for k, v in t["cost"].items() if k != COMBINED}})
+             "target_met": value is not None and value <= target.absolute,
+             "seconds": round(time.perf_counter() - tv, 2)}
+        self.cache.put(key, {**{k: t[k] for k in ("scores", "budget_ok", "seconds")},
+                             "cost": {k: v for k, v in t["cost"].items() if k != COMBINED}})
         trials[n] = t
-        _log_trial(t, cached=False)
+        self.log(t, cached=False)
         return t
 
-    metric = pm.budget.metric if pm.budget is not None else "cosine"
+    def run_chain(self, chosen: dict):
+        """The knob passes in pipeline order, each with its per-unit options: (model, records)."""
+        # a fresh generator per trial: a trial's result must not depend on which trials ran before
+        nobudget = dataclasses.replace(self.ctx, budget=None, cache={}, rng=np.random.default_rng(self.config.seed))
+        current, recs = self.base, []
+        for pname in self.names:
+            choices = {u: s for (p, u), s in chosen.items() if p == pname}
+            if not choices:
+                recs.append(PassRecord(name=pname, status=NOT_APPLICABLE, options=self.user.get(pname, {}),
+                                       reason="the allocation chose no unit of this pass"))
+                continue
+            opts = merge_options(self.user.get(pname, {}), KNOBS[pname].options(current, choices))
+            rec, current = self.runner.run_pass(current, pname, opts, nobudget)
+            rec.reason = (rec.reason + "; " if rec.reason else "") + f"allocated {len(choices)} unit(s)"
+            recs.append(rec)
+            nobudget.cache.clear()
+            gc.collect()
+        return current, recs
 
-    def _log_trial(t, cached):
-        n, cost, scores = t["n"], t["cost"], t["scores"]
-        est = None if n in extra else (steps[n - 1]["estimated"] if n else table.base_cost.get(kind))
-        alloc["trials"].append({"n": n, "estimated": est,
-                                "cost": dict(cost), metric: scores.get(metric), "cosine": scores.get("cosine"),
-                                "budget_ok": t["budget_ok"], "target_met": t["target_met"],
-                                "seconds": t["seconds"], "cached": cached})
-        value = cost.get(kind)
-        pm.progress.log(f"allocation: {n}/{len(steps)} choices -> {KIND_NAMES[kind]} {value:.4g} "
-                        f"(target {target_abs:.4g}), {metric}={scores.get(metric, float('nan')):.5g}"
-                        f"{'' if t['budget_ok'] else ' (budget broken)'}{' (cached)' if cached else ''}")
+    def log(self, t: dict, cached: bool) -> None:
+        """A trial into the report's allocation section and the progress log."""
+        n, cost, scores, target, metric = t["n"], t["cost"], t["scores"], self.target, self.metric
+        base_estimate = self.table.base_cost.get(target.kind)
+        est = None if n in self.extra else (self.steps[n - 1]["estimated"] if n else base_estimate)
+        self.alloc["trials"].append({"n": n, "estimated": est,
+                                     "cost": dict(cost), metric: scores.get(metric), "cosine": scores.get("cosine"),
+                                     "budget_ok": t["budget_ok"], "target_met": t["target_met"],
+                                     "seconds": t["seconds"], "cached": cached})
+        value = cost.get(target.kind)
+        self.config.progress.log(
+            f"allocation: {n}/{len(self.steps)} choices -> {KIND_NAMES[target.kind]} {value:.4g} "
+            f"(target {target.absolute:.4g}), {metric}={scores.get(metric, float('nan')):.5g}"
+            f"{'' if t['budget_ok'] else ' (budget broken)'}{' (cached)' if cached else ''}")
 
+
+def search(trials: Trials) -> None:
+    """Steps 3-4: verify the shortest prefix whose estimate meets the target, extend while the
+    measured cost misses it (the estimate corrected by the measured share of the saving), and
+    when the budget breaks, bisect down to the longest prefix that keeps it."""
+    steps, table, kind, target_abs = trials.steps, trials.table, trials.target.kind, trials.target.absolute
     N = len(steps)
     n = next((i + 1 for i, s in enumerate(steps) if s["estimated"] <= target_abs), N)
-    r = verify(n)
+    r = trials.verify(n)
     for _ in range(MAX_EXTEND):
         if r["target_met"] or n >= N or not r["budget_ok"]:
             break
@@ -228,58 +323,85 @@ def allocate(pm, base: onnx.ModelProto, ctx, val, reference, cost_shapes, report
         k = (b0 - (r["cost"].get(kind) or est)) / max(b0 - est, 1e-12)
         n2 = next((i + 1 for i in range(n, N) if b0 - k * (b0 - steps[i]["estimated"]) <= target_abs), N)
         n = max(n2, n + 1)
-        r = verify(n)
+        r = trials.verify(n)
     if not r["budget_ok"]:
         lo, hi = 0, n
         for _ in range(MAX_BISECT):
             if hi - lo <= 1:
                 break
             mid = (lo + hi) // 2
-            if verify(mid)["budget_ok"]:
+            if trials.verify(mid)["budget_ok"]:
                 lo = mid
             else:
                 hi = mid
-        r = verify(lo)
-    good = [t for t in trials.values() if t["budget_ok"] and t["target_met"]]
-    # the configuration meeting the target at the least metric loss (then the cheapest)
-    best = min(good, key=lambda t: (loss_of(t["scores"], pm.baseline, pm.budget), t["cost"][kind])) if good else None
-    alloc["seconds"] = round(time.perf_counter() - t0, 2)
-    alloc["table"] = [{k: v for k, v in row.items()} for row in table.rows]
-    if best is not None and "quantize" in names:
-        best = _quantize_closure(best, chosen_of(best["n"]), table, extra, verify, kind, alloc, feeds, cache, vkey)
-    within = [t for t in trials.values() if t["budget_ok"]]
+        trials.verify(lo)
+
+
+def describe_result(trials: Trials, best, config: AllocationConfig) -> None:
+    """Step 5: the chosen configuration's decisions and result line, or how close the search came."""
+    alloc, target, table, kind = trials.alloc, trials.target, trials.table, trials.target.kind
+    within = [t for t in trials.done.values() if t["budget_ok"]]
     closest = min(within, key=lambda t: t["cost"][kind]) if within else None
     if best is not None:
-        chosen = chosen_of(best["n"])
+        chosen = trials.chosen_of(best["n"])
         rows = {(r_["pass"], r_["unit"], r_["strength"]): r_ for r_ in table.rows}
         alloc["chosen_n"] = best["n"]
         alloc["decisions"] = [_decision(rows[(p, u, s)], kind, i) for i, ((p, u), s) in
                               enumerate(sorted(chosen.items(), key=lambda kv: _rank(rows[(*kv[0], kv[1])], kind)))]
         if kind == COMBINED:
-            alloc["result"] = ", ".join(f"{KIND_NAMES[k]} {best['cost'][k]:.4g} <= target {absolute[k]:.4g} "
-                                        f"({best['cost'][k] / float(of_input[k]):.3f} of the input's)"
-                                        for k in kinds) + " within the budget"
+            alloc["result"] = ", ".join(f"{KIND_NAMES[k]} {best['cost'][k]:.4g} <= target {target.absolutes[k]:.4g} "
+                                        f"({best['cost'][k] / float(target.of_input[k]):.3f} of the input's)"
+                                        for k in target.kinds) + " within the budget"
         else:
-            alloc["result"] = (f"{KIND_NAMES[kind]} {best['cost'][kind]:.4g} <= target {target_abs:.4g} "
-                               f"({best['cost'][kind] / float(base_value):.3f} of the input's) within the budget")
-    else:
-        alloc["chosen_n"] = None
-        alloc["result"] = _shortfall(kind, target_abs, base_value, closest, trials, pm)
-        if kind == COMBINED and closest is not None:
-            alloc["result"] = (f"no configuration within the budget {pm.budget} meets every target; the closest: "
-                               + ", ".join(f"{KIND_NAMES[k]} {closest['cost'][k] / float(of_input[k]):.3f} of the "
-                                           f"input's (target {f:g})" for k, f in targets)
-                               + f"; {len(trials)} configurations verified")
-    if pm.plot:
-        from onnxshrink.pipeline.report import plot_allocation
+            value = best["cost"][kind]
+            alloc["result"] = (f"{KIND_NAMES[kind]} {value:.4g} <= target {target.absolute:.4g} "
+                               f"({value / float(target.base_value):.3f} of the input's) within the budget")
+        return
+    alloc["chosen_n"] = None
+    alloc["result"] = _shortfall(kind, target.absolute, target.base_value, closest, trials.done, config.budget)
+    if kind == COMBINED and closest is not None:
+        alloc["result"] = (f"no configuration within the budget {config.budget} meets every target; the closest: "
+                           + ", ".join(f"{KIND_NAMES[k]} {closest['cost'][k] / float(target.of_input[k]):.3f} of the "
+                                       f"input's (target {f:g})" for k, f in config.targets)
+                           + f"; {len(trials.done)} configurations verified")
+
+
+def allocate(runner: Runner, config: AllocationConfig, base: onnx.ModelProto, ctx, val, reference, cost_shapes,
+             report, original):
+    """Run the knob passes of ``config`` on ``base`` under ``config.targets``: (model, pass records).
+    Raises BudgetError (with the report filled in) when no verified configuration keeps the budget
+    and meets the target."""
+    t0 = time.perf_counter()
+    feeds = val.get(0)
+    latency = "latency_ms" in [k for k, _ in config.targets]
+    table = measure_table(config, runner, base, ctx, val, reference, cost_shapes, latency)
+    target, steps = greedy_choice(config, table, original, feeds, report.before)
+    alloc = report.allocation
+    alloc.update({"target": target.info,
+                  "passes": config.names, "sensitivity": table.info, "base_cost": table.base_cost,
+                  "steps": len(steps), "trials": [], "baseline_scores": dict(config.baseline)})
+    trials = Trials(config, runner, base, ctx, val, reference, cost_shapes, table, steps, target, alloc, feeds)
+    search(trials)
+    kind = target.kind
+    good = [t for t in trials.done.values() if t["budget_ok"] and t["target_met"]]
+    # the configuration meeting the target at the least metric loss (then the cheapest)
+    best = min(good, key=lambda t: (loss_of(t["scores"], config.baseline, config.budget), t["cost"][kind])) \
+        if good else None
+    alloc["seconds"] = round(time.perf_counter() - t0, 2)
+    alloc["table"] = [{k: v for k, v in row.items()} for row in table.rows]
+    if best is not None and CLOSURE_PASS in config.names:
+        best = quantize_closure(best, trials.chosen_of(best["n"]), table, trials.extra, trials.verify, kind, alloc,
+                                feeds, trials.cache, trials.key)
+    describe_result(trials, best, config)
+    if config.plot:
         try:
-            alloc["plot"] = str(plot_allocation(alloc, pm.plot, pm.budget))
+            alloc["plot"] = str(plot_allocation(alloc, config.plot, config.budget))
         except ImportError as e:
             report.warnings.append(f"--plot needs matplotlib (pip install 'onnxshrink[plot]'): {e}")
     if best is None:
         raise BudgetError(f"cost target not met within the budget: {alloc['result']}", report)
     if best.get("model") is None:
-        best = verify(best["n"], materialize=True)
+        best = trials.verify(best["n"], materialize=True)
     return best["model"], best["records"]
 
 
@@ -298,7 +420,7 @@ def _add_combined(table, absolute: dict) -> None:
                                     if table.base_cost.get(k) is not None)
 
 
-def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cache, vkey):
+def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cache, vkey):
     """The chosen configuration with quantizable units raised to QDQ int8 as well (the ones at
     strength 0.5, int8 weights with float activations, or not chosen at all), kept when it keeps the
     budget, meets the target *and* measures faster (interleaved, one thread). First all of them;
@@ -306,8 +428,8 @@ def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, ca
     minus loss at the unit's chosen strength, over the layer's MACs: compute-heavy, harmless units
     first) that keeps it, by bisection. A unit quantized among float neighbours pays Q/DQ
     conversions at both ends, so only the timing decides; the size target alone never asks for it."""
-    rows = {(r["unit"], r["strength"]): r for r in table.rows if r["pass"] == "quantize"}
-    have = {u: s for (p, u), s in chosen.items() if p == "quantize"}
+    rows = {(r["unit"], r["strength"]): r for r in table.rows if r["pass"] == CLOSURE_PASS}
+    have = {u: s for (p, u), s in chosen.items() if p == CLOSURE_PASS}
     rest = sorted({u for (u, s), r in rows.items() if s >= 1.0 and math.isfinite(r.get("loss", math.inf))
                    and (r["saving"].get(kind) or 0) > 0} - {u for u, s in have.items() if s >= 1.0})
     if not rest:
@@ -324,7 +446,7 @@ def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, ca
     def trial(k):
         label = f"{best['n']}+q{k}"
         if label not in extra:
-            extra[label] = {**chosen, **{("quantize", u): 1.0 for u in rest[:k]}}
+            extra[label] = {**chosen, **{(CLOSURE_PASS, u): 1.0 for u in rest[:k]}}
         return label, verify(label)
 
     label, t = trial(len(rest))
@@ -343,26 +465,26 @@ def _quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, ca
             return best
         label, t = trial(lo)
     # the timing decides once; its verdict is cached with the trials so a rerun makes the same choice
-    from onnxshrink.cache import digest
     key = digest(vkey, "closure", sorted(map(list, chosen)), sorted(map(list, extra[label])))
     hit = cache.get(key)
     was_cached = hit is not None
     if hit is None:
         a, b = verify(best["n"], materialize=True), verify(label, materialize=True)
-        ta, tb = _interleaved([a["model"], b["model"]], feeds)
+        ta, tb = interleaved_minimum([a["model"], b["model"]], feeds)
         hit = {"ta": ta, "tb": tb}
         cache.put(key, hit)
     ta, tb = hit["ta"], hit["tb"]
-    raised = sum(1 for u in rest if extra[label].get(("quantize", u)) == 1.0)
-    log.append(f"{label} ({raised} units raised to int8): {tb:.2f} ms vs {ta:.2f} ms for {best['n']} (interleaved, 1 thread, min of 25; kept when 3 % faster)"
+    raised = sum(1 for u in rest if extra[label].get((CLOSURE_PASS, u)) == 1.0)
+    log.append(f"{label} ({raised} units raised to int8): {tb:.2f} ms vs {ta:.2f} ms for {best['n']} "
+               "(interleaved, 1 thread, min of 25; kept when 3 % faster)"
                f"{' (cached)' if was_cached else ''}")
     alloc["closure"] = "; ".join(log)
     # faster by a margin: a tie within timing noise (a tiny model) must not flip the decision
     return verify(label) if tb < CLOSURE_MARGIN * ta else best
 
 
-def _interleaved(models, feeds, rounds: int = 5, runs: int = 5):
-    from onnxshrink.runtime import interleaved_latency
+def interleaved_minimum(models, feeds, rounds: int = 5, runs: int = 5) -> list[float]:
+    """Each model's fastest single-thread time (ms), measured interleaved."""
     return [min(t) for t in interleaved_latency(models, feeds, rounds=rounds, runs=runs)]
 
 
@@ -376,10 +498,10 @@ def _decision(row, kind, i) -> dict:
             "why": f"rank {i + 1} by loss per {kind} saved ({_rank(row, kind):.3g})"}
 
 
-def _shortfall(kind, target_abs, base_value, closest, trials, pm) -> str:
+def _shortfall(kind, target_abs, base_value, closest, trials, budget) -> str:
     name = KIND_NAMES[kind]
     if closest is None:
-        return f"no configuration kept the budget {pm.budget} (not even the passes' weakest)"
+        return f"no configuration kept the budget {budget} (not even the passes' weakest)"
     v = closest["cost"][kind]
-    return (f"the smallest {name} within the budget {pm.budget} is {v:.4g} = {v / float(base_value):.3f} of the "
+    return (f"the smallest {name} within the budget {budget} is {v:.4g} = {v / float(base_value):.3f} of the "
             f"input's (target {target_abs / float(base_value):.3f}); {len(trials)} configurations verified")

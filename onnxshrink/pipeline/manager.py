@@ -23,21 +23,27 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 
 from onnxshrink import model as model_io
-from onnxshrink.data import SyntheticSource, as_source, input_specs, split_calib_val
+from onnxshrink.data import ListSource, SyntheticSource, as_source, input_specs, split_calib_val
 from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageError
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
+from onnxshrink.graph.cost import model_stats
 from onnxshrink.graph.shapes import fix_input_shapes
 from onnxshrink.metrics import Budget, fidelity
-from onnxshrink.passes.base import Context, Pass, create_pass
-from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Progress, Report
+from onnxshrink.passes.base import Context, Pass
+from onnxshrink.passes.registry import create_pass
+from onnxshrink.pipeline.allocate import AllocationConfig, Runner, allocate
+from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Report
+from onnxshrink.pipeline.sensitivity import KNOBS
+from onnxshrink.pipeline.settings import Settings
+from onnxshrink.progress import Progress
 from onnxshrink.runtime import make_session, measure_latency
-from onnxshrink.targets.profiles import get_target
+from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prepare_for_target, save_ort_format
 
 MAX_BACKOFF = 6
 
@@ -55,48 +61,53 @@ class PassManager:
     synthetic: use random inputs when no data is given (fidelity then means nothing; flagged).
     metric: optional user callable (outputs, samples) -> float, exposed as metric "user".
     target_size / target_macs / target_latency: cost targets, fractions of the input's weight
-        bytes, MACs or measured latency (several: all must be met); executor (auto, serial, process, ray), workers, cache
-        (True, False, a folder or a MeasurementCache), sensitivity_samples, max_units and plot (a
-        PNG path) tune the allocation.
+        bytes, MACs or measured latency (several: all must be met); executor (auto, serial, process,
+        ray), workers, cache (True, False, a folder or a MeasurementCache), sensitivity_samples,
+        max_units and plot (a PNG path) tune the allocation.
+    The options are the fields of ``pipeline.settings.Settings``: keyword arguments, or
+    ``settings=`` (keyword arguments then override its fields).
     """
 
-    def __init__(self, passes: Sequence, data=None, val_data=None, budget=None, target=None,
-                 input_shapes: dict | None = None, seed: int = 0, progress: bool | Progress = False,
-                 synthetic: bool = False, metric: Callable | None = None, lossless_tol: float = 1e-4,
-                 measure_speed: bool = False, debug: bool = False, labels=None, target_size: float | None = None,
-                 target_macs: float | None = None, target_latency: float | None = None, executor: str = "auto",
-                 workers: int | None = None, cache=True, sensitivity_samples: int = 0, max_units: int = 0,
-                 plot: str | os.PathLike | None = None):
+    def __init__(self, passes: Sequence, *, settings: Settings | None = None, **options):
+        settings = dataclasses.replace(settings, **options) if settings is not None else Settings(**options)
+        self.settings = settings
         self.passes = [create_pass(p) for p in passes]
-        self.data = data
-        self.val_data = val_data
-        self.budget = Budget.parse(budget)
-        self.target = get_target(target)
-        self.input_shapes = dict(input_shapes or {})
-        self.seed = seed
+        self.data = settings.data
+        self.val_data = settings.val_data
+        self.budget = Budget.parse(settings.budget)
+        self.target = get_target(settings.target)
+        self.input_shapes = dict(settings.input_shapes or {})
+        self.seed = settings.seed
+        progress = settings.progress
         self.progress = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
-        self.synthetic = synthetic
-        self.metric = metric
-        self.lossless_tol = lossless_tol
-        self.measure_speed = measure_speed
-        self.debug = debug
-        self.labels = labels
-        self._labels = None
-        self.baseline: dict = {}
-        targets = [(k, v) for k, v in (("weight_bytes", target_size), ("macs", target_macs),
-                                       ("latency_ms", target_latency)) if v is not None]
+        self.synthetic = settings.synthetic
+        self.metric = settings.metric
+        self.lossless_tol = settings.lossless_tol
+        self.measure_speed = settings.measure_speed
+        self.debug = settings.debug
+        self.labels = settings.labels
+        targets = [(k, v) for k, v in (("weight_bytes", settings.target_size), ("macs", settings.target_macs),
+                                       ("latency_ms", settings.target_latency)) if v is not None]
         for _, v in targets:
             if not 0 < float(v) <= 1:
                 raise UsageError(f"a cost target is a fraction of the input's cost in (0, 1], got {v}")
         self.cost_targets = [(k, float(v)) for k, v in targets]  # all must be met (allocate.py)
-        self.executor = executor
-        self.workers = workers
-        self.cache = cache
-        self.sensitivity_samples = sensitivity_samples
-        self.max_units = max_units
-        self.plot = plot
-        if self.budget is not None and self.budget.metric == "user" and metric is None:
+        self.executor = settings.executor
+        self.workers = settings.workers
+        self.cache = settings.cache
+        self.sensitivity_samples = settings.sensitivity_samples
+        self.max_units = settings.max_units
+        self.plot = settings.plot
+        if self.budget is not None and self.budget.metric == "user" and self.metric is None:
             raise UsageError("budget on metric 'user' needs a user metric callable")
+        # set by run(): the validation labels, the original's own scores (relative budgets), the
+        # original model (its interface), whether candidates get the strict checker, and what the
+        # target's preparation did
+        self.val_labels: list | None = None
+        self.baseline: dict = {}
+        self.original: onnx.ModelProto | None = None
+        self.full_check = True
+        self.prepare_info: dict = {}
 
     # ------------------------------------------------------------------ setup
     def _prepare(self, model: onnx.ModelProto, report: Report):
@@ -109,11 +120,10 @@ class PassManager:
         source = as_source(self.data, specs)
         val = as_source(self.val_data, specs)
         if self.labels is not None:
-            from onnxshrink.data import ListSource
             if isinstance(source, ListSource) and val is None:
-                source._labels = list(self.labels)
+                source.set_labels(self.labels)
             elif isinstance(val, ListSource):
-                val._labels = list(self.labels)
+                val.set_labels(self.labels)
         needs = [p.name for p in self.passes if p.needs_data]
         if source is None and val is None:
             if needs and not self.synthetic:
@@ -142,10 +152,11 @@ class PassManager:
                     val.with_specs(specs)
                 self.input_shapes.update(shapes)
                 report.warnings.append("target '%s' needs static shapes; took them from the calibration data: %s"
-                                       % (self.target.name, ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())))
+                                       % (self.target.name,
+                                          ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())))
         calib, val, on_calib = split_calib_val(source, val)
-        self._labels = val.labels()
-        if self.budget is not None and self.budget.metric in ("accuracy", "top5") and self._labels is None:
+        self.val_labels = val.labels()
+        if self.budget is not None and self.budget.metric in ("accuracy", "top5") and self.val_labels is None:
             raise UsageError(f"budget on '{self.budget.metric}' needs labels: put labels.npy or labels.txt "
                              "(one integer per sample, in file-name order) beside the data")
         report.data = {
@@ -163,11 +174,11 @@ class PassManager:
 
     def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool, check_budget: bool = True):
         """(ok, reason, fidelity) of a candidate."""
-        changed = _interface_change(self._original_io, candidate)
+        changed = _interface_change(self.original, candidate)
         if changed:
             return False, f"the model's interface changed: {changed}", {}
         try:
-            model_io.check_model(candidate, full_check=self._full_check)
+            model_io.check_model(candidate, full_check=self.full_check)
         except Exception as e:
             return False, f"invalid model: {_first_line(e)}", {}
         if not check_budget:  # a step of a chain verified end to end afterwards: runnable is enough here
@@ -180,7 +191,7 @@ class PassManager:
             outs = self._outputs(candidate, val, optimize=not lossless)
         except Exception as e:
             return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
-        fid = fidelity(reference, outs, self.metric, val, self._labels)
+        fid = fidelity(reference, outs, self.metric, val, self.val_labels)
         if lossless and not fid.get("max_abs", 0.0) <= self.lossless_tol:
             return False, f"outputs changed (relative max error {fid.get('max_abs'):.2e} > {self.lossless_tol:g})", fid
         if not lossless and check_budget and self.budget is not None and not self.budget.holds(fid, self.baseline):
@@ -197,7 +208,7 @@ class PassManager:
         else:
             original = onnx.ModelProto()
             original.CopyFrom(model)
-        self._original_io = original
+        self.original = original
         calib, val, sample_shapes = self._prepare(original, report)
         try:
             model_io.check_model(original, full_check=False)
@@ -205,9 +216,9 @@ class PassManager:
             raise InputError(f"invalid ONNX model: {_first_line(e)}") from None
         try:
             model_io.check_model(original, full_check=True)
-            self._full_check = True
+            self.full_check = True
         except Exception:
-            self._full_check = False  # the input itself fails strict inference; hold outputs to the basic check
+            self.full_check = False  # the input itself fails strict inference; hold outputs to the basic check
         try:
             reference = self._outputs(original, self.progress.track(val, "reference outputs"), optimize=False)
         except OnnxShrinkError:
@@ -215,12 +226,12 @@ class PassManager:
         except Exception as e:
             msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
             raise InputError(f"the input model does not run in onnxruntime: {msg}") from None
-        self.baseline = fidelity(reference, reference, self.metric, val, self._labels)
-        if self._labels is not None or self.metric is not None:
+        self.baseline = fidelity(reference, reference, self.metric, val, self.val_labels)
+        if self.val_labels is not None or self.metric is not None:
             report.data["original_scores"] = {k: self.baseline[k] for k in ("accuracy", "top5", "user")
                                               if k in self.baseline}
         cost_shapes = self.input_shapes or sample_shapes
-        report.before = model_io.model_stats(original, cost_shapes)
+        report.before = model_stats(original, cost_shapes)
         current = original
         if self.target is not None:
             current = self._prepare_target(original, val, reference)
@@ -228,16 +239,16 @@ class PassManager:
                       seed=self.seed, rng=np.random.default_rng(self.seed), progress=self.progress,
                       template=current)
         ctx.evaluator = lambda m: fidelity(reference, self._outputs(m, val, optimize=True), self.metric, val,
-                                           self._labels)
+                                           self.val_labels)
         ctx.baseline = self.baseline
 
-        from onnxshrink.pipeline.sensitivity import KNOBS
         allocated = bool(self.cost_targets) and any(p.name in KNOBS for p in self.passes)
         for p in self.passes:
             if allocated and p.name in KNOBS:
                 if p is next(q for q in self.passes if q.name in KNOBS):  # the block runs at the first one
-                    from onnxshrink.pipeline.allocate import allocate
-                    current, recs = allocate(self, current, ctx, val, reference, cost_shapes, report, original)
+                    runner = self.allocation_runner(ctx, val, reference, cost_shapes)
+                    current, recs = allocate(runner, self.allocation_config(), current, ctx, val, reference,
+                                             cost_shapes, report, original)
                     report.passes.extend(recs)
                 continue
             rec, current = self._run_one(p, current, ctx, val, reference, cost_shapes)
@@ -251,11 +262,11 @@ class PassManager:
         if self.target is not None:
             current = self._emit(current, ctx, report)
 
-        from onnxshrink.targets.layout import ChannelsLastIO  # the target may have made the image I/O channel-last
+        # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
         final = io.run(current, val, optimize=True)
-        report.fidelity = fidelity(reference, final, self.metric, val, self._labels)
-        report.after = model_io.model_stats(current, io.shapes(cost_shapes))
+        report.fidelity = fidelity(reference, final, self.metric, val, self.val_labels)
+        report.after = model_stats(current, io.shapes(cost_shapes))
         report.budget_met = self.budget.holds(report.fidelity, self.baseline) if self.budget else None
         if self.measure_speed:
             feeds = val.get(0)
@@ -266,32 +277,39 @@ class PassManager:
                               f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
         return current, report
 
+    def allocation_config(self) -> AllocationConfig:
+        """The settings the allocation reads (see ``allocate.AllocationConfig``)."""
+        return AllocationConfig(targets=list(self.cost_targets), passes=self.passes, budget=self.budget,
+                                baseline=self.baseline, metric=self.metric, seed=self.seed, executor=self.executor,
+                                workers=self.workers, cache=self.cache, sensitivity_samples=self.sensitivity_samples,
+                                max_units=self.max_units, plot=self.plot, progress=self.progress)
+
+    def allocation_runner(self, ctx: Context, val, reference, cost_shapes) -> Runner:
+        """The allocation's view of this run: a pass step validated as runnable, the end-to-end
+        fidelity of a model, the validation labels."""
+        def run_pass(model, name, options, step_ctx):
+            return self._run_one(create_pass({name: options}), model, step_ctx, val, reference, cost_shapes,
+                                 check_budget=False)
+        return Runner(run_pass=run_pass, verify=ctx.evaluator, labels=self.val_labels)
+
     def _emit(self, model, ctx, report):
-        from onnxshrink.targets import prepare as targets
-        emit = getattr(targets, "emit_for_target", None)
-        if emit is None:
-            return model
-        model, info = emit(model, self.target, ctx)
-        report.target_report = {"prepare": getattr(self, "_prepare_info", {}), **info}
+        model, info = emit_for_target(model, self.target, ctx)
+        report.target_report = {"prepare": self.prepare_info, **info}
         return model
 
     def _prepare_target(self, model, val, reference):
         """The target's lossless preparation before the passes (opset, static-shape folding, exact
         rewrites), kept only when it validates like a lossless pass."""
-        from onnxshrink.targets import prepare as targets
-        prepare = getattr(targets, "prepare_for_target", None)
-        self._prepare_info = {}
-        if prepare is None:
-            return model
+        self.prepare_info = {}
         try:
-            candidate, info = prepare(model, self.target, _ValOnly(val))
+            candidate, info = prepare_for_target(model, self.target, _ValOnly(val))
         except Exception as e:
             if self.debug:
                 raise
-            self._prepare_info = {"error": f"{type(e).__name__}: {_first_line(e)}"}
+            self.prepare_info = {"error": f"{type(e).__name__}: {_first_line(e)}"}
             return model
         ok, reason, _ = self._validate(candidate, val, reference, lossless=True)
-        self._prepare_info = info if ok else {**info, "rolled_back": reason}
+        self.prepare_info = info if ok else {**info, "rolled_back": reason}
         return candidate if ok else model
 
     def _run_one(self, p: Pass, current: onnx.ModelProto, ctx: Context, val, reference, cost_shapes,
@@ -340,8 +358,9 @@ class PassManager:
             gc.collect()  # the rejected candidate and its graph before the next attempt
         rec.wall_time_s = time.perf_counter() - t0
         try:
-            st = model_io.model_stats(current, cost_shapes)
-            rec.nodes, rec.params, rec.weight_bytes, rec.macs = st["nodes"], st["params"], st["weight_bytes"], st["macs"]
+            st = model_stats(current, cost_shapes)
+            rec.nodes, rec.params = st["nodes"], st["params"]
+            rec.weight_bytes, rec.macs = st["weight_bytes"], st["macs"]
         except Exception:
             pass
         return rec, current
@@ -396,8 +415,7 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
         report.output = str(output)
         report.file_bytes = {"before": Path(input_path).stat().st_size if input_path else None,
                              "after": Path(output).stat().st_size}
-        if pm.target is not None and getattr(pm.target, "ort_format", False):  # --target NAME+ort
-            from onnxshrink.targets.ort_format import save_ort_format
+        if pm.target is not None and pm.target.ort_format:  # --target NAME+ort
             style = "Runtime" if pm.target.name in ("nnapi", "coreml") else "Fixed"
             report.target_report["ort_format"] = {"path": str(save_ort_format(output, optimization_style=style)),
                                                   "optimization_style": style}

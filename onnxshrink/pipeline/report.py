@@ -1,14 +1,14 @@
-"""Report records (per pass and overall), JSON and terminal-table rendering, and progress."""
+"""Report records (per pass and overall), JSON and terminal-table rendering, and the allocation plot
+(progress bars live in ``onnxshrink.progress``)."""
 
 from __future__ import annotations
 
-__all__ = ["Progress", "PassRecord", "Report", "format_bytes", "format_count", "plot_allocation"]
+__all__ = ["PassRecord", "Report", "format_bytes", "format_count", "plot_allocation"]
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 APPLIED, BACKED_OFF, ROLLED_BACK, NOT_APPLICABLE = "applied", "backed off", "rolled back", "not applicable"
 
@@ -31,32 +31,6 @@ def format_bytes(n) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {unit}"
     return f"{int(n)} B"
-
-
-class Progress:
-    """Progress bars on stderr for long steps (rich), silent when disabled or not a terminal."""
-
-    def __init__(self, enabled: bool = True, stream=None):
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and getattr(self.stream, "isatty", lambda: False)()
-
-    def track(self, iterable: Iterable, description: str = "", total: int | None = None):
-        if not self.enabled:
-            yield from iterable
-            return
-        from rich.console import Console
-        from rich.progress import track
-        if total is None:
-            try:
-                total = len(iterable)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
-        yield from track(iterable, description=description, total=total, console=Console(file=self.stream),
-                         transient=True)
-
-    def log(self, message: str) -> None:
-        if self.enabled:
-            print(message, file=self.stream)
 
 
 @dataclass
@@ -195,8 +169,9 @@ def plot_allocation(allocation: dict, path, budget=None):
     the chosen one marked (needs matplotlib: the ``plot`` extra)."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     metric = budget.metric if budget is not None else "cosine"
     trials = allocation.get("trials", [])

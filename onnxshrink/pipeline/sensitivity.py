@@ -55,6 +55,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
+from onnxshrink.data import ListSource
+from onnxshrink.graph.channels import analyze
+from onnxshrink.graph.convert import graph_to_model, model_to_graph
+from onnxshrink.graph.cost import model_cost, model_stats
+from onnxshrink.metrics import fidelity
+from onnxshrink.passes.base import Context
+from onnxshrink.passes.registry import create_pass
+from onnxshrink.pipeline.executor import SerialExecutor
+from onnxshrink.runtime import make_session, measure_latency
+
 VERSION = "sens-1"
 COST_KINDS = ("params", "weight_bytes", "macs", "latency_ms")
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -112,11 +123,14 @@ class Knob:
     """How one pass exposes per-unit strengths: ``units(model, shapes)`` lists (unit, size) pairs;
     ``options(model, choices)`` gives the pass options applying exactly ``{unit: strength}``;
     ``probe`` are the options the sensitivity measurement adds (fewer samples: a ranking, not the
-    final result)."""
+    final result); ``capped`` says whether ``max_units`` limits its units to the largest ones;
+    ``exclude_option`` names the pass option whose units the user keeps out (never measured)."""
 
     pass_name = ""
     strengths: tuple = ()
     probe: dict = {}
+    capped = True
+    exclude_option: str | None = None
 
     def units(self, model: onnx.ModelProto, shapes: dict | None) -> list[tuple[str, int]]:
         raise NotImplementedError
@@ -131,8 +145,6 @@ class PruneKnob(Knob):
     probe = {"samples": 4, "latency": False}
 
     def units(self, model, shapes):
-        from onnxshrink.graph.channels import analyze
-        from onnxshrink.graph.convert import model_to_graph
         a = analyze(model_to_graph(model), shapes)
         return [(g.producers[0], int(g.units)) for g in a.groups() if g.prunable and g.units >= 2 and g.producers]
 
@@ -182,6 +194,8 @@ class QuantizeKnob(Knob):
     pass_name = "quantize"
     strengths = (0.5, 1.0)
     probe = {"max_samples": 8}
+    capped = False  # quantizing one unit is cheap to measure
+    exclude_option = "exclude"
     ops = WEIGHTED + ("ConvTranspose",)
 
     def units(self, model, shapes):
@@ -213,8 +227,6 @@ def merge_options(user: dict, knob_options: dict) -> dict:
 def apply_pass(model: onnx.ModelProto, pass_name: str, options: dict, ctx) -> tuple[onnx.ModelProto, dict]:
     """Run one pass with ``options`` on ``model``: (new model, stats); the model itself when the
     pass changes nothing."""
-    from onnxshrink.graph.convert import graph_to_model, model_to_graph
-    from onnxshrink.passes.base import create_pass
     p = create_pass({pass_name: options})
     res = p.run(model_to_graph(model), ctx)
     if not res.modified:
@@ -224,11 +236,9 @@ def apply_pass(model: onnx.ModelProto, pass_name: str, options: dict, ctx) -> tu
 
 def cost_of(model: onnx.ModelProto, shapes: dict | None, feeds: dict | None = None, latency: bool = False,
             runs: int = 20) -> dict:
-    from onnxshrink.model import model_stats
     st = model_stats(model, shapes)
     out = {"params": st["params"], "weight_bytes": st["weight_bytes"], "macs": st["macs"]}
     if latency and feeds is not None:
-        from onnxshrink.runtime import measure_latency
         out["latency_ms"] = measure_latency(model, feeds, runs=runs)
     return out
 
@@ -236,7 +246,6 @@ def cost_of(model: onnx.ModelProto, shapes: dict | None, feeds: dict | None = No
 def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
     """{layer: {params, weight_bytes, macs}} of the weighted nodes (the per-layer pools the cost
     estimate draws from)."""
-    from onnxshrink.graph.cost import model_cost
     per = model_cost(model, shapes).get("per_node", {}) or {}
     out = {}
     inits = {t.name: t for t in model.graph.initializer}
@@ -247,7 +256,7 @@ def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
     return out
 
 
-class _Data:
+class SensitivityData:
     """What a measurement needs besides the model, picklable: samples, reference, labels, metric."""
 
     def __init__(self, calib, val, reference, labels, budget, user_metric, shapes, seed):
@@ -255,10 +264,6 @@ class _Data:
         self.budget, self.user_metric, self.shapes, self.seed = budget, user_metric, shapes, seed
 
     def context(self, template):
-        from onnxshrink.data import ListSource
-        from onnxshrink.passes.base import Context
-        from onnxshrink.metrics import fidelity
-        from onnxshrink.runtime import make_session
         calib = ListSource(self.calib, description=f"{len(self.calib)} sensitivity samples")
         val = ListSource(self.val, description=f"{len(self.val)} sensitivity validation samples")
         ctx = Context(calib=calib, val=val, reference=self.reference, budget=None, seed=self.seed,
@@ -339,15 +344,11 @@ class SensitivityTable:
         return asdict(self)
 
 
-def measure_sensitivity(model: onnx.ModelProto, passes: list, data: _Data, budget, cache=None, executor=None,
+def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityData, budget, cache=None, executor=None,
                         latency: bool = False, user_options: dict | None = None, progress=None,
                         max_units: int = 0) -> SensitivityTable:
     """Measure every (unit, strength) of the knobs of ``passes`` on ``model`` (see the module
     docstring); cached measurements are read, the others run through ``executor``."""
-    from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
-    from onnxshrink.pipeline.executor import SerialExecutor
-    from onnxshrink.metrics import fidelity
-    from onnxshrink.runtime import make_session
     t0 = time.perf_counter()
     cache = cache if cache is not None else MeasurementCache(enabled=False)
     user_options = user_options or {}
@@ -366,10 +367,11 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: _Data, budge
     for pname in passes:
         knob = KNOBS[pname]
         units = knob.units(model, data.shapes)
-        if max_units and len(units) > max_units and pname != "quantize":  # quantizing one unit is cheap to measure
+        if max_units and len(units) > max_units and knob.capped:
             units = sorted(units, key=lambda u: -u[1])[:max_units]
-        if pname == "quantize":
-            units = [u for u in units if u[0] not in set(user_options.get(pname, {}).get("exclude") or [])]
+        if knob.exclude_option is not None:
+            excluded = set(user_options.get(pname, {}).get(knob.exclude_option) or [])
+            units = [u for u in units if u[0] not in excluded]
         for unit, _size in units:
             for s in knob.strengths:
                 opts = merge_options({**user_options.get(pname, {}), **knob.probe}, knob.options(model, {unit: s}))

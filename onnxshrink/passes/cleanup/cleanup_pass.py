@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 from onnxshrink.passes.cleanup.affine import (
     fold_batchnorm_backward, fold_batchnorm_forward, fold_scale_bias_backward, fold_scale_bias_forward)
 from onnxshrink.passes.cleanup.constants import (

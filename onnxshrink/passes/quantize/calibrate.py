@@ -157,7 +157,7 @@ def collect_minmax(model, names: Sequence[str], samples: Iterable[dict]) -> tupl
     ``min``/``max`` (enough for ``minmax_range``) and the names whose values were not all finite
     (those need ``collect_histograms``, which skips non-finite values)."""
     import onnx
-    from onnxshrink.runtime import _append_outputs, make_session
+    from onnxshrink.runtime import append_outputs, make_session
     m = onnx.ModelProto()
     m.CopyFrom(model)
     outs = []
@@ -166,7 +166,7 @@ def collect_minmax(model, names: Sequence[str], samples: Iterable[dict]) -> tupl
             outs.append(f"{n}__calib_{op}")
             m.graph.node.append(onnx.helper.make_node(op, [n], [outs[-1]], keepdims=0, name=f"calib_{op}_{i}"))
     # only scalars come out: no memory pattern or arena for tensors that are reduced and dropped
-    sess = make_session(_append_outputs(m, outs), optimize=False, low_memory=True)  # m is our copy
+    sess = make_session(append_outputs(m, outs), optimize=False, low_memory=True)  # m is our copy
     del m
     lo = np.full(len(names), np.inf)
     hi = np.full(len(names), -np.inf)

@@ -37,7 +37,8 @@ from typing import Literal
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
-from onnxshrink.passes.base import Context, Pass, PassResult, register
+from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.registry import register
 from onnxshrink.passes.equalize import equalize_pairs
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
 from onnxshrink.passes.quantize.fallback import FloatFallback
