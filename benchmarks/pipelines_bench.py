@@ -24,15 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.real import real_model, real_samples, write_samples  # noqa: E402
-from onnxshrink.metrics import fidelity  # noqa: E402
 from onnxshrink.graph.cost import model_stats  # noqa: E402
+from onnxshrink.metrics import fidelity  # noqa: E402
 from onnxshrink.runtime import interleaved_latency, make_session  # noqa: E402
 
 

@@ -45,12 +45,13 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from prune_helpers import fold_constants, randomize_weights, zero_channels  # noqa: E402
+
 from models.real import photos, real_model, real_samples  # noqa: E402
 from onnxshrink.graph.cost import model_cost  # noqa: E402
-from onnxshrink.pipeline.manager import optimize  # noqa: E402
 from onnxshrink.passes.base import registry  # noqa: E402
+from onnxshrink.pipeline.manager import optimize  # noqa: E402
 from onnxshrink.runtime import measure_latency  # noqa: E402
-from prune_helpers import fold_constants, randomize_weights, zero_channels  # noqa: E402
 
 LIGHT = ["resnet50", "densenet121", "inception_v1", "shufflenet", "squeezenet"]
 REAL = ["yolov8n", "ppocr_det"]

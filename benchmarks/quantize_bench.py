@@ -40,8 +40,13 @@ def worker(tool: str, model: str, calib_dir: str, out: str, options: str) -> dic
     t0 = time.perf_counter()
     info = {}
     if tool.startswith("ort"):
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-            quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         files = sorted(Path(calib_dir).glob("*.npy"))
         m = onnx.load(model, load_external_data=False)
@@ -60,8 +65,8 @@ def worker(tool: str, model: str, calib_dir: str, out: str, options: str) -> dic
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
     else:
-        from onnxshrink.pipeline.manager import optimize
         from onnxshrink.passes.base import registry
+        from onnxshrink.pipeline.manager import optimize
 
         passes = ["cleanup", "quantize"] if "cleanup" in registry() else ["quantize"]
         opts = json.loads(options) if options else {}
@@ -151,6 +156,7 @@ def measure(variants: dict, heldout: list, rounds: int) -> dict:
 def op_counts(path) -> dict:
     """Integer kernels in onnxruntime's optimized graph (the test of placement)."""
     import collections
+
     import onnx
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as d:

@@ -33,8 +33,8 @@ VARIANTS = ['{}', '{"rounding": "gptq"}', '{"equalize": true}', '{"bias_correcti
 
 def run(name: str, variants: list[str], n_calib: int = 32, n_held: int = 24) -> list[dict]:
     from models.real import real_model, real_samples
-    from onnxshrink.pipeline.manager import optimize
     from onnxshrink.metrics import compare_outputs
+    from onnxshrink.pipeline.manager import optimize
     from onnxshrink.runtime import make_session
     samples = real_samples(name, n_calib + n_held, seed=0)
     calib, held = samples[:n_calib], samples[n_calib:]

@@ -21,9 +21,9 @@ if str(ROOT) not in sys.path:
 import onnx  # noqa: E402
 
 from models.real import real_model, real_samples, write_samples  # noqa: E402
-from onnxshrink.pipeline.manager import optimize  # noqa: E402
 from onnxshrink.metrics import fidelity  # noqa: E402
 from onnxshrink.model import check_model  # noqa: E402
+from onnxshrink.pipeline.manager import optimize  # noqa: E402
 from onnxshrink.runtime import interleaved_latency, make_session  # noqa: E402
 
 BUDGET = "cosine>=0.99"

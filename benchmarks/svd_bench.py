@@ -33,8 +33,8 @@ import onnx_graphsurgeon as gs  # noqa: E402
 
 from models.real import real_model, real_samples  # noqa: E402
 from onnxshrink.errors import BudgetError  # noqa: E402
-from onnxshrink.pipeline.manager import PassManager  # noqa: E402
 from onnxshrink.passes.base import registry  # noqa: E402
+from onnxshrink.pipeline.manager import PassManager  # noqa: E402
 
 
 def _load(name: str):

@@ -36,8 +36,7 @@ class OrtQDQ(Pass):
 
     def run(self, graph, ctx):
         import onnx_graphsurgeon as gs
-        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize,
-                                              quantize_static)
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize, quantize_static
 
         prof = ctx.target
         model = ctx.to_model(graph)
@@ -120,6 +119,7 @@ def _text_subset(model, val, report) -> dict:
     where a cosine only measures noise; score the photos whose fp32 map finds text (max > 0.5):
     cosine, and IoU of the text masks at the detector's threshold 0.3."""
     import numpy as np
+
     from models.real import real_model
     from onnxshrink.runtime import make_session
     from onnxshrink.targets.layout import ChannelsLastIO

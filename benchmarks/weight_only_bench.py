@@ -29,8 +29,8 @@ VARIANTS = ['{"weights_only": "int4"}', '{"weights_only": "int4", "block_size": 
 
 def main(argv=None):
     from models.build import transformer_block
-    from onnxshrink.pipeline.manager import optimize
     from onnxshrink.metrics import compare_outputs
+    from onnxshrink.pipeline.manager import optimize
     from onnxshrink.runtime import make_session, measure_latency
     variants = (argv if argv is not None else sys.argv[1:]) or VARIANTS
     m = transformer_block()

@@ -39,8 +39,9 @@ def _samples(model, n: int = 16, seed: int = 0) -> list[dict]:
 
 
 def _models() -> dict:
-    from models import build
     import onnx
+
+    from models import build
     demo = onnx.load(str(ROOT / "models" / "demo" / "demo_cnn.onnx"))
     demo_data = [{"input": np.load(p)} for p in sorted((ROOT / "models" / "demo" / "calib").glob("*.npy"))]
     return {

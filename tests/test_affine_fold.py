@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import check, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import check, run_ort
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.passes import create_pass
 from onnxshrink.passes.base import Context

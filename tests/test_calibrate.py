@@ -7,8 +7,16 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from onnxshrink.passes.quantize.calibrate import (CALIBRATORS, TensorHistogram, collect_histograms, entropy_range,
-                                         estimate_range, minmax_range, mse_range, percentile_range)
+from onnxshrink.passes.quantize.calibrate import (
+    CALIBRATORS,
+    TensorHistogram,
+    collect_histograms,
+    entropy_range,
+    estimate_range,
+    minmax_range,
+    mse_range,
+    percentile_range,
+)
 
 
 def _hist(chunks, bins=2048):

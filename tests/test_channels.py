@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
+from prune_helpers import single_input_model
 
 from onnxshrink.graph.channels import analyze, balanced_selection, coupled_channel_groups
-from prune_helpers import single_input_model
 
 RNG = np.random.default_rng(0)
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import assert_outputs_close, check, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.passes import create_pass, registry
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.cleanup import CleanupPass
-
-from helpers import assert_outputs_close, check, run_ort
 
 F = TensorProto.FLOAT
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import check, run_ort
 
 import onnxshrink
 from onnxshrink.pipeline.report import APPLIED
-
-from helpers import check, run_ort
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["ppocr_det", "ppocr_rec", "ppocr_cls", "yolov8n", "yolov8n:static"]

@@ -15,10 +15,9 @@ the counts are printed (``pytest -s`` shows them).
 
 from __future__ import annotations
 
+import cleanup_sweep_lib as sweep
 import onnx
 import pytest
-
-import cleanup_sweep_lib as sweep
 
 HEAVY_DATA = ("light_vgg19", "light_densenet121", "light_inception_v2", "light_zfnet512")
 

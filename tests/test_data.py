@@ -7,8 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxshrink.data import (DirectorySource, InputSpec, ListSource, SyntheticSource, as_source, check_sample,
-                             read_headers, split_calib_val)
+from onnxshrink.data import (
+    DirectorySource,
+    InputSpec,
+    ListSource,
+    SyntheticSource,
+    as_source,
+    check_sample,
+    read_headers,
+    split_calib_val,
+)
 from onnxshrink.errors import InputError, UsageError
 
 X = InputSpec("x", np.dtype(np.float32), (1, 4))

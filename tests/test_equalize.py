@@ -6,13 +6,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from helpers import assert_outputs_close, check, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 
-from helpers import assert_outputs_close, check, run_ort
-from onnxshrink.pipeline.manager import optimize
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.equalize import EqualizePass, find_pairs
+from onnxshrink.pipeline.manager import optimize
 
 RNG = np.random.default_rng(5)
 

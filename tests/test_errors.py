@@ -19,10 +19,18 @@ import pytest
 from onnx import TensorProto, helper
 
 from models.build import mlp
-from onnxshrink.passes.registry import registry
 from onnxshrink.errors import EXIT_BUDGET, EXIT_INPUT, EXIT_INTERNAL, EXIT_USAGE
-from tests.reliability_helpers import (init, model, no_tmp_leftovers, run_cli, snapshot, two_input_model, vi,
-                                       write_npy_dir)
+from onnxshrink.passes.registry import registry
+from tests.reliability_helpers import (
+    init,
+    model,
+    no_tmp_leftovers,
+    run_cli,
+    snapshot,
+    two_input_model,
+    vi,
+    write_npy_dir,
+)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -6,8 +6,8 @@ import onnx
 import pytest
 
 from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
-from onnxshrink.pipeline.executor import ProcessExecutor, SerialExecutor, get_executor
 from onnxshrink.errors import UsageError
+from onnxshrink.pipeline.executor import ProcessExecutor, SerialExecutor, get_executor
 
 
 def _square_sum(seed):

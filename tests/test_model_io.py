@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 import onnx
-import pytest
 import onnx_graphsurgeon as gs
+import pytest
 from onnx import helper
 
 import onnxshrink.model as model_io

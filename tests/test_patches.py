@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 
-from helpers import run_ort
 from onnxshrink.graph.patches import ConvGeometry, conv_patches, patch_covariance, sample_positions
 
 RNG = np.random.default_rng(11)

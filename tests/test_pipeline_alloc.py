@@ -13,10 +13,17 @@ import pytest
 
 from models.build import resnet_small, smooth_images
 from onnxshrink.cache import MeasurementCache
+from onnxshrink.metrics import Budget
 from onnxshrink.pipeline.executor import ProcessExecutor, SerialExecutor
 from onnxshrink.pipeline.manager import optimize
-from onnxshrink.metrics import Budget
-from onnxshrink.pipeline.sensitivity import KNOBS, SensitivityTable, SensitivityData, estimate_cost, greedy_order, measure_sensitivity
+from onnxshrink.pipeline.sensitivity import (
+    KNOBS,
+    SensitivityData,
+    SensitivityTable,
+    estimate_cost,
+    greedy_order,
+    measure_sensitivity,
+)
 from tests.digits_cnn import digits_model, digits_split
 from tests.helpers import check, run_ort
 

@@ -7,16 +7,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from helpers import assert_outputs_close, check, run_ort
+from onnx import helper, numpy_helper
+from prune_helpers import single_input_model, zero_channels
+
 from onnxshrink.graph.channels import analyze
 from onnxshrink.graph.cost import model_cost
-from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.prune import PrunePass
-from prune_helpers import single_input_model, zero_channels
+from onnxshrink.pipeline.manager import optimize
 
 RNG = np.random.default_rng(0)
 

@@ -12,15 +12,15 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
+from helpers import check, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 
-from helpers import check, run_ort
 from onnxshrink.errors import InputError
-from onnxshrink.pipeline.manager import PassManager, optimize
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
+from onnxshrink.passes.quantize import QuantizePass
+from onnxshrink.pipeline.manager import optimize
 
 RNG = np.random.default_rng(0)
 
@@ -214,6 +214,7 @@ def test_refuses_model_without_float_weights():
 def test_cli_refusal_is_one_line_and_nonzero(tmp_path):
     import subprocess
     import sys
+
     from models.real import write_samples
     p = tmp_path / "q.onnx"
     onnx.save(_qdq_model(), p)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto as TP
 from onnx import helper as oh
+from test_quantize import quantize, samples, small_net
 
 from onnxshrink.passes.quantize.calibrate import collect_histograms, collect_minmax
 from onnxshrink.runtime import capture_activations
-from test_quantize import quantize, samples, small_net
 
 
 def test_collect_minmax_equals_the_histograms_min_and_max():

@@ -7,7 +7,6 @@ with ``python tests/regression_outputs.py --write`` and says why in its commit.
 import json
 
 import pytest
-
 import regression_outputs as reg
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import check, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
+from test_quantize import quantize, samples, small_net
 
-from helpers import check, run_ort
 from onnxshrink.graph.patches import ConvGeometry, conv_patches
 from onnxshrink.passes.quantize.rounding import gptq_round, output_error
-from test_quantize import quantize, samples, small_net
 
 RNG = np.random.default_rng(3)
 

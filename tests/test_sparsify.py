@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from helpers import assert_outputs_close, check, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import assert_outputs_close, check, run_ort
-from onnxshrink.pipeline.manager import optimize
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.sparsify import SparsifyPass
+from onnxshrink.pipeline.manager import optimize
 from onnxshrink.sparse_storage import sparse_nbytes, sparse_storage
 
 RNG = np.random.default_rng(0)

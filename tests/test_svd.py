@@ -6,17 +6,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+import svd_models as sm
+from helpers import assert_outputs_close, check, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import assert_outputs_close, check, run_ort
 from onnxshrink.data import ListSource
 from onnxshrink.graph.cost import model_cost
 from onnxshrink.graph.patches import ConvGeometry, patch_covariance
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.fold import FoldPass
 from onnxshrink.passes.svd import SvdPass, factorize, whitened_svd
-
-import svd_models as sm
 
 
 def _model(nodes, inputs, outputs, inits, opset=17):

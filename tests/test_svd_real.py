@@ -6,10 +6,10 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-
 from helpers import check
-from onnxshrink.pipeline.manager import PassManager
+
 from onnxshrink.passes.registry import registry
+from onnxshrink.pipeline.manager import PassManager
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
 

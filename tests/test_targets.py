@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from onnxshrink import targets
 from onnxshrink.errors import UsageError
@@ -266,9 +266,10 @@ def test_manager_prepares_and_reports_target(tmp_path):
 
 # ------------------------------------------------------------------------------------ fp16
 def test_fp16_keeps_io_types_and_blocked_ops():
+    import onnx_graphsurgeon as gs
+
     from onnxshrink.passes.base import Context
     from onnxshrink.passes.registry import create_pass
-    import onnx_graphsurgeon as gs
     w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.2
     m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[1,3,8,8] x) => (float[1,8,8,8] y) { c = Conv <pads = [1, 1, 1, 1]> (x, w)  e = Exp(c)  y = Relu(e) }""",

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import check, normal_samples, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-from helpers import check, normal_samples, run_ort
 from onnxshrink import targets
-from onnxshrink.targets import prepare as target_prepare
-from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import fidelity
+from onnxshrink.pipeline.manager import optimize
+from onnxshrink.targets import prepare as target_prepare
 
 
 def wide_range_net(opset=13, spread=300.0):

@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from helpers import check, normal_samples, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-from helpers import check, normal_samples, run_ort
 from onnxshrink import targets
 from onnxshrink.cli import cli
 from onnxshrink.errors import UsageError

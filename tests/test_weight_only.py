@@ -10,9 +10,10 @@ import pytest
 pytest.importorskip("onnx_ir")  # onnxruntime's matmul_nbits_quantizer imports it
 
 from helpers import assert_outputs_close, run_ort
+
 from models.build import transformer_block
-from onnxshrink.pipeline.manager import optimize
 from onnxshrink.metrics import fidelity
+from onnxshrink.pipeline.manager import optimize
 from onnxshrink.targets.rewrites import gemm_to_matmul
 
 RNG = np.random.default_rng(11)

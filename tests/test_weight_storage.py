@@ -7,17 +7,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from helpers import check, normal_samples, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-from helpers import check, normal_samples, run_ort
 from onnxshrink.data import ListSource
 from onnxshrink.graph.convert import graph_to_model
-from onnxshrink.pipeline.manager import optimize
-from onnxshrink.passes.quantize import weight_storage as ws
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
+from onnxshrink.passes.quantize import weight_storage as ws
+from onnxshrink.pipeline.manager import optimize
 from onnxshrink.pipeline.sensitivity import KNOBS
 from onnxshrink.targets.profiles import get_target
 

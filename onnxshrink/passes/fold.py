@@ -24,7 +24,6 @@ from __future__ import annotations
 
 __all__ = ["FoldPass", "fold_linear_pairs"]
 
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs

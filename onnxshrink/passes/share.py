@@ -83,8 +83,8 @@ from onnx import numpy_helper
 
 from onnxshrink.graph.patches import ConvGeometry, conv_patches, sample_positions
 from onnxshrink.passes.base import Context, Pass, PassResult
-from onnxshrink.passes.registry import register
 from onnxshrink.passes.gptq import gptq_feedback
+from onnxshrink.passes.registry import register
 
 BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
 _FLOATS = (np.float32, np.float16, np.float64)

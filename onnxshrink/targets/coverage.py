@@ -25,8 +25,13 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink.graph.shapes import infer_shapes
-from onnxshrink.targets.profiles import (QDQ_OPS, USABILITY_CHECKER_FILES, XNNPACK_FUSED_ACTIVATIONS,
-                                         XNNPACK_QDQ_OPS, checker_ops)
+from onnxshrink.targets.profiles import (
+    QDQ_OPS,
+    USABILITY_CHECKER_FILES,
+    XNNPACK_FUSED_ACTIVATIONS,
+    XNNPACK_QDQ_OPS,
+    checker_ops,
+)
 
 # inputs that carry shapes, axes or sizes: the QNN EP needs them constant
 SHAPE_OPERANDS = {

@@ -35,8 +35,8 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.data import SyntheticSource, input_specs
 from onnxshrink.graph.shapes import infer_shapes
-from onnxshrink.model import copy_model_fields
 from onnxshrink.graph.values import is_weight_decode
+from onnxshrink.model import copy_model_fields
 from onnxshrink.targets.coverage import activation_qtypes, coverage
 from onnxshrink.targets.layout import ChannelsLastIO, to_channels_last
 from onnxshrink.targets.profiles import QDQ_OPS

@@ -9,13 +9,39 @@ from __future__ import annotations
 
 __all__ = ["RULES", "SPLIT_AXIS_OPS", "SLOT0_ONLY", "rule_for", "reads_channels_at_slot0_only"]
 
-from onnxshrink.graph.channels.rules_channelwise import (ELEMENTWISE_OPS, FLOAT_UNARY, POOL_OPS, block_reads_shape_rule,
-                                                         clip_rule, elementwise_rule, pad_rule, pool_rule, qdq_rule,
-                                                         reduce_rule, resize_rule, softmax_rule, unary_rule)
-from onnxshrink.graph.channels.rules_layout import (concat_rule, flatten_rule, reshape_rule, slice_rule, split_rule,
-                                                    squeeze_unsqueeze_rule, transpose_rule)
-from onnxshrink.graph.channels.rules_weighted import (batchnorm_rule, conv_rule, conv_transpose_rule, gemm_rule,
-                                                      instancenorm_rule, layernorm_rule, matmul_rule)
+from onnxshrink.graph.channels.rules_channelwise import (
+    ELEMENTWISE_OPS,
+    FLOAT_UNARY,
+    POOL_OPS,
+    block_reads_shape_rule,
+    clip_rule,
+    elementwise_rule,
+    pad_rule,
+    pool_rule,
+    qdq_rule,
+    reduce_rule,
+    resize_rule,
+    softmax_rule,
+    unary_rule,
+)
+from onnxshrink.graph.channels.rules_layout import (
+    concat_rule,
+    flatten_rule,
+    reshape_rule,
+    slice_rule,
+    split_rule,
+    squeeze_unsqueeze_rule,
+    transpose_rule,
+)
+from onnxshrink.graph.channels.rules_weighted import (
+    batchnorm_rule,
+    conv_rule,
+    conv_transpose_rule,
+    gemm_rule,
+    instancenorm_rule,
+    layernorm_rule,
+    matmul_rule,
+)
 
 # ops whose rule handles a layout over several axes (between the Reshapes of a channel shuffle)
 SPLIT_AXIS_OPS = set(FLOAT_UNARY) | ELEMENTWISE_OPS | {"Transpose", "Reshape", "Clip"}

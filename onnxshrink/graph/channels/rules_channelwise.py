@@ -21,7 +21,6 @@ from onnxshrink.graph.channels.types import Fixup, Layout
 from onnxshrink.graph.shapes import normalize_axis
 from onnxshrink.graph.values import node_attr
 
-
 # op -> f(constant per channel, node): the output constants (None: the output varies)
 FLOAT_UNARY = {
     "Relu": lambda x, n: np.maximum(x, 0),

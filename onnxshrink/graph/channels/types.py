@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+
 @dataclass
 class Layout:
     """Channel ids of a tensor: ``ids`` has the tensor's dims at ``axes`` (consecutive, sorted);

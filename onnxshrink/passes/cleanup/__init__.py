@@ -8,5 +8,5 @@ outputs kept as declared) and ``rewrite`` (subgraph walking, fresh names, rewiri
 __all__ = ["CleanupOptions", "CleanupPass", "constants_to_initializers", "fold_into_preceding_linear"]
 
 from onnxshrink.passes.cleanup.affine import fold_into_preceding_linear
-from onnxshrink.passes.cleanup.constants import constants_to_initializers
 from onnxshrink.passes.cleanup.cleanup_pass import CleanupOptions, CleanupPass
+from onnxshrink.passes.cleanup.constants import constants_to_initializers

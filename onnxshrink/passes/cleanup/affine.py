@@ -32,8 +32,16 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph.values import constant_value, is_constant
 from onnxshrink.passes.cleanup.constants import constant_operand
 from onnxshrink.passes.cleanup.rewrite import (
-    FLOAT_TYPES, FreshNames, detach, drop_detached, graph_input_ids, graph_output_ids, is_default_domain,
-    producer, single_use)
+    FLOAT_TYPES,
+    FreshNames,
+    detach,
+    drop_detached,
+    graph_input_ids,
+    graph_output_ids,
+    is_default_domain,
+    producer,
+    single_use,
+)
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm")
 

@@ -23,18 +23,26 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from onnxshrink.passes.base import Context, Pass, PassResult
-from onnxshrink.passes.registry import register
 from onnxshrink.passes.cleanup.affine import (
-    fold_batchnorm_backward, fold_batchnorm_forward, fold_scale_bias_backward, fold_scale_bias_forward)
-from onnxshrink.passes.cleanup.constants import (
-    constants_to_initializers, fold_constant_chains, fold_constant_of_shape)
+    fold_batchnorm_backward,
+    fold_batchnorm_forward,
+    fold_scale_bias_backward,
+    fold_scale_bias_forward,
+)
+from onnxshrink.passes.cleanup.constants import constants_to_initializers, fold_constant_chains, fold_constant_of_shape
 from onnxshrink.passes.cleanup.dead import remove_dead, remove_identities
 from onnxshrink.passes.cleanup.dedup import merge_duplicate_nodes, merge_initializers
 from onnxshrink.passes.cleanup.folding import fold_constants
 from onnxshrink.passes.cleanup.interface import (
-    outputs_from_constants, protect_overridable, record_io, restore_io, restore_protected)
+    outputs_from_constants,
+    protect_overridable,
+    record_io,
+    restore_io,
+    restore_protected,
+)
 from onnxshrink.passes.cleanup.rewrite import FreshNames, all_graphs, count_nodes, quiet_gs
 from onnxshrink.passes.cleanup.shapes import InferredShapes, fold_shapes
+from onnxshrink.passes.registry import register
 
 FOLD_ROUNDS = 4
 REWRITE_ROUNDS = 20

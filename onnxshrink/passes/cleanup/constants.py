@@ -18,8 +18,17 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.values import constant_value, is_constant
 from onnxshrink.passes.cleanup.rewrite import (
-    FLOAT_TYPES, FreshNames, all_graphs, detach, drop_detached, graph_input_ids, graph_output_ids,
-    is_default_domain, producer, single_use)
+    FLOAT_TYPES,
+    FreshNames,
+    all_graphs,
+    detach,
+    drop_detached,
+    graph_input_ids,
+    graph_output_ids,
+    is_default_domain,
+    producer,
+    single_use,
+)
 
 ARITHMETIC = {"Mul": np.multiply, "Div": np.divide, "Add": np.add, "Sub": np.subtract}
 

@@ -11,7 +11,14 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.cleanup.rewrite import (
-    detach, drop_detached, graph_input_ids, graph_output_ids, is_default_domain, quiet_gs, replace_uses)
+    detach,
+    drop_detached,
+    graph_input_ids,
+    graph_output_ids,
+    is_default_domain,
+    quiet_gs,
+    replace_uses,
+)
 
 
 def remove_dead(graph: gs.Graph) -> None:

@@ -13,7 +13,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.passes.cleanup.rewrite import (
-    NO_FOLD_OPS, detach, drop_detached, graph_output_ids, quiet_gs, replace_uses)
+    NO_FOLD_OPS,
+    detach,
+    drop_detached,
+    graph_output_ids,
+    quiet_gs,
+    replace_uses,
+)
 
 
 def merge_duplicate_nodes(sub: gs.Graph, root: gs.Graph) -> int:

@@ -14,10 +14,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.values import constant_value
+from onnxshrink.graph.values import constant_value, is_weight_decode
 from onnxshrink.passes.cleanup.rewrite import (
-    NO_FOLD_OPS, FreshNames, all_graphs, count_nodes, is_default_domain, quiet_gs, static_shape)
-from onnxshrink.graph.values import is_weight_decode
+    NO_FOLD_OPS,
+    FreshNames,
+    all_graphs,
+    count_nodes,
+    is_default_domain,
+    quiet_gs,
+    static_shape,
+)
 
 # may produce outputs much larger than their inputs; folded only with a known, bounded output size
 EXPANDING_OPS = {

@@ -35,10 +35,10 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph.channels import ChannelAnalysis, analyze
 from onnxshrink.graph.cost import model_cost
 from onnxshrink.passes.base import Context, Pass, PassResult
-from onnxshrink.passes.registry import register
 from onnxshrink.passes.prune.refit import compensate_with_means, refit_consumers
 from onnxshrink.passes.prune.remove import feasible, lossless_units, remove_units
 from onnxshrink.passes.prune.select import choose_for_target, choose_units, latency_probe, sink_statistics, unit_scores
+from onnxshrink.passes.registry import register
 
 
 @dataclass

@@ -157,6 +157,7 @@ def collect_minmax(model, names: Sequence[str], samples: Iterable[dict]) -> tupl
     ``min``/``max`` (enough for ``minmax_range``) and the names whose values were not all finite
     (those need ``collect_histograms``, which skips non-finite values)."""
     import onnx
+
     from onnxshrink.runtime import append_outputs, make_session
     m = onnx.ModelProto()
     m.CopyFrom(model)

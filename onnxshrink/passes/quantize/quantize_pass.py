@@ -38,7 +38,6 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
 from onnxshrink.passes.base import Context, Pass, PassResult
-from onnxshrink.passes.registry import register
 from onnxshrink.passes.equalize import equalize_pairs
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
 from onnxshrink.passes.quantize.fallback import FloatFallback
@@ -50,6 +49,7 @@ from onnxshrink.passes.quantize.rounding import round_units
 from onnxshrink.passes.quantize.scheme import choose_scheme, upgrade_opset, use_qdq_domain
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis
 from onnxshrink.passes.quantize.weight_only import run_weights_only
+from onnxshrink.passes.registry import register
 from onnxshrink.runtime import capture_activations
 
 

@@ -31,7 +31,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (np.float32, np.float16)
 MIN_ELEMENTS = 256  # below this the scale vector and two nodes cost about what the int8 saves
