@@ -112,7 +112,7 @@ def check_case(model: onnx.ModelProto, feeds_list: list[dict]) -> tuple[str, str
         return "failed", f"pass raised {type(e).__name__}: {_first_line(e)}\n{traceback.format_exc()}"
     if not res.modified:
         # the manager keeps the model it gave the pass when nothing changed
-        reason = res.stats.get("reason", "")
+        reason = res.reason
         if "cannot export" in reason:
             return "skipped", "pass declined: onnx-graphsurgeon cannot export the graph (optional types)"
         return "unchanged", None

@@ -75,7 +75,7 @@ class Noop(Pass):
     lossless = True
 
     def run(self, graph, ctx):
-        return PassResult(graph, False, {"reason": "nothing to do"})
+        return PassResult(graph, False, reason="nothing to do")
 
 
 @register
@@ -102,7 +102,7 @@ class Corrupt(Pass):
     def run(self, graph, ctx):
         consts = _float_constants(graph)
         if not consts:
-            return PassResult(graph, False, {"reason": "no weights"})
+            return PassResult(graph, False, reason="no weights")
         consts[0].values = (consts[0].values * 1.5).astype(consts[0].values.dtype)
         return PassResult(graph, True, {})
 
@@ -144,7 +144,7 @@ class NeedsData(Pass):
 
     def run(self, graph, ctx):
         n = sum(1 for _ in ctx.calib)  # streams every calibration sample (checked on the way)
-        return PassResult(graph, False, {"reason": f"read {n} samples"})
+        return PassResult(graph, False, reason=f"read {n} samples")
 
 
 @register
@@ -159,7 +159,7 @@ class RejectQuantized(Pass):
         if q:
             raise InputError(f"the model is already quantized ({len(q)} quantized-op nodes, first: {q[0].op} "
                              f"'{q[0].name}')")
-        return PassResult(graph, False, {"reason": "float model"})
+        return PassResult(graph, False, reason="float model")
 
 
 
@@ -192,4 +192,4 @@ class Sleep(Pass):
         if self.options.marker:
             open(self.options.marker, "w").close()
         time.sleep(self.options.seconds)
-        return PassResult(graph, False, {"reason": "slept"})
+        return PassResult(graph, False, reason="slept")

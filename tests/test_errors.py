@@ -559,7 +559,7 @@ def test_budget_not_met_exit_4_no_output(tmp_path, monkeypatch):
     it), nothing is written, the exit code is 4 and the report says how close it came."""
     import json
 
-    import onnxshrink.targets.prepare as targets
+    import onnxshrink.pipeline.manager as manager
 
     def lossy_emit(model, target, ctx):
         m = onnx.ModelProto()
@@ -570,7 +570,7 @@ def test_budget_not_met_exit_4_no_output(tmp_path, monkeypatch):
                                                  .astype(np.float32) * 2 * float(w.std())), t.name))
         return m, {"emitted": True}
 
-    monkeypatch.setattr(targets, "emit_for_target", lossy_emit)
+    monkeypatch.setattr(manager, "emit_for_target", lossy_emit)
     p = _mlp(tmp_path)
     c = _calib(tmp_path, _good(8))
     before = snapshot(tmp_path)

@@ -28,12 +28,16 @@ from onnxshrink.runtime import capture_activations
 
 @dataclass
 class PassResult:
-    """What a pass returns: the (possibly new) graph, whether it changed anything, and statistics
-    for the report (counts, per-layer decisions with their reasons)."""
+    """What a pass returns: the (possibly new) graph, whether it changed anything, statistics for
+    the report (counts, per-layer decisions with their reasons), and two texts the report shows in
+    full: ``reason``, why the pass changed nothing, and ``note``, what a user should know about an
+    applied result (e.g. "activations stay float: ...")."""
 
     graph: gs.Graph
     modified: bool
     stats: dict = field(default_factory=dict)
+    reason: str = ""
+    note: str = ""
 
 
 class Pass:

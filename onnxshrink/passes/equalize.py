@@ -61,9 +61,8 @@ class EqualizePass(Pass):
                 node.name = f"{node.op}_{i}"
             seen.add(node.name)
         stats = equalize_pairs(graph, self.options.iterations, max_scale=self.options.max_scale)
-        if not stats["pairs"]:
-            stats["reason"] = "no Conv -> [Relu] -> Conv pair with a single-consumer link"
-        return PassResult(graph, bool(stats["pairs"]), stats)
+        reason = "" if stats["pairs"] else "no Conv -> [Relu] -> Conv pair with a single-consumer link"
+        return PassResult(graph, bool(stats["pairs"]), stats, reason=reason)
 
 
 def _conv_ok(node) -> bool:

@@ -46,9 +46,8 @@ class FoldPass(Pass):
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         recs = fold_linear_pairs(graph, ctx)
         stats = {"folded": recs}
-        if not recs:
-            stats["reason"] = "no consecutive linear pair whose merged form is cheaper"
-        return PassResult(graph, bool(recs), stats)
+        reason = "" if recs else "no consecutive linear pair whose merged form is cheaper"
+        return PassResult(graph, bool(recs), stats, reason=reason)
 
 
 def _sole_consumer(t: gs.Tensor, graph_outputs: set) -> gs.Node | None:

@@ -57,7 +57,7 @@ class Fp16Pass(Pass):
         n_float = sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
         if n_float == 0 and not any(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
                                     for v in list(model.graph.input) + list(model.graph.value_info)):
-            return PassResult(graph, False, {"reason": "no float32 tensors"})
+            return PassResult(graph, False, reason="no float32 tensors")
         block = sorted(set(self.options.block_ops) | set(DEFAULT_OP_BLOCK_LIST))
         out = convert_float_to_float16(model, keep_io_types=self.options.keep_io_types, op_block_list=block,
                                        node_block_list=list(self.options.block_nodes) or None)

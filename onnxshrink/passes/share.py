@@ -162,7 +162,7 @@ class SharePass(Pass):
                 raise ValueError(f"share: bit widths must be 1..8 (got {b})")
         weights = self._find_weights(graph, o.min_elements)
         if not weights:
-            return PassResult(graph, False, {"reason": f"no float weight with >= {o.min_elements} elements"})
+            return PassResult(graph, False, reason=f"no float weight with >= {o.min_elements} elements")
         base_bytes = ctx.to_model(graph).ByteSize()
         energy_used = False
         if o.data_aware and ctx.calib is not None:
@@ -200,8 +200,7 @@ class SharePass(Pass):
         graph.cleanup().toposort()
         shared = [r for r in stats["layers"] if r["bits"] != "float"]
         if not shared:
-            stats["reason"] = "every layer stays float under the budget"
-            return PassResult(graph, False, stats)
+            return PassResult(graph, False, stats, reason="every layer stays float under the budget")
         after = ctx.to_model(graph).ByteSize()
         stats.update({
             "layers_shared": len(shared), "layers_float": len(stats["layers"]) - len(shared),

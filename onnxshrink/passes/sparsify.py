@@ -107,7 +107,7 @@ class SparsifyPass(Pass):
             zeros += z
             layers.append({"node": n.name, "size": int(w.size), "threshold": thr, "sparsity": round(z / w.size, 4)})
         if not layers:
-            return PassResult(graph, False, {"reason": "no weights to sparsify"})
+            return PassResult(graph, False, reason="no weights to sparsify")
         graph.cleanup()
         return PassResult(graph, True, {"layers": layers, "weights": total, "zeros": zeros,
                                         "sparsity": round(zeros / max(total, 1), 4), "storage": o.storage,

@@ -145,8 +145,8 @@ class SvdPass(Pass):
             layers = [L for L in layers if (L.node.name or L.node.outputs[0].name) in named]
         stats["skipped"] = skipped
         if not layers:
-            stats["reason"] = "no MatMul/Gemm/Conv with a constant weight of at least %d elements" % o.min_params
-            return PassResult(graph, bool(folded), stats)
+            return PassResult(graph, bool(folded), stats,
+                              reason=f"no MatMul/Gemm/Conv with a constant weight of at least {o.min_params} elements")
 
         calib = ctx.calib if (o.whiten and ctx.calib is not None and not getattr(ctx.calib, "synthetic", False)
                               and len(ctx.calib)) else None
@@ -246,9 +246,8 @@ class SvdPass(Pass):
         stats["params_after"] = p_after
         stats["macs_before"] = int(m_before) if macs_known else None
         stats["macs_after"] = int(m_after) if macs_known else None
-        if not emitted:
-            stats["reason"] = "no layer has a paying rank at %s" % self.describe_strength()
-        return PassResult(graph, bool(emitted) or bool(folded), stats)
+        reason = "" if emitted else f"no layer has a paying rank at {self.describe_strength()}"
+        return PassResult(graph, bool(emitted) or bool(folded), stats, reason=reason)
 
     # ---------------------------------------------------------------- ranks
     def _choose_ranks(self, layers, ctx, graph, o):

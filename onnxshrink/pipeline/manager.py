@@ -333,7 +333,7 @@ class PassManager:
                 break
             if not result.modified:
                 rec.status = NOT_APPLICABLE if not backed else ROLLED_BACK
-                rec.reason = rec.reason or result.stats.get("reason", "nothing to change")
+                rec.reason = rec.reason or result.reason or "nothing to change"
                 rec.stats = result.stats
                 break
             candidate = graph_to_model(result.graph, ctx.template)
@@ -343,7 +343,7 @@ class PassManager:
             if ok:
                 rec.status = BACKED_OFF if backed else APPLIED
                 rec.reason = (f"backed off to {attempt.describe_strength() or _options_dict(attempt)}: "
-                              f"{rec.attempts[0]['reason']}" if backed else str(result.stats.get("note", "")))
+                              f"{rec.attempts[0]['reason']}" if backed else result.note)
                 rec.options = _options_dict(attempt)
                 rec.fidelity = fid
                 rec.stats = result.stats

@@ -224,14 +224,14 @@ def merge_options(user: dict, knob_options: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- applying and measuring
-def apply_pass(model: onnx.ModelProto, pass_name: str, options: dict, ctx) -> tuple[onnx.ModelProto, dict]:
-    """Run one pass with ``options`` on ``model``: (new model, stats); the model itself when the
-    pass changes nothing."""
+def apply_pass(model: onnx.ModelProto, pass_name: str, options: dict, ctx) -> tuple[onnx.ModelProto, str]:
+    """Run one pass with ``options`` on ``model``: (new model, "") or, when the pass changes nothing,
+    (the model itself, the pass's reason)."""
     p = create_pass({pass_name: options})
     res = p.run(model_to_graph(model), ctx)
     if not res.modified:
-        return model, res.stats
-    return graph_to_model(res.graph, ctx.template), res.stats
+        return model, res.reason or "nothing changed"
+    return graph_to_model(res.graph, ctx.template), ""
 
 
 def cost_of(model: onnx.ModelProto, shapes: dict | None, feeds: dict | None = None, latency: bool = False,
@@ -314,9 +314,9 @@ def measure_task(task: tuple) -> dict:
     t0 = time.perf_counter()
     try:
         ctx = data.context(model)
-        cand, stats = apply_pass(model, pass_name, options, ctx)
+        cand, reason = apply_pass(model, pass_name, options, ctx)
         if cand is model:
-            return {"unchanged": True, "reason": str(stats.get("reason", "nothing changed")),
+            return {"unchanged": True, "reason": reason,
                     "seconds": time.perf_counter() - t0}
         scores = ctx.evaluate(cand)
         cost = cost_of(cand, data.shapes, data.val[0] if data.val else None, latency)

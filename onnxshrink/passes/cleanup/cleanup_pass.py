@@ -107,8 +107,8 @@ class CleanupPass(Pass):
             with quiet_gs():
                 exported = gs.export_onnx(graph, do_type_check=False)
         except Exception as e:
-            st["reason"] = f"onnx-graphsurgeon cannot export this graph ({type(e).__name__}: {e}); left unchanged"
-            return PassResult(graph, False, st)
+            return PassResult(graph, False, st, reason=f"onnx-graphsurgeon cannot export this graph "
+                                                       f"({type(e).__name__}: {e}); left unchanged")
         names = FreshNames(graph)
         io_types = record_io(graph)
         protected = protect_overridable(graph, template)
@@ -140,9 +140,7 @@ class CleanupPass(Pass):
         st["initializers_before"], st["initializers_after"] = n_init_before, n_init_after
         changed = changed or st["nodes_after"] != st["nodes_before"] or n_init_after != n_init_before or any(
             v for k, v in st.items() if k not in SIZE_STATS)
-        if not changed:
-            st["reason"] = "nothing to clean up"
-        return PassResult(graph, changed, st)
+        return PassResult(graph, changed, st, reason="" if changed else "nothing to clean up")
 
 
 def _fold_rounds(graph: gs.Graph, o: CleanupOptions, exported, template, protected: dict,

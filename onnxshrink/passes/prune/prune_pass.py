@@ -129,8 +129,8 @@ class PrunePass(Pass):
             priority = {**scores, **{u: -np.inf for u in free}}   # lossless units go last when shrinking
         removed = feasible(a, removed, priority)
         if not removed:
-            stats["reason"] = "no removable channels" if o.mode == "zeros" else "nothing to prune"
-            return PassResult(graph, False, stats)
+            return PassResult(graph, False, stats,
+                              reason="no removable channels" if o.mode == "zeros" else "nothing to prune")
         info = remove_units(a, graph, removed, fill)
         stats["removed_units"] = len(removed)
         stats["removed_channels"] = int(info["removed_channels"])

@@ -59,10 +59,10 @@ class FloatFallback:
         ``fallback`` allows (smaller, same speed); else ``graph`` unchanged."""
         g, stored = self.store(source)
         if not stored:
-            return PassResult(graph, False, {"reason": why, **self.stats})
+            return PassResult(graph, False, dict(self.stats), reason=why)
         self.stats["activations"] = f"float ({why})"
-        self.stats["note"] = f"activations stay float: {why}; {stored} weights stored int8 (float speed)"
-        return PassResult(g, True, self.stats)
+        return PassResult(g, True, self.stats,
+                          note=f"activations stay float: {why}; {stored} weights stored int8 (float speed)")
 
     def store(self, g: gs.Graph) -> tuple[gs.Graph, int]:
         """Store the float-kept weights of ``g`` int8: (graph, number stored)."""
