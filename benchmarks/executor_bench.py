@@ -69,7 +69,8 @@ def _run(src: Path, d: Path, ex: str, args: list[str]) -> dict:
         raise SystemExit(f"{ex}: exit {r.returncode}\n{r.stdout}{r.stderr}")
     a = json.loads(rep.read_text())["allocation"]
     return {"exit": r.returncode, "wall": wall, "sens": a["sensitivity"], "table": a["table"],
-            "decisions": a["decisions"], "chosen_n": a["chosen_n"], "closure": a.get("closure"), "noise": (r.stdout + r.stderr).strip(),
+            "decisions": a["decisions"], "chosen_n": a["chosen_n"], "closure": a.get("closure"),
+            "noise": (r.stdout + r.stderr).strip(),
             "sha": hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None}
 
 
@@ -89,7 +90,8 @@ def main():
               f"{os.getloadavg()[0]:.1f}")
         print(f"  {'executor':8s} {'sweep s':>8s} {'wall s':>8s}  same table / decisions / bytes  chosen  exit  output")
         for ex, r in runs.items():
-            same = (strip(r["table"]) == strip(base["table"]), r["decisions"] == base["decisions"], r["sha"] == base["sha"])
+            same = (strip(r["table"]) == strip(base["table"]), r["decisions"] == base["decisions"],
+                    r["sha"] == base["sha"])
             print(f"  {ex:8s} {r['sens']['seconds']:8.1f} {r['wall']:8.1f}  {' / '.join(map(str, same)):30s}"
                   f"  {str(r['chosen_n']):6s}  {r['exit']:4d}  {'(none)' if not r['noise'] else repr(r['noise'][:80])}")
         for ex, r in runs.items():  # the quantize closure's choice rests on a timing: machine noise, not the executor

@@ -36,14 +36,17 @@ from onnxshrink.runtime import interleaved_latency, make_session  # noqa: E402
 
 
 def _optimize(src, out, passes, extra, report, log):
-    if Path(out).exists() or (Path(report).exists() and json.loads(Path(report).read_text()).get("budget_met") is False):
+    if Path(out).exists() or (Path(report).exists()
+                              and json.loads(Path(report).read_text()).get("budget_met") is False):
         return None
-    cmd = [sys.executable, "-m", "onnxshrink", "optimize", str(src), str(out), "--calib", str(Path(out).parent / "calib"),
+    cmd = [sys.executable, "-m", "onnxshrink", "optimize", str(src), str(out),
+           "--calib", str(Path(out).parent / "calib"),
            "--passes", passes, "--budget", "cosine>=0.99", "--report", str(report), "-q", *extra]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT),
                                                                            **__import__("os").environ})
-    Path(log).write_text(" ".join(cmd) + f"\nexit {r.returncode}, {time.perf_counter() - t0:.0f} s\n" + r.stdout + r.stderr)
+    Path(log).write_text(" ".join(cmd) + f"\nexit {r.returncode}, {time.perf_counter() - t0:.0f} s\n"
+                         + r.stdout + r.stderr)
     return r.returncode
 
 
@@ -62,7 +65,8 @@ def bench(name: str, out: Path, target_macs: float | None = None, rounds: int = 
         "allocated": _optimize(src, d / "a.onnx", "cleanup,prune,svd,quantize",
                                ["--latency", "--target-size", "0.2", "--max-units", "24", "--sensitivity-samples", "4",
                                 "--plot", str(d / "a.png"),
-                                *(["--target-macs", str(target_macs)] if target_macs else [])], d / "a.json", d / "a.log"),
+                                *(["--target-macs", str(target_macs)] if target_macs else [])],
+                               d / "a.json", d / "a.log"),
     }
     fp32 = onnx.load(str(src))
     models = {"fp32": fp32}
@@ -90,7 +94,8 @@ def bench(name: str, out: Path, target_macs: float | None = None, rounds: int = 
         rep = d / ("q.json" if k == "quantize" else "a.json")
         if rep.exists() and k not in models:
             r = json.loads(rep.read_text())
-            rows.append({"model": name, "pipeline": k, "failed": (r.get("allocation") or {}).get("result", "budget not met")})
+            rows.append({"model": name, "pipeline": k,
+                         "failed": (r.get("allocation") or {}).get("result", "budget not met")})
     return rows
 
 
@@ -110,7 +115,8 @@ def main(argv=None):
                 print(f"| {r['model']} | {r['pipeline']} | exit 4: {r['failed']} | | | | | | |")
                 continue
             print(f"| {r['model']} | {r['pipeline']} | {r['weight_bytes'] / 1e6:.2f} MB ({r['size_ratio']:.3f}) | "
-                  f"{r['file_ratio']:.3f} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.3f}G | {r['latency_ms']:.1f} ms | "
+                  f"{r['file_ratio']:.3f} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.3f}G | "
+                  f"{r['latency_ms']:.1f} ms | "
                   f"{r['speed']:.2f}x | {r['cosine']:.4f} / {r['cosine_min']:.4f} |")
 
 

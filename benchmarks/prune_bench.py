@@ -77,7 +77,8 @@ def prepare(name: str, n_samples: int = 8, seed: int = 0):
     m = randomize_weights(m, seed)
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
-    xs = [((im.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1)[None].copy() for im in photos(n_samples, (224, 224), seed)]
+    xs = [((im.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1)[None].copy()
+          for im in photos(n_samples, (224, 224), seed)]
     inp = _input_name(m)
     return m, [{inp: x} for x in xs]
 
@@ -158,12 +159,14 @@ def _fmt(v, f="{:.4g}"):
 
 
 def lossless_table(rows) -> str:
-    out = ["| model | status | zeroed units | removed | max rel. err | params before | after | drop | unprunable groups |",
+    out = ["| model | status | zeroed units | removed | max rel. err | params before | after | drop "
+           "| unprunable groups |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['model']} | {r['status']} | {r['zeroed_units']} | {r['removed_units']} | "
                    f"{_fmt(r['max_rel_err'], '{:.1e}')} | {r['params_before']:,} | {r['params_after']:,} | "
-                   f"{r['params_drop'] * 100:.1f}% | {len(r['unprunable'])}: {'; '.join(sorted(set(x.split(' (')[0] for x in r['unprunable'])))[:90]} |")
+                   f"{r['params_drop'] * 100:.1f}% | {len(r['unprunable'])}: "
+                   f"{'; '.join(sorted(set(x.split(' (')[0] for x in r['unprunable'])))[:90]} |")
     return "\n".join(out)
 
 
@@ -178,7 +181,8 @@ def _strength(r) -> str:
 def importance_table(rows) -> str:
     """One line per model and setting: the refit and no-refit runs side by side (same channels
     removed, so params, MACs and latency are those of the refit run)."""
-    out = ["| model | pruning | params | MACs | latency ms (ORT CPU, 1 thread, median) | cosine no refit | cosine refit "
+    out = ["| model | pruning | params | MACs | latency ms (ORT CPU, 1 thread, median) | cosine no refit "
+           "| cosine refit "
            "| SQNR dB no refit / refit | pass s no refit / refit |",
            "|---|---|---|---|---|---|---|---|---|"]
     pairs: dict = {}
@@ -189,9 +193,11 @@ def importance_table(rows) -> str:
         no, yes = p.get(False, {}), p.get(True, {})
         out.append(f"| {model} | {strength} | {r['params_before']:,} -> {r['params_after']:,} | "
                    f"{r['macs_before'] / 1e6:.0f}M -> {r['macs_after'] / 1e6:.0f}M | "
-                   f"{r['latency_ms_before']:.2f} -> {r['latency_ms_after']:.2f} | {_fmt(no.get('cosine'), '{:.4f}')} | "
+                   f"{r['latency_ms_before']:.2f} -> {r['latency_ms_after']:.2f} | "
+                   f"{_fmt(no.get('cosine'), '{:.4f}')} | "
                    f"{_fmt(yes.get('cosine'), '{:.4f}')} | {_fmt(no.get('sqnr_db'), '{:.2f}')} / "
-                   f"{_fmt(yes.get('sqnr_db'), '{:.2f}')} | {_fmt(no.get('pass_seconds'))} / {_fmt(yes.get('pass_seconds'))} |")
+                   f"{_fmt(yes.get('sqnr_db'), '{:.2f}')} | {_fmt(no.get('pass_seconds'))} / "
+                   f"{_fmt(yes.get('pass_seconds'))} |")
     return "\n".join(out)
 
 
@@ -201,7 +207,8 @@ def main(argv=None):
     ap.add_argument("models", nargs="*")
     ap.add_argument("--json")
     ap.add_argument("--ratio", type=float, default=0.3, help="importance ratio")
-    ap.add_argument("--target-macs", type=float, default=0.0, help="importance: prune to this MAC fraction by sensitivity")
+    ap.add_argument("--target-macs", type=float, default=0.0,
+                    help="importance: prune to this MAC fraction by sensitivity")
     ap.add_argument("--target-latency", type=float, default=0.0, help="importance: prune to this latency fraction")
     ap.add_argument("--scope", default="layer", choices=["layer", "global"])
     ap.add_argument("--samples", type=int, default=16, help="calibration samples (every 4th held out for validation)")

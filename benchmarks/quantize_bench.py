@@ -214,15 +214,16 @@ def bench_model(name, n_calib, n_held, rounds, options, tools) -> list[dict]:
 
 
 def print_table(rows):
-    hdr = f"{'model':10} {'variant':16} {'valid':6} {'size':>5} {'speed':>6} {'ms':>7} {'cos mean':>8} {'cos min':>8} " \
-          f"{'int ops':>7} {'tool s':>7} {'tool MB':>7}"
+    hdr = f"{'model':10} {'variant':16} {'valid':6} {'size':>5} {'speed':>6} {'ms':>7} {'cos mean':>8} " \
+          f"{'cos min':>8} {'int ops':>7} {'tool s':>7} {'tool MB':>7}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         def f(k, fmt):
             v = r.get(k)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
-        print(f"{r['model']:10} {r['variant']:16} {str(r.get('valid'))[:6]:6} {f('size', '5.2f')} {f('speed', '5.2f')}x "
+        print(f"{r['model']:10} {r['variant']:16} {str(r.get('valid'))[:6]:6} {f('size', '5.2f')} "
+              f"{f('speed', '5.2f')}x "
               f"{f('ms', '7.1f')} {f('cos_mean', '8.4f')} {f('cos_min', '8.4f')} {f('integer', '7d')} "
               f"{f('wall_s', '7.1f')} {f('peak_rss_mb', '7.0f')}")
         if str(r.get("valid", "")).startswith("NO"):

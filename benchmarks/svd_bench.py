@@ -86,7 +86,8 @@ def bench(name: str, n: int, ratio: float, samples: int, positions: int, n_test:
     test = real_samples(name, max(n, 32) + n_test, seed=1)[-n_test:]
     res["budget"] = {"status": rec.status, "reason": rec.reason, "params": [rep.before["params"], rep.after["params"]],
                      "macs": [rep.before["macs"], rep.after["macs"]], "fidelity": rep.fidelity,
-                     "test_fidelity": _fidelity_on(model, out, test, name.startswith('yolo')) if out is not None else {},
+                     "test_fidelity": (_fidelity_on(model, out, test, name.startswith('yolo'))
+                                       if out is not None else {}),
                      "latency_ms": rep.latency_ms, "factorized": rec.stats.get("factorized"),
                      "candidates": rec.stats.get("candidates"), "seconds": dt}
 
@@ -95,14 +96,16 @@ def bench(name: str, n: int, ratio: float, samples: int, positions: int, n_test:
                                             "cosine>=0.99")
         res["plain_fit"] = {"status": rec_pf.status, "params": [rep_pf.before["params"], rep_pf.after["params"]],
                             "macs": [rep_pf.before["macs"], rep_pf.after["macs"]], "fidelity": rep_pf.fidelity,
-                            "test_fidelity": _fidelity_on(model, out_p, test, name.startswith('yolo')) if out_p is not None else {},
+                            "test_fidelity": (_fidelity_on(model, out_p, test, name.startswith('yolo'))
+                                              if out_p is not None else {}),
                             "seconds": dt_pf}
 
     _, rep_w, rec_w, dt_w = _run(model, pre + [{"svd": dict(common, rule="params", ratio=ratio)}], data)
     ranks = [f"{L['layer']}={L['form']}:{L['rank']}" for L in rec_w.stats.get("layers", []) if L.get("rank")]
     _, rep_p, rec_p, dt_p = _run(model, pre + [{"svd": dict(common, whiten=False, ranks=ranks)}], data)
     for key, rep_, rec_, dt_ in (("whitened", rep_w, rec_w, dt_w), ("plain", rep_p, rec_p, dt_p)):
-        res[key] = {"params": [rep_.before["params"], rep_.after["params"]], "macs": [rep_.before["macs"], rep_.after["macs"]],
+        res[key] = {"params": [rep_.before["params"], rep_.after["params"]],
+                    "macs": [rep_.before["macs"], rep_.after["macs"]],
                     "fidelity": rep_.fidelity, "factorized": rec_.stats.get("factorized"), "seconds": dt_,
                     "mean_measured_layer_error": _mean([L.get("measured_error") for L in rec_.stats.get("layers", [])
                                                         if L.get("rank")])}
@@ -141,8 +144,10 @@ def table(results: list[dict]) -> str:
                      f"{b['test_fidelity'].get('class_cosine', float('nan')):12.5f}")
         if "plain_fit" in r:
             p = r["plain_fit"]
-            lines.append(f"{'':10} {'plain, same budget':22} {_arrow(p['params'], 1, ''):>24} {_arrow(p['macs'], 1e6, 'M'):>26} "
-                         f"{p['fidelity'].get('cosine', float('nan')):8.5f} {p['fidelity'].get('sqnr', float('nan')):8.2f} "
+            lines.append(f"{'':10} {'plain, same budget':22} {_arrow(p['params'], 1, ''):>24} "
+                         f"{_arrow(p['macs'], 1e6, 'M'):>26} "
+                         f"{p['fidelity'].get('cosine', float('nan')):8.5f} "
+                         f"{p['fidelity'].get('sqnr', float('nan')):8.2f} "
                          f"{'':>9} {'':>13} {p['test_fidelity'].get('cosine', float('nan')):8.5f} "
                          f"{p['test_fidelity'].get('top1', float('nan')):9.4f} "
                          f"{p['test_fidelity'].get('class_cosine', float('nan')):12.5f}")
@@ -151,7 +156,8 @@ def table(results: list[dict]) -> str:
             err = w["mean_measured_layer_error"]
             lines.append(f"{'':10} {key + ' ratio=%g' % r['ratio']:22} "
                          f"{_arrow(w['params'], 1, ''):>24} {_arrow(w['macs'], 1e6, 'M'):>26} "
-                         f"{w['fidelity'].get('cosine', float('nan')):8.5f} {w['fidelity'].get('sqnr', float('nan')):8.2f} "
+                         f"{w['fidelity'].get('cosine', float('nan')):8.5f} "
+                         f"{w['fidelity'].get('sqnr', float('nan')):8.2f} "
                          f"{(err if err is not None else float('nan')):9.4f}")
         lines.append(f"{'':10} cleanup: {r['cleanup']}; budget run: {b['status']} "
                      f"({b['factorized']}/{b['candidates']} layers factorized, {b['seconds']:.0f}s)")

@@ -65,7 +65,8 @@ class OrtQDQ(Pass):
                 quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, activation_type=act,
                                 weight_type=wt, per_channel=bool(prof.per_channel) if prof else True,
                                 extra_options={"WeightSymmetric": bool(prof.symmetric_weights) if prof else True,
-                                               "ActivationSymmetric": bool(prof.symmetric_activations) if prof else False})
+                                               "ActivationSymmetric": (bool(prof.symmetric_activations) if prof
+                                                                       else False)})
             q = onnx.load(dst)
         return PassResult(gs.import_onnx(q), True, {"quantizer": "onnxruntime quantize_static"})
 

@@ -465,7 +465,8 @@ def transformer_block(seed: int = 0, seq: int = 16, d_model: int = 64, heads: in
     b.node("Add", [x1, f], "residual2")
     b.nodes[-1].output[0] = "y"
     m = b.model("transformer_block", [_input("x", [1, seq, d_model], dynamic_batch)],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch" if dynamic_batch else 1, seq, d_model])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                               ["batch" if dynamic_batch else 1, seq, d_model])],
                 doc="Pre-LN transformer encoder block built by models/build.py")
     return m
 

@@ -240,7 +240,8 @@ class DirectorySource(SampleSource):
                     return {k: z[k] for k in z.files}
             arr = np.load(f, allow_pickle=False)
         except Exception as e:
-            raise InputError(f"{f}: cannot read array ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise InputError(f"{f}: cannot read array "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         if self.specs is None or len(self.specs) != 1:
             names = [s.name for s in self.specs] if self.specs else []
             raise InputError(f"{f}: a .npy file holds one array, but the model has {len(names)} inputs {names}; "

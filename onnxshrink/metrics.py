@@ -53,7 +53,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray], scales: Sequence[float] | None = None) -> dict:
+def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray],
+                    scales: Sequence[float] | None = None) -> dict:
     """Scores of one sample: worst output's cosine, sqnr, relative max-abs error, relative mse, top1.
     ``scales``: each output's scale (max |ref| over all samples) for the relative max-abs error;
     default: this sample's own max |ref|."""
@@ -135,7 +136,9 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
     res = {
         "cosine": float(np.mean([p["cosine"] for p in per])),
         "cosine_min": float(min(p["cosine"] for p in per)),
-        "sqnr": float(np.mean(fin)) if len(fin) == len(per) else (math.inf if not fin and all(p["sqnr"] == math.inf for p in per) else float(np.mean(fin)) if fin else -math.inf),
+        "sqnr": float(np.mean(fin)) if len(fin) == len(per) else (
+            math.inf if not fin and all(p["sqnr"] == math.inf for p in per)
+            else float(np.mean(fin)) if fin else -math.inf),
         "max_abs": float(max(p["max_abs"] for p in per)),
         "mse": float(np.mean([p["mse"] for p in per])),
         "top1": float(np.mean([p["top1"] for p in per])),
@@ -148,7 +151,8 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
     return res
 
 
-_BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*$")
+_BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*"
+                        r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*$")
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,9 @@ def randomize_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
             if w.name in done:
                 continue
             v = np.asarray(w.values)
-            fan_in = int(np.prod(v.shape[1:])) if n.op == "Conv" else (v.shape[0] if n.op == "ConvTranspose" else
-                                                                         v.shape[1] if n.attrs.get("transB", 0) else v.shape[0])
+            fan_in = int(np.prod(v.shape[1:])) if n.op == "Conv" else (
+                v.shape[0] if n.op == "ConvTranspose" else
+                v.shape[1] if n.attrs.get("transB", 0) else v.shape[0])
             w.values = (rng.standard_normal(v.shape) * np.sqrt(2.0 / max(fan_in, 1))).astype(v.dtype)
             done.add(w.name)
             if len(n.inputs) > 2 and isinstance(n.inputs[2], gs.Constant) and n.inputs[2].name not in done:

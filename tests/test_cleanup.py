@@ -127,7 +127,8 @@ def test_constant_folding_and_size_guard():
         helper.make_node("Add", ["x", "ab"], ["x1"]),
         # a big tensor materialised from a 2-element shape: folded only under the size limit
         const_node("shape", np.array([256, 1024], np.int64)),
-        helper.make_node("ConstantOfShape", ["shape"], ["big"], value=numpy_helper.from_array(np.array([1.0], np.float32))),
+        helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                         value=numpy_helper.from_array(np.array([1.0], np.float32))),
         helper.make_node("Add", ["x1", "big"], ["y"]),
     ]
     m = make(nodes, [("x", F, [1, 1024])], [("y", F, [256, 1024])])
@@ -179,8 +180,10 @@ def test_shape_folding_static_and_partial():
 
 
 def _bn_inits(c, rng, prefix="bn"):
-    return {f"{prefix}_s": rng.uniform(0.5, 2, c).astype(np.float32), f"{prefix}_b": rng.standard_normal(c).astype(np.float32),
-            f"{prefix}_m": rng.standard_normal(c).astype(np.float32), f"{prefix}_v": rng.uniform(0.1, 2, c).astype(np.float32)}
+    return {f"{prefix}_s": rng.uniform(0.5, 2, c).astype(np.float32),
+            f"{prefix}_b": rng.standard_normal(c).astype(np.float32),
+            f"{prefix}_m": rng.standard_normal(c).astype(np.float32),
+            f"{prefix}_v": rng.uniform(0.1, 2, c).astype(np.float32)}
 
 
 def _bn(x, y, prefix="bn", eps=1e-3):
@@ -495,7 +498,8 @@ def test_pytorch_like_block():
     rng = _rng(90)
     inits = {"w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, **_bn_inits(8, rng, "b1"),
              "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2, **_bn_inits(8, rng, "b2"),
-             "fc_w": rng.standard_normal((10, 8)).astype(np.float32), "fc_b": rng.standard_normal(10).astype(np.float32)}
+             "fc_w": rng.standard_normal((10, 8)).astype(np.float32),
+             "fc_b": rng.standard_normal(10).astype(np.float32)}
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), _bn("c1", "n1", "b1"),
         helper.make_node("Relu", ["n1"], ["r1"]),
@@ -538,7 +542,8 @@ def test_paddle_like_model_opset11():
 
 def test_duplicate_nodes_merged():
     nodes = [helper.make_node("Shape", ["x"], ["s1"]), helper.make_node("Shape", ["x"], ["s2"]),
-             helper.make_node("Gather", ["s1", "i"], ["g1"], axis=0), helper.make_node("Gather", ["s2", "i2"], ["g2"], axis=0),
+             helper.make_node("Gather", ["s1", "i"], ["g1"], axis=0),
+             helper.make_node("Gather", ["s2", "i2"], ["g2"], axis=0),
              helper.make_node("Add", ["g1", "g2"], ["y"]),
              helper.make_node("RandomUniformLike", ["x"], ["r1"]), helper.make_node("RandomUniformLike", ["x"], ["r2"]),
              helper.make_node("Sub", ["r1", "r2"], ["z"])]
@@ -556,7 +561,8 @@ def test_duplicate_nodes_merged():
 def test_constant_of_shape_arithmetic_folded_with_dynamic_shape():
     """YOLOv8's stride tensors: ConstantOfShape(dynamic shape, 1.0) * 8.0."""
     nodes = [helper.make_node("Shape", ["x"], ["s"]),
-             helper.make_node("ConstantOfShape", ["s"], ["ones"], value=numpy_helper.from_array(np.array([1.0], np.float32))),
+             helper.make_node("ConstantOfShape", ["s"], ["ones"],
+                              value=numpy_helper.from_array(np.array([1.0], np.float32))),
              helper.make_node("Mul", ["ones", "eight"], ["st"]), helper.make_node("Sub", ["st", "half"], ["st2"]),
              helper.make_node("Add", ["x", "st2"], ["y"])]
     m = make(nodes, [("x", F, ["N", 3])], [("y", F, ["N", 3])],
@@ -658,7 +664,8 @@ def test_scale_bias_fold_into_following_unpadded_conv(group):
     """PP-LCNet's learnable affine (x * a + b) before a pointwise conv."""
     rng = _rng(110 + group)
     inits = {"a": np.float32(1.7), "t": rng.standard_normal((4, 1, 1)).astype(np.float32),
-             "w": rng.standard_normal((6, 4 // group, 1, 1)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32)}
+             "w": rng.standard_normal((6, 4 // group, 1, 1)).astype(np.float32),
+             "b": rng.standard_normal(6).astype(np.float32)}
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["a", "r"], ["m"]),
              helper.make_node("Add", ["m", "t"], ["p"]), helper.make_node("Conv", ["p", "w", "b"], ["y"], group=group)]
     m = make(nodes, [("x", F, [1, 4, 5, 5])], [("y", F, None)], inits)
@@ -670,7 +677,8 @@ def test_scale_bias_fold_into_following_unpadded_conv(group):
 def test_scale_bias_not_folded_into_padded_or_broadcasting_conv():
     rng = _rng(120)
     w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
-    padded = make([helper.make_node("Add", ["x", "t"], ["p"]), helper.make_node("Conv", ["p", "w"], ["y"], pads=[1, 1, 1, 1])],
+    padded = make([helper.make_node("Add", ["x", "t"], ["p"]),
+                   helper.make_node("Conv", ["p", "w"], ["y"], pads=[1, 1, 1, 1])],
                   [("x", F, [1, 4, 5, 5])], [("y", F, None)], {"t": np.float32(0.5), "w": w})
     res, out = cleanup(padded)
     assert "Add" in ops(out)

@@ -43,7 +43,8 @@ def no_ray():
 def test_ray_gives_the_serial_table_and_decisions(no_ray, capfd):
     model, data = _digits_data(16)
     kw = dict(cache=MeasurementCache(enabled=False))
-    serial = measure_sensitivity(model, ["prune", "svd", "quantize"], data, data.budget, executor=SerialExecutor(), **kw)
+    serial = measure_sensitivity(model, ["prune", "svd", "quantize"], data, data.budget,
+                                 executor=SerialExecutor(), **kw)
     with get_executor("ray", 2) as ex:
         assert ex.name == "ray" and ray.cluster_resources()["CPU"] == 2  # bounded by --workers
         remote = measure_sensitivity(model, ["prune", "svd", "quantize"], data, data.budget, executor=ex, **kw)
@@ -101,7 +102,8 @@ def test_cli_ray_writes_the_serial_bytes(no_ray, mlp_case, tmp_path, monkeypatch
         assert res.code == 0, res.err
         outs[name] = (tmp_path / f"{name}.onnx").read_bytes(), json.loads((tmp_path / f"{name}.json").read_text())
     (a, ra), (b, rb) = outs["serial"], outs["ray"]
-    assert ra["allocation"]["sensitivity"]["executor"] == "serial" and rb["allocation"]["sensitivity"]["executor"] == "ray"
+    assert (ra["allocation"]["sensitivity"]["executor"] == "serial"
+            and rb["allocation"]["sensitivity"]["executor"] == "ray")
     assert rb["allocation"]["sensitivity"]["measured"] > 4
     assert ra["allocation"]["decisions"] == rb["allocation"]["decisions"]
     assert a == b

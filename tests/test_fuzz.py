@@ -175,7 +175,8 @@ def m_op_type(m, rng):
 
 def m_domain(m, rng):
     if m.graph.node:
-        m.graph.node[int(rng.integers(len(m.graph.node)))].domain = str(rng.choice(["com.microsoft", "x.y", "ai.onnx.ml"]))
+        m.graph.node[int(rng.integers(len(m.graph.node)))].domain = str(
+            rng.choice(["com.microsoft", "x.y", "ai.onnx.ml"]))
 
 
 def m_drop_output(m, rng):
@@ -296,7 +297,8 @@ def run_fuzz(tmp_path: Path, cases: range, seed: int = 0) -> dict:
     passes = ["cleanup"] if "cleanup" in reg else ["t_strip_identity"]
     results = tmp_path / "results.jsonl"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), str(cdir), str(results), ",".join(passes)],
+    proc = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), str(cdir), str(results),
+                           ",".join(passes)],
                           capture_output=True, text=True, env=env, timeout=CASE_TIMEOUT_S * 2 * len(cases) + 120)
     lines = [json.loads(ln) for ln in results.read_text().splitlines()] if results.exists() else []
     done = [r for r in lines if not r.get("started")]

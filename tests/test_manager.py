@@ -204,7 +204,8 @@ def test_integer_and_bool_inputs():
                helper.make_node("Mul", ["ei", "mu"], ["y"]),
                helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
                helper.make_node("Add", ["kf", "one"], ["z"])],
-              [vi("ids", [1, 6], TensorProto.INT64), vi("mask", [1, 6], TensorProto.BOOL), vi("k", [1], TensorProto.INT32)],
+              [vi("ids", [1, 6], TensorProto.INT64), vi("mask", [1, 6], TensorProto.BOOL),
+               vi("k", [1], TensorProto.INT32)],
               [vi("y", [1, 6, 4]), vi("z", [1])],
               [init("emb", rng.standard_normal((10, 4)).astype(np.float32)), init("ax", np.array([2], np.int64)),
                init("one", np.array([1.0], np.float32))])

@@ -216,7 +216,8 @@ def test_huge_tensor_export_path(monkeypatch, touch_values):
                 _ = t.values
     filled = []
     real_fill = convert._fill_huge_constants
-    monkeypatch.setattr(convert, "_fill_huge_constants", lambda model, held: filled.extend(held) or real_fill(model, held))
+    monkeypatch.setattr(convert, "_fill_huge_constants",
+                        lambda model, held: filled.extend(held) or real_fill(model, held))
     out = convert.graph_to_model(g, m)
     assert len(filled) > 10  # the placeholder path was taken
     assert out == plain

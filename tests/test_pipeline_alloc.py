@@ -98,7 +98,8 @@ def _digits_data(n_val=64):
 def test_process_pool_gives_the_serial_table_and_decisions():
     model, data = _digits_data(16)
     kw = dict(cache=MeasurementCache(enabled=False))
-    serial = measure_sensitivity(model, ["prune", "svd", "quantize"], data, data.budget, executor=SerialExecutor(), **kw)
+    serial = measure_sensitivity(model, ["prune", "svd", "quantize"], data, data.budget,
+                                 executor=SerialExecutor(), **kw)
     with ProcessExecutor(2) as ex:
         pooled = measure_sensitivity(model, ["prune", "svd", "quantize"], data, data.budget, executor=ex, **kw)
     assert serial.info["measured"] == pooled.info["measured"] == len(serial.rows) > 8

@@ -231,8 +231,10 @@ def _shuffle_unit():
     """A ShuffleNet v1 stage in miniature: stem conv; downsampling-style unit (grouped 1x1 conv,
     channel shuffle, depthwise 3x3, grouped 1x1 conv) concatenated with an AveragePool shortcut;
     then a residual unit whose grouped convs read the concatenation (groups straddle both parts)."""
-    bn = lambda n, c: helper.make_node("BatchNormalization", [f"{n}_in", f"{n}_s", f"{n}_b", f"{n}_m", f"{n}_v"],
-                                       [f"{n}_out"], name=n)
+    def bn(n, c):
+        return helper.make_node("BatchNormalization", [f"{n}_in", f"{n}_s", f"{n}_b", f"{n}_m", f"{n}_v"],
+                                [f"{n}_out"], name=n)
+
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["r0"], name="stem"),
         helper.make_node("Conv", ["r0", "wg1"], ["bn1_in"], name="g1", group=2),
@@ -439,7 +441,8 @@ def _cnn(seed=3):
     rng = np.random.default_rng(seed)
 
     def w(*s, name):
-        return numpy_helper.from_array((rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32), name)
+        return numpy_helper.from_array((rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32),
+                                       name)
 
     def b(n, name):
         return numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(np.float32), name)

@@ -243,7 +243,8 @@ def _biased_conv_model():
              oh.make_node("Relu", ["y"], ["out"], name="r1")]
     g = oh.make_graph(nodes, "bc", [oh.make_tensor_value_info("x", TP.FLOAT, [1, cin, 16, 16])],
                       [oh.make_tensor_value_info("out", TP.FLOAT, [1, cout, 16, 16])],
-                      [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.zeros(cout, np.float32), "b")])
+                      [onnx.numpy_helper.from_array(w, "w"),
+                       onnx.numpy_helper.from_array(np.zeros(cout, np.float32), "b")])
     return oh.make_model(g, opset_imports=[oh.make_opsetid("", 13)])
 
 

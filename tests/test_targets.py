@@ -272,7 +272,8 @@ def test_fp16_keeps_io_types_and_blocked_ops():
     from onnxshrink.passes.registry import create_pass
     w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.2
     m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
-        g (float[1,3,8,8] x) => (float[1,8,8,8] y) { c = Conv <pads = [1, 1, 1, 1]> (x, w)  e = Exp(c)  y = Relu(e) }""",
+        g (float[1,3,8,8] x) => (float[1,8,8,8] y) """
+               """{ c = Conv <pads = [1, 1, 1, 1]> (x, w)  e = Exp(c)  y = Relu(e) }""",
                {"w": w})
     p = create_pass("fp16")
     res = p.run(gs.import_onnx(m), Context(template=m))

@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxshrink.model import bare_tensor, copy_model_fields
+
 # onnx-graphsurgeon's warnings (missing opset info, colour module) are noise on a user's terminal;
 # our own validation reports what matters
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
-
-from onnxshrink.model import bare_tensor, copy_model_fields
 
 
 def model_to_graph(model: onnx.ModelProto) -> gs.Graph:

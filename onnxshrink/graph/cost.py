@@ -49,7 +49,6 @@ def node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
         w = shapes.get(node.input[1])
         if not x or not w:
             return None
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
         p = _prod(x)
         k = _prod(w[1:])
         return None if None in (p, k) else p * k  # Cin*spatial_in * (Cout/group)*kernel

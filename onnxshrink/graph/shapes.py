@@ -35,8 +35,9 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> on
     inputs = {i.name: i for i in model.graph.input}
     for name, shape in shapes.items():
         if name not in inputs:
-            raise UsageError(f"--input-shape names '{name}', but the model's inputs are "
-                             f"{[i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]}")
+            raise UsageError(
+                f"--input-shape names '{name}', but the model's inputs are "
+                f"{[i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]}")
         dims = inputs[name].type.tensor_type.shape.dim
         if len(dims) and len(dims) != len(shape):
             raise InputError(f"input '{name}' has rank {len(dims)}, but --input-shape gives {len(shape)} dims")

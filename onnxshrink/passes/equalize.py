@@ -156,8 +156,8 @@ def equalize_pairs(graph: gs.Graph, iterations: int = 20, tol: float = 1e-3, max
 
     def b(n):
         if n.name not in bs:
-            bs[n.name] = (constant_value(n.inputs[2]).astype(np.float64).reshape(-1) if len(n.inputs) > 2 and n.inputs[2].name
-                          else None)
+            bs[n.name] = (constant_value(n.inputs[2]).astype(np.float64).reshape(-1)
+                          if len(n.inputs) > 2 and n.inputs[2].name else None)
         return bs[n.name]
 
     # before: mean over pairs of the spread of per-channel ranges (max / min) of both layers

@@ -136,7 +136,8 @@ def _fold_affine(graph: gs.Graph, first: gs.Node, outs: set) -> dict | None:
         mid = gs.Variable(f"{base}_fold_mid", dtype=dtype)
         qq = np.asarray(q).reshape(tuple(bias_shape[:-1]) + (m,)) if add is not None and len(bias_shape) else q
         new = [gs.Node("MatMul", f"{base}_fold", inputs=[x, w], outputs=[mid]),
-               gs.Node("Add", f"{base}_fold_bias", inputs=[mid, gs.Constant(f"{base}_fold_b", np.asarray(qq).astype(dtype))],
+               gs.Node("Add", f"{base}_fold_bias",
+                       inputs=[mid, gs.Constant(f"{base}_fold_b", np.asarray(qq).astype(dtype))],
                        outputs=[y])]
     for nd in [first, add, nxt]:
         if nd is not None:

@@ -612,7 +612,8 @@ def _bounds(cuts):
 
 
 def kmeans_1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, pin_zero: bool = False,
-              iters: int = 60, refine: int | None = None, _sorted: _Sorted | None = None) -> tuple[np.ndarray, np.ndarray]:
+              iters: int = 60, refine: int | None = None,
+              _sorted: _Sorted | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Weighted 1-D k-means: (centroids [k] ascending, labels with the shape of ``values``).
 
     Minimises sum_i weights_i (values_i - centroids[labels_i])^2 by Lloyd iterations on the

@@ -43,9 +43,12 @@ _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 @dataclass
 class SparsifyOptions:
     method: Literal["std", "sparsity"] = field(default="std", metadata={
-        "help": "std: threshold = q x std of the layer's weights (Han et al. 2015); sparsity: zero the smallest `sparsity` fraction"})
-    q: float = field(default=0.5, metadata={"help": "quality parameter of method=std (threshold in standard deviations)"})
-    sparsity: float = field(default=0.5, metadata={"help": "fraction of each layer's weights set to zero (method=sparsity)"})
+        "help": "std: threshold = q x std of the layer's weights (Han et al. 2015); "
+                "sparsity: zero the smallest `sparsity` fraction"})
+    q: float = field(default=0.5, metadata={
+        "help": "quality parameter of method=std (threshold in standard deviations)"})
+    sparsity: float = field(default=0.5, metadata={
+        "help": "fraction of each layer's weights set to zero (method=sparsity)"})
     min_size: int = field(default=4096, metadata={"help": "leave weights with fewer elements dense"})
     storage: Literal["sparse", "dense"] = field(default="sparse", metadata={
         "help": "sparse: the saved file stores the zeroed weights as ONNX sparse initializers where that is smaller "
@@ -64,7 +67,8 @@ class SparsifyPass(Pass):
         o = self.options
         if o.method == "std":
             return None if o.q * 0.6 < 0.05 else SparsifyPass(dataclasses.replace(o, q=round(o.q * 0.6, 4)))
-        return None if o.sparsity * 0.6 < 0.05 else SparsifyPass(dataclasses.replace(o, sparsity=round(o.sparsity * 0.6, 4)))
+        return None if o.sparsity * 0.6 < 0.05 else SparsifyPass(
+            dataclasses.replace(o, sparsity=round(o.sparsity * 0.6, 4)))
 
     def describe_strength(self) -> str:
         o = self.options

@@ -146,7 +146,8 @@ class Report:
         a = self.allocation
         sens = a.get("sensitivity", {})
         kind = a.get("target", {}).get("cost", "")
-        toward = a.get("target", {}).get("describe") or f"{kind} <= {a.get('target', {}).get('fraction', 0):g} of the input's"
+        toward = (a.get("target", {}).get("describe")
+                  or f"{kind} <= {a.get('target', {}).get('fraction', 0):g} of the input's")
         console.print(f"allocation toward {toward}: "
                       f"{sens.get('candidates', 0)} (unit, strength) candidates, {sens.get('measured', 0)} measured, "
                       f"{sens.get('cached', 0)} from the cache ({sens.get('seconds', 0):.1f} s, executor "
@@ -178,7 +179,8 @@ def plot_allocation(allocation: dict, path, budget=None):
     chosen = allocation.get("chosen_n")
     base = allocation.get("target", {})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "weight_bytes", "weight bytes (MB)"), (axes[1], "latency_ms", "latency (ms, 1 thread)")):
+    for ax, key, label in ((axes[0], "weight_bytes", "weight bytes (MB)"),
+                           (axes[1], "latency_ms", "latency (ms, 1 thread)")):
         xs = [t["cost"].get(key) for t in trials]
         ys = [t.get(metric) for t in trials]
         pts = [(x / (2 ** 20) if key == "weight_bytes" else x, y, t) for x, y, t in zip(xs, ys, trials)

@@ -157,7 +157,9 @@ class QuantizePass(Pass):
         main error left, and its per-channel mean shift is what bias correction removes), and keep
         the plan that holds the floor with the fewest float units, then the best cosine (ties with
         the 8-bit plan: 8-bit, half the bandwidth)."""
-        rank = (lambda o: (o["holds"], -o["kept_float"], o["cosine"]))
+        def rank(o):
+            return (o["holds"], -o["kept_float"], o["cosine"])
+
         act8 = run8.stats.get("scheme", {}).get("activations")
         cands = {act8: run8}
         for bc in (False, True) if not self.options.bias_correction else (True,):

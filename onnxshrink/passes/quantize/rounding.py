@@ -131,7 +131,8 @@ def round_units(model, graph, units: list, weight_quant: Callable, samples: Call
     jobs = []
     for name, axis in units:
         node = nodes[name]
-        if node.op not in ("Conv", "MatMul", "Gemm") or (node.op == "Conv" and node.inputs[1].values.ndim not in (3, 4)):
+        if node.op not in ("Conv", "MatMul", "Gemm") or (
+                node.op == "Conv" and node.inputs[1].values.ndim not in (3, 4)):
             continue
         W = np.asarray(node.inputs[1].values, np.float32)
         attrs = dict(node.attrs)
