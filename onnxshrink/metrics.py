@@ -11,7 +11,8 @@ model's ``cosine``/``sqnr`` are means over samples, ``cosine_min`` the worst sam
 
 from __future__ import annotations
 
-__all__ = ["METRICS", "Budget", "fidelity", "compare_outputs"]
+__all__ = ["METRICS", "Budget", "fidelity", "compare_outputs", "DEFAULT_BUDGET", "DEFAULT_SCALAR_BUDGET",
+           "UNCHECKED_BUDGET", "blind_metric_outputs"]
 
 import math
 import re
@@ -53,6 +54,15 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
+def as_flat_array(x) -> np.ndarray:
+    """An output as one array: a tensor as it is; a sequence output (a list of tensors, e.g.
+    SplitToSequence) as its elements raveled and concatenated (element shapes may differ)."""
+    if isinstance(x, (list, tuple)):
+        parts = [np.ravel(np.asarray(e)) for e in x]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return np.asarray(x)
+
+
 def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray],
                     scales: Sequence[float] | None = None) -> dict:
     """Scores of one sample: worst output's cosine, sqnr, relative max-abs error, relative mse, top1.
@@ -61,8 +71,8 @@ def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray],
     cos, sq, mx, mse = [], [], [], []
     top1 = 1.0
     for k, (r, o) in enumerate(zip(ref, out)):
-        r = np.asarray(r)
-        o = np.asarray(o)
+        r = as_flat_array(r)
+        o = as_flat_array(o)
         if r.shape != o.shape:
             return {"cosine": 0.0, "sqnr": -math.inf, "max_abs": math.inf, "mse": math.inf, "top1": 0.0}
         if r.dtype.kind not in "fc":
@@ -123,7 +133,7 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
     scales = []
     for r in reference:
         for k, x in enumerate(r):
-            x = np.asarray(x)
+            x = as_flat_array(x)
             v = float(np.max(np.abs(x.astype(np.float64)))) if x.size and x.dtype.kind in "fc" else 0.0
             if k == len(scales):
                 scales.append(v)
@@ -151,6 +161,24 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
     return res
 
 
+DEFAULT_BUDGET = "cosine>=0.99"  # applies when no budget is given (docs/errors.md)
+DEFAULT_SCALAR_BUDGET = "max_abs<=0.01"  # the default for outputs of one value per sample
+UNCHECKED_BUDGET = "none"  # --budget none: no fidelity check, the report says "unchecked"
+# metrics measured against the original's outputs: the original's own score is exact
+_AGAINST_REFERENCE = {"sqnr", "max_abs", "mse"}
+_ABSOLUTE_EXAMPLE = {"sqnr": "sqnr>=30", "max_abs": "max_abs<=0.01", "mse": "mse<=1e-4"}
+_BLIND_TO_ONE_VALUE = {"cosine", "cosine_min", "top1"}  # per-sample metrics a one-value output cannot move
+
+
+def blind_metric_outputs(budget: "Budget | None", reference) -> list[int]:
+    """Indices of outputs the budget's metric cannot judge: per-sample cosine (and argmax agreement)
+    of an output holding one value per sample is 1 whatever the value (cosine of a one-element
+    vector only checks its sign)."""
+    if budget is None or budget.metric not in _BLIND_TO_ONE_VALUE or not reference:
+        return []
+    return [i for i, o in enumerate(reference[0]) if getattr(o, "size", 2) <= 1]
+
+
 _BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*"
                         r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*$")
 
@@ -171,8 +199,11 @@ class Budget:
 
     @classmethod
     def parse(cls, text: "str | Budget | None") -> "Budget | None":
+        """A Budget from its text; None for None or ``"none"`` (no check: the caller says which)."""
         if text is None or isinstance(text, Budget):
             return text
+        if str(text).strip().lower() == UNCHECKED_BUDGET:
+            return None
         m = _BUDGET_RE.match(str(text))
         if not m:
             raise UsageError(f"cannot parse budget '{text}': expected METRIC>=VALUE or METRIC<=VALUE, "
@@ -180,6 +211,11 @@ class Budget:
         metric, op, value, rel = m.group(1), m.group(2), float(m.group(3)), bool(m.group(4))
         if metric not in METRICS and metric != "user":
             raise UsageError(f"unknown metric '{metric}' in budget; known: {', '.join(METRICS)}")
+        if rel and metric in _AGAINST_REFERENCE:
+            # the original scored against its own outputs is exact (sqnr inf, max_abs 0, mse 0): a
+            # fraction of that is no threshold any candidate can meet, or one every candidate meets
+            raise UsageError(f"a relative budget on '{metric}' has no meaning (the original model's own "
+                             f"{metric} is exact); give an absolute value, e.g. \"{_ABSOLUTE_EXAMPLE[metric]}\"")
         return cls(metric, op, value, rel)
 
     def threshold(self, baseline: dict | None = None) -> float:

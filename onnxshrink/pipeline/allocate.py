@@ -393,13 +393,13 @@ def allocate(runner: Runner, config: AllocationConfig, base: onnx.ModelProto, ct
         best = quantize_closure(best, trials.chosen_of(best["n"]), table, trials.extra, trials.verify, kind, alloc,
                                 feeds, trials.cache, trials.key)
     describe_result(trials, best, config)
+    if best is None:  # nothing is written on exit 4, the plot neither (the report says how close it came)
+        raise BudgetError(f"cost target not met within the budget: {alloc['result']}", report)
     if config.plot:
         try:
             alloc["plot"] = str(plot_allocation(alloc, config.plot, config.budget))
         except ImportError as e:
             report.warnings.append(f"--plot needs matplotlib (pip install 'onnxshrink[plot]'): {e}")
-    if best is None:
-        raise BudgetError(f"cost target not met within the budget: {alloc['result']}", report)
     if best.get("model") is None:
         best = trials.verify(best["n"], materialize=True)
     return best["model"], best["records"]

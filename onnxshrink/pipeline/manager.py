@@ -34,7 +34,14 @@ from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageErr
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.graph.cost import model_stats
 from onnxshrink.graph.shapes import fix_input_shapes
-from onnxshrink.metrics import Budget, fidelity
+from onnxshrink.metrics import (
+    DEFAULT_BUDGET,
+    DEFAULT_SCALAR_BUDGET,
+    UNCHECKED_BUDGET,
+    Budget,
+    blind_metric_outputs,
+    fidelity,
+)
 from onnxshrink.passes.base import Context, Pass
 from onnxshrink.passes.registry import create_pass
 from onnxshrink.pipeline.allocate import AllocationConfig, Runner, allocate
@@ -74,6 +81,12 @@ class PassManager:
         self.passes = [create_pass(p) for p in passes]
         self.data = settings.data
         self.val_data = settings.val_data
+        if settings.budget is None:
+            self.budget_source = "default"  # resolved in run(), once the outputs are known
+        elif str(settings.budget).strip().lower() == UNCHECKED_BUDGET:
+            self.budget_source = "none"
+        else:
+            self.budget_source = "given"
         self.budget = Budget.parse(settings.budget)
         self.target = get_target(settings.target)
         self.input_shapes = dict(settings.input_shapes or {})
@@ -92,6 +105,9 @@ class PassManager:
             if not 0 < float(v) <= 1:
                 raise UsageError(f"a cost target is a fraction of the input's cost in (0, 1], got {v}")
         self.cost_targets = [(k, float(v)) for k, v in targets]  # all must be met (allocate.py)
+        if self.cost_targets and not any(p.name in KNOBS for p in self.passes):
+            raise UsageError(f"a cost target (--target-size/--target-macs/--target-latency) needs a pass that can "
+                             f"serve it ({', '.join(KNOBS)}); --passes has {', '.join(p.name for p in self.passes)}")
         self.executor = settings.executor
         self.workers = settings.workers
         self.cache = settings.cache
@@ -107,6 +123,7 @@ class PassManager:
         self.baseline: dict = {}
         self.original: onnx.ModelProto | None = None
         self.full_check = True
+        self.original_optimizes = True  # the input runs with onnxruntime's graph optimizations on
         self.prepare_info: dict = {}
 
     # ------------------------------------------------------------------ setup
@@ -131,6 +148,10 @@ class PassManager:
                                  f"to use random inputs)")
             if self.budget is not None and not self.synthetic:
                 raise UsageError("a budget needs calibration or validation data to be measured (--calib DIR)")
+            lossy = [p.name for p in self.passes if not p.lossless]
+            if lossy and self.budget_source == "default" and not self.synthetic:
+                raise UsageError(f"pass '{lossy[0]}' is lossy and its result cannot be checked without data: give "
+                                 f"--calib DIR (or --budget none to skip the check)")
             shapes = {s.name: self.input_shapes.get(s.name) for s in specs}
             source = SyntheticSource(specs, n=4 if not self.synthetic else 16, seed=self.seed, shapes=shapes)
             report.warnings.append("no calibration data: fidelity measured on random inputs (meaningless "
@@ -172,8 +193,12 @@ class PassManager:
         names = [o.name for o in sess.get_outputs()]
         return [sess.run(names, s) for s in samples]
 
-    def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool, check_budget: bool = True):
-        """(ok, reason, fidelity) of a candidate."""
+    def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool, check_budget: bool = True,
+                  own_input=None):
+        """(ok, reason, fidelity) of a candidate. A lossless candidate is judged against the outputs of
+        the model its pass started from (``own_input``; the reference when that is the original), so
+        that a lossless pass after a lossy one is not blamed for the lossy one's change; the fidelity
+        returned, and the budget, are always against the original model's outputs."""
         changed = _interface_change(self.original, candidate)
         if changed:
             return False, f"the model's interface changed: {changed}", {}
@@ -191,9 +216,17 @@ class PassManager:
             outs = self._outputs(candidate, val, optimize=not lossless)
         except Exception as e:
             return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
+        if lossless and self.original_optimizes:  # judged unoptimized, but the user runs it optimized
+            try:
+                self._outputs(candidate, [val.get(0)], optimize=True)
+            except Exception as e:
+                return False, f"onnxruntime's graph optimizations fail on it: {_first_line(e)}", {}
         fid = fidelity(reference, outs, self.metric, val, self.val_labels)
-        if lossless and not fid.get("max_abs", 0.0) <= self.lossless_tol:
-            return False, f"outputs changed (relative max error {fid.get('max_abs'):.2e} > {self.lossless_tol:g})", fid
+        if lossless:
+            own = fid if own_input is None else fidelity(own_input, outs, None, val, None)
+            if not own.get("max_abs", 0.0) <= self.lossless_tol:
+                return False, (f"outputs changed (relative max error {own.get('max_abs'):.2e} > "
+                               f"{self.lossless_tol:g})"), fid
         if not lossless and check_budget and self.budget is not None and not self.budget.holds(fid, self.baseline):
             return False, f"budget {self.budget} broken ({self.budget.metric}={fid.get(self.budget.metric):.5g})", fid
         return True, "", fid
@@ -226,6 +259,11 @@ class PassManager:
         except Exception as e:
             msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
             raise InputError(f"the input model does not run in onnxruntime: {msg}") from None
+        self._resolve_budget(reference, report)
+        try:
+            self._outputs(original, [val.get(0)], optimize=True)
+        except Exception:
+            self.original_optimizes = False
         self.baseline = fidelity(reference, reference, self.metric, val, self.val_labels)
         if self.val_labels is not None or self.metric is not None:
             report.data["original_scores"] = {k: self.baseline[k] for k in ("accuracy", "top5", "user")
@@ -264,7 +302,7 @@ class PassManager:
 
         # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
-        final = io.run(current, val, optimize=True)
+        final = self._final_outputs(io, current, val, report)
         report.fidelity = fidelity(reference, final, self.metric, val, self.val_labels)
         report.after = model_stats(current, io.shapes(cost_shapes))
         report.budget_met = self.budget.holds(report.fidelity, self.baseline) if self.budget else None
@@ -276,6 +314,42 @@ class PassManager:
             raise BudgetError(f"budget {self.budget} not met: {self.budget.metric}="
                               f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
         return current, report
+
+    def _final_outputs(self, io, model: onnx.ModelProto, val, report: Report):
+        """The result's outputs as the user will run it (onnxruntime's graph optimizations on). When
+        those optimizations fail on the input model itself (an onnxruntime limitation, e.g. constant
+        folding a Range whose inputs are not scalars), the result is measured without them and the
+        report warns; when they fail only on the result, nothing is written."""
+        try:
+            return io.run(model, val, optimize=True)
+        except OnnxShrinkError:
+            raise
+        except Exception as e:
+            if not self.original_optimizes:
+                report.warnings.append(f"onnxruntime's graph optimizations fail on the input model too "
+                                       f"({_first_line(e)}): fidelity measured without them")
+                return io.run(model, val, optimize=False)
+            raise BudgetError(f"the result does not run with onnxruntime's graph optimizations, although the "
+                              f"input does: {_first_line(e)}", report) from None
+
+    def _resolve_budget(self, reference, report: Report) -> None:
+        """The budget this run checks: the given one, refused when its metric cannot judge an output;
+        without one, the default (``metrics.DEFAULT_BUDGET``, or ``DEFAULT_SCALAR_BUDGET`` for outputs
+        of one value per sample); with ``--budget none``, nothing (the report says "unchecked")."""
+        synthetic = bool(report.data.get("synthetic"))
+        if self.budget_source == "default" and (not synthetic or any(not p.lossless for p in self.passes)):
+            self.budget = Budget.parse(DEFAULT_BUDGET)
+            if blind_metric_outputs(self.budget, reference):
+                self.budget = Budget.parse(DEFAULT_SCALAR_BUDGET)
+        blind = blind_metric_outputs(self.budget, reference)
+        if blind:
+            names = [o.name for o in self.original.graph.output]
+            raise UsageError(f"budget {self.budget} cannot judge output '{names[blind[0]]}': it holds one value "
+                             f"per sample, whose {self.budget.metric} is always 1; use max_abs (e.g. "
+                             f"\"{DEFAULT_SCALAR_BUDGET}\"), sqnr or mse")
+        report.budget = str(self.budget) if self.budget is not None else None
+        report.budget_source = self.budget_source
+        report.fidelity_status = "unchecked" if self.budget is None and self.budget_source == "none" else "checked"
 
     def allocation_config(self) -> AllocationConfig:
         """The settings the allocation reads (see ``allocate.AllocationConfig``)."""
@@ -321,6 +395,12 @@ class PassManager:
             rec.reason = f"needs opset >= {p.min_opset}, the model has {opset}"
             return rec, current
         attempt, backed = p, False
+        own_input = None  # outputs of ``current``, when it is not the original (lossless checks)
+        if p.lossless and check_budget and current is not self.original and current is not ctx.template:
+            try:
+                own_input = self._outputs(current, val, optimize=False)
+            except Exception:
+                own_input = None  # judged against the original then, as before
         while attempt is not None:
             try:
                 result = attempt.run(model_to_graph(current), ctx)
@@ -337,7 +417,7 @@ class PassManager:
                 rec.stats = result.stats
                 break
             candidate = graph_to_model(result.graph, ctx.template)
-            ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless, check_budget)
+            ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless, check_budget, own_input)
             rec.attempts.append({"options": _options_dict(attempt), "ok": ok, "reason": reason,
                                  "fidelity": fid})
             if ok:
@@ -407,6 +487,10 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
     if output is not None:  # fail before any work: unwritable output, output == input
         model_io.check_output_path(output, input_path)
     pm = PassManager(passes, **kwargs)
+    if pm.plot:  # the plot is an output too: never the input model, never OUT
+        model_io.check_output_path(pm.plot, input_path)
+        if output is not None and Path(pm.plot).resolve() == Path(output).resolve():
+            raise UsageError(f"--plot and OUT are the same file ({output})")
     result, report = pm.run(model)
     if output is not None:
         sparse = any(r.name == "sparsify" and r.status in (APPLIED, BACKED_OFF) and r.stats.get("storage") == "sparse"
@@ -417,6 +501,11 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
                              "after": Path(output).stat().st_size}
         if pm.target is not None and pm.target.ort_format:  # --target NAME+ort
             style = "Runtime" if pm.target.name in ("nnapi", "coreml") else "Fixed"
-            report.target_report["ort_format"] = {"path": str(save_ort_format(output, optimization_style=style)),
-                                                  "optimization_style": style}
+            try:
+                ort_path = save_ort_format(output, optimization_style=style)
+            except BaseException:  # all or nothing: no OUT without the .ort the user asked for
+                for f in [Path(output), *model_io.external_data_files(output)]:
+                    f.unlink(missing_ok=True)
+                raise
+            report.target_report["ort_format"] = {"path": str(ort_path), "optimization_style": style}
     return result, report

@@ -63,6 +63,8 @@ class Report:
     passes: list = field(default_factory=list)
     fidelity: dict = field(default_factory=dict)
     budget_met: bool | None = None
+    budget_source: str = "given"  # given, default (no --budget), none (--budget none)
+    fidelity_status: str = "checked"  # checked, or unchecked (--budget none / no data for lossy passes)
     file_bytes: dict = field(default_factory=dict)
     latency_ms: dict = field(default_factory=dict)
     target_report: dict = field(default_factory=dict)
@@ -131,6 +133,10 @@ class Report:
         if self.fidelity:
             f = self.fidelity
             verdict = ("PASSED" if self.budget_met else "FAILED") if self.budget else "measured"
+            if self.budget_source == "default":
+                verdict += " (the default budget: --budget to change it, --budget none to skip the check)"
+            elif self.fidelity_status == "unchecked":
+                verdict = "unchecked (--budget none)"
             where = self.data.get("validation", "")
             console.print(f"fidelity ({where}): cosine mean {_fmt(f.get('cosine'), '{:.5f}')} "
                           f"min {_fmt(f.get('cosine_min'), '{:.5f}')}, sqnr {_fmt(f.get('sqnr'), '{:.1f}')} dB, "

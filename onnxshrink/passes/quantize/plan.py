@@ -81,6 +81,7 @@ def has_float_weights(graph: gs.Graph) -> bool:
 def plan_units(graph: gs.Graph, excluded: set, rules: PlacementRules) -> tuple[dict, dict]:
     """Units to quantize (by node name) and a decision per compute node (name -> reason)."""
     graph_outputs = {t.name for t in graph.outputs}
+    main_graph = {id(n) for n in graph.nodes}  # a consumer inside an If/Loop body is not foldable here
     avail: set = set()       # tensors available as integers without a new Q
     units: dict[str, QuantUnit] = {}
     reasons: dict[str, str] = {}
@@ -150,8 +151,8 @@ def plan_units(graph: gs.Graph, excluded: set, rules: PlacementRules) -> tuple[d
         # fold a following Relu/Clip into the range
         if rules.fold_activations and op not in ("Concat",):
             nxt = sole_consumer(outs[0])
-            if nxt is not None and nxt.op in FOLDABLE_ACTIVATIONS and nxt.name not in excluded and \
-                    nxt.outputs[0].name not in graph_outputs:
+            if nxt is not None and id(nxt) in main_graph and nxt.op in FOLDABLE_ACTIVATIONS and \
+                    nxt.name not in excluded and nxt.outputs[0].name not in graph_outputs:
                 clip = clip_bounds(nxt)
                 if clip is not None:
                     unit.output = nxt.outputs[0].name
