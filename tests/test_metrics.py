@@ -62,8 +62,11 @@ def test_relative_budget_points_and_percent():
     assert b.threshold({"accuracy": 0.95}) == pytest.approx(0.94)
     assert b.holds({"accuracy": 0.941}, {"accuracy": 0.95})
     assert not b.holds({"accuracy": 0.93}, {"accuracy": 0.95})
-    s = Budget.parse("sqnr>=-10%")
-    assert s.threshold({"sqnr": 40.0}) == pytest.approx(36.0)
+    s = Budget.parse("user>=-10%")
+    assert s.threshold({"user": 40.0}) == pytest.approx(36.0)
+    for text in ("sqnr>=-10%", "max_abs<=+10%", "mse<=+10%"):  # the original's own score is exact
+        with pytest.raises(UsageError, match="give an absolute value"):
+            Budget.parse(text)
     with pytest.raises(UsageError):
         b.threshold(None)
 

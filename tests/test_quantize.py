@@ -73,8 +73,9 @@ def samples(n=12, size=32, seed=1):
 NO_GUARD = {"guard": False}
 
 
-def quantize(model, data=None, **opts):
-    out, rep = optimize(model, passes=[{"quantize": {**NO_GUARD, **opts}}], data=data or samples(), debug=True)
+def quantize(model, data=None, budget=None, **opts):
+    out, rep = optimize(model, passes=[{"quantize": {**NO_GUARD, **opts}}], data=data or samples(), debug=True,
+                        budget=budget)
     return out, rep.passes[0]
 
 
