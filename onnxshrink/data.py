@@ -13,7 +13,7 @@ calibration streams samples one at a time and never holds the whole set in memor
 from __future__ import annotations
 
 __all__ = ["InputSpec", "input_specs", "SampleSource", "DirectorySource", "ListSource", "SyntheticSource",
-           "Subset", "as_source", "split_calib_val", "check_sample", "read_headers"]
+           "Subset", "as_source", "split_roles", "SampleRoles", "MIN_FOR_ROLES", "check_sample", "read_headers"]
 
 import os
 from dataclasses import dataclass
@@ -395,19 +395,51 @@ def as_source(data, specs: Sequence[InputSpec]) -> SampleSource | None:
     return ListSource(data, specs)
 
 
-def split_calib_val(source: SampleSource, val: SampleSource | None = None,
-                    holdout: float = 0.25, min_for_holdout: int = 8):
-    """Calibration and validation sets. With an explicit ``val`` both are used as given; else, with
-    at least ``min_for_holdout`` samples, every 1/holdout-th sample is held out for validation
-    (so accuracy is measured on samples calibration never saw); with fewer, both use all samples
-    and the report says the fidelity is measured on calibration data."""
-    if val is not None:
-        return source, val, False
+MIN_FOR_ROLES = 8  # fewer samples than this: every role sees every sample (and the report says so)
+
+
+@dataclass
+class SampleRoles:
+    """The three roles of the user's samples:
+
+    - ``calibration``: statistics (activation ranges, importance, whitening, refit);
+    - ``selection``: every decision the tool takes (back-off, bisection, the guard, allocation);
+    - ``test``: the final fidelity and the budget verdict, on samples no decision saw.
+
+    ``shared`` names the roles that had to share samples (too few to keep them apart); empty when
+    the three sets are disjoint."""
+
+    calibration: SampleSource
+    selection: SampleSource
+    test: SampleSource
+    shared: str = ""
+
+    def counts(self) -> dict:
+        return {"calibration": len(self.calibration), "selection": len(self.selection), "test": len(self.test),
+                "disjoint": not self.shared}
+
+
+def split_roles(source: SampleSource, val: SampleSource | None = None) -> SampleRoles:
+    """Split the samples into calibration, selection and test (``SampleRoles``), in file order.
+
+    Without ``val``, with at least ``MIN_FOR_ROLES`` samples: of every four consecutive samples the
+    1st and 3rd calibrate, the 2nd selects, the 4th tests (32 samples: 16 / 8 / 8). With an explicit
+    ``val`` (``--val DIR``): ``val`` is the test set, and the selection set is every 4th sample of
+    ``source`` (the rest calibrates) when it has enough. With fewer samples the roles share them,
+    and ``shared`` says which: such a figure is measured on samples the decisions saw."""
     n = len(source)
-    if n >= min_for_holdout and holdout > 0:
-        step = max(2, int(round(1 / holdout)))
-        val_idx = [i for i in range(n) if i % step == step - 1]
-        cal_idx = [i for i in range(n) if i % step != step - 1]
-        return (Subset(source, cal_idx, f"{len(cal_idx)} calibration samples"),
-                Subset(source, val_idx, f"{len(val_idx)} held-out validation samples"), False)
-    return source, source, True
+    if val is not None:
+        if n >= MIN_FOR_ROLES:
+            sel = [i for i in range(n) if i % 4 == 3]
+            cal = [i for i in range(n) if i % 4 != 3]
+            return SampleRoles(Subset(source, cal, f"{len(cal)} calibration samples"),
+                               Subset(source, sel, f"{len(sel)} selection samples"), val)
+        return SampleRoles(source, source, val, shared="calibration and selection")
+    if n >= MIN_FOR_ROLES:
+        cal = [i for i in range(n) if i % 4 in (0, 2)]
+        sel = [i for i in range(n) if i % 4 == 1]
+        test = [i for i in range(n) if i % 4 == 3]
+        return SampleRoles(Subset(source, cal, f"{len(cal)} calibration samples"),
+                           Subset(source, sel, f"{len(sel)} selection samples"),
+                           Subset(source, test, f"{len(test)} held-out test samples"))
+    return SampleRoles(source, source, source, shared="calibration, selection and test")

@@ -156,7 +156,7 @@ def test_report_json_content(tmp_path, calib):
     assert rep["file_bytes"]["before"] == src.stat().st_size
     assert rep["file_bytes"]["after"] == (tmp_path / "o.onnx").stat().st_size
     assert rep["latency_ms"]["before"] > 0 and rep["latency_ms"]["after"] > 0
-    assert rep["data"]["synthetic"] is False and "held-out" in rep["data"]["validation"]
+    assert rep["data"]["synthetic"] is False and "held-out" in rep["data"]["test"]
 
 
 def test_before_after_table(tmp_path):

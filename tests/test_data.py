@@ -15,7 +15,7 @@ from onnxshrink.data import (
     as_source,
     check_sample,
     read_headers,
-    split_calib_val,
+    split_roles,
 )
 from onnxshrink.errors import InputError, UsageError
 
@@ -131,15 +131,26 @@ def test_synthetic_deterministic_and_typed():
     assert not np.array_equal(SyntheticSource(specs, n=1, seed=6).get(0)["x"], s["x"])
 
 
-def test_split_calib_val():
+def _ids(source) -> list[float]:
+    return [float(s["x"][0, 0]) for s in source]
+
+
+def test_split_roles_three_disjoint_sets():
     src = ListSource([{"x": np.full((1, 4), i, np.float32)} for i in range(12)], [X])
-    cal, val, on_calib = split_calib_val(src)
-    held = [float(s["x"][0, 0]) for s in val]
-    assert held == [3, 7, 11] and len(cal) == 9 and not on_calib
-    assert not set(held) & {float(s["x"][0, 0]) for s in cal}
+    roles = split_roles(src)
+    assert _ids(roles.calibration) == [0, 2, 4, 6, 8, 10]
+    assert _ids(roles.selection) == [1, 5, 9] and _ids(roles.test) == [3, 7, 11] and not roles.shared
+    assert roles.counts() == {"calibration": 6, "selection": 3, "test": 3, "disjoint": True}
     small = ListSource([{"x": np.zeros((1, 4), np.float32)}] * 4, [X])
-    cal, val, on_calib = split_calib_val(small)
-    assert on_calib and len(cal) == len(val) == 4
+    roles = split_roles(small)
+    assert roles.shared and len(roles.calibration) == len(roles.selection) == len(roles.test) == 4
+
+
+def test_split_roles_with_explicit_test_set():
+    src = ListSource([{"x": np.full((1, 4), i, np.float32)} for i in range(8)], [X])
+    test = ListSource([{"x": np.full((1, 4), 100 + i, np.float32)} for i in range(3)], [X])
+    roles = split_roles(src, test)
+    assert roles.test is test and _ids(roles.selection) == [3, 7] and _ids(roles.calibration) == [0, 1, 2, 4, 5, 6]
 
 
 def test_as_source_folder_errors(tmp_path):

@@ -178,7 +178,8 @@ def test_quantize_if_with_outer_scope_reads(tmp_path):
     calib = write_calib(tmp_path / "calib", [{"x": r.standard_normal((1, 16)).astype(np.float32),
                                              "h": r.standard_normal((1, 16)).astype(np.float32)} for _ in range(12)])
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    res = cli("optimize", inp, out, "--passes", "cleanup,quantize", "--calib", calib, "--report", rep, "-q")
+    res = cli("optimize", inp, out, "--passes", "cleanup,quantize", "--calib", calib, "--report", rep, "-q",
+              "--budget", "max_abs<=0.05")  # the crash is under test, not how close int8 gets
     assert res.returncode != 1, f"internal error: {res.stderr}"
     assert res.returncode == 0, res.stderr
     result = onnx.load(str(out))
@@ -317,9 +318,8 @@ def test_same_run_same_bytes():
 
 
 # ------------------------------------------------------------------ 9. sample counts per role
-@issue15("the report must state how many samples each role had (calibration, selection, test)")
 def test_report_states_samples_per_role(tmp_path, mlp_case):
-    # today: report["data"] == {"calibration": "9 calibration samples", "validation": "3 held-out
+    # before: report["data"] == {"calibration": "9 calibration samples", "validation": "3 held-out
     # validation samples", "synthetic": false}; no counts per role, no test split apart from selection
     _, inp, calib, _ = mlp_case
     n = len(list(calib.glob("*.npy")))
@@ -334,3 +334,4 @@ def test_report_states_samples_per_role(tmp_path, mlp_case):
     assert all(isinstance(counts[k], int) and counts[k] >= 0 for k in SAMPLE_ROLES), counts
     assert counts["test"] > 0 and counts["calibration"] > 0, counts
     assert sum(counts[k] for k in SAMPLE_ROLES) <= n, counts
+    assert counts["disjoint"] is True and report["data"]["test"].endswith("held-out test samples")

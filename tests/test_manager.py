@@ -266,11 +266,11 @@ def test_deterministic_python_api(tmp_path):
 def test_backoff_then_budget_holds():
     """A lossy pass breaking the budget is weakened until it holds (backed off)."""
     m = mlp()
-    data = [{"x": np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32)} for i in range(8)]
-    out, rep = PassManager([{"t_noise": {"ratio": 0.8}}], data=data, budget="cosine>=0.999").run(m)
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32)} for i in range(16)]
+    out, rep = PassManager([{"t_noise": {"ratio": 0.8}}], data=data, budget="cosine>=0.99").run(m)
     rec = rep.passes[0]
     assert rec.status == "backed off" and rec.options["ratio"] < 0.8 and len(rec.attempts) >= 2
-    assert rep.budget_met and rep.fidelity["cosine"] >= 0.999
+    assert rep.budget_met and rep.fidelity["cosine"] >= 0.99
 
 
 @pytest.mark.parametrize("passes", [["t_noop"], ["t_strip_identity", "t_noop"]])

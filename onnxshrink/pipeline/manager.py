@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from onnxshrink import model as model_io
-from onnxshrink.data import ListSource, SyntheticSource, as_source, input_specs, split_calib_val
+from onnxshrink.data import ListSource, SyntheticSource, as_source, input_specs, split_roles
 from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageError
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.graph.cost import model_stats
@@ -119,7 +119,8 @@ class PassManager:
         # set by run(): the validation labels, the original's own scores (relative budgets), the
         # original model (its interface), whether candidates get the strict checker, and what the
         # target's preparation did
-        self.val_labels: list | None = None
+        self.val_labels: list | None = None  # labels of the selection samples
+        self.test_labels: list | None = None  # labels of the test samples
         self.baseline: dict = {}
         self.original: onnx.ModelProto | None = None
         self.full_check = True
@@ -175,17 +176,23 @@ class PassManager:
                 report.warnings.append("target '%s' needs static shapes; took them from the calibration data: %s"
                                        % (self.target.name,
                                           ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())))
-        calib, val, on_calib = split_calib_val(source, val)
-        self.val_labels = val.labels()
-        if self.budget is not None and self.budget.metric in ("accuracy", "top5") and self.val_labels is None:
+        roles = split_roles(source, val)
+        self.val_labels = roles.selection.labels()
+        self.test_labels = roles.test.labels()
+        if self.budget is not None and self.budget.metric in ("accuracy", "top5") and self.test_labels is None:
             raise UsageError(f"budget on '{self.budget.metric}' needs labels: put labels.npy or labels.txt "
                              "(one integer per sample, in file-name order) beside the data")
         report.data = {
-            "calibration": calib.description,
-            "validation": val.description + (" (calibration samples, not held out)" if on_calib else ""),
+            "calibration": roles.calibration.description,
+            "selection": roles.selection.description,
+            "test": roles.test.description,
             "synthetic": bool(source.synthetic),
         }
-        return calib, val, {k: list(v.shape) for k, v in first.items()}
+        report.samples = roles.counts()
+        if roles.shared:
+            report.warnings.append(f"only {len(source)} samples: {roles.shared} share them, so the fidelity "
+                                   f"is measured on samples the decisions saw (give {8} or more, or --val DIR)")
+        return roles, {k: list(v.shape) for k, v in first.items()}
 
     # ------------------------------------------------------------------ validation
     def _outputs(self, model: onnx.ModelProto, samples, optimize: bool):
@@ -242,7 +249,8 @@ class PassManager:
             original = onnx.ModelProto()
             original.CopyFrom(model)
         self.original = original
-        calib, val, sample_shapes = self._prepare(original, report)
+        roles, sample_shapes = self._prepare(original, report)
+        calib, val, test = roles.calibration, roles.selection, roles.test
         try:
             model_io.check_model(original, full_check=False)
         except Exception as e:
@@ -265,9 +273,14 @@ class PassManager:
         except Exception:
             self.original_optimizes = False
         self.baseline = fidelity(reference, reference, self.metric, val, self.val_labels)
-        if self.val_labels is not None or self.metric is not None:
-            report.data["original_scores"] = {k: self.baseline[k] for k in ("accuracy", "top5", "user")
-                                              if k in self.baseline}
+        # the verdict's reference and baseline: the original on the test samples (the same objects when
+        # the roles share their samples)
+        test_reference = reference if test is val else self._outputs(original, test, optimize=False)
+        test_baseline = self.baseline if test is val else fidelity(test_reference, test_reference, self.metric,
+                                                                    test, self.test_labels)
+        if self.test_labels is not None or self.metric is not None:
+            report.data["original_scores"] = {k: test_baseline[k] for k in ("accuracy", "top5", "user")
+                                              if k in test_baseline}
         cost_shapes = self.input_shapes or sample_shapes
         report.before = model_stats(original, cost_shapes)
         current = original
@@ -302,16 +315,21 @@ class PassManager:
 
         # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
-        final = self._final_outputs(io, current, val, report)
-        report.fidelity = fidelity(reference, final, self.metric, val, self.val_labels)
+        # the verdict, on the test samples no decision saw (the selection figure beside it)
+        final = self._final_outputs(io, current, test, report)
+        report.fidelity = fidelity(test_reference, final, self.metric, test, self.test_labels)
+        if test is not val:
+            report.selection_fidelity = fidelity(reference, self._final_outputs(io, current, val, report),
+                                                 self.metric, val, self.val_labels)
         report.after = model_stats(current, io.shapes(cost_shapes))
-        report.budget_met = self.budget.holds(report.fidelity, self.baseline) if self.budget else None
+        report.budget_met = self.budget.holds(report.fidelity, test_baseline) if self.budget else None
         if self.measure_speed:
             feeds = val.get(0)
             report.latency_ms = {"before": measure_latency(original, feeds),
                                  "after": measure_latency(current, io.feeds([feeds])[0])}
         if self.budget is not None and not report.budget_met:
-            raise BudgetError(f"budget {self.budget} not met: {self.budget.metric}="
+            on = f" on the {len(test)} test samples" if test is not val else ""
+            raise BudgetError(f"budget {self.budget} not met{on}: {self.budget.metric}="
                               f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
         return current, report
 

@@ -61,7 +61,9 @@ class Report:
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
     passes: list = field(default_factory=list)
-    fidelity: dict = field(default_factory=dict)
+    fidelity: dict = field(default_factory=dict)  # on the test samples (the budget verdict)
+    selection_fidelity: dict = field(default_factory=dict)  # on the selection samples the decisions used
+    samples: dict = field(default_factory=dict)  # how many samples each role had
     budget_met: bool | None = None
     budget_source: str = "given"  # given, default (no --budget), none (--budget none)
     fidelity_status: str = "checked"  # checked, or unchecked (--budget none / no data for lossy passes)
@@ -126,7 +128,7 @@ class Report:
             f = r.get("fidelity") or {}
             p.add_row(r["name"], r["status"], f"{r['wall_time_s']:.1f}s", str(r.get("nodes") or ""),
                       format_count(r.get("params")), format_count(r.get("macs")),
-                      _fmt(f.get("cosine"), "{:.5f}"), _fmt(f.get("sqnr"), "{:.1f}"), r.get("reason", "")[:70])
+                      _fmt(f.get("cosine"), "{:.5f}"), _fmt(f.get("sqnr"), "{:.1f}"), r.get("reason", ""))
         console.print(p)
         if self.allocation:
             self._render_allocation(console)
@@ -137,11 +139,11 @@ class Report:
                 verdict += " (the default budget: --budget to change it, --budget none to skip the check)"
             elif self.fidelity_status == "unchecked":
                 verdict = "unchecked (--budget none)"
-            where = self.data.get("validation", "")
+            where = self.data.get("test", "")
             console.print(f"fidelity ({where}): cosine mean {_fmt(f.get('cosine'), '{:.5f}')} "
                           f"min {_fmt(f.get('cosine_min'), '{:.5f}')}, sqnr {_fmt(f.get('sqnr'), '{:.1f}')} dB, "
                           f"max rel err {_fmt(f.get('max_abs'), '{:.2e}')}, top1 {_fmt(f.get('top1'), '{:.3f}')}"
-                          + (f"; budget {self.budget}: {verdict}" if self.budget else ""))
+                          + (f"; budget {self.budget}: {verdict}" if self.budget else f"; {verdict}"))
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
 
