@@ -17,11 +17,11 @@ from onnxshrink.metrics import Budget
 from onnxshrink.pipeline.executor import ProcessExecutor, SerialExecutor
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.pipeline.sensitivity import (
-    KNOBS,
     SensitivityData,
     SensitivityTable,
     estimate_cost,
     greedy_order,
+    knobs,
     measure_sensitivity,
 )
 from tests.digits_cnn import digits_model, digits_split
@@ -111,7 +111,7 @@ def test_process_pool_gives_the_serial_table_and_decisions():
 
 def test_every_knob_applies_each_unit_alone():
     model, data = _digits_data(16)
-    t = measure_sensitivity(model, list(KNOBS), data, data.budget, cache=MeasurementCache(enabled=False))
+    t = measure_sensitivity(model, list(knobs()), data, data.budget, cache=MeasurementCache(enabled=False))
     by = {(r["pass"], r["unit"], r["strength"]): r for r in t.rows}
     assert by[("quantize", "fc1", 1.0)]["saving"]["weight_bytes"] > 0.7 * 512 * 64 * 4
     assert by[("svd", "fc1", 0.25)]["saving"]["params"] > by[("svd", "fc1", 0.5)]["saving"]["params"] > 0

@@ -18,7 +18,7 @@ from onnxshrink.passes.base import Context
 from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
 from onnxshrink.passes.quantize import weight_storage as ws
 from onnxshrink.pipeline.manager import optimize
-from onnxshrink.pipeline.sensitivity import KNOBS
+from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.targets.profiles import get_target
 
 RNG = np.random.default_rng(0)
@@ -122,7 +122,7 @@ def test_select_within_budget_backs_off_the_most_harmful_layer():
 
 def test_quantize_knob_strengths_map_to_exclude_and_float_weights():
     m = net()
-    knob = KNOBS["quantize"]
+    knob = knobs()["quantize"]
     assert knob.strengths == (0.5, 1.0)
     assert {u for u, _ in knob.units(m, None)} == {"conv", "convt", "gemm", "mm", "mm_tiny"}
     o = knob.options(m, {"conv": 1.0, "gemm": 0.5})

@@ -3,7 +3,8 @@ parsing ``passes.options``).
 
 A pass is a class with a ``name`` (its CLI/recipe name), an ``Options`` dataclass (typed,
 documented options with defaults), flags (``lossless``, ``needs_data``, ``min_opset``) and
-``run(graph, ctx) -> PassResult``. Passes never read files or parse CLI options; all they
+``run(graph, ctx) -> PassResult``; a lossy pass the cost-target allocation can drive unit by unit
+also sets ``knob`` (``passes.knob.Knob``). Passes never read files or parse CLI options; all they
 need comes through the Context. Modules in ``onnxshrink.passes`` register their passes with
 ``passes.registry.register`` and are discovered on first use of the registry.
 """
@@ -21,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.convert import graph_to_model
+from onnxshrink.passes.knob import Knob
 from onnxshrink.passes.options import NoOptions, build_options
 from onnxshrink.progress import Progress
 from onnxshrink.runtime import capture_activations
@@ -49,6 +51,7 @@ class Pass:
     needs_data: ClassVar[bool] = False
     min_opset: ClassVar[int] = 1
     Options: ClassVar[type] = NoOptions
+    knob: ClassVar[Knob | None] = None  # per-unit strengths for the allocation (passes.knob)
 
     def __init__(self, options: Any = None, **kwargs):
         if options is None:

@@ -51,7 +51,7 @@ weight error: exactly the layer's relative output error on those samples, bias e
 
 from __future__ import annotations
 
-__all__ = ["SvdOptions", "SvdPass", "factorize", "whitened_svd"]
+__all__ = ["SvdOptions", "SvdPass", "factorize", "parse_ranks", "whitened_svd"]
 
 import dataclasses
 import heapq
@@ -62,10 +62,12 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.errors import UsageError
 from onnxshrink.graph.patches import ConvGeometry, patch_covariance, sample_positions
 from onnxshrink.graph.values import constant_value, node_attr
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.registry import register
+from onnxshrink.passes.svd_knob import SvdKnob, weight_view
 
 # ---------------------------------------------------------------------------------- the pass
 
@@ -97,11 +99,15 @@ class SvdOptions:
     fold: bool = field(default=True, metadata={"help": "run the fold pass first (merge linear pairs)"})
     latency: bool = field(default=False, metadata={
         "help": "factorize a layer only when its factor pair measures faster (one thread, layer alone)"})
-    ranks: list[str] = field(default_factory=list, metadata={
-        "help": "fixed ranks, overriding the rule: LAYER=FORM:RANK items (FORM linear, channel_out, "
-                "channel_in or spatial); other layers are left alone"})
+    ranks: dict[str, list] = field(default_factory=dict, metadata={
+        "help": "fixed ranks, overriding the rule: a mapping {LAYER: [FORM, RANK]} or LAYER=FORM:RANK items "
+                "(FORM linear, channel_out, channel_in or spatial; empty: the layer's only form); other layers "
+                "are left alone"})
     sensitivity: bool = field(default=True, metadata={
         "help": "rule=fit: weight layers by their measured effect on the model output"})
+
+    def __post_init__(self):
+        self.ranks = parse_ranks(self.ranks)
 
 
 @register
@@ -114,6 +120,7 @@ class SvdPass(Pass):
     needs_data = False
 
     Options = SvdOptions
+    knob = SvdKnob()
 
     def describe_strength(self) -> str:
         o = self.options
@@ -141,8 +148,7 @@ class SvdPass(Pass):
             stats["folded"] = folded
         layers, skipped = _find_layers(graph, o)
         if o.ranks:  # fixed ranks: only the named layers need statistics and a spectrum
-            named = {str(it).rpartition("=")[0] for it in o.ranks}
-            layers = [L for L in layers if (L.node.name or L.node.outputs[0].name) in named]
+            layers = [L for L in layers if (L.node.name or L.node.outputs[0].name) in o.ranks]
         stats["skipped"] = skipped
         if not layers:
             return PassResult(graph, bool(folded), stats,
@@ -253,13 +259,8 @@ class SvdPass(Pass):
     def _choose_ranks(self, layers, ctx, graph, o):
         what = _cost_cols(o)
         if o.ranks:
-            fixed = {}
-            for item in o.ranks:
-                name, _, spec = str(item).rpartition("=")
-                form, _, k = spec.rpartition(":")
-                fixed[name] = (form, int(k))
             for L in layers:
-                form, k = fixed.get(L.node.name, (None, 0))
+                form, k = o.ranks.get(L.node.name, (None, 0))
                 match = [f for f in L.forms if f.name == form or (not form and len(L.forms) == 1)]
                 L.form, L.rank = (match[0], min(k, len(match[0].svd[2]))) if match and k > 0 else (None, 0)
                 if L.form is None:
@@ -349,6 +350,39 @@ class SvdPass(Pass):
             weights[id(L)] = ctx.cache[key]
             L.record["sensitivity"] = weights[id(L)]
         return weights
+
+
+# ------------------------------------------------------------------------------------- options
+
+
+def parse_ranks(value) -> dict[str, list]:
+    """``ranks`` as {layer: [form, rank]}, from a mapping (values [form, rank] or "FORM:RANK"), a
+    list of LAYER=FORM:RANK items or one comma-separated string of them (CLI, recipes); an item
+    splits at its last ``=`` and the spec at its last ``:`` (``LAYER=RANK``: form "", the layer's
+    only form); a later item of the same layer wins. UsageError for a malformed item."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        parts = [x for x in value.split(",") if x] if isinstance(value, str) else list(value or [])
+        items = []
+        for it in parts:
+            layer, sep, spec = str(it).rpartition("=")
+            if not sep:
+                raise UsageError(f"option svd.ranks: expected LAYER=FORM:RANK items (got {it!r})")
+            items.append((layer, spec))
+    out = {}
+    for layer, spec in items:
+        if isinstance(spec, str):
+            form, _, rank = spec.rpartition(":")
+        elif isinstance(spec, (list, tuple)) and len(spec) == 2:
+            form, rank = spec
+        else:
+            raise UsageError(f"option svd.ranks: the rank of {layer!r} must be [FORM, RANK] (got {spec!r})")
+        try:
+            out[str(layer)] = [str(form or ""), int(rank)]
+        except (TypeError, ValueError):
+            raise UsageError(f"option svd.ranks: the rank of {layer!r} is no whole number (got {rank!r})") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------- math
@@ -466,26 +500,16 @@ def _find_layers(graph: gs.Graph, o) -> tuple[list[_Layer], list[dict]]:
             continue
         if w.size < o.min_params:
             continue
-        if node.op == "MatMul":
-            if w.ndim != 2:
-                skipped.append({"layer": name, "op": node.op, "reason": f"weight of rank {w.ndim} (batched)"})
-                continue
+        view, why_not = weight_view(node.op, w.shape, node.attrs)
+        if view is None:
+            skipped.append({"layer": name, "op": node.op, "reason": why_not})
+            continue
+        if view.kind == "matmul":
             layers.append(_Layer(node, "matmul", node.inputs[0], w, int(w.size), None))
-        elif node.op == "Gemm":
-            if node_attr(node, "transA", 0):
-                skipped.append({"layer": name, "op": node.op, "reason": "transA=1 (the activation is transposed)"})
-                continue
+        elif view.kind == "gemm":
             W = (w.T if node_attr(node, "transB", 0) else w) * float(node_attr(node, "alpha", 1.0))
             layers.append(_Layer(node, "gemm", node.inputs[0], W, int(w.size), None))
         else:
-            if w.ndim != 4:
-                skipped.append({"layer": name, "op": node.op, "reason": f"{w.ndim - 2}-D conv (only 2-D convs)"})
-                continue
-            group = int(node_attr(node, "group", 1))
-            if group != 1:
-                skipped.append({"layer": name, "op": node.op,
-                                "reason": f"grouped conv (group={group}) is not factorized"})
-                continue
             Cout, Cin, kh, kw = w.shape
             geom = ConvGeometry.from_attrs(node.attrs, (kh, kw))
             ref = w.reshape(Cout, -1).T

@@ -2,7 +2,7 @@
 
 Given a cost target (weight bytes, MACs or measured latency, as a fraction of the input's) and the
 fidelity budget, the manager calls ``allocate`` at the first pass that has a knob
-(``sensitivity.KNOBS``); every such pass of the pipeline is run here, in pipeline order:
+(``Pass.knob``, listed by ``sensitivity.knobs``); every such pass of the pipeline is run here, in pipeline order:
 
 1. the sensitivity table of the current model is measured once (cached on disk, through the
    executor): loss and saving of every (unit, strength);
@@ -41,14 +41,13 @@ from onnxshrink.errors import BudgetError
 from onnxshrink.pipeline.executor import SerialExecutor, get_executor
 from onnxshrink.pipeline.report import NOT_APPLICABLE, PassRecord, plot_allocation
 from onnxshrink.pipeline.sensitivity import (
-    KNOBS,
     SensitivityData,
     cost_of,
     estimate_cost,
     greedy_order,
+    knobs,
     loss_of,
     measure_sensitivity,
-    merge_options,
 )
 from onnxshrink.progress import Progress
 from onnxshrink.runtime import interleaved_latency, measure_latency
@@ -59,8 +58,6 @@ COMBINED = "combined"
 MAX_EXTEND = 6
 CLOSURE_MARGIN = 0.97  # the closure is kept when at least 3 % faster
 MAX_BISECT = 5
-# the pass whose units the closure raises to full strength (quantize: QDQ int8 kernels)
-CLOSURE_PASS = "quantize"
 
 
 @dataclass
@@ -101,12 +98,14 @@ class AllocationConfig:
     @property
     def names(self) -> list[str]:
         """The knob passes' names, in pipeline order."""
-        return [p.name for p in self.passes if p.name in KNOBS]
+        pass_knobs = knobs()
+        return [p.name for p in self.passes if p.name in pass_knobs]
 
     @property
     def user_options(self) -> dict:
         """{pass name: the user's options} of the knob passes."""
-        return {p.name: dataclasses.asdict(p.options) for p in self.passes if p.name in KNOBS
+        pass_knobs = knobs()
+        return {p.name: dataclasses.asdict(p.options) for p in self.passes if p.name in pass_knobs
                 and dataclasses.is_dataclass(p.options)}
 
 
@@ -146,7 +145,8 @@ def measurement_cache(config: AllocationConfig) -> MeasurementCache:
 def measure_table(config: AllocationConfig, runner: Runner, base, ctx, val, reference, cost_shapes, latency: bool):
     """Step 1: the sensitivity table of ``base`` (cached measurements read, the rest measured)."""
     data = sensitivity_data(config, runner, ctx, val, reference, cost_shapes)
-    n_tasks = sum(len(KNOBS[n].strengths) * 8 for n in config.names)
+    pass_knobs = knobs()
+    n_tasks = sum(len(pass_knobs[n].strengths) * 8 for n in config.names)
     ex = measurement_executor(config, n_tasks)
     try:
         return measure_sensitivity(base, config.names, data, config.budget, cache=measurement_cache(config),
@@ -276,13 +276,15 @@ class Trials:
         # a fresh generator per trial: a trial's result must not depend on which trials ran before
         nobudget = dataclasses.replace(self.ctx, budget=None, cache={}, rng=np.random.default_rng(self.config.seed))
         current, recs = self.base, []
+        pass_knobs = knobs()
         for pname in self.names:
             choices = {u: s for (p, u), s in chosen.items() if p == pname}
             if not choices:
                 recs.append(PassRecord(name=pname, status=NOT_APPLICABLE, options=self.user.get(pname, {}),
                                        reason="the allocation chose no unit of this pass"))
                 continue
-            opts = merge_options(self.user.get(pname, {}), KNOBS[pname].options(current, choices))
+            knob = pass_knobs[pname]
+            opts = knob.merge(self.user.get(pname, {}), knob.options(current, choices))
             rec, current = self.runner.run_pass(current, pname, opts, nobudget)
             rec.reason = (rec.reason + "; " if rec.reason else "") + f"allocated {len(choices)} unit(s)"
             recs.append(rec)
@@ -389,9 +391,11 @@ def allocate(runner: Runner, config: AllocationConfig, base: onnx.ModelProto, ct
         if good else None
     alloc["seconds"] = round(time.perf_counter() - t0, 2)
     alloc["table"] = [{k: v for k, v in row.items()} for row in table.rows]
-    if best is not None and CLOSURE_PASS in config.names:
+    pass_knobs = knobs()
+    closure = next((n for n in config.names if pass_knobs[n].closure), None)
+    if best is not None and closure is not None:
         best = quantize_closure(best, trials.chosen_of(best["n"]), table, trials.extra, trials.verify, kind, alloc,
-                                feeds, trials.cache, trials.key)
+                                feeds, trials.cache, trials.key, closure)
     describe_result(trials, best, config)
     if best is None:  # nothing is written on exit 4, the plot neither (the report says how close it came)
         raise BudgetError(f"cost target not met within the budget: {alloc['result']}", report)
@@ -420,16 +424,18 @@ def _add_combined(table, absolute: dict) -> None:
                                     if table.base_cost.get(k) is not None)
 
 
-def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cache, vkey):
-    """The chosen configuration with quantizable units raised to QDQ int8 as well (the ones at
+def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cache, vkey, pass_name=None):
+    """The chosen configuration with the units of ``pass_name`` (default: the pass whose knob is the
+    closure, ``Knob.closure``: quantize) raised to full strength as well (QDQ int8: the ones at
     strength 0.5, int8 weights with float activations, or not chosen at all), kept when it keeps the
     budget, meets the target *and* measures faster (interleaved, one thread). First all of them;
     when that breaks the budget, the longest prefix of them by marginal loss per MAC (loss at 1
     minus loss at the unit's chosen strength, over the layer's MACs: compute-heavy, harmless units
     first) that keeps it, by bisection. A unit quantized among float neighbours pays Q/DQ
     conversions at both ends, so only the timing decides; the size target alone never asks for it."""
-    rows = {(r["unit"], r["strength"]): r for r in table.rows if r["pass"] == CLOSURE_PASS}
-    have = {u: s for (p, u), s in chosen.items() if p == CLOSURE_PASS}
+    pass_name = pass_name or next(name for name, knob in knobs().items() if knob.closure)
+    rows = {(r["unit"], r["strength"]): r for r in table.rows if r["pass"] == pass_name}
+    have = {u: s for (p, u), s in chosen.items() if p == pass_name}
     rest = sorted({u for (u, s), r in rows.items() if s >= 1.0 and math.isfinite(r.get("loss", math.inf))
                    and (r["saving"].get(kind) or 0) > 0} - {u for u, s in have.items() if s >= 1.0})
     if not rest:
@@ -446,7 +452,7 @@ def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cac
     def trial(k):
         label = f"{best['n']}+q{k}"
         if label not in extra:
-            extra[label] = {**chosen, **{(CLOSURE_PASS, u): 1.0 for u in rest[:k]}}
+            extra[label] = {**chosen, **{(pass_name, u): 1.0 for u in rest[:k]}}
         return label, verify(label)
 
     label, t = trial(len(rest))
@@ -474,7 +480,7 @@ def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cac
         hit = {"ta": ta, "tb": tb}
         cache.put(key, hit)
     ta, tb = hit["ta"], hit["tb"]
-    raised = sum(1 for u in rest if extra[label].get((CLOSURE_PASS, u)) == 1.0)
+    raised = sum(1 for u in rest if extra[label].get((pass_name, u)) == 1.0)
     log.append(f"{label} ({raised} units raised to int8): {tb:.2f} ms vs {ta:.2f} ms for {best['n']} "
                "(interleaved, 1 thread, min of 25; kept when 3 % faster)"
                f"{' (cached)' if was_cached else ''}")

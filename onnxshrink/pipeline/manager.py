@@ -46,7 +46,7 @@ from onnxshrink.passes.base import Context, Pass
 from onnxshrink.passes.registry import create_pass
 from onnxshrink.pipeline.allocate import AllocationConfig, Runner, allocate
 from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Report
-from onnxshrink.pipeline.sensitivity import KNOBS
+from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings
 from onnxshrink.progress import Progress
 from onnxshrink.runtime import make_session, measure_latency
@@ -293,10 +293,11 @@ class PassManager:
                                            self.val_labels)
         ctx.baseline = self.baseline
 
-        allocated = bool(self.cost_targets) and any(p.name in KNOBS for p in self.passes)
+        pass_knobs = knobs()
+        allocated = bool(self.cost_targets) and any(p.name in pass_knobs for p in self.passes)
         for p in self.passes:
-            if allocated and p.name in KNOBS:
-                if p is next(q for q in self.passes if q.name in KNOBS):  # the block runs at the first one
+            if allocated and p.name in pass_knobs:
+                if p is next(q for q in self.passes if q.name in pass_knobs):  # the block runs at the first one
                     runner = self.allocation_runner(ctx, val, reference, cost_shapes)
                     current, recs = allocate(runner, self.allocation_config(), current, ctx, val, reference,
                                              cost_shapes, report, original)

@@ -1,17 +1,22 @@
 """Shared sensitivity of compressible units, measured once, and allocation toward a cost target.
 
-Units and strengths (one ``Knob`` per lossy pass; each knob turns per-unit choices into that
-pass's own per-unit options, so a unit is always compressed by the pass itself):
+Units and strengths (one ``Knob`` per lossy pass, declared by the pass itself as its ``knob``
+beside its code and found through the pass registry (``knobs()``); each knob turns per-unit choices
+into that pass's own per-unit options, so a unit is always compressed by the pass itself, and
+merges them with the user's options of the pass):
 
   prune     a prunable channel group (key: its first producing node); strength r = fraction of its
-            channels removed (lowest importance first, consumers refit): ``prune.group_ratios``.
+            channels removed (lowest importance first, consumers refit): ``prune.group_ratios``
+            {producer: r} (``passes/prune/knob.py``).
   svd       a Conv (2-D, group 1) / Gemm / MatMul layer; strength f = fraction of its parameters
             kept: rank ``k = max(1, floor(f n m / (n + m)))`` of its n x m weight view (channel_out
-            form for convs), resolved on the graph it is applied to: ``svd.ranks``.
+            form for convs), resolved on the graph it is applied to: ``svd.ranks`` {layer: [form, k]}
+            (``passes/svd_knob.py``).
   quantize  a Conv / ConvTranspose / Gemm / MatMul node (with the factor pair svd made of it):
             strength 0.5 = its weights stored int8 with float activations (``quantize.fallback=int8``:
             a quarter of the bytes at float speed), 1 = QDQ int8 (integer kernels); nodes below 1 go
-            to ``quantize.exclude``, nodes not chosen at all also to ``quantize.float_weights``.
+            to ``quantize.exclude``, nodes not chosen at all also to ``quantize.float_weights``
+            (``passes/quantize/knob.py``).
 
 Measurement of one (unit, strength): the pass applied to the base model with only that unit at
 that strength, then on the validation samples, against the ORIGINAL model's outputs,
@@ -40,13 +45,12 @@ there, shorter prefixes (the worst choices dropped first) until it holds.
 
 from __future__ import annotations
 
-__all__ = ["Choice", "Knob", "KNOBS", "SensitivityTable", "measure_sensitivity", "greedy_order",
-           "estimate_cost", "apply_pass", "unit_of_node"]
+__all__ = ["Choice", "SensitivityTable", "knobs", "measure_sensitivity", "greedy_order", "estimate_cost",
+           "apply_pass"]
 
 import math
 import os
 import pickle
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,18 +61,17 @@ import onnx
 
 from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
 from onnxshrink.data import ListSource
-from onnxshrink.graph.channels import analyze
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.graph.cost import model_cost, model_stats
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.registry import create_pass
+from onnxshrink.passes.knob import LAYER_OPS, weighted_nodes
+from onnxshrink.passes.registry import create_pass, registry
 from onnxshrink.pipeline.executor import SerialExecutor
 from onnxshrink.runtime import make_session, measure_latency
 
-VERSION = "sens-1"
+VERSION = "sens-2"  # sens-2: the knobs' per-unit options are typed (dicts, not strings)
 COST_KINDS = ("params", "weight_bytes", "macs", "latency_ms")
-WEIGHTED = ("Conv", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -83,144 +86,10 @@ class Choice:
         return f"{self.pass_name}:{self.unit}@{self.strength:g}"
 
 
-def unit_of_node(name: str) -> str:
-    """The layer a node came from: svd's factor pair ``L_svd_1``/``L_svd_2`` belongs to ``L``."""
-    return re.sub(r"_svd_[12]$", "", name)
-
-
-def _const_weight(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
-    if len(node.input) < 2 or node.input[1] not in inits:
-        return None
-    t = inits[node.input[1]]
-    if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
-        return None
-    return onnx.numpy_helper.to_array(t)
-
-
-def _weighted_nodes(model: onnx.ModelProto, min_params: int = 0, ops: tuple = WEIGHTED):
-    inits = {t.name: t for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type not in ops:
-            continue
-        if len(n.input) < 2 or n.input[1] not in inits or n.input[0] in inits:
-            continue
-        t = inits[n.input[1]]
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
-            continue
-        size = int(np.prod(t.dims)) if len(t.dims) else 1
-        if size >= min_params:
-            yield n, size
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-class Knob:
-    """How one pass exposes per-unit strengths: ``units(model, shapes)`` lists (unit, size) pairs;
-    ``options(model, choices)`` gives the pass options applying exactly ``{unit: strength}``;
-    ``probe`` are the options the sensitivity measurement adds (fewer samples: a ranking, not the
-    final result); ``capped`` says whether ``max_units`` limits its units to the largest ones;
-    ``exclude_option`` names the pass option whose units the user keeps out (never measured)."""
-
-    pass_name = ""
-    strengths: tuple = ()
-    probe: dict = {}
-    capped = True
-    exclude_option: str | None = None
-
-    def units(self, model: onnx.ModelProto, shapes: dict | None) -> list[tuple[str, int]]:
-        raise NotImplementedError
-
-    def options(self, model: onnx.ModelProto, choices: dict) -> dict:
-        raise NotImplementedError
-
-
-class PruneKnob(Knob):
-    pass_name = "prune"
-    strengths = (0.25, 0.5)
-    probe = {"samples": 4, "latency": False}
-
-    def units(self, model, shapes):
-        a = analyze(model_to_graph(model), shapes)
-        return [(g.producers[0], int(g.units)) for g in a.groups() if g.prunable and g.units >= 2 and g.producers]
-
-    def options(self, model, choices):
-        return {"mode": "importance", "group_ratios": [f"{u}={r:g}" for u, r in sorted(choices.items())],
-                "latency": False}
-
-
-class SvdKnob(Knob):
-    pass_name = "svd"
-    strengths = (0.5, 0.25)
-    probe = {"samples": 8}
-    min_params = 4096
-
-    def units(self, model, shapes):
-        return [(n.name, size) for n, size in _weighted_nodes(model, self.min_params)
-                if n.name and self._view(n, model) is not None]
-
-    def _view(self, node, model):
-        """(form, n, m) of the node's weight as a matrix, or None when svd does not factor it."""
-        inits = {t.name: t for t in model.graph.initializer}
-        dims = list(inits[node.input[1]].dims)
-        if node.op_type == "Conv":
-            if len(dims) != 4 or int(_attr(node, "group", 1)) != 1:
-                return None
-            return "channel_out", dims[0], dims[1] * dims[2] * dims[3]
-        if node.op_type == "Gemm" and _attr(node, "transA", 0):
-            return None
-        if len(dims) != 2:
-            return None
-        return "linear", dims[0], dims[1]
-
-    def options(self, model, choices):
-        nodes = {n.name: n for n in model.graph.node if n.name}
-        ranks = []
-        for u, f in sorted(choices.items()):
-            n = nodes.get(u)
-            view = self._view(n, model) if n is not None and n.op_type in WEIGHTED else None
-            if view is None:
-                continue
-            form, a, b = view
-            ranks.append(f"{u}={form}:{max(1, int(math.floor(f * a * b / (a + b))))}")
-        return {"ranks": ranks, "fold": False, "measure": False, "latency": False, "min_params": self.min_params}
-
-
-class QuantizeKnob(Knob):
-    pass_name = "quantize"
-    strengths = (0.5, 1.0)
-    probe = {"max_samples": 8}
-    capped = False  # quantizing one unit is cheap to measure
-    exclude_option = "exclude"
-    ops = WEIGHTED + ("ConvTranspose",)
-
-    def units(self, model, shapes):
-        return [(n.name, size) for n, size in _weighted_nodes(model, ops=self.ops) if n.name]
-
-    def options(self, model, choices):
-        nodes = [n.name for n, _ in _weighted_nodes(model, ops=self.ops)]
-        return {"exclude": sorted(n for n in nodes if choices.get(unit_of_node(n), 0.0) < 1.0),
-                "float_weights": sorted(n for n in nodes if unit_of_node(n) not in choices),
-                "fallback": "int8", "guard": False, "keep_float": 0}
-
-
-KNOBS: dict[str, Knob] = {k.pass_name: k for k in (PruneKnob(), SvdKnob(), QuantizeKnob())}
-
-
-def merge_options(user: dict, knob_options: dict) -> dict:
-    """The user's options of a pass under the knob's per-unit ones; nodes the user excluded from
-    quantization stay excluded."""
-    out = {**user, **knob_options}
-    for key in ("exclude", "float_weights"):
-        if user.get(key) and key in knob_options:
-            out[key] = sorted(set(knob_options[key]) | set(user[key]))
-    if user.get("fallback") == "float" and "fallback" in knob_options:
-        out["fallback"] = "float"  # the user keeps float weights float: strength 0.5 changes nothing
-    return out
+def knobs() -> dict:
+    """{pass name: its Knob} of the registered passes that declare one (``Pass.knob``), in the
+    registry's (pipeline) order."""
+    return {name: cls.knob for name, cls in registry().items() if cls.knob is not None}
 
 
 # ---------------------------------------------------------------------------- applying and measuring
@@ -249,7 +118,7 @@ def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
     per = model_cost(model, shapes).get("per_node", {}) or {}
     out = {}
     inits = {t.name: t for t in model.graph.initializer}
-    for n, size in _weighted_nodes(model, ops=WEIGHTED + ("ConvTranspose",)):
+    for n, size in weighted_nodes(model, ops=LAYER_OPS + ("ConvTranspose",)):
         nbytes = sum(int(np.prod(inits[i].dims)) * onnx.helper.tensor_dtype_to_np_dtype(inits[i].data_type).itemsize
                      for i in n.input[1:] if i in inits)
         out[n.name] = {"params": size, "weight_bytes": nbytes, "macs": per.get(n.name)}
@@ -364,8 +233,9 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
                   [int(np.asarray(x).reshape(-1)[0]) for x in data.labels] if data.labels is not None else None,
                   getattr(data.user_metric, "__qualname__", None), data.seed)
     tasks, keys, meta = [], [], []
+    pass_knobs = knobs()
     for pname in passes:
-        knob = KNOBS[pname]
+        knob = pass_knobs[pname]
         units = knob.units(model, data.shapes)
         if max_units and len(units) > max_units and knob.capped:
             units = sorted(units, key=lambda u: -u[1])[:max_units]
@@ -374,7 +244,7 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
             units = [u for u in units if u[0] not in excluded]
         for unit, _size in units:
             for s in knob.strengths:
-                opts = merge_options({**user_options.get(pname, {}), **knob.probe}, knob.options(model, {unit: s}))
+                opts = knob.merge({**user_options.get(pname, {}), **knob.probe}, knob.options(model, {unit: s}))
                 key = digest(VERSION, mkey, dkey, pname, unit, s, opts, latency)
                 tasks.append(opts)
                 keys.append(key)

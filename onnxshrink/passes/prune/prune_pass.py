@@ -22,7 +22,7 @@ importance first).
 
 from __future__ import annotations
 
-__all__ = ["PruneOptions", "PrunePass"]
+__all__ = ["PruneOptions", "PrunePass", "parse_group_ratios"]
 
 import dataclasses
 import time
@@ -32,9 +32,11 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.errors import UsageError
 from onnxshrink.graph.channels import ChannelAnalysis, analyze
 from onnxshrink.graph.cost import model_cost
 from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.prune.knob import PruneKnob
 from onnxshrink.passes.prune.refit import compensate_with_means, refit_consumers
 from onnxshrink.passes.prune.remove import feasible, lossless_units, remove_units
 from onnxshrink.passes.prune.select import choose_for_target, choose_units, latency_probe, sink_statistics, unit_scores
@@ -80,9 +82,13 @@ class PruneOptions:
         "help": "fold constant channels into the consumer bias when exact"})
     latency: bool = field(default=True, metadata={
         "help": "measure onnxruntime CPU latency (1 thread) before and after"})
-    group_ratios: list[str] = field(default_factory=list, metadata={
-        "help": "importance mode: prune only these groups, each at its own ratio: PRODUCER=RATIO items (PRODUCER: "
-                "the group's first producing node; the allocator of onnxshrink.pipeline.sensitivity sets them)"})
+    group_ratios: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "importance mode: prune only these groups, each at its own ratio: a mapping {PRODUCER: RATIO} "
+                "or PRODUCER=RATIO items (PRODUCER: the group's first producing node; the cost-target allocation "
+                "sets them through prune's knob)"})
+
+    def __post_init__(self):
+        self.group_ratios = parse_group_ratios(self.group_ratios)
 
 
 @register
@@ -94,6 +100,7 @@ class PrunePass(Pass):
     needs_data = False
     min_opset = 1
     Options = PruneOptions
+    knob = PruneKnob()
 
     def __init__(self, options=None, **kwargs):
         super().__init__(options, **kwargs)
@@ -162,6 +169,29 @@ class PrunePass(Pass):
         if o.compensate and chan_stats:
             compensate_with_means(a, chan_stats, fill)
         return chosen, scores
+
+
+def parse_group_ratios(value) -> dict[str, float]:
+    """``group_ratios`` as {producer: ratio}, from a mapping, a list of PRODUCER=RATIO items or one
+    comma-separated string of them (CLI, recipes); the split is at the last ``=``, a later item of
+    the same producer wins. UsageError for an item without ``=`` or a ratio that is no number."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        parts = [x for x in value.split(",") if x] if isinstance(value, str) else list(value or [])
+        items = []
+        for it in parts:
+            producer, sep, ratio = str(it).rpartition("=")
+            if not sep:
+                raise UsageError(f"option prune.group_ratios: expected PRODUCER=RATIO items (got {it!r})")
+            items.append((producer, ratio))
+    out = {}
+    for producer, ratio in items:
+        try:
+            out[str(producer)] = float(ratio)
+        except (TypeError, ValueError):
+            raise UsageError(f"option prune.group_ratios: ratio of {producer!r} is no number (got {ratio!r})") from None
+    return out
 
 
 def _calibration_samples(ctx: Context, n: int) -> list:

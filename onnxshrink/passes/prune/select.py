@@ -103,14 +103,14 @@ def unit_scores(a: ChannelAnalysis, kind: str, chan_stats: dict | None = None) -
 
 
 def choose_units(a: ChannelAnalysis, groups: list, scores: dict, free: set, blocked: dict, *, ratio: float,
-                 scope: str, multiple_of: int, min_keep: float, group_ratios: list) -> set:
+                 scope: str, multiple_of: int, min_keep: float, group_ratios: dict) -> set:
     """Units to remove by importance: the lowest ``ratio`` of each prunable group (``scope`` "layer",
-    or each group named in ``group_ratios`` at its own ratio), or of all units by score normalised
-    by the group's median (``scope`` "global", at least ``min_keep`` of each group kept); kept
-    counts rounded up to ``multiple_of``. ``free`` (lossless) units go first."""
+    or each group named in ``group_ratios`` {producer: ratio} at its own ratio), or of all units by
+    score normalised by the group's median (``scope`` "global", at least ``min_keep`` of each group
+    kept); kept counts rounded up to ``multiple_of``. ``free`` (lossless) units go first."""
     chosen = set()
     cand = []
-    fixed = {k: float(v) for k, _, v in (str(it).rpartition("=") for it in group_ratios)} if group_ratios else None
+    fixed = group_ratios or None
     for g in groups:
         if not g.prunable or g.units < 2:
             continue

@@ -42,6 +42,7 @@ from onnxshrink.passes.equalize import equalize_pairs
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
 from onnxshrink.passes.quantize.fallback import FloatFallback
 from onnxshrink.passes.quantize.guard import FidelityCheck, Placement, QuantizeGuard
+from onnxshrink.passes.quantize.knob import QuantizeKnob
 from onnxshrink.passes.quantize.plan import PlacementRules, has_float_weights, plan_units, refuse_quantized
 from onnxshrink.passes.quantize.prepare import prepare_float_graph
 from onnxshrink.passes.quantize.qdq import QdqBuilder, drop_qdq_value_info
@@ -123,6 +124,7 @@ class QuantizePass(Pass):
     needs_data = True
     min_opset = 1
     Options = QuantizeOptions
+    knob = QuantizeKnob()
 
     def __init__(self, options=None, **kwargs):
         super().__init__(options, **kwargs)
