@@ -105,9 +105,9 @@ class PassManager:
             if not 0 < float(v) <= 1:
                 raise UsageError(f"a cost target is a fraction of the input's cost in (0, 1], got {v}")
         self.cost_targets = [(k, float(v)) for k, v in targets]  # all must be met (allocate.py)
-        if self.cost_targets and not any(p.name in KNOBS for p in self.passes):
+        if self.cost_targets and not any(p.knob is not None for p in self.passes):
             raise UsageError(f"a cost target (--target-size/--target-macs/--target-latency) needs a pass that can "
-                             f"serve it ({', '.join(KNOBS)}); --passes has {', '.join(p.name for p in self.passes)}")
+                             f"serve it ({', '.join(knobs())}); --passes has {', '.join(p.name for p in self.passes)}")
         self.executor = settings.executor
         self.workers = settings.workers
         self.cache = settings.cache
