@@ -13,7 +13,9 @@ __all__ = ["MeasurementCache", "model_digest", "data_digest", "digest"]
 import hashlib
 import json
 import os
+import platform
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -57,8 +59,23 @@ def data_digest(samples: Iterable[dict]) -> str:
     return h.hexdigest()
 
 
+def environment() -> str:
+    """What else a measurement depends on: the versions of onnxshrink, onnxruntime and numpy, and
+    the machine (processor, cores); part of every cache key, so an upgrade or another machine never
+    reads a figure measured elsewhere."""
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "?"
+    return "|".join([version("onnxshrink"), version("onnxruntime") if version("onnxruntime") != "?" else
+                     version("onnxruntime-qnn"), np.__version__, platform.machine(), platform.processor(),
+                     str(os.cpu_count())])
+
+
 class MeasurementCache:
-    """get(key) / put(key, value) of JSON-able values; ``enabled=False`` makes it a no-op."""
+    """get(key) / put(key, value) of JSON-able values; ``enabled=False`` makes it a no-op. The file of
+    a key also hashes ``environment()``."""
 
     def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True):
         base = Path(root) if root else Path(os.environ.get("ONNXSHRINK_CACHE", Path.home() / ".cache" / "onnxshrink"))
@@ -66,9 +83,11 @@ class MeasurementCache:
         self.enabled = enabled
         self.hits = 0
         self.misses = 0
+        self.environment = environment()
 
     def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
+        full = hashlib.sha256(f"{key}|{self.environment}".encode()).hexdigest()
+        return self.root / full[:2] / f"{full}.json"
 
     def get(self, key: str):
         if not self.enabled:

@@ -424,11 +424,18 @@ def split_roles(source: SampleSource, val: SampleSource | None = None) -> Sample
 
     Without ``val``, with at least ``MIN_FOR_ROLES`` samples: of every four consecutive samples the
     1st and 3rd calibrate, the 2nd selects, the 4th tests (32 samples: 16 / 8 / 8). With an explicit
-    ``val`` (``--val DIR``): ``val`` is the test set, and the selection set is every 4th sample of
-    ``source`` (the rest calibrates) when it has enough. With fewer samples the roles share them,
+    ``val`` (``--val DIR``, the user's held-out set): every sample of ``source`` calibrates, and the
+    held-out samples alternate between selection and test (with at least 4 of them; else the test set
+    is ``val`` and every 4th sample of ``source`` selects). With fewer samples the roles share them,
     and ``shared`` says which: such a figure is measured on samples the decisions saw."""
     n = len(source)
     if val is not None:
+        m = len(val)
+        if m >= 4:
+            sel, test = [i for i in range(m) if i % 2 == 0], [i for i in range(m) if i % 2 == 1]
+            tag = "of --val, with labels" if val.labels() is not None else "of --val"
+            return SampleRoles(source, Subset(val, sel, f"{len(sel)} selection samples ({tag})"),
+                               Subset(val, test, f"{len(test)} held-out test samples ({tag})"))
         if n >= MIN_FOR_ROLES:
             sel = [i for i in range(n) if i % 4 == 3]
             cal = [i for i in range(n) if i % 4 != 3]

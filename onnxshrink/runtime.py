@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
+           "compare_speed", "SpeedComparison", "CLEAR_MARGIN",
            "add_outputs", "append_outputs"]
 
+import math
 import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -147,3 +150,54 @@ def interleaved_latency(models: list, feeds: dict, rounds: int = 8, runs: int = 
                 sess.run(None, feeds)
                 acc.append((time.perf_counter() - t) * 1e3)
     return times
+
+
+CLEAR_MARGIN = 1.03  # a speed difference counts when its whole interval is 3 % beyond the threshold
+
+
+@dataclass(frozen=True)
+class SpeedComparison:
+    """How much faster ``b`` ran than ``a``: per interleaved round the ratio ``t_a / t_b``; ``speedup``
+    is their median and ``[low, high]`` a distribution-free ~95 % confidence interval of that median
+    (order statistics of the binomial(n, 1/2)). ``t_a``/``t_b`` are median times in ms."""
+
+    speedup: float
+    low: float
+    high: float
+    t_a: float
+    t_b: float
+    rounds: int
+
+    def faster_than(self, threshold: float = 1.0) -> bool:
+        """``b`` is at least ``threshold`` times as fast as ``a``, clearly: the whole interval lies
+        above ``threshold x CLEAR_MARGIN``. Rounds of one run of a tiny model drift together (the
+        interval is narrower than the run-to-run spread of the median), hence the margin. A tie is
+        False, so a decision taken on it is the same on every run."""
+        return self.low > threshold * CLEAR_MARGIN
+
+    def slower_than(self, threshold: float = 1.0) -> bool:
+        """``b`` is clearly slower than ``threshold`` times ``a``'s speed: the whole interval lies below
+        ``threshold / CLEAR_MARGIN``."""
+        return self.high < threshold / CLEAR_MARGIN
+
+    def as_dict(self) -> dict:
+        return {"speedup": round(self.speedup, 3), "interval": [round(self.low, 3), round(self.high, 3)],
+                "ms": [round(self.t_a, 4), round(self.t_b, 4)], "rounds": self.rounds}
+
+
+def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_rounds: int = 15,
+                  max_rounds: int = 61) -> SpeedComparison:
+    """Time two models (ModelProto or session) on one thread in interleaved rounds, as many as fit
+    in about ``seconds`` of the pair (``min_rounds``..``max_rounds``), and compare them
+    (``SpeedComparison``): the one latency measurement every speed decision uses."""
+    sa = model_a if isinstance(model_a, ort.InferenceSession) else make_session(model_a, optimize=True, threads=1)
+    sb = model_b if isinstance(model_b, ort.InferenceSession) else make_session(model_b, optimize=True, threads=1)
+    one = (measure_latency(sa, feeds, runs=1, warmup=1) + measure_latency(sb, feeds, runs=1, warmup=1)) / 1e3
+    rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
+    ta, tb = interleaved_latency([sa, sb], feeds, rounds=rounds, runs=1, warmup=1)
+    ratios = sorted(a / b for a, b in zip(ta, tb))
+    n = len(ratios)
+    k = max(0, int(math.floor((n - 1.96 * math.sqrt(n)) / 2)))  # 0-based rank of the lower bound
+    return SpeedComparison(speedup=float(statistics.median(ratios)), low=float(ratios[k]),
+                           high=float(ratios[n - 1 - k]), t_a=float(statistics.median(ta)),
+                           t_b=float(statistics.median(tb)), rounds=n)

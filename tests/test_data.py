@@ -146,11 +146,14 @@ def test_split_roles_three_disjoint_sets():
     assert roles.shared and len(roles.calibration) == len(roles.selection) == len(roles.test) == 4
 
 
-def test_split_roles_with_explicit_test_set():
+def test_split_roles_with_explicit_held_out_set():
     src = ListSource([{"x": np.full((1, 4), i, np.float32)} for i in range(8)], [X])
-    test = ListSource([{"x": np.full((1, 4), 100 + i, np.float32)} for i in range(3)], [X])
-    roles = split_roles(src, test)
-    assert roles.test is test and _ids(roles.selection) == [3, 7] and _ids(roles.calibration) == [0, 1, 2, 4, 5, 6]
+    held = ListSource([{"x": np.full((1, 4), 100 + i, np.float32)} for i in range(5)], [X])
+    roles = split_roles(src, held)  # the held-out samples alternate: selection, test
+    assert roles.calibration is src and _ids(roles.selection) == [100, 102, 104] and _ids(roles.test) == [101, 103]
+    few = ListSource([{"x": np.full((1, 4), 100 + i, np.float32)} for i in range(3)], [X])
+    roles = split_roles(src, few)  # too few held out to split: they test, every 4th calibration sample selects
+    assert roles.test is few and _ids(roles.selection) == [3, 7] and _ids(roles.calibration) == [0, 1, 2, 4, 5, 6]
 
 
 def test_as_source_folder_errors(tmp_path):

@@ -582,8 +582,8 @@ def test_budget_not_met_exit_4_no_output(tmp_path, monkeypatch):
     r = run_cli("optimize", p, tmp_path / "out.onnx", "--calib", c, "--budget", "cosine>=0.999",
                 "--target", "cpu", "--passes", "t_noop", "--report", tmp_path / "r.json", "-q")
     assert r.code == EXIT_BUDGET, r.err
-    assert len(r.error_lines) == 1 and re.match(r"onnxshrink: error: budget cosine>=0\.999 not met: cosine=0\.\d+",
-                                                r.error_lines[0])
+    assert len(r.error_lines) == 1 and re.match(
+        r"onnxshrink: error: budget cosine>=0\.999 not met on the \d+ test samples: cosine=0\.\d+", r.error_lines[0])
     assert not (tmp_path / "out.onnx").exists()
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["budget_met"] is False and rep["fidelity"]["cosine"] < 0.999

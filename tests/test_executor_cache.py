@@ -69,3 +69,15 @@ def test_cache_roundtrip(tmp_path):
     assert c.misses == 1
     off = MeasurementCache(tmp_path, enabled=False)
     assert off.get(k) is None
+
+
+def test_cache_entries_belong_to_their_environment(tmp_path):
+    """A measurement taken with other versions of onnxshrink/onnxruntime/numpy or on another machine
+    is never read back."""
+    c = MeasurementCache(tmp_path)
+    k = digest("unit", 0.25)
+    c.put(k, {"cosine": 0.9})
+    other = MeasurementCache(tmp_path)
+    other.environment = c.environment.replace(c.environment.split("|")[1], "0.0.0-other-onnxruntime")
+    assert other.environment != c.environment
+    assert other.get(k) is None and MeasurementCache(tmp_path).get(k) == {"cosine": 0.9}

@@ -300,7 +300,6 @@ def test_cleanup_node_case_does_not_raise(case):
 
 
 # ------------------------------------------------------------------ 8. reproducible
-@issue15("the same command must give byte-identical outputs (today quantize's float/int8 choice is timed)")
 def test_same_run_same_bytes():
     # today: quantize keeps activations float in some runs ("no quantized placement is faster than fp32
     # on this CPU (best 0.95x-0.99x)") and quantizes them in others: two different models from one

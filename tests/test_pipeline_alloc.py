@@ -75,7 +75,8 @@ def test_quantize_closure_raises_the_longest_harmless_prefix(monkeypatch):
         ok = conf.get(("quantize", "c"), 0) < 1.0  # c in int8 breaks the budget
         return {"n": label, "budget_ok": ok, "target_met": True, "model": None, "cost": {}}
 
-    monkeypatch.setattr(al, "interleaved_minimum", lambda models, feeds: [2.0, 1.0])
+    monkeypatch.setattr(al, "speed_verdict", lambda a, b, feeds: {"speedup": 2.0, "interval": [1.8, 2.2],
+                                                                   "ms": [2.0, 1.0], "rounds": 15, "faster": True})
     alloc = {}
     best = al.quantize_closure({"n": 7}, chosen, t, extra, verify, "weight_bytes", alloc, None,
                                 MeasurementCache(enabled=False), "k")

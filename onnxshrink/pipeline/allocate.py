@@ -23,7 +23,7 @@ fidelity budget, the manager calls ``allocate`` at the first pass that has a kno
 
 from __future__ import annotations
 
-__all__ = ["allocate", "AllocationConfig", "Runner", "Target", "Trials", "quantize_closure", "interleaved_minimum"]
+__all__ = ["allocate", "AllocationConfig", "Runner", "Target", "Trials", "quantize_closure", "speed_verdict"]
 
 import dataclasses
 import gc
@@ -50,13 +50,12 @@ from onnxshrink.pipeline.sensitivity import (
     measure_sensitivity,
 )
 from onnxshrink.progress import Progress
-from onnxshrink.runtime import interleaved_latency, measure_latency
+from onnxshrink.runtime import CLEAR_MARGIN, compare_speed, measure_latency
 
 KIND_NAMES = {"weight_bytes": "size (weight bytes)", "macs": "MACs", "latency_ms": "latency (ms, 1 thread)",
               "combined": "cost / target (the largest over the targets)"}
 COMBINED = "combined"
 MAX_EXTEND = 6
-CLOSURE_MARGIN = 0.97  # the closure is kept when at least 3 % faster
 MAX_BISECT = 5
 
 
@@ -471,27 +470,28 @@ def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cac
             return best
         label, t = trial(lo)
     # the timing decides once; its verdict is cached with the trials so a rerun makes the same choice
-    key = digest(vkey, "closure", sorted(map(list, chosen)), sorted(map(list, extra[label])))
+    key = digest(vkey, "closure-2", sorted(map(list, chosen)), sorted(map(list, extra[label])))
     hit = cache.get(key)
     was_cached = hit is not None
     if hit is None:
         a, b = verify(best["n"], materialize=True), verify(label, materialize=True)
-        ta, tb = interleaved_minimum([a["model"], b["model"]], feeds)
-        hit = {"ta": ta, "tb": tb}
+        hit = speed_verdict(a["model"], b["model"], feeds)
         cache.put(key, hit)
-    ta, tb = hit["ta"], hit["tb"]
     raised = sum(1 for u in rest if extra[label].get((pass_name, u)) == 1.0)
-    log.append(f"{label} ({raised} units raised to int8): {tb:.2f} ms vs {ta:.2f} ms for {best['n']} "
-               "(interleaved, 1 thread, min of 25; kept when 3 % faster)"
-               f"{' (cached)' if was_cached else ''}")
+    log.append(f"{label} ({raised} units raised to int8): {hit['ms'][1]:.2f} ms vs {hit['ms'][0]:.2f} ms for "
+               f"{best['n']}, speed-up {hit['speedup']:.3f}x, 95 % interval {hit['interval'][0]:.3f}-"
+               f"{hit['interval'][1]:.3f} (interleaved, 1 thread; kept when clearly faster: the "
+               f"interval above {CLEAR_MARGIN:g}x){' (cached)' if was_cached else ''}")
     alloc["closure"] = "; ".join(log)
-    # faster by a margin: a tie within timing noise (a tiny model) must not flip the decision
-    return verify(label) if tb < CLOSURE_MARGIN * ta else best
+    # clearly faster by a margin: a tie within timing noise (a tiny model) must not flip the decision
+    return verify(label) if hit["faster"] else best
 
 
-def interleaved_minimum(models, feeds, rounds: int = 5, runs: int = 5) -> list[float]:
-    """Each model's fastest single-thread time (ms), measured interleaved."""
-    return [min(t) for t in interleaved_latency(models, feeds, rounds=rounds, runs=runs)]
+def speed_verdict(model_a, model_b, feeds) -> dict:
+    """Whether ``model_b`` is clearly faster than ``model_a`` (``runtime.compare_speed``), with the
+    timings behind the verdict, as the cache stores it."""
+    cmp = compare_speed(model_a, model_b, feeds)
+    return {**cmp.as_dict(), "faster": cmp.faster_than(1.0)}
 
 
 def _rank(row, kind):

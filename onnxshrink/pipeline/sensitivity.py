@@ -270,7 +270,8 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
             # each result is cached as soon as it arrives: an interrupted sweep keeps what it measured
             for i, r in zip(todo, track(ex.imap(measure_task, items), f"sensitivity ({ex.name})", total=len(items))):
                 results[i] = r
-                cache.put(keys[i], r)
+                if "error" not in r:  # a failure may be passing (memory, a killed worker): measured again next time
+                    cache.put(keys[i], r)
         finally:
             if ex.name != "serial":
                 Path(bundle).unlink(missing_ok=True)

@@ -8,19 +8,20 @@
   (``unit_analysis.py``) are kept in float, 1, 2, 4, ... of them, up to ``max_float_fraction`` of the
   units without a budget; the first plan that holds is kept, else the best cosine.
 - Speed: with ``guard`` and no target other than ``cpu`` (this machine's speed says nothing about an
-  NPU or an ARM core), the quantized and float models are timed (one thread, interleaved runs,
-  medians). When the quantized one is not ``min_speedup`` faster, small convolutions (few weights:
+  NPU or an ARM core), the quantized and float models are compared by ``runtime.compare_speed``
+  (one thread, interleaved rounds, the median ratio with a ~95 % interval). When the quantized one is
+  not clearly ``min_speedup`` faster (the interval above it), small convolutions (few weights:
   onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when nothing is
-  faster, the pass changes nothing and says why.
+  clearly faster, the pass changes nothing and says why. A tie always resolves to float, so the
+  same command gives the same model on every run; the timings are in ``stats["speed_search"]``.
 """
 
 from __future__ import annotations
 
-__all__ = ["FidelityCheck", "Placement", "QuantizeGuard", "latency_pair"]
+__all__ = ["FidelityCheck", "Placement", "QuantizeGuard"]
 
 import dataclasses
 import math
-import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ from onnxshrink.passes.quantize.calibrate import CalibrationSamples
 from onnxshrink.passes.quantize.plan import PlacementRules, plan_units
 from onnxshrink.passes.quantize.qdq import QdqBuilder
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis
-from onnxshrink.runtime import interleaved_latency, make_session, measure_latency
+from onnxshrink.runtime import CLEAR_MARGIN, compare_speed, make_session
 
 SMALL_CONV_LIMITS = (2048, 8192, 32768)  # weight counts under which convolutions go back to float, in turn
 
@@ -157,10 +158,10 @@ class QuantizeGuard:
         graph when none is ``min_speedup`` faster than the float model."""
         model_f = self.builder.model_f
         sample = self.samples.first()
-        t_f, t_q = latency_pair(model_f, self.ctx.to_model(chosen.graph), sample)
-        speed = [{"config": f"{len(chosen.excluded)} sensitive units in float", "speedup": round(t_f / t_q, 3)}]
-        best_t, best = t_q, chosen
-        if t_f / t_q < self.o.min_speedup:
+        cmp = compare_speed(model_f, self.ctx.to_model(chosen.graph), sample)
+        speed = [{"config": f"{len(chosen.excluded)} sensitive units in float", **cmp.as_dict()}]
+        best_cmp, best = cmp, chosen
+        if not cmp.faster_than(self.o.min_speedup):
             for limit in SMALL_CONV_LIMITS:
                 small = {u.node for u in chosen.units.values() if u.kind == "weighted" and self._weights(u) < limit}
                 if not small:
@@ -170,33 +171,24 @@ class QuantizeGuard:
                 if not any(u.kind == "weighted" for u in units_k.values()):
                     break
                 qg_k = self.builder.build(units_k)
-                t_f2, t_k = latency_pair(model_f, self.ctx.to_model(qg_k), sample)
-                t_k *= t_f / t_f2  # the same float reference for every candidate
-                speed.append({"config": f"only convs with >= {limit} weights", "speedup": round(t_f / t_k, 3)})
-                if t_k < best_t:
+                cmp_k = compare_speed(model_f, self.ctx.to_model(qg_k), sample)
+                speed.append({"config": f"only convs with >= {limit} weights", **cmp_k.as_dict()})
+                if cmp_k.speedup > best_cmp.speedup:
                     fid_k = self.check.measure(qg_k)
                     if self.check.holds(fid_k) or fid_k.get("cosine", 0) >= fid.get("cosine", 0):
-                        best_t, best = t_k, Placement(qg_k, units_k, {**reasons_k, **{
+                        best_cmp, best = cmp_k, Placement(qg_k, units_k, {**reasons_k, **{
                             n: "kept float: small convolution (the float kernel is faster)" for n in small}}, ex)
-                if t_f / best_t >= self.o.min_speedup:
+                if best_cmp.faster_than(self.o.min_speedup):
                     break
         self.stats["speed_search"] = speed
-        if t_f / best_t < self.o.min_speedup:
-            self.stats["guard_reason"] = (f"no quantized placement is faster than fp32 on this CPU "
-                                          f"(best {t_f / best_t:.2f}x)")
+        if not best_cmp.faster_than(self.o.min_speedup):
+            self.stats["guard_reason"] = (
+                f"no quantized placement is clearly faster than fp32 on this CPU (best {best_cmp.speedup:.2f}x, "
+                f"95 % interval {best_cmp.low:.2f}-{best_cmp.high:.2f}x, which must lie above {CLEAR_MARGIN:g} x "
+                f"min_speedup; a tie keeps float)")
             return dataclasses.replace(chosen, graph=None)
         return best
 
     def _weights(self, u) -> int:
         node = self.builder.nodes_f[u.node]
         return int(np.prod(node.inputs[1].shape)) if u.kind == "weighted" else 0
-
-
-def latency_pair(model_a: onnx.ModelProto, model_b: onnx.ModelProto, sample: dict) -> tuple[float, float]:
-    """Median one-thread latency in seconds of two models, runs interleaved (shared load hits both);
-    as many rounds (7..41) as fit in about 1.5 s of the first model."""
-    sa, sb = make_session(model_a, optimize=True, threads=1), make_session(model_b, optimize=True, threads=1)
-    one = measure_latency(sa, sample, runs=1, warmup=1) / 1e3
-    rounds = int(min(41, max(7, 1.5 / max(one, 1e-4))))
-    ta, tb = interleaved_latency([sa, sb], sample, rounds=rounds, runs=1, warmup=1)
-    return statistics.median(ta) / 1e3, statistics.median(tb) / 1e3
