@@ -189,15 +189,22 @@ def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_round
                   max_rounds: int = 61) -> SpeedComparison:
     """Time two models (ModelProto or session) on one thread in interleaved rounds, as many as fit
     in about ``seconds`` of the pair (``min_rounds``..``max_rounds``), and compare them
-    (``SpeedComparison``): the one latency measurement every speed decision uses."""
+    (``SpeedComparison``): the one latency measurement every speed decision uses. The rounds run in
+    two blocks, each warmed up afresh; the interval is the union of the two blocks' intervals, so a
+    drift of the machine's load between blocks widens it instead of faking a clear difference."""
     sa = model_a if isinstance(model_a, ort.InferenceSession) else make_session(model_a, optimize=True, threads=1)
     sb = model_b if isinstance(model_b, ort.InferenceSession) else make_session(model_b, optimize=True, threads=1)
     one = (measure_latency(sa, feeds, runs=1, warmup=1) + measure_latency(sb, feeds, runs=1, warmup=1)) / 1e3
     rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
-    ta, tb = interleaved_latency([sa, sb], feeds, rounds=rounds, runs=1, warmup=1)
-    ratios = sorted(a / b for a, b in zip(ta, tb))
-    n = len(ratios)
-    k = max(0, int(math.floor((n - 1.96 * math.sqrt(n)) / 2)))  # 0-based rank of the lower bound
-    return SpeedComparison(speedup=float(statistics.median(ratios)), low=float(ratios[k]),
-                           high=float(ratios[n - 1 - k]), t_a=float(statistics.median(ta)),
-                           t_b=float(statistics.median(tb)), rounds=n)
+    ta, tb, lows, highs = [], [], [], []
+    for block in (rounds // 2, rounds - rounds // 2):
+        a, b = interleaved_latency([sa, sb], feeds, rounds=block, runs=1, warmup=2)
+        ratios = sorted(x / y for x, y in zip(a, b))
+        k = max(0, int(math.floor((block - 1.96 * math.sqrt(block)) / 2)))  # rank of the lower bound
+        lows.append(ratios[k])
+        highs.append(ratios[block - 1 - k])
+        ta += a
+        tb += b
+    return SpeedComparison(speedup=float(statistics.median(x / y for x, y in zip(ta, tb))), low=float(min(lows)),
+                           high=float(max(highs)), t_a=float(statistics.median(ta)),
+                           t_b=float(statistics.median(tb)), rounds=len(ta))

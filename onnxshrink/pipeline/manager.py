@@ -328,6 +328,10 @@ class PassManager:
             feeds = val.get(0)
             report.latency_ms = {"before": measure_latency(original, feeds),
                                  "after": measure_latency(current, io.feeds([feeds])[0])}
+        verdict = (report.target_report or {}).get("verdict") or {}
+        if verdict and not verdict.get("ok", True):
+            raise BudgetError(f"target {self.target.name}: {'; '.join(verdict['problems'])} (nothing written; "
+                              f"-o target.allow_partial=true accepts a partial placement)", report)
         if self.budget is not None and not report.budget_met:
             on = f" on the {len(test)} test samples" if test is not val else ""
             raise BudgetError(f"budget {self.budget} not met{on}: {self.budget.metric}="

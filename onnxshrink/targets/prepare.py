@@ -24,8 +24,8 @@ passes, then 4-6.
 
 from __future__ import annotations
 
-__all__ = ["prepare_for_target", "emit_for_target", "convert_opset", "fold_static_shapes", "FOLD_SIZE_LIMIT",
-           "EMIT_TOL"]
+__all__ = ["prepare_for_target", "emit_for_target", "target_verdict", "convert_opset", "fold_static_shapes",
+           "FOLD_SIZE_LIMIT", "EMIT_TOL"]
 
 import os
 
@@ -61,7 +61,8 @@ def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None 
     samples and compared in NCHW for a channel-last model."""
     model, steps = _transform(model, profile, ctx)
     info = {"target": profile.name, "provider": profile.provider, "emission": steps,
-            "scheme": {"activations": profile.activation_dtype, "weights": profile.weight_dtype,
+            "scheme": {"activations": ", ".join(activation_qtypes(model)) or "float",
+                       "profile_activations": profile.activation_dtype, "weights": profile.weight_dtype,
                        "symmetric_weights": profile.symmetric_weights, "per_channel": profile.per_channel,
                        "activations_in_model": activation_qtypes(model)},
             "opset": _opset(model), "static_inputs": _static_inputs(model)}
@@ -74,7 +75,29 @@ def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None 
         ref = getattr(ctx, "reference", None)
         info["qnn_htp"] = qnn_htp_check(model, io.feeds(samples), ref[:len(samples)] if ref is not None else None,
                                         required=bool(qnn), outputs_back=io)
+    info["verdict"] = target_verdict(info, profile)
     return model, info
+
+
+def target_verdict(info: dict, profile) -> dict:
+    """Whether the emitted model is what the target asked for: the EP takes all of it (coverage), the
+    QNN HTP run accepts it where onnxruntime-qnn is installed, and requested channel-last I/O was
+    kept. ``{"ok": bool, "problems": [...]}``; with ``allow_partial`` a partial placement is a note, not
+    a problem. The manager fails closed (exit 4) on problems."""
+    problems, notes = [], []
+    cov = info.get("coverage") or {}
+    if cov and not cov.get("accepted", True):
+        why = (f"the {profile.provider} check rejects the model ({cov.get('accepted_means', 'coverage')}: "
+               f"{cov.get('taken', '?')}/{cov.get('nodes', '?')} nodes taken)")
+        (notes if profile.allow_partial else problems).append(why)
+    htp = info.get("qnn_htp") or {}
+    if htp.get("available") and not htp.get("accepted", False):
+        why = f"the QNN HTP run rejects the model ({htp.get('error') or htp.get('reason') or 'not every node on HTP'})"
+        (notes if profile.allow_partial else problems).append(why)
+    cl = info.get("channels_last") or {}
+    if cl.get("rolled_back"):
+        problems.append(f"the requested channel-last I/O was rolled back ({cl.get('reason', '')})")
+    return {"ok": not problems, "problems": problems, "notes": notes}
 
 
 def convert_opset(model: onnx.ModelProto, lo: int, hi: int) -> tuple[onnx.ModelProto, dict]:

@@ -104,6 +104,7 @@ class TargetProfile:
     fallback_ok: bool = True            # nodes the EP does not take run on the CPU EP by design
     ort_format: bool = False            # also write the ORT format (.ort) next to the output
     channels_last: bool = False         # emit 4-D image inputs/outputs as NHWC (exact Transposes)
+    allow_partial: bool = False         # accept a model the EP takes only in part (else exit 4)
 
     def supports_op(self, op_type: str, domain: str = "") -> bool | None:
         """True/False when this profile's op list decides it; None when the usability checker does."""
@@ -155,7 +156,8 @@ TARGETS: dict[str, TargetProfile] = {
 # emission options a target takes: ``--target qnn+channels_last+ort``, ``-o target.channels_last=true``
 # or a recipe's ``target: {name: qnn, channels_last: true}``; option -> (TargetProfile field, aliases)
 TARGET_OPTIONS = {"ort": ("ort_format", ("ort", "ort_format")),
-                  "channels_last": ("channels_last", ("channels_last", "nhwc"))}
+                  "channels_last": ("channels_last", ("channels_last", "nhwc")),
+                  "allow_partial": ("allow_partial", ("allow_partial", "partial"))}
 
 
 def _option_field(key: str) -> str:
