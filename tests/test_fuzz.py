@@ -232,11 +232,11 @@ _CHILD = textwrap.dedent("""
     import json, signal, sys
     sys.path.insert(0, {root!r})
     from tests.test_fuzz import child_main
-    child_main(sys.argv[1], sys.argv[2], sys.argv[3].split(","))
+    child_main(sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4:])
 """)
 
 
-def child_main(cases_dir: str, results_path: str, passes: list[str]) -> None:
+def child_main(cases_dir: str, results_path: str, passes: list[str], extra: list[str] = ()) -> None:
     """Run inspect and optimize on every case file; append one JSON line per run (flushed, so a
     crash is pinned on the case after the last line)."""
     import signal
@@ -261,7 +261,7 @@ def child_main(cases_dir: str, results_path: str, passes: list[str]) -> None:
                     if cmd == "inspect":
                         r = run_cli("inspect", f, "--json")
                     else:
-                        r = run_cli("optimize", f, o, "-p", ",".join(passes), "-q")
+                        r = run_cli("optimize", f, o, "-p", ",".join(passes), "-q", *extra)
                     hang = False
                 except TimeoutError:
                     r, hang = None, True
@@ -282,7 +282,14 @@ def child_main(cases_dir: str, results_path: str, passes: list[str]) -> None:
                 out.flush()
 
 
-def run_fuzz(tmp_path: Path, cases: range, seed: int = 0) -> dict:
+# every registered pass, on random inputs with checking off: the pipeline must end in exit 0 with a
+# valid model or a clean one-line error whatever the model, never a crash (fidelity is not the point)
+EVERY_PASS = ["cleanup", "prune", "sparsify", "svd", "share", "equalize", "fold", "quantize", "fp16"]
+EVERY_PASS_ARGS = ["--synthetic", "--budget", "none", "-o", "prune.mode=importance"]
+
+
+def run_fuzz(tmp_path: Path, cases: range, seed: int = 0, passes: list[str] | None = None,
+             extra: tuple = ()) -> dict:
     models = seed_models()
     cdir = tmp_path / "cases"
     cdir.mkdir()
@@ -294,11 +301,12 @@ def run_fuzz(tmp_path: Path, cases: range, seed: int = 0) -> dict:
         desc[p.name] = d
     before = {p.name: sha256(p) for p in cdir.iterdir()}
     reg = registry()
-    passes = ["cleanup"] if "cleanup" in reg else ["t_strip_identity"]
+    if passes is None:
+        passes = ["cleanup"] if "cleanup" in reg else ["t_strip_identity"]
     results = tmp_path / "results.jsonl"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), str(cdir), str(results),
-                           ",".join(passes)],
+                           ",".join(passes), *extra],
                           capture_output=True, text=True, env=env, timeout=CASE_TIMEOUT_S * 2 * len(cases) + 120)
     lines = [json.loads(ln) for ln in results.read_text().splitlines()] if results.exists() else []
     done = [r for r in lines if not r.get("started")]
@@ -364,4 +372,22 @@ def test_fuzz_slow(tmp_path, batch):
     res = run_fuzz(tmp_path, range(batch * 200, (batch + 1) * 200), seed=1)
     print(f"\nfuzz slow batch {batch}: {res['runs']} runs, exit codes {res['codes']}")
     assert res["runs"] == 400
+    assert not res["problems"], "\n".join(res["problems"][:20])
+
+
+def test_fuzz_every_pass(tmp_path):
+    """40 cases through inspect and every pass at once (random inputs, checking off)."""
+    res = run_fuzz(tmp_path, range(40), seed=2, passes=EVERY_PASS, extra=tuple(EVERY_PASS_ARGS))
+    print(f"\nfuzz every pass: {res['runs']} runs, exit codes {res['codes']}")
+    assert res["runs"] == 80
+    assert not res["problems"], "\n".join(res["problems"][:20])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", range(5))
+def test_fuzz_every_pass_slow(tmp_path, batch):
+    """400 more cases through every pass."""
+    res = run_fuzz(tmp_path, range(batch * 80, (batch + 1) * 80), seed=3, passes=EVERY_PASS,
+                   extra=tuple(EVERY_PASS_ARGS))
+    assert res["runs"] == 160
     assert not res["problems"], "\n".join(res["problems"][:20])

@@ -117,7 +117,9 @@ def test_every_knob_applies_each_unit_alone():
     assert by[("quantize", "fc1", 1.0)]["saving"]["weight_bytes"] > 0.7 * 512 * 64 * 4
     assert by[("svd", "fc1", 0.25)]["saving"]["params"] > by[("svd", "fc1", 0.5)]["saving"]["params"] > 0
     assert by[("prune", "fc1", 0.5)]["saving"]["macs"] > by[("prune", "fc1", 0.25)]["saving"]["macs"] > 0
-    assert all(r["loss"] >= 0 for r in t.rows)
+    # a stronger strength of the same unit loses at least as much (losses are measured, not assumed)
+    assert by[("svd", "fc1", 0.25)]["loss"] >= by[("svd", "fc1", 0.5)]["loss"]
+    assert by[("quantize", "fc1", 1.0)]["loss"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +168,7 @@ def test_latency_target_measures_every_candidate(tmp_path):
         rep, ok = e.report, False
     a = rep.allocation
     assert a["target"]["cost"] == "latency_ms" and a["target"]["of_input"] > 0
-    assert all("latency_ms" in (r.get("saving") or {"latency_ms": None}) for r in a["table"])
+    measured = [r for r in a["table"] if r.get("saving")]
+    assert measured and all("latency_ms" in r["saving"] for r in measured)
     assert a["trials"] and all(t["cost"]["latency_ms"] > 0 for t in a["trials"])
     assert (a["chosen_n"] is not None) == ok
