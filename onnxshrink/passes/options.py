@@ -9,7 +9,7 @@ comma-separated string, each item coerced to the item type); anything else is pa
 
 from __future__ import annotations
 
-__all__ = ["NoOptions", "build_options", "coerce_option", "option_docs"]
+__all__ = ["NoOptions", "build_options", "coerce_option", "option_docs", "keyed_items"]
 
 import dataclasses
 import typing
@@ -108,3 +108,19 @@ def option_docs(pass_cls: type) -> list[dict]:
         tname = getattr(t, "__name__", None) or str(t).replace("typing.", "")
         out.append({"name": f.name, "type": tname, "default": default, "help": f.metadata.get("help", "")})
     return out
+
+
+def keyed_items(value, option: str, form: str) -> list[tuple]:
+    """Per-unit option items as (key, value) pairs, from a mapping, a list of ``KEY=VALUE`` strings or
+    one comma-separated string of them (the CLI's ``-o``, recipes); a string splits at its last
+    ``=``. UsageError naming ``option`` and the expected ``form`` for an item without ``=``."""
+    if isinstance(value, dict):
+        return list(value.items())
+    parts = [x for x in value.split(",") if x] if isinstance(value, str) else list(value or [])
+    items = []
+    for it in parts:
+        key, sep, val = str(it).rpartition("=")
+        if not sep:
+            raise UsageError(f"option {option}: expected {form} items (got {it!r})")
+        items.append((key, val))
+    return items

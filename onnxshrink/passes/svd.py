@@ -66,6 +66,7 @@ from onnxshrink.errors import UsageError
 from onnxshrink.graph.patches import ConvGeometry, patch_covariance, sample_positions
 from onnxshrink.graph.values import constant_value, node_attr
 from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.options import keyed_items
 from onnxshrink.passes.registry import register
 from onnxshrink.passes.svd_knob import SvdKnob, weight_view
 
@@ -360,18 +361,8 @@ def parse_ranks(value) -> dict[str, list]:
     list of LAYER=FORM:RANK items or one comma-separated string of them (CLI, recipes); an item
     splits at its last ``=`` and the spec at its last ``:`` (``LAYER=RANK``: form "", the layer's
     only form); a later item of the same layer wins. UsageError for a malformed item."""
-    if isinstance(value, dict):
-        items = list(value.items())
-    else:
-        parts = [x for x in value.split(",") if x] if isinstance(value, str) else list(value or [])
-        items = []
-        for it in parts:
-            layer, sep, spec = str(it).rpartition("=")
-            if not sep:
-                raise UsageError(f"option svd.ranks: expected LAYER=FORM:RANK items (got {it!r})")
-            items.append((layer, spec))
     out = {}
-    for layer, spec in items:
+    for layer, spec in keyed_items(value, "svd.ranks", "LAYER=FORM:RANK"):
         if isinstance(spec, str):
             form, _, rank = spec.rpartition(":")
         elif isinstance(spec, (list, tuple)) and len(spec) == 2:

@@ -36,6 +36,7 @@ from onnxshrink.errors import UsageError
 from onnxshrink.graph.channels import ChannelAnalysis, analyze
 from onnxshrink.graph.cost import model_cost
 from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.options import keyed_items
 from onnxshrink.passes.prune.knob import PruneKnob
 from onnxshrink.passes.prune.refit import compensate_with_means, refit_consumers
 from onnxshrink.passes.prune.remove import feasible, lossless_units, remove_units
@@ -175,18 +176,8 @@ def parse_group_ratios(value) -> dict[str, float]:
     """``group_ratios`` as {producer: ratio}, from a mapping, a list of PRODUCER=RATIO items or one
     comma-separated string of them (CLI, recipes); the split is at the last ``=``, a later item of
     the same producer wins. UsageError for an item without ``=`` or a ratio that is no number."""
-    if isinstance(value, dict):
-        items = list(value.items())
-    else:
-        parts = [x for x in value.split(",") if x] if isinstance(value, str) else list(value or [])
-        items = []
-        for it in parts:
-            producer, sep, ratio = str(it).rpartition("=")
-            if not sep:
-                raise UsageError(f"option prune.group_ratios: expected PRODUCER=RATIO items (got {it!r})")
-            items.append((producer, ratio))
     out = {}
-    for producer, ratio in items:
+    for producer, ratio in keyed_items(value, "prune.group_ratios", "PRODUCER=RATIO"):
         try:
             out[str(producer)] = float(ratio)
         except (TypeError, ValueError):
