@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs  # noqa: E402
 
 from models.real import real_model, real_samples  # noqa: E402
 from onnxshrink.errors import BudgetError  # noqa: E402
-from onnxshrink.passes.base import registry  # noqa: E402
+from onnxshrink.passes.registry import registry  # noqa: E402
 from onnxshrink.pipeline.manager import PassManager  # noqa: E402
 
 

@@ -140,7 +140,7 @@ def _text_subset(model, val, report) -> dict:
 
 
 def _has_pass(n):
-    from onnxshrink.passes.base import registry
+    from onnxshrink.passes.registry import registry
     return n in registry()
 
 

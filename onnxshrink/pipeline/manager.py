@@ -49,7 +49,7 @@ from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLL
 from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings
 from onnxshrink.progress import Progress
-from onnxshrink.runtime import make_session, measure_latency
+from onnxshrink.runtime import compare_speed, make_session, measure_latency
 from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prepare_for_target, save_ort_format
 
 MAX_BACKOFF = 6
@@ -114,6 +114,7 @@ class PassManager:
         self.sensitivity_samples = settings.sensitivity_samples
         self.max_units = settings.max_units
         self.plot = settings.plot
+        self.enforce_speed = settings.enforce_speed
         if self.budget is not None and self.budget.metric == "user" and self.metric is None:
             raise UsageError("budget on metric 'user' needs a user metric callable")
         # set by run(): the validation labels, the original's own scores (relative budgets), the
@@ -328,6 +329,7 @@ class PassManager:
             feeds = val.get(0)
             report.latency_ms = {"before": measure_latency(original, feeds),
                                  "after": measure_latency(current, io.feeds([feeds])[0])}
+        self._speed_contract(original, current, io, test, report)
         verdict = (report.target_report or {}).get("verdict") or {}
         if verdict and not verdict.get("ok", True):
             raise BudgetError(f"target {self.target.name}: {'; '.join(verdict['problems'])} (nothing written; "
@@ -337,6 +339,28 @@ class PassManager:
             raise BudgetError(f"budget {self.budget} not met{on}: {self.budget.metric}="
                               f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
         return current, report
+
+    def _speed_contract(self, original: onnx.ModelProto, result: onnx.ModelProto, io, test, report: Report) -> None:
+        """The speed check of the cpu target (the default): the result is timed against the input
+        (``runtime.compare_speed``, on a test sample); the report gives the figures and warns when the
+        result is clearly slower. It is refused (exit 4) only with ``enforce_speed``: forced placements
+        (``quantize.guard=false``, weight-only int4) on small models are slower by design, and backing
+        such a result off pass by pass is not built yet. Other targets are not this CPU: not timed."""
+        if (self.target is not None and self.target.name != "cpu") or result is original or io.inputs:
+            return
+        cmp = compare_speed(original, result, test.get(0))
+        size_only = bool(self.cost_targets) and all(k == "weight_bytes" for k, _ in self.cost_targets)
+        waived = "not enforced" if not self.enforce_speed else "a size-only target" if size_only else ""
+        report.speed = {"vs_input": cmp.as_dict(), "contract": f"waived ({waived})" if waived else "enforced",
+                        "verdict": "slower" if cmp.slower_than(1.0) else "not slower"}
+        if not cmp.slower_than(1.0):
+            return
+        msg = (f"the result is slower than the input on this CPU ({cmp.speedup:.2f}x its speed, 95 % interval "
+               f"{cmp.low:.2f}-{cmp.high:.2f}x)")
+        if waived:
+            report.warnings.append(msg)
+            return
+        raise BudgetError(msg + "; nothing written (drop --enforce-speed to accept it)", report)
 
     def _final_outputs(self, io, model: onnx.ModelProto, val, report: Report):
         """The result's outputs as the user will run it (onnxruntime's graph optimizations on). When

@@ -64,6 +64,7 @@ class Report:
     fidelity: dict = field(default_factory=dict)  # on the test samples (the budget verdict)
     selection_fidelity: dict = field(default_factory=dict)  # on the selection samples the decisions used
     samples: dict = field(default_factory=dict)  # how many samples each role had
+    speed: dict = field(default_factory=dict)  # the speed contract: the result timed against the input
     budget_met: bool | None = None
     budget_source: str = "given"  # given, default (no --budget), none (--budget none)
     fidelity_status: str = "checked"  # checked, or unchecked (--budget none / no data for lossy passes)

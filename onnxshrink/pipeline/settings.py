@@ -65,9 +65,11 @@ class Settings:
 
     data: Any = setting(None, "Calibration data: folder of .npy (single input) or .npz files.",
                         flags=("--calib",), kind="path", recipe="calib")
-    val_data: Any = setting(None, "Validation data (default: every 4th calibration sample held out).",
+    val_data: Any = setting(None, "Held-out samples; they alternate between selection and test (default: of every four "
+                            "--calib samples the 2nd selects and the 4th tests).",
                             flags=("--val",), kind="path", recipe="val")
-    budget: Any = setting(None, 'Fidelity budget, e.g. "cosine>=0.99", "sqnr>=30", "top1>=0.98", "max_abs<=0.01".',
+    budget: Any = setting(None, 'Fidelity budget, e.g. "cosine>=0.99", "sqnr>=30", "top1>=0.98", "max_abs<=0.01" '
+                          '(default "cosine>=0.99"; "none": no check, the report says unchecked).',
                           flags=("--budget",), recipe="budget")
     target: Any = setting(None, "Execution-provider target: cpu, xnnpack, nnapi, coreml, qnn, openvino.",
                           flags=("--target",), recipe="target")
@@ -101,6 +103,10 @@ class Settings:
     max_units: int = setting(0, "Measure only the N largest prune and svd units (large models; quantize units are "
                              "all measured; default: all).", flags=("--max-units",), kind="int",
                              recipe="max_units", parse=optional_int)
+    enforce_speed: bool = setting(False, "Refuse (exit 4) a result clearly slower than the input on this CPU (the "
+                                  "cpu target, the default; the report always times both; a size-only "
+                                  "--target-size waives it).", flags=("--enforce-speed",), kind="flag",
+                                  flag_value=True, recipe="enforce_speed")
     plot: str | os.PathLike | None = setting(
         None, "PNG of metric vs size and vs latency of the configurations tried (needs matplotlib).",
         flags=("--plot",), kind="file", recipe="plot")

@@ -61,8 +61,8 @@ def candidates(graph: gs.Graph, skip: set | frozenset = frozenset(), min_element
         vals = w.values
         if np.dtype(vals.dtype).type not in FLOAT_TYPES or vals.size < min_elements or vals.ndim < 2:
             continue
-        if isinstance(node.inputs[0], gs.Constant):
-            continue
+        if isinstance(node.inputs[0], gs.Constant) or not np.isfinite(vals).all():
+            continue  # a non-finite weight has no int8 grid
         users = list(w.outputs)
         if all(u.op in WEIGHT_OPS and len(u.inputs) > 1 and u.inputs[1] is w and u.inputs[0] is not w
                and u.name not in skip for u in users) and users:
