@@ -38,3 +38,17 @@ def test_guard_skips_the_per_unit_analysis_when_the_floor_holds():
     out, rec = quantize(small_net(), budget="none", guard=True, min_speedup=0.0, min_cosine=1.5,
                         max_float_fraction=0.5)
     assert "sensitivity" in rec.stats and len(rec.stats["fidelity_search"]) > 1
+
+
+def test_a_tensor_without_calibration_range_is_an_error_not_zero_to_one():
+    """A range calibration never measured is refused (the pass rolls back with the reason), never
+    replaced by a made-up (0, 1)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from onnxshrink.passes.quantize.qdq import QdqBuilder
+    builder = SimpleNamespace(ranges={"seen": (-1.0, 2.0)})
+    assert QdqBuilder.range_of(builder, "seen") == (-1.0, 2.0)
+    with pytest.raises(RuntimeError, match="no calibration range for tensor 'unseen'"):
+        QdqBuilder.range_of(builder, "unseen")

@@ -87,6 +87,13 @@ class QdqBuilder:
         r = self.rounded.get(name)
         return (r, s) if r is not None and r.shape == q.shape else (q, s)
 
+    def range_of(self, tensor: str) -> tuple[float, float]:
+        """The calibrated range of ``tensor``; a tensor calibration never saw is an error (the pass is
+        rolled back with this reason), never a made-up range."""
+        if tensor not in self.ranges:
+            raise RuntimeError(f"no calibration range for tensor '{tensor}' (calibration did not capture it)")
+        return self.ranges[tensor]
+
     def params(self, units: dict) -> dict:
         """(scale, zero point) of every activation tensor the units quantize."""
         sch = self.scheme
@@ -96,7 +103,7 @@ class QdqBuilder:
                 continue
             for t in u.inputs + [u.output]:
                 if t not in params:
-                    lo, hi = self.ranges.get(t, (0.0, 1.0))
+                    lo, hi = self.range_of(t)
                     params[t] = activation_params(sch, lo, hi, self.clips.get(t) if t == u.output else None)
             if u.kind == "elementwise" and sch.qmax > 255 and u.output == u.raw_output and \
                     self.nodes_f[u.node].op == "Sigmoid":
@@ -108,7 +115,7 @@ class QdqBuilder:
             if u is not None and u.kind == "passthrough":
                 src = params.get(u.inputs[0])
                 if src is None:
-                    lo, hi = self.ranges.get(u.inputs[0], (0.0, 1.0))
+                    lo, hi = self.range_of(u.inputs[0])
                     src = params[u.inputs[0]] = activation_params(sch, lo, hi)
                 for t in node.outputs:
                     params[t.name] = src
