@@ -334,3 +334,18 @@ def test_report_states_samples_per_role(tmp_path, mlp_case):
     assert counts["test"] > 0 and counts["calibration"] > 0, counts
     assert sum(counts[k] for k in SAMPLE_ROLES) <= n, counts
     assert counts["disjoint"] is True and report["data"]["test"].endswith("held-out test samples")
+
+
+def test_ort_conversion_failure_leaves_no_output(tmp_path, monkeypatch, mlp_case):
+    # before: OUT stayed behind when the .ort conversion failed after OUT was written
+    import onnxshrink.pipeline.manager as manager
+
+    def broken(path, **kw):
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(manager, "save_ort_format", broken)
+    m, inp, calib, _ = mlp_case
+    out = tmp_path / "o.onnx"
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        onnxshrink.optimize(str(inp), str(out), passes=["cleanup"], data=str(calib), target="cpu+ort")
+    assert not out.exists() and not list(tmp_path.glob("o.onnx*"))
