@@ -24,6 +24,7 @@ import pytest
 
 import onnxshrink
 from models.build import mlp, mobilenet_small
+from models.real import write_samples
 from tests.fail_closed_models import conv1d_add_last_axis, if_outer_scope, scalar_head
 from tests.helpers import normal_samples, run_ort
 
@@ -61,14 +62,8 @@ def sha256(path) -> str:
 
 
 def write_calib(folder: Path, samples: list[dict]) -> Path:
-    """One .npy per sample (single-input models) or one .npz per sample (several inputs)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, s in enumerate(samples):
-        if len(s) == 1:
-            np.save(folder / f"{i:04d}.npy", next(iter(s.values())))
-        else:
-            np.savez(folder / f"{i:04d}.npz", **s)
-    return folder
+    """The samples as a --calib folder (models.real.write_samples)."""
+    return write_samples(samples, folder)
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:
