@@ -229,12 +229,26 @@ class Budget:
             return base + self.value / 100.0
         return base + abs(base) * self.value / 100.0
 
-    def holds(self, scores: dict, baseline: dict | None = None) -> bool:
+    def holds(self, scores: dict, baseline: dict | None = None, margin: float = 0.0) -> bool:
+        """Whether ``scores`` keep the budget. ``margin`` in [0, 1) keeps that fraction of the slack
+        in reserve (headroom for samples the decision did not see): a fraction metric ``>= t`` needs
+        ``1 - (1 - t)(1 - margin)``, ``sqnr >= t`` needs ``t + 10 log10(1 / (1 - margin))`` dB, a
+        ``<= t`` budget ``t (1 - margin)``; ``user`` budgets take no margin."""
         v = scores.get(self.metric)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return False
         t = self.threshold(baseline)
-        return v >= t if self.op == ">=" else v <= t
+        if not (v >= t if self.op == ">=" else v <= t):
+            return False
+        if margin <= 0 or self.metric == "user":
+            return True
+        if self.op == ">=" and self.metric in _FRACTION_METRICS:
+            return v >= 1 - (1 - t) * (1 - margin) if t < 1 else True
+        if self.op == ">=" and self.metric == "sqnr":
+            return v >= t + 10 * math.log10(1 / (1 - min(margin, 0.99)))
+        if self.op == "<=":
+            return v <= t * (1 - margin)
+        return True
 
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.value:g}{'%' if self.relative else ''}"

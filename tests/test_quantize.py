@@ -337,7 +337,8 @@ def test_real_models_valid_and_not_slower(name, real_model_path):
         # no integer placement kept (too slow or too lossy): float activations, int8-stored weights,
         # which onnxruntime folds back to float constants at load
         assert rec.stats["float_weights"]["stored"] > 0 and ops.get("QLinearConv", 0) == 0
-        assert ops.get("Cast", 0) == 0
+        # the int8-stored weights' Casts are folded at load: only the float model's own Casts remain
+        assert ops.get("Cast", 0) == optimized_ops(onnx.load(str(path))).get("Cast", 0)
     elif rec.status == "applied":
         speed = rec.stats["speed_search"]
         assert any(x["speedup"] >= 1.0 for x in speed)

@@ -104,10 +104,12 @@ class Context:
     cache: dict = field(default_factory=dict)
     baseline: dict = field(default_factory=dict)
 
-    def budget_holds(self, scores: dict) -> bool:
+    def budget_holds(self, scores: dict, margin: float = 0.0) -> bool:
         """Whether fidelity ``scores`` keep the budget (True without a budget); handles relative
-        budgets against the original's own scores."""
-        return True if self.budget is None else self.budget.holds(scores, self.baseline)
+        budgets against the original's own scores; ``margin`` keeps that fraction of the slack in
+        reserve (``Budget.holds``): a search tuned on the selection samples leaves headroom for the
+        test samples that judge its result."""
+        return True if self.budget is None else self.budget.holds(scores, self.baseline, margin)
 
     def __post_init__(self):
         if self.rng is None:

@@ -88,7 +88,6 @@ from onnxshrink.passes.registry import register
 
 BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
 _FLOATS = (np.float32, np.float16, np.float64)
-_FRACTION_METRICS = {"cosine", "cosine_min", "top1", "accuracy", "top5"}
 _NODE_OVERHEAD = 120  # bytes of graph protobuf per unpack node, for the size model
 
 
@@ -398,7 +397,7 @@ class SharePass(Pass):
                 upd = {w.name: table[w.name][pick[w.name]].rebuilt for w in weights if pick[w.name]}
                 with fake.applied(upd) as m:
                     fid = ctx.evaluate(m)
-                seen[key] = (_holds_with_margin(ctx, fid, o.margin), fid)
+                seen[key] = (ctx.budget_holds(fid, o.margin), fid)
                 tried.append({"lambda": lam, "ok": seen[key][0], "fidelity": fid, "bytes": size(pick)})
             return seen[key]
 
@@ -941,25 +940,6 @@ def _distortion(fid: dict) -> float:
     if mse is not None and np.isfinite(mse):
         return max(float(mse), 0.0)
     return max(1.0 - float(fid.get("cosine", 0.0)), 0.0)
-
-
-def _holds_with_margin(ctx: Context, fid: dict, margin: float) -> bool:
-    if not ctx.budget_holds(fid):
-        return False
-    b = ctx.budget
-    if b is None or margin <= 0 or b.metric == "user":
-        return True
-    v = fid.get(b.metric)
-    t = b.threshold(ctx.baseline)
-    if v is None:
-        return False
-    if b.op == ">=" and b.metric in _FRACTION_METRICS:
-        return v >= 1 - (1 - t) * (1 - margin) if t < 1 else True
-    if b.op == ">=" and b.metric == "sqnr":
-        return v >= t + 10 * np.log10(1 / (1 - min(margin, 0.99)))
-    if b.op == "<=":
-        return v <= t * (1 - margin)
-    return True
 
 
 def _limit(src, n):

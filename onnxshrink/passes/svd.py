@@ -106,6 +106,9 @@ class SvdOptions:
                 "are left alone"})
     sensitivity: bool = field(default=True, metadata={
         "help": "rule=fit: weight layers by their measured effect on the model output"})
+    margin: float = field(default=0.2, metadata={
+        "help": "rule=fit: keep this fraction of the budget's slack in reserve during the search (headroom for "
+                "the test samples that judge the result; weaker() raises it)"})
 
     def __post_init__(self):
         self.ranks = parse_ranks(self.ranks)
@@ -126,7 +129,7 @@ class SvdPass(Pass):
     def describe_strength(self) -> str:
         o = self.options
         return {"energy": f"energy={o.energy:g}", "params": f"ratio={o.ratio:g}",
-                "error": f"max_error={o.max_error:g}", "fit": f"fit (start max_error={o.max_error:g})"}[o.rule]
+                "error": f"max_error={o.max_error:g}", "fit": f"fit (margin={o.margin:g})"}[o.rule]
 
     def weaker(self):
         o = self.options
@@ -136,6 +139,8 @@ class SvdPass(Pass):
         if o.rule == "params":
             r = o.ratio + (1 - o.ratio) / 2
             return None if o.ratio >= 0.97 else SvdPass(dataclasses.replace(o, ratio=r))
+        if o.rule == "fit":
+            return None if o.margin >= 0.9 else SvdPass(dataclasses.replace(o, margin=min(0.9, o.margin + 0.3)))
         return None if o.max_error <= 1e-5 else SvdPass(dataclasses.replace(o, max_error=o.max_error / 4))
 
     # ---------------------------------------------------------------- run
@@ -312,7 +317,7 @@ class SvdPass(Pass):
 
         def trial(err):
             ranks = _allocate_error(layers, err, what, o.rank_multiple, weights)
-            return ranks, ctx.budget_holds(build(ranks))
+            return ranks, ctx.budget_holds(build(ranks), o.margin)
 
         lo, hi = math.log(1e-6), math.log(1.0) if weights else math.log(max(o.max_error, 1e-4) * 30)
         best = {}
