@@ -172,3 +172,25 @@ def test_latency_target_measures_every_candidate(tmp_path):
     assert measured and all("latency_ms" in r["saving"] for r in measured)
     assert a["trials"] and all(t["cost"]["latency_ms"] > 0 for t in a["trials"])
     assert (a["chosen_n"] is not None) == ok
+
+
+def test_a_rebuilt_cached_trial_is_judged_again(resnet_case, tmp_path, monkeypatch):
+    """The second run takes the chosen configuration from the cache and rebuilds it: when the rebuilt
+    model no longer meets the target (here the size is inflated tenfold on rebuild), nothing is
+    written and the run exits with BudgetError, never shipping the cached verdict."""
+    import onnxshrink.pipeline.allocate as al
+    from onnxshrink.errors import BudgetError
+    path, calib = resnet_case
+    kw = dict(passes=["cleanup", "prune", "svd", "quantize"], data=calib, budget="cosine>=0.99", target_size=0.35,
+              executor="serial", cache=str(tmp_path / "cache"), max_units=3)
+    optimize(str(path), tmp_path / "a.onnx", **kw)
+    real = al.cost_of
+
+    def inflated(model, *a, **k):
+        cost = real(model, *a, **k)
+        return {**cost, "weight_bytes": cost["weight_bytes"] * 10}
+
+    monkeypatch.setattr(al, "cost_of", inflated)
+    with pytest.raises(BudgetError, match="rebuilt from the measurement cache, no longer meets the cost target"):
+        optimize(str(path), tmp_path / "b.onnx", **kw)
+    assert not (tmp_path / "b.onnx").exists()
