@@ -107,3 +107,23 @@ def scalar_head(d: int = 64, hidden: int = 64, seed: int = 0) -> onnx.ModelProto
              helper.make_node("Sigmoid", ["l"], ["y"], name="sigmoid")]
     return _model(nodes, [_vi("x", [1, d])], [_vi("y", [1, 1])],
                   [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", b2)])
+
+
+def loop_outer_scope(d: int = 16, seed: int = 0, opset: int = 15) -> onnx.ModelProto:
+    """x [1, d] -> MatMul W0 -> Loop (3 trips; the body reads the outer initializer W and the outer
+    tensor x0: h = Relu(h W) + x0) -> MatMul W -> y [1, d]: a recurrent export the way PyTorch writes a
+    scripted loop, with outer-scope reads inside the body."""
+    r = np.random.default_rng(seed)
+    w = (r.standard_normal((d, d)) / 4).astype(np.float32)
+    w0 = (r.standard_normal((d, d)) / 4).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "W"], ["hm"]), helper.make_node("Relu", ["hm"], ["hr"]),
+         helper.make_node("Add", ["hr", "x0"], ["h_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("cond_in", [], TensorProto.BOOL), _vi("h_in", [1, d])],
+        [_vi("cond_out", [], TensorProto.BOOL), _vi("h_out", [1, d])])
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["x0"]),
+             helper.make_node("Loop", ["trip", "cond", "x0"], ["h"], body=body),
+             helper.make_node("MatMul", ["h", "W"], ["y"])]
+    return _model(nodes, [_vi("x", [1, d])], [_vi("y", [1, d])],
+                  [_init("W", w), _init("W0", w0), _init("trip", np.array(3, np.int64)), _init("cond", np.array(True))],
+                  opset=opset)

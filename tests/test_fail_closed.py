@@ -344,3 +344,22 @@ def test_ort_conversion_failure_leaves_no_output(tmp_path, monkeypatch, mlp_case
     with pytest.raises(RuntimeError, match="converter crashed"):
         onnxshrink.optimize(str(inp), str(out), passes=["cleanup"], data=str(calib), target="cpu+ort")
     assert not out.exists() and not list(tmp_path.glob("o.onnx*"))
+
+
+def test_every_pass_on_a_loop_with_outer_scope_reads():
+    # every pass on a Loop whose body reads outer tensors: each ends applied, not applicable, or
+    # rolled back with a reason a user can read (before: fp16 said only "AssertionError")
+    from tests.fail_closed_models import loop_outer_scope
+    m = loop_outer_scope()
+    data = normal_samples(12, seed=3, shape=(1, 16))
+    for passes in (["cleanup", {"quantize": {"min_speedup": 0.0}}], ["cleanup", "prune", "svd", "share"],
+                   ["sparsify", "fold", "equalize", "fp16"]):
+        out, rep = onnxshrink.optimize(m, None, passes=passes, data=data, budget="none")
+        onnx.checker.check_model(out, full_check=True)
+        run_ort(out, data[0])
+        for p in rep.passes:
+            assert p.status in (APPLIED, NOT_APPLICABLE, ROLLED_BACK), (p.name, p.status)
+            assert not p.reason.rstrip().endswith(("AssertionError", "Error:")), (p.name, p.reason)
+    q = next(p for p in onnxshrink.optimize(m, None, passes=[{"quantize": {"min_speedup": 0.0}}], data=data,
+                                            budget="none")[1].passes)
+    assert q.status == APPLIED and q.stats["quantized_units"]["weighted"] >= 1

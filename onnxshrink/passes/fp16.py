@@ -59,8 +59,12 @@ class Fp16Pass(Pass):
                                     for v in list(model.graph.input) + list(model.graph.value_info)):
             return PassResult(graph, False, reason="no float32 tensors")
         block = sorted(set(self.options.block_ops) | set(DEFAULT_OP_BLOCK_LIST))
-        out = convert_float_to_float16(model, keep_io_types=self.options.keep_io_types, op_block_list=block,
-                                       node_block_list=list(self.options.block_nodes) or None)
+        try:
+            out = convert_float_to_float16(model, keep_io_types=self.options.keep_io_types, op_block_list=block,
+                                           node_block_list=list(self.options.block_nodes) or None)
+        except AssertionError:  # the converter's own consistency checks carry no message
+            raise RuntimeError("onnxruntime's float16 converter refused this graph (its internal check failed; "
+                               "a float initializer read both outside and inside an If/Loop body trips it)") from None
         kept = sorted({n.op_type for n in out.graph.node if n.op_type in block})
         n16 = sum(1 for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
         g = gs.import_onnx(out)
