@@ -373,8 +373,10 @@ class PassManager:
             raise
         except Exception as e:
             if not self.original_optimizes:
-                report.warnings.append(f"onnxruntime's graph optimizations fail on the input model too "
-                                       f"({_first_line(e)}): fidelity measured without them")
+                warning = (f"onnxruntime's graph optimizations fail on the input model too ({_first_line(e)}): "
+                           f"fidelity measured without them")
+                if warning not in report.warnings:  # called for the test and the selection samples
+                    report.warnings.append(warning)
                 return io.run(model, val, optimize=False)
             raise BudgetError(f"the result does not run with onnxruntime's graph optimizations, although the "
                               f"input does: {_first_line(e)}", report) from None
