@@ -158,8 +158,9 @@ CLEAR_MARGIN = 1.03  # a speed difference counts when its whole interval is 3 % 
 @dataclass(frozen=True)
 class SpeedComparison:
     """How much faster ``b`` ran than ``a``: per interleaved round the ratio ``t_a / t_b``; ``speedup``
-    is their median and ``[low, high]`` a distribution-free ~95 % confidence interval of that median
-    (order statistics of the binomial(n, 1/2)). ``t_a``/``t_b`` are median times in ms."""
+    is their median and ``[low, high]`` the union of the two measuring blocks' distribution-free ~95 %
+    confidence intervals of the median (order statistics of the binomial(n, 1/2)); ``t_a``/``t_b``
+    are median times in ms."""
 
     speedup: float
     low: float
