@@ -34,8 +34,8 @@ Builders (all float32, static batch 1 unless ``dynamic_batch=True``):
 
 from __future__ import annotations
 
-__all__ = ["resnet_small", "mobilenet_small", "transformer_block", "mlp", "demo_model", "demo_samples",
-           "write_demo", "OPSET", "IR_VERSION"]
+__all__ = ["resnet_small", "mobilenet_small", "mobilenet_v3_small", "picodet_small", "transformer_block", "mlp",
+           "demo_model", "demo_samples", "write_demo", "OPSET", "IR_VERSION"]
 
 import argparse
 import collections
@@ -182,7 +182,20 @@ class _Builder:
             y = self.relu(y, scope)
         elif act == "relu6":
             y = self.relu6(y, scope)
+        elif act == "hardswish":  # torch.nn.Hardswish exports as HardSwish (opset 14+)
+            y = self.node("HardSwish", [y], scope)
+        elif act is not None:
+            raise ValueError(f"activation {act!r}")
         return y
+
+    def squeeze_excite(self, x: str, c: int, scope: str) -> str:
+        """MobileNetV3 squeeze-excite: x * HardSigmoid(conv(relu(conv(GlobalAveragePool(x))))), as
+        torch.nn.Hardsigmoid exports it (alpha 1/6)."""
+        s = self.node("GlobalAveragePool", [x], f"{scope}.avgpool")
+        s = self.relu(self.conv(s, c, max(8, c // 4), 1, f"{scope}.fc1", bias=True), f"{scope}.fc1")
+        s = self.conv(s, max(8, c // 4), c, 1, f"{scope}.fc2", bias=True)
+        s = self.node("HardSigmoid", [s], f"{scope}.hsig", alpha=1.0 / 6.0, beta=0.5)
+        return self.node("Mul", [x, s], scope)
 
     def gemm(self, x: str, fin: int, fout: int, scope: str, tau: float = 0.25, weak_fraction: float = 0.0) -> str:
         """PyTorch Linear: Gemm(x, W[out, in], b, transB=1)."""
@@ -408,6 +421,108 @@ def _mobilenet(seed: int, num_classes: int, hw: int, pytorch_style: bool, dynami
     return _set_batch(m, dynamic_batch)
 
 
+def _v3_block(b: _Builder, x: str, cin: int, k: int, hidden: int, cout: int, se: bool, act: str, stride: int,
+              scope: str) -> str:
+    """MobileNetV3 inverted residual: 1x1 expand, kxk depthwise, optional squeeze-excite, 1x1 linear
+    projection, residual Add when shapes allow."""
+    h = x
+    if hidden != cin:
+        h = b.conv_bn(h, cin, hidden, 1, f"{scope}.expand", act=act)
+    h = b.conv_bn(h, hidden, hidden, k, f"{scope}.dw", stride=stride, group=hidden, act=act, weak_fraction=0.1)
+    if se:
+        h = b.squeeze_excite(h, hidden, f"{scope}.se")
+    h = b.conv_bn(h, hidden, cout, 1, f"{scope}.project", act=None, weak_fraction=0.1)
+    return b.node("Add", [x, h], scope) if stride == 1 and cin == cout else h
+
+
+@_cached
+def mobilenet_v3_small(seed: int = 0, num_classes: int = 10, hw: int = 64) -> onnx.ModelProto:
+    """MobileNetV3-Small-style classifier as torch.onnx exports it: HardSwish stem, inverted
+    residual blocks with ReLU or HardSwish and squeeze-excite (HardSigmoid gates), a 1x1 head conv,
+    GlobalAveragePool, a HardSwish Gemm and the classifier Gemm. BN statistics from photo crops (a
+    trained model's come from its images). Input 'input' [1,3,hw,hw], output 'logits'."""
+    b = _Builder(seed)
+    y = b.conv_bn("input", 3, 16, 3, "features.0", stride=2, act="hardswish", weak_fraction=0.0)
+    cfg = [  # (kernel, hidden, out, squeeze-excite, activation, stride), MobileNetV3-Small's first blocks
+        (3, 16, 16, True, "relu", 2),
+        (3, 72, 24, False, "relu", 2),
+        (3, 88, 24, False, "relu", 1),
+        (5, 96, 40, True, "hardswish", 2),
+        (5, 240, 40, True, "hardswish", 1),
+        (5, 120, 48, True, "hardswish", 1),
+    ]
+    cin = 16
+    for i, (k, hidden, cout, se, act, stride) in enumerate(cfg, start=1):
+        y = _v3_block(b, y, cin, k, hidden, cout, se, act, stride, f"features.{i}")
+        cin = cout
+    y = b.conv_bn(y, cin, 288, 1, f"features.{len(cfg) + 1}", act="hardswish")
+    y = b.node("GlobalAveragePool", [y], "avgpool")
+    y = b.node("Flatten", [y], "flatten", axis=1)
+    y = b.node("HardSwish", [b.gemm(y, 288, 128, "classifier.0")], "classifier.1")
+    b.gemm(y, 128, num_classes, "classifier.3")
+    b.nodes[-1].output[0] = "logits"
+    m = b.model("mobilenet_v3_small", [_input("input", [1, 3, hw, hw], False)],
+                [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, num_classes])],
+                doc="MobileNetV3-Small-style classifier built by models/build.py")
+    images = np.concatenate(demo_samples(24, seed=11 + seed, hw=hw), axis=0)
+    _data_dependent_bn(m, b.bn_nodes, images)
+    _data_dependent_head(m, next(n for n in reversed(m.graph.node) if n.op_type == "Gemm"), images)
+    return m
+
+
+@_cached
+def picodet_small(seed: int = 0, num_classes: int = 5, hw: int = 96, reg_bins: int = 8) -> onnx.ModelProto:
+    """PicoDet-style layout detector (ESNet-like backbone, PAN neck, GFL head) as Paddle2ONNX
+    writes it: HardSwish depthwise-separable blocks with squeeze-excite, strides 8/16/32 fused
+    top-down by nearest Resize + Concat, per level a shared-style head of depthwise + 1x1 convs
+    giving class scores (Sigmoid) and a box distribution of ``reg_bins`` bins per side (raw logits,
+    the post-processing applies Softmax), flattened to [1, HW, .] and concatenated over the levels.
+    Inputs 'image' [1,3,hw,hw]; outputs 'scores' [1,N,num_classes], 'boxes' [1,N,4*reg_bins]."""
+    b = _Builder(seed)
+    y = b.conv_bn("image", 3, 16, 3, "backbone.conv1", stride=2, act="hardswish", weak_fraction=0.0)
+    levels = []
+    cin = 16
+    for i, (hidden, cout, stride, se) in enumerate([(32, 24, 2, False), (64, 32, 2, True), (96, 48, 1, True),
+                                                    (128, 64, 2, True), (192, 96, 2, True)]):
+        y = _v3_block(b, y, cin, 3, hidden, cout, se, "hardswish", stride, f"backbone.stage{i}")
+        cin = cout
+        if i in (1, 3, 4):  # strides 8, 16, 32
+            levels.append((y, cout))
+    width = 32
+    lat = [b.conv_bn(t, c, width, 1, f"neck.lateral{k}", act="hardswish") for k, (t, c) in enumerate(levels)]
+    scales = b.init("neck.upsample_scales", np.array([1, 1, 2, 2], np.float32))
+    roi = b.init("neck.roi", np.zeros(0, np.float32))
+    top = lat[2]
+    fused = [top]
+    for k in (1, 0):  # top-down: upsample, concat, fuse
+        up = b.node("Resize", [top, roi, scales], f"neck.up{k}", mode="nearest")
+        cat = b.node("Concat", [up, lat[k]], f"neck.cat{k}", axis=1)
+        top = b.conv_bn(cat, 2 * width, width, 1, f"neck.fuse{k}", act="hardswish")
+        top = b.conv_bn(top, width, width, 3, f"neck.fuse{k}.dw", group=width, act="hardswish")
+        fused.insert(0, top)
+    scores, boxes = [], []
+    for k, t in enumerate(fused):
+        h = b.conv_bn(t, width, width, 3, f"head.level{k}.dw", group=width, act="hardswish")
+        h = b.conv_bn(h, width, width, 1, f"head.level{k}.pw", act="hardswish")
+        cls = b.conv(h, width, num_classes, 1, f"head.level{k}.cls", bias=True)
+        reg = b.conv(h, width, 4 * reg_bins, 1, f"head.level{k}.reg", bias=True)
+        for out, src, c in ((scores, cls, num_classes), (boxes, reg, 4 * reg_bins)):
+            flat = b.node("Reshape", [src, b.init(f"head.level{k}.flat{c}", np.array([0, c, -1], np.int64))],
+                          f"head.level{k}")
+            out.append(b.node("Transpose", [flat], f"head.level{k}", perm=[0, 2, 1]))
+    s = b.node("Sigmoid", [b.node("Concat", scores, "head.scores", axis=1)], "head.scores")
+    r = b.node("Concat", boxes, "head.boxes", axis=1)
+    n = sum((hw // st) ** 2 for st in (8, 16, 32))
+    for nd in b.nodes:
+        nd.output[:] = ["scores" if o == s else "boxes" if o == r else o for o in nd.output]
+    m = b.model("picodet_small", [_input("image", [1, 3, hw, hw], False)],
+                [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, n, num_classes]),
+                 helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, n, 4 * reg_bins])],
+                doc="PicoDet-style detector built by models/build.py")
+    _data_dependent_bn(m, b.bn_nodes, np.concatenate(demo_samples(16, seed=13 + seed, hw=hw), axis=0))
+    return m
+
+
 @_cached
 def transformer_block(seed: int = 0, seq: int = 16, d_model: int = 64, heads: int = 4, d_ff: int = 128,
                       dynamic_batch: bool = False) -> onnx.ModelProto:
@@ -499,14 +614,14 @@ def demo_model(seed: int = 0) -> onnx.ModelProto:
     return _mobilenet(seed, 10, DEMO_HW, True, False, init)
 
 
-def demo_samples(n: int = DEMO_SAMPLES, seed: int = 0) -> list[np.ndarray]:
-    """``n`` demo inputs [1,3,64,64] float32: seeded crops of scikit-image's photos, resized and
+def demo_samples(n: int = DEMO_SAMPLES, seed: int = 0, hw: int = DEMO_HW) -> list[np.ndarray]:
+    """``n`` demo inputs [1,3,hw,hw] float32: seeded crops of scikit-image's photos, resized and
     ImageNet-normalised."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from models.real import photos
 
     out = []
-    for im in photos(n, (DEMO_HW, DEMO_HW), seed=seed):
+    for im in photos(n, (hw, hw), seed=seed):
         x = (im.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
         out.append(np.ascontiguousarray(x.transpose(2, 0, 1)[None]).astype(np.float32))
     return out

@@ -123,8 +123,8 @@ def settings_options(*names):
 @click.option("--option", "-o", "options", multiple=True, metavar="PASS.KEY=VALUE",
               help="Set a pass option, e.g. -o prune.ratio=0.3, or a target option, e.g. "
                    "-o target.channels_last=true (repeatable).")
-@settings_options("seed", "synthetic", "measure_speed", "enforce_speed", "target_size", "target_macs", "target_latency",
-                  "executor", "workers", "cache", "sensitivity_samples", "max_units", "plot")
+@settings_options("seed", "synthetic", "measure_speed", "speed", "enforce_speed", "target_size", "target_macs",
+                  "target_latency", "executor", "workers", "cache", "sensitivity_samples", "max_units", "plot")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress.")
 def optimize(input_model, output_model, passes, report_path, recipe, options, quiet, **given):
     """Optimize IN and write OUT (never touching IN)."""

@@ -127,3 +127,25 @@ def loop_outer_scope(d: int = 16, seed: int = 0, opset: int = 15) -> onnx.ModelP
     return _model(nodes, [_vi("x", [1, d])], [_vi("y", [1, d])],
                   [_init("W", w), _init("W0", w0), _init("trip", np.array(3, np.int64)), _init("cond", np.array(True))],
                   opset=opset)
+
+
+def scan_outer_scope(d: int = 16, steps: int = 6, seed: int = 0, opset: int = 16) -> onnx.ModelProto:
+    """x [1, steps, d] -> MatMul Win -> Scan over axis 1 (an Elman RNN cell: h = Tanh(x_t Wx + h Wh + b),
+    the body reading the outer initializers Wx, Wh and b) -> the last state -> MatMul Wo -> Tanh -> y
+    [1, d], and the states of every step as a second output [1, steps, d]: a recurrent layer as
+    tf2onnx writes tf.scan / a Keras SimpleRNN."""
+    r = np.random.default_rng(seed)
+    win, wx, wh, wo = ((r.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32) for _ in range(4))
+    b = (0.1 * r.standard_normal(d)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "Wx"], ["a"]), helper.make_node("MatMul", ["h_in", "Wh"], ["c"]),
+         helper.make_node("Add", ["a", "c"], ["s"]), helper.make_node("Add", ["s", "b"], ["sb"]),
+         helper.make_node("Tanh", ["sb"], ["h_out"]), helper.make_node("Identity", ["h_out"], ["h_step"])],
+        "cell", [_vi("h_in", [1, d]), _vi("x_t", [1, d])], [_vi("h_out", [1, d]), _vi("h_step", [1, d])])
+    nodes = [helper.make_node("MatMul", ["x", "Win"], ["xin"]),
+             helper.make_node("Scan", ["h0", "xin"], ["h_last", "states"], body=body, num_scan_inputs=1,
+                              scan_input_axes=[1], scan_output_axes=[1]),
+             helper.make_node("MatMul", ["h_last", "Wo"], ["o"]), helper.make_node("Tanh", ["o"], ["y"])]
+    return _model(nodes, [_vi("x", [1, steps, d])], [_vi("y", [1, d]), _vi("states", [1, steps, d])],
+                  [_init("Win", win), _init("Wx", wx), _init("Wh", wh), _init("Wo", wo), _init("b", b),
+                   _init("h0", np.zeros((1, d), np.float32))], opset=opset)

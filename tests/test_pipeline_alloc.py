@@ -5,7 +5,6 @@ the process pool giving the same table and decisions as a serial run."""
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import onnx
@@ -132,17 +131,15 @@ def resnet_case(tmp_path_factory):
     return p, calib
 
 
-def test_second_run_reuses_the_cache_and_is_three_times_faster(resnet_case, tmp_path):
+def test_second_run_reuses_the_cache(resnet_case, tmp_path):
+    """The second run measures nothing (every sensitivity row from the cache) and writes the same
+    bytes. (How much time that saves depends on the machine: no timed assertion here.)"""
     path, calib = resnet_case
     cache = tmp_path / "cache"
     kw = dict(passes=["cleanup", "prune", "svd", "quantize"], data=calib, budget="cosine>=0.99", target_size=0.35,
               executor="serial", cache=str(cache), max_units=3)
-    t0 = time.perf_counter()
     m1, r1 = optimize(str(path), tmp_path / "a.onnx", **kw)
-    t1 = time.perf_counter() - t0
-    t0 = time.perf_counter()
     m2, r2 = optimize(str(path), tmp_path / "b.onnx", **kw)
-    t2 = time.perf_counter() - t0
     s1, s2 = r1.allocation["sensitivity"], r2.allocation["sensitivity"]
     assert s1["measured"] == s1["candidates"] > 10 and s1["cached"] == 0
     assert s2["measured"] == 0 and s2["cached"] == s1["candidates"]
@@ -150,8 +147,6 @@ def test_second_run_reuses_the_cache_and_is_three_times_faster(resnet_case, tmp_
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert r1.budget_met and r1.after["weight_bytes"] <= 0.35 * r1.before["weight_bytes"]
     check(m1)
-    print(f"first run {t1:.2f} s, second {t2:.2f} s")
-    assert t2 < t1 / 3, (t1, t2)
 
 
 def test_latency_target_measures_every_candidate(tmp_path):

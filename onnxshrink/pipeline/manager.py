@@ -47,7 +47,7 @@ from onnxshrink.passes.registry import create_pass
 from onnxshrink.pipeline.allocate import AllocationConfig, Runner, allocate
 from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Report
 from onnxshrink.pipeline.sensitivity import knobs
-from onnxshrink.pipeline.settings import Settings
+from onnxshrink.pipeline.settings import Settings, speed_policy
 from onnxshrink.progress import Progress
 from onnxshrink.runtime import compare_speed, make_session, measure_latency
 from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prepare_for_target, save_ort_format
@@ -114,6 +114,7 @@ class PassManager:
         self.sensitivity_samples = settings.sensitivity_samples
         self.max_units = settings.max_units
         self.plot = settings.plot
+        self.speed = speed_policy(settings.speed)
         self.enforce_speed = settings.enforce_speed
         if self.budget is not None and self.budget.metric == "user" and self.metric is None:
             raise UsageError("budget on metric 'user' needs a user metric callable")
@@ -296,24 +297,34 @@ class PassManager:
 
         pass_knobs = knobs()
         allocated = bool(self.cost_targets) and any(p.name in pass_knobs for p in self.passes)
+        steps: list[_Step] = []  # what changed the model, in order (the speed contract undoes them)
+        undoable = self._speed_enforced()  # else no earlier model is kept (memory)
         for p in self.passes:
+            before, first_record = current, len(report.passes)
             if allocated and p.name in pass_knobs:
                 if p is next(q for q in self.passes if q.name in pass_knobs):  # the block runs at the first one
                     runner = self.allocation_runner(ctx, val, reference, cost_shapes)
                     current, recs = allocate(runner, self.allocation_config(), current, ctx, val, reference,
                                              cost_shapes, report, original)
                     report.passes.extend(recs)
+                    if current is not before and undoable:
+                        steps.append(_Step(first_record, len(report.passes), before, None))
                 continue
             rec, current = self._run_one(p, current, ctx, val, reference, cost_shapes)
             report.passes.append(rec)
+            if current is not before and undoable:
+                steps.append(_Step(first_record, first_record + 1, before, p))
             ctx.cache.clear()
             # onnx-graphsurgeon graphs are reference cycles (nodes <-> tensors) holding the pass's
             # numpy weights; collect them now rather than whenever the cyclic GC next runs
             # (measured on a 1 GiB model: one model's worth of memory lingered into the next pass)
             gc.collect()
 
-        if self.target is not None:
-            current = self._emit(current, ctx, report)
+        def finish(m: onnx.ModelProto) -> onnx.ModelProto:
+            return self._emit(m, ctx, report) if self.target is not None else m
+
+        current = self._speed_contract(original, current, finish(current), steps, finish, ctx, val, reference,
+                                       cost_shapes, report)
 
         # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
@@ -329,7 +340,6 @@ class PassManager:
             feeds = val.get(0)
             report.latency_ms = {"before": measure_latency(original, feeds),
                                  "after": measure_latency(current, io.feeds([feeds])[0])}
-        self._speed_contract(original, current, io, test, report)
         verdict = (report.target_report or {}).get("verdict") or {}
         if verdict and not verdict.get("ok", True):
             raise BudgetError(f"target {self.target.name}: {'; '.join(verdict['problems'])} (nothing written; "
@@ -340,27 +350,74 @@ class PassManager:
                               f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
         return current, report
 
-    def _speed_contract(self, original: onnx.ModelProto, result: onnx.ModelProto, io, test, report: Report) -> None:
-        """The speed check of the cpu target (the default): the result is timed against the input
-        (``runtime.compare_speed``, on a test sample); the report gives the figures and warns when the
-        result is clearly slower. It is refused (exit 4) only with ``enforce_speed``: forced placements
-        (``quantize.guard=false``, weight-only int4) on small models are slower by design, and backing
-        such a result off pass by pass is not built yet. Other targets are not this CPU: not timed."""
-        if (self.target is not None and self.target.name != "cpu") or result is original or io.inputs:
-            return
-        cmp = compare_speed(original, result, test.get(0))
-        size_only = bool(self.cost_targets) and all(k == "weight_bytes" for k, _ in self.cost_targets)
-        waived = "not enforced" if not self.enforce_speed else "a size-only target" if size_only else ""
+    def _speed_contract(self, original: onnx.ModelProto, unfinished: onnx.ModelProto, result: onnx.ModelProto,
+                        steps: list, finish, ctx: Context, val, reference, cost_shapes,
+                        report: Report) -> onnx.ModelProto:
+        """The speed contract of the cpu target (the default): the result (``finish(unfinished)``) is
+        timed against the input (``runtime.compare_speed``, interleaved, on a selection sample).
+
+        Policy ``never-slower`` (the default): while the result is clearly slower (the whole ~95 %
+        interval of the speed ratio below 1/1.03), the last lossy step that changed the model
+        (a pass, or the allocation block) is rolled back: the model goes back to what it was before
+        that step and the lossless passes that ran after it run again on it (lossy passes after it
+        were already rolled back, as the undoing goes from the end); when only lossless steps are
+        left, they are undone from the end. Every rolled-back pass says why, with its timing. A
+        result still clearly slower with every step undone (the target's own preparation) is refused:
+        BudgetError, exit 4. A size-only ``--target-size`` waives the contract (the user asked for
+        bytes) unless ``enforce_speed``; policy ``report`` times and warns; ``off`` does not time.
+        Other targets are not this CPU: not timed. Returns the model to write."""
+        if (self.target is not None and self.target.name != "cpu") or result is original or self.speed == "off":
+            return result
+        waived = "" if self._speed_enforced() else "--speed report" if self.speed == "report" else \
+            "a size-only target; --enforce-speed holds it"
+        feeds = val.get(0)
+        cmp = compare_speed(original, result, feeds)
         report.speed = {"vs_input": cmp.as_dict(), "contract": f"waived ({waived})" if waived else "enforced",
-                        "verdict": "slower" if cmp.slower_than(1.0) else "not slower"}
+                        "verdict": "slower" if cmp.slower_than(1.0) else "not slower", "rolled_back": []}
         if not cmp.slower_than(1.0):
-            return
-        msg = (f"the result is slower than the input on this CPU ({cmp.speedup:.2f}x its speed, 95 % interval "
-               f"{cmp.low:.2f}-{cmp.high:.2f}x)")
+            return result
         if waived:
-            report.warnings.append(msg)
-            return
-        raise BudgetError(msg + "; nothing written (drop --enforce-speed to accept it)", report)
+            report.warnings.append(f"the result is slower than the input on this CPU ({_speed_text(cmp)})")
+            return result
+        while cmp.slower_than(1.0) and steps:
+            lossy = [k for k, st in enumerate(steps) if st.pass_ is None or not st.pass_.lossless]
+            k = lossy[-1] if lossy else len(steps) - 1
+            undone, replay = steps[k], steps[k + 1:]  # only lossless steps follow the last lossy one
+            del steps[k:]
+            why = f"rolled back by the speed contract: with it the result ran at {_speed_text(cmp)}"
+            names = []
+            for rec in report.passes[undone.first_record:undone.end_record]:
+                if rec.status in (APPLIED, BACKED_OFF):
+                    rec.status, rec.reason = ROLLED_BACK, why
+                    names.append(rec.name)
+            report.speed["rolled_back"].append({"passes": names, **cmp.as_dict()})
+            unfinished = undone.before
+            for st in replay:  # the lossless passes after it, on the model without it
+                rec, after = self._run_one(st.pass_, unfinished, ctx, val, reference, cost_shapes)
+                rec.reason = f"run again after rolling back {', '.join(names)}" + (f"; {rec.reason}" if rec.reason
+                                                                                    else "")
+                report.passes[st.first_record] = rec
+                if after is not unfinished:
+                    steps.append(_Step(st.first_record, st.end_record, unfinished, st.pass_))
+                unfinished = after
+            result = finish(unfinished)
+            if result is original:
+                cmp = None
+                break
+            cmp = compare_speed(original, result, feeds)
+        if cmp is None or not cmp.slower_than(1.0):
+            report.speed.update(vs_input=cmp.as_dict() if cmp is not None else None, verdict="not slower")
+            return result
+        raise BudgetError(f"the result is slower than the input on this CPU ({_speed_text(cmp)}) with every pass "
+                          f"rolled back; nothing written (--speed report accepts it)", report)
+
+    def _speed_enforced(self) -> bool:
+        """Whether the speed contract may roll passes back: the cpu target (the default), policy
+        never-slower, and not waived by a size-only cost target (unless ``enforce_speed``)."""
+        if (self.target is not None and self.target.name != "cpu") or self.speed != "never-slower":
+            return False
+        size_only = bool(self.cost_targets) and all(k == "weight_bytes" for k, _ in self.cost_targets)
+        return not size_only or self.enforce_speed
 
     def _final_outputs(self, io, model: onnx.ModelProto, val, report: Report):
         """The result's outputs as the user will run it (onnxruntime's graph optimizations on). When
@@ -508,6 +565,21 @@ def _interface_change(original: onnx.ModelProto, candidate: onnx.ModelProto) -> 
     if data_inputs(candidate) != data_inputs(original):
         return f"inputs {data_inputs(original)} became {data_inputs(candidate)}"
     return ""
+
+
+@dataclasses.dataclass
+class _Step:
+    """A step that changed the model: its records ``report.passes[first_record:end_record]``, the
+    model before it, and its pass (None: the allocation block, lossy)."""
+
+    first_record: int
+    end_record: int
+    before: onnx.ModelProto
+    pass_: Pass | None
+
+
+def _speed_text(cmp) -> str:
+    return f"{cmp.speedup:.2f}x the input's speed, 95 % interval {cmp.low:.2f}-{cmp.high:.2f}x"
 
 
 class _ValOnly:

@@ -145,6 +145,12 @@ class Report:
                           f"min {_fmt(f.get('cosine_min'), '{:.5f}')}, sqnr {_fmt(f.get('sqnr'), '{:.1f}')} dB, "
                           f"max rel err {_fmt(f.get('max_abs'), '{:.2e}')}, top1 {_fmt(f.get('top1'), '{:.3f}')}"
                           + (f"; budget {self.budget}: {verdict}" if self.budget else f"; {verdict}"))
+        vs_input = (self.speed or {}).get("vs_input")
+        if vs_input:
+            undone = ", ".join(n for step in self.speed.get("rolled_back", []) for n in step["passes"])
+            console.print(f"speed vs the input on this CPU: {vs_input['speedup']:.2f}x (95 % interval "
+                          f"{vs_input['interval'][0]:.2f}-{vs_input['interval'][1]:.2f}x), {self.speed['verdict']}; "
+                          f"contract {self.speed['contract']}" + (f"; rolled back: {undone}" if undone else ""))
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
 

@@ -19,18 +19,30 @@ argument) and ``report`` (the CLI writes the report), listed in ``RECIPE_ONLY_KE
 
 from __future__ import annotations
 
-__all__ = ["Settings", "RECIPE_ONLY_KEYS", "recipe_keys", "cli_settings", "setting"]
+__all__ = ["Settings", "RECIPE_ONLY_KEYS", "SPEED_POLICIES", "speed_policy", "recipe_keys", "cli_settings", "setting"]
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from onnxshrink.errors import UsageError
 from onnxshrink.graph.shapes import parse_input_shape
 from onnxshrink.progress import Progress
 
 # recipe keys the CLI reads itself (they are not options of the manager)
 RECIPE_ONLY_KEYS = ("passes", "report")
+# the speed contract's policies (docs/errors.md "Exit 0 means checked"); the first is the default
+SPEED_POLICIES = ("never-slower", "report", "off")
+
+
+def speed_policy(value: str | None) -> str:
+    """The speed policy in force: ``value``, else ``$ONNXSHRINK_SPEED`` (a pipeline's or a test
+    session's default), else never-slower."""
+    policy = value or os.environ.get("ONNXSHRINK_SPEED") or SPEED_POLICIES[0]
+    if policy not in SPEED_POLICIES:
+        raise UsageError(f"speed policy {policy!r}: use one of {', '.join(SPEED_POLICIES)}")
+    return policy
 
 
 def setting(default: Any = None, help: str = "", flags: tuple = (), kind: str = "text", recipe: str | None = None,
@@ -103,10 +115,14 @@ class Settings:
     max_units: int = setting(0, "Measure only the N largest prune and svd units (large models; quantize units are "
                              "all measured; default: all).", flags=("--max-units",), kind="int",
                              recipe="max_units", parse=optional_int)
-    enforce_speed: bool = setting(False, "Refuse (exit 4) a result clearly slower than the input on this CPU (the "
-                                  "cpu target, the default; the report always times both; a size-only "
-                                  "--target-size waives it).", flags=("--enforce-speed",), kind="flag",
-                                  flag_value=True, recipe="enforce_speed")
+    speed: str | None = setting(
+        None, "The speed contract of the cpu target: never-slower (default) times the result against the input "
+        "and rolls back, pass by pass from the last lossy one, what makes it clearly slower (exit 4 if that is not "
+        "enough); report only times and warns; off does not time. Default: $ONNXSHRINK_SPEED, else never-slower.",
+        flags=("--speed",), kind="choice", recipe="speed", choices=SPEED_POLICIES)
+    enforce_speed: bool = setting(False, "Hold the speed contract even with a size-only --target-size (which "
+                                  "otherwise waives it: the user asked for bytes).", flags=("--enforce-speed",),
+                                  kind="flag", flag_value=True, recipe="enforce_speed")
     plot: str | os.PathLike | None = setting(
         None, "PNG of metric vs size and vs latency of the configurations tried (needs matplotlib).",
         flags=("--plot",), kind="file", recipe="plot")

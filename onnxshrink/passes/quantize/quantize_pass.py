@@ -29,6 +29,7 @@ from __future__ import annotations
 
 __all__ = ["QuantizeOptions", "QuantizePass", "QuantizeRun", "quantize_static"]
 
+import collections
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,13 @@ from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSample
 from onnxshrink.passes.quantize.fallback import FloatFallback
 from onnxshrink.passes.quantize.guard import FidelityCheck, Placement, QuantizeGuard
 from onnxshrink.passes.quantize.knob import QuantizeKnob
-from onnxshrink.passes.quantize.plan import PlacementRules, has_float_weights, plan_units, refuse_quantized
+from onnxshrink.passes.quantize.plan import (
+    WEIGHTED_OPS,
+    PlacementRules,
+    has_float_weights,
+    plan_units,
+    refuse_quantized,
+)
 from onnxshrink.passes.quantize.prepare import prepare_float_graph
 from onnxshrink.passes.quantize.qdq import QdqBuilder, drop_qdq_value_info
 from onnxshrink.passes.quantize.rounding import round_units
@@ -235,9 +242,13 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     excluded = set(o.exclude)
     units, reasons = plan_units(graph, excluded, rules)
     if not any(u.kind == "weighted" for u in units.values()):
-        # every weighted node excluded: nothing can be integer, no calibration needed
+        # no weighted node can be integer (excluded, or no integer form): no calibration needed
         stats["nodes"] = reasons
-        return QuantizeRun(float_result("every weighted node is excluded"), stats, 0)
+        weighted = {n.name for n in graph.nodes if n.op in WEIGHTED_OPS}
+        why = collections.Counter(r.removeprefix("kept float: ") for n, r in reasons.items() if n in weighted)
+        return QuantizeRun(float_result("no weighted node can be integer: " + "; ".join(
+            f"{k} ({why[k]} node{'s' if why[k] > 1 else ''})" for k in sorted(why, key=why.get, reverse=True))),
+            stats, 0)
     # calibrate every tensor any plan could quantize, so excluding units later needs no new pass
     cand, _ = plan_units(graph, set(), rules)
     tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
