@@ -38,9 +38,11 @@ from typing import Literal
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
+from onnxshrink.graph.convert import model_to_graph
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.equalize import equalize_pairs
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
+from onnxshrink.passes.quantize.dynamic import dynamic_quantize, try_dynamic
 from onnxshrink.passes.quantize.fallback import FloatFallback
 from onnxshrink.passes.quantize.guard import FidelityCheck, Placement, QuantizeGuard
 from onnxshrink.passes.quantize.knob import QuantizeKnob
@@ -100,6 +102,11 @@ class QuantizeOptions:
     symmetric: bool = field(default=False, metadata={"help": "weights_only: symmetric blocks (no zero points)"})
     accuracy_level: int = field(default=0, metadata={
         "help": "weights_only: MatMulNBits accuracy_level (0: onnxruntime's default; 4: int8 compute on CPU)"})
+    dynamic: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        "help": "dynamic int8 MatMul (onnxruntime's quantize_dynamic: activations quantized at run time; "
+                "passes/quantize/dynamic.py); auto: tried first on models whose MACs are mostly in MatMul/Gemm "
+                "(transformers) with the guard on and the cpu target, kept when it holds the fidelity floor "
+                "and is clearly faster than fp32"})
     bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
     max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
@@ -151,13 +158,54 @@ class QuantizePass(Pass):
         return f"keep_float={self.options.keep_float}"
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
-        wide = getattr(ctx.target, "wide_activation_dtype", None) if self.options.activation_dtype == "auto" else None
+        o = self.options
+        trial: dict = {}
+        on_cpu = ctx.target is None or ctx.target.name == "cpu"
+        if o.weights_only == "off" and (o.dynamic == "on" or (o.dynamic == "auto" and o.guard and on_cpu)):
+            refuse_quantized(graph)
+            dynamic = self._dynamic(graph, ctx, trial)
+            if dynamic is not None:
+                self.planned_units = 0
+                return dynamic
+        wide = getattr(ctx.target, "wide_activation_dtype", None) if o.activation_dtype == "auto" else None
         model = ctx.to_model(graph) if wide else None
-        done = quantize_static(graph, self.options, ctx)
+        done = quantize_static(graph, o, ctx)
         if wide and done.outcome and (not done.outcome["holds"] or done.outcome["kept_float"]):
             done = self._wider_activations(done, model, ctx, wide)
+        if trial:
+            done.result.stats["dynamic"] = trial
         self.planned_units = done.weighted_units
         return done.result
+
+    def _dynamic(self, graph: gs.Graph, ctx: Context, trial: dict) -> PassResult | None:
+        """Dynamic int8 MatMul (``dynamic.py``): the result with ``dynamic=on``; with ``auto`` the result
+        when its trial holds the floor and is clearly faster, else None (``trial`` says why)."""
+        o = self.options
+        stats = {"scheme": {"weights": "int8 per tensor", "activations": "uint8, quantized at run time (dynamic)",
+                            "per_channel": False}}
+        samples = CalibrationSamples(ctx.calib, ctx.val, o.max_samples)
+        if o.dynamic == "on":
+            qm = dynamic_quantize(ctx.to_model(graph), o.exclude)
+        else:
+            check = FidelityCheck(ctx, ctx.to_model(graph), samples, o.min_cosine)
+            check.set_floor(o.min_cosine)
+            try:
+                qm = try_dynamic(graph, o, ctx, check, samples.first(), stats)
+            except Exception as e:  # the tool cannot take this model: the static path decides
+                stats["dynamic"] = {"chosen": False, "reason": f"quantize_dynamic failed: {type(e).__name__}: {e}"}
+                qm = None
+            trial.update(stats["dynamic"])
+            if qm is None:
+                return None
+        stats["dynamic_matmuls"] = sum(1 for n in qm.graph.node
+                                       if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
+        if not stats["dynamic_matmuls"]:
+            if o.dynamic == "on":
+                raise InputError("dynamic: the model has no MatMul/Gemm with constant weights to quantize")
+            return None
+        note = "dynamic int8 MatMul (activations quantized at run time)" + (
+            f": {trial['reason']}" if trial.get("reason") else "")
+        return PassResult(model_to_graph(qm), True, stats, note=note)
 
     def _wider_activations(self, run8: QuantizeRun, model, ctx: Context, wide: str) -> QuantizeRun:
         """The target also takes 16-bit activations (QNN HTP: A16W8) and the 8-bit plan missed the
