@@ -21,12 +21,13 @@ the passes started from, then:
   ``1 / CLEAR_MARGIN`` (``SpeedComparison.slower_than``).
 
 ``openvino_verdict`` turns that into problems for the target verdict (exit 4).
+``openvino_compare_speed`` is the same timing alone, for the quantize guard's speed decisions.
 """
 
 from __future__ import annotations
 
-__all__ = ["openvino_check", "openvino_verdict", "openvino_python", "openvino_available", "openvino_provider_options",
-           "setup_openvino", "managed_venv", "OPENVINO_OPTIONS", "OPENVINO_PACKAGE"]
+__all__ = ["openvino_check", "openvino_verdict", "openvino_compare_speed", "openvino_python", "openvino_available",
+           "openvino_provider_options", "setup_openvino", "managed_venv", "OPENVINO_OPTIONS", "OPENVINO_PACKAGE"]
 
 import os
 import subprocess
@@ -36,6 +37,7 @@ from pathlib import Path
 import onnx
 
 from onnxshrink.errors import UsageError
+from onnxshrink.runtime import SpeedComparison
 from onnxshrink.targets.ep_process import env_provider_options, fidelity_on_ep, run_on_ep
 from onnxshrink.targets.layout import ChannelsLastIO
 
@@ -85,6 +87,23 @@ def openvino_check(model: onnx.ModelProto, samples, reference=None, baseline: on
     else:
         res["speed"] = {"measured": False, "reason": "the result did not load with CPU fallback disabled"}
     return res
+
+
+def openvino_compare_speed(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict,
+                           seconds: float = 3.0) -> SpeedComparison:
+    """``runtime.compare_speed`` on the OpenVINO EP: how much faster ``model_b`` runs than ``model_a``
+    there (one thread, interleaved rounds in two blocks). Raises RuntimeError when no verifier is
+    there or a model does not load on the EP alone."""
+    py = openvino_python()
+    if py is None:
+        raise RuntimeError(f"no Python with {OPENVINO_PACKAGE} ({SETUP_HINT})")
+    run = run_on_ep(py, PROVIDER, {"a": model_a, "b": model_b}, [feeds], provider_options=openvino_provider_options(),
+                    timing=("a", "b"), seconds=seconds, prefix="onnxshrink_openvino_")
+    if not run.ok or not run.timing:
+        why = run.info.get("error") or "; ".join(f"{k}: {v.get('error')}" for k, v in run.models.items()
+                                                 if not v.get("accepted"))
+        raise RuntimeError(f"cannot time the models on the OpenVINO EP: {why}")
+    return run.speed()
 
 
 def openvino_verdict(res: dict, allow_partial: bool, budget_holds=None) -> tuple[list[str], list[str]]:
