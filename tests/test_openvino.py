@@ -209,3 +209,16 @@ def test_yolov8n_on_openvino_holds_and_is_faster():
     assert ov["accepted"] and not ov.get("nodes_on_cpu")
     assert ov["fidelity"]["cosine"] >= 0.995, ov["fidelity"]
     assert ov["speed"]["verdict"] == "faster", ov["speed"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell-script stand-in for the venv's python")
+def test_setup_says_why_pip_failed(tmp_path):
+    """A venv whose pip cannot install the wheel (no build for this Python): a UsageError with pip's reason."""
+    from onnxshrink.errors import UsageError
+    from onnxshrink.targets.openvino import setup_openvino
+    py = tmp_path / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("#!/bin/sh\necho 'ERROR: No matching distribution found for onnxruntime-openvino'\nexit 1\n")
+    py.chmod(0o755)
+    with pytest.raises(UsageError, match="pip install onnxruntime-openvino failed .*No matching distribution"):
+        setup_openvino(tmp_path, log=lambda m: None)
