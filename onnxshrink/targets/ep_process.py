@@ -63,13 +63,16 @@ class EpRun:
 
 def run_on_ep(python: str, provider: str, models: dict, samples: list[dict], *, provider_options: dict | None = None,
               plugin: str | None = None, run: tuple = (), timing: tuple | None = None, seconds: float = 6.0,
-              min_rounds: int = 15, max_rounds: int = 61, timeout: int = 1800, prefix: str = "onnxshrink_ep_"
-              ) -> EpRun:
+              min_rounds: int = 15, max_rounds: int = 61, timeout: int = 1800, prefix: str = "onnxshrink_ep_",
+              compile_to: dict | None = None) -> EpRun:
     """Build a session per model (``{name: ModelProto}``) on ``provider`` in the interpreter
     ``python``, run ``samples`` through the models named in ``run`` and time the pair ``timing``
     (on the first sample). ``plugin``: a module providing the EP as a plugin library
     (``onnxruntime_qnn``: ``register_execution_provider_library`` + ``add_provider_for_devices``);
-    without it the EP is one of the wheel's own providers."""
+    without it the EP is one of the wheel's own providers. ``compile_to`` (``{name: path}``): compile
+    those models for the EP first (``onnxruntime.ModelCompiler``: EPContext nodes with the EP's binary
+    embedded, CPU fallback disabled) into ``path``; the compiled model then loads and runs as model
+    ``name + ".context"`` (give that name in ``run`` too); ``info["compiled"][name]`` says how it went."""
     with tempfile.TemporaryDirectory(prefix=prefix) as d:
         paths = {}
         for name, model in models.items():
@@ -82,7 +85,8 @@ def run_on_ep(python: str, provider: str, models: dict, samples: list[dict], *, 
         op, lp, jp = (os.path.join(d, f) for f in ("outputs.npz", "log.txt", "job.json"))
         job = {"provider": provider, "plugin": plugin, "options": provider_options or {}, "models": paths,
                "samples": sp, "outputs": op, "run": list(run), "timing": list(timing) if timing else None,
-               "seconds": seconds, "min_rounds": min_rounds, "max_rounds": max_rounds}
+               "seconds": seconds, "min_rounds": min_rounds, "max_rounds": max_rounds,
+               "compile": {k: str(v) for k, v in (compile_to or {}).items()}}
         Path(jp).write_text(json.dumps(job))
         try:
             with open(lp, "w") as logf:
@@ -203,7 +207,7 @@ elif prov not in ort.get_available_providers():
     res["error"] = f"{prov} is not among this onnxruntime's providers {ort.get_available_providers()}"
 if "error" in res:
     print(json.dumps(res)); sys.exit(0)
-def session(path, logid, fallback):
+def options(logid, fallback):
     so = ort.SessionOptions()
     so.log_severity_level = 0
     so.logid = logid
@@ -211,10 +215,24 @@ def session(path, logid, fallback):
     so.intra_op_num_threads = 1
     if devs is not None:
         so.add_provider_for_devices(devs, opts)
+    return so
+def session(path, logid, fallback):
+    so = options(logid, fallback)
+    if devs is not None:
         return ort.InferenceSession(path, so)
     return ort.InferenceSession(path, so, providers=[prov], provider_options=[opts])
 def first_line(e):
     return str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+res["compiled"] = {}
+for name, out in (job.get("compile") or {}).items():
+    t = time.time()
+    try:  # the EP's compiled model (EPContext nodes, binary embedded), with CPU fallback disabled
+        ort.ModelCompiler(options(name + ".compile", False), job["models"][name],
+                          embed_compiled_data_into_model=True).compile_to_file(out)
+        res["compiled"][name] = {"path": out, "compile_s": round(time.time() - t, 2)}
+        job["models"][name + ".context"] = out
+    except Exception as e:
+        res["compiled"][name] = {"error": first_line(e)}
 sessions = {}
 for name, path in job["models"].items():
     r = res["models"][name] = {}
@@ -237,6 +255,8 @@ n = int(data["__n__"])
 samples = [{key.split("/", 1)[1]: data[key] for key in data.files if key.startswith(f"{k}/")} for k in range(n)]
 outs = {}
 for name in job["run"]:
+    if name not in res["models"]:
+        continue
     sess = sessions.get(name)
     if sess is None:
         continue

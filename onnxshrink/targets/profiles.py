@@ -123,6 +123,7 @@ class TargetProfile:
     allow_partial: bool = False         # accept a model the EP takes only in part (else exit 4)
     qdq_placement: str = "fused"        # fused: Q/DQ on unit inputs and outputs; inputs: only where an integer op reads
     x86_int8: bool = False              # int8 kernels on x86 u8 x s8 instructions (saturate without VNNI)
+    context: bool = False               # qnn: also write the compiled EPContext model beside the output
 
     def supports_op(self, op_type: str, domain: str = "") -> bool | None:
         """True/False when this profile's op list decides it; None when the usability checker does."""
@@ -179,7 +180,8 @@ TARGETS: dict[str, TargetProfile] = {
 # or a recipe's ``target: {name: qnn, channels_last: true}``; option -> (TargetProfile field, aliases)
 TARGET_OPTIONS = {"ort": ("ort_format", ("ort", "ort_format")),
                   "channels_last": ("channels_last", ("channels_last", "nhwc")),
-                  "allow_partial": ("allow_partial", ("allow_partial", "partial"))}
+                  "allow_partial": ("allow_partial", ("allow_partial", "partial")),
+                  "context": ("context", ("context", "qnn_context"))}
 
 
 def _option_field(key: str) -> str:
@@ -217,6 +219,9 @@ def with_options(profile: TargetProfile | None, options: dict) -> TargetProfile 
                 raise UsageError(f"target option {k}={v!r}: expected true or false")
             v = v.strip().lower() in ("true", "1", "yes", "on")
         vals[_option_field(k)] = bool(v)
+    if vals.get("context") and profile.name != "qnn":
+        raise UsageError(f"target option context (a compiled QNN context binary) is for the qnn target, "
+                         f"not {profile.name}")
     return dataclasses.replace(profile, **vals)
 
 

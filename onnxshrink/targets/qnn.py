@@ -7,19 +7,30 @@ and compares the outputs with the fp32 original's on the CPU. The verbose sessio
 node placements and the EP's own per-node-unit validation verdicts. The Python with
 ``onnxruntime-qnn`` is this one or ``$ONNXSHRINK_QNN_PYTHON``; provider options are ``QNN_HTP_OPTIONS`` overridden by
 ``$ONNXSHRINK_QNN_OPTIONS``.
+
+``save_qnn_context`` (``--target qnn+context``) compiles a saved QDQ model for the same HTP with
+onnxruntime's ``ModelCompiler`` (CPU fallback disabled): the EPContext model, whose one node holds
+the QNN context binary (embedded), so that the device loads the compiled graph instead of
+finalizing it at every application start. It is written beside the model (``NAME_ctx.onnx``, the
+name onnxruntime gives it by default) and checked: it loads with fallback disabled and its outputs
+match the QDQ model's on the HTP to ``CONTEXT_TOL`` (relative max error) on two synthetic samples.
 """
 
 from __future__ import annotations
 
-__all__ = ["qnn_htp_check", "qnn_available", "qnn_python", "qnn_provider_options", "QNN_HTP_OPTIONS"]
+__all__ = ["qnn_htp_check", "qnn_available", "qnn_python", "qnn_provider_options", "save_qnn_context", "context_path",
+           "QNN_HTP_OPTIONS", "CONTEXT_TOL"]
 
 import importlib.util
 import os
 import re
 import sys
+from pathlib import Path
 
+import numpy as np
 import onnx
 
+from onnxshrink.data import SyntheticSource, input_specs
 from onnxshrink.errors import UsageError
 from onnxshrink.targets.ep_process import env_provider_options, fidelity_on_ep, run_on_ep
 from onnxshrink.targets.layout import ChannelsLastIO
@@ -28,6 +39,7 @@ from onnxshrink.targets.layout import ChannelsLastIO
 # that keep float nodes (QNN_COMMON_ERROR_MEM_ALLOC); 43 = Snapdragon 8 Gen 2 (SM8550, HTP v73).
 # enable_htp_fp16_precision: float nodes run in fp16 as they do on the device (v73+).
 QNN_HTP_OPTIONS = {"backend_type": "htp", "soc_model": "43", "enable_htp_fp16_precision": "1"}
+CONTEXT_TOL = 1e-5  # the compiled context runs the same graph: its outputs match the QDQ model's on HTP
 
 
 def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: bool = False,
@@ -52,6 +64,53 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
     if got and reference is not None:
         res.update(fidelity_on_ep(got, reference, [o.name for o in model.graph.output], outputs_back))
     return res
+
+
+def context_path(onnx_path: str | os.PathLike) -> Path:
+    """Where the EPContext model of ``NAME.onnx`` goes: ``NAME_ctx.onnx`` beside it."""
+    p = Path(onnx_path)
+    return p.with_name(p.stem + "_ctx.onnx")
+
+
+def save_qnn_context(onnx_path: str | os.PathLike, timeout: int = 1800) -> dict:
+    """Compile the saved QDQ model ``onnx_path`` for the HTP into ``context_path(onnx_path)`` and check
+    it (module docstring). Returns {"ok", "path", "bytes", "compile_s", "max_rel_err", "error"}; when
+    not ok, no context file is left."""
+    py = qnn_python()
+    if py is None:
+        raise UsageError("--target qnn+context needs onnxruntime-qnn (pip install onnxruntime-qnn)")
+    model = onnx.load(str(onnx_path))
+    out = context_path(onnx_path)
+    samples = list(SyntheticSource(input_specs(model), n=2, seed=0))
+    run = run_on_ep(py, "QNNExecutionProvider", {"model": model}, samples, provider_options=qnn_provider_options(),
+                    plugin="onnxruntime_qnn", run=("model", "model.context"), timeout=timeout,
+                    prefix="onnxshrink_qnn_ctx_", compile_to={"model": out})
+    comp = run.info.get("compiled", {}).get("model", {})
+    info = {"path": str(out), "qdq_model": str(onnx_path), "provider_options": qnn_provider_options(),
+            "compile_s": comp.get("compile_s"), "ok": False}
+    loaded = run.models.get("model.context", {})
+    if not run.ok:
+        info["error"] = run.info["error"]
+    elif "error" in comp:
+        info["error"] = f"the QNN EP cannot compile the model: {comp['error']}"
+    elif not loaded.get("accepted"):
+        info["error"] = f"the context model does not load with CPU fallback disabled: {loaded.get('error', '?')}"
+    elif not run.models.get("model", {}).get("accepted"):
+        info["error"] = f"the QDQ model does not load on HTP alone: {run.models['model'].get('error', '?')}"
+    else:
+        a, b = run.outputs.get("model") or [], run.outputs.get("model.context") or []
+        err = max((float(np.max(np.abs(x.astype(np.float64) - y))) / max(float(np.max(np.abs(x))), 1e-12)
+                   for xs, ys in zip(a, b) for x, y in zip(xs, ys)), default=float("inf"))
+        info["max_rel_err"] = err
+        info["samples"] = len(b)
+        info["ok"] = bool(a) and len(a) == len(b) and err <= CONTEXT_TOL
+        if not info["ok"]:
+            info["error"] = f"the context model's outputs differ from the QDQ model's on HTP (relative {err:.2e})"
+    if out.exists() and not info["ok"]:
+        out.unlink()
+    elif out.exists():
+        info["bytes"] = out.stat().st_size
+    return info
 
 
 def qnn_provider_options() -> dict:
