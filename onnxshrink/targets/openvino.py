@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 
 from onnxshrink.errors import UsageError
 from onnxshrink.runtime import SpeedComparison
@@ -157,7 +158,6 @@ def openvino_python() -> str | None:
     py = _venv_python(managed_venv())
     if py.exists():
         return str(py)
-    import onnxruntime as ort  # heavy: only when no other interpreter is named
     return sys.executable if PROVIDER in ort.get_available_providers() else None
 
 
