@@ -190,7 +190,12 @@ def test_real_openvino_check_on_a_small_model():
     ov = rep.target_report["openvino"]
     assert ov["available"] and ov["accepted"], ov.get("error")
     assert set(ov["placements"]) == {"OpenVINOExecutionProvider"} and not ov.get("nodes_on_cpu")
-    assert ov["samples"] == 8 and ov["fidelity"]["cosine"] >= 0.98
+    # the selection half of the 8 --val samples, the ones report.selection_fidelity measures on the CPU EP:
+    # OpenVINO runs the QDQ model as the CPU EP does (Q/DQ only at integer inputs, 7-bit weights on x86;
+    # measured: equal to 1e-7; with 8-bit weights 0.0017 apart)
+    assert ov["samples"] == 4
+    assert abs(ov["fidelity"]["cosine"] - rep.selection_fidelity["cosine"]) <= 5e-4, \
+        (ov["fidelity"], rep.selection_fidelity)
     assert ov["speed"]["measured"] and ov["speed"]["vs_fp32"]["rounds"] >= 15
     assert ov["speed"]["verdict"] in ("faster", "not slower", "slower")
 
