@@ -13,6 +13,10 @@ Timing (``timing=(a, b)``): one run of each model per round, alternating, in two
 each warmed up afresh, as many rounds as fit in ``seconds`` (``min_rounds``..``max_rounds``); the
 statistics (median ratio and its interval) are ``runtime.speed_comparison``'s, computed here from
 the raw times.
+
+Compiling (``compile_to``, plugin EPs such as onnxruntime-qnn): ``onnxruntime.ModelCompiler`` writes
+the EP's compiled model (EPContext nodes, the EP's binary embedded), which then loads and runs like
+the others.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ def run_on_ep(python: str, provider: str, models: dict, samples: list[dict], *, 
     those models for the EP first (``onnxruntime.ModelCompiler``: EPContext nodes with the EP's binary
     embedded, CPU fallback disabled) into ``path``; the compiled model then loads and runs as model
     ``name + ".context"`` (give that name in ``run`` too); ``info["compiled"][name]`` says how it went."""
+    if compile_to and not plugin:
+        raise ValueError("compile_to needs an EP given as a plugin library (the worker's ModelCompiler path)")
     with tempfile.TemporaryDirectory(prefix=prefix) as d:
         paths = {}
         for name, model in models.items():
