@@ -13,13 +13,14 @@ onnxruntime's ``ModelCompiler`` (CPU fallback disabled): the EPContext model, wh
 the QNN context binary (embedded), so that the device loads the compiled graph instead of
 finalizing it at every application start. It is written beside the model (``NAME_ctx.onnx``, the
 name onnxruntime gives it by default) and checked: it loads with fallback disabled and its outputs
-match the QDQ model's on the HTP to ``CONTEXT_TOL`` (relative max error) on two synthetic samples.
+match the QDQ model's on the HTP (worst cosine >= ``CONTEXT_MIN_COSINE``; the relative max error is
+reported) on two synthetic samples.
 """
 
 from __future__ import annotations
 
 __all__ = ["qnn_htp_check", "qnn_available", "qnn_python", "qnn_provider_options", "save_qnn_context", "context_path",
-           "QNN_HTP_OPTIONS", "CONTEXT_TOL"]
+           "QNN_HTP_OPTIONS", "CONTEXT_MIN_COSINE"]
 
 import importlib.util
 import os
@@ -32,6 +33,7 @@ import onnx
 
 from onnxshrink.data import SyntheticSource, input_specs
 from onnxshrink.errors import UsageError
+from onnxshrink.metrics import fidelity
 from onnxshrink.targets.ep_process import env_provider_options, fidelity_on_ep, run_on_ep
 from onnxshrink.targets.layout import ChannelsLastIO
 
@@ -39,7 +41,10 @@ from onnxshrink.targets.layout import ChannelsLastIO
 # that keep float nodes (QNN_COMMON_ERROR_MEM_ALLOC); 43 = Snapdragon 8 Gen 2 (SM8550, HTP v73).
 # enable_htp_fp16_precision: float nodes run in fp16 as they do on the device (v73+).
 QNN_HTP_OPTIONS = {"backend_type": "htp", "soc_model": "43", "enable_htp_fp16_precision": "1"}
-CONTEXT_TOL = 1e-5  # the compiled context runs the same graph: its outputs match the QDQ model's on HTP
+# the compiled context runs the same graph; its float (fp16) nodes may be compiled differently: on YOLOv8n
+# the box decoding's coordinates move by up to 5.5 px of 320 in 1 % of the elements, the integer part
+# is equal, cosine 0.999998 between the two
+CONTEXT_MIN_COSINE = 1 - 1e-5
 
 
 def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: bool = False,
@@ -74,7 +79,7 @@ def context_path(onnx_path: str | os.PathLike) -> Path:
 
 def save_qnn_context(onnx_path: str | os.PathLike, timeout: int = 1800) -> dict:
     """Compile the saved QDQ model ``onnx_path`` for the HTP into ``context_path(onnx_path)`` and check
-    it (module docstring). Returns {"ok", "path", "bytes", "compile_s", "max_rel_err", "error"}; when
+    it (module docstring). Returns {"ok", "path", "bytes", "compile_s", "cosine_min", "max_rel_err", "error"}; when
     not ok, no context file is left."""
     py = qnn_python()
     if py is None:
@@ -101,11 +106,12 @@ def save_qnn_context(onnx_path: str | os.PathLike, timeout: int = 1800) -> dict:
         a, b = run.outputs.get("model") or [], run.outputs.get("model.context") or []
         err = max((float(np.max(np.abs(x.astype(np.float64) - y))) / max(float(np.max(np.abs(x))), 1e-12)
                    for xs, ys in zip(a, b) for x, y in zip(xs, ys)), default=float("inf"))
-        info["max_rel_err"] = err
-        info["samples"] = len(b)
-        info["ok"] = bool(a) and len(a) == len(b) and err <= CONTEXT_TOL
+        cos = fidelity(a, b).get("cosine_min", 0.0) if a and len(a) == len(b) else 0.0
+        info.update(max_rel_err=err, cosine_min=cos, samples=len(b))
+        info["ok"] = bool(a) and len(a) == len(b) and cos >= CONTEXT_MIN_COSINE
         if not info["ok"]:
-            info["error"] = f"the context model's outputs differ from the QDQ model's on HTP (relative {err:.2e})"
+            info["error"] = (f"the context model's outputs differ from the QDQ model's on HTP (cosine {cos:.7f}, "
+                             f"relative max error {err:.2e})")
     if out.exists() and not info["ok"]:
         out.unlink()
     elif out.exists():
