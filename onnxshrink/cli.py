@@ -26,6 +26,7 @@ from onnxshrink.pipeline.manager import optimize as run_optimize
 from onnxshrink.pipeline.report import format_bytes, format_count
 from onnxshrink.pipeline.settings import Settings, cli_settings, recipe_keys
 from onnxshrink.progress import Progress
+from onnxshrink.targets.openvino import setup_openvino
 from onnxshrink.targets.profiles import get_target, with_options
 
 _DEBUG = False
@@ -254,6 +255,18 @@ def list_passes(as_json):
         click.echo(f"{n}{f'  ({flags})' if flags else ''}: {c.summary or (c.__doc__ or '').strip().splitlines()[0]}")
         for o in option_docs(c):
             click.echo(f"    {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
+
+
+@cli.command(name="setup")
+@click.argument("what", type=click.Choice(["openvino"]))
+@click.option("--venv", type=click.Path(file_okay=False), help="Where (default: ~/.cache/onnxshrink/venvs/openvino).")
+def setup(what, venv):
+    """Install a device verifier that needs its own Python: ``openvino`` creates a venv with
+    onnxruntime-openvino, which --target openvino then runs the result on."""
+    py = setup_openvino(venv, log=lambda m: click.echo(m, err=True))
+    click.echo(py)
+    if venv:
+        click.echo(f"export ONNXSHRINK_OPENVINO_PYTHON={py}", err=True)
 
 
 def _exit_cleanly_on_sigterm() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
-           "compare_speed", "SpeedComparison", "CLEAR_MARGIN",
+           "compare_speed", "speed_comparison", "SpeedComparison", "CLEAR_MARGIN",
            "add_outputs", "append_outputs"]
 
 import math
@@ -197,15 +197,29 @@ def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_round
     sb = model_b if isinstance(model_b, ort.InferenceSession) else make_session(model_b, optimize=True, threads=1)
     one = (measure_latency(sa, feeds, runs=1, warmup=1) + measure_latency(sb, feeds, runs=1, warmup=1)) / 1e3
     rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
+    blocks = [interleaved_latency([sa, sb], feeds, rounds=block, runs=1, warmup=2)
+              for block in (rounds // 2, rounds - rounds // 2)]
+    return speed_comparison(blocks)
+
+
+def speed_comparison(blocks: Sequence[Sequence[Sequence[float]]]) -> SpeedComparison:
+    """The ``SpeedComparison`` of interleaved timings measured in blocks, each ``(times_a, times_b)``
+    with one run of each model per round (``compare_speed`` measures them here; a run in another
+    interpreter, e.g. ``targets.ep_process``, measures them there). Per round the ratio
+    ``t_a / t_b``; per block the distribution-free ~95 % confidence interval of its median: the
+    order statistics of rank ``k = floor((n - 1.96 sqrt(n)) / 2)`` from either end (binomial(n, 1/2));
+    the interval is the union of the blocks' intervals."""
     ta, tb, lows, highs = [], [], [], []
-    for block in (rounds // 2, rounds - rounds // 2):
-        a, b = interleaved_latency([sa, sb], feeds, rounds=block, runs=1, warmup=2)
+    for a, b in blocks:
+        n = min(len(a), len(b))
+        if n == 0:
+            raise ValueError("a timing block without rounds")
         ratios = sorted(x / y for x, y in zip(a, b))
-        k = max(0, int(math.floor((block - 1.96 * math.sqrt(block)) / 2)))  # rank of the lower bound
+        k = max(0, int(math.floor((n - 1.96 * math.sqrt(n)) / 2)))  # rank of the lower bound
         lows.append(ratios[k])
-        highs.append(ratios[block - 1 - k])
-        ta += a
-        tb += b
+        highs.append(ratios[n - 1 - k])
+        ta += list(a[:n])
+        tb += list(b[:n])
     return SpeedComparison(speedup=float(statistics.median(x / y for x, y in zip(ta, tb))), low=float(min(lows)),
                            high=float(max(highs)), t_a=float(statistics.median(ta)),
                            t_b=float(statistics.median(tb)), rounds=len(ta))

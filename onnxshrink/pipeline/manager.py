@@ -51,6 +51,7 @@ from onnxshrink.pipeline.settings import Settings, speed_policy
 from onnxshrink.progress import Progress
 from onnxshrink.runtime import compare_speed, make_session, measure_latency
 from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prepare_for_target, save_ort_format
+from onnxshrink.targets.qnn import qnn_available, save_qnn_context
 
 MAX_BACKOFF = 6
 
@@ -612,6 +613,8 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
         model_io.check_output_path(pm.plot, input_path)
         if output is not None and Path(pm.plot).resolve() == Path(output).resolve():
             raise UsageError(f"--plot and OUT are the same file ({output})")
+    if pm.target is not None and pm.target.context and not qnn_available():
+        raise UsageError("--target qnn+context needs onnxruntime-qnn (pip install onnxruntime-qnn)")
     result, report = pm.run(model)
     if output is not None:
         sparse = any(r.name == "sparsify" and r.status in (APPLIED, BACKED_OFF) and r.stats.get("storage") == "sparse"
@@ -629,4 +632,13 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
                     f.unlink(missing_ok=True)
                 raise
             report.target_report["ort_format"] = {"path": str(ort_path), "optimization_style": style}
+        if pm.target is not None and pm.target.context:  # --target qnn+context: the compiled HTP context beside OUT
+            try:
+                info = report.target_report["context"] = save_qnn_context(output)
+                if not info["ok"]:
+                    raise BudgetError(f"target qnn+context: {info['error']} (nothing written)", report)
+            except BaseException:  # all or nothing: no OUT without the context the user asked for
+                for f in [Path(output), *model_io.external_data_files(output)]:
+                    f.unlink(missing_ok=True)
+                raise
     return result, report

@@ -15,7 +15,10 @@ whose outputs move by more than ``EMIT_TOL`` relative max-abs error is rolled ba
    Transposes (``onnxshrink.targets.layout``), checked numerically;
 5. coverage: per node, whether the EP takes it and why not (``onnxshrink.targets.coverage``);
 6. for ``qnn`` when ``onnxruntime-qnn`` is installed: a real HTP-backend session
-   (``onnxshrink.targets.qnn``), fidelity against the original fp32 model on the CPU.
+   (``onnxshrink.targets.qnn``), fidelity against the original fp32 model on the CPU; for
+   ``openvino`` when a Python with ``onnxruntime-openvino`` is there: a real OpenVINO EP session
+   (``onnxshrink.targets.openvino``): placement, fidelity against the same reference, and speed
+   against the fp32 model the passes started from (``ctx.template``) on the same EP.
 
 ``prepare_for_target`` runs steps 1-3 before the passes (ops inside a QDQ group are never split,
 so rewrites must happen before quantization); ``emit_for_target`` runs them again after the
@@ -39,6 +42,7 @@ from onnxshrink.graph.values import is_weight_decode
 from onnxshrink.model import copy_model_fields
 from onnxshrink.targets.coverage import activation_qtypes, coverage
 from onnxshrink.targets.layout import ChannelsLastIO, to_channels_last
+from onnxshrink.targets.openvino import openvino_check, openvino_verdict
 from onnxshrink.targets.profiles import QDQ_OPS
 from onnxshrink.targets.qnn import qnn_htp_check
 from onnxshrink.targets.rewrites import apply_rewrites, export_graph, op_counts
@@ -53,12 +57,14 @@ def prepare_for_target(model: onnx.ModelProto, profile, ctx=None) -> tuple[onnx.
     return _transform(model, profile, ctx)
 
 
-def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None = None
-                    ) -> tuple[onnx.ModelProto, dict]:
+def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None = None,
+                    device: bool | None = None) -> tuple[onnx.ModelProto, dict]:
     """After the passes: the preparation steps again (the passes may have added foldable
     subgraphs), channel-last I/O when the profile asks for it, then the coverage report; for qnn
-    the real HTP check when available (``qnn=False`` skips it, ``qnn=True`` requires it), fed NHWC
+    the real HTP check, for openvino the real OpenVINO EP check, when available (``device=False``
+    skips it, ``device=True`` requires it; ``qnn`` is the older name of ``device``), fed NHWC
     samples and compared in NCHW for a channel-last model."""
+    device = qnn if device is None else device
     model, steps = _transform(model, profile, ctx)
     info = {"target": profile.name, "provider": profile.provider, "emission": steps,
             "scheme": {"activations": ", ".join(activation_qtypes(model)) or "float",
@@ -70,20 +76,27 @@ def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None 
         model, info["channels_last"] = _apply_channels_last(model, ctx)
     io = ChannelsLastIO(info.get("channels_last"))
     info["coverage"] = coverage(model, profile)
-    if profile.name == "qnn" and qnn is not False:
+    ref = getattr(ctx, "reference", None)
+    if profile.name == "qnn" and device is not False:
         samples = _samples(model, ctx, n=int(os.environ.get("ONNXSHRINK_QNN_SAMPLES", "8")))
-        ref = getattr(ctx, "reference", None)
         info["qnn_htp"] = qnn_htp_check(model, io.feeds(samples), ref[:len(samples)] if ref is not None else None,
-                                        required=bool(qnn), outputs_back=io)
-    info["verdict"] = target_verdict(info, profile)
+                                        required=bool(device), outputs_back=io)
+    if profile.name == "openvino" and device is not False:
+        samples = _samples(model, ctx, n=int(os.environ.get("ONNXSHRINK_OPENVINO_SAMPLES", "8")))
+        info["openvino"] = openvino_check(model, io.feeds(samples), ref[:len(samples)] if ref is not None else None,
+                                          baseline=getattr(ctx, "template", None), required=bool(device),
+                                          outputs_back=io)
+    info["verdict"] = target_verdict(info, profile, _device_budget(ctx))
     return model, info
 
 
-def target_verdict(info: dict, profile) -> dict:
+def target_verdict(info: dict, profile, budget_holds=None) -> dict:
     """Whether the emitted model is what the target asked for: the EP takes all of it (coverage), the
-    QNN HTP run accepts it where onnxruntime-qnn is installed, and requested channel-last I/O was
-    kept. ``{"ok": bool, "problems": [...]}``; with ``allow_partial`` a partial placement is a note, not
-    a problem. The manager fails closed (exit 4) on problems."""
+    QNN HTP run accepts it where onnxruntime-qnn is installed, the OpenVINO EP run takes all of it,
+    is not clearly slower than the fp32 model there and keeps the budget (``budget_holds``) there,
+    and requested channel-last I/O was kept. ``{"ok": bool, "problems": [...]}``; with
+    ``allow_partial`` a partial placement is a note, not a problem. The manager fails closed (exit 4)
+    on problems."""
     problems, notes = [], []
     cov = info.get("coverage") or {}
     if cov and not cov.get("accepted", True):
@@ -94,10 +107,23 @@ def target_verdict(info: dict, profile) -> dict:
     if htp.get("available") and not htp.get("accepted", False):
         why = f"the QNN HTP run rejects the model ({htp.get('error') or htp.get('reason') or 'not every node on HTP'})"
         (notes if profile.allow_partial else problems).append(why)
+    if "openvino" in info:
+        p, n = openvino_verdict(info["openvino"], profile.allow_partial, budget_holds)
+        problems += p
+        notes += n
     cl = info.get("channels_last") or {}
     if cl.get("rolled_back"):
         problems.append(f"the requested channel-last I/O was rolled back ({cl.get('reason', '')})")
     return {"ok": not problems, "problems": problems, "notes": notes}
+
+
+def _device_budget(ctx):
+    """The budget's test of a fidelity dict measured on a device (None without a budget; the test
+    answers None when the dict lacks the budget's metric, e.g. accuracy without labels)."""
+    budget = getattr(ctx, "budget", None)
+    if budget is None:
+        return None
+    return lambda fid: ctx.budget_holds(fid) if budget.metric in fid else None
 
 
 def convert_opset(model: onnx.ModelProto, lo: int, hi: int) -> tuple[onnx.ModelProto, dict]:

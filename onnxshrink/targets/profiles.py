@@ -22,7 +22,17 @@ result. The facts, with their sources:
   asymmetric; int8 symmetric per-channel or uint8 per-tensor weights, int32 bias) and needs
   static shapes with constant shape operands (the EP rejects Shape/Range/ConstantOfShape, so
   shape arithmetic must be folded away). Checked for real when ``onnxruntime-qnn`` is installed.
-- openvino: uint8 activations, int8 symmetric per-channel weights; dynamic shapes allowed.
+- openvino: uint8 activations, int8 symmetric per-channel weights; dynamic shapes allowed. OpenVINO
+  reads each Q/DQ pair as a FakeQuantize and runs its own low-precision transformations; NNCF, its
+  quantizer, places FakeQuantize only at the inputs of compute ops. Measured on the OpenVINO EP
+  (onnxruntime-openvino 1.24, OpenVINO 2025.4, x86-64 AVX2 CPU, YOLOv8n): onnxruntime's fused
+  placement (Q/DQ on every unit's output too, integer Concat/Sigmoid/Mul) gives cosine 0.985 against
+  fp32 (0.9988 on the CPU EP) at 1.19x fp32's speed; Q/DQ only at Conv inputs gives 0.998 at 1.5x.
+  Integer Concat alone costs the fidelity, integer Sigmoid/Mul the speed. Hence
+  ``qdq_placement="inputs"``. On x86 without VNNI its int8 kernels saturate like onnxruntime's
+  (u8 x s8 pairs summed in int16): with 8-bit weights YOLOv8n reaches 0.998 and PP-OCR cls 0.954 on
+  its worst sample, with 7-bit weights 0.9995 and 1.0000 (``x86_int8``). Checked for real when a
+  Python with onnxruntime-openvino is there (``onnxshrink.targets.openvino``).
 """
 
 from __future__ import annotations
@@ -80,6 +90,12 @@ class TargetProfile:
     float_ops_run: the EP runs float (not quantized) compute nodes; False for QNN HTP.
     wide_activation_dtype: a 16-bit activation type the EP also takes; the quantize pass (with
         activation_dtype=auto) uses it when the 8-bit plan misses the fidelity floor or needs float units.
+    x86_int8: the EP runs its int8 kernels on this kind of CPU with u8 x s8 instructions (VPMADDUBSW),
+        whose pairwise int16 sums saturate on x86 without VNNI: the quantize pass then uses 7-bit
+        weights (``reduce_range=auto``).
+    qdq_placement: "fused" puts Q/DQ on every integer unit's inputs and output, as onnxruntime's
+        kernels fuse them; "inputs" only where an integer op reads a tensor, with no integer
+        elementwise ops (the NNCF placement OpenVINO expects; see the openvino facts above).
     """
 
     name: str
@@ -105,6 +121,9 @@ class TargetProfile:
     ort_format: bool = False            # also write the ORT format (.ort) next to the output
     channels_last: bool = False         # emit 4-D image inputs/outputs as NHWC (exact Transposes)
     allow_partial: bool = False         # accept a model the EP takes only in part (else exit 4)
+    qdq_placement: str = "fused"        # fused: Q/DQ on unit inputs and outputs; inputs: only where an integer op reads
+    x86_int8: bool = False              # int8 kernels on x86 u8 x s8 instructions (saturate without VNNI)
+    context: bool = False               # qnn: also write the compiled EPContext model beside the output
 
     def supports_op(self, op_type: str, domain: str = "") -> bool | None:
         """True/False when this profile's op list decides it; None when the usability checker does."""
@@ -118,7 +137,7 @@ class TargetProfile:
 TARGETS: dict[str, TargetProfile] = {
     "cpu": TargetProfile(
         "cpu", "onnxruntime CPU EP (x86-64 / ARM64 MLAS kernels)", "CPUExecutionProvider",
-        activation_dtype="uint8", per_channel=True, opset_min=13, ops=None),
+        activation_dtype="uint8", per_channel=True, opset_min=13, ops=None, x86_int8=True),
     "xnnpack": TargetProfile(
         "xnnpack", "XNNPACK EP (ARM/x86 mobile CPUs)", "XnnpackExecutionProvider",
         activation_dtype="int8", symmetric_activations=False, weight_dtype="int8", symmetric_weights=True,
@@ -149,7 +168,11 @@ TARGETS: dict[str, TargetProfile] = {
                "static shapes; Shape/Range/ConstantOfShape have no QNN builder and must fold away")),
     "openvino": TargetProfile(
         "openvino", "Intel OpenVINO EP", "OpenVINOExecutionProvider",
-        activation_dtype="uint8", per_channel=True, fp16=True, ops=None),
+        activation_dtype="uint8", per_channel=True, fp16=True, ops=None, qdq_placement="inputs", x86_int8=True,
+        notes=("Q/DQ only at the inputs of Conv/MatMul/Gemm (NNCF's placement): OpenVINO's low-precision "
+               "transformations lose fidelity on integer Concat and speed on integer Sigmoid/Mul",
+               "verified on the OpenVINO EP when a Python with onnxruntime-openvino is there "
+               "(onnxshrink setup openvino)")),
 }
 
 
@@ -157,7 +180,8 @@ TARGETS: dict[str, TargetProfile] = {
 # or a recipe's ``target: {name: qnn, channels_last: true}``; option -> (TargetProfile field, aliases)
 TARGET_OPTIONS = {"ort": ("ort_format", ("ort", "ort_format")),
                   "channels_last": ("channels_last", ("channels_last", "nhwc")),
-                  "allow_partial": ("allow_partial", ("allow_partial", "partial"))}
+                  "allow_partial": ("allow_partial", ("allow_partial", "partial")),
+                  "context": ("context", ("context", "qnn_context"))}
 
 
 def _option_field(key: str) -> str:
@@ -195,6 +219,9 @@ def with_options(profile: TargetProfile | None, options: dict) -> TargetProfile 
                 raise UsageError(f"target option {k}={v!r}: expected true or false")
             v = v.strip().lower() in ("true", "1", "yes", "on")
         vals[_option_field(k)] = bool(v)
+    if vals.get("context") and profile.name != "qnn":
+        raise UsageError(f"target option context (a compiled QNN context binary) is for the qnn target, "
+                         f"not {profile.name}")
     return dataclasses.replace(profile, **vals)
 
 

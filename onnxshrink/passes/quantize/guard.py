@@ -9,7 +9,9 @@
   units without a budget; the first plan that holds is kept, else the best cosine.
 - Speed: with ``guard`` and no target other than ``cpu`` (this machine's speed says nothing about an
   NPU or an ARM core), the quantized and float models are compared by ``runtime.compare_speed``
-  (one thread, interleaved rounds, the median ratio with a ~95 % interval). When the quantized one is
+  (one thread, interleaved rounds, the median ratio with a ~95 % interval); for ``openvino``, which
+  runs on this CPU, by the same timing on the OpenVINO EP when a Python with onnxruntime-openvino
+  is there (``targets.openvino.openvino_compare_speed``), else not at all. When the quantized one is
   not clearly ``min_speedup`` faster (the interval above it), small convolutions (few weights:
   onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when nothing is
   clearly faster, the pass changes nothing and says why. A tie always resolves to float, so the
@@ -35,6 +37,7 @@ from onnxshrink.passes.quantize.plan import PlacementRules, plan_units
 from onnxshrink.passes.quantize.qdq import QdqBuilder
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis
 from onnxshrink.runtime import CLEAR_MARGIN, compare_speed, make_session
+from onnxshrink.targets.openvino import openvino_available, openvino_compare_speed
 
 SMALL_CONV_LIMITS = (2048, 8192, 32768)  # weight counts under which convolutions go back to float, in turn
 
@@ -146,19 +149,24 @@ class QuantizeGuard:
         if not self.o.guard:
             return chosen, outcome
         target = getattr(getattr(self.ctx, "target", None), "name", None)
+        if target == "openvino" and openvino_available():
+            # OpenVINO runs on this CPU: timed on its own EP (in the interpreter that has it)
+            return self._speed(chosen, fid, rules, openvino_compare_speed, "the OpenVINO EP"), outcome
         if target not in (None, "cpu"):
             # an NPU or an ARM CPU runs the integer kernels natively: timing them on this machine
             # says nothing about the target, so only the fidelity floor applies
             self.stats["speed_search"] = [{"config": f"skipped: the {target} target is not this CPU"}]
             return chosen, outcome
-        return self._speed(chosen, fid, rules), outcome
+        return self._speed(chosen, fid, rules, compare_speed, "this CPU"), outcome
 
-    def _speed(self, chosen: Placement, fid: dict, rules: PlacementRules) -> Placement:
+    def _speed(self, chosen: Placement, fid: dict, rules: PlacementRules, compare=compare_speed,
+               where: str = "this CPU") -> Placement:
         """``chosen``, or a faster variant with small convolutions in float, or a placement without a
-        graph when none is ``min_speedup`` faster than the float model."""
+        graph when none is ``min_speedup`` faster than the float model; ``compare`` times a pair
+        (``runtime.compare_speed``, or the same on the target's EP) on ``where``."""
         model_f = self.builder.model_f
         sample = self.samples.first()
-        cmp = compare_speed(model_f, self.ctx.to_model(chosen.graph), sample)
+        cmp = compare(model_f, self.ctx.to_model(chosen.graph), sample)
         speed = [{"config": f"{len(chosen.excluded)} sensitive units in float", **cmp.as_dict()}]
         best_cmp, best = cmp, chosen
         if not cmp.faster_than(self.o.min_speedup):
@@ -171,7 +179,7 @@ class QuantizeGuard:
                 if not any(u.kind == "weighted" for u in units_k.values()):
                     break
                 qg_k = self.builder.build(units_k)
-                cmp_k = compare_speed(model_f, self.ctx.to_model(qg_k), sample)
+                cmp_k = compare(model_f, self.ctx.to_model(qg_k), sample)
                 speed.append({"config": f"only convs with >= {limit} weights", **cmp_k.as_dict()})
                 if cmp_k.speedup > best_cmp.speedup:
                     fid_k = self.check.measure(qg_k)
@@ -183,7 +191,7 @@ class QuantizeGuard:
         self.stats["speed_search"] = speed
         if not best_cmp.faster_than(self.o.min_speedup):
             self.stats["guard_reason"] = (
-                f"no quantized placement is clearly faster than fp32 on this CPU (best {best_cmp.speedup:.2f}x, "
+                f"no quantized placement is clearly faster than fp32 on {where} (best {best_cmp.speedup:.2f}x, "
                 f"95 % interval {best_cmp.low:.2f}-{best_cmp.high:.2f}x, which must lie above {CLEAR_MARGIN:g} x "
                 f"min_speedup; a tie keeps float)")
             return dataclasses.replace(chosen, graph=None)

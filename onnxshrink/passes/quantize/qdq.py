@@ -11,6 +11,12 @@ Numerics (``x`` an activation, ``W`` a weight, ``b`` a bias; grids in ``scheme.p
 - Bias: int32 with ``s_b = s_x * s_w,c`` and zero point 0: ``b_q = round(b / s_b)``; bias correction
   subtracts the per-channel mean shift from ``b`` first.
 - Constant operands of Add/Mul: the activation grid on their own ``[min, max]``.
+
+Placement of the Q/DQ pairs: by default on every unit input and output (onnxruntime's CPU EP fuses
+``DQ -> op -> Q`` into one integer kernel, and float consumers of a quantized tensor read a shared
+DQ). With ``inputs_only`` (a target whose ``qdq_placement`` is ``"inputs"``: OpenVINO, which reads
+Q/DQ as FakeQuantize the way NNCF places it) a tensor gets a Q/DQ pair only where an integer unit
+reads it: float consumers read the float tensor, and a unit output no integer unit reads stays float.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ def drop_qdq_value_info(graph: gs.Graph) -> None:
 class QdqBuilder:
     """Builds QDQ graphs of one prepared float model for any set of units, from the calibrated ranges
     (tensor -> (lo, hi)), the folded clips (tensor -> (min, max)), the weights GPTQ rounded
-    (``rounded``: node -> int8) and the bias correction's shifts (``bias_shift``: node -> [C])."""
+    (``rounded``: node -> int8) and the bias correction's shifts (``bias_shift``: node -> [C]);
+    ``inputs_only``: Q/DQ only where an integer unit reads a tensor (module docstring)."""
 
     def __init__(self, scheme: QuantScheme, model_f: onnx.ModelProto, graph_f: gs.Graph, ranges: dict, clips: dict):
         self.scheme = scheme
@@ -72,6 +79,7 @@ class QdqBuilder:
         self.clips = clips
         self.rounded: dict = {}
         self.bias_shift: dict | None = None
+        self.inputs_only = False
 
     # -------------------------------------------------------------- parameters
     def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,9 +161,11 @@ class QdqBuilder:
                 qtensors.append(u.output)
         for tname in dict.fromkeys(qtensors):
             t = tmap[tname]
+            consumers = [c for c in list(t.outputs) if not self.inputs_only or c.name in int_consumers]
+            if not consumers:
+                continue
             s_c, z_c = qparams(tname)
             tq = gs.Variable(tname + "_quantized", dtype=act_np, shape=t.shape)
-            consumers = [c for c in list(t.outputs)]
             qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq],
                             domain=domain)
             g.nodes.append(qnode)

@@ -286,7 +286,9 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     def float_result(why: str) -> PassResult:
         return fallback.float_result(graph, pre_opset if pre_opset is not None else gs.import_onnx(model_f), why)
 
-    rules = PlacementRules(o.elementwise, o.matmul_activations, o.fold_activations)
+    # a target reading Q/DQ only at the inputs of integer ops (OpenVINO) gets no integer elementwise units
+    inputs_only = getattr(ctx.target, "qdq_placement", "fused") == "inputs"
+    rules = PlacementRules(o.elementwise and not inputs_only, o.matmul_activations, o.fold_activations)
     excluded = set(o.exclude)
     units, reasons = plan_units(graph, excluded, rules)
     if not any(u.kind == "weighted" for u in units.values()):
@@ -306,6 +308,9 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     n_units = sum(1 for u in units.values() if u.kind == "weighted")
     lap("calibrate")
     builder = QdqBuilder(scheme, model_f, graph, ranges, clips)
+    builder.inputs_only = inputs_only
+    if inputs_only:
+        stats["placement"] = f"Q/DQ only at the inputs of integer ops (the {ctx.target.name} target)"
     if o.rounding == "gptq":
         w_units = [u for u in cand.values() if u.kind == "weighted"]
         builder.rounded, stats["rounding"] = round_units(

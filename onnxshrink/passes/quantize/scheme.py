@@ -5,7 +5,8 @@
   the same grid with 65536 levels, for NPUs that take them (QNN HTP); their Q/DQ ops are in the
   com.microsoft domain below opset 21, as onnxruntime's own quantizer emits them.
 - Weights: symmetric int8 on ``[-wmax, wmax]``, per output channel (per-tensor option);
-  ``wmax = 63`` (7 bits) on x86 without VNNI, where u8 x s8 pairs can saturate, else 127.
+  ``wmax = 63`` (7 bits) on x86 without VNNI, where u8 x s8 pairs can saturate, for the targets
+  that run such kernels (no target, ``cpu``, ``openvino``: the profile's ``x86_int8``), else 127.
 - Opset: per-channel DequantizeLinear needs opset 13, QuantizeLinear opset 10. A model below 13 is
   upgraded by onnx's version converter and kept only when its outputs match the original's on one
   sample (``max|a - b| <= 1e-4 max|a|``); otherwise the weights are per tensor.
@@ -63,8 +64,9 @@ def choose_scheme(options, target) -> tuple[QuantScheme, dict]:
         if act not in ACTIVATION_DTYPES:
             act = "uint8"
     per_channel = options.per_channel and bool(getattr(target, "per_channel", True) if target is not None else True)
+    # an NPU does not saturate; the cpu and openvino targets run x86 u8 x s8 kernels (profile x86_int8)
     reduce = options.reduce_range == "true" or (options.reduce_range == "auto" and not has_vnni() and
-                                                getattr(target, "name", "cpu") == "cpu")  # an NPU does not saturate
+                                                (target is None or getattr(target, "x86_int8", False)))
     scheme = QuantScheme(activation_dtype=np.dtype(act).type, qmin=int(np.iinfo(act).min),
                          qmax=int(np.iinfo(act).max), wmax=63 if reduce else 127, per_channel=per_channel)
     return scheme, {"activations": act, "weights": "int8" + (" (7-bit)" if reduce else ""), "per_channel": per_channel}

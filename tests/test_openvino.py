@@ -1,0 +1,229 @@
+"""The OpenVINO target: the worker that runs models in another interpreter (exercised here on the CPU
+EP of this one), placement parsing, the speed statistics, the verdict, the Q/DQ placement the
+openvino profile asks for, and (``-m slow``) the real check on the OpenVINO EP, skipped with the
+reason when no Python with onnxruntime-openvino is there (``onnxshrink setup openvino``)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from models.build import mobilenet_small
+from onnxshrink import optimize
+from onnxshrink.errors import BudgetError
+from onnxshrink.passes.quantize.plan import PASSTHROUGH_OPS
+from onnxshrink.runtime import make_session, speed_comparison
+from onnxshrink.targets import prepare as target_prepare
+from onnxshrink.targets.ep_process import parse_placements, run_on_ep
+from onnxshrink.targets.openvino import openvino_available, openvino_check, openvino_verdict
+from onnxshrink.targets.prepare import target_verdict
+from onnxshrink.targets.profiles import get_target
+
+
+def _line(logid: str, text: str, sev: str = "V", where: str = "session_state.cc:1310 VerifyEachNodeIsAssignedToAnEp"):
+    return f"2026-12-06 14:14:04.1 [{sev}:onnxruntime:{logid}, {where}] {text}"
+
+
+LOG = "\n".join([
+    _line("model", "Node placements"),
+    _line("model", " Node(s) placed on [OpenVINOExecutionProvider]. Number of nodes: 2"),
+    _line("model", "  OpenVINO-EP-subgraph_1 (OpenVINOExecutionProvider_OpenVINO-EP-subgraph_1_0)"),
+    _line("model", " Node(s) placed on [CPUExecutionProvider]. Number of nodes: 1"),
+    _line("model", "  NonZero (nz)"),
+    _line("model", "Session successfully initialized.", "I", "inference_session.cc:2567 Initialize"),
+    _line("fp32", "Node placements"),
+    _line("fp32", " All nodes placed on [OpenVINOExecutionProvider]. Number of nodes: 1"),
+])
+
+
+def test_placements_are_read_per_session():
+    m = parse_placements(LOG, "model")
+    assert m == {"OpenVINOExecutionProvider": {"count": 2, "nodes": [
+        "OpenVINO-EP-subgraph_1 (OpenVINOExecutionProvider_OpenVINO-EP-subgraph_1_0)"]},
+        "CPUExecutionProvider": {"count": 1, "nodes": ["NonZero (nz)"]}}
+    assert parse_placements(LOG, "fp32") == {"OpenVINOExecutionProvider": {"count": 1, "nodes": []}}
+    assert parse_placements(LOG, "other") == {}
+    assert parse_placements(LOG)["OpenVINOExecutionProvider"]["count"] == 2  # no logid: the first report wins
+
+
+def test_speed_comparison_from_blocks():
+    # 15 rounds with ratios 1..15: the median ratio 8; rank k = floor((15 - 1.96 sqrt(15)) / 2) = 3 from either end
+    a = [float(r) for r in range(1, 16)]
+    cmp = speed_comparison([(a, [1.0] * 15)])
+    assert cmp.speedup == 8.0 and (cmp.low, cmp.high) == (4.0, 12.0) and cmp.rounds == 15
+    # two blocks: the union of their intervals
+    two = speed_comparison([([2.0] * 8, [1.0] * 8), ([3.0] * 8, [1.0] * 8)])
+    assert (two.low, two.high) == (2.0, 3.0) and two.faster_than(1.0) and not two.slower_than(1.0)
+    slow = speed_comparison([([1.0] * 10, [1.5] * 10)])
+    assert slow.slower_than(1.0) and not slow.faster_than(1.0)
+    with pytest.raises(ValueError):
+        speed_comparison([([], [])])
+
+
+def _ok_result(**over):
+    res = {"available": True, "accepted": True, "samples": 8, "fidelity": {"cosine": 0.999, "cosine_min": 0.998},
+           "speed": {"measured": True, "verdict": "faster",
+                     "vs_fp32": {"speedup": 1.5, "interval": [1.4, 1.6], "ms": [3.0, 2.0], "rounds": 30}}}
+    res.update(over)
+    return res
+
+
+def test_openvino_verdict():
+    assert openvino_verdict(_ok_result(), False, lambda f: f["cosine"] >= 0.99) == ([], [])
+    problems, notes = openvino_verdict({"available": False, "reason": "no Python"}, False)
+    assert problems == [] and notes == ["not verified on OpenVINO: no Python"]
+    partial = _ok_result(accepted=False, nodes_on_cpu=3)
+    problems, notes = openvino_verdict(partial, False)
+    assert problems == ["the OpenVINO EP does not take the whole model (3 node(s) left to the CPU EP)"]
+    problems, notes = openvino_verdict(partial, True)
+    assert problems == [] and notes[0].startswith("the OpenVINO EP does not take")
+    slow = _ok_result(speed={"measured": True, "verdict": "slower",
+                             "vs_fp32": {"speedup": 0.8, "interval": [0.75, 0.85], "ms": [2.0, 2.5], "rounds": 30}})
+    problems, _ = openvino_verdict(slow, True)
+    assert len(problems) == 1 and "slower than the fp32 model on the OpenVINO EP (0.80x" in problems[0]
+    problems, _ = openvino_verdict(_ok_result(), False, lambda f: f["cosine"] >= 0.9995)
+    assert len(problems) == 1 and "budget is not met on the OpenVINO EP (cosine 0.9990" in problems[0]
+    # a budget whose metric the EP run cannot measure (accuracy without labels) decides nothing
+    assert openvino_verdict(_ok_result(), False, lambda f: None) == ([], [])
+
+
+def test_target_verdict_counts_the_openvino_run():
+    prof = get_target("openvino")
+    v = target_verdict({"openvino": _ok_result(accepted=False, error="boom")}, prof)
+    assert not v["ok"] and "boom" in v["problems"][0]
+    assert target_verdict({"openvino": _ok_result()}, prof)["ok"]
+    v = target_verdict({"openvino": _ok_result(accepted=False, error="boom")}, get_target({"name": "openvino",
+                                                                                         "allow_partial": True}))
+    assert v["ok"] and v["notes"]
+
+
+def _tiny():
+    return mobilenet_small(hw=32)
+
+
+def _samples(m, n, seed):
+    rng = np.random.default_rng(seed)
+    name = m.graph.input[0].name
+    return [{name: rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(n)]
+
+
+def test_worker_runs_models_on_an_ep_of_another_interpreter():
+    """The worker script end to end, with this interpreter and its CPU EP standing in for the EP's: a
+    session with CPU fallback disabled refuses nodes on the CPU EP, so each model is rejected and run
+    again with fallback, whose placements (its own logid) name the nodes left to the CPU."""
+    m = _tiny()
+    s = _samples(m, 3, 0)
+    run = run_on_ep(sys.executable, "CPUExecutionProvider", {"a": m, "b": m}, s, run=("b",), timing=("a", "b"),
+                    seconds=0.05, min_rounds=6, max_rounds=6)
+    assert run.ok, run.info
+    b = run.models["b"]
+    assert not b["accepted"] and b["ran_with_cpu_fallback"] and "fallback" in b["error"].lower()
+    assert b["nodes_on_cpu"] == b["placements"]["CPUExecutionProvider"]["count"] > 0
+    ref = make_session(m).run(None, s[1])
+    np.testing.assert_allclose(run.outputs["b"][1][0], ref[0], rtol=1e-4, atol=1e-5)
+    assert len(run.outputs["b"]) == 3 and "a" not in run.outputs
+    assert [len(t) for blk in run.timing for t in blk] == [3, 3, 3, 3]
+    assert run.speed().rounds == 6
+
+
+def test_check_reports_a_python_without_the_openvino_ep(monkeypatch):
+    monkeypatch.setenv("ONNXSHRINK_OPENVINO_PYTHON", sys.executable)  # its onnxruntime has no OpenVINO EP
+    m = _tiny()
+    res = openvino_check(m, _samples(m, 1, 0), baseline=m)
+    assert res["available"] and not res["accepted"]
+    assert "OpenVINOExecutionProvider is not among" in res["error"]
+    problems, _ = openvino_verdict(res, False)
+    assert problems and "does not take the whole model" in problems[0]
+
+
+@pytest.mark.skipif("OpenVINOExecutionProvider" in ort.get_available_providers(),
+                    reason="this Python's onnxruntime has the OpenVINO EP")
+def test_check_without_a_verifier_is_a_note(monkeypatch, tmp_path):
+    monkeypatch.delenv("ONNXSHRINK_OPENVINO_PYTHON", raising=False)
+    monkeypatch.setenv("ONNXSHRINK_CACHE", str(tmp_path))  # no managed venv there
+    res = openvino_check(_tiny(), [], None)
+    assert not res["available"] and "onnxshrink setup openvino" in res["reason"]
+
+
+def _act_dq_consumers(m: onnx.ModelProto) -> set:
+    inits = {t.name for t in m.graph.initializer}
+    dq_out = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits}
+    return {n.op_type for n in m.graph.node if any(i in dq_out for i in n.input)}
+
+
+@pytest.fixture
+def no_openvino(monkeypatch):
+    monkeypatch.setattr(target_prepare, "openvino_check",
+                        lambda *a, **k: {"available": False, "reason": "stubbed in this test"})
+
+
+def test_openvino_profile_places_qdq_only_at_inputs_of_integer_ops(no_openvino):
+    m = _tiny()
+    data, val = _samples(m, 16, 1), _samples(m, 8, 2)
+    ov, rep = optimize(m, passes=["cleanup", {"quantize": {"guard": False}}], data=data, val_data=val,
+                       target="openvino", budget="none")
+    cpu, _ = optimize(m, passes=["cleanup", {"quantize": {"guard": False}}], data=data, val_data=val,
+                      target="cpu", budget="none")
+    assert _act_dq_consumers(ov) <= {"Conv", "MatMul", "Gemm"} | PASSTHROUGH_OPS, _act_dq_consumers(ov)
+    assert "Conv" in _act_dq_consumers(ov)
+    assert _act_dq_consumers(cpu) - ({"Conv", "MatMul", "Gemm"} | PASSTHROUGH_OPS)  # the fused placement differs
+    q = next(p for p in rep.passes if p.name == "quantize")
+    assert q.stats["placement"].startswith("Q/DQ only at the inputs") and q.stats["quantized_units"]["elementwise"] == 0
+    assert rep.target_report["verdict"]["notes"] == ["not verified on OpenVINO: stubbed in this test"]
+
+
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="no Python with onnxruntime-openvino "
+                                    "(run `onnxshrink setup openvino` or set $ONNXSHRINK_OPENVINO_PYTHON)")
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_real_openvino_check_on_a_small_model():
+    m = _tiny()
+    val = _samples(m, 8, 2)
+    q, rep = optimize(m, passes=["cleanup", {"quantize": {"guard": False}}], data=_samples(m, 16, 1), val_data=val,
+                      target="openvino", budget="none")
+    ov = rep.target_report["openvino"]
+    assert ov["available"] and ov["accepted"], ov.get("error")
+    assert set(ov["placements"]) == {"OpenVINOExecutionProvider"} and not ov.get("nodes_on_cpu")
+    # the selection half of the 8 --val samples, the ones report.selection_fidelity measures on the CPU EP:
+    # OpenVINO runs the QDQ model as the CPU EP does (Q/DQ only at integer inputs, 7-bit weights on x86;
+    # measured: equal to 1e-7; with 8-bit weights 0.0017 apart)
+    assert ov["samples"] == 4
+    assert abs(ov["fidelity"]["cosine"] - rep.selection_fidelity["cosine"]) <= 5e-4, \
+        (ov["fidelity"], rep.selection_fidelity)
+    assert ov["speed"]["measured"] and ov["speed"]["vs_fp32"]["rounds"] >= 15
+    assert ov["speed"]["verdict"] in ("faster", "not slower", "slower")
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_yolov8n_on_openvino_holds_and_is_faster():
+    from models.real import real_model, real_samples
+    allp = real_samples("yolov8n", 26 + 32, seed=0)
+    try:
+        _, rep = optimize(str(real_model("yolov8n")), passes=["cleanup", "quantize"], data=allp[26:],
+                          val_data=allp[:16], target="openvino")
+    except BudgetError as e:
+        pytest.fail(f"{e} / {e.report.target_report.get('openvino')}")
+    ov = rep.target_report["openvino"]
+    assert ov["accepted"] and not ov.get("nodes_on_cpu")
+    assert ov["fidelity"]["cosine"] >= 0.995, ov["fidelity"]
+    assert ov["speed"]["verdict"] == "faster", ov["speed"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell-script stand-in for the venv's python")
+def test_setup_says_why_pip_failed(tmp_path):
+    """A venv whose pip cannot install the wheel (no build for this Python): a UsageError with pip's reason."""
+    from onnxshrink.errors import UsageError
+    from onnxshrink.targets.openvino import setup_openvino
+    py = tmp_path / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("#!/bin/sh\necho 'ERROR: No matching distribution found for onnxruntime-openvino'\nexit 1\n")
+    py.chmod(0o755)
+    with pytest.raises(UsageError, match="pip install onnxruntime-openvino failed .*No matching distribution"):
+        setup_openvino(tmp_path, log=lambda m: None)
