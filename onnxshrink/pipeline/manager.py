@@ -49,7 +49,7 @@ from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLL
 from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings
 from onnxshrink.progress import Progress
-from onnxshrink.runtime import compare_speed, make_session, measure_latency
+from onnxshrink.runtime import compare_speed, make_session, measure_latency, ort_message
 from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prepare_for_target, save_ort_format
 
 MAX_BACKOFF = 6
@@ -525,8 +525,7 @@ def _options_dict(p: Pass) -> dict:
 
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:300]
+    return ort_message(e)
 
 
 def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = ("cleanup",), **kwargs):

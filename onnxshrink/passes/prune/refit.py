@@ -86,9 +86,9 @@ def refit_consumers(graph: gs.Graph, ctx: Context, original: onnx.ModelProto, sa
     # targets once: sampled rows of the unpruned model's outputs (kept channels), float32
     targets: dict = {n.name: [] for n in todo}
     plan: dict = {n.name: [] for n in todo}
-    for s_orig in ctx.capture(original, [n.outputs[0].name for n in todo], samples):
+    for s_orig in ctx.capture(original, [_fit_output(n).name for n in todo], samples):
         for n in todo:
-            Y, pos = _target_rows(n, s_orig[n.outputs[0].name], info["out_keep"].get(n.name), positions, rng)
+            Y, pos = _target_rows(n, s_orig[_fit_output(n).name], info["out_keep"].get(n.name), positions, rng)
             targets[n.name].append(Y)
             plan[n.name].append(pos)
     n_hold = max(1, len(samples) // 4) if len(samples) >= 4 else 0
@@ -169,9 +169,27 @@ def ridge_solutions(A: np.ndarray, B: np.ndarray, bias: bool, lams: list, prior:
         yield np.vstack([W, ((sy - sx @ W) / n)[None]]) if bias else W
 
 
+def _bias_add(node: gs.Node) -> gs.Node | None:
+    """The ``Add`` that ``remove`` put after a MatMul sink to hold its folded bias (the MatMul's
+    output was renamed ``*_nobias``; the Add writes the original name), None when there is none."""
+    users = node.outputs[0].outputs if node.outputs else []
+    if len(users) == 1 and users[0].op == "Add" and users[0].name == f"{node.name}_bias" \
+            and isinstance(users[0].inputs[1], gs.Constant):
+        return users[0]
+    return None
+
+
+def _fit_output(node: gs.Node):
+    """The tensor a refit matches to the unpruned model's: the consumer's output, or for a MatMul
+    with a folded-bias Add, the Add's output (the name the unpruned model has)."""
+    add = _bias_add(node) if node.op == "MatMul" else None
+    return add.outputs[0] if add is not None else node.outputs[0]
+
+
 def _refit_kind(node: gs.Node) -> str | None:
-    """"conv" (group 1, explicit padding), "gemm" (transA = 0) or "matmul" for a refittable
-    consumer with constant weights; None otherwise."""
+    """"conv" (group 1, explicit padding), "gemm" (transA = 0), "matmul" or "matmul_bias" (a MatMul
+    whose folded bias is fit too, see ``_bias_add``) for a refittable consumer with constant
+    weights; None otherwise."""
     w = constant_value(node.inputs[1], numeric_attrs=True) if len(node.inputs) > 1 else None
     if w is None:
         return None
@@ -181,7 +199,7 @@ def _refit_kind(node: gs.Node) -> str | None:
     if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
         return "gemm"
     if node.op == "MatMul" and w.ndim == 2:
-        return "matmul"
+        return "matmul_bias" if _bias_add(node) is not None else "matmul"
     return None
 
 
@@ -254,6 +272,8 @@ def _current_theta(n: gs.Node, kind: str) -> np.ndarray:
         else:
             bb = np.broadcast_to(b.reshape(-1) if b.size == N else b.reshape(-1)[:1], (N,)) * beta
         return np.vstack([wk, bb[None]])
+    if kind == "matmul_bias":
+        return np.vstack([w, np.asarray(_bias_add(n).inputs[1].values, np.float64).reshape(1, -1)])
     return w
 
 
@@ -283,6 +303,10 @@ def _write_theta(n: gs.Node, kind: str, theta: np.ndarray, graph: gs.Graph) -> N
         else:
             n.attrs["beta"] = 1.0
             n.inputs.append(gs.Constant(f"{n.name}_bias_refit", theta[-1].astype(dt)))
+    elif kind == "matmul_bias":
+        n.inputs[1] = gs.Constant(f"{n.inputs[1].name}_refit", theta[:-1].astype(dt))
+        add = _bias_add(n)
+        add.inputs[1] = gs.Constant(f"{add.inputs[1].name}_refit", theta[-1].astype(dt))
     else:
         n.inputs[1] = gs.Constant(f"{n.inputs[1].name}_refit", theta.astype(dt))
     graph.cleanup()
