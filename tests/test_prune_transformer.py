@@ -4,12 +4,15 @@ encoder exported PyTorch-style (models/build.vit_encoder: opset 14 with LayerNor
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import onnxshrink
-from models.build import smooth_images, vit_encoder
+from models.build import smooth_images, transformer_block, vit_encoder
 from onnxshrink.runtime import ort_message
-from tests.helpers import check
+from tests.helpers import check, normal_samples, run_ort
 
 VARIANTS = {"opset14_decomposed": dict(opset=14, layernorm="decomposed"), "opset17_fused": dict(opset=17)}
 
@@ -50,3 +53,63 @@ def test_ort_message_keeps_the_meaningful_part():
                               "input_shape_size == size was false.")
     assert ort_message(ValueError("")) == "ValueError"
     assert ort_message(ValueError("first\nsecond")) == "first"
+
+
+def _zero(model, name: str, cols) -> None:
+    """Zero columns ``cols`` of the 2-D initializer ``name`` (a 1-D one: those entries), in place."""
+    t = next(t for t in model.graph.initializer if t.name == name)
+    v = numpy_helper.to_array(t).copy()
+    v[..., cols] = 0
+    t.CopyFrom(numpy_helper.from_array(v, name))
+
+
+def _max_rel_err(a: onnx.ModelProto, b: onnx.ModelProto, samples: list) -> float:
+    err = 0.0
+    for s in samples:
+        ra, rb = run_ort(a, s)[0].astype(np.float64), run_ort(b, s)[0].astype(np.float64)
+        err = max(err, float(np.max(np.abs(ra - rb)) / np.max(np.abs(ra))))
+    return err
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_zeroed_heads_and_neurons_are_removed_exactly(variant):
+    """A head whose value projection is zero and MLP neurons whose fc1 column and bias are zero
+    contribute nothing: prune (mode zeros) removes them (the head's Q, K and V columns, the
+    Reshape constants' head count, the output projection's rows; fc1 columns, fc2 rows), max
+    relative error <= 1e-5, the 1/sqrt(D) scale untouched."""
+    m = vit_encoder(**VARIANTS[variant])
+    dh = 16
+    _zero(m, "blocks.0.attn.value.weight_t", slice(2 * dh, 3 * dh))   # head 2 of block 0
+    _zero(m, "blocks.0.attn.value.bias", slice(2 * dh, 3 * dh))
+    _zero(m, "blocks.1.mlp.fc1.weight_t", [3, 50, 51, 200])            # 4 neurons of block 1
+    _zero(m, "blocks.1.mlp.fc1.bias", [3, 50, 51, 200])
+    samples = _samples(8)
+    out, report = onnxshrink.optimize(m, None, passes=["cleanup", "prune"], data=samples, budget="none")
+    rec = report.passes[-1]
+    assert rec.status == "applied", rec.reason
+    kinds = {(g["kind"], g["removed_units"]) for g in rec.stats["per_group"]}
+    assert kinds == {("heads", 1), ("neurons", 4)}
+    assert "/blocks.0.attn/MatMul: heads [2] of 4 removed" in rec.reason
+    assert "/blocks.1.mlp.fc1/MatMul: 4 of 256 neurons removed" in rec.reason
+    check(out)
+    assert _max_rel_err(m, out, samples) <= 1e-5
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    by_shape = sorted(v.shape for k, v in inits.items() if k.startswith("blocks.0.attn.") and v.ndim == 2)
+    assert by_shape == [(48, 64), (64, 48), (64, 48), (64, 48)]   # proj rows; q, k, v columns
+    assert [v.shape for k, v in inits.items() if k.startswith("blocks.1.mlp.fc1") and v.ndim == 2] == [(64, 252)]
+    specs = [v.tolist() for v in inits.values() if v.dtype == np.int64 and v.ndim == 1 and v.size == 4]
+    assert [1, 17, 3, 16] in specs and [1, 17, 4, 16] in specs      # block 0 has 3 heads, block 1 still 4
+    scales = [float(v) for v in inits.values() if v.ndim == 0 and v.dtype == np.float32]
+    assert scales.count(4.0) >= 1                                    # sqrt(D) = 4 for both blocks
+
+
+def test_bundled_transformer_block_head_removed_exactly():
+    """models/build.transformer_block: K goes to [B, H, D, N] in one Transpose, MLP as Gemm."""
+    m = transformer_block()
+    _zero(m, "attn.v_proj.weight", slice(16, 32))   # head 1
+    _zero(m, "attn.v_proj.bias", slice(16, 32))
+    samples = normal_samples(8, name="x", shape=(1, 16, 64))
+    out, report = onnxshrink.optimize(m, None, passes=["cleanup", "prune"], data=samples, budget="none")
+    rec = report.passes[-1]
+    assert rec.status == "applied" and "heads [1] of 4 removed" in rec.reason, rec.reason
+    assert _max_rel_err(m, out, samples) <= 1e-5

@@ -18,6 +18,7 @@ __all__ = ["concat_rule", "split_rule", "slice_rule", "transpose_rule", "reshape
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.channels.rules_attention import feeds_activation_matmul
 from onnxshrink.graph.channels.rules_channelwise import per_channel_const
 from onnxshrink.graph.channels.types import Fixup, Layout
 from onnxshrink.graph.shapes import normalize_axis
@@ -238,7 +239,11 @@ def _reshape_like(a, n: gs.Node, x: Layout, ind, outd, fix: bool) -> None:
     sl = tuple(slice(None) if k in keep else slice(0, 1) for k in range(len(block_out)))
     ids2 = ids[sl].reshape([block_out[k] for k in keep])
     const2 = const[sl].reshape([block_out[k] for k in keep])
-    if len(keep) > 1:
+    if len(keep) > 1 and feeds_activation_matmul(n.outputs[0]):
+        # attention heads [.., H, D]: a unit is one head (the axis before D), so H shrinks and D,
+        # which the 1/sqrt(D) scale depends on, stays
+        a.unite_across(ids2, len(keep) - 2)
+    elif len(keep) > 1:
         # keep the result rectangular: removal goes along one axis, whole slices at a time
         best, cost = 0, None
         for f in range(len(keep)):

@@ -24,6 +24,7 @@ from onnxshrink.graph.channels import ChannelAnalysis
 from onnxshrink.graph.patches import ConvGeometry, conv_patches
 from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.base import Context
+from onnxshrink.passes.prune.remove import matmul_bias_add
 from onnxshrink.passes.prune.stage_stream import StageStream
 
 
@@ -169,27 +170,18 @@ def ridge_solutions(A: np.ndarray, B: np.ndarray, bias: bool, lams: list, prior:
         yield np.vstack([W, ((sy - sx @ W) / n)[None]]) if bias else W
 
 
-def _bias_add(node: gs.Node) -> gs.Node | None:
-    """The ``Add`` that ``remove`` put after a MatMul sink to hold its folded bias (the MatMul's
-    output was renamed ``*_nobias``; the Add writes the original name), None when there is none."""
-    users = node.outputs[0].outputs if node.outputs else []
-    if len(users) == 1 and users[0].op == "Add" and users[0].name == f"{node.name}_bias" \
-            and isinstance(users[0].inputs[1], gs.Constant):
-        return users[0]
-    return None
-
-
 def _fit_output(node: gs.Node):
     """The tensor a refit matches to the unpruned model's: the consumer's output, or for a MatMul
-    with a folded-bias Add, the Add's output (the name the unpruned model has)."""
-    add = _bias_add(node) if node.op == "MatMul" else None
-    return add.outputs[0] if add is not None else node.outputs[0]
+    with a bias Add (``remove.matmul_bias_add``), the Add's output (a name the unpruned model has:
+    ``remove`` renames a MatMul's output when it puts a new Add after it)."""
+    found = matmul_bias_add(node) if node.op == "MatMul" else None
+    return found[0].outputs[0] if found is not None else node.outputs[0]
 
 
 def _refit_kind(node: gs.Node) -> str | None:
     """"conv" (group 1, explicit padding), "gemm" (transA = 0), "matmul" or "matmul_bias" (a MatMul
-    whose folded bias is fit too, see ``_bias_add``) for a refittable consumer with constant
-    weights; None otherwise."""
+    whose bias Add is fit too, see ``remove.matmul_bias_add``) for a refittable consumer with
+    constant weights; None otherwise."""
     w = constant_value(node.inputs[1], numeric_attrs=True) if len(node.inputs) > 1 else None
     if w is None:
         return None
@@ -199,7 +191,7 @@ def _refit_kind(node: gs.Node) -> str | None:
     if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
         return "gemm"
     if node.op == "MatMul" and w.ndim == 2:
-        return "matmul_bias" if _bias_add(node) is not None else "matmul"
+        return "matmul_bias" if matmul_bias_add(node) is not None else "matmul"
     return None
 
 
@@ -273,7 +265,8 @@ def _current_theta(n: gs.Node, kind: str) -> np.ndarray:
             bb = np.broadcast_to(b.reshape(-1) if b.size == N else b.reshape(-1)[:1], (N,)) * beta
         return np.vstack([wk, bb[None]])
     if kind == "matmul_bias":
-        return np.vstack([w, np.asarray(_bias_add(n).inputs[1].values, np.float64).reshape(1, -1)])
+        add, slot = matmul_bias_add(n)
+        return np.vstack([w, np.asarray(add.inputs[slot].values, np.float64).reshape(1, -1)])
     return w
 
 
@@ -305,8 +298,8 @@ def _write_theta(n: gs.Node, kind: str, theta: np.ndarray, graph: gs.Graph) -> N
             n.inputs.append(gs.Constant(f"{n.name}_bias_refit", theta[-1].astype(dt)))
     elif kind == "matmul_bias":
         n.inputs[1] = gs.Constant(f"{n.inputs[1].name}_refit", theta[:-1].astype(dt))
-        add = _bias_add(n)
-        add.inputs[1] = gs.Constant(f"{add.inputs[1].name}_refit", theta[-1].astype(dt))
+        add, slot = matmul_bias_add(n)
+        add.inputs[slot] = gs.Constant(f"{add.inputs[slot].name}_refit", theta[-1].astype(dt))
     else:
         n.inputs[1] = gs.Constant(f"{n.inputs[1].name}_refit", theta.astype(dt))
     graph.cleanup()
