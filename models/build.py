@@ -31,7 +31,7 @@ Builders (all float32, static batch 1 unless ``dynamic_batch=True``):
   erf-GELU MLP as Gemm on the flattened tokens.
 - ``vit_encoder()``      input [1,3,32,32] -> logits [1,10]: a ViT exported the way
   ``torch.onnx.export`` writes timm/Hugging Face ViTs (opset 14 or 17): Conv patch embedding,
-  class token, position embedding, pre-LN blocks with separate Q/K/V projections (MatMul + Add,
+  class token, position embedding, pre-LN blocks with separate (or one fused) Q/K/V projections (MatMul + Add,
   Reshape to [B,N,H,D] and Transpose, Q K^T scaled by 1/sqrt(D), Softmax, merge, out projection),
   erf-GELU MLP (MatMul + Add), LayerNorm decomposed (ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div,
   as PyTorch exports it below opset 17) or fused (LayerNormalization), shape arithmetic as
@@ -482,9 +482,12 @@ def transformer_block(seed: int = 0, seq: int = 16, d_model: int = 64, heads: in
 @_cached
 def vit_encoder(seed: int = 0, depth: int = 2, dim: int = 64, heads: int = 4, mlp_ratio: int = 4, hw: int = 32,
                 patch: int = 8, num_classes: int = 10, opset: int = 17, layernorm: str = "fused",
-                dynamic_batch: bool = False, weak_heads: float = 0.25, weak_neurons: float = 0.2) -> onnx.ModelProto:
+                dynamic_batch: bool = False, weak_heads: float = 0.25, weak_neurons: float = 0.2,
+                qkv: str = "separate") -> onnx.ModelProto:
     """ViT encoder exported PyTorch-style (module docstring). ``layernorm``: "fused" (the
-    LayerNormalization op, opset >= 17) or "decomposed". Input 'pixel_values' [1,3,hw,hw], output
+    LayerNormalization op, opset >= 17) or "decomposed". ``qkv``: "separate" (Hugging Face: three
+    projections) or "fused" (timm: one [C, 3C] projection, Reshape to [B, N, 3, H, D], Transpose to
+    [3, B, H, N, D], ``unbind(0)`` as Split + Squeeze). Input 'pixel_values' [1,3,hw,hw], output
     'logits' [1,num_classes] (the class token's features after the final LayerNorm)."""
     if layernorm == "fused" and opset < 17:
         raise ValueError("LayerNormalization needs opset >= 17")
@@ -548,14 +551,24 @@ def vit_encoder(seed: int = 0, depth: int = 2, dim: int = 64, heads: int = 4, ml
         s = f"blocks.{i}"
         h = ln(t, f"{s}.norm1")
         head_gain = np.repeat(channel_scales(b.rng, heads, weak_heads, spread=0.3, weak_scale=0.05), dh)
-        q = linear(h, dim, dim, f"{s}.attn.query")
-        k = linear(h, dim, dim, f"{s}.attn.key")
-        v = linear(h, dim, dim, f"{s}.attn.value", out_scale=head_gain)
-        split = []
-        for nm, u in (("query", q), ("key", k), ("value", v)):
-            u = b.node("Reshape", [u, runtime_shape(u, f"{s}.attn.{nm}", [heads, dh])], f"{s}.attn.{nm}")
-            split.append(b.node("Transpose", [u], f"{s}.attn.{nm}", perm=[0, 2, 1, 3]))
-        q, k, v = split
+        if qkv == "fused":
+            gain = np.concatenate([np.ones(2 * dim, np.float32), head_gain])
+            u = linear(h, dim, 3 * dim, f"{s}.attn.qkv", out_scale=gain)
+            u = b.node("Reshape", [u, runtime_shape(u, f"{s}.attn", [3, heads, dh])], f"{s}.attn")
+            u = b.node("Transpose", [u], f"{s}.attn", perm=[2, 0, 3, 1, 4])
+            sizes = b.const(f"{s}.attn", np.array([1, 1, 1], np.int64))
+            parts = b.node("Split", [u, sizes], f"{s}.attn", n_out=3, axis=0)
+            q, k, v = (b.node("Squeeze", [t, b.const(f"{s}.attn", np.array([0], np.int64))], f"{s}.attn")
+                       for t in parts)
+        else:
+            q = linear(h, dim, dim, f"{s}.attn.query")
+            k = linear(h, dim, dim, f"{s}.attn.key")
+            v = linear(h, dim, dim, f"{s}.attn.value", out_scale=head_gain)
+            split = []
+            for nm, u in (("query", q), ("key", k), ("value", v)):
+                u = b.node("Reshape", [u, runtime_shape(u, f"{s}.attn.{nm}", [heads, dh])], f"{s}.attn.{nm}")
+                split.append(b.node("Transpose", [u], f"{s}.attn.{nm}", perm=[0, 2, 1, 3]))
+            q, k, v = split
         kt = b.node("Transpose", [k], f"{s}.attn", perm=[0, 1, 3, 2])
         sc = b.node("MatMul", [q, kt], f"{s}.attn")
         sc = b.node("Div", [sc, b.const(f"{s}.attn", np.array(np.sqrt(dh), np.float32))], f"{s}.attn")

@@ -14,7 +14,8 @@ from models.build import smooth_images, transformer_block, vit_encoder
 from onnxshrink.runtime import ort_message
 from tests.helpers import check, normal_samples, run_ort
 
-VARIANTS = {"opset14_decomposed": dict(opset=14, layernorm="decomposed"), "opset17_fused": dict(opset=17)}
+VARIANTS = {"opset14_decomposed": dict(opset=14, layernorm="decomposed"), "opset17_fused": dict(opset=17),
+            "opset17_fused_qkv": dict(opset=17, qkv="fused")}
 
 
 def _samples(n: int = 16, seed: int = 5) -> list[dict]:
@@ -73,14 +74,15 @@ def _max_rel_err(a: onnx.ModelProto, b: onnx.ModelProto, samples: list) -> float
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_zeroed_heads_and_neurons_are_removed_exactly(variant):
-    """A head whose value projection is zero and MLP neurons whose fc1 column and bias are zero
-    contribute nothing: prune (mode zeros) removes them (the head's Q, K and V columns, the
-    Reshape constants' head count, the output projection's rows; fc1 columns, fc2 rows), max
-    relative error <= 1e-5, the 1/sqrt(D) scale untouched."""
+    """A head whose value projection (columns of V, or of the V third of a fused QKV) is zero and MLP
+    neurons whose fc1 column and bias are zero contribute nothing: prune (mode zeros) removes them
+    (the head's Q, K and V columns, the Reshape constants' head count, the output projection's
+    rows; fc1 columns, fc2 rows), max relative error <= 1e-5, the 1/sqrt(D) scale untouched."""
     m = vit_encoder(**VARIANTS[variant])
-    dh = 16
-    _zero(m, "blocks.0.attn.value.weight_t", slice(2 * dh, 3 * dh))   # head 2 of block 0
-    _zero(m, "blocks.0.attn.value.bias", slice(2 * dh, 3 * dh))
+    dh, v0 = 16, (128 if VARIANTS[variant].get("qkv") == "fused" else 0)   # fused: V after Q and K
+    value = "blocks.0.attn.qkv" if v0 else "blocks.0.attn.value"
+    _zero(m, f"{value}.weight_t", slice(v0 + 2 * dh, v0 + 3 * dh))      # head 2 of block 0
+    _zero(m, f"{value}.bias", slice(v0 + 2 * dh, v0 + 3 * dh))
     _zero(m, "blocks.1.mlp.fc1.weight_t", [3, 50, 51, 200])            # 4 neurons of block 1
     _zero(m, "blocks.1.mlp.fc1.bias", [3, 50, 51, 200])
     samples = _samples(8)
@@ -95,10 +97,13 @@ def test_zeroed_heads_and_neurons_are_removed_exactly(variant):
     assert _max_rel_err(m, out, samples) <= 1e-5
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     by_shape = sorted(v.shape for k, v in inits.items() if k.startswith("blocks.0.attn.") and v.ndim == 2)
-    assert by_shape == [(48, 64), (64, 48), (64, 48), (64, 48)]   # proj rows; q, k, v columns
+    assert by_shape == ([(48, 64), (64, 144)] if v0 else [(48, 64), (64, 48), (64, 48), (64, 48)])  # proj rows; qkv
     assert [v.shape for k, v in inits.items() if k.startswith("blocks.1.mlp.fc1") and v.ndim == 2] == [(64, 252)]
-    specs = [v.tolist() for v in inits.values() if v.dtype == np.int64 and v.ndim == 1 and v.size == 4]
-    assert [1, 17, 3, 16] in specs and [1, 17, 4, 16] in specs      # block 0 has 3 heads, block 1 still 4
+    specs = [v.tolist() for v in inits.values() if v.dtype == np.int64 and v.ndim == 1 and v.size == (5 if v0 else 4)]
+    if v0:
+        assert [1, 17, 3, 3, 16] in specs and [1, 17, 3, 4, 16] in specs   # block 0 has 3 heads, block 1 still 4
+    else:
+        assert [1, 17, 3, 16] in specs and [1, 17, 4, 16] in specs
     scales = [float(v) for v in inits.values() if v.ndim == 0 and v.dtype == np.float32]
     assert scales.count(4.0) >= 1                                    # sqrt(D) = 4 for both blocks
 

@@ -31,11 +31,12 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph.channels.types import Layout
 from onnxshrink.graph.values import is_constant
 
-# ops an attention path may pass between the head split and the product (scaling, a mask, casts)
-_PASS_OPS = {"Transpose", "Mul", "Div", "Add", "Sub", "Cast", "Identity"}
+# ops an attention path may pass between the head split and the product (scaling, a mask, casts, a
+# fused QKV's unbind)
+_PASS_OPS = {"Transpose", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Split", "Squeeze", "Gather"}
 
 
-def feeds_activation_matmul(t, depth: int = 4) -> bool:
+def feeds_activation_matmul(t, depth: int = 5) -> bool:
     """Whether tensor ``t`` reaches, within ``depth`` pass-through ops (Transpose, scaling, a mask),
     a MatMul whose two operands are both activations (an attention product)."""
     if depth < 0 or t is None:
@@ -43,7 +44,7 @@ def feeds_activation_matmul(t, depth: int = 4) -> bool:
     for n in t.outputs:
         if n.op == "MatMul" and len(n.inputs) == 2 and not any(is_constant(x) for x in n.inputs):
             return True
-        if n.op in _PASS_OPS and n.outputs and feeds_activation_matmul(n.outputs[0], depth - 1):
+        if n.op in _PASS_OPS and any(feeds_activation_matmul(o, depth - 1) for o in n.outputs):
             return True
     return False
 

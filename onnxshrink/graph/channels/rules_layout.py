@@ -1,5 +1,5 @@
 """Channel rules of the ops that move, cut or join channel axes: Concat, Split, Slice, Transpose,
-Reshape, Flatten, Squeeze and Unsqueeze.
+Reshape, Flatten, Squeeze, Unsqueeze and Gather.
 
 Every rule is ``rule(a, n, lays)`` as in ``rules_weighted``. A Reshape is followed through the
 *blocks* of its static dims (consecutive input and output dims with equal products): the ids of
@@ -13,7 +13,7 @@ recorded as fix-ups.
 from __future__ import annotations
 
 __all__ = ["concat_rule", "split_rule", "slice_rule", "transpose_rule", "reshape_rule", "flatten_rule",
-           "squeeze_unsqueeze_rule"]
+           "squeeze_unsqueeze_rule", "gather_rule"]
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -83,9 +83,6 @@ def split_rule(a, n: gs.Node, lays: list) -> None:
         for o in n.outputs:
             a.set_layout(o, Layout(x.axes, x.ids, x.const))
         return
-    if not x.single:
-        a.block_layout(x, f"Split '{n.name}' on a split channel axis")
-        return
     if len(n.inputs) > 1 and n.inputs[1].name:
         sizes = a.value(n.inputs[1])
         if sizes is None:
@@ -99,6 +96,20 @@ def split_rule(a, n: gs.Node, lays: list) -> None:
         c = x.ids.size
         q = -(-c // k)
         sizes = [q] * (k - 1) + [c - q * (k - 1)]
+    if not x.single:
+        # one axis of a split layout (a fused QKV's [3, H, D]): the axis keeps its length, each output
+        # gets its slices
+        k = x.axes.index(ax)
+        if sum(sizes) != x.ids.shape[k] or len(sizes) != len(n.outputs):
+            a.block_layout(x, f"Split '{n.name}' sizes do not match the channels")
+            return
+        _tie_along(a, x.ids, k)
+        off = 0
+        for o, sz in zip(n.outputs, sizes):
+            sl = np.arange(off, off + sz)
+            a.set_layout(o, Layout(x.axes, np.take(x.ids, sl, axis=k), np.take(x.const, sl, axis=k)))
+            off += sz
+        return
     if sum(sizes) != x.ids.size or len(sizes) != len(n.outputs):
         a.block_layout(x, f"Split '{n.name}' sizes do not match the channels")
         return
@@ -343,9 +354,13 @@ def squeeze_unsqueeze_rule(a, n: gs.Node, lays: list) -> None:
             s = a.shape(n.inputs[0])
             axes = [k for k, d in enumerate(s) if d == 1]
         axes = sorted(normalize_axis(v, rin) for v in axes)
-        if any(v in x.axes for v in axes):
+        hit = [x.axes.index(v) for v in axes if v in x.axes]
+        if hit and (x.single or any(x.ids.shape[k] != 1 for k in hit)):
             a.block_layout(x, f"Squeeze '{n.name}' removes the channel axis")
             return
+        if hit:  # a length-1 axis of a split layout (one of a fused QKV's q, k, v) goes
+            x = Layout(tuple(ax for ax in x.axes if ax not in axes), x.ids.squeeze(tuple(hit)),
+                       x.const.squeeze(tuple(hit)))
         new = tuple(ax - sum(1 for v in axes if v < ax) for ax in x.axes)
     else:
         rout = rin + len(axes)
@@ -356,3 +371,40 @@ def squeeze_unsqueeze_rule(a, n: gs.Node, lays: list) -> None:
             a.block_layout(x, f"Unsqueeze '{n.name}' splits the channel axes")
             return
     a.set_layout(n.outputs[0], Layout(new, x.ids, x.const))
+
+
+def _tie_along(a, ids: np.ndarray, k: int) -> None:
+    """Unite the ids at equal positions of every slice along axis ``k`` (the axis then never
+    shrinks: a removal takes a position from every slice)."""
+    rows = np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])
+    for row in rows:
+        a.unite(np.full(row.size - 1, row[0]), row[1:])
+
+
+def gather_rule(a, n: gs.Node, lays: list) -> None:
+    """Gather with constant indices: along a non-channel axis the channel axes are renumbered; a
+    scalar index along one axis of a split layout (``qkv[0]`` of a fused QKV) takes that slice, the
+    axis keeping its length (its slices tied); anything else blocks."""
+    x = lays[0]
+    for l in lays[1:]:
+        a.block_layout(l, f"Gather '{n.name}' indices carry channels")
+    if x is None:
+        return
+    r = a.rank(n.inputs[0])
+    idx = a.value(n.inputs[1])
+    if r is None or idx is None:
+        a.block_layout(x, f"Gather '{n.name}' indices computed at run time or unknown rank")
+        return
+    ax = normalize_axis(int(node_attr(n, "axis", 0)), r)
+    if ax not in x.axes:
+        shift = idx.ndim - 1
+        a.set_layout(n.outputs[0], Layout(tuple(v + shift if v > ax else v for v in x.axes), x.ids, x.const))
+        return
+    if x.single or idx.ndim != 0:
+        a.block_layout(x, f"Gather '{n.name}' picks channels")
+        return
+    k = x.axes.index(ax)
+    i = int(idx) % x.ids.shape[k]
+    _tie_along(a, x.ids, k)
+    a.set_layout(n.outputs[0], Layout(tuple(v - 1 if v > ax else v for v in x.axes if v != ax),
+                                      np.take(x.ids, i, axis=k), np.take(x.const, i, axis=k)))
