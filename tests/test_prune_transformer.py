@@ -118,3 +118,21 @@ def test_bundled_transformer_block_head_removed_exactly():
     rec = report.passes[-1]
     assert rec.status == "applied" and "heads [1] of 4 removed" in rec.reason, rec.reason
     assert _max_rel_err(m, out, samples) <= 1e-5
+
+
+def test_dynamic_batch_heads_removed_exactly():
+    """A dynamic batch: the head split's shape is Concat(x.size(0), x.size(1), [H, D]) at run time;
+    Shape nodes that read only the batch and token dims do not block the heads, the [H, D] piece
+    is rewritten, and the result runs at another batch size."""
+    m = vit_encoder(dynamic_batch=True)
+    _zero(m, "blocks.1.attn.value.weight_t", slice(0, 16))   # head 0 of block 1
+    _zero(m, "blocks.1.attn.value.bias", slice(0, 16))
+    samples = _samples(8)
+    out, report = onnxshrink.optimize(m, None, passes=["cleanup", "prune"], data=samples, budget="none")
+    rec = report.passes[-1]
+    assert rec.status == "applied" and rec.reason == "/blocks.1.attn/MatMul: heads [0] of 4 removed", rec.reason
+    tails = [numpy_helper.to_array(t).tolist() for t in out.graph.initializer
+             if t.data_type == onnx.TensorProto.INT64 and list(t.dims) == [2]]
+    assert [3, 16] in tails and [4, 16] in tails
+    batch = {"pixel_values": smooth_images(3, (32, 32), seed=9)}
+    assert _max_rel_err(m, out, [batch]) <= 1e-5

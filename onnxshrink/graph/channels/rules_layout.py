@@ -276,9 +276,12 @@ def reshape_rule(a, n: gs.Node, lays: list) -> None:
     if x is None:
         return
     spec = a.value(n.inputs[1]) if len(n.inputs) > 1 else None
+    concat = None
     if spec is None:
-        a.block_layout(x, f"Reshape '{n.name}' shape is computed at run time")
-        return
+        concat, spec, sizes = _concat_spec(a, n)
+        if concat is None:
+            a.block_layout(x, f"Reshape '{n.name}' shape is computed at run time")
+            return
     if int(node_attr(n, "allowzero", 0)) and np.any(spec == 0):
         a.block_layout(x, f"Reshape '{n.name}' with allowzero")
         return
@@ -297,7 +300,43 @@ def reshape_rule(a, n: gs.Node, lays: list) -> None:
                 outd[k] = ind[k]
             elif v > 0 and outd[k] is None:
                 outd[k] = int(v)
+    if concat is not None:
+        # the shape is Concat([x.size(0), x.size(1)], [H, D]): the channel dims must be constants
+        lay_before = a.layouts.get(n.outputs[0].name)
+        _reshape_like(a, n, x, ind, outd, fix=False)
+        lay = a.layouts.get(n.outputs[0].name)
+        if lay is None or lay is lay_before:
+            return
+        if any(ax >= len(spec) or np.isnan(spec[ax]) for ax in lay.axes):
+            a.layouts.pop(n.outputs[0].name, None)
+            a.block_layout(x, f"Reshape '{n.name}' shape is computed at run time on the channel axes")
+            return
+        a.fixups.append(Fixup("reshape", n, [lay], {"concat": concat, "sizes": sizes}))
+        return
     _reshape_like(a, n, x, ind, outd, fix=True)
+
+
+def _concat_spec(a, n: gs.Node):
+    """(Concat node, spec with NaN at run-time entries, length of each piece) when a Reshape's shape
+    is a Concat (axis 0, read by this Reshape only) of 1-D pieces, each constant or of known length
+    (PyTorch's ``x.view(x.size(0), x.size(1), H, D)``); (None, None, None) otherwise."""
+    t = n.inputs[1] if len(n.inputs) > 1 else None
+    if t is None or len(t.inputs) != 1 or t.inputs[0].op != "Concat" or len(t.outputs) != 1 \
+            or int(node_attr(t.inputs[0], "axis", 0)) != 0:
+        return None, None, None
+    parts = []
+    for piece in t.inputs[0].inputs:
+        v = a.value(piece)
+        if v is not None:
+            parts.append(np.asarray(v, np.float64).ravel())
+            continue
+        s = a.shape(piece)
+        if s is None or len(s) != 1 or not isinstance(s[0], int):
+            return None, None, None
+        parts.append(np.full(s[0], np.nan))
+    if not parts:
+        return None, None, None
+    return t.inputs[0], np.concatenate(parts), [p.size for p in parts]
 
 
 def flatten_rule(a, n: gs.Node, lays: list) -> None:

@@ -209,6 +209,22 @@ def _fold_into_biases(a: ChannelAnalysis, graph: gs.Graph, rem: np.ndarray, fill
     return in_keep, extra_members
 
 
+def _rewrite_concat_pieces(concat: gs.Node, sizes: list, new: dict, cache: dict) -> None:
+    """Set entries ``new`` {position: value} of a shape built by ``concat`` (axis 0) of pieces of
+    ``sizes`` in its constant pieces (the analysis checked that those positions are constant)."""
+    off = 0
+    for slot, (piece, size) in enumerate(zip(list(concat.inputs), sizes)):
+        v = constant_value(piece, numeric_attrs=True)
+        hit = {p - off: val for p, val in new.items() if off <= p < off + size}
+        if hit:
+            v = v.reshape(-1).copy()
+            for p, val in hit.items():
+                if v[p] != -1:
+                    v[p] = val
+            _private_const(concat, slot, v, cache)
+        off += size
+
+
 def matmul_bias_add(node: gs.Node) -> tuple[gs.Node, int] | None:
     """(Add, slot of its constant) when the only consumer of a MatMul's output adds a bias: a 1-D
     constant of the MatMul's output width (PyTorch's Linear, either operand order), or the Add
@@ -275,6 +291,10 @@ def _rewrite_fixups(a: ChannelAnalysis, rem: np.ndarray, cache: dict) -> None:
                       for k in range(kept.ndim)]
             if int(np.prod(counts)) != int(kept.sum()):
                 raise RuntimeError(f"Reshape '{n.name}': removal is not rectangular")
+            concat = f.info.get("concat")
+            if concat is not None:  # the channel dims are constant pieces of a run-time Concat
+                _rewrite_concat_pieces(concat, f.info["sizes"], {ax: counts[k] for k, ax in enumerate(lay.axes)}, cache)
+                continue
             spec = constant_value(n.inputs[1], numeric_attrs=True).copy()
             for k, ax in enumerate(lay.axes):
                 if spec[ax] != -1:
