@@ -4,6 +4,8 @@ encoder exported PyTorch-style (models/build.vit_encoder: opset 14 with LayerNor
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -13,6 +15,7 @@ import onnxshrink
 from models.build import smooth_images, transformer_block, vit_encoder
 from onnxshrink.runtime import ort_message
 from tests.helpers import check, normal_samples, run_ort
+from tests.reliability_helpers import run_cli
 
 VARIANTS = {"opset14_decomposed": dict(opset=14, layernorm="decomposed"), "opset17_fused": dict(opset=17),
             "opset17_fused_qkv": dict(opset=17, qkv="fused")}
@@ -136,3 +139,29 @@ def test_dynamic_batch_heads_removed_exactly():
     assert [3, 16] in tails and [4, 16] in tails
     batch = {"pixel_values": smooth_images(3, (32, 32), seed=9)}
     assert _max_rel_err(m, out, [batch]) <= 1e-5
+
+
+def test_inspect_shows_heads_and_mlp_width(tmp_path):
+    """``onnxshrink inspect``: heads (x head width) and MLP neurons per block, before and after a
+    pruning that removed one head of block 0 and 8 neurons of block 1 (zeroed first)."""
+    m = vit_encoder(qkv="fused")
+    p = tmp_path / "vit.onnx"
+    onnx.save(m, str(p))
+    r = run_cli("inspect", p, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["transformer"] == [
+        {"attention": "/blocks.0.attn/MatMul", "heads": 4, "head_dim": 16, "prunable": True},
+        {"mlp": "/blocks.0.mlp.fc1/MatMul", "neurons": 256},
+        {"attention": "/blocks.1.attn/MatMul", "heads": 4, "head_dim": 16, "prunable": True},
+        {"mlp": "/blocks.1.mlp.fc1/MatMul", "neurons": 256}]
+    _zero(m, "blocks.0.attn.qkv.weight_t", slice(128 + 48, 192))   # V of head 3
+    _zero(m, "blocks.0.attn.qkv.bias", slice(128 + 48, 192))
+    _zero(m, "blocks.1.mlp.fc1.weight_t", slice(0, 8))
+    _zero(m, "blocks.1.mlp.fc1.bias", slice(0, 8))
+    out, _ = onnxshrink.optimize(m, None, passes=["cleanup", "prune"], data=_samples(4), budget="none")
+    onnx.save(out, str(p))
+    r = run_cli("inspect", p)
+    assert r.code == 0, r.err
+    assert "attention /blocks.0.attn/MatMul: 3 heads x 16" in r.out
+    assert "attention /blocks.1.attn/MatMul: 4 heads x 16" in r.out
+    assert "MLP /blocks.0.mlp.fc1/MatMul: 256 neurons" in r.out and "MLP /blocks.1.mlp.fc1/MatMul: 248 neurons" in r.out

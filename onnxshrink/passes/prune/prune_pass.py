@@ -33,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import UsageError
-from onnxshrink.graph.channels import ChannelAnalysis, analyze
+from onnxshrink.graph.channels import ChannelAnalysis, analyze, group_kind
 from onnxshrink.graph.cost import model_cost
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.options import keyed_items
@@ -215,24 +215,18 @@ def _dynamic_input_shapes(graph: gs.Graph, samples: list) -> dict | None:
 
 def _per_group(a: ChannelAnalysis, groups: list, removed: set) -> list:
     """Per group that lost units: its producers, size and removed units (for the report), and what
-    the units are: ``heads`` (attention heads: the removed head indices per attention product),
-    ``neurons`` (the features of MatMul/Gemm layers, e.g. an MLP's hidden width) or ``channels``."""
+    the units are (``graph.channels.group_kind``): ``heads`` (with the removed head indices per
+    attention product), ``neurons`` (features of MatMul/Gemm layers, e.g. an MLP's hidden width)
+    or ``channels``."""
     out = []
-    ops = {n.name: n.op for n in a.graph.nodes}
     for g in groups:
         r = sum(1 for u in g.unit_labels if u in removed)
         if not r:
             continue
         rec = {"producers": g.producers[:3], "units": g.units, "channels": g.channels, "removed_units": r}
-        labels = set(g.unit_labels)
-        heads = [(name, a.unit_of(ids)) for name, ids in a.heads if set(a.unit_of(ids).tolist()) <= labels]
+        rec["kind"], heads = group_kind(a, g)
         if heads:
-            rec["kind"] = "heads"
-            rec["removed_heads"] = {name: [h for h, u in enumerate(us.tolist()) if u in removed] for name, us in heads}
-        elif all(ops.get(p) in ("MatMul", "Gemm") for p in g.producers):
-            rec["kind"] = "neurons"
-        else:
-            rec["kind"] = "channels"
+            rec["removed_heads"] = {name: [h for h, u in enumerate(us) if u in removed] for name, us in heads.items()}
         out.append(rec)
     return out
 
