@@ -13,17 +13,21 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
-from models.build import mlp, mobilenet_small, resnet_small, transformer_block
+from models.build import mlp, mobilenet_small, resnet_small, smooth_images, transformer_block, vit_encoder
 from onnxshrink.graph.precision import upcast_low_float
 from tests.helpers import check, run_ort
 
-BUILDERS = {"mlp": mlp, "mobilenet": mobilenet_small, "resnet": resnet_small, "transformer_block": transformer_block}
+BUILDERS = {"mlp": mlp, "mobilenet": mobilenet_small, "resnet": resnet_small, "transformer_block": transformer_block,
+            "vit": vit_encoder}
 
 
 def _samples(model: onnx.ModelProto, n: int = 12) -> list[dict]:
     rng = np.random.default_rng(0)
     i = model.graph.input[0]
     shape = [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]
+    if i.name == "pixel_values":  # the ViT: image-like inputs
+        x = smooth_images(n, tuple(shape[2:]), seed=5)
+        return [{i.name: x[k:k + 1]} for k in range(n)]
     return [{i.name: rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
 
 
@@ -40,6 +44,7 @@ def _weight_dtypes(model: onnx.ModelProto) -> set:
 
 @pytest.mark.parametrize("name,pass_spec", [
     ("transformer_block", {"prune": {"mode": "importance", "ratio": 0.2}}),
+    ("vit", {"prune": {"mode": "importance", "ratio": 0.3}}),
     ("mlp", {"prune": {"mode": "importance", "ratio": 0.1}}),
     ("transformer_block", "svd"), ("mobilenet", "svd"),
     ("transformer_block", "share"), ("resnet", "share"),
@@ -56,6 +61,8 @@ def test_fp16_model_keeps_float16_storage(name, pass_spec):
     check(out)
     assert np.isfinite(run_ort(out, samples[0], optimize=True)[0]).all()
     # rewritten weights stay float16 (share's codebooks are float16 tensors beside the int8 codes)
+    if name == "vit" and rec.name == "prune":  # heads and MLP neurons of a float16 transformer
+        assert {g["kind"] for g in rec.stats["per_group"]} == {"heads", "neurons"}
     floats = {t.data_type for t in out.graph.initializer
               if len(t.dims) >= 2 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)}
     assert floats == {TensorProto.FLOAT16}
