@@ -42,7 +42,7 @@ Builders (all float32, static batch 1 unless ``dynamic_batch=True``):
 
 from __future__ import annotations
 
-__all__ = ["resnet_small", "mobilenet_small", "transformer_block", "vit_encoder", "mlp", "demo_model", "demo_samples",
+__all__ = ["resnet_small", "mobilenet_small", "transformer_block", "mlp", "demo_model", "demo_samples",
            "write_demo", "OPSET", "IR_VERSION"]
 
 import argparse
