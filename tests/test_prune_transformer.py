@@ -8,11 +8,13 @@ import json
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 
 import onnxshrink
 from models.build import smooth_images, transformer_block, vit_encoder
+from onnxshrink.graph.channels import transformer_summary
 from onnxshrink.runtime import ort_message
 from tests.helpers import check, normal_samples, run_ort
 from tests.reliability_helpers import run_cli
@@ -165,3 +167,24 @@ def test_inspect_shows_heads_and_mlp_width(tmp_path):
     assert "attention /blocks.0.attn/MatMul: 3 heads x 16" in r.out
     assert "attention /blocks.1.attn/MatMul: 4 heads x 16" in r.out
     assert "MLP /blocks.0.mlp.fc1/MatMul: 256 neurons" in r.out and "MLP /blocks.1.mlp.fc1/MatMul: 248 neurons" in r.out
+
+
+@pytest.mark.slow
+def test_ppocr_rec_svtr_head_removed_exactly():
+    """PP-OCRv4 rec (PaddlePaddle export, opset 12): its two SVTR blocks' fused QKV is sliced per
+    q/k/v (Slice + Squeeze); a zeroed head is removed exactly (max relative error <= 1e-5)."""
+    from models.real import real_model, real_samples
+
+    samples = real_samples("ppocr_rec", 8, seed=0)
+    m, _ = onnxshrink.optimize(onnxshrink.load(real_model("ppocr_rec")), None, passes=["cleanup"], data=samples,
+                               input_shapes={"x": [1, 3, 48, 320]})
+    heads = [r for r in transformer_summary(gs.import_onnx(m)) if "attention" in r]
+    assert [(r["heads"], r["head_dim"], r["prunable"]) for r in heads] == [(8, 15, True), (8, 15, True)]
+    qkv = next(n for n in m.graph.node if n.op_type == "MatMul" and
+               next(t for t in m.graph.initializer if t.name == n.input[1]).dims[1] == 360)
+    bias_add = next(n for n in m.graph.node if qkv.output[0] in n.input)
+    _zero(m, qkv.input[1], slice(240 + 75, 240 + 90))   # V of head 5
+    _zero(m, next(i for i in bias_add.input if i != qkv.output[0]), slice(240 + 75, 240 + 90))
+    out, report = onnxshrink.optimize(m, None, passes=["prune"], data=samples, budget="none")
+    assert report.passes[-1].reason == f"{heads[0]['attention']}: heads [5] of 8 removed", report.passes[-1].reason
+    assert _max_rel_err(m, out, samples) <= 1e-5

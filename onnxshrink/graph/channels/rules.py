@@ -47,7 +47,7 @@ from onnxshrink.graph.channels.rules_weighted import (
 # ops whose rule handles a layout over several axes (between the Reshapes of a channel shuffle, and
 # attention heads: [B, H, N, D] into the attention products)
 SPLIT_AXIS_OPS = set(FLOAT_UNARY) | ELEMENTWISE_OPS | {"Transpose", "Reshape", "Clip", "MatMul", "Split", "Squeeze",
-                                                      "Shape", "Gather"}
+                                                      "Shape", "Gather", "Slice"}
 
 # ops whose other inputs are parameters: a layout reaching them there is blocked
 SLOT0_ONLY = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LayerNormalization",

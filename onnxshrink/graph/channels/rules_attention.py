@@ -33,7 +33,7 @@ from onnxshrink.graph.values import is_constant
 
 # ops an attention path may pass between the head split and the product (scaling, a mask, casts, a
 # fused QKV's unbind)
-_PASS_OPS = {"Transpose", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Split", "Squeeze", "Gather"}
+_PASS_OPS = {"Transpose", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Split", "Squeeze", "Gather", "Slice"}
 
 
 def feeds_activation_matmul(t, depth: int = 5) -> bool:

@@ -124,7 +124,8 @@ def split_rule(a, n: gs.Node, lays: list) -> None:
 
 
 def slice_rule(a, n: gs.Node, lays: list) -> None:
-    """Slice on the channel axis (step 1) cuts the ids; the bounds are fixed up."""
+    """Slice on the channel axis (step 1) cuts the ids; the bounds are fixed up. Along one axis of a
+    split layout the axis keeps its length (its slices tied) and the bounds stay."""
     x = lays[0]
     for l in lays[1:]:
         a.block_layout(l, f"Slice '{n.name}' bounds carry channels")
@@ -151,9 +152,21 @@ def slice_rule(a, n: gs.Node, lays: list) -> None:
         ax = normalize_axis(int(ax), r)
         if ax not in x.axes:
             continue
-        if not x.single or steps[j] != 1:
+        if steps[j] != 1:
             a.block_layout(x, f"Slice '{n.name}' with a step on the channel axis")
             return
+        if not x.single:
+            # one axis of a split layout (PaddlePaddle's qkv[0] of a fused QKV): the axis keeps its
+            # length (its slices tied), the bounds stay
+            k = x.axes.index(ax)
+            c = x.ids.shape[k]
+            s0, e0 = int(starts[j]), int(ends[j])
+            s0 = max(0, min(c, s0 + c if s0 < 0 else s0))
+            e0 = max(0, min(c, e0 + c if e0 < 0 else e0))
+            _tie_along(a, x.ids, k)
+            lay = Layout(lay.axes, np.take(lay.ids, np.arange(s0, e0), axis=k),
+                         np.take(lay.const, np.arange(s0, e0), axis=k))
+            continue
         c = x.ids.size
         s, e = int(starts[j]), int(ends[j])
         s = max(0, min(c, s + c if s < 0 else s))
