@@ -188,3 +188,17 @@ def test_ppocr_rec_svtr_head_removed_exactly():
     out, report = onnxshrink.optimize(m, None, passes=["prune"], data=samples, budget="none")
     assert report.passes[-1].reason == f"{heads[0]['attention']}: heads [5] of 8 removed", report.passes[-1].reason
     assert _max_rel_err(m, out, samples) <= 1e-5
+
+
+@pytest.mark.slow
+def test_vit_target_macs_removes_heads_and_neurons_within_budget():
+    """The issue's command on the test ViT: ``cleanup,prune --target-macs 0.8 --budget cosine>=0.98``
+    removes heads and MLP neurons physically, MACs <= 0.8x, the budget held on held-out samples."""
+    m = vit_encoder(opset=14, layernorm="decomposed")
+    out, report = onnxshrink.optimize(m, None, passes=["cleanup", "prune"], data=_samples(32), target_macs=0.8,
+                                      budget="cosine>=0.98")
+    rec = report.passes[-1]
+    assert {g["kind"] for g in rec.stats["per_group"]} == {"heads", "neurons"}, rec.stats["per_group"]
+    assert report.after["macs"] <= 0.8 * report.before["macs"]
+    assert report.fidelity["cosine"] >= 0.98 and report.samples["disjoint"]
+    check(out)
