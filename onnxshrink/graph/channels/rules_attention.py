@@ -4,7 +4,11 @@ Multi-head attention as PyTorch, Hugging Face and timm export it: Q, K, V projec
 a constant, + bias), each Reshape [B, N, H*D] -> [B, N, H, D] and Transpose to [B, H, N, D]
 (K to [B, H, D, N]), then
     S = Q K^T / sqrt(D)  [B, H, N, N],   P = softmax(S + mask),   O = P V  [B, H, N, D],
-O transposed back and merged to [B, N, H*D], the output projection (a MatMul sink). Channel ids
+O transposed back and merged to [B, N, H*D], the output projection (a MatMul sink). A fused QKV
+projection is reshaped to [B, N, 3, H, D], transposed to [3, B, H, N, D] and unbound along the
+q/k/v axis (Split + Squeeze, Gather, or Slice + Squeeze: ``rules_layout``, which keeps that axis's
+length). A Reshape feeding an attention product ties each head's channels (``feeds_activation_matmul``).
+Channel ids
 reach the products with a layout over a batch axis (the heads, H) and a matrix axis (D):
 
 - ``Q K^T``: D is contracted. Head h of Q and head h of K are one unit (with the D ids of each,
