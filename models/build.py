@@ -29,13 +29,21 @@ Builders (all float32, static batch 1 unless ``dynamic_batch=True``):
 - ``transformer_block()`` input [1,16,64] -> [1,16,64]: pre-LN encoder block, 4-head softmax
   attention (MatMul+Add projections, scaled Q K^T, Softmax), residual Adds, LayerNormalization,
   erf-GELU MLP as Gemm on the flattened tokens.
+- ``vit_encoder()``      input [1,3,32,32] -> logits [1,10]: a ViT exported the way
+  ``torch.onnx.export`` writes timm/Hugging Face ViTs (opset 14 or 17): Conv patch embedding,
+  class token, position embedding, pre-LN blocks with separate (or one fused) Q/K/V projections (MatMul + Add,
+  Reshape to [B,N,H,D] and Transpose, Q K^T scaled by 1/sqrt(D), Softmax, merge, out projection),
+  erf-GELU MLP (MatMul + Add), LayerNorm decomposed (ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div,
+  as PyTorch exports it below opset 17) or fused (LayerNormalization), shape arithmetic as
+  Shape/Gather/Unsqueeze/Concat (cleanup folds it for a static batch). Heads and MLP neurons have a
+  spread of importance (a quarter of the heads and a fifth of the neurons weak), as trained ones do.
 - ``mlp()``              input [1,64] -> logits [1,10]: three Gemm layers with Relu.
 """
 
 from __future__ import annotations
 
-__all__ = ["resnet_small", "mobilenet_small", "mobilenet_v3_small", "picodet_small", "transformer_block", "mlp",
-           "demo_model", "demo_samples", "write_demo", "OPSET", "IR_VERSION"]
+__all__ = ["resnet_small", "mobilenet_small", "mobilenet_v3_small", "picodet_small", "transformer_block",
+           "vit_encoder", "mlp", "demo_model", "demo_samples", "write_demo", "OPSET", "IR_VERSION"]
 
 import argparse
 import collections
@@ -583,6 +591,128 @@ def transformer_block(seed: int = 0, seq: int = 16, d_model: int = 64, heads: in
                 [helper.make_tensor_value_info("y", TensorProto.FLOAT,
                                                ["batch" if dynamic_batch else 1, seq, d_model])],
                 doc="Pre-LN transformer encoder block built by models/build.py")
+    return m
+
+
+@_cached
+def vit_encoder(seed: int = 0, depth: int = 2, dim: int = 64, heads: int = 4, mlp_ratio: int = 4, hw: int = 32,
+                patch: int = 8, num_classes: int = 10, opset: int = 17, layernorm: str = "fused",
+                dynamic_batch: bool = False, weak_heads: float = 0.25, weak_neurons: float = 0.2,
+                qkv: str = "separate") -> onnx.ModelProto:
+    """ViT encoder exported PyTorch-style (module docstring). ``layernorm``: "fused" (the
+    LayerNormalization op, opset >= 17) or "decomposed". ``qkv``: "separate" (Hugging Face: three
+    projections) or "fused" (timm: one [C, 3C] projection, Reshape to [B, N, 3, H, D], Transpose to
+    [3, B, H, N, D], ``unbind(0)`` as Split + Squeeze). Input 'pixel_values' [1,3,hw,hw], output
+    'logits' [1,num_classes] (the class token's features after the final LayerNorm)."""
+    if layernorm == "fused" and opset < 17:
+        raise ValueError("LayerNormalization needs opset >= 17")
+    b = _Builder(seed, pytorch_style=True)
+    dh, hidden, n_tok = dim // heads, dim * mlp_ratio, (hw // patch) ** 2 + 1
+
+    def ln(v, scope):
+        gamma = (1.0 + 0.1 * b.rng.standard_normal(dim)).astype(np.float32)
+        beta = (0.02 * b.rng.standard_normal(dim)).astype(np.float32)
+        if layernorm == "fused":
+            return b.node("LayerNormalization", [v, b.init(f"{scope}.weight", gamma), b.init(f"{scope}.bias", beta)],
+                          scope, axis=-1, epsilon=1e-6)
+        mean = b.node("ReduceMean", [v], scope, axes=[-1], keepdims=1)
+        d = b.node("Sub", [v, mean], scope)
+        var = b.node("ReduceMean", [b.node("Pow", [d, b.const(scope, np.array(2.0, np.float32))], scope)], scope,
+                     axes=[-1], keepdims=1)
+        std = b.node("Sqrt", [b.node("Add", [var, b.const(scope, np.array(1e-6, np.float32))], scope)], scope)
+        y = b.node("Div", [d, std], scope)
+        return b.node("Add", [b.node("Mul", [y, b.init(f"{scope}.weight", gamma)], scope),
+                              b.init(f"{scope}.bias", beta)], scope)
+
+    def linear(v, fin, fout, scope, out_scale=None, in_scale=None, gain=1.0):
+        w = structured_weight(b.rng, (fin, fout), tau=0.3, fan_in=fin) * np.float32(gain)
+        if out_scale is not None:
+            w = w * out_scale[None, :]
+        if in_scale is not None:
+            w = w * in_scale[:, None]
+        bias = (0.02 * b.rng.standard_normal(fout)).astype(np.float32)
+        if out_scale is not None:
+            bias = bias * np.minimum(out_scale, 1.0)
+        y = b.node("MatMul", [v, b.init(f"{scope}.weight_t", w.astype(np.float32))], scope)
+        return b.node("Add", [b.init(f"{scope}.bias", bias), y], scope)  # torch writes the bias first
+
+    def runtime_shape(v, scope, tail):
+        """[x.size(0), x.size(1), *tail] the way torch.onnx writes x.view(B, N, ...)."""
+        shp = b.node("Shape", [v], scope)
+        dims = []
+        for k in (0, 1):
+            g = b.node("Gather", [shp, b.const(scope, np.array(k, np.int64))], scope, axis=0)
+            dims.append(b.node("Unsqueeze", [g, b.const(scope, np.array([0], np.int64))], scope)
+                        if opset >= 13 else b.node("Unsqueeze", [g], scope, axes=[0]))
+        return b.node("Concat", dims + [b.const(scope, np.array(tail, np.int64))], scope, axis=0)
+
+    x = "pixel_values"
+    w_pe = structured_weight(b.rng, (dim, 3, patch, patch), tau=0.3)
+    t = b.node("Conv", [x, b.init("patch_embed.proj.weight", w_pe),
+                        b.init("patch_embed.proj.bias", (0.02 * b.rng.standard_normal(dim)).astype(np.float32))],
+               "patch_embed.proj", kernel_shape=[patch, patch], strides=[patch, patch], pads=[0, 0, 0, 0],
+               dilations=[1, 1], group=1)
+    flat = b.node("Reshape", [t, b.const("patch_embed", np.array([0, dim, -1], np.int64))], "patch_embed")
+    t = b.node("Transpose", [flat], "patch_embed", perm=[0, 2, 1])
+    cls = b.init("cls_token", (0.02 * b.rng.standard_normal((1, 1, dim))).astype(np.float32))
+    bsz = b.node("Unsqueeze", [b.node("Gather", [b.node("Shape", [t], "cls"), b.const("cls", np.array(0, np.int64))],
+                                      "cls", axis=0), b.const("cls", np.array([0], np.int64))], "cls")
+    cls_shape = b.node("Concat", [bsz, b.const("cls", np.array([1, dim], np.int64))], "cls", axis=0)
+    cls = b.node("Expand", [cls, cls_shape], "cls")
+    t = b.node("Concat", [cls, t], "cls", axis=1)
+    pos = b.init("pos_embed", (0.1 * b.rng.standard_normal((1, n_tok, dim))).astype(np.float32))
+    t = b.node("Add", [t, pos], "pos_embed")
+    for i in range(depth):
+        s = f"blocks.{i}"
+        h = ln(t, f"{s}.norm1")
+        head_gain = np.repeat(channel_scales(b.rng, heads, weak_heads, spread=0.3, weak_scale=0.05), dh)
+        if qkv == "fused":
+            gain = np.concatenate([np.ones(2 * dim, np.float32), head_gain])
+            u = linear(h, dim, 3 * dim, f"{s}.attn.qkv", out_scale=gain)
+            u = b.node("Reshape", [u, runtime_shape(u, f"{s}.attn", [3, heads, dh])], f"{s}.attn")
+            u = b.node("Transpose", [u], f"{s}.attn", perm=[2, 0, 3, 1, 4])
+            sizes = b.const(f"{s}.attn", np.array([1, 1, 1], np.int64))
+            parts = b.node("Split", [u, sizes], f"{s}.attn", n_out=3, axis=0)
+            q, k, v = (b.node("Squeeze", [t, b.const(f"{s}.attn", np.array([0], np.int64))], f"{s}.attn")
+                       for t in parts)
+        else:
+            q = linear(h, dim, dim, f"{s}.attn.query")
+            k = linear(h, dim, dim, f"{s}.attn.key")
+            v = linear(h, dim, dim, f"{s}.attn.value", out_scale=head_gain)
+            split = []
+            for nm, u in (("query", q), ("key", k), ("value", v)):
+                u = b.node("Reshape", [u, runtime_shape(u, f"{s}.attn.{nm}", [heads, dh])], f"{s}.attn.{nm}")
+                split.append(b.node("Transpose", [u], f"{s}.attn.{nm}", perm=[0, 2, 1, 3]))
+            q, k, v = split
+        kt = b.node("Transpose", [k], f"{s}.attn", perm=[0, 1, 3, 2])
+        sc = b.node("MatMul", [q, kt], f"{s}.attn")
+        sc = b.node("Div", [sc, b.const(f"{s}.attn", np.array(np.sqrt(dh), np.float32))], f"{s}.attn")
+        p = b.node("Softmax", [sc], f"{s}.attn", axis=-1)
+        o = b.node("MatMul", [p, v], f"{s}.attn")
+        o = b.node("Transpose", [o], f"{s}.attn", perm=[0, 2, 1, 3])
+        o = b.node("Reshape", [o, runtime_shape(o, f"{s}.attn.merge", [dim])], f"{s}.attn")
+        o = linear(o, dim, dim, f"{s}.attn.proj", in_scale=head_gain, gain=0.5)
+        t = b.node("Add", [t, o], f"{s}.residual1")
+        h = ln(t, f"{s}.norm2")
+        neuron_gain = channel_scales(b.rng, hidden, weak_neurons, spread=0.3, weak_scale=0.05)
+        f = linear(h, dim, hidden, f"{s}.mlp.fc1", out_scale=neuron_gain)
+        e = b.node("Div", [f, b.const(f"{s}.mlp.act", np.array(np.sqrt(2.0), np.float32))], f"{s}.mlp.act")
+        e = b.node("Add", [b.node("Erf", [e], f"{s}.mlp.act"), b.const(f"{s}.mlp.act", np.array(1.0, np.float32))],
+                   f"{s}.mlp.act")
+        f = b.node("Mul", [b.node("Mul", [f, e], f"{s}.mlp.act"), b.const(f"{s}.mlp.act", np.array(0.5, np.float32))],
+                   f"{s}.mlp.act")
+        f = linear(f, hidden, dim, f"{s}.mlp.fc2", gain=0.5)
+        t = b.node("Add", [t, f], f"{s}.residual2")
+    t = ln(t, "norm")
+    c = b.node("Gather", [t, b.const("head", np.array(0, np.int64))], "head", axis=1)
+    linear(c, dim, num_classes, "head")
+    b.nodes[-1].output[0] = "logits"
+    m = b.model("vit_encoder", [_input(x, [1, 3, hw, hw], dynamic_batch)],
+                [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                               ["batch" if dynamic_batch else 1, num_classes])],
+                doc=f"ViT encoder ({depth} blocks, {heads} heads, width {dim}, MLP {hidden}, LayerNorm {layernorm}) "
+                    "built by models/build.py")
+    m.opset_import[0].version = opset
     return m
 
 

@@ -218,6 +218,7 @@ def inspect(model_path, as_json, input_shapes):
         st["checker"] = "ok"
     except Exception as e:
         st["checker"] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    st["transformer"] = _transformer_blocks(m, shapes)
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
@@ -231,12 +232,33 @@ def inspect(model_path, as_json, input_shapes):
     c.print(f"  nodes {st['nodes']}, parameters {format_count(st['params'])}, weights "
             f"{format_bytes(st['weight_bytes'])}, MACs {format_count(st['macs'])}, "
             f"file {format_bytes(st['file_bytes'])}")
+    for rec in st["transformer"]:
+        if "attention" in rec:
+            c.print(f"  attention {rec['attention']}: {rec['heads']} heads x {rec['head_dim']}"
+                    + ("" if rec["prunable"] else " (not prunable)"))
+        else:
+            c.print(f"  MLP {rec['mlp']}: {rec['neurons']} neurons")
     t = Table(title="ops", title_justify="left")
     t.add_column("op")
     t.add_column("count", justify="right")
     for op, n in st["ops"].items():
         t.add_row(op, str(n))
     c.print(t)
+
+
+def _transformer_blocks(m, shapes: dict) -> list:
+    """Attention heads and MLP widths (graph.channels.transformer_summary) of a model with attention
+    products; [] for other models, or when the analysis cannot read the model."""
+    import onnx_graphsurgeon as gs
+
+    from onnxshrink.graph.channels import transformer_summary
+
+    if not any(n.op_type == "Softmax" for n in m.graph.node):
+        return []
+    try:
+        return transformer_summary(gs.import_onnx(m), shapes or None)
+    except Exception:  # inspect describes any model; the summary is a bonus
+        return []
 
 
 @cli.command(name="passes")

@@ -13,7 +13,8 @@ calibration streams samples one at a time and never holds the whole set in memor
 from __future__ import annotations
 
 __all__ = ["InputSpec", "input_specs", "SampleSource", "DirectorySource", "ListSource", "SyntheticSource",
-           "Subset", "as_source", "split_roles", "SampleRoles", "MIN_FOR_ROLES", "check_sample", "read_headers"]
+           "Subset", "as_source", "split_roles", "SampleRoles", "MIN_FOR_ROLES", "check_sample", "read_headers",
+           "check_reference_finite"]
 
 import os
 from dataclasses import dataclass
@@ -58,8 +59,10 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def check_sample(sample: dict, specs: Sequence[InputSpec], where: str) -> dict:
-    """Check names, ranks, fixed dims, dtype kinds and finiteness; cast within a dtype kind
-    (float64 -> float32). Raises InputError naming the input and ``where`` (file or index)."""
+    """Check names, ranks, fixed dims, dtype kinds and NaN; cast within a dtype kind
+    (float64 -> float32). Raises InputError naming the input and ``where`` (file or index).
+    Infinities are accepted (a ``-inf`` additive attention mask is a normal transformer input);
+    ``check_reference_finite`` refuses them when they make the original model's outputs non-finite."""
     names = {s.name for s in specs}
     missing = names - set(sample)
     extra = set(sample) - names
@@ -76,9 +79,9 @@ def check_sample(sample: dict, specs: Sequence[InputSpec], where: str) -> dict:
         _check_meta(a.shape, a.dtype, s, where)
         if a.dtype != s.dtype:
             a = a.astype(s.dtype)
-        if a.dtype.kind in "fc" and not np.isfinite(a).all():
-            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-            raise InputError(f"{where}: input '{s.name}' contains NaN or Inf ({bad} of {a.size} values)")
+        if a.dtype.kind in "fc" and np.isnan(a).any():
+            bad = int(np.count_nonzero(np.isnan(a)))
+            raise InputError(f"{where}: input '{s.name}' contains NaN ({bad} of {a.size} values)")
         out[s.name] = a
     return out
 
@@ -145,6 +148,10 @@ class SampleSource:
 
     def _where(self, i: int) -> str:
         return f"sample {i}"
+
+    def where(self, i: int) -> str:
+        """How messages name sample ``i`` (its file, or its index)."""
+        return self._where(i)
 
     def label(self, i: int):
         """The label of sample i (an int or int array), or None when the source has no labels."""
@@ -247,6 +254,23 @@ class DirectorySource(SampleSource):
             raise InputError(f"{f}: a .npy file holds one array, but the model has {len(names)} inputs {names}; "
                              "use .npz files with one array per input name")
         return {self.specs[0].name: arr}
+
+
+def check_reference_finite(source: SampleSource, outputs: Sequence[Sequence[np.ndarray]]) -> None:
+    """Refuse samples whose infinite inputs make the original model's outputs non-finite.
+
+    ``outputs[i]`` are the original model's outputs on ``source.get(i)``. Infinities in an input are
+    accepted where the model expects them (``-inf`` masked logits, softmax makes them 0); when a
+    sample with an infinite input gives a non-finite output, no fidelity can be measured on it: an
+    InputError naming the input and the sample. Only samples with non-finite outputs are re-read."""
+    for i, outs in enumerate(outputs):
+        if all(np.isfinite(o).all() for o in outs if isinstance(o, np.ndarray) and o.dtype.kind in "fc"):
+            continue
+        sample = source.get(i)
+        inf = [k for k, a in sample.items() if a.dtype.kind in "fc" and np.isinf(a).any()]
+        if inf:
+            raise InputError(f"{source.where(i)}: input '{inf[0]}' contains infinities and the original model's "
+                             "outputs on this sample are not finite (no fidelity can be measured on it)")
 
 
 def _read_labels(folder: Path, n: int):
@@ -376,6 +400,9 @@ class Subset(SampleSource):
 
     def get(self, i):
         return self.base.get(self.indices[i])
+
+    def where(self, i):
+        return self.base.where(self.indices[i])
 
     def label(self, i):
         return self.base.label(self.indices[i])

@@ -1,13 +1,15 @@
-"""onnxruntime sessions, streaming capture of intermediate tensors, and latency measurement."""
+"""onnxruntime sessions, streaming capture of intermediate tensors, latency measurement, and
+onnxruntime's error messages made readable (``ort_message``)."""
 
 from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
            "compare_speed", "speed_comparison", "SpeedComparison", "CLEAR_MARGIN",
-           "add_outputs", "append_outputs"]
+           "add_outputs", "append_outputs", "ort_message"]
 
 import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -21,6 +23,22 @@ import onnxruntime as ort
 from onnxshrink.model import is_large, tensor_bytes, write_external
 
 ort.set_default_logger_severity(3)
+
+# onnxruntime's message prefixes: "[ONNXRuntimeError] : 1 : FAIL : ", and the source location with the
+# C++ function, "/onnxruntime_src/onnxruntime/core/graph/graph.cc:1617 void onnxruntime::Graph::F() "
+_ORT_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"(?:/\S*)?onnxruntime\S*\.(?:cc|cpp|h):\d+ (?:[\w:<>*&,~ ]*::~?\w+\([^()]*\)(?: const)? )?")
+
+
+def ort_message(e: BaseException | str, limit: int = 300) -> str:
+    """The first line of an (onnxruntime) error without the status prefix and the source location
+    and C++ function onnxruntime puts before its message, so that a note cut to a table's width
+    still says what went wrong; at most ``limit`` characters."""
+    s = str(e).strip()
+    s = s.splitlines()[0] if s else (type(e).__name__ if isinstance(e, BaseException) else "")
+    s = _ORT_SOURCE.sub("", _ORT_STATUS.sub("", s)).strip()
+    return s[:limit]
+
 
 # sessions of models with this many bytes of weights or more are created from a temporary file
 SESSION_VIA_FILE_BYTES = 256 * 2**20

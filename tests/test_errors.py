@@ -222,10 +222,16 @@ def s_calib_nan(d):
     return ["optimize", _mlp(d), d / "out.onnx", "--calib", _calib(d, arrs)]
 
 
-def s_calib_inf(d):
+def s_calib_nan_mid_stream(d):
     arrs = _good(12)
-    arrs[5][0, 1] = np.inf  # a calibration-only sample (not held out): found when a pass streams it
+    arrs[5][0, 1] = np.nan  # a calibration-only sample (not held out): found when a pass streams it
     return ["optimize", _mlp(d), d / "out.onnx", "--calib", _calib(d, arrs), "--passes", "t_needs_data"]
+
+
+def s_inf_breaks_reference(d):
+    arrs = _good(12)
+    arrs[1][0, 1] = np.inf  # a selection sample: infinities are accepted, but the MLP's logits become inf/NaN
+    return ["optimize", _mlp(d), d / "out.onnx", "--calib", _calib(d, arrs)]
 
 
 def s_calib_corrupt_npy(d):
@@ -381,8 +387,10 @@ CASES = [
      r"0000\.npy: input 'x' has shape \[64\], the model expects rank 2"),
     ("calib-wrong-dtype", s_calib_wrong_dtype, EXIT_INPUT,
      r"0000\.npy: input 'x' has dtype uint8, the model expects float32"),
-    ("calib-nan", s_calib_nan, EXIT_INPUT, r"0000\.npy: input 'x' contains NaN or Inf"),
-    ("calib-inf-mid-stream", s_calib_inf, EXIT_INPUT, r"0005\.npy: input 'x' contains NaN or Inf"),
+    ("calib-nan", s_calib_nan, EXIT_INPUT, r"0000\.npy: input 'x' contains NaN \(1 of 64 values\)"),
+    ("calib-nan-mid-stream", s_calib_nan_mid_stream, EXIT_INPUT, r"0005\.npy: input 'x' contains NaN"),
+    ("inf-breaks-reference", s_inf_breaks_reference, EXIT_INPUT,
+     r"0001\.npy: input 'x' contains infinities and the original model's outputs on this sample are not finite"),
     ("calib-corrupt-npy", s_calib_corrupt_npy, EXIT_INPUT, r"0001\.npy: cannot read array"),
     ("npz-wrong-names", s_npz_wrong_names, EXIT_INPUT,
      r"0\.npz: missing input\(s\) \['b'\], unknown input\(s\) \['c'\]"),

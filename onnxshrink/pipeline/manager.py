@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from onnxshrink import model as model_io
-from onnxshrink.data import ListSource, SyntheticSource, as_source, input_specs, split_roles
+from onnxshrink.data import ListSource, SyntheticSource, as_source, check_reference_finite, input_specs, split_roles
 from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageError
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.graph.cost import model_stats
@@ -49,7 +49,7 @@ from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLL
 from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings, speed_policy
 from onnxshrink.progress import Progress
-from onnxshrink.runtime import compare_speed, make_session, measure_latency
+from onnxshrink.runtime import compare_speed, make_session, measure_latency, ort_message
 from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prepare_for_target, save_ort_format
 from onnxshrink.targets.qnn import qnn_available, save_qnn_context
 
@@ -270,6 +270,7 @@ class PassManager:
         except Exception as e:
             msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
             raise InputError(f"the input model does not run in onnxruntime: {msg}") from None
+        check_reference_finite(val, reference)
         self._resolve_budget(reference, report)
         try:
             self._outputs(original, [val.get(0)], optimize=True)
@@ -279,6 +280,8 @@ class PassManager:
         # the verdict's reference and baseline: the original on the test samples (the same objects when
         # the roles share their samples)
         test_reference = reference if test is val else self._outputs(original, test, optimize=False)
+        if test is not val:
+            check_reference_finite(test, test_reference)
         test_baseline = self.baseline if test is val else fidelity(test_reference, test_reference, self.metric,
                                                                     test, self.test_labels)
         if self.test_labels is not None or self.metric is not None:
@@ -595,8 +598,7 @@ def _options_dict(p: Pass) -> dict:
 
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:300]
+    return ort_message(e)
 
 
 def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = ("cleanup",), **kwargs):

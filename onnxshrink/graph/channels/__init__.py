@@ -42,13 +42,16 @@ layout is the transposed id matrix flattened: the index map of the permutation.
 that must follow a removal, with its index map), which the prune pass uses;
 ``coupled_channel_groups`` returns the groups. Modules: ``types`` (the records), ``analysis``
 (the walk and the groups), ``rules`` (the per-op table) with ``rules_weighted``,
-``rules_channelwise`` and ``rules_layout``, ``balance`` (balanced_selection).
+``rules_channelwise``, ``rules_layout`` and ``rules_attention`` (attention heads), ``balance``
+(balanced_selection), ``summary`` (what the units are: heads, neurons, channels).
 """
 
 from onnxshrink.graph.channels.analysis import ChannelAnalysis, analyze, coupled_channel_groups
 from onnxshrink.graph.channels.balance import balanced_repair, balanced_selection, is_balanced
 from onnxshrink.graph.channels.rules_weighted import conv_pads_are_zero
+from onnxshrink.graph.channels.summary import group_kind, transformer_summary
 from onnxshrink.graph.channels.types import Balance, ChannelGroup, Fixup, Layout, Member, Sink
 
 __all__ = ["Layout", "Member", "Sink", "Fixup", "Balance", "ChannelGroup", "ChannelAnalysis", "analyze",
-           "coupled_channel_groups", "balanced_selection", "balanced_repair", "is_balanced", "conv_pads_are_zero"]
+           "coupled_channel_groups", "balanced_selection", "balanced_repair", "is_balanced", "conv_pads_are_zero",
+           "group_kind", "transformer_summary"]

@@ -24,6 +24,7 @@ class ChannelAnalysis:
     """The analysis of one graph. Build with ``analyze(graph)``.
 
     layouts: tensor name -> Layout. members / sinks / fixups / balances: see their classes.
+    heads: per attention product Q K^T (rules_attention), its node name and one channel id per head.
     blocked: channel id -> reason. unit_of(ids) maps ids to unit labels (component roots).
     opset: the graph's default-domain opset (13 when unknown), which some rules depend on.
     """
@@ -41,6 +42,7 @@ class ChannelAnalysis:
         self.sinks: list[Sink] = []
         self.fixups: list[Fixup] = []
         self.balances: list[Balance] = []
+        self.heads: list[tuple[str, np.ndarray]] = []  # (attention product Q K^T, one id per head)
         try:
             self.opset = int(graph.opset)
         except Exception:

@@ -27,6 +27,7 @@ from onnxshrink.graph.channels.rules_channelwise import (
 from onnxshrink.graph.channels.rules_layout import (
     concat_rule,
     flatten_rule,
+    gather_rule,
     reshape_rule,
     slice_rule,
     split_rule,
@@ -43,14 +44,16 @@ from onnxshrink.graph.channels.rules_weighted import (
     matmul_rule,
 )
 
-# ops whose rule handles a layout over several axes (between the Reshapes of a channel shuffle)
-SPLIT_AXIS_OPS = set(FLOAT_UNARY) | ELEMENTWISE_OPS | {"Transpose", "Reshape", "Clip"}
+# ops whose rule handles a layout over several axes (between the Reshapes of a channel shuffle, and
+# attention heads: [B, H, N, D] into the attention products)
+SPLIT_AXIS_OPS = set(FLOAT_UNARY) | ELEMENTWISE_OPS | {"Transpose", "Reshape", "Clip", "MatMul", "Split", "Squeeze",
+                                                      "Shape", "Gather", "Slice"}
 
 # ops whose other inputs are parameters: a layout reaching them there is blocked
 SLOT0_ONLY = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LayerNormalization",
               "Resize", "Upsample", "Pad", "Split", "Slice", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
               "Softmax", "LogSoftmax", "Hardmax", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin",
-              "Clip", "Transpose", "QuantizeLinear", "DequantizeLinear", "Dropout"}
+              "Clip", "Transpose", "QuantizeLinear", "DequantizeLinear", "Dropout", "Gather"}
 
 RULES = {
     "Conv": conv_rule,
@@ -72,6 +75,7 @@ RULES = {
     "Flatten": flatten_rule,
     "Squeeze": squeeze_unsqueeze_rule,
     "Unsqueeze": squeeze_unsqueeze_rule,
+    "Gather": gather_rule,
     "Softmax": softmax_rule,
     "LogSoftmax": softmax_rule,
     "Hardmax": softmax_rule,

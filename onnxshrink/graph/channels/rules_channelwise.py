@@ -383,6 +383,31 @@ def qdq_rule(a, n: gs.Node, lays: list) -> None:
 
 
 def block_reads_shape_rule(a, n: gs.Node, lays: list) -> None:
-    """Shape/Size read the channel count: every id reaching them is blocked."""
+    """Shape/Size read the channel count: every id reaching them is blocked, unless only dims off the
+    channel axes are read (``x.size(0)``: a Shape whose every reader Gathers constant indices of other
+    axes, as PyTorch's ``x.view(x.size(0), ...)`` does)."""
+    x = lays[0] if lays else None
+    if x is not None and n.op == "Shape" and _reads_other_dims(a, n, x):
+        return
     for l in lays:
         a.block_layout(l, f"{n.op} '{n.name}' reads the channel count")
+
+
+def _reads_other_dims(a, n: gs.Node, x: Layout) -> bool:
+    """Whether every reader of Shape ``n``'s output takes constant dims away from ``x``'s axes."""
+    r = a.rank(n.inputs[0])
+    if r is None or not n.outputs[0].outputs:
+        return False
+    start = int(node_attr(n, "start", 0))
+    end = int(node_attr(n, "end", r))
+    start = min(max(start + r if start < 0 else start, 0), r)
+    end = min(max(end + r if end < 0 else end, 0), r)
+    size = max(end - start, 0)
+    for g in n.outputs[0].outputs:
+        idx = a.value(g.inputs[1]) if g.op == "Gather" and len(g.inputs) > 1 else None
+        if idx is None or int(node_attr(g, "axis", 0)) != 0 or size == 0:
+            return False
+        dims = [start + int(i) % size for i in np.asarray(idx).ravel()]
+        if any(d in x.axes for d in dims):
+            return False
+    return True

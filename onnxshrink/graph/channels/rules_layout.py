@@ -1,5 +1,5 @@
 """Channel rules of the ops that move, cut or join channel axes: Concat, Split, Slice, Transpose,
-Reshape, Flatten, Squeeze and Unsqueeze.
+Reshape, Flatten, Squeeze, Unsqueeze and Gather.
 
 Every rule is ``rule(a, n, lays)`` as in ``rules_weighted``. A Reshape is followed through the
 *blocks* of its static dims (consecutive input and output dims with equal products): the ids of
@@ -13,11 +13,12 @@ recorded as fix-ups.
 from __future__ import annotations
 
 __all__ = ["concat_rule", "split_rule", "slice_rule", "transpose_rule", "reshape_rule", "flatten_rule",
-           "squeeze_unsqueeze_rule"]
+           "squeeze_unsqueeze_rule", "gather_rule"]
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.channels.rules_attention import feeds_activation_matmul
 from onnxshrink.graph.channels.rules_channelwise import per_channel_const
 from onnxshrink.graph.channels.types import Fixup, Layout
 from onnxshrink.graph.shapes import normalize_axis
@@ -82,9 +83,6 @@ def split_rule(a, n: gs.Node, lays: list) -> None:
         for o in n.outputs:
             a.set_layout(o, Layout(x.axes, x.ids, x.const))
         return
-    if not x.single:
-        a.block_layout(x, f"Split '{n.name}' on a split channel axis")
-        return
     if len(n.inputs) > 1 and n.inputs[1].name:
         sizes = a.value(n.inputs[1])
         if sizes is None:
@@ -98,6 +96,20 @@ def split_rule(a, n: gs.Node, lays: list) -> None:
         c = x.ids.size
         q = -(-c // k)
         sizes = [q] * (k - 1) + [c - q * (k - 1)]
+    if not x.single:
+        # one axis of a split layout (a fused QKV's [3, H, D]): the axis keeps its length, each output
+        # gets its slices
+        k = x.axes.index(ax)
+        if sum(sizes) != x.ids.shape[k] or len(sizes) != len(n.outputs):
+            a.block_layout(x, f"Split '{n.name}' sizes do not match the channels")
+            return
+        _tie_along(a, x.ids, k)
+        off = 0
+        for o, sz in zip(n.outputs, sizes):
+            sl = np.arange(off, off + sz)
+            a.set_layout(o, Layout(x.axes, np.take(x.ids, sl, axis=k), np.take(x.const, sl, axis=k)))
+            off += sz
+        return
     if sum(sizes) != x.ids.size or len(sizes) != len(n.outputs):
         a.block_layout(x, f"Split '{n.name}' sizes do not match the channels")
         return
@@ -112,7 +124,8 @@ def split_rule(a, n: gs.Node, lays: list) -> None:
 
 
 def slice_rule(a, n: gs.Node, lays: list) -> None:
-    """Slice on the channel axis (step 1) cuts the ids; the bounds are fixed up."""
+    """Slice on the channel axis (step 1) cuts the ids; the bounds are fixed up. Along one axis of a
+    split layout the axis keeps its length (its slices tied) and the bounds stay."""
     x = lays[0]
     for l in lays[1:]:
         a.block_layout(l, f"Slice '{n.name}' bounds carry channels")
@@ -139,9 +152,21 @@ def slice_rule(a, n: gs.Node, lays: list) -> None:
         ax = normalize_axis(int(ax), r)
         if ax not in x.axes:
             continue
-        if not x.single or steps[j] != 1:
+        if steps[j] != 1:
             a.block_layout(x, f"Slice '{n.name}' with a step on the channel axis")
             return
+        if not x.single:
+            # one axis of a split layout (PaddlePaddle's qkv[0] of a fused QKV): the axis keeps its
+            # length (its slices tied), the bounds stay
+            k = x.axes.index(ax)
+            c = x.ids.shape[k]
+            s0, e0 = int(starts[j]), int(ends[j])
+            s0 = max(0, min(c, s0 + c if s0 < 0 else s0))
+            e0 = max(0, min(c, e0 + c if e0 < 0 else e0))
+            _tie_along(a, x.ids, k)
+            lay = Layout(lay.axes, np.take(lay.ids, np.arange(s0, e0), axis=k),
+                         np.take(lay.const, np.arange(s0, e0), axis=k))
+            continue
         c = x.ids.size
         s, e = int(starts[j]), int(ends[j])
         s = max(0, min(c, s + c if s < 0 else s))
@@ -238,7 +263,11 @@ def _reshape_like(a, n: gs.Node, x: Layout, ind, outd, fix: bool) -> None:
     sl = tuple(slice(None) if k in keep else slice(0, 1) for k in range(len(block_out)))
     ids2 = ids[sl].reshape([block_out[k] for k in keep])
     const2 = const[sl].reshape([block_out[k] for k in keep])
-    if len(keep) > 1:
+    if len(keep) > 1 and feeds_activation_matmul(n.outputs[0]):
+        # attention heads [.., H, D]: a unit is one head (the axis before D), so H shrinks and D,
+        # which the 1/sqrt(D) scale depends on, stays
+        a.unite_across(ids2, len(keep) - 2)
+    elif len(keep) > 1:
         # keep the result rectangular: removal goes along one axis, whole slices at a time
         best, cost = 0, None
         for f in range(len(keep)):
@@ -260,9 +289,12 @@ def reshape_rule(a, n: gs.Node, lays: list) -> None:
     if x is None:
         return
     spec = a.value(n.inputs[1]) if len(n.inputs) > 1 else None
+    concat = None
     if spec is None:
-        a.block_layout(x, f"Reshape '{n.name}' shape is computed at run time")
-        return
+        concat, spec, sizes = _concat_spec(a, n)
+        if concat is None:
+            a.block_layout(x, f"Reshape '{n.name}' shape is computed at run time")
+            return
     if int(node_attr(n, "allowzero", 0)) and np.any(spec == 0):
         a.block_layout(x, f"Reshape '{n.name}' with allowzero")
         return
@@ -281,7 +313,43 @@ def reshape_rule(a, n: gs.Node, lays: list) -> None:
                 outd[k] = ind[k]
             elif v > 0 and outd[k] is None:
                 outd[k] = int(v)
+    if concat is not None:
+        # the shape is Concat([x.size(0), x.size(1)], [H, D]): the channel dims must be constants
+        lay_before = a.layouts.get(n.outputs[0].name)
+        _reshape_like(a, n, x, ind, outd, fix=False)
+        lay = a.layouts.get(n.outputs[0].name)
+        if lay is None or lay is lay_before:
+            return
+        if any(ax >= len(spec) or np.isnan(spec[ax]) for ax in lay.axes):
+            a.layouts.pop(n.outputs[0].name, None)
+            a.block_layout(x, f"Reshape '{n.name}' shape is computed at run time on the channel axes")
+            return
+        a.fixups.append(Fixup("reshape", n, [lay], {"concat": concat, "sizes": sizes}))
+        return
     _reshape_like(a, n, x, ind, outd, fix=True)
+
+
+def _concat_spec(a, n: gs.Node):
+    """(Concat node, spec with NaN at run-time entries, length of each piece) when a Reshape's shape
+    is a Concat (axis 0, read by this Reshape only) of 1-D pieces, each constant or of known length
+    (PyTorch's ``x.view(x.size(0), x.size(1), H, D)``); (None, None, None) otherwise."""
+    t = n.inputs[1] if len(n.inputs) > 1 else None
+    if t is None or len(t.inputs) != 1 or t.inputs[0].op != "Concat" or len(t.outputs) != 1 \
+            or int(node_attr(t.inputs[0], "axis", 0)) != 0:
+        return None, None, None
+    parts = []
+    for piece in t.inputs[0].inputs:
+        v = a.value(piece)
+        if v is not None:
+            parts.append(np.asarray(v, np.float64).ravel())
+            continue
+        s = a.shape(piece)
+        if s is None or len(s) != 1 or not isinstance(s[0], int):
+            return None, None, None
+        parts.append(np.full(s[0], np.nan))
+    if not parts:
+        return None, None, None
+    return t.inputs[0], np.concatenate(parts), [p.size for p in parts]
 
 
 def flatten_rule(a, n: gs.Node, lays: list) -> None:
@@ -338,9 +406,13 @@ def squeeze_unsqueeze_rule(a, n: gs.Node, lays: list) -> None:
             s = a.shape(n.inputs[0])
             axes = [k for k, d in enumerate(s) if d == 1]
         axes = sorted(normalize_axis(v, rin) for v in axes)
-        if any(v in x.axes for v in axes):
+        hit = [x.axes.index(v) for v in axes if v in x.axes]
+        if hit and (x.single or any(x.ids.shape[k] != 1 for k in hit)):
             a.block_layout(x, f"Squeeze '{n.name}' removes the channel axis")
             return
+        if hit:  # a length-1 axis of a split layout (one of a fused QKV's q, k, v) goes
+            x = Layout(tuple(ax for ax in x.axes if ax not in axes), x.ids.squeeze(tuple(hit)),
+                       x.const.squeeze(tuple(hit)))
         new = tuple(ax - sum(1 for v in axes if v < ax) for ax in x.axes)
     else:
         rout = rin + len(axes)
@@ -351,3 +423,40 @@ def squeeze_unsqueeze_rule(a, n: gs.Node, lays: list) -> None:
             a.block_layout(x, f"Unsqueeze '{n.name}' splits the channel axes")
             return
     a.set_layout(n.outputs[0], Layout(new, x.ids, x.const))
+
+
+def _tie_along(a, ids: np.ndarray, k: int) -> None:
+    """Unite the ids at equal positions of every slice along axis ``k`` (the axis then never
+    shrinks: a removal takes a position from every slice)."""
+    rows = np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])
+    for row in rows:
+        a.unite(np.full(row.size - 1, row[0]), row[1:])
+
+
+def gather_rule(a, n: gs.Node, lays: list) -> None:
+    """Gather with constant indices: along a non-channel axis the channel axes are renumbered; a
+    scalar index along one axis of a split layout (``qkv[0]`` of a fused QKV) takes that slice, the
+    axis keeping its length (its slices tied); anything else blocks."""
+    x = lays[0]
+    for l in lays[1:]:
+        a.block_layout(l, f"Gather '{n.name}' indices carry channels")
+    if x is None:
+        return
+    r = a.rank(n.inputs[0])
+    idx = a.value(n.inputs[1])
+    if r is None or idx is None:
+        a.block_layout(x, f"Gather '{n.name}' indices computed at run time or unknown rank")
+        return
+    ax = normalize_axis(int(node_attr(n, "axis", 0)), r)
+    if ax not in x.axes:
+        shift = idx.ndim - 1
+        a.set_layout(n.outputs[0], Layout(tuple(v + shift if v > ax else v for v in x.axes), x.ids, x.const))
+        return
+    if x.single or idx.ndim != 0:
+        a.block_layout(x, f"Gather '{n.name}' picks channels")
+        return
+    k = x.axes.index(ax)
+    i = int(idx) % x.ids.shape[k]
+    _tie_along(a, x.ids, k)
+    a.set_layout(n.outputs[0], Layout(tuple(v - 1 if v > ax else v for v in x.axes if v != ax),
+                                      np.take(x.ids, i, axis=k), np.take(x.const, i, axis=k)))

@@ -18,6 +18,7 @@ __all__ = ["out_const_from_filter", "conv_pads_are_zero", "conv_rule", "conv_tra
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.channels.rules_attention import activation_matmul_rule
 from onnxshrink.graph.channels.types import Fixup, Layout, Sink
 from onnxshrink.graph.shapes import normalize_axis
 from onnxshrink.graph.values import node_attr
@@ -173,9 +174,13 @@ def gemm_rule(a, n: gs.Node, lays: list) -> None:
 
 
 def matmul_rule(a, n: gs.Node, lays: list) -> None:
-    """MatMul by a constant 2-D matrix: a sink of the last input axis, a new id space for its outputs."""
+    """MatMul by a constant 2-D matrix: a sink of the last input axis, a new id space for its outputs.
+    A MatMul of two activations is an attention product (``rules_attention``)."""
     x = lays[0]
     w = a.value(n.inputs[1])
+    if w is None and a.value(n.inputs[0]) is None:
+        activation_matmul_rule(a, n, lays)  # attention: Q K^T, P V
+        return
     if lays[1] is not None or w is None or w.ndim != 2:
         a.block_layout(x, f"MatMul '{n.name}' has run-time weights")
         a.block_layout(lays[1], f"MatMul '{n.name}' right operand carries channels")

@@ -33,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import UsageError
-from onnxshrink.graph.channels import ChannelAnalysis, analyze
+from onnxshrink.graph.channels import ChannelAnalysis, analyze, group_kind
 from onnxshrink.graph.cost import model_cost
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.options import keyed_items
@@ -142,13 +142,13 @@ class PrunePass(Pass):
         info = remove_units(a, graph, removed, fill)
         stats["removed_units"] = len(removed)
         stats["removed_channels"] = int(info["removed_channels"])
-        stats["per_group"] = _per_group(groups, removed)
+        stats["per_group"] = _per_group(a, groups, removed)
         if o.mode == "importance" and o.refit and samples:
             stats["refit"] = refit_consumers(graph, ctx, before, samples, info, max_dim=o.refit_max_dim,
                                              stages=o.refit_stages, positions=o.positions, ridge=o.ridge)
         stats["seconds"] = round(time.perf_counter() - t0, 2)
         _cost_stats(stats, before or None, ctx.to_model(graph), input_shapes, samples, o.latency)
-        return PassResult(graph, True, stats)
+        return PassResult(graph, True, stats, note=transformer_note(stats["per_group"]))
 
     def _importance_units(self, a: ChannelAnalysis, groups: list, free: set, fill: dict, ctx: Context, model,
                           samples: list, input_shapes, stats: dict) -> tuple[set, dict]:
@@ -213,14 +213,35 @@ def _dynamic_input_shapes(graph: gs.Graph, samples: list) -> dict | None:
     return dyn or None
 
 
-def _per_group(groups: list, removed: set) -> list:
-    """Per group that lost units: its producers, size and removed units (for the report)."""
+def _per_group(a: ChannelAnalysis, groups: list, removed: set) -> list:
+    """Per group that lost units: its producers, size and removed units (for the report), and what
+    the units are (``graph.channels.group_kind``): ``heads`` (with the removed head indices per
+    attention product), ``neurons`` (features of MatMul/Gemm layers, e.g. an MLP's hidden width)
+    or ``channels``."""
     out = []
     for g in groups:
         r = sum(1 for u in g.unit_labels if u in removed)
-        if r:
-            out.append({"producers": g.producers[:3], "units": g.units, "channels": g.channels, "removed_units": r})
+        if not r:
+            continue
+        rec = {"producers": g.producers[:3], "units": g.units, "channels": g.channels, "removed_units": r}
+        rec["kind"], heads = group_kind(a, g)
+        if heads:
+            rec["removed_heads"] = {name: [h for h, u in enumerate(us) if u in removed] for name, us in heads.items()}
+        out.append(rec)
     return out
+
+
+def transformer_note(per_group: list) -> str:
+    """The removed attention heads (per attention product, by head index) and MLP neurons (per layer,
+    how many of how many) of ``_per_group``'s records, as one line; "" when none."""
+    parts = []
+    for g in per_group:
+        if g.get("kind") == "heads":
+            for name, hs in g["removed_heads"].items():
+                parts.append(f"{name}: heads {hs} of {g['units']} removed")
+        elif g.get("kind") == "neurons":
+            parts.append(f"{g['producers'][0]}: {g['removed_units']} of {g['units']} neurons removed")
+    return "; ".join(parts)
 
 
 def _cost_stats(stats: dict, before, after, input_shapes, samples, latency: bool) -> None:

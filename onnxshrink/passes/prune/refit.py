@@ -24,6 +24,7 @@ from onnxshrink.graph.channels import ChannelAnalysis
 from onnxshrink.graph.patches import ConvGeometry, conv_patches
 from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.base import Context
+from onnxshrink.passes.prune.remove import matmul_bias_add
 from onnxshrink.passes.prune.stage_stream import StageStream
 
 
@@ -86,9 +87,9 @@ def refit_consumers(graph: gs.Graph, ctx: Context, original: onnx.ModelProto, sa
     # targets once: sampled rows of the unpruned model's outputs (kept channels), float32
     targets: dict = {n.name: [] for n in todo}
     plan: dict = {n.name: [] for n in todo}
-    for s_orig in ctx.capture(original, [n.outputs[0].name for n in todo], samples):
+    for s_orig in ctx.capture(original, [_fit_output(n).name for n in todo], samples):
         for n in todo:
-            Y, pos = _target_rows(n, s_orig[n.outputs[0].name], info["out_keep"].get(n.name), positions, rng)
+            Y, pos = _target_rows(n, s_orig[_fit_output(n).name], info["out_keep"].get(n.name), positions, rng)
             targets[n.name].append(Y)
             plan[n.name].append(pos)
     n_hold = max(1, len(samples) // 4) if len(samples) >= 4 else 0
@@ -169,9 +170,18 @@ def ridge_solutions(A: np.ndarray, B: np.ndarray, bias: bool, lams: list, prior:
         yield np.vstack([W, ((sy - sx @ W) / n)[None]]) if bias else W
 
 
+def _fit_output(node: gs.Node):
+    """The tensor a refit matches to the unpruned model's: the consumer's output, or for a MatMul
+    with a bias Add (``remove.matmul_bias_add``), the Add's output (a name the unpruned model has:
+    ``remove`` renames a MatMul's output when it puts a new Add after it)."""
+    found = matmul_bias_add(node) if node.op == "MatMul" else None
+    return found[0].outputs[0] if found is not None else node.outputs[0]
+
+
 def _refit_kind(node: gs.Node) -> str | None:
-    """"conv" (group 1, explicit padding), "gemm" (transA = 0) or "matmul" for a refittable
-    consumer with constant weights; None otherwise."""
+    """"conv" (group 1, explicit padding), "gemm" (transA = 0), "matmul" or "matmul_bias" (a MatMul
+    whose bias Add is fit too, see ``remove.matmul_bias_add``) for a refittable consumer with
+    constant weights; None otherwise."""
     w = constant_value(node.inputs[1], numeric_attrs=True) if len(node.inputs) > 1 else None
     if w is None:
         return None
@@ -181,7 +191,7 @@ def _refit_kind(node: gs.Node) -> str | None:
     if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
         return "gemm"
     if node.op == "MatMul" and w.ndim == 2:
-        return "matmul"
+        return "matmul_bias" if matmul_bias_add(node) is not None else "matmul"
     return None
 
 
@@ -254,6 +264,9 @@ def _current_theta(n: gs.Node, kind: str) -> np.ndarray:
         else:
             bb = np.broadcast_to(b.reshape(-1) if b.size == N else b.reshape(-1)[:1], (N,)) * beta
         return np.vstack([wk, bb[None]])
+    if kind == "matmul_bias":
+        add, slot = matmul_bias_add(n)
+        return np.vstack([w, np.asarray(add.inputs[slot].values, np.float64).reshape(1, -1)])
     return w
 
 
@@ -283,6 +296,10 @@ def _write_theta(n: gs.Node, kind: str, theta: np.ndarray, graph: gs.Graph) -> N
         else:
             n.attrs["beta"] = 1.0
             n.inputs.append(gs.Constant(f"{n.name}_bias_refit", theta[-1].astype(dt)))
+    elif kind == "matmul_bias":
+        n.inputs[1] = gs.Constant(f"{n.inputs[1].name}_refit", theta[:-1].astype(dt))
+        add, slot = matmul_bias_add(n)
+        add.inputs[slot] = gs.Constant(f"{add.inputs[slot].name}_refit", theta[-1].astype(dt))
     else:
         n.inputs[1] = gs.Constant(f"{n.inputs[1].name}_refit", theta.astype(dt))
     graph.cleanup()

@@ -5,14 +5,15 @@ Q/DQ scales), rewrites the shape constants and attributes that count channels (R
 Split sizes, Slice bounds, Resize sizes, a depthwise conv's ``group``), and folds the value the
 removed input channels had into the consumer's bias:
     b'_o = b_o + sum_{p removed} c_p * sum_k W[o, p, k]         (Conv, per group)
-    C'  = C + (alpha / beta) * sum_{p removed} c_p * B[p, :]      (Gemm; MatMul gets an Add)
+    C'  = C + (alpha / beta) * sum_{p removed} c_p * B[p, :]      (Gemm; a MatMul's bias Add, or a
+                                                                   new Add after it)
 which is exact when c_p is the channel's constant value, for Gemm/MatMul and for convs without
 padding (with zero padding the border outputs would differ, so such units are kept).
 """
 
 from __future__ import annotations
 
-__all__ = ["lossless_units", "feasible", "remove_units"]
+__all__ = ["lossless_units", "feasible", "remove_units", "matmul_bias_add"]
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -192,6 +193,10 @@ def _fold_into_biases(a: ChannelAnalysis, graph: gs.Graph, rem: np.ndarray, fill
                 n.inputs.append(gs.Constant(f"{n.name}_bias_pruned", delta.astype(w.dtype)))
                 if out_member is not None:
                     extra_members.append(Member(n, 2, 0, out_member.ids, "out", "gemm_b"))
+        elif s.kind == "matmul" and matmul_bias_add(n) is not None:
+            add, slot = matmul_bias_add(n)  # the export's own bias Add (sliced as its add_const member)
+            b = np.asarray(add.inputs[slot].values, np.float64)
+            _private_const(add, slot, (b + delta.reshape(b.shape)).astype(add.inputs[slot].values.dtype), cache)
         elif s.kind == "matmul":
             y = n.outputs[0]
             mid = gs.Variable(f"{y.name}_nobias", dtype=y.dtype)
@@ -202,6 +207,39 @@ def _fold_into_biases(a: ChannelAnalysis, graph: gs.Graph, rem: np.ndarray, fill
             if out_member is not None:
                 extra_members.append(Member(add, 1, 0, out_member.ids, "out", "matmul_b"))
     return in_keep, extra_members
+
+
+def _rewrite_concat_pieces(concat: gs.Node, sizes: list, new: dict, cache: dict) -> None:
+    """Set entries ``new`` {position: value} of a shape built by ``concat`` (axis 0) of pieces of
+    ``sizes`` in its constant pieces (the analysis checked that those positions are constant)."""
+    off = 0
+    for slot, (piece, size) in enumerate(zip(list(concat.inputs), sizes)):
+        v = constant_value(piece, numeric_attrs=True)
+        hit = {p - off: val for p, val in new.items() if off <= p < off + size}
+        if hit:
+            v = v.reshape(-1).copy()
+            for p, val in hit.items():
+                if v[p] != -1:
+                    v[p] = val
+            _private_const(concat, slot, v, cache)
+        off += size
+
+
+def matmul_bias_add(node: gs.Node) -> tuple[gs.Node, int] | None:
+    """(Add, slot of its constant) when the only consumer of a MatMul's output adds a bias: a 1-D
+    constant of the MatMul's output width (PyTorch's Linear, either operand order), or the Add
+    ``remove`` put after it to hold folded channel values; None otherwise."""
+    w = constant_value(node.inputs[1], numeric_attrs=True) if len(node.inputs) > 1 else None
+    users = node.outputs[0].outputs if node.outputs else []
+    if w is None or w.ndim != 2 or len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
+        return None
+    add = users[0]
+    slot = 1 if add.inputs[0] is node.outputs[0] else 0
+    c = add.inputs[slot]
+    if add.inputs[1 - slot] is not node.outputs[0] or not isinstance(c, gs.Constant) \
+            or np.asarray(c.values).ndim != 1 or np.asarray(c.values).size != w.shape[1]:
+        return None
+    return add, slot
 
 
 def _slice_members(a: ChannelAnalysis, members: list, rem: np.ndarray, cache: dict) -> tuple:
@@ -253,6 +291,10 @@ def _rewrite_fixups(a: ChannelAnalysis, rem: np.ndarray, cache: dict) -> None:
                       for k in range(kept.ndim)]
             if int(np.prod(counts)) != int(kept.sum()):
                 raise RuntimeError(f"Reshape '{n.name}': removal is not rectangular")
+            concat = f.info.get("concat")
+            if concat is not None:  # the channel dims are constant pieces of a run-time Concat
+                _rewrite_concat_pieces(concat, f.info["sizes"], {ax: counts[k] for k, ax in enumerate(lay.axes)}, cache)
+                continue
             spec = constant_value(n.inputs[1], numeric_attrs=True).copy()
             for k, ax in enumerate(lay.axes):
                 if spec[ax] != -1:

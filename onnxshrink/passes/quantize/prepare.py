@@ -1,4 +1,7 @@
-"""Lossless canonicalization before quantization: Constant nodes to initializers, constant
+"""Canonicalization before quantization: float16/bfloat16 compute upcast to float32
+(graph/precision.upcast_low_float: quantized weights get float32 scales and the kept-float parts
+compute in float32, as the CPU's kernels do; the only non-lossless step, and only on half-precision
+models), then lossless: Constant nodes to initializers, constant
 subgraphs folded, BatchNormalization and scalar/per-channel Mul/Div/Add/Sub folded into the
 preceding Conv/ConvTranspose/Gemm (cleanup's affine fold, the one implementation, which follows
 ONNX's right-aligned broadcasting), optionally ``Div`` by a constant turned into ``Mul``, every
@@ -11,15 +14,19 @@ __all__ = ["prepare_float_graph", "sole_consumer"]
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.precision import upcast_low_float
 from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.cleanup.affine import fold_into_preceding_linear
 from onnxshrink.passes.cleanup.constants import constants_to_initializers
 
 
 def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False) -> dict:
-    """Lossless canonicalization the quantizer needs (module doc), in place; returns counts."""
+    """Canonicalization the quantizer needs (module doc), in place; returns counts."""
+    up = upcast_low_float(graph)
     n = constants_to_initializers(graph)
     stats = {"constants_to_initializers": n}
+    if any(up.values()):
+        stats["upcast_from_float16"] = up
     if n:
         graph.cleanup()
     try:
