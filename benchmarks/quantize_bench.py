@@ -3,6 +3,13 @@ onnxshrink ``cleanup,quantize`` on real models, same calibration and held-out sa
 
     python benchmarks/quantize_bench.py                      # all four models, 32 calib / 24 held-out
     python benchmarks/quantize_bench.py --models ppocr_cls --calib 8 --heldout 8 --rounds 10
+    python benchmarks/quantize_bench.py --models vit_s,ppocr_rec --tools ort_dyn,ort_pc,shrink   # transformers
+
+``vit_s`` is not a downloaded model: ``models.build.vit_encoder`` at ViT-S width (384 wide, 6 heads,
+MLP 1536, 4 blocks, 64x64 photos in 8x8 patches: 65 tokens), exported PyTorch-style, fed photos.
+Tools: ``ort_pc`` / ``ort_pt`` onnxruntime ``quantize_static`` (QDQ, MinMax, per-channel / per-tensor),
+``ort_dyn`` onnxruntime ``quantize_dynamic`` (int8 weights, activations at run time), ``shrink``
+onnxshrink ``cleanup,quantize`` (at ``--budget none``: the pass alone, as the tools run).
 
 Each tool runs in its own subprocess, so its wall time and peak memory (VmHWM of that process,
 which counts onnxruntime's C++ allocations) are measured alike. Speed: one intra-op thread, the
@@ -61,9 +68,13 @@ def worker(tool: str, model: str, calib_dir: str, out: str, options: str) -> dic
                 f = next(self.it, None)
                 return None if f is None else {in_name: np.load(f)}
 
-        quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=(tool == "ort_pc"),
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        if tool == "ort_dyn":
+            from onnxruntime.quantization import quantize_dynamic
+            quantize_dynamic(model, out, weight_type=QuantType.QInt8)
+        else:
+            quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=(tool == "ort_pc"),
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
     else:
         from onnxshrink.passes.registry import registry
         from onnxshrink.pipeline.manager import optimize
@@ -167,23 +178,40 @@ def op_counts(path) -> dict:
         so.log_severity_level = 3
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         c = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-    q = {k: v for k, v in c.items() if k.startswith("QLinear") or k in ("QGemm", "MatMulIntegerToFloat")}
+    q = {k: v for k, v in c.items() if k.startswith("QLinear") or k in ("QGemm", "MatMulIntegerToFloat",
+                                                                          "DynamicQuantizeMatMul", "MatMulInteger")}
     return {"integer": sum(q.values()), "Q": c.get("QuantizeLinear", 0), "DQ": c.get("DequantizeLinear", 0),
             "float_conv": c.get("Conv", 0) + c.get("FusedConv", 0)}
 
 
+def _built_model(name: str, folder: Path, n: int) -> tuple[Path, list[dict]]:
+    """A model built by models/build.py (``vit_s``) saved in ``folder``, and ``n`` photo samples."""
+    import onnx
+
+    from models.build import demo_samples, vit_encoder
+    if name != "vit_s":
+        raise SystemExit(f"unknown model {name}")
+    model = vit_encoder(depth=4, dim=384, heads=6, hw=64, patch=8)
+    path = folder / "vit_s.onnx"
+    onnx.save(model, str(path))
+    return path, [{model.graph.input[0].name: x} for x in demo_samples(n, seed=0, hw=64)]
+
+
 def bench_model(name, n_calib, n_held, rounds, options, tools) -> list[dict]:
     from models.real import real_model, real_samples, write_samples
-    path = real_model(name)
-    samples = real_samples(name, n_calib + n_held, seed=0)
-    calib, held = samples[:n_calib], samples[n_calib:]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
+        if name in MODELS:
+            path, samples = real_model(name), real_samples(name, n_calib + n_held, seed=0)
+        else:
+            path, samples = _built_model(name, d, n_calib + n_held)
+        calib, held = samples[:n_calib], samples[n_calib:]
         cdir = write_samples(calib, d / "calib")
         variants = {"fp32": path}
         infos = {"fp32": {}}
-        labels = {"ort_pc": "ORT per-channel", "ort_pt": "ORT per-tensor", "shrink": "onnxshrink"}
+        labels = {"ort_pc": "ORT per-channel", "ort_pt": "ORT per-tensor", "ort_dyn": "ORT dynamic",
+                  "shrink": "onnxshrink"}
         for tool in tools:
             out = d / f"{tool}.onnx"
             info = run_tool(tool, path, cdir, out, options)
