@@ -1,0 +1,85 @@
+"""The recipe explain writes: the CANDIDATE's kind of shrinking redone by onnxshrink on ORIGINAL,
+with the fixes of the top culprits (``onnxshrink optimize ORIGINAL OUT --recipe FILE`` replays it).
+
+- Quantized candidate: ``quantize`` with the candidate's scheme read off its Q/DQ (per-channel weights
+  when any weight has per-channel scales; the activations' integer type) and ``guard: false``, so the
+  integer placement is kept as the candidate had it rather than returned to float where int8 is not
+  clearly faster on this CPU (the fidelity search under the budget still runs); then the fixes:
+  ``exclude`` lists are merged, other options set.
+- Pruned candidate: ``prune`` in importance mode with each pruned group at the fraction the candidate
+  removed (``group_ratios``), the culprits' groups at half of it.
+- Factorized candidate: ``svd`` with each factorized layer's rank (``ranks``), the culprits' doubled.
+A mixed candidate gets the passes in the order prune, svd, quantize.
+"""
+
+from __future__ import annotations
+
+__all__ = ["build_recipe", "recipe_yaml"]
+
+import collections
+
+import onnx_graphsurgeon as gs
+
+from onnxshrink.graph.values import constant_value
+
+
+def _scheme(units: dict, gc: gs.Graph) -> dict:
+    dtypes = collections.Counter(u.act.dtype for u in units.values() if u.act is not None)
+    per_channel = False
+    for n in gc.nodes:
+        if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant):
+            s = constant_value(n.inputs[1])
+            if s is not None and s.size > 1:
+                per_channel = True
+                break
+    opts = {"per_channel": per_channel}
+    if dtypes:
+        opts["activation_dtype"] = dtypes.most_common(1)[0][0]
+    opts["guard"] = False
+    return opts
+
+
+def build_recipe(kind: str, units: dict, gc: gs.Graph, culprits: list, calib: str | None, budget: str | None) -> dict:
+    """The recipe mapping (module docstring); ``culprits`` are ranking rows whose first cause's fix is applied."""
+    passes: dict = {}
+    if any(u.pruned for u in units.values()):
+        ratios = {n: round(1 - d["out"][0] / d["out"][1], 3)
+                  for u in units.values() for n, d in u.pruned.items() if "out" in d}
+        passes["prune"] = {"mode": "importance", "group_ratios": ratios}
+    if any(u.factorized for u in units.values()):
+        passes["svd"] = {"ranks": {n: ["", d["rank"]] for u in units.values() for n, d in u.factorized.items()}}
+    if any(u.quantized for u in units.values()):
+        passes["quantize"] = _scheme(units, gc)
+    fixes = []
+    for r in culprits:
+        fix = r["causes"][0]["fix"]
+        for p, opts in fix.items():
+            cur = passes.setdefault(p, {})
+            for k, v in opts.items():
+                if isinstance(v, list) and k == "exclude":
+                    cur[k] = list(dict.fromkeys(list(cur.get(k, [])) + v))
+                elif isinstance(v, dict):
+                    cur[k] = {**cur.get(k, {}), **v}
+                else:
+                    cur[k] = v
+        fixes.append({"node": r["node"], "cause": r["causes"][0]["cause"], "fix": fix})
+    order = [p for p in ("prune", "svd", "quantize") if p in passes]
+    recipe: dict = {"passes": [{p: passes[p]} for p in order]}
+    if calib:
+        recipe["calib"] = str(calib)
+    if budget:
+        recipe["budget"] = budget
+    return {"recipe": recipe, "fixes": fixes, "kind": kind}
+
+
+def recipe_yaml(r: dict) -> str:
+    """The recipe as YAML with a header saying where it came from and what it fixes."""
+    import yaml
+
+    lines = ["# written by onnxshrink explain: the candidate's shrinking redone on the original, with these fixes"]
+    for f in r["fixes"]:
+        lines.append(f"#   {f['node']}: {f['cause']} -> {f['fix']}")
+    if not r["fixes"]:
+        lines.append("#   (no fix: no culprit with a fix onnxshrink can apply)")
+    lines.append("# replay: onnxshrink optimize ORIGINAL OUT --recipe THIS_FILE")
+    return "\n".join(lines) + "\n" + yaml.safe_dump(r["recipe"], sort_keys=False, default_flow_style=None)
