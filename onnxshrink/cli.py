@@ -118,6 +118,8 @@ def settings_options(*names):
 @click.option("--passes", "-p", help="Comma-separated passes, run in order (default: cleanup).")
 @settings_options("data", "val_data", "budget")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Write the report as one self-contained HTML page here.")
 @settings_options("target", "input_shapes")
 @click.option("--recipe", type=click.Path(), help="YAML/JSON pipeline: passes with options, calib, budget, target.")
 @click.option("--option", "-o", "options", multiple=True, metavar="PASS.KEY=VALUE",
@@ -126,7 +128,7 @@ def settings_options(*names):
 @settings_options("seed", "synthetic", "measure_speed", "enforce_speed", "target_size", "target_macs", "target_latency",
                   "executor", "workers", "cache", "sensitivity_samples", "max_units", "plot")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress.")
-def optimize(input_model, output_model, passes, report_path, recipe, options, quiet, **given):
+def optimize(input_model, output_model, passes, report_path, recipe, options, quiet, html_path=None, **given):
     """Optimize IN and write OUT (never touching IN)."""
     if not Path(input_model).exists():  # the paths first: the most basic mistakes get named first
         raise InputError(f"model file not found: {input_model}")
@@ -159,26 +161,31 @@ def optimize(input_model, output_model, passes, report_path, recipe, options, qu
         check_output_path(rpath, input_model)
         if Path(rpath).resolve() == Path(output_model).resolve():
             raise UsageError(f"--report and OUT are the same file ({rpath})")
+    if html_path:
+        check_output_path(html_path, input_model)
     try:
         _, report = run_optimize(input_model, output_model, passes=specs, settings=settings)
     except BudgetError as e:
-        if e.report is not None and rpath:
+        if e.report is not None and (rpath or html_path):
             e.report.input = input_model
-            _write_report(e.report, rpath)
+            _write_report(e.report, rpath, html_path)
         if e.report is not None and not quiet:
             e.report.render(_console())
         raise
     report.input = input_model
-    if rpath:
-        _write_report(report, rpath)
+    _write_report(report, rpath, html_path)
     if not quiet:
         report.render(_console())
         click.echo(f"wrote {output_model}", err=True)
 
 
-def _write_report(report, path) -> None:
-    """Write the JSON report atomically."""
-    _write_text(path, report.to_json() + "\n")
+def _write_report(report, path, html_path=None) -> None:
+    """Write the JSON report and the HTML page (each when its path is given) atomically."""
+    if path:
+        _write_text(path, report.to_json() + "\n")
+    if html_path:
+        from onnxshrink.explain.html_report import report_html
+        _write_text(html_path, report_html(report.to_dict()))
 
 
 def _console():
