@@ -192,7 +192,7 @@ def _timeline(r: dict) -> str:
         notes = []
         st = p.get("stats") or {}
         for k in ("guard_reason", "note"):
-            if st.get(k):
+            if st.get(k) and str(st[k]) not in (p.get("reason") or ""):
                 notes.append(escape(str(st[k])))
         cls = _STATUS.get(p.get("status"), "warn")
         rows.append(f"<tr><td class='num'>{i + 1}</td><td><b data-key='passes.{i}.name'>{escape(p.get('name', ''))}</b>"
@@ -201,7 +201,7 @@ def _timeline(r: dict) -> str:
                     f"<td class='num'>{_f(p.get('nodes'), '{}')}</td><td class='num'>{_count(p.get('params'))}</td>"
                     + _cell(f.get("cosine"), f"passes.{i}.fidelity.cosine", "{:.5f}")
                     + f"<td>{escape(p.get('reason') or '')}{'<br>' if notes and p.get('reason') else ''}"
-                    f"{'<br>'.join(n for n in notes if n != escape(p.get('reason') or ''))}{tried}</td></tr>")
+                    f"{'<br>'.join(notes)}{tried}</td></tr>")
     chart = bars([(p.get("name", ""), p.get("wall_time_s")) for p in passes], fmt=lambda v: f"{v:.1f} s",
                  title="wall time per pass", label_width=160)
     return ("<section><h2>Passes, in order: decisions and reasons</h2><table><tr><th class='num'>#</th><th>pass</th>"
@@ -224,7 +224,8 @@ def _layer_charts(r: dict) -> str:
         if isinstance(nodes, dict) and nodes:
             counts: dict = {}
             for why in nodes.values():
-                k = str(why).split(" (")[0]
+                k = "folded into a unit's output range" if str(why).startswith("folded into") else \
+                    str(why).split(" (")[0]
                 counts[k] = counts.get(k, 0) + 1
             out.append(f"<h3>{escape(p['name'])}: decisions per node</h3>"
                        + bars(sorted(counts.items(), key=lambda kv: -kv[1]), fmt=lambda v: f"{v:.0f}",

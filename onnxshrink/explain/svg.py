@@ -27,6 +27,7 @@ def bars(rows: list, fmt=lambda v: f"{v:.3g}", width: int = 720, log: bool = Fal
     bar_h, gap = 16, 4
     h = len(rows) * (bar_h + gap) + 24
     plot_w = width - label_width - 70
+    max_chars = max(12, int(label_width / 6.2))  # what fits at 11 px (names keep their distinctive end)
     vals = [math.log10(v) for _, v in rows] if log else [v for _, v in rows]
     lo = min(min(vals), 0.0) if not log else min(vals) - 0.5
     hi = max(max(vals), lo + 1e-12)
@@ -37,7 +38,7 @@ def bars(rows: list, fmt=lambda v: f"{v:.3g}", width: int = 720, log: bool = Fal
     for i, ((label, v), x) in enumerate(zip(rows, vals)):
         y = 4 + i * (bar_h + gap)
         w = max(1.0, plot_w * (x - lo) / (hi - lo)) if hi > lo else 1.0
-        short = label if len(label) <= 42 else "…" + label[-41:]
+        short = label if len(label) <= max_chars else "…" + label[-(max_chars - 1):]
         parts.append(f'<text x="{label_width - 6}" y="{y + 12}" text-anchor="end">{escape(short)}</text>')
         parts.append(f'<rect x="{label_width}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}"/>')
         parts.append(f'<text x="{label_width + w + 4:.1f}" y="{y + 12}">{escape(fmt(v))}</text>')
