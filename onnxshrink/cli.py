@@ -229,6 +229,8 @@ def explain_cmd(original, candidate, calib, samples, top, budget, json_path, htm
     text = recipe_yaml(res["recipe"])
     if recipe_path:
         _write_text(recipe_path, text)
+    if apply_path and not res["recipe"]["recipe"]["passes"]:
+        raise UsageError("--apply: the recipe has no pass (explain found no change of CANDIDATE it can redo)")
     if apply_path:
         import tempfile
         with tempfile.TemporaryDirectory() as d:

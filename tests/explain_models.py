@@ -14,12 +14,12 @@ OUTLIER_NODE = "conv2"
 OUTLIER_CHANNELS = (3, 11)
 
 
-def outlier_cnn(seed: int = 0) -> onnx.ModelProto:
-    """x[1,3,16,16] -> conv1 -> relu -> conv2 (channels 3 and 11 x100) -> relu -> conv3 (those input
-    channels /100) -> relu -> conv4 -> GlobalAveragePool -> Flatten -> out[1,8]."""
+def outlier_cnn(seed: int = 0, outlier: float = 100.0) -> onnx.ModelProto:
+    """x[1,3,16,16] -> conv1 -> relu -> conv2 (channels 3 and 11 x ``outlier``) -> relu -> conv3 (those
+    input channels / ``outlier``) -> relu -> conv4 -> GlobalAveragePool -> Flatten -> out[1,8]."""
     rng = np.random.default_rng(seed)
     s2 = np.ones(16, np.float32)
-    s2[list(OUTLIER_CHANNELS)] = 100.0
+    s2[list(OUTLIER_CHANNELS)] = outlier
     nodes, inits = [], []
     layers = [("conv1", "x", 3, 16, None, None), ("conv2", "conv1_r", 16, 16, s2, None),
               ("conv3", "conv2_r", 16, 16, None, 1 / s2), ("conv4", "conv3_r", 16, 8, None, None)]

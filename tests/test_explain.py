@@ -1,22 +1,28 @@
 """onnxshrink explain: on a CNN with outlier channels quantized by onnxruntime (per-tensor), the
 outlier convolution is ranked first with its cause named, and the recipe it writes, replayed by
 ``onnxshrink optimize --recipe``, is at least as faithful on held-out samples as onnxruntime's
-quantization, also with the culprit excluded; the CLI's exit codes on bad input."""
+quantization, also with the culprit excluded; pruned and factorized candidates; the CLI's exit codes
+on bad input."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import yaml
 
+from models.build import mlp
 from onnxshrink.explain import explain
 from onnxshrink.metrics import fidelity
 from onnxshrink.runtime import make_session
 from tests.explain_models import OUTLIER_CHANNELS, OUTLIER_NODE, ort_quantize, outlier_cnn, samples, write_samples
 from tests.reliability_helpers import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +106,50 @@ def test_explain_exit_codes(case, tmp_path):
     r = run_cli("explain", case["orig"], case["cand"], "--calib", case["calib"], "--json", case["orig"])
     assert r.code == 2
     assert d.exists()
+
+
+@pytest.fixture(scope="module")
+def mlp_case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlp")
+    onnx.save(mlp(), str(d / "orig.onnx"))
+    rng = np.random.default_rng(3)
+    return d / "orig.onnx", write_samples(d / "calib", [rng.standard_normal((1, 64)).astype(np.float32)
+                                                        for _ in range(16)])
+
+
+@pytest.fixture(scope="module")
+def demo_case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    calib = ROOT / "models/demo/calib"
+    r = run_cli("optimize", ROOT / "models/demo/demo_cnn.onnx", d / "orig.onnx", "--passes", "cleanup", "--calib",
+                calib, "-q")
+    assert r.code == 0, r.err
+    return d / "orig.onnx", calib
+
+
+@pytest.mark.parametrize("model, shrink, kind, op, fix_pass", [
+    ("mlp", ["--passes", "prune", "-o", "prune.mode=importance", "-o", "prune.ratio=0.6", "-o", "prune.multiple_of=2",
+             "-o", "prune.refit=false"], "pruned", "prune group", "prune"),
+    ("demo", ["--passes", "svd", "-o", "svd.rule=params", "-o", "svd.ratio=0.4", "-o", "svd.min_params=512",
+              "-o", "svd.fold=false"], "factorized", "svd layer", "svd"),
+])
+def test_explain_structural_candidates(request, tmp_path, model, shrink, kind, op, fix_pass):
+    """A pruned or factorized candidate: its groups / layers measured alone (onnxshrink's prune / svd of
+    only that unit), the worst ranked first with its cause, and the recipe (the candidate's ratios or
+    ranks, the culprits' halved or doubled) replayed gives a more faithful model."""
+    orig, calib = request.getfixturevalue(f"{model}_case")
+    cand = tmp_path / "cand.onnx"
+    r = run_cli("optimize", orig, cand, *shrink, "--calib", calib, "--budget", "none", "-q")
+    assert r.code == 0, r.err
+    r = run_cli("explain", orig, cand, "--calib", calib, "--samples", "8", "--top", "3", "--json",
+                tmp_path / "ex.json", "--write-recipe", tmp_path / "recipe.yaml", "--apply", tmp_path / "fixed.onnx",
+                "--budget", "none", "-q")
+    assert r.code == 0, r.err
+    res = json.loads((tmp_path / "ex.json").read_text())
+    assert res["kind"] == kind
+    top = res["ranking"][0]
+    assert top["op"] == op and top["share"] is not None
+    assert top["causes"][0]["cause"] == {"pruned": "pruned", "factorized": "low_rank"}[kind]
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert [next(iter(p)) for p in recipe["passes"]] == [fix_pass]
+    assert res["after"]["cosine"] > res["before"]["cosine"] + 0.01

@@ -22,19 +22,21 @@ one and its fix goes into the recipe):
 - ``unfused``: Q/DQ around an op onnxruntime has no integer kernel for (it runs in float between a
   DequantizeLinear and a QuantizeLinear: rounding without speed). Fix: keep it float
   (``quantize.exclude``; onnxshrink's own placement never puts Q/DQ there).
-- ``pruned``: a node of the segment lost channels. Fix: half the pruned fraction for its group
+- ``pruned`` (a channel group, ``structural.py``): Fix: half the pruned fraction for that group
   (``prune.group_ratios``).
-- ``low_rank``: a node of the segment was factorized. Fix: twice the rank (``svd.ranks``).
+- ``low_rank`` (a factorized layer): Fix: twice the rank, at most full (``svd.ranks``).
 - ``quantization``: quantized, none of the above: keep it float (``quantize.exclude``).
 """
 
 from __future__ import annotations
 
-__all__ = ["OUTLIER_RATIO", "diagnose", "outlier_ratio", "per_channel_weight_nsr", "UNFUSABLE_SAFE_OPS"]
+__all__ = ["OUTLIER_RATIO", "diagnose", "diagnose_structural", "outlier_ratio", "per_channel_weight_nsr",
+           "UNFUSABLE_SAFE_OPS"]
 
 import numpy as np
 
 from onnxshrink.explain.match import Unit, WeightQuant
+from onnxshrink.explain.structural import StructuralUnit
 from onnxshrink.passes.quantize.plan import (
     ELEMENTWISE_OPS,
     FOLDABLE_ACTIVATIONS,
@@ -147,23 +149,6 @@ def diagnose(u: Unit, channel_max, equalize_fixes: dict, node_ops: dict, node_at
                             f"between DequantizeLinear and QuantizeLinear (rounding, no speed)",
                     "fix": {"quantize": {"exclude": [u.node]}},
                     "fix_text": f"keep {u.node} float (onnxshrink's placement puts no Q/DQ there)"})
-    for name, d in u.pruned.items():
-        if "out" in d:
-            kept, of = d["out"]
-            frac = 1 - kept / of
-            out.append({"cause": "pruned", "text": f"{name} pruned to {kept} of {of} channels ({frac:.0%} removed)",
-                        "fix": {"prune": {"group_ratios": {name: round(frac / 2, 3)}}},
-                        "fix_text": f"prune {name}'s group at {frac / 2:.0%} (prune.group_ratios)"})
-        elif "in" in d:
-            kept, of = d["in"]
-            out.append({"cause": "pruned", "text": f"{name} reads {kept} of {of} input channels (its producer's "
-                        f"group was pruned by {1 - kept / of:.0%})", "fix": {}, "fix_text":
-                        "a lower ratio for the producing group (prune.group_ratios)"})
-    for name, d in u.factorized.items():
-        r2 = min(2 * d["rank"], d["full"])
-        out.append({"cause": "low_rank", "text": f"{name} factorized at rank {d['rank']} of {d['full']}",
-                    "fix": {"svd": {"ranks": {name: ["", r2]}}},
-                    "fix_text": f"rank {r2} for {name} (svd.ranks)"})
     if not out and u.quantized:
         what = "its output and weights" if u.act is not None and u.weights else "its weights" if u.weights else \
             "its output"
@@ -173,3 +158,15 @@ def diagnose(u: Unit, channel_max, equalize_fixes: dict, node_ops: dict, node_at
                     "fix_text": f"keep {', '.join(keep_float)} float (quantize.exclude)" if keep_float else
                     "16-bit activations (quantize.activation_dtype=uint16)"})
     return out
+
+
+def diagnose_structural(u: StructuralUnit) -> list[dict]:
+    """The cause and fix of a pruned group or a factorized layer."""
+    if u.kind == "pruned":
+        return [{"cause": "pruned",
+                 "text": f"channel group of {u.key} pruned by {u.ratio:.0%} of {u.channels} channels",
+                 "fix": {"prune": {"group_ratios": {u.key: round(u.ratio / 2, 4)}}},
+                 "fix_text": f"prune this group by {u.ratio / 2:.0%} (prune.group_ratios)"}]
+    r2 = min(2 * u.rank, u.full)
+    return [{"cause": "low_rank", "text": f"{u.key} factorized at rank {u.rank} of {u.full}",
+             "fix": {"svd": {"ranks": {u.key: [u.form, r2]}}}, "fix_text": f"rank {r2} (svd.ranks)"}]

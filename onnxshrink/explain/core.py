@@ -8,7 +8,10 @@
    - for quantized units, among the ``top`` largest jumps, the output NSR with that unit's quantization
      alone (the ORIGINAL with only its Q/DQ and weights from CANDIDATE, everything else float) and its
      *share* of the candidate's output NSR (``alone / candidate``; shares need not add to 1: errors
-     of different layers interact).
+     of different layers interact);
+   - for pruned channel groups and factorized layers (``structural.py``; a pruned tensor has another
+     shape, so it is not matched and the error shows at the next matched tensor), up to ``2 top`` of
+     them, the strongest first: the output NSR with onnxshrink's prune / svd of only that unit.
 3. Name the causes and their fixes (``causes.py``), rank the units (measured share, then jump), and
    turn the fixes of the top culprits into a recipe (``recipe.py``).
 """
@@ -25,10 +28,11 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.data import as_source, input_specs
 from onnxshrink.errors import UsageError
-from onnxshrink.explain.causes import OUTLIER_RATIO, diagnose, outlier_ratio
+from onnxshrink.explain.causes import OUTLIER_RATIO, diagnose, diagnose_structural, outlier_ratio
 from onnxshrink.explain.match import build_segments, channel_axis, match_models
 from onnxshrink.explain.measure import measure_tensors, output_nsr, quantize_only, run_outputs
 from onnxshrink.explain.recipe import build_recipe
+from onnxshrink.explain.structural import measure_alone, structural_units
 from onnxshrink.graph.convert import graph_to_model
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.equalize import equalize_pairs, find_pairs
@@ -98,6 +102,8 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
         qc = [c for c in u.consumers if c in quantized_nodes]
         causes = diagnose(u, errs.channel_max.get(t), eq_after, node_ops, node_attrs, qc, seconds)
         share = alone[t] / out_nsr if t in alone and out_nsr > 0 else None
+        if share is not None and share < MIN_RECIPE_SHARE:  # measured harmless: plain rounding is no cause
+            causes = [c for c in causes if c["cause"] != "quantization"]
         ratio, chans = outlier_ratio(errs.channel_max.get(t))
         rows.append({
             "tensor": t, "node": u.node or f"(input {t})", "op": u.op, "nodes": u.nodes,
@@ -108,13 +114,24 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
             "channel_range_ratio": round(ratio, 2), "outlier_channels": chans[:16],
             "causes": causes,
         })
-    rows_by_graph = list(rows)
-    rows.sort(key=lambda r: (r["share"] is None, -(r["share"] or 0.0), -r["jump"]))
+    structural = structural_units(original, candidate) if m.kind != "quantized" and m.kind != "unchanged" else []
+    if structural:
+        structural.sort(key=lambda su: -(su.ratio if su.kind == "pruned" else 1 - su.rank / max(su.full, 1)))
+        measure_alone(original, structural[: max(0, 2 * top)], feeds, errs.reference, progress)
+    for su in structural:
+        share = su.alone_nsr / out_nsr if su.alone_nsr is not None and out_nsr > 0 else None
+        rows.append({"tensor": None, "node": su.key, "op": "prune group" if su.kind == "pruned" else "svd layer",
+                     "nodes": su.nodes, "cosine": None, "nsr": None, "sqnr_db": None, "jump": None,
+                     "alone_nsr": su.alone_nsr, "share": share, "quantized": False, "activation_bits": None,
+                     "per_tensor": None, "channel_range_ratio": None, "outlier_channels": [],
+                     "causes": diagnose_structural(su), "not_measured": su.reason or None})
+    rows_by_graph = [r for r in rows if r["tensor"] is not None]
+    rows.sort(key=lambda r: (r["share"] is None, -(r["share"] or 0.0), -(r["jump"] or 0.0)))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     culprits = [r for r in rows[:RECIPE_CULPRITS] if r["causes"] and r["causes"][0]["fix"]
                 and (r["share"] is None or r["share"] >= MIN_RECIPE_SHARE)]
-    recipe = build_recipe(m.kind, units, gc, culprits, calib_path, budget)
+    recipe = build_recipe(m.kind, units, structural, gc, culprits, calib_path, budget)
     return {
         "kind": m.kind,
         "samples": len(feeds),

@@ -6,9 +6,10 @@ with the fixes of the top culprits (``onnxshrink optimize ORIGINAL OUT --recipe 
   integer placement is kept as the candidate had it rather than returned to float where int8 is not
   clearly faster on this CPU (the fidelity search under the budget still runs); then the fixes:
   ``exclude`` lists are merged, other options set.
-- Pruned candidate: ``prune`` in importance mode with each pruned group at the fraction the candidate
-  removed (``group_ratios``), the culprits' groups at half of it.
-- Factorized candidate: ``svd`` with each factorized layer's rank (``ranks``), the culprits' doubled.
+- Pruned candidate: ``prune`` in importance mode with each pruned channel group (keyed by its first
+  producer) at the fraction the candidate removed (``group_ratios``), the culprits' groups at half of it.
+- Factorized candidate: ``svd`` with each factorized layer's form and rank (``ranks``; ``min_params: 0``
+  so small layers the candidate factorized are not skipped), the culprits' ranks doubled.
 A mixed candidate gets the passes in the order prune, svd, quantize.
 """
 
@@ -39,15 +40,17 @@ def _scheme(units: dict, gc: gs.Graph) -> dict:
     return opts
 
 
-def build_recipe(kind: str, units: dict, gc: gs.Graph, culprits: list, calib: str | None, budget: str | None) -> dict:
-    """The recipe mapping (module docstring); ``culprits`` are ranking rows whose first cause's fix is applied."""
+def build_recipe(kind: str, units: dict, structural: list, gc: gs.Graph, culprits: list, calib: str | None,
+                 budget: str | None) -> dict:
+    """The recipe mapping (module docstring); ``culprits`` are ranking rows whose first cause's fix is
+    applied; ``structural`` the pruned groups and factorized layers (``structural.py``)."""
     passes: dict = {}
-    if any(u.pruned for u in units.values()):
-        ratios = {n: round(1 - d["out"][0] / d["out"][1], 3)
-                  for u in units.values() for n, d in u.pruned.items() if "out" in d}
-        passes["prune"] = {"mode": "importance", "group_ratios": ratios}
-    if any(u.factorized for u in units.values()):
-        passes["svd"] = {"ranks": {n: ["", d["rank"]] for u in units.values() for n, d in u.factorized.items()}}
+    pruned = [s for s in structural if s.kind == "pruned"]
+    factorized = [s for s in structural if s.kind == "factorized"]
+    if pruned:
+        passes["prune"] = {"mode": "importance", "group_ratios": {s.key: s.ratio for s in pruned}}
+    if factorized:
+        passes["svd"] = {"ranks": {s.key: [s.form, s.rank] for s in factorized}, "min_params": 0}
     if any(u.quantized for u in units.values()):
         passes["quantize"] = _scheme(units, gc)
     fixes = []

@@ -46,7 +46,7 @@ def bars(rows: list, fmt=lambda v: f"{v:.3g}", width: int = 720, log: bool = Fal
     return "".join(parts)
 
 
-def line(points: list, ylabel: str = "", width: int = 720, height: int = 220, fmt=lambda v: f"{v:.1f}") -> str:
+def line(points: list, ylabel: str = "", width: int = 720, height: int = 170, fmt=lambda v: f"{v:.1f}") -> str:
     """A polyline over ``points`` = [(label, value)] in order (labels on hover), with min/max ticks."""
     pts = [(str(k), _num(v)) for k, v in points]
     vals = [v for _, v in pts if v is not None]
