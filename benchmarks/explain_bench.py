@@ -6,7 +6,9 @@ culprits, and the held-out cosine of onnxruntime's model against the recipe's.
 For each model: onnxruntime's quantize_static (QDQ, MinMax, uint8 activations, int8 weights; per-tensor
 unless --per-channel) on the calibration samples, timed; ``onnxshrink explain`` of it (timed, 16 samples,
 --top 8) writing a recipe; the recipe replayed by ``onnxshrink optimize --recipe`` with ``--budget none``
-(the fixes alone decide, no fidelity search); the cosine of both on held-out samples.
+(the fixes alone decide, no fidelity search); the cosine and the channel-balanced SQNR
+(``explain.measure.balanced_nsr``: a detection head's class scores count as much as its boxes) of both
+on held-out samples.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import onnx  # noqa: E402
 import yaml  # noqa: E402
 
 from onnxshrink.cli import main  # noqa: E402
+from onnxshrink.explain.measure import output_nsr  # noqa: E402
 from onnxshrink.metrics import fidelity  # noqa: E402
 from onnxshrink.runtime import make_session  # noqa: E402
 
@@ -65,7 +68,10 @@ def cli(*argv) -> int:
 def held_out(orig, model, held) -> dict:
     ref = make_session(onnx.load(str(orig)), optimize=False)
     sess = make_session(onnx.load(str(model)), optimize=True)
-    return fidelity([ref.run(None, s) for s in held], [sess.run(None, s) for s in held])
+    r, o = [ref.run(None, s) for s in held], [sess.run(None, s) for s in held]
+    f = fidelity(r, o)
+    f["balanced_sqnr"] = -10 * np.log10(max(output_nsr(r, o), 1e-30))
+    return f
 
 
 def bench(name: str, n_calib: int, n_held: int, per_channel: bool) -> dict:
@@ -80,7 +86,7 @@ def bench(name: str, n_calib: int, n_held: int, per_channel: bool) -> dict:
         t_ort = ort_quantize(path, cand, calib, per_channel)
         t0 = time.perf_counter()
         rc = cli("explain", path, cand, "--calib", cdir, "--json", d / "ex.json", "--write-recipe", d / "r.yaml",
-                 "--budget", "none", "--html", ROOT / f"benchmarks/explain_{name}.html")
+                 "--budget", "none", "-q")
         t_explain = time.perf_counter() - t0
         assert rc == 0, f"explain exit {rc}"
         res = json.loads((d / "ex.json").read_text())
@@ -96,7 +102,9 @@ def bench(name: str, n_calib: int, n_held: int, per_channel: bool) -> dict:
                 "recipe": yaml.safe_load((d / "r.yaml").read_text()),
                 "ort_cosine": [round(f_ort["cosine"], 5), round(f_ort["cosine_min"], 5)],
                 "recipe_cosine": [round(f_fix.get("cosine", float("nan")), 5),
-                                  round(f_fix.get("cosine_min", float("nan")), 5)]}
+                                  round(f_fix.get("cosine_min", float("nan")), 5)],
+                "ort_balanced_sqnr_db": round(f_ort["balanced_sqnr"], 2),
+                "recipe_balanced_sqnr_db": round(f_fix.get("balanced_sqnr", float("nan")), 2)}
 
 
 def main_(argv=None) -> int:

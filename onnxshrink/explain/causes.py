@@ -53,9 +53,12 @@ UNFUSABLE_SAFE_OPS = (WEIGHTED_OPS | ELEMENTWISE_OPS | PASSTHROUGH_OPS | FOLDABL
                          "Sigmoid", "HardSigmoid", "HardSwish", "InstanceNormalization", "LayerNormalization"})
 
 
-def outlier_ratio(channel_max: np.ndarray | None) -> tuple[float, list]:
+def outlier_ratio(channel_max) -> tuple[float, list]:
     """``(R, outlier channels)``: the tensor's range over the median channel's, and the channels above
-    ``OUTLIER_RATIO`` x the median."""
+    ``OUTLIER_RATIO`` x the median; ``channel_max`` is one array or a tuple of them (one per axis that
+    may hold channels: the worst axis counts)."""
+    if isinstance(channel_max, (tuple, list)):
+        return max((outlier_ratio(c) for c in channel_max), key=lambda rc: rc[0], default=(1.0, []))
     if channel_max is None or np.size(channel_max) < 4:
         return 1.0, []
     cm = np.asarray(channel_max, np.float64).ravel()

@@ -3,6 +3,7 @@
 1. Match the tensors of the two graphs (``match.py``) and measure each matched tensor's error on the
    samples, in graph order (``measure.py``).
 2. Attribute the output error to units (a matched tensor and the segment of nodes producing it):
+   - the output error: the worst output's channel-balanced NSR (``measure.balanced_nsr``);
    - the local jump ``J(t) = NSR(t) - max_a NSR(a)`` over the matched ancestors ``a`` (where the error
      appears, not where it has accumulated to);
    - for quantized units, among the ``top`` largest jumps, the output NSR with that unit's quantization
@@ -40,6 +41,7 @@ from onnxshrink.runtime import capture_activations
 
 DEFAULT_TOP = 8  # units measured alone (each is one extra model run over the samples)
 DEFAULT_SAMPLES = 16
+ALONE_SAMPLES = 8  # each unit alone is one model run: on the first 8 samples (the share's denominator too)
 RECIPE_CULPRITS = 3  # the fixes of this many top culprits go into the recipe ...
 MIN_RECIPE_SHARE = 0.05  # ... when their share of the output error is at least this
 
@@ -63,6 +65,14 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
             progress=None) -> dict:
     """The explain result as a JSON-ready dict (module docstring)."""
     t0 = time.perf_counter()
+    timings: dict = {}
+    lap = [t0]
+
+    def tick(name):
+        now = time.perf_counter()
+        timings[name] = round(now - lap[0], 2)
+        lap[0] = now
+
     check_interface(original, candidate)
     src = as_source(data, input_specs(original))
     if src is None or len(src) == 0:
@@ -70,6 +80,7 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
     feeds = [src.get(i) for i in range(min(len(src), samples) if samples else len(src))]
     m, go, gc = match_models(original, candidate)
     errs = measure_tensors(original, candidate, m, feeds)
+    tick("match_and_capture")
     build_segments(m, go, gc)
     units = m.units
     jump = {}
@@ -78,17 +89,21 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
         jump[t] = errs.nsr.get(t, 0.0) - anc
     out_nsr = output_nsr(errs.reference, errs.candidate_outputs)
     # the candidate as it will run (onnxruntime's optimizations on: integer kernels)
-    before = fidelity(errs.reference, run_outputs(candidate, feeds, optimize=True))
+    before = _fidelity(errs.reference, run_outputs(candidate, feeds, optimize=True))
+    tick("segments_and_fidelity")
 
     ranked_jump = sorted((t for t in units if units[t].quantized), key=lambda t: -jump[t])
     alone: dict = {}
     measured = _to_measure(ranked_jump, units, errs, top)
     it = progress.track(measured, "explain: units alone") if progress is not None else measured
+    k = min(len(feeds), ALONE_SAMPLES)
+    out_nsr_k = output_nsr(errs.reference[:k], errs.candidate_outputs[:k])
     for t in it:
         model = quantize_only(original, [units[t]])
         _ensure_domains(model, candidate)
-        alone[t] = output_nsr(errs.reference, run_outputs(model, feeds))
+        alone[t] = output_nsr(errs.reference[:k], run_outputs(model, feeds[:k]))
 
+    tick("alone")
     node_ops = {n.name: n.op for n in go.nodes}
     node_attrs = {n.name: dict(n.attrs) for n in go.nodes}
     pairs, _ = find_pairs(go)
@@ -101,7 +116,7 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
             continue
         qc = [c for c in u.consumers if c in quantized_nodes]
         causes = diagnose(u, errs.channel_max.get(t), eq_after, node_ops, node_attrs, qc, seconds)
-        share = alone[t] / out_nsr if t in alone and out_nsr > 0 else None
+        share = alone[t] / out_nsr_k if t in alone and out_nsr_k > 0 else None
         if share is not None and share < MIN_RECIPE_SHARE:  # measured harmless: plain rounding is no cause
             causes = [c for c in causes if c["cause"] != "quantization"]
         ratio, chans = outlier_ratio(errs.channel_max.get(t))
@@ -117,14 +132,15 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
     structural = structural_units(original, candidate) if m.kind != "quantized" and m.kind != "unchanged" else []
     if structural:
         structural.sort(key=lambda su: -(su.ratio if su.kind == "pruned" else 1 - su.rank / max(su.full, 1)))
-        measure_alone(original, structural[: max(0, 2 * top)], feeds, errs.reference, progress)
+        measure_alone(original, structural[: max(0, 2 * top)], feeds[:k], errs.reference[:k], progress)
     for su in structural:
-        share = su.alone_nsr / out_nsr if su.alone_nsr is not None and out_nsr > 0 else None
+        share = su.alone_nsr / out_nsr_k if su.alone_nsr is not None and out_nsr_k > 0 else None
         rows.append({"tensor": None, "node": su.key, "op": "prune group" if su.kind == "pruned" else "svd layer",
                      "nodes": su.nodes, "cosine": None, "nsr": None, "sqnr_db": None, "jump": None,
                      "alone_nsr": su.alone_nsr, "share": share, "quantized": False, "activation_bits": None,
                      "per_tensor": None, "channel_range_ratio": None, "outlier_channels": [],
                      "causes": diagnose_structural(su), "not_measured": su.reason or None})
+    tick("causes_and_structural")
     rows_by_graph = [r for r in rows if r["tensor"] is not None]
     rows.sort(key=lambda r: (r["share"] is None, -(r["share"] or 0.0), -(r["jump"] or 0.0)))
     for i, r in enumerate(rows, 1):
@@ -147,6 +163,7 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
         "recipe": recipe,
         "outlier_ratio_threshold": OUTLIER_RATIO,
         "seconds": round(time.perf_counter() - t0, 2),
+        "timings_s": timings,
     }
 
 
@@ -203,7 +220,15 @@ def _equalized_ratios(original, pairs: list, units: dict, errs, feeds) -> dict:
 
 def samples_fidelity(original: onnx.ModelProto, model: onnx.ModelProto, data, samples: int = DEFAULT_SAMPLES) -> dict:
     """``metrics.fidelity`` of ``model`` against ``original`` on the first ``samples`` samples of
-    ``data``, both run as deployed (onnxruntime's optimizations on for ``model``, off for the reference)."""
+    ``data``, both run as deployed (onnxruntime's optimizations on for ``model``, off for the reference),
+    with ``balanced_sqnr``: the channel-balanced SQNR in dB (``measure.balanced_nsr``)."""
     src = as_source(data, input_specs(original))
     feeds = [src.get(i) for i in range(min(len(src), samples) if samples else len(src))]
-    return fidelity(run_outputs(original, feeds), run_outputs(model, feeds, optimize=True))
+    return _fidelity(run_outputs(original, feeds), run_outputs(model, feeds, optimize=True))
+
+
+def _fidelity(reference: list, outputs: list) -> dict:
+    """``metrics.fidelity`` and the channel-balanced SQNR in dB (``measure.balanced_nsr``)."""
+    f = fidelity(reference, outputs)
+    f["balanced_sqnr"] = _db(output_nsr(reference, outputs))
+    return f

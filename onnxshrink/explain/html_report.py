@@ -286,12 +286,15 @@ def explain_html(res: dict) -> str:
     title = f"onnxshrink explain: {res.get('candidate', '')} against {res.get('original', '')}"
     b, a = res.get("before") or {}, res.get("after") or {}
     fid = ["<section><h2>Fidelity against the original</h2><table><tr><th></th><th class='num'>cosine mean</th>"
-           "<th class='num'>cosine min</th><th class='num'>SQNR dB</th><th class='num'>top-1 agreement</th></tr>"]
+           "<th class='num'>cosine min</th><th class='num'>SQNR dB</th><th class='num'>channel-balanced SQNR dB</th>"
+           "<th class='num'>top-1 agreement</th></tr>"]
     for label, key, f in (("candidate", "before", b), (f"with the recipe ({res.get('applied', '')})", "after", a)):
         if f:
             fid.append(f"<tr><td>{escape(label)}</td>" + _cell(f.get("cosine"), f"{key}.cosine", "{:.5f}")
                        + _cell(f.get("cosine_min"), f"{key}.cosine_min", "{:.5f}")
-                       + _cell(f.get("sqnr"), f"{key}.sqnr", "{:.2f}") + _cell(f.get("top1"), f"{key}.top1", "{:.3f}")
+                       + _cell(f.get("sqnr"), f"{key}.sqnr", "{:.2f}")
+                       + _cell(f.get("balanced_sqnr"), f"{key}.balanced_sqnr", "{:.2f}")
+                       + _cell(f.get("top1"), f"{key}.top1", "{:.3f}")
                        + "</tr>")
     fid.append(f"</table><p class='small muted'>on {res.get('samples')} samples, onnxruntime's optimizations on "
                f"(as deployed)</p></section>")
@@ -326,6 +329,7 @@ def explain_html(res: dict) -> str:
               f"</p></section>") if res.get("recipe") else ""
     head = (f"<h1>{escape(title)}</h1><p class='sub'>{escape(str(res.get('kind')))} candidate; "
             f"<span data-key='matched_tensors'>{res.get('matched_tensors')}</span> tensors matched; "
-            f"{res.get('samples')} samples; output SQNR {_f(res.get('output_sqnr_db'), '{:.1f}')} dB; "
+            f"{res.get('samples')} samples; output SQNR (channel-balanced) "
+            f"{_f(res.get('output_sqnr_db'), '{:.1f}')} dB; "
             f"{_f(res.get('seconds'), '{:.1f}')} s</p>")
     return _page(title, head + "".join(fid) + ranking + errors + recipe)

@@ -24,7 +24,7 @@ node of the same name. What the candidate did to a segment (``Unit``): the quant
 
 from __future__ import annotations
 
-__all__ = ["QParams", "WeightQuant", "Unit", "Matching", "match_models", "channel_axis"]
+__all__ = ["QParams", "WeightQuant", "Unit", "Matching", "match_models", "channel_axis", "channel_axes"]
 
 from dataclasses import dataclass, field
 
@@ -39,9 +39,15 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
 def channel_axis(ndim: int) -> int:
-    """The channel axis of an activation: 1 for NC... images (3-D to 5-D with batch first, as
-    Conv's), the last axis for [N, C] and [B, T, C] (Gemm, MatMul)."""
+    """The channel axis of an activation: 1 for NC... images (4-D, 5-D, as Conv's), the last axis for
+    [N, C] and [B, T, C] (Gemm, MatMul)."""
     return 1 if ndim >= 4 else ndim - 1
+
+
+def channel_axes(ndim: int) -> tuple:
+    """The axes that may hold channels: a 3-D tensor is [B, T, C] in a transformer but [B, C, N] in a
+    detection head (YOLO's boxes and class scores), so both of its axes count."""
+    return (1, 2) if ndim == 3 else (channel_axis(ndim),)
 
 
 @dataclass

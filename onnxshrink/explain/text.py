@@ -14,7 +14,7 @@ def render_explain(res: dict, recipe_text: str, c) -> None:
 
     c.print(f"[bold]explain[/bold] {res['candidate']} against {res['original']}: {res['kind']}, "
             f"{res['matched_tensors']} tensors matched, {res['samples']} samples, "
-            f"output SQNR {f(res['output_sqnr_db'], '{:.1f}')} dB ({res['seconds']:.1f} s)")
+            f"output SQNR (channel-balanced) {f(res['output_sqnr_db'], '{:.1f}')} dB ({res['seconds']:.1f} s)")
     t = Table(title="culprits (share: output error with this unit's change alone / the candidate's)",
               title_justify="left")
     for col in ("#", "node", "op", "share", "local jump", "SQNR dB", "cosine", "cause", "fix"):
@@ -28,9 +28,11 @@ def render_explain(res: dict, recipe_text: str, c) -> None:
     c.print(t)
     c.print("recipe:\n" + recipe_text, markup=False, highlight=False)
     b = res.get("before") or {}
-    line = f"candidate: cosine {f(b.get('cosine'), '{:.5f}')} (min {f(b.get('cosine_min'), '{:.5f}')})"
+    line = (f"candidate: cosine {f(b.get('cosine'), '{:.5f}')} (min {f(b.get('cosine_min'), '{:.5f}')}), "
+            f"channel-balanced SQNR {f(b.get('balanced_sqnr'), '{:.1f}')} dB")
     if res.get("after"):
         a = res["after"]
         line += (f" -> with the recipe ({res['applied']}): cosine {f(a.get('cosine'), '{:.5f}')} "
-                 f"(min {f(a.get('cosine_min'), '{:.5f}')})")
+                 f"(min {f(a.get('cosine_min'), '{:.5f}')}), channel-balanced SQNR "
+                 f"{f(a.get('balanced_sqnr'), '{:.1f}')} dB")
     c.print(line + f", on {res['samples']} samples")
