@@ -153,3 +153,19 @@ def test_explain_structural_candidates(request, tmp_path, model, shrink, kind, o
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert [next(iter(p)) for p in recipe["passes"]] == [fix_pass]
     assert res["after"]["cosine"] > res["before"]["cosine"] + 0.01
+
+
+def test_balanced_nsr_sees_class_scores_under_boxes():
+    """A detection head [1, 4 + C, N]: boxes in pixels, class scores in [0, 1]. Rounding the scores to
+    a step of 320 / 255 barely moves the whole tensor's NSR (the boxes hold its energy) but loses the
+    scores: the channel-balanced NSR says so; an exact copy scores 0."""
+    from onnxshrink.explain.measure import balanced_nsr, cosine_nsr
+
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.uniform(0, 320, (1, 4, 300)), rng.uniform(0, 0.3, (1, 18, 300))], axis=1)
+    out = ref.copy()
+    out[:, 4:] = np.round(out[:, 4:] / (320 / 255)) * (320 / 255)
+    _, whole = cosine_nsr(ref, out)
+    assert whole < 1e-4
+    assert balanced_nsr(ref, out) > 0.5
+    assert balanced_nsr(ref, ref) == 0.0

@@ -115,8 +115,10 @@ def cosine_nsr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def balanced_nsr(r: np.ndarray, o: np.ndarray) -> float:
     """The NSR of one output, channel-balanced: the largest of the whole tensor's NSR and, along each
-    axis that may hold channels (``match.channel_axes``), the mean over channels of each channel's own
-    NSR, capped at 1 (a channel as wrong as its signal is lost; all-zero channels skipped). A detection
+    axis that may hold channels (``match.channel_axes``), the mean over channels of
+    ``min(|e_c|^2 / max(|r_c|^2, median_c |r_c|^2), 1)``: each channel against its own energy, floored
+    at the median channel's (a class that never fires is near-zero noise, not a signal to keep) and
+    capped at 1 (a channel as wrong as its signal is lost; all-zero channels skipped). A detection
     head concatenating box coordinates (0..640) and class scores (0..1) has a cosine and a whole-tensor
     NSR set by the boxes alone; class scores rounded away show here."""
     r64, o64 = np.asarray(r, np.float64), np.asarray(o, np.float64)
@@ -131,7 +133,8 @@ def balanced_nsr(r: np.ndarray, o: np.ndarray) -> float:
         es, ss = e2.sum(axis=red), s2.sum(axis=red)
         keep = ss > 0
         if keep.any():
-            worst = max(worst, float(np.mean(np.minimum(es[keep] / ss[keep], 1.0))))
+            floor = float(np.median(ss[keep]))
+            worst = max(worst, float(np.mean(np.minimum(es[keep] / np.maximum(ss[keep], floor), 1.0))))
     return worst
 
 
