@@ -211,7 +211,7 @@ def _console():
 def explain_cmd(original, candidate, calib, samples, top, budget, json_path, html_path, recipe_path, apply_path,
                 quiet):
     """Where CANDIDATE (a shrunk ORIGINAL) loses fidelity, why, and the recipe that fixes it."""
-    from onnxshrink.explain import check_interface, explain, recipe_yaml, samples_fidelity
+    from onnxshrink.explain import check_interface, explain, json_ready, recipe_yaml, samples_fidelity
 
     for p in (original, candidate):
         if not Path(p).exists():
@@ -242,18 +242,13 @@ def explain_cmd(original, candidate, calib, samples, top, budget, json_path, htm
         res["after"] = samples_fidelity(m_o, load(apply_path), calib, samples)
         res["applied"] = apply_path
     if json_path:
-        _write_text(json_path, json.dumps(_json_safe(res), indent=2) + "\n")
+        _write_text(json_path, json.dumps(json_ready(res), indent=2) + "\n")
     if html_path:
         from onnxshrink.explain.html_report import explain_html
-        _write_text(html_path, explain_html(_json_safe(res)))
+        _write_text(html_path, explain_html(json_ready(res)))
     if not quiet:
         from onnxshrink.explain.text import render_explain
         render_explain(res, text, _console())
-
-
-def _json_safe(o):
-    from onnxshrink.pipeline.report import Report
-    return Report(allocation=o).to_dict()["allocation"]
 
 
 def _write_text(path, text: str) -> None:

@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-__all__ = ["explain", "check_interface", "samples_fidelity", "DEFAULT_TOP", "DEFAULT_SAMPLES"]
+__all__ = ["explain", "check_interface", "samples_fidelity", "json_ready", "DEFAULT_TOP", "DEFAULT_SAMPLES"]
 
 import time
 
@@ -37,6 +37,7 @@ from onnxshrink.explain.structural import measure_alone, structural_units
 from onnxshrink.graph.convert import graph_to_model
 from onnxshrink.metrics import fidelity
 from onnxshrink.passes.equalize import equalize_pairs, find_pairs
+from onnxshrink.pipeline.report import Report
 from onnxshrink.runtime import capture_activations
 
 DEFAULT_TOP = 8  # units measured alone (each is one extra model run over the samples)
@@ -232,3 +233,9 @@ def _fidelity(reference: list, outputs: list) -> dict:
     f = fidelity(reference, outputs)
     f["balanced_sqnr"] = _db(output_nsr(reference, outputs))
     return f
+
+
+def json_ready(res: dict) -> dict:
+    """``res`` as JSON-safe values (inf and nan as strings, numpy scalars as numbers), cleaned as the
+    optimize report is (``pipeline.report.Report.to_dict``)."""
+    return Report(allocation=res).to_dict()["allocation"]
