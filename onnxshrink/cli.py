@@ -238,7 +238,7 @@ def explain_cmd(original, candidate, calib, samples, top, budget, json_path, htm
             if not recipe_path:
                 Path(rp).write_text(text)
             click.get_current_context().invoke(optimize, input_model=original, output_model=apply_path, recipe=rp,
-                                               quiet=True)
+                                               quiet=quiet)
         res["after"] = samples_fidelity(m_o, load(apply_path), calib, samples)
         res["applied"] = apply_path
     if json_path:

@@ -25,7 +25,8 @@ one and its fix goes into the recipe):
 - ``pruned`` (a channel group, ``structural.py``): Fix: half the pruned fraction for that group
   (``prune.group_ratios``).
 - ``low_rank`` (a factorized layer): Fix: twice the rank, at most full (``svd.ranks``).
-- ``quantization``: quantized, none of the above: keep it float (``quantize.exclude``).
+- ``quantization``: quantized, none of the above, and its quantization alone makes at least
+  ``core.MIN_GENERIC_SHARE`` of the output error: keep it float (``quantize.exclude``).
 """
 
 from __future__ import annotations
@@ -84,14 +85,16 @@ def per_channel_weight_nsr(w: WeightQuant, op: str, trans_b: bool = False) -> tu
 
 
 def diagnose(u: Unit, channel_max, equalize_fixes: dict, node_ops: dict, node_attrs: dict,
-             quantized_consumers: list, equalize_seconds: dict | None = None) -> list[dict]:
+             quantized_consumers: list, equalize_seconds: dict | None = None, float_node: str = "") -> list[dict]:
     """The causes of ``u``'s error, most specific first, each ``{"cause", "text", "fix", "fix_text"}``
     (``fix`` as ``{pass: {option: value}}``). ``equalize_fixes``: tensor -> the outlier ratio after
     cross-layer equalization (absent: the tensor's producer is in no equalizable pair);
-    ``equalize_seconds``: the second Conv of each equalizable pair -> the tensor between the two."""
+    ``equalize_seconds``: the second Conv of each equalizable pair -> the tensor between the two;
+    ``float_node``: the node ``quantize.exclude`` must name to keep the unit float (a Relu/Clip folded
+    into its Conv's range is no unit of its own: the Conv is named), default the unit's main node."""
     out: list[dict] = []
     equalize_seconds = equalize_seconds or {}
-    keep_float = [u.node] if u.node else list(quantized_consumers[:1])
+    keep_float = [float_node or u.node] if u.node else list(quantized_consumers[:1])
     if u.act is not None and u.act.per_tensor:
         ratio, chans = outlier_ratio(channel_max)
         if ratio >= OUTLIER_RATIO and chans:
