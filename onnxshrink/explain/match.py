@@ -163,7 +163,9 @@ def match_models(original: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple
             if c.op == "DequantizeLinear" and n.inputs[0].name not in q_view:
                 q_view[n.inputs[0].name] = (c.outputs[0].name, n)
     units: dict[str, Unit] = {}
-    order = list(go.inputs) + [t for n in go.nodes for t in n.outputs]
+    # graph inputs that are initializers too (older exporters list weights as inputs) are weights
+    weights = {t.name for t in original.graph.initializer}
+    order = [t for t in go.inputs if t.name not in weights] + [t for n in go.nodes for t in n.outputs]
     for t in order:
         if not isinstance(t, gs.Variable) or not t.name or not _float_tensor(t) or t.name in units:
             continue

@@ -1,11 +1,13 @@
 """The recipe explain writes: the CANDIDATE's kind of shrinking redone by onnxshrink on ORIGINAL,
 with the fixes of the top culprits (``onnxshrink optimize ORIGINAL OUT --recipe FILE`` replays it).
 
-- Quantized candidate: ``quantize`` with the candidate's scheme read off its Q/DQ (per-channel weights
-  when any weight has per-channel scales; the activations' integer type) and ``guard: false``, so the
-  integer placement is kept as the candidate had it rather than returned to float where int8 is not
-  clearly faster on this CPU (the fidelity search under the budget still runs); then the fixes:
-  ``exclude`` lists are merged, other options set.
+- Quantized candidate: ``quantize`` with the activations' integer type read off the candidate's Q/DQ,
+  per-channel weights (onnxshrink's default: they cost nothing at run time on onnxruntime's CPU EP, so
+  a per-tensor candidate is not copied there; its per-tensor weights are named as a cause where they
+  matter) and ``guard: false``, so the integer placement is kept rather than returned to float where
+  int8 is not clearly faster on this CPU (the fidelity search under the budget still runs); then the
+  fixes: ``exclude`` lists are merged, other options set. The placement is onnxshrink's (only where
+  onnxruntime fuses Q/DQ into integer kernels), not the candidate's.
 - Pruned candidate: ``prune`` in importance mode with each pruned channel group (keyed by its first
   producer) at the fraction the candidate removed (``group_ratios``), the culprits' groups at half of it.
 - Factorized candidate: ``svd`` with each factorized layer's form and rank (``ranks``; ``min_params: 0``
@@ -21,19 +23,10 @@ import collections
 
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.values import constant_value
 
-
-def _scheme(units: dict, gc: gs.Graph) -> dict:
+def _scheme(units: dict) -> dict:
     dtypes = collections.Counter(u.act.dtype for u in units.values() if u.act is not None)
-    per_channel = False
-    for n in gc.nodes:
-        if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant):
-            s = constant_value(n.inputs[1])
-            if s is not None and s.size > 1:
-                per_channel = True
-                break
-    opts = {"per_channel": per_channel}
+    opts = {"per_channel": True}
     if dtypes:
         opts["activation_dtype"] = dtypes.most_common(1)[0][0]
     opts["guard"] = False
@@ -52,7 +45,7 @@ def build_recipe(kind: str, units: dict, structural: list, gc: gs.Graph, culprit
     if factorized:
         passes["svd"] = {"ranks": {s.key: [s.form, s.rank] for s in factorized}, "min_params": 0}
     if any(u.quantized for u in units.values()):
-        passes["quantize"] = _scheme(units, gc)
+        passes["quantize"] = _scheme(units)
     fixes = []
     for r in culprits:
         fix = r["causes"][0]["fix"]
