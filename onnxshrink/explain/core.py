@@ -36,6 +36,7 @@ from onnxshrink.explain.recipe import build_recipe
 from onnxshrink.explain.structural import measure_alone, structural_units
 from onnxshrink.graph.convert import graph_to_model
 from onnxshrink.metrics import fidelity
+from onnxshrink.passes.cleanup.constants import constants_to_initializers
 from onnxshrink.passes.equalize import equalize_pairs, find_pairs
 from onnxshrink.passes.quantize.plan import FOLDABLE_ACTIVATIONS, WEIGHTED_OPS
 from onnxshrink.pipeline.report import Report
@@ -80,6 +81,7 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
         lap[0] = now
 
     check_interface(original, candidate)
+    original, candidate = _constants_as_weights(original), _constants_as_weights(candidate)
     src = as_source(data, input_specs(original))
     if src is None or len(src) == 0:
         raise UsageError("explain needs samples (--calib DIR)")
@@ -187,6 +189,13 @@ def _ensure_domains(model: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
     for o in candidate.opset_import:
         if o.domain not in have:
             model.opset_import.append(onnx.helper.make_opsetid(o.domain, o.version))
+
+
+def _constants_as_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``Constant`` nodes as initializers (exact; ``passes/cleanup/constants.py``): a weight an
+    exporter writes as a Constant node (PaddlePaddle's) is then a weight, not an activation."""
+    g = gs.import_onnx(model)
+    return graph_to_model(g, model) if constants_to_initializers(g) else model
 
 
 def _float_node(u, nodes: dict) -> str:

@@ -188,7 +188,8 @@ def build_segments(m: Matching, go: gs.Graph, gc: gs.Graph) -> None:
     order = {id(n): i for i, n in enumerate(go.nodes)}
     tmap = go.tensors()
     kinds = set()
-    for name, u in m.units.items():
+    inputs = {t.name for t in go.inputs}
+    for name, u in list(m.units.items()):
         t = tmap[name]
         u.consumers = [c.name for c in t.outputs]
         seen, segment, ancestors = set(), [], []
@@ -207,6 +208,9 @@ def build_segments(m: Matching, go: gs.Graph, gc: gs.Graph) -> None:
                         ancestors.append(x.name)
                 else:
                     stack.extend(x.inputs)
+        if not ancestors and name not in inputs and name not in m.outputs:
+            del m.units[name]  # computed from constants alone: no activation
+            continue
         segment.sort(key=lambda n: order[id(n)])
         u.nodes = [n.name for n in segment]
         u.ancestors = ancestors
