@@ -1,4 +1,4 @@
-"""Command line: ``onnxshrink optimize | inspect | passes`` (thin over the Python API).
+"""Command line: ``onnxshrink optimize | explain | inspect | passes`` (thin over the Python API).
 
 Errors print one line on stderr (``onnxshrink: error: ...``) and exit with the codes in
 ``onnxshrink.errors``: 2 usage, 3 invalid input, 4 budget not met, 1 internal error.
@@ -119,6 +119,8 @@ def settings_options(*names):
 @click.option("--passes", "-p", help="Comma-separated passes, run in order (default: cleanup).")
 @settings_options("data", "val_data", "budget")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Write the report as one self-contained HTML page here.")
 @settings_options("target", "input_shapes")
 @click.option("--recipe", type=click.Path(), help="YAML/JSON pipeline: passes with options, calib, budget, target.")
 @click.option("--option", "-o", "options", multiple=True, metavar="PASS.KEY=VALUE",
@@ -127,7 +129,7 @@ def settings_options(*names):
 @settings_options("seed", "synthetic", "measure_speed", "speed", "enforce_speed", "target_size", "target_macs",
                   "target_latency", "executor", "workers", "cache", "sensitivity_samples", "max_units", "plot")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress.")
-def optimize(input_model, output_model, passes, report_path, recipe, options, quiet, **given):
+def optimize(input_model, output_model, passes, report_path, recipe, options, quiet, html_path=None, **given):
     """Optimize IN and write OUT (never touching IN)."""
     if not Path(input_model).exists():  # the paths first: the most basic mistakes get named first
         raise InputError(f"model file not found: {input_model}")
@@ -160,25 +162,98 @@ def optimize(input_model, output_model, passes, report_path, recipe, options, qu
         check_output_path(rpath, input_model)
         if Path(rpath).resolve() == Path(output_model).resolve():
             raise UsageError(f"--report and OUT are the same file ({rpath})")
+    if html_path:
+        check_output_path(html_path, input_model)
     try:
         _, report = run_optimize(input_model, output_model, passes=specs, settings=settings)
     except BudgetError as e:
-        if e.report is not None and rpath:
+        if e.report is not None and (rpath or html_path):
             e.report.input = input_model
-            _write_report(e.report, rpath)
+            _write_report(e.report, rpath, html_path)
         if e.report is not None and not quiet:
             e.report.render(_console())
         raise
     report.input = input_model
-    if rpath:
-        _write_report(report, rpath)
+    _write_report(report, rpath, html_path)
     if not quiet:
         report.render(_console())
         click.echo(f"wrote {output_model}", err=True)
 
 
-def _write_report(report, path) -> None:
-    """Write the JSON report atomically (temporary file beside it, then rename)."""
+def _write_report(report, path, html_path=None) -> None:
+    """Write the JSON report and the HTML page (each when its path is given) atomically."""
+    if path:
+        _write_text(path, report.to_json() + "\n")
+    if html_path:
+        from onnxshrink.explain.html_report import report_html
+        _write_text(html_path, report_html(report.to_dict()))
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=False, width=max(100, min(160, shutil.get_terminal_size((120, 40)).columns)))
+
+
+@cli.command(name="explain")
+@click.argument("original", metavar="ORIGINAL", type=click.Path(dir_okay=False))
+@click.argument("candidate", metavar="CANDIDATE", type=click.Path(dir_okay=False))
+@click.option("--calib", "calib", required=True, type=click.Path(), help="Samples: folder of .npy / .npz files.")
+@click.option("--samples", type=int, default=16, show_default=True, help="Samples used (0: all).")
+@click.option("--top", type=int, default=8, show_default=True,
+              help="Units measured alone (quantization of that unit only), the largest local jumps first.")
+@click.option("--budget", default=None, help="Budget written into the recipe (default: optimize's default).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the result as JSON here.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report here.")
+@click.option("--write-recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="Write the fixes as a recipe for `onnxshrink optimize ORIGINAL OUT --recipe FILE`.")
+@click.option("--apply", "apply_path", type=click.Path(dir_okay=False),
+              help="Run the recipe on ORIGINAL, write OUT, and print the fidelity before / after.")
+@click.option("--quiet", "-q", is_flag=True, help="No table.")
+def explain_cmd(original, candidate, calib, samples, top, budget, json_path, html_path, recipe_path, apply_path,
+                quiet):
+    """Where CANDIDATE (a shrunk ORIGINAL) loses fidelity, why, and the recipe that fixes it."""
+    from onnxshrink.explain import check_interface, explain, json_ready, recipe_yaml, samples_fidelity
+
+    for p in (original, candidate):
+        if not Path(p).exists():
+            raise InputError(f"model file not found: {p}")
+    for p in (json_path, html_path, recipe_path, apply_path):
+        if p:
+            check_output_path(p, original)
+            check_output_path(p, candidate)
+    if samples < 0 or top < 0:
+        raise UsageError("--samples and --top must be >= 0")
+    m_o, m_c = load(original), load(candidate)
+    check_interface(m_o, m_c)
+    res = explain(m_o, m_c, calib, samples=samples, top=top, calib_path=calib, budget=budget)
+    res["original"], res["candidate"] = original, candidate
+    text = recipe_yaml(res["recipe"])
+    if recipe_path:
+        _write_text(recipe_path, text)
+    if apply_path and not res["recipe"]["recipe"]["passes"]:
+        raise UsageError("--apply: the recipe has no pass (explain found no change of CANDIDATE it can redo)")
+    if apply_path:
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            rp = recipe_path or str(Path(d) / "recipe.yaml")
+            if not recipe_path:
+                Path(rp).write_text(text)
+            click.get_current_context().invoke(optimize, input_model=original, output_model=apply_path, recipe=rp,
+                                               quiet=quiet)
+        res["after"] = samples_fidelity(m_o, load(apply_path), calib, samples)
+        res["applied"] = apply_path
+    if json_path:
+        _write_text(json_path, json.dumps(json_ready(res), indent=2) + "\n")
+    if html_path:
+        from onnxshrink.explain.html_report import explain_html
+        _write_text(html_path, explain_html(json_ready(res)))
+    if not quiet:
+        from onnxshrink.explain.text import render_explain
+        render_explain(res, text, _console())
+
+
+def _write_text(path, text: str) -> None:
+    """Write ``text`` atomically (temporary file beside it, then rename)."""
     import os
     import tempfile
 
@@ -186,18 +261,13 @@ def _write_report(report, path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=str(p.parent) if str(p.parent) else ".")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(report.to_json() + "\n")
+            f.write(text)
         os.replace(tmp, p)
     except OSError as e:
-        raise UsageError(f"cannot write report {p}: {e.strerror or e}") from None
+        raise UsageError(f"cannot write {p}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _console():
-    from rich.console import Console
-    return Console(stderr=False, width=max(100, min(160, shutil.get_terminal_size((120, 40)).columns)))
 
 
 @cli.command()

@@ -19,6 +19,7 @@ PKG = ROOT / "onnxshrink"
 # A module may import from its own layer and the layers below it, never from a layer above.
 LAYERS = [  # top first
     ("cli", "__main__", "__init__"),
+    ("explain",),
     ("pipeline",),
     ("passes", "targets"),
     ("graph", "runtime", "metrics", "data", "cache", "progress"),
