@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from helpers import check, run_ort
+from helpers import check, normal_samples, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 
@@ -398,3 +398,24 @@ def test_speed_guard_applies_only_to_the_cpu_target():
     q = rep.passes[-1]
     assert q.status == "applied", q.reason
     assert "skipped" in q.stats["speed_search"][0]["config"]
+
+
+def test_excluding_a_folded_activation_quantizes_the_unit_before_it():
+    """``exclude`` naming a Relu that quantize would fold into its Conv's range: the Conv is quantized
+    at its own output and the Relu runs in float (before: "no calibration range", rolled back)."""
+    from models.build import resnet_small
+    from onnxshrink.pipeline.manager import optimize
+
+    m = resnet_small()
+    cleaned, _ = optimize(m, passes=["cleanup"], data=normal_samples(4, name="input", shape=(1, 3, 32, 32)),
+                          budget="none")
+    relu = next(n for n in cleaned.graph.node if n.op_type == "Relu")
+    conv = next(n for n in cleaned.graph.node if relu.input[0] in n.output)
+    out, rep = optimize(cleaned, passes=[{"quantize": {"exclude": [relu.name], "guard": False}}],
+                        data=normal_samples(8, name="input", shape=(1, 3, 32, 32)), budget="none")
+    q = rep.passes[0]
+    assert q.status == "applied", q.reason
+    assert q.stats["nodes"][relu.name].startswith("kept float")  # not "folded into ..."
+    assert q.stats["nodes"][conv.name].startswith("quantized")
+    quantized_tensors = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert conv.output[0] in quantized_tensors

@@ -299,8 +299,10 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
         return QuantizeRun(float_result("no weighted node can be integer: " + "; ".join(
             f"{k} ({why[k]} node{'s' if why[k] > 1 else ''})" for k in sorted(why, key=why.get, reverse=True))),
             stats, 0)
-    # calibrate every tensor any plan could quantize, so excluding units later needs no new pass
-    cand, _ = plan_units(graph, set(), rules)
+    # calibrate every tensor any plan could quantize, so excluding units later needs no new pass; the
+    # user's exclusions hold in every plan (an excluded Relu/Clip is not folded: its unit's own output
+    # is the one quantized)
+    cand, _ = plan_units(graph, set(o.exclude), rules)
     tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
     ranges = calibrate_ranges(model_f, tensors, samples, o.calibrator, levels=scheme.qmax - scheme.qmin + 1,
                               bins=o.bins, percentile=o.percentile)
