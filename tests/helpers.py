@@ -34,3 +34,27 @@ def normal_samples(n: int = 12, seed: int = 1, name: str = "x", shape=(1, 3, 16,
     """``n`` seeded standard-normal float32 input dicts for a single-input test model."""
     r = np.random.default_rng(seed)
     return [{name: r.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+def model_samples(model: onnx.ModelProto, n: int = 8, seed: int = 0) -> list[dict]:
+    """``n`` seeded standard-normal float32 feeds for every input of ``model`` (symbolic dims as 1)."""
+    rng = np.random.default_rng(seed)
+    specs = [(i.name, [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]
+    return [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in specs} for _ in range(n)]
+
+
+def conv_gap_model(activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
+    """x [1,3,16,16] -> Conv 3x3 (8 channels, bias) -> ``activation`` -> GlobalAveragePool -> y [1,8,1,1]
+    at opset 17: the smallest model a target's quantized path can place end to end."""
+    from onnx import helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+                           helper.make_node(activation, ["c"], ["a"]),
+                           helper.make_node("GlobalAveragePool", ["a"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 1, 1])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m

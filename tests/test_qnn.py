@@ -8,35 +8,23 @@ from __future__ import annotations
 import os
 import tempfile
 
-import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 from onnxshrink import targets
 from onnxshrink.targets.profiles import get_target
+from tests.helpers import conv_gap_model, normal_samples
 
 pytestmark = pytest.mark.skipif(not targets.qnn_available(),
                                 reason="onnxruntime-qnn is not installed (pip install onnxruntime-qnn)")
 
 
 def _float_model():
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w")
-    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-                           helper.make_node("HardSwish", ["c"], ["h"]),
-                           helper.make_node("GlobalAveragePool", ["h"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 1, 1])], [w, b])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return conv_gap_model("HardSwish")
 
 
 def _samples(n, seed):
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+    return normal_samples(n, seed, shape=(1, 3, 16, 16))
 
 
 def _qnn_qdq(m):

@@ -3,38 +3,26 @@ on the HTP simulator; the option's parsing; all or nothing when the context cann
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 from onnxshrink import optimize, targets
 from onnxshrink.errors import BudgetError, UsageError
 from onnxshrink.pipeline import manager
 from onnxshrink.targets.profiles import get_target, with_options
 from onnxshrink.targets.qnn import context_path
+from tests.helpers import conv_gap_model, normal_samples
 
 needs_qnn = pytest.mark.skipif(not targets.qnn_available(),
                                reason="onnxruntime-qnn is not installed (pip install onnxruntime-qnn)")
 
 
 def _float_model():
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w")
-    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-                           helper.make_node("Relu", ["c"], ["r"]),
-                           helper.make_node("GlobalAveragePool", ["r"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 1, 1])], [w, b])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return conv_gap_model("Relu")
 
 
 def _samples(n, seed):
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+    return normal_samples(n, seed, shape=(1, 3, 16, 16))
 
 
 def test_context_option_parsing():

@@ -4,7 +4,6 @@ rule (a stand-in ``compare_speed``), so no test depends on this machine's load."
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 
@@ -15,15 +14,9 @@ from onnxshrink.passes.quantize import dynamic
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.runtime import SpeedComparison
 from tests.fail_closed_models import conv1d_add_last_axis
-from tests.helpers import run_ort
+from tests.helpers import model_samples, run_ort
 
 DYNAMIC_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
-
-
-def _samples(model: onnx.ModelProto, n: int = 8, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    specs = [(i.name, [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]
-    return [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in specs} for _ in range(n)]
 
 
 def _ops(model: onnx.ModelProto) -> set[str]:
@@ -39,7 +32,7 @@ def _timing(speedup: float):
 
 def test_dynamic_on_quantizes_every_constant_matmul_and_gemm():
     model = transformer_block()
-    data = _samples(model)
+    data = model_samples(model)
     out, rep = optimize(model, passes=["cleanup", {"quantize": {"dynamic": "on"}}], data=data, budget="none")
     q = rep.passes[-1]
     assert q.status == "applied" and _ops(out) & DYNAMIC_OPS and "QuantizeLinear" not in _ops(out)
@@ -52,14 +45,14 @@ def test_dynamic_on_quantizes_every_constant_matmul_and_gemm():
 def test_dynamic_on_without_a_constant_matmul_is_an_input_error():
     model = conv1d_add_last_axis()
     with pytest.raises(InputError, match="no MatMul/Gemm with constant weights"):
-        optimize(model, passes=[{"quantize": {"dynamic": "on"}}], data=_samples(model), budget="none",
+        optimize(model, passes=[{"quantize": {"dynamic": "on"}}], data=model_samples(model), budget="none",
                  debug=True)
 
 
 def test_auto_keeps_dynamic_when_it_holds_and_is_clearly_faster(monkeypatch):
     monkeypatch.setattr(dynamic, "compare_speed", _timing(1.8))
     model = mlp()
-    out, rep = optimize(model, passes=["cleanup", "quantize"], data=_samples(model))
+    out, rep = optimize(model, passes=["cleanup", "quantize"], data=model_samples(model))
     q = rep.passes[-1]
     assert q.status == "applied" and _ops(out) & DYNAMIC_OPS
     assert q.stats["dynamic"]["chosen"] is True and "static QDQ not tried" in q.reason
@@ -69,7 +62,7 @@ def test_auto_keeps_dynamic_when_it_holds_and_is_clearly_faster(monkeypatch):
 def test_auto_falls_back_to_static_when_dynamic_is_not_clearly_faster(monkeypatch):
     monkeypatch.setattr(dynamic, "compare_speed", _timing(1.01))
     model = mlp()
-    out, rep = optimize(model, passes=["cleanup", "quantize"], data=_samples(model))
+    out, rep = optimize(model, passes=["cleanup", "quantize"], data=model_samples(model))
     q = rep.passes[-1]
     assert not _ops(out) & DYNAMIC_OPS
     assert q.stats["dynamic"]["chosen"] is False and q.stats["dynamic"]["reason"].startswith("not clearly faster")
@@ -77,7 +70,7 @@ def test_auto_falls_back_to_static_when_dynamic_is_not_clearly_faster(monkeypatc
 
 def test_auto_is_not_tried_on_a_convolutional_model():
     model = mobilenet_small(hw=32)
-    _, rep = optimize(model, passes=["cleanup", {"quantize": {"min_speedup": 0.0}}], data=_samples(model),
+    _, rep = optimize(model, passes=["cleanup", {"quantize": {"min_speedup": 0.0}}], data=model_samples(model),
                       budget="none")
     trial = rep.passes[-1].stats["dynamic"]
     assert trial["chosen"] is False and trial["matmul_share"] < 0.1 and "dynamic is tried from 50%" in trial["reason"]
@@ -88,7 +81,7 @@ def test_auto_is_off_without_the_guard_and_on_other_targets():
     for extra in ({"passes": ["cleanup", {"quantize": {"guard": False}}]},
                   {"passes": ["cleanup", "quantize"], "target": "xnnpack"}):
         try:
-            _, rep = optimize(model, data=_samples(model), budget="none", **extra)
+            _, rep = optimize(model, data=model_samples(model), budget="none", **extra)
         except BudgetError as e:  # xnnpack's coverage check rejects the float Gemms: the report is there
             rep = e.report
         assert rep.passes[-1].name == "quantize" and "dynamic" not in rep.passes[-1].stats

@@ -22,6 +22,7 @@ from models.build import mlp, transformer_block
 from onnxshrink.errors import BudgetError, UsageError
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.pipeline.settings import Settings, speed_policy
+from tests.helpers import model_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 FORCED_INT8 = {"quantize": {"guard": False}}
@@ -45,12 +46,6 @@ def tiny_chain(layers: int = 24, width: int = 8) -> onnx.ModelProto:
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
-def _samples(model: onnx.ModelProto, n: int = 8, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    specs = [(i.name, [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]
-    return [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in specs} for _ in range(n)]
-
-
 def _ops(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for n in model.graph.node}
 
@@ -69,7 +64,7 @@ def test_default_policy_is_never_slower(monkeypatch):
 
 def test_a_slower_pass_is_rolled_back_and_the_lossless_ones_kept():
     model = tiny_chain()
-    out, rep = optimize(model, passes=["cleanup", FORCED_INT8, "fold"], data=_samples(model), speed="never-slower",
+    out, rep = optimize(model, passes=["cleanup", FORCED_INT8, "fold"], data=model_samples(model), speed="never-slower",
                         budget="none")
     status = {r.name: r.status for r in rep.passes}
     assert status["quantize"] == "rolled back"
@@ -84,7 +79,7 @@ def test_a_slower_pass_is_rolled_back_and_the_lossless_ones_kept():
 
 def test_lossless_passes_after_the_rolled_back_one_run_again():
     model = tiny_chain()
-    _, rep = optimize(model, passes=[FORCED_INT8, "cleanup"], data=_samples(model), speed="never-slower",
+    _, rep = optimize(model, passes=[FORCED_INT8, "cleanup"], data=model_samples(model), speed="never-slower",
                       budget="none")
     cleanup = next(r for r in rep.passes if r.name == "cleanup")
     assert next(r.status for r in rep.passes if r.name == "quantize") == "rolled back"
@@ -94,7 +89,7 @@ def test_lossless_passes_after_the_rolled_back_one_run_again():
 
 def test_report_policy_keeps_the_slower_result_and_warns():
     model = tiny_chain()
-    out, rep = optimize(model, passes=["cleanup", FORCED_INT8], data=_samples(model), speed="report",
+    out, rep = optimize(model, passes=["cleanup", FORCED_INT8], data=model_samples(model), speed="report",
                         budget="none")
     assert next(r.status for r in rep.passes if r.name == "quantize") == "applied"
     assert "QuantizeLinear" in _ops(out)
@@ -104,14 +99,14 @@ def test_report_policy_keeps_the_slower_result_and_warns():
 
 def test_off_policy_does_not_time():
     model = mlp()
-    _, rep = optimize(model, passes=["cleanup", FORCED_INT8], data=_samples(model), speed="off")
+    _, rep = optimize(model, passes=["cleanup", FORCED_INT8], data=model_samples(model), speed="off")
     assert rep.speed == {}
 
 
 def test_a_size_only_target_waives_the_contract_unless_enforced():
     model = transformer_block()
     passes = [{"quantize": {"weights_only": "int4"}}]
-    _, rep = optimize(model, passes=passes, data=_samples(model), speed="never-slower", budget="none",
+    _, rep = optimize(model, passes=passes, data=model_samples(model), speed="never-slower", budget="none",
                       target_size=0.9, enforce_speed=False)
     assert rep.speed["contract"].startswith("waived (a size-only target")
     assert any(r.name == "quantize" and r.status in ("applied", "backed off") for r in rep.passes)
@@ -135,7 +130,7 @@ def test_nothing_left_to_roll_back_is_exit_4(monkeypatch):
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16])], [w])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)])
     with pytest.raises(BudgetError, match="with every pass rolled back"):
-        optimize(model, passes=["cleanup"], data=_samples(model), speed="never-slower", target="cpu")
+        optimize(model, passes=["cleanup"], data=model_samples(model), speed="never-slower", target="cpu")
 
 
 def test_cli_speed_flag(tmp_path):
@@ -144,7 +139,7 @@ def test_cli_speed_flag(tmp_path):
     onnx.save(model, src)
     calib = tmp_path / "calib"
     calib.mkdir()
-    for k, s in enumerate(_samples(model)):
+    for k, s in enumerate(model_samples(model)):
         np.savez(calib / f"{k:03d}.npz", **s)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("ONNXSHRINK_SPEED")

@@ -89,6 +89,13 @@ class ChannelAnalysis:
         if lay is not None:
             self.block(lay.ids, reason)
 
+    def data_layout(self, lays: list, reason: str) -> Layout | None:
+        """The layout of a node's data input (``lays[0]``); its other inputs are parameters (bounds,
+        scales, sizes, indices), whose channels are blocked with ``reason``."""
+        for lay in lays[1:]:
+            self.block_layout(lay, reason)
+        return lays[0]
+
     def set_layout(self, t, lay: Layout | None) -> None:
         """Record the layout of tensor ``t`` (nothing for a missing tensor or layout)."""
         if lay is not None and t is not None and t.name:

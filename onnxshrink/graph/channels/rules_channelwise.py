@@ -81,9 +81,7 @@ def unary_rule(a, n: gs.Node, lays: list) -> None:
 
 def clip_rule(a, n: gs.Node, lays: list) -> None:
     """Clip keeps the layout; constants are clipped when the bounds are constant."""
-    x = lays[0]
-    for l in lays[1:]:
-        a.block_layout(l, f"Clip '{n.name}' bound carries channels")
+    x = a.data_layout(lays, f"Clip '{n.name}' bound carries channels")
     if x is None:
         return
     lo = node_attr(n, "min", -np.inf)
@@ -248,9 +246,7 @@ def pool_rule(a, n: gs.Node, lays: list) -> None:
 
 def resize_rule(a, n: gs.Node, lays: list) -> None:
     """Resize/Upsample keeps the layout when the channel axis is not scaled; sizes are fixed up."""
-    x = lays[0]
-    for l in lays[1:]:
-        a.block_layout(l, f"{n.op} '{n.name}' scale input carries channels")
+    x = a.data_layout(lays, f"{n.op} '{n.name}' scale input carries channels")
     if x is None:
         return
     if n.op == "Upsample" or a.opset < 11:
@@ -276,9 +272,7 @@ def resize_rule(a, n: gs.Node, lays: list) -> None:
 
 def pad_rule(a, n: gs.Node, lays: list) -> None:
     """Pad keeps the layout when the channel axis is not padded."""
-    x = lays[0]
-    for l in lays[1:]:
-        a.block_layout(l, f"Pad '{n.name}' parameter carries channels")
+    x = a.data_layout(lays, f"Pad '{n.name}' parameter carries channels")
     if x is None:
         return
     r = a.rank(n.inputs[0])
@@ -352,9 +346,7 @@ def reduce_rule(a, n: gs.Node, lays: list) -> None:
 
 def qdq_rule(a, n: gs.Node, lays: list) -> None:
     """QuantizeLinear/DequantizeLinear keep the layout; a per-axis scale and zero point follow it."""
-    x = lays[0]
-    for l in lays[1:]:
-        a.block_layout(l, f"{n.op} '{n.name}' scale carries channels")
+    x = a.data_layout(lays, f"{n.op} '{n.name}' scale carries channels")
     if x is None:
         return
     s = a.value(n.inputs[1])

@@ -72,9 +72,7 @@ def concat_rule(a, n: gs.Node, lays: list) -> None:
 
 def split_rule(a, n: gs.Node, lays: list) -> None:
     """Split on the channel axis cuts the ids (sizes fixed up); on another axis every output keeps them."""
-    x = lays[0]
-    for l in lays[1:]:
-        a.block_layout(l, f"Split '{n.name}' sizes carry channels")
+    x = a.data_layout(lays, f"Split '{n.name}' sizes carry channels")
     if x is None:
         return
     r = a.rank(n.inputs[0])
@@ -126,9 +124,7 @@ def split_rule(a, n: gs.Node, lays: list) -> None:
 def slice_rule(a, n: gs.Node, lays: list) -> None:
     """Slice on the channel axis (step 1) cuts the ids; the bounds are fixed up. Along one axis of a
     split layout the axis keeps its length (its slices tied) and the bounds stay."""
-    x = lays[0]
-    for l in lays[1:]:
-        a.block_layout(l, f"Slice '{n.name}' bounds carry channels")
+    x = a.data_layout(lays, f"Slice '{n.name}' bounds carry channels")
     if x is None:
         return
     r = a.rank(n.inputs[0])
@@ -437,9 +433,7 @@ def gather_rule(a, n: gs.Node, lays: list) -> None:
     """Gather with constant indices: along a non-channel axis the channel axes are renumbered; a
     scalar index along one axis of a split layout (``qkv[0]`` of a fused QKV) takes that slice, the
     axis keeping its length (its slices tied); anything else blocks."""
-    x = lays[0]
-    for l in lays[1:]:
-        a.block_layout(l, f"Gather '{n.name}' indices carry channels")
+    x = a.data_layout(lays, f"Gather '{n.name}' indices carry channels")
     if x is None:
         return
     r = a.rank(n.inputs[0])
