@@ -152,3 +152,21 @@ def test_cli_speed_flag(tmp_path):
                          "--report", str(report), "-q"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "QuantizeLinear" not in _ops(onnx.load(out))  # the default policy rolled the forced int8 back
+
+
+def test_a_model_past_2gb_is_not_timed(monkeypatch):
+    """Timing needs the input and the result in memory at once: past 2 GB the contract is waived with
+    a warning (here ``model.is_large`` is made to say so for a tiny model; no timing may run)."""
+    from onnxshrink import model as model_io
+    from onnxshrink.pipeline import manager
+
+    def no_timing(*a, **k):
+        raise AssertionError("timed a model past 2 GB")
+
+    monkeypatch.setattr(model_io, "is_large", lambda m: True)
+    monkeypatch.setattr(manager, "compare_speed", no_timing)
+    model = tiny_chain()
+    out, rep = optimize(model, passes=["cleanup", FORCED_INT8], data=model_samples(model), speed="never-slower",
+                        budget="none")
+    assert rep.speed["contract"].startswith("waived (the model is past 2 GB")
+    assert "QuantizeLinear" in _ops(out) and any("past 2 GB" in w for w in rep.warnings)

@@ -372,6 +372,11 @@ class PassManager:
         Other targets are not this CPU: not timed. Returns the model to write."""
         if (self.target is not None and self.target.name != "cpu") or result is original or self.speed == "off":
             return result
+        if self._too_large_to_time():
+            report.speed = {"contract": "waived (the model is past 2 GB: timing it against the input needs both "
+                                        "in memory at once; --speed off says so explicitly)"}
+            report.warnings.append("the result was not timed against the input: the model is past 2 GB")
+            return result
         waived = "" if self._speed_enforced() else "--speed report" if self.speed == "report" else \
             "a size-only target; --enforce-speed holds it"
         feeds = val.get(0)
@@ -417,11 +422,18 @@ class PassManager:
 
     def _speed_enforced(self) -> bool:
         """Whether the speed contract may roll passes back: the cpu target (the default), policy
-        never-slower, and not waived by a size-only cost target (unless ``enforce_speed``)."""
-        if (self.target is not None and self.target.name != "cpu") or self.speed != "never-slower":
+        never-slower, a model under 2 GB, and not waived by a size-only cost target (unless
+        ``enforce_speed``)."""
+        if (self.target is not None and self.target.name != "cpu") or self.speed != "never-slower" or \
+                self._too_large_to_time():
             return False
         size_only = bool(self.cost_targets) and all(k == "weight_bytes" for k, _ in self.cost_targets)
         return not size_only or self.enforce_speed
+
+    def _too_large_to_time(self) -> bool:
+        """A model past 2 GB (``model.is_large``): two sessions of it at once would double the peak
+        memory that the passes keep at about 4-5x the model."""
+        return self.original is not None and model_io.is_large(self.original)
 
     def _final_outputs(self, io, model: onnx.ModelProto, val, report: Report):
         """The result's outputs as the user will run it (onnxruntime's graph optimizations on). When
