@@ -17,18 +17,6 @@ The codebook minimises the weighted squared error (here on u_i = W_i / s_o, weig
   layer's output error, not its weight error. Conv: j = the input channel (per kernel tap the
   energy is the channel's, up to borders); MatMul X@W: j = the row of W; Gemm likewise.
 
-1-D weighted k-means is solved exactly per Lloyd step on the sorted values: with prefix sums
-P_w, P_wx of (h, h*W) over the sorted weights, the nearest-centroid cells are contiguous runs
-found by ``searchsorted`` of the centroid midpoints, and each new centroid is
-(P_wx[r] - P_wx[l]) / (P_w[r] - P_w[l]), so one iteration costs O(K log n) after an
-O(n log n) sort. The initialisation keeps outliers: centroids sit at the quantiles of the
-density p(x)^(1/3) (the Panter-Dite optimal point density of a high-resolution quantizer),
-which spreads points into the tails much more than plain quantiles do. When at least 1 % of
-a tensor is exactly zero (after ``prune``/``sparsify``), one centroid is pinned at 0.0, so the
-zeros stay exact. Lloyd's local minima (isolated outliers sharing one centroid) are escaped by
-split/merge moves: split the cell whose best 2-split gains most (exact, by prefix sums over its
-cut points), merge the adjacent pair that costs least, re-run Lloyd, keep when E fell.
-
 Error feedback (MatMul, group-1 Conv via im2col): with H = E[x x^T] over the K input features
 (+1 % damping) and U the upper Cholesky factor of H^-1, the rows of W (as [K, Cout]) are
 assigned in order of decreasing H_jj: a_j = nearest(W_j / s), and the not yet assigned rows
@@ -48,28 +36,13 @@ binary search over the allocation breakpoints finds the smallest model whose out
 at the boundary breaks the budget, the layers that stepped down there keep their bits and the
 search runs again (``refine_rounds``).
 
-ONNX representation (runs in onnxruntime, any opset >= 11)
-----------------------------------------------------------
-Indices are stored in uint8 bit planes: b is split into widths of 8, 4, 2, 1 (6 = 4 + 2,
-3 = 2 + 1, 7 = 4 + 2 + 1) and a plane of width w holds 8/w indices per byte, so b bits per weight exactly.
-The graph unpacks and rebuilds the weight with integer ops only:
-
-    plane_w = Mod(Div(Cast<int32>(packed[m,1]), [1, 2^w, 2^2w, ...]), 2^w) -> Reshape[-1]
-    a       = sum over planes of plane_w * 2^offset            (Mul, Add; Slice if padded)
-    W       = Mul(Transpose(Reshape(Gather(codebook, a), shape)), s)   (GatherElements for groups;
-              the Transpose only when the output axis is not first, e.g. MatMul weights)
-
-All inputs are initializers, so onnxruntime's constant folding (any optimization level above
-disabled) evaluates the chain once at session start and the Conv/MatMul sees a plain float
-initializer: run-time memory and speed equal the float model's, the file holds b bits per
-weight plus a K-entry codebook. (ONNX INT4/UINT4 tensors need opset 21 and give the same
-4 bits; the planes work at any opset and also give 2, 3, 5, 6 and 7 bits.) Near-zero centroids
-are set to exactly 0.0: denormal products slowed one PP-OCR Conv 20x.
+The 1-D k-means is in ``codebook.py``, the bit-plane storage and its unpacking graph in
+``packing.py``.
 """
 
 from __future__ import annotations
 
-__all__ = ["ShareOptions", "SharePass", "kmeans_1d", "pack_indices", "unpack_indices", "bit_planes", "input_energy"]
+__all__ = ["ShareOptions", "SharePass", "input_energy"]
 
 import dataclasses
 import math
@@ -85,6 +58,8 @@ from onnxshrink.graph.patches import ConvGeometry, conv_patches, sample_position
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.gptq import gptq_feedback
 from onnxshrink.passes.registry import register
+from onnxshrink.passes.share.codebook import SortedValues, kmeans_1d, nearest_centroid
+from onnxshrink.passes.share.packing import bit_planes, pack_indices
 
 BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
 _FLOATS = (np.float32, np.float16, np.float64)
@@ -311,7 +286,7 @@ class SharePass(Pass):
         ug = u.reshape(g, -1)
         hg = hu.reshape(g, -1) if hu is not None else None
         half = o.codebook_dtype == "float16" or v.dtype == np.float16
-        sorted_groups = [_Sorted(ug[i], None if hg is None else hg[i]) for i in range(g)]
+        sorted_groups = [SortedValues(ug[i], None if hg is None else hg[i]) for i in range(g)]
         v64 = v.astype(np.float64)
         w2 = v64 ** 2
         hv = np.broadcast_to(w.energy, v.shape) if w.energy is not None else None
@@ -327,7 +302,7 @@ class SharePass(Pass):
                 c = np.where(np.abs(c) < 1e-6 * max(float(np.abs(c).max()), 1e-30), 0.0, c)
                 if half:
                     c = np.sort(c.astype(np.float16).astype(np.float64))
-                    lab = _assign(ug[i], c)
+                    lab = nearest_centroid(ug[i], c)
                 cb[i], labels[i] = c, lab
             cb_store = cb.astype(np.float16 if half else np.float32)
             if w.hessian is not None and g == 1:
@@ -503,184 +478,6 @@ class SharePass(Pass):
 
 
 # --------------------------------------------------------------------------- clustering
-class _Sorted:
-    """Sorted values and weight prefix sums of one tensor (or group), shared by every bit width."""
-
-    def __init__(self, values: np.ndarray, weights: np.ndarray | None):
-        x = np.asarray(values, np.float64).ravel()
-        w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64).ravel()
-        w = w + 1e-12 * (float(w.mean()) if w.size else 1.0)  # no zero-weight run can leave a cell empty
-        order = np.argsort(x, kind="stable")
-        self.x = x
-        self.w = w
-        self.xs = x[order]
-        ws = w[order]
-        self.pw = np.concatenate([[0.0], np.cumsum(ws)])
-        self.pwx = np.concatenate([[0.0], np.cumsum(ws * self.xs)])
-        self.pwx2 = np.concatenate([[0.0], np.cumsum(ws * self.xs * self.xs)])
-
-    def cost(self, lo, hi) -> np.ndarray:
-        """Weighted SSE of the sorted run [lo, hi) around its weighted mean (prefix sums)."""
-        sw = self.pw[hi] - self.pw[lo]
-        sx = self.pwx[hi] - self.pwx[lo]
-        sxx = self.pwx2[hi] - self.pwx2[lo]
-        return np.maximum(sxx - np.where(sw > 0, sx * sx / np.where(sw > 0, sw, 1.0), 0.0), 0.0)
-
-    def cuts(self, c: np.ndarray) -> np.ndarray:
-        """Boundaries of the nearest-centroid cells of ascending centroids ``c``."""
-        return np.concatenate([[0], np.searchsorted(self.xs, (c[:-1] + c[1:]) / 2, side="left"), [self.xs.size]])
-
-    def mean(self, lo, hi, fallback):
-        sw = self.pw[hi] - self.pw[lo]
-        return np.where(sw > 0, (self.pwx[hi] - self.pwx[lo]) / np.where(sw > 0, sw, 1.0), fallback)
-
-
-def _density_init(s: _Sorted, k: int, bins: int = 2048) -> np.ndarray:
-    """Centroids at the quantiles of p(x)^(1/3) (Panter-Dite), reaching into the tails."""
-    lo, hi = s.xs[0], s.xs[-1]
-    if hi <= lo:
-        return np.full(k, lo)
-    hist, edges = np.histogram(s.x, bins=bins, range=(lo, hi), weights=s.w)
-    q = np.cbrt(np.maximum(hist, 0))
-    cdf = np.concatenate([[0.0], np.cumsum(q)])
-    cdf /= cdf[-1]
-    targets = (np.arange(k) + 0.5) / k
-    return np.interp(targets, cdf, edges)
-
-
-def _lloyd(s: _Sorted, c: np.ndarray, pinned: bool, iters: int) -> np.ndarray:
-    for _ in range(iters):
-        c = np.sort(c)
-        cuts = s.cuts(c)
-        new = s.mean(cuts[:-1], cuts[1:], c)
-        if pinned:
-            new[np.argmin(np.abs(c))] = 0.0
-        done = np.allclose(new, c, rtol=0, atol=1e-12 * max(1.0, float(np.abs(c).max())))
-        c = new
-        if done:
-            break
-    return np.sort(c)
-
-
-def _split_merge(s: _Sorted, c: np.ndarray, pinned: bool, rounds: int) -> np.ndarray:
-    """Escape Lloyd's local minima: while splitting the best cell gains more than merging the
-    cheapest adjacent pair costs, move that centroid, then re-run Lloyd. Isolated outliers
-    (which Lloyd leaves sharing a centroid far from both) get their own centroid this way."""
-    total = float(s.cost(*_bounds(s.cuts(c))).sum())
-    for _ in range(rounds):
-        cuts = s.cuts(c)
-        lo, hi = cuts[:-1], cuts[1:]
-        sse = s.cost(lo, hi)
-        merge = s.cost(lo[:-1], hi[1:]) - sse[:-1] - sse[1:]
-        z = int(np.argmin(np.abs(c))) if pinned else -1
-        if pinned:
-            merge[max(z - 1, 0):z + 1] = np.inf
-        best = (0.0, -1, -1)
-        for t in np.argsort(sse)[-4:]:
-            a, b = int(lo[t]), int(hi[t])
-            if b - a < 2 or t == z:
-                continue
-            cut = np.arange(a + 1, b)
-            gain = sse[t] - s.cost(a, cut) - s.cost(cut, b)
-            i = int(np.argmax(gain))
-            if gain[i] > best[0]:
-                best = (float(gain[i]), int(t), int(cut[i]))
-        gain, t, cut = best
-        if t < 0:
-            break
-        m = merge.copy()
-        m[max(t - 1, 0):t + 1] = np.inf  # the merged pair must not contain the cell being split
-        j = int(np.argmin(m))
-        if not np.isfinite(m[j]) or gain <= m[j] + 1e-12 * total:
-            break
-        merged = float(s.mean(lo[j], hi[j + 1], c[j]))
-        left = float(s.mean(lo[t], cut, c[t]))
-        right = float(s.mean(cut, hi[t], c[t]))
-        keep = np.ones(c.size, bool)
-        keep[[j, j + 1, t]] = False
-        trial = _lloyd(s, np.concatenate([c[keep], [merged, left, right]]), pinned, 20)
-        new_total = float(s.cost(*_bounds(s.cuts(trial))).sum())
-        if new_total >= total:
-            break
-        c, total = trial, new_total
-    return c
-
-
-def _bounds(cuts):
-    return cuts[:-1], cuts[1:]
-
-
-def kmeans_1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, pin_zero: bool = False,
-              iters: int = 60, refine: int | None = None,
-              _sorted: _Sorted | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted 1-D k-means: (centroids [k] ascending, labels with the shape of ``values``).
-
-    Minimises sum_i weights_i (values_i - centroids[labels_i])^2 by Lloyd iterations on the
-    sorted values (exact cells by searchsorted, means by prefix sums), from a p^(1/3)-density
-    initialisation. ``pin_zero`` keeps one centroid at exactly 0.0. When the tensor has at most
-    k distinct values the codebook is those values (exact)."""
-    s = _sorted or _Sorted(values, weights)
-    uniq = np.unique(s.xs)
-    if uniq.size <= k:
-        c = np.concatenate([uniq, np.full(k - uniq.size, uniq[-1] if uniq.size else 0.0)])
-    else:
-        c = _density_init(s, k)
-        if pin_zero:
-            c[np.argmin(np.abs(c))] = 0.0
-        c = _lloyd(s, c, pin_zero, iters)
-        c = _split_merge(s, c, pin_zero, rounds=refine if refine is not None else k)
-    labels = _assign(s.x, c)
-    return c, labels.reshape(np.shape(values))
-
-
-def _assign(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (c ascending)."""
-    mids = (c[:-1] + c[1:]) / 2
-    return np.searchsorted(mids, x, side="left").astype(np.int64)
-
-
-# --------------------------------------------------------------------------- packing
-def bit_planes(bits: int) -> list[tuple[int, int]]:
-    """(width, offset) planes a ``bits``-bit index is split into, widths in {8, 4, 2, 1}."""
-    planes, off = [], 0
-    for w in (8, 4, 2, 1):
-        while bits - off >= w:
-            planes.append((w, off))
-            off += w
-    return planes
-
-
-def pack_indices(idx: np.ndarray, bits: int) -> list[tuple[int, int, np.ndarray]]:
-    """Pack indices (0 <= idx < 2^bits) into uint8 planes: [(width, offset, bytes [m, 1])]."""
-    a = np.asarray(idx, np.int64).ravel()
-    if a.size and (a.min() < 0 or a.max() >= 2 ** bits):
-        raise ValueError(f"indices out of range for {bits} bits")
-    out = []
-    for w, off in bit_planes(bits):
-        d = (a >> off) & ((1 << w) - 1)
-        per = 8 // w
-        pad = (-d.size) % per
-        d = np.concatenate([d, np.zeros(pad, np.int64)]).reshape(-1, per)
-        packed = np.zeros(d.shape[0], np.int64)
-        for j in range(per):
-            packed |= d[:, j] << (w * j)
-        out.append((w, off, packed.astype(np.uint8).reshape(-1, 1)))
-    return out
-
-
-def unpack_indices(planes: list[tuple[int, int, np.ndarray]], n: int) -> np.ndarray:
-    """Inverse of ``pack_indices`` in numpy, the same arithmetic as the ONNX unpack graph."""
-    a = np.zeros(n, np.int64)
-    for w, off, packed in planes:
-        per = 8 // w
-        p = packed.astype(np.int32).reshape(-1, 1)
-        div = (np.int32(1) << (w * np.arange(per, dtype=np.int32))).reshape(1, -1)
-        d = np.mod(p // div, 1 << w).reshape(-1)[:n]
-        a += d.astype(np.int64) << off
-    return a
-
-
-# --------------------------------------------------------------------------- data awareness
 def input_energy(op: str, attrs: dict, weight_shape: tuple, x: np.ndarray, weight_input: int) -> np.ndarray | None:
     """Per-feature energy E[x_j^2] of the activation ``x`` a weight multiplies, shaped to broadcast
     against the weight; None when the consumer is not a layer we know."""
