@@ -419,3 +419,16 @@ def test_excluding_a_folded_activation_quantizes_the_unit_before_it():
     assert q.stats["nodes"][conv.name].startswith("quantized")
     quantized_tensors = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
     assert conv.output[0] in quantized_tensors
+
+
+def test_bias_on_a_tiny_scale_saturates_without_overflow():
+    """``b / s_b`` with a tiny ``s_b`` overflowed float32 in the unit analysis (a RuntimeWarning on
+    PP-OCRv4 rec and an inf bias in its sensitivity model): one int32 grid for the QDQ graph and the
+    analysis, saturating."""
+    import warnings
+
+    from onnxshrink.passes.quantize.qdq import bias_int32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = bias_int32(np.array([1e10, -3.0, 0.5], np.float32), np.array([1e-30, 1.0, 0.25], np.float32))
+    assert q.dtype == np.int32 and q.tolist() == [2 ** 31 - 1, -3, 2]

@@ -21,7 +21,7 @@ reads it: float consumers read the float tensor, and a unit output no integer un
 
 from __future__ import annotations
 
-__all__ = ["QdqBuilder", "activation_params", "drop_qdq_value_info"]
+__all__ = ["QdqBuilder", "activation_params", "bias_int32", "drop_qdq_value_info"]
 
 import numpy as np
 import onnx
@@ -51,6 +51,12 @@ def activation_params(scheme: QuantScheme, lo: float, hi: float, clip: tuple | N
         if clip[0] == 0.0:
             zp = scheme.qmin
     return float(np.float32(scale)), zp
+
+
+def bias_int32(b: np.ndarray, sb: np.ndarray) -> np.ndarray:
+    """``b_q = round(b / s_b)`` on the int32 grid (computed in float64 and clipped, so a tiny scale
+    saturates instead of overflowing float32)."""
+    return np.clip(np.round(np.asarray(b, np.float64) / sb), -2 ** 31 + 1, 2 ** 31 - 1).astype(np.int32)
 
 
 def drop_qdq_value_info(graph: gs.Graph) -> None:
@@ -237,7 +243,7 @@ class QdqBuilder:
             b = np.full(n_out, b[0], np.float32)
         sb = (np.float32(sx) * (ws if ws.ndim else np.full(n_out, ws, np.float32))).astype(np.float32)
         sb = np.broadcast_to(sb, b.shape).astype(np.float32)
-        bq = np.clip(np.round(b.astype(np.float64) / sb), -2 ** 31 + 1, 2 ** 31 - 1).astype(np.int32)
+        bq = bias_int32(b, sb)
         dq_b = gs.Variable(node.name + "_B_dequantized", dtype=np.float32, shape=list(b.shape))
         g.nodes.append(gs.Node("DequantizeLinear", name=node.name + "_B_DequantizeLinear",
                                attrs={"axis": 0} if per_channel else {},

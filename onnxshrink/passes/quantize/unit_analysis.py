@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.convert import graph_to_model
 from onnxshrink.passes.quantize.calibrate import CalibrationSamples
-from onnxshrink.passes.quantize.qdq import QdqBuilder
+from onnxshrink.passes.quantize.qdq import QdqBuilder, bias_int32
 from onnxshrink.runtime import capture_activations
 
 
@@ -84,7 +84,7 @@ def analyse_units(builder: QdqBuilder, units: dict, samples: CalibrationSamples,
         if len(node.inputs) > 2 and node.inputs[2].name:
             b = np.asarray(node.inputs[2].values).astype(np.float32)
             sb = np.float32(s) * (ws if ws.ndim else np.float32(ws))
-            bf = (np.round(b / sb) * sb).astype(np.float32)
+            bf = (bias_int32(b, sb) * np.asarray(sb, np.float64)).astype(np.float32)
             ins.append(gs.Constant(u.node + "_sh_B", bf))
         y = node.outputs[0]
         ys = gs.Variable(u.node + "_sh_y", dtype=np.float32)
