@@ -17,7 +17,7 @@ from onnxshrink.passes.base import Pass
 PIPELINE_ORDER = ("cleanup", "prune", "sparsify", "svd", "share", "quantize")
 PACKAGE = "onnxshrink.passes"
 # package modules that hold no pass
-NOT_PASS_MODULES = ("base", "registry", "options", "knob", "svd_knob")
+NOT_PASS_MODULES = ("base", "registry", "options", "knob")
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _DISCOVERED = False

@@ -11,7 +11,7 @@ merges them with the user's options of the pass):
   svd       a Conv (2-D, group 1) / Gemm / MatMul layer; strength f = fraction of its parameters
             kept: rank ``k = max(1, floor(f n m / (n + m)))`` of its n x m weight view (channel_out
             form for convs), resolved on the graph it is applied to: ``svd.ranks`` {layer: [form, k]}
-            (``passes/svd_knob.py``).
+            (``passes/svd/knob.py``).
   quantize  a Conv / ConvTranspose / Gemm / MatMul node (with the factor pair svd made of it):
             strength 0.5 = its weights stored int8 with float activations (``quantize.fallback=int8``:
             a quarter of the bytes at float speed), 1 = QDQ int8 (integer kernels); nodes below 1 go
