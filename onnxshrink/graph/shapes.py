@@ -48,12 +48,13 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> on
         for v in shape:
             dims.add().dim_value = int(v)
     del model.graph.value_info[:]
-    # outputs keep their element type; their dims are recomputed by shape inference
+    # outputs keep their element type; their dims are recomputed by shape inference (a negative
+    # dim_value, PaddlePaddle's "unknown", is cleared too: the fixed inputs may make it known)
     for o in model.graph.output:
         tt = o.type.tensor_type
         if tt.HasField("shape"):
             for d in tt.shape.dim:
-                if not d.HasField("dim_value"):
+                if not d.HasField("dim_value") or d.dim_value < 0:
                     d.Clear()
     return model
 
