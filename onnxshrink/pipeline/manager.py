@@ -327,8 +327,8 @@ class PassManager:
         def finish(m: onnx.ModelProto) -> onnx.ModelProto:
             return self._emit(m, ctx, report) if self.target is not None else m
 
-        current = self._speed_contract(original, current, finish(current), steps, finish, ctx, val, reference,
-                                       cost_shapes, report)
+        current = self._speed_contract(original, finish(current), steps, finish, ctx, val, reference, cost_shapes,
+                                       report)
 
         # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
@@ -354,11 +354,11 @@ class PassManager:
                               f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
         return current, report
 
-    def _speed_contract(self, original: onnx.ModelProto, unfinished: onnx.ModelProto, result: onnx.ModelProto,
-                        steps: list, finish, ctx: Context, val, reference, cost_shapes,
-                        report: Report) -> onnx.ModelProto:
-        """The speed contract of the cpu target (the default): the result (``finish(unfinished)``) is
-        timed against the input (``runtime.compare_speed``, interleaved, on a selection sample).
+    def _speed_contract(self, original: onnx.ModelProto, result: onnx.ModelProto, steps: list, finish,
+                        ctx: Context, val, reference, cost_shapes, report: Report) -> onnx.ModelProto:
+        """The speed contract of the cpu target (the default): ``result`` (the passes' model through
+        ``finish``, the target's emission) is timed against the input (``runtime.compare_speed``,
+        interleaved, on a selection sample).
 
         Policy ``never-slower`` (the default): while the result is clearly slower (the whole ~95 %
         interval of the speed ratio below 1/1.03), the last lossy step that changed the model

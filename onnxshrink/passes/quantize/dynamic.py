@@ -35,7 +35,6 @@ import tempfile
 from pathlib import Path
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.graph.cost import model_cost
@@ -66,20 +65,24 @@ def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None) -> onn
     graph = model_to_graph(model)
     if gemm_to_matmul(graph, constant_weights_only=True):
         graph.cleanup().toposort()
-    logging.getLogger("root").setLevel(logging.ERROR)  # the tool's "consider pre-processing" warning
-    with tempfile.TemporaryDirectory(prefix="onnxshrink_dynamic_") as d:
-        out = Path(d) / "dynamic.onnx"
-        quantize_dynamic(graph_to_model(graph, model), out, op_types_to_quantize=list(DYNAMIC_OPS),
-                         per_channel=False, reduce_range=False, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=list(exclude or []))
-        return onnx.load(str(out))
+    root = logging.getLogger()  # the tool logs "consider pre-processing" on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnxshrink_dynamic_") as d:
+            out = Path(d) / "dynamic.onnx"
+            quantize_dynamic(graph_to_model(graph, model), out, op_types_to_quantize=list(DYNAMIC_OPS),
+                             per_channel=False, reduce_range=False, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=list(exclude or []))
+            return onnx.load(str(out))
+    finally:  # the caller's logging as it was
+        root.setLevel(level)
 
 
-def try_dynamic(graph: gs.Graph, options, ctx, check, sample: dict, stats: dict):
-    """The ``auto`` trial: the dynamic model of ``graph`` when it holds ``check``'s floor and is clearly
-    ``options.min_speedup`` faster than the float model on ``sample``, else None; ``stats["dynamic"]``
-    says what was measured either way."""
-    model_f = ctx.to_model(graph)
+def try_dynamic(model_f: onnx.ModelProto, options, check, sample: dict, stats: dict):
+    """The ``auto`` trial: the dynamic model of the float model ``model_f`` when it holds ``check``'s
+    floor and is clearly ``options.min_speedup`` faster than ``model_f`` on ``sample``, else None;
+    ``stats["dynamic"]`` says what was measured either way."""
     share = matmul_share(model_f, {k: list(v.shape) for k, v in sample.items()})
     trial = stats["dynamic"] = {"matmul_share": round(share, 3)}
     if share < MATMUL_SHARE:

@@ -183,14 +183,15 @@ class QuantizePass(Pass):
         o = self.options
         stats = {"scheme": {"weights": "int8 per tensor", "activations": "uint8, quantized at run time (dynamic)",
                             "per_channel": False}}
-        samples = CalibrationSamples(ctx.calib, ctx.val, o.max_samples)
+        model_f = ctx.to_model(graph)
         if o.dynamic == "on":
-            qm = dynamic_quantize(ctx.to_model(graph), o.exclude)
+            qm = dynamic_quantize(model_f, o.exclude)
         else:
-            check = FidelityCheck(ctx, ctx.to_model(graph), samples, o.min_cosine)
+            samples = CalibrationSamples(ctx.calib, ctx.val, o.max_samples)
+            check = FidelityCheck(ctx, model_f, samples, o.min_cosine)
             check.set_floor(o.min_cosine)
             try:
-                qm = try_dynamic(graph, o, ctx, check, samples.first(), stats)
+                qm = try_dynamic(model_f, o, check, samples.first(), stats)
             except Exception as e:  # the tool cannot take this model: the static path decides
                 stats["dynamic"] = {"chosen": False, "reason": f"quantize_dynamic failed: {type(e).__name__}: {e}"}
                 qm = None
