@@ -5,6 +5,7 @@ onnxshrink ``cleanup,quantize`` on real models, same calibration and held-out sa
     python benchmarks/quantize_bench.py --models ppocr_cls --calib 8 --heldout 8 --rounds 10
     python benchmarks/quantize_bench.py --models vit_s,ppocr_rec --tools ort_dyn,ort_pc,shrink   # transformers
 
+``crnn`` is ``models.build.crnn_small`` (conv + bidirectional LSTM) fed rendered text lines.
 ``vit_s`` is not a downloaded model: ``models.build.vit_encoder`` at ViT-S width (384 wide, 6 heads,
 MLP 1536, 4 blocks, 64x64 photos in 8x8 patches: 65 tokens), exported PyTorch-style, fed photos.
 Tools: ``ort_pc`` / ``ort_pt`` onnxruntime ``quantize_static`` (QDQ, MinMax, per-channel / per-tensor),
@@ -75,6 +76,18 @@ def worker(tool: str, model: str, calib_dir: str, out: str, options: str) -> dic
             quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=(tool == "ort_pc"),
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
+    elif tool == "shrink_cli":
+        # the user's command line, at the budget the user gives (``options``: the budget; empty = default)
+        from onnxshrink.cli import main as cli_main
+        argv = ["optimize", model, out, "--passes", "cleanup,quantize", "--calib", calib_dir, "--no-cache", "--quiet"]
+        if options:
+            argv += ["--budget", options]
+        try:
+            cli_main(argv)
+        except SystemExit as e:
+            if e.code:
+                raise
+        info["passes"] = ["cleanup", "quantize"]
     else:
         from onnxshrink.passes.registry import registry
         from onnxshrink.pipeline.manager import optimize
@@ -188,13 +201,19 @@ def _built_model(name: str, folder: Path, n: int) -> tuple[Path, list[dict]]:
     """A model built by models/build.py (``vit_s``) saved in ``folder``, and ``n`` photo samples."""
     import onnx
 
-    from models.build import demo_samples, vit_encoder
-    if name != "vit_s":
+    from models.build import crnn_small, demo_samples, vit_encoder
+    from models.real import preprocess, text_lines
+    if name == "vit_s":
+        model = vit_encoder(depth=4, dim=384, heads=6, hw=64, patch=8)
+        xs = demo_samples(n, seed=0, hw=64)
+    elif name == "crnn":
+        model = crnn_small()
+        xs = preprocess(text_lines(n, (32, 128), seed=0), "crnn")
+    else:
         raise SystemExit(f"unknown model {name}")
-    model = vit_encoder(depth=4, dim=384, heads=6, hw=64, patch=8)
-    path = folder / "vit_s.onnx"
+    path = folder / f"{name}.onnx"
     onnx.save(model, str(path))
-    return path, [{model.graph.input[0].name: x} for x in demo_samples(n, seed=0, hw=64)]
+    return path, [{model.graph.input[0].name: x} for x in xs]
 
 
 def bench_model(name, n_calib, n_held, rounds, options, tools) -> list[dict]:

@@ -37,13 +37,17 @@ Builders (all float32, static batch 1 unless ``dynamic_batch=True``):
   as PyTorch exports it below opset 17) or fused (LayerNormalization), shape arithmetic as
   Shape/Gather/Unsqueeze/Concat (cleanup folds it for a static batch). Heads and MLP neurons have a
   spread of importance (a quarter of the heads and a fifth of the neurons weak), as trained ones do.
+- ``crnn_small()``       input [1,3,32,128] -> logits [32,1,37]: a CRNN text recognizer (conv + LSTM),
+  as PaddleOCR's and the classic CRNN export it: Conv+BN+Relu stages with MaxPool down to height 1,
+  Squeeze and Transpose to a [T, N, C] sequence, a bidirectional LSTM (the ONNX LSTM op), its two
+  directions merged by Transpose+Reshape, and a per-step MatMul+Add classifier.
 - ``mlp()``              input [1,64] -> logits [1,10]: three Gemm layers with Relu.
 """
 
 from __future__ import annotations
 
 __all__ = ["resnet_small", "mobilenet_small", "mobilenet_v3_small", "picodet_small", "transformer_block",
-           "vit_encoder", "mlp", "demo_model", "demo_samples", "write_demo", "OPSET", "IR_VERSION"]
+           "vit_encoder", "crnn_small", "mlp", "demo_model", "demo_samples", "write_demo", "OPSET", "IR_VERSION"]
 
 import argparse
 import collections
@@ -713,6 +717,45 @@ def vit_encoder(seed: int = 0, depth: int = 2, dim: int = 64, heads: int = 4, ml
                 doc=f"ViT encoder ({depth} blocks, {heads} heads, width {dim}, MLP {hidden}, LayerNorm {layernorm}) "
                     "built by models/build.py")
     m.opset_import[0].version = opset
+    return m
+
+
+@_cached
+def crnn_small(seed: int = 0, hw: tuple[int, int] = (32, 128), hidden: int = 96,
+               num_classes: int = 37) -> onnx.ModelProto:
+    """CRNN text recognizer (module docstring): input 'x' [1,3,H,W] (a text line), output 'logits'
+    [W/4, 1, num_classes] (per time step). LSTM weights uniform in +-1/sqrt(hidden), as torch
+    initializes them; BN statistics from smooth images."""
+    h, w = hw
+    b = _Builder(seed)
+    y, cin = "x", 3
+    for i, (cout, pool) in enumerate([(32, (2, 2)), (64, (2, 2)), (128, (2, 1)), (128, (2, 1)), (192, (2, 1))]):
+        y = b.conv_bn(y, cin, cout, 3, f"backbone.{i}")
+        y = b.node("MaxPool", [y], f"backbone.{i}.pool", kernel_shape=list(pool), strides=list(pool))
+        cin = cout
+    t_steps = w // 4
+    y = b.node("Squeeze", [y, b.const("neck", np.array([2], np.int64))], "neck")  # [1, C, T]
+    y = b.node("Transpose", [y], "neck", perm=[2, 0, 1])  # [T, 1, C]
+    bound = 1.0 / np.sqrt(hidden)
+
+    def uniform(*shape):
+        return b.rng.uniform(-bound, bound, shape).astype(np.float32)
+
+    lstm_w = b.init("rnn.W", uniform(2, 4 * hidden, cin))
+    lstm_r = b.init("rnn.R", uniform(2, 4 * hidden, hidden))
+    lstm_b = b.init("rnn.B", uniform(2, 8 * hidden))
+    seq = b.node("LSTM", [y, lstm_w, lstm_r, lstm_b], "rnn", n_out=3, hidden_size=hidden,
+                 direction="bidirectional")[0]  # [T, 2, 1, hidden]
+    seq = b.node("Transpose", [seq], "rnn", perm=[0, 2, 1, 3])
+    seq = b.node("Reshape", [seq, b.const("rnn", np.array([0, 0, -1], np.int64))], "rnn")
+    wf = structured_weight(b.rng, (2 * hidden, num_classes), tau=0.3, fan_in=2 * hidden)
+    logits = b.node("MatMul", [seq, b.init("head.weight_t", wf)], "head")
+    b.node("Add", [logits, b.init("head.bias", np.zeros(num_classes, np.float32))], "head")
+    b.nodes[-1].output[0] = "logits"
+    m = b.model("crnn_small", [_input("x", [1, 3, h, w], False)],
+                [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [t_steps, 1, num_classes])],
+                doc="CRNN text recognizer (conv + bidirectional LSTM) built by models/build.py")
+    _data_dependent_bn(m, b.bn_nodes, smooth_images(16, (h, w), seed=21 + seed))
     return m
 
 

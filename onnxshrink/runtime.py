@@ -171,6 +171,7 @@ def interleaved_latency(models: list, feeds: dict, rounds: int = 8, runs: int = 
 
 
 CLEAR_MARGIN = 1.03  # a speed difference counts when its whole interval is 3 % beyond the threshold
+EARLY_ROUNDS = 6  # rounds per block of compare_speed's early look
 
 
 @dataclass(frozen=True)
@@ -205,16 +206,35 @@ class SpeedComparison:
 
 
 def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_rounds: int = 15,
-                  max_rounds: int = 61) -> SpeedComparison:
+                  max_rounds: int = 61, decides: Sequence[tuple[str, float]] = (("faster", 1.0), ("slower", 1.0)),
+                  early_rounds: int = EARLY_ROUNDS) -> SpeedComparison:
     """Time two models (ModelProto or session) on one thread in interleaved rounds, as many as fit
     in about ``seconds`` of the pair (``min_rounds``..``max_rounds``), and compare them
     (``SpeedComparison``): the one latency measurement every speed decision uses. The rounds run in
     two blocks, each warmed up afresh; the interval is the union of the two blocks' intervals, so a
-    drift of the machine's load between blocks widens it instead of faking a clear difference."""
+    drift of the machine's load between blocks widens it instead of faking a clear difference.
+
+    Early stop: ``decides`` names the decisions the caller takes on the result (``("faster", t)``:
+    ``faster_than(t)``, whose boundary is the ratio ``t x CLEAR_MARGIN``; ``("slower", t)``:
+    ``slower_than(t)``, boundary ``t / CLEAR_MARGIN``). Two short blocks of ``early_rounds`` rounds
+    are timed first; when no boundary lies inside their interval, every decision is already taken as
+    the full measurement would take it (its interval is narrower around the same median) and that
+    comparison is returned. With 6 rounds a block's interval is its [min, max] ratio (coverage of
+    the median 1 - 2/2^6 = 97 %), so a clear early verdict needs every one of the 12 rounds on one
+    side of the boundary. Otherwise (a close call) the full two blocks are timed afresh, as
+    without the early look. The early look is taken only where the time budget limits the rounds
+    (a pair run longer than ``seconds / max_rounds``): consecutive runs of a tiny model drift
+    together, so 12 of them can all lie on one side by chance, and its full measurement is cheap."""
     sa = model_a if isinstance(model_a, ort.InferenceSession) else make_session(model_a, optimize=True, threads=1)
     sb = model_b if isinstance(model_b, ort.InferenceSession) else make_session(model_b, optimize=True, threads=1)
     one = (measure_latency(sa, feeds, runs=1, warmup=1) + measure_latency(sb, feeds, runs=1, warmup=1)) / 1e3
     rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
+    if decides and rounds < max_rounds and rounds > 2 * early_rounds:  # only where the time budget binds
+        early = speed_comparison([interleaved_latency([sa, sb], feeds, rounds=early_rounds, runs=1, warmup=2)
+                                  for _ in range(2)])
+        bounds = [t * CLEAR_MARGIN if kind == "faster" else t / CLEAR_MARGIN for kind, t in decides]
+        if not any(early.low <= b <= early.high for b in bounds):
+            return early
     blocks = [interleaved_latency([sa, sb], feeds, rounds=block, runs=1, warmup=2)
               for block in (rounds // 2, rounds - rounds // 2)]
     return speed_comparison(blocks)

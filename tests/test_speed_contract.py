@@ -170,3 +170,44 @@ def test_a_model_past_2gb_is_not_timed(monkeypatch):
                         budget="none")
     assert rep.speed["contract"].startswith("waived (the model is past 2 GB")
     assert "QuantizeLinear" in _ops(out) and any("past 2 GB" in w for w in rep.warnings)
+
+
+class _StandInTimer:
+    """Stand-in for runtime's timers: model ``b`` takes ``ratio``-times less than ``a`` in every round,
+    with a deterministic spread of +-``spread`` around it; counts the rounds timed."""
+
+    def __init__(self, ratio: float, spread: float):
+        self.ratio, self.spread, self.rounds = ratio, spread, 0
+
+    def interleaved(self, sessions, feeds, rounds, runs=1, warmup=2, threads=1):
+        wobble = [self.spread * (2 * (k % 5) / 4 - 1) for k in range(rounds)]  # -spread .. +spread
+        self.rounds += rounds
+        return [[1.0] * rounds, [1.0 / (self.ratio + w) for w in wobble]]
+
+
+@pytest.mark.parametrize("ratio, spread, early, faster, slower", [
+    (2.0, 0.2, True, True, False),     # clearly faster: decided on the early look's 12 rounds
+    (0.5, 0.05, True, False, True),    # clearly slower: the same
+    (1.0, 0.005, True, False, False),  # a tight tie, inside both boundaries: a tie on the early look
+    (1.03, 0.02, False, False, False),  # a boundary inside the early interval: the full measurement
+])
+def test_compare_speed_stops_early_only_when_no_decision_is_close(monkeypatch, ratio, spread, early, faster,
+                                                                  slower):
+    from onnxshrink import runtime
+    timer = _StandInTimer(ratio, spread)
+    monkeypatch.setattr(runtime, "interleaved_latency", timer.interleaved)
+    monkeypatch.setattr(runtime, "measure_latency", lambda *a, **k: 50.0)  # ms: 30 rounds fit in 1.5 s
+    model = tiny_chain(2)
+    cmp = runtime.compare_speed(model, model, {"x": np.zeros((1, 8), np.float32)})
+    assert (timer.rounds == 2 * runtime.EARLY_ROUNDS) is early, timer.rounds
+    assert cmp.rounds == timer.rounds - (0 if early else 2 * runtime.EARLY_ROUNDS)
+    assert cmp.faster_than(1.0) is faster and cmp.slower_than(1.0) is slower
+    # a caller that decides only "faster than 1.0" lets a clear tie below its boundary stop early as well
+    timer.rounds = 0
+    one = runtime.compare_speed(model, model, {"x": np.zeros((1, 8), np.float32)}, decides=(("faster", 1.0),))
+    assert one.faster_than(1.0) is faster
+    # a tiny model (its 61 rounds fit in the time budget) is always measured in full
+    monkeypatch.setattr(runtime, "measure_latency", lambda *a, **k: 0.02)
+    timer.rounds = 0
+    runtime.compare_speed(model, model, {"x": np.zeros((1, 8), np.float32)})
+    assert timer.rounds == 61

@@ -19,6 +19,7 @@ __all__ = ["PassManager", "optimize"]
 
 import dataclasses
 import gc
+import hashlib
 import os
 import re
 import time
@@ -117,6 +118,7 @@ class PassManager:
         self.plot = settings.plot
         self.speed = speed_policy(settings.speed)
         self.enforce_speed = settings.enforce_speed
+        self._selection_memo = None  # (digest, samples, outputs) of the last _selection_outputs call
         if self.budget is not None and self.budget.metric == "user" and self.metric is None:
             raise UsageError("budget on metric 'user' needs a user metric callable")
         # set by run(): the validation labels, the original's own scores (relative budgets), the
@@ -199,9 +201,28 @@ class PassManager:
 
     # ------------------------------------------------------------------ validation
     def _outputs(self, model: onnx.ModelProto, samples, optimize: bool):
+        return self._outputs_of_sets(model, [samples], optimize)[0]
+
+    def _selection_outputs(self, model: onnx.ModelProto, val) -> list:
+        """The model's outputs on the selection samples ``val`` with onnxruntime's optimizations on (as
+        the user runs it). The last call's outputs are kept under a digest of the model's bytes: the
+        quantize guard's evaluation of the placement it keeps, the manager's validation of the pass's
+        result and the final selection figure are one model, run once."""
+        key = None if model_io.is_large(model) else hashlib.blake2b(model.SerializeToString(),
+                                                                     digest_size=16).digest()
+        memo = self._selection_memo
+        if key is not None and memo is not None and memo[0] == key and memo[1] is val:
+            return memo[2]
+        outs = self._outputs(model, val, optimize=True)
+        self._selection_memo = (key, val, outs) if key is not None else None
+        return outs
+
+    @staticmethod
+    def _outputs_of_sets(model: onnx.ModelProto, sample_sets, optimize: bool) -> list:
+        """The model's outputs on each of ``sample_sets`` (a list per set), from one session."""
         sess = make_session(model, optimize=optimize, low_memory=True)  # -24 MB peak on YOLOv8n
         names = [o.name for o in sess.get_outputs()]
-        return [sess.run(names, s) for s in samples]
+        return [[sess.run(names, s) for s in samples] for samples in sample_sets]
 
     def _validate(self, candidate: onnx.ModelProto, val, reference, lossless: bool, check_budget: bool = True,
                   own_input=None):
@@ -223,7 +244,8 @@ class PassManager:
                 return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
             return True, "", {}
         try:
-            outs = self._outputs(candidate, val, optimize=not lossless)
+            outs = self._outputs(candidate, val, optimize=False) if lossless else \
+                self._selection_outputs(candidate, val)
         except Exception as e:
             return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
         if lossless and self.original_optimizes:  # judged unoptimized, but the user runs it optimized
@@ -263,8 +285,9 @@ class PassManager:
             self.full_check = True
         except Exception:
             self.full_check = False  # the input itself fails strict inference; hold outputs to the basic check
-        try:
-            reference = self._outputs(original, self.progress.track(val, "reference outputs"), optimize=False)
+        try:  # the original's outputs on the selection and the test samples, from one session
+            sets = [self.progress.track(val, "reference outputs")] + ([] if test is val else [test])
+            reference, *rest = self._outputs_of_sets(original, sets, optimize=False)
         except OnnxShrinkError:
             raise
         except Exception as e:
@@ -279,7 +302,7 @@ class PassManager:
         self.baseline = fidelity(reference, reference, self.metric, val, self.val_labels)
         # the verdict's reference and baseline: the original on the test samples (the same objects when
         # the roles share their samples)
-        test_reference = reference if test is val else self._outputs(original, test, optimize=False)
+        test_reference = rest[0] if rest else reference
         if test is not val:
             check_reference_finite(test, test_reference)
         test_baseline = self.baseline if test is val else fidelity(test_reference, test_reference, self.metric,
@@ -295,7 +318,7 @@ class PassManager:
         ctx = Context(calib=calib, val=val, reference=reference, budget=self.budget, target=self.target,
                       seed=self.seed, rng=np.random.default_rng(self.seed), progress=self.progress,
                       template=current)
-        ctx.evaluator = lambda m: fidelity(reference, self._outputs(m, val, optimize=True), self.metric, val,
+        ctx.evaluator = lambda m: fidelity(reference, self._selection_outputs(m, val), self.metric, val,
                                            self.val_labels)
         ctx.baseline = self.baseline
 
@@ -333,11 +356,18 @@ class PassManager:
         # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
         # the verdict, on the test samples no decision saw (the selection figure beside it)
-        final = self._final_outputs(io, current, test, report)
+        memo = self._selection_memo
+        reuse = test is not val and io.identity and memo is not None and memo[1] is val and \
+            not model_io.is_large(current) and \
+            memo[0] == hashlib.blake2b(current.SerializeToString(), digest_size=16).digest()
+        final, *final_val = self._final_outputs(io, current, [test] + ([] if test is val or reuse else [val]),
+                                                report)
+        if reuse:
+            final_val = [memo[2]]
+        self._selection_memo = None
         report.fidelity = fidelity(test_reference, final, self.metric, test, self.test_labels)
-        if test is not val:
-            report.selection_fidelity = fidelity(reference, self._final_outputs(io, current, val, report),
-                                                 self.metric, val, self.val_labels)
+        if final_val:
+            report.selection_fidelity = fidelity(reference, final_val[0], self.metric, val, self.val_labels)
         report.after = model_stats(current, io.shapes(cost_shapes))
         report.budget_met = self.budget.holds(report.fidelity, test_baseline) if self.budget else None
         if self.measure_speed:
@@ -380,7 +410,7 @@ class PassManager:
         waived = "" if self._speed_enforced() else "--speed report" if self.speed == "report" else \
             "a size-only target; --enforce-speed holds it"
         feeds = val.get(0)
-        cmp = compare_speed(original, result, feeds)
+        cmp = compare_speed(original, result, feeds, decides=(("slower", 1.0),))
         report.speed = {"vs_input": cmp.as_dict(), "contract": f"waived ({waived})" if waived else "enforced",
                         "verdict": "slower" if cmp.slower_than(1.0) else "not slower", "rolled_back": []}
         if not cmp.slower_than(1.0):
@@ -413,7 +443,7 @@ class PassManager:
             if result is original:
                 cmp = None
                 break
-            cmp = compare_speed(original, result, feeds)
+            cmp = compare_speed(original, result, feeds, decides=(("slower", 1.0),))
         if cmp is None or not cmp.slower_than(1.0):
             report.speed.update(vs_input=cmp.as_dict() if cmp is not None else None, verdict="not slower")
             return result
@@ -435,22 +465,21 @@ class PassManager:
         memory that the passes keep at about 4-5x the model."""
         return self.original is not None and model_io.is_large(self.original)
 
-    def _final_outputs(self, io, model: onnx.ModelProto, val, report: Report):
-        """The result's outputs as the user will run it (onnxruntime's graph optimizations on). When
+    def _final_outputs(self, io, model: onnx.ModelProto, sample_sets, report: Report) -> list:
+        """The result's outputs on each of ``sample_sets``, as the user will run it (onnxruntime's graph
+        optimizations on; one session). When
         those optimizations fail on the input model itself (an onnxruntime limitation, e.g. constant
         folding a Range whose inputs are not scalars), the result is measured without them and the
         report warns; when they fail only on the result, nothing is written."""
         try:
-            return io.run(model, val, optimize=True)
+            return io.run_sets(model, sample_sets, optimize=True)
         except OnnxShrinkError:
             raise
         except Exception as e:
             if not self.original_optimizes:
-                warning = (f"onnxruntime's graph optimizations fail on the input model too ({_first_line(e)}): "
-                           f"fidelity measured without them")
-                if warning not in report.warnings:  # called for the test and the selection samples
-                    report.warnings.append(warning)
-                return io.run(model, val, optimize=False)
+                report.warnings.append(f"onnxruntime's graph optimizations fail on the input model too "
+                                       f"({_first_line(e)}): fidelity measured without them")
+                return io.run_sets(model, sample_sets, optimize=False)
             raise BudgetError(f"the result does not run with onnxruntime's graph optimizations, although the "
                               f"input does: {_first_line(e)}", report) from None
 

@@ -99,6 +99,11 @@ class ChannelsLastIO:
         self.inputs = set(layout.get("inputs", ()))
         self.outputs = set(layout.get("outputs", ()))
 
+    @property
+    def identity(self) -> bool:
+        """No image I/O is channel-last: the model runs on the samples as they are."""
+        return not self.inputs and not self.outputs
+
     def feeds(self, samples) -> list[dict]:
         return channels_last_samples(samples, self.inputs) if self.inputs else samples
 
@@ -113,10 +118,14 @@ class ChannelsLastIO:
                 for outs in outputs]
 
     def run(self, model: onnx.ModelProto, samples, optimize: bool = True) -> list:
+        return self.run_sets(model, [samples], optimize)[0]
+
+    def run_sets(self, model: onnx.ModelProto, sample_sets, optimize: bool = True) -> list:
+        """``run`` on each of ``sample_sets`` (a list of outputs per set), from one session."""
         from onnxshrink.runtime import make_session
         sess = make_session(model, optimize=optimize)
         names = [o.name for o in sess.get_outputs()]
-        return self.back([sess.run(names, s) for s in self.feeds(samples)], names)
+        return [self.back([sess.run(names, s) for s in self.feeds(samples)], names) for samples in sample_sets]
 
 
 def _per_tensor_qdq(node: gs.Node) -> bool:

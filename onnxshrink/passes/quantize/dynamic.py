@@ -92,7 +92,7 @@ def try_dynamic(model_f: onnx.ModelProto, options, check, sample: dict, stats: d
         return None
     qm = dynamic_quantize(model_f, options.exclude)
     fid = check.measure(qm)
-    cmp = compare_speed(model_f, qm, sample)
+    cmp = compare_speed(model_f, qm, sample, decides=(("faster", options.min_speedup),))
     trial.update(cosine=round(fid.get("cosine", 0.0), 6), speed=cmp.as_dict())
     holds, faster = check.holds(fid), cmp.faster_than(options.min_speedup)
     trial["chosen"] = holds and faster

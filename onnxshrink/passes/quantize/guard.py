@@ -23,6 +23,7 @@ from __future__ import annotations
 __all__ = ["FidelityCheck", "Placement", "QuantizeGuard"]
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -157,7 +158,8 @@ class QuantizeGuard:
             # says nothing about the target, so only the fidelity floor applies
             self.stats["speed_search"] = [{"config": f"skipped: the {target} target is not this CPU"}]
             return chosen, outcome
-        return self._speed(chosen, fid, rules, compare_speed, "this CPU"), outcome
+        timed = functools.partial(compare_speed, decides=(("faster", self.o.min_speedup),))
+        return self._speed(chosen, fid, rules, timed, "this CPU"), outcome
 
     def _speed(self, chosen: Placement, fid: dict, rules: PlacementRules, compare=compare_speed,
                where: str = "this CPU") -> Placement:

@@ -200,6 +200,7 @@ class QdqBuilder:
                     if isinstance(t, gs.Constant):
                         node.inputs[i] = self._const_dq(g, t, f"{u.node}_in{i}")
         g.cleanup().toposort()
+        drop_qdq_value_info(g)  # every graph built alike: the one the guard measured is the one written
         return g
 
     def _const_dq(self, g: gs.Graph, t: gs.Constant, name: str) -> gs.Variable:

@@ -1,0 +1,202 @@
+"""What the tool costs: wall time and peak memory of quantizing a model, onnxshrink beside
+onnxruntime's own quantizers (and NNCF where installed), with what each output is worth.
+
+    PYTHONPATH=. python benchmarks/tool_cost.py                       # all models, 3 repeats
+    PYTHONPATH=. python benchmarks/tool_cost.py --models yolov8n,crnn --repeats 5
+    PYTHONPATH=. python benchmarks/tool_cost.py --budget ""           # onnxshrink's default budget
+
+Per model: 32 calibration samples written as .npy, 16 held-out samples no tool sees. Tools, each in
+its own subprocess so that its wall time and peak RSS (VmHWM, which counts onnxruntime's C++
+allocations) are measured alike (``quantize_bench.run_tool``):
+
+- ``ort_static``: onnxruntime ``quantize_static`` as a user calls it (QDQ, per-tensor, MinMax, all 32
+  samples calibrate);
+- ``ort_dyn``: onnxruntime ``quantize_dynamic`` (no calibration);
+- ``nncf``: ``nncf.quantize`` on the ONNX model, when nncf is installed (else the row says so);
+- ``onnxshrink``: ``onnxshrink optimize IN OUT --passes cleanup,quantize --calib DIR --budget B``, the
+  user's command line: 32 samples split into calibration / selection / test, the verdict on the test
+  samples, the speed contract on (the result is timed against the input), on-disk cache off.
+
+Each tool runs ``--repeats`` times: the table gives the median wall time and the median peak RSS, and
+onnxshrink's ratio to ``quantize_static``. The outputs are then compared on the held-out samples (one
+intra-op thread, interleaved rounds, medians: ``quantize_bench.measure``): speed vs fp32, cosine mean
+and min against fp32.
+
+``--profile`` also runs onnxshrink once under cProfile and prints where its time goes, by phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import quantize_bench as qb  # noqa: E402
+
+MODELS = ["ppocr_cls", "ppocr_det", "yolov8n", "ppocr_rec", "crnn", "vit_s"]
+TOOLS = {"ort_static": "ort_pt", "ort_dyn": "ort_dyn", "nncf": "nncf", "onnxshrink": "shrink_cli"}
+PHASES = {  # profile phase -> functions whose cumulative time it is (first match wins, outermost)
+    "imports": ["<module>"],
+    "calibration": ["calibrate_ranges"],
+    "quantize guard: fidelity": ["measure"],
+    "speed timing (guard and contract)": ["compare_speed"],
+    "reference and validation runs": ["_outputs", "_final_outputs"],
+    "session creation": ["make_session"],
+    "cleanup": ["cleanup_pass.py:run"],
+}
+
+
+def _nncf_worker(model: str, calib_dir: str, out: str) -> None:
+    import nncf  # noqa: F401  (raises ImportError where absent: the row says "not installed")
+    import numpy as np
+    import onnx
+    files = sorted(Path(calib_dir).glob("*.npy"))
+    m = onnx.load(model)
+    name = m.graph.input[0].name
+    ds = nncf.Dataset([np.load(f) for f in files], lambda x: {name: x})
+    q = nncf.quantize(m, ds, subset_size=len(files))
+    onnx.save(q, out)
+
+
+def run(tool: str, model: Path, calib: Path, out: Path, budget: str) -> dict:
+    if tool == "nncf":
+        code = ("import sys, json, time; sys.path[:0] = [%r, %r]; t = time.perf_counter(); import tool_cost; "
+                "tool_cost._nncf_worker(*sys.argv[1:4]); import quantize_bench as qb; "
+                "print(json.dumps({'wall_s': time.perf_counter() - t, 'peak_rss_mb': qb._peak_rss_mb()}))"
+                % (str(ROOT), str(ROOT / "benchmarks")))
+        p = subprocess.run([sys.executable, "-c", code, str(model), str(calib), str(out)], capture_output=True,
+                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["failed"])[-1]
+            return {"error": "not installed" if "No module named 'nncf'" in last else last[:120]}
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    return qb.run_tool(TOOLS[tool], model, calib, out, budget if tool == "onnxshrink" else "")
+
+
+def profile_phases(model: Path, calib: Path, out: Path, budget: str) -> list[tuple[str, float]]:
+    """onnxshrink's CLI under cProfile, in this process: the cumulative seconds of each phase."""
+    from onnxshrink.cli import main as cli_main
+    argv = ["optimize", str(model), str(out), "--passes", "cleanup,quantize", "--calib", str(calib),
+            "--no-cache", "--quiet"] + (["--budget", budget] if budget else [])
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        cli_main(argv)
+    except SystemExit:
+        pass
+    prof.disable()
+    st = pstats.Stats(prof, stream=io.StringIO())
+    total = max(v[3] for v in st.stats.values())
+    rows = []
+    for phase, keys in PHASES.items():
+        best = 0.0
+        for (file, line, func), v in st.stats.items():
+            label = f"{Path(file).name}:{func}"
+            if any(k == func or k == label for k in keys) and "onnxshrink" in file or \
+                    (phase == "imports" and func == "<module>" and "site-packages" in file):
+                best = max(best, v[3])
+        rows.append((phase, best))
+    rows.append(("total", total))
+    return rows
+
+
+def bench(name: str, repeats: int, budget: str, tools: list[str], heldout: int, rounds: int) -> list[dict]:
+    from models.real import real_model, real_samples, write_samples
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        if name in qb.MODELS:
+            path, samples = real_model(name), real_samples(name, 32 + heldout, seed=0)
+        else:
+            path, samples = qb._built_model(name, d, 32 + heldout)
+        calib = write_samples(samples[:32], d / "calib")
+        held = samples[32:]
+        variants, costs = {"fp32": Path(path)}, {}
+        for tool in tools:
+            out = d / f"{tool}.onnx"
+            runs = [run(tool, path, calib, out, budget) for _ in range(repeats)]
+            errs = [r["error"] for r in runs if "error" in r]
+            if errs:
+                costs[tool] = {"error": errs[0]}
+                continue
+            costs[tool] = {"wall_s": statistics.median(r["wall_s"] for r in runs),
+                           "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+                           "walls": [round(r["wall_s"], 1) for r in runs]}
+            if out.exists():
+                variants[tool] = out
+        meas = qb.measure(variants, held, rounds)
+        ref = costs.get("ort_static", {})
+        for tool in tools:
+            c = costs[tool]
+            row = {"model": name, "tool": tool, **c, **meas.get(tool, {})}
+            if "error" not in c and "wall_s" in ref:
+                row["time_ratio"] = c["wall_s"] / ref["wall_s"]
+                row["rss_ratio"] = c["peak_rss_mb"] / ref["peak_rss_mb"]
+            rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    hdr = (f"{'model':10} {'tool':11} {'tool s':>7} {'vs ORT':>6} {'peak MB':>8} {'vs ORT':>6} "
+           f"{'speed':>6} {'cos mean':>8} {'cos min':>8}  runs (s)")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:10} {r['tool']:11} {r['error']}")
+            continue
+
+        def f(k, fmt, suffix=""):
+            v = r.get(k)
+            return (format(v, fmt) + suffix) if isinstance(v, (int, float)) else "-"
+        print(f"{r['model']:10} {r['tool']:11} {f('wall_s', '7.1f')} {f('time_ratio', '5.2f', 'x'):>6} "
+              f"{f('peak_rss_mb', '8.0f')} {f('rss_ratio', '5.2f', 'x'):>6} {f('speed', '5.2f', 'x'):>6} "
+              f"{f('cos_mean', '8.4f')} {f('cos_min', '8.4f')}  {r.get('walls', '')}")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", default="cosine>=0.99", help="onnxshrink's --budget ('' = its default)")
+    ap.add_argument("--heldout", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds of the outputs")
+    ap.add_argument("--profile", action="store_true", help="also profile onnxshrink by phase")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+    rows = []
+    for name in a.models.split(","):
+        r = bench(name, a.repeats, a.budget, a.tools.split(","), a.heldout, a.rounds)
+        print_rows(r)
+        rows += r
+        if a.profile:
+            from models.real import real_model, real_samples, write_samples
+            with tempfile.TemporaryDirectory() as d:
+                d = Path(d)
+                path, samples = (real_model(name), real_samples(name, 32, seed=0)) if name in qb.MODELS else \
+                    qb._built_model(name, d, 32)
+                calib = write_samples(samples, d / "calib")
+                for phase, sec in profile_phases(path, calib, d / "p.onnx", a.budget):
+                    print(f"    {phase:36} {sec:6.1f} s")
+        print()
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
