@@ -208,7 +208,7 @@ def _built_model(name: str, folder: Path, n: int) -> tuple[Path, list[dict]]:
         xs = demo_samples(n, seed=0, hw=64)
     elif name == "crnn":
         model = crnn_small()
-        xs = preprocess(text_lines(n, (32, 128), seed=0), "crnn")
+        xs = preprocess(text_lines(n, (32, 320), seed=0), "crnn")
     else:
         raise SystemExit(f"unknown model {name}")
     path = folder / f"{name}.onnx"

@@ -37,7 +37,7 @@ Builders (all float32, static batch 1 unless ``dynamic_batch=True``):
   as PyTorch exports it below opset 17) or fused (LayerNormalization), shape arithmetic as
   Shape/Gather/Unsqueeze/Concat (cleanup folds it for a static batch). Heads and MLP neurons have a
   spread of importance (a quarter of the heads and a fifth of the neurons weak), as trained ones do.
-- ``crnn_small()``       input [1,3,32,128] -> logits [32,1,37]: a CRNN text recognizer (conv + LSTM),
+- ``crnn_small()``       input [1,3,32,320] -> logits [80,1,97]: a CRNN text recognizer (conv + LSTM),
   as PaddleOCR's and the classic CRNN export it: Conv+BN+Relu stages with MaxPool down to height 1,
   Squeeze and Transpose to a [T, N, C] sequence, a bidirectional LSTM (the ONNX LSTM op), its two
   directions merged by Transpose+Reshape, and a per-step MatMul+Add classifier.
@@ -721,15 +721,15 @@ def vit_encoder(seed: int = 0, depth: int = 2, dim: int = 64, heads: int = 4, ml
 
 
 @_cached
-def crnn_small(seed: int = 0, hw: tuple[int, int] = (32, 128), hidden: int = 96,
-               num_classes: int = 37) -> onnx.ModelProto:
+def crnn_small(seed: int = 0, hw: tuple[int, int] = (32, 320), hidden: int = 256,
+               num_classes: int = 97, widths: tuple = (64, 128, 256, 256, 256)) -> onnx.ModelProto:
     """CRNN text recognizer (module docstring): input 'x' [1,3,H,W] (a text line), output 'logits'
     [W/4, 1, num_classes] (per time step). LSTM weights uniform in +-1/sqrt(hidden), as torch
     initializes them; BN statistics from smooth images."""
     h, w = hw
     b = _Builder(seed)
     y, cin = "x", 3
-    for i, (cout, pool) in enumerate([(32, (2, 2)), (64, (2, 2)), (128, (2, 1)), (128, (2, 1)), (192, (2, 1))]):
+    for i, (cout, pool) in enumerate(zip(widths, [(2, 2), (2, 2), (2, 1), (2, 1), (2, 1)])):
         y = b.conv_bn(y, cin, cout, 3, f"backbone.{i}")
         y = b.node("MaxPool", [y], f"backbone.{i}.pool", kernel_shape=list(pool), strides=list(pool))
         cin = cout

@@ -221,22 +221,26 @@ def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_round
     the full measurement would take it (its interval is narrower around the same median) and that
     comparison is returned. With 6 rounds a block's interval is its [min, max] ratio (coverage of
     the median 1 - 2/2^6 = 97 %), so a clear early verdict needs every one of the 12 rounds on one
-    side of the boundary. Otherwise (a close call) the full two blocks are timed afresh, as
-    without the early look. The early look is taken only where the time budget limits the rounds
-    (a pair run longer than ``seconds / max_rounds``): consecutive runs of a tiny model drift
-    together, so 12 of them can all lie on one side by chance, and its full measurement is cheap."""
+    side of the boundary. Otherwise (a close call) each block grows to its full size: the rounds
+    timed are the same number as without the early look. The early look is taken only where the
+    time budget limits the rounds (a pair run longer than ``seconds / max_rounds``): consecutive runs
+    of a tiny model drift together, so 12 of them can all lie on one side by chance, and its full
+    measurement is cheap."""
     sa = model_a if isinstance(model_a, ort.InferenceSession) else make_session(model_a, optimize=True, threads=1)
     sb = model_b if isinstance(model_b, ort.InferenceSession) else make_session(model_b, optimize=True, threads=1)
     one = (measure_latency(sa, feeds, runs=1, warmup=1) + measure_latency(sb, feeds, runs=1, warmup=1)) / 1e3
     rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
+    sizes = (rounds // 2, rounds - rounds // 2)
     if decides and rounds < max_rounds and rounds > 2 * early_rounds:  # only where the time budget binds
-        early = speed_comparison([interleaved_latency([sa, sb], feeds, rounds=early_rounds, runs=1, warmup=2)
-                                  for _ in range(2)])
+        early = [interleaved_latency([sa, sb], feeds, rounds=early_rounds, runs=1, warmup=2) for _ in range(2)]
+        cmp = speed_comparison(early)
         bounds = [t * CLEAR_MARGIN if kind == "faster" else t / CLEAR_MARGIN for kind, t in decides]
-        if not any(early.low <= b <= early.high for b in bounds):
-            return early
-    blocks = [interleaved_latency([sa, sb], feeds, rounds=block, runs=1, warmup=2)
-              for block in (rounds // 2, rounds - rounds // 2)]
+        if not any(cmp.low <= b <= cmp.high for b in bounds):
+            return cmp
+        # a close call: each block grows to its full size (the early rounds count, nothing is re-timed)
+        more = [interleaved_latency([sa, sb], feeds, rounds=n - early_rounds, runs=1, warmup=1) for n in sizes]
+        return speed_comparison([[a + b for a, b in zip(e, m)] for e, m in zip(early, more)])
+    blocks = [interleaved_latency([sa, sb], feeds, rounds=n, runs=1, warmup=2) for n in sizes]
     return speed_comparison(blocks)
 
 

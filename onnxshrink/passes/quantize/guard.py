@@ -159,14 +159,16 @@ class QuantizeGuard:
             self.stats["speed_search"] = [{"config": f"skipped: the {target} target is not this CPU"}]
             return chosen, outcome
         timed = functools.partial(compare_speed, decides=(("faster", self.o.min_speedup),))
-        return self._speed(chosen, fid, rules, timed, "this CPU"), outcome
+        # one session of the float model for every comparison (it is the same model each time)
+        float_session = make_session(self.builder.model_f, optimize=True, threads=1)
+        return self._speed(chosen, fid, rules, timed, "this CPU", float_session), outcome
 
     def _speed(self, chosen: Placement, fid: dict, rules: PlacementRules, compare=compare_speed,
-               where: str = "this CPU") -> Placement:
+               where: str = "this CPU", float_model=None) -> Placement:
         """``chosen``, or a faster variant with small convolutions in float, or a placement without a
         graph when none is ``min_speedup`` faster than the float model; ``compare`` times a pair
         (``runtime.compare_speed``, or the same on the target's EP) on ``where``."""
-        model_f = self.builder.model_f
+        model_f = float_model if float_model is not None else self.builder.model_f  # a session, or the model
         sample = self.samples.first()
         cmp = compare(model_f, self.ctx.to_model(chosen.graph), sample)
         speed = [{"config": f"{len(chosen.excluded)} sensitive units in float", **cmp.as_dict()}]
