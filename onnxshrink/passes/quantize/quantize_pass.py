@@ -35,9 +35,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.errors import InputError
+from onnxshrink.errors import InputError, UsageError
 from onnxshrink.graph.convert import model_to_graph
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.equalize import equalize_pairs
@@ -57,6 +58,7 @@ from onnxshrink.passes.quantize.prepare import prepare_float_graph
 from onnxshrink.passes.quantize.qdq import QdqBuilder, drop_qdq_value_info
 from onnxshrink.passes.quantize.rounding import round_units
 from onnxshrink.passes.quantize.scheme import choose_scheme, upgrade_opset, use_qdq_domain
+from onnxshrink.passes.quantize.smooth import AUTO_ALPHA, AUTO_MIN_RATIO, smooth_activations, smooth_groups
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis
 from onnxshrink.passes.quantize.weight_only import run_weights_only
 from onnxshrink.passes.registry import register
@@ -89,6 +91,10 @@ class QuantizeOptions:
         "help": "rewrite Div by a constant as Mul by its reciprocal (integer hard-swish chains)"})
     equalize: bool = field(default=False, metadata={
         "help": "cross-layer equalization of Conv -> [Relu] -> Conv pairs first (exact; passes/equalize.py)"})
+    smooth: float | Literal["auto", "off"] = field(default="auto", metadata={
+        "help": "SmoothQuant: migrate the outlier channels of LayerNorm outputs into the weights of the MatMuls "
+                "reading them, exactly (passes/quantize/smooth.py); a number: its strength alpha in (0, 1] on "
+                "every such output; auto: alpha 0.5 where the largest channel range is >= 8x the median's"})
     rounding: Literal["nearest", "gptq"] = field(default="nearest", metadata={
         "help": "weight rounding: nearest, or gptq (error feedback that minimises each layer's output "
                 "error on the calibration inputs, same scales; see passes/rounding.py)"})
@@ -234,6 +240,25 @@ class QuantizePass(Pass):
         return chosen
 
 
+def _smooth(graph: gs.Graph, ctx: Context, samples: CalibrationSamples, smooth) -> dict:
+    """SmoothQuant on ``graph`` in place (``smooth.py``), with each group's per-channel max |X| from
+    the calibration samples; ``smooth`` is alpha, or "auto" (``AUTO_ALPHA`` where a group's outlier
+    ratio reaches ``AUTO_MIN_RATIO``)."""
+    alpha, min_ratio = (AUTO_ALPHA, AUTO_MIN_RATIO) if smooth == "auto" else (float(smooth), 0.0)
+    if not 0 < alpha <= 1:
+        raise UsageError(f"quantize.smooth is SmoothQuant's alpha in (0, 1], or auto or off; got {smooth}")
+    names = [g.tensor.name for g in smooth_groups(graph)]
+    if not names:
+        return {"alpha": alpha, "groups": [], "reason": "no LayerNorm (or per-channel affine) output read only by "
+                                                         "MatMuls with constant weights"}
+    absmax: dict = {}
+    for acts in capture_activations(ctx.to_model(graph), names, samples.all()):
+        for n, v in acts.items():
+            m = np.max(np.abs(np.asarray(v, np.float64).reshape(-1, v.shape[-1])), axis=0)
+            absmax[n] = m if n not in absmax else np.maximum(absmax[n], m)
+    return smooth_activations(graph, absmax, alpha, min_ratio)
+
+
 @dataclass
 class QuantizeRun:
     """One quantization of a graph: the pass result, its stats, the weighted units of its plan (before
@@ -269,6 +294,10 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     if not has_float_weights(graph):
         raise InputError("the model has no float Conv/MatMul/Gemm weights to quantize")
     samples = CalibrationSamples(ctx.calib, ctx.val, o.max_samples)
+    if o.smooth != "off":
+        smoothed = _smooth(graph, ctx, samples, o.smooth)
+        if smoothed["groups"] or o.smooth != "auto":
+            stats["smooth"] = smoothed
     graph_in = graph
     graph = upgrade_opset(graph, scheme, o.upgrade_opset, ctx.to_model, samples.first, stats)
     # float activations need no per-channel DequantizeLinear: the float result keeps the input's opset
