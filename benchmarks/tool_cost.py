@@ -20,7 +20,8 @@ allocations) are measured alike (``quantize_bench.run_tool``):
 Each tool runs ``--repeats`` times: the table gives the median wall time and the median peak RSS, and
 onnxshrink's ratio to ``quantize_static``. The outputs are then compared on the held-out samples (one
 intra-op thread, interleaved rounds, medians: ``quantize_bench.measure``): speed vs fp32, cosine mean
-and min against fp32.
+and min against fp32, and the share of MACs onnxruntime runs in integer kernels
+(``graph.cost.integer_kernel``).
 
 ``--profile`` also runs onnxshrink once under cProfile and prints where its time goes, by phase.
 """
@@ -44,7 +45,10 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import onnx  # noqa: E402
 import quantize_bench as qb  # noqa: E402
+
+from onnxshrink.graph.cost import model_stats  # noqa: E402
 
 MODELS = ["ppocr_cls", "ppocr_det", "yolov8n", "ppocr_rec", "crnn", "vit_s"]
 TOOLS = {"ort_static": "ort_pt", "ort_dyn": "ort_dyn", "nncf": "nncf", "onnxshrink": "shrink_cli"}
@@ -139,9 +143,14 @@ def bench(name: str, repeats: int, budget: str, tools: list[str], heldout: int, 
                 variants[tool] = out
         meas = qb.measure(variants, held, rounds)
         ref = costs.get("ort_static", {})
+        shapes = {k: list(v.shape) for k, v in held[0].items()}
         for tool in tools:
             c = costs[tool]
             row = {"model": name, "tool": tool, **c, **meas.get(tool, {})}
+            if tool in variants:
+                st = model_stats(onnx.load(str(variants[tool])), shapes)
+                if st["macs"] and st["integer_macs"] is not None:
+                    row["int_macs"] = st["integer_macs"] / st["macs"]
             if "error" not in c and "wall_s" in ref:
                 row["time_ratio"] = c["wall_s"] / ref["wall_s"]
                 row["rss_ratio"] = c["peak_rss_mb"] / ref["peak_rss_mb"]
@@ -151,7 +160,7 @@ def bench(name: str, repeats: int, budget: str, tools: list[str], heldout: int, 
 
 def print_rows(rows: list[dict]) -> None:
     hdr = (f"{'model':10} {'tool':11} {'tool s':>7} {'vs ORT':>6} {'peak MB':>8} {'vs ORT':>6} "
-           f"{'speed':>6} {'cos mean':>8} {'cos min':>8}  runs (s)")
+           f"{'speed':>6} {'cos mean':>8} {'cos min':>8} {'int MACs':>8}  runs (s)")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -164,7 +173,7 @@ def print_rows(rows: list[dict]) -> None:
             return (format(v, fmt) + suffix) if isinstance(v, (int, float)) else "-"
         print(f"{r['model']:10} {r['tool']:11} {f('wall_s', '7.1f')} {f('time_ratio', '5.2f', 'x'):>6} "
               f"{f('peak_rss_mb', '8.0f')} {f('rss_ratio', '5.2f', 'x'):>6} {f('speed', '5.2f', 'x'):>6} "
-              f"{f('cos_mean', '8.4f')} {f('cos_min', '8.4f')}  {r.get('walls', '')}")
+              f"{f('cos_mean', '8.4f')} {f('cos_min', '8.4f')} {f('int_macs', '7.0%'):>8}  {r.get('walls', '')}")
     sys.stdout.flush()
 
 

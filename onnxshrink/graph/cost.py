@@ -52,7 +52,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
         p = _prod(x)
         k = _prod(w[1:])
         return None if None in (p, k) else p * k  # Cin*spatial_in * (Cout/group)*kernel
-    if op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
+    if op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
         ai, bi = (0, 3) if op == "QLinearMatMul" else (0, 1)
         a = shapes.get(node.input[ai])
         b = shapes.get(node.input[bi])
@@ -66,7 +66,20 @@ def node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
             k = a[-1]
         p = _prod(y)
         return None if None in (p, k) else p * int(k)
+    if op in RECURRENT_GATES:  # T x batch x directions x gates x H x (input + H): the W and R products
+        x = shapes.get(node.input[0])
+        w = shapes.get(node.input[1])
+        if not x or not w or len(x) != 3 or len(w) != 3:
+            return None
+        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+        t, b = (x[0], x[1]) if layout == 0 else (x[1], x[0])
+        dirs, gates_h, inp = w
+        h = None if gates_h is None else gates_h // RECURRENT_GATES[op]
+        return _prod([t, b, dirs, gates_h]) * (inp + h) if None not in (t, b, dirs, gates_h, inp) else None
     return 0
+
+
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
@@ -94,8 +107,13 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
             pass
     light = infer_shapes(light)
     shapes = value_shapes(light)
-    macs, known = 0, True
+    macs, known, int_macs = 0, True, 0
     per = {}
+    producers = {o: n for n in light.graph.node for o in n.output}
+    readers: dict = collections.defaultdict(list)
+    for n in light.graph.node:
+        for x in n.input:
+            readers[x].append(n)
     for i, n in enumerate(light.graph.node):
         try:
             m = node_macs(n, shapes)
@@ -106,8 +124,38 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
             continue
         if m:
             per[n.name or f"{n.op_type}_{i}"] = m
+            if integer_kernel(n, producers, readers):
+                int_macs += m
         macs += m
-    return {"params": int(params), "macs": int(macs) if macs or known else None, "macs_known": known, "per_node": per}
+    return {"params": int(params), "macs": int(macs) if macs or known else None, "macs_known": known, "per_node": per,
+            "integer_macs": int(int_macs) if known else None}
+
+
+INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
+               "MatMulIntegerToFloat", "QGemm"}
+
+
+def integer_kernel(node: onnx.NodeProto, producers: dict, readers: dict) -> bool:
+    """Whether onnxruntime's CPU EP computes ``node`` with an integer kernel: an integer op itself; a
+    Conv whose input and weight come from DequantizeLinear and whose output goes only to a
+    QuantizeLinear, directly or through a Relu/Clip (which onnxruntime removes before a Q whose range
+    clips alike; its QDQ fusion makes it QLinearConv); a MatMul/Gemm whose two inputs come from
+    DequantizeLinear (QLinearMatMul, QGemm, or MatMulIntegerToFloat without an output Q); MatMulNBits
+    with ``accuracy_level`` 4 (int8 compute on the CPU)."""
+    op = node.op_type
+    if op in INTEGER_OPS:
+        return True
+    if op == "MatMulNBits":
+        return any(a.name == "accuracy_level" and a.i == 4 for a in node.attribute)
+    if op not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+        return False
+    dq = all(getattr(producers.get(x), "op_type", None) == "DequantizeLinear" for x in node.input[:2])
+    if op != "Conv" or not dq:
+        return dq
+    outs = readers.get(node.output[0], [])
+    if len(outs) == 1 and outs[0].op_type in ("Relu", "Clip"):  # removed before a Q whose range clips alike
+        outs = readers.get(outs[0].output[0], [])
+    return len(outs) == 1 and outs[0].op_type == "QuantizeLinear"
 
 
 def _small(model):
@@ -140,6 +188,7 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict | None = None) -> dic
         "params": cost["params"],
         "weight_bytes": tensor_bytes(model),
         "macs": cost["macs"],
+        "integer_macs": cost["integer_macs"],
     }
 
 

@@ -106,6 +106,10 @@ class Report:
         row("parameters", "params", format_count)
         row("weight bytes", "weight_bytes", format_bytes)
         row("MACs", "macs", format_count)
+        if a.get("integer_macs") and a.get("macs"):  # the share onnxruntime runs in integer kernels
+            share = [f"{v['integer_macs'] / v['macs']:.0%}" if v.get("macs") and v.get("integer_macs") is not None
+                     else "" for v in (b, a)]
+            t.add_row("  in integer kernels", *share, "")
         if self.file_bytes:
             bv, av = self.file_bytes.get("before"), self.file_bytes.get("after")
             t.add_row("file size", format_bytes(bv), format_bytes(av), f"{av / bv:.3f}x" if bv and av else "")
