@@ -211,8 +211,9 @@ def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_round
     """Time two models (ModelProto or session) on one thread in interleaved rounds, as many as fit
     in about ``seconds`` of the pair (``min_rounds``..``max_rounds``), and compare them
     (``SpeedComparison``): the one latency measurement every speed decision uses. The rounds run in
-    two blocks, each warmed up afresh; the interval is the union of the two blocks' intervals, so a
-    drift of the machine's load between blocks widens it instead of faking a clear difference.
+    two blocks, each warmed up afresh (one run of each model where the rounds are long); the
+    interval is the union of the two blocks' intervals, so a drift of the machine's load between
+    blocks widens it instead of faking a clear difference.
 
     Early stop: ``decides`` names the decisions the caller takes on the result (``("faster", t)``:
     ``faster_than(t)``, whose boundary is the ratio ``t x CLEAR_MARGIN``; ``("slower", t)``:
@@ -232,7 +233,7 @@ def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_round
     rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
     sizes = (rounds // 2, rounds - rounds // 2)
     if decides and rounds < max_rounds and rounds > 2 * early_rounds:  # only where the time budget binds
-        early = [interleaved_latency([sa, sb], feeds, rounds=early_rounds, runs=1, warmup=2) for _ in range(2)]
+        early = [interleaved_latency([sa, sb], feeds, rounds=early_rounds, runs=1, warmup=1) for _ in range(2)]
         cmp = speed_comparison(early)
         bounds = [t * CLEAR_MARGIN if kind == "faster" else t / CLEAR_MARGIN for kind, t in decides]
         if not any(cmp.low <= b <= cmp.high for b in bounds):
