@@ -12,7 +12,7 @@ model's ``cosine``/``sqnr`` are means over samples, ``cosine_min`` the worst sam
 from __future__ import annotations
 
 __all__ = ["METRICS", "Budget", "fidelity", "compare_outputs", "DEFAULT_BUDGET", "DEFAULT_SCALAR_BUDGET",
-           "UNCHECKED_BUDGET", "blind_metric_outputs"]
+           "UNCHECKED_BUDGET", "blind_metric_outputs", "output_scales", "out_of_reach", "label_accuracy"]
 
 import math
 import re
@@ -130,15 +130,7 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
     outputs); with ``labels``, also top-1 and top-5 accuracy against them."""
     # an output's scale is its largest magnitude over the whole set: a sample whose output is all
     # near zero (a sigmoid far from any detection) must not turn float round-off into a big ratio
-    scales = []
-    for r in reference:
-        for k, x in enumerate(r):
-            x = as_flat_array(x)
-            v = float(np.max(np.abs(x.astype(np.float64)))) if x.size and x.dtype.kind in "fc" else 0.0
-            if k == len(scales):
-                scales.append(v)
-            else:
-                scales[k] = max(scales[k], v)
+    scales = output_scales(reference)
     per = [compare_outputs(r, o, scales) for r, o in zip(reference, outputs)]
     if not per:
         return {}
@@ -159,6 +151,46 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
     if user_metric is not None:
         res["user"] = float(user_metric(outputs, samples))
     return res
+
+
+def output_scales(reference: Sequence[Sequence[np.ndarray]]) -> list[float]:
+    """Each output's largest magnitude over the whole reference set (``fidelity``'s scale)."""
+    scales: list[float] = []
+    for r in reference:
+        for k, x in enumerate(r):
+            x = as_flat_array(x)
+            v = float(np.max(np.abs(x.astype(np.float64)))) if x.size and x.dtype.kind in "fc" else 0.0
+            if k == len(scales):
+                scales.append(v)
+            else:
+                scales[k] = max(scales[k], v)
+    return scales
+
+
+def out_of_reach(budget: "Budget", baseline: dict | None, per_sample: Sequence[dict], n_total: int,
+                 hits: int | None = None) -> bool:
+    """Whether ``budget`` cannot hold on ``n_total`` samples whatever the samples not yet measured
+    give, from the per-sample scores of the first ones (``compare_outputs`` with the whole set's
+    scales; ``hits``: how many of them the label agrees with, for ``accuracy``). Exact bounds, no
+    statistics: a mean of per-sample values at most 1 (cosine, top1, accuracy) needs
+    ``sum + (n - k) >= n t``; a mean of non-negative values (mse) ``sum <= n t``; a minimum
+    (cosine_min) or maximum (max_abs) is broken by one sample. Other metrics (sqnr, top5, user)
+    are never out of reach before the end."""
+    k, n = len(per_sample), n_total
+    if not k or budget.metric in ("sqnr", "top5", "user"):
+        return False
+    t = budget.threshold(baseline)
+    if budget.metric in ("cosine", "top1") and budget.op == ">=":
+        return sum(p[budget.metric] for p in per_sample) + (n - k) < n * t
+    if budget.metric == "accuracy" and budget.op == ">=" and hits is not None:
+        return hits + (n - k) < n * t
+    if budget.metric == "cosine_min" and budget.op == ">=":
+        return min(p["cosine"] for p in per_sample) < t
+    if budget.metric == "max_abs" and budget.op == "<=":
+        return max(p["max_abs"] for p in per_sample) > t
+    if budget.metric == "mse" and budget.op == "<=":
+        return sum(p["mse"] for p in per_sample) > n * t
+    return False
 
 
 DEFAULT_BUDGET = "cosine>=0.99"  # applies when no budget is given (docs/errors.md)

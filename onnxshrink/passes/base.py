@@ -85,6 +85,9 @@ class Context:
     reference: the original model's outputs on ``val`` (list over samples of lists over outputs).
     evaluate(graph_or_model) -> fidelity dict of a candidate against ``reference``; passes that
         search a strength themselves (mixed precision, rank allocation) call it.
+    screen(model) -> the same, but it stops at the first sample after which the budget cannot hold
+        whatever the rest give (``metrics.out_of_reach``; the dict then has ``out_of_reach``: the
+        samples measured, and scores of those only); None where the manager offers no screening.
     budget: the fidelity Budget, or None; ``budget_holds(scores)`` checks it (relative budgets
         compare against ``baseline``, the original model's own scores). target: the TargetProfile.
     rng: a seeded numpy Generator. progress: a Progress reporter (``progress.track(iterable, desc)``).
@@ -101,6 +104,7 @@ class Context:
     progress: Any = None
     template: onnx.ModelProto | None = None
     evaluator: Any = None
+    screen: Any = None
     cache: dict = field(default_factory=dict)
     baseline: dict = field(default_factory=dict)
 

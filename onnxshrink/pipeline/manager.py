@@ -41,7 +41,10 @@ from onnxshrink.metrics import (
     UNCHECKED_BUDGET,
     Budget,
     blind_metric_outputs,
+    compare_outputs,
     fidelity,
+    out_of_reach,
+    output_scales,
 )
 from onnxshrink.passes.base import Context, Pass
 from onnxshrink.passes.registry import create_pass
@@ -203,6 +206,34 @@ class PassManager:
     def _outputs(self, model: onnx.ModelProto, samples, optimize: bool):
         return self._outputs_of_sets(model, [samples], optimize)[0]
 
+    def _screen(self, model: onnx.ModelProto, val, reference) -> dict:
+        """The fidelity of ``model`` on the selection samples (``ctx.evaluate``), measured sample by sample
+        and stopped as soon as the budget is out of reach (``metrics.out_of_reach``: exact bounds, so a
+        candidate that could still hold is always measured in full); the result then has
+        ``out_of_reach`` (samples measured) and the scores of those samples. Complete runs are kept for
+        ``_selection_outputs``, so the candidate a search keeps is not run again."""
+        if self.budget is None or self.metric is not None:
+            return fidelity(reference, self._selection_outputs(model, val), self.metric, val, self.val_labels)
+        key = None if model_io.is_large(model) else hashlib.blake2b(model.SerializeToString(),
+                                                                     digest_size=16).digest()
+        memo = self._selection_memo
+        if key is not None and memo is not None and memo[0] == key and memo[1] is val:
+            return fidelity(reference, memo[2], None, val, self.val_labels)
+        sess = make_session(model, optimize=True, low_memory=True)
+        names = [o.name for o in sess.get_outputs()]
+        scales, labels = output_scales(reference), self.val_labels
+        outs, per = [], []
+        for i, sample in enumerate(val):
+            outs.append(sess.run(names, sample))
+            per.append(compare_outputs(reference[i], outs[-1], scales))
+            if len(outs) < len(reference) and out_of_reach(self.budget, self.baseline, per, len(reference)):
+                fid = fidelity(reference[:len(outs)], outs, None, None,
+                               labels[:len(outs)] if labels is not None else None)
+                return {**fid, "out_of_reach": len(outs)}
+        if key is not None:
+            self._selection_memo = (key, val, outs)
+        return fidelity(reference, outs, None, val, labels)
+
     def _selection_outputs(self, model: onnx.ModelProto, val) -> list:
         """The model's outputs on the selection samples ``val`` with onnxruntime's optimizations on (as
         the user runs it). The last call's outputs are kept under a digest of the model's bytes: the
@@ -320,6 +351,7 @@ class PassManager:
                       template=current)
         ctx.evaluator = lambda m: fidelity(reference, self._selection_outputs(m, val), self.metric, val,
                                            self.val_labels)
+        ctx.screen = lambda m: self._screen(m, val, reference)
         ctx.baseline = self.baseline
 
         pass_knobs = knobs()

@@ -65,8 +65,12 @@ class FidelityCheck:
         self.reference: tuple | None = None  # (samples, float outputs), made on the first own check
 
     def measure(self, g) -> dict:
-        """The manager's evaluator under a budget, else the own check on up to 8 calibration samples."""
+        """The manager's evaluator under a budget (its screen where it offers one: a placement that
+        cannot hold stops at the first sample that proves it), else the own check on up to 8
+        calibration samples."""
         if self.ctx.budget is not None and self.ctx.evaluator is not None:
+            if getattr(self.ctx, "screen", None) is not None:
+                return self.ctx.screen(g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g))
             return self.ctx.evaluate(g)
         if self.reference is None:
             feeds = list(self.samples.take(8))
@@ -137,7 +141,8 @@ class QuantizeGuard:
             p_k = self._placement(base_ex | set(order[:k]), rules)
             fid = check.measure(p_k.graph)
             tried.append((fid, p_k))
-            log.append({"keep_float": k, "cosine": round(fid.get("cosine", 0.0), 6)})
+            log.append({"keep_float": k, "cosine": round(fid.get("cosine", 0.0), 6),
+                        **({"out_of_reach_after": fid["out_of_reach"]} if "out_of_reach" in fid else {})})
             if k >= min(cap, len(order)):
                 break
             k = min(2 * k, cap, len(order))
