@@ -256,3 +256,31 @@ def test_macs_known_through_a_position_ids_slice():
     assert model_cost(m)["macs"] is None                                   # no shapes: unknown, not a guess
     assert model_cost(m, {"input_ids": [1, 65]})["macs"] == 65 * 16 * 8
     assert model_cost(m, {"input_ids": [2, 40]})["macs"] == 2 * 40 * 16 * 8
+
+
+def test_where_masked_attention_head_removed_exactly():
+    """``scores.masked_fill(~keep, -inf)`` as torch exports it (Where on the attention logits, the
+    condition a [B, 1, 1, N] input broadcast over the heads) does not block the heads: a zeroed head is
+    removed exactly, with masked tokens in the samples."""
+    from onnx import TensorProto, helper
+    m = transformer_block()
+    div = next(n for n in m.graph.node if n.op_type == "Div" and n.input[1] == "attn.scale")
+    soft = next(n for n in m.graph.node if n.op_type == "Softmax")
+    m.graph.initializer.append(numpy_helper.from_array(np.array(-np.inf, np.float32), "attn.neg_inf"))
+    where = helper.make_node("Where", ["keep", div.output[0], "attn.neg_inf"], ["attn.masked"], name="attn.mask")
+    soft.input[0] = "attn.masked"
+    nodes = list(m.graph.node)
+    nodes.insert(nodes.index(soft), where)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    m.graph.input.append(helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, 1, 16]))
+    check(m)
+    _zero(m, "attn.v_proj.weight", slice(32, 48))   # head 2
+    _zero(m, "attn.v_proj.bias", slice(32, 48))
+    rng = np.random.default_rng(0)
+    samples = [{**s, "keep": (np.arange(16) < rng.integers(8, 17)).reshape(1, 1, 1, 16)}
+               for s in normal_samples(8, name="x", shape=(1, 16, 64))]
+    out, report = onnxshrink.optimize(m, None, passes=["cleanup", "prune"], data=samples, budget="none")
+    rec = report.passes[-1]
+    assert rec.status == "applied" and "heads [2] of 4 removed" in rec.reason, rec.reason
+    assert _max_rel_err(m, out, samples) <= 1e-5

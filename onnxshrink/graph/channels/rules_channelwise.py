@@ -195,6 +195,18 @@ def elementwise_rule(a, n: gs.Node, lays: list) -> None:
     a.set_layout(n.outputs[0], Layout(axes, ids, const))
 
 
+def where_rule(a, n: gs.Node, lays: list) -> None:
+    """Where(cond, x, y): x and y as a broadcasting elementwise op, the condition carrying no
+    channels (a mask over tokens, e.g. ``scores.masked_fill(mask == 0, -inf)`` on attention logits,
+    whose head axis it broadcasts over); the output's per-channel constant is unknown (NaN)."""
+    if lays and lays[0] is not None:
+        for l in lays:
+            if l is not None:
+                a.block_layout(l, f"Where '{n.name}' condition carries channels")
+        return
+    elementwise_rule(a, n, lays)
+
+
 def _combine_const(op: str, cs: list, shape: tuple) -> np.ndarray:
     """Per-channel constant of the output of ``op`` from its inputs' constants ``cs`` (NaN: varying)."""
     cs = [np.broadcast_to(np.asarray(c, np.float64), shape) for c in cs]
