@@ -76,10 +76,10 @@ def test_exports_run_in_onnxruntime_and_match_torch(name):
         assert ("LayerNormalization" in ops) == (opset == 17), ops
         assert info[f"export_err_opset{opset}"] <= 1e-4
         assert accuracy(m, feeds, labels) == pytest.approx(info["test_accuracy"], abs=2.5e-3)
-    if name == "digits_vit":
-        assert info["test_accuracy"] >= 0.95
+    if name == "digits_text":
+        assert info["test_accuracy"] >= 0.9
     else:
-        assert info["test_accuracy"] >= 0.85
+        assert info["test_accuracy"] >= 0.95
 
 
 @pytest.mark.parametrize("opset", [14, 17])
@@ -111,7 +111,7 @@ def test_zeroed_heads_and_neurons_removed_exactly(name, opset):
 
 
 @pytest.mark.parametrize("name,opset", [("digits_vit", 14), ("digits_vit", 17), ("digits_text", 14),
-                                        ("digits_text", 17)])
+                                        ("digits_text", 17), ("digits_vit_s", 17)])
 def test_target_macs_prunes_heads_or_neurons_within_budget(name, opset, tmp_path):
     """The issue's command: physical removal listed in the report, MACs <= 0.8x, cosine >= 0.98 on
     the held-out test half, and the accuracy against the labels within two points of the original's
