@@ -56,7 +56,7 @@ def worker(tool: str, model: str, calib_dir: str, out: str, options: str) -> dic
             quantize_static,
         )
 
-        files = sorted(Path(calib_dir).glob("*.npy"))
+        files = sorted(f for f in Path(calib_dir).glob("*.np[yz]") if f.stem != "labels")
         m = onnx.load(model, load_external_data=False)
         inits = {t.name for t in m.graph.initializer}
         in_name = next(i.name for i in m.graph.input if i.name not in inits)
@@ -67,6 +67,9 @@ def worker(tool: str, model: str, calib_dir: str, out: str, options: str) -> dic
 
             def get_next(self):
                 f = next(self.it, None)
+                if f is not None and f.suffix == ".npz":   # a multi-input sample
+                    with np.load(f) as z:
+                        return dict(z)
                 return None if f is None else {in_name: np.load(f)}
 
         if tool == "ort_dyn":
@@ -144,7 +147,7 @@ def _session(path, threads=1):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _valid(path) -> str:
+def valid(path) -> str:
     import onnx
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -237,7 +240,7 @@ def bench_model(name, n_calib, n_held, rounds, options, tools) -> list[dict]:
             infos[tool] = info
             if "error" not in info and out.exists():
                 variants[tool] = out
-        ok = {k: p for k, p in variants.items() if k == "fp32" or _valid(p) == "yes"}
+        ok = {k: p for k, p in variants.items() if k == "fp32" or valid(p) == "yes"}
         meas = measure(ok, held, rounds)
         size0 = Path(path).stat().st_size
         for k in ["fp32"] + list(tools):
@@ -247,7 +250,7 @@ def bench_model(name, n_calib, n_held, rounds, options, tools) -> list[dict]:
                 row.update(valid="NO: " + info.get("error", "failed"))
                 rows.append(row)
                 continue
-            row["valid"] = "yes" if k == "fp32" else _valid(variants[k])
+            row["valid"] = "yes" if k == "fp32" else valid(variants[k])
             row["size"] = Path(variants[k]).stat().st_size / size0
             if k in meas:
                 row.update(meas[k])

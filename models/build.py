@@ -602,11 +602,14 @@ def transformer_block(seed: int = 0, seq: int = 16, d_model: int = 64, heads: in
 def vit_encoder(seed: int = 0, depth: int = 2, dim: int = 64, heads: int = 4, mlp_ratio: int = 4, hw: int = 32,
                 patch: int = 8, num_classes: int = 10, opset: int = 17, layernorm: str = "fused",
                 dynamic_batch: bool = False, weak_heads: float = 0.25, weak_neurons: float = 0.2,
-                qkv: str = "separate") -> onnx.ModelProto:
+                qkv: str = "separate", attention: str = "matmul") -> onnx.ModelProto:
     """ViT encoder exported PyTorch-style (module docstring). ``layernorm``: "fused" (the
     LayerNormalization op, opset >= 17) or "decomposed". ``qkv``: "separate" (Hugging Face: three
     projections) or "fused" (timm: one [C, 3C] projection, Reshape to [B, N, 3, H, D], Transpose to
-    [3, B, H, N, D], ``unbind(0)`` as Split + Squeeze). Input 'pixel_values' [1,3,hw,hw], output
+    [3, B, H, N, D], ``unbind(0)`` as Split + Squeeze). ``attention``: "matmul" (``Q K^T / sqrt(D)``)
+    or "sdpa" (what torch.onnx writes for ``F.scaled_dot_product_attention``: the scale
+    ``1/sqrt(D)`` computed at run time from ``Shape(q)[-1:]``, its square root multiplied into Q and
+    into K^T). Input 'pixel_values' [1,3,hw,hw], output
     'logits' [1,num_classes] (the class token's features after the final LayerNorm)."""
     if layernorm == "fused" and opset < 17:
         raise ValueError("LayerNormalization needs opset >= 17")
@@ -689,8 +692,18 @@ def vit_encoder(seed: int = 0, depth: int = 2, dim: int = 64, heads: int = 4, ml
                 split.append(b.node("Transpose", [u], f"{s}.attn.{nm}", perm=[0, 2, 1, 3]))
             q, k, v = split
         kt = b.node("Transpose", [k], f"{s}.attn", perm=[0, 1, 3, 2])
-        sc = b.node("MatMul", [q, kt], f"{s}.attn")
-        sc = b.node("Div", [sc, b.const(f"{s}.attn", np.array(np.sqrt(dh), np.float32))], f"{s}.attn")
+        if attention == "sdpa":
+            d = b.node("Slice", [b.node("Shape", [q], f"{s}.attn"), b.const(f"{s}.attn", np.array([-1], np.int64)),
+                                 b.const(f"{s}.attn", np.array([np.iinfo(np.int64).max], np.int64))], f"{s}.attn")
+            d = b.node("Sqrt", [b.node("Cast", [d], f"{s}.attn", to=TensorProto.FLOAT)], f"{s}.attn")
+            scale = b.node("Cast", [b.node("Div", [b.const(f"{s}.attn", np.array([1.0], np.float32)), d], f"{s}.attn")],
+                           f"{s}.attn", to=TensorProto.FLOAT)
+            q = b.node("Mul", [q, b.node("Sqrt", [scale], f"{s}.attn")], f"{s}.attn")
+            kt = b.node("Mul", [kt, b.node("Sqrt", [scale], f"{s}.attn")], f"{s}.attn")
+            sc = b.node("MatMul", [q, kt], f"{s}.attn")
+        else:
+            sc = b.node("MatMul", [q, kt], f"{s}.attn")
+            sc = b.node("Div", [sc, b.const(f"{s}.attn", np.array(np.sqrt(dh), np.float32))], f"{s}.attn")
         p = b.node("Softmax", [sc], f"{s}.attn", axis=-1)
         o = b.node("MatMul", [p, v], f"{s}.attn")
         o = b.node("Transpose", [o], f"{s}.attn", perm=[0, 2, 1, 3])

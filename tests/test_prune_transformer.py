@@ -20,7 +20,8 @@ from tests.helpers import check, normal_samples, run_ort
 from tests.reliability_helpers import run_cli
 
 VARIANTS = {"opset14_decomposed": dict(opset=14, layernorm="decomposed"), "opset17_fused": dict(opset=17),
-            "opset17_fused_qkv": dict(opset=17, qkv="fused")}
+            "opset17_fused_qkv": dict(opset=17, qkv="fused"),
+            "opset14_sdpa": dict(opset=14, layernorm="decomposed", qkv="fused", attention="sdpa")}
 
 
 def _samples(n: int = 16, seed: int = 5) -> list[dict]:
@@ -109,8 +110,11 @@ def test_zeroed_heads_and_neurons_are_removed_exactly(variant):
         assert [1, 17, 3, 3, 16] in specs and [1, 17, 3, 4, 16] in specs   # block 0 has 3 heads, block 1 still 4
     else:
         assert [1, 17, 3, 16] in specs and [1, 17, 4, 16] in specs
-    scales = [float(v) for v in inits.values() if v.ndim == 0 and v.dtype == np.float32]
-    assert scales.count(4.0) >= 1                                    # sqrt(D) = 4 for both blocks
+    scales = [float(v.ravel()[0]) for v in inits.values() if v.size == 1 and v.dtype == np.float32]
+    if VARIANTS[variant].get("attention") == "sdpa":                 # sqrt(1/sqrt(D)) into Q and K^T
+        assert scales.count(0.5) >= 1
+    else:
+        assert scales.count(4.0) >= 1                                # sqrt(D) = 4 for both blocks
 
 
 def test_bundled_transformer_block_head_removed_exactly():
@@ -202,3 +206,81 @@ def test_vit_target_macs_removes_heads_and_neurons_within_budget():
     assert report.after["macs"] <= 0.8 * report.before["macs"]
     assert report.fidelity["cosine"] >= 0.98 and report.samples["disjoint"]
     check(out)
+
+
+def test_sdpa_scale_from_shape_does_not_block_heads():
+    """torch.onnx's ``scaled_dot_product_attention`` computes 1/sqrt(D) from ``Shape(q)[-1:]`` at run
+    time (with a dynamic batch the Shape stays after cleanup's folding too): reading the head width D
+    of heads whose D channels are tied does not block them; the model, with a zeroed head, loses it
+    exactly and runs at another batch size."""
+    m = vit_encoder(qkv="fused", attention="sdpa", dynamic_batch=True)
+    assert all(r["prunable"] for r in transformer_summary(gs.import_onnx(m)) if "attention" in r)
+    _zero(m, "blocks.1.attn.qkv.weight_t", slice(128 + 16, 128 + 32))   # V of head 1
+    _zero(m, "blocks.1.attn.qkv.bias", slice(128 + 16, 128 + 32))
+    out, report = onnxshrink.optimize(m, None, passes=["prune"], data=_samples(4), budget="none")
+    assert report.passes[-1].reason == "/blocks.1.attn/MatMul: heads [1] of 4 removed", report.passes[-1].reason
+    batch = {"pixel_values": smooth_images(3, (32, 32), seed=9)}
+    assert _max_rel_err(m, out, [batch] + _samples(4)) <= 1e-5
+
+
+def test_macs_known_through_a_position_ids_slice():
+    """Hugging Face's ``position_ids[:, :input_ids.size(1)]`` is a Slice whose end comes from a Shape:
+    onnx's shape inference leaves its result (and, through the broadcasting Add, the batch dim of
+    every later tensor) unknown; with the input shapes given, the shape arithmetic is folded and the
+    MACs are known (the allocator's ``--target-macs`` needs them)."""
+    from onnx import TensorProto, helper
+
+    from onnxshrink.graph.cost import model_cost
+
+    def c(name, v):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v), name))
+
+    nodes = [c("pos_ids", np.arange(65, dtype=np.int64)[None]), c("i1", np.array(1, np.int64)),
+             c("ax", np.array([0], np.int64)), c("zero", np.array([0], np.int64)), c("one", np.array([1], np.int64)),
+             helper.make_node("Shape", ["input_ids"], ["shp"]),
+             helper.make_node("Gather", ["shp", "i1"], ["len"], axis=0),
+             helper.make_node("Unsqueeze", ["len", "ax"], ["len1"]),
+             helper.make_node("Slice", ["pos_ids", "zero", "len1", "one", "one"], ["pos"]),
+             helper.make_node("Gather", ["word", "input_ids"], ["we"]),
+             helper.make_node("Gather", ["posemb", "pos"], ["pe"]),
+             helper.make_node("Add", ["we", "pe"], ["x"]),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("word", (19, 16)), ("posemb", (65, 16)), ("w", (16, 8)))]
+    g = helper.make_graph(nodes, "hf_positions", [helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                                                ["batch", "seq"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    check(m)
+    assert model_cost(m)["macs"] is None                                   # no shapes: unknown, not a guess
+    assert model_cost(m, {"input_ids": [1, 65]})["macs"] == 65 * 16 * 8
+    assert model_cost(m, {"input_ids": [2, 40]})["macs"] == 2 * 40 * 16 * 8
+
+
+def test_where_masked_attention_head_removed_exactly():
+    """``scores.masked_fill(~keep, -inf)`` as torch exports it (Where on the attention logits, the
+    condition a [B, 1, 1, N] input broadcast over the heads) does not block the heads: a zeroed head is
+    removed exactly, with masked tokens in the samples."""
+    from onnx import TensorProto, helper
+    m = transformer_block()
+    div = next(n for n in m.graph.node if n.op_type == "Div" and n.input[1] == "attn.scale")
+    soft = next(n for n in m.graph.node if n.op_type == "Softmax")
+    m.graph.initializer.append(numpy_helper.from_array(np.array(-np.inf, np.float32), "attn.neg_inf"))
+    where = helper.make_node("Where", ["keep", div.output[0], "attn.neg_inf"], ["attn.masked"], name="attn.mask")
+    soft.input[0] = "attn.masked"
+    nodes = list(m.graph.node)
+    nodes.insert(nodes.index(soft), where)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    m.graph.input.append(helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, 1, 16]))
+    check(m)
+    _zero(m, "attn.v_proj.weight", slice(32, 48))   # head 2
+    _zero(m, "attn.v_proj.bias", slice(32, 48))
+    rng = np.random.default_rng(0)
+    samples = [{**s, "keep": (np.arange(16) < rng.integers(8, 17)).reshape(1, 1, 1, 16)}
+               for s in normal_samples(8, name="x", shape=(1, 16, 64))]
+    out, report = onnxshrink.optimize(m, None, passes=["cleanup", "prune"], data=samples, budget="none")
+    rec = report.passes[-1]
+    assert rec.status == "applied" and "heads [2] of 4 removed" in rec.reason, rec.reason
+    assert _max_rel_err(m, out, samples) <= 1e-5

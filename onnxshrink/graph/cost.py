@@ -106,15 +106,46 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
         except Exception:
             pass
     light = infer_shapes(light)
-    shapes = value_shapes(light)
+    macs, known, per, int_macs = _macs(light, value_shapes(light))
+    if not known and input_shapes:
+        folded = _fold_shape_arithmetic(model, input_shapes)
+        if folded is not None:
+            again = _macs(folded, value_shapes(folded))
+            if again[1]:
+                macs, known, per, int_macs = again
+    return {"params": int(params), "macs": int(macs) if macs or known else None, "macs_known": known, "per_node": per,
+            "integer_macs": int(int_macs) if known else None}
+
+
+def _fold_shape_arithmetic(model: onnx.ModelProto, input_shapes: dict) -> onnx.ModelProto | None:
+    """The model with its input dims fixed, its constant subgraphs (shape arithmetic included)
+    folded by onnx-graphsurgeon and shapes inferred; None when that fails. onnx's shape inference
+    leaves a Slice whose bounds are computed from a Shape unknown (Hugging Face's
+    ``position_ids[:, :input_ids.size(1)]``), and every shape after it loses its batch dim; folding
+    makes the bounds constants. Used only when the MACs are otherwise unknown (it copies weights)."""
+    import onnx_graphsurgeon as gs
+    try:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        fix_input_shapes(m, {k: list(v) for k, v in input_shapes.items()})
+        g = gs.import_onnx(m)
+        g.fold_constants(fold_shapes=True, error_ok=True).cleanup()
+        return infer_shapes(gs.export_onnx(g, do_type_check=False))
+    except Exception:
+        return None
+
+
+def _macs(model: onnx.ModelProto, shapes: dict) -> tuple[int, bool, dict, int]:
+    """(MACs, whether every node's MACs were known, {node: MACs}, MACs in integer kernels) from
+    value shapes."""
     macs, known, int_macs = 0, True, 0
     per = {}
-    producers = {o: n for n in light.graph.node for o in n.output}
+    producers = {o: n for n in model.graph.node for o in n.output}
     readers: dict = collections.defaultdict(list)
-    for n in light.graph.node:
+    for n in model.graph.node:
         for x in n.input:
             readers[x].append(n)
-    for i, n in enumerate(light.graph.node):
+    for i, n in enumerate(model.graph.node):
         try:
             m = node_macs(n, shapes)
         except (IndexError, TypeError, ValueError):  # a malformed node (missing inputs): MACs unknown
@@ -127,8 +158,7 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
             if integer_kernel(n, producers, readers):
                 int_macs += m
         macs += m
-    return {"params": int(params), "macs": int(macs) if macs or known else None, "macs_known": known, "per_node": per,
-            "integer_macs": int(int_macs) if known else None}
+    return macs, known, per, int_macs
 
 
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",

@@ -23,6 +23,7 @@ from onnxshrink.graph.channels.rules_channelwise import (
     resize_rule,
     softmax_rule,
     unary_rule,
+    where_rule,
 )
 from onnxshrink.graph.channels.rules_layout import (
     concat_rule,
@@ -88,6 +89,7 @@ RULES = {
     "Dropout": unary_rule,
     "Shape": block_reads_shape_rule,
     "Size": block_reads_shape_rule,
+    "Where": where_rule,
 }
 
 

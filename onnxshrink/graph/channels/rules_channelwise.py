@@ -195,6 +195,18 @@ def elementwise_rule(a, n: gs.Node, lays: list) -> None:
     a.set_layout(n.outputs[0], Layout(axes, ids, const))
 
 
+def where_rule(a, n: gs.Node, lays: list) -> None:
+    """Where(cond, x, y): x and y as a broadcasting elementwise op, the condition carrying no
+    channels (a mask over tokens, e.g. ``scores.masked_fill(mask == 0, -inf)`` on attention logits,
+    whose head axis it broadcasts over); the output's per-channel constant is unknown (NaN)."""
+    if lays and lays[0] is not None:
+        for l in lays:
+            if l is not None:
+                a.block_layout(l, f"Where '{n.name}' condition carries channels")
+        return
+    elementwise_rule(a, n, lays)
+
+
 def _combine_const(op: str, cs: list, shape: tuple) -> np.ndarray:
     """Per-channel constant of the output of ``op`` from its inputs' constants ``cs`` (NaN: varying)."""
     cs = [np.broadcast_to(np.asarray(c, np.float64), shape) for c in cs]
@@ -376,8 +388,10 @@ def qdq_rule(a, n: gs.Node, lays: list) -> None:
 
 def block_reads_shape_rule(a, n: gs.Node, lays: list) -> None:
     """Shape/Size read the channel count: every id reaching them is blocked, unless only dims off the
-    channel axes are read (``x.size(0)``: a Shape whose every reader Gathers constant indices of other
-    axes, as PyTorch's ``x.view(x.size(0), ...)`` does)."""
+    channel axes are read (``x.size(0)``: a Shape whose every reader Gathers constant indices, or
+    Slices constant bounds, of other axes, as PyTorch's ``x.view(x.size(0), ...)`` does), or the
+    head width D of attention heads whose D channels are tied (torch's ``scaled_dot_product_attention``
+    export computes its scale 1/sqrt(D) from ``Shape(q)[-1:]``; removing heads never changes D)."""
     x = lays[0] if lays else None
     if x is not None and n.op == "Shape" and _reads_other_dims(a, n, x):
         return
@@ -395,11 +409,33 @@ def _reads_other_dims(a, n: gs.Node, x: Layout) -> bool:
     start = min(max(start + r if start < 0 else start, 0), r)
     end = min(max(end + r if end < 0 else end, 0), r)
     size = max(end - start, 0)
+    fixed = set()   # the inner axis of a 2-D layout whose rows are each one unit (a head's D channels)
+    if x.ids.ndim == 2 and len(x.axes) == 2:
+        units = a.unit_of(x.ids)
+        if np.all(units == units[:, :1]):
+            fixed.add(x.axes[1])
     for g in n.outputs[0].outputs:
-        idx = a.value(g.inputs[1]) if g.op == "Gather" and len(g.inputs) > 1 else None
-        if idx is None or int(node_attr(g, "axis", 0)) != 0 or size == 0:
+        dims = _shape_dims_read(a, g, size)
+        if dims is None or size == 0:
             return False
-        dims = [start + int(i) % size for i in np.asarray(idx).ravel()]
-        if any(d in x.axes for d in dims):
+        if any(start + d in x.axes and start + d not in fixed for d in dims):
             return False
     return True
+
+
+def _shape_dims_read(a, g: gs.Node, size: int) -> list | None:
+    """Positions of a shape vector of length ``size`` that node ``g`` reads: a Gather of constant
+    indices on axis 0, or a Slice with constant bounds on axis 0 and step 1; None for anything else."""
+    if g.op == "Gather" and len(g.inputs) > 1 and int(node_attr(g, "axis", 0)) == 0:
+        idx = a.value(g.inputs[1])
+        return None if idx is None or size == 0 else [int(i) % size for i in np.asarray(idx).ravel()]
+    if g.op == "Slice" and len(g.inputs) >= 3:
+        vals = [a.value(t) if t.name else None for t in g.inputs[1:5]] + [None] * (5 - len(g.inputs))
+        starts, ends, axes, steps = vals
+        if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+            return None
+        if (axes is not None and int(axes.ravel()[0]) not in (0, -1)) or \
+                (steps is not None and int(steps.ravel()[0]) != 1):
+            return None
+        return list(range(size))[slice(int(starts.ravel()[0]), int(ends.ravel()[0]))]
+    return None
