@@ -68,9 +68,11 @@ from onnxshrink.passes.base import Context
 from onnxshrink.passes.knob import LAYER_OPS, weighted_nodes
 from onnxshrink.passes.registry import create_pass, registry
 from onnxshrink.pipeline.executor import SerialExecutor
+from onnxshrink.pipeline.proxy import proxy_rows
 from onnxshrink.runtime import make_session, measure_latency
 
 VERSION = "sens-2"  # sens-2: the knobs' per-unit options are typed (dicts, not strings)
+PROXY_VERSION = "proxy-1"
 COST_KINDS = ("params", "weight_bytes", "macs", "latency_ms")
 
 
@@ -215,9 +217,11 @@ class SensitivityTable:
 
 def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityData, budget, cache=None, executor=None,
                         latency: bool = False, user_options: dict | None = None, progress=None,
-                        max_units: int = 0) -> SensitivityTable:
+                        max_units: int = 0, proxy: bool = False, only: set | None = None) -> SensitivityTable:
     """Measure every (unit, strength) of the knobs of ``passes`` on ``model`` (see the module
-    docstring); cached measurements are read, the others run through ``executor``."""
+    docstring); cached measurements are read, the others run through ``executor``. ``proxy``: the
+    ones not cached from a measurement come from ``proxy.proxy_rows`` where the knob has a proxy
+    (cached too, under their own key); ``only``: just these choices (``Choice.key()``)."""
     t0 = time.perf_counter()
     cache = cache if cache is not None else MeasurementCache(enabled=False)
     user_options = user_options or {}
@@ -243,13 +247,29 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
             excluded = set(user_options.get(pname, {}).get(knob.exclude_option) or [])
             units = [u for u in units if u[0] not in excluded]
         for unit, _size in units:
-            for s in knob.strengths:
+            for s in knob.unit_strengths(model, unit):
                 opts = knob.merge({**user_options.get(pname, {}), **knob.probe}, knob.options(model, {unit: s}))
                 key = digest(VERSION, mkey, dkey, pname, unit, s, opts, latency)
+                if only is not None and Choice(pname, unit, s).key() not in only:
+                    continue
                 tasks.append(opts)
                 keys.append(key)
                 meta.append(Choice(pname, unit, s))
     results: list = [cache.get(k) for k in keys]
+    proxy_info = None
+    if proxy:
+        pkeys = {i: digest(PROXY_VERSION, k) for i, k in enumerate(keys) if results[i] is None}
+        for i, pk in pkeys.items():
+            results[i] = cache.get(pk)
+        wanted = [i for i in pkeys if results[i] is None]
+        if wanted:
+            got, proxy_info = proxy_rows(model, [(meta[i], pass_knobs[meta[i].pass_name]) for i in wanted], data,
+                                         lambda sc: loss_of(sc, base_scores, budget))
+            for i in wanted:
+                r = got.get(meta[i].key())
+                if r is not None:
+                    results[i] = r
+                    cache.put(pkeys[i], r)
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
         ex = executor or SerialExecutor()
@@ -280,7 +300,9 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
     rows = []
     for i, (c, r) in enumerate(zip(meta, results)):
         row = {"pass": c.pass_name, "unit": c.unit, "strength": c.strength, "cached": i not in measured}
-        if "scores" in r:
+        if "proxy" in r:
+            row.update(loss=r["loss"], saving={k: r["saving"].get(k) for k in COST_KINDS}, proxy=r["proxy"])
+        elif "scores" in r:
             saving = {k: (base_cost[k] - r["cost"][k]) if base_cost.get(k) is not None and r["cost"].get(k) is not None
                       else None for k in COST_KINDS}
             row.update(loss=loss_of(r["scores"], base_scores, budget), saving=saving,
@@ -290,6 +312,8 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
             row.update(loss=math.inf, saving={}, skipped=r.get("error") or r.get("reason"))
         rows.append(row)
     info = {"measured": len(todo), "cached": len(keys) - len(todo), "candidates": len(keys),
+            "mode": "proxy" if proxy else "measured", "proxied": sum(1 for r in rows if r.get("proxy")),
+            **({"proxy": proxy_info} if proxy_info else {}),
             "executor": (executor.name if executor is not None else "serial") if todo else "none (all cached)",
             "seconds": round(time.perf_counter() - t0, 2), "samples": {"calibration": len(data.calib),
                                                                         "validation": len(data.val)}}
