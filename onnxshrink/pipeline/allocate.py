@@ -39,7 +39,7 @@ import onnx
 from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
 from onnxshrink.errors import BudgetError
 from onnxshrink.pipeline.executor import SerialExecutor, get_executor
-from onnxshrink.pipeline.proxy import use_proxy
+from onnxshrink.pipeline.proxy import one_blas_thread, use_proxy
 from onnxshrink.pipeline.report import NOT_APPLICABLE, PassRecord, plot_allocation
 from onnxshrink.pipeline.sensitivity import (
     SensitivityData,
@@ -149,6 +149,7 @@ def measure_table(config: AllocationConfig, runner: Runner, base, ctx, val, refe
     """Step 1: the sensitivity table of ``base`` (cached measurements read, the rest measured, or
     from the proxy, ``proxy.use_proxy``); ``only``: just these choices, measured."""
     data = sensitivity_data(config, runner, ctx, val, reference, cost_shapes)
+    data.one_blas_thread = use_proxy(config.sensitivity, base, latency) or only is not None
     pass_knobs = knobs()
     n_tasks = len(only) if only is not None else sum(len(pass_knobs[n].strengths) * 8 for n in config.names)
     ex = measurement_executor(config, n_tasks)
@@ -258,6 +259,7 @@ class Trials:
                           self.user, config.seed, str(config.budget), getattr(config.metric, "__qualname__", None),
                           cost_shapes)
         self.metric = config.budget.metric if config.budget is not None else "cosine"
+        self.one_blas_thread = table.info.get("mode") == "proxy"  # proxy.one_blas_thread
 
     def chosen_of(self, n) -> dict:
         """{(pass, unit): strength} of trial ``n``."""
@@ -281,7 +283,8 @@ class Trials:
             self.log(t, cached=True)
             return t
         tv = time.perf_counter()
-        current, recs = self.run_chain(chosen)
+        with one_blas_thread(self.one_blas_thread):
+            current, recs = self.run_chain(chosen)
         scores = self.runner.verify(current)
         if recs and recs[-1].status != NOT_APPLICABLE:
             recs[-1].fidelity = dict(scores)  # the chain's steps are checked runnable; the end is measured
@@ -368,15 +371,31 @@ def search(trials: Trials) -> None:
         r = trials.verify(n)
     if not r["budget_ok"]:
         lo, hi = 0, n
+        split = _loss_split(steps, table) if table.info.get("mode") == "proxy" else None
         for _ in range(MAX_BISECT):
             if hi - lo <= 1:
                 break
-            mid = (lo + hi) // 2
+            mid = split(lo, hi) if split is not None else (lo + hi) // 2
             if trials.verify(mid)["budget_ok"]:
                 lo = mid
             else:
                 hi = mid
         trials.verify(lo)
+
+
+def _loss_split(steps: list, table):
+    """``split(lo, hi)``: the prefix between lo and hi where the estimated loss (the chosen rows'
+    losses summed) is half-way between theirs. The greedy order puts the cheap losses first, so the
+    middle step holds far less than half the loss; on a large model, where each verification runs
+    the passes for minutes, halving the loss finds the budget's edge in fewer trials."""
+    rows = {(r["pass"], r["unit"], r["strength"]): r for r in table.rows}
+    cum = [0.0] + [sum(rows[(p, u, s)]["loss"] for (p, u), s in st["chosen"].items()) for st in steps]
+
+    def split(lo, hi):
+        half = (cum[lo] + cum[hi]) / 2
+        mid = next((i for i in range(lo + 1, hi) if cum[i] >= half), (lo + hi) // 2)
+        return min(max(mid, lo + 1), hi - 1)
+    return split
 
 
 def describe_result(trials: Trials, best, config: AllocationConfig) -> None:

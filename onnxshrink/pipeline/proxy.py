@@ -29,9 +29,10 @@ The allocation then verifies the approximate rows near its decision boundary end
 
 from __future__ import annotations
 
-__all__ = ["PROXY_BYTES", "bound_runner", "capture_layer_stats", "free_batch", "layer_gains", "proxy_rows",
-           "use_proxy", "weights_as_inputs"]
+__all__ = ["PROXY_BYTES", "bound_runner", "capture_layer_stats", "free_batch", "layer_gains", "one_blas_thread",
+           "proxy_rows", "use_proxy", "weights_as_inputs"]
 
+import contextlib
 import copy
 import math
 import time
@@ -55,6 +56,21 @@ MAX_POSITIONS = 2048  # patch positions per sample in a Conv's covariance
 # large enough to stand above float round-off
 PROBE_NOISE = 1e-3
 PROXY_SAMPLES = 4  # validation samples of each end-to-end run (gain probes): a ranking, not a verdict
+
+
+def one_blas_thread(on: bool = True):
+    """A context in which numpy's BLAS/LAPACK use one thread (``on``; threadpoolctl when installed,
+    else nothing changes). The proxy mode's pass runs take it: on two cores shared with onnxruntime
+    and other processes, a two-thread OpenBLAS SVD or Cholesky ran 10-18x slower than one thread
+    (busy-waiting threads; measured 14.8 s against 1.4 s for a 384 x 1536 SVD under load). It also
+    fixes their rounding whatever the machine's core count."""
+    if on:
+        try:
+            from threadpoolctl import threadpool_limits
+            return threadpool_limits(limits=1, user_api="blas")
+        except ImportError:
+            pass
+    return contextlib.nullcontext()
 
 
 def use_proxy(mode: str, model: onnx.ModelProto, latency: bool) -> bool:
@@ -141,7 +157,7 @@ def bound_runner(sess, weights: dict, outputs: list, samples: list, batched=None
     (an IOBinding; nothing is copied per run) and ``changed`` {name: value} bound over them for one
     run of the samples, then the originals bound back. ``batched``: a session of the same model
     with a free batch dimension, fed all samples at once when it gives the per-sample outputs."""
-    from onnxruntime import OrtValue
+    from onnxruntime import OrtValue, RunOptions
 
     base = {k: OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
     sessions = [sess] if batched is None else [sess, batched]
@@ -154,12 +170,15 @@ def bound_runner(sess, weights: dict, outputs: list, samples: list, batched=None
         stacked = {name: np.ascontiguousarray(np.concatenate([s[name] for s in samples], axis=0))
                    for name in samples[0]}
 
+    quiet = RunOptions()
+    quiet.log_severity_level = 4  # the batch check may fail by design: no error on the terminal
+
     def one(io, session, feeds):
         for name, x in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(x))
         for o in outputs:
             io.bind_output(o)
-        session.run_with_iobinding(io)
+        session.run_with_iobinding(io, quiet if session is not sess else None)
         return io.copy_outputs_to_cpu()
 
     def split(outs) -> list:
@@ -210,8 +229,6 @@ def proxy_rows(model: onnx.ModelProto, choices: list, data, loss) -> tuple[dict,
     proxy, and the info for the report; choices without one are left out (measure them). A result
     is ``{"loss", "saving", "proxy": "local", "noise"}`` or ``{"unchanged": reason}``; ``loss(scores)``
     turns fidelity scores into the allocation's loss."""
-    from threadpoolctl import threadpool_limits
-
     t0 = time.perf_counter()
     layers = capture_layer_stats(model, data.calib, data.shapes)
     for name, held in capture_layer_stats(model, data.val, data.shapes).items():
@@ -221,7 +238,7 @@ def proxy_rows(model: onnx.ModelProto, choices: list, data, loss) -> tuple[dict,
     shared: dict = {"shapes": data.shapes}
     planned, out = [], {}
     # numpy's SVDs and solves here are small; BLAS threads only contend on a shared machine
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         for choice, knob in choices:
             p = knob.proxy(model, choice.unit, choice.strength, layers, shared)
             if p is not None:

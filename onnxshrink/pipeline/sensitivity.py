@@ -68,7 +68,7 @@ from onnxshrink.passes.base import Context
 from onnxshrink.passes.knob import LAYER_OPS, weighted_nodes
 from onnxshrink.passes.registry import create_pass, registry
 from onnxshrink.pipeline.executor import SerialExecutor
-from onnxshrink.pipeline.proxy import proxy_rows
+from onnxshrink.pipeline.proxy import one_blas_thread, proxy_rows
 from onnxshrink.runtime import make_session, measure_latency
 
 VERSION = "sens-2"  # sens-2: the knobs' per-unit options are typed (dicts, not strings)
@@ -130,9 +130,10 @@ def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
 class SensitivityData:
     """What a measurement needs besides the model, picklable: samples, reference, labels, metric."""
 
-    def __init__(self, calib, val, reference, labels, budget, user_metric, shapes, seed):
+    def __init__(self, calib, val, reference, labels, budget, user_metric, shapes, seed, one_blas_thread=False):
         self.calib, self.val, self.reference, self.labels = calib, val, reference, labels
         self.budget, self.user_metric, self.shapes, self.seed = budget, user_metric, shapes, seed
+        self.one_blas_thread = one_blas_thread  # the proxy mode's measurements (proxy.one_blas_thread)
 
     def context(self, template):
         calib = ListSource(self.calib, description=f"{len(self.calib)} sensitivity samples")
@@ -185,7 +186,8 @@ def measure_task(task: tuple) -> dict:
     t0 = time.perf_counter()
     try:
         ctx = data.context(model)
-        cand, reason = apply_pass(model, pass_name, options, ctx)
+        with one_blas_thread(getattr(data, "one_blas_thread", False)):
+            cand, reason = apply_pass(model, pass_name, options, ctx)
         if cand is model:
             return {"unchanged": True, "reason": reason,
                     "seconds": time.perf_counter() - t0}
