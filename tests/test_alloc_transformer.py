@@ -124,3 +124,37 @@ def test_allocation_with_the_proxy_writes_a_valid_model_within_the_budget():
     assert rep.after["weight_bytes"] <= 0.35 * rep.before["weight_bytes"]
     ref = [run_ort(model, s) for s in xs]
     assert fidelity(ref, [run_ort(out, s) for s in xs])["cosine"] >= 0.99
+
+
+def test_closure_tries_dynamic_int8_when_qdq_breaks_the_budget(monkeypatch):
+    """Every unit in QDQ int8 breaks the budget at any prefix; the MatMul units in dynamic int8 keep
+    it and time faster: the closure keeps that variant."""
+    import onnxshrink.pipeline.allocate as al
+    from onnxshrink.pipeline.sensitivity import SensitivityTable
+
+    rows = []
+    for u in "abc":
+        for s, loss in ((WEIGHTS_INT8, 0.0), (DYNAMIC, 0.001), (QDQ, 0.01)):
+            rows.append({"pass": "quantize", "unit": u, "strength": s, "loss": loss, "saving": {"weight_bytes": 75}})
+    table = SensitivityTable(base_cost={"weight_bytes": 1000.0}, base_scores={}, rows=rows,
+                             layer_cost={u: {"macs": 10} for u in "abc"})
+    chosen = {("quantize", u): WEIGHTS_INT8 for u in "abc"}
+    extra, timed = {}, []
+
+    def verify(label, materialize=False):
+        conf = extra.get(label, chosen)
+        ok = not any(s == QDQ for s in conf.values())
+        return {"n": label, "budget_ok": ok, "target_met": True, "model": label, "cost": {}}
+
+    def verdict(a, b, feeds):
+        timed.append((a, b))
+        return {"speedup": 1.7, "interval": [1.6, 1.8], "ms": [1.7, 1.0], "rounds": 15, "faster": True}
+
+    monkeypatch.setattr(al, "speed_verdict", verdict)
+    alloc = {}
+    best = al.quantize_closure({"n": 5}, chosen, table, extra, verify, "weight_bytes", alloc, None,
+                               MeasurementCache(enabled=False), "k")
+    assert best["n"] == "5+s0.75:3"
+    assert extra["5+s0.75:3"] == {("quantize", u): DYNAMIC for u in "abc"}
+    assert timed == [(5, "5+s0.75:3")]
+    assert "no prefix at strength 1 keeps the budget" in alloc["closure"]
