@@ -511,7 +511,8 @@ def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cac
     kept, kept_chosen = best, chosen
     for label in variants:
         # the timing decides once; its verdict is cached with the trials so a rerun makes the same choice
-        key = digest(vkey, "closure-2", sorted(map(list, kept_chosen)), sorted(map(list, extra[label])))
+        key = digest(vkey, "closure-3", sorted((p, u, sv) for (p, u), sv in kept_chosen.items()),
+                     sorted((p, u, sv) for (p, u), sv in extra[label].items()))
         hit = cache.get(key)
         was_cached = hit is not None
         if hit is None:
