@@ -7,7 +7,9 @@ fidelity budget, the manager calls ``allocate`` at the first pass that has a kno
 1. the sensitivity table of the current model is measured once (cached on disk, through the
    executor): loss and saving of every (unit, strength);
 2. ``greedy_order`` ranks the choices by loss per unit of saving; a prefix of n steps is a
-   configuration (each unit at the strongest strength in the prefix);
+   configuration (each unit at the strongest strength in the prefix); with the proxy table
+   (``proxy.py``) the approximate rows nearest the step whose estimate meets the target are first
+   measured by their passes and the order redone (``verify_boundary``);
 3. verification runs the real passes with those per-unit options on the full calibration data and
    measures the result end to end (fidelity on every validation sample, weight bytes, MACs,
    single-thread latency): first the shortest prefix whose estimated cost meets the target, then

@@ -1,30 +1,31 @@
 """Proxy sensitivity: every (unit, strength) of the knobs from one capture and one shared session.
 
 The measured sweep (``sensitivity.measure_sensitivity``) runs each pass once per (unit, strength)
-and opens a session on each result: on a 22M-parameter ViT-S that is ~350 pass runs of seconds
+and opens a session on each result: on a 22M-parameter ViT-S that is ~400 pass runs of seconds
 each. The proxy instead
 
-1. captures, once, every weighted layer's input and output on the sensitivity validation samples,
-   reduced to ``passes.knob.LayerStats`` (input covariance E[x x^T] for MatMul/Gemm, mean squares,
-   ranges per sample);
-2. opens ONE session of the model whose layer weights are graph inputs (``weights_as_inputs``), so
-   any weight change is a feed, not a new model;
-3. asks each knob (``Knob.proxy``) what its unit at a strength does to the weights: quantize's
-   rounded weights, svd's whitened rank-k product, prune's consumer rows of the least important
-   units zeroed; runs the shared session with those weights on the validation samples, and scores
-   the outputs against the original's like a measurement (``metrics.fidelity``, ``loss_of``).
+1. captures, once, every weighted layer's input and output on the calibration samples, reduced to
+   ``passes.knob.LayerStats`` (input covariance C = E[x x^T] for MatMul/Gemm, a group-1 Conv's
+   patch covariance when its patches are short, mean squares, ranges per sample), and the input
+   covariance on the validation samples (``eval_cov``);
+2. asks each knob (``Knob.proxy``, beside its pass) what its unit at a strength does to the
+   weights and the local output error of each layer it changes, ``e = tr(D^T C D) / (N E[y^2])``
+   (plus input quantization noise for the strengths that quantize activations; ``passes/knob.py``),
+   and what it saves (the knob's arithmetic);
+3. measures, end to end, each layer's gain once: its weight perturbed alone by seeded Gaussian
+   noise of local error ``PROBE_NOISE``, run in ONE session of the model whose weights are graph
+   inputs (``weights_as_inputs``, bound once, ``bound_runner``) on ``PROXY_SAMPLES`` validation
+   samples: ``gain = loss / e``. A row's loss is ``sum_layers gain x e`` ("local"), except where the
+   knob asks for its new weights to be run through the same session ("exact": svd's first
+   strength, since a rank cut is far from white noise in the output) or for an exact row's loss
+   scaled by the ratio of local errors ("scaled": svd's second strength).
 
-A change that only touches weights is measured exactly this way (int8 weights, svd's product: the
-pass writes the same function up to float rounding). Two kinds of rows are approximations, and
-say so (``row["proxy"]``): prune's zeroing has no least-squares refit (an upper bound of the
-pass's loss), and strengths that also quantize activations (dynamic int8, QDQ int8) are the exact
-loss of their weights scaled by the layer's local noise, ``loss x (e_w + e_a) / e_w`` (noise
-powers of ``passes/knob.py``; small errors add up in power and the loss is linear in them).
-Savings are the knob's arithmetic (bytes, parameters, the layer's share of MACs), not measured.
-Units without a proxy (a ConvTranspose, ...) are measured as before.
-
-The allocation then verifies the approximate rows near its decision boundary end to end
-(``allocate.verify_boundary``), and every configuration it keeps is measured end to end anyway.
+The rows say which (``row["proxy"]``). Approximations: prune's zeroing has no least-squares refit
+(an upper bound of the pass's error), activation quantization is modelled as independent uniform
+noise, and the loss is assumed linear in the local noise power. The allocation then measures the
+approximate rows near its decision boundary by their passes (``allocate.verify_boundary``), and
+every configuration it keeps is measured end to end anyway. Units without a proxy (a
+ConvTranspose) are measured as before.
 """
 
 from __future__ import annotations
@@ -227,8 +228,8 @@ def free_batch(model: onnx.ModelProto, keep: set = frozenset()) -> onnx.ModelPro
 def proxy_rows(model: onnx.ModelProto, choices: list, data, loss) -> tuple[dict, dict]:
     """{Choice key: measurement-like result} for the choices ([(Choice, Knob)]) whose knob has a
     proxy, and the info for the report; choices without one are left out (measure them). A result
-    is ``{"loss", "saving", "proxy": "local", "noise"}`` or ``{"unchanged": reason}``; ``loss(scores)``
-    turns fidelity scores into the allocation's loss."""
+    is ``{"loss", "saving", "proxy": "local" | "exact" | "scaled", "noise"}`` (module docstring) or
+    ``{"unchanged": reason}``; ``loss(scores)`` turns fidelity scores into the allocation's loss."""
     t0 = time.perf_counter()
     layers = capture_layer_stats(model, data.calib, data.shapes)
     for name, held in capture_layer_stats(model, data.val, data.shapes).items():

@@ -14,9 +14,10 @@ merges them with the user's options of the pass):
             (``passes/svd/knob.py``).
   quantize  a Conv / ConvTranspose / Gemm / MatMul node (with the factor pair svd made of it):
             strength 0.5 = its weights stored int8 with float activations (``quantize.fallback=int8``:
-            a quarter of the bytes at float speed), 1 = QDQ int8 (integer kernels); nodes below 1 go
-            to ``quantize.exclude``, nodes not chosen at all also to ``quantize.float_weights``
-            (``passes/quantize/knob.py``).
+            a quarter of the bytes at float speed), 0.75 = dynamic int8 (MatMul/Gemm with a 2-D
+            weight: ``quantize.dynamic_nodes``), 1 = QDQ int8 (integer kernels); nodes below 1 and not
+            dynamic go to ``quantize.exclude``, nodes not chosen at all also to
+            ``quantize.float_weights`` (``passes/quantize/knob.py``).
 
 Measurement of one (unit, strength): the pass applied to the base model with only that unit at
 that strength, then on the validation samples, against the ORIGINAL model's outputs,
@@ -26,6 +27,10 @@ that strength, then on the validation samples, against the ORIGINAL model's outp
            the small terms ranking units a discrete metric (accuracy) cannot tell apart;
   saving = cost(base) - cost(candidate) for parameters, weight bytes, MACs and (optionally)
            measured single-thread latency on onnxruntime's CPU EP.
+
+On large models (``proxy.use_proxy``) the rows come from ``proxy.py`` instead: one capture, local
+errors times per-layer gains measured through one shared session (approximate rows say so in
+``row["proxy"]``).
 
 Each measurement is a pure function of (model bytes, data, metric, pass, unit, strength, pass
 options) and is cached on disk under the sha256 of exactly that (``cache.MeasurementCache``), so a
