@@ -268,6 +268,8 @@ def proxy_rows(model: onnx.ModelProto, choices: list, data, loss) -> tuple[dict,
             ea, e = sum(a[1]["noise"].values()), sum(noise.values())
             value, kind = a[0] * e / ea if ea > 0 else math.inf, "scaled"
         else:
+            if not noise or any(gains.get(n) is None or not math.isfinite(e) for n, e in noise.items()):
+                continue  # nothing to scale (no probe gain, no local error): measured by the pass
             value = float(sum(gains[n] * e for n, e in noise.items()))
         out[choice.key()] = {"loss": float(value), "saving": p["saving"], "proxy": kind,
                              "noise": {n: float(e) for n, e in noise.items()}}
@@ -278,8 +280,8 @@ def proxy_rows(model: onnx.ModelProto, choices: list, data, loss) -> tuple[dict,
 
 
 def layer_gains(model: onnx.ModelProto, layers: list, data, loss, exact: list) -> tuple[dict, list]:
-    """({layer: loss per unit of local output error}, [loss of each of ``exact``]): each layer's
-    weight perturbed alone by seeded Gaussian noise of local error ``PROBE_NOISE``
+    """({layer: loss per unit of local output error, None when unusable}, [loss of each of
+    ``exact``]): each layer's weight perturbed alone by seeded Gaussian noise of local error ``PROBE_NOISE``
     (``LayerStats.weight_noise``), and each {initializer: value} of ``exact``, run end to end on the
     validation samples through one shared session (``weights_as_inputs``, ``bound_runner``)."""
     names = {L.weight_name for L in layers} | {k for w in exact for k in w}
@@ -304,6 +306,7 @@ def layer_gains(model: onnx.ModelProto, layers: list, data, loss, exact: list) -
         probe = (L.weight + c * noise).astype(L.weight.dtype)
         e = L.weight_noise(probe)
         scores = fidelity(data.reference, run({L.weight_name: probe}), data.user_metric, data.val, data.labels)
-        gains[L.node.name] = loss(scores) / e if e > 0 else 0.0
+        g = loss(scores) / e if e > 0 else math.nan
+        gains[L.node.name] = g if math.isfinite(g) and g > 0 else None  # no usable probe: measure its rows
     measured = [loss(fidelity(data.reference, run(w), data.user_metric, data.val, data.labels)) for w in exact]
     return gains, measured
