@@ -77,7 +77,7 @@ from onnxshrink.pipeline.proxy import one_blas_thread, proxy_rows
 from onnxshrink.runtime import make_session, measure_latency
 
 VERSION = "sens-2"  # sens-2: the knobs' per-unit options are typed (dicts, not strings)
-PROXY_VERSION = "proxy-1"
+PROXY_VERSION = "proxy-2"  # proxy-2: rows without a usable gain are measured
 COST_KINDS = ("params", "weight_bytes", "macs", "latency_ms")
 
 
