@@ -127,7 +127,8 @@ def settings_options(*names):
               help="Set a pass option, e.g. -o prune.ratio=0.3, or a target option, e.g. "
                    "-o target.channels_last=true (repeatable).")
 @settings_options("seed", "synthetic", "measure_speed", "speed", "enforce_speed", "target_size", "target_macs",
-                  "target_latency", "executor", "workers", "cache", "sensitivity_samples", "max_units", "plot")
+                  "target_latency", "executor", "workers", "cache", "sensitivity_samples", "max_units", "sensitivity",
+                  "plot")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress.")
 def optimize(input_model, output_model, passes, report_path, recipe, options, quiet, html_path=None, **given):
     """Optimize IN and write OUT (never touching IN)."""

@@ -123,12 +123,15 @@ def test_select_within_budget_backs_off_the_most_harmful_layer():
 def test_quantize_knob_strengths_map_to_exclude_and_float_weights():
     m = net()
     knob = knobs()["quantize"]
-    assert knob.strengths == (0.5, 1.0)
+    assert knob.strengths == (0.5, 0.75, 1.0)  # 0.75: dynamic int8, MatMul/Gemm only
     assert {u for u, _ in knob.units(m, None)} == {"conv", "convt", "gemm", "mm", "mm_tiny"}
     o = knob.options(m, {"conv": 1.0, "gemm": 0.5})
     assert o["fallback"] == "int8"
     assert o["exclude"] == ["convt", "gemm", "mm", "mm_tiny"]
     assert o["float_weights"] == ["convt", "mm", "mm_tiny"]
+    assert "dynamic_nodes" not in o
+    o = knob.options(m, {"conv": 1.0, "mm": 0.75})
+    assert o["dynamic_nodes"] == ["mm"] and "mm" not in o["exclude"] and "mm" not in o["float_weights"]
 
 
 def test_quantize_with_everything_excluded_stores_weights_without_calibrating():

@@ -7,13 +7,25 @@ turns per-unit choices ``{unit: strength}`` into the pass's own options (``optio
 always compressed by the pass itself, and lays those options over the user's (``merge``). This
 module also holds what the knobs share: ``weighted_nodes`` (the nodes with a constant float weight)
 and ``unit_of_node`` (the layer a node came from).
+
+Proxy (optional, ``Knob.proxy``): what applying one unit at one strength does to the float weights,
+without running the pass, from ``LayerStats`` captured once per layer (``pipeline/proxy.py``). A
+layer's weight is seen as ``K x N`` (``y = x W_kn``: MatMul's own, Gemm's transposed with transB,
+a Conv's ``Cout x (Cin kh kw)`` transposed). For a weight change ``D`` (K x N) the layer's output
+error relative to its output power is
+
+    e_w = tr(D^T C D) / (N E[y^2])          C = E[x x^T] over the K inputs (a Conv: E[x^2] I),
+
+and uniform quantization of the input with step ``d`` (noise variance d^2 / 12 per element,
+independent of x) adds ``e_a = d^2 / 12 |W|_F^2 / (N E[y^2])``.
 """
 
 from __future__ import annotations
 
-__all__ = ["Knob", "LAYER_OPS", "unit_of_node", "weighted_nodes"]
+__all__ = ["Knob", "LAYER_OPS", "LayerStats", "unit_of_node", "weighted_nodes"]
 
 import re
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -31,8 +43,9 @@ class Knob:
     options the sensitivity measurement adds (fewer samples: a ranking, not the final result);
     ``capped`` says whether ``max_units`` limits its units to the largest ones; ``exclude_option``
     names the pass option whose units the user keeps out (never measured); ``closure`` says whether
-    the allocation finally tries raising the pass's remaining units to full strength (strength 1),
-    kept only when that measures faster."""
+    the allocation finally tries raising the pass's remaining units to a stronger strength
+    together (each of ``closure_strengths``), kept only when that measures faster;
+    ``unit_strengths(model, unit)`` narrows ``strengths`` for one unit (default: all of them)."""
 
     pass_name = ""
     strengths: tuple = ()
@@ -40,9 +53,24 @@ class Knob:
     capped = True
     exclude_option: str | None = None
     closure = False
+    closure_strengths: tuple = (1.0,)
 
     def units(self, model: onnx.ModelProto, shapes: dict | None) -> list[tuple[str, int]]:
         raise NotImplementedError
+
+    def proxy(self, model: onnx.ModelProto, unit: str, strength: float, layers: dict, shared: dict) -> dict | None:
+        """What ``unit`` at ``strength`` does, without running the pass (None: no proxy, measure it end
+        to end): ``{"weights": {initializer: new value}, "saving": {params, weight_bytes, macs},
+        "noise": {layer: e_w + e_a}}`` (the local output errors of the layers it changes, see the
+        module docstring) or ``{"unchanged": reason}``; with ``"exact": True`` the new weights are
+        measured end to end instead, with ``"anchor": s`` the loss is the one of strength s scaled by
+        the ratio of local errors. ``layers``:
+        {node name: LayerStats}; ``shared``: a dict the knob may memoize per-model work in."""
+        return None
+
+    def unit_strengths(self, model: onnx.ModelProto, unit: str) -> tuple:
+        """The strengths ``unit`` is measured at."""
+        return self.strengths
 
     def options(self, model: onnx.ModelProto, choices: dict) -> dict:
         raise NotImplementedError
@@ -73,3 +101,60 @@ def weighted_nodes(model: onnx.ModelProto, min_params: int = 0,
         size = int(np.prod(t.dims)) if len(t.dims) else 1
         if size >= min_params:
             yield n, size
+
+
+@dataclass
+class LayerStats:
+    """One weighted layer seen on the sensitivity samples (the module docstring's notation):
+    ``kn`` its weight as K x N, ``cov`` E[x x^T] (K x K; None for a Conv), ``in_ms`` E[x^2],
+    ``chan_ms`` E[x^2] per input channel (the channel axis of the input: last for MatMul/Gemm, 1 for
+    a Conv), ``in_ranges`` (min, max) of the input per sample, ``out_ms`` E[y^2], ``out_range``
+    (min, max) of the output over the samples, ``macs`` the layer's MACs; ``eval_cov`` E[x x^T] on
+    other samples (those the loss is measured on): a change fitted to ``cov`` (svd's whitening) is
+    judged on them, as the pass's result is."""
+
+    node: onnx.NodeProto
+    weight_name: str
+    weight: np.ndarray
+    cov: np.ndarray | None
+    in_ms: float
+    chan_ms: np.ndarray | None
+    in_ranges: list
+    out_ms: float
+    out_range: tuple
+    macs: float
+    eval_cov: np.ndarray | None = None
+
+    @property
+    def kn(self) -> np.ndarray:
+        """The weight as K x N."""
+        return self.kn_of(self.weight)
+
+    def from_kn(self, kn: np.ndarray) -> np.ndarray:
+        """A K x N matrix back in the weight's own layout."""
+        w = self.weight
+        if self.node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in self.node.attribute):
+            return np.ascontiguousarray(kn.T).astype(w.dtype)
+        if self.node.op_type == "Conv":
+            return np.ascontiguousarray(kn.T).reshape(w.shape).astype(w.dtype)
+        return np.ascontiguousarray(kn).astype(w.dtype)
+
+    def weight_noise(self, new_weight: np.ndarray) -> float:
+        """e_w of replacing the weight by ``new_weight`` (its own layout)."""
+        d = (self.kn_of(new_weight) - self.kn).astype(np.float64)
+        cov = self.eval_cov if self.eval_cov is not None else self.cov
+        power = float(np.sum((cov @ d) * d)) if cov is not None else self.in_ms * float(np.sum(d * d))
+        return power / max(d.shape[1] * self.out_ms, 1e-30)
+
+    def input_noise(self, step2: float) -> float:
+        """e_a of quantizing the input with mean squared step ``step2``."""
+        kn = self.kn.astype(np.float64)
+        return step2 / 12.0 * float(np.sum(kn * kn)) / max(kn.shape[1] * self.out_ms, 1e-30)
+
+    def kn_of(self, w: np.ndarray) -> np.ndarray:
+        """Any weight of this layer's layout as K x N."""
+        if self.node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in self.node.attribute):
+            return w.T
+        if self.node.op_type == "Conv":
+            return w.reshape(w.shape[0], -1).T
+        return w

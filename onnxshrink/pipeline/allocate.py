@@ -7,7 +7,9 @@ fidelity budget, the manager calls ``allocate`` at the first pass that has a kno
 1. the sensitivity table of the current model is measured once (cached on disk, through the
    executor): loss and saving of every (unit, strength);
 2. ``greedy_order`` ranks the choices by loss per unit of saving; a prefix of n steps is a
-   configuration (each unit at the strongest strength in the prefix);
+   configuration (each unit at the strongest strength in the prefix); with the proxy table
+   (``proxy.py``) the approximate rows nearest the step whose estimate meets the target are first
+   measured by their passes and the order redone (``verify_boundary``);
 3. verification runs the real passes with those per-unit options on the full calibration data and
    measures the result end to end (fidelity on every validation sample, weight bytes, MACs,
    single-thread latency): first the shortest prefix whose estimated cost meets the target, then
@@ -39,6 +41,7 @@ import onnx
 from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
 from onnxshrink.errors import BudgetError
 from onnxshrink.pipeline.executor import SerialExecutor, get_executor
+from onnxshrink.pipeline.proxy import one_blas_thread, use_proxy
 from onnxshrink.pipeline.report import NOT_APPLICABLE, PassRecord, plot_allocation
 from onnxshrink.pipeline.sensitivity import (
     SensitivityData,
@@ -57,6 +60,7 @@ KIND_NAMES = {"weight_bytes": "size (weight bytes)", "macs": "MACs", "latency_ms
 COMBINED = "combined"
 MAX_EXTEND = 6
 MAX_BISECT = 5
+BOUNDARY = 8  # approximate proxy rows measured end to end around the greedy's crossing of the target
 
 
 @dataclass
@@ -91,6 +95,7 @@ class AllocationConfig:
     cache: Any = True
     sensitivity_samples: int = 0
     max_units: int = 0
+    sensitivity: str = "auto"
     plot: Any = None
     progress: Progress = field(default_factory=lambda: Progress(enabled=False))
 
@@ -141,18 +146,49 @@ def measurement_cache(config: AllocationConfig) -> MeasurementCache:
     return MeasurementCache(None if config.cache is True else config.cache)
 
 
-def measure_table(config: AllocationConfig, runner: Runner, base, ctx, val, reference, cost_shapes, latency: bool):
-    """Step 1: the sensitivity table of ``base`` (cached measurements read, the rest measured)."""
+def measure_table(config: AllocationConfig, runner: Runner, base, ctx, val, reference, cost_shapes, latency: bool,
+                  only: set | None = None):
+    """Step 1: the sensitivity table of ``base`` (cached measurements read, the rest measured, or
+    from the proxy, ``proxy.use_proxy``); ``only``: just these choices, measured."""
     data = sensitivity_data(config, runner, ctx, val, reference, cost_shapes)
+    data.one_blas_thread = use_proxy(config.sensitivity, base, latency) or only is not None
     pass_knobs = knobs()
-    n_tasks = sum(len(pass_knobs[n].strengths) * 8 for n in config.names)
+    n_tasks = len(only) if only is not None else sum(len(pass_knobs[n].strengths) * 8 for n in config.names)
     ex = measurement_executor(config, n_tasks)
     try:
         return measure_sensitivity(base, config.names, data, config.budget, cache=measurement_cache(config),
                                    executor=ex, latency=latency, user_options=config.user_options,
-                                   progress=config.progress, max_units=config.max_units)
+                                   progress=config.progress, max_units=config.max_units,
+                                   proxy=only is None and use_proxy(config.sensitivity, base, latency), only=only)
     finally:
         ex.close()
+
+
+def verify_boundary(config: AllocationConfig, runner: Runner, base, ctx, val, reference, cost_shapes, table,
+                    target, steps) -> bool:
+    """With the proxy: the approximate rows (prune's zeroing, scaled activation losses) among the
+    greedy steps nearest the one whose estimate meets the target (``BOUNDARY`` of them) measured end
+    to end by their passes, replacing the proxy's rows in ``table``; True when rows changed (the
+    greedy order must be redone). The proxy's and the measured losses go to ``table.info``."""
+    if table.info.get("mode") != "proxy" or not steps:
+        return False
+    cross = next((i for i, st in enumerate(steps) if st["estimated"] <= target.absolute), len(steps) - 1)
+    approx = [i for i, st in enumerate(steps) if st["row"].get("proxy")]
+    near = sorted(approx, key=lambda i: (abs(i - cross), i))[:BOUNDARY]
+    keys = {f"{steps[i]['row']['pass']}:{steps[i]['row']['unit']}@{steps[i]['row']['strength']:g}" for i in near}
+    if not keys:
+        return False
+    measured = measure_table(config, runner, base, ctx, val, reference, cost_shapes, False, only=keys)
+    new = {(r["pass"], r["unit"], r["strength"]): r for r in measured.rows}
+    pairs = []
+    for i, r in enumerate(table.rows):
+        m = new.get((r["pass"], r["unit"], r["strength"]))
+        if m is not None:
+            pairs.append({"pass": r["pass"], "unit": r["unit"], "strength": r["strength"], "proxy": r.get("proxy"),
+                          "proxy_loss": r["loss"], "loss": m["loss"]})
+            table.rows[i] = {**m, "proxy_loss": r["loss"]}
+    table.info["boundary"] = {"verified": len(pairs), "seconds": measured.info.get("seconds"), "rows": pairs}
+    return True
 
 
 @dataclass
@@ -225,6 +261,7 @@ class Trials:
                           self.user, config.seed, str(config.budget), getattr(config.metric, "__qualname__", None),
                           cost_shapes)
         self.metric = config.budget.metric if config.budget is not None else "cosine"
+        self.one_blas_thread = table.info.get("mode") == "proxy"  # proxy.one_blas_thread
 
     def chosen_of(self, n) -> dict:
         """{(pass, unit): strength} of trial ``n``."""
@@ -248,7 +285,8 @@ class Trials:
             self.log(t, cached=True)
             return t
         tv = time.perf_counter()
-        current, recs = self.run_chain(chosen)
+        with one_blas_thread(self.one_blas_thread):
+            current, recs = self.run_chain(chosen)
         scores = self.runner.verify(current)
         if recs and recs[-1].status != NOT_APPLICABLE:
             recs[-1].fidelity = dict(scores)  # the chain's steps are checked runnable; the end is measured
@@ -335,15 +373,31 @@ def search(trials: Trials) -> None:
         r = trials.verify(n)
     if not r["budget_ok"]:
         lo, hi = 0, n
+        split = _loss_split(steps, table) if table.info.get("mode") == "proxy" else None
         for _ in range(MAX_BISECT):
             if hi - lo <= 1:
                 break
-            mid = (lo + hi) // 2
+            mid = split(lo, hi) if split is not None else (lo + hi) // 2
             if trials.verify(mid)["budget_ok"]:
                 lo = mid
             else:
                 hi = mid
         trials.verify(lo)
+
+
+def _loss_split(steps: list, table):
+    """``split(lo, hi)``: the prefix between lo and hi where the estimated loss (the chosen rows'
+    losses summed) is half-way between theirs. The greedy order puts the cheap losses first, so the
+    middle step holds far less than half the loss; on a large model, where each verification runs
+    the passes for minutes, halving the loss finds the budget's edge in fewer trials."""
+    rows = {(r["pass"], r["unit"], r["strength"]): r for r in table.rows}
+    cum = [0.0] + [sum(rows[(p, u, s)]["loss"] for (p, u), s in st["chosen"].items()) for st in steps]
+
+    def split(lo, hi):
+        half = (cum[lo] + cum[hi]) / 2
+        mid = next((i for i in range(lo + 1, hi) if cum[i] >= half), (lo + hi) // 2)
+        return min(max(mid, lo + 1), hi - 1)
+    return split
 
 
 def describe_result(trials: Trials, best, config: AllocationConfig) -> None:
@@ -385,6 +439,8 @@ def allocate(runner: Runner, config: AllocationConfig, base: onnx.ModelProto, ct
     latency = "latency_ms" in [k for k, _ in config.targets]
     table = measure_table(config, runner, base, ctx, val, reference, cost_shapes, latency)
     target, steps = greedy_choice(config, table, original, feeds, report.before)
+    if verify_boundary(config, runner, base, ctx, val, reference, cost_shapes, table, target, steps):
+        target, steps = greedy_choice(config, table, original, feeds, report.before)
     alloc = report.allocation
     alloc.update({"target": target.info,
                   "passes": config.names, "sensitivity": table.info, "base_cost": table.base_cost,
@@ -437,66 +493,87 @@ def _add_combined(table, absolute: dict) -> None:
 
 def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cache, vkey, pass_name=None):
     """The chosen configuration with the units of ``pass_name`` (default: the pass whose knob is the
-    closure, ``Knob.closure``: quantize) raised to full strength as well (QDQ int8: the ones at
-    strength 0.5, int8 weights with float activations, or not chosen at all), kept when it keeps the
-    budget, meets the target *and* measures faster (interleaved, one thread). First all of them;
-    when that breaks the budget, the longest prefix of them by marginal loss per MAC (loss at 1
-    minus loss at the unit's chosen strength, over the layer's MACs: compute-heavy, harmless units
-    first) that keeps it, by bisection. A unit quantized among float neighbours pays Q/DQ
-    conversions at both ends, so only the timing decides; the size target alone never asks for it."""
+    closure, ``Knob.closure``: quantize) raised to a stronger strength together, for each of the
+    knob's ``closure_strengths`` (quantize: QDQ int8, then dynamic int8 for its MatMul units), kept
+    when it keeps the budget, meets the target *and* measures faster (interleaved, one thread).
+    Per strength s, first every unit below s that has a measured row at s; when that breaks the
+    budget, the longest prefix of them by marginal loss per MAC (loss at s minus loss at the unit's
+    chosen strength, over the layer's MACs: compute-heavy, harmless units first) that keeps it, by
+    bisection. The variants are timed in turn against the configuration kept so far, so the
+    fastest clearly faster one wins. A unit quantized among float neighbours pays Q/DQ conversions
+    at both ends, so only the timing decides; the size target alone never asks for it."""
     pass_name = pass_name or next(name for name, knob in knobs().items() if knob.closure)
+    log: list = []
+    variants = [lab for s in knobs()[pass_name].closure_strengths
+                for lab in [_closure_variant(best, chosen, table, extra, verify, kind, pass_name, s, log)] if lab]
+    if not variants:
+        if log:
+            alloc["closure"] = "; ".join(log)
+        return best
+    kept, kept_chosen = best, chosen
+    for label in variants:
+        # the timing decides once; its verdict is cached with the trials so a rerun makes the same choice
+        key = digest(vkey, "closure-3", sorted((p, u, sv) for (p, u), sv in kept_chosen.items()),
+                     sorted((p, u, sv) for (p, u), sv in extra[label].items()))
+        hit = cache.get(key)
+        was_cached = hit is not None
+        if hit is None:
+            a, b = verify(kept["n"], materialize=True), verify(label, materialize=True)
+            hit = speed_verdict(a["model"], b["model"], feeds)
+            cache.put(key, hit)
+        raised = sum(1 for pu, sv in extra[label].items() if pu[0] == pass_name and kept_chosen.get(pu) != sv)
+        log.append(f"{label} ({raised} units raised to int8): {hit['ms'][1]:.2f} ms vs {hit['ms'][0]:.2f} ms for "
+                   f"{kept['n']}, speed-up {hit['speedup']:.3f}x, 95 % interval {hit['interval'][0]:.3f}-"
+                   f"{hit['interval'][1]:.3f} (interleaved, 1 thread; kept when clearly faster: the "
+                   f"interval above {CLEAR_MARGIN:g}x){' (cached)' if was_cached else ''}")
+        # clearly faster by a margin: a tie within timing noise (a tiny model) must not flip the decision
+        if hit["faster"]:
+            kept, kept_chosen = verify(label), extra[label]
+    alloc["closure"] = "; ".join(log)
+    return kept
+
+
+def _closure_variant(best, chosen, table, extra, verify, kind, pass_name, strength, log) -> str | None:
+    """The label of the closure's configuration at ``strength`` that keeps the budget and meets the
+    target (``quantize_closure``), or None."""
     rows = {(r["unit"], r["strength"]): r for r in table.rows if r["pass"] == pass_name}
     have = {u: s for (p, u), s in chosen.items() if p == pass_name}
-    rest = sorted({u for (u, s), r in rows.items() if s >= 1.0 and math.isfinite(r.get("loss", math.inf))
-                   and (r["saving"].get(kind) or 0) > 0} - {u for u, s in have.items() if s >= 1.0})
+    rest = sorted({u for (u, s), r in rows.items() if s == strength and math.isfinite(r.get("loss", math.inf))
+                   and (r["saving"].get(kind) or 0) > 0} - {u for u, s in have.items() if s >= strength})
     if not rest:
-        return best
+        return None
 
     def marginal(u):
         now = rows.get((u, have[u])) if u in have else None
         base = now["loss"] if now is not None and math.isfinite(now.get("loss", math.inf)) else 0.0
         macs = (table.layer_cost.get(u) or {}).get("macs") or 1
-        return max(rows[(u, 1.0)]["loss"] - base, 0.0) / macs
+        return max(rows[(u, strength)]["loss"] - base, 0.0) / macs
 
     rest.sort(key=lambda u: (marginal(u), u))
+    tag = "q" if strength >= 1.0 else f"s{strength:g}:"
 
     def trial(k):
-        label = f"{best['n']}+q{k}"
+        label = f"{best['n']}+{tag}{k}"
         if label not in extra:
-            extra[label] = {**chosen, **{(pass_name, u): 1.0 for u in rest[:k]}}
+            extra[label] = {**chosen, **{(pass_name, u): strength for u in rest[:k]}}
         return label, verify(label)
 
     label, t = trial(len(rest))
-    log = [f"{label}: cosine-budget {'kept' if t['budget_ok'] else 'broken'}"]
-    if not (t["budget_ok"] and t["target_met"]):
-        lo, hi = 0, len(rest)
-        for _ in range(MAX_BISECT - 1):
-            if hi - lo <= 1:
-                break
-            mid = (lo + hi) // 2
-            lab, tm = trial(mid)
-            log.append(f"{lab}: budget {'kept' if tm['budget_ok'] else 'broken'}")
-            lo, hi = (mid, hi) if (tm["budget_ok"] and tm["target_met"]) else (lo, mid)
-        if lo == 0:
-            alloc["closure"] = "; ".join(log) + f"; no prefix keeps the budget: kept {best['n']}"
-            return best
-        label, t = trial(lo)
-    # the timing decides once; its verdict is cached with the trials so a rerun makes the same choice
-    key = digest(vkey, "closure-2", sorted(map(list, chosen)), sorted(map(list, extra[label])))
-    hit = cache.get(key)
-    was_cached = hit is not None
-    if hit is None:
-        a, b = verify(best["n"], materialize=True), verify(label, materialize=True)
-        hit = speed_verdict(a["model"], b["model"], feeds)
-        cache.put(key, hit)
-    raised = sum(1 for u in rest if extra[label].get((pass_name, u)) == 1.0)
-    log.append(f"{label} ({raised} units raised to int8): {hit['ms'][1]:.2f} ms vs {hit['ms'][0]:.2f} ms for "
-               f"{best['n']}, speed-up {hit['speedup']:.3f}x, 95 % interval {hit['interval'][0]:.3f}-"
-               f"{hit['interval'][1]:.3f} (interleaved, 1 thread; kept when clearly faster: the "
-               f"interval above {CLEAR_MARGIN:g}x){' (cached)' if was_cached else ''}")
-    alloc["closure"] = "; ".join(log)
-    # clearly faster by a margin: a tie within timing noise (a tiny model) must not flip the decision
-    return verify(label) if hit["faster"] else best
+    log.append(f"{label}: budget {'kept' if t['budget_ok'] else 'broken'}")
+    if t["budget_ok"] and t["target_met"]:
+        return label
+    lo, hi = 0, len(rest)
+    for _ in range(MAX_BISECT - 1):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        lab, tm = trial(mid)
+        log.append(f"{lab}: budget {'kept' if tm['budget_ok'] else 'broken'}")
+        lo, hi = (mid, hi) if (tm["budget_ok"] and tm["target_met"]) else (lo, mid)
+    if lo == 0:
+        log.append(f"no prefix at strength {strength:g} keeps the budget")
+        return None
+    return trial(lo)[0]
 
 
 def speed_verdict(model_a, model_b, feeds) -> dict:

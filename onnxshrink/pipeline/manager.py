@@ -118,6 +118,7 @@ class PassManager:
         self.cache = settings.cache
         self.sensitivity_samples = settings.sensitivity_samples
         self.max_units = settings.max_units
+        self.sensitivity = settings.sensitivity
         self.plot = settings.plot
         self.speed = speed_policy(settings.speed)
         self.enforce_speed = settings.enforce_speed
@@ -539,7 +540,8 @@ class PassManager:
         return AllocationConfig(targets=list(self.cost_targets), passes=self.passes, budget=self.budget,
                                 baseline=self.baseline, metric=self.metric, seed=self.seed, executor=self.executor,
                                 workers=self.workers, cache=self.cache, sensitivity_samples=self.sensitivity_samples,
-                                max_units=self.max_units, plot=self.plot, progress=self.progress)
+                                max_units=self.max_units, sensitivity=self.sensitivity, plot=self.plot,
+                                progress=self.progress)
 
     def allocation_runner(self, ctx: Context, val, reference, cost_shapes) -> Runner:
         """The allocation's view of this run: a pass step validated as runnable, the end-to-end

@@ -14,9 +14,10 @@ merges them with the user's options of the pass):
             (``passes/svd/knob.py``).
   quantize  a Conv / ConvTranspose / Gemm / MatMul node (with the factor pair svd made of it):
             strength 0.5 = its weights stored int8 with float activations (``quantize.fallback=int8``:
-            a quarter of the bytes at float speed), 1 = QDQ int8 (integer kernels); nodes below 1 go
-            to ``quantize.exclude``, nodes not chosen at all also to ``quantize.float_weights``
-            (``passes/quantize/knob.py``).
+            a quarter of the bytes at float speed), 0.75 = dynamic int8 (MatMul/Gemm with a 2-D
+            weight: ``quantize.dynamic_nodes``), 1 = QDQ int8 (integer kernels); nodes below 1 and not
+            dynamic go to ``quantize.exclude``, nodes not chosen at all also to
+            ``quantize.float_weights`` (``passes/quantize/knob.py``).
 
 Measurement of one (unit, strength): the pass applied to the base model with only that unit at
 that strength, then on the validation samples, against the ORIGINAL model's outputs,
@@ -26,6 +27,10 @@ that strength, then on the validation samples, against the ORIGINAL model's outp
            the small terms ranking units a discrete metric (accuracy) cannot tell apart;
   saving = cost(base) - cost(candidate) for parameters, weight bytes, MACs and (optionally)
            measured single-thread latency on onnxruntime's CPU EP.
+
+On large models (``proxy.use_proxy``) the rows come from ``proxy.py`` instead: one capture, local
+errors times per-layer gains measured through one shared session (approximate rows say so in
+``row["proxy"]``).
 
 Each measurement is a pure function of (model bytes, data, metric, pass, unit, strength, pass
 options) and is cached on disk under the sha256 of exactly that (``cache.MeasurementCache``), so a
@@ -68,9 +73,11 @@ from onnxshrink.passes.base import Context
 from onnxshrink.passes.knob import LAYER_OPS, weighted_nodes
 from onnxshrink.passes.registry import create_pass, registry
 from onnxshrink.pipeline.executor import SerialExecutor
+from onnxshrink.pipeline.proxy import one_blas_thread, proxy_rows
 from onnxshrink.runtime import make_session, measure_latency
 
 VERSION = "sens-2"  # sens-2: the knobs' per-unit options are typed (dicts, not strings)
+PROXY_VERSION = "proxy-2"  # proxy-2: rows without a usable gain are measured
 COST_KINDS = ("params", "weight_bytes", "macs", "latency_ms")
 
 
@@ -128,9 +135,10 @@ def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
 class SensitivityData:
     """What a measurement needs besides the model, picklable: samples, reference, labels, metric."""
 
-    def __init__(self, calib, val, reference, labels, budget, user_metric, shapes, seed):
+    def __init__(self, calib, val, reference, labels, budget, user_metric, shapes, seed, one_blas_thread=False):
         self.calib, self.val, self.reference, self.labels = calib, val, reference, labels
         self.budget, self.user_metric, self.shapes, self.seed = budget, user_metric, shapes, seed
+        self.one_blas_thread = one_blas_thread  # the proxy mode's measurements (proxy.one_blas_thread)
 
     def context(self, template):
         calib = ListSource(self.calib, description=f"{len(self.calib)} sensitivity samples")
@@ -183,7 +191,8 @@ def measure_task(task: tuple) -> dict:
     t0 = time.perf_counter()
     try:
         ctx = data.context(model)
-        cand, reason = apply_pass(model, pass_name, options, ctx)
+        with one_blas_thread(getattr(data, "one_blas_thread", False)):
+            cand, reason = apply_pass(model, pass_name, options, ctx)
         if cand is model:
             return {"unchanged": True, "reason": reason,
                     "seconds": time.perf_counter() - t0}
@@ -215,9 +224,11 @@ class SensitivityTable:
 
 def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityData, budget, cache=None, executor=None,
                         latency: bool = False, user_options: dict | None = None, progress=None,
-                        max_units: int = 0) -> SensitivityTable:
+                        max_units: int = 0, proxy: bool = False, only: set | None = None) -> SensitivityTable:
     """Measure every (unit, strength) of the knobs of ``passes`` on ``model`` (see the module
-    docstring); cached measurements are read, the others run through ``executor``."""
+    docstring); cached measurements are read, the others run through ``executor``. ``proxy``: the
+    ones not cached from a measurement come from ``proxy.proxy_rows`` where the knob has a proxy
+    (cached too, under their own key); ``only``: just these choices (``Choice.key()``)."""
     t0 = time.perf_counter()
     cache = cache if cache is not None else MeasurementCache(enabled=False)
     user_options = user_options or {}
@@ -243,13 +254,29 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
             excluded = set(user_options.get(pname, {}).get(knob.exclude_option) or [])
             units = [u for u in units if u[0] not in excluded]
         for unit, _size in units:
-            for s in knob.strengths:
+            for s in knob.unit_strengths(model, unit):
                 opts = knob.merge({**user_options.get(pname, {}), **knob.probe}, knob.options(model, {unit: s}))
                 key = digest(VERSION, mkey, dkey, pname, unit, s, opts, latency)
+                if only is not None and Choice(pname, unit, s).key() not in only:
+                    continue
                 tasks.append(opts)
                 keys.append(key)
                 meta.append(Choice(pname, unit, s))
     results: list = [cache.get(k) for k in keys]
+    proxy_info = None
+    if proxy:
+        pkeys = {i: digest(PROXY_VERSION, k) for i, k in enumerate(keys) if results[i] is None}
+        for i, pk in pkeys.items():
+            results[i] = cache.get(pk)
+        wanted = [i for i in pkeys if results[i] is None]
+        if wanted:
+            got, proxy_info = proxy_rows(model, [(meta[i], pass_knobs[meta[i].pass_name]) for i in wanted], data,
+                                         lambda sc: loss_of(sc, base_scores, budget))
+            for i in wanted:
+                r = got.get(meta[i].key())
+                if r is not None:
+                    results[i] = r
+                    cache.put(pkeys[i], r)
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
         ex = executor or SerialExecutor()
@@ -280,7 +307,9 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
     rows = []
     for i, (c, r) in enumerate(zip(meta, results)):
         row = {"pass": c.pass_name, "unit": c.unit, "strength": c.strength, "cached": i not in measured}
-        if "scores" in r:
+        if "proxy" in r:
+            row.update(loss=r["loss"], saving={k: r["saving"].get(k) for k in COST_KINDS}, proxy=r["proxy"])
+        elif "scores" in r:
             saving = {k: (base_cost[k] - r["cost"][k]) if base_cost.get(k) is not None and r["cost"].get(k) is not None
                       else None for k in COST_KINDS}
             row.update(loss=loss_of(r["scores"], base_scores, budget), saving=saving,
@@ -290,6 +319,8 @@ def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityD
             row.update(loss=math.inf, saving={}, skipped=r.get("error") or r.get("reason"))
         rows.append(row)
     info = {"measured": len(todo), "cached": len(keys) - len(todo), "candidates": len(keys),
+            "mode": "proxy" if proxy else "measured", "proxied": sum(1 for r in rows if r.get("proxy")),
+            **({"proxy": proxy_info} if proxy_info else {}),
             "executor": (executor.name if executor is not None else "serial") if todo else "none (all cached)",
             "seconds": round(time.perf_counter() - t0, 2), "samples": {"calibration": len(data.calib),
                                                                         "validation": len(data.val)}}

@@ -115,6 +115,12 @@ class Settings:
     max_units: int = setting(0, "Measure only the N largest prune and svd units (large models; quantize units are "
                              "all measured; default: all).", flags=("--max-units",), kind="int",
                              recipe="max_units", parse=optional_int)
+    sensitivity: str = setting("auto", "How the allocation's sensitivity table is made: measured (every unit at "
+                               "every strength by its pass, end to end), proxy (weight changes from one capture "
+                               "through one shared session, the approximate rows near the decision measured), "
+                               "auto (proxy from 8 MiB of weights, unless a latency target).",
+                               flags=("--sensitivity",), kind="choice", recipe="sensitivity",
+                               choices=("auto", "measured", "proxy"))
     speed: str | None = setting(
         None, "The speed contract of the cpu target: never-slower (default) times the result against the input "
         "and rolls back, pass by pass from the last lossy one, what makes it clearly slower (exit 4 if that is not "

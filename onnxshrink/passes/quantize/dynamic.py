@@ -57,14 +57,23 @@ def matmul_share(model: onnx.ModelProto, input_shapes: dict | None = None) -> fl
     return sum(m for name, m in cost["per_node"].items() if name in weighted) / total
 
 
-def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None) -> onnx.ModelProto:
+def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None,
+                     include: list | None = None) -> onnx.ModelProto:
     """onnxruntime's ``quantize_dynamic`` (int8 weights, uint8 activations quantized at run time) of
-    the MatMul and Attention nodes of ``model``, after Gemm with constant weights became MatMul."""
+    the MatMul and Attention nodes of ``model``, after Gemm with constant weights became MatMul;
+    with ``include``, of those nodes only (a Gemm by its own name)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = model_to_graph(model)
+    gemms = {n.name for n in graph.nodes if n.op == "Gemm"}
     if gemm_to_matmul(graph, constant_weights_only=True):
         graph.cleanup().toposort()
+    names = {n.name for n in graph.nodes}
+    # gemm_to_matmul names the MatMul of Gemm G "G_matmul"
+    only = None if include is None else [n + "_matmul" if n in gemms and n + "_matmul" in names else n
+                                         for n in include]
+    if only is not None and not only:  # the tool reads an empty list as "every node"
+        return model
     root = logging.getLogger()  # the tool logs "consider pre-processing" on the root logger
     level = root.level
     root.setLevel(logging.ERROR)
@@ -73,7 +82,7 @@ def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None) -> onn
             out = Path(d) / "dynamic.onnx"
             quantize_dynamic(graph_to_model(graph, model), out, op_types_to_quantize=list(DYNAMIC_OPS),
                              per_channel=False, reduce_range=False, weight_type=QuantType.QInt8,
-                             nodes_to_exclude=list(exclude or []))
+                             nodes_to_exclude=list(exclude or []), nodes_to_quantize=only)
             return onnx.load(str(out))
     finally:  # the caller's logging as it was
         root.setLevel(level)

@@ -113,6 +113,9 @@ class QuantizeOptions:
                 "passes/quantize/dynamic.py); auto: tried first on models whose MACs are mostly in MatMul/Gemm "
                 "(transformers) with the guard on and the cpu target, kept when it holds the fidelity floor "
                 "and is clearly faster than fp32"})
+    dynamic_nodes: list[str] = field(default_factory=list, metadata={
+        "help": "MatMul/Gemm nodes quantized dynamically (int8 weights, activations quantized at run time), the "
+                "others as the remaining options say (the allocation's per-node choice; dynamic.py)"})
     bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
     max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
@@ -167,6 +170,9 @@ class QuantizePass(Pass):
         o = self.options
         trial: dict = {}
         on_cpu = ctx.target is None or ctx.target.name == "cpu"
+        if o.dynamic_nodes and o.weights_only == "off":
+            refuse_quantized(graph)
+            return self._per_node_dynamic(graph, ctx)
         if o.weights_only == "off" and (o.dynamic == "on" or (o.dynamic == "auto" and o.guard and on_cpu)):
             refuse_quantized(graph)
             dynamic = self._dynamic(graph, ctx, trial)
@@ -212,6 +218,27 @@ class QuantizePass(Pass):
             return None
         note = "dynamic int8 MatMul (activations quantized at run time)" + (
             f": {trial['reason']}" if trial.get("reason") else "")
+        return PassResult(model_to_graph(qm), True, stats, note=note)
+
+    def _per_node_dynamic(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        """``dynamic_nodes``: the other nodes first as the remaining options say (static QDQ, int8 or float
+        weights, with the dynamic nodes kept float with float weights), then the dynamic nodes by
+        onnxruntime's ``quantize_dynamic`` restricted to them (``dynamic.dynamic_quantize``)."""
+        o = self.options
+        dyn = sorted(set(o.dynamic_nodes) - set(o.exclude))
+        rest = dataclasses.replace(o, dynamic_nodes=[], dynamic="off", exclude=sorted(set(o.exclude) | set(dyn)),
+                                   float_weights=sorted(set(o.float_weights) | set(dyn)))
+        done = quantize_static(graph, rest, ctx)
+        self.planned_units = done.weighted_units
+        stats = done.stats
+        g = done.result.graph if done.result.modified else graph
+        qm = dynamic_quantize(ctx.to_model(g), include=dyn)
+        stats["dynamic_matmuls"] = sum(1 for n in qm.graph.node
+                                       if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
+        if not stats["dynamic_matmuls"] and not done.result.modified:
+            return PassResult(graph, False, stats, reason="no node to quantize")
+        note = f"{stats['dynamic_matmuls']} MatMul dynamic int8 (activations quantized at run time)" + (
+            f"; {done.result.note}" if done.result.note else "")
         return PassResult(model_to_graph(qm), True, stats, note=note)
 
     def _wider_activations(self, run8: QuantizeRun, model, ctx: Context, wide: str) -> QuantizeRun:

@@ -1,0 +1,51 @@
+"""The allocation on transformers at ViT-S width and on PP-OCRv4 rec (slow; run with ``-m slow``):
+issue 17's allocated pipeline against ``cleanup,quantize`` alone. No timing is asserted (the
+speed figures are benchmarks/pipelines_bench.py's); the test checks what makes the result fast on
+this CPU: the MatMuls run dynamic int8 kernels, as quantization alone picks on these models."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.build import demo_samples, vit_encoder
+from onnxshrink.graph.cost import model_stats
+from onnxshrink.metrics import fidelity
+from onnxshrink.pipeline.manager import optimize
+from tests.helpers import check, run_ort
+
+pytestmark = pytest.mark.slow
+PASSES = ["cleanup", "prune", "svd", "quantize"]
+
+
+def _held_out_cosine(model, out, samples):
+    ref = [run_ort(model, s) for s in samples]
+    return fidelity(ref, [run_ort(out, s) for s in samples])
+
+
+def test_vit_s_width_allocated_is_smaller_than_quantization_and_holds_on_unseen_photos():
+    model = vit_encoder(depth=4, dim=384, heads=6, hw=64, patch=8)
+    data = [{"pixel_values": x} for x in demo_samples(40, seed=0, hw=64)]
+    unseen = [{"pixel_values": x} for x in demo_samples(16, seed=1, hw=64)]
+    q, _ = optimize(model, passes=["cleanup", "quantize"], data=data, budget="cosine>=0.99")
+    a, rep = optimize(model, passes=PASSES, data=data, budget="cosine>=0.99", target_size=0.2)
+    check(a)
+    assert rep.allocation["sensitivity"]["mode"] == "proxy"
+    size = model_stats(a)["weight_bytes"] / model_stats(model)["weight_bytes"]
+    assert size <= 0.2 and model_stats(a)["weight_bytes"] < model_stats(q)["weight_bytes"]
+    ops = [n.op_type for n in a.graph.node]
+    assert sum(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops) >= 20
+    assert _held_out_cosine(model, a, unseen)["cosine"] >= 0.99
+
+
+def test_ppocr_rec_allocated_at_0_15_is_valid_and_holds_on_unseen_lines(real_model_path):
+    import onnx
+
+    from models.real import real_samples
+
+    model = onnx.load(str(real_model_path("ppocr_rec")))
+    data, unseen = real_samples("ppocr_rec", 40, seed=0), real_samples("ppocr_rec", 16, seed=1)
+    a, rep = optimize(model, passes=PASSES, data=data, budget="cosine>=0.99", target_size=0.15)
+    check(a)
+    assert rep.allocation["sensitivity"]["mode"] == "proxy"
+    assert rep.after["weight_bytes"] <= 0.15 * rep.before["weight_bytes"]
+    assert _held_out_cosine(model, a, unseen)["cosine"] >= 0.99
