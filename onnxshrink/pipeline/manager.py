@@ -648,7 +648,7 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
             report.target_report["ort_format"] = {"path": str(ort_path), "optimization_style": style}
         if pm.target is not None and pm.target.context:  # --target qnn+context: the compiled HTP context beside OUT
             try:
-                info = report.target_report["context"] = save_qnn_context(output)
+                info = report.target_report["context"] = save_qnn_context(output, htp_arch=pm.target.htp_arch)
                 if not info["ok"]:
                     raise BudgetError(f"target qnn+context: {info['error']} (nothing written)", report)
             except BaseException:  # all or nothing: no OUT without the context the user asked for

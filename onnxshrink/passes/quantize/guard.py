@@ -6,7 +6,8 @@
 - Keep-float search: when the plan misses the floor, integer elementwise ops go first (each one
   requantizes; without them each conv input is rounded once), then the most sensitive units
   (``unit_analysis.py``) are kept in float, 1, 2, 4, ... of them, up to ``max_float_fraction`` of the
-  units without a budget; the first plan that holds is kept, else the best cosine.
+  units without a budget; the first plan that holds is kept, else the best cosine. Not with the
+  every-op placement (a device without a float unit): nothing can be kept float there.
 - Speed: with ``guard`` and no target other than ``cpu`` (this machine's speed says nothing about an
   NPU or an ARM core), the quantized and float models are compared by ``runtime.compare_speed``
   (one thread, interleaved rounds, the median ratio with a ~95 % interval); for ``openvino``, which
@@ -117,7 +118,7 @@ class QuantizeGuard:
         fid = check.measure(start.graph)
         tried = [(fid, start)]
         log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
-        if not check.holds(fid) and rules.elementwise:
+        if not check.holds(fid) and rules.elementwise and not rules.every_op:
             # every integer elementwise op requantizes; without them each conv input is rounded once
             no_elementwise = dataclasses.replace(rules, elementwise=False)
             p_e = self._placement(base_ex, no_elementwise)
@@ -126,11 +127,13 @@ class QuantizeGuard:
             if fid_e.get("cosine", 0.0) > fid.get("cosine", 0.0):
                 fid, rules = fid_e, no_elementwise
                 tried.append((fid, dataclasses.replace(p_e, excluded=start.excluded)))
-        if not check.holds(fid) and order is None:
+        if not check.holds(fid) and order is None and not rules.every_op:
             order = self.analysis.order()
         order = order or []
         cap = len(order) if self.ctx.budget is not None else \
             max(1, math.ceil(self.o.max_float_fraction * len(order)))
+        if rules.every_op:
+            cap = 0  # a device without a float unit: no unit is kept float
         k = 1
         while not check.holds(fid) and order and k <= min(cap, len(order)):
             p_k = self._placement(base_ex | set(order[:k]), rules)

@@ -165,10 +165,15 @@ class QdqBuilder:
                 qtensors.extend(t.name for t in node.outputs if t.name in params)
             else:
                 qtensors.append(u.output)
+        graph_out = {t.name for t in g.outputs}
         for tname in dict.fromkeys(qtensors):
             t = tmap[tname]
+            final = None
+            if tname in graph_out and t.inputs:
+                # a quantized graph output (every-op placement): op -> t_float -> Q -> DQ -> t (name kept)
+                final, t = t, self._rename_output(t)
             consumers = [c for c in list(t.outputs) if not self.inputs_only or c.name in int_consumers]
-            if not consumers:
+            if not consumers and final is None:
                 continue
             s_c, z_c = qparams(tname)
             tq = gs.Variable(tname + "_quantized", dtype=act_np, shape=t.shape)
@@ -190,6 +195,9 @@ class QdqBuilder:
                 for i, inp in enumerate(c.inputs):
                     if inp is t:
                         c.inputs[i] = dq_out
+            if final is not None:
+                g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear_output",
+                                       inputs=[tq, s_c, z_c], outputs=[final], domain=domain))
         # weights, bias and constant operands
         for u in units.values():
             node = nodes[u.node]
@@ -197,10 +205,23 @@ class QdqBuilder:
                 self._quantize_weights(g, node, u, params, (bias_shift or {}).get(u.node))
             elif u.kind == "elementwise":
                 for i, t in enumerate(node.inputs):
-                    if isinstance(t, gs.Constant):
+                    if isinstance(t, gs.Constant) and (u.const_inputs is None or i in u.const_inputs):
                         node.inputs[i] = self._const_dq(g, t, f"{u.node}_in{i}")
         g.cleanup().toposort()
         return g
+
+    @staticmethod
+    def _rename_output(t: gs.Variable) -> gs.Variable:
+        """The graph output ``t``'s producer writes ``t + "_float"`` instead, which every consumer of ``t`` now
+        reads; ``t`` is left without producer (the caller's final DequantizeLinear writes it)."""
+        pre = gs.Variable(t.name + "_float", dtype=t.dtype, shape=t.shape)
+        for c in list(t.outputs):
+            for i, inp in enumerate(c.inputs):
+                if inp is t:
+                    c.inputs[i] = pre
+        producer = t.inputs[0]
+        producer.outputs[list(producer.outputs).index(t)] = pre
+        return pre
 
     def _const_dq(self, g: gs.Graph, t: gs.Constant, name: str) -> gs.Variable:
         sch = self.scheme
@@ -233,7 +254,7 @@ class QdqBuilder:
         b = None
         if len(node.inputs) > bias_idx and node.inputs[bias_idx].name:
             b = np.asarray(node.inputs[bias_idx].values).astype(np.float32).reshape(-1)
-        if shift is not None and node.op in ("Conv", "Gemm"):  # MatMul has no bias to carry it
+        if shift is not None and node.op in ("Conv", "ConvTranspose", "Gemm"):  # MatMul has no bias to carry it
             b = (np.zeros(len(shift), np.float32) if b is None else b) - shift.astype(np.float32)
         if b is None:
             return

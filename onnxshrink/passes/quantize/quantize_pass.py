@@ -49,6 +49,7 @@ from onnxshrink.passes.quantize.knob import QuantizeKnob
 from onnxshrink.passes.quantize.plan import (
     WEIGHTED_OPS,
     PlacementRules,
+    float_activations,
     has_float_weights,
     plan_units,
     refuse_quantized,
@@ -146,9 +147,12 @@ class QuantizePass(Pass):
         # nothing to quantize, so weaker() stops below it. The manager calls weaker() right after a
         # run on the same graph and gives it no graph, so the count comes from that run.
         self.planned_units: int | None = None
+        self.integer_only = False  # the last run's target has no float unit (QNN HTP before v73)
 
     def weaker(self):
         o = self.options
+        if self.integer_only:
+            return None  # a device without a float unit: no unit can be kept float
         nxt = max(1, 2 * o.keep_float)
         if self.planned_units is not None and nxt >= self.planned_units:
             return None
@@ -160,6 +164,7 @@ class QuantizePass(Pass):
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         o = self.options
         trial: dict = {}
+        self.integer_only = bool(getattr(ctx.target, "integer_only", False))
         on_cpu = ctx.target is None or ctx.target.name == "cpu"
         if o.weights_only == "off" and (o.dynamic == "on" or (o.dynamic == "auto" and o.guard and on_cpu)):
             refuse_quantized(graph)
@@ -287,9 +292,15 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     def float_result(why: str) -> PassResult:
         return fallback.float_result(graph, pre_opset if pre_opset is not None else gs.import_onnx(model_f), why)
 
-    # a target reading Q/DQ only at the inputs of integer ops (OpenVINO) gets no integer elementwise units
+    # a target reading Q/DQ only at the inputs of integer ops (OpenVINO) gets no integer elementwise units;
+    # a device without a float unit (QNN HTP before v73) gets every op between Q/DQ
     inputs_only = getattr(ctx.target, "qdq_placement", "fused") == "inputs"
-    rules = PlacementRules(o.elementwise and not inputs_only, o.matmul_activations, o.fold_activations)
+    integer_only = bool(getattr(ctx.target, "integer_only", False))
+    rules = PlacementRules(o.elementwise and not inputs_only, o.matmul_activations, o.fold_activations,
+                           float_tensors=float_activations(model_f) if integer_only else None)
+    if integer_only:
+        stats["placement"] = (f"every op between Q/DQ (HTP v{ctx.target.htp_arch} has no float unit); "
+                              f"no unit is kept float")
     excluded = set(o.exclude)
     units, reasons = plan_units(graph, excluded, rules)
     if not any(u.kind == "weighted" for u in units.values()):
@@ -328,7 +339,7 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     lap("analyse")
     builder.bias_shift = ({k: a["shift"] for k, a in analysed.items()} if o.bias_correction and analysed else None)
     order = analysis.order() if analysed else None
-    if o.keep_float and order:
+    if o.keep_float and order and not integer_only:
         excluded |= set(order[: o.keep_float])
         units, reasons = plan_units(graph, excluded, rules)
     placement = Placement(builder.build(units), units, reasons, excluded)

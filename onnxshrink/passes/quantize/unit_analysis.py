@@ -98,7 +98,7 @@ def analyse_units(builder: QdqBuilder, units: dict, samples: CalibrationSamples,
         for u, a, b in pairs:
             yf, yq = cap[a].astype(np.float64), cap[b].astype(np.float64)
             op = nodes[u.node].op
-            axis = 1 if op == "Conv" else yf.ndim - 1
+            axis = 1 if op in ("Conv", "ConvTranspose") else yf.ndim - 1
             red = tuple(i for i in range(yf.ndim) if i != axis)
             r = acc[u.node]
             r["d"] = r["d"] + (yq - yf).mean(axis=red)
