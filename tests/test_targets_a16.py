@@ -106,7 +106,33 @@ def no_htp(monkeypatch):
                         lambda *a, **k: {"available": False, "reason": "stubbed in this test"})
 
 
-def test_qnn_target_chooses_uint16_when_uint8_misses_the_budget(no_htp):
+def test_qnn_target_runs_the_sensitive_region_at_uint16(no_htp):
+    """conv2 reads conv1's outlier-channel output: at uint8 the plan misses the budget; conv2 (the most
+    sensitive unit) and conv1 (its input's producer) run at uint16, the Sigmoid/Mul tail at uint8, with
+    a DQ(uint16) -> Q(uint8) conversion at the border (what the QNN EP runs as one Convert op)."""
+    out, rep = optimize(wide_range_net(13), passes=["quantize"], data=samples(16, 1), val_data=samples(4, 7),
+                        target="qnn", budget="cosine>=0.99", debug=True)
+    st = rep.passes[0].stats
+    assert st["scheme"]["activations"] == "mixed uint8/uint16" and "activation_choice" not in st
+    assert st["fidelity_search"][0]["cosine"] < 0.99 and st["fidelity_search"][-1]["wide_units"] == 2
+    regions = {r["precision"]: r for r in st["precision_regions"]}
+    assert set(regions["uint16"]["nodes"]) == {"conv1", "conv2"} and "conv2" in regions["uint16"]["why"]
+    assert {"sig", "silu"} <= set(regions["uint8"]["nodes"])
+    zp = {t.name: t.data_type for t in out.graph.initializer}
+    prod = {o: n for n in out.graph.node for o in n.output}
+    converts = [n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in prod and
+                prod[n.input[0]].op_type == "DequantizeLinear"]
+    assert [(zp[prod[q.input[0]].input[2]], zp[q.input[2]]) for q in converts] == [(TP.UINT16, TP.UINT8)]
+    assert rep.fidelity["cosine"] >= 0.99
+    assert set(rep.target_report["scheme"]["activations_in_model"]) == {"uint8", "uint16"}
+    assert rep.target_report["coverage"]["accepted"]
+
+
+def test_qnn_target_chooses_uint16_when_no_region_holds(no_htp, monkeypatch):
+    """With no mixed plan holding (regions stubbed empty: every plan stays 8-bit), the whole model is
+    quantized again A16W8, plain and bias-corrected, and the best holding plan is kept."""
+    from onnxshrink.passes.quantize import guard
+    monkeypatch.setattr(guard, "wide_region", lambda seeds, units: set())
     f = wide_range_net(13)
     out, rep = optimize(f, passes=["quantize"], data=samples(16, 1), val_data=samples(4, 7), target="qnn",
                         budget="cosine>=0.99", debug=True)

@@ -3,6 +3,10 @@
 - Fidelity: against the float model, the manager's evaluator under a budget (``ctx.budget``), else
   the mean cosine on up to 8 calibration samples, whose floor is ``min_cosine`` x the float model's
   own cosine after onnxruntime's optimizations (below 1 on ill-conditioned outputs).
+- Mixed precision (a target that also takes 16-bit activations, QNN HTP, when the builder has a
+  ``wide`` scheme): when the 8-bit plan misses the floor, the 1, 2, 4, ... most sensitive weighted
+  units (``unit_analysis.py``) run at 16 bits with the units producing their inputs (``regions.py``),
+  until the plan holds; the first that holds is kept, before any unit is kept float.
 - Keep-float search: when the plan misses the floor, integer elementwise ops go first (each one
   requantizes; without them each conv input is rounded once), then the most sensitive units
   (``unit_analysis.py``) are kept in float, 1, 2, 4, ... of them, up to ``max_float_fraction`` of the
@@ -36,6 +40,7 @@ from onnxshrink.passes.base import Context
 from onnxshrink.passes.quantize.calibrate import CalibrationSamples
 from onnxshrink.passes.quantize.plan import PlacementRules, plan_units
 from onnxshrink.passes.quantize.qdq import QdqBuilder
+from onnxshrink.passes.quantize.regions import wide_region
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis
 from onnxshrink.runtime import CLEAR_MARGIN, compare_speed, make_session
 from onnxshrink.targets.openvino import openvino_available, openvino_compare_speed
@@ -51,6 +56,7 @@ class Placement:
     units: dict
     reasons: dict
     excluded: set
+    wide: frozenset = frozenset()  # units at the wide (16-bit) precision of a mixed plan
 
 
 class FidelityCheck:
@@ -118,6 +124,8 @@ class QuantizeGuard:
         fid = check.measure(start.graph)
         tried = [(fid, start)]
         log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
+        if not check.holds(fid) and self.builder.wide is not None:
+            fid = self._mixed(start, fid, tried, log)
         if not check.holds(fid) and rules.elementwise and not rules.every_op:
             # every integer elementwise op requantizes; without them each conv input is rounded once
             no_elementwise = dataclasses.replace(rules, elementwise=False)
@@ -148,7 +156,10 @@ class QuantizeGuard:
             f"cosine>={check.floor:.4f}"
         ok = [t for t in tried if check.holds(t[0])]
         fid, chosen = ok[0] if ok else max(tried, key=lambda t: t[0].get("cosine", 0.0))
-        outcome = {"holds": bool(ok), "cosine": fid.get("cosine", 0.0), "kept_float": len(chosen.excluded - base_ex)}
+        # the share of units at 16 bits: all with a 16-bit scheme, the wide units of a mixed plan
+        wide = 1.0 if self.builder.scheme.qmax > 255 else round(len(chosen.wide) / max(len(chosen.units), 1), 4)
+        outcome = {"holds": bool(ok), "cosine": fid.get("cosine", 0.0), "kept_float": len(chosen.excluded - base_ex),
+                   "wide": wide}
         if not self.o.guard:
             return chosen, outcome
         target = getattr(getattr(self.ctx, "target", None), "name", None)
@@ -161,6 +172,31 @@ class QuantizeGuard:
             self.stats["speed_search"] = [{"config": f"skipped: the {target} target is not this CPU"}]
             return chosen, outcome
         return self._speed(chosen, fid, rules, compare_speed, "this CPU"), outcome
+
+    def _mixed(self, start: Placement, fid: dict, tried: list, log: list) -> dict:
+        """The 8-bit plan ``start`` with the 1, 2, 4, ... most sensitive weighted units and their input
+        producers at the builder's wide precision, until one holds the floor (appended to ``tried``);
+        returns the last fidelity measured. The builder is left at 8 bits for the plans after it."""
+        order = self.analysis.order()
+        b = self.builder
+        k = 1
+        while order:
+            wide = wide_region(order[:k], start.units)
+            b.wide_units = wide
+            try:
+                p = Placement(b.build(start.units), start.units, start.reasons, start.excluded, frozenset(wide))
+            finally:
+                b.wide_units = set()
+            fid = self.check.measure(p.graph)
+            tried.append((fid, p))
+            log.append({"keep_float": 0, "wide_seeds": k, "wide_units": len(wide),
+                        "cosine": round(fid.get("cosine", 0.0), 6)})
+            if self.check.holds(fid) or k >= len(order):
+                if self.check.holds(fid):
+                    self.stats["wide_seeds"] = order[:k]
+                break
+            k = min(2 * k, len(order))
+        return fid
 
     def _speed(self, chosen: Placement, fid: dict, rules: PlacementRules, compare=compare_speed,
                where: str = "this CPU") -> Placement:

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
@@ -56,6 +57,7 @@ from onnxshrink.passes.quantize.plan import (
 )
 from onnxshrink.passes.quantize.prepare import prepare_float_graph
 from onnxshrink.passes.quantize.qdq import QdqBuilder, drop_qdq_value_info
+from onnxshrink.passes.quantize.regions import describe_regions
 from onnxshrink.passes.quantize.rounding import round_units
 from onnxshrink.passes.quantize.scheme import choose_scheme, upgrade_opset, use_qdq_domain
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis
@@ -218,10 +220,11 @@ class QuantizePass(Pass):
         fidelity floor or kept units in float to hold it: quantize again with ``wide`` activations,
         plain and with bias correction (with 16-bit activations the int8 weights' rounding is the
         main error left, and its per-channel mean shift is what bias correction removes), and keep
-        the plan that holds the floor with the fewest float units, then the best cosine (ties with
-        the 8-bit plan: 8-bit, half the bandwidth)."""
+        the plan that holds the floor with the fewest float units, then the fewest units at 16 bits
+        (the 8-bit plan may be mixed: ``regions.py``), then the best cosine (ties with the 8-bit plan:
+        8-bit, half the bandwidth)."""
         def rank(o):
-            return (o["holds"], -o["kept_float"], o["cosine"])
+            return (o["holds"], -o["kept_float"], -o.get("wide", 0.0), o["cosine"])
 
         act8 = run8.stats.get("scheme", {}).get("activations")
         cands = {act8: run8}
@@ -235,7 +238,7 @@ class QuantizePass(Pass):
         chosen.result.stats["activation_choice"] = {
             "chosen": best, "candidates": {k: v.outcome for k, v in cands.items()},
             "rule": "the target takes 8- and 16-bit activations: the plan that holds the fidelity floor with the "
-                    "fewest units kept float, then the best cosine (ties: 8-bit)"}
+                    "fewest units kept float, then the fewest units at 16 bits, then the best cosine (ties: 8-bit)"}
         return chosen
 
 
@@ -323,6 +326,12 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     lap("calibrate")
     builder = QdqBuilder(scheme, model_f, graph, ranges, clips)
     builder.inputs_only = inputs_only
+    wide = getattr(ctx.target, "wide_activation_dtype", None) if o.activation_dtype == "auto" else None
+    if wide and np.dtype(scheme.activation_dtype).itemsize == 1 and (o.guard or ctx.budget is not None):
+        # mixed 8/16-bit regions, tried by the guard when the 8-bit plan misses the floor (regions.py)
+        builder.wide, _ = choose_scheme(dataclasses.replace(o, activation_dtype=wide), ctx.target)
+        builder.wide.per_channel = scheme.per_channel
+        use_qdq_domain(builder.wide, int(graph.opset or 0), {"scheme": {}})
     if inputs_only:
         stats["placement"] = f"Q/DQ only at the inputs of integer ops (the {ctx.target.name} target)"
     if o.rounding == "gptq":
@@ -352,6 +361,14 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
             stats["nodes"] = placement.reasons
             return QuantizeRun(float_result(stats.get("guard_reason", "no faster placement")), stats, n_units, outcome)
     units, reasons, excluded = placement.units, placement.reasons, placement.excluded
+    if placement.wide:
+        act8, act16 = stats["scheme"]["activations"], np.dtype(builder.wide.activation_dtype).name
+        stats["scheme"]["activations"] = f"mixed {act8}/{act16}"
+        stats["precision_regions"] = describe_regions(units, set(placement.wide), stats.get("wide_seeds", []),
+                                                      analysis.nsr, act8, act16)
+        stats["wide_units"] = len(placement.wide)
+        if builder.wide.qdq_domain:
+            stats["scheme"]["qdq_domain"] = builder.wide.qdq_domain
     for n in excluded:
         if n in reasons and n in analysis.nsr and not reasons[n].startswith("kept float: small"):
             reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {analysis.nsr[n]:.2e})"
