@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 import pytest
@@ -9,6 +11,7 @@ from helpers import check, normal_samples, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
+from rich.console import Console
 
 from onnxshrink import targets
 from onnxshrink.metrics import fidelity
@@ -126,6 +129,11 @@ def test_qnn_target_runs_the_sensitive_region_at_uint16(no_htp):
     assert rep.fidelity["cosine"] >= 0.99
     assert set(rep.target_report["scheme"]["activations_in_model"]) == {"uint8", "uint16"}
     assert rep.target_report["coverage"]["accepted"]
+    # the regions are in the report's target section and its terminal table
+    assert rep.target_report["precision_regions"] == st["precision_regions"]
+    console = Console(file=io.StringIO(), width=200)
+    rep.render(console)
+    assert "activation precision per region" in console.file.getvalue()
 
 
 def test_qnn_target_chooses_uint16_when_no_region_holds(no_htp, monkeypatch):
@@ -145,6 +153,8 @@ def test_qnn_target_chooses_uint16_when_no_region_holds(no_htp, monkeypatch):
     assert rep.fidelity["cosine"] >= 0.99
     assert rep.target_report["scheme"]["activations_in_model"] == ["uint16"]
     assert rep.target_report["coverage"]["accepted"]
+    (region,) = rep.target_report["precision_regions"]
+    assert region["precision"] == "uint16" and "uint8 misses the fidelity floor" in region["why"]
 
 
 def test_qnn_target_keeps_uint8_when_it_holds(no_htp):
@@ -153,6 +163,8 @@ def test_qnn_target_keeps_uint8_when_it_holds(no_htp):
                       budget="cosine>=0.99", debug=True)
     st = rep.passes[0].stats
     assert st["scheme"]["activations"] == "uint8" and "activation_choice" not in st
+    (region,) = st["precision_regions"]
+    assert region["precision"] == "uint8" and region["why"].startswith("the whole model holds")
 
 
 def test_cpu_target_never_widens():

@@ -491,6 +491,9 @@ class PassManager:
     def _emit(self, model, ctx, report):
         model, info = emit_for_target(model, self.target, ctx)
         report.target_report = {"prepare": self.prepare_info, **info}
+        quantized = [p.stats for p in report.passes if p.name == "quantize" and p.status == "applied" and p.stats]
+        if quantized and quantized[-1].get("precision_regions"):  # mixed 8/16-bit activations (QNN)
+            report.target_report["precision_regions"] = quantized[-1]["precision_regions"]
         return model
 
     def _prepare_target(self, model, val, reference):

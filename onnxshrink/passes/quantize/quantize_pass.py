@@ -235,6 +235,14 @@ class QuantizePass(Pass):
                 cands[wide + ("+bias_correction" if bc and not self.options.bias_correction else "")] = done
         best = max(cands, key=lambda k: (rank(cands[k].outcome), k == act8))
         chosen = cands[best]
+        if best != act8 and chosen.stats.get("quantized_units"):
+            o8 = run8.outcome
+            chosen.stats["precision_regions"] = [{
+                "precision": wide, "units": sum(chosen.stats["quantized_units"].values()),
+                "weighted": chosen.stats["quantized_units"]["weighted"], "nodes": [],
+                "why": f"{act8} misses the fidelity floor (cosine {o8['cosine']:.5f}" +
+                       (f", {o8['kept_float']} units float" if o8["kept_float"] else "") +
+                       f"; no mixed plan held); the whole model at {best}: cosine {chosen.outcome['cosine']:.5f}"}]
         chosen.result.stats["activation_choice"] = {
             "chosen": best, "candidates": {k: v.outcome for k, v in cands.items()},
             "rule": "the target takes 8- and 16-bit activations: the plan that holds the fidelity floor with the "
@@ -369,6 +377,12 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
         stats["wide_units"] = len(placement.wide)
         if builder.wide.qdq_domain:
             stats["scheme"]["qdq_domain"] = builder.wide.qdq_domain
+    elif builder.wide is not None and units:
+        act8 = stats["scheme"]["activations"]
+        why = (f"the whole model holds the fidelity floor at {act8} (cosine {outcome['cosine']:.5f})"
+               if outcome and outcome["holds"] else f"{act8} (no plan held the fidelity floor)")
+        stats["precision_regions"] = [{"precision": act8, "units": len(units), "weighted": sum(
+            1 for u in units.values() if u.kind == "weighted"), "nodes": list(units)[:8], "why": why}]
     for n in excluded:
         if n in reasons and n in analysis.nsr and not reasons[n].startswith("kept float: small"):
             reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {analysis.nsr[n]:.2e})"
