@@ -160,3 +160,17 @@ def test_v68_model_finalizes_on_the_simulator_without_fp16(tmp_path):
     assert htp["provider_options"]["htp_arch"] == "68" and htp["provider_options"]["enable_htp_fp16_precision"] == "0"
     assert tr["coverage"]["float_nodes"] == 0 and htp["fidelity"]["cosine"] >= 0.99
     assert float_compute_nodes(onnx.load(tmp_path / "o.onnx")) == []
+
+
+@needs_qnn
+@pytest.mark.parametrize("arch", ["v73", "v68"])
+def test_mixed_regions_run_on_the_simulator(arch):
+    """A mixed uint8/uint16 plan (conversions at the borders) loads with CPU fallback disabled on the
+    simulator and its HTP outputs are compared with fp32."""
+    from tests.test_targets_a16 import branch_net
+    q, rep = optimize(branch_net(), passes=["quantize"], data=normal_samples(16, 1), val_data=normal_samples(4, 7),
+                      target={"name": "qnn", "htp_arch": arch}, budget="cosine>=0.98", debug=True)
+    assert rep.passes[0].stats["scheme"]["activations"] == "mixed uint8/uint16"
+    htp = rep.target_report["qnn_htp"]
+    assert htp["accepted"] and not htp.get("nodes_on_cpu"), htp
+    assert htp["provider_options"]["htp_arch"] == arch[1:] and htp["fidelity"]["cosine"] >= 0.98

@@ -43,6 +43,33 @@ def wide_range_net(opset=13, spread=300.0):
     return m
 
 
+def branch_net(spread=300.0):
+    """``wide_range_net``'s conv1 -> conv2 (conv2 needs conv1's output at 16 bits) added to an ordinary
+    branch conv3(x), then a SiLU and a global pool: the Add reads one 16-bit and one 8-bit unit."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    w1[0] *= spread
+    w2 = (rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32)
+    w2[:, 0] /= spread
+    inits = [nh.from_array(w1, "w1"), nh.from_array(np.zeros(8, np.float32), "b1"), nh.from_array(w2, "w2"),
+             nh.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b2"),
+             nh.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w3"),
+             nh.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b3")]
+    nodes = [oh.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             oh.make_node("Conv", ["c1", "w2", "b2"], ["c2"], pads=[1] * 4, name="conv2"),
+             oh.make_node("Conv", ["x", "w3", "b3"], ["c3"], pads=[1] * 4, name="conv3"),
+             oh.make_node("Add", ["c2", "c3"], ["a"], name="add"),
+             oh.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+             oh.make_node("Mul", ["a", "s"], ["silu"], name="silu"),
+             oh.make_node("GlobalAveragePool", ["silu"], ["y"], name="gap")]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 16, 16])],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, [1, 8, 1, 1])], inits)
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 13)])
+    m.ir_version = 8
+    check(m)
+    return m
+
+
 def samples(n=12, seed=1):
     return normal_samples(n, seed)
 
@@ -111,21 +138,24 @@ def no_htp(monkeypatch):
 
 def test_qnn_target_runs_the_sensitive_region_at_uint16(no_htp):
     """conv2 reads conv1's outlier-channel output: at uint8 the plan misses the budget; conv2 (the most
-    sensitive unit) and conv1 (its input's producer) run at uint16, the Sigmoid/Mul tail at uint8, with
-    a DQ(uint16) -> Q(uint8) conversion at the border (what the QNN EP runs as one Convert op)."""
-    out, rep = optimize(wide_range_net(13), passes=["quantize"], data=samples(16, 1), val_data=samples(4, 7),
+    sensitive unit) and conv1 (its input's producer) run at uint16, conv3 and the Add/Sigmoid/Mul tail
+    (the Add reads conv3 at 8 bits) at uint8, with a DQ(uint16) -> Q(uint8) conversion at the border
+    (what the QNN EP runs as one Convert op)."""
+    out, rep = optimize(branch_net(), passes=["quantize"], data=samples(16, 1), val_data=samples(4, 7),
                         target="qnn", budget="cosine>=0.99", debug=True)
     st = rep.passes[0].stats
     assert st["scheme"]["activations"] == "mixed uint8/uint16" and "activation_choice" not in st
     assert st["fidelity_search"][0]["cosine"] < 0.99 and st["fidelity_search"][-1]["wide_units"] == 2
     regions = {r["precision"]: r for r in st["precision_regions"]}
     assert set(regions["uint16"]["nodes"]) == {"conv1", "conv2"} and "conv2" in regions["uint16"]["why"]
-    assert {"sig", "silu"} <= set(regions["uint8"]["nodes"])
+    assert {"conv3", "add", "sig", "silu"} <= set(regions["uint8"]["nodes"])
     zp = {t.name: t.data_type for t in out.graph.initializer}
     prod = {o: n for n in out.graph.node for o in n.output}
     converts = [n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in prod and
                 prod[n.input[0]].op_type == "DequantizeLinear"]
-    assert [(zp[prod[q.input[0]].input[2]], zp[q.input[2]]) for q in converts] == [(TP.UINT16, TP.UINT8)]
+    # x (read by conv1 at 16 bits and conv3 at 8) and c2 (conv2's output, read by the 8-bit Add) go down
+    assert sorted((q.name, zp[prod[q.input[0]].input[2]], zp[q.input[2]]) for q in converts) == [
+        ("c2_convert_QuantizeLinear", TP.UINT16, TP.UINT8), ("x_convert_QuantizeLinear", TP.UINT16, TP.UINT8)]
     assert rep.fidelity["cosine"] >= 0.99
     assert set(rep.target_report["scheme"]["activations_in_model"]) == {"uint8", "uint16"}
     assert rep.target_report["coverage"]["accepted"]

@@ -373,7 +373,7 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
         act8, act16 = stats["scheme"]["activations"], np.dtype(builder.wide.activation_dtype).name
         stats["scheme"]["activations"] = f"mixed {act8}/{act16}"
         stats["precision_regions"] = describe_regions(units, set(placement.wide), stats.get("wide_seeds", []),
-                                                      analysis.nsr, act8, act16)
+                                                      analysis.nsr, act8, act16, builder.graph_f)
         stats["wide_units"] = len(placement.wide)
         if builder.wide.qdq_domain:
             stats["scheme"]["qdq_domain"] = builder.wide.qdq_domain
