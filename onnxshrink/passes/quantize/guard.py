@@ -43,7 +43,7 @@ from onnxshrink.passes.quantize.calibrate import CalibrationSamples
 from onnxshrink.passes.quantize.plan import PlacementRules, plan_units
 from onnxshrink.passes.quantize.qdq import QdqBuilder
 from onnxshrink.passes.quantize.regions import wide_region
-from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis
+from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis, analyse_units
 from onnxshrink.runtime import CLEAR_MARGIN, compare_speed, make_session
 from onnxshrink.targets.openvino import openvino_available, openvino_compare_speed
 
@@ -224,15 +224,16 @@ class QuantizeGuard:
         return 1.0 - (1.0 - floor) / 2
 
     def _mixed_bias_corrected(self, p: Placement, fid: dict, tried: list, log: list) -> dict:
-        """The holding mixed plan ``p`` (last in ``tried``) with bias correction too (the per-unit analysis's
-        mean shifts), kept in its place when it measures better: the plan that just reaches the floor on
-        the selection samples has no margin (PP-OCRv4 det: 0.990 there, 0.980 on the test samples), and
-        the int8 weights' rounding shift is what remains at 16 bits. Not when bias correction is on already."""
+        """The holding mixed plan ``p`` (last in ``tried``) with bias correction too (the mean shifts of a
+        per-unit analysis at each unit's own precision), kept in its place when it measures better: the
+        int8 weights' rounding shift is what remains at 16 bits, and a plan near the floor on the
+        selection samples has little margin for held-out ones. Not when bias correction is on already."""
         b = self.builder
         if b.bias_shift is not None or not self.analysis.results:
             return fid
-        b.wide_units, b.bias_shift = set(p.wide), {k: a["shift"] for k, a in self.analysis.results.items()}
-        try:
+        b.wide_units = set(p.wide)
+        try:  # the shifts of each unit at its own precision (a 16-bit unit's input is not rounded to 8 bits)
+            b.bias_shift = {k: a["shift"] for k, a in analyse_units(b, p.units, self.samples).items()}
             p_bc = dataclasses.replace(p, graph=b.build(p.units))
         finally:
             b.wide_units, b.bias_shift = set(), None
