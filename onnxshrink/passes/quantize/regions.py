@@ -115,7 +115,8 @@ def describe_regions(units: dict, wide: set, seeds: list, nsr: dict, narrow: str
             rec["why"] = (f"{len(sens)} unit(s) too sensitive at {narrow} (noise-to-signal alone: " +
                           ", ".join(f"{n} {nsr.get(n, 0.0):.1e}" for n in sens[:4]) +
                           (", ..." if len(sens) > 4 else "") +
-                          f") and the units producing their inputs, at {wide_name} until the fidelity floor held"
+                          f") with the units producing their inputs and the units fed only by {wide_name} units, "
+                          f"at {wide_name} until the fidelity floor held"
                           if sens else f"produces the input of a {wide_name} unit (its input is quantized at "
                                        f"{wide_name} only when its producer runs at {wide_name})")
         else:
