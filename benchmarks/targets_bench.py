@@ -1,7 +1,17 @@
 """Target emission on the real models: coverage per EP, the real QNN HTP check, fidelity.
 
     PYTHONPATH=. python benchmarks/targets_bench.py [--models yolov8n,ppocr_det] [--targets qnn,xnnpack,nnapi]
-        [--quantizer onnxshrink|ort] [--calib 32] [--val 16] [--json out.json]
+        [--quantizer onnxshrink|ort] [--calib 32] [--val 16] [--json out.json] [--htp-arch v73,v68]
+
+The QNN HTP check (done-when of issue 16):
+
+    ONNXSHRINK_QNN_SAMPLES=8 PYTHONPATH=. python benchmarks/targets_bench.py \
+        --models yolov8n,ppocr_det,ppocr_cls,mobilenet_v3_small --targets qnn --htp-arch v73,v68 --calib 16 --val 16
+
+``--htp-arch`` runs each qnn target once per HTP architecture (``-o target.htp_arch=...``); the row gives
+the activation precision per region, the simulator's options, and the fidelity on HTP (mean, worst,
+per sample). ``mobilenet_v3_small`` is ``models.build.mobilenet_v3_small`` (synthetic weights, BN
+statistics and head from photo crops) fed ``models.build.demo_samples`` photo crops.
 
 Calibration: random crops of scikit-image's photos (seed 0); validation (held out): the full
 photos. ``--quantizer onnxshrink`` runs the project's ``quantize`` pass (with the target's
@@ -71,21 +81,28 @@ class OrtQDQ(Pass):
         return PassResult(gs.import_onnx(q), True, {"quantizer": "onnxruntime quantize_static"})
 
 
-def run_one(name: str, target: str, quantizer: str, n_calib: int, n_val: int) -> dict:
-    """One model on one target (``qnn+channels_last`` style options allowed); every figure measured here."""
-    from models.real import real_model, real_samples
+def run_one(name: str, target: str, quantizer: str, n_calib: int, n_val: int, htp_arch: str | None = None) -> dict:
+    """One model on one target (``qnn+channels_last`` style options allowed; ``htp_arch`` for qnn); every
+    figure measured here. A run the target refuses (exit 4) is reported with ``exit_4`` and its report."""
+    from onnxshrink.errors import BudgetError
     from onnxshrink.pipeline.manager import PassManager
 
-    allp = real_samples(name, 26 + n_calib, seed=0)
+    source, allp = _model_and_samples(name, 26 + n_calib)
     calib, val = allp[26:], allp[:n_val]
     passes = ["cleanup"] if _has_pass("cleanup") else []
     passes.append("quantize" if quantizer == "onnxshrink" else OrtQDQ())
     t0 = time.time()
-    pm = PassManager(passes, data=calib, val_data=val, target=target, seed=0)
-    model, report = pm.run(str(real_model(name)))
-    tr = report.target_report
+    tgt = {"name": target, "htp_arch": htp_arch} if htp_arch else target
+    pm = PassManager(passes, data=calib, val_data=val, target=tgt, seed=0)
+    refused = None
+    try:
+        model, report = pm.run(source)
+    except BudgetError as e:
+        model, report, refused = None, e.report, str(e)
+    tr = report.target_report or {}
     cov = tr.get("coverage", {})
-    out = {"model": name, "target": target, "quantizer": quantizer, "wall_s": round(time.time() - t0, 1),
+    out = {"model": name, "target": target, "htp_arch": htp_arch, "quantizer": quantizer, "exit_4": refused,
+           "wall_s": round(time.time() - t0, 1),
            "fidelity_cpu": {k: report.fidelity.get(k) for k in ("cosine", "cosine_min", "sqnr")},
            "passes": [(p.name, p.status, p.reason) for p in report.passes],
            "nodes": cov.get("nodes"), "taken": cov.get("taken"), "partitions": cov.get("partitions"),
@@ -99,12 +116,19 @@ def run_one(name: str, target: str, quantizer: str, n_calib: int, n_val: int) ->
         out["quantize"] = {"activations": (qst.get("scheme") or {}).get("activations"),
                            "activation_choice": qst.get("activation_choice"),
                            "kept_float": len(qst.get("kept_float") or []),
-                           "quantized_units": qst.get("quantized_units"), "reason": qst.get("reason")}
-    out["fidelity_cpu_text"] = _text_subset(model, val, report) if name == "ppocr_det" else None
+                           "quantized_units": qst.get("quantized_units"), "reason": qst.get("reason"),
+                           "placement": qst.get("placement"), "wide_units": qst.get("wide_units")}
+    regions = tr.get("precision_regions") or []
+    out["precision_regions"] = [{k: r[k] for k in ("precision", "units", "weighted", "why")} for r in regions]
+    out["precision_summary"] = {p: {"regions": sum(1 for r in regions if r["precision"] == p),
+                                    "units": sum(r["units"] for r in regions if r["precision"] == p)}
+                                for p in dict.fromkeys(r["precision"] for r in regions)}
+    out["fidelity_cpu_text"] = _text_subset(model, val, report) if name == "ppocr_det" and model else None
     q = tr.get("qnn_htp")
     if q:
         out["qnn_htp"] = {k: q.get(k) for k in ("available", "accepted", "error", "nodes_on_cpu", "cpu_nodes",
-                                                "session_s", "run_s_per_sample", "samples", "reason")}
+                                                "session_s", "run_s_per_sample", "samples", "reason",
+                                                "provider_options")}
         if q.get("fidelity"):
             out["qnn_htp"]["fidelity"] = {k: q["fidelity"].get(k) for k in ("cosine", "cosine_min", "sqnr")}
             ps = q.get("per_sample") or []
@@ -113,6 +137,15 @@ def run_one(name: str, target: str, quantizer: str, n_calib: int, n_val: int) ->
             if name == "ppocr_det" and txt:
                 out["qnn_htp"]["cosine_text_photos"] = (sum(txt) / len(txt), len(txt))
     return out
+
+
+def _model_and_samples(name: str, n: int):
+    """The model (a path, or a ModelProto for the built ones) and ``n`` samples for it."""
+    if name == "mobilenet_v3_small":
+        from models.build import demo_samples, mobilenet_v3_small
+        return mobilenet_v3_small(), [{"input": x} for x in demo_samples(n, seed=3, hw=64)]
+    from models.real import real_model, real_samples
+    return str(real_model(name)), real_samples(name, n, seed=0)
 
 
 def _text_subset(model, val, report) -> dict:
@@ -153,16 +186,19 @@ def main():
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--val", type=int, default=16)
     ap.add_argument("--json")
+    ap.add_argument("--htp-arch", default="", help="qnn targets: HTP architectures to run, e.g. v73,v68")
     a = ap.parse_args()
     rows = []
     for m in a.models.split(","):
         for t in a.targets.split(","):
-            try:
-                r = run_one(m, t, a.quantizer, a.calib, a.val)
-            except Exception as e:  # report, keep going
-                r = {"model": m, "target": t, "error": f"{type(e).__name__}: {e}"}
-            rows.append(r)
-            print(json.dumps(r, default=str), flush=True)
+            archs = a.htp_arch.split(",") if a.htp_arch and t.split("+")[0] == "qnn" else [None]
+            for arch in archs:
+                try:
+                    r = run_one(m, t, a.quantizer, a.calib, a.val, arch)
+                except Exception as e:  # report, keep going
+                    r = {"model": m, "target": t, "htp_arch": arch, "error": f"{type(e).__name__}: {e}"}
+                rows.append(r)
+                print(json.dumps(r, default=str), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2, default=str))
 

@@ -49,7 +49,7 @@ def test_context_model_is_written_beside_out_and_matches(tmp_path):
 
 def test_a_context_that_fails_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(manager, "qnn_available", lambda: True)
-    monkeypatch.setattr(manager, "save_qnn_context", lambda p: {"ok": False, "error": "stubbed compile failure"})
+    monkeypatch.setattr(manager, "save_qnn_context", lambda p, **k: {"ok": False, "error": "stubbed compile failure"})
     monkeypatch.setattr(targets.prepare, "qnn_htp_check", lambda *a, **k: {"available": False, "reason": "stub"})
     out = tmp_path / "q.onnx"
     with pytest.raises(BudgetError, match="target qnn\\+context: stubbed compile failure"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 import pytest
@@ -9,6 +11,7 @@ from helpers import check, normal_samples, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
+from rich.console import Console
 
 from onnxshrink import targets
 from onnxshrink.metrics import fidelity
@@ -35,6 +38,33 @@ def wide_range_net(opset=13, spread=300.0):
     g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 16, 16])],
                       [oh.make_tensor_value_info("y", TP.FLOAT, [1, 8, 1, 1])], inits)
     m = oh.make_model(g, opset_imports=[oh.make_opsetid("", opset)])
+    m.ir_version = 8
+    check(m)
+    return m
+
+
+def branch_net(spread=300.0):
+    """``wide_range_net``'s conv1 -> conv2 (conv2 needs conv1's output at 16 bits) added to an ordinary
+    branch conv3(x), then a SiLU and a global pool: the Add reads one 16-bit and one 8-bit unit."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    w1[0] *= spread
+    w2 = (rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32)
+    w2[:, 0] /= spread
+    inits = [nh.from_array(w1, "w1"), nh.from_array(np.zeros(8, np.float32), "b1"), nh.from_array(w2, "w2"),
+             nh.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b2"),
+             nh.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w3"),
+             nh.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b3")]
+    nodes = [oh.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             oh.make_node("Conv", ["c1", "w2", "b2"], ["c2"], pads=[1] * 4, name="conv2"),
+             oh.make_node("Conv", ["x", "w3", "b3"], ["c3"], pads=[1] * 4, name="conv3"),
+             oh.make_node("Add", ["c2", "c3"], ["a"], name="add"),
+             oh.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+             oh.make_node("Mul", ["a", "s"], ["silu"], name="silu"),
+             oh.make_node("GlobalAveragePool", ["silu"], ["y"], name="gap")]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 16, 16])],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, [1, 8, 1, 1])], inits)
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 13)])
     m.ir_version = 8
     check(m)
     return m
@@ -106,7 +136,41 @@ def no_htp(monkeypatch):
                         lambda *a, **k: {"available": False, "reason": "stubbed in this test"})
 
 
-def test_qnn_target_chooses_uint16_when_uint8_misses_the_budget(no_htp):
+def test_qnn_target_runs_the_sensitive_region_at_uint16(no_htp):
+    """conv2 reads conv1's outlier-channel output: at uint8 the plan misses the budget; conv2 (the most
+    sensitive unit) and conv1 (its input's producer) run at uint16, conv3 and the Add/Sigmoid/Mul tail
+    (the Add reads conv3 at 8 bits) at uint8, with a DQ(uint16) -> Q(uint8) conversion at the border
+    (what the QNN EP runs as one Convert op)."""
+    out, rep = optimize(branch_net(), passes=["quantize"], data=samples(16, 1), val_data=samples(4, 7),
+                        target="qnn", budget="cosine>=0.99", debug=True)
+    st = rep.passes[0].stats
+    assert st["scheme"]["activations"] == "mixed uint8/uint16" and "activation_choice" not in st
+    assert st["fidelity_search"][0]["cosine"] < 0.99 and st["fidelity_search"][-1]["wide_units"] == 2
+    regions = {r["precision"]: r for r in st["precision_regions"]}
+    assert set(regions["uint16"]["nodes"]) == {"conv1", "conv2"} and "conv2" in regions["uint16"]["why"]
+    assert {"conv3", "add", "sig", "silu"} <= set(regions["uint8"]["nodes"])
+    zp = {t.name: t.data_type for t in out.graph.initializer}
+    prod = {o: n for n in out.graph.node for o in n.output}
+    converts = [n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in prod and
+                prod[n.input[0]].op_type == "DequantizeLinear"]
+    # x (read by conv1 at 16 bits and conv3 at 8) and c2 (conv2's output, read by the 8-bit Add) go down
+    assert sorted((q.name, zp[prod[q.input[0]].input[2]], zp[q.input[2]]) for q in converts) == [
+        ("c2_convert_QuantizeLinear", TP.UINT16, TP.UINT8), ("x_convert_QuantizeLinear", TP.UINT16, TP.UINT8)]
+    assert rep.fidelity["cosine"] >= 0.99
+    assert set(rep.target_report["scheme"]["activations_in_model"]) == {"uint8", "uint16"}
+    assert rep.target_report["coverage"]["accepted"]
+    # the regions are in the report's target section and its terminal table
+    assert rep.target_report["precision_regions"] == st["precision_regions"]
+    console = Console(file=io.StringIO(), width=200)
+    rep.render(console)
+    assert "activation precision per region" in console.file.getvalue()
+
+
+def test_qnn_target_chooses_uint16_when_no_region_holds(no_htp, monkeypatch):
+    """With no mixed plan holding (regions stubbed empty: every plan stays 8-bit), the whole model is
+    quantized again A16W8, plain and bias-corrected, and the best holding plan is kept."""
+    from onnxshrink.passes.quantize import guard
+    monkeypatch.setattr(guard, "wide_region", lambda seeds, units: set())
     f = wide_range_net(13)
     out, rep = optimize(f, passes=["quantize"], data=samples(16, 1), val_data=samples(4, 7), target="qnn",
                         budget="cosine>=0.99", debug=True)
@@ -119,6 +183,8 @@ def test_qnn_target_chooses_uint16_when_uint8_misses_the_budget(no_htp):
     assert rep.fidelity["cosine"] >= 0.99
     assert rep.target_report["scheme"]["activations_in_model"] == ["uint16"]
     assert rep.target_report["coverage"]["accepted"]
+    (region,) = rep.target_report["precision_regions"]
+    assert region["precision"] == "uint16" and "uint8 misses the fidelity floor" in region["why"]
 
 
 def test_qnn_target_keeps_uint8_when_it_holds(no_htp):
@@ -127,6 +193,8 @@ def test_qnn_target_keeps_uint8_when_it_holds(no_htp):
                       budget="cosine>=0.99", debug=True)
     st = rep.passes[0].stats
     assert st["scheme"]["activations"] == "uint8" and "activation_choice" not in st
+    (region,) = st["precision_regions"]
+    assert region["precision"] == "uint8" and region["why"].startswith("the whole model holds")
 
 
 def test_cpu_target_never_widens():

@@ -554,6 +554,9 @@ class PassManager:
     def _emit(self, model, ctx, report):
         model, info = emit_for_target(model, self.target, ctx)
         report.target_report = {"prepare": self.prepare_info, **info}
+        quantized = [p.stats for p in report.passes if p.name == "quantize" and p.status == "applied" and p.stats]
+        if quantized and quantized[-1].get("precision_regions"):  # mixed 8/16-bit activations (QNN)
+            report.target_report["precision_regions"] = quantized[-1]["precision_regions"]
         return model
 
     def _prepare_target(self, model, val, reference):
@@ -711,7 +714,7 @@ def optimize(model, output: str | os.PathLike | None = None, passes: Sequence = 
             report.target_report["ort_format"] = {"path": str(ort_path), "optimization_style": style}
         if pm.target is not None and pm.target.context:  # --target qnn+context: the compiled HTP context beside OUT
             try:
-                info = report.target_report["context"] = save_qnn_context(output)
+                info = report.target_report["context"] = save_qnn_context(output, htp_arch=pm.target.htp_arch)
                 if not info["ok"]:
                     raise BudgetError(f"target qnn+context: {info['error']} (nothing written)", report)
             except BaseException:  # all or nothing: no OUT without the context the user asked for

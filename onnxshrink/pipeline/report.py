@@ -149,6 +149,7 @@ class Report:
                           f"min {_fmt(f.get('cosine_min'), '{:.5f}')}, sqnr {_fmt(f.get('sqnr'), '{:.1f}')} dB, "
                           f"max rel err {_fmt(f.get('max_abs'), '{:.2e}')}, top1 {_fmt(f.get('top1'), '{:.3f}')}"
                           + (f"; budget {self.budget}: {verdict}" if self.budget else f"; {verdict}"))
+        self._render_target(console, Table)
         vs_input = (self.speed or {}).get("vs_input")
         if vs_input:
             undone = ", ".join(n for step in self.speed.get("rolled_back", []) for n in step["passes"])
@@ -158,6 +159,28 @@ class Report:
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
 
+
+    def _render_target(self, console, table_type) -> None:
+        """The target's activation precision per region (QNN) and its device check."""
+        tr = self.target_report or {}
+        regions = tr.get("precision_regions")
+        if regions:
+            t = table_type(title=f"activation precision per region ({tr.get('target', '')})", title_justify="left")
+            for c in ("precision", "units", "weighted", "why"):
+                t.add_column(c, justify="right" if c in ("units", "weighted") else "left")
+            for r in regions:
+                t.add_row(r["precision"], str(r["units"]), str(r["weighted"]), r["why"])
+            console.print(t)
+        htp = tr.get("qnn_htp") or {}
+        if htp.get("available"):
+            po, f = htp.get("provider_options") or {}, htp.get("fidelity") or {}
+            arch = f"HTP v{po['htp_arch']}" if po.get("htp_arch") else "HTP"
+            where = "every node on HTP (CPU fallback disabled)" if htp.get("accepted") else \
+                f"rejected: {htp.get('error', '?')}"
+            console.print(f"QNN {arch} simulator (soc_model {po.get('soc_model', '?')}, fp16 "
+                          f"{'on' if po.get('enable_htp_fp16_precision') == '1' else 'off'}): {where}"
+                          + (f"; cosine vs fp32 mean {_fmt(f.get('cosine'), '{:.5f}')} min "
+                             f"{_fmt(f.get('cosine_min'), '{:.5f}')} ({htp.get('samples', '?')} samples)" if f else ""))
 
     def _render_allocation(self, console) -> None:
         """The allocation's verified configurations (cost, metric, verdicts) and its result."""

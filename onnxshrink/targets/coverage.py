@@ -40,6 +40,8 @@ SHAPE_OPERANDS = {
     "ReduceMin": (1,), "ReduceProd": (1,), "ReduceL2": (1,), "TopK": (1,), "ConstantOfShape": (0,),
     "Upsample": (1,), "Range": (0, 1, 2), "OneHot": (1,),
 }
+# activations the QNN EP fuses into a preceding Conv/ConvTranspose (DQ -> Conv -> Relu/Clip -> Q)
+FUSED_ACTIVATIONS = ("Relu", "Clip")
 # the compute-heavy ops: an EP that misses one of them is not worth running
 HEAVY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "QLinearConv")
 
@@ -103,8 +105,17 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
                 fin = [i for i in n.input if i and i not in const_names and types.get(i, (0,))[0] in float_types]
                 fout = [o for o in n.output if o and types.get(o, (0,))[0] in float_types]
                 bad_in = [i for i in fin if i not in producers or producers[i].op_type != "DequantizeLinear"]
+                # float constant data (weights, operands; not shape operands or Clip's bounds) not behind a DQ
+                bad_in += [i for k, i in enumerate(n.input) if i in inits and inits[i].data_type in float_types and
+                           k not in SHAPE_OPERANDS.get(op, ()) and not (op == "Clip" and k > 0)]
                 bad_out = [o for o in fout if not consumers.get(o) or
                            any(c.op_type != "QuantizeLinear" for c in consumers[o])]
+                if bad_out and op in ("Conv", "ConvTranspose") and _fused_activation(n, consumers):
+                    bad_out = []  # DQ -> Conv -> Relu/Clip -> Q: one QNN Conv (the EP's conv-activation fusion)
+                if op in FUSED_ACTIVATIONS and n.input and n.input[0] in producers and \
+                        producers[n.input[0]].op_type in ("Conv", "ConvTranspose") and \
+                        _fused_activation(producers[n.input[0]], consumers):
+                    bad_in = []
                 if bad_in or bad_out:
                     float_nodes.append(name)
         if why is None and op == "DequantizeLinear" and profile.name in ("xnnpack", "nnapi", "qnn"):
@@ -129,6 +140,7 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
             "reasons": dict(by_reason), "unsupported": unsupported[:200]}
     if not profile.float_ops_run:
         info["float_nodes"] = len(float_nodes)
+        info["float_node_names"] = float_nodes[:50]
         info["float_ops"] = dict(collections.Counter(node_by_name[k].op_type for k in float_nodes))
         if float_nodes:
             info["float_note"] = ("these nodes compute in float outside a QDQ group: the QNN EP hands them to "
@@ -222,6 +234,16 @@ def _reason_kind(reason: str) -> str:
         if key in reason:
             return kind
     return "other"
+
+
+def _fused_activation(conv, consumers) -> bool:
+    """``conv``'s only output feeds one Relu/Clip whose output feeds only QuantizeLinear nodes: the
+    QNN EP fuses DQ -> Conv -> Relu/Clip -> Q into one quantized Conv."""
+    cs = consumers.get(conv.output[0], [])
+    if len(cs) != 1 or cs[0].op_type not in FUSED_ACTIVATIONS:
+        return False
+    outs = consumers.get(cs[0].output[0], [])
+    return bool(outs) and all(c.op_type == "QuantizeLinear" for c in outs)
 
 
 def _count_partitions(g, names, taken, producers) -> int:

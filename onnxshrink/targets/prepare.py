@@ -80,7 +80,7 @@ def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None 
     if profile.name == "qnn" and device is not False:
         samples = _samples(model, ctx, n=int(os.environ.get("ONNXSHRINK_QNN_SAMPLES", "8")))
         info["qnn_htp"] = qnn_htp_check(model, io.feeds(samples), ref[:len(samples)] if ref is not None else None,
-                                        required=bool(device), outputs_back=io)
+                                        required=bool(device), outputs_back=io, htp_arch=profile.htp_arch)
     if profile.name == "openvino" and device is not False:
         samples = _samples(model, ctx, n=int(os.environ.get("ONNXSHRINK_OPENVINO_SAMPLES", "8")))
         info["openvino"] = openvino_check(model, io.feeds(samples), ref[:len(samples)] if ref is not None else None,
@@ -91,8 +91,10 @@ def emit_for_target(model: onnx.ModelProto, profile, ctx=None, qnn: bool | None 
 
 
 def target_verdict(info: dict, profile, budget_holds=None) -> dict:
-    """Whether the emitted model is what the target asked for: the EP takes all of it (coverage), the
-    QNN HTP run accepts it where onnxruntime-qnn is installed, the OpenVINO EP run takes all of it,
+    """Whether the emitted model is what the target asked for: the EP takes all of it (coverage), no
+    node computes in float on an HTP without a float unit (``integer_only``: before v73), the QNN HTP
+    run accepts it where onnxruntime-qnn is installed and keeps the budget (``budget_holds``) on its
+    outputs, the OpenVINO EP run takes all of it,
     is not clearly slower than the fp32 model there and keeps the budget (``budget_holds``) there,
     and requested channel-last I/O was kept. ``{"ok": bool, "problems": [...]}``; with
     ``allow_partial`` a partial placement is a note, not a problem. The manager fails closed (exit 4)
@@ -103,10 +105,21 @@ def target_verdict(info: dict, profile, budget_holds=None) -> dict:
         why = (f"the {profile.provider} check rejects the model ({cov.get('accepted_means', 'coverage')}: "
                f"{cov.get('taken', '?')}/{cov.get('nodes', '?')} nodes taken)")
         (notes if profile.allow_partial else problems).append(why)
+    if getattr(profile, "integer_only", False) and cov.get("float_nodes"):
+        names = ", ".join(cov.get("float_node_names", [])[:5])
+        problems.append(f"{cov['float_nodes']} node(s) compute in float (e.g. {names}) "
+                        f"and HTP v{profile.htp_arch} has no float unit: every compute op must sit between Q/DQ "
+                        f"(the quantize pass could not hold the budget with integer activations, or did not run)")
     htp = info.get("qnn_htp") or {}
     if htp.get("available") and not htp.get("accepted", False):
         why = f"the QNN HTP run rejects the model ({htp.get('error') or htp.get('reason') or 'not every node on HTP'})"
         (notes if profile.allow_partial else problems).append(why)
+    if htp.get("accepted") and htp.get("fidelity") and budget_holds is not None and \
+            budget_holds(htp["fidelity"]) is False:
+        fid = htp["fidelity"]
+        problems.append(f"the budget is not met on the QNN HTP's outputs (cosine {fid.get('cosine', 0):.5f} "
+                        f"mean, {fid.get('cosine_min', 0):.5f} worst against fp32, "
+                        f"{htp.get('samples', '?')} samples)")
     if "openvino" in info:
         p, n = openvino_verdict(info["openvino"], profile.allow_partial, budget_holds)
         problems += p

@@ -22,6 +22,9 @@ result. The facts, with their sources:
   asymmetric; int8 symmetric per-channel or uint8 per-tensor weights, int32 bias) and needs
   static shapes with constant shape operands (the EP rejects Shape/Range/ConstantOfShape, so
   shape arithmetic must be folded away). Checked for real when ``onnxruntime-qnn`` is installed.
+  HTP architectures (``htp_arch``): v73 and later (Snapdragon 8 Gen 2, SM8550, and newer) also run
+  float nodes, in fp16; v68 (SM8350) and v69 (SM8450) have no float unit: every compute op must sit
+  between Q/DQ (``integer_only``).
 - openvino: uint8 activations, int8 symmetric per-channel weights; dynamic shapes allowed. OpenVINO
   reads each Q/DQ pair as a FakeQuantize and runs its own low-precision transformations; NNCF, its
   quantizer, places FakeQuantize only at the inputs of compute ops. Measured on the OpenVINO EP
@@ -38,8 +41,8 @@ result. The facts, with their sources:
 from __future__ import annotations
 
 __all__ = ["TargetProfile", "TARGETS", "TARGET_OPTIONS", "get_target", "with_options", "target_has_op", "checker_ops",
-           "QDQ_OPS", "QNN_HTP_OPS", "XNNPACK_OPS", "XNNPACK_QDQ_OPS", "XNNPACK_FUSED_ACTIVATIONS",
-           "USABILITY_CHECKER_FILES"]
+           "HTP_ARCHS", "HTP_FP16_FROM", "QDQ_OPS", "QNN_HTP_OPS", "XNNPACK_OPS", "XNNPACK_QDQ_OPS",
+           "XNNPACK_FUSED_ACTIVATIONS", "USABILITY_CHECKER_FILES"]
 
 import dataclasses
 import functools
@@ -62,6 +65,11 @@ ReduceL2 ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum Relu Reshape Resize
 Sign Sin Slice Softmax SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose Unsqueeze
 Upsample Where
 """.split())
+
+# HTP architectures the qnn target takes (``-o target.htp_arch=v68``) -> the Snapdragon SoC the simulator
+# emulates for it (QNN's soc_model numbers: SM8350 30, SM8450 36, SM8550 43, SM8650 57, SM8750 69)
+HTP_ARCHS = {68: 30, 69: 36, 73: 43, 75: 57, 79: 69}
+HTP_FP16_FROM = 73  # HTP v73 and later compute float nodes in fp16; earlier HTPs have no float unit
 
 # Ops the XNNPACK EP takes (float, or as a QDQ node group where marked in XNNPACK_QDQ_OPS).
 XNNPACK_OPS = frozenset("Conv ConvTranspose MaxPool AveragePool Softmax Resize Gemm MatMul QLinearConv".split())
@@ -124,6 +132,12 @@ class TargetProfile:
     qdq_placement: str = "fused"        # fused: Q/DQ on unit inputs and outputs; inputs: only where an integer op reads
     x86_int8: bool = False              # int8 kernels on x86 u8 x s8 instructions (saturate without VNNI)
     context: bool = False               # qnn: also write the compiled EPContext model beside the output
+    htp_arch: int | None = None         # qnn: the HTP architecture (68, 69, 73, 75, 79); None for other targets
+
+    @property
+    def integer_only(self) -> bool:
+        """The device has no float unit (HTP before v73): every compute op must sit between Q/DQ."""
+        return self.htp_arch is not None and self.htp_arch < HTP_FP16_FROM
 
     def supports_op(self, op_type: str, domain: str = "") -> bool | None:
         """True/False when this profile's op list decides it; None when the usability checker does."""
@@ -162,7 +176,7 @@ TARGETS: dict[str, TargetProfile] = {
         activation_dtype="uint8", wide_activation_dtype="uint16", symmetric_activations=False,
         weight_dtype="int8", symmetric_weights=True,
         per_channel=True, static_shapes=True, opset_min=13, opset_max=21, ops=QNN_HTP_OPS,
-        float_ops_run=False, fallback_ok=False, max_rank=5,
+        float_ops_run=False, fallback_ok=False, max_rank=5, htp_arch=73,
         notes=("HTP runs quantized graphs only: uint8 or uint16 asymmetric activations, int8 symmetric "
                "per-channel or uint8 per-tensor weights, int32 bias",
                "static shapes; Shape/Range/ConstantOfShape have no QNN builder and must fold away")),
@@ -181,7 +195,8 @@ TARGETS: dict[str, TargetProfile] = {
 TARGET_OPTIONS = {"ort": ("ort_format", ("ort", "ort_format")),
                   "channels_last": ("channels_last", ("channels_last", "nhwc")),
                   "allow_partial": ("allow_partial", ("allow_partial", "partial")),
-                  "context": ("context", ("context", "qnn_context"))}
+                  "context": ("context", ("context", "qnn_context")),
+                  "htp_arch": ("htp_arch", ("htp_arch", "arch"))}
 
 
 def _option_field(key: str) -> str:
@@ -214,6 +229,9 @@ def with_options(profile: TargetProfile | None, options: dict) -> TargetProfile 
         raise UsageError(f"target options {sorted(options)} given without --target")
     vals = {}
     for k, v in options.items():
+        if _option_field(k) == "htp_arch":
+            vals["htp_arch"] = _htp_arch(profile, v)
+            continue
         if isinstance(v, str):
             if v.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise UsageError(f"target option {k}={v!r}: expected true or false")
@@ -223,6 +241,17 @@ def with_options(profile: TargetProfile | None, options: dict) -> TargetProfile 
         raise UsageError(f"target option context (a compiled QNN context binary) is for the qnn target, "
                          f"not {profile.name}")
     return dataclasses.replace(profile, **vals)
+
+
+def _htp_arch(profile: TargetProfile, value) -> int:
+    """``v68`` / ``68`` / ``V73`` -> 68 / 73; only for the qnn target and the architectures in HTP_ARCHS."""
+    if profile.name != "qnn":
+        raise UsageError(f"target option htp_arch (a QNN HTP architecture) is for the qnn target, not {profile.name}")
+    txt = str(value).strip().lower().removeprefix("v")
+    if not txt.isdigit() or int(txt) not in HTP_ARCHS:
+        raise UsageError(f"target option htp_arch={value!r}: expected one of "
+                         f"{', '.join('v%d' % a for a in HTP_ARCHS)}")
+    return int(txt)
 
 
 def target_has_op(profile: TargetProfile | None, op: str) -> bool:

@@ -5,8 +5,17 @@
 ``targets.ep_process.run_on_ep`` with the ``onnxruntime_qnn`` plugin library), runs the samples,
 and compares the outputs with the fp32 original's on the CPU. The verbose session log gives the
 node placements and the EP's own per-node-unit validation verdicts. The Python with
-``onnxruntime-qnn`` is this one or ``$ONNXSHRINK_QNN_PYTHON``; provider options are ``QNN_HTP_OPTIONS`` overridden by
-``$ONNXSHRINK_QNN_OPTIONS``.
+``onnxruntime-qnn`` is this one or ``$ONNXSHRINK_QNN_PYTHON``; provider options are ``QNN_HTP_OPTIONS`` for
+the profile's HTP architecture (``qnn_provider_options``) overridden by ``$ONNXSHRINK_QNN_OPTIONS``.
+
+The simulator is configured for the architecture the target names (``-o target.htp_arch=v68``):
+``htp_arch`` and the ``soc_model`` of a Snapdragon with that HTP (``profiles.HTP_ARCHS``: v68 SM8350 = 30,
+v69 SM8450 = 36, v73 SM8550 = 43, v75 SM8650 = 57, v79 SM8750 = 69), and fp16 precision for float nodes
+(``enable_htp_fp16_precision``) only from v73 on; before v73 it is off ("0": the EP's default is on), as
+such a device has no float unit. The x86 simulator still runs a float node there (measured: a float
+Conv model finalizes with ``htp_arch=68``, ``soc_model=30``), so "no float compute node" is checked
+statically (``coverage["float_nodes"]``, the target verdict), and the simulator checks placement,
+finalization and the outputs.
 
 ``save_qnn_context`` (``--target qnn+context``) compiles a saved QDQ model for the same HTP with
 onnxruntime's ``ModelCompiler`` (CPU fallback disabled): the EPContext model, whose one node holds
@@ -36,8 +45,9 @@ from onnxshrink.errors import UsageError
 from onnxshrink.metrics import fidelity
 from onnxshrink.targets.ep_process import env_provider_options, fidelity_on_ep, run_on_ep
 from onnxshrink.targets.layout import ChannelsLastIO
+from onnxshrink.targets.profiles import HTP_ARCHS, HTP_FP16_FROM
 
-# The HTP device the simulator emulates. Without a soc_model the simulator cannot finalize graphs
+# The HTP device the simulator emulates by default. Without a soc_model the simulator cannot finalize graphs
 # that keep float nodes (QNN_COMMON_ERROR_MEM_ALLOC); 43 = Snapdragon 8 Gen 2 (SM8550, HTP v73).
 # enable_htp_fp16_precision: float nodes run in fp16 as they do on the device (v73+).
 QNN_HTP_OPTIONS = {"backend_type": "htp", "soc_model": "43", "enable_htp_fp16_precision": "1"}
@@ -48,7 +58,7 @@ CONTEXT_MIN_COSINE = 1 - 1e-5
 
 
 def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: bool = False,
-                  timeout: int = 1800, outputs_back: ChannelsLastIO | None = None) -> dict:
+                  timeout: int = 1800, outputs_back: ChannelsLastIO | None = None, htp_arch: int | None = None) -> dict:
     """Build a QNN HTP session with CPU fallback disabled (``session.disable_cpu_ep_fallback=1``)
     in a subprocess (``ep_process.run_on_ep``), run ``samples`` on it, and compare with ``reference``
     (the fp32 original's outputs on the CPU). Returns {"available", "accepted", "placements", "fidelity", ...}."""
@@ -58,7 +68,8 @@ def qnn_htp_check(model: onnx.ModelProto, samples, reference=None, required: boo
         if required:
             raise UsageError(res["reason"])
         return res
-    run = run_on_ep(py, "QNNExecutionProvider", {"model": model}, samples, provider_options=qnn_provider_options(),
+    run = run_on_ep(py, "QNNExecutionProvider", {"model": model}, samples,
+                    provider_options=qnn_provider_options(htp_arch),
                     plugin="onnxruntime_qnn", run=("model",), timeout=timeout, prefix="onnxshrink_qnn_")
     if not run.ok:
         return {"available": True, "accepted": False, "error": run.info["error"]}
@@ -77,7 +88,7 @@ def context_path(onnx_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + "_ctx.onnx")
 
 
-def save_qnn_context(onnx_path: str | os.PathLike, timeout: int = 1800) -> dict:
+def save_qnn_context(onnx_path: str | os.PathLike, timeout: int = 1800, htp_arch: int | None = None) -> dict:
     """Compile the saved QDQ model ``onnx_path`` for the HTP into ``context_path(onnx_path)`` and check
     it (module docstring). Returns {"ok", "path", "bytes", "compile_s", "cosine_min", "max_rel_err", "error"}; when
     not ok, no context file is left."""
@@ -87,11 +98,12 @@ def save_qnn_context(onnx_path: str | os.PathLike, timeout: int = 1800) -> dict:
     model = onnx.load(str(onnx_path))
     out = context_path(onnx_path)
     samples = list(SyntheticSource(input_specs(model), n=2, seed=0))
-    run = run_on_ep(py, "QNNExecutionProvider", {"model": model}, samples, provider_options=qnn_provider_options(),
+    run = run_on_ep(py, "QNNExecutionProvider", {"model": model}, samples,
+                    provider_options=qnn_provider_options(htp_arch),
                     plugin="onnxruntime_qnn", run=("model", "model.context"), timeout=timeout,
                     prefix="onnxshrink_qnn_ctx_", compile_to={"model": out})
     comp = run.info.get("compiled", {}).get("model", {})
-    info = {"path": str(out), "qdq_model": str(onnx_path), "provider_options": qnn_provider_options(),
+    info = {"path": str(out), "qdq_model": str(onnx_path), "provider_options": qnn_provider_options(htp_arch),
             "compile_s": comp.get("compile_s"), "ok": False}
     loaded = run.models.get("model.context", {})
     if not run.ok:
@@ -119,9 +131,16 @@ def save_qnn_context(onnx_path: str | os.PathLike, timeout: int = 1800) -> dict:
     return info
 
 
-def qnn_provider_options() -> dict:
-    """QNN_HTP_OPTIONS overridden by $ONNXSHRINK_QNN_OPTIONS ("key=value,key=value")."""
-    return env_provider_options(QNN_HTP_OPTIONS, "ONNXSHRINK_QNN_OPTIONS")
+def qnn_provider_options(htp_arch: int | None = None) -> dict:
+    """QNN_HTP_OPTIONS, for ``htp_arch`` (None: the default v73) its architecture, SoC and fp16 setting
+    (module docstring), overridden by $ONNXSHRINK_QNN_OPTIONS ("key=value,key=value")."""
+    opts = dict(QNN_HTP_OPTIONS)
+    if htp_arch is not None:
+        if htp_arch not in HTP_ARCHS:
+            raise UsageError(f"unknown HTP architecture v{htp_arch}; known: {', '.join('v%d' % a for a in HTP_ARCHS)}")
+        opts.update(htp_arch=str(htp_arch), soc_model=str(HTP_ARCHS[htp_arch]),
+                    enable_htp_fp16_precision="1" if htp_arch >= HTP_FP16_FROM else "0")
+    return env_provider_options(opts, "ONNXSHRINK_QNN_OPTIONS")
 
 
 def qnn_python() -> str | None:

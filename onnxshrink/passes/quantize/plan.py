@@ -11,12 +11,21 @@ only when an integer consumer needs their output. A Relu or Clip(0, c) right aft
 into the unit's output range (zero point at qmin, range within the clip), which onnxruntime then
 drops as redundant. Each consumer gets its own DQ; a unit never produces a graph output (the
 selector refuses that). ConvTranspose, HardSigmoid, HardSwish, Div, Pow, ... stay in float.
+
+Every-op placement (``PlacementRules.float_tensors`` set: a device without a float unit, QNN HTP before
+v73): every node with a float activation input or output is a unit, so every compute op sits between
+Q/DQ. Conv/ConvTranspose/MatMul/Gemm with float constant weights are weighted units (ConvTranspose per
+channel along axis 1, group 1); the ops above are passthrough units (their outputs take the input's
+scale); every other op is an elementwise unit whose float constant data operands get a DQ (not shape
+operands, Resize's roi/scales, Pad's value or Clip's bounds, which stay float parameters). Graph inputs
+and outputs are quantized too. A Relu/Clip is folded only after a Conv/ConvTranspose (the QNN EP fuses
+DQ -> Conv -> Relu/Clip -> Q); elsewhere it is its own unit.
 """
 
 from __future__ import annotations
 
 __all__ = ["QUANTIZED_OPS", "WEIGHTED_OPS", "PlacementRules", "QuantUnit", "clip_bounds",
-           "has_float_weights", "plan_units", "refuse_quantized", "weight_info"]
+           "float_activations", "has_float_weights", "plan_units", "refuse_quantized", "weight_info", "NON_DATA_INPUTS"]
 
 import math
 from dataclasses import dataclass
@@ -25,6 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
+from onnxshrink.graph.shapes import infer_shapes
 from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.quantize.prepare import sole_consumer
 
@@ -41,6 +51,11 @@ PASSTHROUGH_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsq
                    "Gather", "Split", "Expand", "Tile"}
 FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHAPE_OPS = {"Constant", "Shape", "Cast", "Range", "ConstantOfShape", "Size", "Identity", "NonZero"}
+# inputs that are parameters, not data (shapes, axes, sizes, roi/scales, pad values, clip bounds): never quantized
+NON_DATA_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Resize": (1, 2, 3),
+                   "Pad": (1, 2, 3), "Split": (1,), "Unsqueeze": (1,), "Squeeze": (1,), "ReduceSum": (1,),
+                   "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "TopK": (1,), "Upsample": (1,),
+                   "Clip": (1, 2), "Gather": (1,), "GatherElements": (1,), "GatherND": (1,), "ScatterND": (1,)}
 
 
 @dataclass
@@ -54,15 +69,22 @@ class QuantUnit:
     raw_output: str         # the op's own output
     clip: tuple | None = None  # (min, max) of a folded Relu/Clip
     weight_axis: int | None = None
+    const_inputs: tuple | None = None  # input indices of constant data operands to quantize (None: every constant)
 
 
 @dataclass(frozen=True)
 class PlacementRules:
-    """The placement options: integer elementwise ops, activation x activation MatMul, Relu/Clip folding."""
+    """The placement options: integer elementwise ops, activation x activation MatMul, Relu/Clip folding;
+    ``float_tensors`` (the float activation tensors of the graph) switches to the every-op placement."""
 
     elementwise: bool = True
     matmul_activations: bool = True
     fold_activations: bool = True
+    float_tensors: frozenset | None = None
+
+    @property
+    def every_op(self) -> bool:
+        return self.float_tensors is not None
 
 
 def refuse_quantized(graph: gs.Graph) -> None:
@@ -73,6 +95,18 @@ def refuse_quantized(graph: gs.Graph) -> None:
                              f"quantize the float model instead")
 
 
+def float_activations(model) -> frozenset:
+    """The float32 activation tensors of ``model`` (graph inputs and node outputs, from shape inference)."""
+    m = infer_shapes(model, data_prop=False)
+    g = m.graph
+    inits = {t.name for t in g.initializer}
+    out = set()
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.name not in inits and vi.type.tensor_type.elem_type == 1:  # TensorProto.FLOAT
+            out.add(vi.name)
+    return frozenset(out)
+
+
 def has_float_weights(graph: gs.Graph) -> bool:
     """Whether some Conv/MatMul/Gemm has float constant weights (something to quantize)."""
     return any(n.op in WEIGHTED_OPS and weight_info(n) is not None for n in graph.nodes)
@@ -80,6 +114,8 @@ def has_float_weights(graph: gs.Graph) -> bool:
 
 def plan_units(graph: gs.Graph, excluded: set, rules: PlacementRules) -> tuple[dict, dict]:
     """Units to quantize (by node name) and a decision per compute node (name -> reason)."""
+    if rules.every_op:
+        return plan_every_op(graph, excluded, rules)
     graph_outputs = {t.name for t in graph.outputs}
     main_graph = {id(n) for n in graph.nodes}  # a consumer inside an If/Loop body is not foldable here
     avail: set = set()       # tensors available as integers without a new Q
@@ -177,6 +213,53 @@ def plan_units(graph: gs.Graph, excluded: set, rules: PlacementRules) -> tuple[d
     return units, reasons
 
 
+def plan_every_op(graph: gs.Graph, excluded: set, rules: PlacementRules) -> tuple[dict, dict]:
+    """Every node with a float activation input or output becomes a unit (module docstring)."""
+    floats = rules.float_tensors or frozenset()
+    main_graph = {id(n) for n in graph.nodes}
+    units: dict[str, QuantUnit] = {}
+    reasons: dict[str, str] = {}
+    folded: set = set()
+    for node in graph.nodes:
+        name, op = node.name, node.op
+        if name in folded:
+            continue
+        act = [t.name for k, t in enumerate(node.inputs) if not isinstance(t, gs.Constant) and t.name in floats
+               and k not in NON_DATA_INPUTS.get(op, ())]
+        outs = [t for t in node.outputs if t.name in floats]
+        if not act and not outs:
+            continue
+        if name in excluded:
+            reasons[name] = "kept float: excluded (sensitive or by option)"
+            continue
+        if not outs:
+            reasons[name] = f"kept float: {op} has no float output to quantize"
+            continue
+        weighted = weight_info(node)
+        if weighted is not None:
+            unit = QuantUnit(name, "weighted", [node.inputs[0].name], outs[0].name, outs[0].name,
+                             weight_axis=weighted[1])
+        elif op in PASSTHROUGH_OPS and act and len(act) == 1 and node.inputs[0].name == act[0]:
+            unit = QuantUnit(name, "passthrough", act, outs[0].name, outs[0].name)
+        else:
+            consts = tuple(k for k, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and t.name and
+                           np.asarray(t.values).dtype.kind == "f" and k not in NON_DATA_INPUTS.get(op, ()))
+            unit = QuantUnit(name, "elementwise", act, outs[0].name, outs[0].name, const_inputs=consts)
+        if rules.fold_activations and op in ("Conv", "ConvTranspose"):
+            nxt = sole_consumer(outs[0])
+            if nxt is not None and id(nxt) in main_graph and nxt.op in FOLDABLE_ACTIVATIONS and \
+                    nxt.name not in excluded and nxt.outputs[0].name not in {t.name for t in graph.outputs}:
+                clip = clip_bounds(nxt)
+                if clip is not None:
+                    unit.output = nxt.outputs[0].name
+                    unit.clip = clip
+                    folded.add(nxt.name)
+                    reasons[nxt.name] = f"folded into {name}'s output range (the QNN EP fuses it)"
+        units[name] = unit
+        reasons[name] = f"quantized ({unit.kind}, every op integer)"
+    return units, reasons
+
+
 def clip_bounds(node: gs.Node) -> tuple | None:
     """(min, max) of a Relu or Clip whose range holds 0 and whose lower end is at or below 0, else None."""
     if node.op == "Relu":
@@ -209,6 +292,11 @@ def weight_info(node: gs.Node) -> tuple | None:
         if w is not None and w.dtype == np.float32 and w.ndim >= 3 and \
                 (len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)):
             return 1, 0
+    if op == "ConvTranspose" and len(node.inputs) >= 2 and int(node.attrs.get("group", 1)) == 1:
+        w = constant_value(node.inputs[1])
+        if w is not None and w.dtype == np.float32 and w.ndim >= 3 and \
+                (len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)):
+            return 1, 1
     if op == "MatMul" and len(node.inputs) == 2:
         w = constant_value(node.inputs[1])
         if w is not None and w.dtype == np.float32 and w.ndim == 2 and not isinstance(node.inputs[0], gs.Constant):

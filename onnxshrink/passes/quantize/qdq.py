@@ -12,6 +12,17 @@ Numerics (``x`` an activation, ``W`` a weight, ``b`` a bias; grids in ``scheme.p
   subtracts the per-channel mean shift from ``b`` first.
 - Constant operands of Add/Mul: the activation grid on their own ``[min, max]``.
 
+Mixed precision (``wide`` and ``wide_units``: the units, by node name, that run at 16 bits on a
+target taking both, QNN HTP): a unit computes at one precision, its inputs and its output on that grid;
+a tensor is quantized at its producer unit's precision (a passthrough unit's outputs at its input's, a
+tensor no unit produces at 16 bits when a 16-bit unit reads it). A consumer unit of the other precision
+reads it through a conversion, as onnxruntime's quantizer writes it for a TensorQuantOverrides
+``convert`` (``qdq_quantizer.py``: ``Q(u8) -> DQ -> Q(u16) -> DQ``), the pair the QNN EP maps to one QNN
+Convert op (its DQ -> Q fusion): ``t -> Q(t; s8, z8) -> DQ -> Q(s16, z16) -> DQ -> consumer``, where
+``(s16, z16)`` is ``t``'s calibrated range on the consumer's grid. Up (8 -> 16 bits) the conversion is
+exact (the 8-bit values lie on the finer grid up to rounding of the scale ratio); down it rounds once more.
+Every Q/DQ of a mixed graph is in the 16-bit scheme's domain (com.microsoft below opset 21).
+
 Placement of the Q/DQ pairs: by default on every unit input and output (onnxruntime's CPU EP fuses
 ``DQ -> op -> Q`` into one integer kernel, and float consumers of a quantized tensor read a shared
 DQ). With ``inputs_only`` (a target whose ``qdq_placement`` is ``"inputs"``: OpenVINO, which reads
@@ -86,6 +97,46 @@ class QdqBuilder:
         self.rounded: dict = {}
         self.bias_shift: dict | None = None
         self.inputs_only = False
+        self.wide: QuantScheme | None = None  # the 16-bit scheme of mixed precision (module docstring)
+        self.wide_units: set = set()          # units (node names) at the wide precision
+
+    # -------------------------------------------------------------- precision
+    def unit_scheme(self, name: str) -> QuantScheme:
+        """The grid a (non-passthrough) unit computes on."""
+        return self.wide if self.wide is not None and name in self.wide_units else self.scheme
+
+    def tensor_schemes(self, units: dict) -> dict:
+        """tensor -> the scheme it is quantized with (empty without mixed precision: every tensor is on
+        ``scheme``): its producer unit's, a passthrough unit's input's, or, for a tensor no unit produces,
+        the wide one when a wide unit reads it."""
+        if self.wide is None or not self.wide_units:
+            return {}
+        wide_read = {t for u in units.values() if u.kind != "passthrough" and u.node in self.wide_units
+                     for t in u.inputs}
+        out: dict = {}
+        for node in self.graph_f.nodes:
+            u = units.get(node.name)
+            if u is None:
+                continue
+            for t in u.inputs:
+                out.setdefault(t, self.wide if t in wide_read else self.scheme)
+            if u.kind == "passthrough":
+                for t in node.outputs:
+                    out[t.name] = out[u.inputs[0]]
+            else:
+                out[u.output] = self.unit_scheme(u.node)
+        return out
+
+    def read_scheme(self, u: QuantUnit, tensor: str, schemes: dict) -> QuantScheme:
+        """The grid unit ``u`` reads ``tensor`` on: a passthrough unit the tensor's own, others their own."""
+        return schemes.get(tensor, self.scheme) if u.kind == "passthrough" else self.unit_scheme(u.node)
+
+    @property
+    def domain(self) -> str:
+        """The Q/DQ domain: the wide scheme's when some unit runs wide (com.microsoft for 16 bits below opset 21)."""
+        if self.wide is not None and self.wide_units:
+            return self.wide.qdq_domain or self.scheme.qdq_domain
+        return self.scheme.qdq_domain
 
     # -------------------------------------------------------------- parameters
     def weight_quant(self, W: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,9 +159,15 @@ class QdqBuilder:
             raise RuntimeError(f"no calibration range for tensor '{tensor}' (calibration did not capture it)")
         return self.ranges[tensor]
 
+    def params_at(self, tensor: str, scheme: QuantScheme) -> tuple[float, int]:
+        """(scale, zero point) of ``tensor``'s calibrated range (and folded clip) on ``scheme``'s grid."""
+        lo, hi = self.range_of(tensor)
+        return activation_params(scheme, lo, hi, self.clips.get(tensor))
+
     def params(self, units: dict) -> dict:
-        """(scale, zero point) of every activation tensor the units quantize."""
-        sch = self.scheme
+        """(scale, zero point) of every activation tensor the units quantize, on its own grid
+        (``tensor_schemes``)."""
+        schemes = self.tensor_schemes(units)
         params = {}
         for u in units.values():
             if u.kind == "passthrough":
@@ -118,7 +175,9 @@ class QdqBuilder:
             for t in u.inputs + [u.output]:
                 if t not in params:
                     lo, hi = self.range_of(t)
-                    params[t] = activation_params(sch, lo, hi, self.clips.get(t) if t == u.output else None)
+                    params[t] = activation_params(schemes.get(t, self.scheme), lo, hi,
+                                                  self.clips.get(t) if t == u.output else None)
+            sch = schemes.get(u.output, self.scheme)
             if u.kind == "elementwise" and sch.qmax > 255 and u.output == u.raw_output and \
                     self.nodes_f[u.node].op == "Sigmoid":
                 # QNN HTP's 16-bit Sigmoid has a fixed output encoding (onnxruntime's QNN config sets it too)
@@ -130,7 +189,7 @@ class QdqBuilder:
                 src = params.get(u.inputs[0])
                 if src is None:
                     lo, hi = self.range_of(u.inputs[0])
-                    src = params[u.inputs[0]] = activation_params(sch, lo, hi)
+                    src = params[u.inputs[0]] = activation_params(schemes.get(u.inputs[0], self.scheme), lo, hi)
                 for t in node.outputs:
                     params[t.name] = src
         return params
@@ -145,16 +204,18 @@ class QdqBuilder:
         g = gs.import_onnx(self.model_f)
         nodes = {n.name: n for n in g.nodes}
         tmap = g.tensors()
-        act_np = self.scheme.activation_dtype
-        domain = self.scheme.qdq_domain
+        domain = self.domain
+        schemes = self.tensor_schemes(units)
         consts: dict[str, tuple] = {}
 
-        def qparams(tname):
-            if tname not in consts:
-                s, z = params[tname]
-                consts[tname] = (gs.Constant(tname + "_scale", np.array(s, np.float32)),
-                                 gs.Constant(tname + "_zero_point", np.array(z, act_np)))
-            return consts[tname]
+        def qparams(tname, sch=None, suffix=""):
+            key = tname + suffix
+            if key not in consts:
+                s, z = params[tname] if sch is None else self.params_at(tname, sch)
+                dt = (sch or schemes.get(tname, self.scheme)).activation_dtype
+                consts[key] = (gs.Constant(key + "_scale", np.array(s, np.float32)),
+                               gs.Constant(key + "_zero_point", np.array(z, dt)))
+            return consts[key]
 
         int_consumers = set(units)
         qtensors = []
@@ -165,22 +226,36 @@ class QdqBuilder:
                 qtensors.extend(t.name for t in node.outputs if t.name in params)
             else:
                 qtensors.append(u.output)
+        graph_out = {t.name for t in g.outputs}
         for tname in dict.fromkeys(qtensors):
             t = tmap[tname]
+            final = None
+            if tname in graph_out and t.inputs:
+                # a quantized graph output (every-op placement): op -> t_float -> Q -> DQ -> t (name kept)
+                final, t = t, self._rename_output(t)
             consumers = [c for c in list(t.outputs) if not self.inputs_only or c.name in int_consumers]
-            if not consumers:
+            if not consumers and final is None:
                 continue
             s_c, z_c = qparams(tname)
-            tq = gs.Variable(tname + "_quantized", dtype=act_np, shape=t.shape)
+            own = schemes.get(tname, self.scheme)
+            tq = gs.Variable(tname + "_quantized", dtype=own.activation_dtype, shape=t.shape)
             qnode = gs.Node("QuantizeLinear", name=tname + "_QuantizeLinear", inputs=[t, s_c, z_c], outputs=[tq],
                             domain=domain)
             g.nodes.append(qnode)
             shared_dq = None
+            converted: dict = {}  # a consumer's grid -> (quantized tensor, scale, zero point) on it
             for k, c in enumerate(consumers):
                 if c.name in int_consumers:
+                    src = (tq, s_c, z_c)
+                    want = self.read_scheme(units[c.name], tname, schemes)
+                    if want is not own:
+                        if id(want) not in converted:
+                            converted[id(want)] = self._convert(g, t, tname, (tq, s_c, z_c), want,
+                                                                qparams(tname, want, "_convert"), domain)
+                        src = converted[id(want)]
                     dq_out = gs.Variable(f"{tname}_dequantized_{k}", dtype=np.float32, shape=t.shape)
                     g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear_{k}",
-                                           inputs=[tq, s_c, z_c], outputs=[dq_out], domain=domain))
+                                           inputs=list(src), outputs=[dq_out], domain=domain))
                 else:
                     if shared_dq is None:
                         shared_dq = gs.Variable(f"{tname}_dequantized", dtype=np.float32, shape=t.shape)
@@ -190,21 +265,52 @@ class QdqBuilder:
                 for i, inp in enumerate(c.inputs):
                     if inp is t:
                         c.inputs[i] = dq_out
+            if final is not None:
+                g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_DequantizeLinear_output",
+                                       inputs=[tq, s_c, z_c], outputs=[final], domain=domain))
         # weights, bias and constant operands
         for u in units.values():
             node = nodes[u.node]
             if u.kind == "weighted":
-                self._quantize_weights(g, node, u, params, (bias_shift or {}).get(u.node))
+                x = u.inputs[0]
+                want = self.unit_scheme(u.node)
+                sx = params[x][0] if want is schemes.get(x, self.scheme) else self.params_at(x, want)[0]
+                self._quantize_weights(g, node, u, sx, (bias_shift or {}).get(u.node))
             elif u.kind == "elementwise":
                 for i, t in enumerate(node.inputs):
-                    if isinstance(t, gs.Constant):
-                        node.inputs[i] = self._const_dq(g, t, f"{u.node}_in{i}")
+                    if isinstance(t, gs.Constant) and (u.const_inputs is None or i in u.const_inputs):
+                        node.inputs[i] = self._const_dq(g, t, f"{u.node}_in{i}", self.unit_scheme(u.node))
         g.cleanup().toposort()
         drop_qdq_value_info(g)  # every graph built alike: the one the guard measured is the one written
         return g
 
-    def _const_dq(self, g: gs.Graph, t: gs.Constant, name: str) -> gs.Variable:
-        sch = self.scheme
+    @staticmethod
+    def _rename_output(t: gs.Variable) -> gs.Variable:
+        """The graph output ``t``'s producer writes ``t + "_float"`` instead, which every consumer of ``t`` now
+        reads; ``t`` is left without producer (the caller's final DequantizeLinear writes it)."""
+        pre = gs.Variable(t.name + "_float", dtype=t.dtype, shape=t.shape)
+        for c in list(t.outputs):
+            for i, inp in enumerate(c.inputs):
+                if inp is t:
+                    c.inputs[i] = pre
+        producer = t.inputs[0]
+        producer.outputs[list(producer.outputs).index(t)] = pre
+        return pre
+
+    @staticmethod
+    def _convert(g: gs.Graph, t, tname: str, src: tuple, want: QuantScheme, qp: tuple, domain: str) -> tuple:
+        """``src`` (quantized ``t``, scale, zero point) requantized onto ``want``'s grid with the parameters
+        ``qp``: DQ -> Q, the pair the QNN EP runs as one Convert op; returns (quantized, scale, zero point)."""
+        mid = gs.Variable(f"{tname}_convert_dequantized", dtype=np.float32, shape=t.shape)
+        g.nodes.append(gs.Node("DequantizeLinear", name=f"{tname}_convert_DequantizeLinear", inputs=list(src),
+                               outputs=[mid], domain=domain))
+        out = gs.Variable(f"{tname}_convert_quantized", dtype=want.activation_dtype, shape=t.shape)
+        g.nodes.append(gs.Node("QuantizeLinear", name=f"{tname}_convert_QuantizeLinear", inputs=[mid, *qp],
+                               outputs=[out], domain=domain))
+        return (out, *qp)
+
+    def _const_dq(self, g: gs.Graph, t: gs.Constant, name: str, scheme: QuantScheme | None = None) -> gs.Variable:
+        sch = scheme or self.scheme
         c = np.asarray(t.values).astype(np.float32)
         lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
         s, z = activation_params(sch, lo, hi)
@@ -214,11 +320,12 @@ class QdqBuilder:
                                inputs=[gs.Constant(name + "_quantized", qv),
                                        gs.Constant(name + "_scale", np.array(s, np.float32)),
                                        gs.Constant(name + "_zero_point", np.array(z, sch.activation_dtype))],
-                               outputs=[out], domain=sch.qdq_domain))
+                               outputs=[out], domain=self.domain))
         return out
 
-    def _quantize_weights(self, g: gs.Graph, node: gs.Node, u: QuantUnit, params: dict, shift) -> None:
-        per_channel, domain = self.scheme.per_channel, self.scheme.qdq_domain
+    def _quantize_weights(self, g: gs.Graph, node: gs.Node, u: QuantUnit, sx: float, shift) -> None:
+        """Int8 weights and the int32 bias (``s_b = sx * s_w``, ``sx`` the input's scale on the unit's grid)."""
+        per_channel, domain = self.scheme.per_channel, self.domain
         W = np.asarray(node.inputs[1].values).astype(np.float32)
         axis = u.weight_axis
         wq, ws = self.unit_weight_quant(node.name, W, axis)
@@ -234,11 +341,10 @@ class QdqBuilder:
         b = None
         if len(node.inputs) > bias_idx and node.inputs[bias_idx].name:
             b = np.asarray(node.inputs[bias_idx].values).astype(np.float32).reshape(-1)
-        if shift is not None and node.op in ("Conv", "Gemm"):  # MatMul has no bias to carry it
+        if shift is not None and node.op in ("Conv", "ConvTranspose", "Gemm"):  # MatMul has no bias to carry it
             b = (np.zeros(len(shift), np.float32) if b is None else b) - shift.astype(np.float32)
         if b is None:
             return
-        sx = params[u.inputs[0]][0]
         n_out = W.shape[axis] if node.op != "Gemm" else W.shape[0 if int(node.attrs.get("transB", 0)) else 1]
         if b.size == 1 and n_out > 1:
             b = np.full(n_out, b[0], np.float32)

@@ -50,12 +50,14 @@ from onnxshrink.passes.quantize.knob import QuantizeKnob
 from onnxshrink.passes.quantize.plan import (
     WEIGHTED_OPS,
     PlacementRules,
+    float_activations,
     has_float_weights,
     plan_units,
     refuse_quantized,
 )
 from onnxshrink.passes.quantize.prepare import prepare_float_graph
 from onnxshrink.passes.quantize.qdq import QdqBuilder, drop_qdq_value_info
+from onnxshrink.passes.quantize.regions import describe_regions
 from onnxshrink.passes.quantize.rounding import round_units
 from onnxshrink.passes.quantize.scheme import choose_scheme, upgrade_opset, use_qdq_domain
 from onnxshrink.passes.quantize.smooth import AUTO_ALPHA, AUTO_MIN_RATIO, smooth_activations, smooth_groups
@@ -155,9 +157,12 @@ class QuantizePass(Pass):
         # nothing to quantize, so weaker() stops below it. The manager calls weaker() right after a
         # run on the same graph and gives it no graph, so the count comes from that run.
         self.planned_units: int | None = None
+        self.integer_only = False  # the last run's target has no float unit (QNN HTP before v73)
 
     def weaker(self):
         o = self.options
+        if self.integer_only:
+            return None  # a device without a float unit: no unit can be kept float
         nxt = max(1, 2 * o.keep_float)
         if self.planned_units is not None and nxt >= self.planned_units:
             return None
@@ -169,6 +174,7 @@ class QuantizePass(Pass):
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         o = self.options
         trial: dict = {}
+        self.integer_only = bool(getattr(ctx.target, "integer_only", False))
         on_cpu = ctx.target is None or ctx.target.name == "cpu"
         if o.dynamic_nodes and o.weights_only == "off":
             refuse_quantized(graph)
@@ -246,10 +252,11 @@ class QuantizePass(Pass):
         fidelity floor or kept units in float to hold it: quantize again with ``wide`` activations,
         plain and with bias correction (with 16-bit activations the int8 weights' rounding is the
         main error left, and its per-channel mean shift is what bias correction removes), and keep
-        the plan that holds the floor with the fewest float units, then the best cosine (ties with
-        the 8-bit plan: 8-bit, half the bandwidth)."""
+        the plan that holds the floor with the fewest float units, then the fewest units at 16 bits
+        (the 8-bit plan may be mixed: ``regions.py``), then the best cosine (ties with the 8-bit plan:
+        8-bit, half the bandwidth)."""
         def rank(o):
-            return (o["holds"], -o["kept_float"], o["cosine"])
+            return (o["holds"], -o["kept_float"], -o.get("wide", 0.0), o["cosine"])
 
         act8 = run8.stats.get("scheme", {}).get("activations")
         cands = {act8: run8}
@@ -260,10 +267,18 @@ class QuantizePass(Pass):
                 cands[wide + ("+bias_correction" if bc and not self.options.bias_correction else "")] = done
         best = max(cands, key=lambda k: (rank(cands[k].outcome), k == act8))
         chosen = cands[best]
+        if best != act8 and chosen.stats.get("quantized_units"):
+            o8 = run8.outcome
+            chosen.stats["precision_regions"] = [{
+                "precision": wide, "units": sum(chosen.stats["quantized_units"].values()),
+                "weighted": chosen.stats["quantized_units"]["weighted"], "nodes": [],
+                "why": f"{act8} misses the fidelity floor (cosine {o8['cosine']:.5f}" +
+                       (f", {o8['kept_float']} units float" if o8["kept_float"] else "") +
+                       f"; no mixed plan held); the whole model at {best}: cosine {chosen.outcome['cosine']:.5f}"}]
         chosen.result.stats["activation_choice"] = {
             "chosen": best, "candidates": {k: v.outcome for k, v in cands.items()},
             "rule": "the target takes 8- and 16-bit activations: the plan that holds the fidelity floor with the "
-                    "fewest units kept float, then the best cosine (ties: 8-bit)"}
+                    "fewest units kept float, then the fewest units at 16 bits, then the best cosine (ties: 8-bit)"}
         return chosen
 
 
@@ -343,9 +358,15 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     def float_result(why: str) -> PassResult:
         return fallback.float_result(graph, pre_opset if pre_opset is not None else gs.import_onnx(model_f), why)
 
-    # a target reading Q/DQ only at the inputs of integer ops (OpenVINO) gets no integer elementwise units
+    # a target reading Q/DQ only at the inputs of integer ops (OpenVINO) gets no integer elementwise units;
+    # a device without a float unit (QNN HTP before v73) gets every op between Q/DQ
     inputs_only = getattr(ctx.target, "qdq_placement", "fused") == "inputs"
-    rules = PlacementRules(o.elementwise and not inputs_only, o.matmul_activations, o.fold_activations)
+    integer_only = bool(getattr(ctx.target, "integer_only", False))
+    rules = PlacementRules(o.elementwise and not inputs_only, o.matmul_activations, o.fold_activations,
+                           float_tensors=float_activations(model_f) if integer_only else None)
+    if integer_only:
+        stats["placement"] = (f"every op between Q/DQ (HTP v{ctx.target.htp_arch} has no float unit); "
+                              f"no unit is kept float")
     excluded = set(o.exclude)
     units, reasons = plan_units(graph, excluded, rules)
     if not any(u.kind == "weighted" for u in units.values()):
@@ -368,6 +389,12 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     lap("calibrate")
     builder = QdqBuilder(scheme, model_f, graph, ranges, clips)
     builder.inputs_only = inputs_only
+    wide = getattr(ctx.target, "wide_activation_dtype", None) if o.activation_dtype == "auto" else None
+    if wide and np.dtype(scheme.activation_dtype).itemsize == 1 and (o.guard or ctx.budget is not None):
+        # mixed 8/16-bit regions, tried by the guard when the 8-bit plan misses the floor (regions.py)
+        builder.wide, _ = choose_scheme(dataclasses.replace(o, activation_dtype=wide), ctx.target)
+        builder.wide.per_channel = scheme.per_channel
+        use_qdq_domain(builder.wide, int(graph.opset or 0), {"scheme": {}})
     if inputs_only:
         stats["placement"] = f"Q/DQ only at the inputs of integer ops (the {ctx.target.name} target)"
     if o.rounding == "gptq":
@@ -384,7 +411,7 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     lap("analyse")
     builder.bias_shift = ({k: a["shift"] for k, a in analysed.items()} if o.bias_correction and analysed else None)
     order = analysis.order() if analysed else None
-    if o.keep_float and order:
+    if o.keep_float and order and not integer_only:
         excluded |= set(order[: o.keep_float])
         units, reasons = plan_units(graph, excluded, rules)
     placement = Placement(builder.build(units), units, reasons, excluded)
@@ -397,6 +424,20 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
             stats["nodes"] = placement.reasons
             return QuantizeRun(float_result(stats.get("guard_reason", "no faster placement")), stats, n_units, outcome)
     units, reasons, excluded = placement.units, placement.reasons, placement.excluded
+    if placement.wide:
+        act8, act16 = stats["scheme"]["activations"], np.dtype(builder.wide.activation_dtype).name
+        stats["scheme"]["activations"] = f"mixed {act8}/{act16}"
+        stats["precision_regions"] = describe_regions(units, set(placement.wide), stats.get("wide_seeds", []),
+                                                      analysis.nsr, act8, act16, builder.graph_f)
+        stats["wide_units"] = len(placement.wide)
+        if builder.wide.qdq_domain:
+            stats["scheme"]["qdq_domain"] = builder.wide.qdq_domain
+    elif builder.wide is not None and units:
+        act8 = stats["scheme"]["activations"]
+        why = (f"the whole model holds the fidelity floor at {act8} (cosine {outcome['cosine']:.5f})"
+               if outcome and outcome["holds"] else f"{act8} (no plan held the fidelity floor)")
+        stats["precision_regions"] = [{"precision": act8, "units": len(units), "weighted": sum(
+            1 for u in units.values() if u.kind == "weighted"), "nodes": list(units)[:8], "why": why}]
     for n in excluded:
         if n in reasons and n in analysis.nsr and not reasons[n].startswith("kept float: small"):
             reasons[n] = f"kept float: sensitive (alone it adds noise-to-signal {analysis.nsr[n]:.2e})"

@@ -58,8 +58,8 @@ def analyse_units(builder: QdqBuilder, units: dict, samples: CalibrationSamples,
     w_units = [u for u in units.values() if u.kind == "weighted"]
     if not w_units:
         return {}
-    scheme = builder.scheme
     params = builder.params(units)
+    schemes = builder.tensor_schemes(units)  # mixed precision: each unit reads on its own grid
     g = gs.import_onnx(builder.model_f)
     nodes = {n.name: n for n in g.nodes}
     tmap = g.tensors()
@@ -67,17 +67,19 @@ def analyse_units(builder: QdqBuilder, units: dict, samples: CalibrationSamples,
     for u in w_units:
         node = nodes[u.node]
         x = tmap[u.inputs[0]]
-        s, z = params[u.inputs[0]]
+        scheme = builder.read_scheme(u, u.inputs[0], schemes)
+        s, z = params[u.inputs[0]] if scheme is schemes.get(u.inputs[0], builder.scheme) else \
+            builder.params_at(u.inputs[0], scheme)
         sc = gs.Constant(u.node + "_sh_scale", np.array(s, np.float32))
         zc = gs.Constant(u.node + "_sh_zp", np.array(z, scheme.activation_dtype))
         xq = gs.Variable(u.node + "_sh_xq", dtype=scheme.activation_dtype)
         xd = gs.Variable(u.node + "_sh_xd", dtype=np.float32)
-        g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq], domain=scheme.qdq_domain))
-        g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd], domain=scheme.qdq_domain))
+        g.nodes.append(gs.Node("QuantizeLinear", inputs=[x, sc, zc], outputs=[xq], domain=builder.domain))
+        g.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, sc, zc], outputs=[xd], domain=builder.domain))
         W = np.asarray(node.inputs[1].values).astype(np.float32)
         wq, ws = builder.unit_weight_quant(u.node, W, u.weight_axis)
         shape = [1] * W.ndim
-        if scheme.per_channel:
+        if builder.scheme.per_channel:
             shape[u.weight_axis] = -1
         Wf = (wq.astype(np.float32) * ws.reshape(shape)).astype(np.float32)
         ins = [xd, gs.Constant(u.node + "_sh_W", Wf)]
@@ -98,7 +100,7 @@ def analyse_units(builder: QdqBuilder, units: dict, samples: CalibrationSamples,
         for u, a, b in pairs:
             yf, yq = cap[a].astype(np.float64), cap[b].astype(np.float64)
             op = nodes[u.node].op
-            axis = 1 if op == "Conv" else yf.ndim - 1
+            axis = 1 if op in ("Conv", "ConvTranspose") else yf.ndim - 1
             red = tuple(i for i in range(yf.ndim) if i != axis)
             r = acc[u.node]
             r["d"] = r["d"] + (yq - yf).mean(axis=red)
