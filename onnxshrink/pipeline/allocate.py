@@ -525,7 +525,7 @@ def quantize_closure(best, chosen, table, extra, verify, kind, alloc, feeds, cac
         log.append(f"{label} ({raised} units raised to int8): {hit['ms'][1]:.2f} ms vs {hit['ms'][0]:.2f} ms for "
                    f"{kept['n']}, speed-up {hit['speedup']:.3f}x, 95 % interval {hit['interval'][0]:.3f}-"
                    f"{hit['interval'][1]:.3f} (interleaved, 1 thread; kept when clearly faster: the "
-                   f"interval above {CLEAR_MARGIN:g}x){' (cached)' if was_cached else ''}")
+                   f"interval above {hit.get('margin', CLEAR_MARGIN):g}x){' (cached)' if was_cached else ''}")
         # clearly faster by a margin: a tie within timing noise (a tiny model) must not flip the decision
         if hit["faster"]:
             kept, kept_chosen = verify(label), extra[label]
@@ -580,7 +580,7 @@ def speed_verdict(model_a, model_b, feeds) -> dict:
     """Whether ``model_b`` is clearly faster than ``model_a`` (``runtime.compare_speed``), with the
     timings behind the verdict, as the cache stores it."""
     cmp = compare_speed(model_a, model_b, feeds, decides=(("faster", 1.0),))
-    return {**cmp.as_dict(), "faster": cmp.faster_than(1.0)}
+    return {**cmp.as_dict(), "faster": cmp.faster_than(1.0), "margin": cmp.margin}
 
 
 def _rank(row, kind):

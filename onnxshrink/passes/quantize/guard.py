@@ -45,7 +45,7 @@ from onnxshrink.passes.quantize.plan import PlacementRules, plan_units
 from onnxshrink.passes.quantize.qdq import QdqBuilder
 from onnxshrink.passes.quantize.regions import wide_region
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis, analyse_units
-from onnxshrink.runtime import CLEAR_MARGIN, compare_speed, make_session
+from onnxshrink.runtime import compare_speed, make_session
 from onnxshrink.targets.openvino import openvino_available, openvino_compare_speed
 
 SMALL_CONV_LIMITS = (2048, 8192, 32768)  # weight counts under which convolutions go back to float, in turn
@@ -288,7 +288,7 @@ class QuantizeGuard:
         if not best_cmp.faster_than(self.o.min_speedup):
             self.stats["guard_reason"] = (
                 f"no quantized placement is clearly faster than fp32 on {where} (best {best_cmp.speedup:.2f}x, "
-                f"95 % interval {best_cmp.low:.2f}-{best_cmp.high:.2f}x, which must lie above {CLEAR_MARGIN:g} x "
+                f"95 % interval {best_cmp.low:.2f}-{best_cmp.high:.2f}x, which must lie above {best_cmp.margin:g} x "
                 f"min_speedup; a tie keeps float)")
             return dataclasses.replace(chosen, graph=None)
         return best
