@@ -22,6 +22,7 @@ import collections
 
 import numpy as np
 import onnx
+from networkx.utils import UnionFind
 from onnx import numpy_helper
 
 from onnxshrink.graph.shapes import infer_shapes
@@ -248,14 +249,7 @@ def _fused_activation(conv, consumers) -> bool:
 
 def _count_partitions(g, names, taken, producers) -> int:
     """Connected components of taken nodes (edges between taken producer/consumer pairs)."""
-    parent = {k: k for k in taken}
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    parts = UnionFind(taken)
     by_node = dict(zip([id(n) for n in g.node], names))
     for name, n in zip(names, g.node):
         if name not in taken:
@@ -263,8 +257,8 @@ def _count_partitions(g, names, taken, producers) -> int:
         for i in n.input:
             p = producers.get(i)
             if p is not None and by_node[id(p)] in taken:
-                parent[find(name)] = find(by_node[id(p)])
-    return len({find(k) for k in taken})
+                parts.union(name, by_node[id(p)])
+    return len({parts[k] for k in taken})
 
 
 def _usability_check(model_with_shapes: onnx.ModelProto, profile) -> dict:

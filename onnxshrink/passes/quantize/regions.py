@@ -21,6 +21,8 @@ from __future__ import annotations
 
 __all__ = ["wide_region", "describe_regions"]
 
+from networkx.utils import UnionFind
+
 
 def wide_region(seeds: list, units: dict) -> set:
     """The units to run wide so that every seed reads 16-bit inputs: the seeds and the units producing
@@ -88,22 +90,15 @@ def describe_regions(units: dict, wide: set, seeds: list, nsr: dict, narrow: str
         return wide_name if name in wide else narrow
 
     precision = {n: prec(n) for n in units}
-    parent = {n: n for n in units}
-
-    def find(n):
-        while parent[n] != n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
+    regions = UnionFind(units)
     for u in units.values():
         for t in u.inputs:
             for p in unit_sources(t, set()):
                 if p in precision and precision[p] == precision[u.node]:
-                    parent[find(p)] = find(u.node)
+                    regions.union(p, u.node)
     groups: dict = {}
     for n in units:
-        groups.setdefault(find(n), []).append(n)
+        groups.setdefault(regions[n], []).append(n)
     seed_set = set(seeds)
     out = []
     for members in sorted(groups.values(), key=len, reverse=True):
