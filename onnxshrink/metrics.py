@@ -12,7 +12,7 @@ model's ``cosine``/``sqnr`` are means over samples, ``cosine_min`` the worst sam
 from __future__ import annotations
 
 __all__ = ["METRICS", "Budget", "fidelity", "compare_outputs", "DEFAULT_BUDGET", "DEFAULT_SCALAR_BUDGET",
-           "UNCHECKED_BUDGET", "blind_metric_outputs", "output_scales", "out_of_reach", "label_accuracy"]
+           "UNCHECKED_BUDGET", "blind_metric_outputs", "output_scales", "out_of_reach"]
 
 import math
 import re
@@ -167,23 +167,19 @@ def output_scales(reference: Sequence[Sequence[np.ndarray]]) -> list[float]:
     return scales
 
 
-def out_of_reach(budget: "Budget", baseline: dict | None, per_sample: Sequence[dict], n_total: int,
-                 hits: int | None = None) -> bool:
+def out_of_reach(budget: "Budget", baseline: dict | None, per_sample: Sequence[dict], n_total: int) -> bool:
     """Whether ``budget`` cannot hold on ``n_total`` samples whatever the samples not yet measured
     give, from the per-sample scores of the first ones (``compare_outputs`` with the whole set's
-    scales; ``hits``: how many of them the label agrees with, for ``accuracy``). Exact bounds, no
-    statistics: a mean of per-sample values at most 1 (cosine, top1, accuracy) needs
-    ``sum + (n - k) >= n t``; a mean of non-negative values (mse) ``sum <= n t``; a minimum
-    (cosine_min) or maximum (max_abs) is broken by one sample. Other metrics (sqnr, top5, user)
-    are never out of reach before the end."""
+    scales). Exact bounds, no statistics: a mean of per-sample values at most 1 (cosine, top1)
+    needs ``sum + (n - k) >= n t``; a mean of non-negative values (mse) ``sum <= n t``; a minimum
+    (cosine_min) or maximum (max_abs) is broken by one sample. Other metrics (sqnr, accuracy and
+    top5 against labels, user) are never out of reach before the end."""
     k, n = len(per_sample), n_total
-    if not k or budget.metric in ("sqnr", "top5", "user"):
+    if not k:
         return False
     t = budget.threshold(baseline)
     if budget.metric in ("cosine", "top1") and budget.op == ">=":
         return sum(p[budget.metric] for p in per_sample) + (n - k) < n * t
-    if budget.metric == "accuracy" and budget.op == ">=" and hits is not None:
-        return hits + (n - k) < n * t
     if budget.metric == "cosine_min" and budget.op == ">=":
         return min(p["cosine"] for p in per_sample) < t
     if budget.metric == "max_abs" and budget.op == "<=":

@@ -226,17 +226,17 @@ def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_round
     blocks widens it instead of faking a clear difference.
 
     Early stop: ``decides`` names the decisions the caller takes on the result (``("faster", t)``:
-    ``faster_than(t)``, whose boundary is the ratio ``t x CLEAR_MARGIN``; ``("slower", t)``:
-    ``slower_than(t)``, boundary ``t / CLEAR_MARGIN``). Two short blocks of ``early_rounds`` rounds
-    are timed first; when no boundary lies inside their interval, every decision is already taken as
-    the full measurement would take it (its interval is narrower around the same median) and that
-    comparison is returned. With 6 rounds a block's interval is its [min, max] ratio (coverage of
-    the median 1 - 2/2^6 = 97 %), so a clear early verdict needs every one of the 12 rounds on one
-    side of the boundary. Otherwise (a close call) each block grows to its full size: the rounds
-    timed are the same number as without the early look. The early look is taken only where the
-    time budget limits the rounds (a pair run longer than ``seconds / max_rounds``): consecutive runs
-    of a tiny model drift together, so 12 of them can all lie on one side by chance, and its full
-    measurement is cheap."""
+    ``faster_than(t)``, whose boundary is the ratio ``t x margin``; ``("slower", t)``:
+    ``slower_than(t)``, boundary ``t / margin``; ``SpeedComparison.margin``). Two short blocks of
+    ``early_rounds`` rounds are timed first; when no boundary lies inside their interval, every
+    decision is already taken as the full measurement would take it (its interval is narrower
+    around the same median) and that comparison is returned. With 6 rounds a block's interval is
+    its [min, max] ratio (coverage of the median 1 - 2/2^6 = 97 %), so a clear early verdict needs
+    every one of the 12 rounds on one side of the boundary. Otherwise (a close call) each block
+    grows to its full size: the rounds timed are the same number as without the early look. The
+    early look is taken only where the time budget limits the rounds (a pair run longer than
+    ``seconds / max_rounds``): consecutive runs of a tiny model drift together, so 12 of them can
+    all lie on one side by chance, and its full measurement is cheap."""
     sa = model_a if isinstance(model_a, ort.InferenceSession) else make_session(model_a, optimize=True, threads=1)
     sb = model_b if isinstance(model_b, ort.InferenceSession) else make_session(model_b, optimize=True, threads=1)
     one = (measure_latency(sa, feeds, runs=1, warmup=1) + measure_latency(sb, feeds, runs=1, warmup=1)) / 1e3
@@ -245,7 +245,7 @@ def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_round
     if decides and rounds < max_rounds and rounds > 2 * early_rounds:  # only where the time budget binds
         early = [interleaved_latency([sa, sb], feeds, rounds=early_rounds, runs=1, warmup=1) for _ in range(2)]
         cmp = speed_comparison(early)
-        bounds = [t * CLEAR_MARGIN if kind == "faster" else t / CLEAR_MARGIN for kind, t in decides]
+        bounds = [t * cmp.margin if kind == "faster" else t / cmp.margin for kind, t in decides]
         if not any(cmp.low <= b <= cmp.high for b in bounds):
             return cmp
         # a close call: each block grows to its full size (the early rounds count, nothing is re-timed)

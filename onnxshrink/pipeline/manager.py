@@ -215,11 +215,9 @@ class PassManager:
         ``_selection_outputs``, so the candidate a search keeps is not run again."""
         if self.budget is None or self.metric is not None:
             return fidelity(reference, self._selection_outputs(model, val), self.metric, val, self.val_labels)
-        key = None if model_io.is_large(model) else hashlib.blake2b(model.SerializeToString(),
-                                                                     digest_size=16).digest()
-        memo = self._selection_memo
-        if key is not None and memo is not None and memo[0] == key and memo[1] is val:
-            return fidelity(reference, memo[2], None, val, self.val_labels)
+        key, kept = self._kept_selection_outputs(model, val)
+        if kept is not None:
+            return fidelity(reference, kept, None, val, self.val_labels)
         sess = make_session(model, optimize=True, low_memory=True)
         names = [o.name for o in sess.get_outputs()]
         scales, labels = output_scales(reference), self.val_labels
@@ -240,14 +238,21 @@ class PassManager:
         the user runs it). The last call's outputs are kept under a digest of the model's bytes: the
         quantize guard's evaluation of the placement it keeps, the manager's validation of the pass's
         result and the final selection figure are one model, run once."""
-        key = None if model_io.is_large(model) else hashlib.blake2b(model.SerializeToString(),
-                                                                     digest_size=16).digest()
-        memo = self._selection_memo
-        if key is not None and memo is not None and memo[0] == key and memo[1] is val:
-            return memo[2]
+        key, kept = self._kept_selection_outputs(model, val)
+        if kept is not None:
+            return kept
         outs = self._outputs(model, val, optimize=True)
         self._selection_memo = (key, val, outs) if key is not None else None
         return outs
+
+    def _kept_selection_outputs(self, model: onnx.ModelProto, val) -> tuple:
+        """(the digest of ``model``'s bytes, None past 2 GB; the selection outputs kept for it, or None
+        when the last ones measured were another model's or other samples')."""
+        key = None if model_io.is_large(model) else hashlib.blake2b(model.SerializeToString(),
+                                                                     digest_size=16).digest()
+        memo = self._selection_memo
+        hit = key is not None and memo is not None and memo[0] == key and memo[1] is val
+        return key, memo[2] if hit else None
 
     @staticmethod
     def _outputs_of_sets(model: onnx.ModelProto, sample_sets, optimize: bool) -> list:
@@ -389,14 +394,11 @@ class PassManager:
         # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
         # the verdict, on the test samples no decision saw (the selection figure beside it)
-        memo = self._selection_memo
-        reuse = test is not val and io.identity and memo is not None and memo[1] is val and \
-            not model_io.is_large(current) and \
-            memo[0] == hashlib.blake2b(current.SerializeToString(), digest_size=16).digest()
-        final, *final_val = self._final_outputs(io, current, [test] + ([] if test is val or reuse else [val]),
-                                                report)
-        if reuse:
-            final_val = [memo[2]]
+        kept = self._kept_selection_outputs(current, val)[1] if test is not val and io.identity else None
+        final, *final_val = self._final_outputs(io, current,
+                                                [test] + ([] if test is val or kept is not None else [val]), report)
+        if kept is not None:
+            final_val = [kept]
         self._selection_memo = None
         report.fidelity = fidelity(test_reference, final, self.metric, test, self.test_labels)
         if final_val:

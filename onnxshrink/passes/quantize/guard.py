@@ -78,7 +78,7 @@ class FidelityCheck:
         cannot hold stops at the first sample that proves it), else the own check on up to 8
         calibration samples."""
         if self.ctx.budget is not None and self.ctx.evaluator is not None:
-            if getattr(self.ctx, "screen", None) is not None:
+            if self.ctx.screen is not None:
                 return self.ctx.screen(g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g))
             return self.ctx.evaluate(g)
         if self.reference is None:

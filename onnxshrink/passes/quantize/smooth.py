@@ -47,9 +47,9 @@ AUTO_MIN_RATIO = 8.0  # ... on the groups whose largest channel range is 8x thei
 
 @dataclass
 class SmoothGroup:
-    """One smoothable activation: ``tensor`` (``[..., K]``), the ``producer`` whose per-channel
-    constants (``affine``: the indices of its inputs that carry them) absorb ``1 / s``, and the
-    MatMul ``consumers`` whose weight rows absorb ``s``."""
+    """One smoothable activation: ``tensor`` (``[..., K]``), the ``producer`` constants that absorb
+    ``1 / s`` (``(node, input index)`` pairs: LayerNormalization's scale and bias, or the Mul's and
+    the Add's constant), and the MatMul ``consumers`` whose weight rows absorb ``s``."""
 
     tensor: gs.Variable
     producer: list  # [(node, input index)] of the constants that take 1 / s
@@ -130,9 +130,8 @@ def smooth_activations(graph: gs.Graph, act_absmax: dict, alpha: float = 0.5, mi
         s = np.clip(s, *S_BOUNDS)
         for node, i in g.producer:
             c = np.asarray(node.inputs[i].values, np.float64)
-            node.inputs[i] = gs.Constant(node.inputs[i].name + "_smoothed", (c / s).astype(np.float32)
-                                         if c.size > 1 else np.broadcast_to(c.reshape(-1)[0] / s, s.shape)
-                                         .astype(np.float32))
+            # c is [K], [.., K] or a scalar: c / s broadcasts over the last axis in every case
+            node.inputs[i] = gs.Constant(node.inputs[i].name + "_smoothed", (c / s).astype(np.float32))
         for n in g.consumers:
             w = np.asarray(n.inputs[1].values, np.float64)
             n.inputs[1] = gs.Constant(n.inputs[1].name + "_smoothed", (w * s[:, None]).astype(np.float32))
