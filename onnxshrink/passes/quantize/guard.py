@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.metrics import fidelity
+from onnxshrink.metrics import Budget, fidelity
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.quantize.calibrate import CalibrationSamples
 from onnxshrink.passes.quantize.plan import PlacementRules, plan_units
@@ -60,6 +60,9 @@ class Placement:
     reasons: dict
     excluded: set
     wide: frozenset = frozenset()  # units at the wide (16-bit) precision of a mixed plan
+
+
+AIM_MARGIN = 0.5  # the region search keeps half a cosine floor's allowance in reserve
 
 
 class FidelityCheck:
@@ -190,7 +193,7 @@ class QuantizeGuard:
         returns the last fidelity measured. The builder is left at 8 bits for the plans after it."""
         order = self.analysis.order()
         b = self.builder
-        aim = self._margin()
+        aim = self._aim()
         k, held = 1, None
         while order:
             wide = wide_region(order[:k], start.units)
@@ -205,7 +208,7 @@ class QuantizeGuard:
             if self.check.holds(fid):
                 if held is None or fid.get("cosine", 0.0) > held[0].get("cosine", 0.0):
                     held = (fid, p, k)
-                if aim is None or fid.get("cosine", 0.0) >= aim:
+                if aim is None or aim.holds(fid, margin=AIM_MARGIN):
                     break
             if k >= len(order):
                 break
@@ -216,21 +219,21 @@ class QuantizeGuard:
         tried.append((fid, p))
         self.stats["wide_seeds"] = order[:k]
         if aim is not None:
-            self.stats["wide_aim"] = f"cosine>={aim:.4f} on the selection samples (half the error the floor allows)"
+            self.stats["wide_aim"] = (f"cosine>={1 - (1 - aim.value) * (1 - AIM_MARGIN):.4f} on the selection "
+                                      f"samples (half the error the floor allows)")
         return self._mixed_bias_corrected(p, fid, tried, log)
 
-    def _margin(self) -> float | None:
-        """The mean cosine the region search aims at: half the error a cosine floor allows (the floor
-        is met on 8 selection samples; a plan just at it missed the same budget on held-out photos,
+    def _aim(self) -> Budget | None:
+        """The cosine floor the region search aims beyond, with ``AIM_MARGIN`` of its allowance in
+        reserve (``Budget.holds``' margin: half the error the floor allows; the floor is met on 8
+        selection samples, and a plan just at it missed the same budget on held-out photos,
         PP-OCRv4 det: 0.990 on selection, 0.980 on test). None for a budget on another metric."""
         budget = self.ctx.budget
         if budget is None:
-            floor = self.check.floor
-        elif budget.metric == "cosine" and budget.op == ">=" and not budget.relative:
-            floor = budget.value
-        else:
-            return None
-        return 1.0 - (1.0 - floor) / 2
+            return Budget("cosine", ">=", self.check.floor)
+        if budget.metric == "cosine" and budget.op == ">=" and not budget.relative:
+            return budget
+        return None
 
     def _mixed_bias_corrected(self, p: Placement, fid: dict, tried: list, log: list) -> dict:
         """The holding mixed plan ``p`` (last in ``tried``) with bias correction too (the mean shifts of a
