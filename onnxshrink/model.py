@@ -372,8 +372,11 @@ def check_output_path(out: str | os.PathLike, input_path: str | os.PathLike | No
         inp = Path(input_path)
         if _same_file(out, inp):
             raise UsageError(f"output path is the input file ({out}); refusing to overwrite the input")
-        for f in external_data_files(inp) if inp.exists() else []:
-            for candidate in (out, out.with_name(out.name + ".data")):
+        # only a file that exists can be one of the input's: the input is parsed (all its inline
+        # weights read) only then
+        existing = [c for c in (out, out.with_name(out.name + ".data")) if c.exists()]
+        for f in external_data_files(inp) if existing and inp.exists() else []:
+            for candidate in existing:
                 if _same_file(candidate, f):
                     raise UsageError(f"writing {out} would overwrite the input's external data file {f}; "
                                      "choose another output name")

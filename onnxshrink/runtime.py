@@ -4,7 +4,7 @@ onnxruntime's error messages made readable (``ort_message``)."""
 from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
-           "compare_speed", "speed_comparison", "SpeedComparison", "CLEAR_MARGIN",
+           "compare_speed", "compare_speeds", "speed_comparison", "SpeedComparison", "CLEAR_MARGIN",
            "add_outputs", "append_outputs", "ort_message"]
 
 import math
@@ -172,6 +172,7 @@ def interleaved_latency(models: list, feeds: dict, rounds: int = 8, runs: int = 
 
 CLEAR_MARGIN = 1.03  # a speed difference counts when its whole interval is 3 % beyond the threshold
 EARLY_ROUNDS = 6  # rounds per block of compare_speed's early look
+EARLY_LOOK_MS = 2.0  # the early look is taken where a round of the pair takes this long or more
 # a model whose run takes under 0.1 ms: its rounds drift together far more than the interval says
 # (caches, the Python call around a few microseconds of work), so a difference must be 10 % to count
 TINY_RUN_MS, TINY_MARGIN = 0.1, 1.10
@@ -218,41 +219,63 @@ class SpeedComparison:
 def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_rounds: int = 15,
                   max_rounds: int = 61, decides: Sequence[tuple[str, float]] = (("faster", 1.0), ("slower", 1.0)),
                   early_rounds: int = EARLY_ROUNDS) -> SpeedComparison:
-    """Time two models (ModelProto or session) on one thread in interleaved rounds, as many as fit
-    in about ``seconds`` of the pair (``min_rounds``..``max_rounds``), and compare them
-    (``SpeedComparison``): the one latency measurement every speed decision uses. The rounds run in
-    two blocks, each warmed up afresh (one run of each model where the rounds are long); the
+    """Time two models (ModelProto or session) on one thread in interleaved rounds and compare them
+    (``SpeedComparison``): the one latency measurement every speed decision uses;
+    ``compare_speeds`` with the pair (0, 1), which says how the rounds and the early stop work."""
+    return compare_speeds([model_a, model_b], feeds, [(0, 1, tuple(decides))], seconds=seconds,
+                          min_rounds=min_rounds, max_rounds=max_rounds, early_rounds=early_rounds)[0]
+
+
+def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int, Sequence[tuple[str, float]]]],
+                   seconds: float = 1.5, min_rounds: int = 15, max_rounds: int = 61,
+                   early_rounds: int = EARLY_ROUNDS) -> list[SpeedComparison]:
+    """Time ``models`` (ModelProto or session) on one thread in interleaved rounds (each round runs
+    every model once, so load on a shared machine hits all of them alike) and compare the ``pairs``
+    ``(a, b, decides)``: the ``SpeedComparison`` of model ``b`` against model ``a`` for each. Timing
+    several candidates against one base in the same rounds runs the base once per round instead of
+    once per candidate.
+
+    Rounds: as many as fit in about ``seconds`` of the first pair (``min_rounds``..``max_rounds``),
+    in two blocks, each warmed up afresh (one run of each model where the rounds are long); a pair's
     interval is the union of the two blocks' intervals, so a drift of the machine's load between
     blocks widens it instead of faking a clear difference.
 
-    Early stop: ``decides`` names the decisions the caller takes on the result (``("faster", t)``:
+    Early stop: ``decides`` names the decisions the caller takes on a pair (``("faster", t)``:
     ``faster_than(t)``, whose boundary is the ratio ``t x margin``; ``("slower", t)``:
     ``slower_than(t)``, boundary ``t / margin``; ``SpeedComparison.margin``). Two short blocks of
-    ``early_rounds`` rounds are timed first; when no boundary lies inside their interval, every
+    ``early_rounds`` rounds are timed first; when no pair has a boundary inside its interval, every
     decision is already taken as the full measurement would take it (its interval is narrower
-    around the same median) and that comparison is returned. With 6 rounds a block's interval is
+    around the same median) and those comparisons are returned. With 6 rounds a block's interval is
     its [min, max] ratio (coverage of the median 1 - 2/2^6 = 97 %), so a clear early verdict needs
     every one of the 12 rounds on one side of the boundary. Otherwise (a close call) each block
     grows to its full size: the rounds timed are the same number as without the early look. The
-    early look is taken only where the time budget limits the rounds (a pair run longer than
-    ``seconds / max_rounds``): consecutive runs of a tiny model drift together, so 12 of them can
-    all lie on one side by chance, and its full measurement is cheap."""
-    sa = model_a if isinstance(model_a, ort.InferenceSession) else make_session(model_a, optimize=True, threads=1)
-    sb = model_b if isinstance(model_b, ort.InferenceSession) else make_session(model_b, optimize=True, threads=1)
-    one = (measure_latency(sa, feeds, runs=1, warmup=1) + measure_latency(sb, feeds, runs=1, warmup=1)) / 1e3
+    early look is taken where a round of the first pair takes ``EARLY_LOOK_MS`` or more:
+    consecutive runs of a tiny model drift together, so 12 of them can all lie on one side by
+    chance, and its full measurement is cheap (61 rounds of 2 ms: 0.12 s)."""
+    sessions = [m if isinstance(m, ort.InferenceSession) else make_session(m, optimize=True, threads=1)
+                for m in models]
+    ones = [measure_latency(s, feeds, runs=1, warmup=1) / 1e3 for s in sessions]
+    a0, b0 = pairs[0][0], pairs[0][1]
+    one = ones[a0] + ones[b0]
     rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
     sizes = (rounds // 2, rounds - rounds // 2)
-    if decides and rounds < max_rounds and rounds > 2 * early_rounds:  # only where the time budget binds
-        early = [interleaved_latency([sa, sb], feeds, rounds=early_rounds, runs=1, warmup=1) for _ in range(2)]
-        cmp = speed_comparison(early)
-        bounds = [t * cmp.margin if kind == "faster" else t / cmp.margin for kind, t in decides]
-        if not any(cmp.low <= b <= cmp.high for b in bounds):
-            return cmp
+
+    def compared(blocks) -> list[SpeedComparison]:
+        return [speed_comparison([(blk[a], blk[b]) for blk in blocks]) for a, b, _ in pairs]
+
+    if any(d for _, _, d in pairs) and one * 1e3 >= EARLY_LOOK_MS and rounds > 2 * early_rounds:
+        early = [interleaved_latency(sessions, feeds, rounds=early_rounds, runs=1, warmup=1) for _ in range(2)]
+        cmps = compared(early)
+        close = False
+        for cmp, (_, _, decides) in zip(cmps, pairs):
+            bounds = [t * cmp.margin if kind == "faster" else t / cmp.margin for kind, t in decides]
+            close = close or any(cmp.low <= b <= cmp.high for b in bounds)
+        if not close:
+            return cmps
         # a close call: each block grows to its full size (the early rounds count, nothing is re-timed)
-        more = [interleaved_latency([sa, sb], feeds, rounds=n - early_rounds, runs=1, warmup=1) for n in sizes]
-        return speed_comparison([[a + b for a, b in zip(e, m)] for e, m in zip(early, more)])
-    blocks = [interleaved_latency([sa, sb], feeds, rounds=n, runs=1, warmup=2) for n in sizes]
-    return speed_comparison(blocks)
+        more = [interleaved_latency(sessions, feeds, rounds=n - early_rounds, runs=1, warmup=1) for n in sizes]
+        return compared([[a + b for a, b in zip(e, m)] for e, m in zip(early, more)])
+    return compared([interleaved_latency(sessions, feeds, rounds=n, runs=1, warmup=2) for n in sizes])
 
 
 def speed_comparison(blocks: Sequence[Sequence[Sequence[float]]]) -> SpeedComparison:

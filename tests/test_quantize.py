@@ -432,3 +432,25 @@ def test_bias_on_a_tiny_scale_saturates_without_overflow():
         warnings.simplefilter("error")
         q = bias_int32(np.array([1e10, -3.0, 0.5], np.float32), np.array([1e-30, 1.0, 0.25], np.float32))
     assert q.dtype == np.int32 and q.tolist() == [2 ** 31 - 1, -3, 2]
+
+
+def test_speed_search_times_the_small_conv_variants_together(monkeypatch):
+    """When the chosen placement is not clearly faster, the variants with small convolutions in float
+    are timed against the float model in one interleaved measurement (the float model runs once
+    per round for all of them) and taken in turn: the first clearly faster one that holds is kept."""
+    from onnxshrink.passes.quantize import guard as guard_mod
+    from onnxshrink.runtime import SpeedComparison
+    calls = []
+
+    def stand_in(models, feeds, pairs, **kw):
+        calls.append(len(models))
+        ratios = [0.9] if len(models) == 2 else [1.2, 1.5][:len(models) - 1]
+        return [SpeedComparison(r, r * 0.98, r * 1.02, 1.0, 1.0 / r, 12) for r in ratios]
+
+    monkeypatch.setattr(guard_mod, "compare_speeds", stand_in)
+    q, rec = quantize(small_net(), guard=True)
+    assert calls == [2, 3]  # the chosen placement alone, then both variants with the float model once
+    speed = rec.stats["speed_search"]
+    assert [s["config"] for s in speed] == ["0 sensitive units in float", "only convs with >= 2048 weights"]
+    ops = optimized_ops(q)
+    assert ops.get("QLinearConv", 0) == 1  # only c4 (9216 weights) runs in int8

@@ -211,3 +211,36 @@ def test_compare_speed_stops_early_only_when_no_decision_is_close(monkeypatch, r
     timer.rounds = 0
     runtime.compare_speed(model, model, {"x": np.zeros((1, 8), np.float32)})
     assert timer.rounds == 61
+
+
+class _StandInRatios:
+    """Stand-in timer for several models: model k takes ``1 / ratios[k]`` of model 0's time in every
+    round, with a deterministic spread of +-``spread``; counts the rounds timed."""
+
+    def __init__(self, ratios, spread: float):
+        self.ratios, self.spread, self.rounds = ratios, spread, 0
+
+    def interleaved(self, sessions, feeds, rounds, runs=1, warmup=2, threads=1):
+        assert len(sessions) == len(self.ratios) + 1
+        wobble = [self.spread * (2 * (k % 5) / 4 - 1) for k in range(rounds)]
+        self.rounds += rounds
+        return [[1.0] * rounds] + [[1.0 / (r + w) for w in wobble] for r in self.ratios]
+
+
+@pytest.mark.parametrize("ratios, early", [
+    ((2.0, 3.0), True),    # both candidates clearly faster: the early look decides both
+    ((2.0, 1.03), False),  # the second is a close call: every pair gets the full measurement
+])
+def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, early):
+    from onnxshrink import runtime
+    timer = _StandInRatios(ratios, 0.02)
+    monkeypatch.setattr(runtime, "interleaved_latency", timer.interleaved)
+    monkeypatch.setattr(runtime, "measure_latency", lambda *a, **k: 50.0)
+    model = tiny_chain(2)
+    faster = (("faster", 1.0),)
+    cmps = runtime.compare_speeds([model, model, model], {"x": np.zeros((1, 8), np.float32)},
+                                  [(0, 1, faster), (0, 2, faster), (1, 2, ())])
+    assert timer.rounds == (2 * runtime.EARLY_ROUNDS if early else 15)
+    assert [c.speedup for c in cmps] == pytest.approx([ratios[0], ratios[1], ratios[1] / ratios[0]], rel=0.02)
+    assert cmps[0].faster_than(1.0) and cmps[1].faster_than(1.0) is early
+    assert all(c.rounds == timer.rounds for c in cmps)

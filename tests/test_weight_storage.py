@@ -19,6 +19,7 @@ from onnxshrink.passes.quantize import QuantizeOptions, QuantizePass
 from onnxshrink.passes.quantize import weight_storage as ws
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.pipeline.sensitivity import knobs
+from onnxshrink.runtime import make_session
 from onnxshrink.targets.profiles import get_target
 
 RNG = np.random.default_rng(0)
@@ -111,13 +112,42 @@ def test_select_within_budget_backs_off_the_most_harmful_layer():
         b = {t.name: nh.to_array(t) for t in m.graph.initializer}[name]
         return not np.array_equal(a, b)
 
+    def with_one(name, value):
+        mm = onnx.ModelProto()
+        mm.CopyFrom(m)
+        next(t for t in mm.graph.initializer if t.name == name).CopyFrom(nh.from_array(value, name))
+        return mm
+
+    def losses(score):
+        return lambda stored: {n: score(with_one(n, w)) for n, w in stored.items()}
+
     # the conv's weights alone cost the most, and the check refuses them: everything else is kept
     # (the longest prefix by loss per byte), the conv stays float
     keep, log = ws.select_within_budget(m, cands, lambda mm: not changed(mm, "wc"),
-                                        lambda mm: 1.0 if changed(mm, "wc") else 1e-3 * err_of(mm))
+                                        losses(lambda mm: 1.0 if changed(mm, "wc") else 1e-3 * err_of(mm)))
     assert sorted(keep) == ["wg", "wm", "wt"] and "broke the check" in log["checked"]
-    keep_all, log_all = ws.select_within_budget(m, cands, lambda mm: True, err_of)
+    keep_all, log_all = ws.select_within_budget(m, cands, lambda mm: True, losses(err_of))
     assert sorted(keep_all) == sorted(cands) and "holds" in log_all["checked"]
+
+
+def test_overridable_weights_score_each_stored_weight_like_its_own_model():
+    """One session with overridable weights gives each layer's loss as a model with that weight
+    replaced would: the fed value is used, the other weights keep their initializers."""
+    m = net()
+    cands = ws.candidates(gs.import_onnx(m))
+    x = normal_samples(1, shape=(1, 3, 16, 16))[0]
+    sess = make_session(ws.overridable_weights(m, list(cands)), optimize=True)
+    y0 = run_ort(m, x)[0]
+    np.testing.assert_allclose(sess.run(None, x)[0], y0, rtol=1e-5, atol=1e-6)
+    for name in cands:
+        w = nh.to_array(next(t for t in m.graph.initializer if t.name == name))
+        w2 = (w * 1.5).astype(w.dtype)
+        alone = onnx.ModelProto()
+        alone.CopyFrom(m)
+        next(t for t in alone.graph.initializer if t.name == name).CopyFrom(nh.from_array(w2, name))
+        got = sess.run(None, {**x, name: w2})[0]
+        np.testing.assert_allclose(got, run_ort(alone, x)[0], rtol=1e-4, atol=1e-5)
+        assert not np.allclose(got, y0, rtol=1e-3, atol=1e-4)  # the fed value was used
 
 
 def test_quantize_knob_strengths_map_to_exclude_and_float_weights():

@@ -133,7 +133,8 @@ class PassManager:
         self.baseline: dict = {}
         self.original: onnx.ModelProto | None = None
         self.full_check = True
-        self.original_optimizes = True  # the input runs with onnxruntime's graph optimizations on
+        self._original_optimizes: bool | None = None  # tried on first need (original_optimizes)
+        self._first_selection_sample: dict | None = None
         self.prepare_info: dict = {}
 
     # ------------------------------------------------------------------ setup
@@ -204,6 +205,18 @@ class PassManager:
         return roles, {k: list(v.shape) for k, v in first.items()}
 
     # ------------------------------------------------------------------ validation
+    def original_optimizes(self) -> bool:
+        """Whether the input runs with onnxruntime's graph optimizations on (they fail on some inputs,
+        e.g. constant folding a Range whose inputs are not scalars): tried on one selection sample
+        when first asked, which is only when a candidate fails with them."""
+        if self._original_optimizes is None:
+            try:
+                self._outputs(self.original, [self._first_selection_sample], optimize=True)
+                self._original_optimizes = True
+            except Exception:
+                self._original_optimizes = False
+        return self._original_optimizes
+
     def _outputs(self, model: onnx.ModelProto, samples, optimize: bool):
         return self._outputs_of_sets(model, [samples], optimize)[0]
 
@@ -285,11 +298,12 @@ class PassManager:
                 self._selection_outputs(candidate, val)
         except Exception as e:
             return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
-        if lossless and self.original_optimizes:  # judged unoptimized, but the user runs it optimized
+        if lossless:  # judged unoptimized, but the user runs it optimized
             try:
                 self._outputs(candidate, [val.get(0)], optimize=True)
             except Exception as e:
-                return False, f"onnxruntime's graph optimizations fail on it: {_first_line(e)}", {}
+                if self.original_optimizes():
+                    return False, f"onnxruntime's graph optimizations fail on it: {_first_line(e)}", {}
         fid = fidelity(reference, outs, self.metric, val, self.val_labels)
         if lossless:
             own = fid if own_input is None else fidelity(own_input, outs, None, val, None)
@@ -332,10 +346,7 @@ class PassManager:
             raise InputError(f"the input model does not run in onnxruntime: {msg}") from None
         check_reference_finite(val, reference)
         self._resolve_budget(reference, report)
-        try:
-            self._outputs(original, [val.get(0)], optimize=True)
-        except Exception:
-            self.original_optimizes = False
+        self._original_optimizes, self._first_selection_sample = None, val.get(0)
         self.baseline = fidelity(reference, reference, self.metric, val, self.val_labels)
         # the verdict's reference and baseline: the original on the test samples (the same objects when
         # the roles share their samples)
@@ -511,7 +522,7 @@ class PassManager:
         except OnnxShrinkError:
             raise
         except Exception as e:
-            if not self.original_optimizes:
+            if not self.original_optimizes():
                 report.warnings.append(f"onnxruntime's graph optimizations fail on the input model too "
                                        f"({_first_line(e)}): fidelity measured without them")
                 return io.run_sets(model, sample_sets, optimize=False)

@@ -22,7 +22,6 @@ import collections
 
 import numpy as np
 import onnx
-from networkx.utils import UnionFind
 from onnx import numpy_helper
 
 from onnxshrink.graph.shapes import infer_shapes
@@ -249,6 +248,7 @@ def _fused_activation(conv, consumers) -> bool:
 
 def _count_partitions(g, names, taken, producers) -> int:
     """Connected components of taken nodes (edges between taken producer/consumer pairs)."""
+    from networkx.utils import UnionFind  # here, not at the top: networkx takes 0.2 s to import
     parts = UnionFind(taken)
     by_node = dict(zip([id(n) for n in g.node], names))
     for name, n in zip(names, g.node):

@@ -94,15 +94,15 @@ class FloatFallback:
         already (the manager weakens it)."""
         check = self.check
         base = self.ctx.to_model(g)
-        ref: dict = {}  # the unstored model's outputs on 4 samples, made on the first layer_loss
 
-        def layer_loss(m):
-            if not ref:
-                ref["samples"] = list(self.samples.take(4))
-                sess = make_session(base, optimize=True, low_memory=True)
-                ref["outputs"] = [sess.run(None, s) for s in ref["samples"]]
-            out = make_session(m, optimize=True, low_memory=True)
-            return 1.0 - fidelity(ref["outputs"], [out.run(None, s) for s in ref["samples"]]).get("cosine", 0.0)
+        def layer_losses(stored: dict) -> dict:
+            """1 - cosine of the model with each weight stored alone against the model with none, on 4
+            calibration samples, from one session (``weight_storage.overridable_weights``)."""
+            sess = make_session(ws.overridable_weights(base, list(stored)), optimize=True, low_memory=True)
+            samples = list(self.samples.take(4))
+            ref = [sess.run(None, s) for s in samples]
+            return {n: 1.0 - fidelity(ref, [sess.run(None, {**s, n: w}) for s in samples]).get("cosine", 0.0)
+                    for n, w in stored.items()}
 
         base_fid = check.measure(base)
         if check.holds(base_fid):
@@ -120,6 +120,6 @@ class FloatFallback:
             log.update(stored=0, why="the plan breaks the budget already (the manager weakens it)")
             self.stats["float_weights"] = log
             return None
-        keep, log_sel = ws.select_within_budget(base, cands, holds, layer_loss)
+        keep, log_sel = ws.select_within_budget(base, cands, holds, layer_losses)
         log.update(log_sel)
         return keep

@@ -30,7 +30,6 @@ from __future__ import annotations
 __all__ = ["FidelityCheck", "Placement", "QuantizeGuard"]
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
@@ -45,7 +44,7 @@ from onnxshrink.passes.quantize.plan import PlacementRules, plan_units
 from onnxshrink.passes.quantize.qdq import QdqBuilder
 from onnxshrink.passes.quantize.regions import wide_region
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis, analyse_units
-from onnxshrink.runtime import compare_speed, make_session
+from onnxshrink.runtime import compare_speeds, make_session
 from onnxshrink.targets.openvino import openvino_available, openvino_compare_speed
 
 SMALL_CONV_LIMITS = (2048, 8192, 32768)  # weight counts under which convolutions go back to float, in turn
@@ -176,16 +175,17 @@ class QuantizeGuard:
         target = getattr(getattr(self.ctx, "target", None), "name", None)
         if target == "openvino" and openvino_available():
             # OpenVINO runs on this CPU: timed on its own EP (in the interpreter that has it)
-            return self._speed(chosen, fid, rules, openvino_compare_speed, "the OpenVINO EP"), outcome
+            def on_openvino(base, models, sample):
+                return [openvino_compare_speed(base, m, sample) for m in models]
+            return self._speed(chosen, fid, rules, on_openvino, "the OpenVINO EP"), outcome
         if target not in (None, "cpu"):
             # an NPU or an ARM CPU runs the integer kernels natively: timing them on this machine
             # says nothing about the target, so only the fidelity floor applies
             self.stats["speed_search"] = [{"config": f"skipped: the {target} target is not this CPU"}]
             return chosen, outcome
-        timed = functools.partial(compare_speed, decides=(("faster", self.o.min_speedup),))
         # one session of the float model for every comparison (it is the same model each time)
         float_session = make_session(self.builder.model_f, optimize=True, threads=1)
-        return self._speed(chosen, fid, rules, timed, "this CPU", float_session), outcome
+        return self._speed(chosen, fid, rules, where="this CPU", float_model=float_session), outcome
 
     def _mixed(self, start: Placement, fid: dict, tried: list, log: list) -> dict:
         """The 8-bit plan ``start`` with the 1, 2, 4, ... most sensitive weighted units and their input
@@ -258,33 +258,42 @@ class QuantizeGuard:
             return fid_bc
         return fid
 
-    def _speed(self, chosen: Placement, fid: dict, rules: PlacementRules, compare=compare_speed,
+    def _speed(self, chosen: Placement, fid: dict, rules: PlacementRules, compare=None,
                where: str = "this CPU", float_model=None) -> Placement:
         """``chosen``, or a faster variant with small convolutions in float, or a placement without a
-        graph when none is ``min_speedup`` faster than the float model; ``compare`` times a pair
-        (``runtime.compare_speed``, or the same on the target's EP) on ``where``."""
+        graph when none is ``min_speedup`` faster than the float model. ``compare(base, models,
+        sample)`` times candidates against the float model and returns their ``SpeedComparison``s
+        (``_cpu_compare``: one interleaved measurement, the float model run once per round for all of
+        them; or the same on the target's EP) on ``where``. The variants (convolutions under each of
+        ``SMALL_CONV_LIMITS`` weights back in float) are timed together, only when ``chosen`` is not
+        clearly fast enough, and taken in turn as before: a variant faster than the best so far is
+        kept when it holds the floor (or measures at least ``chosen``'s fidelity), until one is
+        clearly fast enough."""
+        compare = compare or self._cpu_compare
         model_f = float_model if float_model is not None else self.builder.model_f  # a session, or the model
         sample = self.samples.first()
-        cmp = compare(model_f, self.ctx.to_model(chosen.graph), sample)
+        cmp = compare(model_f, [self.ctx.to_model(chosen.graph)], sample)[0]
         speed = [{"config": f"{len(chosen.excluded)} sensitive units in float", **cmp.as_dict()}]
         best_cmp, best = cmp, chosen
         if not cmp.faster_than(self.o.min_speedup):
+            variants = []  # (limit, small convs, units, reasons, graph)
             for limit in SMALL_CONV_LIMITS:
                 small = {u.node for u in chosen.units.values() if u.kind == "weighted" and self._weights(u) < limit}
                 if not small:
                     continue
-                ex = chosen.excluded | small
-                units_k, reasons_k = plan_units(self.builder.graph_f, ex, rules)
+                units_k, reasons_k = plan_units(self.builder.graph_f, chosen.excluded | small, rules)
                 if not any(u.kind == "weighted" for u in units_k.values()):
                     break
-                qg_k = self.builder.build(units_k)
-                cmp_k = compare(model_f, self.ctx.to_model(qg_k), sample)
+                variants.append((limit, small, units_k, reasons_k, self.builder.build(units_k)))
+            cmps = compare(model_f, [self.ctx.to_model(v[-1]) for v in variants], sample) if variants else []
+            for (limit, small, units_k, reasons_k, qg_k), cmp_k in zip(variants, cmps):
                 speed.append({"config": f"only convs with >= {limit} weights", **cmp_k.as_dict()})
                 if cmp_k.speedup > best_cmp.speedup:
                     fid_k = self.check.measure(qg_k)
                     if self.check.holds(fid_k) or fid_k.get("cosine", 0) >= fid.get("cosine", 0):
                         best_cmp, best = cmp_k, Placement(qg_k, units_k, {**reasons_k, **{
-                            n: "kept float: small convolution (the float kernel is faster)" for n in small}}, ex)
+                            n: "kept float: small convolution (the float kernel is faster)" for n in small}},
+                            chosen.excluded | small)
                 if best_cmp.faster_than(self.o.min_speedup):
                     break
         self.stats["speed_search"] = speed
@@ -295,6 +304,12 @@ class QuantizeGuard:
                 f"min_speedup; a tie keeps float)")
             return dataclasses.replace(chosen, graph=None)
         return best
+
+    def _cpu_compare(self, base, models: list, sample: dict) -> list:
+        """The candidates ``models`` timed against ``base`` on this CPU in one interleaved measurement
+        (``runtime.compare_speeds``), each deciding "clearly ``min_speedup`` faster"."""
+        decides = (("faster", self.o.min_speedup),)
+        return compare_speeds([base, *models], sample, [(0, k, decides) for k in range(1, len(models) + 1)])
 
     def _weights(self, u) -> int:
         node = self.builder.nodes_f[u.node]

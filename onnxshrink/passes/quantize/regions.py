@@ -21,7 +21,6 @@ from __future__ import annotations
 
 __all__ = ["wide_region", "describe_regions"]
 
-from networkx.utils import UnionFind
 
 
 def wide_region(seeds: list, units: dict) -> set:
@@ -90,6 +89,7 @@ def describe_regions(units: dict, wide: set, seeds: list, nsr: dict, narrow: str
         return wide_name if name in wide else narrow
 
     precision = {n: prec(n) for n in units}
+    from networkx.utils import UnionFind  # here, not at the top: networkx takes 0.2 s to import
     regions = UnionFind(units)
     for u in units.values():
         for t in u.inputs:

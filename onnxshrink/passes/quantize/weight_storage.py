@@ -18,12 +18,15 @@ Selection (``select_within_budget``): every candidate is stored; when the fideli
 loss of each layer stored alone is measured end to end on a few samples (rounding error is
 amplified very differently downstream: on PP-OCR det three small early convs cause most of the
 loss), layers are ranked by loss per byte saved, and the longest prefix of that ranking that
-holds the check is kept (bisection).
+holds the check is kept (bisection). The per-layer losses come from one session in which the
+weights are overridable initializers (``overridable_weights``): each layer's stored weight is fed
+in place of its float one, so n layers cost one session, not n.
 """
 
 from __future__ import annotations
 
-__all__ = ["WEIGHT_OPS", "storage_axis", "candidates", "int8_channels", "store_int8", "select_within_budget"]
+__all__ = ["WEIGHT_OPS", "storage_axis", "candidates", "int8_channels", "store_int8", "select_within_budget",
+           "overridable_weights"]
 
 from typing import Callable
 
@@ -110,34 +113,33 @@ def store_int8(graph: gs.Graph, weights: dict) -> dict:
 
 
 def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[[onnx.ModelProto], bool],
-                         layer_loss: Callable[[onnx.ModelProto], float]) -> tuple[list, dict]:
+                         layer_losses: Callable[[dict], dict]) -> tuple[list, dict]:
     """The weights (names) to store so that ``holds`` is true of the model with them stored
-    (module docstring: all, else the longest loss-per-byte prefix that holds); ``layer_loss`` scores
-    the model with one weight stored. Returns (names, log)."""
+    (module docstring: all, else the longest loss-per-byte prefix that holds); ``layer_losses``
+    scores each weight stored alone: given {name: the weight as stored (``Q x s``, float)}, it
+    returns {name: the loss of the model with that one weight so}. Returns (names, log)."""
     names = list(weights)
     if not names:
         return [], {"checked": "nothing to store"}
     init_axis = {n: storage_axis(weights[n][0].op, weights[n][0].attrs, np.asarray(weights[n][0].inputs[1].values).ndim)
                  for n in names}
-
+    idx = {t.name: i for i, t in enumerate(model.graph.initializer)}
     stored: dict = {}  # name -> its weight as stored (Q * s), each computed once across the trials
+    for n in names:
+        W = onnx.numpy_helper.to_array(model.graph.initializer[idx[n]])
+        Q, s = int8_channels(W, init_axis[n])
+        stored[n] = (Q.astype(np.float32) * s).astype(W.dtype)
 
     def with_stored(subset) -> onnx.ModelProto:
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        idx = {t.name: i for i, t in enumerate(m.graph.initializer)}
         for n in subset:
-            t = m.graph.initializer[idx[n]]
-            if n not in stored:
-                W = onnx.numpy_helper.to_array(t)
-                Q, s = int8_channels(W, init_axis[n])
-                stored[n] = onnx.numpy_helper.from_array((Q.astype(np.float32) * s).astype(W.dtype), n)
-            t.CopyFrom(stored[n])
+            m.graph.initializer[idx[n]].CopyFrom(onnx.numpy_helper.from_array(stored[n], n))
         return m
 
     if holds(with_stored(names)):
         return names, {"checked": f"all {len(names)} stored: holds"}
-    losses = {n: float(layer_loss(with_stored([n]))) for n in names}
+    losses = {n: float(v) for n, v in layer_losses(stored).items()}
     nbytes = {n: int(np.asarray(weights[n][0].inputs[1].values).nbytes) for n in names}
     order = sorted(names, key=lambda n: (losses[n] / max(nbytes[n], 1), n))
     lo, hi = 0, len(order)  # holds(lo) (nothing stored is the float model), not holds(hi)
@@ -150,3 +152,20 @@ def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[
     worst = sorted(names, key=lambda n: -losses[n])[:5]
     return order[:lo], {"checked": f"all {len(names)} stored broke the check; {lo} kept by loss per byte",
                         "bisection": trials, "most_sensitive": {n: float(f"{losses[n]:.3e}") for n in worst}}
+
+
+def overridable_weights(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers ``names`` are also graph inputs (overridable
+    initializers, IR version 4 and later): a run that feeds one of them uses the value fed, the
+    others keep their initializer. onnxruntime does not constant-fold or pre-pack an overridable
+    weight, so one session scores many weight variants at somewhat lower speed per run."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.ir_version = max(m.ir_version, 4)
+    have = {i.name for i in m.graph.input}
+    inits = {t.name: t for t in m.graph.initializer}
+    for n in names:
+        if n not in have:
+            t = inits[n]
+            m.graph.input.append(onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims)))
+    return m
