@@ -438,19 +438,53 @@ def test_speed_search_times_the_small_conv_variants_together(monkeypatch):
     """When the chosen placement is not clearly faster, the variants with small convolutions in float
     are timed against the float model in one interleaved measurement (the float model runs once
     per round for all of them) and taken in turn: the first clearly faster one that holds is kept."""
-    from onnxshrink.passes.quantize import guard as guard_mod
+    from onnxshrink.passes import base as base_mod
+    from onnxshrink.pipeline import manager as manager_mod
     from onnxshrink.runtime import SpeedComparison
     calls = []
 
     def stand_in(models, feeds, pairs, **kw):
-        calls.append(len(models))
-        ratios = [0.9] if len(models) == 2 else [1.2, 1.5][:len(models) - 1]
-        return [SpeedComparison(r, r * 0.98, r * 1.02, 1.0, 1.0 / r, 12) for r in ratios]
+        calls.append([p[:2] for p in pairs])
+        ratio = {(0, 1): 0.9 if len(calls) == 1 else 1.2, (0, 2): 1.5, (2, 1): 1.0}
+        return [SpeedComparison(ratio[p[:2]], ratio[p[:2]] * 0.98, ratio[p[:2]] * 1.02, 1.0, 1.0, 12) for p in pairs]
 
-    monkeypatch.setattr(guard_mod, "compare_speeds", stand_in)
-    q, rec = quantize(small_net(), guard=True)
-    assert calls == [2, 3]  # the chosen placement alone, then both variants with the float model once
+    monkeypatch.setattr(base_mod, "compare_speeds", stand_in)
+    monkeypatch.setattr(manager_mod, "compare_speeds", stand_in)  # the manager's ctx.timing
+    monkeypatch.setattr(manager_mod, "compare_speed",  # the speed contract's own timing
+                        lambda *a, **k: SpeedComparison(1.1, 1.08, 1.12, 1.0, 1.0, 12))
+    q, rep = optimize(small_net(), passes=[{"quantize": {"guard": True}}], data=samples(), speed="never-slower")
+    rec = rep.passes[0]
+    # the chosen placement with the input beside it (for the speed contract), then both variants
+    # against the float model once per round
+    assert calls == [[(0, 1), (2, 1)], [(0, 1), (0, 2)]]
     speed = rec.stats["speed_search"]
     assert [s["config"] for s in speed] == ["0 sensitive units in float", "only convs with >= 2048 weights"]
     ops = optimized_ops(q)
     assert ops.get("QLinearConv", 0) == 1  # only c4 (9216 weights) runs in int8
+    # the result is that variant, not the candidate timed beside the input: the contract timed it itself
+    assert rep.speed["vs_input"]["speedup"] == 1.1
+
+
+def test_speed_contract_reads_the_timing_taken_beside_the_guards_candidate(monkeypatch):
+    """The guard's candidate is timed with the input in the same rounds; when the pass keeps that
+    candidate, the speed contract reads that comparison and does not time the pair again."""
+    from onnxshrink.passes import base as base_mod
+    from onnxshrink.pipeline import manager as manager_mod
+    from onnxshrink.runtime import SpeedComparison
+
+    def stand_in(models, feeds, pairs, **kw):
+        ratio = {(0, 1): 1.2, (2, 1): 1.37}
+        return [SpeedComparison(ratio[p[:2]], ratio[p[:2]] * 0.98, ratio[p[:2]] * 1.02, 1.0, 1.0, 12) for p in pairs]
+
+    def no_timing(*a, **k):
+        raise AssertionError("the contract timed the pair again")
+
+    monkeypatch.setattr(base_mod, "compare_speeds", stand_in)
+    monkeypatch.setattr(manager_mod, "compare_speeds", stand_in)
+    monkeypatch.setattr(manager_mod, "compare_speed", no_timing)
+    # fallback=float: the float-kept first conv's weights stay as they are, so the result is the candidate
+    q, rep = optimize(small_net(), passes=[{"quantize": {"guard": True, "fallback": "float"}}], data=samples(),
+                      speed="never-slower")
+    assert rep.passes[0].stats["speed_search"][0]["speedup"] == 1.2
+    assert rep.speed["vs_input"]["speedup"] == 1.37 and rep.speed["verdict"] == "not slower"
+    assert optimized_ops(q).get("QLinearConv", 0) > 0

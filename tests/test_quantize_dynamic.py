@@ -1,6 +1,6 @@
 """quantize's dynamic int8 MatMul (passes/quantize/dynamic.py): onnxruntime's quantize_dynamic, tried
 first on MatMul-dominated models. The auto decision's timing is stubbed where the test is about the
-rule (a stand-in ``compare_speed``), so no test depends on this machine's load."""
+rule (a stand-in ``compare_speeds``), so no test depends on this machine's load."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from models.build import mlp, mobilenet_small, transformer_block
 from onnxshrink.errors import BudgetError, InputError
 from onnxshrink.metrics import fidelity
-from onnxshrink.passes.quantize import dynamic
+from onnxshrink.passes import base as passes_base
+from onnxshrink.pipeline import manager
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.runtime import SpeedComparison
 from tests.fail_closed_models import conv1d_add_last_axis
@@ -23,11 +24,14 @@ def _ops(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for n in model.graph.node}
 
 
-def _timing(speedup: float):
-    def stand_in(a, b, feeds, **kw):
-        return SpeedComparison(speedup=speedup, low=speedup * 0.95, high=speedup * 1.05, t_a=1.0, t_b=1 / speedup,
-                               rounds=30)
-    return stand_in
+def _timing(monkeypatch, speedup: float) -> None:
+    """Every candidate timed by a pass (``Context.compare_speeds``: the manager's timing, else runtime's)
+    measures ``speedup`` against its base."""
+    def stand_in(models, feeds, pairs, **kw):
+        return [SpeedComparison(speedup=speedup, low=speedup * 0.95, high=speedup * 1.05, t_a=1.0, t_b=1 / speedup,
+                                rounds=30) for _ in pairs]
+    monkeypatch.setattr(passes_base, "compare_speeds", stand_in)
+    monkeypatch.setattr(manager, "compare_speeds", stand_in)
 
 
 def test_dynamic_on_quantizes_every_constant_matmul_and_gemm():
@@ -50,7 +54,7 @@ def test_dynamic_on_without_a_constant_matmul_is_an_input_error():
 
 
 def test_auto_keeps_dynamic_when_it_holds_and_is_clearly_faster(monkeypatch):
-    monkeypatch.setattr(dynamic, "compare_speed", _timing(1.8))
+    _timing(monkeypatch, 1.8)
     model = mlp()
     out, rep = optimize(model, passes=["cleanup", "quantize"], data=model_samples(model))
     q = rep.passes[-1]
@@ -60,7 +64,7 @@ def test_auto_keeps_dynamic_when_it_holds_and_is_clearly_faster(monkeypatch):
 
 
 def test_auto_falls_back_to_static_when_dynamic_is_not_clearly_faster(monkeypatch):
-    monkeypatch.setattr(dynamic, "compare_speed", _timing(1.01))
+    _timing(monkeypatch, 1.01)
     model = mlp()
     out, rep = optimize(model, passes=["cleanup", "quantize"], data=model_samples(model))
     q = rep.passes[-1]

@@ -25,7 +25,7 @@ from onnxshrink.graph.convert import graph_to_model
 from onnxshrink.passes.knob import Knob
 from onnxshrink.passes.options import NoOptions, build_options
 from onnxshrink.progress import Progress
-from onnxshrink.runtime import capture_activations
+from onnxshrink.runtime import capture_activations, compare_speeds
 
 
 @dataclass
@@ -90,6 +90,11 @@ class Context:
         samples measured, and scores of those only); None where the manager offers no screening.
     budget: the fidelity Budget, or None; ``budget_holds(scores)`` checks it (relative budgets
         compare against ``baseline``, the original model's own scores). target: the TargetProfile.
+    timing(base, candidates, decides) -> [SpeedComparison of each candidate against ``base``]: this
+        CPU's interleaved timing on one selection sample (``runtime.compare_speeds``) offered by the
+        manager, which also times its input in the same rounds when a single candidate is timed and
+        keeps that comparison for the speed contract (the result the pass keeps is then not timed
+        again); None where passes time with ``runtime.compare_speeds`` themselves.
     rng: a seeded numpy Generator. progress: a Progress reporter (``progress.track(iterable, desc)``).
     cache: a dict passes may use for analyses keyed by their own keys; cleared when the graph changes.
     """
@@ -105,6 +110,7 @@ class Context:
     template: onnx.ModelProto | None = None
     evaluator: Any = None
     screen: Any = None
+    timing: Any = None
     cache: dict = field(default_factory=dict)
     baseline: dict = field(default_factory=dict)
 
@@ -120,6 +126,14 @@ class Context:
             self.rng = np.random.default_rng(self.seed)
         if self.progress is None:
             self.progress = Progress(enabled=False)
+
+    def compare_speeds(self, base, models: list, sample: dict, decides) -> list:
+        """``models`` timed against ``base`` on this CPU in one interleaved measurement, each with the
+        decisions ``decides``: the manager's ``timing`` where it offers one, else
+        ``runtime.compare_speeds`` on ``sample``."""
+        if self.timing is not None:
+            return self.timing(base, models, decides)
+        return compare_speeds([base, *models], sample, [(0, k, decides) for k in range(1, len(models) + 1)])
 
     def to_model(self, graph: gs.Graph) -> onnx.ModelProto:
         """Export a graph to a ModelProto, keeping the original model's metadata, producer, opsets."""

@@ -53,7 +53,7 @@ from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLL
 from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings, speed_policy
 from onnxshrink.progress import Progress
-from onnxshrink.runtime import compare_speed, make_session, measure_latency, ort_message
+from onnxshrink.runtime import compare_speed, compare_speeds, make_session, measure_latency, ort_message
 from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prepare_for_target, save_ort_format
 from onnxshrink.targets.qnn import qnn_available, save_qnn_context
 
@@ -123,6 +123,7 @@ class PassManager:
         self.speed = speed_policy(settings.speed)
         self.enforce_speed = settings.enforce_speed
         self._selection_memo = None  # (digest, samples, outputs) of the last _selection_outputs call
+        self._input_timings: dict = {}  # digest of a candidate -> its SpeedComparison against the input
         if self.budget is not None and self.budget.metric == "user" and self.metric is None:
             raise UsageError("budget on metric 'user' needs a user metric callable")
         # set by run(): the validation labels, the original's own scores (relative budgets), the
@@ -261,8 +262,7 @@ class PassManager:
     def _kept_selection_outputs(self, model: onnx.ModelProto, val) -> tuple:
         """(the digest of ``model``'s bytes, None past 2 GB; the selection outputs kept for it, or None
         when the last ones measured were another model's or other samples')."""
-        key = None if model_io.is_large(model) else hashlib.blake2b(model.SerializeToString(),
-                                                                     digest_size=16).digest()
+        key = _digest(model)
         memo = self._selection_memo
         hit = key is not None and memo is not None and memo[0] == key and memo[1] is val
         return key, memo[2] if hit else None
@@ -369,10 +369,13 @@ class PassManager:
         ctx.evaluator = lambda m: fidelity(reference, self._selection_outputs(m, val), self.metric, val,
                                            self.val_labels)
         ctx.screen = lambda m: self._screen(m, val, reference)
+        allocated = bool(self.cost_targets) and any(p.name in knobs() for p in self.passes)
+        self._input_timings = {}
+        if not allocated:  # an allocation times many candidates, few of which are the result
+            ctx.timing = lambda base, models, decides: self._timing(original, val.get(0), base, models, decides)
         ctx.baseline = self.baseline
 
         pass_knobs = knobs()
-        allocated = bool(self.cost_targets) and any(p.name in pass_knobs for p in self.passes)
         steps: list[_Step] = []  # what changed the model, in order (the speed contract undoes them)
         undoable = self._speed_enforced()  # else no earlier model is kept (memory)
         for p in self.passes:
@@ -456,7 +459,10 @@ class PassManager:
         waived = "" if self._speed_enforced() else "--speed report" if self.speed == "report" else \
             "a size-only target; --enforce-speed holds it"
         feeds = val.get(0)
-        cmp = compare_speed(original, result, feeds, decides=(("slower", 1.0),))
+        key = _digest(result)  # timed already beside the quantize guard's candidate when it is that model
+        cmp = self._input_timings.get(key) if key is not None else None
+        if cmp is None:
+            cmp = compare_speed(original, result, feeds, decides=(("slower", 1.0),))
         report.speed = {"vs_input": cmp.as_dict(), "contract": f"waived ({waived})" if waived else "enforced",
                         "verdict": "slower" if cmp.slower_than(1.0) else "not slower", "rolled_back": []}
         if not cmp.slower_than(1.0):
@@ -495,6 +501,23 @@ class PassManager:
             return result
         raise BudgetError(f"the result is slower than the input on this CPU ({_speed_text(cmp)}) with every pass "
                           f"rolled back; nothing written (--speed report accepts it)", report)
+
+    def _timing(self, original: onnx.ModelProto, feeds: dict, base, models: list, decides) -> list:
+        """``ctx.timing``: ``models`` timed against ``base`` on ``feeds`` (a selection sample: the one
+        the speed contract times on). A single candidate is timed with the input in the same rounds
+        (where the contract will time the result against it) and that comparison is kept under the
+        candidate's digest: when the pass's result is that model, the contract reads it instead of
+        timing the pair again. Costs one more model per round; saves a whole comparison."""
+        pairs = [(0, k, decides) for k in range(1, len(models) + 1)]
+        contract = (self.target is None or self.target.name == "cpu") and self.speed != "off" and \
+            not self._too_large_to_time()
+        if len(models) != 1 or not contract:
+            return compare_speeds([base, *models], feeds, pairs)
+        cmps = compare_speeds([base, models[0], original], feeds, pairs + [(2, 1, (("slower", 1.0),))])
+        key = _digest(models[0]) if isinstance(models[0], onnx.ModelProto) else None
+        if key is not None:
+            self._input_timings[key] = cmps[1]
+        return cmps[:1]
 
     def _speed_enforced(self) -> bool:
         """Whether the speed contract may roll passes back: the cpu target (the default), policy
@@ -671,6 +694,11 @@ class _Step:
     end_record: int
     before: onnx.ModelProto
     pass_: Pass | None
+
+
+def _digest(model: onnx.ModelProto) -> bytes | None:
+    """A digest of the model's bytes (None past 2 GB, where it is not serialized whole)."""
+    return None if model_io.is_large(model) else hashlib.blake2b(model.SerializeToString(), digest_size=16).digest()
 
 
 def _speed_text(cmp) -> str:

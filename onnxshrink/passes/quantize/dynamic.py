@@ -38,7 +38,6 @@ import onnx
 
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.graph.cost import model_cost
-from onnxshrink.runtime import compare_speed
 from onnxshrink.targets.rewrites import gemm_to_matmul
 
 MATMUL_SHARE = 0.5  # auto: at least this share of the MACs in MatMul/Gemm with constant weights
@@ -88,10 +87,10 @@ def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None,
         root.setLevel(level)
 
 
-def try_dynamic(model_f: onnx.ModelProto, options, check, sample: dict, stats: dict):
+def try_dynamic(model_f: onnx.ModelProto, options, check, sample: dict, stats: dict, ctx):
     """The ``auto`` trial: the dynamic model of the float model ``model_f`` when it holds ``check``'s
-    floor and is clearly ``options.min_speedup`` faster than ``model_f`` on ``sample``, else None;
-    ``stats["dynamic"]`` says what was measured either way."""
+    floor and is clearly ``options.min_speedup`` faster than ``model_f`` on ``sample`` (timed by
+    ``ctx.compare_speeds``), else None; ``stats["dynamic"]`` says what was measured either way."""
     share = matmul_share(model_f, {k: list(v.shape) for k, v in sample.items()})
     trial = stats["dynamic"] = {"matmul_share": round(share, 3)}
     if share < MATMUL_SHARE:
@@ -99,9 +98,10 @@ def try_dynamic(model_f: onnx.ModelProto, options, check, sample: dict, stats: d
         trial["reason"] = (f"{share:.0%} of the MACs in MatMul/Gemm with constant weights (dynamic is tried from "
                            f"{MATMUL_SHARE:.0%})")
         return None
-    qm = dynamic_quantize(model_f, options.exclude)
+    # as the pass will return it (graph and back): the model timed is then the model the manager gets
+    qm = ctx.to_model(model_to_graph(dynamic_quantize(model_f, options.exclude)))
     fid = check.measure(qm)
-    cmp = compare_speed(model_f, qm, sample, decides=(("faster", options.min_speedup),))
+    cmp = ctx.compare_speeds(model_f, [qm], sample, (("faster", options.min_speedup),))[0]
     trial.update(cosine=round(fid.get("cosine", 0.0), 6), speed=cmp.as_dict())
     holds, faster = check.holds(fid), cmp.faster_than(options.min_speedup)
     trial["chosen"] = holds and faster

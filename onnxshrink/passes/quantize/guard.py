@@ -44,7 +44,7 @@ from onnxshrink.passes.quantize.plan import PlacementRules, plan_units
 from onnxshrink.passes.quantize.qdq import QdqBuilder
 from onnxshrink.passes.quantize.regions import wide_region
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis, analyse_units
-from onnxshrink.runtime import compare_speeds, make_session
+from onnxshrink.runtime import make_session
 from onnxshrink.targets.openvino import openvino_available, openvino_compare_speed
 
 SMALL_CONV_LIMITS = (2048, 8192, 32768)  # weight counts under which convolutions go back to float, in turn
@@ -307,9 +307,8 @@ class QuantizeGuard:
 
     def _cpu_compare(self, base, models: list, sample: dict) -> list:
         """The candidates ``models`` timed against ``base`` on this CPU in one interleaved measurement
-        (``runtime.compare_speeds``), each deciding "clearly ``min_speedup`` faster"."""
-        decides = (("faster", self.o.min_speedup),)
-        return compare_speeds([base, *models], sample, [(0, k, decides) for k in range(1, len(models) + 1)])
+        (``Context.compare_speeds``), each deciding "clearly ``min_speedup`` faster"."""
+        return self.ctx.compare_speeds(base, models, sample, (("faster", self.o.min_speedup),))
 
     def _weights(self, u) -> int:
         node = self.builder.nodes_f[u.node]

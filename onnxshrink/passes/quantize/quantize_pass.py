@@ -209,7 +209,7 @@ class QuantizePass(Pass):
             check = FidelityCheck(ctx, model_f, samples, o.min_cosine)
             check.set_floor(o.min_cosine)
             try:
-                qm = try_dynamic(model_f, o, check, samples.first(), stats)
+                qm = try_dynamic(model_f, o, check, samples.first(), stats, ctx)
             except Exception as e:  # the tool cannot take this model: the static path decides
                 stats["dynamic"] = {"chosen": False, "reason": f"quantize_dynamic failed: {type(e).__name__}: {e}"}
                 qm = None
