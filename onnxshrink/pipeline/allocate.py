@@ -27,6 +27,7 @@ from __future__ import annotations
 
 __all__ = ["allocate", "AllocationConfig", "Runner", "Target", "Trials", "quantize_closure", "speed_verdict"]
 
+import copy
 import dataclasses
 import gc
 import math
@@ -262,6 +263,7 @@ class Trials:
                           cost_shapes)
         self.metric = config.budget.metric if config.budget is not None else "cosine"
         self.one_blas_thread = table.info.get("mode") == "proxy"  # proxy.one_blas_thread
+        self.memo = ChainMemo()
 
     def chosen_of(self, n) -> dict:
         """{(pass, unit): strength} of trial ``n``."""
@@ -317,12 +319,21 @@ class Trials:
         return t
 
     def run_chain(self, chosen: dict):
-        """The knob passes in pipeline order, each with its per-unit options: (model, records)."""
+        """The knob passes in pipeline order, each with its per-unit options: (model, records).
+
+        Trials share work (``ChainMemo``): a step whose chain so far (every earlier step's pass and
+        options) was run by an earlier trial is taken from it with the random generator's state it
+        left, so the result is the one running it again gives (the closure's variants differ from
+        the configuration they extend only in quantize's options: its prune and svd steps run once);
+        and a pass run again on the same input model gets the ``ctx.cache`` its earlier run filled
+        (svd's covariances and spectra, quantize's calibration)."""
         # a fresh generator per trial: a trial's result must not depend on which trials ran before
         nobudget = dataclasses.replace(self.ctx, budget=None, cache={}, rng=np.random.default_rng(self.config.seed))
         current, recs = self.base, []
         pass_knobs = knobs()
-        for pname in self.names:
+        chain = digest("chain")
+        last = max((i for i, pname in enumerate(self.names) if any(p == pname for p, _ in chosen)), default=-1)
+        for i, pname in enumerate(self.names):
             choices = {u: s for (p, u), s in chosen.items() if p == pname}
             if not choices:
                 recs.append(PassRecord(name=pname, status=NOT_APPLICABLE, options=self.user.get(pname, {}),
@@ -330,10 +341,18 @@ class Trials:
                 continue
             knob = pass_knobs[pname]
             opts = knob.merge(self.user.get(pname, {}), knob.options(current, choices))
+            step_input, chain = chain, digest(chain, pname, opts)
+            hit = self.memo.step(chain)
+            if hit is not None:
+                rec, current, nobudget.rng.bit_generator.state = hit
+                recs.append(rec)
+                continue
+            nobudget.cache = self.memo.pass_cache(step_input, pname)
             rec, current = self.runner.run_pass(current, pname, opts, nobudget)
             rec.reason = (rec.reason + "; " if rec.reason else "") + f"allocated {len(choices)} unit(s)"
             recs.append(rec)
-            nobudget.cache.clear()
+            if i < last:  # a step later ones build on (the last step's model is the trial's own)
+                self.memo.keep(chain, rec, current, nobudget.rng.bit_generator.state)
             gc.collect()
         return current, recs
 
@@ -351,6 +370,47 @@ class Trials:
             f"allocation: {n}/{len(self.steps)} choices -> {KIND_NAMES[target.kind]} {value:.4g} "
             f"(target {target.absolute:.4g}), {metric}={scores.get(metric, float('nan')):.5g}"
             f"{'' if t['budget_ok'] else ' (budget broken)'}{' (cached)' if cached else ''}")
+
+
+class ChainMemo:
+    """What the trials of one allocation share (``Trials.run_chain``): the models of chain steps
+    later steps build on, keyed by the chain so far (a digest of every step's pass and options from
+    the base model), with the step's record and the random generator's state after it; and the
+    ``ctx.cache`` of each pass run on a given step input (same key scheme). Both hold the last
+    ``size`` entries (models of the size of the input)."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self.steps: dict = {}
+        self.caches: dict = {}
+        self.hits = 0
+
+    def step(self, chain: str):
+        """(record copy, model, generator state) of the step ending ``chain``, or None."""
+        hit = self.steps.get(chain)
+        if hit is None:
+            return None
+        self.steps[chain] = self.steps.pop(chain)  # most recently used last
+        self.hits += 1
+        rec, model, state = hit
+        return copy.deepcopy(rec), model, copy.deepcopy(state)
+
+    def keep(self, chain: str, rec, model, state) -> None:
+        self.steps[chain] = (copy.deepcopy(rec), model, copy.deepcopy(state))
+        _trim(self.steps, self.size)
+
+    def pass_cache(self, step_input: str, pass_name: str) -> dict:
+        """The ``ctx.cache`` of ``pass_name`` run on the model ``step_input`` names (new when unseen)."""
+        key = (step_input, pass_name)
+        cache = self.caches.pop(key, None)
+        self.caches[key] = cache if cache is not None else {}
+        _trim(self.caches, self.size)
+        return self.caches[key]
+
+
+def _trim(d: dict, size: int) -> None:
+    while len(d) > size:
+        d.pop(next(iter(d)))
 
 
 def search(trials: Trials) -> None:
@@ -459,6 +519,7 @@ def allocate(runner: Runner, config: AllocationConfig, base: onnx.ModelProto, ct
     if best is not None and closure is not None:
         best = quantize_closure(best, trials.chosen_of(best["n"]), table, trials.extra, trials.verify, kind, alloc,
                                 feeds, trials.cache, trials.key, closure)
+    alloc["reused_steps"] = trials.memo.hits  # chain steps taken from an earlier trial (ChainMemo)
     describe_result(trials, best, config)
     if best is None:  # nothing is written on exit 4, the plot neither (the report says how close it came)
         raise BudgetError(f"cost target not met within the budget: {alloc['result']}", report)
