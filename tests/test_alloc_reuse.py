@@ -1,7 +1,8 @@
 """Work the allocation shares between its measurements, and that sharing it changes nothing: the
 proxy capture's batched Gram products (``proxy.GramRows``), the trials' chain memo
 (``allocate.ChainMemo``: a step an earlier trial ran is taken from it) and quantize's calibration and
-SmoothQuant maxima kept in ``ctx.cache`` for the same float model (``quantize_pass.cached_ranges``)."""
+SmoothQuant maxima kept in ``ctx.cache`` for the same float model (``quantize_pass.cached_ranges``),
+and the evaluation's batched runs (``sensitivity.batched_outputs``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import onnx
 
 import onnxshrink.passes.quantize.quantize_pass as qp
 import onnxshrink.pipeline.allocate as al
+import onnxshrink.pipeline.sensitivity as sens
 from models.build import vit_encoder
 from onnxshrink.data import ListSource
 from onnxshrink.passes.base import Context
@@ -18,7 +20,7 @@ from onnxshrink.passes.quantize.quantize_pass import QuantizeOptions, cached_ran
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.pipeline.proxy import GRAM_ROWS, GramRows, capture_layer_stats
 from onnxshrink.pipeline.sensitivity import apply_pass
-from onnxshrink.runtime import capture_activations
+from onnxshrink.runtime import capture_activations, make_session
 
 
 def _vit():
@@ -149,3 +151,106 @@ def test_quantize_again_on_the_same_graph_reuses_its_calibration(monkeypatch):
     b = run(shared)
     assert (len(calls), len(captured)) == (n_cal, n_cap)
     assert a == b == run({})
+
+
+class _CountingSession:
+    def __init__(self, sess):
+        self.sess, self.runs = sess, 0
+
+    def __getattr__(self, name):
+        return getattr(self.sess, name)
+
+    def run(self, names, feeds):
+        self.runs += 1
+        return self.sess.run(names, feeds)
+
+
+def _batched(monkeypatch, model, xs):
+    made = []
+
+    def counting(m, **kw):
+        made.append(_CountingSession(make_session(m, **kw)))
+        return made[-1]
+
+    monkeypatch.setattr(sens, "make_session", counting)
+    out = sens.batched_outputs(model, iter(xs))
+    return out, made[0].runs
+
+
+def _one_by_one(model, xs):
+    sess = make_session(model, optimize=True)
+    names = [o.name for o in sess.get_outputs()]
+    return [sess.run(names, x) for x in xs]
+
+
+def _equal(a, b):
+    return len(a) == len(b) and all(np.array_equal(p, q) for x, y in zip(a, b) for p, q in zip(x, y))
+
+
+def test_batched_outputs_are_the_one_by_one_outputs(monkeypatch):
+    """A ViT exported with a symbolic batch: 20 samples in 5 runs (2 alone, the pair stacked as the
+    check, then 16 and 2 stacked), bit for bit the outputs of 20 single runs; the same ViT with its
+    batch fixed at 1 runs them one by one (20 runs), with the same outputs."""
+    xs = _samples(20)
+    dyn = vit_encoder(depth=1, dim=64, heads=4, hw=32, patch=8, dynamic_batch=True)
+    out, runs = _batched(monkeypatch, dyn, xs)
+    assert runs == 5 and _equal(out, _one_by_one(dyn, xs))
+    fixed = _vit()
+    out, runs = _batched(monkeypatch, fixed, xs)
+    assert runs == 20 and _equal(out, _one_by_one(fixed, xs))
+
+
+def test_batched_outputs_check_the_stacked_run_before_trusting_it(monkeypatch):
+    """A model that mixes its samples when stacked (it subtracts the batch mean: 0 for one sample
+    alone) declares a symbolic batch: the check of the first pair sees the difference and every
+    sample runs alone (2 + 1 + 18 runs), giving the one-by-one outputs."""
+    from onnx import TensorProto, helper
+    g = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
+         helper.make_node("Sub", ["x", "m"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    xs = [{"x": np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32)} for i in range(20)]
+    out, runs = _batched(monkeypatch, model, xs)
+    assert runs == 21 and _equal(out, _one_by_one(model, xs))
+    assert all(not np.any(o[0]) for o in out)  # each sample alone: minus its own mean
+
+
+def test_a_closure_trial_missing_the_target_by_its_bytes_is_not_measured(monkeypatch):
+    """``Trials.verify(decide_on_cost=True)`` (the closure's question: budget kept *and* target met)
+    on a built model whose weight bytes miss the target: decided without running its fidelity or its
+    latency, reported as not measured and not cached; a configuration meeting the target, and any
+    trial asked without ``decide_on_cost``, is measured in full."""
+    from onnxshrink.metrics import Budget
+    from onnxshrink.pipeline.report import PassRecord
+    from onnxshrink.pipeline.sensitivity import SensitivityTable
+
+    model, xs = _vit(), _samples(4)
+    ref = _one_by_one(model, xs)
+    nbytes = sum(t.ByteSize() for t in model.graph.initializer)
+    config = al.AllocationConfig(targets=[("weight_bytes", 0.5)], passes=[], budget=Budget.parse("cosine>=0.99"),
+                                 cache=False)
+    runner = al.Runner(run_pass=None, labels=None)
+    table = SensitivityTable(base_cost={"weight_bytes": float(nbytes)}, base_scores={}, rows=[])
+
+    def trials_for(absolute):
+        target = al.Target("weight_bytes", absolute, float(nbytes), ["weight_bytes"], {}, {}, {})
+        t = al.Trials(config, runner, model, Context(calib=ListSource(xs), val=ListSource(xs), template=model),
+                      ListSource(xs), ref, None, table, [], target, {"trials": []}, xs[0])
+        t.extra.update({"a": {("quantize", "x"): 1.0}})
+        monkeypatch.setattr(t, "run_chain", lambda chosen: (model, [PassRecord(name="quantize", status="applied")]))
+        evaluated = []
+        real = t.evaluate
+        monkeypatch.setattr(t, "evaluate", lambda m: (evaluated.append(1), real(m))[1])
+        return t, evaluated
+
+    missed, evaluated = trials_for(0.5 * nbytes)
+    r = missed.verify("a", decide_on_cost=True)
+    assert r["decided"] and r["budget_ok"] is None and not r["target_met"] and not evaluated
+    assert "latency_ms" not in r["cost"] and missed.alloc["trials"][-1]["cosine"] is None
+    r = missed.verify("a")  # the budget asked for: measured now
+    assert not r.get("decided") and r["budget_ok"] is True and evaluated == [1] and "latency_ms" in r["cost"]
+    met, evaluated = trials_for(2.0 * nbytes)
+    r = met.verify("a", decide_on_cost=True)
+    assert r["budget_ok"] is True and r["target_met"] and evaluated == [1]

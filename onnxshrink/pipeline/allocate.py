@@ -41,11 +41,13 @@ import onnx
 
 from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
 from onnxshrink.errors import BudgetError
+from onnxshrink.metrics import fidelity
 from onnxshrink.pipeline.executor import SerialExecutor, get_executor
 from onnxshrink.pipeline.proxy import one_blas_thread, use_proxy
 from onnxshrink.pipeline.report import NOT_APPLICABLE, PassRecord, plot_allocation
 from onnxshrink.pipeline.sensitivity import (
     SensitivityData,
+    batched_outputs,
     cost_of,
     estimate_cost,
     greedy_order,
@@ -69,13 +71,11 @@ class Runner:
     """What the allocation needs of the pass manager's run.
 
     run_pass(model, pass name, options, ctx) -> (PassRecord, model): one step of a chain, validated
-        as runnable only (the chain is measured end to end afterwards);
-    verify(model) -> fidelity scores on every validation sample against the original's outputs;
+        as runnable only (the chain is measured end to end afterwards, ``Trials.evaluate``);
     labels: the validation labels (accuracy budgets), or None.
     """
 
     run_pass: Callable[[onnx.ModelProto, str, dict, Any], tuple[PassRecord, onnx.ModelProto]]
-    verify: Callable[[onnx.ModelProto], dict]
     labels: list | None
 
 
@@ -148,9 +148,10 @@ def measurement_cache(config: AllocationConfig) -> MeasurementCache:
 
 
 def measure_table(config: AllocationConfig, runner: Runner, base, ctx, val, reference, cost_shapes, latency: bool,
-                  only: set | None = None):
+                  only: set | None = None, base_scores: dict | None = None):
     """Step 1: the sensitivity table of ``base`` (cached measurements read, the rest measured, or
-    from the proxy, ``proxy.use_proxy``); ``only``: just these choices, measured."""
+    from the proxy, ``proxy.use_proxy``); ``only``: just these choices, measured; ``base_scores``: the
+    base's scores when a table measured them."""
     data = sensitivity_data(config, runner, ctx, val, reference, cost_shapes)
     data.one_blas_thread = use_proxy(config.sensitivity, base, latency) or only is not None
     pass_knobs = knobs()
@@ -160,7 +161,8 @@ def measure_table(config: AllocationConfig, runner: Runner, base, ctx, val, refe
         return measure_sensitivity(base, config.names, data, config.budget, cache=measurement_cache(config),
                                    executor=ex, latency=latency, user_options=config.user_options,
                                    progress=config.progress, max_units=config.max_units,
-                                   proxy=only is None and use_proxy(config.sensitivity, base, latency), only=only)
+                                   proxy=only is None and use_proxy(config.sensitivity, base, latency), only=only,
+                                   base_scores=base_scores)
     finally:
         ex.close()
 
@@ -179,7 +181,8 @@ def verify_boundary(config: AllocationConfig, runner: Runner, base, ctx, val, re
     keys = {f"{steps[i]['row']['pass']}:{steps[i]['row']['unit']}@{steps[i]['row']['strength']:g}" for i in near}
     if not keys:
         return False
-    measured = measure_table(config, runner, base, ctx, val, reference, cost_shapes, False, only=keys)
+    measured = measure_table(config, runner, base, ctx, val, reference, cost_shapes, False, only=keys,
+                             base_scores=table.base_scores)
     new = {(r["pass"], r["unit"], r["strength"]): r for r in measured.rows}
     pairs = []
     for i, r in enumerate(table.rows):
@@ -269,10 +272,15 @@ class Trials:
         """{(pass, unit): strength} of trial ``n``."""
         return self.extra[n] if n in self.extra else (self.steps[n - 1]["chosen"] if n else {})
 
-    def verify(self, n, materialize: bool = False) -> dict:
+    def verify(self, n, materialize: bool = False, decide_on_cost: bool = False) -> dict:
         """Trial of the first n greedy steps (or of an extra configuration by its label); from the
-        cache (without the model) when measured before, unless ``materialize``."""
+        cache (without the model) when measured before, unless ``materialize``. ``decide_on_cost``: the
+        caller only asks whether the budget holds *and* the target is met (the closure), so a
+        configuration whose deterministic cost (weight bytes, MACs; not a latency) misses the target is
+        decided without measuring its fidelity or latency (``budget_ok`` None, ``decided``, not cached)."""
         trials, target = self.done, self.target
+        if n in trials and trials[n].get("decided") and not decide_on_cost:
+            del trials[n]  # decided on its cost before; measured in full now
         if n in trials and (trials[n].get("model") is not None or not materialize):
             return trials[n]
         chosen = self.chosen_of(n)
@@ -289,11 +297,21 @@ class Trials:
         tv = time.perf_counter()
         with one_blas_thread(self.one_blas_thread):
             current, recs = self.run_chain(chosen)
-        scores = self.runner.verify(current)
+        cost = cost_of(current, self.cost_shapes)
+        if decide_on_cost and n not in trials and not self.latency:
+            missed = target.with_combined(cost).get(target.kind)
+            if missed is not None and missed > target.absolute:  # exact: the built model's own figures
+                t = {"n": n, "model": current, "records": recs, "scores": {}, "cost": target.with_combined(cost),
+                     "budget_ok": None, "target_met": False, "decided": "target missed: fidelity not measured",
+                     "seconds": round(time.perf_counter() - tv, 2)}
+                trials[n] = t
+                self.log(t, cached=False)
+                return t
+        scores = self.evaluate(current)
         if recs and recs[-1].status != NOT_APPLICABLE:
             recs[-1].fidelity = dict(scores)  # the chain's steps are checked runnable; the end is measured
-        cost = target.with_combined(cost_of(current, self.cost_shapes, self.feeds, latency=True,
-                                            runs=30 if self.latency else 15))
+        cost["latency_ms"] = measure_latency(current, self.feeds, runs=30 if self.latency else 15)
+        cost = target.with_combined(cost)
         budget = self.config.budget
         ok = budget.holds(scores, self.config.baseline) if budget is not None else True
         value = cost.get(target.kind)
@@ -317,6 +335,13 @@ class Trials:
         trials[n] = t
         self.log(t, cached=False)
         return t
+
+    def evaluate(self, model) -> dict:
+        """The fidelity of ``model`` on every selection sample against the original's outputs (as the
+        manager's ``ctx.evaluator``), the samples run in batches where that gives the one-by-one
+        outputs bit for bit (``sensitivity.batched_outputs``)."""
+        return fidelity(self.reference, batched_outputs(model, self.val), self.config.metric, self.val,
+                        self.runner.labels)
 
     def run_chain(self, chosen: dict):
         """The knob passes in pipeline order, each with its per-unit options: (model, records).
@@ -369,7 +394,8 @@ class Trials:
         self.config.progress.log(
             f"allocation: {n}/{len(self.steps)} choices -> {KIND_NAMES[target.kind]} {value:.4g} "
             f"(target {target.absolute:.4g}), {metric}={scores.get(metric, float('nan')):.5g}"
-            f"{'' if t['budget_ok'] else ' (budget broken)'}{' (cached)' if cached else ''}")
+            f"{'' if t['budget_ok'] else ' (budget broken)' if t['budget_ok'] is False else ' (not measured)'}"
+            f"{' (cached)' if cached else ''}")
 
 
 class ChainMemo:
@@ -617,10 +643,14 @@ def _closure_variant(best, chosen, table, extra, verify, kind, pass_name, streng
         label = f"{best['n']}+{tag}{k}"
         if label not in extra:
             extra[label] = {**chosen, **{(pass_name, u): strength for u in rest[:k]}}
-        return label, verify(label)
+        return label, verify(label, decide_on_cost=True)
+
+    def outcome(t) -> str:
+        return "target missed (fidelity not measured)" if t.get("decided") else \
+            f"budget {'kept' if t['budget_ok'] else 'broken'}"
 
     label, t = trial(len(rest))
-    log.append(f"{label}: budget {'kept' if t['budget_ok'] else 'broken'}")
+    log.append(f"{label}: {outcome(t)}")
     if t["budget_ok"] and t["target_met"]:
         return label
     lo, hi = 0, len(rest)
@@ -629,7 +659,7 @@ def _closure_variant(best, chosen, table, extra, verify, kind, pass_name, streng
             break
         mid = (lo + hi) // 2
         lab, tm = trial(mid)
-        log.append(f"{lab}: budget {'kept' if tm['budget_ok'] else 'broken'}")
+        log.append(f"{lab}: {outcome(tm)}")
         lo, hi = (mid, hi) if (tm["budget_ok"] and tm["target_met"]) else (lo, mid)
     if lo == 0:
         log.append(f"no prefix at strength {strength:g} keeps the budget")
