@@ -254,3 +254,16 @@ def test_a_closure_trial_missing_the_target_by_its_bytes_is_not_measured(monkeyp
     met, evaluated = trials_for(2.0 * nbytes)
     r = met.verify("a", decide_on_cost=True)
     assert r["budget_ok"] is True and r["target_met"] and evaluated == [1]
+
+
+def test_batched_outputs_need_the_batch_named_alike_on_inputs_and_outputs(monkeypatch):
+    """An output whose first dimension has another name than the inputs' may not be the batch: the
+    samples run one by one (20 runs), even though stacking would work for this model."""
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k", 4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    xs = [{"x": np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32)} for i in range(20)]
+    out, runs = _batched(monkeypatch, model, xs)
+    assert runs == 20 and _equal(out, _one_by_one(model, xs))
