@@ -267,3 +267,20 @@ def test_batched_outputs_need_the_batch_named_alike_on_inputs_and_outputs(monkey
     xs = [{"x": np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32)} for i in range(20)]
     out, runs = _batched(monkeypatch, model, xs)
     assert runs == 20 and _equal(out, _one_by_one(model, xs))
+
+
+def test_chain_memo_keeps_small_pass_caches_and_drops_large_ones():
+    """A pass run again on the same step input gets the cache its first run filled while that holds
+    at most ``cache_bytes`` of arrays; a larger one (svd's covariances of wide layers) is dropped after
+    the run, and the next run starts empty. Other step inputs get their own caches."""
+    memo = al.ChainMemo(cache_bytes=1000)
+    small = memo.pass_cache("in", "quantize")
+    small["ranges"] = {"t": (0.0, 1.0), "w": np.zeros(10)}
+    memo.settle("in", "quantize")
+    assert memo.pass_cache("in", "quantize") is small
+    assert memo.pass_cache("other", "quantize") == {}
+    big = memo.pass_cache("in", "svd")
+    big["cov"] = (np.zeros((20, 20)),)  # 3200 bytes
+    memo.settle("in", "svd")
+    again = memo.pass_cache("in", "svd")
+    assert again is not big and again == {}

@@ -374,6 +374,7 @@ class Trials:
                 continue
             nobudget.cache = self.memo.pass_cache(step_input, pname)
             rec, current = self.runner.run_pass(current, pname, opts, nobudget)
+            self.memo.settle(step_input, pname)
             rec.reason = (rec.reason + "; " if rec.reason else "") + f"allocated {len(choices)} unit(s)"
             recs.append(rec)
             if i < last:  # a step later ones build on (the last step's model is the trial's own)
@@ -403,10 +404,13 @@ class ChainMemo:
     later steps build on, keyed by the chain so far (a digest of every step's pass and options from
     the base model), with the step's record and the random generator's state after it; and the
     ``ctx.cache`` of each pass run on a given step input (same key scheme). Both hold the last
-    ``size`` entries (models of the size of the input)."""
+    ``size`` entries (models of the size of the input); a pass cache holding more than
+    ``cache_bytes`` of arrays after its run is dropped (svd's covariances and spectra of a ViT-S's
+    1536-wide layers reach hundreds of MB; quantize's ranges and maxima are small), so sharing never
+    holds more than that beyond what one pass run held before."""
 
-    def __init__(self, size: int = 2):
-        self.size = size
+    def __init__(self, size: int = 2, cache_bytes: int = 128 * 2**20):
+        self.size, self.cache_bytes = size, cache_bytes
         self.steps: dict = {}
         self.caches: dict = {}
         self.hits = 0
@@ -433,10 +437,27 @@ class ChainMemo:
         _trim(self.caches, self.size)
         return self.caches[key]
 
+    def settle(self, step_input: str, pass_name: str) -> None:
+        """After the pass ran: its cache is dropped when it holds more than ``cache_bytes``."""
+        key = (step_input, pass_name)
+        if key in self.caches and _array_bytes(self.caches[key]) > self.cache_bytes:
+            del self.caches[key]
+
 
 def _trim(d: dict, size: int) -> None:
     while len(d) > size:
         d.pop(next(iter(d)))
+
+
+def _array_bytes(obj) -> int:
+    """Bytes of the numpy arrays in ``obj`` (nested dicts, lists and tuples)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_array_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_array_bytes(v) for v in obj)
+    return 0
 
 
 def search(trials: Trials) -> None:
