@@ -220,7 +220,7 @@ def test_batched_outputs_check_the_stacked_run_before_trusting_it(monkeypatch):
 def test_a_closure_trial_missing_the_target_by_its_bytes_is_not_measured(monkeypatch):
     """``Trials.verify(decide_on_cost=True)`` (the closure's question: budget kept *and* target met)
     on a built model whose weight bytes miss the target: decided without running its fidelity or its
-    latency, reported as not measured and not cached; a configuration meeting the target, and any
+    latency, reported as not measured; a configuration meeting the target, and any
     trial asked without ``decide_on_cost``, is measured in full."""
     from onnxshrink.metrics import Budget
     from onnxshrink.pipeline.report import PassRecord
