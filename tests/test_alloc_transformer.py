@@ -141,7 +141,7 @@ def test_closure_tries_dynamic_int8_when_qdq_breaks_the_budget(monkeypatch):
     chosen = {("quantize", u): WEIGHTS_INT8 for u in "abc"}
     extra, timed = {}, []
 
-    def verify(label, materialize=False):
+    def verify(label, materialize=False, decide_on_cost=False):
         conf = extra.get(label, chosen)
         ok = not any(s == QDQ for s in conf.values())
         return {"n": label, "budget_ok": ok, "target_met": True, "model": label, "cost": {}}

@@ -68,7 +68,7 @@ def test_quantize_closure_raises_the_longest_harmless_prefix(monkeypatch):
     chosen = {("quantize", "a"): 0.5, ("quantize", "b"): 0.5, ("quantize", "c"): 0.5}
     extra, seen = {}, []
 
-    def verify(label, materialize=False):
+    def verify(label, materialize=False, decide_on_cost=False):
         conf = extra.get(label, chosen)
         seen.append(label)
         ok = conf.get(("quantize", "c"), 0) < 1.0  # c in int8 breaks the budget

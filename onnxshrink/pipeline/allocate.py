@@ -27,6 +27,7 @@ from __future__ import annotations
 
 __all__ = ["allocate", "AllocationConfig", "Runner", "Target", "Trials", "quantize_closure", "speed_verdict"]
 
+import copy
 import dataclasses
 import gc
 import math
@@ -40,11 +41,13 @@ import onnx
 
 from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
 from onnxshrink.errors import BudgetError
+from onnxshrink.metrics import fidelity
 from onnxshrink.pipeline.executor import SerialExecutor, get_executor
 from onnxshrink.pipeline.proxy import one_blas_thread, use_proxy
 from onnxshrink.pipeline.report import NOT_APPLICABLE, PassRecord, plot_allocation
 from onnxshrink.pipeline.sensitivity import (
     SensitivityData,
+    batched_outputs,
     cost_of,
     estimate_cost,
     greedy_order,
@@ -68,13 +71,11 @@ class Runner:
     """What the allocation needs of the pass manager's run.
 
     run_pass(model, pass name, options, ctx) -> (PassRecord, model): one step of a chain, validated
-        as runnable only (the chain is measured end to end afterwards);
-    verify(model) -> fidelity scores on every validation sample against the original's outputs;
+        as runnable only (the chain is measured end to end afterwards, ``Trials.evaluate``);
     labels: the validation labels (accuracy budgets), or None.
     """
 
     run_pass: Callable[[onnx.ModelProto, str, dict, Any], tuple[PassRecord, onnx.ModelProto]]
-    verify: Callable[[onnx.ModelProto], dict]
     labels: list | None
 
 
@@ -147,9 +148,10 @@ def measurement_cache(config: AllocationConfig) -> MeasurementCache:
 
 
 def measure_table(config: AllocationConfig, runner: Runner, base, ctx, val, reference, cost_shapes, latency: bool,
-                  only: set | None = None):
+                  only: set | None = None, base_scores: dict | None = None):
     """Step 1: the sensitivity table of ``base`` (cached measurements read, the rest measured, or
-    from the proxy, ``proxy.use_proxy``); ``only``: just these choices, measured."""
+    from the proxy, ``proxy.use_proxy``); ``only``: just these choices, measured; ``base_scores``: the
+    base's scores when a table measured them."""
     data = sensitivity_data(config, runner, ctx, val, reference, cost_shapes)
     data.one_blas_thread = use_proxy(config.sensitivity, base, latency) or only is not None
     pass_knobs = knobs()
@@ -159,7 +161,8 @@ def measure_table(config: AllocationConfig, runner: Runner, base, ctx, val, refe
         return measure_sensitivity(base, config.names, data, config.budget, cache=measurement_cache(config),
                                    executor=ex, latency=latency, user_options=config.user_options,
                                    progress=config.progress, max_units=config.max_units,
-                                   proxy=only is None and use_proxy(config.sensitivity, base, latency), only=only)
+                                   proxy=only is None and use_proxy(config.sensitivity, base, latency), only=only,
+                                   base_scores=base_scores)
     finally:
         ex.close()
 
@@ -178,7 +181,8 @@ def verify_boundary(config: AllocationConfig, runner: Runner, base, ctx, val, re
     keys = {f"{steps[i]['row']['pass']}:{steps[i]['row']['unit']}@{steps[i]['row']['strength']:g}" for i in near}
     if not keys:
         return False
-    measured = measure_table(config, runner, base, ctx, val, reference, cost_shapes, False, only=keys)
+    measured = measure_table(config, runner, base, ctx, val, reference, cost_shapes, False, only=keys,
+                             base_scores=table.base_scores)
     new = {(r["pass"], r["unit"], r["strength"]): r for r in measured.rows}
     pairs = []
     for i, r in enumerate(table.rows):
@@ -262,15 +266,21 @@ class Trials:
                           cost_shapes)
         self.metric = config.budget.metric if config.budget is not None else "cosine"
         self.one_blas_thread = table.info.get("mode") == "proxy"  # proxy.one_blas_thread
+        self.memo = ChainMemo()
 
     def chosen_of(self, n) -> dict:
         """{(pass, unit): strength} of trial ``n``."""
         return self.extra[n] if n in self.extra else (self.steps[n - 1]["chosen"] if n else {})
 
-    def verify(self, n, materialize: bool = False) -> dict:
+    def verify(self, n, materialize: bool = False, decide_on_cost: bool = False) -> dict:
         """Trial of the first n greedy steps (or of an extra configuration by its label); from the
-        cache (without the model) when measured before, unless ``materialize``."""
+        cache (without the model) when measured before, unless ``materialize``. ``decide_on_cost``: the
+        caller only asks whether the budget holds *and* the target is met (the closure), so a
+        configuration whose deterministic cost (weight bytes, MACs; not a latency) misses the target is
+        decided without measuring its fidelity or latency (``budget_ok`` None, ``decided``, not cached)."""
         trials, target = self.done, self.target
+        if n in trials and trials[n].get("decided") and not decide_on_cost:
+            del trials[n]  # decided on its cost before; measured in full now
         if n in trials and (trials[n].get("model") is not None or not materialize):
             return trials[n]
         chosen = self.chosen_of(n)
@@ -287,11 +297,21 @@ class Trials:
         tv = time.perf_counter()
         with one_blas_thread(self.one_blas_thread):
             current, recs = self.run_chain(chosen)
-        scores = self.runner.verify(current)
+        cost = cost_of(current, self.cost_shapes)
+        if decide_on_cost and n not in trials and not self.latency:
+            missed = target.with_combined(cost).get(target.kind)
+            if missed is not None and missed > target.absolute:  # exact: the built model's own figures
+                t = {"n": n, "model": current, "records": recs, "scores": {}, "cost": target.with_combined(cost),
+                     "budget_ok": None, "target_met": False, "decided": "target missed: fidelity not measured",
+                     "seconds": round(time.perf_counter() - tv, 2)}
+                trials[n] = t
+                self.log(t, cached=False)
+                return t
+        scores = self.evaluate(current)
         if recs and recs[-1].status != NOT_APPLICABLE:
             recs[-1].fidelity = dict(scores)  # the chain's steps are checked runnable; the end is measured
-        cost = target.with_combined(cost_of(current, self.cost_shapes, self.feeds, latency=True,
-                                            runs=30 if self.latency else 15))
+        cost["latency_ms"] = measure_latency(current, self.feeds, runs=30 if self.latency else 15)
+        cost = target.with_combined(cost)
         budget = self.config.budget
         ok = budget.holds(scores, self.config.baseline) if budget is not None else True
         value = cost.get(target.kind)
@@ -316,13 +336,29 @@ class Trials:
         self.log(t, cached=False)
         return t
 
+    def evaluate(self, model) -> dict:
+        """The fidelity of ``model`` on every selection sample against the original's outputs (as the
+        manager's ``ctx.evaluator``), the samples run in batches where that gives the one-by-one
+        outputs bit for bit (``sensitivity.batched_outputs``)."""
+        return fidelity(self.reference, batched_outputs(model, self.val), self.config.metric, self.val,
+                        self.runner.labels)
+
     def run_chain(self, chosen: dict):
-        """The knob passes in pipeline order, each with its per-unit options: (model, records)."""
+        """The knob passes in pipeline order, each with its per-unit options: (model, records).
+
+        Trials share work (``ChainMemo``): a step whose chain so far (every earlier step's pass and
+        options) was run by an earlier trial is taken from it with the random generator's state it
+        left, so the result is the one running it again gives (the closure's variants differ from
+        the configuration they extend only in quantize's options: its prune and svd steps run once);
+        and a pass run again on the same input model gets the ``ctx.cache`` its earlier run filled
+        (svd's covariances and spectra, quantize's calibration)."""
         # a fresh generator per trial: a trial's result must not depend on which trials ran before
         nobudget = dataclasses.replace(self.ctx, budget=None, cache={}, rng=np.random.default_rng(self.config.seed))
         current, recs = self.base, []
         pass_knobs = knobs()
-        for pname in self.names:
+        chain = digest("chain")
+        last = max((i for i, pname in enumerate(self.names) if any(p == pname for p, _ in chosen)), default=-1)
+        for i, pname in enumerate(self.names):
             choices = {u: s for (p, u), s in chosen.items() if p == pname}
             if not choices:
                 recs.append(PassRecord(name=pname, status=NOT_APPLICABLE, options=self.user.get(pname, {}),
@@ -330,10 +366,19 @@ class Trials:
                 continue
             knob = pass_knobs[pname]
             opts = knob.merge(self.user.get(pname, {}), knob.options(current, choices))
+            step_input, chain = chain, digest(chain, pname, opts)
+            hit = self.memo.step(chain)
+            if hit is not None:
+                rec, current, nobudget.rng.bit_generator.state = hit
+                recs.append(rec)
+                continue
+            nobudget.cache = self.memo.pass_cache(step_input, pname)
             rec, current = self.runner.run_pass(current, pname, opts, nobudget)
+            self.memo.settle(step_input, pname)
             rec.reason = (rec.reason + "; " if rec.reason else "") + f"allocated {len(choices)} unit(s)"
             recs.append(rec)
-            nobudget.cache.clear()
+            if i < last:  # a step later ones build on (the last step's model is the trial's own)
+                self.memo.keep(chain, rec, current, nobudget.rng.bit_generator.state)
             gc.collect()
         return current, recs
 
@@ -350,7 +395,69 @@ class Trials:
         self.config.progress.log(
             f"allocation: {n}/{len(self.steps)} choices -> {KIND_NAMES[target.kind]} {value:.4g} "
             f"(target {target.absolute:.4g}), {metric}={scores.get(metric, float('nan')):.5g}"
-            f"{'' if t['budget_ok'] else ' (budget broken)'}{' (cached)' if cached else ''}")
+            f"{'' if t['budget_ok'] else ' (budget broken)' if t['budget_ok'] is False else ' (not measured)'}"
+            f"{' (cached)' if cached else ''}")
+
+
+class ChainMemo:
+    """What the trials of one allocation share (``Trials.run_chain``): the models of chain steps
+    later steps build on, keyed by the chain so far (a digest of every step's pass and options from
+    the base model), with the step's record and the random generator's state after it; and the
+    ``ctx.cache`` of each pass run on a given step input (same key scheme). Both hold the last
+    ``size`` entries (models of the size of the input); a pass cache holding more than
+    ``cache_bytes`` of arrays after its run is dropped (svd's covariances and spectra of a ViT-S's
+    1536-wide layers reach hundreds of MB; quantize's ranges and maxima are small), so sharing never
+    holds more than that beyond what one pass run held before."""
+
+    def __init__(self, size: int = 2, cache_bytes: int = 128 * 2**20):
+        self.size, self.cache_bytes = size, cache_bytes
+        self.steps: dict = {}
+        self.caches: dict = {}
+        self.hits = 0
+
+    def step(self, chain: str):
+        """(record copy, model, generator state) of the step ending ``chain``, or None."""
+        hit = self.steps.get(chain)
+        if hit is None:
+            return None
+        self.steps[chain] = self.steps.pop(chain)  # most recently used last
+        self.hits += 1
+        rec, model, state = hit
+        return copy.deepcopy(rec), model, copy.deepcopy(state)
+
+    def keep(self, chain: str, rec, model, state) -> None:
+        self.steps[chain] = (copy.deepcopy(rec), model, copy.deepcopy(state))
+        _trim(self.steps, self.size)
+
+    def pass_cache(self, step_input: str, pass_name: str) -> dict:
+        """The ``ctx.cache`` of ``pass_name`` run on the model ``step_input`` names (new when unseen)."""
+        key = (step_input, pass_name)
+        cache = self.caches.pop(key, None)
+        self.caches[key] = cache if cache is not None else {}
+        _trim(self.caches, self.size)
+        return self.caches[key]
+
+    def settle(self, step_input: str, pass_name: str) -> None:
+        """After the pass ran: its cache is dropped when it holds more than ``cache_bytes``."""
+        key = (step_input, pass_name)
+        if key in self.caches and _array_bytes(self.caches[key]) > self.cache_bytes:
+            del self.caches[key]
+
+
+def _trim(d: dict, size: int) -> None:
+    while len(d) > size:
+        d.pop(next(iter(d)))
+
+
+def _array_bytes(obj) -> int:
+    """Bytes of the numpy arrays in ``obj`` (nested dicts, lists and tuples)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_array_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_array_bytes(v) for v in obj)
+    return 0
 
 
 def search(trials: Trials) -> None:
@@ -459,6 +566,7 @@ def allocate(runner: Runner, config: AllocationConfig, base: onnx.ModelProto, ct
     if best is not None and closure is not None:
         best = quantize_closure(best, trials.chosen_of(best["n"]), table, trials.extra, trials.verify, kind, alloc,
                                 feeds, trials.cache, trials.key, closure)
+    alloc["reused_steps"] = trials.memo.hits  # chain steps taken from an earlier trial (ChainMemo)
     describe_result(trials, best, config)
     if best is None:  # nothing is written on exit 4, the plot neither (the report says how close it came)
         raise BudgetError(f"cost target not met within the budget: {alloc['result']}", report)
@@ -556,10 +664,14 @@ def _closure_variant(best, chosen, table, extra, verify, kind, pass_name, streng
         label = f"{best['n']}+{tag}{k}"
         if label not in extra:
             extra[label] = {**chosen, **{(pass_name, u): strength for u in rest[:k]}}
-        return label, verify(label)
+        return label, verify(label, decide_on_cost=True)
+
+    def outcome(t) -> str:
+        return "target missed (fidelity not measured)" if t.get("decided") else \
+            f"budget {'kept' if t['budget_ok'] else 'broken'}"
 
     label, t = trial(len(rest))
-    log.append(f"{label}: budget {'kept' if t['budget_ok'] else 'broken'}")
+    log.append(f"{label}: {outcome(t)}")
     if t["budget_ok"] and t["target_met"]:
         return label
     lo, hi = 0, len(rest)
@@ -568,7 +680,7 @@ def _closure_variant(best, chosen, table, extra, verify, kind, pass_name, streng
             break
         mid = (lo + hi) // 2
         lab, tm = trial(mid)
-        log.append(f"{lab}: budget {'kept' if tm['budget_ok'] else 'broken'}")
+        log.append(f"{lab}: {outcome(tm)}")
         lo, hi = (mid, hi) if (tm["budget_ok"] and tm["target_met"]) else (lo, mid)
     if lo == 0:
         log.append(f"no prefix at strength {strength:g} keeps the budget")

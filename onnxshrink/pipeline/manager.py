@@ -589,12 +589,12 @@ class PassManager:
                                 progress=self.progress)
 
     def allocation_runner(self, ctx: Context, val, reference, cost_shapes) -> Runner:
-        """The allocation's view of this run: a pass step validated as runnable, the end-to-end
-        fidelity of a model, the validation labels."""
+        """The allocation's view of this run: a pass step validated as runnable, the validation
+        labels."""
         def run_pass(model, name, options, step_ctx):
             return self._run_one(create_pass({name: options}), model, step_ctx, val, reference, cost_shapes,
                                  check_budget=False)
-        return Runner(run_pass=run_pass, verify=ctx.evaluator, labels=self.val_labels)
+        return Runner(run_pass=run_pass, labels=self.val_labels)
 
     def _emit(self, model, ctx, report):
         model, info = emit_for_target(model, self.target, ctx)

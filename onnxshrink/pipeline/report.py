@@ -202,7 +202,8 @@ class Report:
             c = tr.get("cost", {})
             t.add_row(str(tr["n"]), format_bytes(c.get("weight_bytes")), format_count(c.get("macs")),
                       _fmt(c.get("latency_ms"), "{:.2f} ms"), _fmt(tr.get(metric), "{:.5f}"),
-                      "ok" if tr.get("budget_ok") else "broken", "met" if tr.get("target_met") else "missed")
+                      "ok" if tr.get("budget_ok") else "-" if tr.get("budget_ok") is None else "broken",
+                      "met" if tr.get("target_met") else "missed")
         console.print(t)
         console.print(f"allocation: {a.get('result', '')}")
 

@@ -51,7 +51,7 @@ there, shorter prefixes (the worst choices dropped first) until it holds.
 from __future__ import annotations
 
 __all__ = ["Choice", "SensitivityTable", "knobs", "measure_sensitivity", "greedy_order", "estimate_cost",
-           "apply_pass"]
+           "apply_pass", "batched_outputs"]
 
 import math
 import os
@@ -132,6 +132,69 @@ def layer_costs(model: onnx.ModelProto, shapes: dict | None) -> dict:
     return out
 
 
+BATCH = 16  # samples stacked into one run by batched_outputs
+
+
+def batched_outputs(model: onnx.ModelProto, samples) -> list:
+    """The outputs of ``model`` (onnxruntime's optimizations on, as the user runs it) on each of
+    ``samples`` (an iterable of feeds), one list per sample. When every input and output of the
+    model has the same named first dimension (a model exported for batches: ``batch``) and the
+    samples have one shape with a first dimension of 1, they run ``BATCH`` at a time, stacked along
+    that axis and split back, provided the stacked run of the first two gives their one-by-one
+    outputs bit for bit (onnxruntime's CPU kernels compute each sample's rows alike whatever the
+    batch; checked here, not assumed); otherwise, and for a batch whose run fails, one sample at a
+    time. A stacked run reads each weight once per batch instead of once per sample: on a ViT-S at
+    17 tokens, 2-2.7x faster."""
+    sess = make_session(model, optimize=True, low_memory=True)
+    names = [o.name for o in sess.get_outputs()]
+    it = iter(samples)
+    head = [s for _, s in zip(range(2), it)]
+    out = [sess.run(names, s) for s in head]
+    firsts = {v.shape[0] if v.shape else None for v in list(sess.get_inputs()) + list(sess.get_outputs())}
+    free = len(firsts) == 1 and isinstance(next(iter(firsts)), str) and next(iter(firsts))
+    if len(head) == 2 and free and _stackable(head, head[0]):
+        try:
+            same = all(np.array_equal(a, b) and a.dtype == b.dtype and a.shape == b.shape
+                       for x, y in zip(out, _stacked(sess, names, head)) for a, b in zip(x, y))
+        except Exception:  # a shape fixed inside the graph: one sample at a time
+            same = False
+        if same:
+            def run(chunk: list) -> list:
+                try:
+                    return _stacked(sess, names, chunk)
+                except Exception:  # e.g. an output whose first dimension is not the batch after all
+                    return [sess.run(names, s) for s in chunk]
+
+            chunk: list = []
+            for s in it:
+                if not _stackable([s], head[0]):
+                    out += run(chunk) if chunk else []
+                    chunk = []
+                    out.append(sess.run(names, s))
+                    continue
+                chunk.append(s)
+                if len(chunk) == BATCH:
+                    out += run(chunk)
+                    chunk = []
+            return out + (run(chunk) if chunk else [])
+    return out + [sess.run(names, s) for s in it]
+
+
+def _stackable(samples: list, like: dict) -> bool:
+    """Every sample has ``like``'s inputs, shapes and dtypes, with a first dimension of 1."""
+    return all(s.keys() == like.keys() and all(
+        np.shape(s[k]) == np.shape(like[k]) and np.ndim(s[k]) > 0 and np.shape(s[k])[0] == 1
+        and np.asarray(s[k]).dtype == np.asarray(like[k]).dtype for k in s) for s in samples)
+
+
+def _stacked(sess, names: list, samples: list) -> list:
+    """One run of ``samples`` stacked along the first axis, split back into per-sample outputs."""
+    outs = sess.run(names, {k: np.concatenate([np.asarray(s[k]) for s in samples]) for k in samples[0]})
+    if any(np.ndim(o) == 0 or np.shape(o)[0] != len(samples) for o in outs):
+        raise ValueError("an output's first dimension is not the batch")
+    return [[o[i:i + 1] for o in outs] for i in range(len(samples))]
+
+
 class SensitivityData:
     """What a measurement needs besides the model, picklable: samples, reference, labels, metric."""
 
@@ -147,10 +210,7 @@ class SensitivityData:
                       template=template)
 
         def evaluator(m):
-            sess = make_session(m, optimize=True)
-            names = [o.name for o in sess.get_outputs()]
-            return fidelity(self.reference, [sess.run(names, s) for s in self.val], self.user_metric, self.val,
-                            self.labels)
+            return fidelity(self.reference, batched_outputs(m, self.val), self.user_metric, self.val, self.labels)
         ctx.evaluator = evaluator
         return ctx
 
@@ -224,18 +284,20 @@ class SensitivityTable:
 
 def measure_sensitivity(model: onnx.ModelProto, passes: list, data: SensitivityData, budget, cache=None, executor=None,
                         latency: bool = False, user_options: dict | None = None, progress=None,
-                        max_units: int = 0, proxy: bool = False, only: set | None = None) -> SensitivityTable:
+                        max_units: int = 0, proxy: bool = False, only: set | None = None,
+                        base_scores: dict | None = None) -> SensitivityTable:
     """Measure every (unit, strength) of the knobs of ``passes`` on ``model`` (see the module
     docstring); cached measurements are read, the others run through ``executor``. ``proxy``: the
     ones not cached from a measurement come from ``proxy.proxy_rows`` where the knob has a proxy
-    (cached too, under their own key); ``only``: just these choices (``Choice.key()``)."""
+    (cached too, under their own key); ``only``: just these choices (``Choice.key()``);
+    ``base_scores``: the base model's scores when already measured (a table of the same model and
+    data)."""
     t0 = time.perf_counter()
     cache = cache if cache is not None else MeasurementCache(enabled=False)
     user_options = user_options or {}
-    sess = make_session(model, optimize=True)
-    names = [o.name for o in sess.get_outputs()]
-    base_scores = fidelity(data.reference, [sess.run(names, s) for s in data.val], data.user_metric, data.val,
-                           data.labels)
+    if base_scores is None:
+        base_scores = fidelity(data.reference, batched_outputs(model, data.val), data.user_metric, data.val,
+                               data.labels)
     feeds = data.val[0] if data.val else None
     base_cost = cost_of(model, data.shapes, feeds, latency)
     mkey = model_digest(model)

@@ -38,6 +38,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.cache import model_digest
 from onnxshrink.errors import InputError, UsageError
 from onnxshrink.graph.convert import model_to_graph
 from onnxshrink.passes.base import Context, Pass, PassResult
@@ -293,12 +294,34 @@ def _smooth(graph: gs.Graph, ctx: Context, samples: CalibrationSamples, smooth) 
     if not names:
         return {"alpha": alpha, "groups": [], "reason": "no LayerNorm (or per-channel affine) output read only by "
                                                          "MatMuls with constant weights"}
-    absmax: dict = {}
-    for acts in capture_activations(ctx.to_model(graph), names, samples.all()):
-        for n, v in acts.items():
-            m = np.max(np.abs(np.asarray(v, np.float64).reshape(-1, v.shape[-1])), axis=0)
-            absmax[n] = m if n not in absmax else np.maximum(absmax[n], m)
+    model = ctx.to_model(graph)
+    # the same float model seen again (a weaker attempt, another allocation trial): its maxima from ctx.cache
+    key = ("quantize.smooth_absmax", model_digest(model), tuple(names), id(samples.source), samples.max_samples)
+    absmax = ctx.cache.get(key)
+    if absmax is None:
+        absmax = {}
+        for acts in capture_activations(model, names, samples.all()):
+            for n, v in acts.items():
+                m = np.max(np.abs(np.asarray(v, np.float64).reshape(-1, v.shape[-1])), axis=0)
+                absmax[n] = m if n not in absmax else np.maximum(absmax[n], m)
+        ctx.cache[key] = absmax
+    del model
     return smooth_activations(graph, absmax, alpha, min_ratio)
+
+
+def cached_ranges(ctx: Context, model_f, tensors: list, samples: CalibrationSamples, o, levels: int) -> dict:
+    """``calibrate_ranges`` through ``ctx.cache``: a tensor's range depends only on its own values, so
+    the ranges an earlier run measured on the same float model (by content digest; a weaker attempt,
+    another allocation trial) are reused and only the tensors not seen yet are calibrated."""
+    key = ("quantize.ranges", model_digest(model_f), id(samples.source), samples.max_samples, o.calibrator, levels,
+           o.bins, o.percentile)
+    known = ctx.cache.setdefault(key, {})
+    missing = [t for t in tensors if t not in known]
+    if missing:
+        got = calibrate_ranges(model_f, missing, samples, o.calibrator, levels=levels, bins=o.bins,
+                               percentile=o.percentile)
+        known.update({t: got.get(t) for t in missing})  # None: no range (not a float tensor)
+    return {t: known[t] for t in tensors if known[t] is not None}
 
 
 @dataclass
@@ -382,8 +405,7 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     # is the one quantized)
     cand, _ = plan_units(graph, set(o.exclude), rules)
     tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
-    ranges = calibrate_ranges(model_f, tensors, samples, o.calibrator, levels=scheme.qmax - scheme.qmin + 1,
-                              bins=o.bins, percentile=o.percentile)
+    ranges = cached_ranges(ctx, model_f, tensors, samples, o, scheme.qmax - scheme.qmin + 1)
     clips = {u.output: u.clip for u in cand.values() if u.clip is not None}
     n_units = sum(1 for u in units.values() if u.kind == "weighted")
     lap("calibrate")
