@@ -123,7 +123,7 @@ def test_select_within_budget_backs_off_the_most_harmful_layer():
 def test_quantize_knob_strengths_map_to_exclude_and_float_weights():
     m = net()
     knob = knobs()["quantize"]
-    assert knob.strengths == (0.5, 0.75, 1.0)  # 0.75: dynamic int8, MatMul/Gemm only
+    assert knob.strengths == (0.5, 0.75, 1.0, 1.25)  # 0.75, 1.25: dynamic int8 (8- or 6-bit weights), MatMul/Gemm
     assert {u for u, _ in knob.units(m, None)} == {"conv", "convt", "gemm", "mm", "mm_tiny"}
     o = knob.options(m, {"conv": 1.0, "gemm": 0.5})
     assert o["fallback"] == "int8"
