@@ -15,7 +15,10 @@ model, single-thread latency measured interleaved (the three models in turn, 8 r
 minimum of each) and each command's wall time.
 
     PYTHONPATH=. python benchmarks/pipelines_bench.py [yolov8n] [ppocr_det] [vit_s] [ppocr_rec]
-        [--out /tmp/pipelines] [--target-size 0.15] [--target-macs 0.8] [--rounds 8]
+        [--out /tmp/pipelines] [--target-size 0.15] [--target-macs 0.8] [--rounds 8] [--val 32]
+
+``--val N`` writes N more samples (seed 2) passed as ``--val`` to both commands (issue 17's form:
+all 40 ``--calib`` samples calibrate, the N alternate between selection and test).
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def _optimize(src, out, passes, extra, report, log):
     if Path(out).exists() or (Path(report).exists()
                               and json.loads(Path(report).read_text()).get("budget_met") is False):
         return None
+    val = Path(out).parent / "val"
     cmd = [sys.executable, "-m", "onnxshrink", "optimize", str(src), str(out),
-           "--calib", str(Path(out).parent / "calib"),
+           "--calib", str(Path(out).parent / "calib"), *(["--val", str(val)] if val.exists() else []),
            "--passes", passes, "--budget", "cosine>=0.99", "--report", str(report), "-q", *extra]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT),
@@ -91,12 +95,14 @@ def _interleaved(models, feeds, rounds=8, runs=5):
 
 
 def bench(name: str, out: Path, target_macs: float | None = None, rounds: int = 8,
-          target_size: float = 0.2) -> list[dict]:
+          target_size: float = 0.2, val: int = 0) -> list[dict]:
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     src = _source(name, d)
     if not (d / "calib").exists():
         write_samples(_samples(name, 40, seed=0), d / "calib")
+    if val and not (d / "val").exists():  # --val: all of calib calibrates, these alternate selection / test
+        write_samples(_samples(name, val, seed=2), d / "val")
     transformer = name in TRANSFORMERS or name in TRANSFORMER_REAL
     limits = [] if transformer else ["--max-units", "24", "--sensitivity-samples", "4"]
     codes = {
@@ -147,12 +153,14 @@ def main(argv=None):
     ap.add_argument("--target-macs", type=float, default=None, help="also a MACs target for the allocated run")
     ap.add_argument("--target-size", type=float, default=0.2, help="the allocated run's size target")
     ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds (5 runs each)")
+    ap.add_argument("--val", type=int, default=0, help="also N samples (another seed) as --val: half select, "
+                                                        "half test; all 40 --calib samples calibrate")
     a = ap.parse_args(argv)
     print("| model | pipeline | weight bytes (x input) | file (x input) | params | MACs (x input) | latency 1 thread | "
           "speed | cosine mean / min (16 unseen samples) | tool time |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in a.models:
-        for r in bench(name, Path(a.out), a.target_macs, a.rounds, a.target_size):
+        for r in bench(name, Path(a.out), a.target_macs, a.rounds, a.target_size, a.val):
             tool = f"{r['tool_s']:.0f} s" if r.get("tool_s") is not None else ""
             if "failed" in r:
                 print(f"| {r['model']} | {r['pipeline']} | exit 4: {r['failed']} | | | | | | | {tool} |")

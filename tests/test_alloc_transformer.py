@@ -15,7 +15,7 @@ from onnxshrink.cache import MeasurementCache
 from onnxshrink.data import ListSource
 from onnxshrink.metrics import Budget, fidelity
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.quantize.knob import DYNAMIC, QDQ, WEIGHTS_INT8, QuantizeKnob
+from onnxshrink.passes.quantize.knob import DYNAMIC, DYNAMIC_NARROW, QDQ, WEIGHTS_INT8, QuantizeKnob
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.pipeline.proxy import use_proxy
 from onnxshrink.pipeline.sensitivity import SensitivityData, apply_pass, measure_sensitivity
@@ -49,7 +49,7 @@ def test_quantize_knob_offers_dynamic_int8_to_matmuls_only():
     gemms = [n.name for n in model.graph.node if n.op_type == "Gemm"]
     assert convs and gemms
     assert all(strengths[u] == (WEIGHTS_INT8, QDQ) for u in convs)
-    assert all(strengths[u] == (WEIGHTS_INT8, DYNAMIC, QDQ) for u in gemms)
+    assert all(strengths[u] == (WEIGHTS_INT8, DYNAMIC, QDQ, DYNAMIC_NARROW) for u in gemms)
 
 
 def test_dynamic_nodes_quantize_those_nodes_and_nothing_else():

@@ -153,7 +153,7 @@ def test_overridable_weights_score_each_stored_weight_like_its_own_model():
 def test_quantize_knob_strengths_map_to_exclude_and_float_weights():
     m = net()
     knob = knobs()["quantize"]
-    assert knob.strengths == (0.5, 0.75, 1.0)  # 0.75: dynamic int8, MatMul/Gemm only
+    assert knob.strengths == (0.5, 0.75, 1.0, 1.25)  # 0.75, 1.25: dynamic int8 (8- or 6-bit weights), MatMul/Gemm
     assert {u for u, _ in knob.units(m, None)} == {"conv", "convt", "gemm", "mm", "mm_tiny"}
     o = knob.options(m, {"conv": 1.0, "gemm": 0.5})
     assert o["fallback"] == "int8"

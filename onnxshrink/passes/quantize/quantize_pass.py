@@ -119,6 +119,9 @@ class QuantizeOptions:
     dynamic_nodes: list[str] = field(default_factory=list, metadata={
         "help": "MatMul/Gemm nodes quantized dynamically (int8 weights, activations quantized at run time), the "
                 "others as the remaining options say (the allocation's per-node choice; dynamic.py)"})
+    dynamic_weight_bits: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "{node: bits} of dynamic_nodes whose weights are stored per column at 2-7 bits and decoded to "
+                "int8 at load (the same integer kernel; the allocation's strength 1.25; dynamic.py)"})
     bins: int = field(default=DEFAULT_BINS, metadata={"help": "histogram bins per tensor"})
     max_samples: int = field(default=0, metadata={"help": "calibration samples used (0: all)"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "node names kept in float"})
@@ -239,12 +242,17 @@ class QuantizePass(Pass):
         self.planned_units = done.weighted_units
         stats = done.stats
         g = done.result.graph if done.result.modified else graph
-        qm = dynamic_quantize(ctx.to_model(g), include=dyn)
+        bits = {n: b for n, b in o.dynamic_weight_bits.items() if n in dyn}
+        qm = dynamic_quantize(ctx.to_model(g), include=dyn, weight_bits=bits)
         stats["dynamic_matmuls"] = sum(1 for n in qm.graph.node
                                        if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
         if not stats["dynamic_matmuls"] and not done.result.modified:
             return PassResult(graph, False, stats, reason="no node to quantize")
+        widths = sorted(set(bits.values()))
+        if bits:
+            stats["dynamic_weight_bits"] = {str(b): sum(1 for v in bits.values() if v == b) for b in widths}
         note = f"{stats['dynamic_matmuls']} MatMul dynamic int8 (activations quantized at run time)" + (
+            f", {len(bits)} of them with {'/'.join(map(str, widths))}-bit weights" if bits else "") + (
             f"; {done.result.note}" if done.result.note else "")
         return PassResult(model_to_graph(qm), True, stats, note=note)
 

@@ -21,12 +21,22 @@ loss), layers are ranked by loss per byte saved, and the longest prefix of that 
 holds the check is kept (bisection). The per-layer losses come from one session in which the
 weights are overridable initializers (``overridable_weights``): each layer's stored weight is fed
 in place of its float one, so n layers cost one session, not n.
+
+Narrow storage (``pack_narrow`` / ``store_narrow``): a signed ``b``-bit integer tensor ``Q`` (``|Q| <=
+2^(b-1) - 1``, 2 <= b <= 7) is stored as ``u = Q + 2^(b-1)`` split into bit planes of widths 4, 2 and
+1 (the binary digits of b: 6 = 4 + 2), each plane's fields packed ``8 / k`` to a byte: ``n b / 8``
+bytes for n values. The graph decodes it with float arithmetic that is exact below 2^24 (``Cast``,
+``Mul`` by ``2^-(k i)``, ``Floor``, ``Mod 2^k``, the planes summed with their shifts, ``- 2^(b-1)``)
+into an int8 tensor: a constant subgraph onnxruntime folds at load, so a kernel reading it (the
+dynamic int8 MatMul, ``dynamic.narrow_weights``) sees a constant int8 weight and runs at its int8
+speed. Its first node is a narrow-int Cast, which the project's constant folding leaves alone
+(``graph.values.is_weight_decode``).
 """
 
 from __future__ import annotations
 
 __all__ = ["WEIGHT_OPS", "storage_axis", "candidates", "int8_channels", "store_int8", "select_within_budget",
-           "overridable_weights"]
+           "overridable_weights", "NARROW_BITS", "pack_narrow", "unpack_narrow", "narrow_bytes", "store_narrow"]
 
 from typing import Callable
 
@@ -169,3 +179,95 @@ def overridable_weights(model: onnx.ModelProto, names) -> onnx.ModelProto:
             t = inits[n]
             m.graph.input.append(onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims)))
     return m
+
+
+NARROW_BITS = (2, 3, 4, 5, 6, 7)
+
+
+def _planes(bits: int) -> list[tuple[int, int]]:
+    """The bit planes of a ``bits``-bit field: [(width k, shift)], widest first (6 -> (4, 0), (2, 4))."""
+    if bits not in NARROW_BITS:
+        raise ValueError(f"narrow storage takes {NARROW_BITS[0]} to {NARROW_BITS[-1]} bits, not {bits}")
+    out, shift = [], 0
+    for k in (4, 2, 1):
+        if bits - shift >= k:
+            out.append((k, shift))
+            shift += k
+    return out
+
+
+def narrow_bytes(n: int, bits: int, ndim: int = 0) -> int:
+    """Bytes ``pack_narrow`` stores for n values of ``bits`` bits; with ``ndim`` (the tensor's rank),
+    plus the constants of ``store_narrow``'s decoder (about 100 bytes)."""
+    total = 0
+    for k, shift in _planes(bits):
+        per = 8 // k
+        m = -(-n // per)
+        total += m
+        if ndim:  # the column shape, the field weights, the modulus, the flat shape, [slice], [shift]
+            total += 16 + 4 * per + 4 + 8 + (16 if m * per != n else 0) + (4 if shift else 0)
+    return total + (4 + 8 * ndim if ndim else 0)  # the offset and the output shape
+
+
+def pack_narrow(Q: np.ndarray, bits: int) -> list[np.ndarray]:
+    """The uint8 planes storing the signed ``bits``-bit integers ``Q`` (flattened, C order); see the
+    module docstring. Raises ValueError when a value does not fit."""
+    q = np.asarray(Q).reshape(-1).astype(np.int64)
+    half = 1 << (bits - 1)
+    if q.size and (q.max() >= half or q.min() <= -half):
+        raise ValueError(f"values beyond {bits} bits (|q| <= {half - 1})")
+    u = q + half
+    planes = []
+    for k, shift in _planes(bits):
+        per = 8 // k
+        f = (u >> shift) & ((1 << k) - 1)
+        f = np.concatenate([f, np.zeros((-f.size) % per, np.int64)]).reshape(-1, per)
+        planes.append((f << (k * np.arange(per))).sum(axis=1).astype(np.uint8))
+    return planes
+
+
+def unpack_narrow(planes: list[np.ndarray], bits: int, n: int) -> np.ndarray:
+    """The int8 values ``pack_narrow`` stored (numpy; the graph's decoder computes the same)."""
+    u = np.zeros(n, np.int64)
+    for P, (k, shift) in zip(planes, _planes(bits)):
+        per = 8 // k
+        f = (P.astype(np.int64)[:, None] >> (k * np.arange(per))) & ((1 << k) - 1)
+        u += f.reshape(-1)[:n] << shift
+    return (u - (1 << (bits - 1))).astype(np.int8)
+
+
+def store_narrow(graph: gs.Graph, Q: np.ndarray, bits: int, name: str) -> gs.Variable:
+    """Add the packed planes of the int8 tensor ``Q`` (values within ``bits`` bits) to ``graph`` with
+    their decoder (module docstring); returns the decoder's int8 output, shaped like Q."""
+    n = int(Q.size)
+    total = None
+
+    def node(op, inputs, tag, attrs=None):
+        y = gs.Variable(f"{tag}.{op.lower()}{len(graph.nodes)}", dtype=np.float32)
+        graph.nodes.append(gs.Node(op, name=y.name, inputs=inputs, outputs=[y], attrs=attrs or {}))
+        return y
+    for i, (P, (k, shift)) in enumerate(zip(pack_narrow(Q, bits), _planes(bits))):
+        per = 8 // k
+        t = f"{name}.b{bits}p{i}"
+        c = node("Cast", [gs.Constant(t, P)], t, {"to": onnx.TensorProto.FLOAT})
+        c = node("Reshape", [c, gs.Constant(f"{t}.col", np.array([-1, 1], np.int64))], t)
+        f = node("Mul", [c, gs.Constant(f"{t}.w", (2.0 ** (-k * np.arange(per))).astype(np.float32))], t)
+        f = node("Floor", [f], t)
+        f = node("Mod", [f, gs.Constant(f"{t}.m", np.array(float(1 << k), np.float32))], t, {"fmod": 1})
+        f = node("Reshape", [f, gs.Constant(f"{t}.flat", np.array([-1], np.int64))], t)
+        if P.size * per != n:
+            f = node("Slice", [f, gs.Constant(f"{t}.s0", np.array([0], np.int64)),
+                               gs.Constant(f"{t}.s1", np.array([n], np.int64))], t)
+        if shift:
+            f = node("Mul", [f, gs.Constant(f"{t}.shift", np.array(float(1 << shift), np.float32))], t)
+        total = f if total is None else node("Add", [total, f], t)
+    tag = f"{name}.b{bits}"
+    y = gs.Variable(f"{tag}.signed", dtype=np.float32)
+    graph.nodes.append(gs.Node("Sub", name=y.name, inputs=[total, gs.Constant(
+        f"{tag}.offset", np.array(float(1 << (bits - 1)), np.float32))], outputs=[y]))
+    q = gs.Variable(f"{tag}.int8", dtype=np.int8)
+    graph.nodes.append(gs.Node("Cast", name=q.name, inputs=[y], outputs=[q], attrs={"to": onnx.TensorProto.INT8}))
+    out = gs.Variable(f"{tag}.weight", dtype=np.int8, shape=list(Q.shape))
+    graph.nodes.append(gs.Node("Reshape", name=out.name, inputs=[q, gs.Constant(
+        f"{tag}.shape", np.array(Q.shape, np.int64))], outputs=[out]))
+    return out
