@@ -22,7 +22,7 @@ tool does not do:
   encoders, MLPs; convolutional models stay with static QDQ, whose integer Conv kernels
   ``ConvInteger`` cannot match). It is kept when its fidelity against the float model holds the
   guard's floor (the budget when there is one) and it measures clearly faster than the float model
-  (``runtime.compare_speed``: the whole ~95 % interval above ``min_speedup`` x 1.03); the static
+  (``Context.compare_speeds``: the whole ~95 % interval above ``min_speedup`` x 1.03); the static
   search is then skipped. Otherwise the static plan runs as before and the trial is reported.
 - Narrower weights for chosen nodes (``weight_bits`` {node: b}, b in 2..7; the allocation's
   strength ``DYNAMIC_NARROW``, the quantize option ``dynamic_weight_bits``): after the tool, such a node's
