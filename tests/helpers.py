@@ -43,6 +43,13 @@ def model_samples(model: onnx.ModelProto, n: int = 8, seed: int = 0) -> list[dic
     return [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in specs} for _ in range(n)]
 
 
+def small_vit(depth: int = 1) -> onnx.ModelProto:
+    """``models.build.vit_encoder`` at test size: ``depth`` blocks, width 64, 4 heads, 32x32 photos in
+    8x8 patches (input ``pixel_values`` [1, 3, 32, 32]; feeds from ``model_samples``)."""
+    from models.build import vit_encoder
+    return vit_encoder(depth=depth, dim=64, heads=4, hw=32, patch=8)
+
+
 def conv_gap_model(activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
     """x [1,3,16,16] -> Conv 3x3 (8 channels, bias) -> ``activation`` -> GlobalAveragePool -> y [1,8,1,1]
     at opset 17: the smallest model a target's quantized path can place end to end."""

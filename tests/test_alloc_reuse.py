@@ -21,15 +21,11 @@ from onnxshrink.pipeline.manager import optimize
 from onnxshrink.pipeline.proxy import GRAM_ROWS, GramRows, capture_layer_stats
 from onnxshrink.pipeline.sensitivity import apply_pass
 from onnxshrink.runtime import capture_activations, make_session
-
-
-def _vit():
-    return vit_encoder(depth=1, dim=64, heads=4, hw=32, patch=8)
+from tests.helpers import model_samples, small_vit
 
 
 def _samples(n, seed=3):
-    rng = np.random.default_rng(seed)
-    return [{"pixel_values": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(n)]
+    return model_samples(small_vit(), n, seed)
 
 
 def test_gram_rows_sum_every_row_once():
@@ -49,7 +45,7 @@ def test_gram_rows_sum_every_row_once():
 def test_proxy_capture_covariance_is_the_per_sample_sum():
     """The captured input covariance of every MatMul equals the mean of x x^T over every token of
     every sample, computed directly from the captured activations."""
-    model, xs = _vit(), _samples(6)
+    model, xs = small_vit(), _samples(6)
     stats = capture_layer_stats(model, xs, None)
     mm = {k: L for k, L in stats.items() if L.node.op_type == "MatMul"}
     assert len(mm) >= 4
@@ -72,7 +68,7 @@ def _allocated(monkeypatch, memo: bool):
         if not memo:
             mp.setattr(al.ChainMemo, "step", lambda self, chain: None)
             mp.setattr(al.ChainMemo, "pass_cache", lambda self, step_input, pass_name: {})
-        out, rep = optimize(_vit(), passes=["cleanup", "prune", "svd", "quantize"], data=_samples(16),
+        out, rep = optimize(small_vit(), passes=["cleanup", "prune", "svd", "quantize"], data=_samples(16),
                             budget="cosine>=0.98", target_size=0.25, sensitivity="proxy", executor="serial",
                             cache=False, speed="off")
     a = rep.allocation
@@ -98,7 +94,7 @@ def test_cached_ranges_calibrate_each_tensor_once(monkeypatch):
     """Ranges of a superset, then of a subset and a new tensor, of the same float model through one
     ``ctx.cache``: only the new tensor is calibrated again, and every range equals a fresh
     calibration's; a changed model (other weights) misses."""
-    model, xs = _vit(), _samples(4)
+    model, xs = small_vit(), _samples(4)
     tensors = sorted({n.output[0] for n in model.graph.node if n.op_type in ("MatMul", "Add")})[:8]
     calls = []
 
@@ -127,7 +123,7 @@ def test_quantize_again_on_the_same_graph_reuses_its_calibration(monkeypatch):
     """quantize (QDQ and SmoothQuant on a LayerNorm encoder) run twice through one ``ctx.cache``, as
     a closure's variants are: the second run calibrates nothing and captures nothing, and both write
     the bytes a run with a fresh cache writes."""
-    model, xs = _vit(), _samples(4)
+    model, xs = small_vit(), _samples(4)
     captured = []
     real_capture = qp.capture_activations
     monkeypatch.setattr(qp, "capture_activations", lambda *a, **k: (captured.append(1), real_capture(*a, **k))[1])
@@ -195,7 +191,7 @@ def test_batched_outputs_are_the_one_by_one_outputs(monkeypatch):
     dyn = vit_encoder(depth=1, dim=64, heads=4, hw=32, patch=8, dynamic_batch=True)
     out, runs = _batched(monkeypatch, dyn, xs)
     assert runs == 5 and _equal(out, _one_by_one(dyn, xs))
-    fixed = _vit()
+    fixed = small_vit()
     out, runs = _batched(monkeypatch, fixed, xs)
     assert runs == 20 and _equal(out, _one_by_one(fixed, xs))
 
@@ -226,7 +222,7 @@ def test_a_closure_trial_missing_the_target_by_its_bytes_is_not_measured(monkeyp
     from onnxshrink.pipeline.report import PassRecord
     from onnxshrink.pipeline.sensitivity import SensitivityTable
 
-    model, xs = _vit(), _samples(4)
+    model, xs = small_vit(), _samples(4)
     ref = _one_by_one(model, xs)
     nbytes = sum(t.ByteSize() for t in model.graph.initializer)
     config = al.AllocationConfig(targets=[("weight_bytes", 0.5)], passes=[], budget=Budget.parse("cosine>=0.99"),

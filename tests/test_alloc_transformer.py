@@ -10,7 +10,7 @@ import onnx.numpy_helper
 import pytest
 from scipy.stats import spearmanr
 
-from models.build import mobilenet_small, vit_encoder
+from models.build import mobilenet_small
 from onnxshrink.cache import MeasurementCache
 from onnxshrink.data import ListSource
 from onnxshrink.metrics import Budget, fidelity
@@ -19,22 +19,13 @@ from onnxshrink.passes.quantize.knob import DYNAMIC, DYNAMIC_NARROW, QDQ, WEIGHT
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.pipeline.proxy import use_proxy
 from onnxshrink.pipeline.sensitivity import SensitivityData, apply_pass, measure_sensitivity
-from tests.helpers import check, run_ort
+from tests.helpers import check, model_samples, run_ort, small_vit
 
 DYNAMIC_OPS = ("MatMulInteger", "DynamicQuantizeMatMul")
 
 
-def _vit(depth=2):
-    return vit_encoder(depth=depth, dim=64, heads=4, hw=32, patch=8)
-
-
-def _samples(model, n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [{"pixel_values": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(n)]
-
-
 def _data(model, n_cal=8, n_val=6):
-    xs = _samples(model, n_cal + n_val)
+    xs = model_samples(model, n_cal + n_val, 0)
     calib, val = xs[:n_cal], xs[n_cal:]
     budget = Budget.parse("cosine>=0.99")
     return SensitivityData(calib, val, [run_ort(model, s) for s in val], None, budget, None,
@@ -53,7 +44,7 @@ def test_quantize_knob_offers_dynamic_int8_to_matmuls_only():
 
 
 def test_dynamic_nodes_quantize_those_nodes_and_nothing_else():
-    model = _vit()
+    model = small_vit(2)
     knob = QuantizeKnob()
     units = [u for u, _ in knob.units(model, None)]
     mm = [u for u in units if DYNAMIC in knob.unit_strengths(model, u)]
@@ -61,7 +52,7 @@ def test_dynamic_nodes_quantize_those_nodes_and_nothing_else():
     choices = {**{u: DYNAMIC for u in dyn}, **{u: WEIGHTS_INT8 for u in units if u not in dyn}}
     opts = knob.options(model, choices)
     assert opts["dynamic_nodes"] == sorted(dyn) and not set(dyn) & set(opts["exclude"])
-    xs = _samples(model, 4)
+    xs = model_samples(model, 4, 0)
     ctx = Context(calib=ListSource(xs), val=ListSource(xs), template=model)
     out, reason = apply_pass(model, "quantize", opts, ctx)
     assert not reason
@@ -80,7 +71,7 @@ def test_dynamic_nodes_quantize_those_nodes_and_nothing_else():
 def test_proxy_ranks_units_like_the_measured_sweep():
     """Every (unit, strength) of prune, svd and quantize on a 1-block encoder, by the proxy and by
     running each pass: the proxy's losses rank like the measured ones and its savings match."""
-    model = _vit(depth=1)
+    model = small_vit(1)
     data = _data(model, n_cal=8, n_val=4)
     kw = dict(cache=MeasurementCache(enabled=False))
     measured = measure_sensitivity(model, ["prune", "svd", "quantize"], data, data.budget, **kw)
@@ -101,7 +92,7 @@ def test_proxy_ranks_units_like_the_measured_sweep():
 
 
 def test_auto_takes_the_proxy_on_large_models_only():
-    small = _vit()
+    small = small_vit(2)
     assert not use_proxy("auto", small, latency=False)
     assert use_proxy("proxy", small, latency=False) and not use_proxy("proxy", small, latency=True)
     w = onnx.numpy_helper.from_array(np.zeros((1024, 2304), np.float32), "w")  # 9 MiB of weights
@@ -114,8 +105,8 @@ def test_auto_takes_the_proxy_on_large_models_only():
 
 
 def test_allocation_with_the_proxy_writes_a_valid_model_within_the_budget():
-    model = _vit()
-    xs = _samples(model, 24, seed=3)
+    model = small_vit(2)
+    xs = model_samples(model, 24, 3)
     out, rep = optimize(model, passes=["cleanup", "prune", "svd", "quantize"], data=xs, budget="cosine>=0.99",
                         target_size=0.35, sensitivity="proxy", executor="serial", cache=False, speed="off")
     check(out)

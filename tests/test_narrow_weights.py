@@ -8,12 +8,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-from helpers import check, run_ort
+from helpers import check, model_samples, run_ort, small_vit
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-from models.build import vit_encoder
 from onnxshrink.cache import MeasurementCache
 from onnxshrink.data import ListSource
 from onnxshrink.graph.cost import model_stats
@@ -110,17 +109,8 @@ def test_cleanup_keeps_the_planes_packed():
     assert np.array_equal(run_ort(out, x, optimize=True)[0], run_ort(q6, x, optimize=True)[0])
 
 
-def _vit():
-    return vit_encoder(depth=1, dim=64, heads=4, hw=32, patch=8)
-
-
-def _xs(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [{"pixel_values": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(n)]
-
-
 def test_knob_narrow_strength_writes_dynamic_nodes_with_6_bit_weights():
-    model = _vit()
+    model = small_vit()
     knob = QuantizeKnob()
     units = [u for u, _ in knob.units(model, None)]
     mm = [u for u in units if DYNAMIC_NARROW in knob.unit_strengths(model, u)]
@@ -132,7 +122,7 @@ def test_knob_narrow_strength_writes_dynamic_nodes_with_6_bit_weights():
     assert not set(mm[:2]) & set(opts["exclude"])
     merged = knob.merge({"exclude": [mm[0]]}, opts)
     assert mm[0] not in merged["dynamic_weight_bits"] and mm[0] not in merged["dynamic_nodes"]
-    xs = _xs(4)
+    xs = model_samples(small_vit(), 4, 0)
     ctx = Context(calib=ListSource(xs), val=ListSource(xs), template=model)
     narrow, reason = apply_pass(model, "quantize", opts, ctx)
     assert not reason
@@ -145,8 +135,8 @@ def test_knob_narrow_strength_writes_dynamic_nodes_with_6_bit_weights():
 
 
 def test_proxy_saving_of_the_narrow_strength_matches_the_pass():
-    model = _vit()
-    xs = _xs(12, seed=2)
+    model = small_vit()
+    xs = model_samples(small_vit(), 12, 2)
     data = SensitivityData(xs[:8], xs[8:], [run_ort(model, s) for s in xs[8:]], None, Budget.parse("cosine>=0.99"),
                            None, {"pixel_values": [1, 3, 32, 32]}, 0)
     kw = dict(cache=MeasurementCache(enabled=False))
