@@ -4,8 +4,8 @@ onnxruntime's error messages made readable (``ort_message``)."""
 from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
-           "compare_speed", "compare_speeds", "speed_comparison", "SpeedComparison", "CLEAR_MARGIN",
-           "add_outputs", "append_outputs", "ort_message"]
+           "compare_speed", "compare_speeds", "compare_candidates", "speed_comparison", "SpeedComparison",
+           "CLEAR_MARGIN", "add_outputs", "append_outputs", "ort_message"]
 
 import math
 import os
@@ -254,9 +254,8 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
     chance, and its full measurement is cheap (61 rounds of 2 ms: 0.12 s)."""
     sessions = [m if isinstance(m, ort.InferenceSession) else make_session(m, optimize=True, threads=1)
                 for m in models]
-    ones = [measure_latency(s, feeds, runs=1, warmup=1) / 1e3 for s in sessions]
-    a0, b0 = pairs[0][0], pairs[0][1]
-    one = ones[a0] + ones[b0]
+    # one run of the first pair sizes the rounds (every model is warmed up again in each block)
+    one = sum(measure_latency(sessions[i], feeds, runs=1, warmup=1) for i in pairs[0][:2]) / 1e3
     rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
     sizes = (rounds // 2, rounds - rounds // 2)
 
@@ -276,6 +275,14 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
         more = [interleaved_latency(sessions, feeds, rounds=n - early_rounds, runs=1, warmup=1) for n in sizes]
         return compared([[a + b for a, b in zip(e, m)] for e, m in zip(early, more)])
     return compared([interleaved_latency(sessions, feeds, rounds=n, runs=1, warmup=2) for n in sizes])
+
+
+def compare_candidates(base, candidates: Sequence, feeds: dict, decides: Sequence[tuple[str, float]]) -> list:
+    """Each of ``candidates`` timed against ``base`` in one interleaved measurement
+    (``compare_speeds``: the base runs once per round for all of them), each with the decisions
+    ``decides``: their ``SpeedComparison``s, in order."""
+    decides = tuple(decides)
+    return compare_speeds([base, *candidates], feeds, [(0, k, decides) for k in range(1, len(candidates) + 1)])
 
 
 def speed_comparison(blocks: Sequence[Sequence[Sequence[float]]]) -> SpeedComparison:

@@ -438,7 +438,7 @@ def test_speed_search_times_the_small_conv_variants_together(monkeypatch):
     """When the chosen placement is not clearly faster, the variants with small convolutions in float
     are timed against the float model in one interleaved measurement (the float model runs once
     per round for all of them) and taken in turn: the first clearly faster one that holds is kept."""
-    from onnxshrink.passes import base as base_mod
+    from onnxshrink import runtime as runtime_mod
     from onnxshrink.pipeline import manager as manager_mod
     from onnxshrink.runtime import SpeedComparison
     calls = []
@@ -448,7 +448,7 @@ def test_speed_search_times_the_small_conv_variants_together(monkeypatch):
         ratio = {(0, 1): 0.9 if len(calls) == 1 else 1.2, (0, 2): 1.5, (2, 1): 1.0}
         return [SpeedComparison(ratio[p[:2]], ratio[p[:2]] * 0.98, ratio[p[:2]] * 1.02, 1.0, 1.0, 12) for p in pairs]
 
-    monkeypatch.setattr(base_mod, "compare_speeds", stand_in)
+    monkeypatch.setattr(runtime_mod, "compare_speeds", stand_in)  # compare_candidates
     monkeypatch.setattr(manager_mod, "compare_speeds", stand_in)  # the manager's ctx.timing
     monkeypatch.setattr(manager_mod, "compare_speed",  # the speed contract's own timing
                         lambda *a, **k: SpeedComparison(1.1, 1.08, 1.12, 1.0, 1.0, 12))
@@ -468,7 +468,7 @@ def test_speed_search_times_the_small_conv_variants_together(monkeypatch):
 def test_speed_contract_reads_the_timing_taken_beside_the_guards_candidate(monkeypatch):
     """The guard's candidate is timed with the input in the same rounds; when the pass keeps that
     candidate, the speed contract reads that comparison and does not time the pair again."""
-    from onnxshrink.passes import base as base_mod
+    from onnxshrink import runtime as runtime_mod
     from onnxshrink.pipeline import manager as manager_mod
     from onnxshrink.runtime import SpeedComparison
 
@@ -479,7 +479,7 @@ def test_speed_contract_reads_the_timing_taken_beside_the_guards_candidate(monke
     def no_timing(*a, **k):
         raise AssertionError("the contract timed the pair again")
 
-    monkeypatch.setattr(base_mod, "compare_speeds", stand_in)
+    monkeypatch.setattr(runtime_mod, "compare_speeds", stand_in)  # compare_candidates
     monkeypatch.setattr(manager_mod, "compare_speeds", stand_in)
     monkeypatch.setattr(manager_mod, "compare_speed", no_timing)
     # fallback=float: the float-kept first conv's weights stay as they are, so the result is the candidate

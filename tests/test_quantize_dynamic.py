@@ -8,9 +8,9 @@ import onnx
 import pytest
 
 from models.build import mlp, mobilenet_small, transformer_block
+from onnxshrink import runtime
 from onnxshrink.errors import BudgetError, InputError
 from onnxshrink.metrics import fidelity
-from onnxshrink.passes import base as passes_base
 from onnxshrink.pipeline import manager
 from onnxshrink.pipeline.manager import optimize
 from onnxshrink.runtime import SpeedComparison
@@ -30,7 +30,7 @@ def _timing(monkeypatch, speedup: float) -> None:
     def stand_in(models, feeds, pairs, **kw):
         return [SpeedComparison(speedup=speedup, low=speedup * 0.95, high=speedup * 1.05, t_a=1.0, t_b=1 / speedup,
                                 rounds=30) for _ in pairs]
-    monkeypatch.setattr(passes_base, "compare_speeds", stand_in)
+    monkeypatch.setattr(runtime, "compare_speeds", stand_in)  # compare_candidates
     monkeypatch.setattr(manager, "compare_speeds", stand_in)
 
 

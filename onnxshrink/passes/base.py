@@ -25,7 +25,7 @@ from onnxshrink.graph.convert import graph_to_model
 from onnxshrink.passes.knob import Knob
 from onnxshrink.passes.options import NoOptions, build_options
 from onnxshrink.progress import Progress
-from onnxshrink.runtime import capture_activations, compare_speeds
+from onnxshrink.runtime import capture_activations, compare_candidates
 
 
 @dataclass
@@ -130,10 +130,10 @@ class Context:
     def compare_speeds(self, base, models: list, sample: dict, decides) -> list:
         """``models`` timed against ``base`` on this CPU in one interleaved measurement, each with the
         decisions ``decides``: the manager's ``timing`` where it offers one, else
-        ``runtime.compare_speeds`` on ``sample``."""
+        ``runtime.compare_candidates`` on ``sample``."""
         if self.timing is not None:
             return self.timing(base, models, decides)
-        return compare_speeds([base, *models], sample, [(0, k, decides) for k in range(1, len(models) + 1)])
+        return compare_candidates(base, models, sample, decides)
 
     def to_model(self, graph: gs.Graph) -> onnx.ModelProto:
         """Export a graph to a ModelProto, keeping the original model's metadata, producer, opsets."""

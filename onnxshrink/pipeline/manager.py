@@ -53,7 +53,14 @@ from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLL
 from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings, speed_policy
 from onnxshrink.progress import Progress
-from onnxshrink.runtime import compare_speed, compare_speeds, make_session, measure_latency, ort_message
+from onnxshrink.runtime import (
+    compare_candidates,
+    compare_speed,
+    compare_speeds,
+    make_session,
+    measure_latency,
+    ort_message,
+)
 from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prepare_for_target, save_ort_format
 from onnxshrink.targets.qnn import qnn_available, save_qnn_context
 
@@ -452,7 +459,7 @@ class PassManager:
         BudgetError, exit 4. A size-only ``--target-size`` waives the contract (the user asked for
         bytes) unless ``enforce_speed``; policy ``report`` times and warns; ``off`` does not time.
         Other targets are not this CPU: not timed. Returns the model to write."""
-        if (self.target is not None and self.target.name != "cpu") or result is original or self.speed == "off":
+        if not self._contract_times() or result is original:
             return result
         if self._too_large_to_time():
             report.speed = {"contract": "waived (the model is past 2 GB: timing it against the input needs both "
@@ -511,12 +518,10 @@ class PassManager:
         (where the contract will time the result against it) and that comparison is kept under the
         candidate's digest: when the pass's result is that model, the contract reads it instead of
         timing the pair again. Costs one more model per round; saves a whole comparison."""
-        pairs = [(0, k, decides) for k in range(1, len(models) + 1)]
-        contract = (self.target is None or self.target.name == "cpu") and self.speed != "off" and \
-            not self._too_large_to_time()
-        if len(models) != 1 or not contract:
-            return compare_speeds([base, *models], feeds, pairs)
-        cmps = compare_speeds([base, models[0], self._timed_input()], feeds, pairs + [(2, 1, (("slower", 1.0),))])
+        if len(models) != 1 or not self._contract_times() or self._too_large_to_time():
+            return compare_candidates(base, models, feeds, decides)
+        cmps = compare_speeds([base, models[0], self._timed_input()], feeds,
+                              [(0, 1, tuple(decides)), (2, 1, (("slower", 1.0),))])
         key = _digest(models[0]) if isinstance(models[0], onnx.ModelProto) else None
         if key is not None:
             self._input_timings[key] = cmps[1]
@@ -528,12 +533,16 @@ class PassManager:
         peak; measured +20 MB on a ViT-S from bytes), else the ModelProto."""
         return self.input_path if self.input_path is not None else self.original
 
+    def _contract_times(self) -> bool:
+        """Whether the speed contract times the result against the input: the cpu target (the
+        default; other targets are not this CPU) and a policy other than ``off``."""
+        return (self.target is None or self.target.name == "cpu") and self.speed != "off"
+
     def _speed_enforced(self) -> bool:
         """Whether the speed contract may roll passes back: the cpu target (the default), policy
         never-slower, a model under 2 GB, and not waived by a size-only cost target (unless
         ``enforce_speed``)."""
-        if (self.target is not None and self.target.name != "cpu") or self.speed != "never-slower" or \
-                self._too_large_to_time():
+        if not self._contract_times() or self.speed != "never-slower" or self._too_large_to_time():
             return False
         size_only = bool(self.cost_targets) and all(k == "weight_bytes" for k, _ in self.cost_targets)
         return not size_only or self.enforce_speed

@@ -15,7 +15,7 @@
   units without a budget; the first plan that holds is kept, else the best cosine. Not with the
   every-op placement (a device without a float unit): nothing can be kept float there.
 - Speed: with ``guard`` and no target other than ``cpu`` (this machine's speed says nothing about an
-  NPU or an ARM core), the quantized and float models are compared by ``runtime.compare_speed``
+  NPU or an ARM core), the quantized and float models are compared by ``Context.compare_speeds``
   (one thread, interleaved rounds, the median ratio with a ~95 % interval); for ``openvino``, which
   runs on this CPU, by the same timing on the OpenVINO EP when a Python with onnxruntime-openvino
   is there (``targets.openvino.openvino_compare_speed``), else not at all. When the quantized one is
