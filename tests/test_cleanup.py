@@ -689,3 +689,82 @@ def test_scale_bias_not_folded_into_padded_or_broadcasting_conv():
     res, out = cleanup(bcast)
     assert "Add" in ops(out)
     assert_same(bcast, out)
+
+
+# ---------------------------------------------------------------------------------------- hard activations
+
+
+def _hard_swish_nodes(x, y, tag, six_first=False, by_mul=False, x_first=True):
+    """x * Clip(x + 3, 0, 6) / 6 as PaddlePaddle writes it below opset 14 (Add, Clip, Mul, Div)."""
+    mul_in = [x, f"{tag}_c"] if x_first else [f"{tag}_c", x]
+    scale = helper.make_node("Mul", [f"{tag}_m", "sixth"], [y]) if by_mul else \
+        helper.make_node("Div", [f"{tag}_m", "six"], [y])
+    return [helper.make_node("Add", ["three", x] if six_first else [x, "three"], [f"{tag}_a"]),
+            helper.make_node("Clip", [f"{tag}_a", "zero", "six"], [f"{tag}_c"]),
+            helper.make_node("Mul", mul_in, [f"{tag}_m"]), scale]
+
+
+HARD_INITS = {"three": np.float32(3.0), "zero": np.float32(0.0), "six": np.float32(6.0),
+              "sixth": np.array([1.0 / 6.0], np.float32)}
+
+
+def test_hard_swish_and_hard_sigmoid_chains_fused():
+    """Paddle's decomposed hard-swish (both Mul orders, Div by 6 or Mul by 1/6) becomes
+    x * HardSigmoid(x), its hard-sigmoid Clip(x + 3, 0, 6) / 6 a HardSigmoid, before the scale
+    folds could move the / 6 into the following Conv; outputs equal to float round-off."""
+    rng = _rng(90)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"]),
+             *_hard_swish_nodes("c1", "h1", "a"),
+             helper.make_node("Conv", ["h1", "w2"], ["c2"]),                       # the / 6 would fold here
+             *_hard_swish_nodes("c2", "h2", "b", six_first=True, by_mul=True, x_first=False),
+             helper.make_node("Add", ["h2", "three"], ["s_a"]), helper.make_node("Clip", ["s_a", "zero", "six"], ["s_c"]),
+             helper.make_node("Div", ["s_c", "six"], ["y"])]                        # hard-sigmoid
+    m = make(nodes, [("x", F, [1, 3, 6, 6])], [("y", F, None)],
+             {**HARD_INITS, "w1": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+              "w2": rng.standard_normal((4, 4, 1, 1)).astype(np.float32)}, opset=11)
+    res, out = cleanup(m)
+    assert res.stats["hard_activations_fused"] == 3
+    assert ops(out) == ["Conv", "HardSigmoid", "Mul", "Conv", "HardSigmoid", "Mul", "HardSigmoid"]
+    hs = [n for n in out.graph.node if n.op_type == "HardSigmoid"]
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in hs]
+    assert all(abs(a["alpha"] - 1 / 6) < 1e-7 and a["beta"] == 0.5 for a in attrs), attrs
+    feeds = {"x": (4 * _rng(91).standard_normal((1, 3, 6, 6))).astype(np.float32)}  # crosses -3 and 3
+    assert_same(m, out, feeds)
+
+
+@pytest.mark.parametrize("change", ["bounds", "shift", "scale", "shared", "other_mul", "widening"])
+def test_hard_chain_not_fused_when_not_exact(change):
+    """Other bounds, shift or scale, an intermediate read elsewhere, a Mul by another tensor, or a
+    one-element constant of higher rank than x (it broadcasts the shape): left as they are."""
+    inits = dict(HARD_INITS)
+    nodes = _hard_swish_nodes("x", "y", "a")
+    outputs = [("y", F, None)]
+    if change == "bounds":
+        inits["six"] = np.float32(5.0)
+    elif change == "shift":
+        inits["three"] = np.float32(2.0)
+    elif change == "scale":
+        nodes[3] = helper.make_node("Div", ["a_m", "seven"], ["y"])
+        inits["seven"] = np.float32(7.0)
+    elif change == "shared":
+        outputs.append(("a_c", F, None))
+    elif change == "other_mul":
+        nodes[2] = helper.make_node("Mul", ["z", "a_c"], ["a_m"])
+    elif change == "widening":
+        inits["three"] = np.full((1, 1, 1, 1, 1), 3.0, np.float32)
+    else:
+        raise AssertionError(change)
+    inputs = [("x", F, [2, 4, 3, 3])] + ([("z", F, [2, 4, 3, 3])] if change == "other_mul" else [])
+    m = make(nodes, inputs, outputs, inits, opset=11)
+    res, out = cleanup(m)
+    assert res.stats["hard_activations_fused"] == 0
+    assert "HardSigmoid" not in ops(out) and "Clip" in ops(out)
+    assert_same(m, out)
+
+
+def test_hard_activation_fusion_can_be_disabled():
+    m = make(_hard_swish_nodes("x", "y", "a"), [("x", F, [2, 4])], [("y", F, [2, 4])], HARD_INITS, opset=11)
+    _, out = cleanup(m, fuse_hard_activations=False)
+    assert "HardSigmoid" not in ops(out)
+    _, out = cleanup(m)
+    assert ops(out) == ["HardSigmoid", "Mul"]

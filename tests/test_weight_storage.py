@@ -203,3 +203,39 @@ def test_float_result_keeps_the_input_opset():
     assert rep.passes[0].status == "applied"
     assert out.opset_import[0].version == 11 and sum(n.op_type == "Cast" for n in out.graph.node) == 4
     check(out)
+
+
+def _low_rank_matmul():
+    """y = x @ W with W of rank 4 (16 x 16): inputs in W's left null space give small outputs that
+    the weights' int8 rounding error (full rank) swamps."""
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((16, 4)), rng.standard_normal((4, 16))
+    w = (a @ b).astype(np.float32)
+    m = oh.make_model(oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [oh.make_tensor_value_info("x", TP.FLOAT, [1, 16])], [oh.make_tensor_value_info("y", TP.FLOAT, [1, 16])],
+        [nh.from_array(w, "w")]), opset_imports=[oh.make_opsetid("", 17)])
+    null = np.linalg.svd(a.T)[2][4:]  # rows x with x @ a = 0
+    return m, rng, null
+
+
+def test_stored_weights_also_hold_on_the_calibration_samples():
+    """Storing a weight int8 uses no data statistic, so the calibration samples check it too: here
+    the 8 selection samples are ordinary and every stored weight holds there, but two of the 16
+    calibration samples (in the weight's null space) break the budget, so the weight stays float."""
+    m, rng, null = _low_rank_matmul()
+    samples = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(32)]
+    for i in (2, 6):  # calibration samples (of every four, the 1st and 3rd calibrate)
+        samples[i] = {"x": (null[i % 12] + 0.001 * rng.standard_normal(16)).astype(np.float32)[None]}
+    stored_w = nh.to_array(m.graph.initializer[0])
+    q, s = ws.int8_channels(stored_w, 1)
+    w_int8 = (q.astype(np.float32) * s).astype(np.float32)
+    def cosine(x):
+        y, y8 = (x @ stored_w).ravel(), (x @ w_int8).ravel()
+        return float(y @ y8 / np.linalg.norm(y) / np.linalg.norm(y8))
+
+    cos = [cosine(d["x"]) for d in samples]
+    assert min(cos[1::4]) > 0.999 and np.mean([cos[i] for i in range(32) if i % 4 in (0, 2)]) < 0.99, cos
+    _, rep = optimize(m, passes=[{"quantize": {"exclude": ["mm"]}}], data=samples, budget="cosine>=0.99")
+    fw = rep.passes[0].stats["float_weights"]
+    assert fw["stored"] == 0 and "16 calibration samples" in fw["also_checked_on"], fw

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["constant_value", "node_attr", "is_constant", "is_weight_decode", "NARROW_INTS"]
+__all__ = ["constant_value", "node_attr", "is_constant", "is_weight_decode", "clip_range", "NARROW_INTS"]
 
 import numpy as np
 import onnx
@@ -39,6 +39,20 @@ def node_attr(node: gs.Node, name: str, default):
     v = node.attrs.get(name, default)
     return default if v is None else v
 
+
+
+def clip_range(node: gs.Node) -> tuple[float, float] | None:
+    """``(min, max)`` of a Clip node: attributes before opset 11, optional inputs from 11 (a bound
+    left out is -inf or +inf); None when a bound is given by a tensor that is not constant."""
+    lo, hi = float(node_attr(node, "min", -np.inf)), float(node_attr(node, "max", np.inf))
+    bounds = [lo, hi]
+    for i in (1, 2):
+        if len(node.inputs) > i and node.inputs[i] is not None and node.inputs[i].name:
+            v = constant_value(node.inputs[i])
+            if v is None or v.size != 1:
+                return None
+            bounds[i - 1] = float(v.reshape(-1)[0])
+    return bounds[0], bounds[1]
 
 
 def is_constant(t) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.values import constant_value
+from onnxshrink.graph.values import clip_range, constant_value
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.registry import register
 
@@ -78,21 +78,8 @@ def _conv_ok(node) -> bool:
 
 def _is_relu_clip(node) -> bool:
     """Clip(0, +inf) (ONNX Clip without a max) is a Relu."""
-    if node.op != "Clip":
-        return False
-    lo = node.attrs.get("min", None)
-    hi = node.attrs.get("max", None)
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        v = constant_value(node.inputs[1])
-        lo = None if v is None else float(v.reshape(-1)[0])
-        if v is None:
-            return False
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        v = constant_value(node.inputs[2])
-        if v is None:
-            return False
-        hi = float(v.reshape(-1)[0])
-    return lo is not None and float(lo) == 0.0 and (hi is None or math.isinf(float(hi)))
+    bounds = clip_range(node) if node.op == "Clip" else None
+    return bounds is not None and bounds[0] == 0.0 and math.isinf(bounds[1])
 
 
 def find_pairs(graph: gs.Graph) -> tuple[list, collections.Counter]:

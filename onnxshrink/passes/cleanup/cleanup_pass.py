@@ -3,9 +3,11 @@
 Order: Constant nodes to initializers; up to four rounds of shape folding and constant folding
 (what one round folds, a Shape or a Range limit, gives shape inference the sizes the next round's
 guard needs); identical initializers merged (so equal constants make equal nodes); then local
-rewrites to a fixed point (Identity/Dropout removal, BatchNorm and scale/bias folds backward and
+rewrites to a fixed point (Identity/Dropout removal, hard-sigmoid and hard-swish chains fused into
+HardSigmoid, BatchNorm and scale/bias folds backward and
 forward, ConstantOfShape and constant-chain folds, duplicate nodes merged); dead code removed.
-The steps live in ``constants``, ``folding``, ``shapes``, ``affine``, ``dedup`` and ``dead``.
+The steps live in ``constants``, ``folding``, ``shapes``, ``activations``, ``affine``, ``dedup`` and
+``dead``.
 
 Graph inputs, outputs (names, order, types), opsets and metadata stay as they were; initializers
 that are also graph inputs of an IR >= 4 model (overridable defaults) are never folded.
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from onnxshrink.passes.base import Context, Pass, PassResult
+from onnxshrink.passes.cleanup.activations import fuse_hard_activations
 from onnxshrink.passes.cleanup.affine import (
     fold_batchnorm_backward,
     fold_batchnorm_forward,
@@ -47,7 +50,7 @@ from onnxshrink.passes.registry import register
 FOLD_ROUNDS = 4
 REWRITE_ROUNDS = 20
 # counters of the local rewrites, in report order
-REWRITE_STATS = ("identity_removed", "dropout_removed", "bn_folded", "bn_folded_forward", "scale_bias_folded",
+REWRITE_STATS = ("identity_removed", "dropout_removed", "hard_activations_fused", "bn_folded", "bn_folded_forward", "scale_bias_folded",
                  "constant_of_shape_folded", "constant_chains_folded", "duplicate_nodes_merged",
                  "scale_bias_folded_forward")
 SIZE_STATS = ("nodes_before", "nodes_after", "initializers_before", "initializers_after")
@@ -65,6 +68,8 @@ class CleanupOptions:
     flatten_if: bool = field(default=False, metadata={
         "help": "inline the taken branch of If nodes whose condition is constant (off: inlining can expose "
                 "shape errors the If hid from strict checking)"})
+    fuse_hard_activations: bool = field(default=True, metadata={
+        "help": "fuse Clip(x+3,0,6)/6 into HardSigmoid and x*Clip(x+3,0,6)/6 into x*HardSigmoid (hard-swish)"})
     fold_batchnorm: bool = field(default=True, metadata={
         "help": "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm"})
     fold_batchnorm_forward: bool = field(default=True, metadata={
@@ -191,6 +196,8 @@ def _rewrite_to_fixed_point(graph: gs.Graph, o: CleanupOptions, names: FreshName
                 st["identity_removed"] += identities
                 st["dropout_removed"] += dropouts
                 n += identities + dropouts
+            if o.fuse_hard_activations:  # before the scale folds, which would split the chain
+                steps.append(("hard_activations_fused", fuse_hard_activations(sub, graph, names)))
             if o.fold_batchnorm:
                 steps.append(("bn_folded", fold_batchnorm_backward(sub, graph, names)))
             if o.fold_batchnorm_forward:

@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
 from onnxshrink.graph.shapes import infer_shapes
-from onnxshrink.graph.values import constant_value
+from onnxshrink.graph.values import clip_range, constant_value
 from onnxshrink.passes.quantize.prepare import sole_consumer
 
 # ops whose presence means the model is already quantized
@@ -264,24 +264,10 @@ def clip_bounds(node: gs.Node) -> tuple | None:
     """(min, max) of a Relu or Clip whose range holds 0 and whose lower end is at or below 0, else None."""
     if node.op == "Relu":
         return (0.0, math.inf)
-    lo, hi = -math.inf, math.inf
-    if "min" in node.attrs:
-        lo = float(node.attrs["min"])
-    if "max" in node.attrs:
-        hi = float(node.attrs["max"])
-    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
-        v = constant_value(node.inputs[1])
-        if v is None:
-            return None
-        lo = float(v.reshape(-1)[0])
-    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        v = constant_value(node.inputs[2])
-        if v is None:
-            return None
-        hi = float(v.reshape(-1)[0])
-    if lo > 0 or hi <= 0:
+    bounds = clip_range(node)
+    if bounds is None or bounds[0] > 0 or bounds[1] <= 0:
         return None  # the range must hold 0 and the clip must end at or below 0
-    return (lo, hi)
+    return bounds
 
 
 def weight_info(node: gs.Node) -> tuple | None:
