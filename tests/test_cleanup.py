@@ -717,7 +717,8 @@ def test_hard_swish_and_hard_sigmoid_chains_fused():
              *_hard_swish_nodes("c1", "h1", "a"),
              helper.make_node("Conv", ["h1", "w2"], ["c2"]),                       # the / 6 would fold here
              *_hard_swish_nodes("c2", "h2", "b", six_first=True, by_mul=True, x_first=False),
-             helper.make_node("Add", ["h2", "three"], ["s_a"]), helper.make_node("Clip", ["s_a", "zero", "six"], ["s_c"]),
+             helper.make_node("Add", ["h2", "three"], ["s_a"]),
+             helper.make_node("Clip", ["s_a", "zero", "six"], ["s_c"]),
              helper.make_node("Div", ["s_c", "six"], ["y"])]                        # hard-sigmoid
     m = make(nodes, [("x", F, [1, 3, 6, 6])], [("y", F, None)],
              {**HARD_INITS, "w1": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),

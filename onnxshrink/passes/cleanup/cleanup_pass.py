@@ -50,7 +50,8 @@ from onnxshrink.passes.registry import register
 FOLD_ROUNDS = 4
 REWRITE_ROUNDS = 20
 # counters of the local rewrites, in report order
-REWRITE_STATS = ("identity_removed", "dropout_removed", "hard_activations_fused", "bn_folded", "bn_folded_forward", "scale_bias_folded",
+REWRITE_STATS = ("identity_removed", "dropout_removed", "hard_activations_fused",
+                 "bn_folded", "bn_folded_forward", "scale_bias_folded",
                  "constant_of_shape_folded", "constant_chains_folded", "duplicate_nodes_merged",
                  "scale_bias_folded_forward")
 SIZE_STATS = ("nodes_before", "nodes_after", "initializers_before", "initializers_after")
