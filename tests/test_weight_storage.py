@@ -126,6 +126,14 @@ def test_select_within_budget_backs_off_the_most_harmful_layer():
     keep, log = ws.select_within_budget(m, cands, lambda mm: not changed(mm, "wc"),
                                         losses(lambda mm: 1.0 if changed(mm, "wc") else 1e-3 * err_of(mm)))
     assert sorted(keep) == ["wg", "wm", "wt"] and "broke the check" in log["checked"]
+    # searched from the top: all but the last of the ranking held at the first try
+    assert log["bisection"] == [{"stored": 4, "holds": False}, {"stored": 3, "holds": True}]
+    # a check that holds with at most one stored: all but 1, all but 2 (3 -> 1: holds), then the bisection
+    keep_one, log_one = ws.select_within_budget(m, cands, lambda mm: sum(changed(mm, n) for n in cands) <= 1,
+                                                losses(err_of))
+    assert len(keep_one) == 1
+    assert [(t["stored"], t["holds"]) for t in log_one["bisection"]] == [(4, False), (3, False), (1, True),
+                                                                         (2, False)]
     keep_all, log_all = ws.select_within_budget(m, cands, lambda mm: True, losses(err_of))
     assert sorted(keep_all) == sorted(cands) and "holds" in log_all["checked"]
 

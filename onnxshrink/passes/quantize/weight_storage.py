@@ -18,9 +18,13 @@ Selection (``select_within_budget``): every candidate is stored; when the fideli
 loss of each layer stored alone is measured end to end on a few samples (rounding error is
 amplified very differently downstream: on PP-OCR det three small early convs cause most of the
 loss), layers are ranked by loss per byte saved, and the longest prefix of that ranking that
-holds the check is kept (bisection). The per-layer losses come from one session in which the
-weights are overridable initializers (``overridable_weights``): each layer's stored weight is fed
-in place of its float one, so n layers cost one session, not n.
+holds the check is kept: searched from the top (all but 1, 2, 4, ... of the ranking's last
+layers, until one holds), then bisected between the last prefix that broke the check and the
+first that held. Storage is nearly free for most layers (PP-OCRv4 det: 53 of 54 hold), so the
+search from the top takes one or two checks where a bisection from the middle takes log2(n).
+The per-layer losses come from one session in which the weights are overridable initializers
+(``overridable_weights``): each layer's stored weight is fed in place of its float one, so n layers
+cost one session, not n.
 
 Narrow storage (``pack_narrow`` / ``store_narrow``): a signed ``b``-bit integer tensor ``Q`` (``|Q| <=
 2^(b-1) - 1``, 2 <= b <= 7) is stored as ``u = Q + 2^(b-1)`` split into bit planes of widths 4, 2 and
@@ -154,7 +158,16 @@ def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[
     order = sorted(names, key=lambda n: (losses[n] / max(nbytes[n], 1), n))
     lo, hi = 0, len(order)  # holds(lo) (nothing stored is the float model), not holds(hi)
     trials = [{"stored": len(order), "holds": False}]
-    while hi - lo > 1:
+    step = 1
+    while hi - step > lo:  # from the top: all but 1, 2, 4, ... of the ranking's last layers
+        mid = hi - step
+        ok = holds(with_stored(order[:mid]))
+        trials.append({"stored": mid, "holds": bool(ok)})
+        if ok:
+            lo = mid
+            break
+        hi, step = mid, 2 * step
+    while hi - lo > 1:  # then bisection between the last prefix that broke and the first that held
         mid = (lo + hi) // 2
         ok = holds(with_stored(order[:mid]))
         trials.append({"stored": mid, "holds": bool(ok)})
