@@ -278,6 +278,21 @@ def test_budget_keeps_sensitive_units_float():
     assert rec.status == "not applicable" and "kept float to hold it" in rec.reason
 
 
+def test_guard_skips_timing_when_every_weighted_unit_stays_float():
+    """With the guard on, a budget only the float model holds keeps every weighted unit float: nothing
+    integer is left, so nothing is timed and the pass keeps the float model, with the reason."""
+    m = _biased_conv_model()
+    r = np.random.default_rng(4)
+    data = [{"x": (r.random((1, 32, 16, 16)) * 2).astype(np.float32)} for _ in range(12)]
+    out, rep = optimize(m, passes=[{"quantize": {"per_channel": False, "fallback": "float"}}], data=data,
+                        budget="cosine>=0.99999")
+    rec = rep.passes[0]
+    assert rep.budget_met and rec.status == "not applicable", rec.reason
+    assert rec.stats["speed_search"] == [{"config": "skipped: no weighted unit left integer"}]
+    assert "nothing integer left to time" in rec.reason
+    assert "QuantizeLinear" not in [n.op_type for n in out.graph.node]
+
+
 def test_weaker_keeps_more_units_float():
     p = QuantizePass()
     w1 = p.weaker()
