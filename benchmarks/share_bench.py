@@ -4,8 +4,8 @@
     PYTHONPATH=. python benchmarks/share_bench.py [ppocr_rec yolov8n]
 
 Prints one table row per model (size ratio, held-out cosine mean/min, speed ratio) and the
-per-layer bit widths chosen. Calibration: 24 samples (seed 0; the manager holds every 4th out
-for its validation), held-out: 12 other samples (seed 123) the pass never saw.
+per-layer bit widths chosen. Calibration: 32 samples (seed 0; the manager splits them 16 / 8 / 8
+into calibration, selection and test), held-out: 12 other samples (seed 123) the pass never saw.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from onnxshrink.runtime import interleaved_latency, make_session  # noqa: E402
 BUDGET = "cosine>=0.99"
 
 
-def bench(name: str, path: Path | None = None, workdir: Path | None = None, n_calib: int = 24,
+def bench(name: str, path: Path | None = None, workdir: Path | None = None, n_calib: int = 32,
           n_heldout: int = 12, options: dict | None = None) -> dict:
     path = Path(path or real_model(name))
     workdir = Path(workdir or tempfile.mkdtemp(prefix="share_bench_"))
