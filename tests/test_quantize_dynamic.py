@@ -111,6 +111,10 @@ def test_auto_quantizes_the_lstm_dynamically_when_it_holds_and_is_clearly_faster
     inits = {t.name: t for t in out.graph.initializer}
     assert inits[lstm.input[1]].data_type == onnx.TensorProto.INT8  # W stored int8
     assert "LSTM dynamic int8" in q.reason and rep.budget_met
+    # its MACs are still counted (W is held transposed), and counted as integer
+    from onnxshrink.graph.cost import model_cost, model_stats
+    assert model_cost(out)["macs"] == model_cost(model)["macs"]
+    assert model_stats(out)["integer_macs"] >= model_cost(model)["per_node"]["/rnn/LSTM"] > 0
     ref = [run_ort(model, s) for s in data]
     assert fidelity(ref, [run_ort(out, s) for s in data])["cosine"] > 0.99
 

@@ -72,13 +72,14 @@ def node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
             return None
         layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
         t, b = (x[0], x[1]) if layout == 0 else (x[1], x[0])
-        dirs, gates_h, inp = w
+        # onnxruntime's DynamicQuantizeLSTM holds W transposed: [directions, input, 4 H]
+        dirs, gates_h, inp = (w[0], w[2], w[1]) if op == "DynamicQuantizeLSTM" else w
         h = None if gates_h is None else gates_h // RECURRENT_GATES[op]
         return _prod([t, b, dirs, gates_h]) * (inp + h) if None not in (t, b, dirs, gates_h, inp) else None
     return 0
 
 
-RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
 
 
 def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
@@ -161,7 +162,7 @@ def _macs(model: onnx.ModelProto, shapes: dict) -> tuple[int, bool, dict, int]:
 
 
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
-               "MatMulIntegerToFloat", "QGemm"}
+               "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLSTM"}
 
 
 def integer_kernel(node: onnx.NodeProto, producers: dict, readers: dict) -> bool:
