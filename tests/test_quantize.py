@@ -380,14 +380,19 @@ def _hardswish_net():
     return oh.make_model(g, opset_imports=[oh.make_opsetid("", 13)])
 
 
-def test_hardswish_stays_float_unless_div_to_mul():
+def test_hardswish_fused_and_float_unless_div_to_mul():
+    """Run without cleanup, quantize's own canonicalization fuses the hard-swish into x * HardSigmoid(x)
+    (cleanup's step), which stays float; div_to_mul keeps the chain and runs it on integers."""
     m = _hardswish_net()
     data = [{"x": np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)} for i in range(8)]
     q, rec = quantize(m, data=data)
-    assert rec.stats["nodes"]["hs_div"].startswith("kept float")
+    assert rec.stats["prepared"]["hard_activations_fused"] == 1
+    hs = [n for n in q.graph.node if n.op_type == "HardSigmoid"]
+    assert len(hs) == 1 and rec.stats["nodes"][hs[0].name].startswith("kept float")
     ops = optimized_ops(q)
-    assert ops["Div"] == 1 and ops["QLinearConv"] == 2
+    assert ops["Div"] == 0 and ops["Clip"] == 0 and ops["QLinearConv"] == 2
     q2, rec2 = quantize(m, data=data, div_to_mul=True)
+    assert "hard_activations_fused" not in rec2.stats["prepared"]
     check(q2)
     ops2 = optimized_ops(q2)
     assert ops2["Div"] == 0 and ops2["QLinearMul"] == 2 and ops2["QLinearAdd"] == 1 and ops2["QLinearConv"] == 2

@@ -2,7 +2,8 @@
 (graph/precision.upcast_low_float: quantized weights get float32 scales and the kept-float parts
 compute in float32, as the CPU's kernels do; the only non-lossless step, and only on half-precision
 models), then lossless: Constant nodes to initializers, constant
-subgraphs folded, BatchNormalization and scalar/per-channel Mul/Div/Add/Sub folded into the
+subgraphs folded, hard-swish and hard-sigmoid chains fused into HardSigmoid (cleanup's step, for a run
+of quantize without cleanup), BatchNormalization and scalar/per-channel Mul/Div/Add/Sub folded into the
 preceding Conv/ConvTranspose/Gemm (cleanup's affine fold, the one implementation, which follows
 ONNX's right-aligned broadcasting), optionally ``Div`` by a constant turned into ``Mul``, every
 node named."""
@@ -16,8 +17,10 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.precision import upcast_low_float
 from onnxshrink.graph.values import constant_value
+from onnxshrink.passes.cleanup.activations import fuse_hard_activations
 from onnxshrink.passes.cleanup.affine import fold_into_preceding_linear
 from onnxshrink.passes.cleanup.constants import constants_to_initializers
+from onnxshrink.passes.cleanup.rewrite import FreshNames
 
 
 def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False) -> dict:
@@ -33,6 +36,11 @@ def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False) -> dict:
         graph.fold_constants(error_ok=True).cleanup()
     except Exception:
         pass
+    if not div_to_mul:  # div_to_mul keeps the chain for its integer Add/Mul units
+        fused = fuse_hard_activations(graph, graph, FreshNames(graph))  # before the folds split the chain
+        if fused:
+            stats["hard_activations_fused"] = fused
+            graph.cleanup()
     folded = fold_into_preceding_linear(graph)
     stats["folded_into_conv"] = sum(folded.values())
     if stats["folded_into_conv"]:

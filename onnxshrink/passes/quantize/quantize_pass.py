@@ -424,7 +424,7 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     pre_opset = graph_in if graph is not graph_in else None
     if graph.opset and graph.opset < 13:
         scheme.per_channel = False
-    prepare_float_graph(graph)
+    prepare_float_graph(graph, o.div_to_mul)
     model_f = ctx.to_model(graph)
     graph = gs.import_onnx(model_f)
     use_qdq_domain(scheme, int(graph.opset or 0), stats)
