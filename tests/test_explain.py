@@ -169,3 +169,22 @@ def test_balanced_nsr_sees_class_scores_under_boxes():
     assert whole < 1e-4
     assert balanced_nsr(ref, out) > 0.5
     assert balanced_nsr(ref, ref) == 0.0
+
+
+def test_shares_against_an_original_whose_batchnorms_the_candidate_folded():
+    """A conv + BatchNorm model shrunk by cleanup,quantize: the candidate's weights hold the folded
+    BatchNorms, so explain compares with the cleaned original; put back into the unfolded original
+    they applied each BatchNorm twice and every convolution's share read 100-500x the candidate's
+    whole error."""
+    from models.build import crnn_small
+    from onnxshrink.pipeline.manager import optimize
+    from tests.helpers import model_samples
+
+    original = crnn_small(hw=(32, 64), hidden=32, num_classes=11, widths=(8, 16, 16, 16, 16))
+    assert any(n.op_type == "BatchNormalization" for n in original.graph.node)
+    data = model_samples(original, 12)
+    candidate, _ = optimize(original, passes=["cleanup", {"quantize": {"guard": False, "dynamic": "off"}}],
+                            data=data, budget="none")
+    res = explain(original, candidate, data)
+    shares = [r["share"] for r in res["ranking"] if r.get("share") is not None]
+    assert shares and max(shares) < 1.5, shares

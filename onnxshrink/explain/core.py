@@ -1,5 +1,9 @@
 """explain: where a shrunk CANDIDATE of ORIGINAL loses its fidelity, why, and the fix.
 
+0. Canonicalize ORIGINAL with the lossless cleanup pass (``_as_the_passes_saw_it``): the candidate's
+   weights were folded with its BatchNorms and constant scales (cleanup, or quantize's own
+   canonicalization), so put back into the unfolded original they would apply the BatchNorm twice
+   (measured on a CRNN: every convolution's "alone" error read 100-500x the whole candidate's).
 1. Match the tensors of the two graphs (``match.py``) and measure each matched tensor's error on the
    samples, in graph order (``measure.py``).
 2. Attribute the output error to units (a matched tensor and the segment of nodes producing it):
@@ -81,7 +85,7 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
         lap[0] = now
 
     check_interface(original, candidate)
-    original, candidate = _constants_as_weights(original), _constants_as_weights(candidate)
+    original, candidate = _as_the_passes_saw_it(original), _constants_as_weights(candidate)
     src = as_source(data, input_specs(original))
     if src is None or len(src) == 0:
         raise UsageError("explain needs samples (--calib DIR)")
@@ -189,6 +193,20 @@ def _ensure_domains(model: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
     for o in candidate.opset_import:
         if o.domain not in have:
             model.opset_import.append(onnx.helper.make_opsetid(o.domain, o.version))
+
+
+def _as_the_passes_saw_it(original: onnx.ModelProto) -> onnx.ModelProto:
+    """ORIGINAL after the lossless cleanup pass (module docstring, step 0), Constant nodes as weights;
+    the original as given when cleanup leaves it unchanged or cannot run."""
+    from onnxshrink.passes.base import Context
+    from onnxshrink.passes.cleanup import CleanupPass
+
+    try:
+        res = CleanupPass().run(gs.import_onnx(original), Context(template=original))
+        cleaned = graph_to_model(res.graph, original) if res.modified else original
+    except Exception:  # explain still runs on the original as given
+        cleaned = original
+    return _constants_as_weights(cleaned)
 
 
 def _constants_as_weights(model: onnx.ModelProto) -> onnx.ModelProto:
