@@ -188,3 +188,19 @@ def test_shares_against_an_original_whose_batchnorms_the_candidate_folded():
     res = explain(original, candidate, data)
     shares = [r["share"] for r in res["ranking"] if r.get("share") is not None]
     assert shares and max(shares) < 1.5, shares
+
+
+def test_shares_against_a_candidate_that_kept_the_batchnorms(tmp_path):
+    """onnxruntime's quantize_static on the raw model keeps the BatchNorms unfolded: explain compares it
+    with ORIGINAL as given (its weights are nearer those than the cleaned ones), shares stay sane."""
+    from models.build import crnn_small
+    from tests.helpers import model_samples
+
+    original = crnn_small(hw=(32, 64), hidden=32, num_classes=11, widths=(8, 16, 16, 16, 16))
+    data = model_samples(original, 12)
+    onnx.save(original, tmp_path / "orig.onnx")
+    cand = onnx.load(str(ort_quantize(tmp_path / "orig.onnx", tmp_path / "ort.onnx", [d["x"] for d in data])))
+    assert any(n.op_type == "BatchNormalization" for n in cand.graph.node)
+    res = explain(original, cand, data)
+    shares = [r["share"] for r in res["ranking"] if r.get("share") is not None]
+    assert shares and max(shares) < 1.5, shares

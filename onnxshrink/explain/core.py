@@ -1,9 +1,12 @@
 """explain: where a shrunk CANDIDATE of ORIGINAL loses its fidelity, why, and the fix.
 
-0. Canonicalize ORIGINAL with the lossless cleanup pass (``_as_the_passes_saw_it``): the candidate's
-   weights were folded with its BatchNorms and constant scales (cleanup, or quantize's own
-   canonicalization), so put back into the unfolded original they would apply the BatchNorm twice
-   (measured on a CRNN: every convolution's "alone" error read 100-500x the whole candidate's).
+0. ORIGINAL as the candidate's passes saw it (``_as_the_passes_saw_it``): when the candidate's
+   quantized weights are nearer ORIGINAL after the lossless cleanup pass than before it (they hold
+   its BatchNorms and constant scales folded in: onnxshrink's cleanup, or quantize's own
+   canonicalization), the cleaned ORIGINAL is compared; put back into the unfolded original such
+   weights apply each BatchNorm twice (a conv + BatchNorm CRNN: every convolution's share read
+   100-1000x the candidate's whole error). A candidate that kept them unfolded (onnxruntime's
+   ``quantize_static`` on the raw model) is compared with ORIGINAL as given.
 1. Match the tensors of the two graphs (``match.py``) and measure each matched tensor's error on the
    samples, in graph order (``measure.py``).
 2. Attribute the output error to units (a matched tensor and the segment of nodes producing it):
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 __all__ = ["explain", "check_interface", "samples_fidelity", "json_ready", "DEFAULT_TOP", "DEFAULT_SAMPLES"]
 
+import math
 import time
 
 import numpy as np
@@ -85,7 +89,8 @@ def explain(original: onnx.ModelProto, candidate: onnx.ModelProto, data, samples
         lap[0] = now
 
     check_interface(original, candidate)
-    original, candidate = _as_the_passes_saw_it(original), _constants_as_weights(candidate)
+    candidate = _constants_as_weights(candidate)
+    original = _as_the_passes_saw_it(_constants_as_weights(original), candidate)
     src = as_source(data, input_specs(original))
     if src is None or len(src) == 0:
         raise UsageError("explain needs samples (--calib DIR)")
@@ -195,18 +200,32 @@ def _ensure_domains(model: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
             model.opset_import.append(onnx.helper.make_opsetid(o.domain, o.version))
 
 
-def _as_the_passes_saw_it(original: onnx.ModelProto) -> onnx.ModelProto:
-    """ORIGINAL after the lossless cleanup pass (module docstring, step 0), Constant nodes as weights;
-    the original as given when cleanup leaves it unchanged or cannot run."""
+def _as_the_passes_saw_it(original: onnx.ModelProto, candidate: onnx.ModelProto) -> onnx.ModelProto:
+    """ORIGINAL after the lossless cleanup pass when the candidate's quantized weights are nearer it
+    than ORIGINAL's (module docstring, step 0); else ORIGINAL as given (also when cleanup changes
+    nothing or cannot run)."""
     from onnxshrink.passes.base import Context
     from onnxshrink.passes.cleanup import CleanupPass
 
     try:
         res = CleanupPass().run(gs.import_onnx(original), Context(template=original))
-        cleaned = graph_to_model(res.graph, original) if res.modified else original
+        if not res.modified:
+            return original
+        cleaned = graph_to_model(res.graph, original)
+        return cleaned if _weight_error(cleaned, candidate) < _weight_error(original, candidate) else original
     except Exception:  # explain still runs on the original as given
-        cleaned = original
-    return _constants_as_weights(cleaned)
+        return original
+
+
+def _weight_error(original: onnx.ModelProto, candidate: onnx.ModelProto) -> float:
+    """Mean relative squared distance ``|W_cand - W|^2 / |W|^2`` between the candidate's dequantized
+    weights and ``original``'s, over the weights the matching pairs (inf when it pairs none)."""
+    m, go, gc = match_models(original, candidate)
+    build_segments(m, go, gc)
+    errs = [float(np.sum((w.dequantized.astype(np.float64) - w.original) ** 2) / max(np.sum(
+            w.original.astype(np.float64) ** 2), 1e-30))
+            for u in m.units.values() for w in u.weights if w.dequantized.shape == w.original.shape]
+    return float(np.mean(errs)) if errs else math.inf
 
 
 def _constants_as_weights(model: onnx.ModelProto) -> onnx.ModelProto:
