@@ -28,7 +28,7 @@ __all__ = ["FloatFallback", "fallback_mode"]
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.metrics import fidelity
+from onnxshrink.metrics import Budget, compare_outputs, fidelity, out_of_reach, output_scales
 from onnxshrink.model import is_large
 from onnxshrink.passes.base import Context, PassResult
 from onnxshrink.passes.quantize import weight_storage as ws
@@ -162,27 +162,18 @@ class FloatFallback:
             return lambda m: True
         log["also_checked_on"] = f"{len(feeds)} calibration samples (storing weights uses no data statistic)"
 
-        need = self._cosine_floor()
+        # the floor as a budget (the guard's floor when none is given), for metrics.out_of_reach
+        floor = budget if budget is not None else Budget("cosine", ">=", self.check.floor)
+        scales = output_scales(ref)
 
         def holds(m: onnx.ModelProto) -> bool:
             sess_m = make_session(m, optimize=True, low_memory=True)
-            outs, done = [], 0.0
+            outs, per = [], []
             for k, f in enumerate(feeds):
                 outs.append(sess_m.run(None, f))
-                if need is not None:  # stop once the mean cannot reach the floor (each cosine <= 1)
-                    done += fidelity([ref[k]], [outs[-1]])["cosine"]
-                    if done + (len(feeds) - k - 1) < need * len(feeds):
-                        return False
+                per.append(compare_outputs(ref[k], outs[-1], scales))
+                if len(outs) < len(feeds) and out_of_reach(floor, self.ctx.baseline, per, len(feeds)):
+                    return False  # the budget cannot hold whatever the other samples give (exact bounds)
             return self.check.holds(fidelity(ref, outs))
 
         return holds
-
-    def _cosine_floor(self) -> float | None:
-        """The mean cosine a model must reach (an absolute ``cosine>=`` budget, else the guard's
-        floor); None for a budget on another metric."""
-        budget = self.ctx.budget
-        if budget is None:
-            return self.check.floor
-        if budget.metric == "cosine" and budget.op == ">=" and not budget.relative:
-            return budget.value
-        return None
