@@ -41,8 +41,8 @@ tool does not do:
 
 from __future__ import annotations
 
-__all__ = ["MATMUL_SHARE", "dynamic_lstm", "dynamic_quantize", "lstm_nodes", "matmul_share", "narrow_weights",
-           "narrow_columns", "try_dynamic"]
+__all__ = ["MATMUL_SHARE", "dynamic_lstm", "dynamic_quantize", "judge_trial", "lstm_nodes", "matmul_share",
+           "narrow_weights", "narrow_columns", "try_dynamic"]
 
 import logging
 import tempfile
@@ -193,16 +193,27 @@ def try_dynamic(model_f: onnx.ModelProto, options, check, sample: dict, stats: d
         return None
     # as the pass will return it (graph and back): the model timed is then the model the manager gets
     qm = ctx.to_model(model_to_graph(dynamic_quantize(model_f, options.exclude)))
-    fid = check.measure(qm)
-    cmp = ctx.compare_speeds(model_f, [qm], sample, (("faster", options.min_speedup),))[0]
-    trial.update(cosine=round(fid.get("cosine", 0.0), 6), speed=cmp.as_dict())
-    holds, faster = check.holds(fid), cmp.faster_than(options.min_speedup)
-    trial["chosen"] = holds and faster
-    if not trial["chosen"]:
-        trial["reason"] = ("misses the fidelity floor" if not holds else
-                           f"not clearly faster than fp32 ({cmp.speedup:.2f}x, 95 % interval {cmp.low:.2f}-"
-                           f"{cmp.high:.2f}x)")
+    if not judge_trial(trial, qm, model_f, check, sample, ctx, options.min_speedup, "fp32"):
         return None
-    trial["reason"] = (f"holds the floor (cosine {fid.get('cosine', 0.0):.4f}) at {cmp.speedup:.2f}x fp32 "
-                       f"(95 % interval {cmp.low:.2f}-{cmp.high:.2f}x): static QDQ not tried")
+    trial["reason"] += ": static QDQ not tried"
     return qm
+
+
+def judge_trial(trial: dict, candidate: onnx.ModelProto, base, check, sample: dict, ctx, threshold: float,
+                than: str) -> bool:
+    """Whether ``candidate`` holds ``check``'s floor and is clearly ``threshold`` times faster than
+    ``base`` on ``sample`` (``ctx.compare_speeds``); its cosine, speed, verdict (``chosen``) and the
+    reason go into ``trial``, the reason naming the base as ``than``. The decision of both dynamic
+    trials: the MatMul one against fp32, the LSTM one against the result without it."""
+    fid = check.measure(candidate)
+    cmp = ctx.compare_speeds(base, [candidate], sample, (("faster", threshold),))[0]
+    holds, faster = check.holds(fid), cmp.faster_than(threshold)
+    interval = f"95 % interval {cmp.low:.2f}-{cmp.high:.2f}x"
+    trial.update(cosine=round(fid.get("cosine", 0.0), 6), speed=cmp.as_dict(), chosen=holds and faster)
+    if trial["chosen"]:
+        trial["reason"] = (f"holds the floor (cosine {fid.get('cosine', 0.0):.4f}) at {cmp.speedup:.2f}x {than} "
+                           f"({interval})")
+    else:
+        trial["reason"] = ("misses the fidelity floor" if not holds else
+                           f"not clearly faster than {than} ({cmp.speedup:.2f}x, {interval})")
+    return trial["chosen"]

@@ -50,7 +50,7 @@ from onnxshrink.graph.convert import model_to_graph
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.equalize import equalize_pairs
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
-from onnxshrink.passes.quantize.dynamic import dynamic_lstm, dynamic_quantize, lstm_nodes, try_dynamic
+from onnxshrink.passes.quantize.dynamic import dynamic_lstm, dynamic_quantize, judge_trial, lstm_nodes, try_dynamic
 from onnxshrink.passes.quantize.fallback import FloatFallback
 from onnxshrink.passes.quantize.guard import FidelityCheck, Placement, QuantizeGuard
 from onnxshrink.passes.quantize.knob import QuantizeKnob
@@ -227,24 +227,21 @@ class QuantizePass(Pass):
             trial.update(chosen=False, reason=f"quantize_dynamic failed: {type(e).__name__}: {e}")
             return dataclasses.replace(result, stats=stats)
         if o.dynamic == "auto":
-            samples = CalibrationSamples(ctx.calib, ctx.val, o.max_samples)
-            check = FidelityCheck(ctx, model_f, samples, o.min_cosine)
-            check.set_floor(o.min_cosine)
-            fid = check.measure(cand)
-            cmp = ctx.compare_speeds(base, [cand], samples.first(), (("faster", 1.0),))[0]
-            holds, faster = check.holds(fid), cmp.faster_than(1.0)
-            trial.update(cosine=round(fid.get("cosine", 0.0), 6), speed=cmp.as_dict(), chosen=holds and faster)
-            if not trial["chosen"]:
-                trial["reason"] = ("misses the fidelity floor" if not holds else
-                                   f"not clearly faster than without ({cmp.speedup:.2f}x, 95 % interval "
-                                   f"{cmp.low:.2f}-{cmp.high:.2f}x)")
+            samples, check = self._fidelity_check(ctx, model_f)
+            if not judge_trial(trial, cand, base, check, samples.first(), ctx, 1.0, "the result without it"):
                 return dataclasses.replace(result, stats=stats)
-            trial["reason"] = (f"holds the floor (cosine {fid.get('cosine', 0.0):.4f}) at {cmp.speedup:.2f}x the "
-                               f"result without it (95 % interval {cmp.low:.2f}-{cmp.high:.2f}x)")
         else:
             trial.update(chosen=True, reason="dynamic=on")
         note = "; ".join(x for x in (result.note, f"{len(names)} LSTM dynamic int8 (DynamicQuantizeLSTM)") if x)
         return PassResult(model_to_graph(cand), True, stats, note=note)
+
+    def _fidelity_check(self, ctx: Context, model_f: onnx.ModelProto) -> tuple[CalibrationSamples, FidelityCheck]:
+        """The samples and the fidelity check (the budget, else the guard's floor) of a dynamic trial
+        against the float model ``model_f``."""
+        samples = CalibrationSamples(ctx.calib, ctx.val, self.options.max_samples)
+        check = FidelityCheck(ctx, model_f, samples, self.options.min_cosine)
+        check.set_floor(self.options.min_cosine)
+        return samples, check
 
     def _dynamic(self, graph: gs.Graph, ctx: Context, trial: dict) -> PassResult | None:
         """Dynamic int8 MatMul (``dynamic.py``): the result with ``dynamic=on``; with ``auto`` the result
@@ -256,9 +253,7 @@ class QuantizePass(Pass):
         if o.dynamic == "on":
             qm = dynamic_quantize(model_f, o.exclude)
         else:
-            samples = CalibrationSamples(ctx.calib, ctx.val, o.max_samples)
-            check = FidelityCheck(ctx, model_f, samples, o.min_cosine)
-            check.set_floor(o.min_cosine)
+            samples, check = self._fidelity_check(ctx, model_f)
             try:
                 qm = try_dynamic(model_f, o, check, samples.first(), stats, ctx)
             except Exception as e:  # the tool cannot take this model: the static path decides
