@@ -4,6 +4,7 @@ it at load, cleanup leaves it alone, and the per-layer back-off keeps the check.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
@@ -112,14 +113,16 @@ def test_select_within_budget_backs_off_the_most_harmful_layer():
         b = {t.name: nh.to_array(t) for t in m.graph.initializer}[name]
         return not np.array_equal(a, b)
 
-    def with_one(name, value):
+    def with_these(stored, names):
         mm = onnx.ModelProto()
         mm.CopyFrom(m)
-        next(t for t in mm.graph.initializer if t.name == name).CopyFrom(nh.from_array(value, name))
+        for t in mm.graph.initializer:
+            if t.name in names:
+                t.CopyFrom(nh.from_array(stored[t.name], t.name))
         return mm
 
-    def losses(score):
-        return lambda stored: {n: score(with_one(n, w)) for n, w in stored.items()}
+    def losses(score):  # the scorer: the loss of the model with a group of weights stored
+        return lambda stored: lambda names: score(with_these(stored, names))
 
     # the conv's weights alone cost the most, and the check refuses them: everything else is kept
     # (the longest prefix by loss per byte), the conv stays float
@@ -136,6 +139,32 @@ def test_select_within_budget_backs_off_the_most_harmful_layer():
                                                                          (2, False)]
     keep_all, log_all = ws.select_within_budget(m, cands, lambda mm: True, losses(err_of))
     assert sorted(keep_all) == sorted(cands) and "holds" in log_all["checked"]
+
+
+def test_group_losses_isolate_the_harmful_weights_in_few_measurements():
+    """Additive losses over 64 weights, two of which cost far more than the rest: splitting groups
+    finds both exactly (the ranking's tail, where the search cuts it) in far fewer than 64
+    measurements; the small ones share their group's loss by bytes; a group of one is never split."""
+    names = [f"w{i:02d}" for i in range(64)]
+    own = {n: 1e-5 for n in names}
+    own["w05"], own["w40"] = 0.08, 0.01
+    nbytes = {n: 400 for n in names}
+    calls = []
+
+    def group_loss(grp):
+        calls.append(list(grp))
+        return sum(own[n] for n in grp)
+
+    losses, measured = ws.group_losses(names, group_loss, nbytes)
+    assert measured == len(calls) < 30
+    assert losses["w05"] == pytest.approx(0.08) and losses["w40"] == pytest.approx(0.01)
+    assert sorted(names, key=lambda n: -losses[n])[:2] == ["w05", "w40"]
+    assert sum(losses.values()) == pytest.approx(sum(own.values()))
+    assert all(len(c) >= 1 for c in calls)
+    # a known total is not measured again; nothing harmful: nothing is split
+    calls.clear()
+    flat, m0 = ws.group_losses(names, group_loss, nbytes, total=0.0)
+    assert m0 == 0 and not calls and set(flat.values()) == {0.0}
 
 
 def test_overridable_weights_score_each_stored_weight_like_its_own_model():
