@@ -290,6 +290,12 @@ def test_guard_skips_timing_when_every_weighted_unit_stays_float():
     assert rep.budget_met and rec.status == "not applicable", rec.reason
     assert rec.stats["speed_search"] == [{"config": "skipped: no weighted unit left integer"}]
     assert "nothing integer left to time" in rec.reason
+    # no integer elementwise op in the plan: the plan without them is the same, not measured again
+    assert rec.stats["fidelity_search"][1] == {"keep_float": 0, "elementwise": False,
+                                               "skipped": "the same plan (no integer elementwise op)"}
+    # the search reached the plan with every weighted unit float and kept it without measuring it
+    assert rec.stats["fidelity_search"][-1] == {"keep_float": 1,
+                                                "skipped": "no weighted unit left integer: the float model"}
     assert "QuantizeLinear" not in [n.op_type for n in out.graph.node]
 
 

@@ -15,7 +15,9 @@
   units without a budget; the first plan that holds is kept, else the best cosine. Not with the
   every-op placement (a device without a float unit): nothing can be kept float there. When the
   kept plan has every weighted unit float, there is nothing integer left to time: the pass keeps
-  the float model (PP-OCRv4 det at cosine >= 0.99: 62 of 62 convolutions).
+  the float model (PP-OCRv4 det at cosine >= 0.99: 62 of 62 convolutions); a search that reaches
+  that plan keeps it without measuring it (the float model's fidelity is exact), and a plan
+  without integer elementwise ops that is the plan already measured is not measured again.
 - Speed: with ``guard`` and no target other than ``cpu`` (this machine's speed says nothing about an
   NPU or an ARM core), the quantized and float models are compared by ``Context.compare_speeds``
   (one thread, interleaved rounds, the median ratio with a ~95 % interval); for ``openvino``, which
@@ -121,10 +123,6 @@ class QuantizeGuard:
         self.samples = samples
         self.stats = stats
 
-    def _placement(self, excluded: set, rules: PlacementRules) -> Placement:
-        units, reasons = plan_units(self.builder.graph_f, excluded, rules)
-        return Placement(self.builder.build(units), units, reasons, excluded)
-
     def run(self, start: Placement, order: list | None) -> tuple[Placement, dict]:
         """The placement kept (its graph None when no placement is fast enough) and the fidelity
         search's outcome ``{"holds", "cosine", "kept_float"}``."""
@@ -140,12 +138,17 @@ class QuantizeGuard:
         if not check.holds(fid) and rules.elementwise and not rules.every_op:
             # every integer elementwise op requantizes; without them each conv input is rounded once
             no_elementwise = dataclasses.replace(rules, elementwise=False)
-            p_e = self._placement(base_ex, no_elementwise)
-            fid_e = check.measure(p_e.graph)
-            log.append({"keep_float": 0, "elementwise": False, "cosine": round(fid_e.get("cosine", 0.0), 6)})
-            if fid_e.get("cosine", 0.0) > fid.get("cosine", 0.0):
-                fid, rules = fid_e, no_elementwise
-                tried.append((fid, dataclasses.replace(p_e, excluded=start.excluded)))
+            units_e, reasons_e = plan_units(self.builder.graph_f, base_ex, no_elementwise)
+            if units_e == start.units:  # no integer elementwise op in the plan: nothing to measure
+                log.append({"keep_float": 0, "elementwise": False, "skipped": "the same plan (no integer "
+                                                                              "elementwise op)"})
+            else:
+                p_e = Placement(self.builder.build(units_e), units_e, reasons_e, base_ex)
+                fid_e = check.measure(p_e.graph)
+                log.append({"keep_float": 0, "elementwise": False, "cosine": round(fid_e.get("cosine", 0.0), 6)})
+                if fid_e.get("cosine", 0.0) > fid.get("cosine", 0.0):
+                    fid, rules = fid_e, no_elementwise
+                    tried.append((fid, dataclasses.replace(p_e, excluded=start.excluded)))
         if not check.holds(fid) and order is None and not rules.every_op:
             order = self.analysis.order()
         order = order or []
@@ -153,9 +156,18 @@ class QuantizeGuard:
             max(1, math.ceil(self.o.max_float_fraction * len(order)))
         if rules.every_op:
             cap = 0  # a device without a float unit: no unit is kept float
+        weighted_start = any(u.kind == "weighted" for u in start.units.values())
+        all_float = None  # the plan with every weighted unit float, when the search reaches it
         k = 1
         while not check.holds(fid) and order and k <= min(cap, len(order)):
-            p_k = self._placement(base_ex | set(order[:k]), rules)
+            excluded_k = base_ex | set(order[:k])
+            units_k, reasons_k = plan_units(self.builder.graph_f, excluded_k, rules)
+            if self.o.guard and weighted_start and not any(u.kind == "weighted" for u in units_k.values()):
+                # every weighted unit float: the guard keeps the float model whatever this plan measures
+                log.append({"keep_float": k, "skipped": "no weighted unit left integer: the float model"})
+                all_float = Placement(None, units_k, reasons_k, excluded_k)
+                break
+            p_k = Placement(self.builder.build(units_k), units_k, reasons_k, excluded_k)
             fid = check.measure(p_k.graph)
             tried.append((fid, p_k))
             log.append({"keep_float": k, "cosine": round(fid.get("cosine", 0.0), 6),
@@ -167,6 +179,8 @@ class QuantizeGuard:
         self.stats["fidelity_floor"] = str(self.ctx.budget) if self.ctx.budget is not None else \
             f"cosine>={check.floor:.4f}"
         ok = [t for t in tried if check.holds(t[0])]
+        if all_float is not None:  # the float model itself: its fidelity is exact
+            ok = [({"cosine": 1.0}, all_float)]
         fid, chosen = ok[0] if ok else max(tried, key=lambda t: t[0].get("cosine", 0.0))
         # the share of units at 16 bits: all with a 16-bit scheme, the wide units of a mixed plan
         wide = 1.0 if self.builder.scheme.qmax > 255 else round(len(chosen.wide) / max(len(chosen.units), 1), 4)
@@ -174,8 +188,7 @@ class QuantizeGuard:
                    "wide": wide}
         if not self.o.guard:
             return chosen, outcome
-        if any(u.kind == "weighted" for u in start.units.values()) and \
-                not any(u.kind == "weighted" for u in chosen.units.values()):
+        if weighted_start and not any(u.kind == "weighted" for u in chosen.units.values()):
             # every weighted unit had to stay float: what is left integer cannot be faster than float
             self.stats["speed_search"] = [{"config": "skipped: no weighted unit left integer"}]
             self.stats["guard_reason"] = (f"every weighted unit stays float to hold {self.stats['fidelity_floor']} "
@@ -275,9 +288,9 @@ class QuantizeGuard:
         (``_cpu_compare``: one interleaved measurement, the float model run once per round for all of
         them; or the same on the target's EP) on ``where``. The variants (convolutions under each of
         ``SMALL_CONV_LIMITS`` weights back in float) are timed together, only when ``chosen`` is not
-        clearly fast enough, and taken in turn as before: a variant faster than the best so far is
-        kept when it holds the floor (or measures at least ``chosen``'s fidelity), until one is
-        clearly fast enough."""
+        clearly fast enough, and taken in turn: the first clearly fast enough one is kept when it
+        holds the floor (or measures at least ``chosen``'s fidelity); a variant that is not clearly
+        fast enough could never be kept, so its fidelity is not measured."""
         compare = compare or self._cpu_compare
         model_f = float_model if float_model is not None else self.builder.model_f  # a session, or the model
         sample = self.samples.first()
@@ -297,13 +310,13 @@ class QuantizeGuard:
             cmps = compare(model_f, [self.ctx.to_model(v[-1]) for v in variants], sample) if variants else []
             for (limit, small, units_k, reasons_k, qg_k), cmp_k in zip(variants, cmps):
                 speed.append({"config": f"only convs with >= {limit} weights", **cmp_k.as_dict()})
-                if cmp_k.speedup > best_cmp.speedup:
-                    fid_k = self.check.measure(qg_k)
-                    if self.check.holds(fid_k) or fid_k.get("cosine", 0) >= fid.get("cosine", 0):
-                        best_cmp, best = cmp_k, Placement(qg_k, units_k, {**reasons_k, **{
-                            n: "kept float: small convolution (the float kernel is faster)" for n in small}},
-                            chosen.excluded | small)
-                if best_cmp.faster_than(self.o.min_speedup):
+                if not cmp_k.faster_than(self.o.min_speedup):
+                    continue  # only a clearly faster variant can be kept: its fidelity alone is measured
+                fid_k = self.check.measure(qg_k)
+                if self.check.holds(fid_k) or fid_k.get("cosine", 0) >= fid.get("cosine", 0):
+                    best_cmp, best = cmp_k, Placement(qg_k, units_k, {**reasons_k, **{
+                        n: "kept float: small convolution (the float kernel is faster)" for n in small}},
+                        chosen.excluded | small)
                     break
         self.stats["speed_search"] = speed
         if not best_cmp.faster_than(self.o.min_speedup):
