@@ -189,7 +189,9 @@ class _StandInTimer:
     (2.0, 0.2, True, True, False),     # clearly faster: decided on the early look's 12 rounds
     (0.5, 0.05, True, False, True),    # clearly slower: the same
     (1.0, 0.005, True, False, False),  # a tight tie, inside both boundaries: a tie on the early look
-    (1.03, 0.02, False, False, False),  # a boundary inside the early interval: the full measurement
+    (1.045, 0.02, False, False, False),  # the faster boundary inside, the median above it: measured in full
+    (1.02, 0.02, True, False, False),  # the faster boundary inside, the median under it: futile, a tie
+    (0.97, 0.02, False, False, False),  # the slower boundary inside: measured in full whatever the median
 ])
 def test_compare_speed_stops_early_only_when_no_decision_is_close(monkeypatch, ratio, spread, early, faster,
                                                                   slower):
@@ -229,7 +231,7 @@ class _StandInRatios:
 
 @pytest.mark.parametrize("ratios, early", [
     ((2.0, 3.0), True),    # both candidates clearly faster: the early look decides both
-    ((2.0, 1.03), False),  # the second is a close call: every pair gets the full measurement
+    ((2.0, 1.045), False),  # the second is a close call: every pair gets the full measurement
 ])
 def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, early):
     from onnxshrink import runtime
