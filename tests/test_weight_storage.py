@@ -4,10 +4,10 @@ it at load, cleanup leaves it alone, and the per-layer back-off keeps the check.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+import pytest
 from helpers import check, normal_samples, run_ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
