@@ -276,3 +276,25 @@ def test_stored_weights_also_hold_on_the_calibration_samples():
     _, rep = optimize(m, passes=[{"quantize": {"exclude": ["mm"]}}], data=samples, budget="cosine>=0.99")
     fw = rep.passes[0].stats["float_weights"]
     assert fw["stored"] == 0 and "16 calibration samples" in fw["also_checked_on"], fw
+
+
+def test_a_failed_calibration_check_names_the_harmful_weight_and_keeps_it_float():
+    """Two weights, of which only the low-rank one breaks the budget on two calibration samples
+    (in its null space): storing both fails the calibration check, the group scoring reads the two
+    worst samples from that check and isolates the low-rank weight, which alone stays float."""
+    m, rng, null = _low_rank_matmul()
+    w2 = nh.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w2")
+    m.graph.initializer.append(w2)
+    m.graph.node[0].output[0] = "h"
+    m.graph.node.append(oh.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"))
+    samples = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(32)]
+    for i in (2, 6):  # calibration samples (of every four, the 1st and 3rd calibrate)
+        # scaled up: the stored weight's error stands out of the output's scale (not a silent sample)
+        samples[i] = {"x": (20 * null[i % 12] + 0.02 * rng.standard_normal(16)).astype(np.float32)[None]}
+    _, rep = optimize(m, passes=[{"quantize": {"exclude": ["mm", "mm2"]}}], data=samples,
+                      budget="cosine>=0.99")
+    fw = rep.passes[0].stats["float_weights"]
+    assert fw["stored"] == 1 and "broke the check" in fw["checked"], fw
+    assert list(fw["most_sensitive"])[0] == "w" and fw["most_sensitive"]["w"] > 10 * fw["most_sensitive"]["w2"]
+    assert fw["scored"] == "3 group measurements for 2 weights"
+    assert fw["bisection"] == [{"stored": 2, "holds": False}, {"stored": 1, "holds": True}]
