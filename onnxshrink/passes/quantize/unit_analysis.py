@@ -98,14 +98,16 @@ def analyse_units(builder: QdqBuilder, units: dict, samples: CalibrationSamples,
     acc = {u.node: {"d": 0.0, "n": 0, "e": 0.0, "s": 0.0} for u, _, _ in pairs}
     for cap in capture_activations(model, names, list(samples.take(n_samples))):
         for u, a, b in pairs:
-            yf, yq = cap[a].astype(np.float64), cap[b].astype(np.float64)
+            # float64 sums without float64 copies of the activations (metrics.compare_outputs says why)
+            yf, yq = (np.asarray(cap[t], np.float32 if cap[t].dtype.itemsize < 4 else None) for t in (a, b))
+            d = yq - yf
             op = nodes[u.node].op
             axis = 1 if op in ("Conv", "ConvTranspose") else yf.ndim - 1
             red = tuple(i for i in range(yf.ndim) if i != axis)
             r = acc[u.node]
-            r["d"] = r["d"] + (yq - yf).mean(axis=red)
+            r["d"] = r["d"] + d.mean(axis=red, dtype=np.float64)
             r["n"] += 1
-            r["e"] += float(np.sum((yq - yf) ** 2))
-            r["s"] += float(np.sum(yf ** 2))
+            r["e"] += float(np.einsum("i,i->", d.ravel(), d.ravel(), dtype=np.float64))
+            r["s"] += float(np.einsum("i,i->", yf.ravel(), yf.ravel(), dtype=np.float64))
     return {k: {"nsr": r["e"] / max(r["s"], 1e-30), "shift": np.asarray(r["d"]) / max(r["n"], 1)}
             for k, r in acc.items()}
