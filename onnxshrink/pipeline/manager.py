@@ -130,6 +130,7 @@ class PassManager:
         self.speed = speed_policy(settings.speed)
         self.enforce_speed = settings.enforce_speed
         self._selection_memo = None  # (digest, samples, outputs) of the last _selection_outputs call
+        self._stats_memo = None  # (model, shapes, stats) of the last _model_stats call
         self._input_timings: dict = {}  # digest of a candidate -> its SpeedComparison against the input
         if self.budget is not None and self.budget.metric == "user" and self.metric is None:
             raise UsageError("budget on metric 'user' needs a user metric callable")
@@ -225,6 +226,16 @@ class PassManager:
             except Exception:
                 self._original_optimizes = False
         return self._original_optimizes
+
+    def _model_stats(self, model: onnx.ModelProto, shapes) -> dict:
+        """``graph.cost.model_stats``, computed once for the same model object and shapes (the last
+        pass's record and the report's ``after`` describe one model)."""
+        memo = self._stats_memo
+        if memo is not None and memo[0] is model and memo[1] == shapes:
+            return dict(memo[2])
+        st = model_stats(model, shapes)
+        self._stats_memo = (model, shapes, st)
+        return dict(st)
 
     def _outputs(self, model: onnx.ModelProto, samples, optimize: bool):
         return self._outputs_of_sets(model, [samples], optimize)[0]
@@ -427,7 +438,7 @@ class PassManager:
         report.fidelity = fidelity(test_reference, final, self.metric, test, self.test_labels)
         if final_val:
             report.selection_fidelity = fidelity(reference, final_val[0], self.metric, val, self.val_labels)
-        report.after = model_stats(current, io.shapes(cost_shapes))
+        report.after = self._model_stats(current, io.shapes(cost_shapes))
         report.budget_met = self.budget.holds(report.fidelity, test_baseline) if self.budget else None
         if self.measure_speed:
             feeds = val.get(0)
@@ -680,7 +691,7 @@ class PassManager:
             gc.collect()  # the rejected candidate and its graph before the next attempt
         rec.wall_time_s = time.perf_counter() - t0
         try:
-            st = model_stats(current, cost_shapes)
+            st = self._model_stats(current, cost_shapes)
             rec.nodes, rec.params = st["nodes"], st["params"]
             rec.weight_bytes, rec.macs = st["weight_bytes"], st["macs"]
         except Exception:
