@@ -223,3 +223,31 @@ def test_huge_tensor_export_path(monkeypatch, touch_values):
     assert out == plain
     big = [t for t in g.tensors().values() if isinstance(t, gs.Constant) and t.values.nbytes >= 1000]
     assert big and all(t.values.size == int(np.prod(t.shape)) for t in big)  # graph left as it was
+
+
+def test_a_session_holds_no_copy_of_the_serialized_model():
+    """onnxruntime's Python session keeps the bytes it was built from (for an EP fallback); a CPU
+    session from ``make_session`` drops them (one model's worth of memory per open session) and
+    still runs."""
+    m = mlp()
+    sess = make_session(m)
+    assert getattr(sess, "_model_bytes", "attribute gone") is None
+    x = np.zeros([d.dim_value or 1 for d in m.graph.input[0].type.tensor_type.shape.dim], np.float32)
+    assert sess.run(None, {m.graph.input[0].name: x})[0].shape
+
+
+def test_check_model_of_a_big_model_reads_a_file_and_still_finds_errors(monkeypatch):
+    """Past ``CHECK_VIA_FILE_BYTES`` of weights the checker reads a temporary file with external
+    weights (no serialized copy in memory); a valid model passes, a broken one is still refused."""
+    monkeypatch.setattr(model_io, "CHECK_VIA_FILE_BYTES", 1024)
+    calls = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, **k: (calls.append(type(m)), real(m, **k))[1])
+    m = mlp()
+    model_io.check_model(m)
+    assert calls == [str]  # by path
+    bad = onnx.ModelProto()
+    bad.CopyFrom(m)
+    bad.graph.node[0].input[0] = "no_such_tensor"
+    with pytest.raises(onnx.checker.ValidationError):
+        model_io.check_model(bad)

@@ -54,6 +54,7 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
 from onnxshrink.graph.cost import model_cost
+from onnxshrink.model import write_external
 from onnxshrink.passes.quantize.weight_storage import int8_channels, store_narrow
 from onnxshrink.targets.rewrites import gemm_to_matmul
 
@@ -90,13 +91,26 @@ def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None,
     only = None if include is None else [renamed(n) for n in include]
     if only is not None and not only:  # the tool reads an empty list as "every node"
         return model
-    qm = _ort_quantize_dynamic(graph_to_model(graph, model), list(DYNAMIC_OPS), exclude, only)
+    with tempfile.TemporaryDirectory(prefix="onnxshrink_dynamic_in_") as d:
+        # the tool reads the model from a file: the proto written is dropped before it runs (given a
+        # proto it serializes and reloads it beside ours; ViT-S width: -40 MB of peak RSS)
+        src = Path(d) / "model.onnx"
+        _write(graph_to_model(graph, model), src)
+        if not weight_bits:
+            del graph
+        qm = _ort_quantize_dynamic(src, list(DYNAMIC_OPS), exclude, only)
     if weight_bits:
         qm = narrow_weights(qm, graph_to_model(graph, model), {renamed(n): int(b) for n, b in weight_bits.items()})
     return qm
 
 
-def _ort_quantize_dynamic(model: onnx.ModelProto, op_types: list, exclude: list | None,
+def _write(model: onnx.ModelProto, path: Path) -> None:
+    """``model`` to ``path``, its weights streamed to an external file beside it (no serialized copy
+    of the whole model in memory; any size)."""
+    write_external(model, path)
+
+
+def _ort_quantize_dynamic(model: onnx.ModelProto | Path, op_types: list, exclude: list | None,
                           only: list | None) -> onnx.ModelProto:
     """onnxruntime's ``quantize_dynamic`` of the nodes of ``op_types`` (int8 weights per tensor, uint8
     activations quantized at run time), but ``exclude``, or ``only`` those when given."""
