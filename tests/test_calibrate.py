@@ -132,3 +132,28 @@ def test_large_tensors_are_subsampled_but_min_max_stay_exact():
     assert h.count == 1 << 16
     lo, hi = percentile_range(h, percentile=99.0)
     assert abs(hi - np.percentile(x, 99.0)) < 0.05
+
+
+def test_minmax_keeps_the_models_outputs_of_the_first_samples(monkeypatch):
+    """``collect_minmax`` with an ``outputs`` list also returns the model's own outputs, sample by
+    sample in order, while they fit in ``KEPT_OUTPUTS_BYTES``; past it, no more are kept."""
+    from models.build import mlp
+    from onnxshrink.passes.quantize import calibrate
+    from onnxshrink.runtime import make_session
+    m = mlp()
+    name = m.graph.input[0].name
+    shape = [d.dim_value or 1 for d in m.graph.input[0].type.tensor_type.shape.dim]
+    rng = np.random.default_rng(0)
+    samples = [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(5)]
+    tensors = [n.output[0] for n in m.graph.node][:3]
+    kept: list = []
+    hists, _ = calibrate.collect_minmax(m, tensors, samples, kept)
+    sess = make_session(m, optimize=False)
+    assert len(kept) == 5 and set(hists) == set(tensors)
+    for s, k in zip(samples, kept):
+        np.testing.assert_array_equal(k[0], sess.run(None, s)[0])
+    one = kept[0][0].nbytes
+    monkeypatch.setattr(calibrate, "KEPT_OUTPUTS_BYTES", 2 * one)
+    few: list = []
+    calibrate.collect_minmax(m, tensors, samples, few)
+    assert len(few) == 2

@@ -278,6 +278,18 @@ def test_budget_keeps_sensitive_units_float():
     assert rec.status == "not applicable" and "kept float to hold it" in rec.reason
 
 
+def test_float_fallback_checks_against_the_outputs_the_calibration_run_kept():
+    """A budget only the float model holds: the pass calibrates, keeps every unit float, and checks
+    the stored weight on the calibration samples against the float outputs the MinMax calibration
+    run kept (no second run of the float model)."""
+    m = _biased_conv_model()
+    r = np.random.default_rng(4)
+    data = [{"x": (r.random((1, 32, 16, 16)) * 2).astype(np.float32)} for _ in range(12)]
+    out, rep = optimize(m, passes=[{"quantize": {"per_channel": False}}], data=data, budget="cosine>=0.99999")
+    fw = rep.passes[0].stats["float_weights"]
+    assert fw["also_checked_on"].endswith("; the float outputs kept by the calibration run"), fw
+
+
 def test_guard_skips_timing_when_every_weighted_unit_stays_float():
     """With the guard on, a budget only the float model holds keeps every weighted unit float: nothing
     integer is left, so nothing is timed and the pass keeps the float model, with the reason."""

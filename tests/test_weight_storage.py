@@ -295,6 +295,8 @@ def test_a_failed_calibration_check_names_the_harmful_weight_and_keeps_it_float(
                       budget="cosine>=0.99")
     fw = rep.passes[0].stats["float_weights"]
     assert fw["stored"] == 1 and "broke the check" in fw["checked"], fw
+    # nothing could be integer, so nothing was calibrated: the check ran the float model itself
+    assert fw["also_checked_on"].endswith("(storing weights uses no data statistic)")
     assert list(fw["most_sensitive"])[0] == "w" and fw["most_sensitive"]["w"] > 10 * fw["most_sensitive"]["w2"]
     assert fw["scored"] == "3 group measurements for 2 weights"
     assert fw["bisection"] == [{"stored": 2, "holds": False}, {"stored": 1, "holds": True}]

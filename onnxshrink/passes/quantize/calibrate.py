@@ -150,12 +150,18 @@ def collect_histograms(captures: Iterable[dict], names: Sequence[str] | None = N
     return hists
 
 
-def collect_minmax(model, names: Sequence[str], samples: Iterable[dict]) -> tuple[dict[str, TensorHistogram], list]:
+KEPT_OUTPUTS_BYTES = 64 * 2**20  # the model outputs a calibration run keeps for later checks, at most
+
+
+def collect_minmax(model, names: Sequence[str], samples: Iterable[dict],
+                   outputs: list | None = None) -> tuple[dict[str, TensorHistogram], list]:
     """MinMax calibration without copying the tensors out: a ``ReduceMin``/``ReduceMax`` pair is
     appended to each tensor (as onnxruntime's MinMax calibrator does) and only the scalars are read,
     so a run returns a few bytes per tensor instead of the tensors. Returns histograms that hold only
     ``min``/``max`` (enough for ``minmax_range``) and the names whose values were not all finite
-    (those need ``collect_histograms``, which skips non-finite values)."""
+    (those need ``collect_histograms``, which skips non-finite values). ``outputs``, when given, gets
+    the model's own outputs of the first samples, in order, up to ``KEPT_OUTPUTS_BYTES`` (the float
+    fallback's calibration check reads them instead of running the float model again)."""
     import onnx
 
     from onnxshrink.runtime import append_outputs, make_session
@@ -167,14 +173,22 @@ def collect_minmax(model, names: Sequence[str], samples: Iterable[dict]) -> tupl
             outs.append(f"{n}__calib_{op}")
             m.graph.node.append(onnx.helper.make_node(op, [n], [outs[-1]], keepdims=0, name=f"calib_{op}_{i}"))
     # only scalars come out: no memory pattern or arena for tensors that are reduced and dropped
+    graph_outputs = [o.name for o in model.graph.output]
     sess = make_session(append_outputs(m, outs), optimize=False, low_memory=True)  # m is our copy
     del m
     lo = np.full(len(names), np.inf)
     hi = np.full(len(names), -np.inf)
     isfloat = np.ones(len(names), bool)
     bad = np.zeros(len(names), bool)
+    kept = 0  # bytes of the outputs kept
     for sample in samples:
-        vals = sess.run(outs, sample)
+        keep = outputs is not None and kept <= KEPT_OUTPUTS_BYTES
+        vals = sess.run(outs + graph_outputs if keep else outs, sample)
+        if keep:
+            own = vals[len(outs):]
+            kept += sum(np.asarray(v).nbytes for v in own if isinstance(v, np.ndarray))
+            if kept <= KEPT_OUTPUTS_BYTES:
+                outputs.append(own)
         for i in range(len(names)):
             a, b = np.asarray(vals[2 * i]), np.asarray(vals[2 * i + 1])
             if a.dtype.kind != "f":
@@ -340,13 +354,15 @@ class CalibrationSamples:
 
 
 def calibrate_ranges(model, tensors: Sequence[str], samples: CalibrationSamples, calibrator: str = "minmax",
-                     levels: int = 256, bins: int = DEFAULT_BINS, percentile: float = 99.999) -> dict:
+                     levels: int = 256, bins: int = DEFAULT_BINS, percentile: float = 99.999,
+                     outputs: list | None = None) -> dict:
     """{tensor: (lo, hi)} of ``tensors`` in ``model`` over the samples by ``calibrator``. MinMax needs
     only min and max: reduced in the graph, the tensors never leave onnxruntime (not for a model past
-    2 GB, which would be copied; nor for tensors with non-finite values, which need histograms)."""
+    2 GB, which would be copied; nor for tensors with non-finite values, which need histograms).
+    ``outputs``: filled by MinMax with the model's outputs of the first samples (``collect_minmax``)."""
     from onnxshrink.runtime import capture_activations
     if calibrator == "minmax" and not is_large(model):
-        hists, rest = collect_minmax(model, tensors, samples.all())
+        hists, rest = collect_minmax(model, tensors, samples.all(), outputs)
         if rest:
             hists.update(collect_histograms(capture_activations(model, rest, samples.all()), rest, bins=bins))
     else:

@@ -69,6 +69,9 @@ class FloatFallback:
         self.model_f = model_f
         self.samples = samples
         self.stats = stats
+        # the float model's outputs of the first calibration samples, when the calibration run kept
+        # them (``calibrate.collect_minmax``): the calibration check's references without another run
+        self.float_outputs: list = []
 
     def float_result(self, graph: gs.Graph, source: gs.Graph, why: str) -> PassResult:
         """No integer placement kept: ``source`` (the float model) with its weights stored int8 when
@@ -172,12 +175,17 @@ class FloatFallback:
         budget = self.ctx.budget
         if not feeds or (budget is not None and (budget.relative or budget.metric == "user")):
             return lambda m: True
-        sess = make_session(self.model_f, optimize=True, low_memory=True)
-        ref = [sess.run(None, s) for s in feeds]
-        del sess
+        reused = len(self.float_outputs) >= len(feeds)
+        if reused:
+            ref = self.float_outputs[:len(feeds)]
+        else:
+            sess = make_session(self.model_f, optimize=True, low_memory=True)
+            ref = [sess.run(None, s) for s in feeds]
+            del sess
         if budget is not None and budget.metric not in fidelity(ref, ref):
             return lambda m: True
-        log["also_checked_on"] = f"{len(feeds)} calibration samples (storing weights uses no data statistic)"
+        log["also_checked_on"] = (f"{len(feeds)} calibration samples (storing weights uses no data statistic)"
+                                  + ("; the float outputs kept by the calibration run" if reused else ""))
         # the floor as a budget (the guard's floor when none is given), for metrics.out_of_reach
         floor = budget if budget is not None else Budget("cosine", ">=", self.check.floor)
         return _CalibrationCheck(self, feeds, ref, floor)

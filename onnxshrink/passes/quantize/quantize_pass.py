@@ -359,17 +359,19 @@ def _smooth(graph: gs.Graph, ctx: Context, samples: CalibrationSamples, smooth) 
     return smooth_activations(graph, absmax, alpha, min_ratio)
 
 
-def cached_ranges(ctx: Context, model_f, tensors: list, samples: CalibrationSamples, o, levels: int) -> dict:
+def cached_ranges(ctx: Context, model_f, tensors: list, samples: CalibrationSamples, o, levels: int,
+                  outputs: list | None = None) -> dict:
     """``calibrate_ranges`` through ``ctx.cache``: a tensor's range depends only on its own values, so
     the ranges an earlier run measured on the same float model (by content digest; a weaker attempt,
-    another allocation trial) are reused and only the tensors not seen yet are calibrated."""
+    another allocation trial) are reused and only the tensors not seen yet are calibrated (then
+    ``outputs`` gets the float model's outputs of the first samples, ``calibrate_ranges``)."""
     key = ("quantize.ranges", model_digest(model_f), id(samples.source), samples.max_samples, o.calibrator, levels,
            o.bins, o.percentile)
     known = ctx.cache.setdefault(key, {})
     missing = [t for t in tensors if t not in known]
     if missing:
         got = calibrate_ranges(model_f, missing, samples, o.calibrator, levels=levels, bins=o.bins,
-                               percentile=o.percentile)
+                               percentile=o.percentile, outputs=outputs)
         known.update({t: got.get(t) for t in missing})  # None: no range (not a float tensor)
     return {t: known[t] for t in tensors if known[t] is not None}
 
@@ -455,7 +457,8 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context) -> Quanti
     # is the one quantized)
     cand, _ = plan_units(graph, set(o.exclude), rules)
     tensors = sorted({t for u in cand.values() for t in (u.inputs + [u.output])})
-    ranges = cached_ranges(ctx, model_f, tensors, samples, o, scheme.qmax - scheme.qmin + 1)
+    ranges = cached_ranges(ctx, model_f, tensors, samples, o, scheme.qmax - scheme.qmin + 1,
+                           fallback.float_outputs)
     clips = {u.output: u.clip for u in cand.values() if u.clip is not None}
     n_units = sum(1 for u in units.values() if u.kind == "weighted")
     lap("calibrate")
