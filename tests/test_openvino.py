@@ -185,8 +185,15 @@ needs_openvino = pytest.mark.skipif(not openvino_available(), reason="no Python 
 def test_real_openvino_check_on_a_small_model():
     m = _tiny()
     val = _samples(m, 8, 2)
-    q, rep = optimize(m, passes=["cleanup", {"quantize": {"guard": False}}], data=_samples(m, 16, 1), val_data=val,
-                      target="openvino", budget="none")
+    try:
+        q, rep = optimize(m, passes=["cleanup", {"quantize": {"guard": False}}], data=_samples(m, 16, 1),
+                          val_data=val, target="openvino", budget="none")
+    except BudgetError as e:
+        # int8 forced on a model of microseconds may time slower than fp32 on the EP (0.95x, once on a
+        # loaded machine): the verdict refuses it and the report still holds the whole check
+        assert "slower than the fp32 model on the OpenVINO EP" in str(e), e
+        rep = e.report
+        assert rep.target_report["openvino"]["speed"]["verdict"] == "slower"
     ov = rep.target_report["openvino"]
     assert ov["available"] and ov["accepted"], ov.get("error")
     assert set(ov["placements"]) == {"OpenVINOExecutionProvider"} and not ov.get("nodes_on_cpu")
