@@ -11,7 +11,7 @@ model's ``cosine``/``sqnr`` are means over samples, ``cosine_min`` the worst sam
 
 from __future__ import annotations
 
-__all__ = ["METRICS", "Budget", "fidelity", "compare_outputs", "DEFAULT_BUDGET", "DEFAULT_SCALAR_BUDGET",
+__all__ = ["METRICS", "Budget", "fidelity", "aggregate", "compare_outputs", "DEFAULT_BUDGET", "DEFAULT_SCALAR_BUDGET",
            "UNCHECKED_BUDGET", "blind_metric_outputs", "output_scales", "out_of_reach"]
 
 import math
@@ -142,11 +142,25 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
     # an output's scale is its largest magnitude over the whole set: a sample whose output is all
     # near zero (a sigmoid far from any detection) must not turn float round-off into a big ratio
     scales = output_scales(reference)
-    per = [compare_outputs(r, o, scales) for r, o in zip(reference, outputs)]
+    res = aggregate([compare_outputs(r, o, scales) for r, o in zip(reference, outputs)])
+    if not res:
+        return {}
+    if labels is not None:
+        res["accuracy"] = label_accuracy(outputs, labels, 1)
+        res["top5"] = label_accuracy(outputs, labels, 5)
+    if user_metric is not None:
+        res["user"] = float(user_metric(outputs, samples))
+    return res
+
+
+def aggregate(per: Sequence[dict]) -> dict:
+    """``fidelity``'s figures over samples from their ``compare_outputs`` scores (taken with the whole
+    set's ``output_scales``): means of cosine, mse and top1, the worst cosine and max_abs, the mean
+    finite sqnr; {} without samples."""
     if not per:
         return {}
     fin = [p["sqnr"] for p in per if math.isfinite(p["sqnr"])]
-    res = {
+    return {
         "cosine": float(np.mean([p["cosine"] for p in per])),
         "cosine_min": float(min(p["cosine"] for p in per)),
         "sqnr": float(np.mean(fin)) if len(fin) == len(per) else (
@@ -156,12 +170,6 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
         "mse": float(np.mean([p["mse"] for p in per])),
         "top1": float(np.mean([p["top1"] for p in per])),
     }
-    if labels is not None:
-        res["accuracy"] = label_accuracy(outputs, labels, 1)
-        res["top5"] = label_accuracy(outputs, labels, 5)
-    if user_metric is not None:
-        res["user"] = float(user_metric(outputs, samples))
-    return res
 
 
 def output_scales(reference: Sequence[Sequence[np.ndarray]]) -> list[float]:
@@ -170,7 +178,10 @@ def output_scales(reference: Sequence[Sequence[np.ndarray]]) -> list[float]:
     for r in reference:
         for k, x in enumerate(r):
             x = as_flat_array(x)
-            v = float(np.max(np.abs(x.astype(np.float64)))) if x.size and x.dtype.kind in "fc" else 0.0
+            if not x.size or x.dtype.kind not in "fc":
+                v = 0.0
+            else:  # max |x| of a real output is exact without a float64 copy
+                v = _absmax(x) if x.dtype.kind == "f" else float(np.max(np.abs(x.astype(np.float64))))
             if k == len(scales):
                 scales.append(v)
             else:

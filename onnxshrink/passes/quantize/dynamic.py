@@ -95,19 +95,13 @@ def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None,
         # the tool reads the model from a file: the proto written is dropped before it runs (given a
         # proto it serializes and reloads it beside ours; ViT-S width: -40 MB of peak RSS)
         src = Path(d) / "model.onnx"
-        _write(graph_to_model(graph, model), src)
+        write_external(graph_to_model(graph, model), src)  # weights streamed: no serialized copy
         if not weight_bits:
             del graph
         qm = _ort_quantize_dynamic(src, list(DYNAMIC_OPS), exclude, only)
     if weight_bits:
         qm = narrow_weights(qm, graph_to_model(graph, model), {renamed(n): int(b) for n, b in weight_bits.items()})
     return qm
-
-
-def _write(model: onnx.ModelProto, path: Path) -> None:
-    """``model`` to ``path``, its weights streamed to an external file beside it (no serialized copy
-    of the whole model in memory; any size)."""
-    write_external(model, path)
 
 
 def _ort_quantize_dynamic(model: onnx.ModelProto | Path, op_types: list, exclude: list | None,

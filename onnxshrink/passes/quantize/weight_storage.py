@@ -31,7 +31,7 @@ and a group below that share is not split further, its loss spread over its memb
 ``1 - cos`` adds over a group (``1 - cos ~ |d|^2 / 2|y|^2`` with ``d`` the sum of the layers'
 output deviations, whose cross terms average out): the few layers that matter are isolated in
 about ``2 log2(n)`` measurements each, and the ranking is exact where the search cuts it (PP-OCRv4
-det: 23 measurements instead of 54). The losses come from one session in which the weights are
+det: 13 measurements instead of 54). The losses come from one session in which the weights are
 overridable initializers (``overridable_weights``): each group's stored weights are fed in place of
 the float ones, so every measurement shares one session.
 
