@@ -42,7 +42,8 @@ def model_digest(model: onnx.ModelProto) -> str:
         h.update(t.name.encode())
         h.update(str(t.data_type).encode())
         h.update(str(list(t.dims)).encode())
-        h.update(onnx.numpy_helper.to_array(t).tobytes() if not t.raw_data else t.raw_data)
+        # one read of raw_data: python protobuf copies the whole buffer on each access
+        h.update(t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes())
     for o in model.opset_import:
         h.update(f"{o.domain}:{o.version}".encode())
     return h.hexdigest()

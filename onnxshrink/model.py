@@ -179,9 +179,15 @@ _DATA_FIELDS = {"raw_data", "float_data", "int32_data", "string_data", "int64_da
 def bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
     """``t`` without its data: every other field (name, type, dims, doc, segment) as set."""
     sk = onnx.TensorProto()
-    for fd, value in t.ListFields():
-        if fd.name not in _DATA_FIELDS:
-            _copy_field(sk, fd, value)
+    for fd in t.DESCRIPTOR.fields:  # not ListFields: it would copy raw_data (python protobuf: one copy per access)
+        if fd.name in _DATA_FIELDS:
+            continue
+        if _repeated(fd):
+            value = getattr(t, fd.name)
+            if len(value):
+                _copy_field(sk, fd, value)
+        elif t.HasField(fd.name):
+            _copy_field(sk, fd, getattr(t, fd.name))
     return sk
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["model_to_graph", "graph_to_model"]
+__all__ = ["model_to_graph", "graph_to_model", "graph_to_skeleton"]
 
 import numpy as np
 import onnx
@@ -47,6 +47,22 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
     if model.ir_version and model.ir_version < 4:
         _list_initializers_as_inputs(model)
     return model
+
+
+# a skeleton keeps the data of constants under this size (shape data, scalars, small tables)
+SKELETON_MIN_BYTES = 16 * 2**10
+
+
+def graph_to_skeleton(graph: gs.Graph, min_bytes: int = SKELETON_MIN_BYTES) -> onnx.ModelProto:
+    """Export ``graph`` with every constant of ``min_bytes`` or more, INT64 ones excepted, as a
+    data-less placeholder (name, type, dims): what shape inference reads, without a copy of the
+    weights (a 2 GiB model is exported in a few MB). ``graph`` is left as it was."""
+    held = _hold_huge_constants(graph, min_bytes, keep_int64=True)
+    try:
+        return gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for const, values in held:
+            const._values = values
 
 
 def _subgraphs(graph: onnx.GraphProto):
@@ -140,19 +156,19 @@ def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
-def _hold_huge_constants(graph: gs.Graph) -> list:
-    """Swap the values of constants of HUGE_TENSOR_BYTES or more for data-less placeholders;
-    returns [(constant, original values)]."""
+def _hold_huge_constants(graph: gs.Graph, min_bytes: int | None = None, keep_int64: bool = False) -> list:
+    """Swap the values of constants of ``min_bytes`` (default HUGE_TENSOR_BYTES) or more (INT64 ones
+    kept with ``keep_int64``) for data-less placeholders; returns [(constant, original values)]."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-
+    min_bytes = HUGE_TENSOR_BYTES if min_bytes is None else min_bytes
     held = []
     for t in graph.tensors().values():
         if not isinstance(t, gs.Constant):
             continue
         v = t._values
         nbytes = v.nbytes if isinstance(v, (LazyValues, np.ndarray)) else 0
-        if nbytes < HUGE_TENSOR_BYTES:
+        if nbytes < min_bytes or (keep_int64 and np.dtype(v.dtype) == np.int64):
             continue
         if isinstance(v, LazyValues):
             bare = bare_tensor(v.tensor)

@@ -11,6 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError, UsageError
+from onnxshrink.graph.convert import graph_to_skeleton
 
 
 def parse_input_shape(text: str) -> tuple[str, list[int]]:
@@ -93,7 +94,7 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, list]:
 def tensor_shapes(graph: gs.Graph, input_shapes: dict | None = None) -> dict:
     """name -> list of dims (int, or str for symbolic, None unknown) from ONNX shape inference on
     a weight-free export of ``graph`` (input dims fixed by ``input_shapes`` when given)."""
-    model = gs.export_onnx(graph.copy(), do_type_check=False)
+    model = graph_to_skeleton(graph.copy())
     # IR < 4 lists initializers as inputs; the export does not, and shape inference then ignores them
     model.ir_version = max(model.ir_version, 4)
     for t in model.graph.initializer:

@@ -670,6 +670,10 @@ class PassManager:
                 rec.stats = result.stats
                 break
             candidate = graph_to_model(result.graph, ctx.template)
+            # the pass's graph holds a copy of the weights (numpy, in reference cycles): free it before
+            # the validation's sessions (a 2 GiB model: one model less at the run's peak)
+            result.graph = None
+            gc.collect()
             ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless, check_budget, own_input)
             rec.attempts.append({"options": _options_dict(attempt), "ok": ok, "reason": reason,
                                  "fidelity": fid})

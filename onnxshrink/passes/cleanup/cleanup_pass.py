@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.convert import graph_to_skeleton
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.cleanup.activations import fuse_hard_activations
 from onnxshrink.passes.cleanup.affine import (
@@ -111,7 +112,7 @@ class CleanupPass(Pass):
         n_init_before = _count_initializers(graph)
         try:  # onnx-graphsurgeon cannot export every graph (optional types, some attributes)
             with quiet_gs():
-                exported = gs.export_onnx(graph, do_type_check=False)
+                exported = graph_to_skeleton(graph)
         except Exception as e:
             return PassResult(graph, False, st, reason=f"onnx-graphsurgeon cannot export this graph "
                                                        f"({type(e).__name__}: {e}); left unchanged")
@@ -159,7 +160,7 @@ def _fold_rounds(graph: gs.Graph, o: CleanupOptions, exported, template, protect
         if round_:
             try:
                 with quiet_gs():
-                    exported = gs.export_onnx(graph, do_type_check=False)
+                    exported = graph_to_skeleton(graph)
             except Exception:
                 break
         shapes.annotate(graph, exported, template, protected)

@@ -78,24 +78,52 @@ def _node_key(node: gs.Node):
 
 def merge_initializers(graph: gs.Graph) -> int:
     """Consumers of an initializer identical (dtype, shape, bytes) to an earlier one read the
-    earlier one (the copy is then dead); graph outputs are kept. Returns how many were merged."""
-    seen: dict[tuple, gs.Constant] = {}
+    earlier one (the copy is then dead); graph outputs are kept. Returns how many were merged.
+
+    Only constants sharing a dtype and shape with another are hashed, and a constant not yet loaded
+    is hashed from its tensor's bytes without being loaded (a 1 GiB embedding table is neither kept
+    as a numpy copy nor copied a second time to hash it)."""
     outs = graph_output_ids(graph)
-    n = 0
-    for name, t in list(graph.tensors().items()):
+    groups: dict[tuple, list[gs.Constant]] = {}
+    for t in list(graph.tensors().values()):
         if not isinstance(t, gs.Constant) or id(t) in outs:
             continue
         try:
-            v = t.values
+            dtype, shape = np.dtype(t.dtype), tuple(t.shape)
         except Exception:
             continue
-        if v.dtype == object:
+        if dtype.kind == "O":
             continue
-        key = (v.dtype.str, v.shape, hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest())
-        first = seen.get(key)
-        if first is None:
-            seen[key] = t
+        groups.setdefault((dtype.str, shape), []).append(t)
+    n = 0
+    for (dtype, shape), consts in groups.items():
+        if len(consts) < 2:
             continue
-        replace_uses(t, first)
-        n += 1
+        seen: dict[str, gs.Constant] = {}
+        for t in consts:
+            digest = _bytes_digest(t)
+            if digest is None:
+                continue
+            first = seen.get(digest)
+            if first is None:
+                seen[digest] = t
+                continue
+            replace_uses(t, first)
+            n += 1
     return n
+
+
+def _bytes_digest(t: gs.Constant) -> str | None:
+    """sha1 of the constant's little-endian bytes; None when they cannot be read."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    lazy = t._values
+    try:
+        if isinstance(lazy, LazyValues) and lazy.tensor.HasField("raw_data"):
+            return hashlib.sha1(lazy.tensor.raw_data).hexdigest()  # raw_data is little-endian
+        v = np.asarray(t.values)
+    except Exception:
+        return None
+    if v.dtype == object:
+        return None
+    return hashlib.sha1(np.ascontiguousarray(v.astype(v.dtype.newbyteorder("<"), copy=False))).hexdigest()
