@@ -22,6 +22,8 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
+from onnxshrink.model import graph_without_initializers
+
 
 def digest(*parts: Any) -> str:
     """sha256 of a canonical JSON rendering of ``parts``."""
@@ -34,10 +36,7 @@ def model_digest(model: onnx.ModelProto) -> str:
     """sha256 over the graph structure and every weight's bytes (streamed tensor by tensor, so it
     works past protobuf's 2 GB limit)."""
     h = hashlib.sha256()
-    g = onnx.GraphProto()
-    g.CopyFrom(model.graph)
-    del g.initializer[:]
-    h.update(g.SerializeToString(deterministic=True))
+    h.update(graph_without_initializers(model.graph).SerializeToString(deterministic=True))
     for t in model.graph.initializer:
         h.update(t.name.encode())
         h.update(str(t.data_type).encode())

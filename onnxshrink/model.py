@@ -6,7 +6,7 @@ from __future__ import annotations
 
 __all__ = ["load", "save", "tensor_bytes", "all_graphs", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
            "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy",
-           "bare_tensor", "EXTERNAL_DATA_THRESHOLD"]
+           "bare_tensor", "EXTERNAL_DATA_THRESHOLD", "graph_without_initializers"]
 
 import os
 import shutil
@@ -130,7 +130,7 @@ def is_large(model: onnx.ModelProto) -> bool:
 
 
 def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: str | None = None,
-                   threshold: int = 1024) -> Path:
+                   threshold: int = 1024, data_of=None) -> Path:
     """Write ``model`` to ``path`` with every tensor over ``threshold`` bytes (initializers and
     attribute tensors, subgraphs included) in one external file ``location`` (default
     ``<name>.data``, 4 kB-aligned offsets) beside it.
@@ -139,13 +139,15 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: st
     on a message in its arena until the message dies, so moving weights out and back (what
     ``onnx.save_model(save_as_external_data=True)`` does) would grow memory by one model per
     write. Instead a weightless skeleton is built and each tensor's bytes are streamed to the file
-    (peak: one model plus the largest tensor).
+    (peak: one model plus the largest tensor). ``data_of(tensor)``, when given, supplies the bytes of
+    a tensor left without data (a placeholder; None: the tensor's own).
     """
     p = Path(path)
     location = location or p.name + ".data"
     with open(p.parent / location, "wb") as f:
         def externalize(t: onnx.TensorProto) -> onnx.TensorProto:
-            data = _raw_bytes(t)
+            data = data_of(t) if data_of is not None else None
+            data = _raw_bytes(t) if data is None else data
             off = f.tell()
             pad = (-off) % 4096
             if pad:
@@ -154,7 +156,7 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: st
             f.write(data)
             sk = bare_tensor(t)
             sk.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", location), ("offset", str(off)), ("length", str(len(data)))):
+            for k, v in (("location", location), ("offset", str(off)), ("length", str(memoryview(data).nbytes))):
                 e = sk.external_data.add()
                 e.key, e.value = k, v
             return sk
@@ -163,6 +165,16 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: st
     with open(p, "wb") as f:
         f.write(skeleton.SerializeToString())
     return p
+
+
+def graph_without_initializers(graph: onnx.GraphProto) -> onnx.GraphProto:
+    """A copy of ``graph`` without its initializers (nodes, inputs, outputs, value infos): the
+    initializers are never copied (copying a graph and deleting them would copy every weight once)."""
+    g = onnx.GraphProto()
+    for fd, value in graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(g, fd, value)
+    return g
 
 
 def weightless_copy(model: onnx.ModelProto, threshold: int = 1024) -> onnx.ModelProto:

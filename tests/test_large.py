@@ -156,6 +156,31 @@ def test_large_plumbing_on_tiny_model(tmp_path, monkeypatch):
     assert (sha256(src), sha256(src.with_name("model.onnx.data"))) == h
 
 
+def test_a_large_input_is_released_once_a_pass_replaced_it(tmp_path, monkeypatch):
+    """Past the external-data threshold (lowered here), once a pass has replaced the input the manager
+    keeps the input as a weightless skeleton (its big tensors without data) and exports with it; the
+    result still equals the input's outputs, with its own weights intact."""
+    from onnxshrink.pipeline.manager import PassManager
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 4096)
+    src = write_large_model(tmp_path / "in", vocab=512, dim=64, hidden=16, classes=4, chunk_rows=100)
+    cal = _calib(tmp_path / "cal", 8, 512, 8)
+    pm = PassManager(["cleanup"], data=str(cal))
+    result, rep = pm.run(src)
+    assert rep.passes[0].status == "applied"
+    assert model_io.is_large(pm.original)  # a skeleton of the same model: its dims still count
+    big = [t for t in pm.original.graph.initializer if t.name == "embed.weight"]
+    assert big and not big[0].raw_data and not big[0].float_data  # no data kept
+    assert {t.name for t in result.graph.initializer} >= {"embed.weight", "embed2.weight"}
+    assert all(len(t.raw_data) == 4 * int(np.prod(t.dims)) for t in result.graph.initializer
+               if t.name.startswith("embed"))
+    ids = {"ids": (np.arange(8, dtype=np.int64) * 37 % 512)[None]}
+    from onnxshrink.runtime import make_session
+    ref = make_session(model_io.load(src), optimize=False).run(None, ids)[0]
+    got = make_session(result, optimize=False).run(None, ids)[0]
+    np.testing.assert_allclose(ref, got, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_past_2gb_roundtrip(tmp_path, record_property):
     """A 2 GiB+ model through cleanup (+ svd, quantize when registered): output with external

@@ -225,6 +225,27 @@ def test_huge_tensor_export_path(monkeypatch, touch_values):
     assert big and all(t.values.size == int(np.prod(t.shape)) for t in big)  # graph left as it was
 
 
+@pytest.mark.parametrize("touch_values", [False, True])
+def test_write_graph_streams_huge_constants_into_the_external_file(tmp_path, monkeypatch, touch_values):
+    """``write_graph`` writes what ``graph_to_model`` exports, the huge constants (here: past a lowered
+    limit) streamed from their values, lazily loaded or numpy, into the external data file."""
+    import onnxshrink.graph.convert as convert
+
+    m = mobilenet_small()
+    plain = convert.graph_to_model(convert.model_to_graph(m), m)
+    monkeypatch.setattr(convert, "HUGE_TENSOR_BYTES", 1000)
+    g = convert.model_to_graph(m)
+    if touch_values:
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant):
+                _ = t.values
+    path = convert.write_graph(g, tmp_path / "m.onnx", m)
+    skeleton = onnx.load(str(path), load_external_data=False)
+    external = [t for t in skeleton.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) > 10
+    assert model_io.load(path) == plain
+
+
 def test_a_session_holds_no_copy_of_the_serialized_model():
     """onnxruntime's Python session keeps the bytes it was built from (for an EP fallback); a CPU
     session from ``make_session`` drops them (one model's worth of memory per open session) and

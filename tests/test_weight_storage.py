@@ -300,3 +300,29 @@ def test_a_failed_calibration_check_names_the_harmful_weight_and_keeps_it_float(
     assert list(fw["most_sensitive"])[0] == "w" and fw["most_sensitive"]["w"] > 10 * fw["most_sensitive"]["w2"]
     assert fw["scored"] == "3 group measurements for 2 weights"
     assert fw["bisection"] == [{"stored": 2, "holds": False}, {"stored": 1, "holds": True}]
+
+
+def test_a_tiny_saving_is_not_worth_the_check():
+    """``auto`` checks a stored set only when it saves at least ``MIN_CHECKED_SAVING`` of the model's
+    weight bytes: a small float-kept MatMul beside a big integer one is left float, with the reason,
+    and no check runs; ``fallback=int8`` stores it unchecked."""
+    from onnxshrink.passes.quantize import fallback as fb
+
+    rng = np.random.default_rng(3)
+    big = nh.from_array(rng.standard_normal((512, 512)).astype(np.float32), "big")
+    small = nh.from_array(rng.standard_normal((512, 8)).astype(np.float32), "small")
+    g = oh.make_graph([oh.make_node("MatMul", ["x", "big"], ["h"], name="mm_big"),
+                       oh.make_node("MatMul", ["h", "small"], ["y"], name="mm_small")], "g",
+                      [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 512])],
+                      [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])], [big, small])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+    m.ir_version = 8
+    samples = [{"x": rng.standard_normal((1, 512)).astype(np.float32)} for _ in range(24)]
+    opts = {"dynamic": "off", "guard": False}  # static int8 for mm_big whatever its speed
+    assert 8 * 512 * 3 < fb.MIN_CHECKED_SAVING * 4 * 512 * (512 + 8)  # the small weight's saving is under it
+    _, rep = optimize(m, passes=[{"quantize": {"exclude": ["mm_small"], **opts}}], data=samples, budget="cosine>=0.99")
+    fw = rep.passes[0].stats["float_weights"]
+    assert fw["stored"] == 0 and "not worth the check" in fw["why"] and "checked" not in fw, fw
+    _, rep = optimize(m, passes=[{"quantize": {"exclude": ["mm_small"], "fallback": "int8", **opts}}], data=samples,
+                      budget="cosine>=0.99")
+    assert rep.passes[0].stats["float_weights"]["stored"] == 1

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["model_to_graph", "graph_to_model", "graph_to_skeleton"]
+__all__ = ["model_to_graph", "graph_to_model", "graph_to_skeleton", "write_graph"]
+
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.model import bare_tensor, copy_model_fields
+from onnxshrink.model import all_graphs, bare_tensor, copy_model_fields, write_external
 
 # onnx-graphsurgeon's warnings (missing opset info, colour module) are noise on a user's terminal;
 # our own validation reports what matters
@@ -31,14 +33,39 @@ HUGE_TENSOR_BYTES = 64 * 2**20
 def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export ``graph``; with a template, keep its metadata, producer, doc string, custom opset
     domains and functions, and never lower its IR version. Works with tensors past 2 GiB."""
+    model, held = _export_holding_huge(graph)
+    if held:
+        _fill_huge_constants(model, held)
+    _finish(model, template)
+    return model
+
+
+def write_graph(graph: gs.Graph, path, template: onnx.ModelProto | None = None) -> Path:
+    """Write ``graph_to_model(graph, template)`` to ``path`` with its weights in an external file beside
+    it (``model.write_external``), the constants of ``HUGE_TENSOR_BYTES`` or more streamed from their
+    values into that file: the export is never whole in memory (a 2 GiB model: one copy of it less)."""
+    model, held = _export_holding_huge(graph)
+    _finish(model, template)
+    values = {const.name: v for const, v in held}
+    # every placeholder is past the threshold, so each one is written with its values
+    return write_external(model, path, threshold=min(1024, HUGE_TENSOR_BYTES - 1),
+                          data_of=lambda t: _values_bytes(values[t.name]) if t.name in values else None)
+
+
+def _export_holding_huge(graph: gs.Graph) -> tuple[onnx.ModelProto, list]:
+    """onnx-graphsurgeon's export of ``graph`` with its huge constants as data-less placeholders
+    (``_hold_huge_constants``), and [(constant, values)] of those; ``graph`` is left as it was."""
     held = _hold_huge_constants(graph)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
         for const, values in held:
             const._values = values
-    if held:
-        _fill_huge_constants(model, held)
+    return model, held
+
+
+def _finish(model: onnx.ModelProto, template: onnx.ModelProto | None) -> None:
+    """What an export keeps of ``template`` and what the ONNX IR requires (``graph_to_model``)."""
     if template is not None:
         copy_model_fields(template, model)
         _restore_initializer_inputs(model, template)
@@ -46,7 +73,6 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
     _hoist_shared_subgraph_initializers(model)
     if model.ir_version and model.ir_version < 4:
         _list_initializers_as_inputs(model)
-    return model
 
 
 # a skeleton keeps the data of constants under this size (shape data, scalars, small tables)
@@ -181,15 +207,22 @@ def _hold_huge_constants(graph: gs.Graph, min_bytes: int | None = None, keep_int
 
 
 def _fill_huge_constants(model: onnx.ModelProto, held: list) -> None:
+    """Set the bytes of the placeholders ``_hold_huge_constants`` left, in every graph of ``model``."""
+    values = {t.name: v for t, v in held}
+    for g in all_graphs(model.graph):
+        for init in g.initializer:
+            v = values.get(init.name)
+            if v is not None and not init.HasField("raw_data"):
+                data = _values_bytes(v)
+                init.raw_data = data if isinstance(data, bytes) else data.tobytes()
+
+
+def _values_bytes(v) -> bytes | memoryview:
+    """The little-endian bytes of a constant's values (gs ``LazyValues`` or numpy), without a copy where
+    the values are a little-endian contiguous array already."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-    by_name = {t.name: v for t, v in held}
-    for init in model.graph.initializer:
-        v = by_name.get(init.name)
-        if v is None:
-            continue
-        if isinstance(v, LazyValues):
-            init.raw_data = (v.tensor.raw_data if v.tensor.HasField("raw_data")
-                             else onnx.numpy_helper.to_array(v.tensor).tobytes())
-        else:
-            init.raw_data = np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<"), copy=False).tobytes()
+    if isinstance(v, LazyValues):
+        return v.tensor.raw_data if v.tensor.HasField("raw_data") else onnx.numpy_helper.to_array(v.tensor).tobytes()
+    a = np.ascontiguousarray(v)
+    return memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False)).cast("B")

@@ -221,11 +221,29 @@ class PassManager:
         when first asked, which is only when a candidate fails with them."""
         if self._original_optimizes is None:
             try:
-                self._outputs(self.original, [self._first_selection_sample], optimize=True)
+                self._outputs(self._timed_input(), [self._first_selection_sample], optimize=True)
                 self._original_optimizes = True
             except Exception:
                 self._original_optimizes = False
         return self._original_optimizes
+
+    def _release_original(self, ctx: Context) -> None:
+        """Past 2 GB (``model.is_large``), once a pass has replaced the input, an input read from a file is
+        kept as a weightless skeleton (``model.weightless_copy``: interface, metadata, dims), also as the
+        template passes export with; what needs its weights reads the file (``_timed_input``: the
+        optimizations check, the latency figures). The passes after it then run beside one model less
+        (a 2 GiB model: 2 GiB less at every later peak). Not when an initializer is also a graph input
+        (an overridable default: exports restore its values from the template)."""
+        o = self.original
+        if self.input_path is None or not model_io.is_large(o):
+            return
+        inits = {t.name for t in o.graph.initializer}
+        if any(i.name in inits for i in o.graph.input):
+            return
+        skeleton = model_io.weightless_copy(o)
+        if ctx.template is o:
+            ctx.template = skeleton
+        self.original = skeleton
 
     def _model_stats(self, model: onnx.ModelProto, shapes) -> dict:
         """``graph.cost.model_stats``, computed once for the same model object and shapes (the last
@@ -396,6 +414,7 @@ class PassManager:
             ctx.timing = lambda base, models, decides: self._timing(val.get(0), base, models, decides)
         ctx.baseline = self.baseline
 
+        del original  # self.original from here on: a large one is released once a pass has replaced it
         pass_knobs = knobs()
         steps: list[_Step] = []  # what changed the model, in order (the speed contract undoes them)
         undoable = self._speed_enforced()  # else no earlier model is kept (memory)
@@ -405,7 +424,7 @@ class PassManager:
                 if p is next(q for q in self.passes if q.name in pass_knobs):  # the block runs at the first one
                     runner = self.allocation_runner(ctx, val, reference, cost_shapes)
                     current, recs = allocate(runner, self.allocation_config(), current, ctx, val, reference,
-                                             cost_shapes, report, original)
+                                             cost_shapes, report, self.original)
                     report.passes.extend(recs)
                     if current is not before and undoable:
                         steps.append(_Step(first_record, len(report.passes), before, None))
@@ -419,11 +438,13 @@ class PassManager:
             # numpy weights; collect them now rather than whenever the cyclic GC next runs
             # (measured on a 1 GiB model: one model's worth of memory lingered into the next pass)
             gc.collect()
+            if current is not self.original and not allocated:
+                self._release_original(ctx)
 
         def finish(m: onnx.ModelProto) -> onnx.ModelProto:
             return self._emit(m, ctx, report) if self.target is not None else m
 
-        current = self._speed_contract(original, finish(current), steps, finish, ctx, val, reference, cost_shapes,
+        current = self._speed_contract(self.original, finish(current), steps, finish, ctx, val, reference, cost_shapes,
                                        report)
 
         # the target may have made the image I/O channel-last
@@ -442,7 +463,7 @@ class PassManager:
         report.budget_met = self.budget.holds(report.fidelity, test_baseline) if self.budget else None
         if self.measure_speed:
             feeds = val.get(0)
-            report.latency_ms = {"before": measure_latency(original, feeds),
+            report.latency_ms = {"before": measure_latency(self._timed_input(), feeds),
                                  "after": measure_latency(current, io.feeds([feeds])[0])}
         verdict = (report.target_report or {}).get("verdict") or {}
         if verdict and not verdict.get("ok", True):
@@ -539,9 +560,11 @@ class PassManager:
         return cmps[:1]
 
     def _timed_input(self):
-        """The input model for a timing session: its file when it came from one (onnxruntime reads it
-        there: no serialized copy of the weights beside the others in memory at the timing, the run's
-        peak; measured +20 MB on a ViT-S from bytes), else the ModelProto."""
+        """The input model for a session of it after the references (timing, latency, the optimizations
+        check): its file when it came from one (onnxruntime reads it there: no serialized copy of the
+        weights beside the others in memory at the timing, the run's peak; measured +20 MB on a ViT-S from
+        bytes; and a large input's weights are no longer in memory, ``_release_original``), else the
+        ModelProto."""
         return self.input_path if self.input_path is not None else self.original
 
     def _contract_times(self) -> bool:

@@ -48,8 +48,9 @@ speed. Its first node is a narrow-int Cast, which the project's constant folding
 
 from __future__ import annotations
 
-__all__ = ["WEIGHT_OPS", "storage_axis", "candidates", "int8_channels", "store_int8", "select_within_budget",
-           "overridable_weights", "NARROW_BITS", "pack_narrow", "unpack_narrow", "narrow_bytes", "store_narrow"]
+__all__ = ["WEIGHT_OPS", "storage_axis", "candidates", "int8_channels", "store_int8", "int8_saving",
+           "select_within_budget", "overridable_weights", "NARROW_BITS", "pack_narrow", "unpack_narrow",
+           "narrow_bytes", "store_narrow"]
 
 from typing import Callable
 
@@ -109,6 +110,12 @@ def int8_channels(W: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[np.
     s = np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
     Q = np.clip(np.round(W / s), -qmax, qmax).astype(np.int8)
     return Q, s
+
+
+def int8_saving(w: gs.Constant) -> int:
+    """Bytes storing the weight ``w`` int8 saves, to within its per-channel scales (one byte per
+    element instead of the float's itemsize)."""
+    return int(w.values.nbytes - w.values.size)
 
 
 def store_int8(graph: gs.Graph, weights: dict) -> dict:
