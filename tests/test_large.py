@@ -240,4 +240,6 @@ def test_past_2gb_roundtrip(tmp_path, record_property):
     for k, v in summary.items():
         record_property(k, v)
     print("\nLARGE MODEL:", json.dumps(summary))
-    assert ratio < MAX_RSS_OVER_MODEL, summary  # measured: 3.8-4.1x cleanup alone, 5.1x cleanup,svd,quantize
+    # measured: 5.56x (11.1 GiB), its peak inside onnxruntime's quantize_dynamic (the dynamic trial;
+    # 8.3 GiB when run alone on this model); everything else under 2.4x
+    assert ratio < MAX_RSS_OVER_MODEL, summary
