@@ -8,12 +8,13 @@ __all__ = ["load", "save", "tensor_bytes", "all_graphs", "PROTOBUF_LIMIT", "chec
            "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy",
            "bare_tensor", "EXTERNAL_DATA_THRESHOLD", "graph_without_initializers"]
 
+import functools
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import external_data_helper
 
@@ -84,14 +85,19 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
                 return int(kv.value)
     if t.data_type == onnx.TensorProto.STRING:
         return sum(len(x) for x in t.string_data)
-    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except Exception:
-        itemsize = 4
+    n = math.prod(t.dims)
     if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
         return (n + 1) // 2
-    return n * itemsize
+    return n * _itemsize(t.data_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _itemsize(data_type: int) -> int:
+    """Bytes per element of an ONNX tensor type (4 where numpy has no such type)."""
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except Exception:
+        return 4
 
 
 def all_graphs(graph: onnx.GraphProto):

@@ -265,8 +265,10 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
     the cautious one, "not clearly faster" (a tie keeps float). A "slower" boundary inside the
     interval is always a close call: there the cautious answer is the one more rounds may give
     (PP-OCRv4 rec's guard: three ties at 1.00-1.03x, decided on 12 rounds instead of 23-24).
-    Otherwise (a close call) each block grows to its full size: the rounds timed are the same
-    number as without the early look. The
+    Otherwise (a close call) the close pairs' blocks grow to their full size: the rounds timed are
+    the same number as without the early look; a pair decided on the early look keeps that
+    comparison, and a model in no close pair leaves the rounds (PP-OCRv4 rec's three small-conv
+    variants: one close call times 2 models instead of 4). The
     early look is taken where a round of the first pair takes ``EARLY_LOOK_MS`` or more:
     consecutive runs of a tiny model drift together, so 12 of them can all lie on one side by
     chance, and its full measurement is cheap (61 rounds of 2 ms: 0.12 s)."""
@@ -283,19 +285,32 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
     if any(d for _, _, d in pairs) and one * 1e3 >= EARLY_LOOK_MS and rounds > 2 * early_rounds:
         early = [interleaved_latency(sessions, feeds, rounds=early_rounds, runs=1, warmup=1) for _ in range(2)]
         cmps = compared(early)
-        close = False
-        for cmp, (_, _, decides) in zip(cmps, pairs):
-            for kind, t in decides:
-                if kind == "faster":  # close while the median says faster (futility stop below it)
-                    close = close or cmp.low <= t * cmp.margin < cmp.speedup
-                else:
-                    close = close or cmp.low <= t / cmp.margin <= cmp.high
+        close = [k for k, (cmp, (_, _, decides)) in enumerate(zip(cmps, pairs)) if _close(cmp, decides)]
         if not close:
             return cmps
-        # a close call: each block grows to its full size (the early rounds count, nothing is re-timed)
-        more = [interleaved_latency(sessions, feeds, rounds=n - early_rounds, runs=1, warmup=1) for n in sizes]
-        return compared([[a + b for a, b in zip(e, m)] for e, m in zip(early, more)])
+        # the close calls: their blocks grow to full size (the early rounds count, nothing is re-timed);
+        # a pair decided on the early look keeps that comparison, and a model of no close pair leaves the rounds
+        timed = sorted({i for k in close for i in pairs[k][:2]})
+        more = [interleaved_latency([sessions[i] for i in timed], feeds, rounds=n - early_rounds, runs=1, warmup=1)
+                for n in sizes]
+        blocks = [{i: e[i] + m[j] for j, i in enumerate(timed)} for e, m in zip(early, more)]
+        for k in close:
+            a, b, _ = pairs[k]
+            cmps[k] = speed_comparison([(blk[a], blk[b]) for blk in blocks])
+        return cmps
     return compared([interleaved_latency(sessions, feeds, rounds=n, runs=1, warmup=2) for n in sizes])
+
+
+def _close(cmp: SpeedComparison, decides: Sequence[tuple[str, float]]) -> bool:
+    """Whether a decision of ``decides`` is a close call on ``cmp`` (``compare_speeds``' early look): a
+    "faster" boundary inside the interval with the median above it (under it, more rounds are futile),
+    or a "slower" boundary inside the interval."""
+    for kind, t in decides:
+        if kind == "faster" and cmp.low <= t * cmp.margin < cmp.speedup:
+            return True
+        if kind != "faster" and cmp.low <= t / cmp.margin <= cmp.high:
+            return True
+    return False
 
 
 def compare_candidates(base, candidates: Sequence, feeds: dict, decides: Sequence[tuple[str, float]]) -> list:

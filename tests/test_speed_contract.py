@@ -217,21 +217,29 @@ def test_compare_speed_stops_early_only_when_no_decision_is_close(monkeypatch, r
 
 class _StandInRatios:
     """Stand-in timer for several models: model k takes ``1 / ratios[k]`` of model 0's time in every
-    round, with a deterministic spread of +-``spread``; counts the rounds timed."""
+    round, with a deterministic spread of +-``spread``; counts the rounds timed and, per model, the
+    rounds it ran in (sessions are told apart by identity, as the first call lists them)."""
 
     def __init__(self, ratios, spread: float):
-        self.ratios, self.spread, self.rounds = ratios, spread, 0
+        self.ratios, self.spread, self.rounds, self.order, self.ran = ratios, spread, 0, None, {}
 
     def interleaved(self, sessions, feeds, rounds, runs=1, warmup=2, threads=1):
-        assert len(sessions) == len(self.ratios) + 1
+        if self.order is None:
+            assert len(sessions) == len(self.ratios) + 1
+            self.order = list(sessions)
         wobble = [self.spread * (2 * (k % 5) / 4 - 1) for k in range(rounds)]
         self.rounds += rounds
-        return [[1.0] * rounds] + [[1.0 / (r + w) for w in wobble] for r in self.ratios]
+        out = []
+        for sess in sessions:
+            k = self.order.index(sess)
+            self.ran[k] = self.ran.get(k, 0) + rounds
+            out.append([1.0] * rounds if k == 0 else [1.0 / (self.ratios[k - 1] + w) for w in wobble])
+        return out
 
 
 @pytest.mark.parametrize("ratios, early", [
     ((2.0, 3.0), True),    # both candidates clearly faster: the early look decides both
-    ((2.0, 1.045), False),  # the second is a close call: every pair gets the full measurement
+    ((2.0, 1.045), False),  # the second is a close call: it alone (with its base) gets the full measurement
 ])
 def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, early):
     from onnxshrink import runtime
@@ -245,4 +253,9 @@ def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, e
     assert timer.rounds == (2 * runtime.EARLY_ROUNDS if early else 15)
     assert [c.speedup for c in cmps] == pytest.approx([ratios[0], ratios[1], ratios[1] / ratios[0]], rel=0.02)
     assert cmps[0].faster_than(1.0) and cmps[1].faster_than(1.0) is early
-    assert all(c.rounds == timer.rounds for c in cmps)
+    early_rounds = 2 * runtime.EARLY_ROUNDS
+    # the close pair (0, 2) is measured in full; the pairs decided early (or deciding nothing) keep the early look,
+    # and model 1, in no close pair, leaves the rounds
+    assert [c.rounds for c in cmps] == ([early_rounds] * 3 if early else [early_rounds, 15, early_rounds])
+    assert timer.ran == ({0: early_rounds, 1: early_rounds, 2: early_rounds} if early else
+                         {0: 15, 1: early_rounds, 2: 15})
