@@ -65,6 +65,7 @@ from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prep
 from onnxshrink.targets.qnn import qnn_available, save_qnn_context
 
 MAX_BACKOFF = 6
+COLLECT_BEFORE_VALIDATION_BYTES = 64 * 2**20  # weights from which a pass's graph is collected before validation
 
 
 class PassManager:
@@ -694,9 +695,11 @@ class PassManager:
                 break
             candidate = graph_to_model(result.graph, ctx.template)
             # the pass's graph holds a copy of the weights (numpy, in reference cycles): free it before
-            # the validation's sessions (a 2 GiB model: one model less at the run's peak)
+            # the validation's sessions (a 2 GiB model: one model less at the run's peak; a collection
+            # costs 20-40 ms, so only where the weights are big)
             result.graph = None
-            gc.collect()
+            if model_io.tensor_bytes(candidate) >= COLLECT_BEFORE_VALIDATION_BYTES:
+                gc.collect()
             ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless, check_budget, own_input)
             rec.attempts.append({"options": _options_dict(attempt), "ok": ok, "reason": reason,
                                  "fidelity": fid})
