@@ -6,8 +6,9 @@ from __future__ import annotations
 
 __all__ = ["load", "save", "tensor_bytes", "all_graphs", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
            "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy",
-           "bare_tensor", "EXTERNAL_DATA_THRESHOLD", "graph_without_initializers"]
+           "bare_tensor", "EXTERNAL_DATA_THRESHOLD", "graph_without_initializers", "written"]
 
+import contextlib
 import functools
 import math
 import os
@@ -115,19 +116,30 @@ def all_graphs(graph: onnx.GraphProto):
 CHECK_VIA_FILE_BYTES = 16 * 2**20  # from these weight bytes on, the checker reads a file with external data
 
 
-def check_model(model: onnx.ModelProto, full_check: bool = True) -> None:
+def check_model(model: onnx.ModelProto | str | os.PathLike, full_check: bool = True) -> None:
     """Run the ONNX checker (and strict shape inference with full_check); works past 2 GB.
     From ``CHECK_VIA_FILE_BYTES`` of weights on, it checks by path a temporary copy whose weights are
     external: given a proto, the checker serializes it and parses the bytes, and strict shape
     inference copies the parsed model again (ViT-S width, 29 MB: +63 MB of peak RSS per check, against
-    a few MB from the file, whose weights it does not load)."""
-    if not is_large(model) and tensor_bytes(model) < CHECK_VIA_FILE_BYTES:
-        onnx.checker.check_model(model, full_check=full_check)
+    a few MB from the file, whose weights it does not load). A path is checked as it is."""
+    with written(model, CHECK_VIA_FILE_BYTES) as m:
+        onnx.checker.check_model(m if isinstance(m, onnx.ModelProto) else str(m), full_check=full_check)
+
+
+@contextlib.contextmanager
+def written(model: onnx.ModelProto | str | os.PathLike, min_bytes: int):
+    """``model`` itself when it is a path, or a proto with fewer than ``min_bytes`` of weights that is
+    not large; else the path of a temporary copy with its weights in an external file
+    (``write_external``), removed on exit. For the tools that read a file (the checker, onnxruntime)
+    without a serialized copy in memory: a 2 GiB model written once is 5-6 s, so a caller that hands
+    one model to several of them writes it once for all."""
+    if not isinstance(model, onnx.ModelProto) or (not is_large(model) and tensor_bytes(model) < min_bytes):
+        yield model
         return
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as d:
         path = os.path.join(d, "m.onnx")
         write_external(model, path)
-        onnx.checker.check_model(path, full_check=full_check)
+        yield path
 
 
 def is_large(model: onnx.ModelProto) -> bool:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
            "compare_speed", "compare_speeds", "compare_candidates", "speed_comparison", "SpeedComparison",
-           "CLEAR_MARGIN", "add_outputs", "append_outputs", "ort_message"]
+           "CLEAR_MARGIN", "add_outputs", "append_outputs", "ort_message", "SESSION_VIA_FILE_BYTES"]
 
 import math
 import os
 import re
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxshrink.model import is_large, tensor_bytes, write_external
+from onnxshrink.model import is_large, written
 
 ort.set_default_logger_severity(3)
 
@@ -65,18 +64,14 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = Tr
     for k, v in (session_config or {}).items():
         so.add_session_config_entry(k, str(v))
     providers = list(providers) if providers else ["CPUExecutionProvider"]
-    if isinstance(model, onnx.ModelProto):
-        if is_large(model) or tensor_bytes(model) >= SESSION_VIA_FILE_BYTES:
-            # past protobuf's limit, or big: from a temporary file with external data, by path.
-            # onnxruntime memory-maps page-aligned external data, so the session holds no copy of
-            # the weights (measured: +9 MB RSS for a 512 MB model, against +512 MB from bytes).
-            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as d:
-                path = os.path.join(d, "m.onnx")
-                write_external(model, path)
-                return ort.InferenceSession(path, so, providers=providers, provider_options=provider_options)
-        return _without_model_bytes(ort.InferenceSession(model.SerializeToString(), so, providers=providers,
-                                                         provider_options=provider_options))
-    return ort.InferenceSession(str(model), so, providers=providers, provider_options=provider_options)
+    # past protobuf's limit, or big: from a temporary file with external data, by path (``model.written``).
+    # onnxruntime memory-maps page-aligned external data, so the session holds no copy of the weights
+    # (measured: +9 MB RSS for a 512 MB model, against +512 MB from bytes)
+    with written(model, SESSION_VIA_FILE_BYTES) as m:
+        if isinstance(m, onnx.ModelProto):
+            return _without_model_bytes(ort.InferenceSession(m.SerializeToString(), so, providers=providers,
+                                                             provider_options=provider_options))
+        return ort.InferenceSession(str(m), so, providers=providers, provider_options=provider_options)
 
 
 def _without_model_bytes(sess: ort.InferenceSession) -> ort.InferenceSession:

@@ -181,6 +181,32 @@ def test_a_large_input_is_released_once_a_pass_replaced_it(tmp_path, monkeypatch
     np.testing.assert_allclose(ref, got, rtol=1e-5, atol=1e-6)
 
 
+def test_a_big_model_is_written_once_per_validation_and_its_input_never(tmp_path, monkeypatch):
+    """A model past the external-data threshold (lowered here) goes to the checker and onnxruntime as a
+    file: the input read from a file is checked and run from that file (never written), and each
+    candidate is written once for its check and every session of its validation."""
+    from onnxshrink.pipeline.manager import PassManager
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 4096)
+    events = []
+    real_write = model_io.write_external
+    monkeypatch.setattr(model_io, "write_external", lambda *a, **k: events.append("write") or real_write(*a, **k))
+    real_validate = PassManager._validate
+
+    def validate(self, *a, **k):
+        events.append("validate")
+        out = real_validate(self, *a, **k)
+        events.append("validated")
+        return out
+
+    monkeypatch.setattr(PassManager, "_validate", validate)
+    src = write_large_model(tmp_path / "in", vocab=512, dim=64, hidden=16, classes=4, chunk_rows=100)
+    cal = _calib(tmp_path / "cal", 8, 512, 8)
+    _, rep = PassManager(["cleanup"], data=str(cal)).run(src)
+    assert rep.passes[0].status == "applied"
+    assert events[:4] == ["validate", "write", "validated", "write"], events  # then the verdict's session
+
+
 @pytest.mark.slow
 def test_past_2gb_roundtrip(tmp_path, record_property):
     """A 2 GiB+ model through cleanup (+ svd, quantize when registered): output with external

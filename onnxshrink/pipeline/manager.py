@@ -54,6 +54,7 @@ from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings, speed_policy
 from onnxshrink.progress import Progress
 from onnxshrink.runtime import (
+    SESSION_VIA_FILE_BYTES,
     compare_candidates,
     compare_speed,
     compare_speeds,
@@ -321,27 +322,29 @@ class PassManager:
         changed = _interface_change(self.original, candidate)
         if changed:
             return False, f"the model's interface changed: {changed}", {}
-        try:
-            model_io.check_model(candidate, full_check=self.full_check)
-        except Exception as e:
-            return False, f"invalid model: {_first_line(e)}", {}
-        if not check_budget:  # a step of a chain verified end to end afterwards: runnable is enough here
+        # a big candidate is written to a file once for the checker and every session below
+        with model_io.written(candidate, SESSION_VIA_FILE_BYTES) as src:
             try:
-                self._outputs(candidate, [val.get(0)], optimize=not lossless)
+                model_io.check_model(src, full_check=self.full_check)
+            except Exception as e:
+                return False, f"invalid model: {_first_line(e)}", {}
+            if not check_budget:  # a step of a chain verified end to end afterwards: runnable is enough here
+                try:
+                    self._outputs(src, [val.get(0)], optimize=not lossless)
+                except Exception as e:
+                    return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
+                return True, "", {}
+            try:
+                outs = self._outputs(src, val, optimize=False) if lossless else \
+                    self._selection_outputs(candidate, val) if src is candidate else self._outputs(src, val, True)
             except Exception as e:
                 return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
-            return True, "", {}
-        try:
-            outs = self._outputs(candidate, val, optimize=False) if lossless else \
-                self._selection_outputs(candidate, val)
-        except Exception as e:
-            return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
-        if lossless:  # judged unoptimized, but the user runs it optimized
-            try:
-                self._outputs(candidate, [val.get(0)], optimize=True)
-            except Exception as e:
-                if self.original_optimizes():
-                    return False, f"onnxruntime's graph optimizations fail on it: {_first_line(e)}", {}
+            if lossless:  # judged unoptimized, but the user runs it optimized
+                try:
+                    self._outputs(src, [val.get(0)], optimize=True)
+                except Exception as e:
+                    if self.original_optimizes():
+                        return False, f"onnxruntime's graph optimizations fail on it: {_first_line(e)}", {}
         fid = fidelity(reference, outs, self.metric, val, self.val_labels)
         if lossless:
             own = fid if own_input is None else fidelity(own_input, outs, None, val, None)
@@ -367,18 +370,22 @@ class PassManager:
         self.original = original
         roles, sample_shapes = self._prepare(original, report)
         calib, val, test = roles.calibration, roles.selection, roles.test
+        # a big input read from a file is checked and run from that file (no temporary copy written)
+        big = self.input_path is not None and (model_io.is_large(original) or
+                                               model_io.tensor_bytes(original) >= SESSION_VIA_FILE_BYTES)
+        source = self.input_path if big else original
         try:  # the strict check first: it includes the basic one, which then runs only when it fails
-            model_io.check_model(original, full_check=True)
+            model_io.check_model(source, full_check=True)
             self.full_check = True
         except Exception:
             self.full_check = False  # the input itself fails strict inference; hold outputs to the basic check
             try:
-                model_io.check_model(original, full_check=False)
+                model_io.check_model(source, full_check=False)
             except Exception as e:
                 raise InputError(f"invalid ONNX model: {_first_line(e)}") from None
         try:  # the original's outputs on the selection and the test samples, from one session
             sets = [self.progress.track(val, "reference outputs")] + ([] if test is val else [test])
-            reference, *rest = self._outputs_of_sets(original, sets, optimize=False)
+            reference, *rest = self._outputs_of_sets(source, sets, optimize=False)
         except OnnxShrinkError:
             raise
         except Exception as e:
