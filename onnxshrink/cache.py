@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
-from onnxshrink.model import graph_without_initializers
+from onnxshrink.model import graph_without_initializers, raw_bytes
 
 
 def digest(*parts: Any) -> str:
@@ -41,8 +41,7 @@ def model_digest(model: onnx.ModelProto) -> str:
         h.update(t.name.encode())
         h.update(str(t.data_type).encode())
         h.update(str(list(t.dims)).encode())
-        # one read of raw_data: python protobuf copies the whole buffer on each access
-        h.update(t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes())
+        h.update(raw_bytes(t))
     for o in model.opset_import:
         h.update(f"{o.domain}:{o.version}".encode())
     return h.hexdigest()

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 __all__ = ["load", "save", "tensor_bytes", "all_graphs", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
            "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy",
-           "bare_tensor", "EXTERNAL_DATA_THRESHOLD", "graph_without_initializers", "written"]
+           "bare_tensor", "EXTERNAL_DATA_THRESHOLD", "graph_without_initializers", "written", "via_file",
+           "raw_bytes"]
 
 import contextlib
 import functools
@@ -126,6 +127,12 @@ def check_model(model: onnx.ModelProto | str | os.PathLike, full_check: bool = T
         onnx.checker.check_model(m if isinstance(m, onnx.ModelProto) else str(m), full_check=full_check)
 
 
+def via_file(model: onnx.ModelProto | str | os.PathLike, min_bytes: int) -> bool:
+    """Whether ``written`` hands ``model`` over as a file it writes: a proto that is large or holds
+    ``min_bytes`` of weights or more."""
+    return isinstance(model, onnx.ModelProto) and (is_large(model) or tensor_bytes(model) >= min_bytes)
+
+
 @contextlib.contextmanager
 def written(model: onnx.ModelProto | str | os.PathLike, min_bytes: int):
     """``model`` itself when it is a path, or a proto with fewer than ``min_bytes`` of weights that is
@@ -133,7 +140,7 @@ def written(model: onnx.ModelProto | str | os.PathLike, min_bytes: int):
     (``write_external``), removed on exit. For the tools that read a file (the checker, onnxruntime)
     without a serialized copy in memory: a 2 GiB model written once is 5-6 s, so a caller that hands
     one model to several of them writes it once for all."""
-    if not isinstance(model, onnx.ModelProto) or (not is_large(model) and tensor_bytes(model) < min_bytes):
+    if not via_file(model, min_bytes):
         yield model
         return
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as d:
@@ -165,7 +172,7 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: st
     with open(p.parent / location, "wb") as f:
         def externalize(t: onnx.TensorProto) -> onnx.TensorProto:
             data = data_of(t) if data_of is not None else None
-            data = _raw_bytes(t) if data is None else data
+            data = raw_bytes(t) if data is None else data
             off = f.tell()
             pad = (-off) % 4096
             if pad:
@@ -221,7 +228,9 @@ def bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
     return sk
 
 
-def _raw_bytes(t: onnx.TensorProto) -> bytes:
+def raw_bytes(t: onnx.TensorProto) -> bytes:
+    """The little-endian bytes of an inline tensor's data, ``raw_data`` read once (python protobuf
+    copies the whole buffer on every access)."""
     if t.HasField("raw_data"):
         return t.raw_data
     return onnx.numpy_helper.to_array(t).tobytes()  # typed fields (float_data, ...): little-endian bytes

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["model_to_graph", "graph_to_model", "graph_to_skeleton", "write_graph"]
+__all__ = ["model_to_graph", "graph_to_model", "graph_to_skeleton", "write_graph", "values_bytes"]
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.model import all_graphs, bare_tensor, copy_model_fields, write_external
+from onnxshrink.model import all_graphs, bare_tensor, copy_model_fields, raw_bytes, write_external
 
 # onnx-graphsurgeon's warnings (missing opset info, colour module) are noise on a user's terminal;
 # our own validation reports what matters
@@ -49,13 +49,14 @@ def write_graph(graph: gs.Graph, path, template: onnx.ModelProto | None = None) 
     values = {const.name: v for const, v in held}
     # every placeholder is past the threshold, so each one is written with its values
     return write_external(model, path, threshold=min(1024, HUGE_TENSOR_BYTES - 1),
-                          data_of=lambda t: _values_bytes(values[t.name]) if t.name in values else None)
+                          data_of=lambda t: values_bytes(values[t.name]) if t.name in values else None)
 
 
-def _export_holding_huge(graph: gs.Graph) -> tuple[onnx.ModelProto, list]:
+def _export_holding_huge(graph: gs.Graph, min_bytes: int | None = None,
+                         keep_int64: bool = False) -> tuple[onnx.ModelProto, list]:
     """onnx-graphsurgeon's export of ``graph`` with its huge constants as data-less placeholders
     (``_hold_huge_constants``), and [(constant, values)] of those; ``graph`` is left as it was."""
-    held = _hold_huge_constants(graph)
+    held = _hold_huge_constants(graph, min_bytes, keep_int64)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
@@ -83,12 +84,7 @@ def graph_to_skeleton(graph: gs.Graph, min_bytes: int = SKELETON_MIN_BYTES) -> o
     """Export ``graph`` with every constant of ``min_bytes`` or more, INT64 ones excepted, as a
     data-less placeholder (name, type, dims): what shape inference reads, without a copy of the
     weights (a 2 GiB model is exported in a few MB). ``graph`` is left as it was."""
-    held = _hold_huge_constants(graph, min_bytes, keep_int64=True)
-    try:
-        return gs.export_onnx(graph, do_type_check=False)
-    finally:
-        for const, values in held:
-            const._values = values
+    return _export_holding_huge(graph, min_bytes, keep_int64=True)[0]
 
 
 def _subgraphs(graph: onnx.GraphProto):
@@ -213,16 +209,16 @@ def _fill_huge_constants(model: onnx.ModelProto, held: list) -> None:
         for init in g.initializer:
             v = values.get(init.name)
             if v is not None and not init.HasField("raw_data"):
-                data = _values_bytes(v)
+                data = values_bytes(v)
                 init.raw_data = data if isinstance(data, bytes) else data.tobytes()
 
 
-def _values_bytes(v) -> bytes | memoryview:
+def values_bytes(v) -> bytes | memoryview:
     """The little-endian bytes of a constant's values (gs ``LazyValues`` or numpy), without a copy where
     the values are a little-endian contiguous array already."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
     if isinstance(v, LazyValues):
-        return v.tensor.raw_data if v.tensor.HasField("raw_data") else onnx.numpy_helper.to_array(v.tensor).tobytes()
+        return raw_bytes(v.tensor)
     a = np.ascontiguousarray(v)
     return memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False)).cast("B")

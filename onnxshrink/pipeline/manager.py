@@ -371,8 +371,7 @@ class PassManager:
         roles, sample_shapes = self._prepare(original, report)
         calib, val, test = roles.calibration, roles.selection, roles.test
         # a big input read from a file is checked and run from that file (no temporary copy written)
-        big = self.input_path is not None and (model_io.is_large(original) or
-                                               model_io.tensor_bytes(original) >= SESSION_VIA_FILE_BYTES)
+        big = self.input_path is not None and model_io.via_file(original, SESSION_VIA_FILE_BYTES)
         source = self.input_path if big else original
         try:  # the strict check first: it includes the basic one, which then runs only when it fails
             model_io.check_model(source, full_check=True)

@@ -12,6 +12,7 @@ import hashlib
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.convert import values_bytes
 from onnxshrink.passes.cleanup.rewrite import (
     NO_FOLD_OPS,
     detach,
@@ -114,16 +115,14 @@ def merge_initializers(graph: gs.Graph) -> int:
 
 
 def _bytes_digest(t: gs.Constant) -> str | None:
-    """sha1 of the constant's little-endian bytes; None when they cannot be read."""
+    """sha1 of the constant's little-endian bytes (``graph.convert.values_bytes``: a constant not yet
+    loaded is read from its tensor, not loaded); None when they cannot be read."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-    lazy = t._values
     try:
-        if isinstance(lazy, LazyValues) and lazy.tensor.HasField("raw_data"):
-            return hashlib.sha1(lazy.tensor.raw_data).hexdigest()  # raw_data is little-endian
-        v = np.asarray(t.values)
+        v = t._values if isinstance(t._values, LazyValues) else np.asarray(t.values)
+        if isinstance(v, np.ndarray) and v.dtype.kind == "O":
+            return None
+        return hashlib.sha1(values_bytes(v)).hexdigest()
     except Exception:
         return None
-    if v.dtype == object:
-        return None
-    return hashlib.sha1(np.ascontiguousarray(v.astype(v.dtype.newbyteorder("<"), copy=False))).hexdigest()
