@@ -7,10 +7,12 @@ from __future__ import annotations
 __all__ = ["load", "save", "tensor_bytes", "all_graphs", "PROTOBUF_LIMIT", "check_model", "copy_model_fields",
            "check_output_path", "external_data_files", "is_large", "write_external", "weightless_copy",
            "bare_tensor", "EXTERNAL_DATA_THRESHOLD", "graph_without_initializers", "written", "via_file",
-           "raw_bytes"]
+           "raw_bytes", "is_placeholder", "kept_written"]
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import math
 import os
 import shutil
@@ -139,14 +141,70 @@ def written(model: onnx.ModelProto | str | os.PathLike, min_bytes: int):
     not large; else the path of a temporary copy with its weights in an external file
     (``write_external``), removed on exit. For the tools that read a file (the checker, onnxruntime)
     without a serialized copy in memory: a 2 GiB model written once is 5-6 s, so a caller that hands
-    one model to several of them writes it once for all."""
+    one model to several of them writes it once for all, and a model held by ``kept_written`` is
+    written once for every call while it is held."""
     if not via_file(model, min_bytes):
         yield model
+        return
+    kept = _KEPT.get(id(model))
+    if kept is not None and kept.model is model and kept.structure == _structure(model):
+        if kept.path is None:
+            kept.path = os.path.join(kept.directory.name, "m.onnx")
+            write_external(model, kept.path)
+        yield kept.path
         return
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as d:
         path = os.path.join(d, "m.onnx")
         write_external(model, path)
         yield path
+
+
+@dataclasses.dataclass
+class _Kept:
+    model: onnx.ModelProto
+    structure: bytes
+    path: str | None  # None: not written yet
+    directory: tempfile.TemporaryDirectory | None  # None: the model's own file, never removed
+    holds: int = 0
+
+
+_KEPT: dict[int, _Kept] = {}  # id(model) -> its file while a ``kept_written`` block holds it
+
+
+@contextlib.contextmanager
+def kept_written(model: onnx.ModelProto, min_bytes: int, path: str | os.PathLike | None = None):
+    """Within the block, ``written(model, m)`` of this very model (``via_file(model, min_bytes)``) hands
+    over one file for every call: written at the first, or ``path``, the model's own file. Blocks
+    nest; the file is removed when the last one exits. The model is referenced only while a block
+    holds it (its caller holds it then anyway). A model changed in place since (its nodes, inputs,
+    outputs or initializers' names, types and dims differ: e.g. outputs appended for a capture) is
+    written afresh as before. A 2 GiB model through cleanup and quantize: 7 writes of 5-6 s became 4."""
+    if not via_file(model, min_bytes):
+        yield
+        return
+    kept = _KEPT.get(id(model))
+    if kept is None or kept.model is not model:
+        kept = _KEPT[id(model)] = _Kept(model, _structure(model), None if path is None else str(path),
+                                       tempfile.TemporaryDirectory(ignore_cleanup_errors=True) if path is None
+                                       else None)
+    kept.holds += 1
+    try:
+        yield
+    finally:
+        kept.holds -= 1
+        if not kept.holds:
+            del _KEPT[id(model)]
+            if kept.directory is not None:
+                kept.directory.cleanup()
+
+
+def _structure(model: onnx.ModelProto) -> bytes:
+    """A digest of ``model`` but its weights' data: the graphs' nodes, inputs and outputs, and each
+    initializer's name, type and dims (what an in-place change of a proto here alters)."""
+    h = hashlib.sha1(graph_without_initializers(model.graph).SerializeToString())
+    for t in model.graph.initializer:
+        h.update(f"{t.name}:{t.data_type}:{list(t.dims)};".encode())
+    return h.digest()
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -165,13 +223,15 @@ def write_external(model: onnx.ModelProto, path: str | os.PathLike, location: st
     ``onnx.save_model(save_as_external_data=True)`` does) would grow memory by one model per
     write. Instead a weightless skeleton is built and each tensor's bytes are streamed to the file
     (peak: one model plus the largest tensor). ``data_of(tensor)``, when given, supplies the bytes of
-    a tensor left without data (a placeholder; None: the tensor's own).
+    a tensor left without data (None: the tensor's own; a placeholder without them is written as one).
     """
     p = Path(path)
     location = location or p.name + ".data"
     with open(p.parent / location, "wb") as f:
         def externalize(t: onnx.TensorProto) -> onnx.TensorProto:
             data = data_of(t) if data_of is not None else None
+            if data is None and is_placeholder(t):
+                return t  # a placeholder stays one
             data = raw_bytes(t) if data is None else data
             off = f.tell()
             pad = (-off) % 4096
@@ -226,6 +286,16 @@ def bare_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
         elif t.HasField(fd.name):
             _copy_field(sk, fd, getattr(t, fd.name))
     return sk
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def is_placeholder(t: onnx.TensorProto) -> bool:
+    """Whether ``t`` is a data-less placeholder (``bare_tensor``, a skeleton's): elements by its dims,
+    but neither inline nor external data."""
+    return (t.data_location != onnx.TensorProto.EXTERNAL and not t.HasField("raw_data")
+            and not any(len(getattr(t, f)) for f in _TYPED_FIELDS) and math.prod(t.dims) > 0)
 
 
 def raw_bytes(t: onnx.TensorProto) -> bytes:

@@ -184,7 +184,8 @@ def test_a_large_input_is_released_once_a_pass_replaced_it(tmp_path, monkeypatch
 def test_a_big_model_is_written_once_per_validation_and_its_input_never(tmp_path, monkeypatch):
     """A model past the external-data threshold (lowered here) goes to the checker and onnxruntime as a
     file: the input read from a file is checked and run from that file (never written), and each
-    candidate is written once for its check and every session of its validation."""
+    candidate is written once for its check, every session of its validation and, once it is the
+    current model, every later session (``model.kept_written``)."""
     from onnxshrink.pipeline.manager import PassManager
 
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 4096)
@@ -204,7 +205,42 @@ def test_a_big_model_is_written_once_per_validation_and_its_input_never(tmp_path
     cal = _calib(tmp_path / "cal", 8, 512, 8)
     _, rep = PassManager(["cleanup"], data=str(cal)).run(src)
     assert rep.passes[0].status == "applied"
-    assert events[:4] == ["validate", "write", "validated", "write"], events  # then the verdict's session
+    # written once in the whole run: the verdict's session reads the file of its validation
+    assert events == ["validate", "write", "validated"], events
+    assert not model_io._KEPT  # and the file is gone with the run
+
+
+def test_the_dynamic_trial_hands_onnxruntime_only_the_weights_it_quantizes(tmp_path, monkeypatch):
+    """onnxruntime's quantize_dynamic reads a skeleton: the embedding tables (not MatMul weights) are
+    data-less placeholders in the file it is given (a 2 GiB table made it fail to serialize its
+    output), and the result has them back, byte for byte, and computes the float model's outputs."""
+    from onnxshrink.passes.quantize import dynamic
+    from onnxshrink.runtime import make_session
+
+    src = write_large_model(tmp_path / "in", vocab=512, dim=64, hidden=16, classes=4, chunk_rows=100)
+    seen = {}
+    real = dynamic._ort_quantize_dynamic
+
+    def spy(path, *a, **k):
+        given = onnx.load(str(path))
+        seen.update({t.name: model_io.is_placeholder(t) for t in given.graph.initializer})
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(dynamic, "_ort_quantize_dynamic", spy)
+    model = model_io.load(src)
+    q = dynamic.dynamic_quantize(model)
+    assert seen["embed.weight"] and seen["embed2.weight"]  # 64 kB tables: never handed over
+    weights = [k for k in seen if k.startswith("fc1_")]  # the MatMul weight of Gemm fc1 (rewritten)
+    assert weights and not any(seen[k] for k in weights) and not seen["half"]  # nor INT64 data
+    assert "MatMulInteger" in {n.op_type for n in q.graph.node}
+    tables = {t.name: t for t in q.graph.initializer if t.name.startswith("embed")}
+    for t in model.graph.initializer:
+        if t.name in tables:
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(tables[t.name]), onnx.numpy_helper.to_array(t))
+    ids = {"ids": (np.arange(8, dtype=np.int64) * 37 % 512)[None]}
+    ref = make_session(model, optimize=False).run(None, ids)[0]
+    got = make_session(q, optimize=False).run(None, ids)[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
 
 
 @pytest.mark.slow

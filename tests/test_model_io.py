@@ -135,6 +135,33 @@ def test_large_paths_capture_in_place(tiny_threshold):
     assert m.SerializeToString() == before  # outputs added for the session were removed again
 
 
+def test_a_kept_model_is_written_once_while_held_and_afresh_when_changed(tiny_threshold, monkeypatch):
+    """``kept_written``: every ``written`` of the held model reads one file, written at the first call;
+    a model changed in place since (an output appended, as a capture does) is written afresh; the file
+    is removed when the last hold exits."""
+    m = mlp()
+    writes = []
+    real = model_io.write_external
+    monkeypatch.setattr(model_io, "write_external", lambda model, path, *a, **k: writes.append(path) or
+                        real(model, path, *a, **k))
+    with model_io.kept_written(m, 1):
+        assert not writes  # nothing written until a tool asks
+        with model_io.kept_written(m, 1):  # nested holds share the file
+            with model_io.written(m, 1) as first:
+                pass
+        with model_io.written(m, 1) as second:
+            pass
+        assert first == second and writes == [first] and os.path.exists(first)
+        x = [{"x": np.ones((1, 64), np.float32)}]
+        got = list(capture_activations(m, [m.graph.node[0].output[0]], x))  # outputs appended in place
+        assert got[0][m.graph.node[0].output[0]].shape == (1, 128)
+        assert len(writes) == 2 and writes[1] != first  # the changed model: a file of its own
+        with model_io.written(m, 1) as third:  # changed back: the kept file again
+            pass
+        assert third == first and len(writes) == 2
+    assert not os.path.exists(first) and not model_io._KEPT
+
+
 def test_large_paths_end_to_end(tmp_path, tiny_threshold):
     """optimize writes OUT + OUT.data, which loads back and computes the same outputs."""
     src = tmp_path / "m.onnx"

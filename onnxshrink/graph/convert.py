@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["model_to_graph", "graph_to_model", "graph_to_skeleton", "write_graph", "values_bytes"]
+__all__ = ["model_to_graph", "graph_to_model", "graph_to_skeleton", "write_graph", "fill_placeholders", "values_bytes"]
 
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.model import all_graphs, bare_tensor, copy_model_fields, raw_bytes, write_external
+from onnxshrink.model import all_graphs, bare_tensor, copy_model_fields, is_placeholder, raw_bytes, write_external
 
 # onnx-graphsurgeon's warnings (missing opset info, colour module) are noise on a user's terminal;
 # our own validation reports what matters
@@ -40,23 +41,49 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
     return model
 
 
-def write_graph(graph: gs.Graph, path, template: onnx.ModelProto | None = None) -> Path:
+def write_graph(graph: gs.Graph, path, template: onnx.ModelProto | None = None,
+                weights_of: Collection[str] | None = None) -> Path:
     """Write ``graph_to_model(graph, template)`` to ``path`` with its weights in an external file beside
     it (``model.write_external``), the constants of ``HUGE_TENSOR_BYTES`` or more streamed from their
-    values into that file: the export is never whole in memory (a 2 GiB model: one copy of it less)."""
-    model, held = _export_holding_huge(graph)
+    values into that file: the export is never whole in memory (a 2 GiB model: one copy of it less).
+
+    With ``weights_of`` (constant names), a skeleton for a tool that reads only those weights: the
+    other constants of ``SKELETON_MIN_BYTES`` or more (INT64 shape data excepted) are written as
+    data-less placeholders (name, type, dims), which ``fill_placeholders`` gives their bytes back in
+    the tool's output (onnxruntime's ``quantize_dynamic`` reads MatMul weights: a 2 GiB embedding
+    table, which it cannot serialize, stays out of it)."""
+    skipped = [] if weights_of is None else _hold_huge_constants(graph, SKELETON_MIN_BYTES, keep_int64=True,
+                                                                keep=set(weights_of))
+    try:
+        model, held = _export_holding_huge(graph, keep={const.name for const, _ in skipped})
+    finally:
+        for const, values in skipped:
+            const._values = values
     _finish(model, template)
     values = {const.name: v for const, v in held}
-    # every placeholder is past the threshold, so each one is written with its values
+    # every huge constant is past the threshold, so each one is written with its values (a placeholder as it is)
     return write_external(model, path, threshold=min(1024, HUGE_TENSOR_BYTES - 1),
                           data_of=lambda t: values_bytes(values[t.name]) if t.name in values else None)
 
 
-def _export_holding_huge(graph: gs.Graph, min_bytes: int | None = None,
-                         keep_int64: bool = False) -> tuple[onnx.ModelProto, list]:
+def fill_placeholders(graph: gs.Graph, source: gs.Graph) -> None:
+    """Give every data-less placeholder constant of ``graph`` (``model.is_placeholder``: a tool's output
+    of a skeleton ``write_graph`` wrote) the values of ``source``'s constant of the same name, shared,
+    not copied. A placeholder ``source`` has no constant for stays as it is."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    consts = {t.name: t for t in source.tensors().values() if isinstance(t, gs.Constant)}
+    for t in graph.tensors().values():
+        if (isinstance(t, gs.Constant) and t.name in consts and isinstance(t._values, LazyValues)
+                and is_placeholder(t._values.tensor)):
+            t._values = consts[t.name]._values
+
+
+def _export_holding_huge(graph: gs.Graph, min_bytes: int | None = None, keep_int64: bool = False,
+                         keep: Collection[str] = ()) -> tuple[onnx.ModelProto, list]:
     """onnx-graphsurgeon's export of ``graph`` with its huge constants as data-less placeholders
     (``_hold_huge_constants``), and [(constant, values)] of those; ``graph`` is left as it was."""
-    held = _hold_huge_constants(graph, min_bytes, keep_int64)
+    held = _hold_huge_constants(graph, min_bytes, keep_int64, keep)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
@@ -178,15 +205,17 @@ def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
-def _hold_huge_constants(graph: gs.Graph, min_bytes: int | None = None, keep_int64: bool = False) -> list:
+def _hold_huge_constants(graph: gs.Graph, min_bytes: int | None = None, keep_int64: bool = False,
+                         keep: Collection[str] = ()) -> list:
     """Swap the values of constants of ``min_bytes`` (default HUGE_TENSOR_BYTES) or more (INT64 ones
-    kept with ``keep_int64``) for data-less placeholders; returns [(constant, original values)]."""
+    kept with ``keep_int64``, those named in ``keep`` always) for data-less placeholders; returns
+    [(constant, original values)]."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
     min_bytes = HUGE_TENSOR_BYTES if min_bytes is None else min_bytes
     held = []
     for t in graph.tensors().values():
-        if not isinstance(t, gs.Constant):
+        if not isinstance(t, gs.Constant) or t.name in keep:
             continue
         v = t._values
         nbytes = v.nbytes if isinstance(v, (LazyValues, np.ndarray)) else 0

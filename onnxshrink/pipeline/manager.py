@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __all__ = ["PassManager", "optimize"]
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -357,6 +358,20 @@ class PassManager:
 
     # ------------------------------------------------------------------ run
     def run(self, model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
+        # the current model's file while it is current (``model_io.kept_written``): a big model is written
+        # once for its validation, the next pass's timing and screening, and the verdict
+        self._current_file = contextlib.ExitStack()
+        try:
+            return self._run(model)
+        finally:
+            self._current_file.close()
+
+    def _keep_current_file(self, hold: contextlib.ExitStack) -> None:
+        """``hold`` (a ``kept_written`` of the new current model) replaces the last current model's."""
+        self._current_file.close()
+        self._current_file = hold
+
+    def _run(self, model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
         report = Report(budget=str(self.budget) if self.budget else None,
                         target=self.target.name if self.target else None)
         self.input_path = None
@@ -373,6 +388,10 @@ class PassManager:
         # a big input read from a file is checked and run from that file (no temporary copy written)
         big = self.input_path is not None and model_io.via_file(original, SESSION_VIA_FILE_BYTES)
         source = self.input_path if big else original
+        if big:
+            hold = contextlib.ExitStack()
+            hold.enter_context(model_io.kept_written(original, SESSION_VIA_FILE_BYTES, path=self.input_path))
+            self._keep_current_file(hold)
         try:  # the strict check first: it includes the basic one, which then runs only when it fails
             model_io.check_model(source, full_check=True)
             self.full_check = True
@@ -686,7 +705,9 @@ class PassManager:
                 own_input = None  # judged against the original then, as before
         while attempt is not None:
             try:
-                result = attempt.run(model_to_graph(current), ctx)
+                graph = model_to_graph(current)
+                ctx.source = (current, graph)
+                result = attempt.run(graph, ctx)
             except OnnxShrinkError:
                 raise
             except Exception as e:
@@ -694,19 +715,25 @@ class PassManager:
                     raise
                 rec.status, rec.reason = ROLLED_BACK, f"pass failed: {type(e).__name__}: {_first_line(e)}"
                 break
+            finally:
+                ctx.source = graph = None
             if not result.modified:
                 rec.status = NOT_APPLICABLE if not backed else ROLLED_BACK
                 rec.reason = rec.reason or result.reason or "nothing to change"
                 rec.stats = result.stats
                 break
-            candidate = graph_to_model(result.graph, ctx.template)
+            candidate = result.model if result.model is not None else graph_to_model(result.graph, ctx.template)
             # the pass's graph holds a copy of the weights (numpy, in reference cycles): free it before
             # the validation's sessions (a 2 GiB model: one model less at the run's peak; a collection
             # costs 20-40 ms, so only where the weights are big)
-            result.graph = None
+            result.graph = result.model = None
             if model_io.tensor_bytes(candidate) >= COLLECT_BEFORE_VALIDATION_BYTES:
                 gc.collect()
-            ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless, check_budget, own_input)
+            with contextlib.ExitStack() as hold:  # written once for the checks, and kept if it becomes current
+                hold.enter_context(model_io.kept_written(candidate, SESSION_VIA_FILE_BYTES))
+                ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless, check_budget, own_input)
+                if ok:
+                    self._keep_current_file(hold.pop_all())
             rec.attempts.append({"options": _options_dict(attempt), "ok": ok, "reason": reason,
                                  "fidelity": fid})
             if ok:

@@ -41,8 +41,8 @@ tool does not do:
 
 from __future__ import annotations
 
-__all__ = ["MATMUL_SHARE", "dynamic_lstm", "dynamic_quantize", "judge_trial", "lstm_nodes", "matmul_share",
-           "narrow_weights", "narrow_columns", "try_dynamic"]
+__all__ = ["MATMUL_SHARE", "dynamic_graph", "dynamic_lstm", "dynamic_quantize", "judge_trial", "lstm_nodes",
+           "matmul_share", "narrow_weights", "narrow_columns", "try_dynamic"]
 
 import logging
 import tempfile
@@ -52,9 +52,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.convert import graph_to_model, model_to_graph, write_graph
+from onnxshrink.graph.convert import fill_placeholders, graph_to_model, model_to_graph, write_graph
 from onnxshrink.graph.cost import model_cost
+from onnxshrink.model import kept_written
 from onnxshrink.passes.quantize.weight_storage import int8_channels, store_narrow
+from onnxshrink.runtime import SESSION_VIA_FILE_BYTES
 from onnxshrink.targets.rewrites import gemm_to_matmul
 
 MATMUL_SHARE = 0.5  # auto: at least this share of the MACs in MatMul/Gemm with constant weights
@@ -75,10 +77,18 @@ def matmul_share(model: onnx.ModelProto, input_shapes: dict | None = None) -> fl
 
 def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None,
                      include: list | None = None, weight_bits: dict | None = None) -> onnx.ModelProto:
+    """``dynamic_graph``'s model (with ``model``'s metadata)."""
+    return graph_to_model(dynamic_graph(model, exclude, include, weight_bits), model)
+
+
+def dynamic_graph(model: onnx.ModelProto, exclude: list | None = None,
+                  include: list | None = None, weight_bits: dict | None = None) -> gs.Graph:
     """onnxruntime's ``quantize_dynamic`` (int8 weights, uint8 activations quantized at run time) of
     the MatMul and Attention nodes of ``model``, after Gemm with constant weights became MatMul;
     with ``include``, of those nodes only (a Gemm by its own name); ``weight_bits``: {node: bits}
-    whose weights are then narrowed (``narrow_weights``)."""
+    whose weights are then narrowed (``narrow_weights``). The tool's output as a graph whose
+    constants the tool did not read share ``model``'s values (no copy: a 2 GiB embedding table is
+    neither handed to the tool nor copied back)."""
     graph = model_to_graph(model)
     gemms = {n.name for n in graph.nodes if n.op == "Gemm"}
     if gemm_to_matmul(graph, constant_weights_only=True):
@@ -89,18 +99,20 @@ def dynamic_quantize(model: onnx.ModelProto, exclude: list | None = None,
         return n + "_matmul" if n in gemms and n + "_matmul" in names else n
     only = None if include is None else [renamed(n) for n in include]
     if only is not None and not only:  # the tool reads an empty list as "every node"
-        return model
+        return model_to_graph(model)
     with tempfile.TemporaryDirectory(prefix="onnxshrink_dynamic_in_") as d:
         # the tool reads the model from a file, written from the graph without a whole export in memory
-        # (given a proto it serializes and reloads it beside ours; ViT-S width: -40 MB of peak RSS)
+        # (given a proto it serializes and reloads it beside ours; ViT-S width: -40 MB of peak RSS), and
+        # only the weights it quantizes with their data: the other big constants (embedding tables) are
+        # placeholders, given back after (a 2 GiB table: the tool failed to serialize its output)
         src = Path(d) / "model.onnx"
-        write_graph(graph, src, model)
-        if not weight_bits:
-            del graph
-        qm = _ort_quantize_dynamic(src, list(DYNAMIC_OPS), exclude, only)
+        write_graph(graph, src, model, weights_of={t.name for n in graph.nodes if n.op in DYNAMIC_OPS
+                                                   for t in n.inputs if isinstance(t, gs.Constant)})
+        out = model_to_graph(_ort_quantize_dynamic(src, list(DYNAMIC_OPS), exclude, only))
+    fill_placeholders(out, graph)
     if weight_bits:
-        qm = narrow_weights(qm, graph_to_model(graph, model), {renamed(n): int(b) for n, b in weight_bits.items()})
-    return qm
+        narrow_weights(out, graph, {renamed(n): int(b) for n, b in weight_bits.items()})
+    return out
 
 
 def _ort_quantize_dynamic(model: onnx.ModelProto | Path, op_types: list, exclude: list | None,
@@ -152,19 +164,18 @@ def narrow_columns(W: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return Q, s.reshape(-1)
 
 
-def narrow_weights(qm: onnx.ModelProto, model_f: onnx.ModelProto, bits: dict) -> onnx.ModelProto:
-    """``qm`` (``quantize_dynamic``'s output of ``model_f``) with the weight of each MatMul node of
-    ``bits`` ({node: b}) stored per column at b bits (module docstring). A node the tool did not
-    quantize, or whose int8 weight another node shares, keeps its int8 weight."""
-    floats = {t.name: t for t in model_f.graph.initializer}
-    graph = model_to_graph(qm)
+def narrow_weights(qg: gs.Graph, float_graph: gs.Graph, bits: dict) -> None:
+    """Store the weight of each MatMul node of ``bits`` ({node: b}) in ``qg`` (``quantize_dynamic``'s
+    output of ``float_graph``) per column at b bits, in place (module docstring). A node the tool did
+    not quantize, or whose int8 weight another node shares, keeps its int8 weight."""
+    floats = {t.name: t for t in float_graph.tensors().values() if isinstance(t, gs.Constant)}
     users: dict = {}
-    for node in graph.nodes:
+    for node in qg.nodes:
         if node.op == "MatMulInteger":
             users.setdefault(node.inputs[1].name, []).append(node)
-    scale_mul = {n.name: n for n in graph.nodes if n.op == "Mul"}
+    scale_mul = {n.name: n for n in qg.nodes if n.op == "Mul"}
     done = 0
-    for node in list(graph.nodes):
+    for node in list(qg.nodes):
         if node.op != "MatMulInteger" or not node.name.endswith("_quant"):
             continue
         b = bits.get(node.name[:-len("_quant")])
@@ -174,17 +185,15 @@ def narrow_weights(qm: onnx.ModelProto, model_f: onnx.ModelProto, bits: dict) ->
         if (not b or base not in floats or len(users.get(w.name, [])) != 1 or mul is None
                 or not isinstance(w, gs.Constant)):
             continue
-        W = onnx.numpy_helper.to_array(floats[base]).astype(np.float32)
+        W = np.asarray(floats[base].values, dtype=np.float32)
         if W.ndim != 2 or W.shape != tuple(w.shape):
             continue
         Q, s = narrow_columns(W, b)
-        node.inputs[1] = store_narrow(graph, Q, b, base)
+        node.inputs[1] = store_narrow(qg, Q, b, base)
         mul.inputs[1] = gs.Constant(f"{base}_scale_b{b}", s.astype(np.float32))
         done += 1
-    if not done:
-        return qm
-    graph.cleanup().toposort()
-    return graph_to_model(graph, qm)
+    if done:
+        qg.cleanup().toposort()
 
 
 def try_dynamic(model_f: onnx.ModelProto, options, check, sample: dict, stats: dict, ctx):
@@ -198,8 +207,8 @@ def try_dynamic(model_f: onnx.ModelProto, options, check, sample: dict, stats: d
         trial["reason"] = (f"{share:.0%} of the MACs in MatMul/Gemm with constant weights (dynamic is tried from "
                            f"{MATMUL_SHARE:.0%})")
         return None
-    # as the pass will return it (graph and back): the model timed is then the model the manager gets
-    qm = ctx.to_model(model_to_graph(dynamic_quantize(model_f, options.exclude)))
+    # as the pass will return it (its graph, exported): the model timed is then the model the manager gets
+    qm = ctx.to_model(dynamic_graph(model_f, options.exclude))
     if not judge_trial(trial, qm, model_f, check, sample, ctx, options.min_speedup, "fp32"):
         return None
     trial["reason"] += ": static QDQ not tried"
@@ -212,8 +221,9 @@ def judge_trial(trial: dict, candidate: onnx.ModelProto, base, check, sample: di
     ``base`` on ``sample`` (``ctx.compare_speeds``); its cosine, speed, verdict (``chosen``) and the
     reason go into ``trial``, the reason naming the base as ``than``. The decision of both dynamic
     trials: the MatMul one against fp32, the LSTM one against the result without it."""
-    fid = check.measure(candidate)
-    cmp = ctx.compare_speeds(base, [candidate], sample, (("faster", threshold),))[0]
+    with kept_written(candidate, SESSION_VIA_FILE_BYTES), kept_written(base, SESSION_VIA_FILE_BYTES):
+        fid = check.measure(candidate)  # a big model written once for both
+        cmp = ctx.compare_speeds(base, [candidate], sample, (("faster", threshold),))[0]
     holds, faster = check.holds(fid), cmp.faster_than(threshold)
     interval = f"95 % interval {cmp.low:.2f}-{cmp.high:.2f}x"
     trial.update(cosine=round(fid.get("cosine", 0.0), 6), speed=cmp.as_dict(), chosen=holds and faster)

@@ -50,7 +50,7 @@ from onnxshrink.graph.convert import model_to_graph
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.equalize import equalize_pairs
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
-from onnxshrink.passes.quantize.dynamic import dynamic_lstm, dynamic_quantize, judge_trial, lstm_nodes, try_dynamic
+from onnxshrink.passes.quantize.dynamic import dynamic_graph, dynamic_lstm, judge_trial, lstm_nodes, try_dynamic
 from onnxshrink.passes.quantize.fallback import FloatFallback
 from onnxshrink.passes.quantize.guard import FidelityCheck, Placement, QuantizeGuard
 from onnxshrink.passes.quantize.knob import QuantizeKnob
@@ -193,7 +193,7 @@ class QuantizePass(Pass):
         wide = getattr(ctx.target, "wide_activation_dtype", None) if o.activation_dtype == "auto" else None
         lstms = o.weights_only == "off" and o.dynamic != "off" and (o.dynamic == "on" or (o.guard and on_cpu)) \
             and any(n.op == "LSTM" for n in graph.nodes)
-        model = ctx.to_model(graph) if wide or lstms else None  # the float input, before the run changes graph
+        model = ctx.input_model(graph) if wide or lstms else None  # the float input, before the run changes graph
         if o.weights_only == "off" and (o.dynamic == "on" or (o.dynamic == "auto" and o.guard and on_cpu)):
             refuse_quantized(graph)
             dynamic = self._dynamic(graph, ctx, trial)
@@ -233,7 +233,7 @@ class QuantizePass(Pass):
         else:
             trial.update(chosen=True, reason="dynamic=on")
         note = "; ".join(x for x in (result.note, f"{len(names)} LSTM dynamic int8 (DynamicQuantizeLSTM)") if x)
-        return PassResult(model_to_graph(cand), True, stats, note=note)
+        return PassResult(model_to_graph(cand), True, stats, note=note, model=cand)
 
     def _fidelity_check(self, ctx: Context, model_f: onnx.ModelProto) -> tuple[CalibrationSamples, FidelityCheck]:
         """The samples and the fidelity check (the budget, else the guard's floor) of a dynamic trial
@@ -249,9 +249,9 @@ class QuantizePass(Pass):
         o = self.options
         stats = {"scheme": {"weights": "int8 per tensor", "activations": "uint8, quantized at run time (dynamic)",
                             "per_channel": False}}
-        model_f = ctx.to_model(graph)
+        model_f = ctx.input_model(graph)  # the graph is as the pass got it
         if o.dynamic == "on":
-            qm = dynamic_quantize(model_f, o.exclude)
+            qg, qm = dynamic_graph(model_f, o.exclude), None
         else:
             samples, check = self._fidelity_check(ctx, model_f)
             try:
@@ -262,15 +262,15 @@ class QuantizePass(Pass):
             trial.update(stats["dynamic"])
             if qm is None:
                 return None
-        stats["dynamic_matmuls"] = sum(1 for n in qm.graph.node
-                                       if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
+            qg = model_to_graph(qm)  # qm is its export (the model timed)
+        stats["dynamic_matmuls"] = sum(1 for n in qg.nodes if n.op in ("MatMulInteger", "DynamicQuantizeMatMul"))
         if not stats["dynamic_matmuls"]:
             if o.dynamic == "on":
                 raise InputError("dynamic: the model has no MatMul/Gemm with constant weights to quantize")
             return None
         note = "dynamic int8 MatMul (activations quantized at run time)" + (
             f": {trial['reason']}" if trial.get("reason") else "")
-        return PassResult(model_to_graph(qm), True, stats, note=note)
+        return PassResult(qg, True, stats, note=note, model=qm)
 
     def _per_node_dynamic(self, graph: gs.Graph, ctx: Context) -> PassResult:
         """``dynamic_nodes``: the other nodes first as the remaining options say (static QDQ, int8 or float
@@ -285,9 +285,8 @@ class QuantizePass(Pass):
         stats = done.stats
         g = done.result.graph if done.result.modified else graph
         bits = {n: b for n, b in o.dynamic_weight_bits.items() if n in dyn}
-        qm = dynamic_quantize(ctx.to_model(g), include=dyn, weight_bits=bits)
-        stats["dynamic_matmuls"] = sum(1 for n in qm.graph.node
-                                       if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
+        qg = dynamic_graph(ctx.to_model(g), include=dyn, weight_bits=bits)
+        stats["dynamic_matmuls"] = sum(1 for n in qg.nodes if n.op in ("MatMulInteger", "DynamicQuantizeMatMul"))
         if not stats["dynamic_matmuls"] and not done.result.modified:
             return PassResult(graph, False, stats, reason="no node to quantize")
         widths = sorted(set(bits.values()))
@@ -296,7 +295,7 @@ class QuantizePass(Pass):
         note = f"{stats['dynamic_matmuls']} MatMul dynamic int8 (activations quantized at run time)" + (
             f", {len(bits)} of them with {'/'.join(map(str, widths))}-bit weights" if bits else "") + (
             f"; {done.result.note}" if done.result.note else "")
-        return PassResult(model_to_graph(qm), True, stats, note=note)
+        return PassResult(qg, True, stats, note=note)
 
     def _wider_activations(self, run8: QuantizeRun, model, ctx: Context, wide: str) -> QuantizeRun:
         """The target also takes 16-bit activations (QNN HTP: A16W8) and the 8-bit plan missed the
