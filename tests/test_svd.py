@@ -16,7 +16,6 @@ from onnxshrink.graph.patches import ConvGeometry, patch_covariance
 from onnxshrink.passes.base import Context
 from onnxshrink.passes.fold import FoldPass
 from onnxshrink.passes.svd import SvdPass, factorize, whitened_svd
-from onnxshrink.passes.svd.factorization import shrunk_covariance
 
 
 def _model(nodes, inputs, outputs, inits, opset=17):
@@ -70,42 +69,6 @@ def test_whitened_prediction_is_the_output_error():
         measured = np.sum((X @ (W - A @ B)) ** 2) / np.sum((X @ W) ** 2)
         predicted = np.sum(s[k:] ** 2) / np.sum(s ** 2)
         assert measured == pytest.approx(predicted, rel=1e-6)
-
-
-def test_shrinkage_is_none_for_many_rows_and_large_for_few():
-    """Ledoit-Wolf intensity of the covariance's shrinkage toward mu I: about 0 when the rows determine
-    the covariance, large when there are fewer rows than inputs, 0 for an isotropic one."""
-    rng = np.random.default_rng(3)
-    mix = rng.standard_normal((32, 32)) * np.logspace(0, -2, 32)[None, :]
-
-    def shrunk(rows):
-        X = rng.standard_normal((rows, 32)) @ mix.T
-        return shrunk_covariance(X.T @ X / rows, rows, float(np.sum(np.sum(X * X, axis=1) ** 2)))
-
-    S, a = shrunk(20000)
-    assert a < 0.02
-    assert shrunk(8)[1] > 0.2
-    np.testing.assert_allclose(shrunk_covariance(np.eye(4) * 3, 10, 900.0)[0], np.eye(4) * 3)
-
-
-def test_a_head_fed_fewer_rows_than_inputs_predicts_its_error_honestly():
-    """A pooled head: one row per sample, 8 samples for 256 inputs. Whitened by the raw covariance,
-    every rank >= 8 fits the 8 rows and predicts ~0 error, while held-out samples see a large one;
-    with the shrunk covariance the prediction is within 2x of the error measured on held-out rows."""
-    rng = np.random.default_rng(6)
-    n, m = 256, 128
-    W = (_exact_rank(n, m, 24, rng) + 0.05 * rng.standard_normal((n, m)) / np.sqrt(n)).astype(np.float32)
-    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="head")], [_vi("x", [1, 1, n])],
-                   [_vi("y", [1, 1, m])], {"W": W})
-    mix = rng.standard_normal((n, n)) / np.sqrt(n)
-
-    def draw(k):
-        return [{"x": (rng.standard_normal((1, 1, n)) @ mix.T).astype(np.float32)} for _ in range(k)]
-
-    res, _ = _run_pass(SvdPass(rule="energy", energy=0.99, min_params=0), model, draw(8), draw(64))
-    L = res.stats["layers"][0]
-    assert L["whitening_shrinkage"] > 0.5
-    assert L["measured_error"] / 2 < L["predicted_error"] < 2 * L["measured_error"]
 
 
 def test_patch_covariance_matches_im2col():

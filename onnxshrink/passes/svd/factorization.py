@@ -8,18 +8,11 @@ the ridge). So we take the SVD ``L^T W = U S V^T`` and keep ``A = L^-T U_k S_k^1
 whitened space), and ``1 - sum_{i>k} s_i^2 / sum s_i^2`` is the fraction of output energy kept.
 Without data (or ``whiten=false``) the plain SVD of W is used and the same ratio measures weight
 energy instead.
-
-Few rows. With fewer rows N than inputs K (a pooled head fed one row per sample), ``X^T X / N`` has
-rank at most N: every rank >= N fits the calibration rows exactly, the predicted error is ~0 and
-says nothing about other inputs (a 2048-input head on 8 samples: predicted 1e-5, measured 0.10).
-The covariance is therefore shrunk toward ``mu I`` (``mu`` its mean diagonal) by Ledoit and Wolf's
-intensity (``shrunk_covariance``): ~0 when the rows determine it, ~1 when they cannot, where the
-whitened SVD becomes the plain one.
 """
 
 from __future__ import annotations
 
-__all__ = ["whitened_svd", "factorize", "ridged_covariance", "shrunk_covariance", "energy_rank", "round_rank"]
+__all__ = ["whitened_svd", "factorize", "ridged_covariance", "energy_rank", "round_rank"]
 
 import math
 
@@ -31,25 +24,6 @@ def ridged_covariance(cov: np.ndarray, ridge: float) -> np.ndarray:
     if not np.isfinite(d) or d <= 0:
         return np.eye(cov.shape[0])
     return cov + (ridge * d) * np.eye(cov.shape[0])
-
-
-def shrunk_covariance(S: np.ndarray, n_rows: int, sum_norm4: float) -> tuple[np.ndarray, float]:
-    """(``(1 - a) S + a mu I``, a): the second moment ``S = X^T X / N`` of N rows ``x_i`` shrunk toward
-    ``mu I`` (``mu = tr(S) / K``) with Ledoit and Wolf's (2004) intensity ``a = min(b^2, d^2) / d^2``,
-    ``d^2 = |S - mu I|_F^2`` and ``b^2 = (1/N^2) sum_i |x_i x_i^T - S|_F^2
-    = (sum_i |x_i|^4 - N |S|_F^2) / N^2`` (``sum_norm4`` is ``sum_i |x_i|^4``): the weight that
-    minimises the expected Frobenius error of the estimate. ``S`` as it is when it is already
-    isotropic or has no rows."""
-    K = S.shape[0]
-    if n_rows <= 0 or K == 0:
-        return S, 0.0
-    mu = float(np.trace(S)) / K
-    d2 = float(np.sum(S * S)) - 2 * mu * float(np.trace(S)) + mu * mu * K
-    if not np.isfinite(d2) or d2 <= 0:
-        return S, 0.0
-    b2 = max(0.0, (float(sum_norm4) - n_rows * float(np.sum(S * S))) / n_rows ** 2)
-    a = min(b2, d2) / d2
-    return (1 - a) * S + (a * mu) * np.eye(K), a
 
 
 def whitened_svd(W: np.ndarray, cov: np.ndarray | None, ridge: float = 1e-4):

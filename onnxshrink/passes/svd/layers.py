@@ -31,7 +31,6 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph.patches import ConvGeometry, patch_covariance, sample_positions
 from onnxshrink.graph.values import constant_value, node_attr
 from onnxshrink.passes.base import Context
-from onnxshrink.passes.svd.factorization import shrunk_covariance
 from onnxshrink.passes.svd.knob import weight_view
 
 # ------------------------------------------------------------------------------------ layers
@@ -187,25 +186,20 @@ def covariance_key(layer: Layer) -> tuple:
     return ("rows", layer.x.name)
 
 
-def covariances(layers: list[Layer], ctx: Context, graph, source, n: int, max_positions: int, tag: str,
-                shrink: bool = False):
+def covariances(layers: list[Layer], ctx: Context, graph, source, n: int, max_positions: int, tag: str):
     """{cov key: mean covariance} of the layers' inputs over the first n samples of ``source``,
-    streamed one sample at a time; also returns {tensor name: shape of the first sample} and {cov key:
-    shrinkage intensity}. With ``shrink``, a MatMul/Gemm input's covariance is shrunk toward the
-    isotropic one (``factorization.shrunk_covariance``: what few rows cannot determine); a conv's
-    patches are thousands of rows per sample and are kept as measured."""
+    streamed one sample at a time; also returns {tensor name: shape of the first sample}."""
     from onnxshrink.data import Subset
     keys = {}
     for L in layers:
         keys.setdefault(covariance_key(L), L)
-    cache_key = ("svd.cov", tag, n, max_positions, tuple(sorted(keys)), shrink)
+    cache_key = ("svd.cov", tag, n, max_positions, tuple(sorted(keys)))
     if cache_key in ctx.cache:
         return ctx.cache[cache_key]
     sub = Subset(source, range(min(n, len(source))))
     names = sorted({L.x.name for L in layers})
     sums = {k: None for k in keys}
     counts = {k: 0 for k in keys}
-    norm4 = {k: 0.0 for k in keys}
     shapes = {}
     rng = np.random.default_rng(ctx.seed)
     for acts in ctx.progress.track(ctx.capture(graph, names, sub), f"svd: {tag} activations", total=len(sub)):
@@ -220,17 +214,11 @@ def covariances(layers: list[Layer], ctx: Context, graph, source, n: int, max_po
             else:
                 X = x.reshape(-1, x.shape[-1]).astype(np.float64)
                 c, cnt = X.T @ X, X.shape[0]
-                norm4[k] += float(np.sum(np.einsum("ij,ij->i", X, X) ** 2))
             sums[k] = c if sums[k] is None else sums[k] + c
             counts[k] += cnt
     covs = {k: (sums[k] / counts[k]) for k in keys if sums[k] is not None and counts[k]}
-    shrinkage = {}
-    if shrink:
-        for k in covs:
-            if keys[k].kind != "conv":
-                covs[k], shrinkage[k] = shrunk_covariance(covs[k], counts[k], norm4[k])
-    ctx.cache[cache_key] = (covs, shapes, shrinkage)
-    return covs, shapes, shrinkage
+    ctx.cache[cache_key] = (covs, shapes)
+    return covs, shapes
 
 
 # ------------------------------------------------------------------------------ rank choice

@@ -146,10 +146,9 @@ class SvdPass(Pass):
                               and len(ctx.calib)) else None
         val = ctx.val if (o.measure and ctx.val is not None and not getattr(ctx.val, "synthetic", False)
                           and len(ctx.val)) else None
-        covs, seen, shrinkage = ({}, {}, {})
+        covs, seen = ({}, {})
         if calib is not None:
-            covs, seen, shrinkage = covariances(layers, ctx, graph, calib, o.samples, o.max_positions,
-                                                "calibration", shrink=True)
+            covs, seen = covariances(layers, ctx, graph, calib, o.samples, o.max_positions, "calibration")
         stats["whitened"] = calib is not None
         if calib is None:
             stats["whitening"] = ("off (whiten=false)" if not o.whiten else
@@ -178,7 +177,7 @@ class SvdPass(Pass):
         chosen = [L for L in layers if L.form is not None]
         vcovs = {}
         if val is not None and chosen:
-            vcovs, _, _ = covariances(chosen, ctx, graph, val, 8, o.max_positions, "validation")
+            vcovs, _ = covariances(chosen, ctx, graph, val, 8, o.max_positions, "validation")
 
         records = []
         p_before = p_after = 0
@@ -204,8 +203,6 @@ class SvdPass(Pass):
                        energy_kept=1.0 - pred, predicted_error=pred,
                        params_after=int(k * f.params_per_rank),
                        macs_after=as_int(form_cost(L, f, k, "macs")) if L.macs is not None else None)
-            if f.whitened and covariance_key(L) in shrinkage:  # toward isotropic: what the rows left open
-                rec["whitening_shrinkage"] = round(shrinkage[covariance_key(L)], 4)
             if "sensitivity" in L.record:
                 rec["sensitivity"] = L.record["sensitivity"]
             if o.latency:
