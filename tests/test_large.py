@@ -210,6 +210,30 @@ def test_a_big_model_is_written_once_per_validation_and_its_input_never(tmp_path
     assert not model_io._KEPT  # and the file is gone with the run
 
 
+def test_a_released_large_input_comes_back_whole_when_the_contract_undoes_the_passes(tmp_path, monkeypatch):
+    """Past the external-data threshold (lowered here) the input read from a file is kept as a skeleton
+    once a pass replaced it; when the speed contract finds the result slower (a stand-in timing), every
+    pass is undone at once and the output is the input, read whole from its file again."""
+    from onnxshrink.pipeline import manager
+    from onnxshrink.pipeline.manager import PassManager
+    from onnxshrink.runtime import SpeedComparison
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 4096)
+    monkeypatch.setattr(manager, "compare_speed", lambda a, b, feeds, decides=(): SpeedComparison(
+        speedup=0.5, low=0.45, high=0.55, t_a=1.0, t_b=2.0, rounds=12))
+    src = write_large_model(tmp_path / "in", vocab=512, dim=64, hidden=16, classes=4, chunk_rows=100)
+    cal = _calib(tmp_path / "cal", 8, 512, 8)
+    pm = PassManager(["cleanup"], data=str(cal), speed="never-slower")
+    out, rep = pm.run(src)
+    assert pm._original_released  # the reload path ran
+    assert rep.passes[0].status == "rolled back" and "undone together" in rep.passes[0].reason
+    back = model_io.load(src)
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in back.graph.node]  # cleanup's change undone
+    tables = {t.name: t for t in out.graph.initializer}
+    for t in back.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tables[t.name]), onnx.numpy_helper.to_array(t))
+
+
 def test_the_dynamic_trial_hands_onnxruntime_only_the_weights_it_quantizes(tmp_path, monkeypatch):
     """onnxruntime's quantize_dynamic reads a skeleton: the embedding tables (not MatMul weights) are
     data-less placeholders in the file it is given (a 2 GiB table made it fail to serialize its

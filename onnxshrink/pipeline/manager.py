@@ -246,7 +246,7 @@ class PassManager:
         skeleton = model_io.weightless_copy(o)
         if ctx.template is o:
             ctx.template = skeleton
-        self.original = skeleton
+        self.original, self._original_released = skeleton, True
 
     def _model_stats(self, model: onnx.ModelProto, shapes) -> dict:
         """``graph.cost.model_stats``, computed once for the same model object and shapes (the last
@@ -382,7 +382,7 @@ class PassManager:
         else:
             original = onnx.ModelProto()
             original.CopyFrom(model)
-        self.original = original
+        self.original, self._original_released = original, False
         roles, sample_shapes = self._prepare(original, report)
         calib, val, test = roles.calibration, roles.selection, roles.test
         # a big input read from a file is checked and run from that file (no temporary copy written)
@@ -443,7 +443,7 @@ class PassManager:
         del original  # self.original from here on: a large one is released once a pass has replaced it
         pass_knobs = knobs()
         steps: list[_Step] = []  # what changed the model, in order (the speed contract undoes them)
-        undoable = self._speed_enforced()  # else no earlier model is kept (memory)
+        undoable = self._speed_enforced() and not self._too_large_to_undo()  # else no earlier model is kept (memory)
         for p in self.passes:
             before, first_record = current, len(report.passes)
             if allocated and p.name in pass_knobs:
@@ -519,11 +519,6 @@ class PassManager:
         Other targets are not this CPU: not timed. Returns the model to write."""
         if not self._contract_times() or result is original:
             return result
-        if self._too_large_to_time():
-            report.speed = {"contract": "waived (the model is past 2 GB: timing it against the input needs both "
-                                        "in memory at once; --speed off says so explicitly)"}
-            report.warnings.append("the result was not timed against the input: the model is past 2 GB")
-            return result
         waived = "" if self._speed_enforced() else "--speed report" if self.speed == "report" else \
             "a size-only target; --enforce-speed holds it"
         feeds = val.get(0)
@@ -538,6 +533,16 @@ class PassManager:
         if waived:
             report.warnings.append(f"the result is slower than the input on this CPU ({_speed_text(cmp)})")
             return result
+        if self._too_large_to_undo():  # no earlier model is kept: every pass is undone at once
+            why = (f"rolled back by the speed contract: with the passes the result ran at {_speed_text(cmp)} "
+                   f"(past 2 GB no earlier model is kept, so they are undone together)")
+            names = []
+            for rec in report.passes:
+                if rec.status in (APPLIED, BACKED_OFF):
+                    rec.status, rec.reason = ROLLED_BACK, why
+                    names.append(rec.name)
+            report.speed.update(rolled_back=[{"passes": names, **cmp.as_dict()}], vs_input=None, verdict="not slower")
+            return self._input_model()
         while cmp.slower_than(1.0) and steps:
             lossy = [k for k, st in enumerate(steps) if st.pass_ is None or not st.pass_.lossless]
             k = lossy[-1] if lossy else len(steps) - 1
@@ -576,7 +581,7 @@ class PassManager:
         (where the contract will time the result against it) and that comparison is kept under the
         candidate's digest: when the pass's result is that model, the contract reads it instead of
         timing the pair again. Costs one more model per round; saves a whole comparison."""
-        if len(models) != 1 or not self._contract_times() or self._too_large_to_time():
+        if len(models) != 1 or not self._contract_times() or self._too_large_to_undo():
             return compare_candidates(base, models, feeds, decides)
         cmps = compare_speeds([base, models[0], self._timed_input()], feeds,
                               [(0, 1, tuple(decides)), (2, 1, (("slower", 1.0),))])
@@ -602,15 +607,20 @@ class PassManager:
         """Whether the speed contract may roll passes back: the cpu target (the default), policy
         never-slower, a model under 2 GB, and not waived by a size-only cost target (unless
         ``enforce_speed``)."""
-        if not self._contract_times() or self.speed != "never-slower" or self._too_large_to_time():
+        if not self._contract_times() or self.speed != "never-slower":
             return False
         size_only = bool(self.cost_targets) and all(k == "weight_bytes" for k, _ in self.cost_targets)
         return not size_only or self.enforce_speed
 
-    def _too_large_to_time(self) -> bool:
-        """A model past 2 GB (``model.is_large``): two sessions of it at once would double the peak
-        memory that the passes keep at about 4-5x the model."""
+    def _too_large_to_undo(self) -> bool:
+        """A model past 2 GB (``model.is_large``): no earlier model is kept for the speed contract to
+        go back to (each is a copy of the weights), so it undoes every pass at once (``_input_model``).
+        It is still timed: both sessions read their files (memory-mapped weights)."""
         return self.original is not None and model_io.is_large(self.original)
+
+    def _input_model(self) -> onnx.ModelProto:
+        """The input model whole: read again from its file when ``_release_original`` kept a skeleton."""
+        return model_io.load(self.input_path) if self._original_released else self.original
 
     def _final_outputs(self, io, model: onnx.ModelProto, sample_sets, report: Report) -> list:
         """The result's outputs on each of ``sample_sets``, as the user will run it (onnxruntime's graph
