@@ -385,8 +385,10 @@ class PassManager:
         self.original, self._original_released = original, False
         roles, sample_shapes = self._prepare(original, report)
         calib, val, test = roles.calibration, roles.selection, roles.test
-        # a big input read from a file is checked and run from that file (no temporary copy written)
-        big = self.input_path is not None and model_io.via_file(original, SESSION_VIA_FILE_BYTES)
+        # a big input read from a file is checked and run from that file (no temporary copy written),
+        # unless its input shapes were fixed in memory: the file is then no longer this model
+        big = self.input_path is not None and model_io.via_file(original, SESSION_VIA_FILE_BYTES) \
+            and not self.input_shapes
         source = self.input_path if big else original
         if big:
             hold = contextlib.ExitStack()
