@@ -367,9 +367,17 @@ class PassManager:
             self._current_file.close()
 
     def _keep_current_file(self, hold: contextlib.ExitStack) -> None:
-        """``hold`` (a ``kept_written`` of the new current model) replaces the last current model's."""
+        """``hold`` (``_file_of`` the new current model) replaces the last current model's."""
         self._current_file.close()
         self._current_file = hold
+
+    @staticmethod
+    def _file_of(model: onnx.ModelProto, path: str | None = None) -> contextlib.ExitStack:
+        """A hold of ``model``'s file (``model_io.kept_written``: written at its first use, or ``path``)
+        until the stack is closed."""
+        hold = contextlib.ExitStack()
+        hold.enter_context(model_io.kept_written(model, SESSION_VIA_FILE_BYTES, path))
+        return hold
 
     def _run(self, model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
         report = Report(budget=str(self.budget) if self.budget else None,
@@ -387,25 +395,20 @@ class PassManager:
         calib, val, test = roles.calibration, roles.selection, roles.test
         # a big input read from a file is checked and run from that file (no temporary copy written),
         # unless its input shapes were fixed in memory: the file is then no longer this model
-        big = self.input_path is not None and model_io.via_file(original, SESSION_VIA_FILE_BYTES) \
-            and not self.input_shapes
-        source = self.input_path if big else original
-        if big:
-            hold = contextlib.ExitStack()
-            hold.enter_context(model_io.kept_written(original, SESSION_VIA_FILE_BYTES, path=self.input_path))
-            self._keep_current_file(hold)
+        if self.input_path is not None and not self.input_shapes:
+            self._keep_current_file(self._file_of(original, self.input_path))
         try:  # the strict check first: it includes the basic one, which then runs only when it fails
-            model_io.check_model(source, full_check=True)
+            model_io.check_model(original, full_check=True)
             self.full_check = True
         except Exception:
             self.full_check = False  # the input itself fails strict inference; hold outputs to the basic check
             try:
-                model_io.check_model(source, full_check=False)
+                model_io.check_model(original, full_check=False)
             except Exception as e:
                 raise InputError(f"invalid ONNX model: {_first_line(e)}") from None
         try:  # the original's outputs on the selection and the test samples, from one session
             sets = [self.progress.track(val, "reference outputs")] + ([] if test is val else [test])
-            reference, *rest = self._outputs_of_sets(source, sets, optimize=False)
+            reference, *rest = self._outputs_of_sets(original, sets, optimize=False)
         except OnnxShrinkError:
             raise
         except Exception as e:
@@ -538,11 +541,7 @@ class PassManager:
         if self._too_large_to_undo():  # no earlier model is kept: every pass is undone at once
             why = (f"rolled back by the speed contract: with the passes the result ran at {_speed_text(cmp)} "
                    f"(past 2 GB no earlier model is kept, so they are undone together)")
-            names = []
-            for rec in report.passes:
-                if rec.status in (APPLIED, BACKED_OFF):
-                    rec.status, rec.reason = ROLLED_BACK, why
-                    names.append(rec.name)
+            names = _roll_back(report.passes, why)
             report.speed.update(rolled_back=[{"passes": names, **cmp.as_dict()}], vs_input=None, verdict="not slower")
             return self._input_model()
         while cmp.slower_than(1.0) and steps:
@@ -551,11 +550,7 @@ class PassManager:
             undone, replay = steps[k], steps[k + 1:]  # only lossless steps follow the last lossy one
             del steps[k:]
             why = f"rolled back by the speed contract: with it the result ran at {_speed_text(cmp)}"
-            names = []
-            for rec in report.passes[undone.first_record:undone.end_record]:
-                if rec.status in (APPLIED, BACKED_OFF):
-                    rec.status, rec.reason = ROLLED_BACK, why
-                    names.append(rec.name)
+            names = _roll_back(report.passes[undone.first_record:undone.end_record], why)
             report.speed["rolled_back"].append({"passes": names, **cmp.as_dict()})
             unfinished = undone.before
             for st in replay:  # the lossless passes after it, on the model without it
@@ -583,6 +578,7 @@ class PassManager:
         (where the contract will time the result against it) and that comparison is kept under the
         candidate's digest: when the pass's result is that model, the contract reads it instead of
         timing the pair again. Costs one more model per round; saves a whole comparison."""
+        # past 2 GB a model has no digest (``_digest``) to keep the input's comparison under
         if len(models) != 1 or not self._contract_times() or self._too_large_to_undo():
             return compare_candidates(base, models, feeds, decides)
         cmps = compare_speeds([base, models[0], self._timed_input()], feeds,
@@ -741,8 +737,7 @@ class PassManager:
             result.graph = result.model = None
             if model_io.tensor_bytes(candidate) >= COLLECT_BEFORE_VALIDATION_BYTES:
                 gc.collect()
-            with contextlib.ExitStack() as hold:  # written once for the checks, and kept if it becomes current
-                hold.enter_context(model_io.kept_written(candidate, SESSION_VIA_FILE_BYTES))
+            with self._file_of(candidate) as hold:  # written once for the checks, and kept if it becomes current
                 ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless, check_budget, own_input)
                 if ok:
                     self._keep_current_file(hold.pop_all())
@@ -772,6 +767,16 @@ class PassManager:
         except Exception:
             pass
         return rec, current
+
+
+def _roll_back(records: list[PassRecord], why: str) -> list[str]:
+    """Mark the applied (or backed-off) ``records`` rolled back for ``why``; their pass names."""
+    names = []
+    for rec in records:
+        if rec.status in (APPLIED, BACKED_OFF):
+            rec.status, rec.reason = ROLLED_BACK, why
+            names.append(rec.name)
+    return names
 
 
 def _interface_change(original: onnx.ModelProto, candidate: onnx.ModelProto) -> str:

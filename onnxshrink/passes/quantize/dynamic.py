@@ -41,8 +41,8 @@ tool does not do:
 
 from __future__ import annotations
 
-__all__ = ["MATMUL_SHARE", "dynamic_graph", "dynamic_lstm", "dynamic_quantize", "judge_trial", "lstm_nodes",
-           "matmul_share", "narrow_weights", "narrow_columns", "try_dynamic"]
+__all__ = ["MATMUL_SHARE", "dynamic_graph", "dynamic_lstm", "dynamic_matmuls", "dynamic_quantize", "judge_trial",
+           "lstm_nodes", "matmul_share", "narrow_weights", "narrow_columns", "try_dynamic"]
 
 import logging
 import tempfile
@@ -113,6 +113,11 @@ def dynamic_graph(model: onnx.ModelProto, exclude: list | None = None,
     if weight_bits:
         narrow_weights(out, graph, {renamed(n): int(b) for n, b in weight_bits.items()})
     return out
+
+
+def dynamic_matmuls(graph: gs.Graph) -> int:
+    """How many MatMuls of ``graph`` run dynamic int8 (``MatMulInteger``, or fused ``DynamicQuantizeMatMul``)."""
+    return sum(1 for n in graph.nodes if n.op in ("MatMulInteger", "DynamicQuantizeMatMul"))
 
 
 def _ort_quantize_dynamic(model: onnx.ModelProto | Path, op_types: list, exclude: list | None,

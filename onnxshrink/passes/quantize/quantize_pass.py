@@ -50,7 +50,14 @@ from onnxshrink.graph.convert import model_to_graph
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.equalize import equalize_pairs
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
-from onnxshrink.passes.quantize.dynamic import dynamic_graph, dynamic_lstm, judge_trial, lstm_nodes, try_dynamic
+from onnxshrink.passes.quantize.dynamic import (
+    dynamic_graph,
+    dynamic_lstm,
+    dynamic_matmuls,
+    judge_trial,
+    lstm_nodes,
+    try_dynamic,
+)
 from onnxshrink.passes.quantize.fallback import FloatFallback
 from onnxshrink.passes.quantize.guard import FidelityCheck, Placement, QuantizeGuard
 from onnxshrink.passes.quantize.knob import QuantizeKnob
@@ -263,7 +270,7 @@ class QuantizePass(Pass):
             if qm is None:
                 return None
             qg = model_to_graph(qm)  # qm is its export (the model timed)
-        stats["dynamic_matmuls"] = sum(1 for n in qg.nodes if n.op in ("MatMulInteger", "DynamicQuantizeMatMul"))
+        stats["dynamic_matmuls"] = dynamic_matmuls(qg)
         if not stats["dynamic_matmuls"]:
             if o.dynamic == "on":
                 raise InputError("dynamic: the model has no MatMul/Gemm with constant weights to quantize")
@@ -286,7 +293,7 @@ class QuantizePass(Pass):
         g = done.result.graph if done.result.modified else graph
         bits = {n: b for n, b in o.dynamic_weight_bits.items() if n in dyn}
         qg = dynamic_graph(ctx.to_model(g), include=dyn, weight_bits=bits)
-        stats["dynamic_matmuls"] = sum(1 for n in qg.nodes if n.op in ("MatMulInteger", "DynamicQuantizeMatMul"))
+        stats["dynamic_matmuls"] = dynamic_matmuls(qg)
         if not stats["dynamic_matmuls"] and not done.result.modified:
             return PassResult(graph, False, stats, reason="no node to quantize")
         widths = sorted(set(bits.values()))
