@@ -412,3 +412,53 @@ def test_latency_option_measures_each_layer():
     assert before > 0 and after > 0
     # applied exactly when measured faster
     assert (L["rank"] is not None) == (after < before) == res.modified
+
+
+# ------------------------------------------------------------------------ back-off
+
+
+def _few_direction_case(seed=3, d=64, directions=3):
+    """A full-rank MatMul whose calibration inputs span ``directions`` dimensions and whose
+    selection inputs span all ``d``: the whitened spectrum has ``directions`` large values and a
+    ridge-sized tail, so every energy up to ~0.9999 keeps the same rank, and that rank breaks the
+    budget on the selection inputs."""
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+    m = _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], [_vi("x", [4, d])], [_vi("y", [4, d])],
+               {"W": W})
+    basis = rng.standard_normal((directions, d))
+    calib = [{"x": (rng.standard_normal((4, directions)) @ basis).astype(np.float32)} for _ in range(8)]
+    val = [{"x": rng.standard_normal((4, d)).astype(np.float32)} for _ in range(8)]
+    return m, calib, val
+
+
+def test_weaker_skips_the_strengths_that_pick_the_same_ranks():
+    """After a run, ``weaker()`` is the first weaker energy whose rank differs: the ones between
+    build the same model (the manager's back-off would refuse each again) and are listed."""
+    m, calib, _ = _few_direction_case()
+    p = SvdPass(energy=0.99, min_params=0)
+    res, _ = _run_pass(p, m, calib)
+    rank = res.stats["layers"][0]["rank"]
+    assert rank == 3, res.stats["layers"]
+    skipped = res.stats["same_ranks"]
+    assert skipped[0] == "energy=0.996667" and len(skipped) >= 2, skipped
+    nxt = p.weaker()
+    assert nxt.options.energy > 1 - (1 - 0.99) / 3 ** (len(skipped) + 0.5)
+    res2, _ = _run_pass(nxt, m, calib)
+    assert res2.stats["layers"][0]["rank"] != rank
+    # before a run, weaker() is the plain next strength
+    assert SvdPass(energy=0.99).weaker().options.energy == pytest.approx(1 - 0.01 / 3)
+
+
+def test_the_backoff_does_not_retry_a_strength_that_builds_the_same_model():
+    """The manager's back-off tries a strength only when its ranks differ from the refused one's."""
+    from onnxshrink.pipeline.manager import PassManager
+
+    m, calib, val = _few_direction_case()
+    _, rep = PassManager([{"svd": {"min_params": 0}}], data=calib, val_data=val, budget="cosine>=0.999").run(m)
+    rec = rep.passes[0]
+    energies = [a["options"]["energy"] for a in rec.attempts]
+    assert energies[0] == 0.99 and not rec.attempts[0]["ok"], rec.attempts
+    assert energies[1] > 0.9996, energies  # 0.99667, 0.99889 and 0.99963 keep rank 3: not tried
+    cosines = [a["fidelity"]["cosine"] for a in rec.attempts if a.get("fidelity")]
+    assert len(set(np.round(cosines, 6))) == len(cosines), rec.attempts  # every attempt a new model
