@@ -127,12 +127,14 @@ class CleanupPass(Pass):
         del exported
 
         st["initializers_merged"] = 0
+        digests: dict = {}  # of the constants not loaded, for both merges
         if o.merge_initializers:  # first here, so equal constants make equal nodes for merging
-            st["initializers_merged"] += merge_initializers(graph)
+            st["initializers_merged"] += merge_initializers(graph, digests)
         changed = _rewrite_to_fixed_point(graph, o, names, shapes.shapes, graph.opset or 0, st)
 
         if o.merge_initializers:
-            st["initializers_merged"] += merge_initializers(graph)
+            st["initializers_merged"] += merge_initializers(graph, digests)
+        del digests
         if o.remove_dead:
             remove_dead(graph)
         outputs_from_constants(graph, names, graph.opset or 0, protected)
