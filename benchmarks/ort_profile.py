@@ -11,8 +11,10 @@ Per model: 32 calibration samples (``models.real.real_samples``, or the built mo
 profile's node events (``cat == "Node"``, ``*_kernel_time``) are summed per op type of the graph
 onnxruntime actually runs (after its fusions). The table gives, per op type, the milliseconds per
 run and the share of the model's kernel time, and whether it is an integer kernel
-(``graph.cost.INTEGER_OPS``, and the QLinear* / DequantizeLinear / QuantizeLinear ops of the QDQ
-fusions): the float islands of the quantized model are the float rows of its table.
+(``graph.cost.INTEGER_OPS``, the QLinear* / DequantizeLinear / QuantizeLinear ops of the QDQ
+fusions, and any kernel whose first input the profiler recorded as 8- or 16-bit integers: Resize,
+MaxPool, Split between Q/DQ pairs onnxruntime dropped): the float islands of the quantized model are
+the float rows of its table.
 """
 
 from __future__ import annotations
@@ -39,15 +41,22 @@ MODELS = ["ppocr_cls", "yolov8n", "ppocr_rec", "crnn", "vit_s"]
 WARMUP = 5
 
 
-def integer_op(op: str) -> bool:
-    """An op type onnxruntime runs on integers (its integer kernels and the QDQ fusions' QLinear ops;
-    QuantizeLinear/DequantizeLinear convert between the two worlds and count here too)."""
+QUANTIZED_TYPES = ("uint8", "int8", "uint16", "int16")  # a kernel reading these runs on quantized data
+
+
+def integer_op(op: str, first_input: str | None = None) -> bool:
+    """Whether onnxruntime runs the kernel on integers: its integer kernels and the QDQ fusions'
+    QLinear ops (QuantizeLinear/DequantizeLinear convert between the two worlds and count here
+    too), or any op whose first input is quantized data (``first_input``, the type the profiler
+    recorded: Resize, MaxPool, Split, Transpose between Q/DQ pairs run on uint8 once onnxruntime
+    drops the pairs; by op type alone they were counted float)."""
     return op in INTEGER_OPS or op.startswith("QLinear") or op in (
-        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") or first_input in QUANTIZED_TYPES
 
 
-def op_times(model: Path, feeds: dict, runs: int) -> dict[str, float]:
-    """{op type: kernel milliseconds per run} of ``model`` on one thread (onnxruntime's profiler)."""
+def op_times(model: Path, feeds: dict, runs: int) -> dict[tuple[str, bool], float]:
+    """{(op type, integer kernel): kernel milliseconds per run} of ``model`` on one thread
+    (onnxruntime's profiler; ``integer_op`` of the op type and the first input's recorded type)."""
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as d:
         so = ort.SessionOptions()
@@ -68,7 +77,10 @@ def op_times(model: Path, feeds: dict, runs: int) -> dict[str, float]:
             continue
         if runs_seen <= WARMUP:  # the run's node events come before its model_run event
             continue
-        per_run[ev["args"]["op_name"]] += ev["dur"] / 1e3
+        args = ev["args"]
+        types = [next(iter(t)) for t in args.get("input_type_shape", []) if t]
+        op = args["op_name"]
+        per_run[(op, integer_op(op, types[0] if types else None))] += ev["dur"] / 1e3
     return {op: t / runs for op, t in per_run.items()}
 
 
@@ -91,13 +103,13 @@ def profile(name: str, runs: int, budget: str) -> list[str]:
         base, shrunk = op_times(Path(path), feeds, runs), op_times(out, feeds, runs)
     lines = [f"### {name}: fp32 {sum(base.values()):.2f} ms, onnxshrink {sum(shrunk.values()):.2f} ms of kernel "
              f"time per run ({sum(base.values()) / max(sum(shrunk.values()), 1e-9):.2f}x); onnxshrink's float "
-             f"kernels: {sum(t for o, t in shrunk.items() if not integer_op(o)) / max(sum(shrunk.values()), 1e-9):.0%}",
+             f"kernels: {sum(t for (_, i), t in shrunk.items() if not i) / max(sum(shrunk.values()), 1e-9):.0%}",
              "", "| op type (onnxshrink) | kernel | ms per run | share |", "|---|---|---|---|"]
     total = sum(shrunk.values())
-    for op, t in sorted(shrunk.items(), key=lambda kv: -kv[1]):
+    for (op, integer), t in sorted(shrunk.items(), key=lambda kv: -kv[1]):
         if t / total < 0.01:
             continue
-        lines.append(f"| {op} | {'integer' if integer_op(op) else 'float'} | {t:.2f} | {t / total:.0%} |")
+        lines.append(f"| {op} | {'integer' if integer else 'float'} | {t:.2f} | {t / total:.0%} |")
     return lines + [""]
 
 
