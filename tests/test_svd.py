@@ -417,34 +417,35 @@ def test_latency_option_measures_each_layer():
 # ------------------------------------------------------------------------ back-off
 
 
-def _few_direction_case(seed=3, d=64, directions=3):
-    """A full-rank MatMul whose calibration inputs span ``directions`` dimensions and whose
-    selection inputs span all ``d``: the whitened spectrum has ``directions`` large values and a
-    ridge-sized tail, so every energy up to ~0.9999 keeps the same rank, and that rank breaks the
-    budget on the selection inputs."""
+def _sharp_tail_case(seed=3, d=64, rank=4, tail=5e-5):
+    """A MatMul whose weight is rank ``rank`` plus a tail holding ``tail`` of its energy, seen on
+    white inputs (512 rows for 64 inputs): every energy up to 0.9999 keeps rank 4 (the tail's share
+    is under the energy left out), and rank 4 misses ``cosine >= 0.99999``."""
     rng = np.random.default_rng(seed)
-    W = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
-    m = _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], [_vi("x", [4, d])], [_vi("y", [4, d])],
+    U, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    V, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    s = np.full(d, np.sqrt(tail * rank / (d - rank)))
+    s[:rank] = 1.0
+    W = ((U * s) @ V.T).astype(np.float32)
+    m = _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], [_vi("x", [64, d])], [_vi("y", [64, d])],
                {"W": W})
-    basis = rng.standard_normal((directions, d))
-    calib = [{"x": (rng.standard_normal((4, directions)) @ basis).astype(np.float32)} for _ in range(8)]
-    val = [{"x": rng.standard_normal((4, d)).astype(np.float32)} for _ in range(8)]
-    return m, calib, val
+    samples = [{"x": rng.standard_normal((64, d)).astype(np.float32)} for _ in range(24)]
+    return m, samples
 
 
 def test_weaker_skips_the_strengths_that_pick_the_same_ranks():
     """After a run, ``weaker()`` is the first weaker energy whose rank differs: the ones between
     build the same model (the manager's back-off would refuse each again) and are listed."""
-    m, calib, _ = _few_direction_case()
+    m, samples = _sharp_tail_case()
     p = SvdPass(energy=0.99, min_params=0)
-    res, _ = _run_pass(p, m, calib)
+    res, _ = _run_pass(p, m, samples[:8])
     rank = res.stats["layers"][0]["rank"]
-    assert rank == 3, res.stats["layers"]
+    assert rank == 4, res.stats["layers"]
     skipped = res.stats["same_ranks"]
     assert skipped[0] == "energy=0.996667" and len(skipped) >= 2, skipped
     nxt = p.weaker()
     assert nxt.options.energy > 1 - (1 - 0.99) / 3 ** (len(skipped) + 0.5)
-    res2, _ = _run_pass(nxt, m, calib)
+    res2, _ = _run_pass(nxt, m, samples[:8])
     assert res2.stats["layers"][0]["rank"] != rank
     # before a run, weaker() is the plain next strength
     assert SvdPass(energy=0.99).weaker().options.energy == pytest.approx(1 - 0.01 / 3)
@@ -454,11 +455,38 @@ def test_the_backoff_does_not_retry_a_strength_that_builds_the_same_model():
     """The manager's back-off tries a strength only when its ranks differ from the refused one's."""
     from onnxshrink.pipeline.manager import PassManager
 
-    m, calib, val = _few_direction_case()
-    _, rep = PassManager([{"svd": {"min_params": 0}}], data=calib, val_data=val, budget="cosine>=0.999").run(m)
+    m, samples = _sharp_tail_case()
+    _, rep = PassManager([{"svd": {"min_params": 0}}], data=samples, budget="cosine>=0.99999").run(m)
     rec = rep.passes[0]
     energies = [a["options"]["energy"] for a in rec.attempts]
     assert energies[0] == 0.99 and not rec.attempts[0]["ok"], rec.attempts
-    assert energies[1] > 0.9996, energies  # 0.99667, 0.99889 and 0.99963 keep rank 3: not tried
+    assert energies[1] > 0.9996, energies  # 0.99667, 0.99889 and 0.99963 keep rank 4: not tried
     cosines = [a["fidelity"]["cosine"] for a in rec.attempts if a.get("fidelity")]
-    assert len(set(np.round(cosines, 6))) == len(cosines), rec.attempts  # every attempt a new model
+    assert len(set(np.round(cosines, 7))) == len(cosines), rec.attempts  # every attempt a new model
+
+
+def test_a_rank_set_by_too_few_calibration_rows_is_not_taken():
+    """Whitened by N calibration rows for d > N inputs, the energy rule's rank k >= N is the rows'
+    rank (the factorization is exact on them whatever the weight does elsewhere): the layer is left
+    with the reason, and the pass changes nothing. A rank under N is the weight's and is kept."""
+    from onnxshrink.pipeline.manager import PassManager
+
+    rng = np.random.default_rng(5)
+    d = 64
+    W = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+    m = _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], [_vi("x", [1, d])], [_vi("y", [1, d])],
+               {"W": W})
+    few = [{"x": rng.standard_normal((1, d)).astype(np.float32)} for _ in range(6)]  # 6 rows, 64 inputs
+    res, _ = _run_pass(SvdPass(min_params=0), m, few)
+    L = res.stats["layers"][0]
+    assert L["rank"] is None and L["reason"].startswith("whitened by calibration data spanning 6 of its 64"), L
+    assert not res.modified and "whitened by fewer calibration rows" in res.reason
+    # the manager makes no attempt to validate (nothing changed), so nothing is refused or backed off
+    _, rep = PassManager([{"svd": {"min_params": 0}}], data=few + few, budget="cosine>=0.99").run(m)
+    assert rep.passes[0].status == "not applicable" and not rep.passes[0].attempts
+    # a weight of true rank 3 seen on 6 rows: rank 3 < 6 is the weight's own, factorized
+    low = _exact_rank(d, d, 3, rng)
+    m3 = _model([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], [_vi("x", [1, d])], [_vi("y", [1, d])],
+                {"W": low})
+    res3, _ = _run_pass(SvdPass(min_params=0), m3, few)
+    assert res3.stats["layers"][0]["rank"] == 3 and res3.modified

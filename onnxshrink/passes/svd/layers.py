@@ -188,7 +188,8 @@ def covariance_key(layer: Layer) -> tuple:
 
 def covariances(layers: list[Layer], ctx: Context, graph, source, n: int, max_positions: int, tag: str):
     """{cov key: mean covariance} of the layers' inputs over the first n samples of ``source``,
-    streamed one sample at a time; also returns {tensor name: shape of the first sample}."""
+    streamed one sample at a time; also returns {tensor name: shape of the first sample} and
+    {cov key: the rows (positions, patches) each covariance was summed over}."""
     from onnxshrink.data import Subset
     keys = {}
     for L in layers:
@@ -217,8 +218,8 @@ def covariances(layers: list[Layer], ctx: Context, graph, source, n: int, max_po
             sums[k] = c if sums[k] is None else sums[k] + c
             counts[k] += cnt
     covs = {k: (sums[k] / counts[k]) for k in keys if sums[k] is not None and counts[k]}
-    ctx.cache[cache_key] = (covs, shapes)
-    return covs, shapes
+    ctx.cache[cache_key] = (covs, shapes, {k: counts[k] for k in covs})
+    return ctx.cache[cache_key]
 
 
 # ------------------------------------------------------------------------------ rank choice

@@ -99,6 +99,23 @@ class SvdOptions:
 _NOT_RUN = object()  # SvdPass._distinct_weaker before a run
 
 
+def data_ranks(covs: dict, rows: dict, cache: dict) -> dict:
+    """{cov key: (rank, dims)} of the covariances summed over fewer rows than their dims (``rows``):
+    their numerical rank (eigenvalues above numpy's default tolerance; repeated samples add rows
+    but no rank). A covariance of at least as many rows as dims is taken at full rank (not computed:
+    O(d^3))."""
+    out = {}
+    for k, c in covs.items():
+        d = c.shape[0]
+        if rows.get(k, d) >= d:
+            continue
+        ck = ("svd.data_rank", k, rows[k], d)
+        if ck not in cache:
+            cache[ck] = int(np.linalg.matrix_rank(c, hermitian=True))
+        out[k] = (cache[ck], d)
+    return out
+
+
 def weaker_options(o: SvdOptions) -> SvdOptions | None:
     """The next weaker strength of ``o``'s rule: more energy kept (the unkept part / 3), a larger
     ratio (half the way to 1), a wider fit margin (+0.3), a smaller max_error (/ 4); None at the end."""
@@ -158,9 +175,10 @@ class SvdPass(Pass):
                               and len(ctx.calib)) else None
         val = ctx.val if (o.measure and ctx.val is not None and not getattr(ctx.val, "synthetic", False)
                           and len(ctx.val)) else None
-        covs, seen = ({}, {})
+        covs, seen, rows = ({}, {}, {})
         if calib is not None:
-            covs, seen = covariances(layers, ctx, graph, calib, o.samples, o.max_positions, "calibration")
+            covs, seen, rows = covariances(layers, ctx, graph, calib, o.samples, o.max_positions, "calibration")
+        self._data_ranks = data_ranks(covs, rows, ctx.cache)
         stats["whitened"] = calib is not None
         if calib is None:
             stats["whitening"] = ("off (whiten=false)" if not o.whiten else
@@ -190,7 +208,7 @@ class SvdPass(Pass):
         chosen = [L for L in layers if L.form is not None]
         vcovs = {}
         if val is not None and chosen:
-            vcovs, _ = covariances(chosen, ctx, graph, val, 8, o.max_positions, "validation")
+            vcovs, _, _ = covariances(chosen, ctx, graph, val, 8, o.max_positions, "validation")
 
         records = []
         p_before = p_after = 0
@@ -202,7 +220,8 @@ class SvdPass(Pass):
                    "params_before": L.params, "macs_before": as_int(L.macs)}
             if L.form is None:
                 rec.update(rank=None, params_after=L.params, macs_after=as_int(L.macs),
-                           reason=L.record.get("reason", "no rank pays (k(n+m) >= nm, or more MACs)"))
+                           reason=L.record.get("starved") or L.record.get(
+                               "reason", "no rank pays (k(n+m) >= nm, or more MACs)"))
                 records.append(rec)
                 continue
             f, k = L.form, L.rank
@@ -253,7 +272,10 @@ class SvdPass(Pass):
         stats["params_after"] = p_after
         stats["macs_before"] = int(m_before) if macs_known else None
         stats["macs_after"] = int(m_after) if macs_known else None
-        reason = "" if emitted else f"no layer has a paying rank at {self.describe_strength()}"
+        starved = sum(1 for L in layers if L.record.get("starved"))
+        reason = "" if emitted else f"no layer has a paying rank at {self.describe_strength()}" + (
+            f" ({starved} whitened by fewer calibration rows than the rank they would take: give more samples, "
+            f"or whiten=false)" if starved else "")
         return PassResult(graph, bool(emitted) or bool(folded), stats, reason=reason)
 
     # ---------------------------------------------------------------- ranks
@@ -269,6 +291,7 @@ class SvdPass(Pass):
         if o.ranks or (o.rule == "fit" and ctx.budget is not None and ctx.evaluator is not None):
             return nxt
         mine = [(L.form, L.rank) for L in layers]
+        starved = [L.record.get("starved") for L in layers]
         skipped = []
         try:
             while nxt is not None:
@@ -278,11 +301,28 @@ class SvdPass(Pass):
                 skipped.append(SvdPass(nxt).describe_strength())
                 nxt = weaker_options(nxt)
         finally:
-            for L, (form, rank) in zip(layers, mine):
-                L.form, L.rank = form, rank
+            for L, (form, rank), why in zip(layers, mine, starved):
+                L.form, L.rank, L.record["starved"] = form, rank, why
         if skipped:
             stats["same_ranks"] = skipped
         return nxt
+
+    def _starved(self, L) -> str:
+        """Why ``L``'s rank says nothing about its weight, or "": whitened by a covariance of rank
+        N < d (N calibration rows, positions or patches, that span N directions of d inputs), the
+        whitened spectrum has N values above the ridge, so the energy rule's rank k >= N is the
+        calibration's rank, and the factorization is exact on those rows whatever the weight does
+        elsewhere (a 2 GiB embedding model's head, 2048 inputs whitened by 8 pooled rows: rank 8
+        predicted 1e-5 error and measured 0.10 on the selection samples; every weaker energy was
+        refused, 20 s each). A rank under N (the digits CNN's head: 13 for 64 rows of 512 inputs) is
+        the weight's and stays."""
+        f = L.form
+        n = getattr(self, "_data_ranks", {}).get(covariance_key(L))
+        if f is None or not f.whitened or n is None or L.rank < n[0]:
+            return ""
+        rank, d = n
+        return (f"whitened by calibration data spanning {rank} of its {d} inputs: rank {L.rank} is the data's "
+                f"rank, not the weight's (give more samples, or whiten=false)")
 
     def _choose_ranks(self, layers, ctx, graph, o):
         what = cost_columns(o)
@@ -297,6 +337,9 @@ class SvdPass(Pass):
         if o.rule == "energy":
             for L in layers:
                 L.form, L.rank = pick_form_energy(L, o.energy, o.rank_multiple)
+                L.record["starved"] = self._starved(L)
+                if L.record["starved"]:
+                    L.form, L.rank = None, 0
             return
         for L in layers:
             L.form = pick_form_global(L)
