@@ -274,8 +274,8 @@ class SvdPass(Pass):
         stats["macs_after"] = int(m_after) if macs_known else None
         starved = sum(1 for L in layers if L.record.get("starved"))
         reason = "" if emitted else f"no layer has a paying rank at {self.describe_strength()}" + (
-            f" ({starved} whitened by fewer calibration rows than the rank they would take: give more samples, "
-            f"or whiten=false)" if starved else "")
+            f" ({starved} whitened by calibration data of no higher rank than the one they would take: give "
+            f"more samples, or whiten=false)" if starved else "")
         return PassResult(graph, bool(emitted) or bool(folded), stats, reason=reason)
 
     # ---------------------------------------------------------------- ranks
