@@ -257,9 +257,8 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
     every one of the 12 rounds on one side of the boundary. A "faster" boundary inside the interval
     with the median at or under it stops too (futility): more rounds narrow the interval around that
     median, and "clearly faster" needs the whole interval above the boundary, so the answer stays
-    the cautious one, "not clearly faster" (a tie keeps float); so does one whose interval, narrowed
-    as the full blocks would narrow it, would still reach the boundary (``_close``). A "slower"
-    boundary inside the interval is always a close call: there the cautious answer is the one more rounds may give
+    the cautious one, "not clearly faster" (a tie keeps float). A "slower" boundary inside the
+    interval is always a close call: there the cautious answer is the one more rounds may give
     (PP-OCRv4 rec's guard: three ties at 1.00-1.03x, decided on 12 rounds instead of 23-24).
     Otherwise (a close call) the close pairs' blocks grow to their full size: the rounds timed are
     the same number as without the early look; a pair decided on the early look keeps that
@@ -281,8 +280,7 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
     if any(d for _, _, d in pairs) and one * 1e3 >= EARLY_LOOK_MS and rounds > 2 * early_rounds:
         early = [interleaved_latency(sessions, feeds, rounds=early_rounds, runs=1, warmup=1) for _ in range(2)]
         cmps = compared(early)
-        narrowing = math.sqrt(early_rounds / min(sizes))
-        close = [k for k, (cmp, (_, _, decides)) in enumerate(zip(cmps, pairs)) if _close(cmp, decides, narrowing)]
+        close = [k for k, (cmp, (_, _, decides)) in enumerate(zip(cmps, pairs)) if _close(cmp, decides)]
         if not close:
             return cmps
         # the close calls: their blocks grow to full size (the early rounds count, nothing is re-timed);
@@ -298,21 +296,12 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
     return compared([interleaved_latency(sessions, feeds, rounds=n, runs=1, warmup=2) for n in sizes])
 
 
-def _close(cmp: SpeedComparison, decides: Sequence[tuple[str, float]], narrowing: float = 1.0) -> bool:
+def _close(cmp: SpeedComparison, decides: Sequence[tuple[str, float]]) -> bool:
     """Whether a decision of ``decides`` is a close call on ``cmp`` (``compare_speeds``' early look): a
-    "faster" boundary inside the interval that the full measurement could clear, or a "slower"
-    boundary inside the interval.
-
-    "Faster" is futile (not close) when the median is at or under the boundary, or when the interval
-    narrowed around the same median as the full blocks narrow it would still reach the boundary:
-    ``median - (median - low) x narrowing <= boundary``, ``narrowing = sqrt(early rounds / full block
-    rounds)`` (a block's interval of the median shrinks as 1/sqrt(n); with 6 rounds it is the block's
-    [min, max], with 18 its 5th-from-the-ends order statistics, about 0.6 of its width). PP-OCRv4
-    rec's guard: ties at 1.03x with the boundary 1.03 inside [1.008, 1.06] were timed 21-24 rounds
-    more, each time to the same answer, "not clearly faster"."""
+    "faster" boundary inside the interval with the median above it (under it, more rounds are futile),
+    or a "slower" boundary inside the interval."""
     for kind, t in decides:
-        if kind == "faster" and cmp.low <= t * cmp.margin < cmp.speedup and \
-                cmp.speedup - (cmp.speedup - cmp.low) * narrowing > t * cmp.margin:
+        if kind == "faster" and cmp.low <= t * cmp.margin < cmp.speedup:
             return True
         if kind != "faster" and cmp.low <= t / cmp.margin <= cmp.high:
             return True
