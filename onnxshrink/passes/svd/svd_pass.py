@@ -314,8 +314,7 @@ class SvdPass(Pass):
         calibration's rank, and the factorization is exact on those rows whatever the weight does
         elsewhere (a 2 GiB embedding model's head, 2048 inputs whitened by 8 pooled rows: rank 8
         predicted 1e-5 error and measured 0.10 on the selection samples; every weaker energy was
-        refused, 20 s each). A rank under N (the digits CNN's head: 13 for 64 rows of 512 inputs) is
-        the weight's and stays."""
+        refused, 20 s each). A rank under N is the weight's and stays."""
         f = L.form
         n = getattr(self, "_data_ranks", {}).get(covariance_key(L))
         if f is None or not f.whitened or n is None or L.rank < n[0]:
