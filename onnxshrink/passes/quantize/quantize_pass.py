@@ -282,7 +282,7 @@ class QuantizePass(Pass):
     def _per_node_dynamic(self, graph: gs.Graph, ctx: Context) -> PassResult:
         """``dynamic_nodes``: the other nodes first as the remaining options say (static QDQ, int8 or float
         weights, with the dynamic nodes kept float with float weights), then the dynamic nodes by
-        onnxruntime's ``quantize_dynamic`` restricted to them (``dynamic.dynamic_quantize``)."""
+        onnxruntime's ``quantize_dynamic`` restricted to them (``dynamic.dynamic_graph``)."""
         o = self.options
         dyn = sorted(set(o.dynamic_nodes) - set(o.exclude))
         rest = dataclasses.replace(o, dynamic_nodes=[], dynamic="off", exclude=sorted(set(o.exclude) | set(dyn)),

@@ -178,7 +178,8 @@ class SvdPass(Pass):
         covs, seen, rows = ({}, {}, {})
         if calib is not None:
             covs, seen, rows = covariances(layers, ctx, graph, calib, o.samples, o.max_positions, "calibration")
-        self._data_ranks = data_ranks(covs, rows, ctx.cache)
+        # only the energy rule reads them (``_starved``); a numerical rank is O(d^3)
+        self._data_ranks = data_ranks(covs, rows, ctx.cache) if o.rule == "energy" and not o.ranks else {}
         stats["whitened"] = calib is not None
         if calib is None:
             stats["whitening"] = ("off (whiten=false)" if not o.whiten else
@@ -316,7 +317,7 @@ class SvdPass(Pass):
         predicted 1e-5 error and measured 0.10 on the selection samples; every weaker energy was
         refused, 20 s each). A rank under N is the weight's and stays."""
         f = L.form
-        n = getattr(self, "_data_ranks", {}).get(covariance_key(L))
+        n = self._data_ranks.get(covariance_key(L))
         if f is None or not f.whitened or n is None or L.rank < n[0]:
             return ""
         rank, d = n
