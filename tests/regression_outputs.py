@@ -9,6 +9,12 @@ samples and seed, and hashes the serialized output model. Timing-based choices a
 contract) so that a hash changes only when a rewrite changes. A refactoring must leave every hash
 as it is; a deliberate behaviour change rewrites the file with ``--write`` in the same commit and
 says why.
+
+The bytes also depend on onnxruntime's numerics, which the CPU's instruction set picks (its float
+GEMM and convolution kernels on AVX2 or AVX-512, its int8 kernels with or without VNNI: calibration
+ranges, importance scores and the guard's fidelity all come from onnxruntime runs), so the hashes
+are recorded per machine kind (``machine()``: the onnxruntime version and the CPU's kernel-selecting
+features). On a kind with no record the test skips and says so; ``--write`` records this kind's.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -88,6 +95,32 @@ MODEL_CASES = {  # which models each case runs on (the transformer and mlp have 
 }
 
 
+# the CPU features that pick onnxruntime's (MLAS) kernels on x86-64, in the order they are listed
+KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def machine() -> str:
+    """The machine kind the hashes are recorded for: the onnxruntime version and the CPU features that
+    select its kernels (``KERNEL_FEATURES`` from /proc/cpuinfo on x86-64; the architecture alone
+    elsewhere), e.g. "onnxruntime 1.32.0, x86_64 avx2 fma avx512f avx512_vnni"."""
+    import onnxruntime as ort
+    arch = platform.machine()
+    flags: set = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return " ".join([f"onnxruntime {ort.__version__}, {arch}", *(f for f in KERNEL_FEATURES if f in flags)])
+
+
+def recorded_hashes() -> dict | None:
+    """The hashes recorded for this machine kind (``machine()``), None when there are none."""
+    return json.loads(HASHES.read_text()).get(machine())
+
+
 def _with_no_timing(passes: list) -> list:
     out = []
     for p in passes:
@@ -139,12 +172,16 @@ def main(argv=None) -> int:
     ap.add_argument("cases", nargs="*", help="model/case keys (default: all)")
     args = ap.parse_args(argv)
     got = run_all(args.cases or None)
+    kind = machine()
     if args.write:
-        old = json.loads(HASHES.read_text()) if HASHES.exists() else {}
-        old.update(got)
-        HASHES.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+        recorded = json.loads(HASHES.read_text()) if HASHES.exists() else {}
+        recorded.setdefault(kind, {}).update(got)
+        HASHES.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
         return 0
-    want = json.loads(HASHES.read_text())
+    want = recorded_hashes()
+    if want is None:
+        print(f"no hashes recorded for {kind}: --write records them")
+        return 1
     bad = [k for k in got if want.get(k) != got[k]]
     for k in bad:
         print(f"CHANGED {k}: {want.get(k)} -> {got[k]}")

@@ -82,9 +82,11 @@ def test_unreachable_target_fails_closed(digits, tmp_path, monkeypatch):
     assert a["chosen_n"] is None and "smallest size" in a["result"] and a["trials"]
     ok = [t for t in a["trials"] if t["budget_ok"]]
     assert ok
-    # the same inputs with a target the cheapest verified configuration meets: the cached trials are
-    # judged against the new target, and the chosen one is rebuilt
-    reachable = min(t["cost"]["weight_bytes"] for t in ok) / rep["before"]["weight_bytes"] + 1e-3
+    # the same inputs with a target a verified configuration meets: the cached trials are judged
+    # against the new target, and the chosen one is rebuilt. The least compressed verified one: the
+    # verdict is on the held-out test samples, which the cheapest one verified on the selection
+    # samples can miss (seen on an AVX-512 VNNI CPU: 0.984 on selection, 0.948 on test, exit 4)
+    reachable = max(t["cost"]["weight_bytes"] for t in ok) / rep["before"]["weight_bytes"] + 1e-3
     res, out, rep = _run(digits, tmp_path, "--target-size", f"{reachable:.4f}", "--executor", "serial")
     assert res.code == 0, res.err
     assert rep["allocation"]["sensitivity"]["measured"] == 0

@@ -79,7 +79,10 @@ def test_fp16_model_quantizes(name):
     assert report.fidelity["cosine"] >= 0.99
     check(out)
     assert TensorProto.INT8 in _weight_dtypes(out) and TensorProto.FLOAT16 not in _weight_dtypes(out)
-    assert report.after["weight_bytes"] < 0.6 * report.before["weight_bytes"]  # int8 < float16
+    # int8 weights are half the float16 ones; with the QDQ plan the biases become int32 and the
+    # per-channel scales float32 (mobilenet: 0.705x on an AVX-512 VNNI CPU, where the guard keeps
+    # the plan), and with float activations (where integer kernels are not faster) it is under 0.6x
+    assert report.after["weight_bytes"] < 0.75 * report.before["weight_bytes"]
     ref = run_ort(m, samples[3])[0]
     got = run_ort(out, samples[3], optimize=True)[0]
     assert float(np.dot(ref.ravel(), got.ravel()) / np.linalg.norm(ref) / np.linalg.norm(got)) >= 0.99

@@ -104,7 +104,8 @@ def test_auto_smoothing_rescues_int8_on_outlier_channels_and_leaves_plain_models
 
     bare, _ = quantized(outlier_vit(), smooth="off")
     auto, st = quantized(outlier_vit())
-    assert bare < 0.95 and auto > 0.99, (bare, auto)  # measured: 0.917 and 0.998
+    # measured: 0.917 and 0.998 on AVX2 without VNNI (7-bit weights there), 0.957 and 0.998 with VNNI
+    assert bare < 0.97 and auto > 0.99 and (1 - auto) < (1 - bare) / 10, (bare, auto)
     assert len(st["groups"]) == 4 and st["alpha"] == 0.5
     # no outliers: auto leaves the model as it was (the same bytes as smooth=off)
     out_auto, rep = onnxshrink.optimize(plain, None, passes=[{"quantize": int8}], data=xs[:16], budget="none",
