@@ -6,8 +6,12 @@ import collections
 import os
 import tempfile
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 import onnxshrink
 from models.build import crnn_small, resnet_small
@@ -44,3 +48,50 @@ def test_integer_share_matches_what_onnxruntime_fuses():
     assert rep.after["integer_macs"] == st["integer_macs"] and rep.before["integer_macs"] == 0
     # a float model: none
     assert model_stats(resnet_small())["integer_macs"] == 0
+
+
+def _chained_reshapes() -> onnx.ModelProto:
+    """x [N, 3, H, 8] -> Reshape to (N, 12, -1), N read off Shape(x) -> Reshape to (N, 12, 2, 4), its
+    head read off the first Reshape's output -> MatMul by W [4, 5]: the second target shape is known
+    only once the first Reshape's output is (PP-OCRv4 rec's SVTR blocks do this)."""
+    def const(name, v):
+        return h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64), name))
+    nodes = [
+        const("s0", [0]), const("s1", [1]), const("s2", [2]), const("t1", [12, -1]), const("t2", [2, 4]),
+        h.make_node("Sigmoid", ["x"], ["xs"]),
+        h.make_node("Shape", ["xs"], ["sh0"]), h.make_node("Slice", ["sh0", "s0", "s1"], ["n0"]),
+        h.make_node("Concat", ["n0", "t1"], ["shape1"], axis=0), h.make_node("Reshape", ["xs", "shape1"], ["y1"]),
+        h.make_node("Relu", ["y1"], ["y1r"]),
+        h.make_node("Shape", ["y1r"], ["sh1"]), h.make_node("Slice", ["sh1", "s0", "s2"], ["n1"]),
+        h.make_node("Concat", ["n1", "t2"], ["shape2"], axis=0), h.make_node("Reshape", ["y1r", "shape2"], ["y2"]),
+        h.make_node("MatMul", ["y2", "W"], ["z"]),
+    ]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", 8])],
+                     [h.make_tensor_value_info("z", TensorProto.FLOAT, [None] * 4)],
+                     [nh.from_array(np.ones((4, 5), np.float32), "W")])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+
+def test_macs_behind_shapes_read_off_earlier_reshapes_are_known():
+    c = model_cost(_chained_reshapes(), {"x": [1, 3, 4, 8]})
+    assert c["macs_known"] and c["macs"] == 1 * 12 * 2 * 5 * 4  # the MatMul [1, 12, 2, 4] x [4, 5]
+    assert c["integer_macs"] == 0
+
+
+def test_the_values_after_a_dynamic_int8_lstm_have_shapes_and_their_macs_count():
+    """onnx's shape inference knows no com.microsoft op: without the DynamicQuantizeLSTM's output
+    shapes, the head MatMul after it had no MACs and the model's integer share was unknown.
+    ``dynamic=on`` without the guard: the LSTM and the head dynamic int8, the convolutions float."""
+    from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
+    m = crnn_small(hw=(32, 64), hidden=16, widths=(8, 8, 8, 8, 8))
+    m.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "width"  # a text line of any width
+    del m.graph.value_info[:]
+    xs = [{"x": x} for x in preprocess(text_lines(8, (32, 64)), "crnn")]
+    out, _ = onnxshrink.optimize(m, None, passes=["cleanup", {"quantize": {"guard": False, "dynamic": "on"}}],
+                                 data=xs, budget="none", speed="off")
+    lstm = next(n for n in out.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    shapes = value_shapes(infer_shapes(fix_input_shapes(out, {"x": [1, 3, 32, 64]})))
+    assert shapes[lstm.output[0]] == [16, 2, 1, 16]  # Y: [T = 64 / 4, directions, batch, hidden]
+    st, per = model_stats(out, {"x": [1, 3, 32, 64]}), model_cost(m, {"x": [1, 3, 32, 64]})["per_node"]
+    assert st["macs"] == sum(per.values())
+    assert st["integer_macs"] == per["/rnn/LSTM"] + per["/head/MatMul"]  # dynamic int8; the convs float

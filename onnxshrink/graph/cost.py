@@ -122,17 +122,38 @@ def _fold_shape_arithmetic(model: onnx.ModelProto, input_shapes: dict) -> onnx.M
     folded by onnx-graphsurgeon and shapes inferred; None when that fails. onnx's shape inference
     leaves a Slice whose bounds are computed from a Shape unknown (Hugging Face's
     ``position_ids[:, :input_ids.size(1)]``), and every shape after it loses its batch dim; folding
-    makes the bounds constants. Used only when the MACs are otherwise unknown (it copies weights)."""
+    makes the bounds constants. A shape folded to a constant makes the values after it known,
+    whose own Shape ops fold on the next round: rounds repeat until the MACs are known or a round
+    resolves no more shapes (PP-OCRv4 rec's SVTR blocks, a Reshape to a shape read off the
+    previous Reshape's output: 3 rounds). Used only when the MACs are otherwise unknown (it copies
+    weights)."""
     import onnx_graphsurgeon as gs
     try:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         fix_input_shapes(m, {k: list(v) for k, v in input_shapes.items()})
-        g = gs.import_onnx(m)
-        g.fold_constants(fold_shapes=True, error_ok=True).cleanup()
-        return infer_shapes(gs.export_onnx(g, do_type_check=False))
+        m = infer_shapes(m)
+        unknown = _unknown_shapes(m)
+        for _ in range(FOLD_ROUNDS):
+            g = gs.import_onnx(m)
+            g.fold_constants(fold_shapes=True, error_ok=True).cleanup()
+            m = infer_shapes(gs.export_onnx(g, do_type_check=False))
+            now = _unknown_shapes(m)
+            if _macs(m, value_shapes(m))[1] or now >= unknown:
+                break
+            unknown = now
+        return m
     except Exception:
         return None
+
+
+FOLD_ROUNDS = 8  # fold-and-infer rounds of _fold_shape_arithmetic (PP-OCRv4 rec: 3)
+
+
+def _unknown_shapes(model: onnx.ModelProto) -> int:
+    """How many node outputs of ``model`` have a dim (or the whole shape) unknown."""
+    shapes = value_shapes(model)
+    return sum(1 for n in model.graph.node for o in n.output if o and None in shapes.get(o, [None]))
 
 
 def _macs(model: onnx.ModelProto, shapes: dict) -> tuple[int, bool, dict, int]:

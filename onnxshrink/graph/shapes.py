@@ -66,11 +66,64 @@ def static_shapes_from_sample(sample: dict) -> dict[str, list[int]]:
 
 def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
     """Shape inference (with data propagation, so shape arithmetic resolves); returns the model
-    unchanged when inference fails."""
+    unchanged when inference fails. onnx knows no shapes of onnxruntime's contrib ops: the outputs
+    of those in ``CONTRIB_SHAPES`` (the ones onnxshrink emits) are added from their inputs' shapes and
+    inference runs again, so the values after them are known too."""
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
     except Exception:
         return model
+    for _ in range(8):  # a contrib op behind another is reached on the next round
+        if not _add_contrib_shapes(inferred):
+            break
+        try:
+            inferred = onnx.shape_inference.infer_shapes(inferred, strict_mode=False, data_prop=data_prop)
+        except Exception:
+            break
+    return inferred
+
+
+def _lstm_outputs(node: onnx.NodeProto, shapes: dict) -> list | None:
+    """The output shapes of onnxruntime's ``DynamicQuantizeLSTM`` (the LSTM's: Y ``[T, dirs, B, H]``,
+    Y_h and Y_c ``[dirs, B, H]``; batch first with ``layout=1``) from its input X and its attributes."""
+    x = shapes.get(node.input[0])
+    if not x or len(x) != 3:
+        return None
+    attrs = {a.name: a for a in node.attribute}
+    hidden = attrs["hidden_size"].i if "hidden_size" in attrs else None
+    if not hidden:
+        return None
+    dirs = 2 if "direction" in attrs and attrs["direction"].s == b"bidirectional" else 1
+    if "layout" in attrs and attrs["layout"].i == 1:
+        t, b = x[1], x[0]
+        return [[b, t, dirs, hidden], [b, dirs, hidden], [b, dirs, hidden]]
+    t, b = x[0], x[1]
+    return [[t, dirs, b, hidden], [dirs, b, hidden], [dirs, b, hidden]]
+
+
+CONTRIB_SHAPES = {("com.microsoft", "DynamicQuantizeLSTM"): _lstm_outputs}
+
+
+def _add_contrib_shapes(model: onnx.ModelProto) -> int:
+    """Add to ``model``'s value_info the output shapes of its contrib ops of ``CONTRIB_SHAPES`` that
+    inference left without them (the element type of input 0); returns how many were added."""
+    g = model.graph
+    shapes = value_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    added = 0
+    for node in g.node:
+        rule = CONTRIB_SHAPES.get((node.domain, node.op_type))
+        if rule is None or all(o in shapes or not o for o in node.output):
+            continue
+        outs = rule(node, shapes)
+        if outs is None:
+            continue
+        for name, dims in zip(node.output, outs):
+            if name and name not in shapes and types.get(node.input[0]):
+                g.value_info.append(onnx.helper.make_tensor_value_info(
+                    name, types[node.input[0]], [d if isinstance(d, int) else None for d in dims]))
+                added += 1
+    return added
 
 
 def value_shapes(model: onnx.ModelProto) -> dict[str, list]:
