@@ -326,3 +326,25 @@ def test_a_tiny_saving_is_not_worth_the_check():
     _, rep = optimize(m, passes=[{"quantize": {"exclude": ["mm_small"], "fallback": "int8", **opts}}], data=samples,
                       budget="cosine>=0.99")
     assert rep.passes[0].stats["float_weights"]["stored"] == 1
+
+
+def test_the_float_model_is_not_measured_before_its_weights_are_stored(monkeypatch):
+    """No placement kept (every unit excluded): the plan is the float model, whose scores are the
+    original's on the same samples, so the fidelity check measures only models with stored weights."""
+    from onnxshrink.passes.quantize.guard import FidelityCheck
+    m = net()
+    float_w = {t.name: nh.to_array(t) for t in m.graph.initializer if t.name in ("wc", "wt", "wg", "wm")}
+    measured = []  # per model measured: how many of the 4 weights hold their float values
+    real = FidelityCheck.measure
+
+    def measure(self, g):
+        model = g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g)
+        inits = {t.name: t for t in model.graph.initializer}
+        measured.append(sum(n in inits and np.array_equal(nh.to_array(inits[n]), w) for n, w in float_w.items()))
+        return real(self, model)
+    monkeypatch.setattr(FidelityCheck, "measure", measure)
+    _, rep = optimize(m, passes=[{"quantize": {"exclude": ["conv", "convt", "gemm", "mm", "mm_tiny"]}}],
+                      data=normal_samples(32, shape=(1, 3, 16, 16)), budget="cosine>=0.99")
+    fw = rep.passes[0].stats["float_weights"]
+    assert fw["stored"] == 4 and fw["checked"] == "all 4 stored: holds", fw
+    assert measured == [0]  # one check: the model with the 4 weights as stored (Q x s), none float

@@ -79,15 +79,16 @@ class FloatFallback:
     def float_result(self, graph: gs.Graph, source: gs.Graph, why: str) -> PassResult:
         """No integer placement kept: ``source`` (the float model) with its weights stored int8 when
         ``fallback`` allows (smaller, same speed); else ``graph`` unchanged."""
-        g, stored = self.store(source)
+        g, stored = self.store(source, exact=True)
         if not stored:
             return PassResult(graph, False, dict(self.stats), reason=why)
         self.stats["activations"] = f"float ({why})"
         return PassResult(g, True, self.stats,
                           note=f"activations stay float: {why}; {stored} weights stored int8 (float speed)")
 
-    def store(self, g: gs.Graph) -> tuple[gs.Graph, int]:
-        """Store the float-kept weights of ``g`` int8: (graph, number stored)."""
+    def store(self, g: gs.Graph, exact: bool = False) -> tuple[gs.Graph, int]:
+        """Store the float-kept weights of ``g`` int8: (graph, number stored). ``exact``: ``g`` is the
+        float model itself (no placement kept), whose scores are the original's (``_select``)."""
         mode = fallback_mode(self.o.fallback, getattr(self.ctx, "target", None), self.stats)
         if mode == "float":
             return g, 0
@@ -112,7 +113,7 @@ class FloatFallback:
                             f"{100 * MIN_CHECKED_SAVING:g} %): not worth the check; fallback=int8 stores them "
                             f"unchecked")}
                 return g, 0
-            keep = self._select(g, cands, log)
+            keep = self._select(g, cands, log, exact)
             if keep is None:
                 return g, 0
             cands = {k: cands[k] for k in keep}
@@ -121,9 +122,12 @@ class FloatFallback:
         self.stats["float_weights"] = log
         return g, len(saved)
 
-    def _select(self, g: gs.Graph, cands: dict, log: dict) -> list | None:
+    def _select(self, g: gs.Graph, cands: dict, log: dict, exact: bool = False) -> list | None:
         """The candidates to store so that the floor holds, or None when the plan breaks the budget
-        already (the manager weakens it)."""
+        already (the manager weakens it). The plan's own fidelity is measured, except for the float
+        model (``exact``): its scores are the original's on the same samples (``Context.baseline``,
+        to float rounding: the opset upgrade and folds of preparation are exact rewrites), as the
+        guard takes them when it keeps the float model; PP-OCRv4 det: 8 runs, 0.4 s."""
         check = self.check
         base = self.ctx.to_model(g)
 
@@ -141,7 +145,7 @@ class FloatFallback:
             return group_loss
 
         on_calibration = None
-        base_fid = check.measure(base)
+        base_fid = dict(self.ctx.baseline) if exact and self.ctx.baseline else check.measure(base)
         if check.holds(base_fid):
             on_calibration = self._calibration_check(log)
 
