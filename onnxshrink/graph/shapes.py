@@ -73,7 +73,7 @@ def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelPr
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
     except Exception:
         return model
-    for _ in range(8):  # a contrib op behind another is reached on the next round
+    for _ in range(CONTRIB_ROUNDS):  # a contrib op behind another is reached on the next round
         if not _add_contrib_shapes(inferred):
             break
         try:
@@ -102,6 +102,7 @@ def _lstm_outputs(node: onnx.NodeProto, shapes: dict) -> list | None:
 
 
 CONTRIB_SHAPES = {("com.microsoft", "DynamicQuantizeLSTM"): _lstm_outputs}
+CONTRIB_ROUNDS = 8  # inference rounds after adding contrib outputs (one per contrib op in a chain)
 
 
 def _add_contrib_shapes(model: onnx.ModelProto) -> int:
