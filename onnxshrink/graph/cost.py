@@ -133,13 +133,14 @@ def _fold_shape_arithmetic(model: onnx.ModelProto, input_shapes: dict) -> onnx.M
         m.CopyFrom(model)
         fix_input_shapes(m, {k: list(v) for k, v in input_shapes.items()})
         m = infer_shapes(m)
-        unknown = _unknown_shapes(m)
+        unknown = _unknown_shapes(m, value_shapes(m))
         for _ in range(FOLD_ROUNDS):
             g = gs.import_onnx(m)
             g.fold_constants(fold_shapes=True, error_ok=True).cleanup()
             m = infer_shapes(gs.export_onnx(g, do_type_check=False))
-            now = _unknown_shapes(m)
-            if _macs(m, value_shapes(m))[1] or now >= unknown:
+            shapes = value_shapes(m)
+            now = _unknown_shapes(m, shapes)
+            if _macs(m, shapes)[1] or now >= unknown:
                 break
             unknown = now
         return m
@@ -150,9 +151,9 @@ def _fold_shape_arithmetic(model: onnx.ModelProto, input_shapes: dict) -> onnx.M
 FOLD_ROUNDS = 8  # fold-and-infer rounds of _fold_shape_arithmetic (PP-OCRv4 rec: 3)
 
 
-def _unknown_shapes(model: onnx.ModelProto) -> int:
-    """How many node outputs of ``model`` have a dim (or the whole shape) unknown."""
-    shapes = value_shapes(model)
+def _unknown_shapes(model: onnx.ModelProto, shapes: dict) -> int:
+    """How many node outputs of ``model`` have a dim (or the whole shape) unknown in ``shapes``
+    (``value_shapes``)."""
     return sum(1 for n in model.graph.node for o in n.output if o and None in shapes.get(o, [None]))
 
 

@@ -109,6 +109,8 @@ def _add_contrib_shapes(model: onnx.ModelProto) -> int:
     """Add to ``model``'s value_info the output shapes of its contrib ops of ``CONTRIB_SHAPES`` that
     inference left without them (the element type of input 0); returns how many were added."""
     g = model.graph
+    if not any((n.domain, n.op_type) in CONTRIB_SHAPES for n in g.node):
+        return 0  # most models: no contrib op, nothing to read
     shapes = value_shapes(model)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)}
     added = 0
