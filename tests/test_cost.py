@@ -50,10 +50,10 @@ def test_integer_share_matches_what_onnxruntime_fuses():
     assert model_stats(resnet_small())["integer_macs"] == 0
 
 
-def _chained_reshapes() -> onnx.ModelProto:
+def _chained_reshapes(out_features: int = 5, seed: int = 0) -> onnx.ModelProto:
     """x [N, 3, H, 8] -> Reshape to (N, 12, -1), N read off Shape(x) -> Reshape to (N, 12, 2, 4), its
-    head read off the first Reshape's output -> MatMul by W [4, 5]: the second target shape is known
-    only once the first Reshape's output is (PP-OCRv4 rec's SVTR blocks do this)."""
+    head read off the first Reshape's output -> MatMul by W [4, out_features]: the second target
+    shape is known only once the first Reshape's output is (PP-OCRv4 rec's SVTR blocks do this)."""
     def const(name, v):
         return h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64), name))
     nodes = [
@@ -68,7 +68,8 @@ def _chained_reshapes() -> onnx.ModelProto:
     ]
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", 8])],
                      [h.make_tensor_value_info("z", TensorProto.FLOAT, [None] * 4)],
-                     [nh.from_array(np.ones((4, 5), np.float32), "W")])
+                     [nh.from_array(np.random.default_rng(seed).normal(size=(4, out_features)).astype(np.float32),
+                                    "W")])
     return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
 
 
@@ -95,3 +96,24 @@ def test_the_values_after_a_dynamic_int8_lstm_have_shapes_and_their_macs_count()
     st, per = model_stats(out, {"x": [1, 3, 32, 64]}), model_cost(m, {"x": [1, 3, 32, 64]})["per_node"]
     assert st["macs"] == sum(per.values())
     assert st["integer_macs"] == per["/rnn/LSTM"] + per["/head/MatMul"]  # dynamic int8; the convs float
+
+
+def test_a_model_is_folded_once_per_shape_and_without_its_weights(monkeypatch):
+    """The fold that resolves the shapes copies the model each round: it gets a copy without weight
+    data (the weights as graph inputs of their dims), and the same structure at the same shapes is
+    costed once (a pass's result is costed for its record, by the quantize pass and for the report)."""
+    from onnxshrink.graph import cost
+    monkeypatch.setattr(cost, "_COST_MEMO", {})
+    folded = []
+
+    def spy(model, shapes):
+        folded.append(max((t.ByteSize() for t in model.graph.initializer), default=0))
+        return fold(model, shapes)
+    fold = cost._fold_shape_arithmetic
+    monkeypatch.setattr(cost, "_fold_shape_arithmetic", spy)
+    a = model_cost(_chained_reshapes(out_features=100), {"x": [1, 3, 4, 8]})
+    b = model_cost(_chained_reshapes(out_features=100, seed=1), {"x": [1, 3, 4, 8]})  # other weight values
+    assert a == b and a["macs"] == 1 * 12 * 2 * 100 * 4
+    assert len(folded) == 1 and folded[0] < 100 * 4 * 4  # W (1600 bytes) is not in the folded copy
+    c = model_cost(_chained_reshapes(out_features=100), {"x": [2, 3, 4, 8]})  # another batch: costed again
+    assert c["macs"] == 2 * a["macs"] and len(folded) == 2

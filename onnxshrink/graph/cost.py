@@ -14,11 +14,13 @@ from __future__ import annotations
 __all__ = ["node_macs", "model_cost", "model_stats", "value_info_dict"]
 
 import collections
+import copy
+import hashlib
 
 import onnx
 
 from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
-from onnxshrink.model import all_graphs, tensor_bytes, weightless_copy
+from onnxshrink.model import all_graphs, is_placeholder, tensor_bytes, weightless_copy
 
 
 def _prod(xs):
@@ -83,8 +85,30 @@ RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
 
 
 def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
-    """{'params', 'macs', 'macs_known', 'per_node': {node name or index: macs}} of the main graph."""
-    g = model.graph
+    """{'params', 'macs', 'macs_known', 'per_node': {node name or index: macs}, 'integer_macs'} of the
+    main graph. Computed on a weightless copy (``_strip_weights``: every count here reads dims, not
+    values), so the same model structure at the same shapes is costed once per process
+    (``_COST_MEMO``: a pass's result is costed for its record, by the quantize pass's share check
+    and for the report)."""
+    # shapes on a light copy (no weights): shape inference needs only dims, and serializes the model
+    # twice (measured on a ViT-S: +57 MB peak with the weights)
+    light = _strip_weights(model)
+    key = (hashlib.blake2b(light.SerializeToString(), digest_size=16).digest(),
+           tuple(sorted((k, tuple(v)) for k, v in (input_shapes or {}).items())))
+    if key not in _COST_MEMO:
+        if len(_COST_MEMO) >= COST_MEMO_SIZE:
+            _COST_MEMO.pop(next(iter(_COST_MEMO)))
+        _COST_MEMO[key] = _light_cost(light, input_shapes)
+    return copy.deepcopy(_COST_MEMO[key])
+
+
+_COST_MEMO: dict = {}
+COST_MEMO_SIZE = 8  # models costed per process and kept (a pipeline costs its input and each pass's result)
+
+
+def _light_cost(light: onnx.ModelProto, input_shapes: dict | None) -> dict:
+    """``model_cost`` of the weightless copy ``light`` (modified in place)."""
+    g = light.graph
     params = 0
     for t in g.initializer:
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -97,9 +121,6 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
                 if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in (
                         onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
                     params += _prod(a.t.dims) or 1
-    # shapes on a light copy (no weights): shape inference needs only dims, and serializes the model
-    # twice (measured on a ViT-S: +57 MB peak with the weights)
-    light = _strip_weights(model)
     if input_shapes:
         try:
             fix_input_shapes(light, {k: list(v) for k, v in input_shapes.items()})
@@ -108,13 +129,43 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict
     light = infer_shapes(light)
     macs, known, per, int_macs = _macs(light, value_shapes(light))
     if not known and input_shapes:
-        folded = _fold_shape_arithmetic(model, input_shapes)
+        folded = _fold_shape_arithmetic(_weights_as_inputs(light), input_shapes)
         if folded is not None:
             again = _macs(folded, value_shapes(folded))
             if again[1]:
                 macs, known, per, int_macs = again
     return {"params": int(params), "macs": int(macs) if macs or known else None, "macs_known": known, "per_node": per,
             "integer_macs": int(int_macs) if known else None}
+
+
+def _weights_as_inputs(light: onnx.ModelProto) -> onnx.ModelProto:
+    """``light`` (a weightless copy) with its data-less weights (``model.is_placeholder``, main graph:
+    initializers and Constant nodes) turned into graph inputs of their type and dims: shape inference
+    reads the same dims, and constant folding evaluates only what needs no weight's values (the
+    shape arithmetic), never a weight's DequantizeLinear or Transpose."""
+    g = light.graph
+    moved, keep = [], []
+    for t in g.initializer:
+        if is_placeholder(t):
+            moved.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    nodes = []
+    for n in g.node:
+        t = next((a.t for a in n.attribute if a.type == onnx.AttributeProto.TENSOR), None) \
+            if n.op_type == "Constant" else None
+        if t is not None and is_placeholder(t):
+            moved.append(onnx.helper.make_tensor_value_info(n.output[0], t.data_type, list(t.dims)))
+        else:
+            nodes.append(n)
+    if not moved:
+        return light
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.input.extend(moved)
+    return light
 
 
 def _fold_shape_arithmetic(model: onnx.ModelProto, input_shapes: dict) -> onnx.ModelProto | None:
@@ -125,8 +176,8 @@ def _fold_shape_arithmetic(model: onnx.ModelProto, input_shapes: dict) -> onnx.M
     makes the bounds constants. A shape folded to a constant makes the values after it known,
     whose own Shape ops fold on the next round: rounds repeat until the MACs are known or a round
     resolves no more shapes (PP-OCRv4 rec's SVTR blocks, a Reshape to a shape read off the
-    previous Reshape's output: 3 rounds). Used only when the MACs are otherwise unknown (it copies
-    weights)."""
+    previous Reshape's output: 3 rounds). ``model`` is weightless (``_weights_as_inputs``): folding
+    copies it each round."""
     import onnx_graphsurgeon as gs
     try:
         m = onnx.ModelProto()
