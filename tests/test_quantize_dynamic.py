@@ -119,6 +119,30 @@ def test_auto_quantizes_the_lstm_dynamically_when_it_holds_and_is_clearly_faster
     assert fidelity(ref, [run_ort(out, s) for s in data])["cosine"] > 0.99
 
 
+def test_the_input_is_timed_only_beside_the_lstm_trial_whose_result_the_contract_reads(monkeypatch):
+    """The static plan of a conv + LSTM model is not the pass's result (the LSTM trial follows and
+    changes it): its timing has no input beside it. The LSTM trial's candidate is the result: timed
+    with the input, and the speed contract reads that comparison instead of timing the pair again."""
+    timed = []
+
+    def stand_in(models, feeds, pairs, **kw):
+        timed.append((len(models), [p[:2] for p in pairs]))
+        return [SpeedComparison(speedup=1.5, low=1.45, high=1.55, t_a=1.0, t_b=1 / 1.5, rounds=12) for _ in pairs]
+
+    def no_timing(*a, **k):
+        raise AssertionError("the contract timed the pair again")
+    monkeypatch.setattr(runtime, "compare_speeds", stand_in)
+    monkeypatch.setattr(manager, "compare_speeds", stand_in)
+    monkeypatch.setattr(manager, "compare_speed", no_timing)
+    model = _small_crnn()
+    out, rep = optimize(model, passes=["cleanup", "quantize"], data=model_samples(model, 12), budget="cosine>=0.99",
+                        speed="never-slower")
+    assert rep.passes[-1].stats["dynamic_lstm"]["chosen"]
+    # the guard: its candidate against the float model alone; the LSTM trial: with the input beside it
+    assert timed == [(2, [(0, 1)]), (3, [(0, 1), (2, 1)])]
+    assert rep.speed["vs_input"]["speedup"] == 1.5 and rep.speed["verdict"] == "not slower"
+
+
 @pytest.mark.parametrize("speedup, dynamic", [(1.0, "auto"), (1.5, "off")])
 def test_lstm_stays_float_when_not_faster_or_dynamic_off(monkeypatch, speedup, dynamic):
     _timing(monkeypatch, speedup)

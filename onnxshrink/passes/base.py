@@ -95,11 +95,12 @@ class Context:
         samples measured, and scores of those only); None where the manager offers no screening.
     budget: the fidelity Budget, or None; ``budget_holds(scores)`` checks it (relative budgets
         compare against ``baseline``, the original model's own scores). target: the TargetProfile.
-    timing(base, candidates, decides) -> [SpeedComparison of each candidate against ``base``]: this
-        CPU's interleaved timing on one selection sample (``runtime.compare_speeds``) offered by the
-        manager, which also times its input in the same rounds when a single candidate is timed and
-        keeps that comparison for the speed contract (the result the pass keeps is then not timed
-        again); None where passes time with ``runtime.compare_speeds`` themselves.
+    timing(base, candidates, decides, final) -> [SpeedComparison of each candidate against ``base``]:
+        this CPU's interleaved timing on one selection sample (``runtime.compare_speeds``) offered by
+        the manager, which also times its input in the same rounds when a single candidate that may
+        be the pass's result (``final``) is timed and keeps that comparison for the speed contract
+        (the result the pass keeps is then not timed again); None where passes time with
+        ``runtime.compare_speeds`` themselves.
     rng: a seeded numpy Generator. progress: a Progress reporter (``progress.track(iterable, desc)``).
     cache: a dict passes may use for analyses keyed by their own keys; cleared when the graph changes.
     source: (model, graph) while a pass runs: the model the manager gave it and the graph it was imported
@@ -135,12 +136,14 @@ class Context:
         if self.progress is None:
             self.progress = Progress(enabled=False)
 
-    def compare_speeds(self, base, models: list, sample: dict, decides) -> list:
+    def compare_speeds(self, base, models: list, sample: dict, decides, final: bool = True) -> list:
         """``models`` timed against ``base`` on this CPU in one interleaved measurement, each with the
         decisions ``decides``: the manager's ``timing`` where it offers one, else
-        ``runtime.compare_candidates`` on ``sample``."""
+        ``runtime.compare_candidates`` on ``sample``. ``final=False``: no candidate is the pass's
+        result as it stands (a later step of the pass changes it), so the manager does not time its
+        input beside it for the speed contract."""
         if self.timing is not None:
-            return self.timing(base, models, decides)
+            return self.timing(base, models, decides, final)
         return compare_candidates(base, models, sample, decides)
 
     def to_model(self, graph: gs.Graph) -> onnx.ModelProto:

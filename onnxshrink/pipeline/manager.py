@@ -442,7 +442,8 @@ class PassManager:
         allocated = bool(self.cost_targets) and any(p.name in knobs() for p in self.passes)
         self._input_timings = {}
         if not allocated:  # an allocation times many candidates, few of which are the result
-            ctx.timing = lambda base, models, decides: self._timing(val.get(0), base, models, decides)
+            ctx.timing = lambda base, models, decides, final=True: self._timing(val.get(0), base, models, decides,
+                                                                                final)
         ctx.baseline = self.baseline
 
         del original  # self.original from here on: a large one is released once a pass has replaced it
@@ -572,14 +573,15 @@ class PassManager:
         raise BudgetError(f"the result is slower than the input on this CPU ({_speed_text(cmp)}) with every pass "
                           f"rolled back; nothing written (--speed report accepts it)", report)
 
-    def _timing(self, feeds: dict, base, models: list, decides) -> list:
+    def _timing(self, feeds: dict, base, models: list, decides, final: bool = True) -> list:
         """``ctx.timing``: ``models`` timed against ``base`` on ``feeds`` (a selection sample: the one
-        the speed contract times on). A single candidate is timed with the input in the same rounds
-        (where the contract will time the result against it) and that comparison is kept under the
-        candidate's digest: when the pass's result is that model, the contract reads it instead of
-        timing the pair again. Costs one more model per round; saves a whole comparison."""
+        the speed contract times on). A single candidate that may be the pass's result (``final``) is
+        timed with the input in the same rounds (where the contract will time the result against it)
+        and that comparison is kept under the candidate's digest: when the pass's result is that
+        model, the contract reads it instead of timing the pair again. Costs one more model per
+        round; saves a whole comparison."""
         # past 2 GB a model has no digest (``_digest``) to keep the input's comparison under
-        if len(models) != 1 or not self._contract_times() or self._too_large_to_undo():
+        if len(models) != 1 or not final or not self._contract_times() or self._too_large_to_undo():
             return compare_candidates(base, models, feeds, decides)
         cmps = compare_speeds([base, models[0], self._timed_input()], feeds,
                               [(0, 1, tuple(decides)), (2, 1, (("slower", 1.0),))])

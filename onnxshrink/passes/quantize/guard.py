@@ -113,8 +113,9 @@ class QuantizeGuard:
     """The fidelity and speed guard of one run (module docstring)."""
 
     def __init__(self, options, ctx: Context, check: FidelityCheck, builder: QdqBuilder, rules: PlacementRules,
-                 analysis: UnitAnalysis, samples: CalibrationSamples, stats: dict):
+                 analysis: UnitAnalysis, samples: CalibrationSamples, stats: dict, final: bool = True):
         self.o = options
+        self.final = final  # the placement kept may be the pass's result (no later step of the pass changes it)
         self.ctx = ctx
         self.check = check
         self.builder = builder
@@ -330,7 +331,7 @@ class QuantizeGuard:
     def _cpu_compare(self, base, models: list, sample: dict) -> list:
         """The candidates ``models`` timed against ``base`` on this CPU in one interleaved measurement
         (``Context.compare_speeds``), each deciding "clearly ``min_speedup`` faster"."""
-        return self.ctx.compare_speeds(base, models, sample, (("faster", self.o.min_speedup),))
+        return self.ctx.compare_speeds(base, models, sample, (("faster", self.o.min_speedup),), final=self.final)
 
     def _weights(self, u) -> int:
         node = self.builder.nodes_f[u.node]
