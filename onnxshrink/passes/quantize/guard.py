@@ -65,6 +65,13 @@ class Placement:
     wide: frozenset = frozenset()  # units at the wide (16-bit) precision of a mixed plan
 
 
+def _logged(fid: dict, **fields) -> dict:
+    """A fidelity search's log entry: ``fields``, the cosine measured and, when the screen stopped
+    early (the budget out of reach), after how many samples (the cosine is theirs)."""
+    return {**fields, "cosine": round(fid.get("cosine", 0.0), 6),
+            **({"out_of_reach_after": fid["out_of_reach"]} if "out_of_reach" in fid else {})}
+
+
 AIM_MARGIN = 0.5  # the region search keeps half a cosine floor's allowance in reserve
 
 
@@ -133,7 +140,7 @@ class QuantizeGuard:
         rules = self.rules
         fid = check.measure(start.graph)
         tried = [(fid, start)]
-        log = [{"keep_float": 0, "cosine": round(fid.get("cosine", 0.0), 6)}]
+        log = [_logged(fid, keep_float=0)]
         if not check.holds(fid) and self.builder.wide is not None:
             fid = self._mixed(start, fid, tried, log)
         if not check.holds(fid) and rules.elementwise and not rules.every_op:
@@ -146,7 +153,7 @@ class QuantizeGuard:
             else:
                 p_e = Placement(self.builder.build(units_e), units_e, reasons_e, base_ex)
                 fid_e = check.measure(p_e.graph)
-                log.append({"keep_float": 0, "elementwise": False, "cosine": round(fid_e.get("cosine", 0.0), 6)})
+                log.append(_logged(fid_e, keep_float=0, elementwise=False))
                 if fid_e.get("cosine", 0.0) > fid.get("cosine", 0.0):
                     fid, rules = fid_e, no_elementwise
                     tried.append((fid, dataclasses.replace(p_e, excluded=start.excluded)))
@@ -171,8 +178,7 @@ class QuantizeGuard:
             p_k = Placement(self.builder.build(units_k), units_k, reasons_k, excluded_k)
             fid = check.measure(p_k.graph)
             tried.append((fid, p_k))
-            log.append({"keep_float": k, "cosine": round(fid.get("cosine", 0.0), 6),
-                        **({"out_of_reach_after": fid["out_of_reach"]} if "out_of_reach" in fid else {})})
+            log.append(_logged(fid, keep_float=k))
             if k >= min(cap, len(order)):
                 break
             k = min(2 * k, cap, len(order))
@@ -226,8 +232,7 @@ class QuantizeGuard:
             finally:
                 b.wide_units = set()
             fid = self.check.measure(p.graph)
-            log.append({"keep_float": 0, "wide_seeds": k, "wide_units": len(wide),
-                        "cosine": round(fid.get("cosine", 0.0), 6)})
+            log.append(_logged(fid, keep_float=0, wide_seeds=k, wide_units=len(wide)))
             if self.check.holds(fid):
                 if held is None or fid.get("cosine", 0.0) > held[0].get("cosine", 0.0):
                     held = (fid, p, k)
@@ -273,8 +278,7 @@ class QuantizeGuard:
         finally:
             b.wide_units, b.bias_shift = set(), None
         fid_bc = self.check.measure(p_bc.graph)
-        log.append({"keep_float": 0, "wide_units": len(p.wide), "bias_correction": True,
-                    "cosine": round(fid_bc.get("cosine", 0.0), 6)})
+        log.append(_logged(fid_bc, keep_float=0, wide_units=len(p.wide), bias_correction=True))
         if self.check.holds(fid_bc) and fid_bc.get("cosine", 0.0) > fid.get("cosine", 0.0):
             tried[-1] = (fid_bc, p_bc)
             self.stats["bias_correction"] = "on the mixed plan (measured better)"
