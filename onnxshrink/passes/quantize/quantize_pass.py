@@ -489,7 +489,7 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context, final: bo
 
     # per-unit analysis on a shadow model: each unit quantized alone, on float inputs
     # (the guard asks for it only when its fidelity floor fails: most models never pay for it)
-    analysis = UnitAnalysis(builder, cand, samples, stats)
+    analysis = UnitAnalysis(builder, cand, samples, stats, shifts=o.bias_correction)
     analysed = analysis.run() if o.keep_float or o.bias_correction else None
     lap("analyse")
     builder.bias_shift = ({k: a["shift"] for k, a in analysed.items()} if o.bias_correction and analysed else None)
