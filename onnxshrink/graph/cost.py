@@ -127,9 +127,10 @@ def _light_cost(light: onnx.ModelProto, input_shapes: dict | None) -> dict:
         except Exception:
             pass
     light = infer_shapes(light)
-    macs, known, per, int_macs = _macs(light, value_shapes(light))
+    shapes = value_shapes(light)
+    macs, known, per, int_macs = _macs(light, shapes)
     if not known and input_shapes:
-        folded = _fold_shape_arithmetic(_weights_as_inputs(light), input_shapes)
+        folded = _fold_shape_arithmetic(_weights_as_inputs(light), shapes)
         if folded is not None:
             again = _macs(folded, value_shapes(folded))
             if again[1]:
@@ -168,9 +169,10 @@ def _weights_as_inputs(light: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def _fold_shape_arithmetic(model: onnx.ModelProto, input_shapes: dict) -> onnx.ModelProto | None:
-    """The model with its input dims fixed, its constant subgraphs (shape arithmetic included)
-    folded by onnx-graphsurgeon and shapes inferred; None when that fails. onnx's shape inference
+def _fold_shape_arithmetic(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto | None:
+    """``model`` (its input dims fixed and its ``shapes`` inferred, ``value_shapes``) with its
+    constant subgraphs (shape arithmetic included) folded by onnx-graphsurgeon and shapes inferred
+    again; None when that fails. onnx's shape inference
     leaves a Slice whose bounds are computed from a Shape unknown (Hugging Face's
     ``position_ids[:, :input_ids.size(1)]``), and every shape after it loses its batch dim; folding
     makes the bounds constants. A shape folded to a constant makes the values after it known,
@@ -180,11 +182,7 @@ def _fold_shape_arithmetic(model: onnx.ModelProto, input_shapes: dict) -> onnx.M
     copies it each round."""
     import onnx_graphsurgeon as gs
     try:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        fix_input_shapes(m, {k: list(v) for k, v in input_shapes.items()})
-        m = infer_shapes(m)
-        unknown = _unknown_shapes(m, value_shapes(m))
+        m, unknown = model, _unknown_shapes(model, shapes)
         for _ in range(FOLD_ROUNDS):
             g = gs.import_onnx(m)
             g.fold_constants(fold_shapes=True, error_ok=True).cleanup()

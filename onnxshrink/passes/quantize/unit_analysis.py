@@ -135,10 +135,9 @@ def _sums_of_squares(g: gs.Graph, tag: str, y: gs.Variable, ys: gs.Variable) -> 
     if y.dtype != np.float32:  # float16 (the shadow node computes in float32 on dequantized inputs)
         y = node("Cast", [y], "yf32", np.float32, to=onnx.TensorProto.FLOAT)
         ys = node("Cast", [ys], "ysf32", np.float32, to=onnx.TensorProto.FLOAT)
-    yf = y
-    d = node("Sub", [ys, yf], "d", np.float32)
+    d = node("Sub", [ys, y], "d", np.float32)
     e = node("ReduceSumSquare", [node("Cast", [d], "d64", np.float64, to=onnx.TensorProto.DOUBLE)], "e",
              np.float64, keepdims=0)
-    s2 = node("ReduceSumSquare", [node("Cast", [yf], "y64", np.float64, to=onnx.TensorProto.DOUBLE)], "s",
+    s2 = node("ReduceSumSquare", [node("Cast", [y], "y64", np.float64, to=onnx.TensorProto.DOUBLE)], "s",
               np.float64, keepdims=0)
     return e.name, s2.name
