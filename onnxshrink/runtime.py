@@ -243,9 +243,12 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
     once per candidate.
 
     Rounds: as many as fit in about ``seconds`` of the first pair (``min_rounds``..``max_rounds``),
-    in two blocks, each warmed up afresh (one run of each model where the rounds are long); a pair's
-    interval is the union of the two blocks' intervals, so a drift of the machine's load between
-    blocks widens it instead of faking a clear difference.
+    sized by the median round of the first early block (below; by one run of the first pair when
+    the caller decides nothing), in two blocks; a pair's interval is the union of the two blocks'
+    intervals, so a drift of the machine's load between blocks widens it instead of faking a clear
+    difference. Each session is warmed up by one run before the first block; the second early block
+    follows it at once (no warm-up: every session has just run), the blocks of a full measurement
+    after a pause are warmed up again.
 
     Early stop: ``decides`` names the decisions the caller takes on a pair (``("faster", t)``:
     ``faster_than(t)``, whose boundary is the ratio ``t x margin``; ``("slower", t)``:
@@ -269,16 +272,26 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
     chance, and its full measurement is cheap (61 rounds of 2 ms: 0.12 s)."""
     sessions = [m if isinstance(m, ort.InferenceSession) else make_session(m, optimize=True, threads=1)
                 for m in models]
-    # one run of the first pair sizes the rounds (every model is warmed up again in each block)
-    one = sum(measure_latency(sessions[i], feeds, runs=1, warmup=1) for i in pairs[0][:2]) / 1e3
-    rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
-    sizes = (rounds // 2, rounds - rounds // 2)
+    a0, b0 = pairs[0][:2]
+
+    def sized(one: float) -> tuple[int, int]:
+        """The two blocks' rounds for a pair round of ``one`` seconds."""
+        rounds = int(min(max_rounds, max(min_rounds, seconds / max(one, 1e-5))))
+        return rounds // 2, rounds - rounds // 2
 
     def compared(blocks) -> list[SpeedComparison]:
         return [speed_comparison([(blk[a], blk[b]) for blk in blocks]) for a, b, _ in pairs]
 
-    if any(d for _, _, d in pairs) and one * 1e3 >= EARLY_LOOK_MS and rounds > 2 * early_rounds:
-        early = [interleaved_latency(sessions, feeds, rounds=early_rounds, runs=1, warmup=1) for _ in range(2)]
+    if not any(d for _, _, d in pairs):  # nothing to decide: one run of the first pair sizes the rounds
+        one = sum(measure_latency(sessions[i], feeds, runs=1, warmup=1) for i in (a0, b0)) / 1e3
+        return compared([interleaved_latency(sessions, feeds, rounds=n, runs=1, warmup=2) for n in sized(one)])
+    # the early look's first block (each model warmed up once) also sizes the rounds: its median pair round
+    first = interleaved_latency(sessions, feeds, rounds=early_rounds, runs=1, warmup=1)
+    one = (statistics.median(first[a0]) + statistics.median(first[b0])) / 1e3
+    sizes = sized(one)
+    if one * 1e3 >= EARLY_LOOK_MS and sum(sizes) > 2 * early_rounds:
+        # the second block follows the first at once: every session is warm
+        early = [first, interleaved_latency(sessions, feeds, rounds=early_rounds, runs=1, warmup=0)]
         cmps = compared(early)
         close = [k for k, (cmp, (_, _, decides)) in enumerate(zip(cmps, pairs)) if _close(cmp, decides)]
         if not close:
@@ -293,7 +306,10 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
             a, b, _ = pairs[k]
             cmps[k] = speed_comparison([(blk[a], blk[b]) for blk in blocks])
         return cmps
-    return compared([interleaved_latency(sessions, feeds, rounds=n, runs=1, warmup=2) for n in sizes])
+    # no early look (a tiny model): the first block's rounds count towards the first full block
+    rest = interleaved_latency(sessions, feeds, rounds=max(sizes[0] - early_rounds, 0), runs=1, warmup=0)
+    block1 = [f + r for f, r in zip(first, rest)]
+    return compared([block1, interleaved_latency(sessions, feeds, rounds=sizes[1], runs=1, warmup=2)])
 
 
 def _close(cmp: SpeedComparison, decides: Sequence[tuple[str, float]]) -> bool:

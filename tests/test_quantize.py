@@ -349,6 +349,47 @@ def test_float_fallback_stores_weights_int8_at_float_speed():
     check(out)
 
 
+def test_stored_weights_are_checked_on_calibration_samples_first_and_as_emitted(monkeypatch):
+    """The float fallback's check of a stored set runs the calibration samples first (a set that breaks
+    there never runs the selection samples), and judges the model as the pass emits it (Cast x Mul):
+    the set kept is checked last, so the manager's validation of the pass's result reads the
+    selection outputs that check kept instead of running them again."""
+    from onnxshrink.passes.quantize import fallback as fb
+    from onnxshrink.pipeline import manager as mgr
+
+    events = []  # ("calibration", digest, holds) / ("selection", digest) / ("validation", digest)
+    cal_call, screen, sets = fb._CalibrationCheck.__call__, mgr.PassManager._screen, mgr.PassManager._outputs_of_sets
+
+    def on_calibration(self, m):
+        ok = cal_call(self, m)
+        events.append(("calibration", mgr._digest(m), ok))
+        return ok
+
+    def on_selection(self, m, val, reference):
+        events.append(("selection", mgr._digest(m)))
+        return screen(self, m, val, reference)
+
+    def on_sets(model, sample_sets, optimize):
+        if isinstance(model, onnx.ModelProto):
+            events.append(("validation", mgr._digest(model)))
+        return sets(model, sample_sets, optimize)
+
+    monkeypatch.setattr(fb._CalibrationCheck, "__call__", on_calibration)
+    monkeypatch.setattr(mgr.PassManager, "_screen", on_selection)
+    monkeypatch.setattr(mgr.PassManager, "_outputs_of_sets", staticmethod(on_sets))
+    out, rep = optimize(small_net(size=32), passes=[{"quantize": {"min_speedup": 50.0}}], data=samples(12),
+                        budget="cosine>=0.99999")
+    fw = rep.passes[0].stats["float_weights"]
+    assert rep.budget_met and fw["bisection"][0] == {"stored": 4, "holds": False} and 0 < fw["stored"] < 4, fw
+    checked = {e[1]: e[2] for e in events if e[0] == "calibration"}
+    assert False in checked.values()  # some set broke the check on the calibration samples
+    screened = [e[1] for e in events if e[0] == "selection" and e[1] in checked]
+    assert screened and all(checked[d] for d in screened)  # only sets that held there ran the selection
+    result = mgr._digest(out)
+    assert result in screened  # the result itself was checked (as emitted) ...
+    assert ("validation", result) not in events  # ... and its selection outputs were not run again
+
+
 def test_calibrators_all_produce_valid_models():
     for c in ("minmax", "percentile", "entropy", "mse"):
         q, rec = quantize(small_net(), calibrator=c)

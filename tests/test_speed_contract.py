@@ -173,16 +173,20 @@ def test_past_2gb_a_slower_result_undoes_every_pass_at_once(monkeypatch):
 
 
 class _StandInTimer:
-    """Stand-in for runtime's timers: model ``b`` takes ``ratio``-times less than ``a`` in every round,
-    with a deterministic spread of +-``spread`` around it; counts the rounds timed."""
+    """Stand-in for runtime's timers: model ``a`` takes ``ms`` per run, ``b`` ``ratio``-times less in every
+    round, with a deterministic spread of +-``spread`` around it; counts the rounds timed."""
 
-    def __init__(self, ratio: float, spread: float):
-        self.ratio, self.spread, self.rounds = ratio, spread, 0
+    def __init__(self, ratio: float, spread: float, ms: float = 50.0):
+        self.ratio, self.spread, self.rounds, self.ms = ratio, spread, 0, ms
 
     def interleaved(self, sessions, feeds, rounds, runs=1, warmup=2, threads=1):
         wobble = [self.spread * (2 * (k % 5) / 4 - 1) for k in range(rounds)]  # -spread .. +spread
         self.rounds += rounds
-        return [[1.0] * rounds, [1.0 / (self.ratio + w) for w in wobble]]
+        return [[self.ms] * rounds, [self.ms / (self.ratio + w) for w in wobble]]
+
+
+def _no_sizing_run(*a, **k):
+    raise AssertionError("a decision's rounds are sized by the early look's first block, not by a run of their own")
 
 
 @pytest.mark.parametrize("ratio, spread, early, faster, slower", [
@@ -196,9 +200,9 @@ class _StandInTimer:
 def test_compare_speed_stops_early_only_when_no_decision_is_close(monkeypatch, ratio, spread, early, faster,
                                                                   slower):
     from onnxshrink import runtime
-    timer = _StandInTimer(ratio, spread)
+    timer = _StandInTimer(ratio, spread)  # 50 ms runs: the close pairs' ~100 ms rounds fit 15 times in 1.5 s
     monkeypatch.setattr(runtime, "interleaved_latency", timer.interleaved)
-    monkeypatch.setattr(runtime, "measure_latency", lambda *a, **k: 50.0)  # ms: 30 rounds fit in 1.5 s
+    monkeypatch.setattr(runtime, "measure_latency", _no_sizing_run)
     model = tiny_chain(2)
     cmp = runtime.compare_speed(model, model, {"x": np.zeros((1, 8), np.float32)})
     assert (timer.rounds == 2 * runtime.EARLY_ROUNDS) is early, timer.rounds
@@ -208,11 +212,11 @@ def test_compare_speed_stops_early_only_when_no_decision_is_close(monkeypatch, r
     timer.rounds = 0
     one = runtime.compare_speed(model, model, {"x": np.zeros((1, 8), np.float32)}, decides=(("faster", 1.0),))
     assert one.faster_than(1.0) is faster
-    # a tiny model (its 61 rounds fit in the time budget) is always measured in full
-    monkeypatch.setattr(runtime, "measure_latency", lambda *a, **k: 0.02)
-    timer.rounds = 0
-    runtime.compare_speed(model, model, {"x": np.zeros((1, 8), np.float32)})
-    assert timer.rounds == 61
+    # a tiny model (its 61 rounds fit in the time budget) is always measured in full, the first block's
+    # rounds counted in it
+    timer.rounds, timer.ms = 0, 0.02
+    tiny = runtime.compare_speed(model, model, {"x": np.zeros((1, 8), np.float32)})
+    assert timer.rounds == tiny.rounds == 61
 
 
 class _StandInRatios:
@@ -220,8 +224,8 @@ class _StandInRatios:
     round, with a deterministic spread of +-``spread``; counts the rounds timed and, per model, the
     rounds it ran in (sessions are told apart by identity, as the first call lists them)."""
 
-    def __init__(self, ratios, spread: float):
-        self.ratios, self.spread, self.rounds, self.order, self.ran = ratios, spread, 0, None, {}
+    def __init__(self, ratios, spread: float, ms: float = 100.0):
+        self.ratios, self.spread, self.rounds, self.order, self.ran, self.ms = ratios, spread, 0, None, {}, ms
 
     def interleaved(self, sessions, feeds, rounds, runs=1, warmup=2, threads=1):
         if self.order is None:
@@ -233,7 +237,7 @@ class _StandInRatios:
         for sess in sessions:
             k = self.order.index(sess)
             self.ran[k] = self.ran.get(k, 0) + rounds
-            out.append([1.0] * rounds if k == 0 else [1.0 / (self.ratios[k - 1] + w) for w in wobble])
+            out.append([self.ms] * rounds if k == 0 else [self.ms / (self.ratios[k - 1] + w) for w in wobble])
         return out
 
 
@@ -243,9 +247,9 @@ class _StandInRatios:
 ])
 def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, early):
     from onnxshrink import runtime
-    timer = _StandInRatios(ratios, 0.02)
+    timer = _StandInRatios(ratios, 0.02)  # the first pair's ~150 ms rounds: 15 in 1.5 s
     monkeypatch.setattr(runtime, "interleaved_latency", timer.interleaved)
-    monkeypatch.setattr(runtime, "measure_latency", lambda *a, **k: 50.0)
+    monkeypatch.setattr(runtime, "measure_latency", _no_sizing_run)
     model = tiny_chain(2)
     faster = (("faster", 1.0),)
     cmps = runtime.compare_speeds([model, model, model], {"x": np.zeros((1, 8), np.float32)},

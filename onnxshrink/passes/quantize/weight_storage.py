@@ -173,11 +173,17 @@ def group_losses(names: list, group_loss: Callable[[list], float], nbytes: dict,
 
 
 def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[[onnx.ModelProto], bool],
-                         scorer: Callable[[dict], Callable[[list], float]]) -> tuple[list, dict]:
+                         scorer: Callable[[dict], Callable[[list], float]],
+                         build: Callable[[list], onnx.ModelProto] | None = None) -> tuple[list, dict]:
     """The weights (names) to store so that ``holds`` is true of the model with them stored
     (module docstring: all, else the longest loss-per-byte prefix that holds). ``scorer``, given
     {name: the weight as stored (``Q x s``, float)}, returns the group loss: a function of a list of
-    names giving the loss of the model with those weights so (``group_losses``). Returns (names, log)."""
+    names giving the loss of the model with those weights so (``group_losses``). ``build(names)``
+    makes the model ``holds`` judges, with those weights stored as the caller will emit them
+    (``store_int8``: the model checked last is then the result itself, whose outputs the caller's
+    validation can reuse); by default ``model`` with those initializers replaced by ``Q x s``, which
+    computes the same (onnxruntime folds ``Cast x Mul`` into that float tensor at load). Returns
+    (names, log)."""
     names = list(weights)
     if not names:
         return [], {"checked": "nothing to store"}
@@ -191,6 +197,8 @@ def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[
         stored[n] = (Q.astype(np.float32) * s).astype(W.dtype)
 
     def with_stored(subset) -> onnx.ModelProto:
+        if build is not None:
+            return build(list(subset))
         m = onnx.ModelProto()
         m.CopyFrom(model)
         for n in subset:
