@@ -117,3 +117,57 @@ def test_a_model_is_folded_once_per_shape_and_without_its_weights(monkeypatch):
     assert len(folded) == 1 and folded[0] < 100 * 4 * 4  # W (1600 bytes) is not in the folded copy
     c = model_cost(_chained_reshapes(out_features=100), {"x": [2, 3, 4, 8]})  # another batch: costed again
     assert c["macs"] == 2 * a["macs"] and len(folded) == 2
+
+
+def test_the_shape_arithmetic_alone_is_evaluated_not_the_graph(monkeypatch):
+    """The fold runs only the Shape-rooted arithmetic (a Shape or Size of known dims is a constant) in
+    onnxruntime (PaddlePaddle's opset-12 Reshape to a shape sliced off a Shape, as in PP-OCRv4 rec):
+    the data path (Sigmoid, Reshape, MatMul) stays, no graph is imported into onnx-graphsurgeon, and
+    a big tensor computed from a shape (ConstantOfShape) is left alone."""
+    import onnx_graphsurgeon as gs
+
+    from onnxshrink.graph import cost
+    from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
+
+    def const(name, v):
+        return h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64), name))
+    nodes = [
+        const("t", [-1]), const("one", [1]), const("s1", [1]), const("s3", [3]),
+        h.make_node("Sigmoid", ["x"], ["xs"]),
+        h.make_node("Shape", ["xs"], ["dims"]),
+        h.make_node("Slice", ["dims", "s1", "s3"], ["mid"]),  # [3, H]: onnx's data propagation stops at Slice-12
+        h.make_node("Size", ["xs"], ["n"]), h.make_node("Reshape", ["n", "one"], ["n1"]),
+        h.make_node("Concat", ["t", "mid"], ["target"], axis=0),  # (-1, 3, H)
+        h.make_node("Reshape", ["xs", "target"], ["y"]),
+        h.make_node("ConstantOfShape", ["n1"], ["big"], value=nh.from_array(np.array([0.5], np.float32))),
+        h.make_node("MatMul", ["y", "W"], ["z"]),
+    ]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", 8])],
+                     [h.make_tensor_value_info("z", TensorProto.FLOAT, None),
+                      h.make_tensor_value_info("big", TensorProto.FLOAT, None)],
+                     [nh.from_array(np.ones((6, 5), np.float32), "W")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 12)])
+    light = fix_input_shapes(cost._strip_weights(m), {"x": [2, 3, 6, 8]})
+    light = infer_shapes(light)
+    assert not cost._macs(light, value_shapes(light))[1]  # onnx alone does not resolve the target
+
+    def no_import(*a, **k):
+        raise AssertionError("the fold imported the graph into onnx-graphsurgeon")
+    monkeypatch.setattr(gs, "import_onnx", no_import)
+    folded = cost._fold_shape_arithmetic(cost._weights_as_inputs(light), value_shapes(light))
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops.count("Shape") == 0 and "Slice" not in ops and "Concat" not in ops and "Size" not in ops
+    assert ["Sigmoid", "Reshape", "ConstantOfShape", "MatMul"] == [o for o in ops if o != "Constant"]
+    inits = {t.name: nh.to_array(t) for t in folded.graph.initializer}
+    assert inits["target"].tolist() == [-1, 3, 6] and inits["n1"].tolist() == [2 * 3 * 6 * 8]
+    assert "big" not in inits  # 288 elements computed from a shape: the data path, not folded
+    assert model_cost(m, {"x": [2, 3, 6, 8]})["macs"] == 16 * 3 * 6 * 5  # y [16, 3, 6] x W [6, 5]
+    # opset 15's Shape(start, end) folds to its slice of the dims
+    shape15 = h.make_graph([const("t", [-1]), h.make_node("Shape", ["x"], ["d"], start=1, end=-1),
+                            h.make_node("Concat", ["t", "d"], ["td"], axis=0),
+                            h.make_node("Reshape", ["x", "td"], ["r"])],
+                           "s", [h.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 8])],
+                           [h.make_tensor_value_info("r", TensorProto.FLOAT, None)])
+    m15 = infer_shapes(h.make_model(shape15, opset_imports=[h.make_opsetid("", 15)]))
+    f15 = cost._fold_shape_arithmetic(m15, value_shapes(m15))
+    assert {t.name: nh.to_array(t).tolist() for t in f15.graph.initializer} == {"td": [-1, 3, 6]}
