@@ -493,9 +493,11 @@ def check_output_path(out: str | os.PathLike, input_path: str | os.PathLike | No
         inp = Path(input_path)
         if _same_file(out, inp):
             raise UsageError(f"output path is the input file ({out}); refusing to overwrite the input")
-        # only a file that exists can be one of the input's: the input is parsed (all its inline
-        # weights read) only then
-        existing = [c for c in (out, out.with_name(out.name + ".data")) if c.exists()]
+        # only a file that exists can be one of the input's, and only under the input's folder (onnx
+        # refuses external data outside it) or through a hard link: the input is parsed (all its
+        # inline weights read) only then
+        existing = [c for c in (out, out.with_name(out.name + ".data")) if c.exists() and (
+            _under(c, inp.parent) or c.stat().st_nlink > 1)]
         for f in external_data_files(inp) if existing and inp.exists() else []:
             for candidate in existing:
                 if _same_file(candidate, f):
@@ -511,6 +513,11 @@ def check_output_path(out: str | os.PathLike, input_path: str | os.PathLike | No
         raise UsageError(f"cannot write {out}: folder {parent} is not writable")
     if out.exists() and not os.access(out, os.W_OK):
         raise UsageError(f"cannot write {out}: the file exists and is read-only")
+
+
+def _under(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (symbolic links resolved) lies in ``folder`` or below it."""
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _same_file(a: Path, b: Path) -> bool:

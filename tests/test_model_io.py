@@ -81,6 +81,26 @@ def test_save_refuses_input(tmp_path):
     assert sha256(p) == h
 
 
+def test_an_existing_output_outside_the_inputs_folder_is_checked_without_reading_the_input(tmp_path, monkeypatch):
+    """An input's external data lies in its folder (onnx refuses locations outside it): an existing output
+    elsewhere cannot be one of its files, so the input is not parsed to list them; a hard link to one
+    of them elsewhere is still refused."""
+    src, out = tmp_path / "models", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    onnx.save_model(mlp(), str(src / "in.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    (out / "o.onnx").write_bytes(b"an earlier run's output")
+    os.link(src / "w.bin", out / "linked.bin")
+    parsed = []
+    listing = model_io.external_data_files
+    monkeypatch.setattr(model_io, "external_data_files", lambda p: parsed.append(p) or listing(p))
+    model_io.check_output_path(out / "o.onnx", src / "in.onnx")
+    assert parsed == []
+    with pytest.raises(UsageError, match="would overwrite the input's external data file"):
+        model_io.check_output_path(out / "linked.bin", src / "in.onnx")
+    assert len(parsed) == 1
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
         model_io.load(tmp_path / "x.onnx")
