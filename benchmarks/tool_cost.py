@@ -23,7 +23,10 @@ intra-op thread, interleaved rounds, medians: ``quantize_bench.measure``): speed
 and min against fp32, and the share of MACs onnxruntime runs in integer kernels
 (``graph.cost.integer_kernel``).
 
-``--profile`` also runs onnxshrink once under cProfile and prints where its time goes, by phase.
+``--profile`` also runs onnxshrink once under cProfile and prints where its time goes, by phase;
+``--purposes`` runs it once counting its onnxruntime runs (and their seconds) by what they are for:
+timing, calibration, unit analysis, the placement search, the stored-weights check, the reference
+outputs, each pass's validation and the verdict, and session creation.
 """
 
 from __future__ import annotations
@@ -117,6 +120,68 @@ def profile_phases(model: Path, calib: Path, out: Path, budget: str) -> list[tup
     return rows
 
 
+# what an onnxruntime run is for, by the onnxshrink functions on its call stack (first match wins)
+PURPOSES = [("timing (guard and contract)", ["compare_speeds", "measure_latency"]),
+            ("calibration", ["collect_minmax", "calibrate_ranges"]),
+            ("unit analysis", ["analyse_units"]),
+            ("stored-weights check", ["fallback.py:"]),
+            ("placement search", ["guard.py:", "judge_trial", "dynamic.py:"]),
+            ("verdict (test samples)", ["_final_outputs"]),
+            ("pass validation", ["_validate"]),
+            ("cleanup's constant folding", ["cleanup_pass.py:", "folding.py:"]),
+            ("quantize's preparation (opset, SmoothQuant)", ["scheme.py:", "smooth.py:", "prepare.py:", "_smooth",
+                                                             "upgrade_opset"]),
+            ("MACs' shape fold", ["cost.py:"]),
+            ("reference outputs (input)", ["manager.py:_outputs_of_sets"])]
+
+
+def runs_by_purpose(model: Path, calib: Path, out: Path, budget: str) -> tuple[float, dict]:
+    """onnxshrink's CLI in this process with onnxruntime's session creation and runs counted and timed
+    by purpose (``PURPOSES``): (wall seconds, {purpose: [count, seconds]})."""
+    import collections
+    import time
+    import traceback
+
+    import onnxruntime as ort
+
+    from onnxshrink.cli import main as cli_main
+    stats: dict = collections.defaultdict(lambda: [0, 0.0])
+
+    def purpose() -> str:
+        stack = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack()[:-3]
+                 if "onnxshrink" in f.filename and "benchmarks" not in f.filename and not f.name.startswith("<")]
+        def match(label: str, key: str) -> bool:  # "file.py:" a module, "file.py:func" or "func" a function
+            return label.startswith(key) if key.endswith(":") else key in (label, label.split(":")[1])
+        for name, keys in PURPOSES:
+            if any(match(label, k) for label in stack for k in keys):
+                return name
+        return "other: " + (stack[-1] if stack else "?")
+
+    run, init = ort.InferenceSession.run, ort.InferenceSession.__init__
+
+    def timed(kind):
+        def wrapper(self, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return (run if kind == "run" else init)(self, *args, **kwargs)
+            finally:
+                s = stats[purpose() if kind == "run" else "session creation"]
+                s[0] += 1
+                s[1] += time.perf_counter() - t
+        return wrapper
+    ort.InferenceSession.run, ort.InferenceSession.__init__ = timed("run"), timed("init")
+    argv = ["optimize", str(model), str(out), "--passes", "cleanup,quantize", "--calib", str(calib),
+            "--no-cache", "--quiet"] + (["--budget", budget] if budget else [])
+    t0 = time.perf_counter()
+    try:
+        cli_main(argv)
+    except SystemExit:
+        pass
+    finally:
+        ort.InferenceSession.run, ort.InferenceSession.__init__ = run, init
+    return time.perf_counter() - t0, dict(stats)
+
+
 def bench(name: str, repeats: int, budget: str, tools: list[str], heldout: int, rounds: int) -> list[dict]:
     from models.real import real_model, real_samples, write_samples
     rows = []
@@ -186,6 +251,8 @@ def main(argv=None) -> None:
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds of the outputs")
     ap.add_argument("--profile", action="store_true", help="also profile onnxshrink by phase")
+    ap.add_argument("--purposes", action="store_true",
+                    help="also count onnxshrink's onnxruntime runs and their time by purpose")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     rows = []
@@ -193,15 +260,23 @@ def main(argv=None) -> None:
         r = bench(name, a.repeats, a.budget, a.tools.split(","), a.heldout, a.rounds)
         print_rows(r)
         rows += r
-        if a.profile:
+        if a.profile or a.purposes:
             from models.real import real_model, real_samples, write_samples
             with tempfile.TemporaryDirectory() as d:
                 d = Path(d)
                 path, samples = (real_model(name), real_samples(name, 32, seed=0)) if name in qb.MODELS else \
                     qb._built_model(name, d, 32)
                 calib = write_samples(samples, d / "calib")
-                for phase, sec in profile_phases(path, calib, d / "p.onnx", a.budget):
-                    print(f"    {phase:36} {sec:6.1f} s")
+                if a.profile:
+                    for phase, sec in profile_phases(path, calib, d / "p.onnx", a.budget):
+                        print(f"    {phase:36} {sec:6.1f} s")
+                if a.purposes:
+                    wall, stats = runs_by_purpose(path, calib, d / "p.onnx", a.budget)
+                    ort_s = sum(v[1] for v in stats.values())
+                    print(f"    wall {wall:.2f} s: onnxruntime {ort_s:.2f} s (sessions and runs), the rest "
+                          f"{wall - ort_s:.2f} s")
+                    for k, (n, sec) in sorted(stats.items(), key=lambda kv: -kv[1][1]):
+                        print(f"    {k:46} {n:5d} {sec:6.2f} s")
         print()
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
