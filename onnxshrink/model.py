@@ -474,13 +474,26 @@ def _external_locations(model: onnx.ModelProto, base: Path) -> list[Path]:
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
     """The external data files a model file refers to (read from the proto without loading the
-    data); [] when it has none or cannot be read."""
+    data); [] when it has none or cannot be read. Parsed once per file version (its path, size and
+    modification time): a run checks each of its output paths against the input's files, and a parse
+    reads every inline weight (PP-OCRv4 rec: 4 parses, 0.17 s, became 1)."""
     p = Path(path)
     try:
-        m = onnx.load(str(p), load_external_data=False)
-    except Exception:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
         return []
-    return _external_locations(m, p.parent)
+    if key not in _EXTERNAL_FILES:
+        try:
+            m = onnx.load(str(p), load_external_data=False)
+        except Exception:
+            return []
+        _EXTERNAL_FILES.clear()  # the last input's only: a process checks one input's outputs at a time
+        _EXTERNAL_FILES[key] = _external_locations(m, p.parent)
+    return list(_EXTERNAL_FILES[key])
+
+
+_EXTERNAL_FILES: dict = {}  # (path, size, mtime) -> external data files of that model file
 
 
 def check_output_path(out: str | os.PathLike, input_path: str | os.PathLike | None = None) -> None:

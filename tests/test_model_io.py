@@ -99,6 +99,20 @@ def test_an_existing_output_outside_the_inputs_folder_is_checked_without_reading
     with pytest.raises(UsageError, match="would overwrite the input's external data file"):
         model_io.check_output_path(out / "linked.bin", src / "in.onnx")
     assert len(parsed) == 1
+    # the input was parsed once (for the hard link) for every output path checked against it, and is
+    # parsed again once it changed
+    loads = []
+    load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
+    (src / "o.onnx").write_bytes(b"an earlier run's output, next to the input")
+    for _ in range(3):
+        model_io.check_output_path(src / "o.onnx", src / "in.onnx")
+    assert loads == []
+    (out / "linked.bin").unlink()  # onnx refuses to write external data that has another hard link
+    onnx.save_model(mlp(), str(src / "in.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    os.utime(src / "in.onnx", ns=(1, 1))
+    model_io.check_output_path(src / "o.onnx", src / "in.onnx")
+    assert len(loads) == 1
 
 
 def test_load_errors(tmp_path):
