@@ -171,3 +171,28 @@ def test_the_shape_arithmetic_alone_is_evaluated_not_the_graph(monkeypatch):
     m15 = infer_shapes(h.make_model(shape15, opset_imports=[h.make_opsetid("", 15)]))
     f15 = cost._fold_shape_arithmetic(m15, value_shapes(m15))
     assert {t.name: nh.to_array(t).tolist() for t in f15.graph.initializer} == {"td": [-1, 3, 6]}
+
+
+def test_a_shape_value_read_inside_a_subgraph_is_kept_for_it():
+    """A value of the shape arithmetic that only an If branch reads (outer scope, not an input of any
+    main-graph node) is made a constant, not dropped with the nodes that computed it."""
+    from onnxshrink.graph import cost
+    from onnxshrink.graph.shapes import infer_shapes, value_shapes
+
+    def const(name, v):
+        return h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64), name))
+    branch = h.make_graph([h.make_node("Reshape", ["x", "target"], ["yb"])], "b", [],
+                          [h.make_tensor_value_info("yb", TensorProto.FLOAT, None)])
+    nodes = [const("s1", [1]), const("s3", [3]), const("t", [-1]),
+             h.make_node("Shape", ["x"], ["dims"]), h.make_node("Slice", ["dims", "s1", "s3"], ["mid"]),
+             h.make_node("Concat", ["t", "mid"], ["target"], axis=0),
+             h.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 8]),
+                                  h.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                     [h.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = infer_shapes(h.make_model(g, opset_imports=[h.make_opsetid("", 12)]))
+    folded = cost._fold_shape_arithmetic(m, value_shapes(m))
+    assert {t.name: nh.to_array(t).tolist() for t in folded.graph.initializer} == {"target": [-1, 3, 6]}
+    out = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.ones((2, 3, 6, 8), np.float32), "cond": np.array(True)})[0]
+    assert out.shape == (16, 3, 6)

@@ -237,7 +237,10 @@ def _shape_constants(model: onnx.ModelProto, shapes: dict) -> int:
         computable.append(n)
         known.update(n.output)
     inside = {id(n) for n in computable}
-    read_outside = {x for n in g.node if id(n) not in inside for x in n.input} | {o.name for o in g.output}
+    # what subgraphs (If/Loop/Scan bodies) read from the main graph is read outside too
+    in_subgraphs = {x for sub in all_graphs(g) if sub is not g for n in sub.node for x in n.input}
+    read_outside = {x for n in g.node if id(n) not in inside for x in n.input} | {o.name for o in g.output} \
+        | in_subgraphs
     wanted = [o for n in computable for o in n.output if o in from_shape and o in read_outside]
     if not wanted:
         return 0
@@ -250,7 +253,8 @@ def _shape_constants(model: onnx.ModelProto, shapes: dict) -> int:
             needed[id(n)] = n
             stack.extend(x for x in n.input if x in producer)
     nodes = [n for n in computable if id(n) in needed]
-    read_by_rest = {x for n in g.node if id(n) not in needed for x in n.input} | {o.name for o in g.output}
+    read_by_rest = {x for n in g.node if id(n) not in needed for x in n.input} | {o.name for o in g.output} \
+        | in_subgraphs
     targets = [o for n in nodes for o in n.output if o in read_by_rest]
     if any(not elem.get(t) for t in targets):
         return 0  # a value without an inferred type cannot be an output of the evaluating graph
