@@ -281,21 +281,25 @@ def _shape_constants(model: onnx.ModelProto, shapes: dict) -> int:
     return len(targets)
 
 
-# ops whose output has no more elements than their inputs together: evaluated even where inference
-# left the output's shape open (a Slice whose end comes from a Shape)
+# ops whose output has no more elements than their inputs together (Gather: than the product of its
+# data's and indices' sizes): evaluated even where inference left the output's shape open (a Slice
+# whose end comes from a Shape)
 SIZE_BOUNDED_OPS = {"Slice", "Gather", "Squeeze", "Unsqueeze", "Cast", "Identity", "Concat", "Reshape", "Flatten"}
 
 
 def _small(node: onnx.NodeProto, shapes: dict) -> bool:
     """Whether ``node``'s outputs are known to hold at most ``FOLDED_MAX_ELEMENTS`` elements each: by
-    their inferred shapes, or, for a ``SIZE_BOUNDED_OPS`` op, by its inputs'."""
+    their inferred shapes, or, for a ``SIZE_BOUNDED_OPS`` op, by its inputs' sizes."""
     def numel(name):
         dims = shapes.get(name)
         return None if dims is None else _prod(dims)
     if all((numel(o) is not None and numel(o) <= FOLDED_MAX_ELEMENTS) for o in node.output):
         return True
     sizes = [numel(x) for x in node.input if x]
-    return node.op_type in SIZE_BOUNDED_OPS and None not in sizes and sum(sizes) <= FOLDED_MAX_ELEMENTS
+    if node.op_type not in SIZE_BOUNDED_OPS or None in sizes:
+        return False
+    bound = _prod(sizes) if node.op_type == "Gather" else sum(sizes)
+    return bound <= FOLDED_MAX_ELEMENTS
 
 
 def _shape_value(node: onnx.NodeProto, dims: list):
