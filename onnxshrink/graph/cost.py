@@ -20,7 +20,7 @@ import hashlib
 import numpy as np
 import onnx
 
-from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes
+from onnxshrink.graph.shapes import fix_input_shapes, infer_shapes, value_shapes, value_types
 from onnxshrink.model import all_graphs, is_placeholder, tensor_bytes, weightless_copy
 
 
@@ -216,7 +216,7 @@ def _shape_constants(model: onnx.ModelProto, shapes: dict) -> int:
 
     from onnxshrink.runtime import make_session  # noqa: PLC0415
     g = model.graph
-    elem = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    elem = value_types(model)
     inits = {t.name: t for t in g.initializer}
     known = set(inits)  # values computable without the data: constants, then the computable nodes' outputs
     from_shape: set = set()  # the computable values that depend on a Shape/Size (worth folding)
@@ -236,11 +236,13 @@ def _shape_constants(model: onnx.ModelProto, shapes: dict) -> int:
             from_shape.update(n.output)
         computable.append(n)
         known.update(n.output)
-    inside = {id(n) for n in computable}
     # what subgraphs (If/Loop/Scan bodies) read from the main graph is read outside too
     in_subgraphs = {x for sub in all_graphs(g) if sub is not g for n in sub.node for x in n.input}
-    read_outside = {x for n in g.node if id(n) not in inside for x in n.input} | {o.name for o in g.output} \
-        | in_subgraphs
+
+    def read_except(ids: set) -> set:
+        """The values read by the main graph's nodes but those of ``ids``, its outputs and subgraphs."""
+        return {x for n in g.node if id(n) not in ids for x in n.input} | {o.name for o in g.output} | in_subgraphs
+    read_outside = read_except({id(n) for n in computable})
     wanted = [o for n in computable for o in n.output if o in from_shape and o in read_outside]
     if not wanted:
         return 0
@@ -253,8 +255,7 @@ def _shape_constants(model: onnx.ModelProto, shapes: dict) -> int:
             needed[id(n)] = n
             stack.extend(x for x in n.input if x in producer)
     nodes = [n for n in computable if id(n) in needed]
-    read_by_rest = {x for n in g.node if id(n) not in needed for x in n.input} | {o.name for o in g.output} \
-        | in_subgraphs
+    read_by_rest = read_except(set(needed))
     targets = [o for n in nodes for o in n.output if o in read_by_rest]
     if any(not elem.get(t) for t in targets):
         return 0  # a value without an inferred type cannot be an output of the evaluating graph

@@ -4,7 +4,7 @@ dims of every tensor, normalize negative axes."""
 from __future__ import annotations
 
 __all__ = ["parse_input_shape", "fix_input_shapes", "infer_shapes", "static_shapes_from_sample", "value_shapes",
-           "tensor_shapes", "normalize_axis"]
+           "value_types", "tensor_shapes", "normalize_axis"]
 
 import numpy as np
 import onnx
@@ -112,7 +112,7 @@ def _add_contrib_shapes(model: onnx.ModelProto) -> int:
     if not any((n.domain, n.op_type) in CONTRIB_SHAPES for n in g.node):
         return 0  # most models: no contrib op, nothing to read
     shapes = value_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    types = value_types(model)
     added = 0
     for node in g.node:
         rule = CONTRIB_SHAPES.get((node.domain, node.op_type))
@@ -127,6 +127,13 @@ def _add_contrib_shapes(model: onnx.ModelProto) -> int:
                     name, types[node.input[0]], [d if isinstance(d, int) else None for d in dims]))
                 added += 1
     return added
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """name -> element type (``onnx.TensorProto`` enum; 0 where unknown) of the main graph's inputs,
+    outputs and inferred values."""
+    g = model.graph
+    return {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)}
 
 
 def value_shapes(model: onnx.ModelProto) -> dict[str, list]:
