@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
            "compare_speed", "compare_speeds", "compare_candidates", "speed_comparison", "SpeedComparison",
-           "CLEAR_MARGIN", "add_outputs", "append_outputs", "ort_message", "SESSION_VIA_FILE_BYTES"]
+           "CLEAR_MARGIN", "add_outputs", "append_outputs", "ort_message"]
 
 import math
 import os
@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxshrink.model import is_large, written
+from onnxshrink.model import VIA_FILE_BYTES, is_large, written
 
 ort.set_default_logger_severity(3)
 
@@ -39,16 +39,13 @@ def ort_message(e: BaseException | str, limit: int = 300) -> str:
     return s[:limit]
 
 
-# sessions of models with this many bytes of weights or more are created from a temporary file
-SESSION_VIA_FILE_BYTES = 256 * 2**20
-
-
 def make_session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = True, threads: int | None = None,
                  providers: Sequence | None = None, provider_options=None,
                  session_config: dict | None = None, low_memory: bool = False) -> ort.InferenceSession:
     """An InferenceSession on ``model``. ``optimize=False`` disables all graph optimizations so
-    numerical checks compare our graph, not onnxruntime's fusions of it. Models past the
-    protobuf limit go through a temporary file with external data. ``low_memory`` turns off the
+    numerical checks compare our graph, not onnxruntime's fusions of it. A model with
+    ``model.VIA_FILE_BYTES`` of weights or more, or past the protobuf limit, goes through a temporary
+    file with external data (``model.written``). ``low_memory`` turns off the
     memory pattern and the CPU arena (for capture sessions with many outputs: measured on YOLOv8n,
     -55 MB peak at the same speed)."""
     so = ort.SessionOptions()
@@ -67,7 +64,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = Tr
     # past protobuf's limit, or big: from a temporary file with external data, by path (``model.written``).
     # onnxruntime memory-maps page-aligned external data, so the session holds no copy of the weights
     # (measured: +9 MB RSS for a 512 MB model, against +512 MB from bytes)
-    with written(model, SESSION_VIA_FILE_BYTES) as m:
+    with written(model, VIA_FILE_BYTES) as m:
         if isinstance(m, onnx.ModelProto):
             return _without_model_bytes(ort.InferenceSession(m.SerializeToString(), so, providers=providers,
                                                              provider_options=provider_options))

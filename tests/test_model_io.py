@@ -319,9 +319,9 @@ def test_a_session_holds_no_copy_of_the_serialized_model():
 
 
 def test_check_model_of_a_big_model_reads_a_file_and_still_finds_errors(monkeypatch):
-    """Past ``CHECK_VIA_FILE_BYTES`` of weights the checker reads a temporary file with external
+    """Past ``VIA_FILE_BYTES`` of weights the checker reads a temporary file with external
     weights (no serialized copy in memory); a valid model passes, a broken one is still refused."""
-    monkeypatch.setattr(model_io, "CHECK_VIA_FILE_BYTES", 1024)
+    monkeypatch.setattr(model_io, "VIA_FILE_BYTES", 1024)
     calls = []
     real = onnx.checker.check_model
     monkeypatch.setattr(onnx.checker, "check_model", lambda m, **k: (calls.append(type(m)), real(m, **k))[1])

@@ -65,3 +65,33 @@ def test_screening_writes_the_same_bytes_with_fewer_runs(monkeypatch):
     assert len(search) == len(full_search)
     partial = [i for i, (s, f) in enumerate(zip(search, full_search)) if s.get("cosine") != f.get("cosine")]
     assert partial and all("out_of_reach_after" in search[i] for i in partial), (partial, search)
+
+
+def test_models_read_from_files_are_run_as_often_as_from_bytes(monkeypatch):
+    """Past ``model.VIA_FILE_BYTES`` of weights (lowered here) the checker and every session read a
+    temporary file with external data; the selection outputs of the placement the quantize guard keeps
+    are still the manager's validation of it (kept under the model's digest), so no sample runs twice
+    more than from bytes, and the bytes written are the same."""
+    import onnxruntime as ort
+
+    from onnxshrink import model as model_io
+    from onnxshrink import runtime
+    m = mobilenet_v3_small()
+    kw = dict(passes=[{"quantize": {"dynamic": "off"}}], data=model_samples(m, 24, seed=3), budget="cosine>=0.9",
+              speed="off")
+    runs = []
+    real_run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: runs.append(1) or real_run(self, *a, **k))
+    from_bytes, _ = onnxshrink.optimize(m, None, **kw)
+    n_bytes = len(runs)
+    written = []
+    real_write = model_io.write_external
+    monkeypatch.setattr(model_io, "write_external", lambda *a, **k: written.append(1) or real_write(*a, **k))
+    for mod in (model_io, runtime):
+        monkeypatch.setattr(mod, "VIA_FILE_BYTES", 1024)
+    runs.clear()
+    from_files, rep = onnxshrink.optimize(m, None, **kw)
+    assert rep.passes[-1].status == "applied"
+    assert written  # the sessions did read files
+    assert len(runs) == n_bytes
+    assert from_files.SerializeToString() == from_bytes.SerializeToString()

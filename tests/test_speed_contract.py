@@ -87,6 +87,33 @@ def test_lossless_passes_after_the_rolled_back_one_run_again():
     assert cleanup.status != "rolled back"
 
 
+def test_a_file_input_is_released_and_read_again_when_the_contract_goes_back_to_it(tmp_path):
+    """An input read from a file is kept as a weightless skeleton once a pass replaced it (one model less
+    at every later peak); when the contract rolls back to the input (quantize, the first step, is
+    slower), the input comes back whole from its file, with the shapes ``--input-shape`` fixed, and the
+    lossless pass after it runs on it again."""
+    from onnxshrink.pipeline.manager import PassManager
+
+    model = tiny_chain(width=32)  # weights of 4 kB: past the skeleton's 1 kB threshold
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"  # fixed again by input_shapes
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src))
+    fixed = onnx.load(str(src))
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    pm = PassManager([FORCED_INT8, "cleanup"], data=model_samples(fixed), speed="never-slower", budget="none",
+                     input_shapes={"x": [1, 32]})
+    out, rep = pm.run(src)
+    assert pm._original_released
+    assert not pm.original.graph.initializer[0].raw_data  # the skeleton: no weights kept
+    assert next(r.status for r in rep.passes if r.name == "quantize") == "rolled back"
+    assert next(r for r in rep.passes if r.name == "cleanup").reason.startswith("run again after rolling back")
+    assert "QuantizeLinear" not in _ops(out)
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the input shapes held
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    for t in model.graph.initializer:
+        np.testing.assert_array_equal(weights[t.name], onnx.numpy_helper.to_array(t))
+
+
 def test_report_policy_keeps_the_slower_result_and_warns():
     model = tiny_chain()
     out, rep = optimize(model, passes=["cleanup", FORCED_INT8], data=model_samples(model), speed="report",

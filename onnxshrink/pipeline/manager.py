@@ -55,7 +55,6 @@ from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings, speed_policy
 from onnxshrink.progress import Progress
 from onnxshrink.runtime import (
-    SESSION_VIA_FILE_BYTES,
     compare_candidates,
     compare_speed,
     compare_speeds,
@@ -68,6 +67,9 @@ from onnxshrink.targets.qnn import qnn_available, save_qnn_context
 
 MAX_BACKOFF = 6
 COLLECT_BEFORE_VALIDATION_BYTES = 64 * 2**20  # weights from which a pass's graph is collected before validation
+# weights from which a candidate's validation keeps no selection outputs: the memo's digest serializes the
+# model whole, a transient copy of it at the validation's peak
+MEMO_MAX_BYTES = 256 * 2**20
 
 
 class PassManager:
@@ -231,14 +233,17 @@ class PassManager:
         return self._original_optimizes
 
     def _release_original(self, ctx: Context) -> None:
-        """Past 2 GB (``model.is_large``), once a pass has replaced the input, an input read from a file is
-        kept as a weightless skeleton (``model.weightless_copy``: interface, metadata, dims), also as the
-        template passes export with; what needs its weights reads the file (``_timed_input``: the
-        optimizations check, the latency figures). The passes after it then run beside one model less
-        (a 2 GiB model: 2 GiB less at every later peak). Not when an initializer is also a graph input
-        (an overridable default: exports restore its values from the template)."""
+        """Once a pass has replaced the input, an input read from a file is kept as a weightless skeleton
+        (``model.weightless_copy``: interface, metadata, dims), also as the template passes export with;
+        what needs its weights reads the file (``_timed_input``: the optimizations check, the timing and
+        latency figures; ``_input_model``: the speed contract's roll-back to the input, a step whose
+        ``before`` is None). The passes after it then run beside one model less (a 2 GiB model: 2 GiB
+        less at every later peak; a 29 MB ViT-S: 29 MB less at the quantize guard's timing, its peak).
+        Not when an initializer is also a graph input (an overridable default: exports restore its
+        values from the template), nor for a target other than past 2 GB (the OpenVINO check times
+        against the template's weights)."""
         o = self.original
-        if self.input_path is None or not model_io.is_large(o):
+        if self.input_path is None or self._original_released or not (model_io.is_large(o) or self.target is None):
             return
         inits = {t.name for t in o.graph.initializer}
         if any(i.name in inits for i in o.graph.input):
@@ -287,15 +292,16 @@ class PassManager:
             self._selection_memo = (key, val, outs)
         return fidelity(reference, outs, None, val, labels)
 
-    def _selection_outputs(self, model: onnx.ModelProto, val) -> list:
+    def _selection_outputs(self, model: onnx.ModelProto, val, source=None) -> list:
         """The model's outputs on the selection samples ``val`` with onnxruntime's optimizations on (as
-        the user runs it). The last call's outputs are kept under a digest of the model's bytes: the
-        quantize guard's evaluation of the placement it keeps, the manager's validation of the pass's
-        result and the final selection figure are one model, run once."""
+        the user runs it; run from ``source``, its file, when given). The last call's outputs are kept
+        under a digest of the model's bytes: the quantize guard's evaluation of the placement it keeps,
+        the manager's validation of the pass's result and the final selection figure are one model,
+        run once."""
         key, kept = self._kept_selection_outputs(model, val)
         if kept is not None:
             return kept
-        outs = self._outputs(model, val, optimize=True)
+        outs = self._outputs(model if source is None else source, val, optimize=True)
         self._selection_memo = (key, val, outs) if key is not None else None
         return outs
 
@@ -324,7 +330,7 @@ class PassManager:
         if changed:
             return False, f"the model's interface changed: {changed}", {}
         # a big candidate is written to a file once for the checker and every session below
-        with model_io.written(candidate, SESSION_VIA_FILE_BYTES) as src:
+        with model_io.written(candidate, model_io.VIA_FILE_BYTES) as src:
             try:
                 model_io.check_model(src, full_check=self.full_check)
             except Exception as e:
@@ -337,7 +343,8 @@ class PassManager:
                 return True, "", {}
             try:
                 outs = self._outputs(src, val, optimize=False) if lossless else \
-                    self._selection_outputs(candidate, val) if src is candidate else self._outputs(src, val, True)
+                    self._selection_outputs(candidate, val, src) if model_io.tensor_bytes(candidate) < MEMO_MAX_BYTES \
+                    else self._outputs(src, val, True)
             except Exception as e:
                 return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
             if lossless:  # judged unoptimized, but the user runs it optimized
@@ -376,7 +383,7 @@ class PassManager:
         """A hold of ``model``'s file (``model_io.kept_written``: written at its first use, or ``path``)
         until the stack is closed."""
         hold = contextlib.ExitStack()
-        hold.enter_context(model_io.kept_written(model, SESSION_VIA_FILE_BYTES, path))
+        hold.enter_context(model_io.kept_written(model, model_io.VIA_FILE_BYTES, path))
         return hold
 
     def _run(self, model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
@@ -450,6 +457,10 @@ class PassManager:
         pass_knobs = knobs()
         steps: list[_Step] = []  # what changed the model, in order (the speed contract undoes them)
         undoable = self._speed_enforced() and not self._too_large_to_undo()  # else no earlier model is kept (memory)
+        def _before(m: onnx.ModelProto) -> onnx.ModelProto | None:
+            """A step's model before it: None for the input (``_input_model`` gives it back)."""
+            return None if m is self.original else m
+
         for p in self.passes:
             before, first_record = current, len(report.passes)
             if allocated and p.name in pass_knobs:
@@ -459,12 +470,13 @@ class PassManager:
                                              cost_shapes, report, self.original)
                     report.passes.extend(recs)
                     if current is not before and undoable:
-                        steps.append(_Step(first_record, len(report.passes), before, None))
+                        steps.append(_Step(first_record, len(report.passes), _before(before), None))
                 continue
             rec, current = self._run_one(p, current, ctx, val, reference, cost_shapes)
             report.passes.append(rec)
             if current is not before and undoable:
-                steps.append(_Step(first_record, first_record + 1, before, p))
+                steps.append(_Step(first_record, first_record + 1, _before(before), p))
+            before = None  # the input, which _release_original may now let go
             ctx.cache.clear()
             # onnx-graphsurgeon graphs are reference cycles (nodes <-> tensors) holding the pass's
             # numpy weights; collect them now rather than whenever the cyclic GC next runs
@@ -553,17 +565,19 @@ class PassManager:
             why = f"rolled back by the speed contract: with it the result ran at {_speed_text(cmp)}"
             names = _roll_back(report.passes[undone.first_record:undone.end_record], why)
             report.speed["rolled_back"].append({"passes": names, **cmp.as_dict()})
-            unfinished = undone.before
+            at_input = undone.before is None  # back to the input (read again if it was released)
+            unfinished = self._input_model() if at_input else undone.before
             for st in replay:  # the lossless passes after it, on the model without it
                 rec, after = self._run_one(st.pass_, unfinished, ctx, val, reference, cost_shapes)
                 rec.reason = f"run again after rolling back {', '.join(names)}" + (f"; {rec.reason}" if rec.reason
                                                                                     else "")
                 report.passes[st.first_record] = rec
                 if after is not unfinished:
-                    steps.append(_Step(st.first_record, st.end_record, unfinished, st.pass_))
+                    steps.append(_Step(st.first_record, st.end_record, None if at_input else unfinished, st.pass_))
+                    at_input = False
                 unfinished = after
             result = finish(unfinished)
-            if result is original:
+            if result is unfinished and at_input:  # the input itself: nothing left to time
                 cmp = None
                 break
             cmp = compare_speed(self._timed_input(), result, feeds, decides=(("slower", 1.0),))
@@ -619,8 +633,14 @@ class PassManager:
         return self.original is not None and model_io.is_large(self.original)
 
     def _input_model(self) -> onnx.ModelProto:
-        """The input model whole: read again from its file when ``_release_original`` kept a skeleton."""
-        return model_io.load(self.input_path) if self._original_released else self.original
+        """The input model whole: read again from its file when ``_release_original`` kept a skeleton
+        (with the input shapes fixed again as ``_prepare`` fixed them)."""
+        if not self._original_released:
+            return self.original
+        m = model_io.load(self.input_path)
+        if self.input_shapes:
+            fix_input_shapes(m, self.input_shapes)
+        return m
 
     def _final_outputs(self, io, model: onnx.ModelProto, sample_sets, report: Report) -> list:
         """The result's outputs on each of ``sample_sets``, as the user will run it (onnxruntime's graph
@@ -799,11 +819,12 @@ def _interface_change(original: onnx.ModelProto, candidate: onnx.ModelProto) -> 
 @dataclasses.dataclass
 class _Step:
     """A step that changed the model: its records ``report.passes[first_record:end_record]``, the
-    model before it, and its pass (None: the allocation block, lossy)."""
+    model before it (None: the input, ``PassManager._input_model``), and its pass (None: the
+    allocation block, lossy)."""
 
     first_record: int
     end_record: int
-    before: onnx.ModelProto
+    before: onnx.ModelProto | None
     pass_: Pass | None
 
 

@@ -54,9 +54,8 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.convert import fill_placeholders, graph_to_model, model_to_graph, write_graph
 from onnxshrink.graph.cost import model_cost
-from onnxshrink.model import kept_written
+from onnxshrink.model import VIA_FILE_BYTES, kept_written
 from onnxshrink.passes.quantize.weight_storage import int8_channels, store_narrow
-from onnxshrink.runtime import SESSION_VIA_FILE_BYTES
 from onnxshrink.targets.rewrites import gemm_to_matmul
 
 MATMUL_SHARE = 0.5  # auto: at least this share of the MACs in MatMul/Gemm with constant weights
@@ -226,7 +225,7 @@ def judge_trial(trial: dict, candidate: onnx.ModelProto, base, check, sample: di
     ``base`` on ``sample`` (``ctx.compare_speeds``); its cosine, speed, verdict (``chosen``) and the
     reason go into ``trial``, the reason naming the base as ``than``. The decision of both dynamic
     trials: the MatMul one against fp32, the LSTM one against the result without it."""
-    with kept_written(candidate, SESSION_VIA_FILE_BYTES), kept_written(base, SESSION_VIA_FILE_BYTES):
+    with kept_written(candidate, VIA_FILE_BYTES), kept_written(base, VIA_FILE_BYTES):
         fid = check.measure(candidate)  # a big model written once for both
         cmp = ctx.compare_speeds(base, [candidate], sample, (("faster", threshold),))[0]
     holds, faster = check.holds(fid), cmp.faster_than(threshold)
