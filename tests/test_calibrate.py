@@ -157,3 +157,41 @@ def test_minmax_keeps_the_models_outputs_of_the_first_samples(monkeypatch):
     few: list = []
     calibrate.collect_minmax(m, tensors, samples, few)
     assert len(few) == 2
+
+
+def test_calibration_and_capture_add_outputs_in_place_and_infer_types_without_weights(monkeypatch):
+    """``collect_minmax`` and ``capture_activations`` give the model its extra nodes and outputs for the
+    session and remove them again (no copy of the model: a 10 MB CRNN's calibration peak), and the
+    extra outputs' types come from shape inference on a weightless copy (inference on the model itself
+    serializes it and returns another copy with the weights)."""
+    import onnx
+
+    from models.build import mlp
+    from onnxshrink.passes.quantize import calibrate
+    from onnxshrink.runtime import capture_activations, make_session
+    m = mlp()
+    weights = sum(len(t.raw_data) for t in m.graph.initializer)
+    before = m.SerializeToString()
+    inferred = []
+    real = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda model, *a, **k: inferred.append(
+        model.ByteSize()) or real(model, *a, **k))
+    name = m.graph.input[0].name
+    rng = np.random.default_rng(0)
+    samples = [{name: rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(3)]
+    tensors = [n.output[0] for n in m.graph.node][:2]
+    hists, _ = calibrate.collect_minmax(m, tensors, samples)
+    assert m.SerializeToString() == before
+    got = list(capture_activations(m, tensors, samples))
+    assert m.SerializeToString() == before
+    assert inferred and max(inferred) < weights / 4  # inference saw no weights
+    full = onnx.ModelProto()
+    full.CopyFrom(m)
+    full.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
+    sess = make_session(full, optimize=False)
+    for s, g in zip(samples, got):
+        for t, v in zip(tensors, sess.run(tensors, s)):
+            np.testing.assert_array_equal(g[t], v)
+    for t in tensors:
+        vals = [sess.run([t], s)[0] for s in samples]
+        assert hists[t].min == min(v.min() for v in vals) and hists[t].max == max(v.max() for v in vals)
