@@ -240,8 +240,8 @@ class PassManager:
         ``before`` is None). The passes after it then run beside one model less (a 2 GiB model: 2 GiB
         less at every later peak; a 29 MB ViT-S: 29 MB less at the quantize guard's timing, its peak).
         Not when an initializer is also a graph input (an overridable default: exports restore its
-        values from the template), nor for a target other than past 2 GB (the OpenVINO check times
-        against the template's weights)."""
+        values from the template), nor, below 2 GB, with a target (the OpenVINO check times against
+        the template's weights)."""
         o = self.original
         if self.input_path is None or self._original_released or not (model_io.is_large(o) or self.target is None):
             return
@@ -457,6 +457,7 @@ class PassManager:
         pass_knobs = knobs()
         steps: list[_Step] = []  # what changed the model, in order (the speed contract undoes them)
         undoable = self._speed_enforced() and not self._too_large_to_undo()  # else no earlier model is kept (memory)
+
         def _before(m: onnx.ModelProto) -> onnx.ModelProto | None:
             """A step's model before it: None for the input (``_input_model`` gives it back)."""
             return None if m is self.original else m
