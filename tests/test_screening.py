@@ -77,8 +77,9 @@ def test_models_read_from_files_are_run_as_often_as_from_bytes(monkeypatch):
     from onnxshrink import model as model_io
     from onnxshrink import runtime
     m = mobilenet_v3_small()
-    kw = dict(passes=[{"quantize": {"dynamic": "off"}}], data=model_samples(m, 24, seed=3), budget="cosine>=0.9",
-              speed="off")
+    # no timing (guard off: its speed comparison's rounds depend on the machine), the budget's search on
+    kw = dict(passes=[{"quantize": {"dynamic": "off", "guard": False}}], data=model_samples(m, 24, seed=3),
+              budget="cosine>=0.8", speed="off")
     runs = []
     real_run = ort.InferenceSession.run
     monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: runs.append(1) or real_run(self, *a, **k))
