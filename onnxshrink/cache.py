@@ -33,8 +33,9 @@ def digest(*parts: Any) -> str:
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """sha256 over the graph structure and every weight's bytes (streamed tensor by tensor, so it
-    works past protobuf's 2 GB limit)."""
+    """sha256 over the graph structure, every weight's bytes (streamed tensor by tensor: no copy of the
+    model at once, and it works past protobuf's 2 GB limit), the opsets and the model-local functions
+    (when there are any): what the model computes, not its metadata."""
     h = hashlib.sha256()
     h.update(graph_without_initializers(model.graph).SerializeToString(deterministic=True))
     for t in model.graph.initializer:
@@ -44,6 +45,8 @@ def model_digest(model: onnx.ModelProto) -> str:
         h.update(raw_bytes(t))
     for o in model.opset_import:
         h.update(f"{o.domain}:{o.version}".encode())
+    for f in model.functions:
+        h.update(f.SerializeToString(deterministic=True))
     return h.hexdigest()
 
 

@@ -60,6 +60,27 @@ def test_model_digest_sees_weights():
     assert a != model_digest(_model([[1, 2], [3, 5]]))
 
 
+def test_model_digest_sees_model_local_functions_not_metadata():
+    """The manager's selection memo is keyed by it: a model-local function is part of what the model
+    computes (two models differing only there are two models); the doc string and metadata are not."""
+    base = _model([[1, 2], [3, 4]])
+    a = model_digest(base)
+    described = _model([[1, 2], [3, 4]])
+    described.doc_string = "exported by a test"
+    onnx.helper.set_model_props(described, {"author": "test"})
+    assert model_digest(described) == a
+    with_relu, with_neg = model_digest(_with_function("Relu")), model_digest(_with_function("Neg"))
+    assert len({a, with_relu, with_neg}) == 3
+    assert with_relu == model_digest(_with_function("Relu"))
+
+
+def _with_function(op: str) -> onnx.ModelProto:
+    m = _model([[1, 2], [3, 4]])
+    m.functions.append(onnx.helper.make_function("local", "f", ["a"], ["b"], [
+        onnx.helper.make_node(op, ["a"], ["b"])], [onnx.helper.make_opsetid("", 17)]))
+    return m
+
+
 def test_cache_roundtrip(tmp_path):
     c = MeasurementCache(tmp_path)
     k = digest("unit", 0.5, data_digest([{"x": np.ones(3)}]))

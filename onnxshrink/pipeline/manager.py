@@ -20,7 +20,6 @@ __all__ = ["PassManager", "optimize"]
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import os
 import re
 import time
@@ -31,6 +30,7 @@ import numpy as np
 import onnx
 
 from onnxshrink import model as model_io
+from onnxshrink.cache import model_digest
 from onnxshrink.data import ListSource, SyntheticSource, as_source, check_reference_finite, input_specs, split_roles
 from onnxshrink.errors import BudgetError, InputError, OnnxShrinkError, UsageError
 from onnxshrink.graph.convert import graph_to_model, model_to_graph
@@ -67,9 +67,6 @@ from onnxshrink.targets.qnn import qnn_available, save_qnn_context
 
 MAX_BACKOFF = 6
 COLLECT_BEFORE_VALIDATION_BYTES = 64 * 2**20  # weights from which a pass's graph is collected before validation
-# weights from which a candidate's validation keeps no selection outputs: the memo's digest serializes the
-# model whole, a transient copy of it at the validation's peak
-MEMO_MAX_BYTES = 256 * 2**20
 
 
 class PassManager:
@@ -295,7 +292,7 @@ class PassManager:
     def _selection_outputs(self, model: onnx.ModelProto, val, source=None) -> list:
         """The model's outputs on the selection samples ``val`` with onnxruntime's optimizations on (as
         the user runs it; run from ``source``, its file, when given). The last call's outputs are kept
-        under a digest of the model's bytes: the quantize guard's evaluation of the placement it keeps,
+        under a digest of the model (``_digest``): the quantize guard's evaluation of the placement it keeps,
         the manager's validation of the pass's result and the final selection figure are one model,
         run once."""
         key, kept = self._kept_selection_outputs(model, val)
@@ -306,7 +303,7 @@ class PassManager:
         return outs
 
     def _kept_selection_outputs(self, model: onnx.ModelProto, val) -> tuple:
-        """(the digest of ``model``'s bytes, None past 2 GB; the selection outputs kept for it, or None
+        """(the digest of ``model`` (``_digest``), None past 2 GB; the selection outputs kept for it, or None
         when the last ones measured were another model's or other samples')."""
         key = _digest(model)
         memo = self._selection_memo
@@ -343,8 +340,7 @@ class PassManager:
                 return True, "", {}
             try:
                 outs = self._outputs(src, val, optimize=False) if lossless else \
-                    self._selection_outputs(candidate, val, src) if model_io.tensor_bytes(candidate) < MEMO_MAX_BYTES \
-                    else self._outputs(src, val, True)
+                    self._selection_outputs(candidate, val, src)
             except Exception as e:
                 return False, f"onnxruntime cannot run it: {_first_line(e)}", {}
             if lossless:  # judged unoptimized, but the user runs it optimized
@@ -829,9 +825,10 @@ class _Step:
     pass_: Pass | None
 
 
-def _digest(model: onnx.ModelProto) -> bytes | None:
-    """A digest of the model's bytes (None past 2 GB, where it is not serialized whole)."""
-    return None if model_io.is_large(model) else hashlib.blake2b(model.SerializeToString(), digest_size=16).digest()
+def _digest(model: onnx.ModelProto) -> str | None:
+    """What the model computes, digested (``cache.model_digest``, tensor by tensor: no serialized copy of
+    the model); None past 2 GB, where hashing every weight costs more than the runs it saves."""
+    return None if model_io.is_large(model) else model_digest(model)
 
 
 def _speed_text(cmp) -> str:
