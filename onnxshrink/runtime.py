@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
            "compare_speed", "compare_speeds", "compare_candidates", "speed_comparison", "SpeedComparison",
-           "CLEAR_MARGIN", "add_outputs", "append_outputs", "ort_message"]
+           "CLEAR_MARGIN", "append_outputs", "session_with_outputs", "ort_message"]
 
 import math
 import os
@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxshrink.graph.shapes import value_types
 from onnxshrink.model import VIA_FILE_BYTES, weightless_copy, written
 
 ort.set_default_logger_severity(3)
@@ -90,35 +91,38 @@ def run_model(session: ort.InferenceSession, samples: Iterable[dict]) -> Iterato
         yield session.run(names, s)
 
 
-def add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs the tensors ``names`` (types from shape
-    inference; float32 where unknown)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return append_outputs(m, names)
-
-
 def append_outputs(m: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """Append graph outputs for ``names`` to ``m`` in place (see add_outputs). The types come from shape
-    inference on a weightless copy (``model.weightless_copy``): inference on the model itself would
-    serialize it, parse it and return a copy with its weights (a 10 MB CRNN: about 30 MB at the
-    calibration's peak), and a type needs no weight's data."""
+    """Append graph outputs for the tensors ``names`` to ``m`` in place (float32 where the type is
+    unknown). The types come from shape inference on a weightless copy (``model.weightless_copy``):
+    inference on the model itself would serialize it, parse it and return a copy with its weights (a
+    10 MB CRNN: about 30 MB at the calibration's peak), and a type needs no weight's data."""
     have = {o.name for o in m.graph.output}
     want = [n for n in names if n not in have]
     if not want:
         return m
-    types = {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(weightless_copy(m))
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-            types[vi.name] = vi.type.tensor_type.elem_type
+        types = value_types(onnx.shape_inference.infer_shapes(weightless_copy(m)))
     except Exception:
-        pass
+        types = {}
     for t in m.graph.initializer:
         types.setdefault(t.name, t.data_type)
     for n in want:
         m.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n) or onnx.TensorProto.FLOAT, None))
     return m
+
+
+def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], nodes: Sequence[onnx.NodeProto] = (),
+                         optimize: bool = False) -> ort.InferenceSession:
+    """A low-memory session (``make_session``) of ``model`` with ``nodes`` appended and the tensors
+    ``names`` as outputs too: both are added to the model in place for the session and removed again,
+    so the model is never copied (calibration's reductions, activation captures)."""
+    n_nodes, n_out = len(model.graph.node), len(model.graph.output)
+    try:
+        model.graph.node.extend(nodes)
+        return make_session(append_outputs(model, names), optimize=optimize, low_memory=True)
+    finally:
+        del model.graph.node[n_nodes:]
+        del model.graph.output[n_out:]
 
 
 def capture_activations(model: onnx.ModelProto, names: Sequence[str], samples: Iterable[dict],
@@ -129,12 +133,7 @@ def capture_activations(model: onnx.ModelProto, names: Sequence[str], samples: I
     (histograms, X^T X) and stay flat in the number of samples.
     """
     names = list(dict.fromkeys(names))
-    # no copy of the model: the outputs are added in place for the session, then removed
-    n_out = len(model.graph.output)
-    try:
-        sess = make_session(append_outputs(model, names), optimize=optimize, low_memory=True)
-    finally:
-        del model.graph.output[n_out:]
+    sess = session_with_outputs(model, names, optimize=optimize)
     for s in samples:
         vals = sess.run(names, s)
         yield dict(zip(names, vals))

@@ -164,21 +164,16 @@ def collect_minmax(model, names: Sequence[str], samples: Iterable[dict],
     fallback's calibration check reads them instead of running the float model again)."""
     import onnx
 
-    from onnxshrink.runtime import append_outputs, make_session
+    from onnxshrink.runtime import session_with_outputs
     graph_outputs = [o.name for o in model.graph.output]
-    n_nodes, n_out = len(model.graph.node), len(model.graph.output)
-    outs = []
-    try:  # the reductions and their outputs are added to the model for the session, then removed: no copy
-        for i, n in enumerate(names):
-            for op in ("ReduceMin", "ReduceMax"):
-                outs.append(f"{n}__calib_{op}")
-                model.graph.node.append(onnx.helper.make_node(op, [n], [outs[-1]], keepdims=0,
-                                                              name=f"calib_{op}_{i}"))
-        # only scalars come out: no memory pattern or arena for tensors that are reduced and dropped
-        sess = make_session(append_outputs(model, outs), optimize=False, low_memory=True)
-    finally:
-        del model.graph.node[n_nodes:]
-        del model.graph.output[n_out:]
+    outs, reductions = [], []
+    for i, n in enumerate(names):
+        for op in ("ReduceMin", "ReduceMax"):
+            outs.append(f"{n}__calib_{op}")
+            reductions.append(onnx.helper.make_node(op, [n], [outs[-1]], keepdims=0, name=f"calib_{op}_{i}"))
+    # only scalars come out (a low-memory session: no memory pattern or arena for tensors that are
+    # reduced and dropped); the reductions join the model for the session only: no copy of it
+    sess = session_with_outputs(model, outs, reductions)
     lo = np.full(len(names), np.inf)
     hi = np.full(len(names), -np.inf)
     isfloat = np.ones(len(names), bool)
