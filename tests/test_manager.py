@@ -315,3 +315,17 @@ def test_deterministic_real_passes_on_demo(tmp_path, pass_name):
             pytest.skip(f"{pass_name}: budget not met on the demo")
         hashes.append(sha256(o))
     assert hashes[0] == hashes[1]
+
+
+def test_small_models_are_not_collected_between_passes(monkeypatch):
+    """A pass's graph is collected (``gc.collect``, 20-90 ms) only where its weights are big: a small
+    model's passes run without a collection between them; from 0 bytes on, every pass is followed by one."""
+    from onnxshrink.pipeline import manager
+    calls = []
+    monkeypatch.setattr(manager.gc, "collect", lambda *a: calls.append(1) or 0)
+    m = mlp()
+    optimize(m, passes=["cleanup", "cleanup"], speed="off")
+    assert calls == []
+    monkeypatch.setattr(manager, "COLLECT_FROM_BYTES", 0)
+    optimize(m, passes=["cleanup", "cleanup"], speed="off")
+    assert len(calls) >= 2

@@ -216,15 +216,16 @@ def _no_sizing_run(*a, **k):
     raise AssertionError("a decision's rounds are sized by the early look's first block, not by a run of their own")
 
 
-@pytest.mark.parametrize("ratio, spread, early, faster, slower", [
-    (2.0, 0.2, True, True, False),     # clearly faster: decided on the early look's 12 rounds
-    (0.5, 0.05, True, False, True),    # clearly slower: the same
-    (1.0, 0.005, True, False, False),  # a tight tie, inside both boundaries: a tie on the early look
-    (1.045, 0.02, False, False, False),  # the faster boundary inside, the median above it: measured in full
-    (1.02, 0.02, True, False, False),  # the faster boundary inside, the median under it: futile, a tie
-    (0.97, 0.02, False, False, False),  # the slower boundary inside: measured in full whatever the median
+@pytest.mark.parametrize("ratio, spread, rounds, faster, slower", [
+    (2.0, 0.2, 6, True, False),      # every round far faster: decided on the first block (decisive)
+    (0.5, 0.05, 6, False, True),     # every round far slower: the same
+    (1.2, 0.02, 12, True, False),    # clearly faster, not by the decisive factor: the early look's 12 rounds
+    (1.0, 0.005, 12, False, False),  # a tight tie, inside both boundaries: a tie on the early look
+    (1.045, 0.02, 15, False, False),  # the faster boundary inside, the median above it: measured in full
+    (1.02, 0.02, 12, False, False),  # the faster boundary inside, the median under it: futile, a tie
+    (0.97, 0.02, 15, False, False),  # the slower boundary inside: measured in full whatever the median
 ])
-def test_compare_speed_stops_early_only_when_no_decision_is_close(monkeypatch, ratio, spread, early, faster,
+def test_compare_speed_stops_early_only_when_no_decision_is_close(monkeypatch, ratio, spread, rounds, faster,
                                                                   slower):
     from onnxshrink import runtime
     timer = _StandInTimer(ratio, spread)  # 50 ms runs: the close pairs' ~100 ms rounds fit 15 times in 1.5 s
@@ -232,8 +233,7 @@ def test_compare_speed_stops_early_only_when_no_decision_is_close(monkeypatch, r
     monkeypatch.setattr(runtime, "measure_latency", _no_sizing_run)
     model = tiny_chain(2)
     cmp = runtime.compare_speed(model, model, {"x": np.zeros((1, 8), np.float32)})
-    assert (timer.rounds == 2 * runtime.EARLY_ROUNDS) is early, timer.rounds
-    assert cmp.rounds == timer.rounds == (2 * runtime.EARLY_ROUNDS if early else 15)  # 1.5 s of 100 ms pairs
+    assert runtime.EARLY_ROUNDS == 6 and cmp.rounds == timer.rounds == rounds, timer.rounds
     assert cmp.faster_than(1.0) is faster and cmp.slower_than(1.0) is slower
     # a caller that decides only "faster than 1.0" lets a clear tie below its boundary stop early as well
     timer.rounds = 0
@@ -268,11 +268,12 @@ class _StandInRatios:
         return out
 
 
-@pytest.mark.parametrize("ratios, early", [
-    ((2.0, 3.0), True),    # both candidates clearly faster: the early look decides both
-    ((2.0, 1.045), False),  # the second is a close call: it alone (with its base) gets the full measurement
+@pytest.mark.parametrize("ratios, rounds", [
+    ((2.0, 3.0), (6, 6, 6)),     # both candidates far faster in every round: the first block decides both
+    ((1.2, 1.3), (12, 12, 12)),  # both clearly faster, not decisively: the early look decides both
+    ((2.0, 1.045), (12, 15, 12)),  # the second is a close call: it alone (with its base) gets the full measurement
 ])
-def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, early):
+def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, rounds):
     from onnxshrink import runtime
     timer = _StandInRatios(ratios, 0.02)  # the first pair's ~150 ms rounds: 15 in 1.5 s
     monkeypatch.setattr(runtime, "interleaved_latency", timer.interleaved)
@@ -281,12 +282,12 @@ def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, e
     faster = (("faster", 1.0),)
     cmps = runtime.compare_speeds([model, model, model], {"x": np.zeros((1, 8), np.float32)},
                                   [(0, 1, faster), (0, 2, faster), (1, 2, ())])
-    assert timer.rounds == (2 * runtime.EARLY_ROUNDS if early else 15)
+    assert timer.rounds == rounds[1]
     assert [c.speedup for c in cmps] == pytest.approx([ratios[0], ratios[1], ratios[1] / ratios[0]], rel=0.02)
-    assert cmps[0].faster_than(1.0) and cmps[1].faster_than(1.0) is early
-    early_rounds = 2 * runtime.EARLY_ROUNDS
+    assert cmps[0].faster_than(1.0) and cmps[1].faster_than(1.0) is (rounds[1] != 15)
     # the close pair (0, 2) is measured in full; the pairs decided early (or deciding nothing) keep the early look,
     # and model 1, in no close pair, leaves the rounds
-    assert [c.rounds for c in cmps] == ([early_rounds] * 3 if early else [early_rounds, 15, early_rounds])
-    assert timer.ran == ({0: early_rounds, 1: early_rounds, 2: early_rounds} if early else
-                         {0: 15, 1: early_rounds, 2: 15})
+    assert tuple(c.rounds for c in cmps) == rounds
+    assert timer.ran == {0: rounds[1], 1: rounds[0], 2: rounds[1]}
+
+

@@ -66,7 +66,9 @@ from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prep
 from onnxshrink.targets.qnn import qnn_available, save_qnn_context
 
 MAX_BACKOFF = 6
-COLLECT_BEFORE_VALIDATION_BYTES = 64 * 2**20  # weights from which a pass's graph is collected before validation
+# weights from which a pass's graph is collected (gc.collect) before its validation and after the pass: the
+# graph's reference cycles hold a copy of the weights; a collection costs 20-90 ms (PP-OCRv4 rec: 2 x 90 ms)
+COLLECT_FROM_BYTES = 64 * 2**20
 
 
 class PassManager:
@@ -476,9 +478,10 @@ class PassManager:
             before = None  # the input, which _release_original may now let go
             ctx.cache.clear()
             # onnx-graphsurgeon graphs are reference cycles (nodes <-> tensors) holding the pass's
-            # numpy weights; collect them now rather than whenever the cyclic GC next runs
-            # (measured on a 1 GiB model: one model's worth of memory lingered into the next pass)
-            gc.collect()
+            # numpy weights; collect them now rather than whenever the cyclic GC next runs, where they
+            # are big (measured on a 1 GiB model: one model's worth of memory lingered into the next pass)
+            if model_io.tensor_bytes(current) >= COLLECT_FROM_BYTES:
+                gc.collect()
             if current is not self.original and not allocated:
                 self._release_original(ctx)
 
@@ -754,7 +757,7 @@ class PassManager:
             # the validation's sessions (a 2 GiB model: one model less at the run's peak; a collection
             # costs 20-40 ms, so only where the weights are big)
             result.graph = result.model = None
-            if model_io.tensor_bytes(candidate) >= COLLECT_BEFORE_VALIDATION_BYTES:
+            if model_io.tensor_bytes(candidate) >= COLLECT_FROM_BYTES:
                 gc.collect()
             with self._file_of(candidate) as hold:  # written once for the checks, and kept if it becomes current
                 ok, reason, fid = self._validate(candidate, val, reference, attempt.lossless, check_budget, own_input)
