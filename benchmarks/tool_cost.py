@@ -7,7 +7,8 @@ onnxruntime's own quantizers (and NNCF where installed), with what each output i
 
 Per model: 32 calibration samples written as .npy, 16 held-out samples no tool sees. Tools, each in
 its own subprocess so that its wall time and peak RSS (VmHWM, which counts onnxruntime's C++
-allocations) are measured alike (``quantize_bench.run_tool``):
+allocations) are measured alike (``quantize_bench.run_tool``; every tool imports from bytecode, as
+installed packages do: the checkout's modules are byte-compiled first):
 
 - ``ort_static``: onnxruntime ``quantize_static`` as a user calls it (QDQ, per-tensor, MinMax, all 32
   samples calibrate);
