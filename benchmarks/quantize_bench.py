@@ -21,6 +21,7 @@ held-out sample's worst output against fp32 (mean and min over samples).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -127,11 +128,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@functools.cache
 def _bytecode() -> None:
     """Byte-compile the package in place (its ``__pycache__``, which git ignores) before a tool is timed,
     as pip does when it installs a wheel: onnxruntime's and onnx's modules come with their bytecode, and
     on a machine that sets PYTHONDONTWRITEBYTECODE an editable checkout would compile its ~140 modules
-    from source in every run (0.2 s of each onnxshrink run here), which no installed user pays."""
+    from source in every run (0.2 s of each onnxshrink run here), which no installed user pays. Once per
+    benchmark process."""
     import compileall
     compileall.compile_dir(str(ROOT / "onnxshrink"), quiet=1)
 

@@ -205,17 +205,22 @@ class SpeedComparison:
         0.96-1.03x from run to run on a loaded machine, each time with a narrow interval)."""
         return TINY_MARGIN if max(self.t_a, self.t_b) < TINY_RUN_MS else CLEAR_MARGIN
 
+    def boundary(self, kind: str, threshold: float) -> float:
+        """The speed ratio a decision ``kind`` ("faster" or "slower") about ``threshold`` turns on:
+        ``threshold x margin`` for "faster", ``threshold / margin`` for "slower"."""
+        return threshold * self.margin if kind == "faster" else threshold / self.margin
+
     def faster_than(self, threshold: float = 1.0) -> bool:
         """``b`` is at least ``threshold`` times as fast as ``a``, clearly: the whole interval lies
         above ``threshold x margin``. Rounds of one run of a tiny model drift together (the
         interval is narrower than the run-to-run spread of the median), hence the margin. A tie is
         False, so a decision taken on it is the same on every run."""
-        return self.low > threshold * self.margin
+        return self.low > self.boundary("faster", threshold)
 
     def slower_than(self, threshold: float = 1.0) -> bool:
         """``b`` is clearly slower than ``threshold`` times ``a``'s speed: the whole interval lies below
         ``threshold / margin``."""
-        return self.high < threshold / self.margin
+        return self.high < self.boundary("slower", threshold)
 
     def as_dict(self) -> dict:
         return {"speedup": round(self.speedup, 3), "interval": [round(self.low, 3), round(self.high, 3)],
@@ -326,9 +331,10 @@ def _close(cmp: SpeedComparison, decides: Sequence[tuple[str, float]]) -> bool:
     "faster" boundary inside the interval with the median above it (under it, more rounds are futile),
     or a "slower" boundary inside the interval."""
     for kind, t in decides:
-        if kind == "faster" and cmp.low <= t * cmp.margin < cmp.speedup:
+        bound = cmp.boundary(kind, t)
+        if kind == "faster" and cmp.low <= bound < cmp.speedup:
             return True
-        if kind != "faster" and cmp.low <= t / cmp.margin <= cmp.high:
+        if kind != "faster" and cmp.low <= bound <= cmp.high:
             return True
     return False
 
@@ -338,7 +344,7 @@ def _decisive(cmp: SpeedComparison, decides: Sequence[tuple[str, float]]) -> boo
     decisive first block): each boundary (``t x margin`` for "faster", ``t / margin`` for "slower") lies
     ``DECISIVE_FACTOR`` outside the interval, below its low end or above its high end."""
     for kind, t in decides:
-        bound = t * cmp.margin if kind == "faster" else t / cmp.margin
+        bound = cmp.boundary(kind, t)
         if not (cmp.low >= bound * DECISIVE_FACTOR or cmp.high * DECISIVE_FACTOR <= bound):
             return False
     return True
