@@ -8,7 +8,8 @@ onnxshrink ``cleanup,quantize`` on real models, same calibration and held-out sa
 ``crnn`` is ``models.build.crnn_small`` (conv + bidirectional LSTM) fed rendered text lines.
 ``vit_s`` is not a downloaded model: ``models.build.vit_encoder`` at ViT-S width (384 wide, 6 heads,
 MLP 1536, 4 blocks, 64x64 photos in 8x8 patches: 65 tokens), exported PyTorch-style, fed photos.
-Tools: ``ort_pc`` / ``ort_pt`` onnxruntime ``quantize_static`` (QDQ, MinMax, per-channel / per-tensor),
+Tools: ``ort_pc`` / ``ort_pt`` onnxruntime ``quantize_static`` (QDQ, MinMax, per-channel / per-tensor;
+``ort_pt_checked``: then its output checked as onnxshrink checks its own, ``check_like_onnxshrink``),
 ``ort_dyn`` onnxruntime ``quantize_dynamic`` (int8 weights, activations at run time), ``shrink``
 onnxshrink ``cleanup,quantize`` (at ``--budget none``: the pass alone, as the tools run).
 
@@ -80,6 +81,9 @@ def worker(tool: str, model: str, calib_dir: str, out: str, options: str) -> dic
             quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=(tool == "ort_pc"),
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
+        if tool.endswith("_checked"):
+            reader = Reader()
+            info["check"] = check_like_onnxshrink(model, out, [reader.get_next() for _ in files])
     elif tool == "shrink_cli":
         # the user's command line, at the budget the user gives (``options``: the budget; empty = default)
         from onnxshrink.cli import main as cli_main
@@ -113,6 +117,29 @@ def worker(tool: str, model: str, calib_dir: str, out: str, options: str) -> dic
     info["wall_s"] = time.perf_counter() - t0
     info["peak_rss_mb"] = _peak_rss_mb()
     return info
+
+
+def check_like_onnxshrink(model: str, out: str, samples: list) -> dict:
+    """What a user runs to check a quantizer's output the way onnxshrink checks its own result, with
+    onnxshrink's own functions: the input's outputs (unoptimized, onnxshrink's reference) and the
+    output's (optimized, as the user runs it) on the 16 samples onnxshrink would hold out of 32 for
+    selection and test (of every four the 2nd and the 4th), their fidelity, and the output timed
+    against the input on one of them (``runtime.compare_speed`` deciding "slower", the speed
+    contract's rule). onnxshrink checks more than this (each pass's validation, its placement search,
+    the stored weights), so this is a floor of what its checks cost, not their equal."""
+    from onnxshrink.metrics import fidelity
+    from onnxshrink.runtime import compare_speed, make_session
+
+    held = [s for k, s in enumerate(samples) if k % 4 in (1, 3)]
+    sess_in = make_session(model, optimize=False, low_memory=True)
+    reference = [sess_in.run(None, s) for s in held]
+    del sess_in
+    sess_out = make_session(out, optimize=True, low_memory=True)
+    outputs = [sess_out.run(None, s) for s in held]
+    del sess_out
+    cmp = compare_speed(model, out, held[0], decides=(("slower", 1.0),))
+    return {"cosine": round(fidelity(reference, outputs).get("cosine", 0.0), 5), "speed": round(cmp.speedup, 3),
+            "rounds": cmp.rounds}
 
 
 def _peak_rss_mb() -> float:

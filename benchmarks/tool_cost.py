@@ -12,6 +12,12 @@ installed packages do: the checkout's modules are byte-compiled first):
 
 - ``ort_static``: onnxruntime ``quantize_static`` as a user calls it (QDQ, per-tensor, MinMax, all 32
   samples calibrate);
+- ``ort_checked``: ``quantize_static`` as above, then its output checked the way onnxshrink checks its
+  own (``quantize_bench.check_like_onnxshrink``: the input's and the output's outputs on the 16 samples
+  onnxshrink holds out for selection and test, their fidelity, the output timed against the input by
+  the speed contract's rule). onnxshrink's ``vs chk`` ratios are against this: the cost of a checked
+  int8 model from onnxruntime's tool, a floor of onnxshrink's own checks (it also validates each pass,
+  searches a placement and checks stored weights);
 - ``ort_dyn``: onnxruntime ``quantize_dynamic`` (no calibration);
 - ``nncf``: ``nncf.quantize`` on the ONNX model, when nncf is installed (else the row says so);
 - ``onnxshrink``: ``onnxshrink optimize IN OUT --passes cleanup,quantize --calib DIR --budget B``, the
@@ -55,7 +61,9 @@ import quantize_bench as qb  # noqa: E402
 from onnxshrink.graph.cost import model_stats  # noqa: E402
 
 MODELS = ["ppocr_cls", "ppocr_det", "yolov8n", "ppocr_rec", "crnn", "vit_s"]
-TOOLS = {"ort_static": "ort_pt", "ort_dyn": "ort_dyn", "nncf": "nncf", "onnxshrink": "shrink_cli"}
+TOOLS = {"ort_static": "ort_pt", "ort_checked": "ort_pt_checked", "ort_dyn": "ort_dyn", "nncf": "nncf",
+         "onnxshrink": "shrink_cli"}
+SAME_OUTPUT = {"ort_checked": "ort_static"}  # a tool writing another's model: measured once
 PHASES = {  # profile phase -> functions whose cumulative time it is (first match wins, outermost)
     "imports": ["<module>"],
     "calibration": ["calibrate_ranges"],
@@ -205,10 +213,15 @@ def bench(name: str, repeats: int, budget: str, tools: list[str], heldout: int, 
             costs[tool] = {"wall_s": statistics.median(r["wall_s"] for r in runs),
                            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
                            "walls": [round(r["wall_s"], 1) for r in runs]}
-            if out.exists():
+            if any("check" in r for r in runs):  # ort_checked: what its checks found, each run
+                costs[tool]["checks"] = [r.get("check") for r in runs]
+            if out.exists() and SAME_OUTPUT.get(tool) not in tools:
                 variants[tool] = out
         meas = qb.measure(variants, held, rounds)
-        ref = costs.get("ort_static", {})
+        for tool, same in SAME_OUTPUT.items():
+            if same in meas and tool not in meas and tool in costs and "error" not in costs[tool]:
+                meas[tool], variants[tool] = meas[same], variants[same]
+        ref, checked = costs.get("ort_static", {}), costs.get("ort_checked", {})
         shapes = {k: list(v.shape) for k, v in held[0].items()}
         for tool in tools:
             c = costs[tool]
@@ -220,13 +233,16 @@ def bench(name: str, repeats: int, budget: str, tools: list[str], heldout: int, 
             if "error" not in c and "wall_s" in ref:
                 row["time_ratio"] = c["wall_s"] / ref["wall_s"]
                 row["rss_ratio"] = c["peak_rss_mb"] / ref["peak_rss_mb"]
+            if tool == "onnxshrink" and "error" not in c and "wall_s" in checked:
+                row["time_ratio_checked"] = c["wall_s"] / checked["wall_s"]
+                row["rss_ratio_checked"] = c["peak_rss_mb"] / checked["peak_rss_mb"]
             rows.append(row)
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
-    hdr = (f"{'model':10} {'tool':11} {'tool s':>7} {'vs ORT':>6} {'peak MB':>8} {'vs ORT':>6} "
-           f"{'speed':>6} {'cos mean':>8} {'cos min':>8} {'int MACs':>8}  runs (s)")
+    hdr = (f"{'model':10} {'tool':11} {'tool s':>7} {'vs ORT':>6} {'vs chk':>6} {'peak MB':>8} {'vs ORT':>6} "
+           f"{'vs chk':>6} {'speed':>6} {'cos mean':>8} {'cos min':>8} {'int MACs':>8}  runs (s)")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -238,7 +254,8 @@ def print_rows(rows: list[dict]) -> None:
             v = r.get(k)
             return (format(v, fmt) + suffix) if isinstance(v, (int, float)) else "-"
         print(f"{r['model']:10} {r['tool']:11} {f('wall_s', '7.1f')} {f('time_ratio', '5.2f', 'x'):>6} "
-              f"{f('peak_rss_mb', '8.0f')} {f('rss_ratio', '5.2f', 'x'):>6} {f('speed', '5.2f', 'x'):>6} "
+              f"{f('time_ratio_checked', '5.2f', 'x'):>6} {f('peak_rss_mb', '8.0f')} {f('rss_ratio', '5.2f', 'x'):>6} "
+              f"{f('rss_ratio_checked', '5.2f', 'x'):>6} {f('speed', '5.2f', 'x'):>6} "
               f"{f('cos_mean', '8.4f')} {f('cos_min', '8.4f')} {f('int_macs', '7.0%'):>8}  {r.get('walls', '')}")
     sys.stdout.flush()
 
