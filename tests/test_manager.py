@@ -329,3 +329,30 @@ def test_small_models_are_not_collected_between_passes(monkeypatch):
     monkeypatch.setattr(manager, "COLLECT_FROM_BYTES", 0)
     optimize(m, passes=["cleanup", "cleanup"], speed="off")
     assert len(calls) >= 2
+
+
+def test_report_says_where_the_time_went(monkeypatch):
+    """``Report.timings_s``: the run's wall time by phase (``report.PHASES``, in run order) and its total,
+    which the phases add up to; the passes' phase holds every pass's own time, time spent in a phase
+    is counted there (a speed contract slowed by 0.3 s), and --latency adds its own phase."""
+    import time
+
+    from onnxshrink.pipeline import manager
+    from onnxshrink.pipeline.report import PHASES
+    from tests.helpers import model_samples
+
+    real = manager.PassManager._speed_contract
+
+    def slow_contract(self, *a, **k):
+        time.sleep(0.3)
+        return real(self, *a, **k)
+    monkeypatch.setattr(manager.PassManager, "_speed_contract", slow_contract)
+    m = mlp()
+    _, rep = optimize(m, passes=["cleanup", "cleanup"], data=model_samples(m, 8), speed="off")
+    t = rep.timings_s
+    assert [k for k in t if k != "total"] == ["input", "reference_outputs", "passes", "speed_contract", "verdict"]
+    assert abs(sum(v for k, v in t.items() if k != "total") - t["total"]) < 0.01
+    assert t["passes"] >= sum(p.wall_time_s for p in rep.passes) - 0.01
+    assert 0.3 <= t["speed_contract"] < t["total"]
+    _, rep = optimize(m, passes=["cleanup"], data=model_samples(m, 8), speed="off", measure_speed=True)
+    assert "latency" in rep.timings_s and list(PHASES) == [k for k in PHASES if k in rep.timings_s]

@@ -50,7 +50,15 @@ from onnxshrink.metrics import (
 from onnxshrink.passes.base import Context, Pass
 from onnxshrink.passes.registry import create_pass
 from onnxshrink.pipeline.allocate import AllocationConfig, Runner, allocate
-from onnxshrink.pipeline.report import APPLIED, BACKED_OFF, NOT_APPLICABLE, ROLLED_BACK, PassRecord, Report
+from onnxshrink.pipeline.report import (
+    APPLIED,
+    BACKED_OFF,
+    NOT_APPLICABLE,
+    ROLLED_BACK,
+    PassRecord,
+    PhaseClock,
+    Report,
+)
 from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings, speed_policy
 from onnxshrink.progress import Progress
@@ -387,6 +395,7 @@ class PassManager:
     def _run(self, model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
         report = Report(budget=str(self.budget) if self.budget else None,
                         target=self.target.name if self.target else None)
+        clock = PhaseClock(report)
         self.input_path = None
         if not isinstance(model, onnx.ModelProto):
             report.input = str(model)
@@ -411,6 +420,7 @@ class PassManager:
                 model_io.check_model(original, full_check=False)
             except Exception as e:
                 raise InputError(f"invalid ONNX model: {_first_line(e)}") from None
+        clock.lap("input")
         try:  # the original's outputs on the selection and the test samples, from one session
             sets = [self.progress.track(val, "reference outputs")] + ([] if test is val else [test])
             reference, *rest = self._outputs_of_sets(original, sets, optimize=False)
@@ -433,6 +443,7 @@ class PassManager:
         if self.test_labels is not None or self.metric is not None:
             report.data["original_scores"] = {k: test_baseline[k] for k in ("accuracy", "top5", "user")
                                               if k in test_baseline}
+        clock.lap("reference_outputs")
         cost_shapes = self.input_shapes or sample_shapes
         report.before = model_stats(original, cost_shapes)
         current = original
@@ -452,6 +463,7 @@ class PassManager:
         ctx.baseline = self.baseline
 
         del original  # self.original from here on: a large one is released once a pass has replaced it
+        clock.lap("input")
         pass_knobs = knobs()
         steps: list[_Step] = []  # what changed the model, in order (the speed contract undoes them)
         undoable = self._speed_enforced() and not self._too_large_to_undo()  # else no earlier model is kept (memory)
@@ -488,8 +500,10 @@ class PassManager:
         def finish(m: onnx.ModelProto) -> onnx.ModelProto:
             return self._emit(m, ctx, report) if self.target is not None else m
 
+        clock.lap("passes")
         current = self._speed_contract(self.original, finish(current), steps, finish, ctx, val, reference, cost_shapes,
                                        report)
+        clock.lap("speed_contract")
 
         # the target may have made the image I/O channel-last
         io = ChannelsLastIO((report.target_report or {}).get("channels_last") if self.target is not None else None)
@@ -505,10 +519,12 @@ class PassManager:
             report.selection_fidelity = fidelity(reference, final_val[0], self.metric, val, self.val_labels)
         report.after = self._model_stats(current, io.shapes(cost_shapes))
         report.budget_met = self.budget.holds(report.fidelity, test_baseline) if self.budget else None
+        clock.lap("verdict")
         if self.measure_speed:
             feeds = val.get(0)
             report.latency_ms = {"before": measure_latency(self._timed_input(), feeds),
                                  "after": measure_latency(current, io.feeds([feeds])[0])}
+            clock.lap("latency")
         verdict = (report.target_report or {}).get("verdict") or {}
         if verdict and not verdict.get("ok", True):
             raise BudgetError(f"target {self.target.name}: {'; '.join(verdict['problems'])} (nothing written; "

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-__all__ = ["PassRecord", "Report", "format_bytes", "format_count", "plot_allocation"]
+__all__ = ["PHASES", "PhaseClock", "PassRecord", "Report", "format_bytes", "format_count", "plot_allocation"]
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +52,14 @@ class PassRecord:
     stats: dict = field(default_factory=dict)
 
 
+# the phases of a run whose wall time the report keeps (``Report.timings_s``): the input (loading, the
+# checker, sample roles, cost counts, a target's preparation), the input's outputs on the selection and
+# test samples (every later check's reference), the passes (each also in its record), the speed
+# contract's timing and roll-backs, the verdict (the result's outputs on the test samples and its
+# counts) and, with --latency, the latency figures
+PHASES = ("input", "reference_outputs", "passes", "speed_contract", "verdict", "latency")
+
+
 @dataclass
 class Report:
     input: str = ""
@@ -73,6 +82,8 @@ class Report:
     target_report: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    # where the run's wall time went, in seconds (``PHASES``, in order, and ``total``)
+    timings_s: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return _clean(asdict(self))
@@ -156,6 +167,10 @@ class Report:
             console.print(f"speed vs the input on this CPU: {vs_input['speedup']:.2f}x (95 % interval "
                           f"{vs_input['interval'][0]:.2f}-{vs_input['interval'][1]:.2f}x), {self.speed['verdict']}; "
                           f"contract {self.speed['contract']}" + (f"; rolled back: {undone}" if undone else ""))
+        if self.timings_s:
+            phases = ", ".join(f"{k.replace('_', ' ')} {_seconds(self.timings_s[k])}" for k in PHASES
+                               if k in self.timings_s)
+            console.print(f"time: {phases} (total {_seconds(self.timings_s.get('total', 0.0))})")
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
 
@@ -265,6 +280,27 @@ def plot_allocation(allocation: dict, path, budget=None):
     fig.savefig(p, dpi=110)
     plt.close(fig)
     return p
+
+
+class PhaseClock:
+    """Adds the wall time since the last lap to ``report.timings_s[phase]`` (a phase may come back: the
+    input's checks before and after its reference outputs) and keeps ``total`` current, so a report
+    written after a refusal (exit 4) has its times too."""
+
+    def __init__(self, report: Report):
+        self.report = report
+        self.start = self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        t = self.report.timings_s
+        t[phase] = round(t.get(phase, 0.0) + now - self.last, 3)
+        t["total"] = round(now - self.start, 3)
+        self.last = now
+
+
+def _seconds(v: float) -> str:
+    return f"{v:.2f} s" if v < 1 else f"{v:.1f} s"
 
 
 def _fmt(v, spec):
