@@ -295,6 +295,7 @@ class PhaseClock:
         now = time.perf_counter()
         t = self.report.timings_s
         t[phase] = round(t.get(phase, 0.0) + now - self.last, 3)
+        t.pop("total", None)  # last in the JSON, after the phases
         t["total"] = round(now - self.start, 3)
         self.last = now
 
