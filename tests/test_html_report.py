@@ -137,7 +137,7 @@ def explained(tmp_path_factory):
 
 DEMO_KEYS = {"fidelity.cosine": 5, "fidelity.cosine_min": 5, "fidelity.sqnr": 2, "selection_fidelity.cosine": 5,
              "passes.0.name": "str", "passes.2.name": "str", "passes.1.status": "str", "passes.1.fidelity.cosine": 5,
-             "after.nodes": 0, "before.nodes": 0}
+             "after.nodes": 0, "before.nodes": 0, "timings_s.passes": 2, "timings_s.total": 2}
 EXPLAIN_KEYS = {"before.cosine": 5, "before.cosine_min": 5, "after.cosine": 5, "ranking.0.node": "str",
                 "ranking.0.share": "1%", "ranking.1.node": "str", "ranking.0.sqnr_db": 1, "matched_tensors": 0}
 

@@ -15,6 +15,7 @@ from html import escape
 
 from onnxshrink.explain.recipe import recipe_yaml
 from onnxshrink.explain.svg import bars, line, scatter
+from onnxshrink.pipeline.report import PHASES
 
 CSS = """
 :root { --fg: #1d2330; --muted: #5b6578; --line: #d9dee8; --ok: #1e8449; --bad: #c0392b; --warn: #b9770e; }
@@ -207,7 +208,20 @@ def _timeline(r: dict) -> str:
     return ("<section><h2>Passes, in order: decisions and reasons</h2><table><tr><th class='num'>#</th><th>pass</th>"
             "<th>status</th><th class='num'>time</th><th class='num'>nodes</th><th class='num'>params</th>"
             "<th class='num'>cosine (selection)</th><th>reason</th></tr>" + "".join(rows) + "</table>"
-            "<h3>Time per pass</h3>" + chart + "</section>")
+            "<h3>Time per pass</h3>" + chart + _phases(r) + "</section>")
+
+
+def _phases(r: dict) -> str:
+    """The run's wall time by phase (the report's ``timings_s``): a line of figures and their bars."""
+    t = r.get("timings_s") or {}
+    phases = [k for k in PHASES if k in t]
+    if not phases:
+        return ""
+    figures = " · ".join(f"{k.replace('_', ' ')} <span data-key='timings_s.{k}'>{_f(t[k], '{:.2f}')}</span> s"
+                         for k in phases + ["total"] if k in t)
+    chart = bars([(k.replace("_", " "), t[k]) for k in phases], fmt=lambda v: f"{v:.2f} s",
+                 title="wall time per phase", label_width=160)
+    return f"<h3>Time per phase</h3><p class='small'>{figures}</p>" + chart
 
 
 def _layer_charts(r: dict) -> str:
