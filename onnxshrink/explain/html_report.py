@@ -15,7 +15,7 @@ from html import escape
 
 from onnxshrink.explain.recipe import recipe_yaml
 from onnxshrink.explain.svg import bars, line, scatter
-from onnxshrink.pipeline.report import PHASES
+from onnxshrink.pipeline.report import phase_times
 
 CSS = """
 :root { --fg: #1d2330; --muted: #5b6578; --line: #d9dee8; --ok: #1e8449; --bad: #c0392b; --warn: #b9770e; }
@@ -214,13 +214,13 @@ def _timeline(r: dict) -> str:
 def _phases(r: dict) -> str:
     """The run's wall time by phase (the report's ``timings_s``): a line of figures and their bars."""
     t = r.get("timings_s") or {}
-    phases = [k for k in PHASES if k in t]
+    phases = phase_times(t)
     if not phases:
         return ""
-    figures = " · ".join(f"{k.replace('_', ' ')} <span data-key='timings_s.{k}'>{_f(t[k], '{:.2f}')}</span> s"
-                         for k in phases + ["total"] if k in t)
-    chart = bars([(k.replace("_", " "), t[k]) for k in phases], fmt=lambda v: f"{v:.2f} s",
-                 title="wall time per phase", label_width=160)
+    figures = " · ".join(f"{label} <span data-key='timings_s.{k}'>{_f(v, '{:.2f}')}</span> s"
+                         for k, label, v in phases + ([("total", "total", t["total"])] if "total" in t else []))
+    chart = bars([(label, v) for _, label, v in phases], fmt=lambda v: f"{v:.2f} s", title="wall time per phase",
+                 label_width=160)
     return f"<h3>Time per phase</h3><p class='small'>{figures}</p>" + chart
 
 

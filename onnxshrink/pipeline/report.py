@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-__all__ = ["PHASES", "PhaseClock", "PassRecord", "Report", "format_bytes", "format_count", "plot_allocation"]
+__all__ = ["PHASES", "PhaseClock", "phase_times", "PassRecord", "Report", "format_bytes", "format_count",
+           "plot_allocation"]
 
 import json
 import math
@@ -58,6 +59,12 @@ class PassRecord:
 # contract's timing and roll-backs, the verdict (the result's outputs on the test samples and its
 # counts) and, with --latency, the latency figures
 PHASES = ("input", "reference_outputs", "passes", "speed_contract", "verdict", "latency")
+
+
+def phase_times(timings: dict) -> list[tuple[str, str, float]]:
+    """(phase, its label, seconds) of each phase ``timings`` (``Report.timings_s``) holds, in ``PHASES``
+    order (``total`` is not a phase): what the terminal table and the HTML page show."""
+    return [(k, k.replace("_", " "), timings[k]) for k in PHASES if k in timings]
 
 
 @dataclass
@@ -168,8 +175,7 @@ class Report:
                           f"{vs_input['interval'][0]:.2f}-{vs_input['interval'][1]:.2f}x), {self.speed['verdict']}; "
                           f"contract {self.speed['contract']}" + (f"; rolled back: {undone}" if undone else ""))
         if self.timings_s:
-            phases = ", ".join(f"{k.replace('_', ' ')} {_seconds(self.timings_s[k])}" for k in PHASES
-                               if k in self.timings_s)
+            phases = ", ".join(f"{label} {_seconds(v)}" for _, label, v in phase_times(self.timings_s))
             console.print(f"time: {phases} (total {_seconds(self.timings_s.get('total', 0.0))})")
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
