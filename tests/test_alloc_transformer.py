@@ -171,3 +171,38 @@ def test_closure_tries_dynamic_int8_when_qdq_breaks_the_budget(monkeypatch):
     assert extra["5+s0.75:3"] == {("quantize", u): DYNAMIC for u in "abc"}
     assert timed == [(5, "5+s0.75:3")]
     assert "no prefix at strength 1 keeps the budget" in alloc["closure"]
+
+
+def test_a_search_failing_on_the_verified_order_searches_the_proxys_own(monkeypatch):
+    """The boundary's verification redoes the greedy order; when no prefix of that order meets the
+    target within the budget, the proxy's own order is searched before failing closed. Here the
+    verified table is made misleading (every loss inverted: the most harmful choices first), so the
+    verified order cannot meet the target, and the proxy's order does."""
+    import onnxshrink.pipeline.allocate as al
+
+    real = al.verify_boundary
+
+    def misleading(*args, **kw):
+        assert real(*args, **kw)
+        table = args[7]
+        table.rows = [{**r, "loss": 1.0 / (abs(r["loss"]) + 1e-6)} for r in table.rows]
+        return True
+    monkeypatch.setattr(al, "verify_boundary", misleading)
+    model = small_vit(2)
+    xs = model_samples(model, 24, 3)
+    out, rep = optimize(model, passes=["cleanup", "prune", "svd", "quantize"], data=xs, budget="cosine>=0.99",
+                        target_size=0.35, sensitivity="proxy", executor="serial", cache=False, speed="off")
+    check(out)
+    a = rep.allocation
+    first = [t for t in a["trials"] if t.get("order") == "verified"]
+    second = [t for t in a["trials"] if t.get("order") == "proxy"]
+    assert first and not any(t["budget_ok"] and t["target_met"] for t in first)
+    assert len(first) + len(second) == len(a["trials"]) and "second_order" in a
+    assert a["chosen_order"] == "proxy" and any(t["n"] == a["chosen_n"] and t["budget_ok"] and t["target_met"]
+                                                for t in second)
+    # the reports mark the chosen configuration once, naming its order
+    from onnxshrink.pipeline.report import is_chosen, trial_label
+    assert [trial_label(t) for t in a["trials"] if is_chosen(t, a)] == [f"{a['chosen_n']} (proxy order)"]
+    assert rep.after["weight_bytes"] <= 0.35 * rep.before["weight_bytes"]
+    ref = [run_ort(model, s) for s in xs]
+    assert fidelity(ref, [run_ort(out, s) for s in xs])["cosine"] >= 0.99

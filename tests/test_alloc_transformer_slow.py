@@ -68,3 +68,26 @@ def test_ppocr_rec_at_0_15_fails_closed_naming_the_smallest_size_within_the_budg
     val = real_samples("ppocr_rec", 32, seed=2)
     with pytest.raises(BudgetError, match=r"smallest size \(weight bytes\) within the budget .* is .* = 0\.2\d+ of"):
         optimize(model, passes=PASSES, data=data, val_data=val, budget="cosine>=0.99", target_size=0.15)
+
+
+def test_ppocr_rec_at_0_3_meets_the_target_along_the_proxys_own_order(real_model_path):
+    # the boundary's verification redoes the greedy order, and along that order no prefix meets 0.3 within
+    # the budget (measured: 0.325 the smallest); the proxy's own order does (0.28): the search takes it
+    # before failing closed (allocate's module docstring)
+    import onnx
+
+    from models.real import real_samples
+
+    model = onnx.load(str(real_model_path("ppocr_rec")))
+    data = real_samples("ppocr_rec", 40, seed=0)
+    val = real_samples("ppocr_rec", 32, seed=2)
+    out, rep = optimize(model, passes=PASSES, data=data, val_data=val, budget="cosine>=0.99", target_size=0.3,
+                        speed="off")
+    check(out)
+    a = rep.allocation
+    assert a["chosen_order"] == "proxy" and "second_order" in a
+    assert model_stats(out)["weight_bytes"] <= 0.3 * model_stats(model)["weight_bytes"]
+    # the budget held on the 16 test samples of --val (else optimize raises); on 16 text lines no step saw,
+    # measured 0.9885 (seed 5) and 0.9920 (seed 7): the selection's edge, not a hidden loss
+    unseen = real_samples("ppocr_rec", 16, seed=5)
+    assert _held_out_cosine(model, out, unseen)["cosine"] >= 0.985

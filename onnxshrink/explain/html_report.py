@@ -15,7 +15,7 @@ from html import escape
 
 from onnxshrink.explain.recipe import recipe_yaml
 from onnxshrink.explain.svg import bars, line, scatter
-from onnxshrink.pipeline.report import phase_times
+from onnxshrink.pipeline.report import is_chosen, phase_times, trial_label
 
 CSS = """
 :root { --fg: #1d2330; --muted: #5b6578; --line: #d9dee8; --ok: #1e8449; --bad: #c0392b; --warn: #b9770e; }
@@ -268,7 +268,7 @@ def _allocation(r: dict) -> str:
     metric = str(r.get("budget") or "cosine").split(">")[0].split("<")[0]
     pts = [{"x": (t.get("cost") or {}).get("weight_bytes", 0) / 2**20 if _num((t.get("cost") or {}).get(
         "weight_bytes")) is not None else None, "y": t.get(metric), "ok": t.get("budget_ok"),
-        "chosen": t.get("n") == a.get("chosen_n"), "label": f"{t.get('n')} choices"} for t in trials]
+        "chosen": is_chosen(t, a), "label": f"{trial_label(t)}: choices"} for t in trials]
     return ("<section><h2>Allocation: verified configurations</h2><p class='small muted'>"
             f"{escape(str(a.get('result', '')))}</p>"
             + scatter(pts, "weight bytes (MB)", metric) + "</section>")

@@ -67,6 +67,20 @@ def phase_times(timings: dict) -> list[tuple[str, str, float]]:
     return [(k, k.replace("_", " "), timings[k]) for k in PHASES if k in timings]
 
 
+def trial_label(trial: dict) -> str:
+    """An allocation trial as the report shows it: its configuration (the greedy prefix's length n, or
+    an extra configuration's label), and the greedy order it belongs to when the search took a second
+    one (``allocate.Trials.switch_order``)."""
+    return f"{trial.get('n')}" + (f" ({trial['order']} order)" if trial.get("order") else "")
+
+
+def is_chosen(trial: dict, allocation: dict) -> bool:
+    """Whether ``trial`` (an entry of ``allocation["trials"]``) is the configuration the allocation
+    chose (a prefix length names one configuration per greedy order)."""
+    return (allocation.get("chosen_n") is not None and trial.get("n") == allocation.get("chosen_n")
+            and trial.get("order") == allocation.get("chosen_order"))
+
+
 @dataclass
 class Report:
     input: str = ""
@@ -221,7 +235,7 @@ class Report:
             t.add_column(c, justify="right")
         for tr in a.get("trials", []):
             c = tr.get("cost", {})
-            t.add_row(str(tr["n"]), format_bytes(c.get("weight_bytes")), format_count(c.get("macs")),
+            t.add_row(trial_label(tr), format_bytes(c.get("weight_bytes")), format_count(c.get("macs")),
                       _fmt(c.get("latency_ms"), "{:.2f} ms"), _fmt(tr.get(metric), "{:.5f}"),
                       "ok" if tr.get("budget_ok") else "-" if tr.get("budget_ok") is None else "broken",
                       "met" if tr.get("target_met") else "missed")
@@ -240,7 +254,6 @@ def plot_allocation(allocation: dict, path, budget=None):
 
     metric = budget.metric if budget is not None else "cosine"
     trials = allocation.get("trials", [])
-    chosen = allocation.get("chosen_n")
     base = allocation.get("target", {})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "weight_bytes", "weight bytes (MB)"),
@@ -263,8 +276,8 @@ def plot_allocation(allocation: dict, path, budget=None):
         if bad:
             ax.scatter(*zip(*bad), c="tab:red", marker="x", label="budget broken")
         for x, y, t in pts:
-            ax.annotate(str(t["n"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-            if t["n"] == chosen:
+            ax.annotate(trial_label(t), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if is_chosen(t, allocation):
                 ax.scatter([x], [y], s=160, facecolors="none", edgecolors="tab:green", linewidths=2, label="chosen")
         if budget is not None:
             try:
