@@ -19,7 +19,10 @@ installed packages do: the checkout's modules are byte-compiled first):
   int8 model from onnxruntime's tool, a floor of onnxshrink's own checks (it also validates each pass,
   searches a placement and checks stored weights);
 - ``ort_dyn``: onnxruntime ``quantize_dynamic`` (no calibration);
-- ``nncf``: ``nncf.quantize`` on the ONNX model, when nncf is installed (else the row says so);
+- ``nncf``: ``nncf.quantize`` on the ONNX model with its defaults, when nncf is installed (else the row
+  says so; it brings many dependencies, so install it beside the others:
+  ``python -m venv --system-site-packages /tmp/nncf && /tmp/nncf/bin/pip install nncf==3.4.0`` and run
+  this script with ``/tmp/nncf/bin/python``);
 - ``onnxshrink``: ``onnxshrink optimize IN OUT --passes cleanup,quantize --calib DIR --budget B``, the
   user's command line: 32 samples split into calibration / selection / test, the verdict on the test
   samples, the speed contract on (the result is timed against the input), on-disk cache off.
@@ -89,8 +92,10 @@ def _nncf_worker(model: str, calib_dir: str, out: str) -> None:
 
 def run(tool: str, model: Path, calib: Path, out: Path, budget: str) -> dict:
     if tool == "nncf":
-        code = ("import sys, json, time; sys.path[:0] = [%r, %r]; t = time.perf_counter(); import tool_cost; "
-                "tool_cost._nncf_worker(*sys.argv[1:4]); import quantize_bench as qb; "
+        # onnx (and this script's own imports) load before the clock starts, as in the other tools' workers;
+        # nncf's import is its own cost, like onnxruntime.quantization's in ``ort_static``
+        code = ("import sys, json, time; sys.path[:0] = [%r, %r]; import tool_cost, quantize_bench as qb; "
+                "t = time.perf_counter(); tool_cost._nncf_worker(*sys.argv[1:4]); "
                 "print(json.dumps({'wall_s': time.perf_counter() - t, 'peak_rss_mb': qb._peak_rss_mb()}))"
                 % (str(ROOT), str(ROOT / "benchmarks")))
         p = subprocess.run([sys.executable, "-c", code, str(model), str(calib), str(out)], capture_output=True,
