@@ -11,6 +11,14 @@ prints one row: placement on the EP, fidelity on the EP (8 held-out samples, aga
 original on the CPU EP), fidelity on the CPU EP (all held-out samples), speed vs the fp32 model on the
 same EP (one thread, interleaved rounds, median ratio and ~95 % interval: ``runtime.speed_comparison``),
 and the exit the CLI would give (0, or 4 with the reason). Every figure is measured in this run.
+
+``--nncf-python PY``: also NNCF's output on the same samples (``nncf.quantize`` on the ONNX model with
+its defaults, the same calibration samples; NNCF is OpenVINO's own quantizer, so this is the peer on
+its home runtime), run by the interpreter ``PY`` that has nncf (``benchmarks/tool_cost.py`` says how
+to make one), then measured on the OpenVINO EP exactly as onnxshrink's result is
+(``targets.openvino.openvino_check``: every node on the EP, fidelity against the fp32 original on
+the CPU EP over the held-out samples, speed against the fp32 model on the same EP): a row with
+placement ``NNCF``.
 """
 
 from __future__ import annotations
@@ -61,6 +69,45 @@ def run_one(name: str, placement: str, n_calib: int, n_val: int) -> dict:
     return row
 
 
+def run_nncf(name: str, n_calib: int, n_val: int, nncf_python: str) -> dict:
+    """NNCF's quantization of ``name`` (in ``nncf_python``), measured on the OpenVINO EP like onnxshrink's."""
+    import subprocess
+    import tempfile
+
+    import onnx
+
+    from models.real import real_model, real_samples, write_samples
+    from onnxshrink.runtime import make_session
+    from onnxshrink.targets.openvino import openvino_check
+
+    allp = real_samples(name, 26 + n_calib, seed=0)
+    calib, val = allp[26:], allp[:n_val]
+    with tempfile.TemporaryDirectory() as d:
+        calib_dir = write_samples(calib, Path(d) / "calib")
+        out = Path(d) / "nncf.onnx"
+        code = ("import sys, time; sys.path[:0] = [%r, %r]; import tool_cost; t = time.perf_counter(); "
+                "tool_cost._nncf_worker(*sys.argv[1:4]); print(time.perf_counter() - t)"
+                % (str(ROOT), str(ROOT / "benchmarks")))
+        p = subprocess.run([nncf_python, "-c", code, str(real_model(name)), str(calib_dir), str(out)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            return {"model": name, "placement": "NNCF", "error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+        wall = float(p.stdout.strip().splitlines()[-1])
+        q, fp32 = onnx.load(str(out)), onnx.load(str(real_model(name)))
+    sess = make_session(fp32, optimize=False)
+    reference = [sess.run(None, s) for s in val]
+    ov = openvino_check(q, val, reference=reference, baseline=fp32)
+    cpu = make_session(q)
+    from onnxshrink.metrics import fidelity
+    fc = fidelity(reference, [cpu.run(None, s) for s in val])
+    speed = ov.get("speed") or {}
+    return {"model": name, "placement": "NNCF", "wall_s": round(wall, 1), "exit": "-", "accepted": ov.get("accepted"),
+            "nodes_on_cpu": ov.get("nodes_on_cpu", 0), "error_ov": ov.get("error"),
+            "fidelity_ov": {k: (ov.get("fidelity") or {}).get(k) for k in ("cosine", "cosine_min")},
+            "samples_ov": ov.get("samples"), "fidelity_cpu": {k: fc.get(k) for k in ("cosine", "cosine_min")},
+            "speed_ov": speed.get("vs_fp32"), "speed_verdict": speed.get("verdict")}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="yolov8n,ppocr_cls")
@@ -68,12 +115,16 @@ def main():
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--val", type=int, default=16)
     ap.add_argument("--json")
+    ap.add_argument("--nncf-python", default="", help="an interpreter with nncf: also NNCF's output on the EP")
     a = ap.parse_args()
     rows = []
     for m in a.models.split(","):
-        for p in a.placements.split(","):
+        jobs = [(p, lambda p=p: run_one(m, p, a.calib, a.val)) for p in a.placements.split(",") if p]
+        if a.nncf_python:
+            jobs.append(("NNCF", lambda: run_nncf(m, a.calib, a.val, a.nncf_python)))
+        for p, job in jobs:
             try:
-                r = run_one(m, p, a.calib, a.val)
+                r = job()
             except Exception as e:  # report, keep going
                 r = {"model": m, "placement": p, "error": f"{type(e).__name__}: {e}"}
             rows.append(r)
@@ -88,6 +139,10 @@ def main():
         s = r.get("speed_ov") or {}
         place = "every node" if r["accepted"] else f"{r['nodes_on_cpu']} node(s) on CPU"
         fo, fc = r["fidelity_ov"], r["fidelity_cpu"]
+        if fo.get("cosine") is None:
+            print(f"| {r['model']} | {r['placement']} | {place}: {str(r.get('error_ov'))[:80]} | - | "
+                  f"{fc['cosine']:.4f} / {fc['cosine_min']:.4f} | - | {r['exit']} |")
+            continue
         sp = f"{s['speedup']:.2f}x ({s['interval'][0]:.2f}-{s['interval'][1]:.2f})" if s else "-"
         print(f"| {r['model']} | {r['placement']} | {place} | {fo['cosine']:.4f} / {fo['cosine_min']:.4f} "
               f"| {fc['cosine']:.4f} / {fc['cosine_min']:.4f} | {sp} | {r['exit']} |")
