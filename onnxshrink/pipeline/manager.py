@@ -63,6 +63,7 @@ from onnxshrink.pipeline.sensitivity import knobs
 from onnxshrink.pipeline.settings import Settings, speed_policy
 from onnxshrink.progress import Progress
 from onnxshrink.runtime import (
+    SpeedComparison,
     compare_candidates,
     compare_speed,
     compare_speeds,
@@ -71,6 +72,7 @@ from onnxshrink.runtime import (
     ort_message,
 )
 from onnxshrink.targets import ChannelsLastIO, emit_for_target, get_target, prepare_for_target, save_ort_format
+from onnxshrink.targets.openvino import openvino_available
 from onnxshrink.targets.qnn import qnn_available, save_qnn_context
 
 MAX_BACKOFF = 6
@@ -550,22 +552,37 @@ class PassManager:
         result still clearly slower with every step undone (the target's own preparation) is refused:
         BudgetError, exit 4. A size-only ``--target-size`` waives the contract (the user asked for
         bytes) unless ``enforce_speed``; policy ``report`` times and warns; ``off`` does not time.
-        Other targets are not this CPU: not timed. Returns the model to write."""
-        if not self._contract_times() or result is original:
+        Other targets are not this CPU: not timed here; but a target whose emission times the result
+        on its EP (openvino, with a verifier: ``_contract_on_ep``) gets the same roll-back from that
+        measurement (against the fp32 model the passes started from, on the EP), each undoing
+        emitted and measured there again; a result still slower there is left to the target's
+        verdict (exit 4). Returns the model to write."""
+        on_ep = self._contract_on_ep()
+        if not (self._contract_times() or on_ep) or result is original:
             return result
         waived = "" if self._speed_enforced() else "--speed report" if self.speed == "report" else \
             "a size-only target; --enforce-speed holds it"
         feeds = val.get(0)
-        key = _digest(result)  # timed already beside the quantize guard's candidate when it is that model
+        where = f"on the {self.target.provider}" if on_ep else "on this CPU"
+
+        def timed(res: onnx.ModelProto) -> SpeedComparison | None:
+            """``res`` against the input: the EP's figure from ``res``'s emission, or timed on this CPU."""
+            if on_ep:
+                return self._ep_speed(report)
+            return compare_speed(self._timed_input(), res, feeds, decides=(("slower", 1.0),))
+        key = None if on_ep else _digest(result)  # timed already beside the quantize guard's candidate
         cmp = self._input_timings.get(key) if key is not None else None
         if cmp is None:
-            cmp = compare_speed(self._timed_input(), result, feeds, decides=(("slower", 1.0),))
+            cmp = timed(result)
+        if cmp is None:  # the EP did not time it (not taken whole): the target's verdict says why
+            return result
         report.speed = {"vs_input": cmp.as_dict(), "contract": f"waived ({waived})" if waived else "enforced",
-                        "verdict": "slower" if cmp.slower_than(1.0) else "not slower", "rolled_back": []}
+                        "verdict": "slower" if cmp.slower_than(1.0) else "not slower", "rolled_back": [],
+                        **({"on": self.target.provider} if on_ep else {})}
         if not cmp.slower_than(1.0):
             return result
         if waived:
-            report.warnings.append(f"the result is slower than the input on this CPU ({_speed_text(cmp)})")
+            report.warnings.append(f"the result is slower than the input {where} ({_speed_text(cmp)})")
             return result
         if self._too_large_to_undo():  # no earlier model is kept: every pass is undone at once
             why = (f"rolled back by the speed contract: with the passes the result ran at {_speed_text(cmp)} "
@@ -578,7 +595,7 @@ class PassManager:
             k = lossy[-1] if lossy else len(steps) - 1
             undone, replay = steps[k], steps[k + 1:]  # only lossless steps follow the last lossy one
             del steps[k:]
-            why = f"rolled back by the speed contract: with it the result ran at {_speed_text(cmp)}"
+            why = f"rolled back by the speed contract: with it the result ran at {_speed_text(cmp)} {where}"
             names = _roll_back(report.passes[undone.first_record:undone.end_record], why)
             report.speed["rolled_back"].append({"passes": names, **cmp.as_dict()})
             at_input = undone.before is None  # back to the input (read again if it was released)
@@ -596,9 +613,14 @@ class PassManager:
             if result is unfinished and at_input:  # the input itself: nothing left to time
                 cmp = None
                 break
-            cmp = compare_speed(self._timed_input(), result, feeds, decides=(("slower", 1.0),))
+            cmp = timed(result)
+            if cmp is None:
+                break
         if cmp is None or not cmp.slower_than(1.0):
             report.speed.update(vs_input=cmp.as_dict() if cmp is not None else None, verdict="not slower")
+            return result
+        if on_ep:  # slower on the EP with every step undone: the target's verdict refuses it (exit 4)
+            report.speed.update(vs_input=cmp.as_dict())
             return result
         raise BudgetError(f"the result is slower than the input on this CPU ({_speed_text(cmp)}) with every pass "
                           f"rolled back; nothing written (--speed report accepts it)", report)
@@ -633,11 +655,27 @@ class PassManager:
         default; other targets are not this CPU) and a policy other than ``off``."""
         return (self.target is None or self.target.name == "cpu") and self.speed != "off"
 
+    def _contract_on_ep(self) -> bool:
+        """Whether the speed contract reads the target's own EP: the openvino target with a verifier
+        there (its emission times the result against the fp32 model on the EP) and a policy other
+        than ``off``."""
+        return (self.target is not None and self.target.name == "openvino" and self.speed != "off"
+                and openvino_available())
+
+    @staticmethod
+    def _ep_speed(report: Report) -> SpeedComparison | None:
+        """The last emission's speed on the OpenVINO EP against the fp32 model, when it was measured."""
+        speed = ((report.target_report or {}).get("openvino") or {}).get("speed") or {}
+        s = speed.get("vs_fp32") if speed.get("measured") else None
+        if not s:
+            return None
+        return SpeedComparison(s["speedup"], s["interval"][0], s["interval"][1], s["ms"][0], s["ms"][1], s["rounds"])
+
     def _speed_enforced(self) -> bool:
-        """Whether the speed contract may roll passes back: the cpu target (the default), policy
-        never-slower, a model under 2 GB, and not waived by a size-only cost target (unless
-        ``enforce_speed``)."""
-        if not self._contract_times() or self.speed != "never-slower":
+        """Whether the speed contract may roll passes back: the cpu target (the default) or a target timed
+        on its EP (``_contract_on_ep``), policy never-slower, and not waived by a size-only cost target
+        (unless ``enforce_speed``)."""
+        if not (self._contract_times() or self._contract_on_ep()) or self.speed != "never-slower":
             return False
         size_only = bool(self.cost_targets) and all(k == "weight_bytes" for k, _ in self.cost_targets)
         return not size_only or self.enforce_speed

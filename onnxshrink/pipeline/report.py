@@ -185,7 +185,8 @@ class Report:
         vs_input = (self.speed or {}).get("vs_input")
         if vs_input:
             undone = ", ".join(n for step in self.speed.get("rolled_back", []) for n in step["passes"])
-            console.print(f"speed vs the input on this CPU: {vs_input['speedup']:.2f}x (95 % interval "
+            on = f"on the {self.speed['on']}" if self.speed.get("on") else "on this CPU"
+            console.print(f"speed vs the input {on}: {vs_input['speedup']:.2f}x (95 % interval "
                           f"{vs_input['interval'][0]:.2f}-{vs_input['interval'][1]:.2f}x), {self.speed['verdict']}; "
                           f"contract {self.speed['contract']}" + (f"; rolled back: {undone}" if undone else ""))
         if self.timings_s:
