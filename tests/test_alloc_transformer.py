@@ -126,17 +126,23 @@ def test_auto_takes_the_proxy_on_large_models_only():
     assert not use_proxy("measured", large, latency=False)
 
 
-def test_allocation_with_the_proxy_writes_a_valid_model_within_the_budget():
+def _proxy_allocation_at_0_35():
+    """The allocation with the proxy on a 2-block ViT at --target-size 0.35: the report, after checking
+    the model written is valid, within the target and within the budget on its samples."""
     model = small_vit(2)
     xs = model_samples(model, 24, 3)
     out, rep = optimize(model, passes=["cleanup", "prune", "svd", "quantize"], data=xs, budget="cosine>=0.99",
                         target_size=0.35, sensitivity="proxy", executor="serial", cache=False, speed="off")
     check(out)
-    a = rep.allocation
-    assert a["sensitivity"]["mode"] == "proxy" and a["sensitivity"]["boundary"]["verified"] > 0
     assert rep.after["weight_bytes"] <= 0.35 * rep.before["weight_bytes"]
     ref = [run_ort(model, s) for s in xs]
     assert fidelity(ref, [run_ort(out, s) for s in xs])["cosine"] >= 0.99
+    return rep
+
+
+def test_allocation_with_the_proxy_writes_a_valid_model_within_the_budget():
+    a = _proxy_allocation_at_0_35().allocation
+    assert a["sensitivity"]["mode"] == "proxy" and a["sensitivity"]["boundary"]["verified"] > 0
 
 
 def test_closure_tries_dynamic_int8_when_qdq_breaks_the_budget(monkeypatch):
@@ -188,12 +194,7 @@ def test_a_search_failing_on_the_verified_order_searches_the_proxys_own(monkeypa
         table.rows = [{**r, "loss": 1.0 / (abs(r["loss"]) + 1e-6)} for r in table.rows]
         return True
     monkeypatch.setattr(al, "verify_boundary", misleading)
-    model = small_vit(2)
-    xs = model_samples(model, 24, 3)
-    out, rep = optimize(model, passes=["cleanup", "prune", "svd", "quantize"], data=xs, budget="cosine>=0.99",
-                        target_size=0.35, sensitivity="proxy", executor="serial", cache=False, speed="off")
-    check(out)
-    a = rep.allocation
+    a = _proxy_allocation_at_0_35().allocation
     first = [t for t in a["trials"] if t.get("order") == "verified"]
     second = [t for t in a["trials"] if t.get("order") == "proxy"]
     assert first and not any(t["budget_ok"] and t["target_met"] for t in first)
@@ -203,6 +204,3 @@ def test_a_search_failing_on_the_verified_order_searches_the_proxys_own(monkeypa
     # the reports mark the chosen configuration once, naming its order
     from onnxshrink.pipeline.report import is_chosen, trial_label
     assert [trial_label(t) for t in a["trials"] if is_chosen(t, a)] == [f"{a['chosen_n']} (proxy order)"]
-    assert rep.after["weight_bytes"] <= 0.35 * rep.before["weight_bytes"]
-    ref = [run_ort(model, s) for s in xs]
-    assert fidelity(ref, [run_ort(out, s) for s in xs])["cosine"] >= 0.99

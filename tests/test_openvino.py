@@ -274,14 +274,21 @@ def test_real_openvino_check_on_a_small_model():
 
 @pytest.mark.slow
 @needs_openvino
-def test_yolov8n_on_openvino_holds_and_is_faster():
+def _real_on_openvino(name: str, target="openvino", **kw):
+    """``cleanup,quantize`` on a real model for the openvino target (32 calibration samples, 16 --val):
+    the report; a refusal fails the test with the EP's figures."""
     from models.real import real_model, real_samples
-    allp = real_samples("yolov8n", 26 + 32, seed=0)
+    allp = real_samples(name, 26 + 32, seed=0)
     try:
-        _, rep = optimize(str(real_model("yolov8n")), passes=["cleanup", "quantize"], data=allp[26:],
-                          val_data=allp[:16], target="openvino")
+        _, rep = optimize(str(real_model(name)), passes=["cleanup", "quantize"], data=allp[26:], val_data=allp[:16],
+                          target=target, **kw)
     except BudgetError as e:
-        pytest.fail(f"{e} / {e.report.target_report.get('openvino')}")
+        pytest.fail(f"{e} / {e.report.target_report.get('openvino')} / {e.report.speed}")
+    return rep
+
+
+def test_yolov8n_on_openvino_holds_and_is_faster():
+    rep = _real_on_openvino("yolov8n")
     ov = rep.target_report["openvino"]
     assert ov["accepted"] and not ov.get("nodes_on_cpu")
     assert ov["fidelity"]["cosine"] >= 0.995, ov["fidelity"]
@@ -293,14 +300,7 @@ def test_yolov8n_on_openvino_holds_and_is_faster():
 def test_ppocr_cls_on_openvino_is_not_slower_than_its_input():
     # before the openvino profile emitted HardSwish, cleanup's x * HardSigmoid(x) made the (float) result
     # 0.65x of fp32's speed on the OpenVINO EP: exit 4 on a model the guard had rightly kept float
-    from models.real import real_model, real_samples
-    allp = real_samples("ppocr_cls", 26 + 32, seed=0)
-    try:
-        _, rep = optimize(str(real_model("ppocr_cls")), passes=["cleanup", "quantize"], data=allp[26:],
-                          val_data=allp[:16], target="openvino")
-    except BudgetError as e:
-        pytest.fail(f"{e} / {e.report.target_report.get('openvino')}")
-    ov = rep.target_report["openvino"]
+    ov = _real_on_openvino("ppocr_cls").target_report["openvino"]
     assert ov["accepted"] and ov["speed"]["verdict"] != "slower", ov["speed"]
 
 
@@ -311,15 +311,9 @@ def test_a_pass_slower_on_the_openvino_ep_is_rolled_back_there():
     # cls slower on the EP (0.65x of fp32 there, measured); the contract now undoes cleanup on the EP's figure
     import dataclasses
 
-    from models.real import real_model, real_samples
     from onnxshrink.targets.profiles import TARGETS
     before = dataclasses.replace(TARGETS["openvino"], rewrites=(), opset_min=13)
-    allp = real_samples("ppocr_cls", 26 + 32, seed=0)
-    try:
-        _, rep = optimize(str(real_model("ppocr_cls")), passes=["cleanup", "quantize"], data=allp[26:],
-                          val_data=allp[:16], target=before, speed="never-slower")
-    except BudgetError as e:
-        pytest.fail(f"{e} / {e.report.speed}")
+    rep = _real_on_openvino("ppocr_cls", target=before, speed="never-slower")
     assert [n for step in rep.speed["rolled_back"] for n in step["passes"]] == ["cleanup"], rep.speed
     assert rep.speed["verdict"] == "not slower" and rep.target_report["openvino"]["speed"]["verdict"] != "slower"
 
