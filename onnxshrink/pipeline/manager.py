@@ -614,8 +614,9 @@ class PassManager:
                 cmp = None
                 break
             cmp = timed(result)
-            if cmp is None:
-                break
+            if cmp is None:  # the EP did not time this one (not taken whole): the target's verdict says why
+                report.speed.update(vs_input=None, verdict="not measured")
+                return result
         if cmp is None or not cmp.slower_than(1.0):
             report.speed.update(vs_input=cmp.as_dict() if cmp is not None else None, verdict="not slower")
             return result
