@@ -215,30 +215,70 @@ def test_openvino_gets_hard_swish_as_the_hardswish_op(no_openvino):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_the_speed_contract_rolls_back_what_is_slower_on_the_openvino_ep(monkeypatch):
-    """On the openvino target the emission times the result on the EP; the speed contract reads that
-    figure and rolls back the pass that made it slower (here a stand-in EP on which any Q/DQ node is
-    slower), as it does on the CPU, instead of the target's verdict refusing the whole run."""
+def test_the_quantize_guard_times_on_openvino_what_the_emission_writes(no_openvino, monkeypatch):
+    """The guard's speed decisions on the OpenVINO EP time each model with the target's fusions applied
+    (hard-swish as HardSwish), not cleanup's x * HardSigmoid(x) that OpenVINO runs far slower."""
+    from onnxshrink.passes.quantize import guard as guard_mod
+    from onnxshrink.runtime import SpeedComparison
+    timed = []
+
+    def stand_in(a, b, feeds, seconds=3.0):
+        timed.append([n.op_type for n in a.graph.node] + [n.op_type for n in b.graph.node])
+        return SpeedComparison(1.0, 0.98, 1.02, 1.0, 1.0, 15)
+    monkeypatch.setattr(guard_mod, "openvino_available", lambda: True)
+    monkeypatch.setattr(guard_mod, "openvino_compare_speed", stand_in)
+    m = _hardswish_as_exported()
+    optimize(m, passes=["cleanup", "quantize"], data=_samples(m, 16, 1), val_data=_samples(m, 8, 2),
+             target="openvino", budget="none")
+    assert timed and all("HardSwish" in ops and "HardSigmoid" not in ops for ops in timed), timed
+
+
+def _stand_in_ep(monkeypatch, slower: bool, cosine: float):
+    """The OpenVINO check replaced by a stand-in EP on which a model with Q/DQ nodes runs ``slower``
+    (0.7x) or not and reads ``cosine`` against fp32 (a float model: 1.0x and 1.0); the manager sees a
+    verifier."""
     from onnxshrink.pipeline import manager as manager_mod
 
     def stand_in(model, samples, reference=None, baseline=None, **kw):
         quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-        s = {"speedup": 0.7, "interval": [0.65, 0.75], "ms": [1.0, 1.43], "rounds": 15} if quantized else \
+        slow = quantized and slower
+        s = {"speedup": 0.7, "interval": [0.65, 0.75], "ms": [1.0, 1.43], "rounds": 15} if slow else \
             {"speedup": 1.0, "interval": [0.97, 1.03], "ms": [1.0, 1.0], "rounds": 15}
+        c = cosine if quantized else 1.0
         return {"available": True, "accepted": True, "placements": {"OpenVINOExecutionProvider": 1},
-                "speed": {"measured": True, "vs_fp32": s, "verdict": "slower" if quantized else "not slower"}}
+                "fidelity": {"cosine": c, "cosine_min": c}, "samples": len(samples),
+                "speed": {"measured": True, "vs_fp32": s, "verdict": "slower" if slow else "not slower"}}
     monkeypatch.setattr(target_prepare, "openvino_check", stand_in)
     monkeypatch.setattr(manager_mod, "openvino_available", lambda: True)
+
+
+@pytest.mark.parametrize("slower, cosine, why", [(True, 1.0, "the speed contract"),
+                                                 (False, 0.95, "the budget cosine>=0.99 is not met on the")])
+def test_the_contract_rolls_back_what_is_slower_or_misses_the_budget_on_the_openvino_ep(monkeypatch, slower,
+                                                                                        cosine, why):
+    """On the openvino target the emission runs the result on the EP; the contract reads its figures and
+    rolls back the pass that made the result slower there, or that misses the budget on the EP's
+    outputs, as it does for speed on the CPU, instead of the target's verdict refusing the whole run."""
+    _stand_in_ep(monkeypatch, slower, cosine)
     m = _tiny()
     out, rep = optimize(m, passes=["cleanup", {"quantize": {"guard": False}}], data=_samples(m, 16, 1),
-                        val_data=_samples(m, 8, 2), target="openvino", budget="none", speed="never-slower")
+                        val_data=_samples(m, 8, 2), target="openvino", budget="cosine>=0.99", speed="never-slower")
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in out.graph.node)
     q = next(p for p in rep.passes if p.name == "quantize")
-    assert q.status == "rolled back" and "speed contract" in q.reason and "OpenVINOExecutionProvider" in q.reason, \
+    assert q.status == "rolled back" and why in q.reason and "OpenVINOExecutionProvider" in q.reason, \
         (q.status, q.reason)
     assert rep.speed["on"] == "OpenVINOExecutionProvider" and rep.speed["verdict"] == "not slower"
     assert rep.speed["rolled_back"][0]["passes"] == ["quantize"]
     assert rep.target_report["verdict"]["ok"], rep.target_report["verdict"]
+
+
+def test_without_the_contract_a_budget_missed_on_the_openvino_ep_is_refused(monkeypatch):
+    # --speed off: nothing is undone, the target's verdict refuses the result (exit 4)
+    _stand_in_ep(monkeypatch, False, 0.95)
+    m = _tiny()
+    with pytest.raises(BudgetError, match="the budget is not met on the OpenVINO EP"):
+        optimize(m, passes=["cleanup", {"quantize": {"guard": False}}], data=_samples(m, 16, 1),
+                 val_data=_samples(m, 8, 2), target="openvino", budget="cosine>=0.99", speed="off")
 
 
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="no Python with onnxruntime-openvino "

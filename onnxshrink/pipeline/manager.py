@@ -555,8 +555,11 @@ class PassManager:
         Other targets are not this CPU: not timed here; but a target whose emission times the result
         on its EP (openvino, with a verifier: ``_contract_on_ep``) gets the same roll-back from that
         measurement (against the fp32 model the passes started from, on the EP), each undoing
-        emitted and measured there again; a result still slower there is left to the target's
-        verdict (exit 4). Returns the model to write."""
+        emitted and measured there again; and a step whose result misses the budget on the EP's
+        outputs (the selection samples the emission runs there: onnxruntime's CPU kernels, on which
+        the passes decided, and OpenVINO's int8 kernels do not round alike) is rolled back the same
+        way. A result still slower or missing the budget there with every step undone is left to the
+        target's verdict (exit 4). Returns the model to write."""
         on_ep = self._contract_on_ep()
         if not (self._contract_times() or on_ep) or result is original:
             return result
@@ -579,25 +582,35 @@ class PassManager:
         report.speed = {"vs_input": cmp.as_dict(), "contract": f"waived ({waived})" if waived else "enforced",
                         "verdict": "slower" if cmp.slower_than(1.0) else "not slower", "rolled_back": [],
                         **({"on": self.target.provider} if on_ep else {})}
-        if not cmp.slower_than(1.0):
+
+        def miss(c: SpeedComparison) -> str:
+            """Why the result must go back a step ("" when it need not): clearly slower, or on the EP
+            the budget missed there."""
+            if c.slower_than(1.0):
+                return f"the speed contract: with it the result ran at {_speed_text(c)} {where}"
+            budget = self._ep_budget_miss(report) if on_ep else ""
+            return f"the target's check: with it {budget}" if budget else ""
+        why = miss(cmp)
+        if not why:
             return result
-        if waived:
-            report.warnings.append(f"the result is slower than the input {where} ({_speed_text(cmp)})")
-            return result
+        if waived or (on_ep and self._too_large_to_undo()):
+            if cmp.slower_than(1.0):
+                report.warnings.append(f"the result is slower than the input {where} ({_speed_text(cmp)})")
+            return result  # the target's verdict judges the rest
         if self._too_large_to_undo():  # no earlier model is kept: every pass is undone at once
             why = (f"rolled back by the speed contract: with the passes the result ran at {_speed_text(cmp)} "
                    f"(past 2 GB no earlier model is kept, so they are undone together)")
             names = _roll_back(report.passes, why)
             report.speed.update(rolled_back=[{"passes": names, **cmp.as_dict()}], vs_input=None, verdict="not slower")
             return self._input_model()
-        while cmp.slower_than(1.0) and steps:
+        while why and steps:
             lossy = [k for k, st in enumerate(steps) if st.pass_ is None or not st.pass_.lossless]
             k = lossy[-1] if lossy else len(steps) - 1
             undone, replay = steps[k], steps[k + 1:]  # only lossless steps follow the last lossy one
             del steps[k:]
-            why = f"rolled back by the speed contract: with it the result ran at {_speed_text(cmp)} {where}"
-            names = _roll_back(report.passes[undone.first_record:undone.end_record], why)
-            report.speed["rolled_back"].append({"passes": names, **cmp.as_dict()})
+            names = _roll_back(report.passes[undone.first_record:undone.end_record], f"rolled back by {why}")
+            report.speed["rolled_back"].append({"passes": names, **cmp.as_dict(),
+                                                **({} if cmp.slower_than(1.0) else {"reason": why})})
             at_input = undone.before is None  # back to the input (read again if it was released)
             unfinished = self._input_model() if at_input else undone.before
             for st in replay:  # the lossless passes after it, on the model without it
@@ -617,11 +630,12 @@ class PassManager:
             if cmp is None:  # the EP did not time this one (not taken whole): the target's verdict says why
                 report.speed.update(vs_input=None, verdict="not measured")
                 return result
+            why = miss(cmp)
         if cmp is None or not cmp.slower_than(1.0):
             report.speed.update(vs_input=cmp.as_dict() if cmp is not None else None, verdict="not slower")
             return result
         if on_ep:  # slower on the EP with every step undone: the target's verdict refuses it (exit 4)
-            report.speed.update(vs_input=cmp.as_dict())
+            report.speed.update(vs_input=cmp.as_dict(), verdict="slower")
             return result
         raise BudgetError(f"the result is slower than the input on this CPU ({_speed_text(cmp)}) with every pass "
                           f"rolled back; nothing written (--speed report accepts it)", report)
@@ -662,6 +676,16 @@ class PassManager:
         than ``off``."""
         return (self.target is not None and self.target.name == "openvino" and self.speed != "off"
                 and openvino_available())
+
+    def _ep_budget_miss(self, report: Report) -> str:
+        """How the last emission misses the budget on the OpenVINO EP's outputs ("" when it keeps it, or
+        when the EP gave no figure for the budget's metric)."""
+        ov = (report.target_report or {}).get("openvino") or {}
+        fid, b = ov.get("fidelity") or {}, self.budget
+        if b is None or b.metric not in fid or b.holds(fid, self.baseline):
+            return ""
+        return (f"the budget {b} is not met on the {self.target.provider} ({b.metric} {fid[b.metric]:.5g} on "
+                f"{ov.get('samples', '?')} selection samples)")
 
     @staticmethod
     def _ep_speed(report: Report) -> SpeedComparison | None:

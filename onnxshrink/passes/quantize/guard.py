@@ -22,7 +22,8 @@
   NPU or an ARM core), the quantized and float models are compared by ``Context.compare_speeds``
   (one thread, interleaved rounds, the median ratio with a ~95 % interval); for ``openvino``, which
   runs on this CPU, by the same timing on the OpenVINO EP when a Python with onnxruntime-openvino
-  is there (``targets.openvino.openvino_compare_speed``), else not at all. When the quantized one is
+  is there (``targets.openvino.openvino_compare_speed``; each model with the target's emission
+  rewrites applied first, so the timing is of what will be written), else not at all. When the quantized one is
   not clearly ``min_speedup`` faster (the interval above it), small convolutions (few weights:
   onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when nothing is
   clearly faster, the pass changes nothing and says why. A tie always resolves to float, so the
@@ -50,6 +51,7 @@ from onnxshrink.passes.quantize.regions import wide_region
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis, analyse_units
 from onnxshrink.runtime import make_session
 from onnxshrink.targets.openvino import openvino_available, openvino_compare_speed
+from onnxshrink.targets.rewrites import apply_rewrites
 
 SMALL_CONV_LIMITS = (2048, 8192, 32768)  # weight counts under which convolutions go back to float, in turn
 
@@ -203,9 +205,24 @@ class QuantizeGuard:
             return dataclasses.replace(chosen, graph=None), outcome
         target = getattr(getattr(self.ctx, "target", None), "name", None)
         if target == "openvino" and openvino_available():
-            # OpenVINO runs on this CPU: timed on its own EP (in the interpreter that has it)
+            # OpenVINO runs on this CPU: timed on its own EP (in the interpreter that has it), each model
+            # with the fusions the emission will apply (hard-swish as HardSwish: OpenVINO runs cleanup's
+            # x * HardSigmoid(x) form far slower), so the guard times what will be written
+            profile = self.ctx.target
+
+            def emitted(m):
+                if not profile.rewrites:
+                    return m
+                r = apply_rewrites(m, profile.rewrites)[0]
+                try:  # HardSwish needs opset 14: a model the preparation could not upgrade is timed as it is
+                    onnx.checker.check_model(r)
+                    return r
+                except Exception:
+                    return m
+
             def on_openvino(base, models, sample):
-                return [openvino_compare_speed(base, m, sample) for m in models]
+                b = emitted(base)
+                return [openvino_compare_speed(b, emitted(m), sample) for m in models]
             return self._speed(chosen, fid, rules, on_openvino, "the OpenVINO EP"), outcome
         if target not in (None, "cpu"):
             # an NPU or an ARM CPU runs the integer kernels natively: timing them on this machine
