@@ -233,6 +233,36 @@ def test_the_quantize_guard_times_on_openvino_what_the_emission_writes(no_openvi
     assert timed and all("HardSwish" in ops and "HardSigmoid" not in ops for ops in timed), timed
 
 
+def test_the_quantize_guard_keeps_a_plan_that_holds_on_the_openvino_ep(no_openvino, monkeypatch):
+    """For the openvino target a plan that holds on onnxruntime's CPU kernels is run on the EP too, and
+    the search goes on while it misses the budget there. Stand-in EP: any plan that quantizes the first
+    convolution's input reads cosine 0.95 there (PP-OCRv4 det: a plan at 0.993 on the CPU EP read 0.988
+    on OpenVINO); every plan times clearly faster."""
+    from onnxshrink.passes.quantize import guard as guard_mod
+    from onnxshrink.runtime import SpeedComparison
+    m = _tiny()
+    first = next(n for n in m.graph.node if n.op_type == "Conv").input[0]
+
+    def first_conv_quantized(model):
+        conv = next(n for n in model.graph.node if n.op_type == "Conv")
+        return any(n.op_type == "DequantizeLinear" and conv.input[0] in n.output for n in model.graph.node)
+
+    def stand_in_check(model, samples, reference=None, **kw):
+        c = 0.95 if first_conv_quantized(model) else 0.9999
+        return {"available": True, "accepted": True, "fidelity": {"cosine": c, "cosine_min": c},
+                "samples": len(samples)}
+    monkeypatch.setattr(guard_mod, "openvino_available", lambda: True)
+    monkeypatch.setattr(guard_mod, "openvino_check", stand_in_check, raising=False)
+    monkeypatch.setattr(guard_mod, "openvino_compare_speed", lambda a, b, feeds, seconds=3.0:
+                        SpeedComparison(2.0, 1.9, 2.1, 2.0, 1.0, 15))
+    out, rep = optimize(m, passes=["cleanup", "quantize"], data=_samples(m, 16, 1), val_data=_samples(m, 8, 2),
+                        target="openvino", budget="cosine>=0.99")
+    q = next(p for p in rep.passes if p.name == "quantize")
+    ep = q.stats["openvino_fidelity"]
+    assert ep[0]["openvino"] == 0.95 and ep[-1]["openvino"] == 0.9999, ep
+    assert any(n.op_type == "QuantizeLinear" for n in out.graph.node) and not first_conv_quantized(out), first
+
+
 def _stand_in_ep(monkeypatch, slower: bool, cosine: float):
     """The OpenVINO check replaced by a stand-in EP on which a model with Q/DQ nodes runs ``slower``
     (0.7x) or not and reads ``cosine`` against fp32 (a float model: 1.0x and 1.0); the manager sees a

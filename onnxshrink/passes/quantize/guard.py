@@ -23,7 +23,8 @@
   (one thread, interleaved rounds, the median ratio with a ~95 % interval); for ``openvino``, which
   runs on this CPU, by the same timing on the OpenVINO EP when a Python with onnxruntime-openvino
   is there (``targets.openvino.openvino_compare_speed``; each model with the target's emission
-  rewrites applied first, so the timing is of what will be written), else not at all. When the quantized one is
+  rewrites applied first, so the timing is of what will be written; and a plan's fidelity is measured
+  there too once it holds on the CPU EP, ``FidelityCheck.on_openvino``), else not at all. When the quantized one is
   not clearly ``min_speedup`` faster (the interval above it), small convolutions (few weights:
   onnxruntime's float NCHWc kernels beat the integer ones there) go back to float; when nothing is
   clearly faster, the pass changes nothing and says why. A tie always resolves to float, so the
@@ -50,7 +51,7 @@ from onnxshrink.passes.quantize.qdq import QdqBuilder
 from onnxshrink.passes.quantize.regions import wide_region
 from onnxshrink.passes.quantize.unit_analysis import UnitAnalysis, analyse_units
 from onnxshrink.runtime import make_session
-from onnxshrink.targets.openvino import openvino_available, openvino_compare_speed
+from onnxshrink.targets.openvino import openvino_available, openvino_check, openvino_compare_speed
 from onnxshrink.targets.rewrites import apply_rewrites
 
 SMALL_CONV_LIMITS = (2048, 8192, 32768)  # weight counts under which convolutions go back to float, in turn
@@ -71,10 +72,28 @@ def _logged(fid: dict, **fields) -> dict:
     """A fidelity search's log entry: ``fields``, the cosine measured and, when the screen stopped
     early (the budget out of reach), after how many samples (the cosine is theirs)."""
     return {**fields, "cosine": round(fid.get("cosine", 0.0), 6),
-            **({"out_of_reach_after": fid["out_of_reach"]} if "out_of_reach" in fid else {})}
+            **({"out_of_reach_after": fid["out_of_reach"]} if "out_of_reach" in fid else {}),
+            **({"on": fid["on"]} if "on" in fid else {})}
 
 
 AIM_MARGIN = 0.5  # the region search keeps half a cosine floor's allowance in reserve
+
+
+EP_SAMPLES = 8  # selection samples a plan runs on the OpenVINO EP (as many as the emission's check)
+
+
+def emitted_for(profile, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the target's emission rewrites applied (what will be written; hard-swish as
+    HardSwish for openvino), or as it is when they do not apply (HardSwish needs opset 14: a model the
+    preparation could not upgrade stays as it is)."""
+    if not profile.rewrites:
+        return model
+    r = apply_rewrites(model, profile.rewrites)[0]
+    try:
+        onnx.checker.check_model(r)
+        return r
+    except Exception:
+        return model
 
 
 class FidelityCheck:
@@ -87,15 +106,17 @@ class FidelityCheck:
         self.samples = samples
         self.floor = min_cosine
         self.reference: tuple | None = None  # (samples, float outputs), made on the first own check
+        self.ep_checks: list = []  # the plans also run on the OpenVINO EP: their cosines there and on the CPU EP
 
     def measure(self, g) -> dict:
         """The manager's evaluator under a budget (its screen where it offers one: a placement that
         cannot hold stops at the first sample that proves it), else the own check on up to 8
-        calibration samples."""
+        calibration samples; for the openvino target, a plan that holds there is run on the OpenVINO
+        EP too (``on_openvino``)."""
         if self.ctx.budget is not None and self.ctx.evaluator is not None:
-            if self.ctx.screen is not None:
-                return self.ctx.screen(g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g))
-            return self.ctx.evaluate(g)
+            model = g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g)
+            fid = self.ctx.screen(model) if self.ctx.screen is not None else self.ctx.evaluate(model)
+            return self.on_openvino(model, fid)
         if self.reference is None:
             feeds = list(self.samples.take(8))
             sess = make_session(self.model_f, optimize=False, low_memory=True)
@@ -104,6 +125,24 @@ class FidelityCheck:
         model = g if isinstance(g, onnx.ModelProto) else self.ctx.to_model(g)
         sess = make_session(model, optimize=True, low_memory=True)
         return fidelity(outputs, [sess.run(None, s) for s in feeds])
+
+    def on_openvino(self, model: onnx.ModelProto, fid: dict) -> dict:
+        """``fid`` (the plan on onnxruntime's CPU kernels), or the plan's fidelity on the OpenVINO EP when
+        that misses the budget: for the openvino target with a verifier, a plan that holds on the CPU
+        EP is run there too, as the emission will write it, on the selection samples the emission's
+        check runs (up to ``EP_SAMPLES``), against the original's outputs. OpenVINO's int8 kernels do
+        not round as onnxruntime's do (PP-OCRv4 det: a plan at cosine 0.993 on the CPU EP reads 0.988
+        there), so a plan that only holds on the CPU EP is one the target's check would refuse."""
+        target, val, ref = getattr(self.ctx, "target", None), self.ctx.val, self.ctx.reference
+        if getattr(target, "name", None) != "openvino" or val is None or ref is None or not self.holds(fid) \
+                or not any(n.op_type == "QuantizeLinear" for n in model.graph.node) or not openvino_available():
+            return fid
+        samples = [val.get(i) for i in range(min(EP_SAMPLES, len(val)))]
+        res = openvino_check(emitted_for(target, model), samples, reference=ref[:len(samples)])
+        ep = res.get("fidelity") or {}
+        self.ep_checks.append({"cpu": round(fid.get("cosine", 0.0), 6), "openvino": round(ep.get("cosine", 0.0), 6)
+                               if ep else res.get("error", "not run")})
+        return fid if not ep or self.holds(ep) else {**ep, "on": "the OpenVINO EP"}
 
     def holds(self, fid: dict) -> bool:
         if self.ctx.budget is not None:
@@ -187,6 +226,8 @@ class QuantizeGuard:
         self.stats["fidelity_search"] = log
         self.stats["fidelity_floor"] = str(self.ctx.budget) if self.ctx.budget is not None else \
             f"cosine>={check.floor:.4f}"
+        if check.ep_checks:
+            self.stats["openvino_fidelity"] = list(check.ep_checks)
         ok = [t for t in tried if check.holds(t[0])]
         if all_float is not None:  # the float model itself: its fidelity is exact
             ok = [({"cosine": 1.0}, all_float)]
@@ -210,19 +251,9 @@ class QuantizeGuard:
             # x * HardSigmoid(x) form far slower), so the guard times what will be written
             profile = self.ctx.target
 
-            def emitted(m):
-                if not profile.rewrites:
-                    return m
-                r = apply_rewrites(m, profile.rewrites)[0]
-                try:  # HardSwish needs opset 14: a model the preparation could not upgrade is timed as it is
-                    onnx.checker.check_model(r)
-                    return r
-                except Exception:
-                    return m
-
             def on_openvino(base, models, sample):
-                b = emitted(base)
-                return [openvino_compare_speed(b, emitted(m), sample) for m in models]
+                b = emitted_for(profile, base)
+                return [openvino_compare_speed(b, emitted_for(profile, m), sample) for m in models]
             return self._speed(chosen, fid, rules, on_openvino, "the OpenVINO EP"), outcome
         if target not in (None, "cpu"):
             # an NPU or an ARM CPU runs the integer kernels natively: timing them on this machine
