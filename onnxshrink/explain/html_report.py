@@ -268,7 +268,7 @@ def _allocation(r: dict) -> str:
     metric = str(r.get("budget") or "cosine").split(">")[0].split("<")[0]
     pts = [{"x": (t.get("cost") or {}).get("weight_bytes", 0) / 2**20 if _num((t.get("cost") or {}).get(
         "weight_bytes")) is not None else None, "y": t.get(metric), "ok": t.get("budget_ok"),
-        "chosen": is_chosen(t, a), "label": f"{trial_label(t)}: choices"} for t in trials]
+        "chosen": is_chosen(t, a), "label": trial_label(t, " choices")} for t in trials]
     return ("<section><h2>Allocation: verified configurations</h2><p class='small muted'>"
             f"{escape(str(a.get('result', '')))}</p>"
             + scatter(pts, "weight bytes (MB)", metric) + "</section>")

@@ -67,11 +67,11 @@ def phase_times(timings: dict) -> list[tuple[str, str, float]]:
     return [(k, k.replace("_", " "), timings[k]) for k in PHASES if k in timings]
 
 
-def trial_label(trial: dict) -> str:
+def trial_label(trial: dict, noun: str = "") -> str:
     """An allocation trial as the report shows it: its configuration (the greedy prefix's length n, or
-    an extra configuration's label), and the greedy order it belongs to when the search took a second
-    one (``allocate.Trials.switch_order``)."""
-    return f"{trial.get('n')}" + (f" ({trial['order']} order)" if trial.get("order") else "")
+    an extra configuration's label) followed by ``noun``, and the greedy order it belongs to when the
+    search took a second one (``allocate.Trials.switch_order``)."""
+    return f"{trial.get('n')}{noun}" + (f" ({trial['order']} order)" if trial.get("order") else "")
 
 
 def is_chosen(trial: dict, allocation: dict) -> bool:
