@@ -213,13 +213,13 @@ def test_quantize_with_everything_excluded_stores_weights_without_calibrating():
     check(out)
 
 
-def test_auto_storage_only_without_a_target_or_for_cpu():
+def test_auto_storage_only_without_a_target_or_for_cpu_and_openvino():
     """EP profiles are checked op by op, and the ORT-format converter folds the Casts back: both keep
-    float weights float; the cpu target stores them."""
+    float weights float; the cpu and openvino targets store them (both runtimes fold them at load)."""
     m = net()
     opts = {"exclude": ["conv", "convt", "gemm", "mm", "mm_tiny"], "guard": False}
     data = normal_samples(4, shape=(1, 3, 16, 16))
-    for target, stored in (("cpu", True), ("xnnpack", False), ("cpu+ort", False)):
+    for target, stored in (("cpu", True), ("openvino", True), ("xnnpack", False), ("cpu+ort", False)):
         g = gs.import_onnx(m)
         ctx = Context(calib=ListSource(data), val=None, reference=None, budget=None, seed=0, template=m,
                       target=get_target(target))

@@ -142,7 +142,7 @@ class QuantizeOptions:
     fallback: Literal["auto", "float", "int8"] = field(default="auto", metadata={
         "help": "weights of the nodes kept in float: int8 stores them per channel as Cast x Mul, which "
                 "onnxruntime folds at load (float speed and activations, 1/4 of the bytes; "
-                "passes/weight_storage.py); auto: int8 (no target or cpu) while the budget (or the "
+                "passes/weight_storage.py); auto: int8 (no target, cpu or openvino) while the budget (or the "
                 "guard's floor) holds, the most sensitive layers left float when needed; float: as they are"})
     float_weights: list[str] = field(default_factory=list, metadata={
         "help": "node names whose weights stay float whatever fallback says"})
