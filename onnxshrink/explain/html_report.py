@@ -138,7 +138,9 @@ def _before_after(r: dict) -> str:
     if sp:
         iv = sp.get("interval") or ["", ""]
         ms = sp.get("ms") or [None, None]
-        rows.append(f"<tr><td>speed vs input (interleaved, 1 thread)</td><td class='num'>{_f(ms[0], '{:.3f}')} ms"
+        on = (r.get("speed") or {}).get("on") or "this CPU"
+        rows.append(f"<tr><td>speed vs input on {escape(on)} (interleaved, 1 thread)</td><td class='num'>"
+                    f"{_f(ms[0], '{:.3f}')} ms"
                     f"</td><td class='num'>{_f(ms[1], '{:.3f}')} ms</td><td class='num' "
                     f"data-key='speed.vs_input.speedup'>{_f(sp.get('speedup'), '{:.3f}')}x "
                     f"<span class='small muted'>({_f(iv[0], '{:.2f}')}–{_f(iv[1], '{:.2f}')})</span></td></tr>")
