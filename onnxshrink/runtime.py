@@ -226,6 +226,11 @@ class SpeedComparison:
         return {"speedup": round(self.speedup, 3), "interval": [round(self.low, 3), round(self.high, 3)],
                 "ms": [round(self.t_a, 4), round(self.t_b, 4)], "rounds": self.rounds}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeedComparison":
+        """The comparison ``as_dict`` wrote (to its rounding), e.g. one a report or another process kept."""
+        return cls(d["speedup"], d["interval"][0], d["interval"][1], d["ms"][0], d["ms"][1], d["rounds"])
+
 
 def compare_speed(model_a, model_b, feeds: dict, seconds: float = 1.5, min_rounds: int = 15,
                   max_rounds: int = 61, decides: Sequence[tuple[str, float]] = (("faster", 1.0), ("slower", 1.0)),

@@ -692,9 +692,7 @@ class PassManager:
         """The last emission's speed on the OpenVINO EP against the fp32 model, when it was measured."""
         speed = ((report.target_report or {}).get("openvino") or {}).get("speed") or {}
         s = speed.get("vs_fp32") if speed.get("measured") else None
-        if not s:
-            return None
-        return SpeedComparison(s["speedup"], s["interval"][0], s["interval"][1], s["ms"][0], s["ms"][1], s["rounds"])
+        return SpeedComparison.from_dict(s) if s else None
 
     def _speed_enforced(self) -> bool:
         """Whether the speed contract may roll passes back: the cpu target (the default) or a target timed
