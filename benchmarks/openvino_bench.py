@@ -71,37 +71,32 @@ def run_one(name: str, placement: str, n_calib: int, n_val: int) -> dict:
 
 def run_nncf(name: str, n_calib: int, n_val: int, nncf_python: str) -> dict:
     """NNCF's quantization of ``name`` (in ``nncf_python``), measured on the OpenVINO EP like onnxshrink's."""
-    import subprocess
     import tempfile
 
     import onnx
+    from tool_cost import run_nncf as nncf_quantize
 
     from models.real import real_model, real_samples, write_samples
+    from onnxshrink.metrics import fidelity
     from onnxshrink.runtime import make_session
     from onnxshrink.targets.openvino import openvino_check
 
     allp = real_samples(name, 26 + n_calib, seed=0)
     calib, val = allp[26:], allp[:n_val]
     with tempfile.TemporaryDirectory() as d:
-        calib_dir = write_samples(calib, Path(d) / "calib")
         out = Path(d) / "nncf.onnx"
-        code = ("import sys, time; sys.path[:0] = [%r, %r]; import tool_cost; t = time.perf_counter(); "
-                "tool_cost._nncf_worker(*sys.argv[1:4]); print(time.perf_counter() - t)"
-                % (str(ROOT), str(ROOT / "benchmarks")))
-        p = subprocess.run([nncf_python, "-c", code, str(real_model(name)), str(calib_dir), str(out)],
-                           capture_output=True, text=True)
-        if p.returncode != 0:
-            return {"model": name, "placement": "NNCF", "error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
-        wall = float(p.stdout.strip().splitlines()[-1])
+        info = nncf_quantize(real_model(name), write_samples(calib, Path(d) / "calib"), out, python=nncf_python)
+        if "error" in info:
+            return {"model": name, "placement": "NNCF", "error": info["error"]}
         q, fp32 = onnx.load(str(out)), onnx.load(str(real_model(name)))
     sess = make_session(fp32, optimize=False)
     reference = [sess.run(None, s) for s in val]
     ov = openvino_check(q, val, reference=reference, baseline=fp32)
     cpu = make_session(q)
-    from onnxshrink.metrics import fidelity
     fc = fidelity(reference, [cpu.run(None, s) for s in val])
     speed = ov.get("speed") or {}
-    return {"model": name, "placement": "NNCF", "wall_s": round(wall, 1), "exit": "-", "accepted": ov.get("accepted"),
+    return {"model": name, "placement": "NNCF", "wall_s": round(info["wall_s"], 1), "exit": "-",
+            "accepted": ov.get("accepted"),
             "nodes_on_cpu": ov.get("nodes_on_cpu", 0), "error_ov": ov.get("error"),
             "fidelity_ov": {k: (ov.get("fidelity") or {}).get(k) for k in ("cosine", "cosine_min")},
             "samples_ov": ov.get("samples"), "fidelity_cpu": {k: fc.get(k) for k in ("cosine", "cosine_min")},

@@ -90,20 +90,26 @@ def _nncf_worker(model: str, calib_dir: str, out: str) -> None:
     onnx.save(q, out)
 
 
+def run_nncf(model, calib, out, python: str = sys.executable) -> dict:
+    """``nncf.quantize`` of ``model`` on the .npy samples of ``calib`` into ``out``, in its own process of
+    the interpreter ``python``: {"wall_s", "peak_rss_mb"}, or {"error"}. onnx (and this script's own
+    imports) load before the clock starts, as in the other tools' workers; nncf's import is its own
+    cost, like onnxruntime.quantization's in ``ort_static``."""
+    code = ("import sys, json, time; sys.path[:0] = [%r, %r]; import tool_cost, quantize_bench as qb; "
+            "t = time.perf_counter(); tool_cost._nncf_worker(*sys.argv[1:4]); "
+            "print(json.dumps({'wall_s': time.perf_counter() - t, 'peak_rss_mb': qb._peak_rss_mb()}))"
+            % (str(ROOT), str(ROOT / "benchmarks")))
+    p = subprocess.run([python, "-c", code, str(model), str(calib), str(out)], capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": "not installed" if "No module named 'nncf'" in last else last[:120]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def run(tool: str, model: Path, calib: Path, out: Path, budget: str) -> dict:
     if tool == "nncf":
-        # onnx (and this script's own imports) load before the clock starts, as in the other tools' workers;
-        # nncf's import is its own cost, like onnxruntime.quantization's in ``ort_static``
-        code = ("import sys, json, time; sys.path[:0] = [%r, %r]; import tool_cost, quantize_bench as qb; "
-                "t = time.perf_counter(); tool_cost._nncf_worker(*sys.argv[1:4]); "
-                "print(json.dumps({'wall_s': time.perf_counter() - t, 'peak_rss_mb': qb._peak_rss_mb()}))"
-                % (str(ROOT), str(ROOT / "benchmarks")))
-        p = subprocess.run([sys.executable, "-c", code, str(model), str(calib), str(out)], capture_output=True,
-                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        if p.returncode != 0:
-            last = (p.stderr.strip().splitlines() or ["failed"])[-1]
-            return {"error": "not installed" if "No module named 'nncf'" in last else last[:120]}
-        return json.loads(p.stdout.strip().splitlines()[-1])
+        return run_nncf(model, calib, out)
     return qb.run_tool(TOOLS[tool], model, calib, out, budget if tool == "onnxshrink" else "")
 
 
