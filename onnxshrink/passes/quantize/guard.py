@@ -83,12 +83,13 @@ EP_SAMPLES = 8  # selection samples a plan runs on the OpenVINO EP (as many as t
 
 
 def emitted_for(profile, model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with the target's emission rewrites applied (what will be written; hard-swish as
+    """``model`` with the target's emission rewrites applied as the emission applies them
+    (``targets.prepare``: the profile's rewrites and the decompositions of ops it lacks; hard-swish as
     HardSwish for openvino), or as it is when they do not apply (HardSwish needs opset 14: a model the
     preparation could not upgrade stays as it is)."""
-    if not profile.rewrites:
+    r, done = apply_rewrites(model, profile.rewrites, profile)
+    if not done:
         return model
-    r = apply_rewrites(model, profile.rewrites)[0]
     try:
         onnx.checker.check_model(r)
         return r
