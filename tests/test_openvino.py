@@ -269,7 +269,8 @@ def test_the_quantize_guard_keeps_a_plan_that_holds_on_the_openvino_ep(no_openvi
 def _stand_in_ep(monkeypatch, slower: bool, cosine: float):
     """The OpenVINO check replaced by a stand-in EP on which a model with Q/DQ nodes runs ``slower``
     (0.7x) or not and reads ``cosine`` against fp32 (a float model: 1.0x and 1.0); the manager sees a
-    verifier."""
+    verifier, the quantize guard none (the real EP, where this machine has one, stays out of it)."""
+    from onnxshrink.passes.quantize import guard as guard_mod
     from onnxshrink.pipeline import manager as manager_mod
 
     def stand_in(model, samples, reference=None, baseline=None, **kw):
@@ -283,6 +284,7 @@ def _stand_in_ep(monkeypatch, slower: bool, cosine: float):
                 "speed": {"measured": True, "vs_fp32": s, "verdict": "slower" if slow else "not slower"}}
     monkeypatch.setattr(target_prepare, "openvino_check", stand_in)
     monkeypatch.setattr(manager_mod, "openvino_available", lambda: True)
+    monkeypatch.setattr(guard_mod, "openvino_available", lambda: False)
 
 
 @pytest.mark.parametrize("slower, cosine, why", [(True, 1.0, "the speed contract"),
