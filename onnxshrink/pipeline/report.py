@@ -55,10 +55,11 @@ class PassRecord:
 
 # the phases of a run whose wall time the report keeps (``Report.timings_s``): the input (loading, the
 # checker, sample roles, cost counts, a target's preparation), the input's outputs on the selection and
-# test samples (every later check's reference), the passes (each also in its record), the speed
-# contract's timing and roll-backs, the verdict (the result's outputs on the test samples and its
-# counts) and, with --latency, the latency figures
-PHASES = ("input", "reference_outputs", "passes", "speed_contract", "verdict", "latency")
+# test samples (every later check's reference), the passes (each also in its record), with --target the
+# emission of the passes' result (on openvino its check and timing on the EP), the speed contract's
+# timing and roll-backs (with the emissions a roll-back makes), the verdict (the result's outputs on the
+# test samples and its counts) and, with --latency, the latency figures
+PHASES = ("input", "reference_outputs", "passes", "emission", "speed_contract", "verdict", "latency")
 
 
 def phase_times(timings: dict) -> list[tuple[str, str, float]]:
