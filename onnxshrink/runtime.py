@@ -5,7 +5,8 @@ from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
            "compare_speed", "compare_speeds", "compare_candidates", "speed_comparison", "SpeedComparison",
-           "CLEAR_MARGIN", "append_outputs", "session_with_outputs", "ort_message"]
+           "CLEAR_MARGIN", "EARLY_ROUNDS", "EARLY_LOOK_MS", "decisive_bounds", "append_outputs",
+           "session_with_outputs", "ort_message"]
 
 import math
 import os
@@ -353,6 +354,17 @@ def _decisive(cmp: SpeedComparison, decides: Sequence[tuple[str, float]]) -> boo
         if not (cmp.low >= bound * DECISIVE_FACTOR or cmp.high * DECISIVE_FACTOR <= bound):
             return False
     return True
+
+
+def decisive_bounds(decides: Sequence[tuple[str, float]]) -> tuple[float, float]:
+    """(below, above): per-round speed ratios such that a block whose every round lies at or above
+    ``above``, or every round at or below ``below``, settles every decision of ``decides`` as
+    ``_decisive`` does (each boundary at ``CLEAR_MARGIN``, ``DECISIVE_FACTOR`` beyond it; a block of
+    ``EARLY_ROUNDS`` rounds has its [min, max] ratio as its interval). For a timing in another
+    interpreter (``targets.ep_process``), which applies them where a round takes ``EARLY_LOOK_MS`` or
+    more: there the margin is ``CLEAR_MARGIN``, never ``TINY_MARGIN``."""
+    bounds = [t * CLEAR_MARGIN if kind == "faster" else t / CLEAR_MARGIN for kind, t in decides]
+    return min(bounds) / DECISIVE_FACTOR, max(bounds) * DECISIVE_FACTOR
 
 
 def compare_candidates(base, candidates: Sequence, feeds: dict, decides: Sequence[tuple[str, float]]) -> list:

@@ -16,7 +16,7 @@ from models.build import mobilenet_small
 from onnxshrink import optimize
 from onnxshrink.errors import BudgetError
 from onnxshrink.passes.quantize.plan import PASSTHROUGH_OPS
-from onnxshrink.runtime import make_session, speed_comparison
+from onnxshrink.runtime import EARLY_ROUNDS, make_session, speed_comparison
 from onnxshrink.targets import prepare as target_prepare
 from onnxshrink.targets.ep_process import parse_placements, run_on_ep
 from onnxshrink.targets.openvino import openvino_available, openvino_check, openvino_verdict
@@ -130,6 +130,42 @@ def test_worker_runs_models_on_an_ep_of_another_interpreter():
     assert run.speed().rounds == 6
 
 
+def _conv_stack(channels: int, depth: int) -> onnx.ModelProto:
+    """x (1x3x96x96) -> ``depth`` 3x3 convolutions of ``channels`` -> mean: the same input, a cost set
+    by ``channels`` and ``depth``."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    nodes, inits, x, c = [], [], "x", 3
+    for k in range(depth):
+        w = numpy_helper.from_array((rng.standard_normal((channels, c, 3, 3)) * 0.1).astype(np.float32), f"w{k}")
+        inits.append(w)
+        nodes.append(helper.make_node("Conv", [x, f"w{k}"], [f"c{k}"], pads=[1, 1, 1, 1]))
+        x, c = f"c{k}", channels
+    nodes.append(helper.make_node("ReduceMean", [x], ["y"], keepdims=0))
+    g = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 96, 96])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_the_worker_stops_at_a_decisive_first_block():
+    """Given the decisions taken on the pair, the worker's timing stops after the early look's first
+    block when every round of it settles them by a wide margin (a model several times faster than the
+    other); without decisions it times both blocks in full."""
+    slow, fast = _conv_stack(48, 4), _conv_stack(4, 1)
+    s = [{"x": np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype(np.float32)}]
+    kw = dict(timing=("a", "b"), seconds=0.01, min_rounds=16, max_rounds=16)
+    faster = (("faster", 1.0),)
+    early = run_on_ep(sys.executable, "CPUExecutionProvider", {"a": slow, "b": fast}, s, decides=faster, **kw)
+    assert early.ok, early.info
+    assert early.info.get("early") and len(early.timing) == 1 and early.speed().rounds == EARLY_ROUNDS
+    assert early.speed().faster_than(1.0)
+    full = run_on_ep(sys.executable, "CPUExecutionProvider", {"a": slow, "b": fast}, s, **kw)
+    assert not full.info.get("early") and [len(t) for blk in full.timing for t in blk] == [8, 8, 8, 8]
+    # a pair whose rounds do not all lie beyond the bounds is timed in full, decisions or not
+    same = run_on_ep(sys.executable, "CPUExecutionProvider", {"a": slow, "b": slow}, s, decides=faster, **kw)
+    assert not same.info.get("early") and same.speed().rounds == 16
+
+
 def test_check_reports_a_python_without_the_openvino_ep(monkeypatch):
     monkeypatch.setenv("ONNXSHRINK_OPENVINO_PYTHON", sys.executable)  # its onnxruntime has no OpenVINO EP
     m = _tiny()
@@ -220,10 +256,11 @@ def test_the_quantize_guard_times_on_openvino_what_the_emission_writes(no_openvi
     (hard-swish as HardSwish), not cleanup's x * HardSigmoid(x) that OpenVINO runs far slower."""
     from onnxshrink.passes.quantize import guard as guard_mod
     from onnxshrink.runtime import SpeedComparison
-    timed = []
+    timed, decisions = [], []
 
-    def stand_in(a, b, feeds, seconds=3.0):
+    def stand_in(a, b, feeds, seconds=3.0, decides=()):
         timed.append([n.op_type for n in a.graph.node] + [n.op_type for n in b.graph.node])
+        decisions.append(decides)
         return SpeedComparison(1.0, 0.98, 1.02, 1.0, 1.0, 15)
     monkeypatch.setattr(guard_mod, "openvino_available", lambda: True)
     monkeypatch.setattr(guard_mod, "openvino_compare_speed", stand_in)
@@ -232,6 +269,7 @@ def test_the_quantize_guard_times_on_openvino_what_the_emission_writes(no_openvi
     optimize(m, passes=["cleanup", {"quantize": {"min_cosine": 0.9}}], data=_samples(m, 16, 1),
              val_data=_samples(m, 8, 2), target="openvino", budget="none")
     assert timed and all("HardSwish" in ops and "HardSigmoid" not in ops for ops in timed), timed
+    assert set(decisions) == {(("faster", 1.0),)}  # the guard's decision, for the worker's early look
 
 
 def test_the_quantize_guard_keeps_a_plan_that_holds_on_the_openvino_ep(no_openvino, monkeypatch):
@@ -256,7 +294,7 @@ def test_the_quantize_guard_keeps_a_plan_that_holds_on_the_openvino_ep(no_openvi
                 "samples": len(samples)}
     monkeypatch.setattr(guard_mod, "openvino_available", lambda: True)
     monkeypatch.setattr(guard_mod, "openvino_check", stand_in_check, raising=False)
-    monkeypatch.setattr(guard_mod, "openvino_compare_speed", lambda a, b, feeds, seconds=3.0:
+    monkeypatch.setattr(guard_mod, "openvino_compare_speed", lambda a, b, feeds, seconds=3.0, decides=():
                         SpeedComparison(2.0, 1.9, 2.1, 2.0, 1.0, 15))
     out, rep = optimize(m, passes=["cleanup", "quantize"], data=_samples(m, 16, 1), val_data=_samples(m, 8, 2),
                         target="openvino", budget="cosine>=0.9")

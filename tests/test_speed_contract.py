@@ -291,3 +291,20 @@ def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, r
     assert timer.ran == {0: rounds[1], 1: rounds[0], 2: rounds[1]}
 
 
+
+
+@pytest.mark.parametrize("decides", [(("faster", 1.0),), (("slower", 1.0), ("faster", 1.0)), (("faster", 1.5),),
+                                     (("slower", 1.0),)])
+def test_decisive_bounds_settle_what_the_early_look_settles(decides):
+    """A block of EARLY_ROUNDS rounds whose every ratio lies beyond ``decisive_bounds`` (what an EP's
+    worker in another interpreter checks) is decisive by ``compare_speeds``' own rule, and a block
+    just inside them is not: the two rules agree at the bounds."""
+    from onnxshrink.runtime import EARLY_ROUNDS, _decisive, decisive_bounds, speed_comparison
+    below, above = decisive_bounds(decides)
+    assert below < above
+    # (the nearest round's ratio, the way the others spread from it, decisive)
+    for ratio, spread, decisive in ((above, 1, True), (above * 1.3, 1, True), (above * 0.99, 1, False),
+                                    (below, -1, True), (below / 1.3, -1, True), (below * 1.01, -1, False)):
+        t_b = 10.0  # ms: a round well over EARLY_LOOK_MS, so the margin is CLEAR_MARGIN
+        block = ([ratio * t_b * (1 + spread * 0.001 * k) for k in range(EARLY_ROUNDS)], [t_b] * EARLY_ROUNDS)
+        assert _decisive(speed_comparison([block]), decides) is decisive, (ratio, decides)

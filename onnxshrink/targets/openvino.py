@@ -48,13 +48,18 @@ OPENVINO_PACKAGE = "onnxruntime-openvino"
 OPENVINO_OPTIONS = {"device_type": "CPU", "num_of_threads": "1",
                     "load_config": '{"CPU": {"PERFORMANCE_HINT": "LATENCY"}}'}
 SETUP_HINT = "run `onnxshrink setup openvino` or set $ONNXSHRINK_OPENVINO_PYTHON"
+# the decisions taken on the result's timing against the fp32 model: the speed contract's "slower" and the
+# verdict's "faster" (``SpeedComparison.slower_than`` / ``faster_than`` at 1.0)
+SPEED_VERDICTS = (("slower", 1.0), ("faster", 1.0))
 
 
 def openvino_check(model: onnx.ModelProto, samples, reference=None, baseline: onnx.ModelProto | None = None,
                    required: bool = False, timeout: int = 1800, outputs_back: ChannelsLastIO | None = None,
-                   seconds: float = 6.0) -> dict:
+                   seconds: float = 6.0, decides: tuple = SPEED_VERDICTS) -> dict:
     """Run ``model`` (and ``baseline``, the fp32 model, for the speed comparison) on the OpenVINO EP
-    in ``openvino_python()``; returns {"available", "accepted", "placements", "fidelity", "speed", ...}."""
+    in ``openvino_python()``; returns {"available", "accepted", "placements", "fidelity", "speed", ...}.
+    ``decides``: the decisions taken on the speed comparison (``run_on_ep``'s early look; the verdict's
+    "slower" and "faster" by default; ``()`` times in full, for a benchmark's figure)."""
     py = openvino_python()
     if py is None:
         res = {"available": False, "reason": f"no Python with {OPENVINO_PACKAGE} ({SETUP_HINT})"}
@@ -67,7 +72,7 @@ def openvino_check(model: onnx.ModelProto, samples, reference=None, baseline: on
         models["fp32"] = baseline
     run = run_on_ep(py, PROVIDER, models, samples, provider_options=openvino_provider_options(), run=("model",),
                     timing=("fp32", "model") if timed else None, seconds=seconds, timeout=timeout,
-                    prefix="onnxshrink_openvino_")
+                    prefix="onnxshrink_openvino_", decides=decides)
     if not run.ok:
         return {"available": True, "accepted": False, "python": py, "error": run.info["error"]}
     res = {**run.info, **run.models.get("model", {}), "available": True, "python": py}
@@ -91,15 +96,16 @@ def openvino_check(model: onnx.ModelProto, samples, reference=None, baseline: on
 
 
 def openvino_compare_speed(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict,
-                           seconds: float = 3.0) -> SpeedComparison:
+                           seconds: float = 3.0, decides: tuple = ()) -> SpeedComparison:
     """``runtime.compare_speed`` on the OpenVINO EP: how much faster ``model_b`` runs than ``model_a``
-    there (one thread, interleaved rounds in two blocks). Raises RuntimeError when no verifier is
-    there or a model does not load on the EP alone."""
+    there (one thread, interleaved rounds in two blocks; a first block settling ``decides`` by a wide
+    margin alone, ``run_on_ep``). Raises RuntimeError when no verifier is there or a model does not
+    load on the EP alone."""
     py = openvino_python()
     if py is None:
         raise RuntimeError(f"no Python with {OPENVINO_PACKAGE} ({SETUP_HINT})")
     run = run_on_ep(py, PROVIDER, {"a": model_a, "b": model_b}, [feeds], provider_options=openvino_provider_options(),
-                    timing=("a", "b"), seconds=seconds, prefix="onnxshrink_openvino_")
+                    timing=("a", "b"), seconds=seconds, prefix="onnxshrink_openvino_", decides=decides)
     if not run.ok or not run.timing:
         why = run.info.get("error") or "; ".join(f"{k}: {v.get('error')}" for k, v in run.models.items()
                                                  if not v.get("accepted"))

@@ -254,7 +254,8 @@ class QuantizeGuard:
 
             def on_openvino(base, models, sample):
                 b = emitted_for(profile, base)
-                return [openvino_compare_speed(b, emitted_for(profile, m), sample) for m in models]
+                decides = (("faster", self.o.min_speedup),)
+                return [openvino_compare_speed(b, emitted_for(profile, m), sample, decides=decides) for m in models]
             return self._speed(chosen, fid, rules, on_openvino, "the OpenVINO EP"), outcome
         if target not in (None, "cpu"):
             # an NPU or an ARM CPU runs the integer kernels natively: timing them on this machine
