@@ -139,6 +139,21 @@ def test_select_within_budget_backs_off_the_most_harmful_layer():
                                                                          (2, False)]
     keep_all, log_all = ws.select_within_budget(m, cands, lambda mm: True, losses(err_of))
     assert sorted(keep_all) == sorted(cands) and "holds" in log_all["checked"]
+    # the model with none stored breaks the check itself: no stored set is searched for (no scoring,
+    # no bisection), none is stored; asked only once storing every weight failed
+    asked, scored = [], []
+    keep_none, log_none = ws.select_within_budget(m, cands, lambda mm: False,
+                                                  lambda stored: scored.append(1) or (lambda names: 0.0),
+                                                  none_holds=lambda: asked.append(1) or False)
+    assert keep_none == [] and asked == [1] and scored == [] and "none stored" in log_none["checked"]
+    keep_all, _ = ws.select_within_budget(m, cands, lambda mm: True, losses(err_of),
+                                          none_holds=lambda: asked.append(2) or False)
+    assert sorted(keep_all) == sorted(cands) and asked == [1]
+    # none_holds true: the search goes on as without it
+    keep, log = ws.select_within_budget(m, cands, lambda mm: not changed(mm, "wc"),
+                                        losses(lambda mm: 1.0 if changed(mm, "wc") else 1e-3 * err_of(mm)),
+                                        none_holds=lambda: True)
+    assert sorted(keep) == ["wg", "wm", "wt"]
 
 
 def test_group_losses_isolate_the_harmful_weights_in_few_measurements():

@@ -174,7 +174,8 @@ def group_losses(names: list, group_loss: Callable[[list], float], nbytes: dict,
 
 def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[[onnx.ModelProto], bool],
                          scorer: Callable[[dict], Callable[[list], float]],
-                         build: Callable[[list], onnx.ModelProto] | None = None) -> tuple[list, dict]:
+                         build: Callable[[list], onnx.ModelProto] | None = None,
+                         none_holds: Callable[[], bool] | None = None) -> tuple[list, dict]:
     """The weights (names) to store so that ``holds`` is true of the model with them stored
     (module docstring: all, else the longest loss-per-byte prefix that holds). ``scorer``, given
     {name: the weight as stored (``Q x s``, float)}, returns the group loss: a function of a list of
@@ -182,8 +183,10 @@ def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[
     makes the model ``holds`` judges, with those weights stored as the caller will emit them
     (``store_int8``: the model checked last is then the result itself, whose outputs the caller's
     validation can reuse); by default ``model`` with those initializers replaced by ``Q x s``, which
-    computes the same (onnxruntime folds ``Cast x Mul`` into that float tensor at load). Returns
-    (names, log)."""
+    computes the same (onnxruntime folds ``Cast x Mul`` into that float tensor at load).
+    ``none_holds``: whether ``holds`` is true with nothing stored, when that is not known (asked only
+    once storing every weight fails): when not, no subset is searched for (``holds`` fails on the model
+    itself) and none is stored. Returns (names, log)."""
     names = list(weights)
     if not names:
         return [], {"checked": "nothing to store"}
@@ -207,6 +210,9 @@ def select_within_budget(model: onnx.ModelProto, weights: dict, holds: Callable[
 
     if holds(with_stored(names)):
         return names, {"checked": f"all {len(names)} stored: holds"}
+    if none_holds is not None and not none_holds():
+        return [], {"checked": f"all {len(names)} stored broke the check, and so does the model with none "
+                               f"stored: none stored"}
     nbytes = {n: int(np.asarray(weights[n][0].inputs[1].values).nbytes) for n in names}
     losses, measured = group_losses(names, scorer(stored), nbytes)
     order = sorted(names, key=lambda n: (losses[n] / max(nbytes[n], 1), n))
