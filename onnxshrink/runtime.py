@@ -5,7 +5,8 @@ from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
            "compare_speed", "compare_speeds", "compare_candidates", "speed_comparison", "SpeedComparison",
-           "CLEAR_MARGIN", "EARLY_ROUNDS", "EARLY_LOOK_MS", "decisive_bounds", "append_outputs",
+           "CLEAR_MARGIN", "EARLY_ROUNDS", "EARLY_LOOK_MS", "DECISIVE_FACTOR", "early_boundaries",
+           "close_call", "settled_by_far", "append_outputs",
            "session_with_outputs", "ort_message"]
 
 import math
@@ -333,38 +334,50 @@ def compare_speeds(models: Sequence, feeds: dict, pairs: Sequence[tuple[int, int
 
 
 def _close(cmp: SpeedComparison, decides: Sequence[tuple[str, float]]) -> bool:
-    """Whether a decision of ``decides`` is a close call on ``cmp`` (``compare_speeds``' early look): a
-    "faster" boundary inside the interval with the median above it (under it, more rounds are futile),
-    or a "slower" boundary inside the interval."""
-    for kind, t in decides:
-        bound = cmp.boundary(kind, t)
-        if kind == "faster" and cmp.low <= bound < cmp.speedup:
-            return True
-        if kind != "faster" and cmp.low <= bound <= cmp.high:
-            return True
-    return False
+    """Whether a decision of ``decides`` is a close call on ``cmp`` (``compare_speeds``' early look;
+    ``close_call``)."""
+    return close_call(cmp.low, cmp.speedup, cmp.high, _boundaries(cmp, decides))
 
 
 def _decisive(cmp: SpeedComparison, decides: Sequence[tuple[str, float]]) -> bool:
     """Whether every decision of ``decides`` is settled on ``cmp`` by a wide margin (``compare_speeds``'
-    decisive first block): each boundary (``t x margin`` for "faster", ``t / margin`` for "slower") lies
-    ``DECISIVE_FACTOR`` outside the interval, below its low end or above its high end."""
-    for kind, t in decides:
-        bound = cmp.boundary(kind, t)
-        if not (cmp.low >= bound * DECISIVE_FACTOR or cmp.high * DECISIVE_FACTOR <= bound):
+    decisive first block; ``settled_by_far``)."""
+    return settled_by_far(cmp.low, cmp.high, _boundaries(cmp, decides), DECISIVE_FACTOR)
+
+
+def _boundaries(cmp: SpeedComparison, decides: Sequence[tuple[str, float]]) -> list:
+    return [(kind, cmp.boundary(kind, t)) for kind, t in decides]
+
+
+# The early look's two rules on a comparison's interval [low, high] and median ratio, given the
+# boundaries [(kind, ratio)] of the decisions taken on it ("faster": ``t x margin``, "slower":
+# ``t / margin``; ``SpeedComparison.boundary``). Plain Python on numbers: an EP's worker in another
+# interpreter (``targets.ep_process``) runs these same functions (shipped as their source).
+def close_call(low, median, high, boundaries):
+    """A "faster" boundary inside the interval with the median above it (at or under it, more rounds
+    are futile: the answer stays "not clearly faster"), or a "slower" boundary inside the interval."""
+    for kind, bound in boundaries:
+        if kind == "faster" and low <= bound < median:
+            return True
+        if kind != "faster" and low <= bound <= high:
+            return True
+    return False
+
+
+def settled_by_far(low, high, boundaries, factor):
+    """Every boundary lies ``factor`` (``DECISIVE_FACTOR``) outside the interval: below its low end or
+    above its high end."""
+    for _, bound in boundaries:
+        if not (low >= bound * factor or high * factor <= bound):
             return False
     return True
 
 
-def decisive_bounds(decides: Sequence[tuple[str, float]]) -> tuple[float, float]:
-    """(below, above): per-round speed ratios such that a block whose every round lies at or above
-    ``above``, or every round at or below ``below``, settles every decision of ``decides`` as
-    ``_decisive`` does (each boundary at ``CLEAR_MARGIN``, ``DECISIVE_FACTOR`` beyond it; a block of
-    ``EARLY_ROUNDS`` rounds has its [min, max] ratio as its interval). For a timing in another
-    interpreter (``targets.ep_process``), which applies them where a round takes ``EARLY_LOOK_MS`` or
-    more: there the margin is ``CLEAR_MARGIN``, never ``TINY_MARGIN``."""
-    bounds = [t * CLEAR_MARGIN if kind == "faster" else t / CLEAR_MARGIN for kind, t in decides]
-    return min(bounds) / DECISIVE_FACTOR, max(bounds) * DECISIVE_FACTOR
+def early_boundaries(decides: Sequence[tuple[str, float]]) -> list:
+    """The boundaries [(kind, ratio)] of ``decides`` for a timing in another interpreter
+    (``targets.ep_process``), which looks early only where a round takes ``EARLY_LOOK_MS`` or more:
+    there the margin is ``CLEAR_MARGIN``, never ``TINY_MARGIN`` (``SpeedComparison.boundary``)."""
+    return [(kind, t * CLEAR_MARGIN if kind == "faster" else t / CLEAR_MARGIN) for kind, t in decides]
 
 
 def compare_candidates(base, candidates: Sequence, feeds: dict, decides: Sequence[tuple[str, float]]) -> list:

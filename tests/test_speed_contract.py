@@ -295,16 +295,24 @@ def test_compare_speeds_times_candidates_against_one_base(monkeypatch, ratios, r
 
 @pytest.mark.parametrize("decides", [(("faster", 1.0),), (("slower", 1.0), ("faster", 1.0)), (("faster", 1.5),),
                                      (("slower", 1.0),)])
-def test_decisive_bounds_settle_what_the_early_look_settles(decides):
-    """A block of EARLY_ROUNDS rounds whose every ratio lies beyond ``decisive_bounds`` (what an EP's
-    worker in another interpreter checks) is decisive by ``compare_speeds``' own rule, and a block
-    just inside them is not: the two rules agree at the bounds."""
-    from onnxshrink.runtime import EARLY_ROUNDS, _decisive, decisive_bounds, speed_comparison
-    below, above = decisive_bounds(decides)
-    assert below < above
-    # (the nearest round's ratio, the way the others spread from it, decisive)
-    for ratio, spread, decisive in ((above, 1, True), (above * 1.3, 1, True), (above * 0.99, 1, False),
-                                    (below, -1, True), (below / 1.3, -1, True), (below * 1.01, -1, False)):
-        t_b = 10.0  # ms: a round well over EARLY_LOOK_MS, so the margin is CLEAR_MARGIN
-        block = ([ratio * t_b * (1 + spread * 0.001 * k) for k in range(EARLY_ROUNDS)], [t_b] * EARLY_ROUNDS)
-        assert _decisive(speed_comparison([block]), decides) is decisive, (ratio, decides)
+def test_an_ep_worker_looks_early_at_the_boundaries_compare_speeds_uses(decides):
+    """The EP worker's early look (``runtime.early_boundaries``, taken only where a round takes
+    EARLY_LOOK_MS or more) has the boundaries ``compare_speeds`` takes on such a comparison, and
+    its rules are runtime's own, shipped as source. Under TINY_RUN_MS the margin differs: there the
+    worker does not look early."""
+    from onnxshrink.runtime import (
+        EARLY_LOOK_MS,
+        SpeedComparison,
+        _boundaries,
+        close_call,
+        early_boundaries,
+        settled_by_far,
+    )
+    from onnxshrink.targets.ep_process import EP_WORKER
+    half = EARLY_LOOK_MS / 2  # each model's run: a round of the pair takes EARLY_LOOK_MS
+    cmp = SpeedComparison(1.0, 0.9, 1.1, half, half, 6)
+    assert early_boundaries(decides) == _boundaries(cmp, decides)
+    tiny = SpeedComparison(1.0, 0.9, 1.1, 0.05, 0.05, 6)
+    assert early_boundaries(decides) != _boundaries(tiny, decides)
+    import inspect
+    assert inspect.getsource(close_call) in EP_WORKER and inspect.getsource(settled_by_far) in EP_WORKER

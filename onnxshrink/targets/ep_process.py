@@ -12,10 +12,12 @@ outputs on the samples, and, for a pair of models, interleaved timings on one th
 Timing (``timing=(a, b)``): one run of each model per round, alternating, in two blocks that are
 each warmed up afresh, as many rounds as fit in ``seconds`` (``min_rounds``..``max_rounds``); the
 statistics (median ratio and its interval) are ``runtime.speed_comparison``'s, computed here from
-the raw times. Given the decisions the caller takes (``decides``), the first block starts with
-``compare_speeds``' early look: when every one of its first ``EARLY_ROUNDS`` rounds lies
-``DECISIVE_FACTOR`` beyond every boundary, those rounds are the timing (YOLOv8n int8 on the OpenVINO
-EP at 2.2x: 6 rounds instead of 30 for the emission's check).
+the raw times. Given the decisions the caller takes (``decides``), the timing starts with
+``compare_speeds``' early look, by its rules: a first block of ``EARLY_ROUNDS`` rounds every one of
+which lies ``DECISIVE_FACTOR`` beyond every boundary is the timing (YOLOv8n int8 on the OpenVINO EP at
+2.2x: 6 rounds instead of 61 for the emission's check); else a second such block, and when no decision
+is a close call on the two (``runtime.close_call``) they are the timing (PP-OCRv4 det at 1.1x: 12
+rounds instead of 40); else both grow to their full size. ``info["early"]`` says where it stopped.
 
 Compiling (``compile_to``, plugin EPs such as onnxruntime-qnn): ``onnxruntime.ModelCompiler`` writes
 the EP's compiled model (EPContext nodes, the EP's binary embedded), which then loads and runs like
@@ -27,6 +29,7 @@ from __future__ import annotations
 __all__ = ["EpRun", "run_on_ep", "parse_placements", "save_samples", "fidelity_on_ep", "env_provider_options",
            "EP_WORKER"]
 
+import inspect
 import json
 import os
 import re
@@ -40,7 +43,16 @@ import onnx
 
 from onnxshrink.metrics import compare_outputs, fidelity
 from onnxshrink.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
-from onnxshrink.runtime import EARLY_LOOK_MS, EARLY_ROUNDS, SpeedComparison, decisive_bounds, speed_comparison
+from onnxshrink.runtime import (
+    DECISIVE_FACTOR,
+    EARLY_LOOK_MS,
+    EARLY_ROUNDS,
+    SpeedComparison,
+    close_call,
+    early_boundaries,
+    settled_by_far,
+    speed_comparison,
+)
 from onnxshrink.targets.layout import ChannelsLastIO
 
 
@@ -80,9 +92,9 @@ def run_on_ep(python: str, provider: str, models: dict, samples: list[dict], *, 
     those models for the EP first (``onnxruntime.ModelCompiler``: EPContext nodes with the EP's binary
     embedded, CPU fallback disabled) into ``path``; the compiled model then loads and runs as model
     ``name + ".context"`` (give that name in ``run`` too); ``info["compiled"][name]`` says how it went.
-    ``decides``: the decisions the caller takes on the timed pair (``runtime.compare_speeds``' form): a first
-    block that settles them all by a wide margin is the whole timing (``runtime.decisive_bounds``: the
-    early look of ``compare_speeds``, there too only where a round takes ``EARLY_LOOK_MS`` or more)."""
+    ``decides``: the decisions the caller takes on the timed pair (``runtime.compare_speeds``' form), for
+    the early look (module docstring; as in ``compare_speeds``, only where a round takes ``EARLY_LOOK_MS``
+    or more, so the boundaries are ``runtime.early_boundaries``')."""
     if compile_to and not plugin:
         raise ValueError("compile_to needs an EP given as a plugin library (the worker's ModelCompiler path)")
     with tempfile.TemporaryDirectory(prefix=prefix) as d:
@@ -137,8 +149,8 @@ def _early_look(decides: tuple) -> dict | None:
     """The worker's early look for the decisions ``decides`` (None: none to take, time in full)."""
     if not decides:
         return None
-    below, above = decisive_bounds(decides)
-    return {"rounds": EARLY_ROUNDS, "below": below, "above": above, "min_round_ms": EARLY_LOOK_MS}
+    return {"rounds": EARLY_ROUNDS, "boundaries": early_boundaries(decides), "factor": DECISIVE_FACTOR,
+            "min_round_ms": EARLY_LOOK_MS}
 
 
 def fidelity_on_ep(got: list, reference: list, output_names: list[str], outputs_back: ChannelsLastIO | None = None
@@ -208,10 +220,9 @@ def parse_placements(log: str, logid: str | None = None) -> dict:
 
 # run by run_on_ep in the Python that has the EP: argv = the job (JSON file); prints one JSON line.
 # Needs only numpy and onnxruntime (the EP's own wheel): the timing loop is this simple on purpose,
-# its statistics are runtime.speed_comparison's, in the caller.
-EP_WORKER = r'''
-import importlib, json, sys, time
-import numpy as np
+# its statistics are runtime.speed_comparison's, in the caller; its early look applies runtime's own
+# rules (close_call, settled_by_far: their source is prepended, EP_WORKER).
+_WORKER_MAIN = r'''
 import onnxruntime as ort
 job = json.load(open(sys.argv[1]))
 prov, opts = job["provider"], job["options"]
@@ -299,25 +310,41 @@ if pair and all(p in sessions for p in pair) and samples:
         once(s)
     one = (once(sa) + once(sb)) / 1e3
     rounds = int(min(job["max_rounds"], max(job["min_rounds"], job["seconds"] / max(one, 1e-5))))
-    blocks = []
     early = job.get("early")
-    for i, block in enumerate((rounds // 2, rounds - rounds // 2)):
+    sizes = (rounds // 2, rounds - rounds // 2)
+    def timed(n, warmup):
         for s in (sa, sb):
-            once(s); once(s)
+            for _ in range(warmup):
+                once(s)
         ta, tb = [], []
-        if i == 0 and early and block > early["rounds"]:
-            # the early look: a first block every round of which lies beyond the bounds decides alone
-            for _ in range(early["rounds"]):
-                ta.append(once(sa)); tb.append(once(sb))
-            r = [x / y for x, y in zip(ta, tb)]
-            pair_ms = sorted(x + y for x, y in zip(ta, tb))[len(r) // 2]
-            if pair_ms >= early["min_round_ms"] and (min(r) >= early["above"] or max(r) <= early["below"]):
-                blocks.append([ta, tb])
-                res["early"] = True
-                break
-        while len(ta) < block:
+        for _ in range(n):
             ta.append(once(sa)); tb.append(once(sb))
-        blocks.append([ta, tb])
+        return [ta, tb]
+    def ratios(blk):
+        return [x / y for x, y in zip(*blk)]
+    blocks = None
+    if early and sizes[0] > early["rounds"]:
+        # compare_speeds' early look, by the same rules (runtime.settled_by_far, runtime.close_call)
+        e, bounds = early["rounds"], early["boundaries"]
+        first = timed(e, 2)
+        r1 = ratios(first)
+        if statistics.median(x + y for x, y in zip(*first)) >= early["min_round_ms"]:
+            if settled_by_far(min(r1), max(r1), bounds, early["factor"]):
+                blocks, res["early"] = [first], "decisive first block"
+            else:
+                second = timed(e, 0)
+                r = r1 + ratios(second)
+                if not close_call(min(r), statistics.median(r), max(r), bounds):
+                    blocks, res["early"] = [first, second], "no close call"
+                else:  # a close call: both blocks grow to full size, the early rounds count
+                    blocks = [[t + m for t, m in zip(blk, timed(n - e, 1))] for blk, n in zip((first, second), sizes)]
+        else:  # a tiny pair: the first block's rounds count towards the first full block
+            blocks = [[t + m for t, m in zip(first, timed(sizes[0] - e, 0))], timed(sizes[1], 2)]
+    if blocks is None:
+        blocks = [timed(n, 2) for n in sizes]
     res["timing"] = blocks
 print(json.dumps(res))
 '''
+EP_WORKER = ("import importlib, json, statistics, sys, time\nimport numpy as np\n\n"
+             + inspect.getsource(close_call) + "\n\n" + inspect.getsource(settled_by_far) + _WORKER_MAIN)
+
