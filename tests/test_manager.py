@@ -331,22 +331,27 @@ def test_small_models_are_not_collected_between_passes(monkeypatch):
     assert len(calls) >= 2
 
 
+def _slowed(monkeypatch, method: str, seconds: float) -> None:
+    """``PassManager.<method>`` made ``seconds`` slower, to see where the report counts its time."""
+    import time
+
+    from onnxshrink.pipeline import manager
+    real = getattr(manager.PassManager, method)
+
+    def slow(self, *a, **k):
+        time.sleep(seconds)
+        return real(self, *a, **k)
+    monkeypatch.setattr(manager.PassManager, method, slow)
+
+
 def test_report_says_where_the_time_went(monkeypatch):
     """``Report.timings_s``: the run's wall time by phase (``report.PHASES``, in run order) and its total,
     which the phases add up to; the passes' phase holds every pass's own time, time spent in a phase
     is counted there (a speed contract slowed by 0.3 s), and --latency adds its own phase."""
-    import time
-
-    from onnxshrink.pipeline import manager
     from onnxshrink.pipeline.report import PHASES
     from tests.helpers import model_samples
 
-    real = manager.PassManager._speed_contract
-
-    def slow_contract(self, *a, **k):
-        time.sleep(0.3)
-        return real(self, *a, **k)
-    monkeypatch.setattr(manager.PassManager, "_speed_contract", slow_contract)
+    _slowed(monkeypatch, "_speed_contract", 0.3)
     m = mlp()
     _, rep = optimize(m, passes=["cleanup", "cleanup"], data=model_samples(m, 8), speed="off")
     t = rep.timings_s
@@ -362,17 +367,9 @@ def test_report_says_where_the_time_went(monkeypatch):
 def test_with_a_target_the_emission_is_a_phase_of_its_own(monkeypatch):
     """With --target the passes' result is emitted for the target before the speed contract: its time
     (on openvino the EP's check and timing) is the ``emission`` phase, not the contract's."""
-    import time
-
-    from onnxshrink.pipeline import manager
     from tests.helpers import model_samples
 
-    real = manager.PassManager._emit
-
-    def slow_emit(self, *a, **k):
-        time.sleep(0.3)
-        return real(self, *a, **k)
-    monkeypatch.setattr(manager.PassManager, "_emit", slow_emit)
+    _slowed(monkeypatch, "_emit", 0.3)
     m = mlp()
     _, rep = optimize(m, passes=["cleanup"], data=model_samples(m, 8), speed="off", target="cpu", budget="none")
     t = rep.timings_s
