@@ -13,10 +13,9 @@ it as the selection samples: a stored set must hold the floor on both (up to
 ``CALIBRATION_CHECK_SAMPLES`` calibration samples, against the float model, for a budget on a metric
 measured against it), on the calibration samples with half the floor's allowance in reserve
 (``guard.AIM_MARGIN``: its effect has a heavy tail; PP-OCRv4 det, every weight stored: 0.9944 on 16
-calibration photos, 0.9966 on 8 selection photos, 0.9844 on 8 test photos). Eight selection samples
-alone miss a heavy tail: on PP-OCRv4 det, every weight stored int8 reads cosine 0.9974 on the 8
-selection text photos, but 0.834 and 0.901 on two of the other 24, and the held-out mean was 0.984
-(the budget 0.99 failed on test).
+calibration photos, 0.9966 on 8 selection photos, 0.9844 on 8 test photos). Eight selection samples alone miss a heavy tail: on PP-OCRv4 det, every weight
+stored int8 reads cosine 0.9974 on the 8 selection text photos, but 0.834 and 0.901 on two of the
+other 24, and the held-out mean was 0.984 (the budget 0.99 failed on test).
 
 When storing every weight breaks the floor, the weights are scored by groups
 (``weight_storage.group_losses``) on the ``SCORING_SAMPLES`` calibration samples that storing every
