@@ -363,3 +363,27 @@ def test_the_float_model_is_not_measured_before_its_weights_are_stored(monkeypat
     fw = rep.passes[0].stats["float_weights"]
     assert fw["stored"] == 4 and fw["checked"] == "all 4 stored: holds", fw
     assert measured == [0]  # one check: the model with the 4 weights as stored (Q x s), none float
+
+
+def test_a_plan_failing_the_calibration_check_itself_stores_nothing_without_a_search(monkeypatch):
+    """An integer plan whose float-kept weights break the calibration check when all stored is checked
+    there with none stored; failing too, none is stored without scoring the weights or bisecting.
+    Stand-in check: every model fails it; it sees the all-stored model, then the plan itself."""
+    from onnxshrink.passes.quantize import fallback
+
+    seen = []
+
+    def failing(self, m, record=True):
+        seen.append(sum(n.op_type == "Cast" for n in m.graph.node))
+        return False
+    monkeypatch.setattr(fallback._CalibrationCheck, "__call__", failing)
+    m = net()
+    data = normal_samples(24, shape=(1, 3, 16, 16))
+    out, rep = optimize(m, passes=[{"quantize": {"exclude": ["convt", "gemm", "mm"], "guard": False}}], data=data,
+                        budget="cosine>=0.5")
+    q = rep.passes[0]
+    fw = q.stats["float_weights"]
+    assert q.stats["quantized_units"]["weighted"] == 1, q.stats  # the conv int8: an integer plan
+    assert seen == [3, 0] and fw["stored"] == 0 and "so does the model with none stored" in fw["checked"], (seen, fw)
+    assert "scored" not in fw and "bisection" not in fw
+    assert not any(n.op_type == "Cast" for n in out.graph.node)
