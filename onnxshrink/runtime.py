@@ -5,9 +5,9 @@ from __future__ import annotations
 
 __all__ = ["make_session", "run_model", "capture_activations", "measure_latency", "interleaved_latency",
            "compare_speed", "compare_speeds", "compare_candidates", "speed_comparison", "SpeedComparison",
-           "CLEAR_MARGIN", "EARLY_ROUNDS", "EARLY_LOOK_MS", "DECISIVE_FACTOR", "early_boundaries",
-           "close_call", "settled_by_far", "append_outputs",
-           "session_with_outputs", "ort_message"]
+           "CLEAR_MARGIN", "EARLY_ROUNDS", "EARLY_LOOK_MS", "DECISIVE_FACTOR", "decision_boundary",
+           "early_boundaries", "close_call", "settled_by_far", "append_outputs", "session_with_outputs",
+           "ort_message"]
 
 import math
 import os
@@ -186,6 +186,12 @@ TINY_RUN_MS, TINY_MARGIN = 0.1, 1.10
 DECISIVE_FACTOR = 1.25
 
 
+def decision_boundary(kind: str, threshold: float, margin: float) -> float:
+    """The speed ratio a decision ``kind`` about ``threshold`` turns on: ``threshold x margin`` for
+    "faster", ``threshold / margin`` for "slower"."""
+    return threshold * margin if kind == "faster" else threshold / margin
+
+
 @dataclass(frozen=True)
 class SpeedComparison:
     """How much faster ``b`` ran than ``a``: per interleaved round the ratio ``t_a / t_b``; ``speedup``
@@ -210,7 +216,7 @@ class SpeedComparison:
     def boundary(self, kind: str, threshold: float) -> float:
         """The speed ratio a decision ``kind`` ("faster" or "slower") about ``threshold`` turns on:
         ``threshold x margin`` for "faster", ``threshold / margin`` for "slower"."""
-        return threshold * self.margin if kind == "faster" else threshold / self.margin
+        return decision_boundary(kind, threshold, self.margin)
 
     def faster_than(self, threshold: float = 1.0) -> bool:
         """``b`` is at least ``threshold`` times as fast as ``a``, clearly: the whole interval lies
@@ -377,7 +383,7 @@ def early_boundaries(decides: Sequence[tuple[str, float]]) -> list:
     """The boundaries [(kind, ratio)] of ``decides`` for a timing in another interpreter
     (``targets.ep_process``), which looks early only where a round takes ``EARLY_LOOK_MS`` or more:
     there the margin is ``CLEAR_MARGIN``, never ``TINY_MARGIN`` (``SpeedComparison.boundary``)."""
-    return [(kind, t * CLEAR_MARGIN if kind == "faster" else t / CLEAR_MARGIN) for kind, t in decides]
+    return [(kind, decision_boundary(kind, t, CLEAR_MARGIN)) for kind, t in decides]
 
 
 def compare_candidates(base, candidates: Sequence, feeds: dict, decides: Sequence[tuple[str, float]]) -> list:
