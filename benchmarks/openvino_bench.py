@@ -9,8 +9,10 @@ each model and Q/DQ placement of the openvino profile (``inputs``: the profile's
 integer op reads a tensor; ``fused``: onnxruntime's CPU placement, what the profile used before) it
 prints one row: placement on the EP, fidelity on the EP (8 held-out samples, against the fp32
 original on the CPU EP), fidelity on the CPU EP (all held-out samples), speed vs the fp32 model on the
-same EP (one thread, interleaved rounds, median ratio and ~95 % interval: ``runtime.speed_comparison``),
-and the exit the CLI would give (0, or 4 with the reason). Every figure is measured in this run.
+same EP (one thread, interleaved rounds, median ratio and ~95 % interval: ``runtime.speed_comparison``;
+onnxshrink's is its own check's, which stops at 6 or 12 rounds when the "slower" decision is clear,
+so its interval is wider than a full timing's), and the exit the CLI would give (0, or 4 with the
+reason). Every figure is measured in this run.
 
 ``--nncf-python PY``: also NNCF's output on the same samples (``nncf.quantize`` on the ONNX model with
 its defaults, the same calibration samples; NNCF is OpenVINO's own quantizer, so this is the peer on
