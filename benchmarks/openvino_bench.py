@@ -10,9 +10,9 @@ integer op reads a tensor; ``fused``: onnxruntime's CPU placement, what the prof
 prints one row: placement on the EP, fidelity on the EP (8 held-out samples, against the fp32
 original on the CPU EP), fidelity on the CPU EP (all held-out samples), speed vs the fp32 model on the
 same EP (one thread, interleaved rounds, median ratio and ~95 % interval: ``runtime.speed_comparison``;
-onnxshrink's is its own check's, which stops at 6 or 12 rounds when the "slower" decision is clear,
-so its interval is wider than a full timing's), and the exit the CLI would give (0, or 4 with the
-reason). Every figure is measured in this run.
+the check's timing stops at 6 or 12 rounds when its "slower" decision is clear, so the interval is
+wider than a full timing's), and the exit the CLI would give (0, or 4 with the reason). Every figure
+is measured in this run.
 
 ``--nncf-python PY``: also NNCF's output on the same samples (``nncf.quantize`` on the ONNX model with
 its defaults, the same calibration samples; NNCF is OpenVINO's own quantizer, so this is the peer on
@@ -93,7 +93,7 @@ def run_nncf(name: str, n_calib: int, n_val: int, nncf_python: str) -> dict:
         q, fp32 = onnx.load(str(out)), onnx.load(str(real_model(name)))
     sess = make_session(fp32, optimize=False)
     reference = [sess.run(None, s) for s in val]
-    ov = openvino_check(q, val, reference=reference, baseline=fp32, decides=())  # timed in full
+    ov = openvino_check(q, val, reference=reference, baseline=fp32)  # timed as onnxshrink's check times
     cpu = make_session(q)
     fc = fidelity(reference, [cpu.run(None, s) for s in val])
     speed = ov.get("speed") or {}
