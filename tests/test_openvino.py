@@ -144,7 +144,7 @@ def _conv_stack(channels: int, depth: int) -> onnx.ModelProto:
     nodes.append(helper.make_node("ReduceMean", [x], ["y"], keepdims=0))
     g = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 96, 96])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)  # any onnxruntime reads it
 
 
 def test_the_worker_looks_early_like_compare_speeds():
@@ -358,6 +358,21 @@ def test_without_the_contract_a_budget_missed_on_the_openvino_ep_is_refused(monk
 
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="no Python with onnxruntime-openvino "
                                     "(run `onnxshrink setup openvino` or set $ONNXSHRINK_OPENVINO_PYTHON)")
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_the_early_look_runs_on_the_real_openvino_ep():
+    """The worker's early look in the OpenVINO interpreter (runtime's rules shipped as source): a pair
+    tens of times apart is settled on the first 6 rounds when the caller decides on it, and timed in
+    full when it does not."""
+    from onnxshrink.targets.openvino import openvino_compare_speed
+    slow, fast = _conv_stack(48, 4), _conv_stack(4, 1)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype(np.float32)}
+    early = openvino_compare_speed(slow, fast, feeds, seconds=1.0, decides=(("faster", 1.0),))
+    assert early.rounds == EARLY_ROUNDS and early.faster_than(1.0), early
+    full = openvino_compare_speed(slow, fast, feeds, seconds=1.0)
+    assert full.rounds >= 15 and full.faster_than(1.0), full
 
 
 @pytest.mark.slow
