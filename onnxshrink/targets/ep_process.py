@@ -323,7 +323,7 @@ if pair and all(p in sessions for p in pair) and samples:
     def ratios(blk):
         return [x / y for x, y in zip(*blk)]
     blocks = None
-    if early and sizes[0] > early["rounds"]:
+    if early and rounds > 2 * early["rounds"]:  # compare_speeds' condition: more rounds than two early blocks
         # compare_speeds' early look, by the same rules (runtime.settled_by_far, runtime.close_call)
         e, bounds = early["rounds"], early["boundaries"]
         first = timed(e, 2)
