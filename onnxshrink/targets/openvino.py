@@ -60,7 +60,7 @@ def openvino_check(model: onnx.ModelProto, samples, reference=None, baseline: on
     """Run ``model`` (and ``baseline``, the fp32 model, for the speed comparison) on the OpenVINO EP
     in ``openvino_python()``; returns {"available", "accepted", "placements", "fidelity", "speed", ...}.
     ``decides``: the decisions taken on the speed comparison (``run_on_ep``'s early look;
-    ``SPEED_DECISIONS`` by default; ``()`` times in full, for a benchmark's figure)."""
+    ``SPEED_DECISIONS`` by default; ``()`` times in full)."""
     py = openvino_python()
     if py is None:
         res = {"available": False, "reason": f"no Python with {OPENVINO_PACKAGE} ({SETUP_HINT})"}
