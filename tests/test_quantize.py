@@ -567,3 +567,27 @@ def test_speed_contract_reads_the_timing_taken_beside_the_guards_candidate(monke
     assert rep.passes[0].stats["speed_search"][0]["speedup"] == 1.2
     assert rep.speed["vs_input"]["speedup"] == 1.37 and rep.speed["verdict"] == "not slower"
     assert optimized_ops(q).get("QLinearConv", 0) > 0
+
+
+def test_a_unit_kept_float_between_integer_units_stays_float_in_onnxruntime():
+    """onnxruntime's WeightBiasQuantization makes ``DQ(scalar) -> Conv(float weight) -> Q`` an integer
+    unit with the weight quantized per tensor: a kept-float conv reads its own per-axis DQ instead
+    (``QdqBuilder._float_weighted_reader``), so onnxruntime runs it float, as the plan says."""
+    m = small_net()
+    q, rec = quantize(m, exclude=["c2"])
+    check(q)
+    assert rec.stats["nodes"]["c2"].startswith("kept float")
+    reader = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in
+                  next(c for c in q.graph.node if c.name == "c2").input)
+    assert [a.i for a in reader.attribute if a.name == "axis"] == [1]
+    opt = optimized_ops(q)
+    assert opt["QLinearConv"] == 3 and opt["Conv"] + opt["FusedConv"] == 1
+    feeds = samples(4, seed=7)
+    plain = [run_ort(q, f, optimize=True) for f in feeds]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("optimization.disable_specified_optimizers", "WeightBiasQuantization")
+    sess = ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    without = [sess.run(None, f) for f in feeds]
+    for a, b in zip(plain, without):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)

@@ -472,6 +472,7 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context, final: bo
     lap("calibrate")
     builder = QdqBuilder(scheme, model_f, graph, ranges, clips)
     builder.inputs_only = inputs_only
+    builder.float_readers_per_axis = getattr(ctx.target, "name", None) in (None, "cpu")
     wide = getattr(ctx.target, "wide_activation_dtype", None) if o.activation_dtype == "auto" else None
     if wide and np.dtype(scheme.activation_dtype).itemsize == 1 and (o.guard or ctx.budget is not None):
         # mixed 8/16-bit regions, tried by the guard when the 8-bit plan misses the floor (regions.py)
