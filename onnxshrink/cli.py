@@ -230,7 +230,9 @@ def explain_cmd(original, candidate, calib, samples, top, budget, json_path, htm
     res["original"], res["candidate"] = original, candidate
     text = recipe_yaml(res["recipe"])
     if recipe_path:
-        _write_text(recipe_path, text)
+        # a .json recipe is read as JSON (``_load_recipe``): written as JSON too (JSON has no comments)
+        _write_text(recipe_path, json.dumps(res["recipe"]["recipe"], indent=2) + "\n"
+                    if Path(recipe_path).suffix == ".json" else text)
     if apply_path and not res["recipe"]["recipe"]["passes"]:
         raise UsageError("--apply: the recipe has no pass (explain found no change of CANDIDATE it can redo)")
     if apply_path:
@@ -239,10 +241,16 @@ def explain_cmd(original, candidate, calib, samples, top, budget, json_path, htm
             rp = recipe_path or str(Path(d) / "recipe.yaml")
             if not recipe_path:
                 Path(rp).write_text(text)
+            report = str(Path(d) / "report.json")
             click.get_current_context().invoke(optimize, input_model=original, output_model=apply_path, recipe=rp,
-                                               quiet=quiet)
+                                               report_path=report, quiet=quiet)
+            passes = json.loads(Path(report).read_text()).get("passes", [])
         res["after"] = samples_fidelity(m_o, load(apply_path), calib, samples)
         res["applied"] = apply_path
+        if not any(r.get("status") == "applied" for r in passes):
+            # the replay wrote the original: its fidelity is exact, and says nothing of the recipe's fixes
+            res["apply_note"] = "the recipe changed nothing: " + "; ".join(
+                f"{r.get('name')} {r.get('status')}" + (f" ({r['reason']})" if r.get("reason") else "") for r in passes)
     if json_path:
         _write_text(json_path, json.dumps(json_ready(res), indent=2) + "\n")
     if html_path:

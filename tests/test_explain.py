@@ -59,6 +59,7 @@ def test_explain_ranks_outlier_node_first_and_recipe_fixes_it(case):
     assert all(top["share"] > s for s in others)
     assert res["kind"] == "quantized"
     assert res["after"]["cosine"] > res["before"]["cosine"]
+    assert "apply_note" not in res  # the replay applied the recipe
 
     recipe = yaml.safe_load((d / "recipe.yaml").read_text())
     q = recipe["passes"][0]["quantize"]
@@ -204,3 +205,26 @@ def test_shares_against_a_candidate_that_kept_the_batchnorms(tmp_path):
     res = explain(original, cand, data)
     shares = [r["share"] for r in res["ranking"] if r.get("share") is not None]
     assert shares and max(shares) < 1.5, shares
+
+
+def test_explain_apply_says_when_the_recipe_changed_nothing_and_writes_a_json_recipe_as_json(case, monkeypatch):
+    """A replay whose passes all roll back (every timing reads the result 2x slower: the speed contract
+    undoes the quantize pass) writes the original, whose fidelity is exact: --apply says the recipe
+    changed nothing and why, instead of reporting cosine 1.0 as the recipe's. A --write-recipe path
+    ending in .json is written as JSON (optimize reads a .json recipe as JSON)."""
+    from onnxshrink import runtime
+
+    monkeypatch.setenv("ONNXSHRINK_SPEED", "never-slower")  # the suite's default is off (conftest)
+    monkeypatch.setattr(runtime, "speed_comparison", lambda blocks: runtime.SpeedComparison(
+        speedup=0.5, low=0.45, high=0.55, t_a=1.0, t_b=2.0, rounds=12))
+    d = case["dir"]
+    r = run_cli("explain", case["orig"], case["cand"], "--calib", case["calib"], "--json", d / "nothing.json",
+                "--write-recipe", d / "recipe.json", "--apply", d / "nothing.onnx")
+    assert r.code == 0, r.err
+    recipe = json.loads((d / "recipe.json").read_text())
+    assert next(iter(recipe["passes"][0])) == "quantize"
+    res = json.loads((d / "nothing.json").read_text())
+    assert res["apply_note"].startswith("the recipe changed nothing: quantize rolled back (rolled back by the speed "
+                                        "contract")
+    assert res["after"]["cosine"] > 0.99999
+    assert "the recipe changed nothing" in r.out

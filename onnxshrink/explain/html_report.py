@@ -312,8 +312,9 @@ def explain_html(res: dict) -> str:
                        + _cell(f.get("balanced_sqnr"), f"{key}.balanced_sqnr", "{:.2f}")
                        + _cell(f.get("top1"), f"{key}.top1", "{:.3f}")
                        + "</tr>")
-    fid.append(f"</table><p class='small muted'>on {res.get('samples')} samples, onnxruntime's optimizations on "
-               f"(as deployed)</p></section>")
+    note = f"<p class='warn' data-key='apply_note'>{escape(res['apply_note'])}</p>" if res.get("apply_note") else ""
+    fid.append(f"</table>{note}<p class='small muted'>on {res.get('samples')} samples, onnxruntime's optimizations "
+               f"on (as deployed)</p></section>")
     rows = []
     for i, r in enumerate(res.get("ranking") or []):
         causes = r.get("causes") or []

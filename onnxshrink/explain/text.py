@@ -36,3 +36,5 @@ def render_explain(res: dict, recipe_text: str, c) -> None:
                  f"(min {f(a.get('cosine_min'), '{:.5f}')}), channel-balanced SQNR "
                  f"{f(a.get('balanced_sqnr'), '{:.1f}')} dB")
     c.print(line + f", on {res['samples']} samples")
+    if res.get("apply_note"):
+        c.print(res["apply_note"], markup=False, highlight=False)
