@@ -387,3 +387,25 @@ def test_a_plan_failing_the_calibration_check_itself_stores_nothing_without_a_se
     assert seen == [3, 0] and fw["stored"] == 0 and "so does the model with none stored" in fw["checked"], (seen, fw)
     assert "scored" not in fw and "bisection" not in fw
     assert not any(n.op_type == "Cast" for n in out.graph.node)
+
+
+def test_a_stored_set_holding_the_mean_only_by_a_tail_keeps_the_harmful_weight_float():
+    """The verdict judges the mean of 8 test samples: one calibration sample in the low-rank weight's
+    null space (cosine about 0.93 with every weight stored) leaves the calibration mean above 0.99
+    but the lower bound of an 8-sample mean (mean - 1.645 sd / sqrt(8)) below it, so storing both
+    weights is refused and the low-rank one stays float; the kept set's bound holds."""
+    m, rng, null = _low_rank_matmul()
+    w2 = nh.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w2")
+    m.graph.initializer.append(w2)
+    m.graph.node[0].output[0] = "h"
+    m.graph.node.append(oh.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"))
+    samples = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(32)]
+    v = np.ones(16) - null.T @ (null @ np.ones(16))  # a direction the low-rank weight does not null
+    samples[2] = {"x": (20 * null[0] + 0.1 * v / np.linalg.norm(v)).astype(np.float32)[None]}  # calibration
+    _, rep = optimize(m, passes=[{"quantize": {"exclude": ["mm", "mm2"]}}], data=samples,
+                      budget="cosine>=0.99")
+    fw = rep.passes[0].stats["float_weights"]
+    assert fw["tail_refused"] >= 1 and fw["stored"] == 1, fw
+    assert fw["bisection"] == [{"stored": 2, "holds": False}, {"stored": 1, "holds": True}]
+    assert list(fw["most_sensitive"])[0] == "w"
+    assert fw["tail"]["lower_bound"] >= 0.99 and fw["tail"]["verdict_samples"] == 8

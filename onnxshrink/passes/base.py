@@ -105,6 +105,7 @@ class Context:
     cache: a dict passes may use for analyses keyed by their own keys; cleared when the graph changes.
     source: (model, graph) while a pass runs: the model the manager gave it and the graph it was imported
         as (``input_model``).
+    verdict_samples: how many test samples the manager's verdict judges the result on (0: unknown).
     """
 
     calib: Any = None
@@ -122,6 +123,7 @@ class Context:
     cache: dict = field(default_factory=dict)
     baseline: dict = field(default_factory=dict)
     source: tuple | None = None
+    verdict_samples: int = 0
 
     def budget_holds(self, scores: dict, margin: float = 0.0) -> bool:
         """Whether fidelity ``scores`` keep the budget (True without a budget); handles relative

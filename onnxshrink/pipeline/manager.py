@@ -453,7 +453,7 @@ class PassManager:
             current = self._prepare_target(original, val, reference)
         ctx = Context(calib=calib, val=val, reference=reference, budget=self.budget, target=self.target,
                       seed=self.seed, rng=np.random.default_rng(self.seed), progress=self.progress,
-                      template=current)
+                      template=current, verdict_samples=len(test))
         ctx.evaluator = lambda m: fidelity(reference, self._selection_outputs(m, val), self.metric, val,
                                            self.val_labels)
         ctx.screen = lambda m: self._screen(m, val, reference)
