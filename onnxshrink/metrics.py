@@ -12,7 +12,8 @@ model's ``cosine``/``sqnr`` are means over samples, ``cosine_min`` the worst sam
 from __future__ import annotations
 
 __all__ = ["METRICS", "Budget", "fidelity", "aggregate", "compare_outputs", "DEFAULT_BUDGET", "DEFAULT_SCALAR_BUDGET",
-           "UNCHECKED_BUDGET", "blind_metric_outputs", "output_scales", "out_of_reach"]
+           "UNCHECKED_BUDGET", "blind_metric_outputs", "output_scales", "out_of_reach", "mean_lower_bound",
+           "PREDICTION_Z"]
 
 import math
 import re
@@ -156,12 +157,15 @@ def fidelity(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequen
 def aggregate(per: Sequence[dict]) -> dict:
     """``fidelity``'s figures over samples from their ``compare_outputs`` scores (taken with the whole
     set's ``output_scales``): means of cosine, mse and top1, the worst cosine and max_abs, the mean
-    finite sqnr; {} without samples."""
+    finite sqnr, and the cosines' sample standard deviation ``cosine_sd`` (``mean_lower_bound``);
+    {} without samples."""
     if not per:
         return {}
     fin = [p["sqnr"] for p in per if math.isfinite(p["sqnr"])]
+    cos = [p["cosine"] for p in per]
     return {
-        "cosine": float(np.mean([p["cosine"] for p in per])),
+        "cosine": float(np.mean(cos)),
+        "cosine_sd": float(np.std(cos, ddof=1)) if len(cos) > 1 else 0.0,
         "cosine_min": float(min(p["cosine"] for p in per)),
         "sqnr": float(np.mean(fin)) if len(fin) == len(per) else (
             math.inf if not fin and all(p["sqnr"] == math.inf for p in per)
@@ -170,6 +174,18 @@ def aggregate(per: Sequence[dict]) -> dict:
         "mse": float(np.mean([p["mse"] for p in per])),
         "top1": float(np.mean([p["top1"] for p in per])),
     }
+
+
+PREDICTION_Z = 1.645  # one-sided 95 %
+
+
+def mean_lower_bound(mean: float, sd: float, seen: int, future: int, z: float = PREDICTION_Z) -> float:
+    """The one-sided lower prediction bound of the mean of ``future`` new samples, from ``seen``
+    samples with mean ``mean`` and standard deviation ``sd`` (normal approximation; both means
+    estimate the same one, so their difference has variance ``sd^2 (1/seen + 1/future)``):
+    ``mean - z sd sqrt(1/seen + 1/future)``. A choice made on ``seen`` samples whose bound reaches a
+    floor keeps the mean of ``future`` test samples above it 95 % of the time."""
+    return float(mean - z * sd * math.sqrt(1.0 / seen + 1.0 / future))
 
 
 def output_scales(reference: Sequence[Sequence[np.ndarray]]) -> list[float]:

@@ -591,3 +591,29 @@ def test_a_unit_kept_float_between_integer_units_stays_float_in_onnxruntime():
     without = [sess.run(None, f) for f in feeds]
     for a, b in zip(plain, without):
         np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_cosine_budget_holds_with_the_spread_of_the_samples_measured():
+    """``FidelityCheck.holds`` under an absolute cosine budget: the mean must reach it, and so must the
+    95 % lower prediction bound of the verdict's test mean (8 test samples) from the samples measured
+    (``metrics.mean_lower_bound``): a plan at 0.9905 with a spread of 0.01 over 8 selection samples is
+    refused, the same mean with a spread of 0.0005 holds; a relative budget, a figure without its
+    spread and a floor without a budget take the mean alone."""
+    from onnxshrink.metrics import Budget, mean_lower_bound
+    from onnxshrink.passes.quantize.guard import FidelityCheck
+
+    ctx = Context(val=list(range(8)), budget=Budget.parse("cosine>=0.99"), verdict_samples=8)
+    check = FidelityCheck(ctx, None, None, 0.99)
+    assert not check.holds({"cosine": 0.9905, "cosine_sd": 0.01})
+    assert check.holds({"cosine": 0.9905, "cosine_sd": 0.0005})
+    assert check.holds({"cosine": 0.9905})
+    assert not check.holds({"cosine": 0.9895, "cosine_sd": 0.0})
+    assert check.bound({"cosine": 0.9905, "cosine_sd": 0.01}) == mean_lower_bound(0.9905, 0.01, 8, 8)
+    # 16 samples measured (the stored weights' calibration check) narrow the bound
+    assert check.holds({"cosine": 0.9935, "cosine_sd": 0.004}, samples=16)
+    assert not check.holds({"cosine": 0.9935, "cosine_sd": 0.004}, samples=2)
+    relative = FidelityCheck(Context(val=list(range(8)), budget=Budget.parse("cosine>=-1%"),
+                                     baseline={"cosine": 1.0}), None, None, 0.99)
+    assert relative.holds({"cosine": 0.9905, "cosine_sd": 0.01})
+    no_budget = FidelityCheck(Context(val=list(range(8))), None, None, 0.99)
+    assert no_budget.holds({"cosine": 0.9905, "cosine_sd": 0.01})

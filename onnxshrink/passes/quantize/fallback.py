@@ -15,16 +15,17 @@ measured against it). Eight selection samples alone miss a heavy tail: on PP-OCR
 stored int8 reads cosine 0.9974 on the 8 selection text photos, but 0.834 and 0.901 on two of the
 other 24, and the held-out mean was 0.984 (the budget 0.99 failed on test).
 
-The verdict judges the mean over a few test samples, so a stored set must hold the floor with its
-sampling error: for a cosine floor ``f``, with per-sample cosines ``c_i`` on the calibration samples
-(mean ``m``, standard deviation ``sd``) and ``n`` test samples in the verdict, the one-sided 95 %
-lower bound of an ``n``-sample mean, ``m - 1.645 sd / sqrt(n)``, must reach ``f`` (``_CalibrationCheck``;
-``tail`` in ``stats["float_weights"]`` has the figures). Storing is optional and the float model is
-exact, so the cost of caution is bytes, while a stored set that only holds on average turns a float
-result that passes into an exit 4: PP-OCRv4 det on ``openvino_bench.py``'s split (16 calibration
-photos, 8 selection, 8 test), every weight stored, reads mean 0.9926 with sd 0.0132 on the calibration
-photos (one at 0.946) and passes the mean; the test photos read 0.9847 (exit 4), where the bound said
-0.9850. With the bound the scoring keeps the one harmful weight float.
+The verdict judges the mean over a few test samples, so for a cosine budget a stored set must hold
+it with its sampling error (``FidelityCheck.holds``): with per-sample cosines on the ``k``
+calibration samples (mean ``m``, standard deviation ``sd``) and ``n`` test samples in the verdict,
+the one-sided 95 % lower prediction bound of an ``n``-sample mean, ``m - 1.645 sd sqrt(1/k + 1/n)``
+(``metrics.mean_lower_bound``), must reach the budget (``tail`` in ``stats["float_weights"]`` has
+the figures). Storing is optional and the float model is exact, so the cost of caution is bytes,
+while a stored set that only holds on average turns a float result that passes into an exit 4:
+PP-OCRv4 det on ``openvino_bench.py``'s split (16 calibration photos, 8 selection, 8 test), every
+weight stored, reads mean 0.9926 with sd 0.0132 on the calibration photos (one at 0.946) and passes
+the mean; the test photos read 0.9847 (exit 4), where the bound says 0.9832. With the bound the
+scoring keeps the one harmful weight float (test 0.9955).
 
 When storing every weight breaks the floor, the weights are scored by groups
 (``weight_storage.group_losses``) on the ``SCORING_SAMPLES`` calibration samples that storing every
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 __all__ = ["FloatFallback", "fallback_mode"]
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -49,7 +49,7 @@ from onnxshrink.model import is_large, tensor_bytes
 from onnxshrink.passes.base import Context, PassResult
 from onnxshrink.passes.quantize import weight_storage as ws
 from onnxshrink.passes.quantize.calibrate import CalibrationSamples
-from onnxshrink.passes.quantize.guard import FidelityCheck
+from onnxshrink.passes.quantize.guard import VERDICT_SAMPLES, FidelityCheck
 from onnxshrink.runtime import make_session
 
 CALIBRATION_CHECK_SAMPLES = 16
@@ -57,10 +57,6 @@ CALIBRATION_CHECK_SAMPLES = 16
 # check runs the model on up to 16 + 8 samples (YOLOv8n: 1.3 s to save 18.8 kB, 0.6 % of its weights)
 MIN_CHECKED_SAVING = 0.02
 SCORING_SAMPLES = 2  # per-layer losses are measured on the samples all stored weights harm most
-# a stored set's calibration cosines must hold a cosine floor as the one-sided 95 % lower bound of the mean of
-# the verdict's test samples (module docstring)
-TAIL_Z = 1.645
-VERDICT_SAMPLES = 8  # the verdict's sample count when the manager does not say (``Context.verdict_samples``)
 STORING_TARGETS = ("cpu", "openvino")  # targets whose runtime folds stored weights at load (float speed)
 
 
@@ -244,43 +240,25 @@ class FloatFallback:
                                   + ("; the float outputs kept by the calibration run" if reused else ""))
         # the floor as a budget (the guard's floor when none is given), for metrics.out_of_reach
         floor = budget if budget is not None else Budget("cosine", ">=", self.check.floor)
-        return _CalibrationCheck(self, feeds, ref, floor, self.ctx.verdict_samples or VERDICT_SAMPLES, log)
+        return _CalibrationCheck(self, feeds, ref, floor, log)
 
 
 class _CalibrationCheck:
     """Whether a model holds the floor ``floor`` on ``feeds`` against the float outputs ``ref``,
     stopping at the first sample that puts it out of reach (``metrics.out_of_reach``, exact bounds),
-    and for a cosine floor with its sampling error over the verdict's ``verdict_samples`` test samples
-    (``tail_holds``, module docstring); ``last`` keeps the per-sample cosines [(sample index, cosine)]
-    of the last model checked with ``record``; ``log`` gets the figures of the last model that held
-    (``tail``: mean, sd, bound) and how many held the mean but not the bound (``tail_refused``)."""
+    and for a cosine budget with the samples' spread (``FidelityCheck.holds``: the bound of the
+    verdict's test mean, module docstring); ``last`` keeps the per-sample cosines [(sample index,
+    cosine)] of the last model checked with ``record``; ``log`` gets the figures of the last model that
+    held (``tail``: mean, sd, bound) and how many held the mean but not the bound (``tail_refused``)."""
 
-    def __init__(self, fallback: FloatFallback, feeds: list, ref: list, floor: Budget, verdict_samples: int,
-                 log: dict):
+    def __init__(self, fallback: FloatFallback, feeds: list, ref: list, floor: Budget, log: dict):
         self.fallback = fallback
         self.feeds = feeds
         self.ref = ref
         self.floor = floor
-        self.verdict_samples = verdict_samples
         self.log = log
         self.scales = output_scales(ref)
         self.last: list = []
-
-    def tail_holds(self, cosines: list) -> bool:
-        """Whether the one-sided 95 % lower bound of the mean cosine of ``verdict_samples`` samples,
-        ``mean - TAIL_Z sd / sqrt(n)`` from the per-sample ``cosines``, reaches a cosine floor (True for a
-        floor on another metric, or with fewer than two samples)."""
-        f = self.floor
-        if f.metric != "cosine" or f.op != ">=" or f.relative or len(cosines) < 2:
-            return True
-        c = np.asarray(cosines, np.float64)
-        bound = float(c.mean() - TAIL_Z * c.std(ddof=1) / np.sqrt(self.verdict_samples))
-        if bound < f.value:
-            self.log["tail_refused"] = self.log.get("tail_refused", 0) + 1
-            return False
-        self.log["tail"] = {"mean": round(float(c.mean()), 5), "sd": round(float(c.std(ddof=1)), 5),
-                            "lower_bound": round(bound, 5), "verdict_samples": self.verdict_samples}
-        return True
 
     def __call__(self, m: onnx.ModelProto, record: bool = True) -> bool:
         """Whether ``m`` holds the floor here; ``record``: its per-sample cosines become ``last``."""
@@ -295,5 +273,15 @@ class _CalibrationCheck:
             last.append((k, float(per[-1].get("cosine", 0.0))))
             if len(per) < len(self.feeds) and out_of_reach(self.floor, fb.ctx.baseline, per, len(self.feeds)):
                 return False  # the budget cannot hold whatever the other samples give (exact bounds)
-        # fidelity(ref, outs): the scores are those per sample
-        return fb.check.holds(aggregate(per)) and self.tail_holds([c for _, c in last])
+        agg = aggregate(per)  # fidelity(ref, outs): the scores are those per sample
+        if not fb.check.holds(agg, samples=len(per)):
+            bound = fb.check.bound(agg, len(per))
+            if bound is not None and fb.check.ctx.budget_holds(agg):  # the mean held, the bound did not
+                self.log["tail_refused"] = self.log.get("tail_refused", 0) + 1
+            return False
+        bound = fb.check.bound(agg, len(per))
+        if bound is not None:
+            self.log["tail"] = {"mean": round(agg["cosine"], 5), "sd": round(agg["cosine_sd"], 5),
+                                "lower_bound": round(bound, 5),
+                                "verdict_samples": fb.ctx.verdict_samples or VERDICT_SAMPLES}
+        return True
