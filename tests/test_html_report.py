@@ -116,7 +116,7 @@ def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo")
     r = run_cli("optimize", ROOT / "models/demo/demo_cnn.onnx", d / "demo_small.onnx", "--passes",
                 "cleanup,prune,quantize", "-o", "prune.mode=importance", "-o", "prune.ratio=0.1", "--calib",
-                ROOT / "models/demo/calib", "--budget", "cosine>=0.99", "--report", d / "demo_report.json",
+                ROOT / "models/demo/calib", "--budget", "cosine>=0.98", "--report", d / "demo_report.json",
                 "--html", d / "demo_report.html", "-q")
     assert r.code == 0, r.err
     return d
