@@ -490,3 +490,25 @@ def test_a_rank_set_by_too_few_calibration_rows_is_not_taken():
                 {"W": low})
     res3, _ = _run_pass(SvdPass(min_params=0), m3, few)
     assert res3.stats["layers"][0]["rank"] == 3 and res3.modified
+
+
+def test_the_gram_spectrum_of_a_tall_whitened_weight_gives_the_choleskys_factors(monkeypatch):
+    """Past ``GRAM_MIN_ROWS`` rows (a 3x3 convolution's patches) the whitened spectrum comes from the
+    eigen-decomposition of ``W^T C W`` instead of the SVD of ``L^T W`` (no Cholesky, no inverse): the
+    same singular values and the same rank-k product ``A B`` (the factors' signs may differ)."""
+    from onnxshrink.passes.svd import factorization as fz
+
+    rng = np.random.default_rng(3)
+    n, m = 1152, 96
+    X = rng.standard_normal((1400, n)) * (0.1 + rng.random(n))
+    C = X.T @ X / len(X)
+    W = rng.standard_normal((n, m)).astype(np.float32)
+    gram = fz.whitened_svd(W, C)
+    monkeypatch.setattr(fz, "GRAM_MIN_ROWS", 10 ** 9)
+    chol = fz.whitened_svd(W, C)
+    assert (gram[0], chol[0]) == ("gram", "cholesky")
+    np.testing.assert_allclose(gram[2], chol[2], rtol=1e-9, atol=1e-9 * chol[2][0])
+    for k in (4, 40, 96):
+        Ag, Bg = fz.factorize(W, k, svd=gram)
+        Ac, Bc = fz.factorize(W, k, svd=chol)
+        np.testing.assert_allclose(Ag @ Bg, Ac @ Bc, rtol=0, atol=1e-9 * np.abs(Ac @ Bc).max())

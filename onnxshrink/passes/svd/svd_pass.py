@@ -202,7 +202,7 @@ class SvdPass(Pass):
                 if ck not in ctx.cache:
                     ctx.cache[ck] = whitened_svd(f.W, fcov, o.ridge)
                 f.svd = ctx.cache[ck]
-                f.whitened = f.svd[0] is not None
+                f.whitened = f.svd[0] != "plain"
 
         self._choose_ranks(layers, ctx, graph, o)
         self._distinct_weaker = self._first_distinct_weaker(layers, ctx, graph, o, stats)
