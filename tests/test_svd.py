@@ -512,3 +512,16 @@ def test_the_gram_spectrum_of_a_tall_whitened_weight_gives_the_choleskys_factors
         Ag, Bg = fz.factorize(W, k, svd=gram)
         Ac, Bc = fz.factorize(W, k, svd=chol)
         np.testing.assert_allclose(Ag @ Bg, Ac @ Bc, rtol=0, atol=1e-9 * np.abs(Ac @ Bc).max())
+
+
+def test_the_rank_of_a_covariance_of_few_rows_is_numpys_without_its_eigenvalues():
+    """``covariance_rank``: a d x d covariance summed over fewer rows than d has the rank numpy gives
+    it, repeated rows adding none, from ``C G`` with rows + 10 Gaussian columns."""
+    from onnxshrink.passes.svd.svd_pass import covariance_rank
+
+    rng = np.random.default_rng(5)
+    for d, rows, repeated in ((600, 40, 0), (600, 40, 15), (900, 8, 3), (300, 200, 50)):
+        X = rng.standard_normal((rows - repeated, d)) * (0.01 + rng.random(d))
+        X = np.concatenate([X, X[:repeated]])
+        C = X.T @ X
+        assert covariance_rank(C, rows) == np.linalg.matrix_rank(C, hermitian=True) == rows - repeated
