@@ -266,8 +266,10 @@ class SvdPass(Pass):
             if vc is not None:
                 E = f.to_view(f.W - A @ B)
                 ref = L.ref.astype(np.float64)
-                den = float(np.einsum("ij,ik,kj->", ref, vc, ref))
-                num = float(np.einsum("ij,ik,kj->", E, vc, E))
+                # tr(X^T C X) as sum((C X) * X): one BLAS product (numpy's 3-operand einsum without
+                # optimize= is one unblocked loop: 67 s instead of 1 s for a 4608 x 512 weight)
+                den = float(np.sum((vc @ ref) * ref))
+                num = float(np.sum((vc @ E) * E))
                 rec["measured_error"] = num / den if den > 0 else None
             emit_factors(graph, L, A, B)
             emitted += 1
