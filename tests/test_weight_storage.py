@@ -271,6 +271,16 @@ def _low_rank_matmul():
     return m, rng, null
 
 
+def _low_rank_then_dense():
+    """``_low_rank_matmul`` followed by a dense 16 x 16 MatMul ``mm2`` (weight ``w2``)."""
+    m, rng, null = _low_rank_matmul()
+    w2 = nh.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w2")
+    m.graph.initializer.append(w2)
+    m.graph.node[0].output[0] = "h"
+    m.graph.node.append(oh.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"))
+    return m, rng, null
+
+
 def test_stored_weights_also_hold_on_the_calibration_samples():
     """Storing a weight int8 uses no data statistic, so the calibration samples check it too: here
     the 8 selection samples are ordinary and every stored weight holds there, but two of the 16
@@ -297,11 +307,7 @@ def test_a_failed_calibration_check_names_the_harmful_weight_and_keeps_it_float(
     """Two weights, of which only the low-rank one breaks the budget on two calibration samples
     (in its null space): storing both fails the calibration check, the group scoring reads the two
     worst samples from that check and isolates the low-rank weight, which alone stays float."""
-    m, rng, null = _low_rank_matmul()
-    w2 = nh.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w2")
-    m.graph.initializer.append(w2)
-    m.graph.node[0].output[0] = "h"
-    m.graph.node.append(oh.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"))
+    m, rng, null = _low_rank_then_dense()
     samples = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(32)]
     for i in (2, 6):  # calibration samples (of every four, the 1st and 3rd calibrate)
         # scaled up: the stored weight's error stands out of the output's scale (not a silent sample)
@@ -391,14 +397,10 @@ def test_a_plan_failing_the_calibration_check_itself_stores_nothing_without_a_se
 
 def test_a_stored_set_holding_the_mean_only_by_a_tail_keeps_the_harmful_weight_float():
     """The verdict judges the mean of 8 test samples: one calibration sample in the low-rank weight's
-    null space (cosine about 0.93 with every weight stored) leaves the calibration mean above 0.99
-    but the lower bound of an 8-sample mean (mean - 1.645 sd / sqrt(8)) below it, so storing both
-    weights is refused and the low-rank one stays float; the kept set's bound holds."""
-    m, rng, null = _low_rank_matmul()
-    w2 = nh.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w2")
-    m.graph.initializer.append(w2)
-    m.graph.node[0].output[0] = "h"
-    m.graph.node.append(oh.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"))
+    null space (cosine about 0.92 with every weight stored) leaves the calibration mean above 0.99
+    but the lower prediction bound of an 8-sample test mean (mean - 1.645 sd sqrt(1/16 + 1/8)) below
+    it, so storing both weights is refused and the low-rank one stays float; the kept set's bound holds."""
+    m, rng, null = _low_rank_then_dense()
     samples = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(32)]
     v = np.ones(16) - null.T @ (null @ np.ones(16))  # a direction the low-rank weight does not null
     samples[2] = {"x": (20 * null[0] + 0.1 * v / np.linalg.norm(v)).astype(np.float32)[None]}  # calibration
