@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __all__ = ["METRICS", "Budget", "fidelity", "aggregate", "compare_outputs", "DEFAULT_BUDGET", "DEFAULT_SCALAR_BUDGET",
            "UNCHECKED_BUDGET", "blind_metric_outputs", "output_scales", "out_of_reach", "mean_lower_bound",
-           "PREDICTION_Z"]
+           "PREDICTION_Z", "constant_outputs"]
 
 import math
 import re
@@ -174,6 +174,18 @@ def aggregate(per: Sequence[dict]) -> dict:
         "mse": float(np.mean([p["mse"] for p in per])),
         "top1": float(np.mean([p["top1"] for p in per])),
     }
+
+
+def constant_outputs(*sets: Sequence[Sequence[np.ndarray]]) -> bool:
+    """Whether every floating output is the same on every sample of ``sets`` (lists over samples of
+    lists over outputs; at least two samples in all): a model whose outputs do not depend on its
+    input here, whose fidelity figures then compare constants."""
+    samples = [s for outs in sets for s in outs]
+    if len(samples) < 2:
+        return False
+    first = samples[0]
+    floats = [k for k, x in enumerate(first) if isinstance(x, np.ndarray) and x.dtype.kind in "fc"]
+    return bool(floats) and all(np.array_equal(s[k], first[k]) for s in samples[1:] for k in floats)
 
 
 PREDICTION_Z = 1.645  # one-sided 95 %

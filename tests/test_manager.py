@@ -376,3 +376,24 @@ def test_with_a_target_the_emission_is_a_phase_of_its_own(monkeypatch):
     assert list(t) == ["input", "reference_outputs", "passes", "emission", "speed_contract", "verdict", "total"]
     assert t["emission"] >= 0.3 and t["speed_contract"] < 0.3
     assert abs(sum(v for k, v in t.items() if k != "total") - t["total"]) < 0.01
+
+
+def test_outputs_that_do_not_depend_on_the_input_are_warned_about():
+    """A model whose outputs are the same on every sample (a zero-initialised head: the output is its
+    bias) passes any fidelity budget with cosine 1.0: the report warns that the figures compare
+    constants; a model whose outputs vary gets no such warning."""
+    from tests.helpers import model_samples
+
+    m = mlp()
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(m)
+    last = [n for n in zeroed.graph.node if n.op_type in ("Gemm", "MatMul")][-1]
+    for t in zeroed.graph.initializer:
+        if t.name == last.input[1]:
+            t.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(t)), t.name))
+    data = model_samples(m, 16)
+    _, rep = optimize(zeroed, passes=["cleanup"], data=data, speed="off")
+    assert rep.fidelity["cosine"] > 1 - 1e-12
+    assert any("outputs are the same on every selection and test sample" in w for w in rep.warnings), rep.warnings
+    _, rep = optimize(m, passes=["cleanup"], data=data, speed="off")
+    assert not any("outputs are the same on every" in w for w in rep.warnings), rep.warnings

@@ -43,6 +43,7 @@ from onnxshrink.metrics import (
     Budget,
     blind_metric_outputs,
     compare_outputs,
+    constant_outputs,
     fidelity,
     out_of_reach,
     output_scales,
@@ -442,6 +443,10 @@ class PassManager:
             check_reference_finite(test, test_reference)
         test_baseline = self.baseline if test is val else fidelity(test_reference, test_reference, self.metric,
                                                                     test, self.test_labels)
+        if constant_outputs(reference, *rest):
+            report.warnings.append("the input model's outputs are the same on every selection and test sample: "
+                                   "the fidelity figures compare constants and cannot see what a pass does to "
+                                   "the input's path (an untrained or zero-initialised head? the wrong input?)")
         if self.test_labels is not None or self.metric is not None:
             report.data["original_scores"] = {k: test_baseline[k] for k in ("accuracy", "top5", "user")
                                               if k in test_baseline}
