@@ -49,7 +49,7 @@ from onnxshrink.model import is_large, tensor_bytes
 from onnxshrink.passes.base import Context, PassResult
 from onnxshrink.passes.quantize import weight_storage as ws
 from onnxshrink.passes.quantize.calibrate import CalibrationSamples
-from onnxshrink.passes.quantize.guard import VERDICT_SAMPLES, FidelityCheck
+from onnxshrink.passes.quantize.guard import FidelityCheck
 from onnxshrink.runtime import make_session
 
 CALIBRATION_CHECK_SAMPLES = 16
@@ -274,14 +274,12 @@ class _CalibrationCheck:
             if len(per) < len(self.feeds) and out_of_reach(self.floor, fb.ctx.baseline, per, len(self.feeds)):
                 return False  # the budget cannot hold whatever the other samples give (exact bounds)
         agg = aggregate(per)  # fidelity(ref, outs): the scores are those per sample
+        bound = fb.check.bound(agg, len(per))
         if not fb.check.holds(agg, samples=len(per)):
-            bound = fb.check.bound(agg, len(per))
-            if bound is not None and fb.check.ctx.budget_holds(agg):  # the mean held, the bound did not
+            if bound is not None and fb.ctx.budget_holds(agg):  # the mean held, the bound did not
                 self.log["tail_refused"] = self.log.get("tail_refused", 0) + 1
             return False
-        bound = fb.check.bound(agg, len(per))
         if bound is not None:
             self.log["tail"] = {"mean": round(agg["cosine"], 5), "sd": round(agg["cosine_sd"], 5),
-                                "lower_bound": round(bound, 5),
-                                "verdict_samples": fb.ctx.verdict_samples or VERDICT_SAMPLES}
+                                "lower_bound": round(bound, 5), "verdict_samples": fb.check.verdict_samples}
         return True

@@ -174,7 +174,12 @@ class FidelityCheck:
         n = samples if samples is not None else len(self.ctx.val) if self.ctx.val is not None else 0
         if n < 2:
             return None
-        return mean_lower_bound(fid["cosine"], fid["cosine_sd"], n, self.ctx.verdict_samples or VERDICT_SAMPLES)
+        return mean_lower_bound(fid["cosine"], fid["cosine_sd"], n, self.verdict_samples)
+
+    @property
+    def verdict_samples(self) -> int:
+        """The test samples the manager's verdict judges (``Context.verdict_samples``, else ``VERDICT_SAMPLES``)."""
+        return self.ctx.verdict_samples or VERDICT_SAMPLES
 
     def set_floor(self, min_cosine: float) -> None:
         """Without a budget: ``min_cosine`` x the optimized float model's own cosine."""
