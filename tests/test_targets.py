@@ -227,6 +227,38 @@ def test_xnnpack_coverage_checks_the_qdq_scheme():
     assert cov["taken"] == 5 and cov["nodes"] == 7
 
 
+def test_xnnpack_leaves_integer_matmuls_and_attention_to_the_cpu_ep_by_design():
+    """A transformer for XNNPACK: its weighted MatMuls become integer kernels on the CPU EP (XNNPACK fuses
+    no QDQ MatMul) and its attention MatMuls (activation x activation, no XNNPACK kernel) run there too;
+    the check accepts that and says where each runs. It rejected every quantized transformer (exit 4)."""
+    from onnxshrink.pipeline.manager import PassManager
+    from tests.helpers import model_samples, small_vit
+    model = small_vit(1)
+    out, rep = PassManager(["cleanup", "quantize"], data=model_samples(model, 16), target="xnnpack",
+                           budget="none").run(model)
+    cov = rep.target_report["coverage"]
+    assert cov["accepted"] and cov["rejected_because"] == []
+    kinds = {u["node"]: u["reason"] for u in cov["unsupported"]}
+    assert kinds["/blocks.0.mlp.fc1/MatMul"].startswith("an integer MatMul on the CPU EP")
+    assert "constant weight initializer" in kinds["/blocks.0.attn/MatMul_1"]  # reads the float Softmax
+    assert cov["cpu_integer"] >= 6 and cov["reasons"]["integer on the CPU EP"] == cov["cpu_integer"]
+    assert "/patch_embed/proj/Conv" not in kinds  # the patch convolution runs on XNNPACK
+
+
+def test_xnnpack_rejects_a_weighted_gemm_its_kernel_cannot_run():
+    """XNNPACK's Gemm kernel takes alpha = beta = 1 only; a float Gemm with alpha 0.5 runs on the CPU EP
+    in float, and the check says so (it counted every Gemm in XNNPACK's op list as taken)."""
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[2,8] x) => (float[2,4] y) { y = Gemm <alpha = 0.5> (x, w, b) }""",
+               {"w": RNG.standard_normal((8, 4)).astype(np.float32), "b": np.zeros(4, np.float32)})
+    cov = targets.coverage(m, get_target("xnnpack"))
+    assert not cov["accepted"] and cov["heavy_ops"] == {"total": 1, "taken": 0}
+    assert cov["rejected_because"] == ["Gemm_0 (Gemm): XNNPACK runs Gemm only with alpha = beta = 1"]
+    m.graph.node[0].ClearField("attribute")
+    cov = targets.coverage(m, get_target("xnnpack"))
+    assert cov["accepted"] and cov["heavy_ops"] == {"total": 1, "taken": 1}
+
+
 def test_nnapi_coverage_uses_onnxruntime_usability_checker():
     m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
         g (float[1,4,5,5] x) => (float[1,4,5,5] y) { h = HardSwish(x)  y = Relu(h) }""")

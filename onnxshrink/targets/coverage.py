@@ -7,7 +7,9 @@ group (QNN HTP runs quantized graphs), and the QDQ scheme of each DequantizeLine
 
 - XNNPACK: uint8 or int8 activations; per-channel weights only as int8 symmetric ("qc8"), u8
   activations with s8 weights not fused; QDQ groups only of Conv/ConvTranspose/MaxPool/AveragePool/
-  Softmax/Resize, Relu/Clip only fused after a float Conv/MaxPool/AveragePool it takes;
+  Softmax/Resize (other QDQ groups run as integer kernels on the CPU EP), float MatMul/Gemm only
+  with constant weights, Relu/Clip only fused after a float Conv/MaxPool/AveragePool it takes
+  (``_xnnpack_placement``);
 - NNAPI: uint8 activations (TENSOR_QUANT8_ASYMM), per-channel weights only int8 symmetric;
 - QNN HTP: 8- or 16-bit activations; int32 biases are taken by every EP here.
 
@@ -125,8 +127,9 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
         else:
             reasons[name] = why
 
+    cpu_integer, rejections = set(), []
     if profile.name == "xnnpack":
-        _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profile)
+        cpu_integer, rejections = _xnnpack_placement(g, names, taken, reasons, producers, consumers, inits, types)
 
     node_by_name = dict(zip(names, g.node))
     unsupported = [{"node": k, "op": node_by_name[k].op_type, "reason": v} for k, v in reasons.items()]
@@ -153,10 +156,13 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
         info["accepted_means"] = ("onnxruntime's mobile usability checker rates the model YES for this EP "
                                   "and every QDQ tensor has a type the EP takes")
     elif profile.name == "xnnpack":
-        info["accepted"] = heavy_taken == heavy_total and not any(
-            "XNNPACK takes" in v or "XNNPACK needs" in v for v in reasons.values())
-        info["accepted_means"] = ("XNNPACK takes every Conv/ConvTranspose/MatMul/Gemm and the QDQ scheme is one "
-                                  "it fuses; other ops run on the CPU EP in the same session by design")
+        info["cpu_integer"] = len(cpu_integer)
+        info["accepted"] = not rejections
+        info["rejected_because"] = rejections[:20]
+        info["accepted_means"] = ("XNNPACK takes every Conv/ConvTranspose and every MatMul/Gemm with constant "
+                                  "weights, or the CPU EP runs that MatMul/Gemm as an integer kernel, and each "
+                                  "QDQ group XNNPACK fuses has a scheme it takes; other ops (attention MatMuls "
+                                  "included) run on the CPU EP in the same session by design")
     elif profile.ops is None:
         info["accepted"] = True
         info["accepted_means"] = f"{profile.provider} runs every ONNX op"
@@ -176,23 +182,79 @@ def activation_qtypes(model: onnx.ModelProto) -> list[str]:
     return sorted(found)
 
 
-def _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profile):
-    """XNNPACK: a QDQ group is taken when its op is one XNNPACK fuses as QDQ and the scheme fits;
-    Q/DQ nodes belong to the group they surround; Relu/Clip are taken when fused into a float
-    Conv/MaxPool/AveragePool it takes."""
+def _xnnpack_placement(g, names, taken, reasons, producers, consumers, inits, types) -> tuple[set, list]:
+    """Where each node runs in an XNNPACK session, as onnxruntime's XNNPACK EP partitions it
+    (``xnnpack_execution_provider.cc``, ``detail/utils.cc``, ``node_support_checker.cc``), and what
+    the target check rejects. Returns (``cpu_integer``: QDQ groups XNNPACK leaves to the CPU EP,
+    ``rejections``: one line per problem).
+
+    - A node reading DequantizeLinear outputs is a QDQ group when its output feeds only
+      QuantizeLinear (through a Relu/Clip that onnxruntime drops as redundant). XNNPACK fuses groups
+      of Conv/ConvTranspose/MaxPool/AveragePool/Softmax/Resize whose scheme it takes (qs8/qu8, qc8
+      weights; not u8 activations with s8 weights); every other group (MatMul, Gemm, Add, ...) runs
+      as an integer kernel on the CPU EP in the same session.
+    - A float node is XNNPACK's when it has an XNNPACK kernel and that kernel's conditions hold:
+      MatMul and Gemm only with a constant weight initializer (a 2-D MatMul weight, a Gemm with
+      alpha = beta = 1, rank < 3 and a constant bias), Conv/ConvTranspose only with constant
+      weights; Relu/Clip when fused into a float Conv/MaxPool/AveragePool XNNPACK takes.
+    - Q/DQ nodes belong to the group they surround.
+
+    The check rejects the model when a Conv/ConvTranspose is not XNNPACK's, a MatMul/Gemm with a
+    constant weight is neither XNNPACK's nor an integer kernel on the CPU EP, or a QDQ group XNNPACK
+    would fuse has a scheme it does not take. An activation x activation MatMul (attention) has no
+    XNNPACK kernel at all: it runs on the CPU EP, float or integer, by design."""
     by_node = dict(zip([id(n) for n in g.node], names))
+    cpu_integer: set = set()
+    rejections: list = []
+
+    def from_dq(t):
+        return t in producers and producers[t].op_type == "DequantizeLinear"
+
+    def constant(t):  # a constant weight: an initializer, or the DQ of one
+        return t in inits or (from_dq(t) and producers[t].input[0] in inits)
+
+    def q_output(n):
+        outs = consumers.get(n.output[0], []) if n.output else []
+        if len(outs) == 1 and outs[0].op_type in XNNPACK_FUSED_ACTIVATIONS:
+            outs = consumers.get(outs[0].output[0], [])
+        return bool(outs) and all(c.op_type == "QuantizeLinear" for c in outs)
+
+    def float_kernel_problem(n):
+        op, ins = n.op_type, [i for i in n.input]
+        if op in ("MatMul", "Gemm"):
+            if len(ins) < 2 or ins[1] not in inits:
+                return f"XNNPACK runs {op} only with a constant weight initializer (its weight is " + \
+                    ("dequantized at run time)" if len(ins) > 1 and from_dq(ins[1]) else "an activation)")
+            dims_a = (types.get(ins[0]) or (0, None))[1]
+            rank_a = len(dims_a) if dims_a is not None else None  # unknown here: onnxruntime's inference decides
+            rank_b = len(inits[ins[1]].dims)
+            if op == "MatMul" and (rank_b > 2 or rank_a not in (rank_b, rank_b + 1, None)):
+                return f"XNNPACK runs MatMul only as [batch,] M x K times a 2-D weight (ranks {rank_a} x {rank_b})"
+            if op == "Gemm":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                    return "XNNPACK runs Gemm only with alpha = beta = 1"
+                if len(ins) > 2 and ins[2] and ins[2] not in inits:
+                    return "XNNPACK runs Gemm only with a constant bias"
+                if (rank_a or 0) >= 3 or rank_b >= 3:
+                    return "XNNPACK runs Gemm only on 2-D operands"
+        if op in ("Conv", "ConvTranspose") and (len(ins) < 2 or ins[1] not in inits):
+            return f"XNNPACK runs a float {op} only with constant weights (its weight is " + \
+                ("dequantized at run time)" if len(ins) > 1 and from_dq(ins[1]) else "an activation)")
+        return None
+
     for name, n in zip(names, g.node):
-        if n.op_type in QDQ_OPS or n.op_type in XNNPACK_FUSED_ACTIVATIONS:
+        op = n.op_type
+        if op in QDQ_OPS or op in XNNPACK_FUSED_ACTIVATIONS:
             continue
-        if name not in taken:
-            continue
-        quantized = any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input)
-        if quantized and n.op_type not in XNNPACK_QDQ_OPS:
-            taken.discard(name)
-            reasons[name] = f"XNNPACK takes {n.op_type} only in float, not as a QDQ group"
-        if quantized and name in taken:
-            # the scheme: u8 activations with s8 weights are not taken
-            act_dt = set()
+        data = [i for k, i in enumerate(n.input) if i and k not in SHAPE_OPERANDS.get(op, ()) and
+                not (i in inits and not from_dq(i))]
+        reads_dq = any(from_dq(i) for i in n.input)
+        integer = reads_dq and bool(data) and all(from_dq(i) for i in data)
+        if integer and op in XNNPACK_QDQ_OPS and q_output(n):
+            if name not in taken:
+                continue
+            act_dt = set()  # the scheme: u8 activations with s8 weights are not taken
             for i in n.input:
                 p = producers.get(i)
                 if p is not None and p.op_type == "DequantizeLinear":
@@ -204,15 +266,31 @@ def _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profi
                         dt = onnx.helper.tensor_dtype_to_np_dtype(zp.data_type).name if zp is not None else "uint8"
                     if dt != "int32":
                         act_dt.add(dt)
+            bad_dq = [reasons[by_node[id(producers[i])]] for i in n.input
+                      if from_dq(i) and by_node[id(producers[i])] in reasons]
             if len(act_dt) > 1:
+                why = f"mixed {'/'.join(sorted(act_dt))} QDQ inputs (XNNPACK takes qu8 or qs8, not u8s8)"
+            else:
+                why = bad_dq[0] if bad_dq else None
+            if why:
                 taken.discard(name)
-                reasons[name] = f"mixed {'/'.join(sorted(act_dt))} QDQ inputs (XNNPACK takes qu8 or qs8, not u8s8)"
+                reasons[name] = why
+                rejections.append(f"{name} ({op}): {why}")
+        elif integer and op not in XNNPACK_QDQ_OPS:
+            taken.discard(name)
+            cpu_integer.add(name)
+            reasons[name] = f"an integer {op} on the CPU EP (XNNPACK fuses no QDQ {op}; by design)"
+        elif name in taken:
+            why = float_kernel_problem(n)
+            if why:
+                taken.discard(name)
+                reasons[name] = why
     for name, n in zip(names, g.node):
         if n.op_type in QDQ_OPS:
             nb = [producers.get(i) for i in n.input] + [c for o in n.output for c in consumers.get(o, [])]
-            if any(x is not None and x.op_type not in QDQ_OPS and by_node[id(x)] in taken for x in nb):
-                if name not in reasons:
-                    taken.add(name)
+            if name not in reasons and any(x is not None and x.op_type not in QDQ_OPS and by_node[id(x)] in taken
+                                           for x in nb):
+                taken.add(name)
             else:
                 taken.discard(name)
                 reasons.setdefault(name, "Q/DQ around an op XNNPACK does not take (runs on the CPU EP)")
@@ -223,11 +301,21 @@ def _xnnpack_groups(g, names, taken, reasons, producers, consumers, inits, profi
             else:
                 taken.discard(name)
                 reasons[name] = f"XNNPACK fuses {n.op_type} only after a float Conv/MaxPool/AveragePool it takes"
+    for name, n in zip(names, g.node):
+        if n.op_type not in HEAVY_OPS or name in taken or name in cpu_integer:
+            continue
+        if n.op_type == "MatMul" and not any(constant(i) for i in n.input[:2]):
+            continue  # activation x activation: no XNNPACK kernel; the CPU EP's by design
+        line = f"{name} ({n.op_type}): {reasons.get(name, 'not taken')}"
+        if line not in rejections:
+            rejections.append(line)
+    return cpu_integer, rejections
 
 
 def _reason_kind(reason: str) -> str:
     """The category of a not-taken reason, for the per-category counts."""
-    for key, kind in (("Q/DQ around", "Q/DQ of an op on the CPU EP"), ("supported-op list", "op not in EP list"),
+    for key, kind in (("Q/DQ around", "Q/DQ of an op on the CPU EP"), ("XNNPACK fuses no", "integer on the CPU EP"),
+                      ("XNNPACK runs", "EP kernel condition"), ("supported-op list", "op not in EP list"),
                       ("no ", "op not in EP list"), ("dynamic", "dynamic shape"), ("rank", "rank"),
                       ("shape operand", "run-time shape operand"), ("XNNPACK", "QDQ scheme / fusion"),
                       ("activations", "QDQ scheme / fusion"), ("weights", "QDQ scheme / fusion")):

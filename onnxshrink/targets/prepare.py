@@ -102,8 +102,10 @@ def target_verdict(info: dict, profile, budget_holds=None) -> dict:
     problems, notes = [], []
     cov = info.get("coverage") or {}
     if cov and not cov.get("accepted", True):
+        first = cov.get("rejected_because") or []
         why = (f"the {profile.provider} check rejects the model ({cov.get('accepted_means', 'coverage')}: "
-               f"{cov.get('taken', '?')}/{cov.get('nodes', '?')} nodes taken)")
+               f"{cov.get('taken', '?')}/{cov.get('nodes', '?')} nodes taken"
+               + (f"; {len(first)} problem(s), first: {first[0]}" if first else "") + ")")
         (notes if profile.allow_partial else problems).append(why)
     if getattr(profile, "integer_only", False) and cov.get("float_nodes"):
         names = ", ".join(cov.get("float_node_names", [])[:5])
