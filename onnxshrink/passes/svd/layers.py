@@ -23,6 +23,7 @@ __all__ = ["Form", "Layer", "find_layers", "layer_value_shapes", "set_costs", "c
            "emit_factors", "layer_latency", "graph_opset", "as_int"]
 
 import dataclasses
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -186,40 +187,66 @@ def covariance_key(layer: Layer) -> tuple:
     return ("rows", layer.x.name)
 
 
-def covariances(layers: list[Layer], ctx: Context, graph, source, n: int, max_positions: int, tag: str):
+def covariances(layers: list[Layer], ctx: Context, graph, source, n: int, max_positions: int, tag: str,
+                keep=np.float64):
     """{cov key: mean covariance} of the layers' inputs over the first n samples of ``source``,
     streamed one sample at a time; also returns {tensor name: shape of the first sample} and
-    {cov key: the rows (positions, patches) each covariance was summed over}."""
+    {cov key: the rows (positions, patches) each covariance was summed over}.
+
+    Each covariance is computed once per ``ctx.cache`` and kept under its own key: the manager's
+    back-off asks for the validation covariances of a different set of layers at each strength, and a
+    cache of whole sets held one copy of a shared layer's covariance per set (ResNet-18 at 160 x 160:
+    four 4608 x 4608 float64 copies of each of its widest layers, 4.6 GB). The conv patches sampled
+    (``max_positions`` of them where there are more) come from a generator of their own per covariance
+    key, so a covariance depends on its input, geometry and samples alone, not on which other layers
+    were asked with it.
+    ``keep`` is the type the covariances are summed and kept in: float64, or float32 for the
+    validation covariances, which only weigh a reported error (half the memory)."""
     from onnxshrink.data import Subset
     keys = {}
     for L in layers:
         keys.setdefault(covariance_key(L), L)
-    cache_key = ("svd.cov", tag, n, max_positions, tuple(sorted(keys)))
-    if cache_key in ctx.cache:
-        return ctx.cache[cache_key]
-    sub = Subset(source, range(min(n, len(source))))
-    names = sorted({L.x.name for L in layers})
-    sums = {k: None for k in keys}
-    counts = {k: 0 for k in keys}
-    shapes = {}
-    rng = np.random.default_rng(ctx.seed)
-    for acts in ctx.progress.track(ctx.capture(graph, names, sub), f"svd: {tag} activations", total=len(sub)):
-        for k, L in keys.items():
-            x = np.asarray(acts[L.x.name])
-            shapes.setdefault(L.x.name, list(x.shape))
-            if L.kind == "conv":
-                if x.ndim != 4:
-                    continue
-                pos = sample_positions(L.geom.n_positions(x.shape), max_positions, rng)
-                c, cnt = patch_covariance(x, L.geom, pos, chunk=1024)[0], len(pos)
-            else:
-                X = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                c, cnt = X.T @ X, X.shape[0]
-            sums[k] = c if sums[k] is None else sums[k] + c
-            counts[k] += cnt
-    covs = {k: (sums[k] / counts[k]) for k in keys if sums[k] is not None and counts[k]}
-    ctx.cache[cache_key] = (covs, shapes, {k: counts[k] for k in covs})
-    return ctx.cache[cache_key]
+    base = ("svd.cov", tag, n, max_positions, np.dtype(keep).name)
+    missing = {k: L for k, L in keys.items() if base + (k,) not in ctx.cache}
+    if missing:
+        sub = Subset(source, range(min(n, len(source))))
+        names = sorted({L.x.name for L in missing.values()})
+        sums = {k: None for k in missing}
+        counts = {k: 0 for k in missing}
+        shapes = {}
+        rngs = {k: np.random.default_rng([int(ctx.seed or 0), zlib.crc32(repr(k).encode())]) for k in missing}
+        for acts in ctx.progress.track(ctx.capture(graph, names, sub), f"svd: {tag} activations", total=len(sub)):
+            for k, L in missing.items():
+                x = np.asarray(acts[L.x.name])
+                shapes.setdefault(L.x.name, list(x.shape))
+                if L.kind == "conv":
+                    if x.ndim != 4:
+                        continue
+                    pos = sample_positions(L.geom.n_positions(x.shape), max_positions, rngs[k])
+                    c, cnt = patch_covariance(x, L.geom, pos, chunk=1024)[0], len(pos)
+                else:
+                    X = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                    c, cnt = X.T @ X, X.shape[0]
+                if sums[k] is None:
+                    sums[k] = c.astype(keep, copy=False)
+                else:
+                    sums[k] += c
+                counts[k] += cnt
+        for k, L in missing.items():
+            cov = None
+            if sums[k] is not None and counts[k]:
+                cov = sums[k]
+                cov /= counts[k]
+            sums[k] = None
+            ctx.cache[base + (k,)] = (cov, shapes.get(L.x.name), counts[k])
+    covs, shapes, rows = {}, {}, {}
+    for k, L in keys.items():
+        cov, shape, count = ctx.cache[base + (k,)]
+        if shape is not None:
+            shapes.setdefault(L.x.name, shape)
+        if cov is not None:
+            covs[k], rows[k] = cov, count
+    return covs, shapes, rows
 
 
 # ------------------------------------------------------------------------------ rank choice

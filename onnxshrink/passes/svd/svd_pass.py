@@ -224,7 +224,7 @@ class SvdPass(Pass):
         chosen = [L for L in layers if L.form is not None]
         vcovs = {}
         if val is not None and chosen:
-            vcovs, _, _ = covariances(chosen, ctx, graph, val, 8, o.max_positions, "validation")
+            vcovs, _, _ = covariances(chosen, ctx, graph, val, 8, o.max_positions, "validation", keep=np.float32)
 
         records = []
         p_before = p_after = 0
@@ -264,6 +264,7 @@ class SvdPass(Pass):
                         continue
             vc = vcovs.get(covariance_key(L))
             if vc is not None:
+                vc = vc.astype(np.float64)
                 E = f.to_view(f.W - A @ B)
                 ref = L.ref.astype(np.float64)
                 # tr(X^T C X) as sum((C X) * X): one BLAS product (numpy's 3-operand einsum without
