@@ -157,3 +157,18 @@ def test_real_model_on_htp(name, arch, real_model_path, monkeypatch):
 def _has_quantize():
     from onnxshrink.passes.registry import registry
     return "quantize" in registry()
+
+
+def test_a_transformer_with_the_exact_gelu_runs_entirely_on_htp():
+    """A ViT block exported with erf GELU: QNN has no Erf (its check rejected every such transformer);
+    the target's preparation writes Gelu, and the quantized model runs whole on the HTP simulator."""
+    from onnxshrink.pipeline.manager import optimize
+    from tests.helpers import model_samples, small_vit
+    model = small_vit(1)
+    out, rep = optimize(model, passes=["cleanup", "quantize"], data=model_samples(model, 16),
+                        target=get_target("qnn"), budget="cosine>=0.98")
+    ops = {(n.op_type, n.domain) for n in out.graph.node}
+    assert ("Gelu", "com.microsoft") in ops and not any(op == "Erf" for op, _ in ops)
+    tr = rep.target_report
+    assert tr["coverage"]["accepted"] and tr["coverage"]["not_taken"] == 0
+    assert tr["qnn_htp"]["accepted"] and tr["qnn_htp"]["fidelity"]["cosine"] > 0.98

@@ -351,3 +351,33 @@ def test_target_plus_ort_writes_ort_format(tmp_path):
     from pathlib import Path
     assert ort_path.endswith(".ort") and Path(ort_path).exists() and Path(ort_path).parent == tmp_path
     assert report.target_report["ort_format"]["optimization_style"] == "Runtime"
+
+
+@pytest.mark.parametrize("opset,domain", [(17, "com.microsoft"), (20, "")])
+@pytest.mark.parametrize("spelling", [
+    "d = Div(x, r2)  e = Erf(d)  a = Add(e, one)  m = Mul(x, a)  y = Mul(m, half)",
+    "d = Mul(r2inv, x)  e = Erf(d)  a = Add(one, e)  m = Mul(a, half)  y = Mul(x, m)",
+    "h = Mul(x, half)  d = Div(x, r2)  e = Erf(d)  a = Add(e, one)  y = Mul(h, a)",
+])
+def test_the_exact_gelu_becomes_one_gelu_node(spelling, opset, domain):
+    """x * 0.5 * (1 + erf(x / sqrt 2)), as exporters spell it, becomes Gelu (ONNX from opset 20,
+    onnxruntime's com.microsoft one below): the same outputs; QNN HTP has Gelu and no Erf."""
+    consts = {"r2": np.array(np.sqrt(2), np.float32), "r2inv": np.array(1 / np.sqrt(2), np.float32),
+              "one": np.array(1.0, np.float32), "half": np.array(0.5, np.float32)}
+    m = _model(f"""<ir_version: 9, opset_import: ["" : OPSET]>
+        g (float[2,16] x) => (float[2,16] y) {{ {spelling} }}""", consts, opset=opset)
+    out, done = targets.apply_rewrites(m, (), get_target("qnn"))
+    assert done == {"fuse_gelu": 1}
+    assert [(n.op_type, n.domain) for n in out.graph.node] == [("Gelu", domain)]
+    x = {"x": RNG.standard_normal((2, 16)).astype(np.float32) * 3}
+    assert_outputs_close(run_ort(m, x), run_ort(out, x))
+
+
+def test_a_gelu_whose_intermediate_is_read_elsewhere_is_left_alone():
+    m = _model("""<ir_version: 9, opset_import: ["" : OPSET]>
+        g (float[2,16] x) => (float[2,16] y, float[2,16] e) {
+            d = Div(x, r2)  e = Erf(d)  a = Add(e, one)  m = Mul(x, a)  y = Mul(m, half) }""",
+               {"r2": np.array(np.sqrt(2), np.float32), "one": np.array(1.0, np.float32),
+                "half": np.array(0.5, np.float32)})
+    out, done = targets.apply_rewrites(m, (), get_target("qnn"))
+    assert done == {} and out is m

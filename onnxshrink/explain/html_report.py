@@ -285,8 +285,12 @@ def _target(r: dict) -> str:
             if not isinstance(v, (dict, list))]
     chart = ""
     if cov and _num(cov.get("taken")) is not None and _num(cov.get("nodes")):
-        chart = bars([(f"taken by {r.get('target')}", cov["taken"]), ("left to the CPU", cov["nodes"] - cov["taken"])],
-                     fmt=lambda v: f"{v:.0f} nodes", label_width=200)
+        cpu_int = _num(cov.get("cpu_integer")) or 0
+        rows_ = [(f"taken by {r.get('target')}", cov["taken"])]
+        if cpu_int:
+            rows_.append(("integer on the CPU EP (by design)", cpu_int))
+        rows_.append(("left to the CPU", cov["nodes"] - cov["taken"] - cpu_int))
+        chart = bars(rows_, fmt=lambda v: f"{v:.0f} nodes", label_width=260)
         reasons = cov.get("reasons") or {}
         if reasons:
             chart += bars(sorted(reasons.items(), key=lambda kv: -kv[1]), fmt=lambda v: f"{v:.0f}",

@@ -198,8 +198,18 @@ class Report:
 
 
     def _render_target(self, console, table_type) -> None:
-        """The target's activation precision per region (QNN) and its device check."""
+        """Where the target's EP runs the output (static analysis), the activation precision per region
+        (QNN) and its device check."""
         tr = self.target_report or {}
+        cov = tr.get("coverage") or {}
+        if cov.get("nodes"):
+            heavy = cov.get("heavy_ops") or {}
+            cpu = (f" (+{heavy['cpu_integer']} integer on the CPU EP by design)" if heavy.get("cpu_integer") else "")
+            verdict = "accepted" if cov.get("accepted") else \
+                "rejected: " + ((cov.get("rejected_because") or [""])[0] or cov.get("accepted_means", ""))
+            console.print(f"placement on {tr.get('provider', tr.get('target', ''))} (static analysis): "
+                          f"{cov.get('taken')}/{cov['nodes']} nodes, {heavy.get('taken', '?')}/{heavy.get('total', '?')} "
+                          f"Conv/ConvTranspose/MatMul/Gemm{cpu}, {cov.get('partitions', '?')} partitions; {verdict}")
         regions = tr.get("precision_regions")
         if regions:
             t = table_type(title=f"activation precision per region ({tr.get('target', '')})", title_justify="left")

@@ -83,7 +83,8 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
         elif listed_ops is not None:
             if dom not in ("", "ai.onnx") or not listed_ops.get(op):
                 why = f"{op} is not in onnxruntime's {profile.name} supported-op list"
-        elif dom not in ("", "ai.onnx") or op not in profile.ops:
+        elif (op not in profile.contrib_ops) if dom == "com.microsoft" else \
+                (dom not in ("", "ai.onnx") or op not in profile.ops):
             if profile.name == "xnnpack" and op in QDQ_OPS:
                 why = None  # decided by the group it belongs to, below
             elif profile.name == "xnnpack" and op in XNNPACK_FUSED_ACTIVATIONS:
@@ -157,6 +158,7 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
                                   "and every QDQ tensor has a type the EP takes")
     elif profile.name == "xnnpack":
         info["cpu_integer"] = len(cpu_integer)
+        info["heavy_ops"]["cpu_integer"] = sum(1 for k in cpu_integer if node_by_name[k].op_type in HEAVY_OPS)
         info["accepted"] = not rejections
         info["rejected_because"] = rejections[:20]
         info["accepted_means"] = ("XNNPACK takes every Conv/ConvTranspose and every MatMul/Gemm with constant "

@@ -90,7 +90,8 @@ class TargetProfile:
     static_shapes: every input dimension must be fixed (taken from the calibration data) and shape
         arithmetic folded away.
     ops: the ONNX ops the EP takes (None: every op; "usability_checker": onnxruntime's mobile
-        usability checker's list for this EP).
+        usability checker's list for this EP); contrib_ops: the com.microsoft ops it takes (QNN: Gelu,
+        which the ``fuse_gelu`` rewrite writes below opset 20; checked on the QNN HTP simulator).
     fp16: the EP computes in float16 natively (the ``fp16`` pass is a sensible choice).
     max_rank: the largest tensor rank the EP takes.
     rewrites: exact rewrites applied at emission for this EP (see ``onnxshrink.targets.rewrites.REWRITES``);
@@ -133,6 +134,7 @@ class TargetProfile:
     x86_int8: bool = False              # int8 kernels on x86 u8 x s8 instructions (saturate without VNNI)
     context: bool = False               # qnn: also write the compiled EPContext model beside the output
     htp_arch: int | None = None         # qnn: the HTP architecture (68, 69, 73, 75, 79); None for other targets
+    contrib_ops: frozenset = frozenset()  # com.microsoft ops the EP takes (checked on the EP)
 
     @property
     def integer_only(self) -> bool:
@@ -176,7 +178,7 @@ TARGETS: dict[str, TargetProfile] = {
         activation_dtype="uint8", wide_activation_dtype="uint16", symmetric_activations=False,
         weight_dtype="int8", symmetric_weights=True,
         per_channel=True, static_shapes=True, opset_min=13, opset_max=21, ops=QNN_HTP_OPS,
-        float_ops_run=False, fallback_ok=False, max_rank=5, htp_arch=73,
+        float_ops_run=False, fallback_ok=False, max_rank=5, htp_arch=73, contrib_ops=frozenset({"Gelu"}),
         notes=("HTP runs quantized graphs only: uint8 or uint16 asymmetric activations, int8 symmetric "
                "per-channel or uint8 per-tensor weights, int32 bias",
                "static shapes; Shape/Range/ConstantOfShape have no QNN builder and must fold away")),

@@ -10,6 +10,7 @@ Decompositions of ops a target lacks, and fusions a target prefers; each is exac
     ConvTranspose(x, W; kernel = stride = s) = DepthToSpace_DCR(Conv1x1(x, W'), s)
         with W'[(a*s + b)*O + o, c] = W[c, o, a, b]
     Resize(X, "", scales) -> Resize(X, roi=[], scales)
+    x * 0.5 * (1 + Erf(x / sqrt 2))  ->  Gelu(x)          (com.microsoft below opset 20)
 
 A node inside a QDQ group (fed by DequantizeLinear, feeding QuantizeLinear) is never split,
 since the new intermediate tensors would be float: such ops are rewritten before quantization
@@ -25,11 +26,13 @@ __all__ = ["REWRITES", "DECOMPOSITIONS", "apply_rewrites", "gemm_to_matmul", "ex
            "op_counts", "is_quantized_node"]
 
 import collections
+import math
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.values import constant_value
 from onnxshrink.model import copy_model_fields
 from onnxshrink.targets.profiles import target_has_op
 
@@ -192,6 +195,93 @@ def _fuse_hardswish(g: gs.Graph) -> int:
     return n
 
 
+def _fuse_gelu(g: gs.Graph) -> int:
+    """The exact GELU as exporters write it, ``x * 0.5 * (1 + Erf(x / sqrt 2))`` (the scale by
+    ``1/sqrt 2`` a Div or a Mul, the half applied first or last, operands in either order), becomes one
+    ``Gelu(x)``: the ONNX op from opset 20, onnxruntime's com.microsoft Gelu below (the same function;
+    QNN HTP takes both and has no Erf, checked on its simulator). Every intermediate must feed only
+    the next step."""
+    n = 0
+    for erf in [x for x in g.nodes if x.op == "Erf"]:
+        if not erf.outputs or is_quantized_node(erf):
+            continue
+        pre = _only_producer(erf.inputs[0])
+        x = _scaled(pre, 1 / math.sqrt(2)) if pre is not None else None
+        add = _only_consumer(erf.outputs[0], g)
+        if x is None or add is None or add.op != "Add" or _other_constant(add, erf.outputs[0]) != 1.0:
+            continue
+        a = add.outputs[0]
+        m1 = _only_consumer(a, g)
+        if m1 is None or m1.op != "Mul":
+            continue
+        other = _other_input(m1, a)
+        if other is x:                                  # x * (1 + erf) * 0.5
+            m2 = _only_consumer(m1.outputs[0], g)
+            ok = m2 is not None and m2.op == "Mul" and _other_constant(m2, m1.outputs[0]) == 0.5
+            removed = [pre, erf, add, m1, m2]
+        elif _other_constant(m1, a) == 0.5:             # x * ((1 + erf) * 0.5)
+            m2 = _only_consumer(m1.outputs[0], g)
+            ok = m2 is not None and m2.op == "Mul" and _other_input(m2, m1.outputs[0]) is x
+            removed = [pre, erf, add, m1, m2]
+        else:                                           # (x * 0.5) * (1 + erf)
+            half = _only_producer(other) if other is not None else None
+            ok = half is not None and half.op == "Mul" and _scaled(half, 0.5) is x and \
+                _only_consumer(other, g) is m1
+            m2, removed = m1, [half, pre, erf, add, m1]
+        if not ok or any(t in g.outputs for r in removed[:-1] for t in r.outputs):
+            continue
+        y = m2.outputs[0]
+        if y.dtype is None and x.dtype is not None:  # com.microsoft Gelu has no ONNX shape inference
+            y.dtype, y.shape = x.dtype, x.shape
+        domain = "" if g.opset >= 20 else "com.microsoft"
+        g.nodes.append(gs.Node("Gelu", f"{erf.name}_gelu", inputs=[x], outputs=[y], domain=domain))
+        for r in removed:
+            r.outputs.clear()
+            r.inputs.clear()
+        n += 1
+    return n
+
+
+def _only_producer(t):
+    return t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
+
+
+def _only_consumer(t, g):
+    return t.outputs[0] if len(t.outputs) == 1 and t not in g.outputs else None
+
+
+def _other_input(node, t):
+    """The input of a two-input ``node`` that is not ``t`` (None when ``t`` is not one of them)."""
+    if len(node.inputs) != 2 or not any(i is t for i in node.inputs):
+        return None
+    return node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+
+
+def _other_constant(node, t):
+    """The scalar constant ``node`` combines with ``t`` (rounded to float32's 6 digits), or None."""
+    v = constant_value(_other_input(node, t)) if _other_input(node, t) is not None else None
+    if v is None or v.size != 1 or v.dtype.kind != "f":
+        return None
+    return round(float(v.reshape(-1)[0]), 6)
+
+
+def _scaled(node, factor: float):
+    """``x`` when ``node`` is ``x * factor`` or ``x / (1 / factor)`` with a scalar constant (to float32
+    rounding), else None."""
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    pairs = [(0, 1)] if node.op == "Div" else [(0, 1), (1, 0)]
+    for xi, ci in pairs:
+        v = constant_value(node.inputs[ci])
+        if v is None or v.size != 1 or v.dtype.kind != "f" or constant_value(node.inputs[xi]) is not None:
+            continue
+        c = float(v.reshape(-1)[0])
+        c = 1.0 / c if node.op == "Div" and c != 0 else c
+        if abs(c - factor) <= 1e-6 * factor:
+            return node.inputs[xi]
+    return None
+
+
 def _matmul_add_to_gemm(g: gs.Graph) -> int:
     """MatMul(A, W) + b -> Gemm(A, W, b) for a 2-D A, a constant 2-D W and a constant bias of W's columns."""
     n = 0
@@ -286,12 +376,13 @@ REWRITES = {
     "gemm_to_matmul": (gemm_to_matmul, ("Gemm",), ("MatMul", "Add")),
     "matmul_add_to_gemm": (_matmul_add_to_gemm, ("MatMul",), ("Gemm",)),
     "fill_empty_resize_inputs": (_fill_empty_resize_inputs, (), ("Resize",)),
+    "fuse_gelu": (_fuse_gelu, ("Erf",), ("Gelu",)),
     "convtranspose_to_conv_depthtospace": (_convtranspose_to_conv_depthtospace, ("ConvTranspose",),
                                            ("Conv", "DepthToSpace")),
 }
 # the rewrites that replace an op by others: applied whenever the target lacks the op and has the others
 DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matmul",
-                  "convtranspose_to_conv_depthtospace")
+                  "convtranspose_to_conv_depthtospace", "fuse_gelu")
 
 
 def is_quantized_node(node: gs.Node) -> bool:
