@@ -243,6 +243,16 @@ def test_xnnpack_leaves_integer_matmuls_and_attention_to_the_cpu_ep_by_design():
     assert "constant weight initializer" in kinds["/blocks.0.attn/MatMul_1"]  # reads the float Softmax
     assert cov["cpu_integer"] >= 6 and cov["reasons"]["integer on the CPU EP"] == cov["cpu_integer"]
     assert "/patch_embed/proj/Conv" not in kinds  # the patch convolution runs on XNNPACK
+    import io
+
+    from rich.console import Console
+    console = Console(file=io.StringIO(), width=250)
+    rep.render(console)
+    heavy = cov["heavy_ops"]
+    assert (f"placement on XnnpackExecutionProvider (static analysis): {cov['taken']}/{cov['nodes']} nodes, "
+            f"{heavy['taken']}/{heavy['total']} Conv/ConvTranspose/MatMul/Gemm (+{heavy['cpu_integer']} integer on "
+            f"the CPU EP by design)") in console.file.getvalue()
+    assert heavy["cpu_integer"] == 7  # q, k, v, proj, fc1, fc2 and one attention MatMul
 
 
 def test_xnnpack_rejects_a_weighted_gemm_its_kernel_cannot_run():
