@@ -208,8 +208,9 @@ class Report:
             verdict = "accepted" if cov.get("accepted") else \
                 "rejected: " + ((cov.get("rejected_because") or [""])[0] or cov.get("accepted_means", ""))
             console.print(f"placement on {tr.get('provider', tr.get('target', ''))} (static analysis): "
-                          f"{cov.get('taken')}/{cov['nodes']} nodes, {heavy.get('taken', '?')}/{heavy.get('total', '?')} "
-                          f"Conv/ConvTranspose/MatMul/Gemm{cpu}, {cov.get('partitions', '?')} partitions; {verdict}")
+                          f"{cov.get('taken')}/{cov['nodes']} nodes, "
+                          f"{heavy.get('taken', '?')}/{heavy.get('total', '?')} Conv/ConvTranspose/MatMul/Gemm{cpu}, "
+                          f"{cov.get('partitions', '?')} partitions; {verdict}")
         regions = tr.get("precision_regions")
         if regions:
             t = table_type(title=f"activation precision per region ({tr.get('target', '')})", title_justify="left")
