@@ -216,13 +216,13 @@ def test_qnn_coverage_counts_float_ops_and_accepts_qdq():
 def test_xnnpack_coverage_checks_the_qdq_scheme():
     cov = targets.coverage(_qdq_model(), get_target("xnnpack"))
     # uint8 activations with per-channel int8 weights: XNNPACK does not take u8s8
-    assert cov["heavy_ops"] == {"total": 1, "taken": 0} and not cov["accepted"]
+    assert cov["heavy_ops"] == {"total": 1, "taken": 0, "cpu_integer": 0} and not cov["accepted"]
     m = _qdq_model()
     for t in m.graph.initializer:  # int8 activations: the qc8 scheme XNNPACK fuses
         if t.name in ("x_z", "y_z"):
             t.CopyFrom(numpy_helper.from_array(np.array(0, np.int8), t.name))
     cov = targets.coverage(m, get_target("xnnpack"))
-    assert cov["heavy_ops"] == {"total": 1, "taken": 1} and cov["accepted"]
+    assert cov["heavy_ops"] == {"total": 1, "taken": 1, "cpu_integer": 0} and cov["accepted"]
     # the QDQ group (DQ x, DQ w, DQ bias, Conv, Q y) runs on XNNPACK; the graph-boundary Q of x and DQ of y do not
     assert cov["taken"] == 5 and cov["nodes"] == 7
 
@@ -262,11 +262,11 @@ def test_xnnpack_rejects_a_weighted_gemm_its_kernel_cannot_run():
         g (float[2,8] x) => (float[2,4] y) { y = Gemm <alpha = 0.5> (x, w, b) }""",
                {"w": RNG.standard_normal((8, 4)).astype(np.float32), "b": np.zeros(4, np.float32)})
     cov = targets.coverage(m, get_target("xnnpack"))
-    assert not cov["accepted"] and cov["heavy_ops"] == {"total": 1, "taken": 0}
+    assert not cov["accepted"] and cov["heavy_ops"] == {"total": 1, "taken": 0, "cpu_integer": 0}
     assert cov["rejected_because"] == ["Gemm_0 (Gemm): XNNPACK runs Gemm only with alpha = beta = 1"]
     m.graph.node[0].ClearField("attribute")
     cov = targets.coverage(m, get_target("xnnpack"))
-    assert cov["accepted"] and cov["heavy_ops"] == {"total": 1, "taken": 1}
+    assert cov["accepted"] and cov["heavy_ops"] == {"total": 1, "taken": 1, "cpu_integer": 0}
 
 
 def test_nnapi_coverage_uses_onnxruntime_usability_checker():
