@@ -391,3 +391,33 @@ def test_a_gelu_whose_intermediate_is_read_elsewhere_is_left_alone():
                 "half": np.array(0.5, np.float32)})
     out, done = targets.apply_rewrites(m, (), get_target("qnn"))
     assert done == {} and out is m
+
+
+def test_shape_folding_repeats_until_inference_sees_every_shape():
+    """A Pad whose pads come from the input's shape through Mod (which onnx's data propagation does not
+    evaluate), and a Reshape to the padded tensor's shape: the first round folds the pads, only the
+    next one knows the padded shape (Swin-T's window padding; one round left 295 Shape nodes there)."""
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,3,6,6] x) => (float[1,3,8,8] y) {
+            s = Shape(x)  h = Gather <axis = 0> (s, two)  r = Mod(h, eight)  p = Sub(eight, r)
+            pm = Mod(p, eight)  pads = Concat <axis = 0> (zeros6, pm, pm)  xp = Pad(x, pads)
+            sp = Shape(xp)  y = Reshape(xp, sp) }""",
+               {"two": np.array([2], np.int64), "eight": np.array([8], np.int64),
+                "zeros6": np.zeros(6, np.int64)})
+    out, info = targets.fold_static_shapes(m)
+    assert [n.op_type for n in out.graph.node] == ["Pad", "Reshape"] and info["rounds"] == 3
+    x = {"x": RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    assert_outputs_close(run_ort(m, x), run_ort(out, x))
+
+
+def test_where_the_qnn_htp_ran_its_verdict_overrules_the_static_analysis():
+    """Swin-T's 6-D window Reshape/Transpose: the static check's rank limit (5) flags them, the HTP
+    simulator takes every node with CPU fallback disabled; the run is the authority (exit 0, a
+    warning), and without it the static check decides (exit 4)."""
+    from onnxshrink.targets.prepare import target_verdict
+    cov = {"accepted": False, "taken": 1347, "nodes": 1439, "accepted_means": "every node is taken"}
+    ran = target_verdict({"coverage": cov, "qnn_htp": {"available": True, "accepted": True}}, get_target("qnn"))
+    assert ran["ok"] and ran["notes"][0].endswith("the QNN HTP run takes every node with CPU fallback "
+                                                   "disabled, and its verdict stands")
+    alone = target_verdict({"coverage": cov, "qnn_htp": {"available": False}}, get_target("qnn"))
+    assert not alone["ok"] and alone["problems"][0].startswith("the QNNExecutionProvider check rejects")

@@ -536,6 +536,8 @@ class PassManager:
                                  "after": measure_latency(current, io.feeds([feeds])[0])}
             clock.lap("latency")
         verdict = (report.target_report or {}).get("verdict") or {}
+        report.warnings.extend(f"target {self.target.name}: {n}" for n in verdict.get("notes", [])
+                               if f"target {self.target.name}: {n}" not in report.warnings)
         if verdict and not verdict.get("ok", True):
             raise BudgetError(f"target {self.target.name}: {'; '.join(verdict['problems'])} (nothing written; "
                               f"-o target.allow_partial=true accepts a partial placement)", report)

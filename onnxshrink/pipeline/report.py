@@ -205,8 +205,13 @@ class Report:
         if cov.get("nodes"):
             heavy = cov.get("heavy_ops") or {}
             cpu = (f" (+{heavy['cpu_integer']} integer on the CPU EP by design)" if heavy.get("cpu_integer") else "")
-            verdict = "accepted" if cov.get("accepted") else \
-                "rejected: " + ((cov.get("rejected_because") or [""])[0] or cov.get("accepted_means", ""))
+            if cov.get("accepted"):
+                verdict = "accepted"
+            elif (tr.get("qnn_htp") or {}).get("accepted"):
+                verdict = (f"{cov.get('not_taken')} node(s) flagged ({', '.join(cov.get('reasons') or {})}), "
+                           f"which the QNN HTP run below takes: its verdict stands")
+            else:
+                verdict = "rejected: " + ((cov.get("rejected_because") or [""])[0] or cov.get("accepted_means", ""))
             console.print(f"placement on {tr.get('provider', tr.get('target', ''))} (static analysis): "
                           f"{cov.get('taken')}/{cov['nodes']} nodes, "
                           f"{heavy.get('taken', '?')}/{heavy.get('total', '?')} Conv/ConvTranspose/MatMul/Gemm{cpu}, "
