@@ -267,6 +267,9 @@ def test_xnnpack_rejects_a_weighted_gemm_its_kernel_cannot_run():
     m.graph.node[0].ClearField("attribute")
     cov = targets.coverage(m, get_target("xnnpack"))
     assert cov["accepted"] and cov["heavy_ops"] == {"total": 1, "taken": 1, "cpu_integer": 0}
+    del m.graph.node[0].input[2]  # XNNPACK's support check reads the bias's shape: none, not taken
+    cov = targets.coverage(m, get_target("xnnpack"))
+    assert cov["rejected_because"] == ["Gemm_0 (Gemm): XNNPACK runs Gemm only with a bias input"]
 
 
 def test_nnapi_coverage_uses_onnxruntime_usability_checker():
@@ -421,3 +424,18 @@ def test_where_the_qnn_htp_ran_its_verdict_overrules_the_static_analysis():
                                                    "disabled, and its verdict stands")
     alone = target_verdict({"coverage": cov, "qnn_htp": {"available": False}}, get_target("qnn"))
     assert not alone["ok"] and alone["problems"][0].startswith("the QNNExecutionProvider check rejects")
+
+
+def test_a_static_rejection_names_its_first_problem():
+    """The exit-4 message says what the check requires and the first node it does not take (it
+    printed the requirement as if it were the reason)."""
+    from onnxshrink.targets.prepare import target_verdict
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,4] x) => (float[1,4] y) { n = NonZero(x)  y = Relu(x) }""")
+    cov = targets.coverage(m, get_target("nnapi"))
+    v = target_verdict({"coverage": cov}, get_target("nnapi"))
+    assert not v["ok"] and "it requires that onnxruntime's mobile usability checker rates the model YES" in \
+        v["problems"][0] and "first problem: the usability checker rates it" in v["problems"][0]
+    cov = targets.coverage(m, get_target("qnn"))
+    v = target_verdict({"coverage": cov, "qnn_htp": {"available": False}}, get_target("qnn"))
+    assert v["problems"][0].endswith("first problem: NonZero_0 (NonZero): no qnn kernel for NonZero)")

@@ -538,13 +538,17 @@ class PassManager:
         verdict = (report.target_report or {}).get("verdict") or {}
         report.warnings.extend(f"target {self.target.name}: {n}" for n in verdict.get("notes", [])
                                if f"target {self.target.name}: {n}" not in report.warnings)
-        if verdict and not verdict.get("ok", True):
-            raise BudgetError(f"target {self.target.name}: {'; '.join(verdict['problems'])} (nothing written; "
-                              f"-o target.allow_partial=true accepts a partial placement)", report)
+        missed = None
         if self.budget is not None and not report.budget_met:
             on = f" on the {len(test)} test samples" if test is not val else ""
-            raise BudgetError(f"budget {self.budget} not met{on}: {self.budget.metric}="
-                              f"{report.fidelity.get(self.budget.metric):.5g} after all passes", report)
+            missed = (f"budget {self.budget} not met{on}: {self.budget.metric}="
+                      f"{report.fidelity.get(self.budget.metric):.5g} after all passes")
+        if verdict and not verdict.get("ok", True):
+            raise BudgetError(f"target {self.target.name}: {'; '.join(verdict['problems'])}"
+                              + (f"; and the {missed}" if missed else "")
+                              + " (nothing written; -o target.allow_partial=true accepts a partial placement)", report)
+        if missed:
+            raise BudgetError(missed, report)
         return current, report
 
     def _speed_contract(self, original: onnx.ModelProto, result: onnx.ModelProto, steps: list, finish,

@@ -170,7 +170,14 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
         info["accepted_means"] = f"{profile.provider} runs every ONNX op"
     else:
         info["accepted"] = not reasons
+        info["rejected_because"] = [f"{u['node']} ({u['op']}): {u['reason']}" for u in unsupported[:20]]
         info["accepted_means"] = f"every node is taken by {profile.provider} (static analysis)"
+    if listed_ops is not None and not info["accepted"]:
+        uc = info["usability_checker"]
+        info["rejected_because"] = [f"the usability checker rates it {uc['suitability']} "
+                                    f"({uc['supported_nodes']}/{uc['nodes']} nodes, {uc['partitions']} partitions)"] + \
+            [f"{u['node']} ({u['op']}): {u['reason']}" for u in unsupported
+             if _reason_kind(u["reason"]) == "QDQ scheme / fusion"][:19]
     return info
 
 
@@ -197,7 +204,7 @@ def _xnnpack_placement(g, names, taken, reasons, producers, consumers, inits, ty
       as an integer kernel on the CPU EP in the same session.
     - A float node is XNNPACK's when it has an XNNPACK kernel and that kernel's conditions hold:
       MatMul and Gemm only with a constant weight initializer (a 2-D MatMul weight, a Gemm with
-      alpha = beta = 1, rank < 3 and a constant bias), Conv/ConvTranspose only with constant
+      alpha = beta = 1, rank < 3 and a constant bias input), Conv/ConvTranspose only with constant
       weights; Relu/Clip when fused into a float Conv/MaxPool/AveragePool XNNPACK takes.
     - Q/DQ nodes belong to the group they surround.
 
@@ -236,7 +243,9 @@ def _xnnpack_placement(g, names, taken, reasons, producers, consumers, inits, ty
                 attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
                 if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
                     return "XNNPACK runs Gemm only with alpha = beta = 1"
-                if len(ins) > 2 and ins[2] and ins[2] not in inits:
+                if len(ins) < 3 or not ins[2]:  # its support check reads C's shape unconditionally
+                    return "XNNPACK runs Gemm only with a bias input"
+                if ins[2] not in inits:
                     return "XNNPACK runs Gemm only with a constant bias"
                 if (rank_a or 0) >= 3 or rank_b >= 3:
                     return "XNNPACK runs Gemm only on 2-D operands"

@@ -106,9 +106,9 @@ def target_verdict(info: dict, profile, budget_holds=None) -> dict:
     htp = info.get("qnn_htp") or {}
     if cov and not cov.get("accepted", True):
         first = cov.get("rejected_because") or []
-        why = (f"the {profile.provider} check rejects the model ({cov.get('accepted_means', 'coverage')}: "
-               f"{cov.get('taken', '?')}/{cov.get('nodes', '?')} nodes taken"
-               + (f"; {len(first)} problem(s), first: {first[0]}" if first else "") + ")")
+        why = (f"the {profile.provider} check rejects the model ({cov.get('taken', '?')}/{cov.get('nodes', '?')} "
+               f"nodes taken; it requires that {cov.get('accepted_means', 'the EP takes the model')}"
+               + (f"; first problem: {first[0]}" if first else "") + ")")
         if htp.get("available") and htp.get("accepted"):
             # the static analysis is a stand-in for the EP: where the EP itself ran, its verdict stands
             notes.append(why + "; the QNN HTP run takes every node with CPU fallback disabled, and its "
