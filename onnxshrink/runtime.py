@@ -9,8 +9,6 @@ __all__ = ["make_session", "run_model", "capture_activations", "measure_latency"
            "early_boundaries", "close_call", "settled_by_far", "append_outputs", "session_with_outputs",
            "ort_message"]
 
-import ctypes
-import functools
 import math
 import os
 import re
@@ -44,26 +42,6 @@ def ort_message(e: BaseException | str, limit: int = 300) -> str:
     return s[:limit]
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None where the C library is not glibc."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_heap() -> None:
-    """Give the heap memory freed since the last call back to the system (glibc ``malloc_trim(0)``).
-    Called before each session is created: the sessions freed before it (their arenas and the model
-    copies onnxruntime makes) leave free heap pages that glibc keeps resident, and the next session's
-    allocations do not always fit in them. Measured with ``benchmarks/tool_cost.py``: peak RSS of
-    PP-OCRv4 det 654 -> 598 MB, the CRNN 212 -> 207 MB, the same tool time."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def make_session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = True, threads: int | None = None,
                  providers: Sequence | None = None, provider_options=None,
                  session_config: dict | None = None, low_memory: bool = False) -> ort.InferenceSession:
@@ -73,7 +51,6 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = Tr
     file with external data (``model.written``). ``low_memory`` turns off the
     memory pattern and the CPU arena (for capture sessions with many outputs: measured on YOLOv8n,
     -55 MB peak at the same speed)."""
-    release_freed_heap()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if low_memory:
