@@ -206,7 +206,7 @@ def _fuse_gelu(g: gs.Graph) -> int:
         if not erf.outputs or is_quantized_node(erf):
             continue
         pre = _only_producer(erf.inputs[0])
-        x = _scaled(pre, 1 / math.sqrt(2)) if pre is not None else None
+        x = _scaled(pre, 1 / math.sqrt(2)) if pre is not None and _only_consumer(erf.inputs[0], g) is erf else None
         add = _only_consumer(erf.outputs[0], g)
         if x is None or add is None or add.op != "Add" or _other_constant(add, erf.outputs[0]) != 1.0:
             continue
