@@ -12,6 +12,8 @@ manager and error-path tests exercise every branch without depending on the real
 - t_sleep (lossless): sleeps ``seconds`` (to interrupt a run).
 - t_reject_quantized: raises InputError on a model that already has QuantizeLinear /
   DequantizeLinear nodes, as the quantize pass does.
+- t_clip_input (lossy): clips the first graph input to [-4, 4], the way a calibrated range
+  saturates inputs larger than the calibration samples'.
 """
 
 from __future__ import annotations
@@ -193,3 +195,21 @@ class Sleep(Pass):
             open(self.options.marker, "w").close()
         time.sleep(self.options.seconds)
         return PassResult(graph, False, reason="slept")
+
+
+@register
+class ClipInput(Pass):
+    name = "t_clip_input"
+    summary = "test pass: clips the first input to [-4, 4] (lossy for large inputs only)"
+    lossless = False
+
+    def run(self, graph, ctx):
+        x = graph.inputs[0]
+        clipped = gs.Variable(x.name + "_clipped", dtype=x.dtype, shape=x.shape)
+        for node in list(graph.nodes):
+            node.inputs = [clipped if t is x else t for t in node.inputs]
+        lo = gs.Constant(x.name + "_lo", np.array(-4.0, np.float32))
+        hi = gs.Constant(x.name + "_hi", np.array(4.0, np.float32))
+        graph.nodes.append(gs.Node("Clip", "t_clip", inputs=[x, lo, hi], outputs=[clipped]))
+        graph.toposort()
+        return PassResult(graph, True, {})

@@ -397,3 +397,22 @@ def test_outputs_that_do_not_depend_on_the_input_are_warned_about():
     assert any("outputs are the same on every selection and test sample" in w for w in rep.warnings), rep.warnings
     _, rep = optimize(m, passes=["cleanup"], data=data, speed="off")
     assert not any("outputs are the same on every" in w for w in rep.warnings), rep.warnings
+
+
+def test_a_test_miss_that_the_selection_held_says_how_the_roles_were_drawn():
+    """Test samples unlike the selection ones (here every 4th file, the test role's, is 10x larger and a
+    lossy pass saturates it): the budget holds on selection and misses on test; the exit-4 message
+    says the selection held it and how files are assigned to roles (what the user can change)."""
+    from onnxshrink.errors import BudgetError
+    rng = np.random.default_rng(0)
+    m = mlp()
+    name = m.graph.input[0].name
+    shape = [d.dim_value or 1 for d in m.graph.input[0].type.tensor_type.shape.dim]
+    data = [{name: (rng.standard_normal(shape) * (10.0 if i % 4 == 3 else 1.0)).astype(np.float32)}
+            for i in range(32)]
+    with pytest.raises(BudgetError) as e:
+        optimize(m, passes=["t_clip_input"], data=data, budget="cosine>=0.999")
+    msg = str(e.value)
+    assert msg.startswith("budget cosine>=0.999 not met on the 8 test samples")
+    assert "(the selection samples hold it, cosine=" in msg and "roles go by file order" in msg
+    assert e.value.report.selection_fidelity["cosine"] >= 0.999 > e.value.report.fidelity["cosine"]

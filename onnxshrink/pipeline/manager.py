@@ -543,6 +543,15 @@ class PassManager:
             on = f" on the {len(test)} test samples" if test is not val else ""
             missed = (f"budget {self.budget} not met{on}: {self.budget.metric}="
                       f"{report.fidelity.get(self.budget.metric):.5g} after all passes")
+            sel = report.selection_fidelity
+            if test is not val and sel and self.budget.holds(sel, self.baseline):
+                roles = ("selection and test come from --val: check its samples are like --calib's and not "
+                         "ordered in pairs" if self.val_data is not None else
+                         "roles go by file order (of every four files: calibration, selection, calibration, "
+                         "test), so files ordered in cycles of 2, 4 or 8 give each role other inputs; shuffle "
+                         "the file names, or hold samples out with --val")
+                missed += (f" (the selection samples hold it, {self.budget.metric}={sel.get(self.budget.metric):.5g}: "
+                           f"test samples reading lower may be unlike them; {roles})")
         if verdict and not verdict.get("ok", True):
             raise BudgetError(f"target {self.target.name}: {'; '.join(verdict['problems'])}"
                               + (f"; and the {missed}" if missed else "")
