@@ -191,8 +191,11 @@ def _write_report(report, path, html_path=None) -> None:
 
 
 def _console():
+    """The terminal's console; piped (a CI log, a pipeline), its one-line statements (fidelity,
+    budget, speed, placement, warnings) stay one line each, so a script can grep them whole."""
     from rich.console import Console
-    return Console(stderr=False, width=max(100, min(160, shutil.get_terminal_size((120, 40)).columns)))
+    return Console(stderr=False, width=max(100, min(160, shutil.get_terminal_size((120, 40)).columns)),
+                   soft_wrap=not sys.stdout.isatty())
 
 
 @cli.command(name="explain")

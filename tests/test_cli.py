@@ -302,3 +302,13 @@ def test_e2e_demo_cleanup(tmp_path):
     assert rep["passes"][0]["status"] == "applied"
     assert rep["after"]["nodes"] < rep["before"]["nodes"]
     assert snapshot(demo) == snap
+
+
+def test_piped_status_lines_stay_whole(tmp_path, mlp_file, calib):
+    """Piped output keeps each statement on one line (it wrapped at 120 columns: the budget verdict
+    landed on a line of its own, and `grep ^fidelity` missed it)."""
+    r = run_cli("optimize", mlp_file, tmp_path / "o.onnx", "--calib", calib, "-p", "t_noise", "-o",
+                "t_noise.ratio=0.01", "--budget", "cosine>=0.9")
+    assert r.code == 0, r.err
+    fid = [ln for ln in r.out.splitlines() if ln.startswith("fidelity (")]
+    assert len(fid) == 1 and fid[0].rstrip().endswith("budget cosine>=0.9: PASSED") and len(fid[0]) > 120
