@@ -1,8 +1,10 @@
-"""Reading constant values and attributes off onnx-graphsurgeon nodes and tensors."""
+"""Reading constant values and attributes off onnx-graphsurgeon nodes and tensors, and a tensor's sole
+consumer."""
 
 from __future__ import annotations
 
-__all__ = ["constant_value", "node_attr", "is_constant", "is_weight_decode", "clip_range", "NARROW_INTS"]
+__all__ = ["constant_value", "node_attr", "is_constant", "is_weight_decode", "clip_range", "sole_consumer",
+           "NARROW_INTS"]
 
 import numpy as np
 import onnx
@@ -32,6 +34,14 @@ def constant_value(t, numeric_attrs: bool = False) -> np.ndarray | None:
                 if k in attrs:
                     return np.asarray(attrs[k])
     return None
+
+
+def sole_consumer(t, graph_outputs=()) -> "gs.Node | None":
+    """The one node reading ``t``; None when no node or several do, or when ``t`` is a graph output
+    (``graph_outputs``: the ids of the graph's output tensors, when a caller needs that checked)."""
+    if len(t.outputs) != 1 or id(t) in graph_outputs:
+        return None
+    return t.outputs[0]
 
 
 def node_attr(node: gs.Node, name: str, default):

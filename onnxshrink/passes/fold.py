@@ -28,7 +28,7 @@ __all__ = ["FoldPass", "fold_linear_pairs"]
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.values import constant_value, node_attr
+from onnxshrink.graph.values import constant_value, node_attr, sole_consumer
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.registry import register
 
@@ -48,12 +48,6 @@ class FoldPass(Pass):
         stats = {"folded": recs}
         reason = "" if recs else "no consecutive linear pair whose merged form is cheaper"
         return PassResult(graph, bool(recs), stats, reason=reason)
-
-
-def _sole_consumer(t: gs.Tensor, graph_outputs: set) -> gs.Node | None:
-    if id(t) in graph_outputs or len(t.outputs) != 1:
-        return None
-    return t.outputs[0]
 
 
 def _affine(node: gs.Node):
@@ -96,7 +90,7 @@ def _fold_affine(graph: gs.Graph, first: gs.Node, outs: set) -> dict | None:
         return None
     x, P1, q1, k1 = a
     t = first.outputs[0]
-    nxt = _sole_consumer(t, outs)
+    nxt = sole_consumer(t, outs)
     add = None
     if nxt is not None and nxt.op == "Add" and q1 is None:
         other = nxt.inputs[1] if nxt.inputs[0] is t else nxt.inputs[0]
@@ -105,7 +99,7 @@ def _fold_affine(graph: gs.Graph, first: gs.Node, outs: set) -> dict | None:
             return None
         add, q1, bias_shape = nxt, b.astype(np.float64), b.shape
         t = nxt.outputs[0]
-        nxt = _sole_consumer(t, outs)
+        nxt = sole_consumer(t, outs)
     if nxt is None:
         return None
     a2 = _affine(nxt)
@@ -179,7 +173,7 @@ def _fold_conv(graph: gs.Graph, first: gs.Node, outs: set) -> dict | None:
     if c1 is None:
         return None
     t = first.outputs[0]
-    nxt = _sole_consumer(t, outs)
+    nxt = sole_consumer(t, outs)
     if nxt is None:
         return None
     c2 = _conv_info(nxt)

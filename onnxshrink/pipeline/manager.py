@@ -536,8 +536,7 @@ class PassManager:
                                  "after": measure_latency(current, io.feeds([feeds])[0])}
             clock.lap("latency")
         verdict = (report.target_report or {}).get("verdict") or {}
-        report.warnings.extend(f"target {self.target.name}: {n}" for n in verdict.get("notes", [])
-                               if f"target {self.target.name}: {n}" not in report.warnings)
+        report.warnings.extend(f"target {self.target.name}: {n}" for n in verdict.get("notes", []))
         missed = None
         if self.budget is not None and not report.budget_met:
             on = f" on the {len(test)} test samples" if test is not val else ""

@@ -181,7 +181,7 @@ def fold_static_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     round left 2776 nodes (295 Shape, 90 Range), five leave 593 (2 Shape), and its QNN coverage
     check no longer rejects what the HTP itself takes."""
     before = op_counts(model)
-    out, rounds = model, 0
+    out, counts, rounds = model, before, 0
     for rounds in range(1, FOLD_ROUNDS + 1):
         m = infer_shapes(out, data_prop=True)
         g = gs.import_onnx(m)
@@ -192,10 +192,11 @@ def fold_static_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
             return model, {"changed": False, "error": "onnx-graphsurgeon too old for QDQ-safe folding"}
         g.cleanup(remove_unused_graph_inputs=False).toposort()
         folded = export_graph(g, out)
-        if op_counts(folded) == op_counts(out):
+        folded_counts = op_counts(folded)
+        if folded_counts == counts:
             break
-        out = folded
-    after = op_counts(out)
+        out, counts = folded, folded_counts
+    after = counts
     if after == before:
         return model, {"changed": False, "nodes": sum(before.values())}
     removed = {k: before[k] - after.get(k, 0) for k in before if before[k] > after.get(k, 0)}

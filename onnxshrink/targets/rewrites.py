@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.values import constant_value
+from onnxshrink.graph.values import constant_value, sole_consumer
 from onnxshrink.model import copy_model_fields
 from onnxshrink.targets.profiles import target_has_op
 
@@ -202,33 +202,34 @@ def _fuse_gelu(g: gs.Graph) -> int:
     QNN HTP takes both and has no Erf, checked on its simulator). Every intermediate must feed only
     the next step."""
     n = 0
+    outs = {id(t) for t in g.outputs}
     for erf in [x for x in g.nodes if x.op == "Erf"]:
         if not erf.outputs or is_quantized_node(erf):
             continue
         pre = _only_producer(erf.inputs[0])
-        x = _scaled(pre, 1 / math.sqrt(2)) if pre is not None and _only_consumer(erf.inputs[0], g) is erf else None
-        add = _only_consumer(erf.outputs[0], g)
+        x = _scaled(pre, 1 / math.sqrt(2)) if pre is not None and sole_consumer(erf.inputs[0], outs) is erf else None
+        add = sole_consumer(erf.outputs[0], outs)
         if x is None or add is None or add.op != "Add" or _other_constant(add, erf.outputs[0]) != 1.0:
             continue
         a = add.outputs[0]
-        m1 = _only_consumer(a, g)
+        m1 = sole_consumer(a, outs)
         if m1 is None or m1.op != "Mul":
             continue
         other = _other_input(m1, a)
         if other is x:                                  # x * (1 + erf) * 0.5
-            m2 = _only_consumer(m1.outputs[0], g)
+            m2 = sole_consumer(m1.outputs[0], outs)
             ok = m2 is not None and m2.op == "Mul" and _other_constant(m2, m1.outputs[0]) == 0.5
             removed = [pre, erf, add, m1, m2]
         elif _other_constant(m1, a) == 0.5:             # x * ((1 + erf) * 0.5)
-            m2 = _only_consumer(m1.outputs[0], g)
+            m2 = sole_consumer(m1.outputs[0], outs)
             ok = m2 is not None and m2.op == "Mul" and _other_input(m2, m1.outputs[0]) is x
             removed = [pre, erf, add, m1, m2]
         else:                                           # (x * 0.5) * (1 + erf)
             half = _only_producer(other) if other is not None else None
             ok = half is not None and half.op == "Mul" and _scaled(half, 0.5) is x and \
-                _only_consumer(other, g) is m1
+                sole_consumer(other, outs) is m1
             m2, removed = m1, [half, pre, erf, add, m1]
-        if not ok or any(t in g.outputs for r in removed[:-1] for t in r.outputs):
+        if not ok or any(id(t) in outs for r in removed[:-1] for t in r.outputs):
             continue
         y = m2.outputs[0]
         if y.dtype is None and x.dtype is not None:  # com.microsoft Gelu has no ONNX shape inference
@@ -246,10 +247,6 @@ def _only_producer(t):
     return t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
 
 
-def _only_consumer(t, g):
-    return t.outputs[0] if len(t.outputs) == 1 and t not in g.outputs else None
-
-
 def _other_input(node, t):
     """The input of a two-input ``node`` that is not ``t`` (None when ``t`` is not one of them)."""
     if len(node.inputs) != 2 or not any(i is t for i in node.inputs):
@@ -259,7 +256,8 @@ def _other_input(node, t):
 
 def _other_constant(node, t):
     """The scalar constant ``node`` combines with ``t`` (rounded to float32's 6 digits), or None."""
-    v = constant_value(_other_input(node, t)) if _other_input(node, t) is not None else None
+    other = _other_input(node, t)
+    v = constant_value(other) if other is not None else None
     if v is None or v.size != 1 or v.dtype.kind != "f":
         return None
     return round(float(v.reshape(-1)[0]), 6)

@@ -35,8 +35,7 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import InputError
 from onnxshrink.graph.shapes import infer_shapes
-from onnxshrink.graph.values import clip_range, constant_value
-from onnxshrink.passes.quantize.prepare import sole_consumer
+from onnxshrink.graph.values import clip_range, constant_value, sole_consumer
 
 # ops whose presence means the model is already quantized
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",

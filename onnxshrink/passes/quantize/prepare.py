@@ -10,7 +10,7 @@ node named."""
 
 from __future__ import annotations
 
-__all__ = ["prepare_float_graph", "sole_consumer"]
+__all__ = ["prepare_float_graph"]
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -54,11 +54,6 @@ def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False) -> dict:
         seen.add(node.name)
     graph.toposort()
     return stats
-
-
-def sole_consumer(t) -> "gs.Node | None":
-    """The one node reading ``t``; None when no node or several do."""
-    return t.outputs[0] if len(t.outputs) == 1 else None
 
 
 def _div_to_mul(graph: gs.Graph) -> int:
