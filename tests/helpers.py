@@ -50,6 +50,38 @@ def small_vit(depth: int = 1) -> onnx.ModelProto:
     return vit_encoder(depth=depth, dim=64, heads=4, hw=32, patch=8)
 
 
+def einsum_attention(seed: int = 0, batch: int | str = 1) -> onnx.ModelProto:
+    """A windowed attention block spelled with Einsum as torchvision's maxvit exports it
+    (``BGHID,BGHJD->BGHIJ`` and ``BGHIJ,BGHJD->BGHID``, 5-D, upper case) between projections spelled as
+    tf2onnx spells Keras' EinsumDense (``bgnc,ce->bgne`` in; ``bghnd,hdc->bgnc`` out, two letters summed), at opset 17:
+    x [batch, 4 windows, 16 tokens, 32] -> q/k/v -> 2 heads of 16 -> softmax attention -> out
+    projection -> + x. ``batch`` a string: a symbolic batch dimension."""
+    from onnx import helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    g_, n_, c_, h_, d_ = 4, 16, 32, 2, 16
+
+    def w(name, *shape, scale=0.2):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+    inits = [w("wq", c_, c_), w("wk", c_, c_), w("wv", c_, c_), w("wo", h_, d_, c_),
+             numpy_helper.from_array(np.array([0, 0, 0, h_, d_], np.int64), "heads"),
+             numpy_helper.from_array(np.array(1 / np.sqrt(d_), np.float32), "scale")]
+    nodes = []
+    for t in ("q", "k", "v"):  # EinsumDense: [b, g, n, c] x [c, c] -> split into heads -> B G H N D
+        nodes += [helper.make_node("Einsum", ["x", f"w{t}"], [f"{t}_flat"], equation="bgnc,ce->bgne"),
+                  helper.make_node("Reshape", [f"{t}_flat", "heads"], [f"{t}_heads"]),
+                  helper.make_node("Transpose", [f"{t}_heads"], [t], perm=[0, 1, 3, 2, 4])]
+    nodes += [helper.make_node("Einsum", ["q", "k"], ["scores"], equation="B G H I D, B G H J D -> B G H I J"),
+              helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+              helper.make_node("Softmax", ["scaled"], ["att"], axis=-1),
+              helper.make_node("Einsum", ["att", "v"], ["ctx"], equation="B G H I J, B G H J D -> B G H I D"),
+              helper.make_node("Einsum", ["ctx", "wo"], ["proj"], equation="bghnd,hdc->bgnc"),
+              helper.make_node("Add", ["proj", "x"], ["y"])]
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, g_, n_, c_])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, g_, n_, c_])
+    graph = helper.make_graph(nodes, "einsum_attention", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def conv_gap_model(activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
     """x [1,3,16,16] -> Conv 3x3 (8 channels, bias) -> ``activation`` -> GlobalAveragePool -> y [1,8,1,1]
     at opset 17: the smallest model a target's quantized path can place end to end."""

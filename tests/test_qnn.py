@@ -172,3 +172,18 @@ def test_a_transformer_with_the_exact_gelu_runs_entirely_on_htp():
     tr = rep.target_report
     assert tr["coverage"]["accepted"] and tr["coverage"]["not_taken"] == 0
     assert tr["qnn_htp"]["accepted"] and tr["qnn_htp"]["fidelity"]["cosine"] > 0.98
+
+
+def test_an_einsum_attention_block_runs_entirely_on_htp():
+    """maxvit's attention (``BGHID,BGHJD->BGHIJ``, upper case, 5-D) between EinsumDense projections:
+    QNN's Einsum builder refuses those equations (torchvision's maxvit_t failed on the simulator) and
+    the quantizer found no weights in them; written as MatMul, the quantized block runs whole on HTP."""
+    from onnxshrink.pipeline.manager import optimize
+    from tests.helpers import einsum_attention, model_samples
+    model = einsum_attention()
+    out, rep = optimize(model, passes=["cleanup", "quantize"], data=model_samples(model, 16),
+                        target=get_target("qnn"), budget="cosine>=0.98")
+    assert "Einsum" not in {n.op_type for n in out.graph.node}
+    tr = rep.target_report
+    assert tr["coverage"]["accepted"] and tr["coverage"]["not_taken"] == 0, tr["coverage"]
+    assert tr["qnn_htp"]["accepted"] and tr["qnn_htp"]["fidelity"]["cosine"] > 0.98, tr["qnn_htp"]

@@ -104,6 +104,8 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
                 if k < len(n.input) and n.input[k] and n.input[k] not in const_names:
                     why = f"shape operand '{n.input[k]}' is computed at run time (QNN needs it constant)"
                     break
+            if why is None and op == "Einsum":
+                why = _qnn_einsum_problem(n)
             if why is None and op not in QDQ_OPS and not profile.float_ops_run:
                 fin = [i for i in n.input if i and i not in const_names and types.get(i, (0,))[0] in float_types]
                 fout = [o for o in n.output if o and types.get(o, (0,))[0] in float_types]
@@ -321,6 +323,34 @@ def _xnnpack_placement(g, names, taken, reasons, producers, consumers, inits, ty
         if line not in rejections:
             rejections.append(line)
     return cpu_integer, rejections
+
+
+def _qnn_einsum_problem(node: onnx.NodeProto) -> str | None:
+    """Why the QNN EP's Einsum builder refuses ``node`` (None when it takes it), as its
+    ``IsOpSupported`` decides (onnxruntime ``qnn/builder/opbuilder/einsum_op_builder.cc``): two
+    terms and a result of two or more lowercase letters each, in one of four patterns: MatMul
+    (``...mk,...kn->...mn``), MatMul with the second operand transposed (``...mk,...nk->...mn``),
+    rank 4 with every operand transposed (``bchq,bkhc->bkhq``) and rank 4 by rank 3 broadcast
+    (``bhwc,hkc->bhwk``). Terms of unequal length are refused in the first two patterns (the
+    builder indexes them as equal)."""
+    eq = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
+    lhs, arrow, res = eq.partition("->")
+    a, comma, b = lhs.partition(",")
+    why = (f"the QNN EP's Einsum builder takes only lowercase batched-MatMul equations "
+           f"(ij,jk->ik; ij,kj->ik; bchq,bkhc->bkhq; bhwc,hkc->bhwk), not '{eq}'")
+    if not (arrow and comma) or any(len(t) < 2 or not (t.isascii() and t.isalpha() and t.islower())
+                                    for t in (a, b, res)):
+        return why
+    if len(a) == len(b) == len(res) and a[:-2] == b[:-2] == res[:-2] and a[-2] == res[-2] and \
+            (a[-1] == b[-2] and b[-1] == res[-1] or a[-1] == b[-1] and b[-2] == res[-1]):
+        return None  # MatMul, MatMul with the second operand transposed
+    if len(a) == len(b) == len(res) == 4 and a[0] == b[0] == res[0] and a[3] == res[3] and a[1] == b[3] and \
+            b[1] == res[1]:
+        return None  # every operand transposed
+    if (len(a), len(b), len(res)) == (4, 3, 4) and a[2] == res[2] and a[3] == b[2] and b[1] == res[3] and \
+            a[0] == res[0] and a[1] == res[1] and b[0] == res[1]:
+        return None  # rank 4 by rank 3, broadcast
+    return why
 
 
 def _reason_kind(reason: str) -> str:

@@ -179,9 +179,12 @@ TARGETS: dict[str, TargetProfile] = {
         weight_dtype="int8", symmetric_weights=True,
         per_channel=True, static_shapes=True, opset_min=13, opset_max=21, ops=QNN_HTP_OPS,
         float_ops_run=False, fallback_ok=False, max_rank=5, htp_arch=73, contrib_ops=frozenset({"Gelu"}),
+        rewrites=("einsum_to_matmul",),
         notes=("HTP runs quantized graphs only: uint8 or uint16 asymmetric activations, int8 symmetric "
                "per-channel or uint8 per-tensor weights, int32 bias",
-               "static shapes; Shape/Range/ConstantOfShape have no QNN builder and must fold away")),
+               "static shapes; Shape/Range/ConstantOfShape have no QNN builder and must fold away",
+               "Einsum: the QNN EP takes four lowercase batched-MatMul equations only; every Einsum that is a "
+               "batched matrix product is written as MatMul first")),
     "openvino": TargetProfile(
         "openvino", "Intel OpenVINO EP", "OpenVINOExecutionProvider",
         activation_dtype="uint8", per_channel=True, fp16=True, ops=None, qdq_placement="inputs", x86_int8=True,

@@ -11,6 +11,7 @@ Decompositions of ops a target lacks, and fusions a target prefers; each is exac
         with W'[(a*s + b)*O + o, c] = W[c, o, a, b]
     Resize(X, "", scales) -> Resize(X, roi=[], scales)
     x * 0.5 * (1 + Erf(x / sqrt 2))  ->  Gelu(x)          (com.microsoft below opset 20)
+    Einsum(A, B) = Transpose/Reshape(MatMul(A', B'))      (a batched matrix product; graph.einsum)
 
 A node inside a QDQ group (fed by DequantizeLinear, feeding QuantizeLinear) is never split,
 since the new intermediate tensors would be float: such ops are rewritten before quantization
@@ -32,6 +33,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.einsum import einsum_to_matmul
+from onnxshrink.graph.fresh import FreshNames
 from onnxshrink.graph.values import constant_value, sole_consumer
 from onnxshrink.model import copy_model_fields
 from onnxshrink.targets.profiles import target_has_op
@@ -366,6 +369,11 @@ def _fill_empty_resize_inputs(g: gs.Graph) -> int:
     return n
 
 
+def _einsum_to_matmul(g: gs.Graph) -> int:
+    """Every Einsum that is a batched matrix product as MatMul (``graph.einsum``), outside QDQ groups."""
+    return einsum_to_matmul(g, FreshNames(g).fresh, skip=is_quantized_node)
+
+
 # name -> (function, ops it removes, ops it needs); defined after the functions it names
 REWRITES = {
     "decompose_hardswish": (_decompose_hardswish, ("HardSwish",), ("HardSigmoid", "Mul")),
@@ -377,10 +385,11 @@ REWRITES = {
     "fuse_gelu": (_fuse_gelu, ("Erf",), ("Gelu",)),
     "convtranspose_to_conv_depthtospace": (_convtranspose_to_conv_depthtospace, ("ConvTranspose",),
                                            ("Conv", "DepthToSpace")),
+    "einsum_to_matmul": (_einsum_to_matmul, ("Einsum",), ("MatMul",)),
 }
 # the rewrites that replace an op by others: applied whenever the target lacks the op and has the others
 DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matmul",
-                  "convtranspose_to_conv_depthtospace", "fuse_gelu")
+                  "convtranspose_to_conv_depthtospace", "fuse_gelu", "einsum_to_matmul")
 
 
 def is_quantized_node(node: gs.Node) -> bool:

@@ -5,7 +5,8 @@ Order: Constant nodes to initializers; up to four rounds of shape folding and co
 guard needs); identical initializers merged (so equal constants make equal nodes); then local
 rewrites to a fixed point (Identity/Dropout removal, hard-sigmoid and hard-swish chains fused into
 HardSigmoid, BatchNorm and scale/bias folds backward and
-forward, ConstantOfShape and constant-chain folds, duplicate nodes merged); dead code removed.
+forward, ConstantOfShape and constant-chain folds, two-operand Einsums that are batched matrix
+products written as MatMul (``graph.einsum``), duplicate nodes merged); dead code removed.
 The steps live in ``constants``, ``folding``, ``shapes``, ``activations``, ``affine``, ``dedup`` and
 ``dead``.
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.convert import graph_to_skeleton
+from onnxshrink.graph.einsum import einsum_to_matmul
 from onnxshrink.passes.base import Context, Pass, PassResult
 from onnxshrink.passes.cleanup.activations import fuse_hard_activations
 from onnxshrink.passes.cleanup.affine import (
@@ -54,7 +56,7 @@ REWRITE_ROUNDS = 20
 REWRITE_STATS = ("identity_removed", "dropout_removed", "hard_activations_fused",
                  "bn_folded", "bn_folded_forward", "scale_bias_folded",
                  "constant_of_shape_folded", "constant_chains_folded", "duplicate_nodes_merged",
-                 "scale_bias_folded_forward")
+                 "scale_bias_folded_forward", "einsum_to_matmul")
 SIZE_STATS = ("nodes_before", "nodes_after", "initializers_before", "initializers_after")
 
 
@@ -84,6 +86,9 @@ class CleanupOptions:
         "help": "fold Add/Sub/Mul/Div of a ConstantOfShape by a one-element constant into its fill value"})
     fold_constant_chains: bool = field(default=True, metadata={
         "help": "merge consecutive Mul/Div (or Add/Sub) by constants into one (x*a/b -> x*(a/b))"})
+    einsum_to_matmul: bool = field(default=True, metadata={
+        "help": "write two-operand Einsums that are batched matrix products as Transpose/Reshape + MatMul "
+                "(exact; integer kernels and every EP take MatMul; graph/einsum.py)"})
     merge_duplicate_nodes: bool = field(default=True, metadata={
         "help": "merge nodes with the same op, attributes and inputs (common subexpressions)"})
     remove_identity: bool = field(default=True, metadata={"help": "remove Identity and inference Dropout"})
@@ -214,6 +219,8 @@ def _rewrite_to_fixed_point(graph: gs.Graph, o: CleanupOptions, names: FreshName
                 steps.append(("constant_of_shape_folded", fold_constant_of_shape(sub, graph, names)))
             if o.fold_constant_chains:
                 steps.append(("constant_chains_folded", fold_constant_chains(sub, graph, names)))
+            if o.einsum_to_matmul:
+                steps.append(("einsum_to_matmul", einsum_to_matmul(sub, names.fresh)))
             if o.merge_duplicate_nodes:
                 steps.append(("duplicate_nodes_merged", merge_duplicate_nodes(sub, graph)))
             for key, k in steps:

@@ -1,7 +1,8 @@
-"""Rewriting primitives the cleanup steps share: walking a graph with its If/Loop/Scan subgraphs,
-the graph-boundary tensors (inputs and outputs of every (sub)graph) a rewrite must keep, fresh
-names, and rewiring consumers. Tensors are shared objects across scopes, so a tensor's consumer
-list includes uses inside subgraphs and a rewrite in one scope is seen by all of them."""
+"""Rewriting primitives the cleanup steps share: walking a graph with its If/Loop/Scan subgraphs and
+fresh names (both from ``graph.fresh``), the graph-boundary tensors (inputs and outputs of every
+(sub)graph) a rewrite must keep, and rewiring consumers. Tensors are shared objects across scopes, so
+a tensor's consumer list includes uses inside subgraphs and a rewrite in one scope is seen by all of
+them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from onnxshrink.graph.fresh import FreshNames, all_graphs
+
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 # never folded or merged: nondeterministic, sequence/optional producing, or stateful
@@ -22,14 +25,6 @@ NO_FOLD_OPS = {
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
     "Dropout", "Loop", "Scan", "If",
 }
-
-
-def all_graphs(graph: gs.Graph):
-    """The graph and every nested subgraph (If/Loop/Scan bodies), outermost first."""
-    yield graph
-    for node in graph.nodes:
-        for sub in node.subgraphs():
-            yield from all_graphs(sub)
 
 
 def count_nodes(graph: gs.Graph) -> int:
@@ -103,27 +98,3 @@ def quiet_gs():
         yield
     finally:
         G_LOGGER.severity = old
-
-
-class FreshNames:
-    """Names not yet used by any tensor or node of a graph (subgraphs included): new tensors never
-    collide with existing ones, in any scope."""
-
-    def __init__(self, graph: gs.Graph):
-        self.used: set[str] = set()
-        for sub in all_graphs(graph):
-            self.used.update(sub.tensors().keys())
-            self.used.update(n.name for n in sub.nodes if n.name)
-
-    def fresh(self, base: str) -> str:
-        """``base``, or ``base_<i>`` with the first free ``i``; reserved from now on."""
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
-
-    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
-        """A new initializer with a fresh name."""
-        return gs.Constant(self.fresh(base), np.ascontiguousarray(values))

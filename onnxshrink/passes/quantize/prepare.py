@@ -15,12 +15,12 @@ __all__ = ["prepare_float_graph"]
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.fresh import FreshNames
 from onnxshrink.graph.precision import upcast_low_float
 from onnxshrink.graph.values import constant_value
 from onnxshrink.passes.cleanup.activations import fuse_hard_activations
 from onnxshrink.passes.cleanup.affine import fold_into_preceding_linear
 from onnxshrink.passes.cleanup.constants import constants_to_initializers
-from onnxshrink.passes.cleanup.rewrite import FreshNames
 
 
 def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False) -> dict:
