@@ -795,3 +795,62 @@ def test_hard_activation_fusion_can_be_disabled():
     assert "HardSigmoid" not in ops(out)
     _, out = cleanup(m)
     assert ops(out) == ["HardSigmoid", "Mul"]
+
+
+# ---------------------------------------------------------------------------------------- fold_pad
+
+
+def _pad_model(pads, user="Conv", value=None, mode=None, opset=17, user_attrs=None, extra_reader=False):
+    """x [1, 3, 9, 9] -> Relu -> Pad(pads[, value]) -> user (Conv 3x3 stride 2 / a pool) -> y."""
+    rng = _rng(5)
+    inits = {"pads": np.array(pads, np.int64)}
+    pad_inputs = ["r", "pads"]
+    if value is not None:
+        inits["pv"] = np.array(value, np.float32)
+        pad_inputs.append("pv")
+    pad_attrs = {"mode": mode} if mode else {}
+    if opset < 11:
+        pad_inputs = ["r"]
+        pad_attrs = {"pads": list(pads), **({"value": float(value)} if value is not None else {}), **pad_attrs}
+        del inits["pads"]
+        inits.pop("pv", None)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Pad", pad_inputs, ["p"], **pad_attrs)]
+    if user == "Conv":
+        inits["w"] = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+        nodes.append(helper.make_node("Conv", ["p", "w"], ["y"], strides=[2, 2], **(user_attrs or {})))
+    else:
+        nodes.append(helper.make_node(user, ["p"], ["y"], kernel_shape=[3, 3], strides=[2, 2], **(user_attrs or {})))
+    outputs = [("y", F, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Neg", ["p"], ["z"]))
+        outputs.append(("z", F, None))
+    return make(nodes, [("x", F, [1, 3, 9, 9])], outputs, inits=inits, opset=opset)
+
+
+@pytest.mark.parametrize("case", [
+    dict(pads=[0, 0, 0, 0, 0, 0, 1, 1]),                                        # Keras' "same", stride 2
+    dict(pads=[0, 0, 1, 2, 0, 0, 2, 1], user_attrs={"pads": [1, 0, 0, 1]}),      # added to the Conv's own pads
+    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.0),                              # an explicit zero value
+    dict(pads=[0, 0, 0, 0, 0, 0, 1, 1], opset=10),                               # the attribute form
+    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], user="AveragePool", user_attrs={"count_include_pad": 1}),
+])
+def test_a_zero_pad_folds_into_the_conv_or_counting_average_pool_reading_it(case):
+    m = _pad_model(**case)
+    res, out = cleanup(m)
+    assert res.stats["pads_folded"] == 1 and "Pad" not in ops(out)
+    assert_same(m, out)
+
+
+@pytest.mark.parametrize("case", [
+    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.5),                              # not zero
+    dict(pads=[0, 1, 0, 0, 0, 0, 0, 0], user="AveragePool", user_attrs={"count_include_pad": 1}),  # channels
+    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="reflect"),
+    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], user="MaxPool"),                         # MaxPool pads with -inf
+    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], user="AveragePool"),                     # padding not counted
+    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], extra_reader=True),                      # another node reads the Pad
+])
+def test_a_pad_the_conv_cannot_take_stays(case):
+    m = _pad_model(**case)
+    res, out = cleanup(m)
+    assert res.stats["pads_folded"] == 0 and "Pad" in ops(out)
+    assert_same(m, out)

@@ -5,10 +5,11 @@ Order: Constant nodes to initializers; up to four rounds of shape folding and co
 guard needs); identical initializers merged (so equal constants make equal nodes); then local
 rewrites to a fixed point (Identity/Dropout removal, hard-sigmoid and hard-swish chains fused into
 HardSigmoid, BatchNorm and scale/bias folds backward and
-forward, ConstantOfShape and constant-chain folds, two-operand Einsums that are batched matrix
-products written as MatMul (``graph.einsum``), duplicate nodes merged); dead code removed.
-The steps live in ``constants``, ``folding``, ``shapes``, ``activations``, ``affine``, ``dedup`` and
-``dead``.
+forward, zero Pads folded into the Conv or AveragePool reading them, ConstantOfShape and
+constant-chain folds, two-operand Einsums that are batched matrix products written as MatMul
+(``graph.einsum``), duplicate nodes merged); dead code removed.
+The steps live in ``constants``, ``folding``, ``shapes``, ``activations``, ``affine``, ``padding``,
+``dedup`` and ``dead``.
 
 Graph inputs, outputs (names, order, types), opsets and metadata stay as they were; initializers
 that are also graph inputs of an IR >= 4 model (overridable defaults) are never folded.
@@ -46,6 +47,7 @@ from onnxshrink.passes.cleanup.interface import (
     restore_io,
     restore_protected,
 )
+from onnxshrink.passes.cleanup.padding import fold_pad
 from onnxshrink.passes.cleanup.rewrite import FreshNames, all_graphs, count_nodes, quiet_gs
 from onnxshrink.passes.cleanup.shapes import InferredShapes, fold_shapes
 from onnxshrink.passes.registry import register
@@ -56,7 +58,7 @@ REWRITE_ROUNDS = 20
 REWRITE_STATS = ("identity_removed", "dropout_removed", "hard_activations_fused",
                  "bn_folded", "bn_folded_forward", "scale_bias_folded",
                  "constant_of_shape_folded", "constant_chains_folded", "duplicate_nodes_merged",
-                 "scale_bias_folded_forward", "einsum_to_matmul")
+                 "scale_bias_folded_forward", "einsum_to_matmul", "pads_folded")
 SIZE_STATS = ("nodes_before", "nodes_after", "initializers_before", "initializers_after")
 
 
@@ -86,6 +88,9 @@ class CleanupOptions:
         "help": "fold Add/Sub/Mul/Div of a ConstantOfShape by a one-element constant into its fill value"})
     fold_constant_chains: bool = field(default=True, metadata={
         "help": "merge consecutive Mul/Div (or Add/Sub) by constants into one (x*a/b -> x*(a/b))"})
+    fold_pad: bool = field(default=True, metadata={
+        "help": "fold a constant zero Pad of the spatial axes into the Conv (or padding-counting AveragePool) "
+                "reading it (exact; Keras' ZeroPadding2D)"})
     einsum_to_matmul: bool = field(default=True, metadata={
         "help": "write two-operand Einsums that are batched matrix products as Transpose/Reshape + MatMul "
                 "(exact; integer kernels and every EP take MatMul; graph/einsum.py)"})
@@ -221,6 +226,8 @@ def _rewrite_to_fixed_point(graph: gs.Graph, o: CleanupOptions, names: FreshName
                 steps.append(("constant_chains_folded", fold_constant_chains(sub, graph, names)))
             if o.einsum_to_matmul:
                 steps.append(("einsum_to_matmul", einsum_to_matmul(sub, names.fresh)))
+            if o.fold_pad:
+                steps.append(("pads_folded", fold_pad(sub, graph)))
             if o.merge_duplicate_nodes:
                 steps.append(("duplicate_nodes_merged", merge_duplicate_nodes(sub, graph)))
             for key, k in steps:
