@@ -800,8 +800,9 @@ def test_hard_activation_fusion_can_be_disabled():
 # ---------------------------------------------------------------------------------------- fold_pad
 
 
-def _pad_model(pads, user="Conv", value=None, mode=None, opset=17, user_attrs=None, extra_reader=False):
-    """x [1, 3, 9, 9] -> Relu -> Pad(pads[, value]) -> user (Conv 3x3 stride 2 / a pool) -> y."""
+def _pad_model(pads, user="Conv", value=None, mode=None, opset=17, user_attrs=None, extra_reader=False,
+               producer="Relu"):
+    """x [1, 3, 9, 9] -> ``producer`` -> Pad(pads[, value]) -> user (Conv 3x3 stride 2 / a pool) -> y."""
     rng = _rng(5)
     inits = {"pads": np.array(pads, np.int64)}
     pad_inputs = ["r", "pads"]
@@ -814,7 +815,7 @@ def _pad_model(pads, user="Conv", value=None, mode=None, opset=17, user_attrs=No
         pad_attrs = {"pads": list(pads), **({"value": float(value)} if value is not None else {}), **pad_attrs}
         del inits["pads"]
         inits.pop("pv", None)
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Pad", pad_inputs, ["p"], **pad_attrs)]
+    nodes = [helper.make_node(producer, ["x"], ["r"]), helper.make_node("Pad", pad_inputs, ["p"], **pad_attrs)]
     if user == "Conv":
         inits["w"] = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
         nodes.append(helper.make_node("Conv", ["p", "w"], ["y"], strides=[2, 2], **(user_attrs or {})))
@@ -833,6 +834,7 @@ def _pad_model(pads, user="Conv", value=None, mode=None, opset=17, user_attrs=No
     dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.0),                              # an explicit zero value
     dict(pads=[0, 0, 0, 0, 0, 0, 1, 1], opset=10),                               # the attribute form
     dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], user="AveragePool", user_attrs={"count_include_pad": 1}),
+    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], user="MaxPool"),                         # of a Relu's output: >= 0
 ])
 def test_a_zero_pad_folds_into_the_conv_or_counting_average_pool_reading_it(case):
     m = _pad_model(**case)
@@ -845,7 +847,8 @@ def test_a_zero_pad_folds_into_the_conv_or_counting_average_pool_reading_it(case
     dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.5),                              # not zero
     dict(pads=[0, 1, 0, 0, 0, 0, 0, 0], user="AveragePool", user_attrs={"count_include_pad": 1}),  # channels
     dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="reflect"),
-    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], user="MaxPool"),                         # MaxPool pads with -inf
+    dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], user="MaxPool", producer="Neg"),          # MaxPool of values < 0
+    dict(pads=[0, 0, 3, 3, 0, 0, 3, 3], user="MaxPool"),                         # a window all padding
     dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], user="AveragePool"),                     # padding not counted
     dict(pads=[0, 0, 1, 1, 0, 0, 1, 1], extra_reader=True),                      # another node reads the Pad
 ])
