@@ -82,6 +82,32 @@ def einsum_attention(seed: int = 0, batch: int | str = 1) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def window_partition_block(seed: int = 0) -> onnx.ModelProto:
+    """Swin's window partition around a MatMul, at opset 17: x [1, 8, 8, 16] -> Reshape to 6-D
+    [1, 2, 4, 2, 4, 16] -> Transpose (0, 1, 3, 2, 4, 5) -> [8, 16, 16] tokens per window -> MatMul
+    [16, 16] -> back through the 6-D Reshape/Transpose -> + x: two 6-D Transposes, above QNN's and
+    CoreML's rank limit of 5."""
+    from onnx import helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 2, 4, 2, 4, 16], np.int64), "win6"),
+             numpy_helper.from_array(np.array([-1, 16, 16], np.int64), "tokens"),
+             numpy_helper.from_array(np.array([1, 2, 2, 4, 4, 16], np.int64), "grid6"),
+             numpy_helper.from_array(np.array([1, 8, 8, 16], np.int64), "image")]
+    nodes = [helper.make_node("Reshape", ["x", "win6"], ["w6"]),
+             helper.make_node("Transpose", ["w6"], ["wt"], perm=[0, 1, 3, 2, 4, 5]),
+             helper.make_node("Reshape", ["wt", "tokens"], ["tok"]),
+             helper.make_node("MatMul", ["tok", "w"], ["mixed"]),
+             helper.make_node("Reshape", ["mixed", "grid6"], ["g6"]),
+             helper.make_node("Transpose", ["g6"], ["gt"], perm=[0, 1, 3, 2, 4, 5]),
+             helper.make_node("Reshape", ["gt", "image"], ["back"]),
+             helper.make_node("Add", ["back", "x"], ["y"])]
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 8, 16])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 8, 16])
+    graph = helper.make_graph(nodes, "window_partition", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def conv_gap_model(activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
     """x [1,3,16,16] -> Conv 3x3 (8 channels, bias) -> ``activation`` -> GlobalAveragePool -> y [1,8,1,1]
     at opset 17: the smallest model a target's quantized path can place end to end."""

@@ -187,3 +187,17 @@ def test_an_einsum_attention_block_runs_entirely_on_htp():
     tr = rep.target_report
     assert tr["coverage"]["accepted"] and tr["coverage"]["not_taken"] == 0, tr["coverage"]
     assert tr["qnn_htp"]["accepted"] and tr["qnn_htp"]["fidelity"]["cosine"] > 0.98, tr["qnn_htp"]
+
+
+def test_a_rank_six_window_partition_runs_entirely_on_htp():
+    """Swin's 6-D window partition around a MatMul: written at rank 4 by the target's preparation
+    (QNN takes rank 5 at most), the quantized block runs whole on the HTP simulator."""
+    from onnxshrink.pipeline.manager import optimize
+    from tests.helpers import model_samples, window_partition_block
+    model = window_partition_block()
+    out, rep = optimize(model, passes=["cleanup", "quantize"], data=model_samples(model, 16),
+                        target=get_target("qnn"), budget="cosine>=0.98")
+    assert max(len(n.attribute[0].ints) for n in out.graph.node if n.op_type == "Transpose") == 4
+    tr = rep.target_report
+    assert tr["coverage"]["accepted"] and tr["coverage"]["not_taken"] == 0, tr["coverage"]
+    assert tr["qnn_htp"]["accepted"] and tr["qnn_htp"]["fidelity"]["cosine"] > 0.98, tr["qnn_htp"]

@@ -12,6 +12,7 @@ Decompositions of ops a target lacks, and fusions a target prefers; each is exac
     Resize(X, "", scales) -> Resize(X, roi=[], scales)
     x * 0.5 * (1 + Erf(x / sqrt 2))  ->  Gelu(x)          (com.microsoft below opset 20)
     Einsum(A, B) = Transpose/Reshape(MatMul(A', B'))      (a batched matrix product; graph.einsum)
+    Transpose(x, perm) = Reshape(Transpose(Reshape(x, S'), perm'))   (above the target's rank limit; graph.rank)
 
 A node inside a QDQ group (fed by DequantizeLinear, feeding QuantizeLinear) is never split,
 since the new intermediate tensors would be float: such ops are rewritten before quantization
@@ -35,8 +36,10 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph.einsum import einsum_to_matmul
 from onnxshrink.graph.fresh import FreshNames
+from onnxshrink.graph.rank import reduce_transpose_rank
+from onnxshrink.graph.shapes import infer_shapes
 from onnxshrink.graph.values import constant_value, sole_consumer
-from onnxshrink.model import copy_model_fields
+from onnxshrink.model import copy_model_fields, weightless_copy
 from onnxshrink.targets.profiles import target_has_op
 
 
@@ -55,7 +58,10 @@ def apply_rewrites(model: onnx.ModelProto, names, profile=None) -> tuple[onnx.Mo
         if "HardSwish" in present and not target_has_op(profile, "HardSwish") and \
                 not target_has_op(profile, "HardSigmoid") and "decompose_hardswish" not in todo:
             todo[:0] = ["decompose_hardswish", "decompose_hardsigmoid"]
-    if not todo:
+    # Transposes above the target's rank limit (with the shapes inference gives them): written at lower rank
+    limit = profile.max_rank if profile is not None and profile.ops is not None else None
+    high = _shapes_if_transpose_above(model, limit) if limit is not None and "Transpose" in present else None
+    if not todo and not high:
         return model, {}
     g = gs.import_onnx(model)
     done = {}
@@ -63,6 +69,10 @@ def apply_rewrites(model: onnx.ModelProto, names, profile=None) -> tuple[onnx.Mo
         k = REWRITES[r][0](g)
         if k:
             done[r] = k
+    if high:
+        k = _reduce_transpose_rank(g, limit, high)
+        if k:
+            done["reduce_transpose_rank"] = k
     if not done:
         return model, {}
     g.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -367,6 +377,36 @@ def _fill_empty_resize_inputs(g: gs.Graph) -> int:
                 changed = True
         n += changed
     return n
+
+
+def _shapes_if_transpose_above(model: onnx.ModelProto, limit: int) -> dict | None:
+    """The static shapes shape inference gives ``model``'s values, when some Transpose's input has a
+    rank above ``limit``; else None."""
+    inferred = infer_shapes(weightless_copy(model), data_prop=True)
+    shapes = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    for t in inferred.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    above = any(n.op_type == "Transpose" and len(shapes.get(n.input[0], ())) > limit for n in inferred.graph.node)
+    return shapes if above else None
+
+
+def _reduce_transpose_rank(g: gs.Graph, limit: int, shapes: dict) -> int:
+    """``graph.rank.reduce_transpose_rank`` outside QDQ groups, with ``shapes`` lent to the tensors
+    that have none for the call (the exported model's value_info stays as it was)."""
+    lent = []
+    for name, t in g.tensors().items():
+        if isinstance(t, gs.Variable) and t.shape is None and shapes.get(name) is not None:
+            lent.append(t)
+            t.shape = shapes[name]
+    try:
+        return reduce_transpose_rank(g, limit, FreshNames(g).fresh, skip=is_quantized_node)
+    finally:
+        for t in lent:
+            t.shape = None
 
 
 def _einsum_to_matmul(g: gs.Graph) -> int:
