@@ -5,6 +5,7 @@ QNN target (whose Einsum builder takes four lowercase patterns only)."""
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import onnx
@@ -152,3 +153,29 @@ def test_the_qnn_check_refuses_the_einsums_its_builder_refuses():
         cov = coverage(model, qnn)
         assert cov["not_taken"] == 1 and not cov["accepted"], eq
         assert "Einsum builder takes only lowercase batched-MatMul equations" in cov["unsupported"][0]["reason"]
+
+
+@pytest.mark.parametrize("eq, shape_a, shape_b, macs", [
+    ("bhid,bhjd->bhij", [1, 2, 3, 4], [1, 2, 5, 4], 1 * 2 * 3 * 5 * 4),
+    ("...id,...jd->...ij", [2, 3, 4], [2, 5, 4], 2 * 3 * 5 * 4),     # the ellipsis' dimension counted once
+    ("bgnc,ce->bgne", [1, 4, 16, 32], [32, 8], 4 * 16 * 32 * 8),
+])
+def test_an_einsum_counts_its_multiply_adds(eq, shape_a, shape_b, macs):
+    """MACs counted nothing for an Einsum: an Einsum-only model read 0 MACs, and --target-macs then
+    divided by them (an internal error)."""
+    from onnxshrink.graph.cost import model_cost
+    model = _einsum_model(eq, shape_a, shape_b, rank_y=None if "." not in eq else 3)
+    assert model_cost(model)["macs"] == macs
+
+
+def test_heads_of_an_einsum_attention_prune_once_cleanup_writes_it_as_matmul():
+    """The maxvit/EinsumDense-spelled block: the head analysis finds its 2 heads after cleanup and
+    prune removes one (MACs 0.5x), where an Einsum attention had no channel rule."""
+    from onnxshrink.pipeline.manager import optimize
+    model = einsum_attention()
+    out, rep = optimize(model, passes=["cleanup", "prune"], data=model_samples(model, 16), budget="cosine>=0.5",
+                        target_macs=0.8)
+    prune = rep.passes[1]
+    assert prune.status == "applied", prune.reason
+    assert re.search(r"heads \[\d\] of 2 removed", prune.reason), prune.reason
+    assert rep.after["macs"] <= 0.8 * rep.before["macs"]

@@ -300,6 +300,17 @@ def s_needs_data(d):
     return ["optimize", _mlp(d), d / "out.onnx", "--passes", "t_needs_data"]
 
 
+def s_target_of_nothing(d):
+    """A fraction of MACs asked of a model with none to count (elementwise ops only): the allocation
+    divided by the input's zero MACs (ZeroDivisionError, an internal error)."""
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["r", "x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(d / "in.onnx"))
+    return ["optimize", d / "in.onnx", d / "out.onnx", "--passes", "cleanup,prune", "--target-macs", "0.5",
+            "--calib", _calib(d, _good(8)), "--budget", "cosine>=0.9"]
+
+
 def s_unknown_target(d):
     return ["optimize", _mlp(d), d / "out.onnx", "--target", "tpu9000"]
 
@@ -409,6 +420,8 @@ CASES = [
     ("budget-without-data", s_budget_without_data, EXIT_USAGE, r"a budget needs calibration or validation data"),
     ("pass-needs-data", s_needs_data, EXIT_USAGE, r"pass 't_needs_data' needs calibration data"),
     ("unknown-target", s_unknown_target, EXIT_USAGE, r"unknown target 'tpu9000'"),
+    ("target-of-nothing", s_target_of_nothing, EXIT_USAGE,
+     r"a MACs target needs an input whose MACs can be counted; this input's is 0"),
     ("bad-input-shape", s_bad_input_shape, EXIT_USAGE, r"--input-shape 'x:1,sixty-four': dimensions must be whole"),
     ("input-shape-unknown-name", s_input_shape_unknown_name, EXIT_USAGE, r"--input-shape names 'image'"),
     ("input-shape-conflict", s_input_shape_conflict, EXIT_INPUT, r"input 'x' dim 1 is fixed at 64"),

@@ -68,6 +68,8 @@ def node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
             k = a[-1]
         p = _prod(y)
         return None if None in (p, k) else p * int(k)
+    if op == "Einsum":
+        return _einsum_macs(node, shapes)
     if op in RECURRENT_GATES:  # T x batch x directions x gates x H x (input + H): the W and R products
         x = shapes.get(node.input[0])
         w = shapes.get(node.input[1])
@@ -83,6 +85,30 @@ def node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
 
 
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
+
+
+def _einsum_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
+    """MACs of an Einsum of ``n >= 2`` operands: one multiply-add per combination of its letters'
+    values for each of the ``n - 1`` products (``bhid,bhjd->bhij``: b h i j d), an ellipsis' dimensions
+    labelled by their distance from its right end (they broadcast from the right); 0 for one operand
+    (a transpose or a sum); None when an operand's shape is unknown."""
+    eq = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
+    terms = eq.split("->")[0].split(",")
+    if len(terms) < 2:
+        return 0
+    sizes: dict = {}
+    for term, name in zip(terms, node.input):
+        shape = shapes.get(name)
+        if shape is None or any(d is None for d in shape):
+            return None
+        before, dots, after = term.partition("...")
+        n_ell = len(shape) - len(before) - len(after) if dots else 0
+        labels = list(before) + [f".{n_ell - j}" for j in range(n_ell)] + list(after)
+        if len(labels) != len(shape):
+            return None
+        for label, d in zip(labels, shape):
+            sizes[label] = max(sizes.get(label, 1), int(d))
+    return _prod(list(sizes.values())) * (len(terms) - 1)
 
 
 def model_cost(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:

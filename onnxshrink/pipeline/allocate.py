@@ -51,7 +51,7 @@ import numpy as np
 import onnx
 
 from onnxshrink.cache import MeasurementCache, data_digest, digest, model_digest
-from onnxshrink.errors import BudgetError
+from onnxshrink.errors import BudgetError, UsageError
 from onnxshrink.metrics import fidelity
 from onnxshrink.pipeline.executor import SerialExecutor, get_executor
 from onnxshrink.pipeline.proxy import one_blas_thread, use_proxy
@@ -236,6 +236,10 @@ def greedy_choice(config: AllocationConfig, table, original, feeds, before: dict
     targets = list(config.targets)
     kinds = [k for k, _ in targets]
     of_input = {k: measure_latency(original, feeds) if k == "latency_ms" else before.get(k) for k, _ in targets}
+    for k in kinds:
+        if not of_input[k]:  # a fraction of nothing: no target to reach (a model of elementwise ops only)
+            raise UsageError(f"a {KIND_NAMES[k]} target needs an input whose {KIND_NAMES[k]} can be counted; "
+                             f"this input's is {'unknown' if of_input[k] is None else 0}")
     absolute = {k: f * float(of_input[k]) for k, f in targets}
     if len(targets) == 1:
         kind, fraction = targets[0]
