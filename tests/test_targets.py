@@ -440,3 +440,40 @@ def test_a_static_rejection_names_its_first_problem():
     cov = targets.coverage(m, get_target("qnn"))
     v = target_verdict({"coverage": cov, "qnn_htp": {"available": False}}, get_target("qnn"))
     assert v["problems"][0].endswith("first problem: NonZero_0 (NonZero): no qnn kernel for NonZero)")
+
+
+# ------------------------------------------------------------------ CoreML's missing Gather / Flatten / Pad
+@pytest.mark.parametrize("body, inits, x_shape, y_shape, done_key", [
+    # a scalar index (the class token x[:, 0]), a negative one, a run of indices (q/k/v split), opset 17
+    ("t = Gather <axis = 1> (x, i)  y = Relu(t)", {"i": np.array(0, np.int64)}, [2, 5, 3], [2, 3], "gather_to_slice"),
+    ("t = Gather <axis = 1> (x, i)  y = Relu(t)", {"i": np.array(-1, np.int64)}, [2, 5, 3], [2, 3], "gather_to_slice"),
+    ("t = Gather <axis = 0> (x, i)  y = Relu(t)", {"i": np.array([1, 2], np.int64)}, [4, 5, 3], [2, 5, 3],
+     "gather_to_slice"),
+    ("t = Flatten <axis = 2> (x)  y = Relu(t)", {}, [2, 3, 4, 5], [6, 20], "flatten_to_reshape"),
+    ("t = Flatten (x)  y = Relu(t)", {}, [2, 3, 4, 5], [2, 60], "flatten_to_reshape"),
+    ("t = Pad (x, p, v)  y = Relu(t)", {"p": np.array([0, 1, 0, 2, 0, 0, 3, 1], np.int64),
+                                        "v": np.array(0.5, np.float32)}, [1, 2, 3, 4], [1, 3, 6, 7], "pad_to_concat"),
+])
+def test_ops_coreml_lacks_become_ops_it_has_exactly(body, inits, x_shape, y_shape, done_key):
+    """CoreML's ML Program list has no Gather, Flatten or Pad: torchvision's ViT-B (37 Gathers),
+    ConvNeXt-T (a Flatten) and Swin-T (12 Pads of its window padding besides) were refused (exit 4).
+    Each becomes Slice(+Squeeze), Reshape or Concat with filled blocks, with the same outputs."""
+    m = _model(f"""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float{x_shape} x) => (float{y_shape} y) {{ {body} }}""", inits)
+    out, done = targets.apply_rewrites(m, (), get_target("coreml"))
+    assert done.get(done_key) == 1, done
+    assert not {"Gather", "Flatten", "Pad"} & set(_ops(out))
+    check(out)
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    assert np.array_equal(run_ort(m, {"x": x})[0], run_ort(out, {"x": x})[0])
+    assert targets.coverage(out, get_target("coreml"))["not_taken"] == 0
+
+
+def test_a_pad_of_zero_amounts_is_removed_by_cleanup():
+    """torchvision's Swin pads its patch merging by H % 2: zero once shapes fold, a Pad that pads nothing."""
+    from tests.test_cleanup import cleanup
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,4,4,3] x) => (float[1,4,4,3] y) { t = Pad(x, p)  y = Relu(t) }""",
+               {"p": np.zeros(8, np.int64)})
+    res, out = cleanup(m)
+    assert res.stats["identity_removed"] == 1 and _ops(out) == ["Relu"]

@@ -13,6 +13,9 @@ Decompositions of ops a target lacks, and fusions a target prefers; each is exac
     x * 0.5 * (1 + Erf(x / sqrt 2))  ->  Gelu(x)          (com.microsoft below opset 20)
     Einsum(A, B) = Transpose/Reshape(MatMul(A', B'))      (a batched matrix product; graph.einsum)
     Transpose(x, perm) = Reshape(Transpose(Reshape(x, S'), perm'))   (above the target's rank limit; graph.rank)
+    Gather(x, i, axis) = Squeeze(Slice(x, i, i + 1, axis), axis)       (a constant index, or run of indices)
+    Flatten(x, axis) = Reshape(x, [d_0 * ... * d_(axis-1), -1])
+    Pad(x, pads, v) = Concat(fill_v, x, fill_v) per padded axis      (mode constant, static shape)
 
 A node inside a QDQ group (fed by DequantizeLinear, feeding QuantizeLinear) is never split,
 since the new intermediate tensors would be float: such ops are rewritten before quantization
@@ -28,6 +31,7 @@ __all__ = ["REWRITES", "DECOMPOSITIONS", "apply_rewrites", "gemm_to_matmul", "ex
            "op_counts", "is_quantized_node"]
 
 import collections
+import contextlib
 import math
 
 import numpy as np
@@ -58,21 +62,30 @@ def apply_rewrites(model: onnx.ModelProto, names, profile=None) -> tuple[onnx.Mo
         if "HardSwish" in present and not target_has_op(profile, "HardSwish") and \
                 not target_has_op(profile, "HardSigmoid") and "decompose_hardswish" not in todo:
             todo[:0] = ["decompose_hardswish", "decompose_hardsigmoid"]
-    # Transposes above the target's rank limit (with the shapes inference gives them): written at lower rank
+    # Transposes above the target's rank limit: written at lower rank; it and the SHAPED rewrites read
+    # the shapes inference gives, lent to the graph while they run (the others run without them)
     limit = profile.max_rank if profile is not None and profile.ops is not None else None
-    high = _shapes_if_transpose_above(model, limit) if limit is not None and "Transpose" in present else None
+    types = _inferred_types(model) if any(r in SHAPED for r in todo) or (
+        limit is not None and "Transpose" in present) else {}
+    high = limit is not None and any(
+        n.op_type == "Transpose" and len(types.get(n.input[0], (None, ()))[1] or ()) > limit for n in model.graph.node)
     if not todo and not high:
         return model, {}
     g = gs.import_onnx(model)
     done = {}
-    for r in todo:
+    for r in [r for r in todo if r not in SHAPED]:
         k = REWRITES[r][0](g)
         if k:
             done[r] = k
-    if high:
-        k = _reduce_transpose_rank(g, limit, high)
-        if k:
-            done["reduce_transpose_rank"] = k
+    with _lent(g, types):
+        for r in [r for r in todo if r in SHAPED]:
+            k = REWRITES[r][0](g)
+            if k:
+                done[r] = k
+        if high:
+            k = reduce_transpose_rank(g, limit, FreshNames(g).fresh, skip=is_quantized_node)
+            if k:
+                done["reduce_transpose_rank"] = k
     if not done:
         return model, {}
     g.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -379,34 +392,181 @@ def _fill_empty_resize_inputs(g: gs.Graph) -> int:
     return n
 
 
-def _shapes_if_transpose_above(model: onnx.ModelProto, limit: int) -> dict | None:
-    """The static shapes shape inference gives ``model``'s values, when some Transpose's input has a
-    rank above ``limit``; else None."""
+def _inferred_types(model: onnx.ModelProto) -> dict:
+    """{value name: (numpy dtype or None, shape with None for unknown dims)} from shape inference
+    on a weightless copy (the rewrites that need shapes: rank reduction, Pad, Flatten)."""
     inferred = infer_shapes(weightless_copy(model), data_prop=True)
-    shapes = {}
+    types = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    for t in inferred.graph.initializer:
-        shapes[t.name] = list(t.dims)
-    above = any(n.op_type == "Transpose" and len(shapes.get(n.input[0], ())) > limit for n in inferred.graph.node)
-    return shapes if above else None
+        if vi.type.HasField("tensor_type") and tt.HasField("shape") and tt.elem_type:
+            try:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            except Exception:
+                dtype = None
+            types[vi.name] = (dtype, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim])
+    return types
 
 
-def _reduce_transpose_rank(g: gs.Graph, limit: int, shapes: dict) -> int:
-    """``graph.rank.reduce_transpose_rank`` outside QDQ groups, with ``shapes`` lent to the tensors
-    that have none for the call (the exported model's value_info stays as it was)."""
+@contextlib.contextmanager
+def _lent(g: gs.Graph, types: dict):
+    """``types`` lent to the variables of ``g`` that have no shape while the rewrites run, taken back
+    after (the exported model's value_info stays as it was)."""
     lent = []
     for name, t in g.tensors().items():
-        if isinstance(t, gs.Variable) and t.shape is None and shapes.get(name) is not None:
-            lent.append(t)
-            t.shape = shapes[name]
+        if isinstance(t, gs.Variable) and t.shape is None and name in types:
+            lent.append((t, t.dtype))
+            t.dtype = t.dtype if t.dtype is not None else types[name][0]
+            t.shape = types[name][1]
     try:
-        return reduce_transpose_rank(g, limit, FreshNames(g).fresh, skip=is_quantized_node)
+        yield
     finally:
-        for t in lent:
-            t.shape = None
+        for t, dtype in lent:
+            t.shape, t.dtype = None, dtype
+
+
+def _static(t: gs.Tensor) -> list | None:
+    """The static shape of ``t`` (a constant's, or a variable's with every dim known); else None."""
+    shape = list(t.values.shape) if isinstance(t, gs.Constant) else t.shape
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _gather_to_slice(g: gs.Graph) -> int:
+    """Gather(x, i, axis) with a constant scalar index -> Squeeze(Slice(x, i, i + 1, axis), axis); with a
+    constant run of consecutive indices [i, ..., i + k - 1] (of one sign) -> Slice(x, i, i + k, axis).
+    Exact: the same elements, in order (the q/k/v split and class token of torchvision's ViT)."""
+    n = 0
+    opset = g.opset or 13
+    fresh = FreshNames(g).fresh
+    for node in [x for x in g.nodes if x.op == "Gather" and (x.domain or "") in ("", "ai.onnx")]:
+        if is_quantized_node(node) or len(node.inputs) != 2:
+            continue
+        idx = constant_value(node.inputs[1])
+        if idx is None or idx.ndim > 1 or idx.size == 0:
+            continue
+        flat = idx.reshape(-1).astype(np.int64)
+        if np.any(np.diff(flat) != 1) or (flat.min() < 0 <= flat.max()):
+            continue
+        start, stop = int(flat[0]), int(flat[-1]) + 1
+        if stop == 0:  # a run ending at -1: to the end
+            stop = np.iinfo(np.int64).max
+        x, y = node.inputs[0], node.outputs[0]
+        axis = int(node.attrs.get("axis", 0))
+        base = node.name or "gather"
+
+        def const(tag, v):
+            return gs.Constant(fresh(f"{base}_{tag}"), np.array(v, np.int64))
+        sliced = y if idx.ndim == 1 else gs.Variable(fresh(f"{base}_slice_out"), dtype=x.dtype)
+        bounds = [const("starts", [start]), const("ends", [stop]), const("axes", [axis])]
+        g.nodes.append(gs.Node("Slice", fresh(f"{base}_slice"), inputs=[x, *bounds], outputs=[sliced]))
+        if idx.ndim == 0:
+            name = fresh(f"{base}_squeeze")
+            if opset >= 13:
+                g.nodes.append(gs.Node("Squeeze", name, inputs=[sliced, const("squeeze_axes", [axis])], outputs=[y]))
+            else:
+                g.nodes.append(gs.Node("Squeeze", name, {"axes": [axis]}, inputs=[sliced], outputs=[y]))
+        node.inputs.clear()
+        node.outputs.clear()
+        n += 1
+    return n
+
+
+def _flatten_to_reshape(g: gs.Graph) -> int:
+    """Flatten(x, axis) -> Reshape(x, [d_0 * ... * d_(axis-1), -1]): a 0 copies the first dimension
+    (axis 1), a 1 stands for axis 0; other axes need those dimensions static. Exact (same order)."""
+    n = 0
+    fresh = FreshNames(g).fresh
+    for node in [x for x in g.nodes if x.op == "Flatten" and (x.domain or "") in ("", "ai.onnx")]:
+        if is_quantized_node(node):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        axis = int(node.attrs.get("axis", 1))
+        if axis < 0:
+            if x.shape is None:
+                continue
+            axis += len(x.shape)
+        if axis <= 1:
+            lead = [1, -1] if axis == 0 else [0, -1]
+        else:
+            shape = x.shape
+            if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape[:axis]):
+                continue
+            lead = [int(np.prod(shape[:axis])), -1]
+        base = node.name or "flatten"
+        g.nodes.append(gs.Node("Reshape", fresh(f"{base}_reshape"), inputs=[
+            x, gs.Constant(fresh(f"{base}_shape"), np.array(lead, np.int64))], outputs=[y]))
+        node.inputs.clear()
+        node.outputs.clear()
+        n += 1
+    return n
+
+
+PAD_CONSTANT_BYTES = 1 << 20  # the fill blocks a Pad becomes, at most, each
+
+
+def _pad_to_concat(g: gs.Graph) -> int:
+    """Pad(x, pads, value) of mode constant, every amount >= 0, ``x`` of static shape -> a Concat per
+    padded axis of a block filled with ``value``, ``x`` and another block (each block at most
+    ``PAD_CONSTANT_BYTES``). Exact: the same values in the same places (Swin's window padding)."""
+    n = 0
+    fresh = FreshNames(g).fresh
+    for node in [x for x in g.nodes if x.op == "Pad" and (x.domain or "") in ("", "ai.onnx")]:
+        if is_quantized_node(node) or str(node.attrs.get("mode", "constant")) != "constant":
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        shape = _static(x)
+        if shape is None or x.dtype is None:
+            continue
+        if "pads" in node.attrs:
+            pads, value = np.asarray(node.attrs["pads"], np.int64), float(node.attrs.get("value", 0.0))
+        else:
+            if len(node.inputs) > 3 and not node.inputs[3].is_empty():
+                continue  # an axes input
+            pads = constant_value(node.inputs[1])
+            fill = np.zeros(()) if len(node.inputs) < 3 or node.inputs[2].is_empty() else \
+                constant_value(node.inputs[2])
+            if pads is None or fill is None or fill.size != 1:
+                continue
+            value = fill.reshape(-1)[0]
+        pads = np.asarray(pads).reshape(-1)
+        r = len(shape)
+        if pads.size != 2 * r or np.any(pads < 0):
+            continue
+        dtype = np.dtype(x.dtype)
+        blocks, cur = [], list(shape)
+        for a in range(r):
+            for k in (int(pads[a]), int(pads[r + a])):
+                if k:
+                    blocks.append((a, k))
+            cur[a] += int(pads[a]) + int(pads[r + a])
+        if not blocks or any(np.prod([*shape[:a], k, *cur[a + 1:]]) * dtype.itemsize > PAD_CONSTANT_BYTES
+                             for a, k in blocks):
+            continue
+        base = node.name or "pad"
+        cur, t = list(shape), x
+        for a in range(r):
+            b, e = int(pads[a]), int(pads[r + a])
+            if not (b or e):
+                continue
+            parts = []
+            for k in (b, e):
+                if k:
+                    blk = [*cur[:a], k, *cur[a + 1:]]
+                    parts.append(gs.Constant(fresh(f"{base}_fill"), np.full(blk, value, dtype)))
+                else:
+                    parts.append(None)
+            cur[a] += b + e
+            last = not any(pads[a2] or pads[r + a2] for a2 in range(a + 1, r))
+            out = y if last else gs.Variable(fresh(f"{base}_axis{a}"), dtype=dtype, shape=list(cur))
+            inputs = [p for p in (parts[0], t, parts[1]) if p is not None]
+            g.nodes.append(gs.Node("Concat", fresh(f"{base}_concat{a}"), {"axis": a}, inputs=inputs, outputs=[out]))
+            t = out
+        node.inputs.clear()
+        node.outputs.clear()
+        n += 1
+    return n
 
 
 def _einsum_to_matmul(g: gs.Graph) -> int:
@@ -426,10 +586,15 @@ REWRITES = {
     "convtranspose_to_conv_depthtospace": (_convtranspose_to_conv_depthtospace, ("ConvTranspose",),
                                            ("Conv", "DepthToSpace")),
     "einsum_to_matmul": (_einsum_to_matmul, ("Einsum",), ("MatMul",)),
+    "gather_to_slice": (_gather_to_slice, ("Gather",), ("Slice", "Squeeze")),
+    "flatten_to_reshape": (_flatten_to_reshape, ("Flatten",), ("Reshape",)),
+    "pad_to_concat": (_pad_to_concat, ("Pad",), ("Concat",)),
 }
+SHAPED = ("flatten_to_reshape", "pad_to_concat")  # rewrites that read the inferred shapes (``_lent``)
 # the rewrites that replace an op by others: applied whenever the target lacks the op and has the others
 DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matmul",
-                  "convtranspose_to_conv_depthtospace", "fuse_gelu", "einsum_to_matmul")
+                  "convtranspose_to_conv_depthtospace", "fuse_gelu", "einsum_to_matmul", "gather_to_slice",
+                  "flatten_to_reshape", "pad_to_concat")
 
 
 def is_quantized_node(node: gs.Node) -> bool:

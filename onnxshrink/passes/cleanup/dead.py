@@ -1,10 +1,11 @@
-"""Removing what computes nothing: ``Identity`` and inference ``Dropout`` (no training mode, mask
-unused) are bypassed (when one produces a graph output, its producer writes that output instead,
-so the output keeps its name), and nodes and initializers no output depends on are removed."""
+"""Removing what computes nothing: ``Identity``, inference ``Dropout`` (no training mode, mask
+unused) and a ``Pad`` of zero amounts are bypassed (when one produces a graph output, its producer
+writes that output instead, so the output keeps its name), and nodes and initializers no output
+depends on are removed."""
 
 from __future__ import annotations
 
-__all__ = ["dropout_is_identity", "remove_dead", "remove_identities"]
+__all__ = ["dropout_is_identity", "pad_is_identity", "remove_dead", "remove_identities"]
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -38,6 +39,8 @@ def remove_identities(sub: gs.Graph, root: gs.Graph, opset: int) -> tuple[int, i
             is_dropout = False
         elif node.op == "Dropout" and dropout_is_identity(node, outs, opset):
             is_dropout = True
+        elif node.op == "Pad" and pad_is_identity(node):
+            is_dropout = False
         else:
             continue
         if not node.inputs or node.inputs[0].is_empty():
@@ -70,6 +73,14 @@ def remove_identities(sub: gs.Graph, root: gs.Graph, opset: int) -> tuple[int, i
             identities += 1
     drop_detached(sub)
     return identities, dropouts
+
+
+def pad_is_identity(node: gs.Node) -> bool:
+    """Whether a Pad pads nothing: constant pads, every one 0 (torchvision's Swin pads its patch merging
+    by ``H % 2``, zero at even sizes once shapes fold), whatever its mode and value."""
+    pads = node.attrs.get("pads") if "pads" in node.attrs else \
+        (constant_value(node.inputs[1]) if len(node.inputs) > 1 and not node.inputs[1].is_empty() else None)
+    return pads is not None and np.asarray(pads).size > 0 and not np.any(np.asarray(pads))
 
 
 def dropout_is_identity(node: gs.Node, outs: set[int], opset: int) -> bool:
