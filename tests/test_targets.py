@@ -477,3 +477,18 @@ def test_a_pad_of_zero_amounts_is_removed_by_cleanup():
                {"p": np.zeros(8, np.int64)})
     res, out = cleanup(m)
     assert res.stats["identity_removed"] == 1 and _ops(out) == ["Relu"]
+
+
+def test_a_usability_checker_refusal_names_the_ops_the_ep_lacks():
+    """The refusal said only "rates it NO (561/1407 nodes, 278 partitions)" for a quantized ViT-B on
+    CoreML; which ops were missing (its Q/DQ: CoreML computes in float) was in the JSON report only."""
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,4,5,5] x) => (float[1,4,5,5] y) { q = QuantizeLinear(x, s, z)  d = DequantizeLinear(q, s, z)
+                                                     y = Relu(d) }""",
+               {"s": np.array(0.05, np.float32), "z": np.array(128, np.uint8)})
+    cov = targets.coverage(m, get_target("coreml"))
+    assert not cov["accepted"]
+    first = cov["rejected_because"][0]
+    assert "; ops not in its list: " in first, first
+    listed = first.split("ops not in its list: ")[1].rstrip(")").split(", ")
+    assert {"QuantizeLinear x1", "DequantizeLinear x1"} <= set(listed), first

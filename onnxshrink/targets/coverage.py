@@ -176,8 +176,12 @@ def coverage(model: onnx.ModelProto, profile) -> dict:
         info["accepted_means"] = f"every node is taken by {profile.provider} (static analysis)"
     if listed_ops is not None and not info["accepted"]:
         uc = info["usability_checker"]
+        # which ops it lacks, most frequent first: what a user can act on (a QDQ model on CoreML: Q/DQ)
+        missing = collections.Counter(u["op"] for u in unsupported if _reason_kind(u["reason"]) == "op not in EP list")
+        lacks = ", ".join(f"{op} x{k}" for op, k in missing.most_common(3))
         info["rejected_because"] = [f"the usability checker rates it {uc['suitability']} "
-                                    f"({uc['supported_nodes']}/{uc['nodes']} nodes, {uc['partitions']} partitions)"] + \
+                                    f"({uc['supported_nodes']}/{uc['nodes']} nodes, {uc['partitions']} partitions"
+                                    + (f"; ops not in its list: {lacks})" if lacks else ")")] + \
             [f"{u['node']} ({u['op']}): {u['reason']}" for u in unsupported
              if _reason_kind(u["reason"]) == "QDQ scheme / fusion"][:19]
     return info
