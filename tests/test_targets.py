@@ -492,3 +492,18 @@ def test_a_usability_checker_refusal_names_the_ops_the_ep_lacks():
     assert "; ops not in its list: " in first, first
     listed = first.split("ops not in its list: ")[1].rstrip(")").split(", ")
     assert {"QuantizeLinear x1", "DequantizeLinear x1"} <= set(listed), first
+
+
+def test_hardswish_and_hardsigmoid_together_decompose_for_nnapi():
+    """A model with both (MobileNetV3's segmentation heads: lraspp, deeplabv3): the HardSigmoid
+    decomposition was queued twice and its second run read the nodes the first had replaced
+    (IndexError; the preparation gave up and NNAPI refused 28 nodes). Its nodes unnamed, the new
+    nodes were also named alike (``_mul`` twice), which onnxruntime refuses."""
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[1,4,5,5] x) => (float[1,4,5,5] y) { h = HardSwish(x)  s = HardSigmoid(x)  y = Mul(h, s) }""")
+    out, done = targets.apply_rewrites(m, (), get_target("nnapi"))
+    assert done == {"decompose_hardswish": 1, "decompose_hardsigmoid": 2}
+    assert not {"HardSwish", "HardSigmoid"} & set(_ops(out))
+    check(out)
+    x = (RNG.standard_normal((1, 4, 5, 5)) * 4).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-6)

@@ -73,15 +73,18 @@ def apply_rewrites(model: onnx.ModelProto, names, profile=None) -> tuple[onnx.Mo
         return model, {}
     g = gs.import_onnx(model)
     done = {}
-    for r in [r for r in todo if r not in SHAPED]:
+    todo = list(dict.fromkeys(todo))  # once each: HardSwish's pair may also be a listed decomposition
+
+    def run(r: str) -> None:
         k = REWRITES[r][0](g)
+        g.nodes = [n for n in g.nodes if n.outputs]  # the nodes a rewrite replaced: gone for the next one
         if k:
             done[r] = k
+    for r in [r for r in todo if r not in SHAPED]:
+        run(r)
     with _lent(g, types):
         for r in [r for r in todo if r in SHAPED]:
-            k = REWRITES[r][0](g)
-            if k:
-                done[r] = k
+            run(r)
         if high:
             k = reduce_transpose_rank(g, limit, FreshNames(g).fresh, skip=is_quantized_node)
             if k:
@@ -89,7 +92,19 @@ def apply_rewrites(model: onnx.ModelProto, names, profile=None) -> tuple[onnx.Mo
     if not done:
         return model, {}
     g.cleanup(remove_unused_graph_inputs=False).toposort()
+    _distinct_node_names(g)
     return export_graph(g, model), done
+
+
+def _distinct_node_names(g: gs.Graph) -> None:
+    """A node name given twice (rewrites name new nodes after the node they replace: ``_mul`` twice in a
+    model of unnamed nodes) gets a suffix: onnxruntime refuses a model with two nodes of one name."""
+    fresh = FreshNames(g).fresh
+    seen: set = set()
+    for node in g.nodes:
+        if node.name and node.name in seen:
+            node.name = fresh(node.name)
+        seen.add(node.name)
 
 
 def gemm_to_matmul(g: gs.Graph, constant_weights_only: bool = False) -> int:
