@@ -507,3 +507,20 @@ def test_hardswish_and_hardsigmoid_together_decompose_for_nnapi():
     check(out)
     x = (RNG.standard_normal((1, 4, 5, 5)) * 4).astype(np.float32)
     assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-6)
+
+
+def test_a_batchnorm_becomes_a_scale_and_shift_for_coreml():
+    """CoreML's list has no BatchNormalization: DenseNet-121's 62 pre-activation BatchNorms, which fold
+    into no convolution, kept it off CoreML (exit 4). x * s + t per channel, to float round-off."""
+    c = 3
+    stats = {"sc": RNG.uniform(0.5, 2, c).astype(np.float32), "b": RNG.standard_normal(c).astype(np.float32),
+             "mu": RNG.standard_normal(c).astype(np.float32), "var": RNG.uniform(0.1, 3, c).astype(np.float32)}
+    m = _model("""<ir_version: 8, opset_import: ["" : OPSET]>
+        g (float[2,3,4,5] x) => (float[2,3,4,5] y) { t = BatchNormalization <epsilon = 0.001> (x, sc, b, mu, var)
+                                                     y = Relu(t) }""", stats)
+    out, done = targets.apply_rewrites(m, (), get_target("coreml"))
+    assert done == {"batchnorm_to_scale_shift": 1} and "BatchNormalization" not in _ops(out)
+    check(out)
+    x = (RNG.standard_normal((2, 3, 4, 5)) * 3).astype(np.float32)
+    assert_outputs_close(run_ort(m, {"x": x}), run_ort(out, {"x": x}), 1e-5)
+    assert targets.coverage(out, get_target("coreml"))["not_taken"] == 0

@@ -16,6 +16,7 @@ Decompositions of ops a target lacks, and fusions a target prefers; each is exac
     Gather(x, i, axis) = Squeeze(Slice(x, i, i + 1, axis), axis)       (a constant index, or run of indices)
     Flatten(x, axis) = Reshape(x, [d_0 * ... * d_(axis-1), -1])
     Pad(x, pads, v) = Concat(fill_v, x, fill_v) per padded axis      (mode constant, static shape)
+    BatchNormalization(x) = x * s + t                                  (constant statistics; to round-off)
 
 A node inside a QDQ group (fed by DequantizeLinear, feeding QuantizeLinear) is never split,
 since the new intermediate tensors would be float: such ops are rewritten before quantization
@@ -518,6 +519,40 @@ def _flatten_to_reshape(g: gs.Graph) -> int:
     return n
 
 
+def _batchnorm_to_scale_shift(g: gs.Graph) -> int:
+    """BatchNormalization(x; scale, B, mean, var, eps), inference form with constant statistics ->
+    x * s + t, ``s = scale / sqrt(var + eps)``, ``t = B - mean * s`` (float64, stored in x's type) per
+    channel (axis 1, broadcast over the rank of ``x``). Equal in real arithmetic, to float round-off
+    (the emission's numeric check holds it to ``EMIT_TOL``): DenseNet's 62 pre-activation BatchNorms,
+    which fold into no convolution, on CoreML, whose ML Program list has no BatchNormalization."""
+    n = 0
+    fresh = FreshNames(g).fresh
+    for node in [x for x in g.nodes if x.op == "BatchNormalization" and (x.domain or "") in ("", "ai.onnx")]:
+        if is_quantized_node(node) or len(node.inputs) != 5 or len([o for o in node.outputs if not o.is_empty()]) != 1 \
+                or int(node.attrs.get("training_mode", 0)):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        stats = [constant_value(t) for t in node.inputs[1:]]
+        if x.shape is None or len(x.shape) < 2 or any(v is None for v in stats) or x.dtype is None:
+            continue
+        scale, bias, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in stats)
+        eps = float(node.attrs.get("epsilon", 1e-5))
+        s64 = scale / np.sqrt(var + eps)
+        t64 = bias - mean * s64
+        dtype = np.dtype(x.dtype)
+        bshape = [-1] + [1] * (len(x.shape) - 2)
+        base = node.name or "batchnorm"
+        scaled = gs.Variable(fresh(f"{base}_scaled"), dtype=dtype)
+        g.nodes.append(gs.Node("Mul", fresh(f"{base}_mul"), inputs=[
+            x, gs.Constant(fresh(f"{base}_s"), s64.reshape(bshape).astype(dtype))], outputs=[scaled]))
+        g.nodes.append(gs.Node("Add", fresh(f"{base}_add"), inputs=[
+            scaled, gs.Constant(fresh(f"{base}_t"), t64.reshape(bshape).astype(dtype))], outputs=[y]))
+        node.inputs.clear()
+        node.outputs.clear()
+        n += 1
+    return n
+
+
 PAD_CONSTANT_BYTES = 1 << 20  # the fill blocks a Pad becomes, at most, each
 
 
@@ -604,12 +639,14 @@ REWRITES = {
     "gather_to_slice": (_gather_to_slice, ("Gather",), ("Slice", "Squeeze")),
     "flatten_to_reshape": (_flatten_to_reshape, ("Flatten",), ("Reshape",)),
     "pad_to_concat": (_pad_to_concat, ("Pad",), ("Concat",)),
+    "batchnorm_to_scale_shift": (_batchnorm_to_scale_shift, ("BatchNormalization",), ("Mul", "Add")),
 }
-SHAPED = ("flatten_to_reshape", "pad_to_concat")  # rewrites that read the inferred shapes (``_lent``)
+# the rewrites that read the inferred shapes (``_lent``)
+SHAPED = ("flatten_to_reshape", "pad_to_concat", "batchnorm_to_scale_shift")
 # the rewrites that replace an op by others: applied whenever the target lacks the op and has the others
 DECOMPOSITIONS = ("decompose_hardswish", "decompose_hardsigmoid", "gemm_to_matmul",
                   "convtranspose_to_conv_depthtospace", "fuse_gelu", "einsum_to_matmul", "gather_to_slice",
-                  "flatten_to_reshape", "pad_to_concat")
+                  "flatten_to_reshape", "pad_to_concat", "batchnorm_to_scale_shift")
 
 
 def is_quantized_node(node: gs.Node) -> bool:
