@@ -529,13 +529,17 @@ def _batchnorm_to_scale_shift(g: gs.Graph) -> int:
     fresh = FreshNames(g).fresh
     for node in [x for x in g.nodes if x.op == "BatchNormalization" and (x.domain or "") in ("", "ai.onnx")]:
         if is_quantized_node(node) or len(node.inputs) != 5 or len([o for o in node.outputs if not o.is_empty()]) != 1 \
-                or int(node.attrs.get("training_mode", 0)):
-            continue
+                or int(node.attrs.get("training_mode", 0)) or not int(node.attrs.get("spatial", 1)):
+            continue  # spatial=0 (before opset 9): statistics per activation, not per channel
         x, y = node.inputs[0], node.outputs[0]
         stats = [constant_value(t) for t in node.inputs[1:]]
         if x.shape is None or len(x.shape) < 2 or any(v is None for v in stats) or x.dtype is None:
             continue
         scale, bias, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in stats)
+        channels = x.shape[1]
+        if any(v.size != scale.size for v in (bias, mean, var)) or \
+                (isinstance(channels, (int, np.integer)) and channels != scale.size):
+            continue
         eps = float(node.attrs.get("epsilon", 1e-5))
         s64 = scale / np.sqrt(var + eps)
         t64 = bias - mean * s64
