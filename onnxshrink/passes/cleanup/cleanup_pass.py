@@ -89,8 +89,8 @@ class CleanupOptions:
     fold_constant_chains: bool = field(default=True, metadata={
         "help": "merge consecutive Mul/Div (or Add/Sub) by constants into one (x*a/b -> x*(a/b))"})
     fold_pad: bool = field(default=True, metadata={
-        "help": "fold a constant zero Pad of the spatial axes into the Conv (or padding-counting AveragePool) "
-                "reading it (exact; Keras' ZeroPadding2D)"})
+        "help": "fold a constant zero Pad of the spatial axes into the Conv, padding-counting AveragePool or "
+                "MaxPool of values >= 0 reading it (exact; Keras' ZeroPadding2D)"})
     einsum_to_matmul: bool = field(default=True, metadata={
         "help": "write two-operand Einsums that are batched matrix products as Transpose/Reshape + MatMul "
                 "(exact; integer kernels and every EP take MatMul; graph/einsum.py)"})
