@@ -20,7 +20,7 @@ leave a three-op chain behind.
 
 from __future__ import annotations
 
-__all__ = ["fuse_hard_activations"]
+__all__ = ["fuse_hard_activations", "target_takes_hard_sigmoid"]
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -37,8 +37,17 @@ from onnxshrink.passes.cleanup.rewrite import (
     producer,
     single_use,
 )
+from onnxshrink.targets.profiles import target_has_op
 
 HARD_SIGMOID = {"alpha": 1.0 / 6.0, "beta": 0.5}
+
+
+def target_takes_hard_sigmoid(target) -> bool:
+    """Whether to fuse the chains for ``target`` (None: this CPU): only where its EP has HardSigmoid. A
+    target without it (NNAPI) decomposes HardSigmoid before the passes; fusing the chains back gave
+    PP-OCRv4 det's quantized model 10 HardSigmoids inside QDQ groups (which the emission cannot split)
+    and NNAPI refused it."""
+    return target is None or target_has_op(target, "HardSigmoid")
 
 
 def fuse_hard_activations(sub: gs.Graph, root: gs.Graph, names: FreshNames) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 __all__ = ["CleanupOptions", "CleanupPass"]
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
@@ -29,7 +30,7 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph.convert import graph_to_skeleton
 from onnxshrink.graph.einsum import einsum_to_matmul
 from onnxshrink.passes.base import Context, Pass, PassResult
-from onnxshrink.passes.cleanup.activations import fuse_hard_activations
+from onnxshrink.passes.cleanup.activations import fuse_hard_activations, target_takes_hard_sigmoid
 from onnxshrink.passes.cleanup.affine import (
     fold_batchnorm_backward,
     fold_batchnorm_forward,
@@ -140,6 +141,8 @@ class CleanupPass(Pass):
         digests: dict = {}  # of the constants not loaded, for both merges
         if o.merge_initializers:  # first here, so equal constants make equal nodes for merging
             st["initializers_merged"] += merge_initializers(graph, digests)
+        if o.fuse_hard_activations and not target_takes_hard_sigmoid(getattr(ctx, "target", None)):
+            o = dataclasses.replace(o, fuse_hard_activations=False)  # its EP lacks the op the fusion writes
         changed = _rewrite_to_fixed_point(graph, o, names, shapes.shapes, graph.opset or 0, st)
 
         if o.merge_initializers:

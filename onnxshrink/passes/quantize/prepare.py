@@ -23,8 +23,10 @@ from onnxshrink.passes.cleanup.affine import fold_into_preceding_linear
 from onnxshrink.passes.cleanup.constants import constants_to_initializers
 
 
-def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False) -> dict:
-    """Canonicalization the quantizer needs (module doc), in place; returns counts."""
+def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False, fuse_hard: bool = True) -> dict:
+    """Canonicalization the quantizer needs (module doc), in place; returns counts. ``fuse_hard``:
+    hard-sigmoid chains fused into HardSigmoid (not for a target without it:
+    ``activations.target_takes_hard_sigmoid``)."""
     up = upcast_low_float(graph)
     n = constants_to_initializers(graph)
     stats = {"constants_to_initializers": n}
@@ -36,7 +38,7 @@ def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False) -> dict:
         graph.fold_constants(error_ok=True).cleanup()
     except Exception:
         pass
-    if not div_to_mul:  # div_to_mul keeps the chain for its integer Add/Mul units
+    if not div_to_mul and fuse_hard:  # div_to_mul keeps the chain for its integer Add/Mul units
         fused = fuse_hard_activations(graph, graph, FreshNames(graph))  # before the folds split the chain
         if fused:
             stats["hard_activations_fused"] = fused
