@@ -28,8 +28,8 @@ target modules share (``export_graph``, ``unique_name``, ``op_counts``).
 
 from __future__ import annotations
 
-__all__ = ["REWRITES", "DECOMPOSITIONS", "apply_rewrites", "gemm_to_matmul", "export_graph", "unique_name",
-           "op_counts", "is_quantized_node"]
+__all__ = ["REWRITES", "DECOMPOSITIONS", "apply_rewrites", "decomposed_for", "gemm_to_matmul", "export_graph",
+           "unique_name", "op_counts", "is_quantized_node"]
 
 import collections
 import contextlib
@@ -54,11 +54,7 @@ def apply_rewrites(model: onnx.ModelProto, names, profile=None) -> tuple[onnx.Mo
     present = set(op_counts(model))
     todo = list(names)
     if profile is not None:
-        for r in DECOMPOSITIONS:
-            _, removes, needs = REWRITES[r]
-            if any(op in present and not target_has_op(profile, op) for op in removes) and \
-                    all(target_has_op(profile, op) for op in needs) and r not in todo:
-                todo.append(r)
+        todo += [r for r in DECOMPOSITIONS if _decomposes(profile, r, present) and r not in todo]
         # HardSwish on a target without HardSwish nor HardSigmoid: both decompositions in order
         if "HardSwish" in present and not target_has_op(profile, "HardSwish") and \
                 not target_has_op(profile, "HardSigmoid") and "decompose_hardswish" not in todo:
@@ -95,6 +91,20 @@ def apply_rewrites(model: onnx.ModelProto, names, profile=None) -> tuple[onnx.Mo
     g.cleanup(remove_unused_graph_inputs=False).toposort()
     _distinct_node_names(g)
     return export_graph(g, model), done
+
+
+def _decomposes(profile, rewrite: str, ops) -> bool:
+    """Whether the decomposition ``rewrite`` applies for ``profile`` to a model with ``ops``: it removes
+    one of them the target lacks and needs only ops the target has."""
+    _, removes, needs = REWRITES[rewrite]
+    return any(op in ops and not target_has_op(profile, op) for op in removes) and \
+        all(target_has_op(profile, op) for op in needs)
+
+
+def decomposed_for(profile, op: str) -> bool:
+    """Whether the preparation for ``profile`` (None: none) replaces ``op`` by ops the target has: a
+    pass must then not write ``op`` back (cleanup's hard-sigmoid fusion for NNAPI)."""
+    return profile is not None and any(_decomposes(profile, r, {op}) for r in DECOMPOSITIONS)
 
 
 def _distinct_node_names(g: gs.Graph) -> None:

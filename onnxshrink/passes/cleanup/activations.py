@@ -37,17 +37,17 @@ from onnxshrink.passes.cleanup.rewrite import (
     producer,
     single_use,
 )
-from onnxshrink.targets.profiles import target_has_op
+from onnxshrink.targets.rewrites import decomposed_for
 
 HARD_SIGMOID = {"alpha": 1.0 / 6.0, "beta": 0.5}
 
 
 def target_takes_hard_sigmoid(target) -> bool:
-    """Whether to fuse the chains for ``target`` (None: this CPU): only where its EP has HardSigmoid. A
-    target without it (NNAPI) decomposes HardSigmoid before the passes; fusing the chains back gave
-    PP-OCRv4 det's quantized model 10 HardSigmoids inside QDQ groups (which the emission cannot split)
-    and NNAPI refused it."""
-    return target is None or target_has_op(target, "HardSigmoid")
+    """Whether to fuse the chains for ``target`` (None: this CPU): not where the target's preparation
+    decomposes HardSigmoid (NNAPI, which lacks it; XNNPACK lacks it too, but leaves it to the CPU EP
+    beside it). Fusing the chains back gave PP-OCRv4 det's quantized model 10 HardSigmoids inside QDQ
+    groups, which the emission cannot split, and NNAPI refused it."""
+    return not decomposed_for(target, "HardSigmoid")
 
 
 def fuse_hard_activations(sub: gs.Graph, root: gs.Graph, names: FreshNames) -> int:
