@@ -108,6 +108,27 @@ def window_partition_block(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def hardswish_as_exported(opset: int = 11) -> onnx.ModelProto:
+    """Conv -> x * Clip(x + 3, 0, 6) / 6 -> Conv: hard-swish as PaddlePaddle and PyTorch before opset 14
+    export it."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3, "w2")
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+              (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c1", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["clip"]),
+             helper.make_node("Mul", ["c1", "clip"], ["m"]),
+             helper.make_node("Div", ["m", "six"], ["hs"]),
+             helper.make_node("Conv", ["hs", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "hardswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32, 32])],
+                          [w1, w2, *consts])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
 def conv_gap_model(activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
     """x [1,3,16,16] -> Conv 3x3 (8 channels, bias) -> ``activation`` -> GlobalAveragePool -> y [1,8,1,1]
     at opset 17: the smallest model a target's quantized path can place end to end."""

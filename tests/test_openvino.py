@@ -22,6 +22,7 @@ from onnxshrink.targets.ep_process import parse_placements, run_on_ep
 from onnxshrink.targets.openvino import openvino_available, openvino_check, openvino_verdict
 from onnxshrink.targets.prepare import target_verdict
 from onnxshrink.targets.profiles import get_target
+from tests.helpers import hardswish_as_exported
 
 
 def _line(logid: str, text: str, sev: str = "V", where: str = "session_state.cc:1310 VerifyEachNodeIsAssignedToAnEp"):
@@ -214,33 +215,12 @@ def test_openvino_profile_places_qdq_only_at_inputs_of_integer_ops(no_openvino):
     assert rep.target_report["verdict"]["notes"] == ["not verified on OpenVINO: stubbed in this test"]
 
 
-def _hardswish_as_exported(opset: int = 11) -> onnx.ModelProto:
-    """Conv -> x * Clip(x + 3, 0, 6) / 6 -> Conv: hard-swish as PaddlePaddle and PyTorch before opset 14
-    export it."""
-    from onnx import TensorProto, helper, numpy_helper
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3, "w2")
-    consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
-              (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c1", "three"], ["a"]),
-             helper.make_node("Clip", ["a", "zero", "six"], ["clip"]),
-             helper.make_node("Mul", ["c1", "clip"], ["m"]),
-             helper.make_node("Div", ["m", "six"], ["hs"]),
-             helper.make_node("Conv", ["hs", "w2"], ["y"])]
-    g = helper.make_graph(nodes, "hardswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32, 32])],
-                          [w1, w2, *consts])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-
-
 def test_openvino_gets_hard_swish_as_the_hardswish_op(no_openvino):
     """cleanup writes hard-swish as x * HardSigmoid(x) (two elementwise passes instead of four: faster on
     onnxruntime's CPU EP), which OpenVINO runs far slower than either the exported Clip chain or the
     HardSwish op (PP-OCRv4 det 139 against 87 ms, docs/targets.md): the openvino target emits HardSwish
     (opset 14), the cpu target keeps the CPU's form."""
-    m = _hardswish_as_exported()
+    m = hardswish_as_exported()
     data, val = _samples(m, 8, 1), _samples(m, 4, 2)
     ov, rep = optimize(m, passes=["cleanup"], data=data, val_data=val, target="openvino", budget="none")
     cpu, _ = optimize(m, passes=["cleanup"], data=data, val_data=val, target="cpu", budget="none")
@@ -266,7 +246,7 @@ def test_the_quantize_guard_times_on_openvino_what_the_emission_writes(no_openvi
         return SpeedComparison(1.0, 0.98, 1.02, 1.0, 1.0, 15)
     monkeypatch.setattr(guard_mod, "openvino_available", lambda: True)
     monkeypatch.setattr(guard_mod, "openvino_compare_speed", stand_in)
-    m = _hardswish_as_exported()
+    m = hardswish_as_exported()
     # a loose floor: the int8 plan holds on any CPU, so the guard goes on to time it
     optimize(m, passes=["cleanup", {"quantize": {"min_cosine": 0.9}}], data=_samples(m, 16, 1),
              val_data=_samples(m, 8, 2), target="openvino", budget="none")

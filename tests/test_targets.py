@@ -530,25 +530,10 @@ def test_cleanup_keeps_hard_sigmoid_chains_for_a_target_without_hard_sigmoid():
     """NNAPI has no HardSigmoid: the preparation decomposes it, but cleanup then fused the exporter's
     ``Clip(x + 3, 0, 6) / 6`` chains back into HardSigmoid, which quantization put inside QDQ groups
     the emission cannot split (PP-OCRv4 det on nnapi: 10 HardSigmoids, exit 4)."""
-    from onnx import helper
 
     from onnxshrink.pipeline.manager import optimize
-    from tests.helpers import model_samples
-    w1 = numpy_helper.from_array((RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array((RNG.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32), "w2")
-    consts = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in
-              (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c", "three"], ["a"]),
-             helper.make_node("Clip", ["a", "zero", "six"], ["k"]),
-             helper.make_node("Div", ["k", "six"], ["h"]),
-             helper.make_node("Mul", ["c", "h"], ["hs"]),
-             helper.make_node("Conv", ["hs", "w2"], ["c2"]),
-             helper.make_node("GlobalAveragePool", ["c2"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 1, 1])],
-                              [w1, w2, *consts])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    from tests.helpers import hardswish_as_exported, model_samples
+    model = hardswish_as_exported(13)
     out, rep = optimize(model, passes=["cleanup", {"quantize": {"guard": False}}], data=model_samples(model, 16),
                         target=get_target("nnapi"), budget="none")
     assert "HardSigmoid" not in _ops(out)
