@@ -42,6 +42,8 @@ from typing import NamedTuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.graph.values import is_default_domain
+
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
@@ -104,7 +106,7 @@ def einsum_to_matmul(graph: gs.Graph, fresh: Callable[[str], str],
     names the new tensors and nodes, ``skip(node)`` keeps a node as it is. Returns how many."""
     done = 0
     for node in list(graph.nodes):
-        if node.op != "Einsum" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) != 2 or \
+        if node.op != "Einsum" or not is_default_domain(node) or len(node.inputs) != 2 or \
                 len(node.outputs) != 1 or (skip is not None and skip(node)):
             continue
         g = einsum_groups(str(node.attrs.get("equation", "")))

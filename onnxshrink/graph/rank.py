@@ -29,7 +29,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.values import constant_value
+from onnxshrink.graph.shapes import static_shape
+from onnxshrink.graph.values import constant_value, is_default_domain
 
 
 def reduce_transpose_rank(graph: gs.Graph, max_rank: int, fresh: Callable[[str], str],
@@ -40,14 +41,13 @@ def reduce_transpose_rank(graph: gs.Graph, max_rank: int, fresh: Callable[[str],
     outputs = {id(t) for t in graph.outputs}
     done = 0
     for node in list(graph.nodes):
-        if node.op != "Transpose" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) != 1 or \
+        if node.op != "Transpose" or not is_default_domain(node) or len(node.inputs) != 1 or \
                 len(node.outputs) != 1 or (skip is not None and skip(node)):
             continue
         x, y = node.inputs[0], node.outputs[0]
         shape = list(x.values.shape) if isinstance(x, gs.Constant) else x.shape
-        if shape is None or len(shape) <= max_rank or \
-                not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-            continue
+        if not static_shape(shape) or len(shape) <= max_rank or 0 in shape:
+            continue  # a 0 in a Reshape target copies a dimension: empty tensors are left alone
         shape = [int(d) for d in shape]
         perm = [int(p) for p in node.attrs.get("perm", list(range(len(shape)))[::-1])]
         plan = _runs(shape, perm)
@@ -59,7 +59,7 @@ def reduce_transpose_rank(graph: gs.Graph, max_rank: int, fresh: Callable[[str],
         base = node.name or "transpose"
         # the input at low rank: its producing Reshape (read by this Transpose only) reshapes to it directly
         prev = x.inputs[0] if len(x.inputs) == 1 else None
-        if prev is not None and prev.op == "Reshape" and (prev.domain or "") in ("", "ai.onnx") and \
+        if prev is not None and prev.op == "Reshape" and is_default_domain(prev) and \
                 len(x.outputs) == 1 and id(x) not in outputs and int(prev.attrs.get("allowzero", 0)) == 0:
             prev.inputs[1] = gs.Constant(fresh(f"{base}_in_shape"), np.array(low_shape, np.int64))
             x.shape = low_shape
@@ -73,7 +73,7 @@ def reduce_transpose_rank(graph: gs.Graph, max_rank: int, fresh: Callable[[str],
         # the output: a Reshape reading it alone reads the low-rank Transpose; else one restores the shape
         nxt = y.outputs[0] if len(y.outputs) == 1 and id(y) not in outputs else None
         target = constant_value(nxt.inputs[1]) if nxt is not None and nxt.op == "Reshape" and \
-            (nxt.domain or "") in ("", "ai.onnx") and nxt.inputs[0] is y and len(nxt.inputs) > 1 else None
+            is_default_domain(nxt) and nxt.inputs[0] is y and len(nxt.inputs) > 1 else None
         if target is not None and int(nxt.attrs.get("allowzero", 0)) == 0:
             # a 0 copied the dimension at its index of the full-rank output: written out
             resolved = [out_shape[i] if int(d) == 0 else int(d) for i, d in enumerate(target.reshape(-1))]

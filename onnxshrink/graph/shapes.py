@@ -1,10 +1,10 @@
 """Shape utilities: parse and apply static input shapes, run shape inference, read the inferred
-dims of every tensor, normalize negative axes."""
+dims of every tensor, tell a static shape, normalize negative axes."""
 
 from __future__ import annotations
 
 __all__ = ["parse_input_shape", "fix_input_shapes", "infer_shapes", "static_shapes_from_sample", "value_shapes",
-           "value_types", "tensor_shapes", "normalize_axis"]
+           "value_types", "tensor_shapes", "static_shape", "normalize_axis"]
 
 import numpy as np
 import onnx
@@ -191,6 +191,11 @@ def tensor_shapes(graph: gs.Graph, input_shapes: dict | None = None) -> dict:
         if isinstance(t, gs.Constant):
             out[t.name] = list(t.shape)
     return out
+
+
+def static_shape(shape) -> bool:
+    """Whether every dimension of ``shape`` is a known non-negative integer."""
+    return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
 
 
 def normalize_axis(axis: int, rank: int) -> int:

@@ -1,15 +1,16 @@
-"""Reading constant values and attributes off onnx-graphsurgeon nodes and tensors, and a tensor's sole
-consumer."""
+"""Reading constant values and attributes off onnx-graphsurgeon nodes and tensors (a Pad's operands
+among them), whether a node is a standard ONNX op, and a tensor's sole consumer."""
 
 from __future__ import annotations
 
 __all__ = ["constant_value", "node_attr", "is_constant", "is_weight_decode", "clip_range", "sole_consumer",
-           "NARROW_INTS"]
+           "pad_operands", "is_default_domain", "DEFAULT_DOMAINS", "NARROW_INTS"]
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+DEFAULT_DOMAINS = ("", "ai.onnx")
 # integer types weights are stored in (int8/uint8 quantized weights, weight sharing's 2-8 bit codes)
 NARROW_INTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
                onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
@@ -63,6 +64,25 @@ def clip_range(node: gs.Node) -> tuple[float, float] | None:
                 return None
             bounds[i - 1] = float(v.reshape(-1)[0])
     return bounds[0], bounds[1]
+
+
+def is_default_domain(node: gs.Node) -> bool:
+    """Whether the node is a standard ONNX op (custom-domain ops are left alone)."""
+    return (node.domain or "") in DEFAULT_DOMAINS
+
+
+def pad_operands(node: gs.Node) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
+    """A Pad's ``(amounts, fill value, whether it has an axes input)``: attributes before opset 11,
+    inputs from 11 (axes from 18); the amounts or the value None where computed at run time, the value
+    0 where not given."""
+    if "pads" in node.attrs:
+        return np.asarray(node.attrs["pads"], np.int64), np.asarray(node.attrs.get("value", 0.0)), False
+
+    def given(k: int) -> bool:
+        return len(node.inputs) > k and not node.inputs[k].is_empty()
+    pads = constant_value(node.inputs[1]) if given(1) else None
+    value = constant_value(node.inputs[2]) if given(2) else np.zeros(())
+    return pads, value, given(3)
 
 
 def is_constant(t) -> bool:

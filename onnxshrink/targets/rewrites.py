@@ -42,8 +42,8 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph.einsum import einsum_to_matmul
 from onnxshrink.graph.fresh import FreshNames
 from onnxshrink.graph.rank import reduce_transpose_rank
-from onnxshrink.graph.shapes import infer_shapes
-from onnxshrink.graph.values import constant_value, sole_consumer
+from onnxshrink.graph.shapes import infer_shapes, static_shape, value_shapes, value_types
+from onnxshrink.graph.values import constant_value, is_default_domain, pad_operands, sole_consumer
 from onnxshrink.model import copy_model_fields, weightless_copy
 from onnxshrink.targets.profiles import target_has_op
 
@@ -422,16 +422,14 @@ def _inferred_types(model: onnx.ModelProto) -> dict:
     """{value name: (numpy dtype or None, shape with None for unknown dims)} from shape inference
     on a weightless copy (the rewrites that need shapes: rank reduction, Pad, Flatten)."""
     inferred = infer_shapes(weightless_copy(model), data_prop=True)
-    types = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape") and tt.elem_type:
-            try:
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-            except Exception:
-                dtype = None
-            types[vi.name] = (dtype, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim])
-    return types
+    elem = value_types(inferred)
+
+    def np_dtype(t: int | None):
+        try:
+            return onnx.helper.tensor_dtype_to_np_dtype(t) if t else None
+        except Exception:
+            return None
+    return {name: (np_dtype(elem.get(name)), shape) for name, shape in value_shapes(inferred).items()}
 
 
 @contextlib.contextmanager
@@ -454,9 +452,7 @@ def _lent(g: gs.Graph, types: dict):
 def _static(t: gs.Tensor) -> list | None:
     """The static shape of ``t`` (a constant's, or a variable's with every dim known); else None."""
     shape = list(t.values.shape) if isinstance(t, gs.Constant) else t.shape
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
-        return None
-    return [int(d) for d in shape]
+    return [int(d) for d in shape] if static_shape(shape) else None
 
 
 def _gather_to_slice(g: gs.Graph) -> int:
@@ -466,7 +462,7 @@ def _gather_to_slice(g: gs.Graph) -> int:
     n = 0
     opset = g.opset or 13
     fresh = FreshNames(g).fresh
-    for node in [x for x in g.nodes if x.op == "Gather" and (x.domain or "") in ("", "ai.onnx")]:
+    for node in [x for x in g.nodes if x.op == "Gather" and is_default_domain(x)]:
         if is_quantized_node(node) or len(node.inputs) != 2:
             continue
         idx = constant_value(node.inputs[1])
@@ -504,7 +500,7 @@ def _flatten_to_reshape(g: gs.Graph) -> int:
     (axis 1), a 1 stands for axis 0; other axes need those dimensions static. Exact (same order)."""
     n = 0
     fresh = FreshNames(g).fresh
-    for node in [x for x in g.nodes if x.op == "Flatten" and (x.domain or "") in ("", "ai.onnx")]:
+    for node in [x for x in g.nodes if x.op == "Flatten" and is_default_domain(x)]:
         if is_quantized_node(node):
             continue
         x, y = node.inputs[0], node.outputs[0]
@@ -517,7 +513,7 @@ def _flatten_to_reshape(g: gs.Graph) -> int:
             lead = [1, -1] if axis == 0 else [0, -1]
         else:
             shape = x.shape
-            if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape[:axis]):
+            if shape is None or not static_shape(shape[:axis]):
                 continue
             lead = [int(np.prod(shape[:axis])), -1]
         base = node.name or "flatten"
@@ -537,7 +533,7 @@ def _batchnorm_to_scale_shift(g: gs.Graph) -> int:
     which fold into no convolution, on CoreML, whose ML Program list has no BatchNormalization."""
     n = 0
     fresh = FreshNames(g).fresh
-    for node in [x for x in g.nodes if x.op == "BatchNormalization" and (x.domain or "") in ("", "ai.onnx")]:
+    for node in [x for x in g.nodes if x.op == "BatchNormalization" and is_default_domain(x)]:
         if is_quantized_node(node) or len(node.inputs) != 5 or len([o for o in node.outputs if not o.is_empty()]) != 1 \
                 or int(node.attrs.get("training_mode", 0)) or not int(node.attrs.get("spatial", 1)):
             continue  # spatial=0 (before opset 9): statistics per activation, not per channel
@@ -576,25 +572,18 @@ def _pad_to_concat(g: gs.Graph) -> int:
     ``PAD_CONSTANT_BYTES``). Exact: the same values in the same places (Swin's window padding)."""
     n = 0
     fresh = FreshNames(g).fresh
-    for node in [x for x in g.nodes if x.op == "Pad" and (x.domain or "") in ("", "ai.onnx")]:
+    for node in [x for x in g.nodes if x.op == "Pad" and is_default_domain(x)]:
         if is_quantized_node(node) or str(node.attrs.get("mode", "constant")) != "constant":
             continue
         x, y = node.inputs[0], node.outputs[0]
         shape = _static(x)
         if shape is None or x.dtype is None:
             continue
-        if "pads" in node.attrs:
-            pads, value = np.asarray(node.attrs["pads"], np.int64), float(node.attrs.get("value", 0.0))
-        else:
-            if len(node.inputs) > 3 and not node.inputs[3].is_empty():
-                continue  # an axes input
-            pads = constant_value(node.inputs[1])
-            fill = np.zeros(()) if len(node.inputs) < 3 or node.inputs[2].is_empty() else \
-                constant_value(node.inputs[2])
-            if pads is None or fill is None or fill.size != 1:
-                continue
-            value = fill.reshape(-1)[0]
-        pads = np.asarray(pads).reshape(-1)
+        pads, fill, axes = pad_operands(node)
+        if pads is None or fill is None or fill.size != 1 or axes:
+            continue
+        value = fill.reshape(-1)[0]
+        pads = pads.reshape(-1)
         r = len(shape)
         if pads.size != 2 * r or np.any(pads < 0):
             continue

@@ -10,7 +10,7 @@ __all__ = ["dropout_is_identity", "pad_is_identity", "remove_dead", "remove_iden
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.values import constant_value
+from onnxshrink.graph.values import constant_value, pad_operands
 from onnxshrink.passes.cleanup.rewrite import (
     detach,
     drop_detached,
@@ -78,9 +78,8 @@ def remove_identities(sub: gs.Graph, root: gs.Graph, opset: int) -> tuple[int, i
 def pad_is_identity(node: gs.Node) -> bool:
     """Whether a Pad pads nothing: constant pads, every one 0 (torchvision's Swin pads its patch merging
     by ``H % 2``, zero at even sizes once shapes fold), whatever its mode and value."""
-    pads = node.attrs.get("pads") if "pads" in node.attrs else \
-        (constant_value(node.inputs[1]) if len(node.inputs) > 1 and not node.inputs[1].is_empty() else None)
-    return pads is not None and np.asarray(pads).size > 0 and not np.any(np.asarray(pads))
+    pads = pad_operands(node)[0]
+    return pads is not None and pads.size > 0 and not np.any(pads)
 
 
 def dropout_is_identity(node: gs.Node, outs: set[int], opset: int) -> bool:

@@ -31,7 +31,7 @@ __all__ = ["fold_pad"]
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph.values import clip_range, constant_value
+from onnxshrink.graph.values import clip_range, pad_operands
 from onnxshrink.passes.cleanup.rewrite import (
     detach,
     drop_detached,
@@ -109,18 +109,9 @@ def _zero_spatial_pads(pad: gs.Node) -> tuple[list, list] | None:
     batch nor the channel axis, every amount >= 0; None otherwise."""
     if str(pad.attrs.get("mode", "constant")) != "constant":
         return None
-    if "pads" in pad.attrs:  # opset < 11: attributes
-        pads = np.asarray(pad.attrs["pads"], np.int64)
-        value = np.asarray(pad.attrs.get("value", 0.0))
-    else:
-        if len(pad.inputs) < 2 or len(pad.inputs) > 3 and not pad.inputs[3].is_empty():
-            return None  # no pads, or an axes input
-        pads = constant_value(pad.inputs[1])
-        if pads is None:
-            return None
-        value = np.zeros(()) if len(pad.inputs) < 3 or pad.inputs[2].is_empty() else constant_value(pad.inputs[2])
-        if value is None:
-            return None
+    pads, value, axes = pad_operands(pad)
+    if pads is None or value is None or axes:
+        return None
     pads = np.asarray(pads).reshape(-1)
     if pads.size % 2 or pads.size < 6 or np.any(np.asarray(value) != 0) or np.any(pads < 0):
         return None

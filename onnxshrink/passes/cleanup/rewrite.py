@@ -1,5 +1,6 @@
 """Rewriting primitives the cleanup steps share: walking a graph with its If/Loop/Scan subgraphs and
-fresh names (both from ``graph.fresh``), the graph-boundary tensors (inputs and outputs of every
+fresh names (both from ``graph.fresh``; with ``is_default_domain`` and ``static_shape`` from the graph
+layer, re-exported here), the graph-boundary tensors (inputs and outputs of every
 (sub)graph) a rewrite must keep, and rewiring consumers. Tensors are shared objects across scopes, so
 a tensor's consumer list includes uses inside subgraphs and a rewrite in one scope is seen by all of
 them."""
@@ -17,8 +18,9 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxshrink.graph.fresh import FreshNames, all_graphs
+from onnxshrink.graph.shapes import static_shape
+from onnxshrink.graph.values import DEFAULT_DOMAINS, is_default_domain
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 # never folded or merged: nondeterministic, sequence/optional producing, or stateful
 NO_FOLD_OPS = {
@@ -40,16 +42,6 @@ def graph_output_ids(root: gs.Graph) -> set[int]:
 def graph_input_ids(root: gs.Graph) -> set[int]:
     """ids of the inputs of the graph and of every subgraph."""
     return {id(t) for sub in all_graphs(root) for t in sub.inputs}
-
-
-def is_default_domain(node: gs.Node) -> bool:
-    """Whether the node is a standard ONNX op (custom-domain ops are left alone)."""
-    return (node.domain or "") in DEFAULT_DOMAINS
-
-
-def static_shape(shape) -> bool:
-    """Whether every dimension of ``shape`` is a known non-negative integer."""
-    return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
