@@ -122,20 +122,12 @@ def einsum_to_matmul(graph: gs.Graph, fresh: Callable[[str], str],
     return done
 
 
-def _shape(t: gs.Tensor):
-    return list(t.values.shape) if isinstance(t, gs.Constant) else t.shape
-
-
-def _dtype(t: gs.Tensor):
-    return t.values.dtype if isinstance(t, gs.Constant) else t.dtype
-
-
 def _plan(node: gs.Node, g: EinsumGroups) -> tuple | None:
     """The three reshape targets (``None`` where no reshape is needed) of ``node``'s rewrite, or
     None when a size it needs is unknown, the operands' ranks do not match the equation, or the
     type is not a float."""
     x, w = node.inputs
-    dtype = next((d for d in (_dtype(x), _dtype(w)) if d is not None), None)
+    dtype = x.dtype if x.dtype is not None else w.dtype  # a constant's too (gs.Constant.dtype)
     try:
         if dtype is None or np.dtype(dtype) not in [np.dtype(f) for f in FLOAT_DTYPES]:
             return None
@@ -143,7 +135,7 @@ def _plan(node: gs.Node, g: EinsumGroups) -> tuple | None:
         return None
     sizes: dict = {}
     for t, term in ((x, g.a), (w, g.b)):
-        shape = _shape(t)
+        shape = t.shape
         if shape is None:
             continue
         if len(shape) != len(term):
@@ -185,7 +177,7 @@ def _emit(graph: gs.Graph, node: gs.Node, g: EinsumGroups, plan: tuple, fresh) -
     shape_a, shape_b, shape_y = plan
     x, w = node.inputs
     y = node.outputs[0]
-    dtype = _dtype(x) if _dtype(x) is not None else _dtype(w)
+    dtype = x.dtype if x.dtype is not None else w.dtype
     base = node.name or "einsum"
     new: list = []
 

@@ -45,7 +45,7 @@ def reduce_transpose_rank(graph: gs.Graph, max_rank: int, fresh: Callable[[str],
                 len(node.outputs) != 1 or (skip is not None and skip(node)):
             continue
         x, y = node.inputs[0], node.outputs[0]
-        shape = list(x.values.shape) if isinstance(x, gs.Constant) else x.shape
+        shape = x.shape  # a constant's too (gs.Constant.shape)
         if not static_shape(shape) or len(shape) <= max_rank or 0 in shape:
             continue  # a 0 in a Reshape target copies a dimension: empty tensors are left alone
         shape = [int(d) for d in shape]
@@ -55,7 +55,7 @@ def reduce_transpose_rank(graph: gs.Graph, max_rank: int, fresh: Callable[[str],
             continue
         low_shape, low_perm = plan
         out_shape = [shape[p] for p in perm]
-        dtype = x.dtype if not isinstance(x, gs.Constant) else x.values.dtype
+        dtype = x.dtype
         base = node.name or "transpose"
         # the input at low rank: its producing Reshape (read by this Transpose only) reshapes to it directly
         prev = x.inputs[0] if len(x.inputs) == 1 else None

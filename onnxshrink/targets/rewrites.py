@@ -451,8 +451,7 @@ def _lent(g: gs.Graph, types: dict):
 
 def _static(t: gs.Tensor) -> list | None:
     """The static shape of ``t`` (a constant's, or a variable's with every dim known); else None."""
-    shape = list(t.values.shape) if isinstance(t, gs.Constant) else t.shape
-    return [int(d) for d in shape] if static_shape(shape) else None
+    return [int(d) for d in t.shape] if static_shape(t.shape) else None  # gs.Constant has .shape too
 
 
 def _gather_to_slice(g: gs.Graph) -> int:
