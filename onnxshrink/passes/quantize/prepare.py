@@ -18,15 +18,15 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph.fresh import FreshNames
 from onnxshrink.graph.precision import upcast_low_float
 from onnxshrink.graph.values import constant_value
-from onnxshrink.passes.cleanup.activations import fuse_hard_activations
+from onnxshrink.passes.cleanup.activations import fuse_hard_activations, target_takes_hard_sigmoid
 from onnxshrink.passes.cleanup.affine import fold_into_preceding_linear
 from onnxshrink.passes.cleanup.constants import constants_to_initializers
 
 
-def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False, fuse_hard: bool = True) -> dict:
-    """Canonicalization the quantizer needs (module doc), in place; returns counts. ``fuse_hard``:
-    hard-sigmoid chains fused into HardSigmoid (not for a target without it:
-    ``activations.target_takes_hard_sigmoid``)."""
+def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False, target=None) -> dict:
+    """Canonicalization the quantizer needs (module doc), in place; returns counts. Hard-sigmoid
+    chains are fused into HardSigmoid unless ``target``'s preparation decomposes it
+    (``activations.target_takes_hard_sigmoid``)."""
     up = upcast_low_float(graph)
     n = constants_to_initializers(graph)
     stats = {"constants_to_initializers": n}
@@ -38,7 +38,7 @@ def prepare_float_graph(graph: gs.Graph, div_to_mul: bool = False, fuse_hard: bo
         graph.fold_constants(error_ok=True).cleanup()
     except Exception:
         pass
-    if not div_to_mul and fuse_hard:  # div_to_mul keeps the chain for its integer Add/Mul units
+    if not div_to_mul and target_takes_hard_sigmoid(target):  # div_to_mul keeps the chain for its Add/Mul units
         fused = fuse_hard_activations(graph, graph, FreshNames(graph))  # before the folds split the chain
         if fused:
             stats["hard_activations_fused"] = fused

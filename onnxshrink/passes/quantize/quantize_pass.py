@@ -48,7 +48,6 @@ from onnxshrink.cache import model_digest
 from onnxshrink.errors import InputError, UsageError
 from onnxshrink.graph.convert import model_to_graph
 from onnxshrink.passes.base import Context, Pass, PassResult
-from onnxshrink.passes.cleanup.activations import target_takes_hard_sigmoid
 from onnxshrink.passes.equalize import equalize_pairs
 from onnxshrink.passes.quantize.calibrate import DEFAULT_BINS, CalibrationSamples, calibrate_ranges
 from onnxshrink.passes.quantize.dynamic import (
@@ -411,11 +410,10 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context, final: bo
 
     refuse_quantized(graph)
     if o.weights_only != "off":
-        stats["prepared"] = prepare_float_graph(graph)
+        stats["prepared"] = prepare_float_graph(graph, target=ctx.target)
         return QuantizeRun(PassResult(*run_weights_only(graph, o, ctx, stats)), stats, 0)
     scheme, stats["scheme"] = choose_scheme(o, ctx.target)
-    fuse_hard = target_takes_hard_sigmoid(ctx.target)
-    stats["prepared"] = prepare_float_graph(graph, o.div_to_mul, fuse_hard)
+    stats["prepared"] = prepare_float_graph(graph, o.div_to_mul, ctx.target)
     if o.equalize:
         stats["equalize"] = equalize_pairs(graph)
     if not has_float_weights(graph):
@@ -431,7 +429,7 @@ def quantize_static(graph: gs.Graph, o: QuantizeOptions, ctx: Context, final: bo
     pre_opset = graph_in if graph is not graph_in else None
     if graph.opset and graph.opset < 13:
         scheme.per_channel = False
-    prepare_float_graph(graph, o.div_to_mul, fuse_hard)
+    prepare_float_graph(graph, o.div_to_mul, ctx.target)
     model_f = ctx.to_model(graph)
     graph = gs.import_onnx(model_f)
     use_qdq_domain(scheme, int(graph.opset or 0), stats)
